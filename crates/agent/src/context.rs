@@ -1,0 +1,86 @@
+//! What every supervisor shares: the agent's configuration, the port pool, metrics, and one
+//! HTTP client for talking to engines.
+
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metalkube_api::MetalModelSpec;
+
+use crate::AgentError;
+use crate::metrics::Metrics;
+use crate::ports::PortPool;
+use crate::restart_backoff::BackoffConfig;
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// llama-server to run; None means "find `llama-server` on PATH".
+    pub engine_binary: Option<PathBuf>,
+    /// Pidfiles and engine logs live here.
+    pub state_dir: PathBuf,
+    pub engine_ports: RangeInclusive<u16>,
+    /// Time an engine gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    pub backoff: BackoffConfig,
+}
+
+/// A model the agent has been asked to serve.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredModel {
+    pub namespace: String,
+    pub name: String,
+    pub spec: MetalModelSpec,
+    /// Directory that relative `file:` sources are resolved against (the YAML file's, in
+    /// standalone mode); None where relative paths mean nothing.
+    pub base_dir: Option<PathBuf>,
+}
+
+impl DesiredModel {
+    /// `namespace/name`: the model's identity and its `model` label.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// A file name for this model's pidfile and log.
+    pub fn file_stem(&self) -> String {
+        format!("{}_{}", self.namespace, self.name)
+    }
+}
+
+pub struct AgentContext {
+    pub config: AgentConfig,
+    pub ports: PortPool,
+    pub metrics: Arc<Metrics>,
+    pub http: reqwest::Client,
+}
+
+impl AgentContext {
+    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| AgentError::HttpClient(e.to_string()))?;
+        Ok(Self { ports: PortPool::new(config.engine_ports.clone()), metrics: Metrics::new(), http, config })
+    }
+
+    pub fn pidfile_dir(&self) -> PathBuf {
+        self.config.state_dir.join("engines")
+    }
+
+    pub fn engine_binary(&self) -> Result<PathBuf, AgentError> {
+        match &self.config.engine_binary {
+            Some(path) if path.is_file() => Ok(path.clone()),
+            Some(path) => Err(AgentError::EngineMissing { looked_in: path.display().to_string() }),
+            None => {
+                find_on_path("llama-server").ok_or_else(|| AgentError::EngineMissing { looked_in: "PATH".to_owned() })
+            }
+        }
+    }
+}
+
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
+}

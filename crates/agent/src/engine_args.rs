@@ -1,0 +1,47 @@
+//! The llama-server command line for a spec. The agent owns where the engine listens and which
+//! file it serves; everything else comes from the spec.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use metalkube_api::EngineSpec;
+
+pub fn engine_args(engine: &EngineSpec, model: &Path, port: u16) -> Vec<OsString> {
+    let mut args: Vec<OsString> = vec![
+        "--model".into(),
+        model.as_os_str().to_owned(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        port.to_string().into(),
+        "--ctx-size".into(),
+        engine.context_size.to_string().into(),
+        "--parallel".into(),
+        engine.parallel.to_string().into(),
+        "--n-gpu-layers".into(),
+        // llama-server reads any count above the layer total as "all".
+        if engine.gpu_layers < 0 { "999".to_owned() } else { engine.gpu_layers.to_string() }.into(),
+        "--metrics".into(),
+        "--slots".into(),
+        "--no-webui".into(),
+    ];
+    args.extend(engine.extra_args.iter().map(OsString::from));
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owned_flags_come_first_and_extra_args_follow_unchanged() {
+        let engine =
+            EngineSpec { gpu_layers: -1, extra_args: vec!["--flash-attn".into(), "on".into()], ..Default::default() };
+        let args: Vec<String> =
+            engine_args(&engine, Path::new("/m.gguf"), 18001).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let joined = args.join(" ");
+        assert!(joined.starts_with("--model /m.gguf --host 127.0.0.1 --port 18001"), "{joined}");
+        assert!(joined.contains("--n-gpu-layers 999") && joined.contains("--metrics"), "{joined}");
+        assert!(joined.ends_with("--flash-attn on"), "{joined}");
+    }
+}

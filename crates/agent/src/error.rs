@@ -1,0 +1,23 @@
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "no free engine port in {start}-{end} ({leased} in use by engines, {quarantined} set aside after bind failures)"
+    )]
+    NoFreePort { start: u16, end: u16, leased: usize, quarantined: usize },
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    #[error(
+        "llama-server not found (looked in {looked_in}); install it (on a Mac: brew install llama.cpp) or pass --engine PATH"
+    )]
+    EngineMissing { looked_in: String },
+    #[error("state directory {}: {source}", path.display())]
+    StateDir { path: PathBuf, source: std::io::Error },
+    #[error("models directory {}: {message}", path.display())]
+    ModelsDir { path: PathBuf, message: String },
+    #[error("HTTP client: {0}")]
+    HttpClient(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: String, source: std::io::Error },
+}

@@ -1,0 +1,84 @@
+//! The agent's own HTTP port (default :9090): liveness, readiness, metrics, model state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+
+use crate::Agent;
+use crate::report::ModelReport;
+
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/models", get(models))
+        .with_state(agent)
+}
+
+#[derive(Serialize)]
+struct ModelReadiness {
+    ready: bool,
+    phase: metalkube_api::Phase,
+    grade: Option<metalkube_api::Grade>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Readiness {
+    ready: bool,
+    models: BTreeMap<String, ModelReadiness>,
+}
+
+/// 200 when every model is serving and not red; the body says which one is not.
+async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
+    let reports = agent.reports().await;
+    let models: BTreeMap<String, ModelReadiness> = reports
+        .iter()
+        .map(|r| {
+            (
+                format!("{}/{}", r.namespace, r.name),
+                ModelReadiness { ready: r.is_ready(), phase: r.phase, grade: r.grade, message: r.last_error.clone() },
+            )
+        })
+        .collect();
+    let ready = models.values().all(|m| m.ready);
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(Readiness { ready, models })).into_response()
+}
+
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        agent.context().metrics.encode(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct ModelsResponse {
+    models: Vec<ModelReport>,
+    /// Files that could not be used, with why; models from them keep their last good spec.
+    source_errors: BTreeMap<String, String>,
+}
+
+async fn models(State(agent): State<Arc<Agent>>) -> Json<ModelsResponse> {
+    Json(ModelsResponse { models: agent.reports().await, source_errors: agent.source_errors() })
+}
+
+/// Serves the router on `addr` until `shutdown` resolves.
+pub async fn serve(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await
+}

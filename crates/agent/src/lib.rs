@@ -1,0 +1,22 @@
+//! metalkube-agent: supervises llama-server processes, grades their pulse, and reports health.
+
+pub mod agent;
+pub mod context;
+pub mod engine_args;
+pub mod engine_process;
+mod error;
+pub mod grader;
+pub mod http;
+pub mod metrics;
+pub mod model_file;
+pub mod models_dir;
+pub mod orphans;
+pub mod ports;
+pub mod pulse;
+pub mod report;
+pub mod restart_backoff;
+pub mod supervisor;
+
+pub use agent::Agent;
+pub use context::{AgentConfig, DesiredModel};
+pub use error::AgentError;

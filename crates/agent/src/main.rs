@@ -1,0 +1,119 @@
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use metalkube_agent::models_dir::follow_models_dir;
+use metalkube_agent::restart_backoff::BackoffConfig;
+use metalkube_agent::{Agent, AgentConfig, http};
+
+#[derive(Parser)]
+#[command(name = "metalkube-agent", version, about = "Supervises llama-server, grades its pulse, reports health")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the MetalModel YAML files in a directory, with no cluster (standalone mode).
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Directory of MetalModel YAML files; changes are picked up while running.
+    #[arg(long, env = "METALKUBE_MODELS_DIR")]
+    models_dir: PathBuf,
+    /// llama-server binary; default: `llama-server` on PATH.
+    #[arg(long, env = "METALKUBE_ENGINE")]
+    engine: Option<PathBuf>,
+    /// Where pidfiles and engine logs are kept.
+    #[arg(long, env = "METALKUBE_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Address of /healthz, /readyz, /metrics and /api/v1/models.
+    #[arg(long, default_value = "127.0.0.1:9090", env = "METALKUBE_LISTEN")]
+    listen: String,
+    /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
+    #[arg(long, default_value = "18000-18999", value_parser = parse_port_range)]
+    engine_ports: std::ops::RangeInclusive<u16>,
+    /// Time an engine gets to exit after SIGTERM before SIGKILL.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    stop_grace: Duration,
+    /// First delay before restarting a failed engine.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    backoff_min: Duration,
+    /// Longest delay between restarts.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+    /// Uptime after which earlier failures are forgotten.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    backoff_reset_after: Duration,
+}
+
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s.split_once('-').ok_or_else(|| format!("{s:?}: write FIRST-LAST, e.g. 18000-18999"))?;
+    let a: u16 = a.trim().parse().map_err(|e| format!("{a:?}: {e}"))?;
+    let b: u16 = b.trim().parse().map_err(|e| format!("{b:?}: {e}"))?;
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: FIRST must be 1 or more and not above LAST"));
+    }
+    Ok(a..=b)
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
+        return PathBuf::from(dir).join("metalkube");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/metalkube"),
+        None => std::env::temp_dir().join("metalkube"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let Cmd::Run(args) = Cli::parse().command;
+    if !args.models_dir.is_dir() {
+        bail!("--models-dir {}: not a directory", args.models_dir.display());
+    }
+    let config = AgentConfig {
+        engine_binary: args.engine,
+        state_dir: args.state_dir.unwrap_or_else(default_state_dir),
+        engine_ports: args.engine_ports,
+        stop_grace: args.stop_grace,
+        backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
+    };
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
+    let agent = Agent::start(config).await?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(http::serve(agent.clone(), listener, async move {
+        let mut rx = stop_rx;
+        let _ = rx.wait_for(|stop| *stop).await;
+    }));
+    let follower = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping engines"),
+        _ = term.recv() => tracing::info!("terminated; stopping engines"),
+        res = follower => match res {
+            Ok(Err(e)) => tracing::error!("{e}"),
+            Ok(Ok(())) => {}
+            Err(e) => tracing::error!("models directory task failed: {e}"),
+        },
+    }
+    agent.shutdown().await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! From `spec.model.source` to a GGUF file on disk, checked before an engine is started so that
+//! a wrong path or a wrong file is a clear `Failed`, not a crash loop.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::context::DesiredModel;
+
+pub async fn resolve_model_file(desired: &DesiredModel) -> Result<PathBuf, String> {
+    let source = &desired.spec.model.source;
+    let Some(rest) = source.strip_prefix("file:") else {
+        let scheme = source.split(':').next().unwrap_or(source);
+        return Err(format!(
+            "spec.model.source {source:?}: this agent cannot fetch {scheme}: sources yet; supported: file:"
+        ));
+    };
+    // file:///abs, file:/abs and file:relative all name a path.
+    let raw = rest.strip_prefix("//").unwrap_or(rest);
+    let path = Path::new(raw);
+    let path = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        match &desired.base_dir {
+            Some(base) => base.join(path),
+            None => {
+                return Err(format!(
+                    "spec.model.source {source:?} is a relative path; write file:///absolute/path.gguf"
+                ));
+            }
+        }
+    };
+    let meta = match std::fs::metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(format!("model file {} does not exist (spec.model.source {source:?})", path.display()));
+        }
+        Err(e) => return Err(format!("model file {} cannot be read: {e}", path.display())),
+    };
+    if !meta.is_file() {
+        return Err(format!("model source {} is not a file", path.display()));
+    }
+    let header_path = path.clone();
+    let header = tokio::task::spawn_blocking(move || metalkube_gguf::read_header(&header_path))
+        .await
+        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    if let Err(e) = header {
+        return Err(format!("{} is not a usable GGUF model: {e}", path.display()));
+    }
+    if let Some(want) = &desired.spec.model.sha256 {
+        let hash_path = path.clone();
+        let got = tokio::task::spawn_blocking(move || sha256_file(&hash_path))
+            .await
+            .map_err(|e| format!("hashing {}: {e}", path.display()))?
+            .map_err(|e| format!("hashing {}: {e}", path.display()))?;
+        if &got != want {
+            return Err(format!("{} has sha256 {got}, spec.model.sha256 wants {want}", path.display()));
+        }
+    }
+    Ok(path)
+}
+
+fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(format!("{:x}", hasher.finalize()))
+}

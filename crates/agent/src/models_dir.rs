@@ -1,0 +1,157 @@
+//! Standalone mode: MetalModel YAML files in a directory are the desired state, like kubelet's
+//! static pods. Changes are picked up as the filesystem reports them.
+//!
+//! A file that stops parsing keeps its models running on their last good spec (and the error is
+//! reported), so a typo while editing never takes a serving model down.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use metalkube_api::parse_models_yaml;
+use notify::{RecursiveMode, Watcher};
+
+use crate::context::DesiredModel;
+use crate::{Agent, AgentError};
+
+/// Events often come in bursts (an editor writes, renames, chmods): wait this long for quiet.
+const SETTLE: Duration = Duration::from_millis(150);
+
+#[derive(Default)]
+pub struct ModelsDir {
+    dir: PathBuf,
+    last_good: BTreeMap<PathBuf, Vec<DesiredModel>>,
+}
+
+pub struct Scan {
+    pub models: Vec<DesiredModel>,
+    /// File name → what is wrong with it.
+    pub errors: BTreeMap<String, String>,
+}
+
+impl ModelsDir {
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_owned(), last_good: BTreeMap::new() }
+    }
+
+    /// Reads every `*.yaml` / `*.yml` file; files that fail keep their last good models.
+    pub fn scan(&mut self) -> Result<Scan, AgentError> {
+        let entries = std::fs::read_dir(&self.dir)
+            .map_err(|e| AgentError::ModelsDir { path: self.dir.clone(), message: e.to_string() })?;
+        let mut files: Vec<PathBuf> = entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+            .collect();
+        files.sort();
+        let mut errors = BTreeMap::new();
+        let mut current = BTreeMap::new();
+        for file in files {
+            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let parsed = std::fs::read_to_string(&file)
+                .map_err(|e| format!("{name}: {e}"))
+                .and_then(|text| parse_models_yaml(&text, &name).map_err(|e| e.to_string()));
+            match parsed {
+                Ok(models) => {
+                    let base = file.parent().map(Path::to_path_buf);
+                    let desired = models
+                        .into_iter()
+                        .map(|m| {
+                            let namespace = m.metadata.namespace.unwrap_or_else(|| "default".to_owned());
+                            let name = m.metadata.name.unwrap_or_default();
+                            DesiredModel { namespace, name, spec: m.spec, base_dir: base.clone() }
+                        })
+                        .collect();
+                    current.insert(file, desired);
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    errors.insert(name, e);
+                    if let Some(prev) = self.last_good.get(&file) {
+                        current.insert(file, prev.clone());
+                    }
+                }
+            }
+        }
+        self.last_good = current;
+        let mut models: Vec<DesiredModel> = Vec::new();
+        for (file, ms) in &self.last_good {
+            for m in ms {
+                if models.iter().any(|o| o.key() == m.key()) {
+                    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    errors.insert(
+                        name,
+                        format!("MetalModel {} is defined in another file too; this one is ignored", m.key()),
+                    );
+                    continue;
+                }
+                models.push(m.clone());
+            }
+        }
+        Ok(Scan { models, errors })
+    }
+}
+
+/// Applies the directory now and again after every change, until the task is dropped.
+pub async fn follow_models_dir(dir: PathBuf, agent: Arc<Agent>) -> Result<(), AgentError> {
+    let mut models_dir = ModelsDir::new(&dir);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(());
+        }
+    })
+    .map_err(|e| AgentError::ModelsDir { path: dir.clone(), message: e.to_string() })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| AgentError::ModelsDir { path: dir.clone(), message: e.to_string() })?;
+
+    loop {
+        let scan = models_dir.scan()?;
+        agent.set_source_errors(scan.errors);
+        agent.apply(scan.models).await;
+        if rx.recv().await.is_none() {
+            return Ok(());
+        }
+        // Let the burst settle, then take one scan for all of it.
+        while tokio::time::timeout(SETTLE, rx.recv()).await.is_ok_and(|e| e.is_some()) {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: tiny}\nspec:\n  model: {source: 'file:tiny.gguf'}\n";
+
+    #[test]
+    fn a_broken_edit_keeps_the_last_good_spec_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tiny.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
+        let mut md = ModelsDir::new(dir.path());
+        let scan = md.scan().unwrap();
+        assert_eq!(scan.models.len(), 1);
+        assert_eq!(scan.models[0].key(), "default/tiny");
+        assert_eq!(scan.models[0].base_dir.as_deref(), Some(dir.path()));
+
+        std::fs::write(dir.path().join("tiny.yaml"), "spec: [unclosed").unwrap();
+        let scan = md.scan().unwrap();
+        assert_eq!(scan.models.len(), 1, "the model keeps running");
+        assert!(scan.errors["tiny.yaml"].contains("tiny.yaml"), "{:?}", scan.errors);
+
+        std::fs::remove_file(dir.path().join("tiny.yaml")).unwrap();
+        assert!(md.scan().unwrap().models.is_empty(), "a deleted file removes its models");
+    }
+
+    #[test]
+    fn the_same_model_in_two_files_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
+        let scan = ModelsDir::new(dir.path()).scan().unwrap();
+        assert_eq!(scan.models.len(), 1);
+        assert!(scan.errors["b.yaml"].contains("another file"), "{:?}", scan.errors);
+    }
+}

@@ -1,0 +1,78 @@
+//! What the agent knows about one model right now: the JSON of `/api/v1/models`, the body of
+//! `/readyz`, and (later) what the Watch stream pushes.
+
+use std::collections::VecDeque;
+
+use metalkube_api::{Grade, Phase};
+use serde::Serialize;
+
+/// Pulses kept per model for the status page and for people reading `/api/v1/models`.
+pub const PULSE_HISTORY: usize = 120;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PulseRecord {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    pub wall_seconds: f64,
+    pub compute_seconds: Option<f64>,
+    /// The grade published after this pulse.
+    pub grade: Option<Grade>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelReport {
+    pub name: String,
+    pub namespace: String,
+    pub phase: Phase,
+    pub grade: Option<Grade>,
+    pub saturated: bool,
+    pub last_pulse: Option<PulseRecord>,
+    pub baseline_seconds: Option<f64>,
+    pub restarts: u32,
+    pub red_streak: u32,
+    pub internal_port: Option<u16>,
+    pub serving_port: Option<u16>,
+    pub pid: Option<u32>,
+    pub last_error: Option<String>,
+    /// Delay before the next start while backing off, in seconds.
+    pub backoff_seconds: Option<f64>,
+    pub pulse_history: VecDeque<PulseRecord>,
+}
+
+impl ModelReport {
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            namespace: namespace.to_owned(),
+            phase: Phase::Pending,
+            grade: None,
+            saturated: false,
+            last_pulse: None,
+            baseline_seconds: None,
+            restarts: 0,
+            red_streak: 0,
+            internal_port: None,
+            serving_port: None,
+            pid: None,
+            last_error: None,
+            backoff_seconds: None,
+            pulse_history: VecDeque::new(),
+        }
+    }
+
+    /// Ready to take traffic: serving, and the pulse is not red.
+    pub fn is_ready(&self) -> bool {
+        self.phase == Phase::Serving && self.grade != Some(Grade::Red)
+    }
+
+    pub fn push_pulse(&mut self, record: PulseRecord) {
+        if self.pulse_history.len() == PULSE_HISTORY {
+            self.pulse_history.pop_front();
+        }
+        self.pulse_history.push_back(record.clone());
+        self.last_pulse = Some(record);
+    }
+}

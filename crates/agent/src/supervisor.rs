@@ -1,0 +1,436 @@
+//! One task per model: resolve the model file, start llama-server, wait for it to be ready,
+//! take its pulse, and restart it (with backoff) when it exits or the grader says so.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metalkube_api::{Grade, Phase};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::context::{AgentContext, DesiredModel};
+use crate::engine_args::engine_args;
+use crate::engine_process::EngineProcess;
+use crate::grader::{Action, Grader, GraderConfig, Load, Verdict};
+use crate::model_file::resolve_model_file;
+use crate::pulse::{HealthState, PulseSample, check_health, take_pulse};
+use crate::report::{ModelReport, PulseRecord};
+use crate::restart_backoff::RestartBackoff;
+
+/// How often a starting engine's `/health` is asked; startup has no event to wait on.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+/// How often a model that failed for a reason outside the agent (a missing file) is checked
+/// again without restarting anything.
+const FAILED_RECHECK: Duration = Duration::from_secs(10);
+/// Bind conflicts in a row before a start counts as failed rather than retried on a new port.
+const MAX_PORT_CONFLICTS: u32 = 5;
+
+enum Command {
+    Update(Box<DesiredModel>),
+    Stop,
+}
+
+/// Why one engine run ended.
+enum RunEnd {
+    Stop,
+    Restart(Box<DesiredModel>),
+    Fault {
+        reason: &'static str,
+        message: String,
+        uptime: Duration,
+    },
+    PortConflict {
+        port: u16,
+        message: String,
+    },
+    /// Needs a person (or a changed spec): no restart loop.
+    Permanent(String),
+}
+
+pub struct SupervisorHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    report: watch::Receiver<ModelReport>,
+    desired: DesiredModel,
+    task: JoinHandle<()>,
+}
+
+impl SupervisorHandle {
+    pub fn spawn(ctx: Arc<AgentContext>, desired: DesiredModel) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let (report_tx, report) = watch::channel(ModelReport::new(&desired.namespace, &desired.name));
+        let sup = Supervisor {
+            grader: Grader::new(GraderConfig::from(&desired.spec.pulse)),
+            backoff: RestartBackoff::new(ctx.config.backoff.clone()),
+            ctx,
+            desired: desired.clone(),
+            commands: rx,
+            report: report_tx,
+            port_conflicts: 0,
+        };
+        let task = tokio::spawn(sup.run());
+        Self { commands, report, desired, task }
+    }
+
+    pub fn report(&self) -> watch::Receiver<ModelReport> {
+        self.report.clone()
+    }
+
+    pub fn desired(&self) -> &DesiredModel {
+        &self.desired
+    }
+
+    pub fn update(&mut self, desired: DesiredModel) {
+        self.desired = desired.clone();
+        let _ = self.commands.send(Command::Update(Box::new(desired)));
+    }
+
+    /// Stops the engine and waits until it is gone.
+    pub async fn stop(self) {
+        let _ = self.commands.send(Command::Stop);
+        let _ = self.task.await;
+    }
+}
+
+struct Supervisor {
+    ctx: Arc<AgentContext>,
+    desired: DesiredModel,
+    commands: mpsc::UnboundedReceiver<Command>,
+    report: watch::Sender<ModelReport>,
+    grader: Grader,
+    backoff: RestartBackoff,
+    port_conflicts: u32,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Supervisor {
+    fn key(&self) -> String {
+        self.desired.key()
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.report.send_if_modified(|r| {
+            let changed = r.phase != phase;
+            r.phase = phase;
+            changed
+        });
+        self.ctx.metrics.set_phase(&self.key(), phase);
+    }
+
+    async fn run(mut self) {
+        tracing::info!(model = %self.key(), "supervising");
+        self.set_phase(Phase::Pending);
+        loop {
+            let end = self.run_engine_once().await;
+            match end {
+                RunEnd::Stop => break,
+                RunEnd::Restart(desired) => self.adopt(*desired),
+                RunEnd::PortConflict { port, message } => {
+                    self.ctx.ports.quarantine(port);
+                    self.port_conflicts += 1;
+                    tracing::warn!(model = %self.key(), port, "engine could not bind its port; trying another");
+                    if self.port_conflicts >= MAX_PORT_CONFLICTS
+                        && self.back_off("start_failed", message, Duration::ZERO).await
+                    {
+                        break;
+                    }
+                }
+                RunEnd::Permanent(message) => {
+                    tracing::error!(model = %self.key(), "{message}");
+                    self.report.send_modify(|r| {
+                        r.last_error = Some(message);
+                        r.grade = None;
+                    });
+                    self.set_phase(Phase::Failed);
+                    match tokio::time::timeout(FAILED_RECHECK, self.commands.recv()).await {
+                        Ok(Some(Command::Update(d))) => self.adopt(*d),
+                        Ok(None | Some(Command::Stop)) => break,
+                        Err(_) => {}
+                    }
+                }
+                RunEnd::Fault { reason, message, uptime } => {
+                    if self.back_off(reason, message, uptime).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.ctx.metrics.forget(&self.key());
+        tracing::info!(model = %self.key(), "stopped");
+    }
+
+    /// Counts a restart and waits out the backoff delay. Returns true when told to stop.
+    async fn back_off(&mut self, reason: &'static str, message: String, uptime: Duration) -> bool {
+        self.port_conflicts = 0;
+        let delay = self.backoff.next_delay(uptime);
+        let phase = if self.backoff.failures() >= 2 { Phase::CrashLoopBackOff } else { Phase::Restarting };
+        tracing::warn!(model = %self.key(), reason, ?delay, "{message}");
+        self.ctx.metrics.restarted(&self.key(), reason);
+        // One update, so nobody watching sees the restart counted in the old phase.
+        self.report.send_modify(|r| {
+            r.restarts += 1;
+            r.last_error = Some(message);
+            r.backoff_seconds = Some(delay.as_secs_f64());
+            r.phase = phase;
+        });
+        self.ctx.metrics.set_phase(&self.key(), phase);
+        let outcome = tokio::time::timeout(delay, self.commands.recv()).await;
+        self.report.send_modify(|r| r.backoff_seconds = None);
+        match outcome {
+            Ok(Some(Command::Update(d))) => {
+                self.adopt(*d);
+                false
+            }
+            Ok(None | Some(Command::Stop)) => true,
+            Err(_) => false,
+        }
+    }
+
+    fn adopt(&mut self, desired: DesiredModel) {
+        if desired.spec.pulse != self.desired.spec.pulse {
+            self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
+        }
+        if desired.spec.engine != self.desired.spec.engine || desired.spec.model != self.desired.spec.model {
+            self.backoff.reset();
+        }
+        self.desired = desired;
+    }
+
+    async fn run_engine_once(&mut self) -> RunEnd {
+        let model = match resolve_model_file(&self.desired).await {
+            Ok(path) => path,
+            Err(message) => return RunEnd::Permanent(message),
+        };
+        let binary = match self.ctx.engine_binary() {
+            Ok(b) => b,
+            Err(e) => return RunEnd::Permanent(e.to_string()),
+        };
+        let port = match self.ctx.ports.acquire() {
+            Ok(p) => p,
+            Err(e) => return RunEnd::Fault { reason: "start_failed", message: e.to_string(), uptime: Duration::ZERO },
+        };
+        let args = engine_args(&self.desired.spec.engine, &model, port);
+        let file = self.desired.file_stem();
+        let engine = match EngineProcess::spawn(
+            &binary,
+            args,
+            port,
+            &self.ctx.config.state_dir.join("logs").join(format!("{file}.log")),
+            &self.ctx.pidfile_dir().join(format!("{file}.pid")),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.ctx.ports.release(port);
+                return RunEnd::Permanent(e.to_string());
+            }
+        };
+        tracing::info!(model = %self.key(), pid = engine.pid(), port, "engine started");
+        self.grader.reset();
+        self.report.send_modify(|r| {
+            r.internal_port = Some(port);
+            r.pid = Some(engine.pid());
+            r.grade = None;
+            r.saturated = false;
+            r.red_streak = 0;
+            r.baseline_seconds = None;
+        });
+        self.set_phase(Phase::Starting);
+
+        let end = match self.supervise(&engine, model).await {
+            Ok(never) => match never {},
+            Err(end) => end,
+        };
+        engine.stop(self.ctx.config.stop_grace).await;
+        if !matches!(end, RunEnd::PortConflict { .. }) {
+            self.ctx.ports.release(port);
+        }
+        self.report.send_modify(|r| {
+            r.internal_port = None;
+            r.pid = None;
+        });
+        end
+    }
+
+    /// Runs `fut` while watching for the engine's exit and for commands; whichever comes first.
+    async fn race<T>(&mut self, engine: &EngineProcess, fut: impl Future<Output = T>) -> Result<T, RunEnd> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                status = engine.exited() => return Err(self.exit_end(engine, status)),
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return Err(RunEnd::Stop),
+                    Some(Command::Update(d)) => {
+                        let needs_restart = d.spec.engine != self.desired.spec.engine || d.spec.model != self.desired.spec.model;
+                        if needs_restart {
+                            return Err(RunEnd::Restart(d));
+                        }
+                        self.adopt(*d);
+                    }
+                },
+            }
+        }
+    }
+
+    fn exit_end(&self, engine: &EngineProcess, status: ExitStatus) -> RunEnd {
+        let tail = engine.tail();
+        let message = format!("engine exited ({status}) after {:.1?}: {}", engine.uptime(), summarize(&tail));
+        if tail.iter().any(|l| l.contains("couldn't bind")) {
+            return RunEnd::PortConflict { port: engine.port(), message };
+        }
+        if let Some(line) =
+            tail.iter().find(|l| l.contains("invalid argument") || l.contains("error while handling argument"))
+        {
+            return RunEnd::Permanent(format!(
+                "llama-server refused its command line: {} (check spec.engine.extraArgs)",
+                line.trim()
+            ));
+        }
+        RunEnd::Fault { reason: "crash", message, uptime: engine.uptime() }
+    }
+
+    async fn supervise(&mut self, engine: &EngineProcess, model: PathBuf) -> Result<std::convert::Infallible, RunEnd> {
+        let client = self.ctx.http.clone();
+        let port = engine.port();
+        let startup_timeout = self.desired.spec.engine.startup_timeout.get();
+        let deadline = Instant::now() + startup_timeout;
+        let start_timeout = |what: &str| RunEnd::Fault {
+            reason: "start_failed",
+            message: format!(
+                "{what} within spec.engine.startupTimeout {startup_timeout:?} (model {})",
+                model.display()
+            ),
+            uptime: engine.uptime(),
+        };
+
+        while self.race(engine, check_health(&client, port, HEALTH_POLL * 10)).await? != HealthState::Ready {
+            if Instant::now() >= deadline {
+                return Err(start_timeout("engine did not answer /health with 200"));
+            }
+            self.race(engine, tokio::time::sleep(HEALTH_POLL)).await?;
+        }
+        self.port_conflicts = 0;
+
+        let mut next = tokio::time::Instant::now();
+        loop {
+            self.race(engine, tokio::time::sleep_until(next)).await?;
+            let pulse = &self.desired.spec.pulse;
+            let (interval, timeout) = (pulse.interval.get(), pulse.timeout.get());
+            next = tokio::time::Instant::now() + interval;
+
+            let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
+            let mut verdict = self.record(sample);
+            if verdict.action == Action::ConfirmNow {
+                let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
+                verdict = self.record(sample);
+            }
+            if let Action::Restart(cause) = verdict.action {
+                let message = format!(
+                    "pulse {}: {} confirmed red pulse(s); last {}",
+                    cause.as_str(),
+                    verdict.red_streak,
+                    self.report.borrow().last_pulse.as_ref().map_or_else(String::new, describe_pulse)
+                );
+                return Err(RunEnd::Fault { reason: cause.as_str(), message, uptime: engine.uptime() });
+            }
+            let phase = self.report.borrow().phase;
+            let next_phase = match (phase, verdict.grade) {
+                (Phase::Starting, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
+                (Phase::Starting, _) if Instant::now() >= deadline => {
+                    return Err(start_timeout("no good pulse"));
+                }
+                (Phase::Serving, Some(Grade::Red)) => Phase::Degraded,
+                (Phase::Degraded, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
+                (p, _) => p,
+            };
+            if next_phase != phase {
+                if next_phase == Phase::Serving {
+                    self.report.send_modify(|r| r.last_error = None);
+                }
+                self.set_phase(next_phase);
+            }
+        }
+    }
+
+    /// Grades a sample and publishes it in the report and the metrics.
+    fn record(&mut self, sample: PulseSample) -> Verdict {
+        // The admission proxy (issue 3) supplies real in-flight and queue numbers; until a
+        // proxy exists, clients reach the engine directly and the agent sees no load.
+        let verdict = self.grader.observe(sample.observation, Load::default());
+        let key = self.key();
+        let labels = crate::metrics::ModelLabels { model: key };
+        let m = &self.ctx.metrics;
+        m.pulse_duration.get_or_create(&labels).observe(sample.wall.as_secs_f64());
+        m.pulse_last.get_or_create(&labels).set(sample.wall.as_secs_f64());
+        if let Some(c) = sample.compute {
+            m.pulse_compute_last.get_or_create(&labels).set(c.as_secs_f64());
+        }
+        if let Some(g) = verdict.grade {
+            m.pulse_grade.get_or_create(&labels).set(g.level());
+        }
+        let baseline = self.grader.baseline().map(|b| b.as_secs_f64());
+        self.report.send_modify(|r| {
+            r.grade = verdict.grade;
+            r.saturated = verdict.saturated;
+            r.red_streak = verdict.red_streak;
+            r.baseline_seconds = baseline;
+            r.push_pulse(PulseRecord {
+                at_ms: now_ms(),
+                wall_seconds: sample.wall.as_secs_f64(),
+                compute_seconds: sample.compute.map(|c| c.as_secs_f64()),
+                grade: verdict.grade,
+                error: sample.error,
+            });
+        });
+        verdict
+    }
+}
+
+fn describe_pulse(p: &PulseRecord) -> String {
+    match (&p.error, p.compute_seconds) {
+        (Some(e), _) => e.clone(),
+        (None, Some(c)) => format!("took {:.3}s (engine compute {:.3}s)", p.wall_seconds, c),
+        (None, None) => format!("took {:.3}s", p.wall_seconds),
+    }
+}
+
+/// The lines of an engine's output that explain a failure: errors first, else the last lines.
+fn summarize(tail: &[String]) -> String {
+    let errors: Vec<&str> = tail
+        .iter()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("error") || l.contains("failed")
+        })
+        .map(|l| l.trim())
+        .collect();
+    let pick: Vec<&str> = if errors.is_empty() {
+        tail.iter().rev().take(2).rev().map(|l| l.trim()).collect()
+    } else {
+        errors.into_iter().rev().take(3).rev().collect()
+    };
+    if pick.is_empty() { "no output".to_owned() } else { pick.join(" | ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_prefers_error_lines() {
+        let tail: Vec<String> = [
+            "loading",
+            "llama_model_load: error loading model: tensor data is not within file bounds",
+            "srv main: exiting",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert!(summarize(&tail).contains("not within file bounds"));
+        assert_eq!(summarize(&[]), "no output");
+    }
+}

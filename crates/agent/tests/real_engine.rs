@@ -1,0 +1,147 @@
+//! The supervisor against the real llama-server and the tiny model: real processes, real
+//! signals, real ports.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use metalkube_api::{Grade, Phase};
+use nix::sys::signal::Signal;
+use support::{Harness, Stopwatch, is_running, signal};
+
+fn engine() -> std::path::PathBuf {
+    metalkube_testkit::real_engine()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starts_serving_with_green_pulses_and_answers_chat() {
+    let h = Harness::new(engine()).await;
+    let key = h.serve(h.desired("tiny", None)).await;
+    let r = h
+        .wait_for(&key, "serving with 3 green pulses", |r| {
+            r.phase == Phase::Serving && r.grade == Some(Grade::Green) && r.pulse_history.len() >= 3
+        })
+        .await;
+    let pulse = r.last_pulse.unwrap();
+    assert!(pulse.compute_seconds.is_some(), "llama-server reports timings: {pulse:?}");
+    assert_eq!(r.restarts, 0);
+
+    // The tiny model's output is valid text through the OpenAI-style API.
+    let port = r.internal_port.unwrap();
+    let resp: serde_json::Value = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let text = resp["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!text.is_empty(), "{resp}");
+
+    let metrics = h.metrics().await;
+    assert!(metrics.contains(r#"metalkube_agent_engine_up{model="default/tiny"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"metalkube_agent_pulse_grade{model="default/tiny"} 0"#), "{metrics}");
+    h.agent.shutdown().await;
+    assert!(!is_running(r.pid.unwrap()), "shutdown stops the engine");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_is_noticed_and_the_engine_restarted() {
+    let h = Harness::new(engine()).await;
+    let key = h.serve(h.desired("killed", None)).await;
+    let before = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    let old_pid = before.pid.unwrap();
+    let clock = Stopwatch::start();
+    signal(old_pid, Signal::SIGKILL);
+    let after = h
+        .wait_for(&key, "serving again with a new process", |r| {
+            r.phase == Phase::Serving && r.pid.is_some_and(|p| p != old_pid)
+        })
+        .await;
+    println!("SIGKILL → serving again: {:?}", clock.lap());
+    assert_eq!(after.restarts, 1);
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(r#"metalkube_agent_engine_restarts_total{model="default/killed",reason="crash"} 1"#),
+        "{metrics}"
+    );
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigstop_turns_red_and_the_engine_is_replaced() {
+    let h = Harness::new(engine()).await;
+    let key = h.serve(h.desired("stopped", None)).await;
+    let before =
+        h.wait_for(&key, "serving green", |r| r.phase == Phase::Serving && r.grade == Some(Grade::Green)).await;
+    let old_pid = before.pid.unwrap();
+    let clock = Stopwatch::start();
+    signal(old_pid, Signal::SIGSTOP);
+    h.wait_for(&key, "red", |r| r.grade == Some(Grade::Red)).await;
+    let to_red = clock.lap();
+    let after = h
+        .wait_for(&key, "serving again with a new process", |r| {
+            r.phase == Phase::Serving && r.pid.is_some_and(|p| p != old_pid)
+        })
+        .await;
+    let to_serving = clock.lap();
+    println!("detection: SIGSTOP → red {to_red:?}; red → serving again {:?}", to_serving - to_red);
+    assert!(!is_running(old_pid), "the stopped engine was killed");
+    assert_eq!(after.restarts, 1);
+    let metrics = h.metrics().await;
+    assert!(metrics.contains(r#"reason="hang"} 1"#), "{metrics}");
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_in_use_by_another_process_is_skipped() {
+    let ports = support::port_block();
+    let taken = *ports.start();
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", taken)).unwrap();
+    let h = Harness::with(engine(), ports, support::fast_backoff()).await;
+    let key = h.serve(h.desired("ports", None)).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    assert_ne!(r.internal_port, Some(taken));
+    assert_eq!(r.restarts, 0);
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_missing_model_file_fails_clearly_without_a_restart_loop() {
+    let h = Harness::new(engine()).await;
+    let missing = h.dir.path().join("nowhere/model.gguf");
+    let key = h.serve(h.desired("missing", Some(&format!("file://{}", missing.display())))).await;
+    let r = h.wait_for(&key, "failed", |r| r.phase == Phase::Failed).await;
+    let message = r.last_error.unwrap();
+    assert!(message.contains(&missing.display().to_string()) && message.contains("does not exist"), "{message}");
+    assert_eq!(r.restarts, 0);
+    assert_eq!(r.pid, None, "no engine was started");
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_truncated_model_crash_loops_with_growing_delays() {
+    let h = Harness::new(engine()).await;
+    let truncated = h.dir.path().join("truncated.gguf");
+    let bytes = std::fs::read(&h.model).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
+    let key = h.serve(h.desired("truncated", Some(&format!("file://{}", truncated.display())))).await;
+
+    let mut delays = Vec::new();
+    for n in 1..=4 {
+        let r = h.wait_for(&key, "backing off", |r| r.restarts == n && r.backoff_seconds.is_some()).await;
+        delays.push(r.backoff_seconds.unwrap());
+        if n >= 2 {
+            assert_eq!(r.phase, Phase::CrashLoopBackOff, "{r:#?}");
+        }
+        let message = r.last_error.unwrap();
+        assert!(message.contains("engine exited"), "{message}");
+    }
+    println!("crash-loop delays: {delays:?}");
+    assert!(delays.windows(2).all(|w| w[1] >= w[0]), "delays grow: {delays:?}");
+    assert!(delays[3] > delays[0] * 3.0, "delays grow exponentially: {delays:?}");
+    h.agent.shutdown().await;
+}

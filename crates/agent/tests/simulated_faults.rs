@@ -1,0 +1,145 @@
+//! Faults the OS cannot make on demand, injected into the engine simulator at run time.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use metalkube_api::{Grade, Phase};
+use metalkube_testkit::sim::{Fault, SimStartup};
+use metalkube_testkit::{set_fault, sim_engine};
+use support::{Harness, Stopwatch};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn gradual_drift_goes_yellow_then_red_then_restarts() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("drift", None)).await;
+    let r = h.wait_for(&key, "serving green", |r| r.phase == Phase::Serving && r.grade == Some(Grade::Green)).await;
+    let old_pid = r.pid.unwrap();
+    set_fault(r.internal_port.unwrap(), &Fault { drift_ms_per_request: 25, ..Default::default() }).await;
+
+    let mut rx = h.agent.watch(&key).await.unwrap();
+    let mut grades = vec![Grade::Green];
+    let watched = tokio::time::timeout(support::GUARD, async {
+        loop {
+            rx.changed().await.unwrap();
+            let r = rx.borrow_and_update().clone();
+            if r.pid != Some(old_pid) {
+                return r;
+            }
+            if let Some(g) = r.grade
+                && grades.last() != Some(&g)
+            {
+                grades.push(g);
+            }
+        }
+    })
+    .await
+    .expect("restart within the guard");
+    assert_eq!(grades, [Grade::Green, Grade::Yellow, Grade::Red], "grade path before the restart");
+    assert_eq!(watched.restarts, 1);
+    h.wait_for(&key, "serving again", |r| r.phase == Phase::Serving && r.grade == Some(Grade::Green)).await;
+    assert!(h.metrics().await.contains(r#"reason="pulse_red"} 1"#));
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_slow_pulse_after_idle_is_confirmed_fast_and_never_red() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("idle", None)).await;
+    let r = h.wait_for(&key, "serving green", |r| r.phase == Phase::Serving && r.grade == Some(Grade::Green)).await;
+    // Slower than redAfter (600ms), within the timeout (1s).
+    set_fault(r.internal_port.unwrap(), &Fault { slow_next_ms: 800, ..Default::default() }).await;
+
+    let mut rx = h.agent.watch(&key).await.unwrap();
+    let seen_slow = |r: &metalkube_agent::report::ModelReport| r.pulse_history.iter().any(|p| p.wall_seconds >= 0.8);
+    let r = tokio::time::timeout(support::GUARD, async {
+        // Watch every report from the slow pulse until three pulses after it.
+        let mut after_slow = 0;
+        loop {
+            rx.changed().await.unwrap();
+            let r = rx.borrow_and_update().clone();
+            assert_ne!(r.grade, Some(Grade::Red), "one slow pulse must not publish red: {r:#?}");
+            if seen_slow(&r) {
+                after_slow += 1;
+                if after_slow > 6 {
+                    return r;
+                }
+            }
+        }
+    })
+    .await
+    .expect("pulses continue");
+    assert_eq!(r.restarts, 0);
+    assert_eq!(r.grade, Some(Grade::Green));
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wedged_loop_with_health_200_goes_red_and_restarts() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("wedged", None)).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    let (port, old_pid) = (r.internal_port.unwrap(), r.pid.unwrap());
+    let clock = Stopwatch::start();
+    set_fault(port, &Fault { wedged: true, ..Default::default() }).await;
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.unwrap();
+    assert_eq!(health.status(), 200, "the point of the fault: /health still says fine");
+
+    h.wait_for(&key, "red", |r| r.grade == Some(Grade::Red)).await;
+    let to_red = clock.lap();
+    let r =
+        h.wait_for(&key, "serving again", |r| r.phase == Phase::Serving && r.pid.is_some_and(|p| p != old_pid)).await;
+    println!("wedged → red {to_red:?}; → serving again {:?}", clock.lap());
+    assert_eq!(r.restarts, 1);
+    assert!(h.metrics().await.contains(r#"reason="hang"} 1"#));
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_answers_count_as_red() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("malformed", None)).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    set_fault(r.internal_port.unwrap(), &Fault { malformed: true, ..Default::default() }).await;
+    let r = h.wait_for(&key, "restarted", |r| r.restarts == 1).await;
+    assert!(r.last_error.unwrap().contains("malformed"));
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_load_stays_starting_until_health_and_a_good_pulse() {
+    let h = Harness::new(sim_engine()).await;
+    let startup = SimStartup { load_ms: 1500, ..Default::default() };
+    std::fs::write(format!("{}.sim.json", h.model.display()), serde_json::to_vec(&startup).unwrap()).unwrap();
+    let key = h.serve(h.desired("slowload", None)).await;
+    let starting = h.wait_for(&key, "starting", |r| r.phase == Phase::Starting && r.pid.is_some()).await;
+    let url = format!("http://127.0.0.1:{}/health", starting.internal_port.unwrap());
+    // The process exists before it listens: retry the connection, not the answer.
+    let health = loop {
+        match reqwest::get(&url).await {
+            Ok(resp) => break resp,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+        }
+    };
+    assert_eq!(health.status(), 503, "loading");
+    assert_eq!(h.agent.watch(&key).await.unwrap().borrow().phase, Phase::Starting);
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    assert_eq!(r.restarts, 0);
+    assert_eq!(r.pid, starting.pid);
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_engine_that_loses_the_bind_race_is_retried_on_another_port() {
+    let h = Harness::new(sim_engine()).await;
+    let startup = SimStartup { bind_delay_ms: 1500, ..Default::default() };
+    std::fs::write(format!("{}.sim.json", h.model.display()), serde_json::to_vec(&startup).unwrap()).unwrap();
+    let key = h.serve(h.desired("race", None)).await;
+    let starting = h.wait_for(&key, "starting", |r| r.phase == Phase::Starting && r.internal_port.is_some()).await;
+    let raced = starting.internal_port.unwrap();
+    // Another process takes the port between the agent's check and the engine's bind.
+    let _squatter = std::net::TcpListener::bind(("127.0.0.1", raced)).unwrap();
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    assert_ne!(r.internal_port, Some(raced));
+    assert_eq!(r.restarts, 0, "a lost bind race is not a crash: {r:#?}");
+    h.agent.shutdown().await;
+}

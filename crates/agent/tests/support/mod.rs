@@ -1,0 +1,151 @@
+//! Test harness: an in-process agent on a temp state dir, and waiting on report changes (no
+//! sleeps; the bound is only a guard against a hung test).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metalkube_agent::report::ModelReport;
+use metalkube_agent::restart_backoff::BackoffConfig;
+use metalkube_agent::{Agent, AgentConfig, DesiredModel};
+use metalkube_api::{EngineSpec, MetalModelSpec, ModelSource, PulseSpec};
+
+/// Generous bound for any single wait: a guard, never a performance claim.
+pub const GUARD: Duration = Duration::from_secs(90);
+
+pub struct Harness {
+    pub agent: Arc<Agent>,
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+}
+
+/// A port range of its own for each harness: tests in one binary run in parallel, and agents
+/// that shared a range would race each other for ports (which the agent survives, but the
+/// tests then measure that instead of what they mean to).
+pub fn port_block() -> std::ops::RangeInclusive<u16> {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = 19000 + 40 * n;
+    start..=start + 39
+}
+
+pub fn fast_backoff() -> BackoffConfig {
+    BackoffConfig {
+        min: Duration::from_millis(100),
+        max: Duration::from_secs(5),
+        stable_after: Duration::from_secs(60),
+    }
+}
+
+impl Harness {
+    pub async fn new(engine: PathBuf) -> Self {
+        Self::with(engine, port_block(), fast_backoff()).await
+    }
+
+    pub async fn with(engine: PathBuf, ports: std::ops::RangeInclusive<u16>, backoff: BackoffConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let model = metalkube_testkit::tiny_model(dir.path());
+        let agent = Agent::start(AgentConfig {
+            engine_binary: Some(engine),
+            state_dir: dir.path().join("state"),
+            engine_ports: ports,
+            stop_grace: Duration::from_secs(3),
+            backoff,
+        })
+        .await
+        .unwrap();
+        Self { agent, dir, model }
+    }
+
+    /// A desired model with fast pulses, serving the tiny model unless `source` says otherwise.
+    pub fn desired(&self, name: &str, source: Option<&str>) -> DesiredModel {
+        let source = source.map(str::to_owned).unwrap_or_else(|| format!("file://{}", self.model.display()));
+        DesiredModel { namespace: "default".into(), name: name.into(), spec: fast_spec(&source), base_dir: None }
+    }
+
+    pub async fn serve(&self, desired: DesiredModel) -> String {
+        let key = desired.key();
+        self.agent.apply(vec![desired]).await;
+        key
+    }
+
+    /// Waits until the model's report satisfies `pred`; panics with the last report otherwise.
+    pub async fn wait_for(&self, key: &str, what: &str, pred: impl Fn(&ModelReport) -> bool) -> ModelReport {
+        let mut rx = self.agent.watch(key).await.unwrap_or_else(|| panic!("{key} is not supervised"));
+        let found = match tokio::time::timeout(GUARD, rx.wait_for(|r| pred(r))).await {
+            Ok(Ok(r)) => Some(r.clone()),
+            _ => None,
+        };
+        found.unwrap_or_else(|| panic!("{key}: not {what} within {GUARD:?}; last report: {:#?}", *rx.borrow()))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.agent.context().metrics.encode()
+    }
+}
+
+pub fn fast_spec(source: &str) -> MetalModelSpec {
+    MetalModelSpec {
+        model: ModelSource { source: source.to_owned(), sha256: None },
+        engine: EngineSpec {
+            context_size: 512,
+            gpu_layers: 0,
+            parallel: 2,
+            // One thread per engine: several engines share two cores in the test run.
+            extra_args: vec!["--threads".into(), "1".into()],
+            startup_timeout: Duration::from_secs(60).into(),
+        },
+        replicas: 1,
+        node_selector: Default::default(),
+        admission: Default::default(),
+        pulse: PulseSpec {
+            interval: ms(200),
+            timeout: ms(1000),
+            yellow_after: ms(300),
+            red_after: ms(600),
+            red_streak: 2,
+            drift: Default::default(),
+        },
+    }
+}
+
+fn ms(ms: u64) -> metalkube_api::Duration {
+    metalkube_api::Duration::from_millis(ms)
+}
+
+/// Alive and not a zombie.
+pub fn is_running(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
+        Err(_) => false,
+    }
+}
+
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// Pids of processes whose command line mentions `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.to_string_lossy().into_owned();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) && is_running(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+pub struct Stopwatch(Instant);
+impl Stopwatch {
+    pub fn start() -> Self {
+        Self(Instant::now())
+    }
+    pub fn lap(&self) -> Duration {
+        self.0.elapsed()
+    }
+}

@@ -1,0 +1,23 @@
+//! The `metalkube.dev/v1alpha1` resources. The same types are the CRD schema (through schemars),
+//! the controller's view of the cluster and the agent's standalone file format.
+
+mod crds;
+mod duration;
+mod error;
+mod model;
+mod node;
+mod standalone;
+mod validate;
+
+pub use crds::crd_manifests;
+pub use duration::Duration;
+pub use error::{ApiError, FieldError};
+pub use model::*;
+pub use node::*;
+pub use standalone::parse_models_yaml;
+pub use validate::{AGENT_OWNED_FLAGS, validate_model_spec};
+
+/// API group of every metalkube resource.
+pub const GROUP: &str = "metalkube.dev";
+/// The one served version.
+pub const VERSION: &str = "v1alpha1";

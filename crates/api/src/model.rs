@@ -1,0 +1,273 @@
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::Duration;
+
+/// A GGUF model served by llama-server on one or more Macs.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "metalkube.dev",
+    version = "v1alpha1",
+    kind = "MetalModel",
+    namespaced,
+    shortname = "mm",
+    status = "MetalModelStatus",
+    printcolumn = r#"{"name":"READY","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"GRADE","type":"string","jsonPath":".status.grade"}"#,
+    printcolumn = r#"{"name":"PULSE","type":"number","jsonPath":".status.pulseSeconds"}"#,
+    printcolumn = r#"{"name":"QUEUE","type":"integer","jsonPath":".status.queueDepth"}"#,
+    printcolumn = r#"{"name":"RESTARTS","type":"integer","jsonPath":".status.restarts"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MetalModelSpec {
+    pub model: ModelSource,
+    #[serde(default)]
+    pub engine: EngineSpec,
+    /// How many Macs serve this model.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 64))]
+    pub replicas: u32,
+    /// Labels a MetalNode must carry to be chosen.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub admission: AdmissionSpec,
+    #[serde(default)]
+    pub pulse: PulseSpec,
+}
+
+fn default_replicas() -> u32 {
+    1
+}
+
+/// Where the GGUF file comes from.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// `file:///abs/path.gguf`, `file:relative/path.gguf` (standalone mode: relative to the
+    /// YAML file), `https://host/path.gguf` or `hf://org/repo/file.gguf[@rev]`.
+    #[schemars(regex(pattern = r"^(file:|https://|hf://)"))]
+    pub source: String,
+    /// Expected SHA-256 of the file, lowercase hex.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+/// How llama-server is started.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EngineSpec {
+    /// Context window in tokens, shared by all slots (`--ctx-size`).
+    #[schemars(range(min = 64, max = 1048576))]
+    pub context_size: u32,
+    /// Layers offloaded to the GPU (`--n-gpu-layers`); -1 means all.
+    #[schemars(range(min = -1, max = 1000))]
+    pub gpu_layers: i32,
+    /// Concurrent decoding slots (`--parallel`).
+    #[schemars(range(min = 1, max = 256))]
+    pub parallel: u32,
+    /// Further llama-server flags. Flags the agent owns (host, port, model, parallel, ...)
+    /// are refused.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_args: Vec<String>,
+    /// How long loading may take before the start counts as failed.
+    pub startup_timeout: Duration,
+}
+
+impl Default for EngineSpec {
+    fn default() -> Self {
+        Self {
+            context_size: 4096,
+            gpu_layers: -1,
+            parallel: 4,
+            extra_args: Vec::new(),
+            startup_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// Backpressure in front of the engine.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdmissionSpec {
+    /// Requests sent to the engine at once; default: slots minus one when slots > 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_concurrent: Option<u32>,
+    /// Requests that may wait for a free place.
+    #[schemars(range(min = 0, max = 100000))]
+    pub queue_depth: u32,
+    /// How long a request may wait in the queue.
+    pub queue_timeout: Duration,
+    /// Largest accepted request body.
+    #[schemars(range(min = 1024))]
+    pub max_request_bytes: u64,
+}
+
+impl Default for AdmissionSpec {
+    fn default() -> Self {
+        Self {
+            max_concurrent: None,
+            queue_depth: 64,
+            queue_timeout: Duration::from_secs(30),
+            max_request_bytes: 8 << 20,
+        }
+    }
+}
+
+/// The vital sign: a timed trivial completion, graded.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PulseSpec {
+    pub interval: Duration,
+    /// A pulse with no answer by then is a hang.
+    pub timeout: Duration,
+    /// Wall time from which a pulse is yellow (drifting).
+    pub yellow_after: Duration,
+    /// Wall time from which a pulse is red (degraded).
+    pub red_after: Duration,
+    /// Consecutive confirmed red pulses that trigger a restart.
+    #[schemars(range(min = 1, max = 100))]
+    pub red_streak: u32,
+    #[serde(default)]
+    pub drift: DriftSpec,
+}
+
+impl Default for PulseSpec {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+            yellow_after: Duration::from_secs(2),
+            red_after: Duration::from_secs(5),
+            red_streak: 3,
+            drift: DriftSpec::default(),
+        }
+    }
+}
+
+/// Grading relative to the model's own healthy baseline (an EWMA of green pulses).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftSpec {
+    pub enabled: bool,
+    /// A pulse this many times the baseline is yellow.
+    #[schemars(range(min = 1.0))]
+    pub yellow_factor: f64,
+    /// A pulse this many times the baseline is red.
+    #[schemars(range(min = 1.0))]
+    pub red_factor: f64,
+    /// Pulses faster than this are never graded by drift: a 5 ms baseline that becomes
+    /// 50 ms is noise, not sickness.
+    pub floor: Duration,
+}
+
+impl Default for DriftSpec {
+    fn default() -> Self {
+        Self { enabled: true, yellow_factor: 4.0, red_factor: 20.0, floor: Duration::from_millis(500) }
+    }
+}
+
+/// What the engine of one replica is doing.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    Pending,
+    Starting,
+    Serving,
+    Degraded,
+    Restarting,
+    CrashLoopBackOff,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 7] = [
+        Phase::Pending,
+        Phase::Starting,
+        Phase::Serving,
+        Phase::Degraded,
+        Phase::Restarting,
+        Phase::CrashLoopBackOff,
+        Phase::Failed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Starting => "Starting",
+            Phase::Serving => "Serving",
+            Phase::Degraded => "Degraded",
+            Phase::Restarting => "Restarting",
+            Phase::CrashLoopBackOff => "CrashLoopBackOff",
+            Phase::Failed => "Failed",
+        }
+    }
+}
+
+/// The pulse's verdict.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+pub enum Grade {
+    Green,
+    Yellow,
+    Red,
+}
+
+impl Grade {
+    /// The value of the `metalkube_agent_pulse_grade` gauge.
+    pub fn level(self) -> i64 {
+        match self {
+            Grade::Green => 0,
+            Grade::Yellow => 1,
+            Grade::Red => 2,
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetalModelStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    pub ready_replicas: u32,
+    /// Worst grade over the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grade: Option<Grade>,
+    /// Slowest last pulse over the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulse_seconds: Option<f64>,
+    #[serde(default)]
+    pub queue_depth: u32,
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<ReplicaStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    pub phase: Phase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grade: Option<Grade>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pulse_seconds: Option<f64>,
+    #[serde(default)]
+    pub queue_depth: u32,
+    #[serde(default)]
+    pub in_flight: u32,
+    #[serde(default)]
+    pub restarts: u32,
+}

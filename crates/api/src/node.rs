@@ -1,0 +1,59 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// One Mac running `metalkube-agent`.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "metalkube.dev",
+    version = "v1alpha1",
+    kind = "MetalNode",
+    shortname = "mn",
+    status = "MetalNodeStatus",
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"MEMORY","type":"string","jsonPath":".status.allocatedMemoryBytes"}"#,
+    printcolumn = r#"{"name":"MODELS","type":"integer","jsonPath":".status.models"}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MetalNodeSpec {
+    /// gRPC URL of the agent, e.g. `https://mac-01.lan:9443`.
+    #[schemars(regex(pattern = r"^https?://"))]
+    pub agent_endpoint: String,
+    /// IP address the cluster uses to reach this Mac's serving ports.
+    pub serving_address: String,
+    #[serde(default)]
+    pub unschedulable: bool,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MetalNodeStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<NodeCapacity>,
+    #[serde(default)]
+    pub allocated_memory_bytes: u64,
+    #[serde(default)]
+    pub models: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeCapacity {
+    pub unified_memory_bytes: u64,
+    /// Memory the agent may give to engines.
+    pub memory_budget_bytes: u64,
+    #[serde(default)]
+    pub chip: String,
+    #[serde(default)]
+    pub gpu_cores: u32,
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub agent_version: String,
+}

@@ -1,0 +1,172 @@
+use crate::{FieldError, MetalModelSpec};
+
+/// llama-server flags the agent sets itself; a spec that passes them in `extraArgs` would break
+/// supervision (where the engine listens, which file it serves, which paths it answers).
+pub const AGENT_OWNED_FLAGS: &[(&str, &str)] = &[
+    ("--host", "the agent binds the engine to 127.0.0.1"),
+    ("--port", "the agent picks the internal port"),
+    ("-m", "use spec.model.source"),
+    ("--model", "use spec.model.source"),
+    ("-mu", "use spec.model.source"),
+    ("--model-url", "use spec.model.source"),
+    ("-hf", "use spec.model.source"),
+    ("-hfr", "use spec.model.source"),
+    ("--hf-repo", "use spec.model.source"),
+    ("-hff", "use spec.model.source"),
+    ("--hf-file", "use spec.model.source"),
+    ("-c", "use spec.engine.contextSize"),
+    ("--ctx-size", "use spec.engine.contextSize"),
+    ("-np", "use spec.engine.parallel"),
+    ("--parallel", "use spec.engine.parallel"),
+    ("-ngl", "use spec.engine.gpuLayers"),
+    ("--gpu-layers", "use spec.engine.gpuLayers"),
+    ("--n-gpu-layers", "use spec.engine.gpuLayers"),
+    ("--metrics", "the agent always enables it"),
+    ("--api-key", "the pulse must reach the engine"),
+    ("--api-key-file", "the pulse must reach the engine"),
+    ("--api-prefix", "clients and the pulse use the standard paths"),
+    ("--path", "the agent serves no static files through the engine"),
+    ("--no-slots", "the agent reads /slots"),
+    ("--slots", "the agent enables it"),
+];
+
+/// Checks what the schema cannot say (relations between fields, owned flags). Returns every
+/// problem at once so a person fixes the file in one go.
+pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let mut err = |field: &str, problem: String, allowed: &str| {
+        errors.push(FieldError { field: field.to_owned(), problem, allowed: allowed.to_owned() })
+    };
+
+    let source = &spec.model.source;
+    if !(source.starts_with("file:") || source.starts_with("https://") || source.starts_with("hf://")) {
+        err(
+            "spec.model.source",
+            format!("unsupported source {source:?}"),
+            "file:///abs/path.gguf, file:relative/path.gguf, https://…, hf://org/repo/file.gguf[@rev]",
+        );
+    } else if source.strip_prefix("file:").is_some_and(|p| p.trim_start_matches('/').is_empty()) {
+        err("spec.model.source", "file: source names no file".into(), "file:///abs/path.gguf");
+    }
+    if let Some(sha) = &spec.model.sha256
+        && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    {
+        err("spec.model.sha256", format!("{sha:?} is not a SHA-256 digest"), "64 lowercase hex characters");
+    }
+
+    let engine = &spec.engine;
+    if engine.context_size < 64 {
+        err("spec.engine.contextSize", format!("{} is too small", engine.context_size), "64 or more");
+    }
+    if !(1..=256).contains(&engine.parallel) {
+        err("spec.engine.parallel", format!("{} slots", engine.parallel), "1 to 256");
+    }
+    if engine.gpu_layers < -1 {
+        err("spec.engine.gpuLayers", format!("{}", engine.gpu_layers), "-1 (all) or 0 and more");
+    }
+    if engine.startup_timeout.get().is_zero() {
+        err("spec.engine.startupTimeout", "zero".into(), "a positive duration such as 5m");
+    }
+    for (i, arg) in engine.extra_args.iter().enumerate() {
+        let flag = arg.split('=').next().unwrap_or(arg);
+        if let Some((owned, why)) = AGENT_OWNED_FLAGS.iter().find(|(f, _)| *f == flag) {
+            err(
+                &format!("spec.engine.extraArgs[{i}]"),
+                format!("{owned} is set by the agent ({why})"),
+                "any llama-server flag except the ones the agent owns",
+            );
+        }
+    }
+
+    if let Some(max) = spec.admission.max_concurrent
+        && max == 0
+    {
+        err("spec.admission.maxConcurrent", "0 would admit nothing".into(), "1 or more, or unset");
+    }
+    if spec.admission.queue_timeout.get().is_zero() && spec.admission.queue_depth > 0 {
+        err("spec.admission.queueTimeout", "zero with a non-empty queue".into(), "a positive duration");
+    }
+    if spec.admission.max_request_bytes < 1024 {
+        err("spec.admission.maxRequestBytes", format!("{}", spec.admission.max_request_bytes), "1024 or more");
+    }
+
+    let pulse = &spec.pulse;
+    if pulse.interval.get().is_zero() {
+        err("spec.pulse.interval", "zero".into(), "a positive duration such as 5s");
+    }
+    if pulse.yellow_after >= pulse.red_after {
+        err(
+            "spec.pulse.yellowAfter",
+            format!("{} is not below redAfter {}", pulse.yellow_after, pulse.red_after),
+            "yellowAfter < redAfter < timeout",
+        );
+    }
+    if pulse.red_after >= pulse.timeout {
+        err(
+            "spec.pulse.redAfter",
+            format!("{} is not below timeout {}", pulse.red_after, pulse.timeout),
+            "yellowAfter < redAfter < timeout",
+        );
+    }
+    if pulse.red_streak == 0 {
+        err("spec.pulse.redStreak", "0".into(), "1 or more");
+    }
+    let drift = &pulse.drift;
+    if drift.enabled && !(drift.yellow_factor >= 1.0 && drift.red_factor > drift.yellow_factor) {
+        err(
+            "spec.pulse.drift",
+            format!("yellowFactor {} and redFactor {}", drift.yellow_factor, drift.red_factor),
+            "1 <= yellowFactor < redFactor",
+        );
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Duration, ModelSource};
+
+    fn spec() -> MetalModelSpec {
+        MetalModelSpec {
+            model: ModelSource { source: "file:///models/m.gguf".into(), sha256: None },
+            engine: Default::default(),
+            replicas: 1,
+            node_selector: Default::default(),
+            admission: Default::default(),
+            pulse: Default::default(),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        assert_eq!(validate_model_spec(&spec()), vec![]);
+    }
+
+    #[test]
+    fn owned_flags_are_refused_with_the_field_and_the_reason() {
+        let mut s = spec();
+        s.engine.extra_args = vec!["--flash-attn".into(), "on".into(), "--port=9000".into()];
+        let errors = validate_model_spec(&s);
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].field, "spec.engine.extraArgs[2]");
+        assert!(errors[0].problem.contains("--port"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn thresholds_must_be_ordered() {
+        let mut s = spec();
+        s.pulse.yellow_after = Duration::from_secs(6);
+        s.pulse.timeout = Duration::from_secs(4);
+        let fields: Vec<_> = validate_model_spec(&s).into_iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["spec.pulse.yellowAfter", "spec.pulse.redAfter"]);
+    }
+
+    #[test]
+    fn unknown_scheme_lists_the_supported_ones() {
+        let mut s = spec();
+        s.model.source = "s3://bucket/m.gguf".into();
+        let errors = validate_model_spec(&s);
+        assert!(errors[0].allowed.contains("https://"), "{}", errors[0]);
+    }
+}

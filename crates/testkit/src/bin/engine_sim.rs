@@ -1,0 +1,222 @@
+//! metalkube-engine-sim: speaks llama-server's HTTP API with faults that can be switched on at
+//! run time, for the behaviours the OS cannot produce on demand (gradual slowdown, a wedged
+//! inference loop with /health still 200, slow load, malformed answers).
+//!
+//! It takes llama-server's command line (unknown flags are ignored). Start-up behaviour comes
+//! from `<model>.sim.json` beside the model file, if present: `{"load_ms": 2000}` delays
+//! readiness (503 "Loading model" meanwhile), `{"exit_at_start": true}` exits at once.
+//! Run-time faults: `POST /sim/fault` with a JSON `Fault`; `GET /sim/fault` shows it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metalkube_testkit::sim::{Fault, SimStartup};
+use serde_json::{Value, json};
+use tokio::sync::{RwLock, Semaphore};
+
+struct Sim {
+    fault: RwLock<Fault>,
+    loaded: AtomicBool,
+    slots: Arc<Semaphore>,
+    parallel: usize,
+    processing: AtomicU64,
+    requests: AtomicU64,
+    tokens: AtomicU64,
+    model: String,
+}
+
+type Shared = Arc<Sim>;
+
+fn flag(args: &[String], names: &[&str]) -> Option<String> {
+    args.iter().position(|a| names.contains(&a.as_str())).and_then(|i| args.get(i + 1).cloned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let host = flag(&args, &["--host"]).unwrap_or_else(|| "127.0.0.1".into());
+    let port: u16 = flag(&args, &["--port"]).unwrap_or_else(|| "8080".into()).parse().context("--port")?;
+    let parallel: usize =
+        flag(&args, &["--parallel", "-np"]).unwrap_or_else(|| "1".into()).parse().context("--parallel")?;
+    let model = flag(&args, &["--model", "-m"]).unwrap_or_default();
+    let startup: SimStartup = std::fs::read(format!("{model}.sim.json"))
+        .ok()
+        .map(|b| serde_json::from_slice(&b))
+        .transpose()
+        .context("reading <model>.sim.json")?
+        .unwrap_or_default();
+    if startup.exit_at_start {
+        eprintln!("sim: error: exit_at_start requested; failed to load model '{model}'");
+        std::process::exit(1);
+    }
+    tokio::time::sleep(Duration::from_millis(startup.bind_delay_ms)).await;
+    let listener = match tokio::net::TcpListener::bind((host.as_str(), port)).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("srv    start: couldn't bind HTTP server socket, hostname: {host}, port: {port}: {e}");
+            std::process::exit(1);
+        }
+    };
+    eprintln!("sim: listening on {host}:{port}, {parallel} slots, model {model}");
+    let sim = Arc::new(Sim {
+        fault: RwLock::new(startup.fault),
+        loaded: AtomicBool::new(startup.load_ms == 0),
+        slots: Arc::new(Semaphore::new(parallel.max(1))),
+        parallel: parallel.max(1),
+        processing: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
+        tokens: AtomicU64::new(0),
+        model,
+    });
+    if startup.load_ms > 0 {
+        let s = sim.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(startup.load_ms)).await;
+            s.loaded.store(true, Ordering::SeqCst);
+        });
+    }
+    let app = Router::new()
+        .route("/health", get(health))
+        .route("/props", get(props))
+        .route("/slots", get(slots))
+        .route("/metrics", get(metrics))
+        .route("/v1/models", get(models))
+        .route("/completion", post(completion))
+        .route("/v1/completions", post(completion))
+        .route("/v1/chat/completions", post(completion))
+        .route("/sim/fault", get(get_fault).post(set_fault))
+        .with_state(sim);
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+fn unavailable(message: &str) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(json!({"error": {"code": 503, "message": message, "type": "unavailable_error"}})),
+    )
+        .into_response()
+}
+
+async fn health(State(sim): State<Shared>) -> Response {
+    if sim.loaded.load(Ordering::SeqCst) {
+        Json(json!({"status": "ok"})).into_response()
+    } else {
+        unavailable("Loading model")
+    }
+}
+
+async fn props(State(sim): State<Shared>) -> Json<Value> {
+    Json(json!({"total_slots": sim.parallel, "model_path": sim.model, "default_generation_settings": {"n_ctx": 4096}}))
+}
+
+async fn slots(State(sim): State<Shared>) -> Json<Value> {
+    let busy = sim.processing.load(Ordering::SeqCst) as usize;
+    Json(Value::Array((0..sim.parallel).map(|id| json!({"id": id, "is_processing": id < busy})).collect()))
+}
+
+async fn metrics(State(sim): State<Shared>) -> String {
+    format!(
+        "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {}\n# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {}\n",
+        sim.processing.load(Ordering::SeqCst),
+        sim.tokens.load(Ordering::SeqCst)
+    )
+}
+
+async fn models(State(sim): State<Shared>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [{"id": sim.model, "object": "model", "owned_by": "llamacpp"}]}))
+}
+
+async fn get_fault(State(sim): State<Shared>) -> Json<Fault> {
+    Json(sim.fault.read().await.clone())
+}
+
+async fn set_fault(State(sim): State<Shared>, Json(fault): Json<Fault>) -> Json<Fault> {
+    if fault.exit_now {
+        eprintln!("sim: exiting on request");
+        std::process::exit(3);
+    }
+    *sim.fault.write().await = fault.clone();
+    Json(fault)
+}
+
+/// Decrements the in-flight count however the request ends (a client may hang up mid-way).
+struct Processing(Shared);
+impl Drop for Processing {
+    fn drop(&mut self) {
+        self.0.processing.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Response {
+    if !sim.loaded.load(Ordering::SeqCst) {
+        return unavailable("Loading model");
+    }
+    let arrived = Instant::now();
+    let n = sim.requests.fetch_add(1, Ordering::SeqCst);
+    let fault = {
+        let mut f = sim.fault.write().await;
+        let snapshot = f.clone();
+        f.slow_next_ms = 0;
+        snapshot
+    };
+    if fault.wedged {
+        // The inference loop is stuck: the request never gets a slot; /health stays 200.
+        std::future::pending::<()>().await;
+    }
+    if fault.malformed {
+        return (StatusCode::OK, "{\"content\": ").into_response();
+    }
+    let Ok(_slot) = sim.slots.clone().acquire_owned().await else { return unavailable("shutting down") };
+    sim.processing.fetch_add(1, Ordering::SeqCst);
+    let _processing = Processing(sim.clone());
+    let compute_ms = fault.latency_ms + fault.drift_ms_per_request.saturating_mul(n) + fault.slow_next_ms;
+    let n_predict =
+        body.get("n_predict").or_else(|| body.get("max_tokens")).and_then(Value::as_u64).unwrap_or(8).clamp(1, 256);
+    sim.tokens.fetch_add(n_predict, Ordering::SeqCst);
+    let prompt_ms = compute_ms as f64 * 0.2;
+    let per_token = Duration::from_secs_f64(compute_ms as f64 * 0.8 / 1000.0 / n_predict as f64);
+    let queued_ms = arrived.elapsed().as_secs_f64() * 1000.0;
+    let timings = json!({"prompt_n": 5, "prompt_ms": prompt_ms, "predicted_n": n_predict, "predicted_ms": compute_ms as f64 * 0.8, "queued_ms": queued_ms});
+    tokio::time::sleep(Duration::from_secs_f64(prompt_ms / 1000.0)).await;
+
+    if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
+        let stream = futures::stream::unfold((0u64, Some(_slot), Some(_processing)), move |(i, slot, proc_guard)| {
+            let timings = timings.clone();
+            async move {
+                if i > n_predict {
+                    drop((slot, proc_guard));
+                    return None;
+                }
+                if i == n_predict {
+                    let last = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "timings": timings});
+                    return Some((
+                        Ok::<_, std::convert::Infallible>(Event::default().data(last.to_string())),
+                        (i + 1, slot, proc_guard),
+                    ));
+                }
+                tokio::time::sleep(per_token).await;
+                let chunk = json!({"choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": null}], "content": "o", "stop": false});
+                Some((Ok(Event::default().data(chunk.to_string())), (i + 1, slot, proc_guard)))
+            }
+        });
+        return Sse::new(stream).into_response();
+    }
+    tokio::time::sleep(per_token * n_predict as u32).await;
+    let text = "o".repeat(n_predict as usize);
+    Json(json!({
+        "content": text,
+        "choices": [{"index": 0, "text": text, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": n_predict, "total_tokens": 5 + n_predict},
+        "timings": timings,
+    }))
+    .into_response()
+}

@@ -1,0 +1,34 @@
+//! The simulator's fault switches, shared by the simulator and the tests that flip them.
+
+use serde::{Deserialize, Serialize};
+
+/// Run-time faults of `metalkube-engine-sim` (`POST /sim/fault`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Fault {
+    /// Compute time added to every completion.
+    pub latency_ms: u64,
+    /// Compute time added per completion served so far: a gradual slowdown.
+    pub drift_ms_per_request: u64,
+    /// Only the next completion takes this much longer (the slow first call after idle).
+    pub slow_next_ms: u64,
+    /// Completions never answer while `/health` stays 200.
+    pub wedged: bool,
+    /// Completions answer 200 with a truncated JSON body.
+    pub malformed: bool,
+    /// Exit with status 3 at once.
+    pub exit_now: bool,
+}
+
+/// Start-up behaviour, read from `<model>.sim.json`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct SimStartup {
+    /// `/health` answers 503 "Loading model" for this long.
+    pub load_ms: u64,
+    pub exit_at_start: bool,
+    /// Wait this long before binding the port (so a test can take it first).
+    pub bind_delay_ms: u64,
+    /// Faults in force from the start.
+    pub fault: Fault,
+}

@@ -1,0 +1,158 @@
+//! Project tasks: `cargo xtask setup | test | demo | crdgen`.
+
+mod engine;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what the tests and the demo need: Debian packages, llama-server (built once,
+    /// cached under ~/.cache/metalkube), the tiny model.
+    Setup,
+    /// setup, then fmt check, clippy -D warnings, and every test.
+    Test,
+    /// setup if needed, then run the standalone agent on examples/standalone/.
+    Demo,
+    /// Write crds/*.yaml from the Rust types (`--check` only compares).
+    Crdgen {
+        #[arg(long)]
+        check: bool,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup().map(drop),
+        Task::Test => test(),
+        Task::Demo => demo(),
+        Task::Crdgen { check } => crdgen(check),
+    }
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("$ {cmd:?}");
+    let status = cmd.status().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{:?} failed: {status}", cmd.get_program());
+    }
+    Ok(())
+}
+
+fn have(program: &str) -> bool {
+    Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
+}
+
+/// Debian packages: cmake to build the engine, prometheus for `promtool check metrics`.
+fn debian_packages() -> anyhow::Result<()> {
+    let wanted = [("cmake", "cmake"), ("promtool", "prometheus"), ("c++", "g++"), ("ps", "procps")];
+    let missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !have("apt-get") {
+        bail!("missing tools from packages {missing:?} and no apt-get to install them: install them and retry");
+    }
+    let sudo = if nix_is_root() { vec![] } else { vec!["sudo"] };
+    let apt = |args: &[&str]| {
+        let mut c = Command::new(sudo.first().copied().unwrap_or("apt-get"));
+        if !sudo.is_empty() {
+            c.arg("apt-get");
+        }
+        c.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(&mut apt(&["update", "-qq"]))?;
+    let mut install = apt(&["install", "-y", "-qq", "--no-install-recommends"]);
+    install.args(&missing);
+    run(&mut install)
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+pub struct Installed {
+    pub engine: PathBuf,
+    pub tiny_model: PathBuf,
+}
+
+fn setup() -> anyhow::Result<Installed> {
+    debian_packages()?;
+    let engine = engine::ensure_llama_server()?;
+    let tiny_model = root().join("examples/standalone/models/tiny.gguf");
+    metalkube_gguf::write_tiny_model(&tiny_model).with_context(|| format!("writing {}", tiny_model.display()))?;
+    eprintln!("engine: {}\ntiny model: {}", engine.display(), tiny_model.display());
+    Ok(Installed { engine, tiny_model })
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(root());
+    if std::env::var_os("CARGO_BUILD_JOBS").is_none() {
+        c.env("CARGO_BUILD_JOBS", "2");
+    }
+    c
+}
+
+fn test() -> anyhow::Result<()> {
+    let installed = setup()?;
+    crdgen(true)?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .env("METALKUBE_LLAMA_SERVER", &installed.engine)
+        .env("RUST_BACKTRACE", "1"))?;
+    Ok(())
+}
+
+fn demo() -> anyhow::Result<()> {
+    let installed = setup()?;
+    run(cargo().args(["build", "--release", "-p", "metalkube-agent"]))?;
+    let agent = root().join("target/release/metalkube-agent");
+    eprintln!(
+        "\nServing examples/standalone/ with the tiny model.\n  agent:   http://127.0.0.1:9090/api/v1/models  (/readyz, /metrics, /healthz)\n  engine:  its internal port is `internalPort` in /api/v1/models\n  stop:    Ctrl-C (engines are stopped with the agent)\n"
+    );
+    let state = root().join("target/demo-state");
+    run(Command::new(agent)
+        .args(["run", "--models-dir"])
+        .arg(root().join("examples/standalone"))
+        .arg("--engine")
+        .arg(&installed.engine)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--listen", "127.0.0.1:9090"]))
+}
+
+fn crdgen(check: bool) -> anyhow::Result<()> {
+    let dir = root().join("crds");
+    std::fs::create_dir_all(&dir)?;
+    for (file, yaml) in metalkube_api::crd_manifests()? {
+        let path = dir.join(file);
+        let current = std::fs::read_to_string(&path).unwrap_or_default();
+        if current == yaml {
+            continue;
+        }
+        if check {
+            bail!("crds/{file} is stale: run `cargo xtask crdgen` and commit it");
+        }
+        std::fs::write(&path, yaml)?;
+        eprintln!("wrote crds/{file}");
+    }
+    Ok(())
+}
