@@ -114,6 +114,8 @@ fn test() -> anyhow::Result<()> {
     crdgen(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // Tests of other crates start the simulator binary; make sure it is built.
+    run(cargo().args(["build", "-p", "metalkube-testkit", "--bins"]))?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)

@@ -65,7 +65,7 @@ impl Agent {
     }
 
     pub async fn reports(&self) -> Vec<ModelReport> {
-        self.supervisors.lock().await.values().map(|h| h.report().borrow().clone()).collect()
+        self.supervisors.lock().await.values().map(SupervisorHandle::live_report).collect()
     }
 
     /// A live view of one model's report, for waiting on a state change.

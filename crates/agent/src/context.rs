@@ -20,6 +20,13 @@ pub struct AgentConfig {
     /// Pidfiles and engine logs live here.
     pub state_dir: PathBuf,
     pub engine_ports: RangeInclusive<u16>,
+    /// Ports clients reach models on, for models whose spec names none.
+    pub serving_ports: RangeInclusive<u16>,
+    /// Address serving ports listen on.
+    pub serving_host: std::net::IpAddr,
+    /// How long in-flight requests may finish before a sick engine is stopped.
+    pub drain_grace: Duration,
+    pub client_timeouts: crate::admission::ClientTimeouts,
     /// Time an engine gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
     pub backoff: BackoffConfig,
@@ -51,6 +58,7 @@ impl DesiredModel {
 pub struct AgentContext {
     pub config: AgentConfig,
     pub ports: PortPool,
+    pub serving_ports: PortPool,
     pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
 }
@@ -62,7 +70,13 @@ impl AgentContext {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| AgentError::HttpClient(e.to_string()))?;
-        Ok(Self { ports: PortPool::new(config.engine_ports.clone()), metrics: Metrics::new(), http, config })
+        Ok(Self {
+            ports: PortPool::new(config.engine_ports.clone()),
+            serving_ports: PortPool::new(config.serving_ports.clone()),
+            metrics: Metrics::new(),
+            http,
+            config,
+        })
     }
 
     pub fn pidfile_dir(&self) -> PathBuf {

@@ -1,5 +1,6 @@
 //! metalkube-agent: supervises llama-server processes, grades their pulse, and reports health.
 
+pub mod admission;
 pub mod agent;
 pub mod context;
 pub mod engine_args;

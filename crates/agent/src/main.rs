@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use metalkube_agent::admission::ClientTimeouts;
 use metalkube_agent::models_dir::follow_models_dir;
 use metalkube_agent::restart_backoff::BackoffConfig;
 use metalkube_agent::{Agent, AgentConfig, http};
@@ -37,6 +38,21 @@ struct RunArgs {
     /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
     #[arg(long, default_value = "18000-18999", value_parser = parse_port_range)]
     engine_ports: std::ops::RangeInclusive<u16>,
+    /// Ports clients reach models on (for models without spec.admission.servingPort).
+    #[arg(long, default_value = "8080-8179", value_parser = parse_port_range)]
+    serving_ports: std::ops::RangeInclusive<u16>,
+    /// Address the serving ports listen on (0.0.0.0 to serve other machines).
+    #[arg(long, default_value = "127.0.0.1", env = "METALKUBE_SERVING_HOST")]
+    serving_host: std::net::IpAddr,
+    /// Time in-flight requests get to finish before a sick engine is replaced.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    drain_grace: Duration,
+    /// Time a client gets to send its request headers on a serving port.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_timeout: Duration,
+    /// Time a client gets to send its request body on a serving port.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    body_timeout: Duration,
     /// Time an engine gets to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     stop_grace: Duration,
@@ -84,6 +100,10 @@ async fn main() -> anyhow::Result<()> {
         engine_binary: args.engine,
         state_dir: args.state_dir.unwrap_or_else(default_state_dir),
         engine_ports: args.engine_ports,
+        serving_ports: args.serving_ports,
+        serving_host: args.serving_host,
+        drain_grace: args.drain_grace,
+        client_timeouts: ClientTimeouts { header: args.header_timeout, body: args.body_timeout },
         stop_grace: args.stop_grace,
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
     };

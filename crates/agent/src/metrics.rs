@@ -24,9 +24,26 @@ pub struct RestartLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub model: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub model: String,
+    /// One of `queue_full`, `queue_timeout`, `not_ready`, `too_large`, `circuit_open`, `request_timeout`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub model: String,
     pub phase: String,
+}
+
+fn request_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
 }
 
 fn pulse_histogram() -> Histogram {
@@ -42,6 +59,16 @@ pub struct Metrics {
     pub engine_up: Family<ModelLabels, Gauge>,
     pub engine_phase: Family<PhaseLabels, Gauge>,
     pub engine_restarts: Family<RestartLabels, Counter>,
+    pub requests: Family<CodeLabels, Counter>,
+    pub request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub time_to_first_byte: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub queue_depth: Family<ModelLabels, Gauge>,
+    pub in_flight: Family<ModelLabels, Gauge>,
+    pub rejections: Family<ReasonLabels, Counter>,
+    pub circuit_state: Family<ModelLabels, Gauge>,
+    pub saturated: Family<ModelLabels, Gauge>,
+    pub decode_per_token: Family<ModelLabels, Gauge<f64, AtomicU64>>,
 }
 
 impl Metrics {
@@ -55,6 +82,16 @@ impl Metrics {
             engine_up: Family::default(),
             engine_phase: Family::default(),
             engine_restarts: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(request_histogram),
+            time_to_first_byte: Family::new_with_constructor(request_histogram),
+            queue_wait: Family::new_with_constructor(request_histogram),
+            queue_depth: Family::default(),
+            in_flight: Family::default(),
+            rejections: Family::default(),
+            circuit_state: Family::default(),
+            saturated: Family::default(),
+            decode_per_token: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -80,6 +117,44 @@ impl Metrics {
             r.register("engine_up", "1 when the engine is serving", m.engine_up.clone());
             r.register("engine_phase", "1 for the model's current phase, 0 for the others", m.engine_phase.clone());
             r.register("engine_restarts", "Engine restarts by reason", m.engine_restarts.clone());
+            r.register("requests", "Requests on the serving port by HTTP status code", m.requests.clone());
+            r.register_with_unit(
+                "request_duration",
+                "Time from request arrival to the last byte of the response",
+                Unit::Seconds,
+                m.request_duration.clone(),
+            );
+            r.register_with_unit(
+                "time_to_first_byte",
+                "Time from request arrival to the first byte of the engine's response body",
+                Unit::Seconds,
+                m.time_to_first_byte.clone(),
+            );
+            r.register_with_unit(
+                "queue_wait",
+                "Time requests waited in the admission queue",
+                Unit::Seconds,
+                m.queue_wait.clone(),
+            );
+            r.register("queue_depth", "Requests waiting in the admission queue", m.queue_depth.clone());
+            r.register("in_flight_requests", "Requests admitted to the engine and not finished", m.in_flight.clone());
+            r.register("rejections", "Requests refused at the serving port by reason", m.rejections.clone());
+            r.register(
+                "circuit_state",
+                "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
+                m.circuit_state.clone(),
+            );
+            r.register(
+                "saturated",
+                "1 when the model is busy (at its limit with normal compute), not sick",
+                m.saturated.clone(),
+            );
+            r.register_with_unit(
+                "decode_per_token",
+                "Engine decode time per token, EWMA over real responses",
+                Unit::Seconds,
+                m.decode_per_token.clone(),
+            );
         }
         Arc::new(m)
     }
@@ -104,6 +179,14 @@ impl Metrics {
         self.engine_restarts.get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }).inc();
     }
 
+    pub fn request_finished(&self, model: &str, code: u16) {
+        self.requests.get_or_create(&CodeLabels { model: model.to_owned(), code: code.to_string() }).inc();
+    }
+
+    pub fn rejected(&self, model: &str, reason: &str) {
+        self.rejections.get_or_create(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() }).inc();
+    }
+
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
     pub fn forget(&self, model: &str) {
         let labels = ModelLabels { model: model.to_owned() };
@@ -112,6 +195,22 @@ impl Metrics {
         self.pulse_compute_last.remove(&labels);
         self.pulse_grade.remove(&labels);
         self.engine_up.remove(&labels);
+        for family in [&self.request_duration, &self.time_to_first_byte, &self.queue_wait] {
+            family.remove(&labels);
+        }
+        for family in [&self.queue_depth, &self.in_flight, &self.circuit_state, &self.saturated] {
+            family.remove(&labels);
+        }
+        self.decode_per_token.remove(&labels);
+        for reason in crate::admission::policy::Rejection::ALL.map(|r| r.reason()) {
+            self.rejections.remove(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() });
+        }
+        // Status codes are unbounded in principle; drop whichever this model has used.
+        let codes: Vec<CodeLabels> =
+            (100u16..600).map(|c| CodeLabels { model: model.to_owned(), code: c.to_string() }).collect();
+        for c in codes {
+            self.requests.remove(&c);
+        }
         for p in Phase::ALL {
             self.engine_phase.remove(&PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() });
         }

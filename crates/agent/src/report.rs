@@ -39,6 +39,16 @@ pub struct ModelReport {
     pub last_error: Option<String>,
     /// Delay before the next start while backing off, in seconds.
     pub backoff_seconds: Option<f64>,
+    /// How long the last start took, from spawn to the first good pulse.
+    pub last_start_seconds: Option<f64>,
+    pub pulse_interval_seconds: f64,
+    /// Live numbers from the admission queue (filled in when the report is read).
+    pub in_flight: u32,
+    pub queue_depth: u32,
+    pub max_concurrent: u32,
+    pub circuit: &'static str,
+    /// Engine decode time per token, an EWMA read from real responses as they pass.
+    pub decode_seconds_per_token: Option<f64>,
     pub pulse_history: VecDeque<PulseRecord>,
 }
 
@@ -59,8 +69,19 @@ impl ModelReport {
             pid: None,
             last_error: None,
             backoff_seconds: None,
+            last_start_seconds: None,
+            pulse_interval_seconds: 0.0,
+            in_flight: 0,
+            queue_depth: 0,
+            max_concurrent: 0,
+            circuit: "closed",
+            decode_seconds_per_token: None,
             pulse_history: VecDeque::new(),
         }
+    }
+
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
     }
 
     /// Ready to take traffic: serving, and the pulse is not red.

@@ -11,10 +11,11 @@ use metalkube_api::{Grade, Phase};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::admission::{Admission, Limits, ModelProxy, default_max_concurrent};
 use crate::context::{AgentContext, DesiredModel};
 use crate::engine_args::engine_args;
 use crate::engine_process::EngineProcess;
-use crate::grader::{Action, Grader, GraderConfig, Load, Verdict};
+use crate::grader::{Action, Grader, GraderConfig, Verdict};
 use crate::model_file::resolve_model_file;
 use crate::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::report::{ModelReport, PulseRecord};
@@ -53,15 +54,46 @@ enum RunEnd {
 pub struct SupervisorHandle {
     commands: mpsc::UnboundedSender<Command>,
     report: watch::Receiver<ModelReport>,
+    proxy: Arc<ModelProxy>,
     desired: DesiredModel,
     task: JoinHandle<()>,
+}
+
+fn limits(desired: &DesiredModel) -> Limits {
+    let a = &desired.spec.admission;
+    Limits {
+        max_concurrent: a.max_concurrent.unwrap_or_else(|| default_max_concurrent(desired.spec.engine.parallel)),
+        queue_depth: a.queue_depth,
+        queue_timeout: a.queue_timeout.get(),
+        max_request_bytes: a.max_request_bytes,
+    }
+}
+
+/// The serving port's listener task, stopped when dropped.
+struct Serving {
+    port: u16,
+    /// Whether the port came from the agent's range (and goes back to it).
+    pooled: bool,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 impl SupervisorHandle {
     pub fn spawn(ctx: Arc<AgentContext>, desired: DesiredModel) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
-        let (report_tx, report) = watch::channel(ModelReport::new(&desired.namespace, &desired.name));
+        let mut initial = ModelReport::new(&desired.namespace, &desired.name);
+        initial.pulse_interval_seconds = desired.spec.pulse.interval.get().as_secs_f64();
+        let (report_tx, report) = watch::channel(initial);
+        let admission = Admission::new(limits(&desired), &desired.key(), ctx.metrics.clone());
+        let proxy = ModelProxy::new(admission, report.clone(), ctx.config.client_timeouts, ctx.metrics.clone());
         let sup = Supervisor {
+            proxy: proxy.clone(),
+            serving: None,
             grader: Grader::new(GraderConfig::from(&desired.spec.pulse)),
             backoff: RestartBackoff::new(ctx.config.backoff.clone()),
             ctx,
@@ -71,11 +103,28 @@ impl SupervisorHandle {
             port_conflicts: 0,
         };
         let task = tokio::spawn(sup.run());
-        Self { commands, report, desired, task }
+        Self { commands, report, proxy, desired, task }
     }
 
     pub fn report(&self) -> watch::Receiver<ModelReport> {
         self.report.clone()
+    }
+
+    /// The report with the admission queue's numbers as they are this moment.
+    pub fn live_report(&self) -> ModelReport {
+        let mut r = self.report.borrow().clone();
+        let admission = self.proxy.admission();
+        let load = admission.load();
+        r.in_flight = load.in_flight;
+        r.queue_depth = load.queued;
+        r.max_concurrent = load.limit;
+        r.circuit = match admission.circuit_state() {
+            crate::admission::circuit::CircuitState::Closed => "closed",
+            crate::admission::circuit::CircuitState::HalfOpen => "half_open",
+            crate::admission::circuit::CircuitState::Open => "open",
+        };
+        r.decode_seconds_per_token = admission.decode_per_token().map(|d| d.as_secs_f64());
+        r
     }
 
     pub fn desired(&self) -> &DesiredModel {
@@ -95,6 +144,8 @@ impl SupervisorHandle {
 }
 
 struct Supervisor {
+    proxy: Arc<ModelProxy>,
+    serving: Option<Serving>,
     ctx: Arc<AgentContext>,
     desired: DesiredModel,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -160,6 +211,7 @@ impl Supervisor {
                 }
             }
         }
+        self.close_serving_port();
         self.ctx.metrics.forget(&self.key());
         tracing::info!(model = %self.key(), "stopped");
     }
@@ -194,6 +246,15 @@ impl Supervisor {
     fn adopt(&mut self, desired: DesiredModel) {
         if desired.spec.pulse != self.desired.spec.pulse {
             self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
+            let interval = desired.spec.pulse.interval.get().as_secs_f64();
+            self.report.send_modify(|r| r.pulse_interval_seconds = interval);
+        }
+        if limits(&desired) != limits(&self.desired) {
+            self.proxy.replace_admission(Admission::new(limits(&desired), &desired.key(), self.ctx.metrics.clone()));
+        }
+        if desired.spec.admission.serving_port != self.desired.spec.admission.serving_port {
+            // Re-bound on the next pass through `ensure_serving_port`.
+            self.close_serving_port();
         }
         if desired.spec.engine != self.desired.spec.engine || desired.spec.model != self.desired.spec.model {
             self.backoff.reset();
@@ -201,7 +262,51 @@ impl Supervisor {
         self.desired = desired;
     }
 
+    /// Listens on the model's serving port if it does not already.
+    fn ensure_serving_port(&mut self) -> Result<(), String> {
+        if self.serving.is_some() {
+            return Ok(());
+        }
+        let (port, pooled) = match self.desired.spec.admission.serving_port {
+            Some(p) => (p, false),
+            None => (self.ctx.serving_ports.acquire().map_err(|e| format!("serving port: {e}"))?, true),
+        };
+        let addr = std::net::SocketAddr::new(self.ctx.config.serving_host, port);
+        let listener = std::net::TcpListener::bind(addr)
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(tokio::net::TcpListener::from_std);
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                if pooled {
+                    self.ctx.serving_ports.quarantine(port);
+                }
+                return Err(format!(
+                    "cannot listen on serving port {addr}: {e} (set spec.admission.servingPort to a free port)"
+                ));
+            }
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(self.proxy.clone().serve(listener, stop_rx));
+        tracing::info!(model = %self.key(), %addr, "serving port open");
+        self.report.send_modify(|r| r.serving_port = Some(port));
+        self.serving = Some(Serving { port, pooled, stop });
+        Ok(())
+    }
+
+    fn close_serving_port(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            if serving.pooled {
+                self.ctx.serving_ports.release(serving.port);
+            }
+            self.report.send_modify(|r| r.serving_port = None);
+        }
+    }
+
     async fn run_engine_once(&mut self) -> RunEnd {
+        if let Err(message) = self.ensure_serving_port() {
+            return RunEnd::Permanent(message);
+        }
         let model = match resolve_model_file(&self.desired).await {
             Ok(path) => path,
             Err(message) => return RunEnd::Permanent(message),
@@ -245,6 +350,15 @@ impl Supervisor {
             Ok(never) => match never {},
             Err(end) => end,
         };
+        if matches!(end, RunEnd::Fault { reason: "pulse_red" | "hang", .. }) {
+            // Stop admitting (the phase closes the gate), let in-flight requests finish for a
+            // while; queued ones keep waiting for the next engine.
+            self.set_phase(Phase::Restarting);
+            let drained = self.proxy.admission().drained(self.ctx.config.drain_grace).await;
+            if !drained {
+                tracing::warn!(model = %self.key(), "in-flight requests outlived the drain grace; stopping anyway");
+            }
+        }
         engine.stop(self.ctx.config.stop_grace).await;
         if !matches!(end, RunEnd::PortConflict { .. }) {
             self.ctx.ports.release(port);
@@ -350,7 +464,14 @@ impl Supervisor {
             };
             if next_phase != phase {
                 if next_phase == Phase::Serving {
-                    self.report.send_modify(|r| r.last_error = None);
+                    let started_in = (phase == Phase::Starting).then(|| engine.uptime().as_secs_f64());
+                    self.proxy.admission().reset_circuit();
+                    self.report.send_modify(|r| {
+                        r.last_error = None;
+                        if started_in.is_some() {
+                            r.last_start_seconds = started_in;
+                        }
+                    });
                 }
                 self.set_phase(next_phase);
             }
@@ -359,12 +480,16 @@ impl Supervisor {
 
     /// Grades a sample and publishes it in the report and the metrics.
     fn record(&mut self, sample: PulseSample) -> Verdict {
-        // The admission proxy (issue 3) supplies real in-flight and queue numbers; until a
-        // proxy exists, clients reach the engine directly and the agent sees no load.
-        let verdict = self.grader.observe(sample.observation, Load::default());
+        let admission = self.proxy.admission();
+        let verdict = self.grader.observe(sample.observation, admission.load());
+        let saturated = verdict.saturated || admission.take_saturation_signal();
         let key = self.key();
         let labels = crate::metrics::ModelLabels { model: key };
         let m = &self.ctx.metrics;
+        m.saturated.get_or_create(&labels).set(i64::from(saturated));
+        if let Some(d) = admission.decode_per_token() {
+            m.decode_per_token.get_or_create(&labels).set(d.as_secs_f64());
+        }
         m.pulse_duration.get_or_create(&labels).observe(sample.wall.as_secs_f64());
         m.pulse_last.get_or_create(&labels).set(sample.wall.as_secs_f64());
         if let Some(c) = sample.compute {
@@ -376,7 +501,7 @@ impl Supervisor {
         let baseline = self.grader.baseline().map(|b| b.as_secs_f64());
         self.report.send_modify(|r| {
             r.grade = verdict.grade;
-            r.saturated = verdict.saturated;
+            r.saturated = saturated;
             r.red_streak = verdict.red_streak;
             r.baseline_seconds = baseline;
             r.push_pulse(PulseRecord {

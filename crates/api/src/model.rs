@@ -108,6 +108,10 @@ pub struct AdmissionSpec {
     /// Largest accepted request body.
     #[schemars(range(min = 1024))]
     pub max_request_bytes: u64,
+    /// Port clients use for this model; default: the next free one of the agent's serving range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub serving_port: Option<u16>,
 }
 
 impl Default for AdmissionSpec {
@@ -117,6 +121,7 @@ impl Default for AdmissionSpec {
             queue_depth: 64,
             queue_timeout: Duration::from_secs(30),
             max_request_bytes: 8 << 20,
+            serving_port: None,
         }
     }
 }

@@ -86,6 +86,9 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
     if spec.admission.queue_timeout.get().is_zero() && spec.admission.queue_depth > 0 {
         err("spec.admission.queueTimeout", "zero with a non-empty queue".into(), "a positive duration");
     }
+    if spec.admission.serving_port == Some(0) {
+        err("spec.admission.servingPort", "0".into(), "1 to 65535, or unset for the agent's serving range");
+    }
     if spec.admission.max_request_bytes < 1024 {
         err("spec.admission.maxRequestBytes", format!("{}", spec.admission.max_request_bytes), "1024 or more");
     }

@@ -16,6 +16,8 @@ pub struct Fault {
     pub wedged: bool,
     /// Completions answer 200 with a truncated JSON body.
     pub malformed: bool,
+    /// Completions answer with this HTTP status (e.g. 500) instead of working.
+    pub error_status: u16,
     /// Exit with status 3 at once.
     pub exit_now: bool,
 }

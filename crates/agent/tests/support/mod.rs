@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metalkube_agent::admission::ClientTimeouts;
 use metalkube_agent::report::ModelReport;
 use metalkube_agent::restart_backoff::BackoffConfig;
 use metalkube_agent::{Agent, AgentConfig, DesiredModel};
@@ -27,7 +28,12 @@ pub fn port_block() -> std::ops::RangeInclusive<u16> {
     static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let start = 19000 + 40 * n;
-    start..=start + 39
+    start..=start + 19
+}
+
+/// The serving ports that go with an engine port block.
+fn serving_block(engine: &std::ops::RangeInclusive<u16>) -> std::ops::RangeInclusive<u16> {
+    engine.start() + 20..=engine.start() + 39
 }
 
 pub fn fast_backoff() -> BackoffConfig {
@@ -49,7 +55,11 @@ impl Harness {
         let agent = Agent::start(AgentConfig {
             engine_binary: Some(engine),
             state_dir: dir.path().join("state"),
+            serving_ports: serving_block(&ports),
             engine_ports: ports,
+            serving_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            drain_grace: Duration::from_secs(2),
+            client_timeouts: ClientTimeouts { header: Duration::from_secs(2), body: Duration::from_secs(5) },
             stop_grace: Duration::from_secs(3),
             backoff,
         })

@@ -172,6 +172,14 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         // The inference loop is stuck: the request never gets a slot; /health stays 200.
         std::future::pending::<()>().await;
     }
+    if fault.error_status >= 400 {
+        let status = StatusCode::from_u16(fault.error_status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        return (
+            status,
+            Json(json!({"error": {"code": fault.error_status, "message": "injected", "type": "server_error"}})),
+        )
+            .into_response();
+    }
     if fault.malformed {
         return (StatusCode::OK, "{\"content\": ").into_response();
     }

@@ -1,0 +1,11 @@
+//! Backpressure in front of every engine: the serving port, its queue, and the circuit breaker.
+
+pub mod circuit;
+pub mod policy;
+pub mod proxy;
+pub mod queue;
+pub mod tap;
+
+pub use policy::{Rejection, default_max_concurrent};
+pub use proxy::{ClientTimeouts, ModelProxy};
+pub use queue::{Admission, Limits};

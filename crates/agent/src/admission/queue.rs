@@ -1,0 +1,315 @@
+//! The per-model admission queue at run time: a fair (FIFO) semaphore of `limit` places, a
+//! bounded count of waiters, and the numbers the grader and Retry-After need.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+
+use super::circuit::{CircuitBreaker, CircuitState};
+use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
+use crate::grader::Load;
+use crate::metrics::{Metrics, ModelLabels};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_concurrent: u32,
+    pub queue_depth: u32,
+    pub queue_timeout: Duration,
+    pub max_request_bytes: u64,
+}
+
+/// Exponentially weighted moving average of seconds.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ewma(Option<f64>);
+
+impl Ewma {
+    const ALPHA: f64 = 0.2;
+    fn add(&mut self, x: f64) {
+        self.0 = Some(self.0.map_or(x, |v| Self::ALPHA * x + (1.0 - Self::ALPHA) * v));
+    }
+    fn get(&self) -> Option<Duration> {
+        self.0.filter(|v| v.is_finite() && *v >= 0.0).map(Duration::from_secs_f64)
+    }
+}
+
+#[derive(Default)]
+struct Observed {
+    service: Ewma,
+    queue_wait: Ewma,
+    decode_per_token: Ewma,
+}
+
+pub struct Admission {
+    limits: Limits,
+    places: Arc<Semaphore>,
+    in_flight: AtomicU32,
+    queued: AtomicU32,
+    rejected_since_pulse: AtomicU32,
+    idle: Notify,
+    observed: Mutex<Observed>,
+    circuit: Mutex<CircuitBreaker>,
+    labels: ModelLabels,
+    metrics: Arc<Metrics>,
+}
+
+/// A place at the engine; given back when dropped (the response finished or the client left).
+pub struct Permit {
+    _place: OwnedSemaphorePermit,
+    admission: Arc<Admission>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let now = self.admission.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.admission.metrics.in_flight.get_or_create(&self.admission.labels).set(i64::from(now));
+        if now == 0 {
+            self.admission.idle.notify_waiters();
+        }
+    }
+}
+
+/// Counts a waiter for as long as it waits, however the wait ends (a client may hang up).
+struct Waiting<'a>(&'a Admission);
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let now = self.0.queued.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.0.metrics.queue_depth.get_or_create(&self.0.labels).set(i64::from(now));
+    }
+}
+
+impl Admission {
+    pub fn new(limits: Limits, model: &str, metrics: Arc<Metrics>) -> Arc<Self> {
+        let labels = ModelLabels { model: model.to_owned() };
+        metrics.queue_depth.get_or_create(&labels).set(0);
+        metrics.in_flight.get_or_create(&labels).set(0);
+        metrics.circuit_state.get_or_create(&labels).set(0);
+        Arc::new(Self {
+            places: Arc::new(Semaphore::new(limits.max_concurrent.max(1) as usize)),
+            limits,
+            in_flight: AtomicU32::new(0),
+            queued: AtomicU32::new(0),
+            rejected_since_pulse: AtomicU32::new(0),
+            idle: Notify::new(),
+            observed: Mutex::new(Observed::default()),
+            circuit: Mutex::new(CircuitBreaker::new(5, Duration::from_secs(2))),
+            labels,
+            metrics,
+        })
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    pub fn load(&self) -> Load {
+        Load {
+            in_flight: self.in_flight.load(Ordering::SeqCst),
+            limit: self.limits.max_concurrent,
+            queued: self.queued.load(Ordering::SeqCst),
+        }
+    }
+
+    /// Gets a place at the engine, waiting in line if needed.
+    pub async fn admit(self: &Arc<Self>, engine_ready: bool) -> Result<Permit, Rejection> {
+        let circuit_allows = self.with_circuit(|c| c.allow(Instant::now()));
+        let load = self.load();
+        let decision = decide(Snapshot {
+            engine_ready,
+            circuit_allows,
+            in_flight: load.in_flight,
+            queued: load.queued,
+            limit: self.limits.max_concurrent,
+            depth: self.limits.queue_depth,
+        });
+        match decision {
+            Decision::Reject(r) => return Err(self.rejected(r)),
+            Decision::Dispatch => {
+                if let Ok(place) = self.places.clone().try_acquire_owned() {
+                    return Ok(self.permit(place));
+                }
+            }
+            Decision::Enqueue => {}
+        }
+        // Claim a spot in line; the check and the claim are one atomic step.
+        let position = self.queued.fetch_add(1, Ordering::SeqCst) + 1;
+        let waiting = Waiting(self);
+        self.metrics.queue_depth.get_or_create(&self.labels).set(i64::from(position));
+        if position > self.limits.queue_depth {
+            return Err(self.rejected(Rejection::QueueFull));
+        }
+        let since = Instant::now();
+        let place = tokio::time::timeout(self.limits.queue_timeout, self.places.clone().acquire_owned()).await;
+        drop(waiting);
+        let waited = since.elapsed();
+        self.metrics.queue_wait.get_or_create(&self.labels).observe(waited.as_secs_f64());
+        self.lock_observed().queue_wait.add(waited.as_secs_f64());
+        match place {
+            Ok(Ok(place)) => Ok(self.permit(place)),
+            _ => Err(self.rejected(Rejection::QueueTimeout)),
+        }
+    }
+
+    fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
+        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.metrics.in_flight.get_or_create(&self.labels).set(i64::from(now));
+        Permit { _place: place, admission: self.clone() }
+    }
+
+    /// Counts a refusal (for metrics and the saturation signal) and passes it on.
+    pub fn rejected(&self, r: Rejection) -> Rejection {
+        self.rejected_since_pulse.fetch_add(1, Ordering::Relaxed);
+        self.metrics.rejected(&self.labels.model, r.reason());
+        r
+    }
+
+    /// When a refused client should retry; `not_ready_for` estimates how long until the engine
+    /// is back when that is the reason.
+    pub fn retry_after(&self, r: Rejection, not_ready_for: Duration) -> Duration {
+        let load = self.load();
+        let service = self.lock_observed().service.get();
+        match r {
+            Rejection::NotReady => retry_after(load.queued, load.limit, None, not_ready_for),
+            Rejection::CircuitOpen => {
+                let left = self.with_circuit(|c| c.remaining_cooldown(Instant::now())).unwrap_or_default();
+                retry_after(0, 1, None, left)
+            }
+            _ => retry_after(load.queued, load.limit, service, self.limits.queue_timeout),
+        }
+    }
+
+    pub fn observe_service(&self, took: Duration) {
+        self.lock_observed().service.add(took.as_secs_f64());
+    }
+
+    pub fn observe_decode_per_token(&self, per_token: Duration) {
+        self.lock_observed().decode_per_token.add(per_token.as_secs_f64());
+    }
+
+    pub fn decode_per_token(&self) -> Option<Duration> {
+        self.lock_observed().decode_per_token.get()
+    }
+
+    pub fn queue_wait(&self) -> Option<Duration> {
+        self.lock_observed().queue_wait.get()
+    }
+
+    /// Busy rather than sick, seen from the door: requests were refused since the last pulse,
+    /// or the typical wait in line is over half the queue timeout.
+    pub fn take_saturation_signal(&self) -> bool {
+        let refused = self.rejected_since_pulse.swap(0, Ordering::Relaxed) > 0;
+        let long_waits = self.queue_wait().is_some_and(|w| w > self.limits.queue_timeout / 2) && self.load().queued > 0;
+        refused || long_waits
+    }
+
+    pub fn upstream_succeeded(&self) {
+        self.with_circuit(CircuitBreaker::on_success);
+    }
+
+    pub fn upstream_failed(&self) {
+        self.with_circuit(|c| c.on_failure(Instant::now()));
+    }
+
+    pub fn circuit_state(&self) -> CircuitState {
+        self.with_circuit(|c| c.state())
+    }
+
+    pub fn reset_circuit(&self) {
+        self.with_circuit(CircuitBreaker::reset);
+    }
+
+    fn with_circuit<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> T {
+        let mut c = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let out = f(&mut c);
+        self.metrics.circuit_state.get_or_create(&self.labels).set(c.state().level());
+        out
+    }
+
+    fn lock_observed(&self) -> std::sync::MutexGuard<'_, Observed> {
+        self.observed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until nothing is in flight, or `grace` has passed. Returns whether it drained.
+    pub async fn drained(&self, grace: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let idle = self.idle.notified();
+            if self.in_flight.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, idle).await.is_err() {
+                return self.in_flight.load(Ordering::SeqCst) == 0;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn admission(limit: u32, depth: u32, timeout_ms: u64) -> Arc<Admission> {
+        let limits = Limits {
+            max_concurrent: limit,
+            queue_depth: depth,
+            queue_timeout: Duration::from_millis(timeout_ms),
+            max_request_bytes: 1 << 20,
+        };
+        Admission::new(limits, "ns/m", Metrics::new())
+    }
+
+    #[tokio::test]
+    async fn queues_in_order_refuses_when_full_and_times_out() {
+        let a = admission(1, 1, 200);
+        let first = a.admit(true).await.unwrap();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit(true).await.map(drop) })
+        };
+        // Wait until the waiter is in line (an event we can observe: the queue count).
+        while a.load().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(a.admit(true).await.err(), Some(Rejection::QueueFull));
+        drop(first);
+        assert!(waiter.await.unwrap().is_ok(), "the waiter got the freed place");
+
+        let held = a.admit(true).await.unwrap();
+        assert_eq!(a.admit(true).await.err(), Some(Rejection::QueueTimeout));
+        drop(held);
+        assert_eq!(a.load(), Load { in_flight: 0, limit: 1, queued: 0 });
+        assert!(a.take_saturation_signal(), "refusals mean busy");
+        assert!(!a.take_saturation_signal(), "the signal is per pulse");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_leaves_the_queue_frees_its_spot() {
+        let a = admission(1, 1, 10_000);
+        let _held = a.admit(true).await.unwrap();
+        let waiter = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit(true).await.map(drop) })
+        };
+        while a.load().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        waiter.abort();
+        let _ = waiter.await;
+        assert_eq!(a.load().queued, 0);
+    }
+
+    #[tokio::test]
+    async fn not_ready_is_refused_and_drain_waits_for_in_flight() {
+        let a = admission(2, 2, 100);
+        assert_eq!(a.admit(false).await.err(), Some(Rejection::NotReady));
+        let p = a.admit(true).await.unwrap();
+        assert!(!a.drained(Duration::from_millis(20)).await);
+        let drained = {
+            let a = a.clone();
+            tokio::spawn(async move { a.drained(Duration::from_secs(30)).await })
+        };
+        drop(p);
+        assert!(drained.await.unwrap());
+    }
+}

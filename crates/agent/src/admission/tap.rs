@@ -1,0 +1,145 @@
+//! The response body on its way to the client, passed through frame by frame. On the side it
+//! notes the time to first byte, keeps the last few KiB to read the engine's `timings` from
+//! (the last SSE event or the JSON body), and holds the admission place until the body ends
+//! or the client goes away.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use super::queue::Permit;
+
+const TAIL_BYTES: usize = 16 * 1024;
+
+/// What the tap learned once the body is over.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TapOutcome {
+    pub complete: bool,
+    pub duration: Duration,
+    pub decode_per_token: Option<Duration>,
+}
+
+type OnDone = Box<dyn FnOnce(TapOutcome) + Send + Sync>;
+
+pub struct TapBody {
+    inner: Incoming,
+    started: Instant,
+    on_first_byte: Option<Box<dyn FnOnce(Duration) + Send + Sync>>,
+    on_done: Option<OnDone>,
+    tail: Vec<u8>,
+    _permit: Option<Permit>,
+}
+
+impl TapBody {
+    pub fn new(
+        inner: Incoming,
+        started: Instant,
+        permit: Option<Permit>,
+        on_first_byte: impl FnOnce(Duration) + Send + Sync + 'static,
+        on_done: impl FnOnce(TapOutcome) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            inner,
+            started,
+            on_first_byte: Some(Box::new(on_first_byte)),
+            on_done: Some(Box::new(on_done)),
+            tail: Vec::new(),
+            _permit: permit,
+        }
+    }
+
+    fn remember(&mut self, data: &Bytes) {
+        if data.len() >= TAIL_BYTES {
+            self.tail.clear();
+            self.tail.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
+        } else {
+            let overflow = (self.tail.len() + data.len()).saturating_sub(TAIL_BYTES);
+            self.tail.drain(..overflow);
+            self.tail.extend_from_slice(data);
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if let Some(done) = self.on_done.take() {
+            let decode_per_token = if complete { decode_per_token(&self.tail) } else { None };
+            done(TapOutcome { complete, duration: self.started.elapsed(), decode_per_token });
+        }
+    }
+}
+
+impl Drop for TapBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the client went away. Dropping `inner` closes the upstream
+        // connection, which makes llama-server cancel the task and free its slot.
+        self.finish(false);
+    }
+}
+
+impl Body for TapBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(first) = this.on_first_byte.take() {
+                        first(this.started.elapsed());
+                    }
+                    this.remember(data);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.finish(false);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Decode time per generated token from the last `"timings"` object in `tail`.
+pub fn decode_per_token(tail: &[u8]) -> Option<Duration> {
+    const KEY: &[u8] = b"\"timings\"";
+    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
+    let rest = &tail[at + KEY.len()..];
+    let colon = rest.iter().position(|b| *b == b':')?;
+    let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<serde_json::Value>();
+    let timings = values.next()?.ok()?;
+    let ms = timings.get("predicted_ms")?.as_f64()?;
+    let n = timings.get("predicted_n")?.as_f64()?;
+    (n > 0.0 && ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / n / 1000.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_timings_from_a_json_body_and_from_the_last_sse_event() {
+        let json = br#"{"choices":[],"timings":{"prompt_n":3,"prompt_ms":1.0,"predicted_n":4,"predicted_ms":8.0}}"#;
+        assert_eq!(decode_per_token(json), Some(Duration::from_millis(2)));
+        let sse = b"data: {\"content\":\"a\"}\n\ndata: {\"content\":\"\",\"stop\":true,\"timings\":{\"predicted_n\":10,\"predicted_ms\":50.0}}\n\ndata: [DONE]\n\n";
+        assert_eq!(decode_per_token(sse), Some(Duration::from_millis(5)));
+        assert_eq!(decode_per_token(b"{\"content\":\"x\"}"), None);
+        assert_eq!(decode_per_token(b"\"timings\": {\"predicted_n\": 0, \"predicted_ms\": 1}"), None);
+    }
+}

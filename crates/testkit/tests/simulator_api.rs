@@ -1,0 +1,83 @@
+//! The simulator speaks llama-server's API and its faults switch at run time. (Also: cargo
+//! builds `metalkube-engine-sim` for the whole test run because this test uses it.)
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use metalkube_testkit::sim::Fault;
+use serde_json::{Value, json};
+
+struct Sim(Child, u16);
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn start() -> Sim {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(env!("CARGO_BIN_EXE_metalkube-engine-sim"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--parallel", "2", "--model", "/nonexistent.gguf"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let sim = Sim(child, port);
+    // Another process: ask until it listens.
+    for _ in 0..500 {
+        if reqwest::get(format!("http://127.0.0.1:{port}/health")).await.is_ok() {
+            return sim;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("simulator did not start");
+}
+
+#[tokio::test]
+async fn answers_like_llama_server_and_takes_faults() {
+    let sim = start().await;
+    let base = format!("http://127.0.0.1:{}", sim.1);
+    let client = reqwest::Client::new();
+    let body: Value = client
+        .post(format!("{base}/completion"))
+        .json(&json!({"prompt": "x", "n_predict": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["timings"]["predicted_n"], 3, "{body}");
+
+    metalkube_testkit::set_fault(sim.1, &Fault { latency_ms: 100, ..Default::default() }).await;
+    let body: Value = client
+        .post(format!("{base}/completion"))
+        .json(&json!({"n_predict": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let compute = body["timings"]["prompt_ms"].as_f64().unwrap() + body["timings"]["predicted_ms"].as_f64().unwrap();
+    assert!((compute - 100.0).abs() < 1.0, "{body}");
+
+    let sse = client
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&json!({"messages": [], "max_tokens": 2, "stream": true}))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(sse.matches("data: ").count(), 3, "two tokens and a final event with timings: {sse}");
+    assert!(sse.contains("\"timings\""));
+
+    metalkube_testkit::set_fault(sim.1, &Fault { error_status: 500, ..Default::default() }).await;
+    let resp = client.post(format!("{base}/completion")).json(&json!({})).send().await.unwrap();
+    assert_eq!(resp.status(), 500);
+    let slots: Value = client.get(format!("{base}/slots")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(slots.as_array().unwrap().len(), 2);
+}
