@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask setup | test | demo | crdgen`.
 
+mod bench;
 mod engine;
 
 use std::path::{Path, PathBuf};
@@ -24,6 +25,14 @@ enum Task {
     Test,
     /// setup if needed, then run the standalone agent on examples/standalone/.
     Demo,
+    /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx.
+    Bench {
+        #[arg(value_parser = ["proxy"])]
+        what: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u32,
+    },
     /// Write crds/*.yaml from the Rust types (`--check` only compares).
     Crdgen {
         #[arg(long)]
@@ -37,6 +46,7 @@ fn main() -> anyhow::Result<()> {
         Task::Test => test(),
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
+        Task::Bench { seconds, .. } => bench::proxy(seconds),
     }
 }
 
@@ -57,9 +67,13 @@ fn have(program: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Debian packages: cmake to build the engine, prometheus for `promtool check metrics`.
-fn debian_packages() -> anyhow::Result<()> {
-    let wanted = [("cmake", "cmake"), ("promtool", "prometheus"), ("c++", "g++"), ("ps", "procps")];
+/// Debian packages the tests need: cmake to build the engine, prometheus for
+/// `promtool check metrics`.
+const TEST_PACKAGES: &[(&str, &str)] =
+    &[("cmake", "cmake"), ("promtool", "prometheus"), ("c++", "g++"), ("ps", "procps")];
+
+/// Installs the Debian packages of those `(program, package)` pairs whose program is missing.
+fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
@@ -92,7 +106,7 @@ pub struct Installed {
 }
 
 fn setup() -> anyhow::Result<Installed> {
-    debian_packages()?;
+    debian_packages(TEST_PACKAGES)?;
     let engine = engine::ensure_llama_server()?;
     let tiny_model = root().join("examples/standalone/models/tiny.gguf");
     metalkube_gguf::write_tiny_model(&tiny_model).with_context(|| format!("writing {}", tiny_model.display()))?;
