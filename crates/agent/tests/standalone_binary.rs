@@ -18,8 +18,19 @@ struct AgentProc {
 }
 
 impl Drop for AgentProc {
+    /// SIGTERM, so the agent stops its engines even when a test fails half-way; SIGKILL only
+    /// if it does not exit.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            for _ in 0..100 {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+        }
         let _ = self.child.wait();
     }
 }
