@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio::sync::{Mutex, watch};
+use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::AgentError;
 use crate::context::{AgentConfig, AgentContext, DesiredModel};
@@ -17,6 +17,8 @@ pub struct Agent {
     supervisors: Mutex<BTreeMap<String, SupervisorHandle>>,
     /// Problems with where desired models come from (a bad YAML file), by source.
     source_errors: std::sync::Mutex<BTreeMap<String, String>>,
+    /// The key of every model whose report changed, or that was removed.
+    changes: broadcast::Sender<String>,
 }
 
 impl Agent {
@@ -27,7 +29,8 @@ impl Agent {
         if !reaped.is_empty() {
             tracing::warn!(?reaped, "stopped engines left by a previous agent run");
         }
-        Ok(Arc::new(Self { ctx, supervisors: Mutex::new(BTreeMap::new()), source_errors: Default::default() }))
+        let (changes, _) = broadcast::channel(1024);
+        Ok(Arc::new(Self { ctx, supervisors: Mutex::new(BTreeMap::new()), source_errors: Default::default(), changes }))
     }
 
     pub fn context(&self) -> &AgentContext {
@@ -40,20 +43,65 @@ impl Agent {
         let wanted: BTreeMap<String, DesiredModel> = desired.into_iter().map(|d| (d.key(), d)).collect();
         let gone: Vec<String> = sups.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
         for key in gone {
-            if let Some(handle) = sups.remove(&key) {
-                tracing::info!(model = %key, "no longer desired; stopping");
-                handle.stop().await;
+            self.stop_locked(&mut sups, &key).await;
+        }
+        for (_, d) in wanted {
+            self.upsert_locked(&mut sups, d);
+        }
+    }
+
+    /// Serves `desired`, or updates the model of that name.
+    pub async fn upsert(&self, desired: DesiredModel) {
+        let mut sups = self.supervisors.lock().await;
+        self.upsert_locked(&mut sups, desired);
+    }
+
+    /// Stops a model; false when it was not held.
+    pub async fn remove(&self, key: &str) -> bool {
+        let mut sups = self.supervisors.lock().await;
+        self.stop_locked(&mut sups, key).await
+    }
+
+    fn upsert_locked(&self, sups: &mut BTreeMap<String, SupervisorHandle>, d: DesiredModel) {
+        let key = d.key();
+        match sups.get_mut(&key) {
+            Some(handle) if handle.desired() == &d => {}
+            Some(handle) => handle.update(d),
+            None => {
+                let handle = SupervisorHandle::spawn(self.ctx.clone(), d);
+                self.forward_changes(key.clone(), handle.report());
+                sups.insert(key, handle);
             }
         }
-        for (key, d) in wanted {
-            match sups.get_mut(&key) {
-                Some(handle) if handle.desired() == &d => {}
-                Some(handle) => handle.update(d),
-                None => {
-                    sups.insert(key, SupervisorHandle::spawn(self.ctx.clone(), d));
-                }
+    }
+
+    async fn stop_locked(&self, sups: &mut BTreeMap<String, SupervisorHandle>, key: &str) -> bool {
+        let Some(handle) = sups.remove(key) else { return false };
+        tracing::info!(model = %key, "no longer desired; stopping");
+        handle.stop().await;
+        let _ = self.changes.send(key.to_owned());
+        true
+    }
+
+    /// Turns one model's report updates into keys on the agent-wide change channel.
+    fn forward_changes(&self, key: String, mut report: watch::Receiver<ModelReport>) {
+        let changes = self.changes.clone();
+        tokio::spawn(async move {
+            let _ = changes.send(key.clone());
+            while report.changed().await.is_ok() {
+                let _ = changes.send(key.clone());
             }
-        }
+        });
+    }
+
+    /// Keys of models whose state changed (or that were removed), as they happen.
+    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+        self.changes.subscribe()
+    }
+
+    /// One model's state this moment, with live admission numbers.
+    pub async fn report(&self, key: &str) -> Option<ModelReport> {
+        self.supervisors.lock().await.get(key).map(SupervisorHandle::live_report)
     }
 
     pub fn set_source_errors(&self, errors: BTreeMap<String, String>) {

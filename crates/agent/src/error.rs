@@ -16,6 +16,8 @@ pub enum AgentError {
     StateDir { path: PathBuf, source: std::io::Error },
     #[error("models directory {}: {message}", path.display())]
     ModelsDir { path: PathBuf, message: String },
+    #[error("gRPC: {0}")]
+    Grpc(String),
     #[error("HTTP client: {0}")]
     HttpClient(String),
     #[error("cannot listen on {addr}: {source}")]

@@ -3,10 +3,13 @@
 pub mod admission;
 pub mod agent;
 pub mod context;
+pub mod desired_store;
 pub mod engine_args;
 pub mod engine_process;
 mod error;
 pub mod grader;
+pub mod grpc;
+pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod model_file;

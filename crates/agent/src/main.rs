@@ -4,6 +4,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use metalkube_agent::admission::ClientTimeouts;
+use metalkube_agent::desired_store::DesiredStore;
+use metalkube_agent::grpc::{AgentService, GrpcTls, serve_grpc};
 use metalkube_agent::models_dir::follow_models_dir;
 use metalkube_agent::restart_backoff::BackoffConfig;
 use metalkube_agent::{Agent, AgentConfig, http};
@@ -19,6 +21,9 @@ struct Cli {
 enum Cmd {
     /// Serve the MetalModel YAML files in a directory, with no cluster (standalone mode).
     Run(RunArgs),
+    /// Serve what the controller asks for over gRPC (mTLS), and keep serving it through a
+    /// controller outage.
+    Serve(ServeArgs),
 }
 
 #[derive(clap::Args)]
@@ -26,6 +31,36 @@ struct RunArgs {
     /// Directory of MetalModel YAML files; changes are picked up while running.
     #[arg(long, env = "METALKUBE_MODELS_DIR")]
     models_dir: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address of the gRPC API.
+    #[arg(long, default_value = "0.0.0.0:9443", env = "METALKUBE_GRPC_LISTEN")]
+    grpc_listen: String,
+    /// This agent's certificate (PEM).
+    #[arg(long, env = "METALKUBE_TLS_CERT", required_unless_present = "insecure")]
+    tls_cert: Option<PathBuf>,
+    /// This agent's private key (PEM).
+    #[arg(long, env = "METALKUBE_TLS_KEY", required_unless_present = "insecure")]
+    tls_key: Option<PathBuf>,
+    /// CA that signs the controller's client certificate (PEM); other clients are refused.
+    #[arg(long, env = "METALKUBE_CLIENT_CA", required_unless_present = "insecure")]
+    client_ca: Option<PathBuf>,
+    /// Plaintext gRPC with no client authentication. Local development only.
+    #[arg(long)]
+    insecure: bool,
+    /// Memory engines may use, in bytes; default: 75% of the machine's memory.
+    #[arg(long)]
+    memory_budget_bytes: Option<u64>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(clap::Args)]
+struct CommonArgs {
     /// llama-server binary; default: `llama-server` on PATH.
     #[arg(long, env = "METALKUBE_ENGINE")]
     engine: Option<PathBuf>,
@@ -87,20 +122,16 @@ fn default_state_dir() -> PathBuf {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
-    let Cmd::Run(args) = Cli::parse().command;
-    if !args.models_dir.is_dir() {
-        bail!("--models-dir {}: not a directory", args.models_dir.display());
-    }
+fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+async fn start_agent(args: CommonArgs) -> anyhow::Result<(std::sync::Arc<Agent>, CommonArgs)> {
     let config = AgentConfig {
-        engine_binary: args.engine,
-        state_dir: args.state_dir.unwrap_or_else(default_state_dir),
-        engine_ports: args.engine_ports,
-        serving_ports: args.serving_ports,
+        engine_binary: args.engine.clone(),
+        state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
+        engine_ports: args.engine_ports.clone(),
+        serving_ports: args.serving_ports.clone(),
         serving_host: args.serving_host,
         drain_grace: args.drain_grace,
         client_timeouts: ClientTimeouts { header: args.header_timeout, body: args.body_timeout },
@@ -109,27 +140,73 @@ async fn main() -> anyhow::Result<()> {
     };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
-    let agent = Agent::start(config).await?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
-    tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
+    Ok((Agent::start(config).await?, args))
+}
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let (agent, common, work) = match Cli::parse().command {
+        Cmd::Run(args) => {
+            if !args.models_dir.is_dir() {
+                bail!("--models-dir {}: not a directory", args.models_dir.display());
+            }
+            let (agent, common) = start_agent(args.common).await?;
+            let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
+            let work: tokio::task::JoinHandle<anyhow::Result<()>> =
+                tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
+            (agent, common, work)
+        }
+        Cmd::Serve(args) => {
+            let tls = if args.insecure {
+                None
+            } else {
+                let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.client_ca) else {
+                    bail!("--tls-cert, --tls-key and --client-ca are required unless --insecure");
+                };
+                Some(GrpcTls {
+                    cert_pem: read(cert, "--tls-cert")?,
+                    key_pem: read(key, "--tls-key")?,
+                    client_ca_pem: read(ca, "--client-ca")?,
+                })
+            };
+            let grpc_listener = tokio::net::TcpListener::bind(&args.grpc_listen)
+                .await
+                .with_context(|| format!("listening on {} (--grpc-listen)", args.grpc_listen))?;
+            let (agent, common) = start_agent(args.common).await?;
+            let budget = args
+                .memory_budget_bytes
+                .or_else(|| metalkube_agent::host::total_memory_bytes().map(|m| m / 4 * 3))
+                .unwrap_or(0);
+            let store = std::sync::Arc::new(DesiredStore::open(&agent.context().config.state_dir.join("desired"))?);
+            let service = AgentService::start(agent.clone(), store, budget).await;
+            tracing::info!("gRPC API on {}", grpc_listener.local_addr()?);
+            let work = tokio::spawn(async move {
+                serve_grpc(service, grpc_listener, tls, std::future::pending()).await.map_err(anyhow::Error::from)
+            });
+            (agent, common, work)
+        }
+    };
+    let listener = tokio::net::TcpListener::bind(&common.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", common.listen))?;
+    tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(agent.clone(), listener, async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|stop| *stop).await;
     }));
-    let follower = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping engines"),
         _ = term.recv() => tracing::info!("terminated; stopping engines"),
-        res = follower => match res {
-            Ok(Err(e)) => tracing::error!("{e}"),
+        res = work => match res {
+            Ok(Err(e)) => tracing::error!("{e:#}"),
             Ok(Ok(())) => {}
-            Err(e) => tracing::error!("models directory task failed: {e}"),
+            Err(e) => tracing::error!("agent task failed: {e}"),
         },
     }
     agent.shutdown().await;

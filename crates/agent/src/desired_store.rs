@@ -1,0 +1,128 @@
+//! Desired models the controller asked for, persisted under the state dir, so the agent keeps
+//! serving them across its own restarts and through a controller or API-server outage
+//! (static stability).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use metalkube_api::MetalModelSpec;
+use serde::{Deserialize, Serialize};
+
+use crate::AgentError;
+use crate::context::DesiredModel;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub generation: i64,
+    pub spec: MetalModelSpec,
+}
+
+impl Record {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn desired(&self) -> DesiredModel {
+        DesiredModel {
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            spec: self.spec.clone(),
+            base_dir: None,
+        }
+    }
+}
+
+pub struct DesiredStore {
+    dir: PathBuf,
+    records: Mutex<BTreeMap<String, Record>>,
+}
+
+impl DesiredStore {
+    /// Opens (and reads) the store in `dir`. Unreadable records are reported and skipped: one
+    /// corrupt file must not stop the others from being served.
+    pub fn open(dir: &Path) -> Result<Self, AgentError> {
+        let io = |source| AgentError::StateDir { path: dir.to_owned(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let mut records = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            match std::fs::read(&path).map(|b| serde_json::from_slice::<Record>(&b)) {
+                Ok(Ok(r)) => {
+                    records.insert(r.key(), r);
+                }
+                Ok(Err(e)) => tracing::error!("{}: not a desired-model record ({e}); skipped", path.display()),
+                Err(e) => tracing::error!("{}: {e}; skipped", path.display()),
+            }
+        }
+        Ok(Self { dir: dir.to_owned(), records: Mutex::new(records) })
+    }
+
+    fn file(&self, namespace: &str, name: &str) -> PathBuf {
+        self.dir.join(format!("{namespace}_{name}.json"))
+    }
+
+    pub fn all(&self) -> Vec<Record> {
+        self.lock().values().cloned().collect()
+    }
+
+    pub fn get(&self, key: &str) -> Option<Record> {
+        self.lock().get(key).cloned()
+    }
+
+    /// Writes the record (temp file and rename, so a crash never leaves half a record).
+    pub fn put(&self, record: Record) -> Result<(), AgentError> {
+        let path = self.file(&record.namespace, &record.name);
+        let io = |source| AgentError::StateDir { path: path.clone(), source };
+        let json = serde_json::to_vec_pretty(&record).map_err(|e| io(std::io::Error::other(e)))?;
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, json).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)?;
+        self.lock().insert(record.key(), record);
+        Ok(())
+    }
+
+    pub fn remove(&self, namespace: &str, name: &str) -> Result<bool, AgentError> {
+        let path = self.file(namespace, name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(AgentError::StateDir { path, source }),
+        }
+        Ok(self.lock().remove(&format!("{namespace}/{name}")).is_some())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+        self.records.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(name: &str, generation: i64) -> Record {
+        let spec = serde_json::from_value(serde_json::json!({"model": {"source": "file:///m.gguf"}})).unwrap();
+        Record { namespace: "ns".into(), name: name.into(), uid: "u1".into(), generation, spec }
+    }
+
+    #[test]
+    fn survives_a_reopen_and_skips_corrupt_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DesiredStore::open(dir.path()).unwrap();
+        store.put(record("a", 1)).unwrap();
+        store.put(record("a", 2)).unwrap();
+        store.put(record("b", 1)).unwrap();
+        assert!(store.remove("ns", "b").unwrap());
+        assert!(!store.remove("ns", "b").unwrap());
+        std::fs::write(dir.path().join("junk.json"), "{").unwrap();
+        let reopened = DesiredStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.all(), vec![record("a", 2)]);
+    }
+}

@@ -1,0 +1,245 @@
+//! The agent's gRPC API for the controller (`proto/metalkube/agent/v1/agent.proto`): mTLS by
+//! default, desired state persisted before it is acted on, and a Watch stream that starts with
+//! a full snapshot and then pushes what changed.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metalkube_api::{MetalModelSpec, validate_model_spec};
+use metalkube_proto as pb;
+use pb::agent_server::{Agent as AgentApi, AgentServer};
+use tokio::sync::broadcast::error::RecvError;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+use crate::desired_store::{DesiredStore, Record};
+use crate::report::ModelReport;
+use crate::{Agent, AgentError, host};
+
+/// PEM files for mTLS: the agent's identity and the CA its clients must be signed by.
+#[derive(Clone, Debug)]
+pub struct GrpcTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: String,
+}
+
+pub struct AgentService {
+    agent: Arc<Agent>,
+    store: Arc<DesiredStore>,
+    memory_budget_bytes: u64,
+}
+
+impl AgentService {
+    /// Serves what the store holds (the agent may have restarted while the controller was away)
+    /// and answers the controller from then on.
+    pub async fn start(agent: Arc<Agent>, store: Arc<DesiredStore>, memory_budget_bytes: u64) -> Self {
+        agent.apply(store.all().iter().map(Record::desired).collect()).await;
+        Self { agent, store, memory_budget_bytes }
+    }
+
+    fn state(&self, report: &ModelReport) -> pb::ModelState {
+        let record = self.store.get(&report.key());
+        pb::ModelState {
+            model: Some(pb::ModelRef { namespace: report.namespace.clone(), name: report.name.clone() }),
+            uid: record.as_ref().map(|r| r.uid.clone()).unwrap_or_default(),
+            generation: record.map_or(0, |r| r.generation),
+            phase: report.phase.as_str().to_owned(),
+            grade: report.grade.map(|g| format!("{g:?}")).unwrap_or_default(),
+            ready: report.is_ready(),
+            saturated: report.saturated,
+            pulse_seconds: report.last_pulse.as_ref().map_or(0.0, |p| p.wall_seconds),
+            restarts: report.restarts,
+            queue_depth: report.queue_depth,
+            in_flight: report.in_flight,
+            serving_port: report.serving_port.map_or(0, u32::from),
+            last_error: report.last_error.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// What a Watch consumer cares about: every field but the pulse time, which moves every pulse.
+fn projection(s: &pb::ModelState) -> pb::ModelState {
+    pb::ModelState { pulse_seconds: 0.0, ..s.clone() }
+}
+
+/// Kubernetes object names: what is safe in a file name and a metric label.
+fn check_name(field: &str, value: &str) -> Result<(), Status> {
+    let ok = !value.is_empty()
+        && value.len() <= 253
+        && value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "{field} {value:?}: must be 1-253 characters of lowercase letters, digits, '-' or '.'"
+        )))
+    }
+}
+
+fn model_ref(model: Option<pb::ModelRef>) -> Result<pb::ModelRef, Status> {
+    let m = model.ok_or_else(|| Status::invalid_argument("model: required (namespace and name)"))?;
+    check_name("model.namespace", &m.namespace)?;
+    check_name("model.name", &m.name)?;
+    Ok(m)
+}
+
+fn internal(e: AgentError) -> Status {
+    Status::internal(e.to_string())
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentApi for AgentService {
+    async fn info(&self, _: Request<pb::InfoRequest>) -> Result<Response<pb::InfoResponse>, Status> {
+        let models = self
+            .agent
+            .reports()
+            .await
+            .into_iter()
+            .map(|r| pb::ModelRef { namespace: r.namespace, name: r.name })
+            .collect();
+        Ok(Response::new(pb::InfoResponse {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            os: std::env::consts::OS.to_owned(),
+            chip: host::chip(),
+            unified_memory_bytes: host::total_memory_bytes().unwrap_or(0),
+            gpu_cores: 0,
+            memory_budget_bytes: self.memory_budget_bytes,
+            models,
+        }))
+    }
+
+    async fn ensure_model(
+        &self,
+        req: Request<pb::EnsureModelRequest>,
+    ) -> Result<Response<pb::EnsureModelResponse>, Status> {
+        let req = req.into_inner();
+        let m = model_ref(req.model)?;
+        let key = format!("{}/{}", m.namespace, m.name);
+        let spec: MetalModelSpec = serde_json::from_str(&req.spec_json)
+            .map_err(|e| Status::invalid_argument(format!("spec_json is not a MetalModel spec: {e}")))?;
+        let errors = validate_model_spec(&spec);
+        if !errors.is_empty() {
+            let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+            return Err(Status::invalid_argument(format!("MetalModel {key}: {text}")));
+        }
+        let current = self.store.get(&key);
+        let applied = current.as_ref().is_some_and(|c| c.uid == req.uid && c.generation >= req.generation);
+        if !applied {
+            let record =
+                Record { namespace: m.namespace, name: m.name, uid: req.uid, generation: req.generation, spec };
+            // Persist first: what the agent acknowledges, it serves again after a restart.
+            self.store.put(record.clone()).map_err(internal)?;
+            self.agent.upsert(record.desired()).await;
+        }
+        let state = self.agent.report(&key).await.map(|r| self.state(&r));
+        Ok(Response::new(pb::EnsureModelResponse { changed: !applied, state }))
+    }
+
+    async fn stop_model(&self, req: Request<pb::StopModelRequest>) -> Result<Response<pb::StopModelResponse>, Status> {
+        let m = model_ref(req.into_inner().model)?;
+        let known = self.store.remove(&m.namespace, &m.name).map_err(internal)?;
+        let stopped = self.agent.remove(&format!("{}/{}", m.namespace, m.name)).await;
+        Ok(Response::new(pb::StopModelResponse { stopped: known || stopped }))
+    }
+
+    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self.agent.reports().await.iter().map(|r| self.state(r)).collect();
+        Ok(Response::new(pb::ListModelsResponse { models }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        // Subscribe before the snapshot, so nothing that happens in between is missed.
+        let mut changes = self.agent.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let service = AgentService { agent: self.agent.clone(), store: self.store.clone(), memory_budget_bytes: 0 };
+        tokio::spawn(async move {
+            let mut sent: HashMap<String, pb::ModelState> = HashMap::new();
+            let mut snapshot = true;
+            loop {
+                if snapshot {
+                    let models: Vec<pb::ModelState> =
+                        service.agent.reports().await.iter().map(|r| service.state(r)).collect();
+                    sent = models.iter().map(|s| (key_of(s), projection(s))).collect();
+                    let event = pb::watch_event::Event::Snapshot(pb::Snapshot { models });
+                    if tx.send(Ok(pb::WatchEvent { event: Some(event) })).await.is_err() {
+                        return;
+                    }
+                    snapshot = false;
+                }
+                let key = match changes.recv().await {
+                    Ok(key) => key,
+                    // Too far behind to know what was missed: start over with a snapshot.
+                    Err(RecvError::Lagged(_)) => {
+                        snapshot = true;
+                        continue;
+                    }
+                    Err(RecvError::Closed) => return,
+                };
+                let event = match service.agent.report(&key).await {
+                    Some(r) => {
+                        let state = service.state(&r);
+                        if sent.get(&key) == Some(&projection(&state)) {
+                            continue;
+                        }
+                        sent.insert(key, projection(&state));
+                        pb::watch_event::Event::Changed(state)
+                    }
+                    None => {
+                        if sent.remove(&key).is_none() {
+                            continue;
+                        }
+                        let (namespace, name) = key.split_once('/').unwrap_or(("", &key));
+                        pb::watch_event::Event::Removed(pb::ModelRef {
+                            namespace: namespace.to_owned(),
+                            name: name.to_owned(),
+                        })
+                    }
+                };
+                if tx.send(Ok(pb::WatchEvent { event: Some(event) })).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn key_of(s: &pb::ModelState) -> String {
+    s.model.as_ref().map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default()
+}
+
+/// Serves the API on `listener` until `shutdown` resolves. Without `tls` the API is plaintext
+/// and unauthenticated: for local development only.
+pub async fn serve_grpc(
+    service: AgentService,
+    listener: tokio::net::TcpListener,
+    tls: Option<GrpcTls>,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    match tls {
+        Some(tls) => {
+            let config = ServerTlsConfig::new()
+                .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
+                .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
+            builder = builder.tls_config(config).map_err(|e| AgentError::Grpc(format!("TLS configuration: {e}")))?;
+        }
+        None => tracing::warn!("gRPC API without TLS (--insecure): any local process can control this agent"),
+    }
+    builder
+        .add_service(AgentServer::new(service))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+        .map_err(|e| AgentError::Grpc(e.to_string()))
+}

@@ -1,0 +1,179 @@
+//! The controller-facing gRPC API over real mTLS: who may call it, what EnsureModel and Watch
+//! do, and that desired state survives an agent restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+
+use metalkube_agent::desired_store::DesiredStore;
+use metalkube_agent::grpc::{AgentService, GrpcTls, serve_grpc};
+use metalkube_proto::agent_client::AgentClient;
+use metalkube_proto::{self as pb, watch_event::Event};
+use metalkube_testkit::pki::{Pem, TestCa};
+use support::{GUARD, Harness, is_running};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+struct Served {
+    addr: std::net::SocketAddr,
+    ca: TestCa,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn serve(h: &Harness) -> Served {
+    let ca = TestCa::new("metalkube test CA");
+    let server = ca.server(&["localhost", "127.0.0.1"]);
+    let store = Arc::new(DesiredStore::open(&h.dir.path().join("state/desired")).unwrap());
+    let service = AgentService::start(h.agent.clone(), store, 1 << 30).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tls = GrpcTls { cert_pem: server.cert, key_pem: server.key, client_ca_pem: ca.cert_pem.clone() };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(serve_grpc(service, listener, Some(tls), async move {
+        let _ = stopped.await;
+    }));
+    Served { addr, ca, stop }
+}
+
+async fn connect(
+    addr: std::net::SocketAddr,
+    trust: &str,
+    identity: Option<&Pem>,
+) -> anyhow::Result<AgentClient<Channel>> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(trust)).domain_name("localhost");
+    if let Some(id) = identity {
+        tls = tls.identity(Identity::from_pem(&id.cert, &id.key));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))?.tls_config(tls)?.connect().await?;
+    Ok(AgentClient::new(channel))
+}
+
+fn ensure(h: &Harness, name: &str, uid: &str, generation: i64) -> pb::EnsureModelRequest {
+    let spec = h.desired(name, None).spec;
+    pb::EnsureModelRequest {
+        model: Some(pb::ModelRef { namespace: "default".into(), name: name.into() }),
+        uid: uid.into(),
+        generation,
+        spec_json: serde_json::to_string(&spec).unwrap(),
+    }
+}
+
+async fn next_event(stream: &mut tonic::Streaming<pb::WatchEvent>) -> Event {
+    let msg = tokio::time::timeout(GUARD, stream.message()).await.expect("an event within the guard");
+    msg.unwrap().expect("stream open").event.expect("an event")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ensure_watch_and_stop_over_mtls_on_the_real_engine() {
+    let h = Harness::new(metalkube_testkit::real_engine()).await;
+    let s = serve(&h).await;
+    let controller = s.ca.client("metalkube-controller");
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&controller)).await.unwrap();
+
+    let mut watch = client.watch(pb::WatchRequest {}).await.unwrap().into_inner();
+    assert_eq!(next_event(&mut watch).await, Event::Snapshot(pb::Snapshot { models: vec![] }));
+
+    let first = client.ensure_model(ensure(&h, "grpc", "uid-1", 1)).await.unwrap().into_inner();
+    assert!(first.changed);
+    let serving = loop {
+        if let Event::Changed(state) = next_event(&mut watch).await
+            && state.ready
+        {
+            break state;
+        }
+    };
+    assert_eq!(serving.phase, "Serving");
+    assert_eq!((serving.uid.as_str(), serving.generation), ("uid-1", 1));
+    assert!(serving.serving_port > 0);
+
+    let again = client.ensure_model(ensure(&h, "grpc", "uid-1", 1)).await.unwrap().into_inner();
+    assert!(!again.changed, "the same uid and generation change nothing");
+    let older = client.ensure_model(ensure(&h, "grpc", "uid-1", 0)).await.unwrap().into_inner();
+    assert!(!older.changed, "an older generation does not roll back");
+
+    let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));
+    assert!(info.unified_memory_bytes > 0, "{info:?}");
+    assert_eq!(info.models.len(), 1);
+    let list = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
+    assert_eq!(list.models.len(), 1);
+
+    let pid = h.agent.reports().await[0].pid.unwrap();
+    assert!(
+        client.stop_model(pb::StopModelRequest { model: serving.model.clone() }).await.unwrap().into_inner().stopped
+    );
+    loop {
+        if let Event::Removed(m) = next_event(&mut watch).await {
+            assert_eq!(Some(m), serving.model);
+            break;
+        }
+    }
+    assert!(!is_running(pid), "the engine is stopped");
+    let _ = s.stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
+    let h = Harness::new(metalkube_testkit::sim_engine()).await;
+    let s = serve(&h).await;
+    let no_cert = async {
+        connect(s.addr, &s.ca.cert_pem, None).await?.info(pb::InfoRequest {}).await.map_err(anyhow::Error::from)
+    };
+    assert!(no_cert.await.is_err(), "no client certificate");
+
+    let stranger_ca = TestCa::new("someone else");
+    let stranger = stranger_ca.client("metalkube-controller");
+    let wrong_ca = async {
+        connect(s.addr, &s.ca.cert_pem, Some(&stranger))
+            .await?
+            .info(pb::InfoRequest {})
+            .await
+            .map_err(anyhow::Error::from)
+    };
+    assert!(wrong_ca.await.is_err(), "a client certificate from another CA");
+
+    let good = s.ca.client("metalkube-controller");
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&good)).await.unwrap();
+    assert!(client.info(pb::InfoRequest {}).await.is_ok(), "the right CA is accepted");
+    let _ = s.stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_requests_say_which_field() {
+    let h = Harness::new(metalkube_testkit::sim_engine()).await;
+    let s = serve(&h).await;
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&s.ca.client("c"))).await.unwrap();
+    let mut bad = ensure(&h, "bad", "u", 1);
+    let mut spec = h.desired("bad", None).spec;
+    spec.engine.extra_args = vec!["--port".into(), "1".into()];
+    bad.spec_json = serde_json::to_string(&spec).unwrap();
+    let err = client.ensure_model(bad).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("spec.engine.extraArgs[0]"), "{}", err.message());
+
+    let mut bad_name = ensure(&h, "x", "u", 1);
+    bad_name.model = Some(pb::ModelRef { namespace: "default".into(), name: "Bad_Name".into() });
+    let err = client.ensure_model(bad_name).await.unwrap_err();
+    assert!(err.message().contains("model.name"), "{}", err.message());
+    assert!(h.agent.reports().await.is_empty(), "nothing was started");
+    let _ = s.stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn desired_state_survives_an_agent_restart() {
+    let h = Harness::new(metalkube_testkit::sim_engine()).await;
+    let s = serve(&h).await;
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&s.ca.client("c"))).await.unwrap();
+    client.ensure_model(ensure(&h, "kept", "uid-k", 3)).await.unwrap();
+    h.wait_for("default/kept", "serving", |r| r.is_ready()).await;
+    let _ = s.stop.send(());
+    h.agent.shutdown().await;
+
+    // A new agent on the same state dir, and no controller: it serves what it was told before.
+    let agent = metalkube_agent::Agent::start(h.agent.context().config.clone()).await.unwrap();
+    let store = Arc::new(DesiredStore::open(&h.dir.path().join("state/desired")).unwrap());
+    let _service = AgentService::start(agent.clone(), store, 0).await;
+    let mut rx = agent.watch("default/kept").await.expect("restored from the store");
+    tokio::time::timeout(GUARD, rx.wait_for(|r| r.is_ready())).await.unwrap().unwrap();
+    agent.shutdown().await;
+}
