@@ -1,12 +1,14 @@
 //! Just enough GGUF for metalkube: read a file's header (architecture, sizes, tensor table) to
 //! estimate what serving it costs, and write small F32 models for tests.
 
+mod estimate;
 mod read;
 mod tiny;
 mod value;
 mod write;
 
-pub use read::{GgufHeader, TensorInfo, read_header};
+pub use estimate::{MemoryEstimate, estimate_memory};
+pub use read::{GgufHeader, TensorInfo, parse_header, read_header};
 pub use tiny::{TINY_MODEL_VERSION, TinyModel, write_tiny_model};
 pub use value::{Value, ValueType};
 pub use write::GgufWriter;
