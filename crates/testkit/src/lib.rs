@@ -1,6 +1,7 @@
 //! Helpers for metalkube's tests: where the real engine and the simulator are, the tiny model,
 //! and the simulator's fault switches.
 
+pub mod apiserver;
 pub mod pki;
 pub mod sim;
 
