@@ -126,3 +126,29 @@ async fn specs_that_break_the_crd_schema_are_refused_with_the_field() {
         .unwrap_err();
     assert!(matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("spec.replicas")), "{err:?}");
 }
+
+#[tokio::test]
+async fn kube_runtime_finalizer_helper_works_through_json_patch() {
+    use kube::runtime::controller::Action;
+    use kube::runtime::finalizer::{Event, finalizer};
+    let server = TestApiServer::start().await;
+    let models: Api<MetalModel> = Api::namespaced(server.client(), "default");
+    models.create(&PostParams::default(), &model("f")).await.unwrap();
+    let run = |m: MetalModel| {
+        let api = models.clone();
+        async move {
+            finalizer(&api, "metalkube.dev/test", std::sync::Arc::new(m), |e| async move {
+                Ok::<_, std::io::Error>(match e {
+                    Event::Apply(_) => Action::await_change(),
+                    Event::Cleanup(_) => Action::await_change(),
+                })
+            })
+            .await
+        }
+    };
+    run(models.get("f").await.unwrap()).await.unwrap();
+    assert_eq!(models.get("f").await.unwrap().metadata.finalizers, Some(vec!["metalkube.dev/test".into()]));
+    models.delete("f", &DeleteParams::default()).await.unwrap();
+    run(models.get("f").await.unwrap()).await.unwrap();
+    assert!(models.get_opt("f").await.unwrap().is_none(), "cleanup removed the finalizer and the object");
+}

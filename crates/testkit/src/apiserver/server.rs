@@ -163,13 +163,7 @@ async fn handle(
             let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
             let apply = content_type.starts_with("application/apply-patch");
             if content_type.starts_with("application/json-patch") {
-                Err(ApiError {
-                    code: 415,
-                    reason: "UnsupportedMediaType",
-                    message:
-                        "JSON patch is not supported by the test API server; use a merge patch or server-side apply"
-                            .into(),
-                })
+                parse_body().and_then(|ops| store.json_patch(r, ns, name, target.part, &ops)).map(ok)
             } else {
                 parse_body().and_then(|p| store.patch(r, ns, name, target.part, &p, apply)).map(ok)
             }

@@ -5,8 +5,9 @@
 //!
 //! Simplifications (documented, deliberate): server-side apply is a JSON merge patch that
 //! creates the object if missing, with no field ownership and no removal of fields a manager
-//! stops applying; strategic merge patch is treated as a merge patch; no admission webhooks,
-//! no garbage collection of owned objects.
+//! stops applying; strategic merge patch is treated as a merge patch; JSON patch is applied
+//! whole (no resourceVersion precondition beyond its own `test` operations); no admission
+//! webhooks, no garbage collection of owned objects.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -326,6 +327,39 @@ impl Store {
         // A patch that names a resource version must match, as with a PUT.
         let check = meta(patch, "resourceVersion").is_some();
         self.write(r, ns, name, part, merged, check)
+    }
+
+    /// An RFC 6902 JSON patch (kube-runtime's finalizer helper uses its `test` operation to
+    /// make finalizer edits conditional).
+    pub fn json_patch(
+        &self,
+        r: &Resource,
+        ns: Option<&str>,
+        name: &str,
+        part: Part,
+        ops: &Value,
+    ) -> Result<Value, ApiError> {
+        let current = self.get(r, ns, name)?;
+        // Like the real API server, a `test` for null passes on a path that does not exist.
+        let ops: Vec<Value> = ops
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|op| {
+                        let absent_null_test = op["op"] == "test"
+                            && op["value"].is_null()
+                            && op["path"].as_str().is_some_and(|p| current.pointer(p).is_none());
+                        !absent_null_test
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ops: json_patch::Patch =
+            serde_json::from_value(Value::Array(ops)).map_err(|e| ApiError::bad_request(format!("JSON patch: {e}")))?;
+        let mut patched = current.clone();
+        json_patch::patch(&mut patched, &ops).map_err(|e| ApiError::invalid(format!("JSON patch: {e}")))?;
+        self.write(r, ns, name, part, patched, false)
     }
 
     pub fn delete(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
