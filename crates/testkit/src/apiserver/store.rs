@@ -240,7 +240,7 @@ impl Store {
                 ),
             ));
         }
-        let mut obj = match part {
+        let obj = match part {
             Part::Status => {
                 let mut o = old.clone();
                 o["status"] = new.get("status").cloned().unwrap_or(Value::Null);
@@ -280,15 +280,21 @@ impl Store {
             return Ok(old);
         }
         self.check(r, &obj)?;
-        Self::bump(&mut inner, &mut obj);
+        Ok(self.commit(&mut inner, r, ns, k, obj))
+    }
+
+    /// Stores a changed object under a new resource version, or removes it when it is being
+    /// deleted and no finalizer holds it any more, and tells the watchers which it was.
+    fn commit(&self, inner: &mut Inner, r: &Resource, ns: Option<&str>, k: Key, mut obj: Value) -> Value {
+        Self::bump(inner, &mut obj);
         if meta(&obj, "deletionTimestamp").is_some() && finalizers_empty(&obj) {
             inner.objects.remove(&k);
-            self.record(&mut inner, r, ns, "DELETED", obj.clone());
+            self.record(inner, r, ns, "DELETED", obj.clone());
         } else {
             inner.objects.insert(k, obj.clone());
-            self.record(&mut inner, r, ns, "MODIFIED", obj.clone());
+            self.record(inner, r, ns, "MODIFIED", obj.clone());
         }
-        Ok(obj)
+        obj
     }
 
     pub fn replace(
@@ -366,19 +372,11 @@ impl Store {
         let mut inner = self.lock();
         let k = key(r, ns, name);
         let mut obj = inner.objects.get(&k).cloned().ok_or_else(|| ApiError::not_found(r, name))?;
-        if finalizers_empty(&obj) {
-            inner.objects.remove(&k);
-            Self::bump(&mut inner, &mut obj);
-            self.record(&mut inner, r, ns, "DELETED", obj.clone());
+        if meta(&obj, "deletionTimestamp").is_some() {
             return Ok(obj);
         }
-        if meta(&obj, "deletionTimestamp").is_none() {
-            set_meta(&mut obj, "deletionTimestamp", now());
-            Self::bump(&mut inner, &mut obj);
-            inner.objects.insert(k, obj.clone());
-            self.record(&mut inner, r, ns, "MODIFIED", obj.clone());
-        }
-        Ok(obj)
+        set_meta(&mut obj, "deletionTimestamp", now());
+        Ok(self.commit(&mut inner, r, ns, k, obj))
     }
 
     /// Events after `since` for `r` (in `ns`, or everywhere), then a live feed of later ones.
