@@ -30,6 +30,9 @@ pub struct AgentConfig {
     /// Time an engine gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
     pub backoff: BackoffConfig,
+    /// Memory engines may use; a model whose estimate alone exceeds it is refused rather than
+    /// started into swap. None: no limit (standalone mode).
+    pub memory_budget_bytes: Option<u64>,
 }
 
 /// A model the agent has been asked to serve.

@@ -58,6 +58,7 @@ impl AgentService {
             in_flight: report.in_flight,
             serving_port: report.serving_port.map_or(0, u32::from),
             last_error: report.last_error.clone().unwrap_or_default(),
+            memory_bytes: report.memory_bytes.unwrap_or(0),
         }
     }
 }

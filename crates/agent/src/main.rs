@@ -126,7 +126,10 @@ fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
-async fn start_agent(args: CommonArgs) -> anyhow::Result<(std::sync::Arc<Agent>, CommonArgs)> {
+async fn start_agent(
+    args: CommonArgs,
+    memory_budget_bytes: Option<u64>,
+) -> anyhow::Result<(std::sync::Arc<Agent>, CommonArgs)> {
     let config = AgentConfig {
         engine_binary: args.engine.clone(),
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
@@ -137,6 +140,7 @@ async fn start_agent(args: CommonArgs) -> anyhow::Result<(std::sync::Arc<Agent>,
         client_timeouts: ClientTimeouts { header: args.header_timeout, body: args.body_timeout },
         stop_grace: args.stop_grace,
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
+        memory_budget_bytes,
     };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
@@ -153,7 +157,7 @@ async fn main() -> anyhow::Result<()> {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
-            let (agent, common) = start_agent(args.common).await?;
+            let (agent, common) = start_agent(args.common, None).await?;
             let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
             let work: tokio::task::JoinHandle<anyhow::Result<()>> =
                 tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
@@ -175,11 +179,11 @@ async fn main() -> anyhow::Result<()> {
             let grpc_listener = tokio::net::TcpListener::bind(&args.grpc_listen)
                 .await
                 .with_context(|| format!("listening on {} (--grpc-listen)", args.grpc_listen))?;
-            let (agent, common) = start_agent(args.common).await?;
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::host::total_memory_bytes().map(|m| m / 4 * 3))
                 .unwrap_or(0);
+            let (agent, common) = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
             let store = std::sync::Arc::new(DesiredStore::open(&agent.context().config.state_dir.join("desired"))?);
             let service = AgentService::start(agent.clone(), store, budget).await;
             tracing::info!("gRPC API on {}", grpc_listener.local_addr()?);

@@ -7,7 +7,15 @@ use sha2::{Digest, Sha256};
 
 use crate::context::DesiredModel;
 
-pub async fn resolve_model_file(desired: &DesiredModel) -> Result<PathBuf, String> {
+/// A model file checked and ready to load.
+pub struct ResolvedModel {
+    pub path: PathBuf,
+    /// What serving it will cost (weights + KV cache for `contextSize` + overhead), when the
+    /// header says enough to estimate it.
+    pub memory_bytes: Option<u64>,
+}
+
+pub async fn resolve_model_file(desired: &DesiredModel) -> Result<ResolvedModel, String> {
     let source = &desired.spec.model.source;
     let Some(rest) = source.strip_prefix("file:") else {
         let scheme = source.split(':').next().unwrap_or(source);
@@ -44,9 +52,12 @@ pub async fn resolve_model_file(desired: &DesiredModel) -> Result<PathBuf, Strin
     let header = tokio::task::spawn_blocking(move || metalkube_gguf::read_header(&header_path))
         .await
         .map_err(|e| format!("reading {}: {e}", path.display()))?;
-    if let Err(e) = header {
-        return Err(format!("{} is not a usable GGUF model: {e}", path.display()));
-    }
+    let header = match header {
+        Ok(h) => h,
+        Err(e) => return Err(format!("{} is not a usable GGUF model: {e}", path.display())),
+    };
+    let memory_bytes =
+        metalkube_gguf::estimate_memory(&header, u64::from(desired.spec.engine.context_size)).map(|e| e.total());
     if let Some(want) = &desired.spec.model.sha256 {
         let hash_path = path.clone();
         let got = tokio::task::spawn_blocking(move || sha256_file(&hash_path))
@@ -57,7 +68,7 @@ pub async fn resolve_model_file(desired: &DesiredModel) -> Result<PathBuf, Strin
             return Err(format!("{} has sha256 {got}, spec.model.sha256 wants {want}", path.display()));
         }
     }
-    Ok(path)
+    Ok(ResolvedModel { path, memory_bytes })
 }
 
 fn sha256_file(path: &Path) -> std::io::Result<String> {

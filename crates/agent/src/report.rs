@@ -50,6 +50,8 @@ pub struct ModelReport {
     /// Engine decode time per token, an EWMA read from real responses as they pass.
     pub decode_seconds_per_token: Option<f64>,
     pub pulse_history: VecDeque<PulseRecord>,
+    /// Estimated memory for serving this model, once its GGUF header has been read.
+    pub memory_bytes: Option<u64>,
 }
 
 impl ModelReport {
@@ -77,6 +79,7 @@ impl ModelReport {
             circuit: "closed",
             decode_seconds_per_token: None,
             pulse_history: VecDeque::new(),
+            memory_bytes: None,
         }
     }
 

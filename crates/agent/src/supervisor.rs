@@ -308,7 +308,19 @@ impl Supervisor {
             return RunEnd::Permanent(message);
         }
         let model = match resolve_model_file(&self.desired).await {
-            Ok(path) => path,
+            Ok(resolved) => {
+                self.report.send_modify(|r| r.memory_bytes = resolved.memory_bytes);
+                if let (Some(need), Some(budget)) = (resolved.memory_bytes, self.ctx.config.memory_budget_bytes)
+                    && need > budget
+                {
+                    return RunEnd::Permanent(format!(
+                        "{} needs an estimated {need} bytes (weights + KV cache for contextSize {}), more than this agent's memory budget of {budget} bytes",
+                        resolved.path.display(),
+                        self.desired.spec.engine.context_size
+                    ));
+                }
+                resolved.path
+            }
             Err(message) => return RunEnd::Permanent(message),
         };
         let binary = match self.ctx.engine_binary() {

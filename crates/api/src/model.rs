@@ -250,6 +250,10 @@ pub struct MetalModelStatus {
     pub queue_depth: u32,
     #[serde(default)]
     pub restarts: u32,
+    /// Estimated memory one replica needs (weights + KV cache + overhead), as an agent read it
+    /// from the GGUF header for this generation; placement counts it against node budgets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaStatus>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -265,6 +269,9 @@ pub struct ReplicaStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub phase: Phase,
+    /// Takes traffic: serving, pulse not red, agent reachable.
+    #[serde(default)]
+    pub ready: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<Grade>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -273,6 +280,9 @@ pub struct ReplicaStatus {
     pub queue_depth: u32,
     #[serde(default)]
     pub in_flight: u32,
+    /// Why the replica is not well, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     #[serde(default)]
     pub restarts: u32,
 }

@@ -121,21 +121,32 @@ pub fn compute_conditions(
 ) -> Vec<Condition> {
     evaluate(obs)
         .into_iter()
-        .map(|v| {
-            let since = previous
-                .iter()
-                .find(|c| c.type_ == v.type_ && c.status == v.status)
-                .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
-            Condition {
-                type_: v.type_.to_owned(),
-                status: v.status.to_owned(),
-                reason: v.reason,
-                message: v.message,
-                last_transition_time: since,
-                observed_generation: generation,
-            }
-        })
+        .map(|v| stamp(v.type_, v.status, v.reason, v.message, previous, generation, now))
         .collect()
+}
+
+/// A condition whose transition time is the previous one when its status has not changed.
+pub fn stamp(
+    type_: &str,
+    status: &str,
+    reason: String,
+    message: String,
+    previous: &[Condition],
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map_or_else(|| now.clone(), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status: status.to_owned(),
+        reason,
+        message,
+        last_transition_time: since,
+        observed_generation: generation,
+    }
 }
 
 #[cfg(test)]

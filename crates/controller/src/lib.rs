@@ -1,5 +1,148 @@
-//! metalkube-controller's pure cores: where replicas go, and what conditions say. The reconciler
-//! around them (kube runtime, agent streams) is IO that calls these functions.
+//! metalkube-controller: places MetalModels on MetalNodes, drives each Mac's agent over gRPC, and
+//! turns what the agents report into status, EndpointSlices, Events and metrics.
+//!
+//! Pure cores: `placement`, `conditions`, `model_status`, `node_status`, `endpoints`, `events`,
+//! `breaker`, `leader::decide`. IO: `agent_client`, `fleet`, `reconcile`, `nodes`, `leader`, `http`.
 
+pub mod agent_client;
+pub mod breaker;
 pub mod conditions;
+pub mod endpoints;
+mod error;
+pub mod events;
+pub mod fleet;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod model_status;
+pub mod node_status;
+pub mod nodes;
 pub mod placement;
+pub mod reconcile;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+pub use error::ControllerError;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, reflector, watcher};
+use kube::{Api, Client};
+use metalkube_api::MetalModel;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::agent_client::ClientSettings;
+use crate::fleet::Fleet;
+use crate::leader::LeaderElector;
+use crate::metrics::Metrics;
+use crate::reconcile::{Context, error_policy, reconcile};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub agents: ClientSettings,
+    /// How long an agent's stream may be lost before its node counts as unreachable.
+    pub grace_period: Duration,
+    /// How often a connected agent's Info is refreshed (capacity, heartbeat).
+    pub heartbeat: Duration,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    /// This replica's name in the Lease and in Events.
+    pub identity: String,
+}
+
+/// Runs the controller until `shutdown` resolves or leadership is lost (an error: the process
+/// should exit and come back as a standby).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    leading: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) -> Result<(), ControllerError> {
+    let elector = LeaderElector::new(
+        Api::namespaced(client.clone(), &settings.lease_namespace),
+        &settings.lease_name,
+        &settings.identity,
+        settings.lease_duration,
+    );
+    let mut shutdown = std::pin::pin!(shutdown);
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = &mut shutdown => return Ok(()),
+    }
+    leading.store(true, Ordering::Relaxed);
+    metrics.leader.set(1);
+
+    let (fleet, fleet_changes) =
+        Fleet::new(settings.agents.clone(), settings.grace_period, settings.heartbeat, metrics.clone());
+    let reporter = Reporter { controller: "metalkube-controller".into(), instance: Some(settings.identity.clone()) };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let (nodes_reader, nodes_writer) = reflector::store();
+    let (triggers_tx, triggers_rx) = mpsc::unbounded_channel();
+    let (node_status_tx, node_status_rx) = mpsc::unbounded_channel();
+
+    let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=metalkube-controller");
+    let controller = Controller::new(Api::<MetalModel>::all(client.clone()), watcher::Config::default())
+        .owns(Api::<Service>::all(client.clone()), managed.clone())
+        .owns(Api::<EndpointSlice>::all(client.clone()), managed)
+        .reconcile_on(UnboundedReceiverStream::new(triggers_rx));
+    let models = controller.store();
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        fleet.clone(),
+        nodes_reader.clone(),
+        models.clone(),
+        recorder.clone(),
+        metrics.clone(),
+    ));
+
+    let background = vec![
+        tokio::spawn(nodes::watch_nodes(
+            client.clone(),
+            nodes_writer,
+            nodes_reader.clone(),
+            fleet.clone(),
+            models.clone(),
+            triggers_tx.clone(),
+            node_status_tx.clone(),
+        )),
+        tokio::spawn(nodes::dispatch_fleet_changes(fleet_changes, models.clone(), triggers_tx, node_status_tx)),
+        tokio::spawn(nodes::write_node_statuses(client.clone(), fleet.clone(), nodes_reader, recorder, node_status_rx)),
+    ];
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let reconciling = controller
+        .graceful_shutdown_on(async move {
+            let _ = stop_rx.await;
+        })
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!("reconcile: {e}");
+            }
+        });
+    let mut reconciling = std::pin::pin!(reconciling);
+    let outcome = tokio::select! {
+        () = &mut reconciling => Ok(()),
+        lost = elector.keep() => Err(lost),
+        () = &mut shutdown => {
+            let _ = stop_tx.send(());
+            reconciling.await;
+            Ok(())
+        }
+    };
+    for task in background {
+        task.abort();
+    }
+    leading.store(false, Ordering::Relaxed);
+    metrics.leader.set(0);
+    if outcome.is_ok() {
+        elector.release().await;
+    }
+    outcome
+}

@@ -62,6 +62,7 @@ impl Harness {
             client_timeouts: ClientTimeouts { header: Duration::from_secs(2), body: Duration::from_secs(5) },
             stop_grace: Duration::from_secs(3),
             backoff,
+            memory_budget_bytes: Some(4 << 30),
         })
         .await
         .unwrap();

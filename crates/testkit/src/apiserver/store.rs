@@ -5,7 +5,8 @@
 //!
 //! Simplifications (documented, deliberate): server-side apply is a JSON merge patch that
 //! creates the object if missing, with no field ownership and no removal of fields a manager
-//! stops applying; strategic merge patch is treated as a merge patch; JSON patch is applied
+//! stops applying, except on the status subresource, where the applied status replaces the old
+//! one (right when one manager owns the whole status, as metalkube's controller does); strategic merge patch is treated as a merge patch; JSON patch is applied
 //! whole (no resourceVersion precondition beyond its own `test` operations); no admission
 //! webhooks, no garbage collection of owned objects.
 
@@ -329,7 +330,13 @@ impl Store {
             Err(e) => return Err(e),
         };
         let mut merged = current.clone();
-        merge_patch(&mut merged, patch);
+        if create && part == Part::Status {
+            // Server-side apply of a status that one field manager owns whole: what it no
+            // longer applies is gone, as a real API server would remove it.
+            merged["status"] = patch.get("status").cloned().unwrap_or(Value::Null);
+        } else {
+            merge_patch(&mut merged, patch);
+        }
         // A patch that names a resource version must match, as with a PUT.
         let check = meta(patch, "resourceVersion").is_some();
         self.write(r, ns, name, part, merged, check)

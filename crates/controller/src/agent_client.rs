@@ -1,0 +1,216 @@
+//! One gRPC client per agent: mTLS, a deadline on every unary call, HTTP/2 keep-alive so a dead
+//! Mac is noticed without traffic, a circuit breaker, and retries with backoff (backon) for the
+//! calls that are safe to repeat. Every unary call of the agent API is idempotent (EnsureModel on
+//! uid + generation, StopModel on the name), so all of them retry; the Watch stream does not.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use metalkube_proto as pb;
+use pb::agent_client::AgentClient as GrpcClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Request, Status};
+
+use crate::ControllerError;
+use crate::breaker::{Breaker, BreakerState};
+use crate::metrics::{CallLabels, Metrics, NodeLabels};
+
+/// The controller's side of mTLS: its client identity and the CA agents' certificates chain to.
+#[derive(Clone, Debug)]
+pub struct ClientTls {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientSettings {
+    /// None: plaintext (`--insecure`), local development only.
+    pub tls: Option<ClientTls>,
+    pub connect_timeout: Duration,
+    /// Deadline of one unary call attempt.
+    pub call_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub breaker_threshold: u32,
+    pub breaker_cooldown: Duration,
+    pub retries: usize,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            tls: None,
+            connect_timeout: Duration::from_secs(3),
+            call_timeout: Duration::from_secs(10),
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(5),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(5),
+            retries: 3,
+        }
+    }
+}
+
+pub struct AgentClient {
+    node: String,
+    grpc: GrpcClient<Channel>,
+    breaker: Mutex<Breaker>,
+    settings: ClientSettings,
+    metrics: Arc<Metrics>,
+}
+
+/// Failures worth another attempt: the agent or the path to it, not the request.
+fn retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Aborted)
+}
+
+impl AgentClient {
+    pub fn new(
+        node: &str,
+        endpoint: &str,
+        settings: &ClientSettings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, ControllerError> {
+        let bad = |message: String| ControllerError::BadEndpoint {
+            node: node.to_owned(),
+            endpoint: endpoint.to_owned(),
+            message,
+        };
+        let mut ep = Endpoint::from_shared(endpoint.to_owned())
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(settings.connect_timeout)
+            .http2_keep_alive_interval(settings.keepalive_interval)
+            .keep_alive_timeout(settings.keepalive_timeout)
+            .keep_alive_while_idle(true);
+        match (&settings.tls, endpoint.starts_with("https://")) {
+            (Some(tls), true) => {
+                let config = ClientTlsConfig::new()
+                    .ca_certificate(Certificate::from_pem(&tls.ca_pem))
+                    .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+                ep = ep.tls_config(config).map_err(|e| ControllerError::Tls(e.to_string()))?;
+            }
+            (Some(_), false) => {
+                return Err(bad("must be https:// (mTLS is on; plaintext needs --insecure)".into()));
+            }
+            (None, true) => return Err(bad("is https:// but the controller runs with --insecure".into())),
+            (None, false) => {}
+        }
+        let mut breaker = Breaker::new(settings.breaker_threshold, settings.breaker_cooldown);
+        breaker.success();
+        Ok(Self {
+            node: node.to_owned(),
+            grpc: GrpcClient::new(ep.connect_lazy()),
+            breaker: Mutex::new(breaker),
+            settings: settings.clone(),
+            metrics,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    fn count(&self, method: &str, code: Code) {
+        let code = if code == Code::Ok { "OK".to_owned() } else { format!("{code:?}") };
+        self.metrics
+            .agent_calls
+            .get_or_create(&CallLabels { node: self.node.clone(), method: method.into(), code })
+            .inc();
+    }
+
+    fn publish_breaker(&self, state: BreakerState) {
+        self.metrics.agent_circuit_state.get_or_create(&NodeLabels { node: self.node.clone() }).set(state.level());
+    }
+
+    fn admit(&self) -> Result<(), ControllerError> {
+        let Ok(mut b) = self.breaker.lock() else { return Ok(()) };
+        let now = Instant::now();
+        let admitted = b.admit(now);
+        self.publish_breaker(b.state(now));
+        admitted.map_err(|wait| ControllerError::CircuitOpen {
+            node: self.node.clone(),
+            retry_in_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+        })
+    }
+
+    fn settle(&self, ok: bool) {
+        let Ok(mut b) = self.breaker.lock() else { return };
+        let now = Instant::now();
+        if ok {
+            b.success();
+        } else {
+            b.failure(now);
+        }
+        self.publish_breaker(b.state(now));
+    }
+
+    /// One unary call through the breaker, with a deadline per attempt and retries on
+    /// transport-level failures.
+    async fn unary<Req, Resp, F, Fut>(&self, method: &'static str, req: Req, call: F) -> Result<Resp, ControllerError>
+    where
+        Req: Clone,
+        F: Fn(GrpcClient<Channel>, Request<Req>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        let attempt = || async {
+            self.admit().map_err(Attempt::Refused)?;
+            let mut request = Request::new(req.clone());
+            request.set_timeout(self.settings.call_timeout);
+            let result = call(self.grpc.clone(), request).await;
+            let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+            self.count(method, code);
+            // Only failures of the agent or the path count against the breaker: a refused
+            // request (InvalidArgument) says the agent is alive.
+            self.settle(result.as_ref().map_or_else(|s| !retryable(s), |_| true));
+            result.map(tonic::Response::into_inner).map_err(Attempt::Failed)
+        };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(2))
+            .with_max_times(self.settings.retries)
+            .with_jitter();
+        attempt.retry(backoff).when(|e| matches!(e, Attempt::Failed(s) if retryable(s))).await.map_err(|e| match e {
+            Attempt::Refused(err) => err,
+            Attempt::Failed(status) => ControllerError::Agent {
+                node: self.node.clone(),
+                message: format!("{method}: {:?}: {}", status.code(), status.message()),
+            },
+        })
+    }
+
+    pub async fn info(&self) -> Result<pb::InfoResponse, ControllerError> {
+        self.unary("Info", pb::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
+    }
+
+    pub async fn ensure_model(&self, req: pb::EnsureModelRequest) -> Result<pb::EnsureModelResponse, ControllerError> {
+        self.unary("EnsureModel", req, |mut c, r| async move { c.ensure_model(r).await }).await
+    }
+
+    pub async fn stop_model(&self, namespace: &str, name: &str) -> Result<bool, ControllerError> {
+        let req = pb::StopModelRequest {
+            model: Some(pb::ModelRef { namespace: namespace.to_owned(), name: name.to_owned() }),
+        };
+        let resp = self.unary("StopModel", req, |mut c, r| async move { c.stop_model(r).await }).await?;
+        Ok(resp.stopped)
+    }
+
+    /// The agent's state stream. No deadline: it lives as long as the agent does; keep-alive
+    /// notices when it does not.
+    pub async fn watch(&self) -> Result<tonic::Streaming<pb::WatchEvent>, ControllerError> {
+        self.admit()?;
+        let result = self.grpc.clone().watch(Request::new(pb::WatchRequest {})).await;
+        self.count("Watch", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+        self.settle(result.is_ok());
+        result.map(tonic::Response::into_inner).map_err(|s| ControllerError::Agent {
+            node: self.node.clone(),
+            message: format!("Watch: {:?}: {}", s.code(), s.message()),
+        })
+    }
+}
+
+enum Attempt {
+    Refused(ControllerError),
+    Failed(Status),
+}

@@ -1,0 +1,124 @@
+//! Which Kubernetes Events a status change deserves: placement, restarts, grade changes, agent
+//! loss. Pure: a diff of the old and new status, so a controller restart (which reads the old
+//! status back) repeats nothing.
+
+use metalkube_api::{Grade, MetalModelStatus, MetalNodeStatus};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Note {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub message: String,
+}
+
+fn note(warning: bool, reason: &'static str, action: &'static str, message: String) -> Note {
+    Note { warning, reason, action, message }
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note> {
+    let mut notes = Vec::new();
+    let (was, now) = (condition(&old.conditions, "Scheduled"), condition(&new.conditions, "Scheduled"));
+    if let Some(now) = now
+        && was.map(|c| (&c.status, &c.reason)) != Some((&now.status, &now.reason))
+        && now.status == "False"
+    {
+        notes.push(note(true, "FailedScheduling", "Schedule", now.message.clone()));
+    }
+    for r in &new.replicas {
+        match old.replicas.iter().find(|o| o.node == r.node) {
+            None => notes.push(note(false, "Scheduled", "Schedule", format!("replica placed on MetalNode {}", r.node))),
+            Some(o) => {
+                if r.restarts > o.restarts {
+                    let why = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
+                    notes.push(note(
+                        true,
+                        "EngineRestarted",
+                        "Restart",
+                        format!("engine on {} restarted ({} restarts in all){why}", r.node, r.restarts),
+                    ));
+                }
+                if r.grade != o.grade
+                    && let Some(g) = r.grade
+                {
+                    let (warning, reason) = match g {
+                        Grade::Green => (false, "PulseGreen"),
+                        Grade::Yellow => (true, "PulseYellow"),
+                        Grade::Red => (true, "PulseRed"),
+                    };
+                    let pulse = r.pulse_seconds.map(|p| format!(" (last pulse {p:.3} s)")).unwrap_or_default();
+                    notes.push(note(warning, reason, "Pulse", format!("pulse on {} is now {g:?}{pulse}", r.node)));
+                }
+            }
+        }
+    }
+    for o in &old.replicas {
+        if !new.replicas.iter().any(|r| r.node == o.node) {
+            notes.push(note(false, "Unscheduled", "Stop", format!("replica removed from MetalNode {}", o.node)));
+        }
+    }
+    let (was, now) = (condition(&old.conditions, "Degraded"), condition(&new.conditions, "Degraded"));
+    if let Some(now) = now
+        && now.reason == "AgentUnreachable"
+        && was.map(|c| c.reason.as_str()) != Some("AgentUnreachable")
+    {
+        notes.push(note(true, "AgentUnreachable", "Observe", now.message.clone()));
+    }
+    notes
+}
+
+pub fn node_events(old: &MetalNodeStatus, new: &MetalNodeStatus) -> Vec<Note> {
+    let (was, now) = (condition(&old.conditions, "Ready"), condition(&new.conditions, "Ready"));
+    match (was.map(|c| c.reason.as_str()), now.map(|c| (c.reason.as_str(), c.message.clone()))) {
+        (w, Some(("AgentUnreachable", m))) if w != Some("AgentUnreachable") => {
+            vec![note(true, "AgentUnreachable", "Observe", m)]
+        }
+        (w, Some(("AgentConnected", m))) if w != Some("AgentConnected") => {
+            vec![note(false, "AgentConnected", "Observe", m)]
+        }
+        _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use metalkube_api::{Phase, ReplicaStatus};
+
+    fn replica(node: &str, restarts: u32, grade: Option<Grade>) -> ReplicaStatus {
+        ReplicaStatus {
+            node: node.into(),
+            address: None,
+            port: None,
+            phase: Phase::Serving,
+            ready: true,
+            grade,
+            pulse_seconds: Some(0.1),
+            queue_depth: 0,
+            in_flight: 0,
+            restarts,
+            message: None,
+        }
+    }
+
+    #[test]
+    fn placement_restarts_and_grade_changes_become_events_once() {
+        let old = MetalModelStatus { replicas: vec![replica("a", 0, Some(Grade::Green))], ..Default::default() };
+        let new = MetalModelStatus {
+            replicas: vec![replica("a", 1, Some(Grade::Red)), replica("b", 0, None)],
+            ..Default::default()
+        };
+        let reasons: Vec<_> = model_events(&old, &new).iter().map(|n| n.reason).collect();
+        assert_eq!(reasons, ["EngineRestarted", "PulseRed", "Scheduled"]);
+        assert!(model_events(&new, &new).is_empty(), "no change, no event");
+        let reasons: Vec<_> = model_events(&new, &old).iter().map(|n| n.reason).collect();
+        assert_eq!(reasons, ["PulseGreen", "Unscheduled"]);
+    }
+}

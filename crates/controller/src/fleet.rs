@@ -1,0 +1,319 @@
+//! The controller's live view of every agent: one task per MetalNode keeps a Watch stream open,
+//! mirrors the agent's model states, and reports each change so the affected MetalModels (and
+//! the MetalNode) are reconciled at once. Health flows in by push; nothing here polls it.
+//!
+//! A lost stream does not make a node unreachable at once: for a grace period the last known
+//! state stands (a controller or network blip must not pull traffic from healthy Macs); when it
+//! ends, the node is unreachable and everything on it is reconciled again.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use metalkube_proto as pb;
+use tokio::sync::mpsc;
+
+use crate::agent_client::{AgentClient, ClientSettings};
+use crate::metrics::{Metrics, NodeLabels};
+
+/// What the controller knows of one agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentView {
+    pub connected: bool,
+    /// Connected at least once since the controller started.
+    pub ever_connected: bool,
+    /// Since when the agent has been out of reach; for a node never reached, since the link
+    /// was started.
+    pub lost_since: Option<Instant>,
+    pub info: Option<pb::InfoResponse>,
+    /// `namespace/name` → the agent's last report.
+    pub models: BTreeMap<String, pb::ModelState>,
+    pub last_heartbeat: Option<Time>,
+    pub last_error: Option<String>,
+}
+
+impl AgentView {
+    /// Reachable, or lost for less than the grace period.
+    pub fn reachable(&self, grace: Duration, now: Instant) -> bool {
+        self.connected || self.lost_since.is_some_and(|t| now.saturating_duration_since(t) < grace)
+    }
+
+    /// Still within the first connection attempt's grace: too early to act on its absence.
+    pub fn first_contact_pending(&self, grace: Duration, now: Instant) -> bool {
+        !self.ever_connected && self.reachable(grace, now)
+    }
+}
+
+/// Something changed on `node`; `models` are the keys whose reports changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetChange {
+    pub node: String,
+    pub models: BTreeSet<String>,
+}
+
+struct Link {
+    endpoint: String,
+    client: Option<Arc<AgentClient>>,
+    view: Arc<RwLock<AgentView>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+pub struct Fleet {
+    settings: ClientSettings,
+    grace: Duration,
+    heartbeat: Duration,
+    metrics: Arc<Metrics>,
+    links: Mutex<HashMap<String, Link>>,
+    changes: mpsc::UnboundedSender<FleetChange>,
+}
+
+fn key_of(m: Option<&pb::ModelRef>) -> String {
+    m.map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default()
+}
+
+fn now_time() -> Time {
+    Time(Timestamp::now())
+}
+
+impl Fleet {
+    pub fn new(
+        settings: ClientSettings,
+        grace: Duration,
+        heartbeat: Duration,
+        metrics: Arc<Metrics>,
+    ) -> (Arc<Self>, mpsc::UnboundedReceiver<FleetChange>) {
+        let (changes, rx) = mpsc::unbounded_channel();
+        let fleet = Arc::new(Self { settings, grace, heartbeat, metrics, links: Mutex::new(HashMap::new()), changes });
+        (fleet, rx)
+    }
+
+    pub fn grace(&self) -> Duration {
+        self.grace
+    }
+
+    /// Makes the links match the MetalNodes: (name, agentEndpoint) pairs.
+    pub fn sync(&self, nodes: &[(String, String)]) {
+        let Ok(mut links) = self.links.lock() else { return };
+        let wanted: HashMap<&str, &str> = nodes.iter().map(|(n, e)| (n.as_str(), e.as_str())).collect();
+        let gone: Vec<String> = links
+            .iter()
+            .filter(|(name, link)| wanted.get(name.as_str()) != Some(&link.endpoint.as_str()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(link) = links.remove(&name) {
+                link.task.abort();
+                let models = link.view.read().map(|v| v.models.keys().cloned().collect()).unwrap_or_default();
+                self.metrics.forget_node(&name);
+                let _ = self.changes.send(FleetChange { node: name, models });
+            }
+        }
+        for (name, endpoint) in wanted {
+            if !links.contains_key(name) {
+                links.insert(name.to_owned(), self.start_link(name, endpoint));
+            }
+        }
+    }
+
+    fn start_link(&self, node: &str, endpoint: &str) -> Link {
+        let view = Arc::new(RwLock::new(AgentView { lost_since: Some(Instant::now()), ..AgentView::default() }));
+        let up = NodeLabels { node: node.to_owned() };
+        self.metrics.agent_stream_up.get_or_create(&up).set(0);
+        match AgentClient::new(node, endpoint, &self.settings, self.metrics.clone()) {
+            Ok(client) => {
+                let client = Arc::new(client);
+                let session = Session {
+                    node: node.to_owned(),
+                    client: client.clone(),
+                    view: view.clone(),
+                    changes: self.changes.clone(),
+                    grace: self.grace,
+                    heartbeat: self.heartbeat,
+                    metrics: self.metrics.clone(),
+                };
+                let task = tokio::spawn(session.run());
+                // A node never reached is looked at again when its first grace period ends.
+                let (first, changes, name, grace) = (view.clone(), self.changes.clone(), node.to_owned(), self.grace);
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    if first.read().is_ok_and(|v| !v.ever_connected) {
+                        let _ = changes.send(FleetChange { node: name, models: BTreeSet::new() });
+                    }
+                });
+                Link { endpoint: endpoint.to_owned(), client: Some(client), view, task }
+            }
+            Err(e) => {
+                tracing::error!(node, "{e}");
+                if let Ok(mut v) = view.write() {
+                    v.last_error = Some(e.to_string());
+                }
+                let _ = self.changes.send(FleetChange { node: node.to_owned(), models: BTreeSet::new() });
+                Link { endpoint: endpoint.to_owned(), client: None, view, task: tokio::spawn(async {}) }
+            }
+        }
+    }
+
+    pub fn client(&self, node: &str) -> Option<Arc<AgentClient>> {
+        self.links.lock().ok()?.get(node)?.client.clone()
+    }
+
+    pub fn view(&self, node: &str) -> Option<AgentView> {
+        let links = self.links.lock().ok()?;
+        let view = links.get(node)?.view.read().ok()?.clone();
+        Some(view)
+    }
+
+    pub fn views(&self) -> BTreeMap<String, AgentView> {
+        let Ok(links) = self.links.lock() else { return BTreeMap::new() };
+        links.iter().filter_map(|(name, link)| Some((name.clone(), link.view.read().ok()?.clone()))).collect()
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        if let Ok(links) = self.links.lock() {
+            for link in links.values() {
+                link.task.abort();
+            }
+        }
+    }
+}
+
+/// One agent's stream, reconnected with backoff for as long as its MetalNode exists.
+struct Session {
+    node: String,
+    client: Arc<AgentClient>,
+    view: Arc<RwLock<AgentView>>,
+    changes: mpsc::UnboundedSender<FleetChange>,
+    grace: Duration,
+    heartbeat: Duration,
+    metrics: Arc<Metrics>,
+}
+
+impl Session {
+    async fn run(self) {
+        let builder = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(200))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times();
+        let mut delays = builder.build();
+        loop {
+            let result = self.stream().await;
+            let was_connected = self.lose(result.err().map(|e| e.to_string()));
+            if was_connected {
+                delays = builder.build();
+            }
+            tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
+        }
+    }
+
+    fn notify(&self, models: BTreeSet<String>) {
+        let _ = self.changes.send(FleetChange { node: self.node.clone(), models });
+    }
+
+    fn set_up(&self, up: bool) {
+        self.metrics.agent_stream_up.get_or_create(&NodeLabels { node: self.node.clone() }).set(i64::from(up));
+    }
+
+    /// Marks the stream lost; returns whether it had been connected.
+    fn lose(&self, error: Option<String>) -> bool {
+        let Ok(mut v) = self.view.write() else { return false };
+        let was = v.connected;
+        v.last_error = error.or_else(|| Some("the agent closed the stream".into()));
+        if was {
+            v.connected = false;
+            let since = Instant::now();
+            v.lost_since = Some(since);
+            tracing::warn!(node = %self.node, error = ?v.last_error, "agent stream lost; grace period started");
+            let models: BTreeSet<String> = v.models.keys().cloned().collect();
+            drop(v);
+            self.set_up(false);
+            self.notify(models.clone());
+            // When the grace period ends, everything on the node is looked at again.
+            let (view, changes, node, grace) = (self.view.clone(), self.changes.clone(), self.node.clone(), self.grace);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let still_lost = view.read().is_ok_and(|v| v.lost_since == Some(since));
+                if still_lost {
+                    let _ = changes.send(FleetChange { node, models });
+                }
+            });
+        }
+        was
+    }
+
+    async fn stream(&self) -> Result<(), crate::ControllerError> {
+        let info = self.client.info().await?;
+        let mut stream = self.client.watch().await?;
+        if let Ok(mut v) = self.view.write() {
+            v.info = Some(info);
+            v.last_heartbeat = Some(now_time());
+        }
+        let mut tick = tokio::time::interval(self.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                message = stream.message() => {
+                    let event = match message {
+                        Ok(Some(event)) => event,
+                        Ok(None) => return Ok(()),
+                        Err(status) => return Err(crate::ControllerError::Agent {
+                            node: self.node.clone(),
+                            message: format!("Watch stream: {:?}: {}", status.code(), status.message()),
+                        }),
+                    };
+                    self.apply(event);
+                }
+                _ = tick.tick() => {
+                    let info = self.client.info().await?;
+                    if let Ok(mut v) = self.view.write() {
+                        v.info = Some(info);
+                        v.last_heartbeat = Some(now_time());
+                    }
+                    self.notify(BTreeSet::new());
+                }
+            }
+        }
+    }
+
+    fn apply(&self, event: pb::WatchEvent) {
+        let Ok(mut v) = self.view.write() else { return };
+        let mut touched = BTreeSet::new();
+        match event.event {
+            Some(pb::watch_event::Event::Snapshot(snapshot)) => {
+                let fresh: BTreeMap<String, pb::ModelState> =
+                    snapshot.models.into_iter().map(|m| (key_of(m.model.as_ref()), m)).collect();
+                touched.extend(v.models.keys().cloned());
+                touched.extend(fresh.keys().cloned());
+                v.models = fresh;
+                if !v.connected {
+                    tracing::info!(node = %self.node, models = v.models.len(), "agent stream connected");
+                }
+                v.connected = true;
+                v.ever_connected = true;
+                v.lost_since = None;
+                v.last_error = None;
+                v.last_heartbeat = Some(now_time());
+                self.set_up(true);
+            }
+            Some(pb::watch_event::Event::Changed(state)) => {
+                let key = key_of(state.model.as_ref());
+                touched.insert(key.clone());
+                v.models.insert(key, state);
+            }
+            Some(pb::watch_event::Event::Removed(model)) => {
+                let key = key_of(Some(&model));
+                v.models.remove(&key);
+                touched.insert(key);
+            }
+            None => {}
+        }
+        drop(v);
+        self.notify(touched);
+    }
+}

@@ -1,0 +1,123 @@
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use metalkube_controller::agent_client::{ClientSettings, ClientTls};
+use metalkube_controller::http::{HttpState, router};
+use metalkube_controller::metrics::Metrics;
+use metalkube_controller::{Settings, run};
+
+/// Reconciles MetalModels onto MetalNodes (Macs running metalkube-agent).
+#[derive(Parser)]
+#[command(version)]
+struct Args {
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080", env = "METALKUBE_CONTROLLER_LISTEN")]
+    listen: String,
+    /// CA that signs the agents' certificates (PEM).
+    #[arg(long, env = "METALKUBE_AGENT_CA", required_unless_present = "insecure")]
+    agent_ca: Option<PathBuf>,
+    /// The controller's client certificate for agents (PEM).
+    #[arg(long, env = "METALKUBE_CLIENT_CERT", required_unless_present = "insecure")]
+    client_cert: Option<PathBuf>,
+    /// The controller's client key (PEM).
+    #[arg(long, env = "METALKUBE_CLIENT_KEY", required_unless_present = "insecure")]
+    client_key: Option<PathBuf>,
+    /// Plaintext gRPC to agents (http:// endpoints). Local development only.
+    #[arg(long)]
+    insecure: bool,
+    /// How long an agent's stream may be lost before its endpoints turn not ready.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    grace_period: Duration,
+    /// How often a connected agent's Info (capacity, heartbeat) is refreshed.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+    /// Deadline of one gRPC call to an agent.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    call_timeout: Duration,
+    /// HTTP/2 keep-alive ping interval towards agents.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    keepalive: Duration,
+    #[arg(long, default_value = "metalkube-controller")]
+    lease_name: String,
+    /// Namespace of the leader Lease; default: the pod's namespace, else `default`.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// This replica's identity in the Lease; default: the host name plus a random suffix.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let tls = if args.insecure {
+        tracing::warn!("--insecure: agents are driven over plaintext gRPC without authentication");
+        None
+    } else {
+        let (Some(ca), Some(cert), Some(key)) = (&args.agent_ca, &args.client_cert, &args.client_key) else {
+            bail!("--agent-ca, --client-cert and --client-key are required unless --insecure");
+        };
+        Some(ClientTls {
+            ca_pem: read(ca, "--agent-ca")?,
+            cert_pem: read(cert, "--client-cert")?,
+            key_pem: read(key, "--client-key")?,
+        })
+    };
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "metalkube-controller".into());
+        format!("{host}-{:08x}", rand::random::<u32>())
+    });
+    let settings = Settings {
+        agents: ClientSettings {
+            tls,
+            call_timeout: args.call_timeout,
+            keepalive_interval: args.keepalive,
+            ..ClientSettings::default()
+        },
+        grace_period: args.grace_period,
+        heartbeat: args.heartbeat,
+        lease_namespace: args.lease_namespace.clone(),
+        lease_name: args.lease_name.clone(),
+        lease_duration: args.lease_duration,
+        identity,
+    };
+    let client =
+        kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
+    let metrics = Metrics::new();
+    let leading = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    tracing::info!("controller HTTP on http://{}/ (metrics, healthz, readyz)", listener.local_addr()?);
+    let app = router(HttpState { metrics: metrics.clone(), leading: leading.clone() });
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("controller HTTP: {e}");
+        }
+    });
+    let shutdown = async {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            return std::future::pending().await;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+    };
+    run(client, settings, metrics, leading, shutdown).await.context("controller stopped")?;
+    Ok(())
+}

@@ -1,0 +1,100 @@
+//! The controller's Prometheus metrics (prefix `metalkube_controller_`), in OpenMetrics text.
+//! Labels are bounded: results and error kinds are fixed sets, nodes are the MetalNodes.
+
+use std::sync::{Arc, Mutex};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `kube`, `agent`, `circuit_open`, `model`, `finalizer`.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    pub node: String,
+    /// `Info`, `EnsureModel`, `StopModel`, `Watch`.
+    pub method: String,
+    /// gRPC status code name, `OK` on success.
+    pub code: String,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    pub reconciles: Family<ResultLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Histogram,
+    pub agent_stream_up: Family<NodeLabels, Gauge>,
+    pub agent_circuit_state: Family<NodeLabels, Gauge>,
+    pub agent_calls: Family<CallLabels, Counter>,
+    pub leader: Gauge,
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let m = Self {
+            registry: Mutex::new(Registry::with_prefix("metalkube_controller")),
+            reconciles: Family::default(),
+            reconcile_errors: Family::default(),
+            reconcile_duration: duration_histogram(),
+            agent_stream_up: Family::default(),
+            agent_circuit_state: Family::default(),
+            agent_calls: Family::default(),
+            leader: Gauge::default(),
+        };
+        if let Ok(mut r) = m.registry.lock() {
+            r.register("reconciles", "MetalModel reconciles by result", m.reconciles.clone());
+            r.register("reconcile_errors", "Failed reconciles by kind of error", m.reconcile_errors.clone());
+            r.register_with_unit(
+                "reconcile_duration",
+                "Time one MetalModel reconcile took",
+                Unit::Seconds,
+                m.reconcile_duration.clone(),
+            );
+            r.register("agent_stream_up", "1 while the agent's Watch stream is connected", m.agent_stream_up.clone());
+            r.register(
+                "agent_circuit_state",
+                "Circuit breaker towards the agent: 0 closed, 1 half-open, 2 open",
+                m.agent_circuit_state.clone(),
+            );
+            r.register("agent_calls", "gRPC calls to agents by method and status code", m.agent_calls.clone());
+            r.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
+        }
+        Arc::new(m)
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Ok(r) = self.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
+        }
+        out
+    }
+
+    pub fn forget_node(&self, node: &str) {
+        let labels = NodeLabels { node: node.to_owned() };
+        self.agent_stream_up.remove(&labels);
+        self.agent_circuit_state.remove(&labels);
+    }
+}

@@ -1,0 +1,188 @@
+//! A MetalModel's status and endpoints from what its agents report: pure, so what the cluster
+//! is told can be tested without a cluster.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use metalkube_api::{Grade, MetalModelStatus, Phase, ReplicaStatus};
+use metalkube_proto as pb;
+
+use crate::conditions::{Observation, ReplicaView, compute_conditions};
+use crate::endpoints::EndpointReplica;
+use crate::placement::Unscheduled;
+
+/// One node's share of a model, as the controller sees it.
+#[derive(Debug, Clone)]
+pub struct ReplicaInput<'a> {
+    pub node: &'a str,
+    /// The MetalNode's `servingAddress`.
+    pub address: &'a str,
+    /// Reachable, or lost for less than the grace period.
+    pub reachable: bool,
+    /// Placement wants the model here; false means it is being stopped.
+    pub assigned: bool,
+    /// The agent's last report; None before the agent has heard of the model.
+    pub state: Option<&'a pb::ModelState>,
+}
+
+pub fn parse_phase(s: &str) -> Phase {
+    Phase::ALL.into_iter().find(|p| p.as_str() == s).unwrap_or(Phase::Pending)
+}
+
+pub fn parse_grade(s: &str) -> Option<Grade> {
+    match s {
+        "Green" => Some(Grade::Green),
+        "Yellow" => Some(Grade::Yellow),
+        "Red" => Some(Grade::Red),
+        _ => None,
+    }
+}
+
+fn view(r: &ReplicaInput<'_>) -> ReplicaView {
+    let s = r.state;
+    ReplicaView {
+        node: r.node.to_owned(),
+        agent_reachable: r.reachable,
+        phase: s.map_or(Phase::Pending, |s| parse_phase(&s.phase)),
+        grade: s.and_then(|s| parse_grade(&s.grade)),
+        saturated: s.is_some_and(|s| s.saturated),
+        last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
+    }
+}
+
+pub struct ModelObservation<'a> {
+    pub generation: Option<i64>,
+    pub desired_replicas: u32,
+    pub unscheduled: Option<&'a Unscheduled>,
+    pub replicas: &'a [ReplicaInput<'a>],
+    pub memory_bytes: Option<u64>,
+}
+
+pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now: &Time) -> MetalModelStatus {
+    let assigned: Vec<(&ReplicaInput<'_>, ReplicaView)> =
+        obs.replicas.iter().filter(|r| r.assigned).map(|r| (r, view(r))).collect();
+    let views: Vec<ReplicaView> = assigned.iter().map(|(_, v)| v.clone()).collect();
+    let conditions = compute_conditions(
+        &Observation { desired_replicas: obs.desired_replicas, unscheduled: obs.unscheduled, replicas: &views },
+        &previous.conditions,
+        obs.generation,
+        now,
+    );
+    let replicas: Vec<ReplicaStatus> = assigned
+        .iter()
+        .map(|(r, v)| ReplicaStatus {
+            node: r.node.to_owned(),
+            address: Some(r.address.to_owned()),
+            port: r.state.and_then(|s| u16::try_from(s.serving_port).ok()).filter(|p| *p > 0),
+            phase: v.phase,
+            ready: v.is_ready(),
+            grade: v.grade,
+            pulse_seconds: r.state.map(|s| s.pulse_seconds).filter(|p| *p > 0.0),
+            queue_depth: r.state.map_or(0, |s| s.queue_depth),
+            in_flight: r.state.map_or(0, |s| s.in_flight),
+            restarts: r.state.map_or(0, |s| s.restarts),
+            message: if r.reachable { v.last_error.clone() } else { Some("agent unreachable".to_owned()) },
+        })
+        .collect();
+    MetalModelStatus {
+        observed_generation: obs.generation,
+        ready_replicas: replicas.iter().filter(|r| r.ready).count() as u32,
+        grade: replicas.iter().filter_map(|r| r.grade).max(),
+        pulse_seconds: replicas.iter().filter_map(|r| r.pulse_seconds).reduce(f64::max),
+        queue_depth: replicas.iter().map(|r| r.queue_depth).sum(),
+        restarts: replicas.iter().map(|r| r.restarts).sum(),
+        memory_bytes: obs.memory_bytes,
+        replicas,
+        conditions,
+    }
+}
+
+/// Endpoints for every replica with a serving port, including those being stopped.
+pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> {
+    replicas
+        .iter()
+        .filter_map(|r| {
+            let s = r.state?;
+            let port = u16::try_from(s.serving_port).ok().filter(|p| *p > 0)?;
+            let v = view(r);
+            let process_up = r.reachable && matches!(v.phase, Phase::Serving | Phase::Degraded);
+            Some(EndpointReplica {
+                node: r.node.to_owned(),
+                address: r.address.to_owned(),
+                port,
+                ready: r.assigned && v.is_ready(),
+                serving: process_up,
+                terminating: !r.assigned,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn state(phase: &str, grade: &str, port: u32) -> pb::ModelState {
+        pb::ModelState {
+            phase: phase.into(),
+            grade: grade.into(),
+            serving_port: port,
+            pulse_seconds: 0.2,
+            restarts: 1,
+            queue_depth: 2,
+            ..Default::default()
+        }
+    }
+
+    fn now() -> Time {
+        Time(Timestamp::from_second(1_000).unwrap())
+    }
+
+    #[test]
+    fn summarizes_worst_grade_slowest_pulse_and_sums() {
+        let (a, b) = (state("Serving", "Green", 8080), state("Degraded", "Red", 8081));
+        let replicas = [
+            ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) },
+            ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: true, state: Some(&b) },
+        ];
+        let obs = ModelObservation {
+            generation: Some(3),
+            desired_replicas: 2,
+            unscheduled: None,
+            replicas: &replicas,
+            memory_bytes: Some(42),
+        };
+        let s = model_status(&obs, &MetalModelStatus::default(), &now());
+        assert_eq!((s.ready_replicas, s.grade, s.restarts, s.queue_depth), (1, Some(Grade::Red), 2, 4));
+        assert_eq!(s.observed_generation, Some(3));
+        let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PulseRed"));
+        let eps = endpoint_replicas(&replicas);
+        assert_eq!(eps.iter().map(|e| (e.ready, e.serving)).collect::<Vec<_>>(), [(true, true), (false, true)]);
+    }
+
+    #[test]
+    fn unreachable_and_leaving_replicas_are_not_ready() {
+        let a = state("Serving", "Green", 8080);
+        let replicas = [
+            ReplicaInput { node: "a", address: "10.0.0.1", reachable: false, assigned: true, state: Some(&a) },
+            ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: false, state: Some(&a) },
+        ];
+        let obs = ModelObservation {
+            generation: Some(1),
+            desired_replicas: 1,
+            unscheduled: None,
+            replicas: &replicas,
+            memory_bytes: None,
+        };
+        let s = model_status(&obs, &MetalModelStatus::default(), &now());
+        assert_eq!(s.replicas.len(), 1, "a leaving replica is not a replica any more");
+        assert_eq!(s.ready_replicas, 0);
+        let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        assert_eq!(degraded.reason, "AgentUnreachable");
+        let eps = endpoint_replicas(&replicas);
+        assert_eq!(
+            eps.iter().map(|e| (e.ready, e.serving, e.terminating)).collect::<Vec<_>>(),
+            [(false, false, false), (false, true, true)]
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! MetalNodes: keeping one agent link per node, writing each node's status from its agent, and
+//! turning agent changes into reconciles of the MetalModels they touch.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
+use kube::runtime::{WatchStreamExt, reflector, watcher};
+use kube::{Client, Resource, ResourceExt};
+use metalkube_api::{MetalModel, MetalNode, MetalNodeStatus};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::events::node_events;
+use crate::fleet::{Fleet, FleetChange};
+use crate::node_status::node_status;
+use crate::reconcile::FIELD_MANAGER;
+
+/// A heartbeat alone is written at most this often; any other change at once.
+const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
+
+/// What of a MetalNode placement and the links depend on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeShape {
+    endpoint: String,
+    generation: Option<i64>,
+    labels: BTreeMap<String, String>,
+}
+
+fn shape(n: &MetalNode) -> NodeShape {
+    NodeShape { endpoint: n.spec.agent_endpoint.clone(), generation: n.metadata.generation, labels: n.labels().clone() }
+}
+
+fn model_ref(key: &str) -> Option<ObjectRef<MetalModel>> {
+    let (ns, name) = key.split_once('/')?;
+    Some(ObjectRef::new(name).within(ns))
+}
+
+fn all_models(models: &Store<MetalModel>) -> Vec<ObjectRef<MetalModel>> {
+    models.state().iter().map(|m| ObjectRef::from_obj(m.as_ref())).collect()
+}
+
+/// Mirrors MetalNodes into `writer`, keeps the fleet's links in step, and has every model
+/// reconciled when the set of nodes or their specs change (placement may move).
+pub async fn watch_nodes(
+    client: Client,
+    writer: Writer<MetalNode>,
+    reader: Store<MetalNode>,
+    fleet: Arc<Fleet>,
+    models: Store<MetalModel>,
+    triggers: mpsc::UnboundedSender<ObjectRef<MetalModel>>,
+    node_status: mpsc::UnboundedSender<String>,
+) {
+    let api: Api<MetalNode> = Api::all(client);
+    let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff()).touched_objects();
+    let mut stream = std::pin::pin!(stream);
+    let mut seen: BTreeMap<String, NodeShape> = BTreeMap::new();
+    loop {
+        match stream.try_next().await {
+            Ok(Some(node)) => {
+                let _ = node_status.send(node.name_any());
+                // Status writes (ours, every heartbeat) come back here too; only a change of
+                // the nodes themselves can move placement.
+                let now: BTreeMap<String, NodeShape> =
+                    reader.state().iter().map(|n| (n.name_any(), shape(n))).collect();
+                if now == seen {
+                    continue;
+                }
+                let pairs: Vec<(String, String)> =
+                    now.iter().map(|(name, s)| (name.clone(), s.endpoint.clone())).collect();
+                fleet.sync(&pairs);
+                seen = now;
+                for m in all_models(&models) {
+                    let _ = triggers.send(m);
+                }
+            }
+            Ok(None) => return,
+            Err(e) => tracing::warn!("watching MetalNodes: {e}"),
+        }
+    }
+}
+
+/// Fans agent changes out: the node's status, the models named, and, when something that may
+/// free or take room changed, the models still waiting for a node.
+pub async fn dispatch_fleet_changes(
+    mut changes: mpsc::UnboundedReceiver<FleetChange>,
+    models: Store<MetalModel>,
+    triggers: mpsc::UnboundedSender<ObjectRef<MetalModel>>,
+    node_status: mpsc::UnboundedSender<String>,
+) {
+    while let Some(change) = changes.recv().await {
+        let _ = node_status.send(change.node.clone());
+        let mut refs: std::collections::HashSet<ObjectRef<MetalModel>> =
+            change.models.iter().filter_map(|k| model_ref(k)).collect();
+        // Room may have appeared or a node may have (re)connected: models placed on it but not
+        // yet known to its agent, and models without a node, are due a look.
+        for m in models.state() {
+            let waiting = m.status.as_ref().is_none_or(|s| {
+                s.conditions.iter().any(|c| c.type_ == "Scheduled" && c.status != "True")
+                    || s.replicas.iter().any(|r| r.node == change.node)
+            });
+            if waiting {
+                refs.insert(ObjectRef::from_obj(m.as_ref()));
+            }
+        }
+        for r in refs {
+            let _ = triggers.send(r);
+        }
+    }
+}
+
+/// Writes MetalNode status from the fleet, one node at a time as changes arrive.
+pub async fn write_node_statuses(
+    client: Client,
+    fleet: Arc<Fleet>,
+    nodes: Store<MetalNode>,
+    recorder: Recorder,
+    mut requests: mpsc::UnboundedReceiver<String>,
+) {
+    let api: Api<MetalNode> = Api::all(client);
+    let mut last_write: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    while let Some(first) = requests.recv().await {
+        let mut due = BTreeSet::from([first]);
+        while let Ok(more) = requests.try_recv() {
+            due.insert(more);
+        }
+        for name in due {
+            let Some(node) = nodes.get(&ObjectRef::new(&name)) else { continue };
+            let Some(view) = fleet.view(&name) else { continue };
+            let previous = node.status.clone().unwrap_or_default();
+            let reachable = view.reachable(fleet.grace(), Instant::now());
+            let status = node_status(&view, reachable, &previous, &Time(Timestamp::now()));
+            let heartbeat_only =
+                MetalNodeStatus { last_heartbeat: previous.last_heartbeat.clone(), ..status.clone() } == previous;
+            let stale = last_write.get(&name).is_none_or(|t| t.elapsed() >= HEARTBEAT_WRITE);
+            if status == previous || (heartbeat_only && !stale) {
+                continue;
+            }
+            let body = json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode", "status": status});
+            match api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
+                Ok(_) => {
+                    last_write.insert(name.clone(), Instant::now());
+                }
+                Err(e) => {
+                    tracing::warn!(node = %name, "writing MetalNode status: {e}");
+                    continue;
+                }
+            }
+            for n in node_events(&previous, &status) {
+                let event = Event {
+                    type_: if n.warning { EventType::Warning } else { EventType::Normal },
+                    reason: n.reason.to_owned(),
+                    note: Some(n.message),
+                    action: n.action.to_owned(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&event, &node.object_ref(&())).await {
+                    tracing::warn!("publishing event {}: {e}", event.reason);
+                }
+            }
+        }
+    }
+}

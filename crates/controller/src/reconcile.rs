@@ -1,0 +1,411 @@
+//! The MetalModel reconciler: place replicas, tell agents what to run, and write back what they
+//! report (status, Service, EndpointSlices, Events). The decisions are the pure functions of
+//! `placement`, `model_status`, `endpoints` and `events`; this module is the IO around them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{self, finalizer};
+use kube::runtime::reflector::Store;
+use kube::{Client, Resource, ResourceExt};
+use metalkube_api::{MetalModel, MetalModelStatus, MetalNode};
+use metalkube_proto as pb;
+use serde_json::json;
+
+use crate::ControllerError;
+use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, service};
+use crate::events::{Note, model_events};
+use crate::fleet::{AgentView, Fleet};
+use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
+use crate::model_status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
+use crate::placement::{Assignments, ModelDemand, NodeView, place};
+
+/// Held while engines may still run for the model somewhere.
+pub const FINALIZER: &str = "metalkube.dev/engines";
+pub const FIELD_MANAGER: &str = "metalkube-controller";
+/// How often a model with nothing going on is looked at anyway.
+const RESYNC: Duration = Duration::from_secs(300);
+
+pub struct Context {
+    pub client: Client,
+    pub fleet: Arc<Fleet>,
+    pub nodes: Store<MetalNode>,
+    pub models: Store<MetalModel>,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        fleet: Arc<Fleet>,
+        nodes: Store<MetalNode>,
+        models: Store<MetalModel>,
+        recorder: Recorder,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self { client, fleet, nodes, models, recorder, metrics, failures: Mutex::new(HashMap::new()) }
+    }
+}
+
+pub fn model_key(m: &MetalModel) -> String {
+    format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any())
+}
+
+fn error_kind(e: &ControllerError) -> &'static str {
+    match e {
+        ControllerError::Kube(_) => "kube",
+        ControllerError::Agent { .. } | ControllerError::BadEndpoint { .. } | ControllerError::Tls(_) => "agent",
+        ControllerError::CircuitOpen { .. } => "circuit_open",
+        ControllerError::Model { .. } => "model",
+        ControllerError::Finalizer(_) | ControllerError::Lease { .. } => "finalizer",
+    }
+}
+
+pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
+    let started = Instant::now();
+    let key = model_key(&model);
+    let api: Api<MetalModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let result = finalizer(&api, FINALIZER, model, |event| async {
+        match event {
+            finalizer::Event::Apply(m) => apply(&m, &ctx).await,
+            finalizer::Event::Cleanup(m) => cleanup(&m, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| match e {
+        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => ControllerError::Kube(e),
+        other => ControllerError::Finalizer(other.to_string()),
+    });
+    ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    let label = if result.is_ok() { "ok" } else { "error" };
+    ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label.into() }).inc();
+    match &result {
+        Ok(_) => {
+            if let Ok(mut f) = ctx.failures.lock() {
+                f.remove(&key);
+            }
+        }
+        Err(e) => {
+            ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: error_kind(e).into() }).inc();
+        }
+    }
+    result
+}
+
+/// Failed reconciles come back with exponential backoff (0.5 s doubling to 1 min, jittered).
+pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Context>) -> Action {
+    let key = model_key(&model);
+    let attempt = ctx.failures.lock().map_or(1, |mut f| {
+        let n = f.entry(key.clone()).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
+    let delay = retry_delay(attempt, rand::random::<f64>());
+    tracing::warn!(model = %key, attempt, retry_in = ?delay, "reconcile failed: {error}");
+    Action::requeue(delay)
+}
+
+/// The delay after `attempt` consecutive failures; `jitter` in [0, 1) spreads it by up to 20%.
+pub fn retry_delay(attempt: u32, jitter: f64) -> Duration {
+    let base = 0.5 * 2f64.powi(i32::try_from(attempt.saturating_sub(1).min(16)).unwrap_or(16));
+    Duration::from_secs_f64(base.min(60.0) * (1.0 + 0.2 * jitter.clamp(0.0, 1.0)))
+}
+
+/// Memory one replica needs, as an agent estimated it for this generation; else what the
+/// status recorded for it.
+fn memory_estimate(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
+    let key = model_key(m);
+    let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
+    views
+        .values()
+        .filter_map(|v| v.models.get(&key))
+        .filter(|s| s.uid == uid && s.generation == generation && s.memory_bytes > 0)
+        .map(|s| s.memory_bytes)
+        .max()
+        .or_else(|| {
+            let status = m.status.as_ref()?;
+            if status.observed_generation == Some(generation) { status.memory_bytes } else { None }
+        })
+}
+
+fn holders(key: &str, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
+    views.iter().filter(|(_, v)| v.models.contains_key(key)).map(|(n, _)| n.clone()).collect()
+}
+
+fn ensure_request(m: &MetalModel) -> Result<pb::EnsureModelRequest, ControllerError> {
+    let spec_json = serde_json::to_string(&m.spec)
+        .map_err(|e| ControllerError::Model { key: model_key(m), message: format!("spec does not serialize: {e}") })?;
+    Ok(pb::EnsureModelRequest {
+        model: Some(pb::ModelRef { namespace: m.namespace().unwrap_or_default(), name: m.name_any() }),
+        uid: m.uid().unwrap_or_default(),
+        generation: m.metadata.generation.unwrap_or(0),
+        spec_json,
+    })
+}
+
+async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
+    let _ = ctx.nodes.wait_until_ready().await;
+    let _ = ctx.models.wait_until_ready().await;
+    let (now, grace) = (Instant::now(), ctx.fleet.grace());
+    let views = ctx.fleet.views();
+    let nodes = ctx.nodes.state();
+    // Before an agent has had its first chance to connect, its absence means nothing yet:
+    // acting on it would pull healthy endpoints after every controller restart.
+    if views.values().any(|v| v.first_contact_pending(grace, now)) {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let key = model_key(model);
+
+    let mut models: Vec<Arc<MetalModel>> = ctx
+        .models
+        .state()
+        .into_iter()
+        .filter(|m| m.meta().deletion_timestamp.is_none() && model_key(m) != key)
+        .collect();
+    models.push(Arc::new(model.clone()));
+    let demands: Vec<ModelDemand> = models
+        .iter()
+        .map(|m| ModelDemand {
+            key: model_key(m),
+            replicas: m.spec.replicas,
+            node_selector: m.spec.node_selector.clone(),
+            memory_bytes: memory_estimate(m, &views).unwrap_or(0),
+        })
+        .collect();
+    let node_views: Vec<NodeView> = nodes
+        .iter()
+        .map(|n| {
+            let view = views.get(&n.name_any());
+            NodeView {
+                name: n.name_any(),
+                labels: n.labels().clone(),
+                unschedulable: n.spec.unschedulable,
+                ready: view.is_some_and(|v| v.connected),
+                memory_budget_bytes: view
+                    .and_then(|v| v.info.as_ref().map(|i| i.memory_budget_bytes))
+                    .or_else(|| n.status.as_ref()?.capacity.as_ref().map(|c| c.memory_budget_bytes))
+                    .unwrap_or(0),
+            }
+        })
+        .collect();
+    let current: Assignments = models
+        .iter()
+        .map(|m| {
+            let k = model_key(m);
+            let mut on = holders(&k, &views);
+            on.extend(m.status.iter().flat_map(|s| s.replicas.iter().map(|r| r.node.clone())));
+            (k, on)
+        })
+        .collect();
+    let placement = place(&demands, &node_views, &current);
+    let assigned = placement.assignments.get(&key).cloned().unwrap_or_default();
+
+    // Tell the agents. One unreachable agent must not keep the others from being told, so
+    // failures are collected and reported after the status is written.
+    let mut failures: Vec<ControllerError> = Vec::new();
+    let generation = model.metadata.generation.unwrap_or(0);
+    let uid = model.uid().unwrap_or_default();
+    for node in &assigned {
+        let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
+        let current = view.models.get(&key);
+        if !view.connected || current.is_some_and(|s| s.uid == uid && s.generation >= generation) {
+            continue;
+        }
+        if let Err(e) = client.ensure_model(ensure_request(model)?).await {
+            failures.push(e);
+        }
+    }
+    let leaving: Vec<String> = holders(&key, &views).into_iter().filter(|n| !assigned.contains(n)).collect();
+    for node in &leaving {
+        let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
+        if view.connected
+            && let Err(e) = client.stop_model(&model.namespace().unwrap_or_default(), &model.name_any()).await
+        {
+            failures.push(e);
+        }
+    }
+
+    // Observe: the views again, so what the agents answered just now counts.
+    let views = ctx.fleet.views();
+    let address = |node: &str| {
+        nodes.iter().find(|n| n.name_any() == node).map(|n| n.spec.serving_address.clone()).unwrap_or_default()
+    };
+    let addresses: BTreeMap<String, String> =
+        assigned.iter().chain(leaving.iter()).map(|n| (n.clone(), address(n))).collect();
+    let inputs: Vec<ReplicaInput<'_>> = addresses
+        .iter()
+        .map(|(node, address)| {
+            let view = views.get(node);
+            ReplicaInput {
+                node,
+                address,
+                reachable: view.is_some_and(|v| v.reachable(grace, now)),
+                assigned: assigned.contains(node),
+                state: view.and_then(|v| v.models.get(&key)),
+            }
+        })
+        .collect();
+    let previous = model.status.clone().unwrap_or_default();
+    let status = model_status(
+        &ModelObservation {
+            generation: model.metadata.generation,
+            desired_replicas: model.spec.replicas,
+            unscheduled: placement.unscheduled.get(&key),
+            replicas: &inputs,
+            memory_bytes: memory_estimate(model, &views),
+        },
+        &previous,
+        &Time(Timestamp::now()),
+    );
+    write_status(model, &status, &previous, ctx).await?;
+    write_endpoints(model, &inputs, ctx).await?;
+
+    if let Some(first) = failures.into_iter().next() {
+        return Err(first);
+    }
+    Ok(Action::requeue(RESYNC))
+}
+
+async fn publish(ctx: &Context, notes: Vec<Note>, reference: &k8s_openapi::api::core::v1::ObjectReference) {
+    for n in notes {
+        let event = Event {
+            type_: if n.warning { EventType::Warning } else { EventType::Normal },
+            reason: n.reason.to_owned(),
+            note: Some(n.message),
+            action: n.action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, reference).await {
+            tracing::warn!("publishing event {}: {e}", event.reason);
+        }
+    }
+}
+
+async fn write_status(
+    model: &MetalModel,
+    status: &MetalModelStatus,
+    previous: &MetalModelStatus,
+    ctx: &Context,
+) -> Result<(), ControllerError> {
+    if status == previous {
+        return Ok(());
+    }
+    let api: Api<MetalModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
+    let body = json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalModel", "status": status});
+    api.patch_status(&model.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
+    publish(ctx, model_events(previous, status), &model.object_ref(&())).await;
+    Ok(())
+}
+
+async fn write_endpoints(
+    model: &MetalModel,
+    inputs: &[ReplicaInput<'_>],
+    ctx: &Context,
+) -> Result<(), ControllerError> {
+    let ns = model.namespace().unwrap_or_default();
+    let name = model.name_any();
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    services.patch(&name, &apply, &Patch::Apply(&service(model))).await?;
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let wanted = endpoint_slices(model, &endpoint_replicas(inputs));
+    for slice in &wanted {
+        let slice_name = slice.metadata.name.clone().unwrap_or_default();
+        let current = slices.get_opt(&slice_name).await?;
+        if current.as_ref().is_some_and(|c| c.endpoints == slice.endpoints && c.ports == slice.ports) {
+            continue;
+        }
+        slices.patch(&slice_name, &apply, &Patch::Apply(slice)).await?;
+    }
+    delete_stale_slices(&slices, &name, &wanted).await
+}
+
+async fn delete_stale_slices(
+    slices: &Api<EndpointSlice>,
+    model: &str,
+    wanted: &[EndpointSlice],
+) -> Result<(), ControllerError> {
+    let selector = format!("{SERVICE_NAME_LABEL}={model},{MANAGED_BY_LABEL}={MANAGED_BY}");
+    for slice in slices.list(&ListParams::default().labels(&selector)).await?.items {
+        if !wanted.iter().any(|w| w.metadata.name == slice.metadata.name) {
+            delete_ignoring_missing(slices, &slice.name_any()).await?;
+        }
+    }
+    Ok(())
+}
+
+async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), ControllerError>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletion: stop the engines everywhere, then remove the Service and slices. An agent that
+/// holds the model but cannot be reached keeps the finalizer (its engine may still run) unless
+/// its MetalNode is gone.
+async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
+    let key = model_key(model);
+    let (ns, name) = (model.namespace().unwrap_or_default(), model.name_any());
+    let views = ctx.fleet.views();
+    let recorded: BTreeSet<String> =
+        model.status.iter().flat_map(|s| s.replicas.iter().map(|r| r.node.clone())).collect();
+    let mut on: BTreeSet<String> = holders(&key, &views);
+    on.extend(recorded.into_iter().filter(|n| views.contains_key(n)));
+    for node in &on {
+        let Some(client) = ctx.fleet.client(node) else { continue };
+        let connected = views.get(node).is_some_and(|v| v.connected);
+        if !connected {
+            return Err(ControllerError::Agent {
+                node: node.clone(),
+                message: format!("unreachable; {key} may still run there, so its finalizer stays"),
+            });
+        }
+        client.stop_model(&ns, &name).await?;
+    }
+    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    delete_stale_slices(&slices, &name, &[]).await?;
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    delete_ignoring_missing(&services, &name).await?;
+    publish(
+        ctx,
+        vec![Note {
+            warning: false,
+            reason: "Stopped",
+            action: "Delete",
+            message: format!("engines stopped on {} node(s); Service and EndpointSlices removed", on.len()),
+        }],
+        &model.object_ref(&()),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retry_delay;
+    use std::time::Duration;
+
+    #[test]
+    fn retry_delays_double_and_cap() {
+        assert_eq!(retry_delay(1, 0.0), Duration::from_millis(500));
+        assert_eq!(retry_delay(2, 0.0), Duration::from_secs(1));
+        assert_eq!(retry_delay(30, 0.0), Duration::from_secs(60));
+        assert!(retry_delay(3, 0.99) <= Duration::from_secs_f64(2.0 * 1.2));
+    }
+}
