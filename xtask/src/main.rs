@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | demo | crdgen`.
+//! Project tasks: `cargo xtask setup | test | e2e | demo | bench | crdgen`.
 
 mod bench;
 mod engine;
@@ -23,6 +23,9 @@ enum Task {
     Setup,
     /// setup, then fmt check, clippy -D warnings, and every test.
     Test,
+    /// setup, then the loopback end-to-end scenario (API server, controller, two agents with
+    /// mTLS, real engines) with its timeline.
+    E2e,
     /// setup if needed, then run the standalone agent on examples/standalone/.
     Demo,
     /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx.
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup().map(drop),
         Task::Test => test(),
+        Task::E2e => e2e(),
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
         Task::Bench { seconds, .. } => bench::proxy(seconds),
@@ -128,13 +132,26 @@ fn test() -> anyhow::Result<()> {
     crdgen(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
-    // Tests of other crates start the simulator binary; make sure it is built.
-    run(cargo().args(["build", "-p", "metalkube-testkit", "--bins"]))?;
+    build_test_binaries()?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)
         .env("RUST_BACKTRACE", "1"))?;
     Ok(())
+}
+
+/// Tests of one crate start binaries of others (the simulator, the agent); build them first.
+fn build_test_binaries() -> anyhow::Result<()> {
+    run(cargo().args(["build", "-p", "metalkube-testkit", "-p", "metalkube-agent", "--bins"]))
+}
+
+fn e2e() -> anyhow::Result<()> {
+    let installed = setup()?;
+    build_test_binaries()?;
+    run(cargo()
+        .args(["test", "-p", "metalkube-controller", "--test", "e2e", "--", "--nocapture", "loopback_e2e"])
+        .env("METALKUBE_LLAMA_SERVER", &installed.engine)
+        .env("RUST_BACKTRACE", "1"))
 }
 
 fn demo() -> anyhow::Result<()> {

@@ -55,21 +55,6 @@ async fn readiness_models_and_metrics_over_http() {
         assert!(text.contains(name), "{name} missing:\n{text}");
     }
     assert!(!text.contains(r#"model="default/bad""#), "series of removed models are dropped:\n{text}");
-    promtool_check(&text);
+    metalkube_testkit::promtool::check_metrics(&text);
     h.agent.shutdown().await;
-}
-
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let mut child = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed by `cargo xtask setup`");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && report.trim().is_empty(), "promtool check metrics:\n{report}\n---\n{text}");
 }

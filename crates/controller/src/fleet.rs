@@ -113,6 +113,7 @@ impl Fleet {
         }
         for (name, endpoint) in wanted {
             if !links.contains_key(name) {
+                tracing::info!(node = name, endpoint, "following the agent");
                 links.insert(name.to_owned(), self.start_link(name, endpoint));
             }
         }
@@ -197,15 +198,26 @@ impl Session {
     async fn run(self) {
         let builder = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(200))
-            .with_max_delay(Duration::from_secs(5))
+            // Short: reconnecting is one cheap call, and a Mac back from a restart should be
+            // serving again within seconds.
+            .with_max_delay(Duration::from_secs(2))
             .with_jitter()
             .without_max_times();
         let mut delays = builder.build();
+        let mut failed_attempts = 0u32;
         loop {
             let result = self.stream().await;
-            let was_connected = self.lose(result.err().map(|e| e.to_string()));
+            let error = result.err().map(|e| e.to_string());
+            let was_connected = self.lose(error.clone());
             if was_connected {
                 delays = builder.build();
+                failed_attempts = 0;
+            } else {
+                failed_attempts += 1;
+                // The first failure and then every tenth: a Mac that is off should not flood the log.
+                if failed_attempts % 10 == 1 {
+                    tracing::warn!(node = %self.node, attempts = failed_attempts, "cannot reach the agent: {}", error.as_deref().unwrap_or("stream closed"));
+                }
             }
             tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
         }

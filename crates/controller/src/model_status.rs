@@ -95,7 +95,8 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
     }
 }
 
-/// Endpoints for every replica with a serving port, including those being stopped.
+/// Endpoints for every replica with a serving port, and for replicas being stopped while their
+/// engine still runs (they drain as `terminating`).
 pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> {
     replicas
         .iter()
@@ -104,6 +105,9 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
             let port = u16::try_from(s.serving_port).ok().filter(|p| *p > 0)?;
             let v = view(r);
             let process_up = r.reachable && matches!(v.phase, Phase::Serving | Phase::Degraded);
+            if !r.assigned && !process_up {
+                return None;
+            }
             Some(EndpointReplica {
                 node: r.node.to_owned(),
                 address: r.address.to_owned(),

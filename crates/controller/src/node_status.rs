@@ -21,7 +21,13 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
             agent_version: i.agent_version.clone(),
         })
         .or_else(|| previous.capacity.clone());
-    let allocated: u64 = view.models.values().map(|m| m.memory_bytes).sum();
+    // A model that failed or has not started holds no memory.
+    let allocated: u64 = view
+        .models
+        .values()
+        .filter(|m| !matches!(m.phase.as_str(), "Failed" | "Pending"))
+        .map(|m| m.memory_bytes)
+        .sum();
     let error = view.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
     let ready = if view.connected {
         let c = capacity.clone().unwrap_or_default();
@@ -84,7 +90,8 @@ mod tests {
             }),
             ..Default::default()
         };
-        v.models.insert("ns/a".into(), pb::ModelState { memory_bytes: 60, ..Default::default() });
+        v.models
+            .insert("ns/a".into(), pb::ModelState { memory_bytes: 60, phase: "Serving".into(), ..Default::default() });
         let up = node_status(&v, true, &MetalNodeStatus::default(), &t(10));
         assert_eq!(ready(&up), ("True".into(), "AgentConnected".into(), t(10)));
         assert_eq!((up.allocated_memory_bytes, up.models), (60, 1));
@@ -104,10 +111,16 @@ mod tests {
             info: Some(pb::InfoResponse { memory_budget_bytes: 100, ..Default::default() }),
             ..Default::default()
         };
-        v.models.insert("ns/a".into(), pb::ModelState { memory_bytes: 60, ..Default::default() });
-        v.models.insert("ns/b".into(), pb::ModelState { memory_bytes: 60, ..Default::default() });
+        let serving = |bytes| pb::ModelState { memory_bytes: bytes, phase: "Serving".into(), ..Default::default() };
+        v.models.insert("ns/a".into(), serving(60));
+        v.models.insert("ns/b".into(), serving(60));
+        v.models.insert(
+            "ns/failed".into(),
+            pb::ModelState { memory_bytes: 500, phase: "Failed".into(), ..Default::default() },
+        );
         let s = node_status(&v, true, &MetalNodeStatus::default(), &t(1));
         let p = s.conditions.iter().find(|c| c.type_ == "MemoryPressure").unwrap();
         assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "OverBudget"));
+        assert_eq!(s.allocated_memory_bytes, 120, "a failed model holds no memory");
     }
 }

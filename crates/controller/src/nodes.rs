@@ -58,13 +58,18 @@ pub async fn watch_nodes(
     node_status: mpsc::UnboundedSender<String>,
 ) {
     let api: Api<MetalNode> = Api::all(client);
-    let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff()).touched_objects();
+    // Raw events, not touched objects: the initial list reaches the store only at InitDone.
+    let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
     let mut stream = std::pin::pin!(stream);
     let mut seen: BTreeMap<String, NodeShape> = BTreeMap::new();
     loop {
         match stream.try_next().await {
-            Ok(Some(node)) => {
-                let _ = node_status.send(node.name_any());
+            Ok(Some(event)) => {
+                if let watcher::Event::Apply(node) | watcher::Event::InitApply(node) | watcher::Event::Delete(node) =
+                    &event
+                {
+                    let _ = node_status.send(node.name_any());
+                }
                 // Status writes (ours, every heartbeat) come back here too; only a change of
                 // the nodes themselves can move placement.
                 let now: BTreeMap<String, NodeShape> =

@@ -3,6 +3,8 @@
 
 pub mod apiserver;
 pub mod pki;
+pub mod processes;
+pub mod promtool;
 pub mod sim;
 
 use std::path::{Path, PathBuf};
@@ -22,12 +24,17 @@ pub fn real_engine() -> PathBuf {
 
 /// The `metalkube-engine-sim` binary cargo built next to the running test.
 pub fn sim_engine() -> PathBuf {
+    workspace_binary("metalkube-engine-sim", "metalkube-testkit")
+}
+
+/// A binary of another workspace crate, built next to the running test
+/// (target/<profile>/deps/<test> → target/<profile>/<name>).
+pub fn workspace_binary(name: &str, package: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test> → target/<profile>/metalkube-engine-sim
     let dir = exe.parent().and_then(Path::parent).map(Path::to_path_buf).unwrap_or_default();
-    let sim = dir.join("metalkube-engine-sim");
-    assert!(sim.is_file(), "{} is missing: build it with `cargo build -p metalkube-testkit`", sim.display());
-    sim
+    let bin = dir.join(name);
+    assert!(bin.is_file(), "{} is missing: build it with `cargo build -p {package} --bins`", bin.display());
+    bin
 }
 
 /// Writes the tiny test model into `dir` and returns its path.

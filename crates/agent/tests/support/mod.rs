@@ -2,7 +2,7 @@
 //! sleeps; the bound is only a guard against a hung test).
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,31 +125,8 @@ fn ms(ms: u64) -> metalkube_api::Duration {
     metalkube_api::Duration::from_millis(ms)
 }
 
-/// Alive and not a zombie.
-pub fn is_running(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().next()) != Some("Z"),
-        Err(_) => false,
-    }
-}
-
-pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
-}
-
-/// Pids of processes whose command line mentions `needle`.
-pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
-    let needle = needle.to_string_lossy().into_owned();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) && is_running(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+#[allow(unused_imports)] // each test binary uses its own subset
+pub use metalkube_testkit::processes::{is_running, processes_mentioning, signal};
 
 pub struct Stopwatch(Instant);
 impl Stopwatch {

@@ -1,0 +1,607 @@
+//! End to end on loopback: an API server, the `metalkube-controller` binary, two
+//! `metalkube-agent serve` processes on 127.0.0.2 and 127.0.0.3 with mTLS, and real llama-server
+//! engines serving the tiny model. It walks the scenario of issue 4 (ready, a frozen engine, a
+//! lost agent, a model that fits nowhere, deletion) and prints a timeline of every condition and
+//! endpoint transition.
+//!
+//! `loopback_e2e` uses the in-process test API server and runs in `cargo xtask test` (and alone
+//! with `cargo xtask e2e`). `real_cluster_e2e` runs the same scenario against the cluster in
+//! `KUBECONFIG`; it is ignored by default and says so when KUBECONFIG is unset.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use metalkube_api::{MetalModel, MetalNode};
+use metalkube_testkit::apiserver::TestApiServer;
+use metalkube_testkit::pki::TestCa;
+use metalkube_testkit::processes::{processes_mentioning, signal};
+use nix::sys::signal::Signal;
+use serde_json::{Value, json};
+
+const GRACE: Duration = Duration::from_secs(3);
+/// Longest any step may take; a step that needs it is a failure, not a slow pass.
+const STEP: Duration = Duration::from_secs(60);
+const BUDGET_BYTES: u64 = 400 << 20;
+
+/// When things happened, relative to the start, as they were seen through the API.
+#[derive(Clone)]
+struct Timeline {
+    start: Instant,
+    lines: Arc<Mutex<Vec<String>>>,
+    /// Process logs, shown when a step fails.
+    logs: Arc<Mutex<Vec<PathBuf>>>,
+}
+
+impl Timeline {
+    fn new() -> Self {
+        Self { start: Instant::now(), lines: Arc::default(), logs: Arc::default() }
+    }
+    fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+    fn record(&self, what: String) {
+        let line = format!("{:>8.3} s  {what}", self.elapsed());
+        println!("{line}");
+        self.lines.lock().unwrap().push(line);
+    }
+    fn step(&self, what: &str) {
+        self.record(format!("== {what}"));
+    }
+    fn fail(&self, message: &str) -> ! {
+        self.print();
+        for log in self.logs.lock().unwrap().iter() {
+            let text = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            println!("---- last lines of {} ----", log.display());
+            for l in tail.iter().rev() {
+                println!("{l}");
+            }
+        }
+        panic!("{message}");
+    }
+    fn print(&self) {
+        println!("\n---- e2e timeline ----");
+        for l in self.lines.lock().unwrap().iter() {
+            println!("{l}");
+        }
+        println!("---- end of timeline ----");
+    }
+}
+
+fn conditions(obj: &Value) -> BTreeMap<String, String> {
+    obj["status"]["conditions"]
+        .as_array()
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let t = c["type"].as_str().unwrap_or_default().to_owned();
+                    (t, format!("{}/{}", c["status"].as_str().unwrap_or(""), c["reason"].as_str().unwrap_or("")))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn endpoint_states(slice: &EndpointSlice) -> BTreeMap<String, String> {
+    let port = slice.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port).unwrap_or(0);
+    slice
+        .endpoints
+        .iter()
+        .flatten()
+        .map(|e| {
+            let c = e.conditions.clone().unwrap_or_default();
+            let flag = |b: Option<bool>, name: &str| if b == Some(true) { name.to_owned() } else { format!("!{name}") };
+            (
+                format!("{}:{port}", e.addresses.join(",")),
+                format!(
+                    "{} {} {}",
+                    flag(c.ready, "ready"),
+                    flag(c.serving, "serving"),
+                    flag(c.terminating, "terminating")
+                ),
+            )
+        })
+        .collect()
+}
+
+/// Records every change of conditions (models, nodes) and endpoints into the timeline.
+fn watch_into_timeline(client: Client, ns: &str, timeline: Timeline) -> Vec<tokio::task::JoinHandle<()>> {
+    fn diff(timeline: &Timeline, what: &str, old: &BTreeMap<String, String>, new: &BTreeMap<String, String>) {
+        for (k, v) in new {
+            if old.get(k) != Some(v) {
+                timeline.record(format!("{what} {k}={v}"));
+            }
+        }
+        for k in old.keys() {
+            if !new.contains_key(k) {
+                timeline.record(format!("{what} {k} gone"));
+            }
+        }
+    }
+    let models: Api<MetalModel> = Api::namespaced(client.clone(), ns);
+    let nodes: Api<MetalNode> = Api::all(client.clone());
+    let slices: Api<EndpointSlice> = Api::namespaced(client, ns);
+    let t1 = timeline.clone();
+    let a = tokio::spawn(async move {
+        let mut seen: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut s = std::pin::pin!(watcher(models, watcher::Config::default()).default_backoff().touched_objects());
+        while let Some(m) = s.next().await {
+            let Ok(m) = m else { continue };
+            let v = serde_json::to_value(&m).unwrap();
+            let mut now = conditions(&v);
+            now.insert("readyReplicas".into(), v["status"]["readyReplicas"].to_string());
+            let old = seen.insert(m.name_any(), now.clone()).unwrap_or_default();
+            diff(&t1, &format!("MetalModel {}", m.name_any()), &old, &now);
+        }
+    });
+    let t2 = timeline.clone();
+    let b = tokio::spawn(async move {
+        let mut seen: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut s = std::pin::pin!(watcher(nodes, watcher::Config::default()).default_backoff().touched_objects());
+        while let Some(n) = s.next().await {
+            let Ok(n) = n else { continue };
+            let now = conditions(&serde_json::to_value(&n).unwrap());
+            let old = seen.insert(n.name_any(), now.clone()).unwrap_or_default();
+            diff(&t2, &format!("MetalNode {}", n.name_any()), &old, &now);
+        }
+    });
+    let t3 = timeline;
+    let c = tokio::spawn(async move {
+        let mut seen: BTreeMap<String, BTreeMap<String, String>> = BTreeMap::new();
+        let mut s = std::pin::pin!(watcher(slices, watcher::Config::default()).default_backoff());
+        while let Some(event) = s.next().await {
+            let Ok(event) = event else { continue };
+            match event {
+                watcher::Event::Apply(slice) | watcher::Event::InitApply(slice) => {
+                    let now = endpoint_states(&slice);
+                    let old = seen.insert(slice.name_any(), now.clone()).unwrap_or_default();
+                    diff(&t3, &format!("EndpointSlice {}", slice.name_any()), &old, &now);
+                }
+                watcher::Event::Delete(slice) => {
+                    seen.remove(&slice.name_any());
+                    t3.record(format!("EndpointSlice {} deleted", slice.name_any()));
+                }
+                _ => {}
+            }
+        }
+    });
+    vec![a, b, c]
+}
+
+fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+struct Proc {
+    child: Child,
+    name: String,
+}
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGTERM, so an agent stops its engines; SIGKILL if it takes too long.
+    fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid(), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One Mac: an agent on its own loopback address.
+struct Mac {
+    name: String,
+    ip: String,
+    grpc_port: u16,
+    http_port: u16,
+    engine_ports: String,
+    state: PathBuf,
+    certs: PathBuf,
+    proc: Option<Proc>,
+}
+
+impl Mac {
+    fn new(name: &str, ip: &str, engine_ports: &str, dir: &Path, ca: &TestCa, client_ca: &TestCa) -> Self {
+        let certs = dir.join(format!("{name}-certs"));
+        std::fs::create_dir_all(&certs).unwrap();
+        let pem = ca.server(&[ip]);
+        std::fs::write(certs.join("tls.crt"), pem.cert).unwrap();
+        std::fs::write(certs.join("tls.key"), pem.key).unwrap();
+        std::fs::write(certs.join("client-ca.crt"), &client_ca.cert_pem).unwrap();
+        Self {
+            name: name.into(),
+            ip: ip.into(),
+            grpc_port: free_port(ip),
+            http_port: free_port(ip),
+            engine_ports: engine_ports.into(),
+            state: dir.join(format!("{name}-state")),
+            certs,
+            proc: None,
+        }
+    }
+
+    fn start(&mut self, timeline: &Timeline) {
+        timeline.logs.lock().unwrap().push(self.state.with_extension("log"));
+        let agent = metalkube_testkit::workspace_binary("metalkube-agent", "metalkube-agent");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state.with_extension("log")).unwrap();
+        let child = Command::new(agent)
+            .arg("serve")
+            .args(["--grpc-listen", &format!("{}:{}", self.ip, self.grpc_port)])
+            .arg("--tls-cert")
+            .arg(self.certs.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(self.certs.join("tls.key"))
+            .arg("--client-ca")
+            .arg(self.certs.join("client-ca.crt"))
+            .args(["--memory-budget-bytes", &BUDGET_BYTES.to_string()])
+            .arg("--engine")
+            .arg(metalkube_testkit::real_engine())
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--listen", &format!("{}:{}", self.ip, self.http_port)])
+            .args(["--serving-host", &self.ip, "--serving-ports", "23000-23009"])
+            .args(["--engine-ports", &self.engine_ports])
+            .args(["--backoff-min", "100ms", "--drain-grace", "1s", "--stop-grace", "2s"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc { child, name: format!("agent {}", self.name) });
+    }
+
+    fn endpoint(&self) -> String {
+        format!("https://{}:{}", self.ip, self.grpc_port)
+    }
+
+    /// The engine pid the agent reports for `model`.
+    async fn engine_pid(&self, model: &str) -> Option<u32> {
+        let body: Value = reqwest::get(format!("http://{}:{}/api/v1/models", self.ip, self.http_port))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        body["models"].as_array()?.iter().find(|m| m["name"] == model)?["pid"].as_u64().map(|p| p as u32)
+    }
+}
+
+async fn wait<T, F, Fut>(timeline: &Timeline, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + STEP;
+    loop {
+        if let Some(v) = check().await {
+            timeline.record(format!("ok: {what}"));
+            return v;
+        }
+        if Instant::now() > deadline {
+            timeline.fail(&format!("not {what} within {STEP:?}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn condition(obj: &impl serde::Serialize, type_: &str) -> Option<(String, String)> {
+    let v = serde_json::to_value(obj).ok()?;
+    let c = v["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_)?.clone();
+    Some((c["status"].as_str()?.to_owned(), c["reason"].as_str()?.to_owned()))
+}
+
+fn is(c: Option<(String, String)>, status: &str, reason: &str) -> bool {
+    c.is_some_and(|(s, r)| s == status && (reason.is_empty() || r == reason))
+}
+
+async fn endpoints(slices: &Api<EndpointSlice>, model: &str) -> BTreeMap<String, (bool, bool)> {
+    let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={model}"));
+    let mut out = BTreeMap::new();
+    for s in slices.list(&lp).await.map(|l| l.items).unwrap_or_default() {
+        for e in s.endpoints.iter().flatten() {
+            let c = e.conditions.clone().unwrap_or_default();
+            out.insert(e.addresses.join(","), (c.ready == Some(true), c.serving == Some(true)));
+        }
+    }
+    out
+}
+
+fn model_spec(source: &str, context_size: u32, replicas: u32) -> Value {
+    json!({
+        "model": {"source": source},
+        "replicas": replicas,
+        "engine": {"contextSize": context_size, "gpuLayers": 0, "parallel": 2,
+                   "extraArgs": ["--threads", "1"], "startupTimeout": "60s"},
+        "admission": {"queueDepth": 8, "queueTimeout": "10s", "maxRequestBytes": 1048576},
+        "pulse": {"interval": "200ms", "timeout": "1s", "yellowAfter": "300ms", "redAfter": "600ms", "redStreak": 2}
+    })
+}
+
+struct Cluster {
+    client: Client,
+    kubeconfig: PathBuf,
+    namespace: String,
+    /// Suffix that keeps cluster-scoped names (MetalNodes) apart from other runs.
+    suffix: String,
+    _server: Option<TestApiServer>,
+}
+
+fn write_kubeconfig(path: &Path, url: &str) {
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n"
+    );
+    std::fs::write(path, config).unwrap();
+}
+
+async fn scenario(cluster: Cluster, dir: &Path) {
+    let timeline = Timeline::new();
+    let ns = cluster.namespace.clone();
+    let client = cluster.client.clone();
+    let (agent_ca, controller_ca) = (TestCa::new("metalkube agents"), TestCa::new("metalkube controller"));
+    let mut macs = [
+        Mac::new("mac-a", "127.0.0.2", "23100-23149", dir, &agent_ca, &controller_ca),
+        Mac::new("mac-b", "127.0.0.3", "23150-23199", dir, &agent_ca, &controller_ca),
+    ];
+    let model_path = metalkube_testkit::tiny_model(dir);
+    let source = format!("file://{}", model_path.display());
+    for m in &mut macs {
+        m.start(&timeline);
+    }
+    let client_pem = controller_ca.client("metalkube-controller");
+    std::fs::write(dir.join("agent-ca.crt"), &agent_ca.cert_pem).unwrap();
+    std::fs::write(dir.join("client.crt"), client_pem.cert).unwrap();
+    std::fs::write(dir.join("client.key"), client_pem.key).unwrap();
+    let metrics_port = free_port("127.0.0.1");
+    let controller_log = std::fs::File::create(dir.join("controller.log")).unwrap();
+    timeline.logs.lock().unwrap().push(dir.join("controller.log"));
+    let mut controller = Proc {
+        child: Command::new(env!("CARGO_BIN_EXE_metalkube-controller"))
+            .env("KUBECONFIG", &cluster.kubeconfig)
+            .env("RUST_LOG", "info,kube_runtime=warn")
+            .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--agent-ca")
+            .arg(dir.join("agent-ca.crt"))
+            .arg("--client-cert")
+            .arg(dir.join("client.crt"))
+            .arg("--client-key")
+            .arg(dir.join("client.key"))
+            .args(["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"])
+            .args(["--lease-namespace", &ns, "--lease-name", &format!("metalkube-e2e{}", cluster.suffix)])
+            .stdout(controller_log.try_clone().unwrap())
+            .stderr(controller_log)
+            .spawn()
+            .unwrap(),
+        name: "controller".into(),
+    };
+    let watchers = watch_into_timeline(client.clone(), &ns, timeline.clone());
+
+    let nodes: Api<MetalNode> = Api::all(client.clone());
+    let models: Api<MetalModel> = Api::namespaced(client.clone(), &ns);
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let node_name = |m: &Mac| format!("{}{}", m.name, cluster.suffix);
+
+    timeline.step("apply two MetalNodes and MetalModel tiny (replicas 2)");
+    for m in &macs {
+        let node: MetalNode = serde_json::from_value(json!({
+            "apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode",
+            "metadata": {"name": node_name(m)},
+            "spec": {"agentEndpoint": m.endpoint(), "servingAddress": m.ip}
+        }))
+        .unwrap();
+        nodes.create(&PostParams::default(), &node).await.unwrap();
+    }
+    let tiny: MetalModel = serde_json::from_value(json!({
+        "apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalModel",
+        "metadata": {"name": "tiny", "namespace": ns}, "spec": model_spec(&source, 512, 2)
+    }))
+    .unwrap();
+    models.create(&PostParams::default(), &tiny).await.unwrap();
+    wait(&timeline, "tiny Ready with two ready endpoints", || async {
+        let m = models.get("tiny").await.ok()?;
+        let eps = endpoints(&slices, "tiny").await;
+        (is(condition(&m, "Ready"), "True", "AllReplicasReady")
+            && eps.len() == 2
+            && eps.values().all(|(ready, _)| *ready))
+        .then_some(())
+    })
+    .await;
+    for m in &macs {
+        wait(&timeline, &format!("MetalNode {} Ready=True", m.name), || async {
+            is(condition(&nodes.get(&node_name(m)).await.ok()?, "Ready"), "True", "AgentConnected").then_some(())
+        })
+        .await;
+    }
+    let served: Value = reqwest::Client::new()
+        .post("http://127.0.0.2:23000/v1/chat/completions")
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(served["choices"][0]["message"]["content"].is_string(), "a completion through mac-a's endpoint: {served}");
+
+    timeline.step("SIGSTOP the engine on mac-a");
+    let frozen = macs[0].engine_pid("tiny").await.expect("mac-a reports its engine pid");
+    signal(frozen, Signal::SIGSTOP);
+    wait(&timeline, "mac-a's endpoint not ready and tiny Degraded/PulseRed", || async {
+        let m = models.get("tiny").await.ok()?;
+        let eps = endpoints(&slices, "tiny").await;
+        (eps.get("127.0.0.2").is_some_and(|(ready, _)| !ready) && is(condition(&m, "Degraded"), "True", "PulseRed"))
+            .then_some(())
+    })
+    .await;
+    wait(&timeline, "tiny Ready again on a new engine", || async {
+        let m = models.get("tiny").await.ok()?;
+        let eps = endpoints(&slices, "tiny").await;
+        let fresh = macs[0].engine_pid("tiny").await.is_some_and(|p| p != frozen);
+        (fresh && is(condition(&m, "Ready"), "True", "") && eps.values().all(|(r, _)| *r) && eps.len() == 2)
+            .then_some(())
+    })
+    .await;
+    let restarts = models.get("tiny").await.unwrap().status.unwrap().restarts;
+    assert!(restarts >= 1, "the frozen engine was restarted: restarts={restarts}");
+
+    timeline.step("SIGKILL the agent on mac-b");
+    let killed_at = Instant::now();
+    macs[1].proc.as_mut().unwrap().kill();
+    let b = node_name(&macs[1]);
+    wait(&timeline, "mac-b Ready=Unknown and its endpoint not ready", || async {
+        let n = nodes.get(&b).await.ok()?;
+        let eps = endpoints(&slices, "tiny").await;
+        (is(condition(&n, "Ready"), "Unknown", "AgentUnreachable") && eps.get("127.0.0.3").is_some_and(|(r, _)| !r))
+            .then_some(())
+    })
+    .await;
+    let lost_after = killed_at.elapsed();
+    let m = models.get("tiny").await.unwrap();
+    assert!(is(condition(&m, "Degraded"), "True", "AgentUnreachable"), "{:?}", condition(&m, "Degraded"));
+    assert!(lost_after < GRACE + Duration::from_secs(3), "noticed {lost_after:?} after the kill; grace {GRACE:?}");
+    timeline.record(format!(
+        "mac-b noticed unreachable {:.2} s after the kill (grace {GRACE:?})",
+        lost_after.as_secs_f64()
+    ));
+
+    timeline.step("restart the agent on mac-b");
+    macs[1].start(&timeline);
+    wait(&timeline, "tiny Ready with two ready endpoints again", || async {
+        let m = models.get("tiny").await.ok()?;
+        let n = nodes.get(&b).await.ok()?;
+        let eps = endpoints(&slices, "tiny").await;
+        (is(condition(&m, "Ready"), "True", "")
+            && is(condition(&n, "Ready"), "True", "AgentConnected")
+            && eps.len() == 2
+            && eps.values().all(|(r, _)| *r))
+        .then_some(())
+    })
+    .await;
+    let engines = processes_mentioning(&model_path);
+    assert_eq!(engines.len(), 2, "one engine per Mac after the agent restart, not a second one: {engines:?}");
+
+    timeline.step("apply MetalModel huge (KV cache for 1M tokens, budget 400 MiB)");
+    let huge: MetalModel = serde_json::from_value(json!({
+        "apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalModel",
+        "metadata": {"name": "huge", "namespace": ns}, "spec": model_spec(&source, 1 << 20, 1)
+    }))
+    .unwrap();
+    models.create(&PostParams::default(), &huge).await.unwrap();
+    let message = wait(&timeline, "huge Scheduled=False/InsufficientMemory", || async {
+        let m = models.get("huge").await.ok()?;
+        let v = serde_json::to_value(&m).ok()?;
+        let c = v["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Scheduled")?.clone();
+        (c["status"] == "False" && c["reason"] == "InsufficientMemory").then(|| c["message"].to_string())
+    })
+    .await;
+    timeline.record(format!("huge: {message}"));
+    assert_eq!(processes_mentioning(&model_path).len(), 2, "huge never started an engine");
+    let tiny_now = models.get("tiny").await.unwrap();
+    assert!(is(condition(&tiny_now, "Ready"), "True", ""), "tiny unaffected");
+
+    timeline.step("delete both models");
+    for name in ["huge", "tiny"] {
+        models.delete(name, &DeleteParams::default()).await.unwrap();
+    }
+    wait(&timeline, "models, Service and slices gone and no engine left", || async {
+        let gone = models.list(&ListParams::default()).await.ok()?.items.is_empty();
+        let no_slices = slices.list(&ListParams::default()).await.ok()?.items.is_empty();
+        let no_service = services.get_opt("tiny").await.ok()?.is_none();
+        (gone && no_slices && no_service && processes_mentioning(&model_path).is_empty()).then_some(())
+    })
+    .await;
+
+    let metrics = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap().text().await.unwrap();
+    for needle in [
+        "metalkube_controller_reconciles_total",
+        "metalkube_controller_agent_stream_up{node=\"mac-a",
+        "metalkube_controller_reconcile_duration_seconds_bucket",
+        "metalkube_controller_leader 1",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing from\n{metrics}");
+    }
+    metalkube_testkit::promtool::check_metrics(&metrics);
+
+    controller.stop();
+    for w in watchers {
+        w.abort();
+    }
+    for m in &macs {
+        let _ = nodes.delete(&node_name(m), &DeleteParams::default()).await;
+    }
+    timeline.print();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loopback_e2e() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestApiServer::start().await;
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_kubeconfig(&kubeconfig, &server.url);
+    let cluster = Cluster {
+        client: server.client(),
+        kubeconfig,
+        namespace: "default".into(),
+        suffix: String::new(),
+        _server: Some(server),
+    };
+    scenario(cluster, dir.path()).await;
+}
+
+/// The same scenario against a real cluster. Agents still run here on loopback, so the
+/// cluster must accept EndpointSlice addresses in 127.0.0.0/8 (kind and k3d do for slices).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real cluster: KUBECONFIG=... cargo test -p metalkube-controller --test e2e -- --ignored"]
+async fn real_cluster_e2e() {
+    let Some(kubeconfig) = std::env::var_os("KUBECONFIG").map(PathBuf::from) else {
+        println!("real_cluster_e2e skipped: KUBECONFIG is not set");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::try_default().await.expect("a client from KUBECONFIG");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for file in ["metalmodels.metalkube.dev.yaml", "metalnodes.metalkube.dev.yaml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../crds").join(file);
+        let crd: CustomResourceDefinition = serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        crds.patch(&crd.name_any(), &PatchParams::apply("metalkube-e2e").force(), &Patch::Apply(&crd)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let suffix = format!("-{:06x}", rand::random::<u32>() & 0xff_ffff);
+    let namespace = format!("metalkube-e2e{suffix}");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
+    namespaces.create(&PostParams::default(), &ns).await.unwrap();
+    let cluster = Cluster { client, kubeconfig, namespace: namespace.clone(), suffix, _server: None };
+    scenario(cluster, dir.path()).await;
+    let _ = namespaces.delete(&namespace, &DeleteParams::default()).await;
+}
