@@ -10,6 +10,8 @@ use metalkube_api::MetalModelSpec;
 
 use crate::AgentError;
 use crate::metrics::Metrics;
+use crate::model_download::download_client;
+use crate::model_file::Downloads;
 use crate::ports::PortPool;
 use crate::restart_backoff::BackoffConfig;
 
@@ -33,6 +35,8 @@ pub struct AgentConfig {
     /// Memory engines may use; a model whose estimate alone exceeds it is refused rather than
     /// started into swap. None: no limit (standalone mode).
     pub memory_budget_bytes: Option<u64>,
+    /// Extra CA (PEM) trusted for `https://` model downloads, besides the system's roots.
+    pub download_ca_pem: Option<String>,
 }
 
 /// A model the agent has been asked to serve.
@@ -64,16 +68,25 @@ pub struct AgentContext {
     pub serving_ports: PortPool,
     pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
+    pub downloads: Downloads,
 }
 
 impl AgentContext {
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+        // reqwest is built without a default TLS provider (that would pull in aws-lc); ring is
+        // the one provider of the whole build. Err means one is installed already: fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| AgentError::HttpClient(e.to_string()))?;
+        let downloads = Downloads {
+            client: download_client(config.download_ca_pem.as_deref()).map_err(AgentError::HttpClient)?,
+            cache_dir: config.state_dir.join("models"),
+        };
         Ok(Self {
+            downloads,
             ports: PortPool::new(config.engine_ports.clone()),
             serving_ports: PortPool::new(config.serving_ports.clone()),
             metrics: Metrics::new(),

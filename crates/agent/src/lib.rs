@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod host;
 pub mod http;
 pub mod metrics;
+pub mod model_download;
 pub mod model_file;
 pub mod models_dir;
 pub mod orphans;

@@ -97,6 +97,9 @@ struct CommonArgs {
     /// Longest delay between restarts.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     backoff_max: Duration,
+    /// Extra CA certificate (PEM) trusted for https:// model downloads, e.g. a private mirror's.
+    #[arg(long, env = "METALKUBE_DOWNLOAD_CA")]
+    download_ca: Option<PathBuf>,
     /// Uptime after which earlier failures are forgotten.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     backoff_reset_after: Duration,
@@ -141,6 +144,7 @@ async fn start_agent(
         stop_grace: args.stop_grace,
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
         memory_budget_bytes,
+        download_ca_pem: args.download_ca.as_deref().map(|p| read(p, "--download-ca")).transpose()?,
     };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;

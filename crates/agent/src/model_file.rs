@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use sha2::{Digest, Sha256};
 
 use crate::context::DesiredModel;
+use crate::model_download::fetch_model;
 
 /// A model file checked and ready to load.
 pub struct ResolvedModel {
@@ -15,12 +16,31 @@ pub struct ResolvedModel {
     pub memory_bytes: Option<u64>,
 }
 
-pub async fn resolve_model_file(desired: &DesiredModel) -> Result<ResolvedModel, String> {
+/// Where downloaded models are kept, and the client that fetches them.
+pub struct Downloads {
+    pub client: reqwest::Client,
+    pub cache_dir: PathBuf,
+}
+
+pub async fn resolve_model_file(desired: &DesiredModel, downloads: &Downloads) -> Result<ResolvedModel, String> {
+    let source = &desired.spec.model.source;
+    let want_hash = desired.spec.model.sha256.as_deref();
+    // A download is verified as it lands and named by its hash; hashing it again on every start
+    // would cost a read of the whole file.
+    let (path, verified) = if source.starts_with("https://") {
+        (fetch_model(&downloads.client, &downloads.cache_dir, source, want_hash).await?, want_hash.is_some())
+    } else {
+        (local_path(desired)?, false)
+    };
+    check_model(desired, path, verified).await
+}
+
+fn local_path(desired: &DesiredModel) -> Result<PathBuf, String> {
     let source = &desired.spec.model.source;
     let Some(rest) = source.strip_prefix("file:") else {
         let scheme = source.split(':').next().unwrap_or(source);
         return Err(format!(
-            "spec.model.source {source:?}: this agent cannot fetch {scheme}: sources yet; supported: file:"
+            "spec.model.source {source:?}: this agent cannot fetch {scheme}: sources; supported: file:, https://"
         ));
     };
     // file:///abs, file:/abs and file:relative all name a path.
@@ -38,6 +58,11 @@ pub async fn resolve_model_file(desired: &DesiredModel) -> Result<ResolvedModel,
             }
         }
     };
+    Ok(path)
+}
+
+async fn check_model(desired: &DesiredModel, path: PathBuf, verified: bool) -> Result<ResolvedModel, String> {
+    let source = &desired.spec.model.source;
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -58,7 +83,7 @@ pub async fn resolve_model_file(desired: &DesiredModel) -> Result<ResolvedModel,
     };
     let memory_bytes =
         metalkube_gguf::estimate_memory(&header, u64::from(desired.spec.engine.context_size)).map(|e| e.total());
-    if let Some(want) = &desired.spec.model.sha256 {
+    if let Some(want) = desired.spec.model.sha256.as_ref().filter(|_| !verified) {
         let hash_path = path.clone();
         let got = tokio::task::spawn_blocking(move || sha256_file(&hash_path))
             .await

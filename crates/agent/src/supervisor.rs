@@ -307,7 +307,7 @@ impl Supervisor {
         if let Err(message) = self.ensure_serving_port() {
             return RunEnd::Permanent(message);
         }
-        let model = match resolve_model_file(&self.desired).await {
+        let model = match resolve_model_file(&self.desired, &self.ctx.downloads).await {
             Ok(resolved) => {
                 self.report.send_modify(|r| r.memory_bytes = resolved.memory_bytes);
                 if let (Some(need), Some(budget)) = (resolved.memory_bytes, self.ctx.config.memory_budget_bytes)

@@ -50,8 +50,8 @@ fn default_replicas() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
     /// `file:///abs/path.gguf`, `file:relative/path.gguf` (standalone mode: relative to the
-    /// YAML file), `https://host/path.gguf` or `hf://org/repo/file.gguf[@rev]`.
-    #[schemars(regex(pattern = r"^(file:|https://|hf://)"))]
+    /// YAML file) or `https://host/path.gguf` (downloaded once into the agent's model cache).
+    #[schemars(regex(pattern = r"^(file:|https://)"))]
     pub source: String,
     /// Expected SHA-256 of the file, lowercase hex.
     #[serde(default, skip_serializing_if = "Option::is_none")]

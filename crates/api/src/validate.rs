@@ -39,11 +39,11 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
     };
 
     let source = &spec.model.source;
-    if !(source.starts_with("file:") || source.starts_with("https://") || source.starts_with("hf://")) {
+    if !(source.starts_with("file:") || source.starts_with("https://")) {
         err(
             "spec.model.source",
             format!("unsupported source {source:?}"),
-            "file:///abs/path.gguf, file:relative/path.gguf, https://…, hf://org/repo/file.gguf[@rev]",
+            "file:///abs/path.gguf, file:relative/path.gguf (standalone mode), https://host/path.gguf",
         );
     } else if source.strip_prefix("file:").is_some_and(|p| p.trim_start_matches('/').is_empty()) {
         err("spec.model.source", "file: source names no file".into(), "file:///abs/path.gguf");

@@ -50,6 +50,16 @@ impl Harness {
     }
 
     pub async fn with(engine: PathBuf, ports: std::ops::RangeInclusive<u16>, backoff: BackoffConfig) -> Self {
+        Self::with_download_ca(engine, ports, backoff, None).await
+    }
+
+    /// As `with`, trusting `download_ca_pem` for https:// model sources.
+    pub async fn with_download_ca(
+        engine: PathBuf,
+        ports: std::ops::RangeInclusive<u16>,
+        backoff: BackoffConfig,
+        download_ca_pem: Option<String>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model = metalkube_testkit::tiny_model(dir.path());
         let agent = Agent::start(AgentConfig {
@@ -63,6 +73,7 @@ impl Harness {
             stop_grace: Duration::from_secs(3),
             backoff,
             memory_budget_bytes: Some(4 << 30),
+            download_ca_pem,
         })
         .await
         .unwrap();

@@ -1,0 +1,134 @@
+//! `https://` model sources: downloaded once into the agent's model cache through a temporary
+//! file, hashed while they stream, checked against `spec.model.sha256` when it is given, and
+//! renamed into place only when complete, so a crash or a bad download never leaves a file that
+//! looks usable.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::StreamExt;
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+
+/// A client for model downloads: system roots plus `extra_ca_pem` (a private mirror's CA).
+pub fn download_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let native = rustls_native_certs::load_native_certs();
+    for cert in native.certs {
+        // A single unusable system certificate must not disable downloads.
+        let _ = roots.add(cert);
+    }
+    if let Some(pem) = extra_ca_pem {
+        use rustls::pki_types::CertificateDer;
+        use rustls::pki_types::pem::PemObject;
+        for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+            let cert = cert.map_err(|e| format!("--download-ca: not a PEM certificate: {e}"))?;
+            roots.add(cert).map_err(|e| format!("--download-ca: {e}"))?;
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS setup: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(|e| format!("download client: {e}"))
+}
+
+/// Where a source lands in the cache: by content when the hash is known (two URLs of one file
+/// share it), else by URL.
+pub fn cache_path(cache_dir: &Path, url: &str, sha256: Option<&str>) -> PathBuf {
+    let name = match sha256 {
+        Some(hash) => format!("sha256-{hash}.gguf"),
+        None => {
+            let digest = Sha256::digest(url.as_bytes());
+            let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+            let tail: String = url
+                .rsplit('/')
+                .next()
+                .unwrap_or("model")
+                .chars()
+                .map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' || c == '_' { c } else { '_' })
+                .take(80)
+                .collect();
+            format!("url-{short}-{tail}")
+        }
+    };
+    cache_dir.join(name)
+}
+
+/// The cached file for `url`, downloading it first if it is not there yet.
+pub async fn fetch_model(
+    client: &reqwest::Client,
+    cache_dir: &Path,
+    url: &str,
+    sha256: Option<&str>,
+) -> Result<PathBuf, String> {
+    let target = cache_path(cache_dir, url, sha256);
+    if target.is_file() {
+        return Ok(target);
+    }
+    tokio::fs::create_dir_all(cache_dir)
+        .await
+        .map_err(|e| format!("creating the model cache {}: {e}", cache_dir.display()))?;
+    // Unique per attempt: two models may fetch the same URL at once.
+    let partial = target.with_extension(format!("partial-{}-{:08x}", std::process::id(), rand::random::<u32>()));
+    let result = download(client, url, &partial, sha256).await;
+    match result {
+        Ok(()) => tokio::fs::rename(&partial, &target)
+            .await
+            .map(|()| target)
+            .map_err(|e| format!("moving the download into {}: {e}", cache_dir.display())),
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            Err(e)
+        }
+    }
+}
+
+async fn download(client: &reqwest::Client, url: &str, to: &Path, sha256: Option<&str>) -> Result<(), String> {
+    tracing::info!(url, "downloading model");
+    let response = client.get(url).send().await.map_err(|e| format!("downloading {url}: {e}"))?;
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("downloading {url}: HTTP {status}"));
+    }
+    let mut file = tokio::fs::File::create(to).await.map_err(|e| format!("creating {}: {e}", to.display()))?;
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| format!("downloading {url}: interrupted after {bytes} bytes: {e}"))?;
+        hasher.update(&chunk);
+        bytes += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(|e| format!("writing {}: {e}", to.display()))?;
+    }
+    file.sync_all().await.map_err(|e| format!("writing {}: {e}", to.display()))?;
+    let got = format!("{:x}", hasher.finalize());
+    if let Some(want) = sha256
+        && got != want
+    {
+        return Err(format!("downloaded {url} ({bytes} bytes) has sha256 {got}, spec.model.sha256 wants {want}"));
+    }
+    tracing::info!(url, bytes, sha256 = %got, "model downloaded");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_names_are_by_content_when_known_else_by_url() {
+        let dir = Path::new("/cache");
+        let hash = "ab".repeat(32);
+        assert_eq!(cache_path(dir, "https://a/x.gguf", Some(&hash)), dir.join(format!("sha256-{hash}.gguf")));
+        let by_url = cache_path(dir, "https://a/we ird?.gguf", None);
+        let name = by_url.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("url-") && name.ends_with("we_ird_.gguf"), "{name}");
+        assert_ne!(by_url, cache_path(dir, "https://b/we ird?.gguf", None), "different URLs, different files");
+    }
+}
