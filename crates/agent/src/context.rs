@@ -73,9 +73,6 @@ pub struct AgentContext {
 
 impl AgentContext {
     pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
-        // reqwest is built without a default TLS provider (that would pull in aws-lc); ring is
-        // the one provider of the whole build. Err means one is installed already: fine.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))

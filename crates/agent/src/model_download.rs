@@ -5,16 +5,26 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
-use futures::StreamExt;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-/// A client for model downloads: system roots plus `extra_ca_pem` (a private mirror's CA).
-pub fn download_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, String> {
+/// Model hosts hand out redirects to their CDNs; more than this many is a loop.
+const MAX_REDIRECTS: usize = 10;
+
+pub type DownloadClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Empty<Bytes>>;
+
+/// A client for model downloads (https only): system roots plus `extra_ca_pem`, e.g. a private
+/// mirror's CA.
+pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, String> {
     let mut roots = rustls::RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for cert in native.certs {
+    for cert in rustls_native_certs::load_native_certs().certs {
         // A single unusable system certificate must not disable downloads.
         let _ = roots.add(cert);
     }
@@ -31,11 +41,15 @@ pub fn download_client(extra_ca_pem: Option<&str>) -> Result<reqwest::Client, St
         .map_err(|e| format!("TLS setup: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .connect_timeout(std::time::Duration::from_secs(30))
-        .build()
-        .map_err(|e| format!("download client: {e}"))
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(30)));
+    http.enforce_http(false);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_only()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
 /// Where a source lands in the cache: by content when the hash is known (two URLs of one file
@@ -62,7 +76,7 @@ pub fn cache_path(cache_dir: &Path, url: &str, sha256: Option<&str>) -> PathBuf 
 
 /// The cached file for `url`, downloading it first if it is not there yet.
 pub async fn fetch_model(
-    client: &reqwest::Client,
+    client: &DownloadClient,
     cache_dir: &Path,
     url: &str,
     sha256: Option<&str>,
@@ -76,8 +90,7 @@ pub async fn fetch_model(
         .map_err(|e| format!("creating the model cache {}: {e}", cache_dir.display()))?;
     // Unique per attempt: two models may fetch the same URL at once.
     let partial = target.with_extension(format!("partial-{}-{:08x}", std::process::id(), rand::random::<u32>()));
-    let result = download(client, url, &partial, sha256).await;
-    match result {
+    match download(client, url, &partial, sha256).await {
         Ok(()) => tokio::fs::rename(&partial, &target)
             .await
             .map(|()| target)
@@ -89,9 +102,52 @@ pub async fn fetch_model(
     }
 }
 
-async fn download(client: &reqwest::Client, url: &str, to: &Path, sha256: Option<&str>) -> Result<(), String> {
+/// GET `url`, following redirects.
+async fn get(client: &DownloadClient, url: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let mut current: hyper::Uri = url.parse().map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+    for _ in 0..=MAX_REDIRECTS {
+        let response = client.get(current.clone()).await.map_err(|e| {
+            // The root cause (TLS, DNS, refused) is at the bottom of the chain.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            format!("downloading {url}: {text}")
+        })?;
+        if !response.status().is_redirection() {
+            return Ok(response);
+        }
+        let location = response
+            .headers()
+            .get(hyper::header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .ok_or_else(|| format!("downloading {url}: HTTP {} without a Location", response.status()))?;
+        current = resolve(&current, location).ok_or_else(|| format!("downloading {url}: bad redirect {location:?}"))?;
+    }
+    Err(format!("downloading {url}: more than {MAX_REDIRECTS} redirects"))
+}
+
+/// A redirect target, absolute or relative to `base`.
+fn resolve(base: &hyper::Uri, location: &str) -> Option<hyper::Uri> {
+    if location.contains("://") {
+        return location.parse().ok();
+    }
+    let authority = base.authority()?;
+    let scheme = base.scheme_str().unwrap_or("https");
+    let path = if location.starts_with('/') {
+        location.to_owned()
+    } else {
+        let dir = base.path().rsplit_once('/').map_or("", |(d, _)| d);
+        format!("{dir}/{location}")
+    };
+    format!("{scheme}://{authority}{path}").parse().ok()
+}
+
+async fn download(client: &DownloadClient, url: &str, to: &Path, sha256: Option<&str>) -> Result<(), String> {
     tracing::info!(url, "downloading model");
-    let response = client.get(url).send().await.map_err(|e| format!("downloading {url}: {e}"))?;
+    let response = get(client, url).await?;
     let status = response.status();
     if !status.is_success() {
         return Err(format!("downloading {url}: HTTP {status}"));
@@ -99,9 +155,10 @@ async fn download(client: &reqwest::Client, url: &str, to: &Path, sha256: Option
     let mut file = tokio::fs::File::create(to).await.map_err(|e| format!("creating {}: {e}", to.display()))?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
-    let mut body = response.bytes_stream();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| format!("downloading {url}: interrupted after {bytes} bytes: {e}"))?;
+    let mut body = response.into_body();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| format!("downloading {url}: interrupted after {bytes} bytes: {e}"))?;
+        let Ok(chunk) = frame.into_data() else { continue };
         hasher.update(&chunk);
         bytes += chunk.len() as u64;
         file.write_all(&chunk).await.map_err(|e| format!("writing {}: {e}", to.display()))?;
@@ -130,5 +187,13 @@ mod tests {
         let name = by_url.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with("url-") && name.ends_with("we_ird_.gguf"), "{name}");
         assert_ne!(by_url, cache_path(dir, "https://b/we ird?.gguf", None), "different URLs, different files");
+    }
+
+    #[test]
+    fn redirects_resolve_absolute_and_relative() {
+        let base: hyper::Uri = "https://hub.example/org/repo/model.gguf".parse().unwrap();
+        assert_eq!(resolve(&base, "https://cdn.example/x").unwrap().to_string(), "https://cdn.example/x");
+        assert_eq!(resolve(&base, "/blob/1").unwrap().to_string(), "https://hub.example/blob/1");
+        assert_eq!(resolve(&base, "v2.gguf").unwrap().to_string(), "https://hub.example/org/repo/v2.gguf");
     }
 }

@@ -18,7 +18,7 @@ pub struct ResolvedModel {
 
 /// Where downloaded models are kept, and the client that fetches them.
 pub struct Downloads {
-    pub client: reqwest::Client,
+    pub client: crate::model_download::DownloadClient,
     pub cache_dir: PathBuf,
 }
 

@@ -227,6 +227,16 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
         }
     }
     let leaving: Vec<String> = holders(&key, &views).into_iter().filter(|n| !assigned.contains(n)).collect();
+    let address = |node: &str| {
+        nodes.iter().find(|n| n.name_any() == node).map(|n| n.spec.serving_address.clone()).unwrap_or_default()
+    };
+    let addresses: BTreeMap<String, String> =
+        assigned.iter().chain(leaving.iter()).map(|n| (n.clone(), address(n))).collect();
+    if !leaving.is_empty() {
+        // Published as terminating before the engines are told to stop, so clients stop
+        // choosing them while they drain.
+        write_endpoints(model, &replica_inputs(&addresses, &views, &assigned, &key, grace, now), ctx).await?;
+    }
     for node in &leaving {
         let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
         if view.connected
@@ -238,24 +248,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
 
     // Observe: the views again, so what the agents answered just now counts.
     let views = ctx.fleet.views();
-    let address = |node: &str| {
-        nodes.iter().find(|n| n.name_any() == node).map(|n| n.spec.serving_address.clone()).unwrap_or_default()
-    };
-    let addresses: BTreeMap<String, String> =
-        assigned.iter().chain(leaving.iter()).map(|n| (n.clone(), address(n))).collect();
-    let inputs: Vec<ReplicaInput<'_>> = addresses
-        .iter()
-        .map(|(node, address)| {
-            let view = views.get(node);
-            ReplicaInput {
-                node,
-                address,
-                reachable: view.is_some_and(|v| v.reachable(grace, now)),
-                assigned: assigned.contains(node),
-                state: view.and_then(|v| v.models.get(&key)),
-            }
-        })
-        .collect();
+    let inputs = replica_inputs(&addresses, &views, &assigned, &key, grace, now);
     let previous = model.status.clone().unwrap_or_default();
     let status = model_status(
         &ModelObservation {
@@ -275,6 +268,30 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
         return Err(first);
     }
     Ok(Action::requeue(RESYNC))
+}
+
+/// Each replica's node, address, reachability and last report.
+fn replica_inputs<'a>(
+    addresses: &'a BTreeMap<String, String>,
+    views: &'a BTreeMap<String, AgentView>,
+    assigned: &BTreeSet<String>,
+    key: &str,
+    grace: Duration,
+    now: Instant,
+) -> Vec<ReplicaInput<'a>> {
+    addresses
+        .iter()
+        .map(|(node, address)| {
+            let view = views.get(node);
+            ReplicaInput {
+                node,
+                address,
+                reachable: view.is_some_and(|v| v.reachable(grace, now)),
+                assigned: assigned.contains(node),
+                state: view.and_then(|v| v.models.get(key)),
+            }
+        })
+        .collect()
 }
 
 async fn publish(ctx: &Context, notes: Vec<Note>, reference: &k8s_openapi::api::core::v1::ObjectReference) {

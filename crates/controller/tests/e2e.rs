@@ -529,6 +529,31 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     let tiny_now = models.get("tiny").await.unwrap();
     assert!(is(condition(&tiny_now, "Ready"), "True", ""), "tiny unaffected");
 
+    timeline.step("scale tiny to 1 replica");
+    let scale = json!({"spec": {"replicas": 1}});
+    models.patch("tiny", &PatchParams::default(), &Patch::Merge(&scale)).await.unwrap();
+    wait(&timeline, "tiny Ready with one endpoint and one engine", || async {
+        let m = models.get("tiny").await.ok()?;
+        let eps = endpoints(&slices, "tiny").await;
+        (is(condition(&m, "Ready"), "True", "")
+            && m.status.as_ref()?.replicas.len() == 1
+            && eps.len() == 1
+            && processes_mentioning(&model_path).len() == 1)
+            .then_some(())
+    })
+    .await;
+
+    let drained = timeline.lines.lock().unwrap().iter().any(|l| l.contains("=!ready serving terminating"));
+    assert!(drained, "the leaving replica was published as terminating before it went");
+
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
+    let reasons: std::collections::BTreeSet<String> =
+        events.list(&ListParams::default()).await.unwrap().items.into_iter().filter_map(|e| e.reason).collect();
+    timeline.record(format!("Events recorded: {reasons:?}"));
+    for wanted in ["Scheduled", "PulseRed", "EngineRestarted", "AgentUnreachable", "FailedScheduling", "Unscheduled"] {
+        assert!(reasons.contains(wanted), "no {wanted} event among {reasons:?}");
+    }
+
     timeline.step("delete both models");
     for name in ["huge", "tiny"] {
         models.delete(name, &DeleteParams::default()).await.unwrap();
