@@ -1,7 +1,9 @@
 //! Which Kubernetes Events a status change deserves: placement, restarts, grade changes, agent
-//! loss. Pure: a diff of the old and new status, so a controller restart (which reads the old
-//! status back) repeats nothing.
+//! loss. Deciding is pure, a diff of the old and new status, so a controller restart (which reads
+//! the old status back) repeats nothing; `publish` is the thin IO after it.
 
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder};
 use metalkube_api::{Grade, MetalModelStatus, MetalNodeStatus};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +86,22 @@ pub fn node_events(old: &MetalNodeStatus, new: &MetalNodeStatus) -> Vec<Note> {
             vec![note(false, "AgentConnected", "Observe", m)]
         }
         _ => Vec::new(),
+    }
+}
+
+/// Records `notes` on `regarding`; a failure to record is logged, never fatal.
+pub async fn publish(recorder: &Recorder, notes: Vec<Note>, regarding: &ObjectReference) {
+    for n in notes {
+        let event = Event {
+            type_: if n.warning { EventType::Warning } else { EventType::Normal },
+            reason: n.reason.to_owned(),
+            note: Some(n.message),
+            action: n.action.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, regarding).await {
+            tracing::warn!("publishing event {}: {e}", event.reason);
+        }
     }
 }
 

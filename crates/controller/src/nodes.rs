@@ -9,7 +9,7 @@ use futures::TryStreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, reflector, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -17,7 +17,7 @@ use metalkube_api::{MetalModel, MetalNode, MetalNodeStatus};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::events::node_events;
+use crate::events::{node_events, publish};
 use crate::fleet::{Fleet, FleetChange};
 use crate::node_status::node_status;
 use crate::reconcile::FIELD_MANAGER;
@@ -157,18 +157,7 @@ pub async fn write_node_statuses(
                     continue;
                 }
             }
-            for n in node_events(&previous, &status) {
-                let event = Event {
-                    type_: if n.warning { EventType::Warning } else { EventType::Normal },
-                    reason: n.reason.to_owned(),
-                    note: Some(n.message),
-                    action: n.action.to_owned(),
-                    secondary: None,
-                };
-                if let Err(e) = recorder.publish(&event, &node.object_ref(&())).await {
-                    tracing::warn!("publishing event {}: {e}", event.reason);
-                }
-            }
+            publish(&recorder, node_events(&previous, &status), &node.object_ref(&())).await;
         }
     }
 }

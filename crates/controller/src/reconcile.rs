@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
@@ -22,7 +22,7 @@ use serde_json::json;
 
 use crate::ControllerError;
 use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, service};
-use crate::events::{Note, model_events};
+use crate::events::{Note, model_events, publish};
 use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
 use crate::model_status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
@@ -294,21 +294,6 @@ fn replica_inputs<'a>(
         .collect()
 }
 
-async fn publish(ctx: &Context, notes: Vec<Note>, reference: &k8s_openapi::api::core::v1::ObjectReference) {
-    for n in notes {
-        let event = Event {
-            type_: if n.warning { EventType::Warning } else { EventType::Normal },
-            reason: n.reason.to_owned(),
-            note: Some(n.message),
-            action: n.action.to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = ctx.recorder.publish(&event, reference).await {
-            tracing::warn!("publishing event {}: {e}", event.reason);
-        }
-    }
-}
-
 async fn write_status(
     model: &MetalModel,
     status: &MetalModelStatus,
@@ -321,7 +306,7 @@ async fn write_status(
     let api: Api<MetalModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
     let body = json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalModel", "status": status});
     api.patch_status(&model.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await?;
-    publish(ctx, model_events(previous, status), &model.object_ref(&())).await;
+    publish(&ctx.recorder, model_events(previous, status), &model.object_ref(&())).await;
     Ok(())
 }
 
@@ -400,7 +385,7 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     delete_ignoring_missing(&services, &name).await?;
     publish(
-        ctx,
+        &ctx.recorder,
         vec![Note {
             warning: false,
             reason: "Stopped",
