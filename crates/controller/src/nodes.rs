@@ -138,8 +138,14 @@ pub async fn write_node_statuses(
         for name in due {
             let Some(node) = nodes.get(&ObjectRef::new(&name)) else { continue };
             let Some(view) = fleet.view(&name) else { continue };
+            let now = Instant::now();
+            // A node not yet contacted since this controller started has nothing new to say:
+            // its status stays as the last controller left it.
+            if view.first_contact_pending(fleet.grace(), now) {
+                continue;
+            }
             let previous = node.status.clone().unwrap_or_default();
-            let reachable = view.reachable(fleet.grace(), Instant::now());
+            let reachable = view.reachable(fleet.grace(), now);
             let status = node_status(&view, reachable, &previous, &Time(Timestamp::now()));
             let heartbeat_only =
                 MetalNodeStatus { last_heartbeat: previous.last_heartbeat.clone(), ..status.clone() } == previous;

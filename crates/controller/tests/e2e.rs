@@ -382,27 +382,31 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     std::fs::write(dir.join("client.crt"), client_pem.cert).unwrap();
     std::fs::write(dir.join("client.key"), client_pem.key).unwrap();
     let metrics_port = free_port("127.0.0.1");
-    let controller_log = std::fs::File::create(dir.join("controller.log")).unwrap();
     timeline.logs.lock().unwrap().push(dir.join("controller.log"));
-    let mut controller = Proc {
-        child: Command::new(env!("CARGO_BIN_EXE_metalkube-controller"))
-            .env("KUBECONFIG", &cluster.kubeconfig)
-            .env("RUST_LOG", "info,kube_runtime=warn")
-            .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
-            .arg("--agent-ca")
-            .arg(dir.join("agent-ca.crt"))
-            .arg("--client-cert")
-            .arg(dir.join("client.crt"))
-            .arg("--client-key")
-            .arg(dir.join("client.key"))
-            .args(["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"])
-            .args(["--lease-namespace", &ns, "--lease-name", &format!("metalkube-e2e{}", cluster.suffix)])
-            .stdout(controller_log.try_clone().unwrap())
-            .stderr(controller_log)
-            .spawn()
-            .unwrap(),
-        name: "controller".into(),
+    let lease_name = format!("metalkube-e2e{}", cluster.suffix);
+    let start_controller = || {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("controller.log")).unwrap();
+        Proc {
+            child: Command::new(env!("CARGO_BIN_EXE_metalkube-controller"))
+                .env("KUBECONFIG", &cluster.kubeconfig)
+                .env("RUST_LOG", "info,kube_runtime=warn")
+                .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
+                .arg("--agent-ca")
+                .arg(dir.join("agent-ca.crt"))
+                .arg("--client-cert")
+                .arg(dir.join("client.crt"))
+                .arg("--client-key")
+                .arg(dir.join("client.key"))
+                .args(["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"])
+                .args(["--lease-namespace", &ns, "--lease-name", &lease_name])
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+            name: "controller".into(),
+        }
     };
+    let mut controller = start_controller();
     let watchers = watch_into_timeline(client.clone(), &ns, timeline.clone());
 
     let nodes: Api<MetalNode> = Api::all(client.clone());
@@ -509,6 +513,28 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     .await;
     let engines = processes_mentioning(&model_path);
     assert_eq!(engines.len(), 2, "one engine per Mac after the agent restart, not a second one: {engines:?}");
+
+    timeline.step("restart the controller");
+    let quiet_from = timeline.lines.lock().unwrap().len();
+    controller.stop();
+    controller = start_controller();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
+    wait(&timeline, "the new controller holds the lease and has seen both agents", || async {
+        let holder = leases.get(&lease_name).await.ok()?.spec?.holder_identity?;
+        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.ok()?.text().await.ok()?;
+        let up = text.lines().filter(|l| l.starts_with("metalkube_controller_agent_stream_up") && l.ends_with(" 1"));
+        (!holder.is_empty() && up.count() == 2).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flips: Vec<String> = timeline.lines.lock().unwrap()[quiet_from..]
+        .iter()
+        .filter(|l| {
+            !l.contains("ok: ") && (l.contains("EndpointSlice") || l.contains("MetalNode") || l.contains("Ready="))
+        })
+        .cloned()
+        .collect();
+    assert!(flips.is_empty(), "a controller restart must not touch healthy endpoints or conditions: {flips:?}");
 
     timeline.step("apply MetalModel huge (KV cache for 1M tokens, budget 400 MiB)");
     let huge: MetalModel = serde_json::from_value(json!({
