@@ -42,6 +42,9 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     failures: Mutex<HashMap<String, u32>>,
+    /// model key → (uid, generation, bytes): estimates agents reported, kept after the agent
+    /// has dropped the model (a model that fits nowhere is stopped, and must stay unscheduled).
+    memory: Mutex<HashMap<String, (String, i64, u64)>>,
 }
 
 impl Context {
@@ -53,7 +56,36 @@ impl Context {
         recorder: Recorder,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { client, fleet, nodes, models, recorder, metrics, failures: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            fleet,
+            nodes,
+            models,
+            recorder,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+            memory: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Memory one replica of `m` needs: what an agent reports for this generation, else what one
+    /// reported earlier (remembered here, or in the status by a previous controller).
+    fn memory_for(&self, m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
+        let key = model_key(m);
+        let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
+        let Ok(mut known) = self.memory.lock() else { return reported_memory(m, views) };
+        if let Some(bytes) = reported_memory(m, views) {
+            known.insert(key, (uid, generation, bytes));
+            return Some(bytes);
+        }
+        if let Some((u, g, bytes)) = known.get(&key)
+            && *u == uid
+            && *g == generation
+        {
+            return Some(*bytes);
+        }
+        let status = m.status.as_ref()?;
+        if status.observed_generation == Some(generation) { status.memory_bytes } else { None }
     }
 }
 
@@ -122,9 +154,8 @@ pub fn retry_delay(attempt: u32, jitter: f64) -> Duration {
     Duration::from_secs_f64(base.min(60.0) * (1.0 + 0.2 * jitter.clamp(0.0, 1.0)))
 }
 
-/// Memory one replica needs, as an agent estimated it for this generation; else what the
-/// status recorded for it.
-fn memory_estimate(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
+/// Memory one replica needs, as an agent estimated it for this generation.
+fn reported_memory(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
     let key = model_key(m);
     let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
     views
@@ -133,10 +164,6 @@ fn memory_estimate(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Optio
         .filter(|s| s.uid == uid && s.generation == generation && s.memory_bytes > 0)
         .map(|s| s.memory_bytes)
         .max()
-        .or_else(|| {
-            let status = m.status.as_ref()?;
-            if status.observed_generation == Some(generation) { status.memory_bytes } else { None }
-        })
 }
 
 fn holders(key: &str, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
@@ -180,7 +207,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
             key: model_key(m),
             replicas: m.spec.replicas,
             node_selector: m.spec.node_selector.clone(),
-            memory_bytes: memory_estimate(m, &views).unwrap_or(0),
+            memory_bytes: ctx.memory_for(m, &views).unwrap_or(0),
         })
         .collect();
     let node_views: Vec<NodeView> = nodes
@@ -256,7 +283,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
             desired_replicas: model.spec.replicas,
             unscheduled: placement.unscheduled.get(&key),
             replicas: &inputs,
-            memory_bytes: memory_estimate(model, &views),
+            memory_bytes: ctx.memory_for(model, &views),
         },
         &previous,
         &Time(Timestamp::now()),
@@ -382,6 +409,9 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     delete_stale_slices(&slices, &name, &[]).await?;
+    if let Ok(mut known) = ctx.memory.lock() {
+        known.remove(&key);
+    }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     delete_ignoring_missing(&services, &name).await?;
     publish(

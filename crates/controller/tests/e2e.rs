@@ -551,6 +551,9 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     })
     .await;
     timeline.record(format!("huge: {message}"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let flaps = timeline.lines.lock().unwrap().iter().filter(|l| l.contains("MetalModel huge Scheduled=")).count();
+    assert_eq!(flaps, 2, "once known not to fit, huge stays unscheduled (no place-refuse-unschedule loop)");
     assert_eq!(processes_mentioning(&model_path).len(), 2, "huge never started an engine");
     let tiny_now = models.get("tiny").await.unwrap();
     assert!(is(condition(&tiny_now, "Ready"), "True", ""), "tiny unaffected");
