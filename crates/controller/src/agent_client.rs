@@ -97,12 +97,10 @@ impl AgentClient {
             (None, true) => return Err(bad("is https:// but the controller runs with --insecure".into())),
             (None, false) => {}
         }
-        let mut breaker = Breaker::new(settings.breaker_threshold, settings.breaker_cooldown);
-        breaker.success();
         Ok(Self {
             node: node.to_owned(),
             grpc: GrpcClient::new(ep.connect_lazy()),
-            breaker: Mutex::new(breaker),
+            breaker: Mutex::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown)),
             settings: settings.clone(),
             metrics,
         })
