@@ -1,7 +1,8 @@
 //! The agent's Prometheus metrics (prefix `metalkube_agent_`), in OpenMetrics text.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use metalkube_api::Phase;
 use prometheus_client::encoding::EncodeLabelSet;
@@ -10,6 +11,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+
+use crate::admission::policy::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -179,16 +182,27 @@ impl Metrics {
         self.engine_restarts.get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }).inc();
     }
 
-    pub fn request_finished(&self, model: &str, code: u16) {
-        self.requests.get_or_create(&CodeLabels { model: model.to_owned(), code: code.to_string() }).inc();
-    }
-
-    pub fn rejected(&self, model: &str, reason: &str) {
-        self.rejections.get_or_create(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() }).inc();
+    /// The serving-port series of `model`, looked up once for the life of its proxy.
+    pub fn serving_series(&self, model: &str) -> Arc<ServingSeries> {
+        let labels = ModelLabels { model: model.to_owned() };
+        let reason = |r: Rejection| ReasonLabels { model: model.to_owned(), reason: r.reason().to_owned() };
+        Arc::new(ServingSeries {
+            model: model.to_owned(),
+            requests: self.requests.clone(),
+            by_code: RwLock::new(HashMap::new()),
+            rejections: Rejection::ALL.map(|r| self.rejections.get_or_create(&reason(r)).clone()),
+            request_duration: self.request_duration.get_or_create(&labels).clone(),
+            time_to_first_byte: self.time_to_first_byte.get_or_create(&labels).clone(),
+            queue_wait: self.queue_wait.get_or_create(&labels).clone(),
+            queue_depth: self.queue_depth.get_or_create(&labels).clone(),
+            in_flight: self.in_flight.get_or_create(&labels).clone(),
+            circuit_state: self.circuit_state.get_or_create(&labels).clone(),
+        })
     }
 
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
-    pub fn forget(&self, model: &str) {
+    /// `codes` are the status codes its serving port answered with.
+    pub fn forget(&self, model: &str, codes: &[u16]) {
         let labels = ModelLabels { model: model.to_owned() };
         self.pulse_duration.remove(&labels);
         self.pulse_last.remove(&labels);
@@ -202,14 +216,11 @@ impl Metrics {
             family.remove(&labels);
         }
         self.decode_per_token.remove(&labels);
-        for reason in crate::admission::policy::Rejection::ALL.map(|r| r.reason()) {
+        for reason in Rejection::ALL.map(|r| r.reason()) {
             self.rejections.remove(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
-        // Status codes are unbounded in principle; drop whichever this model has used.
-        let codes: Vec<CodeLabels> =
-            (100u16..600).map(|c| CodeLabels { model: model.to_owned(), code: c.to_string() }).collect();
-        for c in codes {
-            self.requests.remove(&c);
+        for code in codes {
+            self.requests.remove(&CodeLabels { model: model.to_owned(), code: code.to_string() });
         }
         for p in Phase::ALL {
             self.engine_phase.remove(&PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() });
@@ -217,5 +228,69 @@ impl Metrics {
         for reason in ["crash", "pulse_red", "hang", "start_failed"] {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
+    }
+}
+
+/// One model's serving-port series, resolved once: the per-request path then builds no label
+/// strings and searches no family maps. The handles share their values with the registry.
+pub struct ServingSeries {
+    model: String,
+    requests: Family<CodeLabels, Counter>,
+    /// Status codes are few per model but not known ahead; each is resolved on first use.
+    by_code: RwLock<HashMap<u16, Counter>>,
+    rejections: [Counter; Rejection::ALL.len()],
+    pub request_duration: Histogram,
+    pub time_to_first_byte: Histogram,
+    pub queue_wait: Histogram,
+    pub queue_depth: Gauge,
+    pub in_flight: Gauge,
+    pub circuit_state: Gauge,
+}
+
+impl ServingSeries {
+    pub fn request_finished(&self, code: u16) {
+        if let Some(counter) = self.by_code.read().unwrap_or_else(|e| e.into_inner()).get(&code) {
+            counter.inc();
+            return;
+        }
+        let labels = CodeLabels { model: self.model.clone(), code: code.to_string() };
+        let counter = self.requests.get_or_create(&labels).clone();
+        counter.inc();
+        self.by_code.write().unwrap_or_else(|e| e.into_inner()).insert(code, counter);
+    }
+
+    pub fn rejected(&self, r: Rejection) {
+        if let Some(i) = Rejection::ALL.iter().position(|x| *x == r) {
+            self.rejections[i].inc();
+        }
+    }
+
+    /// The status codes answered so far, for `Metrics::forget`.
+    pub fn codes(&self) -> Vec<u16> {
+        self.by_code.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_series_count_into_the_registry_and_are_forgotten_with_their_codes() {
+        let metrics = Metrics::new();
+        let series = metrics.serving_series("ns/m");
+        series.request_finished(200);
+        series.request_finished(200);
+        series.request_finished(429);
+        series.rejected(Rejection::QueueFull);
+        let text = metrics.encode();
+        assert!(text.contains(r#"metalkube_agent_requests_total{model="ns/m",code="200"} 2"#), "{text}");
+        assert!(text.contains(r#"metalkube_agent_requests_total{model="ns/m",code="429"} 1"#), "{text}");
+        assert!(text.contains(r#"metalkube_agent_rejections_total{model="ns/m",reason="queue_full"} 1"#), "{text}");
+        let mut codes = series.codes();
+        codes.sort_unstable();
+        assert_eq!(codes, [200, 429]);
+        metrics.forget("ns/m", &codes);
+        assert!(!metrics.encode().contains("ns/m"), "{}", metrics.encode());
     }
 }

@@ -89,8 +89,9 @@ impl SupervisorHandle {
         let mut initial = ModelReport::new(&desired.namespace, &desired.name);
         initial.pulse_interval_seconds = desired.spec.pulse.interval.get().as_secs_f64();
         let (report_tx, report) = watch::channel(initial);
-        let admission = Admission::new(limits(&desired), &desired.key(), ctx.metrics.clone());
-        let proxy = ModelProxy::new(admission, report.clone(), ctx.config.client_timeouts, ctx.metrics.clone());
+        let series = ctx.metrics.serving_series(&desired.key());
+        let admission = Admission::new(limits(&desired), series.clone());
+        let proxy = ModelProxy::new(admission, report.clone(), ctx.config.client_timeouts, series);
         let sup = Supervisor {
             proxy: proxy.clone(),
             serving: None,
@@ -212,7 +213,7 @@ impl Supervisor {
             }
         }
         self.close_serving_port();
-        self.ctx.metrics.forget(&self.key());
+        self.ctx.metrics.forget(&self.key(), &self.proxy.series().codes());
         tracing::info!(model = %self.key(), "stopped");
     }
 
@@ -250,7 +251,7 @@ impl Supervisor {
             self.report.send_modify(|r| r.pulse_interval_seconds = interval);
         }
         if limits(&desired) != limits(&self.desired) {
-            self.proxy.replace_admission(Admission::new(limits(&desired), &desired.key(), self.ctx.metrics.clone()));
+            self.proxy.replace_admission(Admission::new(limits(&desired), self.proxy.series().clone()));
         }
         if desired.spec.admission.serving_port != self.desired.spec.admission.serving_port {
             // Re-bound on the next pass through `ensure_serving_port`.

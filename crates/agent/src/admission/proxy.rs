@@ -22,7 +22,7 @@ use tokio::sync::watch;
 use super::policy::{Rejection, retry_after_header};
 use super::queue::Admission;
 use super::tap::TapBody;
-use crate::metrics::{Metrics, ModelLabels};
+use crate::metrics::ServingSeries;
 use crate::report::ModelReport;
 
 pub type ProxyBody = Either<Full<Bytes>, TapBody>;
@@ -54,8 +54,9 @@ pub struct ModelProxy {
     report: watch::Receiver<ModelReport>,
     client: Client<HttpConnector, Full<Bytes>>,
     timeouts: ClientTimeouts,
-    labels: ModelLabels,
-    metrics: Arc<Metrics>,
+    /// `namespace/name`, for messages.
+    model: String,
+    series: Arc<ServingSeries>,
 }
 
 impl ModelProxy {
@@ -63,13 +64,18 @@ impl ModelProxy {
         admission: Arc<Admission>,
         report: watch::Receiver<ModelReport>,
         timeouts: ClientTimeouts,
-        metrics: Arc<Metrics>,
+        series: Arc<ServingSeries>,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector);
-        let labels = ModelLabels { model: report.borrow().key() };
-        Arc::new(Self { admission: RwLock::new(admission), report, client, timeouts, labels, metrics })
+        let model = report.borrow().key();
+        Arc::new(Self { admission: RwLock::new(admission), report, client, timeouts, model, series })
+    }
+
+    /// This model's serving-port metrics.
+    pub fn series(&self) -> &Arc<ServingSeries> {
+        &self.series
     }
 
     pub fn admission(&self) -> Arc<Admission> {
@@ -125,10 +131,10 @@ impl ModelProxy {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
-        let path = req.uri().path().to_owned();
+        let path = req.uri().path();
         let response = if path == "/health" {
             self.health()
-        } else if is_cheap(&path) {
+        } else if is_cheap(path) {
             match self.upstream() {
                 Some(port) => self.forward_cheap(req, port).await,
                 None => self.refuse(&self.admission(), Rejection::NotReady),
@@ -136,8 +142,7 @@ impl ModelProxy {
         } else {
             self.inference(req, started).await
         };
-        let code = response.status().as_u16();
-        self.metrics.request_finished(&self.labels.model, code);
+        self.series.request_finished(response.status().as_u16());
         response
     }
 
@@ -197,7 +202,7 @@ impl ModelProxy {
             Ok(resp) => resp,
             Err(e) => {
                 admission.upstream_failed();
-                tracing::warn!(model = %self.labels.model, "engine unreachable: {e}");
+                tracing::warn!(model = %self.model, "engine unreachable: {e}");
                 let retry = admission.retry_after(Rejection::NotReady, self.not_ready_for());
                 return error_response(
                     Rejection::NotReady,
@@ -213,16 +218,14 @@ impl ModelProxy {
         }
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let (metrics, model, done_admission) = (self.metrics.clone(), self.labels.model.clone(), admission.clone());
-        let ttfb_metrics = self.metrics.clone();
-        let ttfb_labels = self.labels.clone();
+        let (series, ttfb_series, done_admission) = (self.series.clone(), self.series.clone(), admission.clone());
         let tap = TapBody::new(
             incoming,
             started,
             Some(permit),
-            move |ttfb| ttfb_metrics.time_to_first_byte.get_or_create(&ttfb_labels).observe(ttfb.as_secs_f64()),
+            move |ttfb| ttfb_series.time_to_first_byte.observe(ttfb.as_secs_f64()),
             move |outcome| {
-                metrics.request_duration.get_or_create(&ModelLabels { model }).observe(outcome.duration.as_secs_f64());
+                series.request_duration.observe(outcome.duration.as_secs_f64());
                 if outcome.complete {
                     done_admission.observe_service(outcome.duration);
                 }
@@ -272,21 +275,21 @@ impl ModelProxy {
         let message = match r {
             Rejection::QueueFull => format!(
                 "model {} is busy: {} requests in flight and the queue of {} is full",
-                self.labels.model, limits.max_concurrent, limits.queue_depth
+                self.model, limits.max_concurrent, limits.queue_depth
             ),
             Rejection::QueueTimeout => {
                 format!(
                     "model {} is busy: no place freed within the queue timeout {:?}",
-                    self.labels.model, limits.queue_timeout
+                    self.model, limits.queue_timeout
                 )
             }
             Rejection::NotReady => {
                 let r = self.report.borrow();
-                format!("model {} is not ready (phase {:?}, grade {:?})", self.labels.model, r.phase, r.grade)
+                format!("model {} is not ready (phase {:?}, grade {:?})", self.model, r.phase, r.grade)
             }
             Rejection::TooLarge => format!("request body is larger than maxRequestBytes {}", limits.max_request_bytes),
             Rejection::CircuitOpen => {
-                format!("model {}: the engine failed repeatedly; requests are paused briefly", self.labels.model)
+                format!("model {}: the engine failed repeatedly; requests are paused briefly", self.model)
             }
             Rejection::RequestTimeout => format!("request body not received within {:?}", self.timeouts.body),
         };

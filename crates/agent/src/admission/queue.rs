@@ -10,7 +10,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::circuit::{CircuitBreaker, CircuitState};
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
 use crate::grader::Load;
-use crate::metrics::{Metrics, ModelLabels};
+use crate::metrics::ServingSeries;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -50,8 +50,7 @@ pub struct Admission {
     idle: Notify,
     observed: Mutex<Observed>,
     circuit: Mutex<CircuitBreaker>,
-    labels: ModelLabels,
-    metrics: Arc<Metrics>,
+    series: Arc<ServingSeries>,
 }
 
 /// A place at the engine; given back when dropped (the response finished or the client left).
@@ -63,7 +62,7 @@ pub struct Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         let now = self.admission.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.admission.metrics.in_flight.get_or_create(&self.admission.labels).set(i64::from(now));
+        self.admission.series.in_flight.set(i64::from(now));
         if now == 0 {
             self.admission.idle.notify_waiters();
         }
@@ -75,16 +74,15 @@ struct Waiting<'a>(&'a Admission);
 impl Drop for Waiting<'_> {
     fn drop(&mut self) {
         let now = self.0.queued.fetch_sub(1, Ordering::SeqCst) - 1;
-        self.0.metrics.queue_depth.get_or_create(&self.0.labels).set(i64::from(now));
+        self.0.series.queue_depth.set(i64::from(now));
     }
 }
 
 impl Admission {
-    pub fn new(limits: Limits, model: &str, metrics: Arc<Metrics>) -> Arc<Self> {
-        let labels = ModelLabels { model: model.to_owned() };
-        metrics.queue_depth.get_or_create(&labels).set(0);
-        metrics.in_flight.get_or_create(&labels).set(0);
-        metrics.circuit_state.get_or_create(&labels).set(0);
+    pub fn new(limits: Limits, series: Arc<ServingSeries>) -> Arc<Self> {
+        series.queue_depth.set(0);
+        series.in_flight.set(0);
+        series.circuit_state.set(0);
         Arc::new(Self {
             places: Arc::new(Semaphore::new(limits.max_concurrent.max(1) as usize)),
             limits,
@@ -94,8 +92,7 @@ impl Admission {
             idle: Notify::new(),
             observed: Mutex::new(Observed::default()),
             circuit: Mutex::new(CircuitBreaker::new(5, Duration::from_secs(2))),
-            labels,
-            metrics,
+            series,
         })
     }
 
@@ -135,7 +132,7 @@ impl Admission {
         // Claim a spot in line; the check and the claim are one atomic step.
         let position = self.queued.fetch_add(1, Ordering::SeqCst) + 1;
         let waiting = Waiting(self);
-        self.metrics.queue_depth.get_or_create(&self.labels).set(i64::from(position));
+        self.series.queue_depth.set(i64::from(position));
         if position > self.limits.queue_depth {
             return Err(self.rejected(Rejection::QueueFull));
         }
@@ -143,7 +140,7 @@ impl Admission {
         let place = tokio::time::timeout(self.limits.queue_timeout, self.places.clone().acquire_owned()).await;
         drop(waiting);
         let waited = since.elapsed();
-        self.metrics.queue_wait.get_or_create(&self.labels).observe(waited.as_secs_f64());
+        self.series.queue_wait.observe(waited.as_secs_f64());
         self.lock_observed().queue_wait.add(waited.as_secs_f64());
         match place {
             Ok(Ok(place)) => Ok(self.permit(place)),
@@ -153,14 +150,14 @@ impl Admission {
 
     fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
-        self.metrics.in_flight.get_or_create(&self.labels).set(i64::from(now));
+        self.series.in_flight.set(i64::from(now));
         Permit { _place: place, admission: self.clone() }
     }
 
     /// Counts a refusal (for metrics and the saturation signal) and passes it on.
     pub fn rejected(&self, r: Rejection) -> Rejection {
         self.rejected_since_pulse.fetch_add(1, Ordering::Relaxed);
-        self.metrics.rejected(&self.labels.model, r.reason());
+        self.series.rejected(r);
         r
     }
 
@@ -222,7 +219,7 @@ impl Admission {
     fn with_circuit<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> T {
         let mut c = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
         let out = f(&mut c);
-        self.metrics.circuit_state.get_or_create(&self.labels).set(c.state().level());
+        self.series.circuit_state.set(c.state().level());
         out
     }
 
@@ -256,7 +253,7 @@ mod tests {
             queue_timeout: Duration::from_millis(timeout_ms),
             max_request_bytes: 1 << 20,
         };
-        Admission::new(limits, "ns/m", Metrics::new())
+        Admission::new(limits, crate::metrics::Metrics::new().serving_series("ns/m"))
     }
 
     #[tokio::test]

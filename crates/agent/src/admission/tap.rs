@@ -23,6 +23,30 @@ pub struct TapOutcome {
     pub decode_per_token: Option<Duration>,
 }
 
+/// The end of a body: at least its last TAIL_BYTES (all of it when shorter).
+#[derive(Default)]
+struct Tail(Vec<u8>);
+
+impl Tail {
+    /// The buffer may grow to twice TAIL_BYTES before the old half is dropped, so a stream of
+    /// small SSE frames costs O(1) per byte instead of a 16 KiB move per frame.
+    fn push(&mut self, data: &[u8]) {
+        if data.len() >= TAIL_BYTES {
+            self.0.clear();
+            self.0.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
+            return;
+        }
+        if self.0.len() + data.len() > 2 * TAIL_BYTES {
+            self.0.drain(..self.0.len() - TAIL_BYTES);
+        }
+        self.0.extend_from_slice(data);
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
 type OnDone = Box<dyn FnOnce(TapOutcome) + Send + Sync>;
 
 pub struct TapBody {
@@ -30,7 +54,7 @@ pub struct TapBody {
     started: Instant,
     on_first_byte: Option<Box<dyn FnOnce(Duration) + Send + Sync>>,
     on_done: Option<OnDone>,
-    tail: Vec<u8>,
+    tail: Tail,
     _permit: Option<Permit>,
 }
 
@@ -47,25 +71,14 @@ impl TapBody {
             started,
             on_first_byte: Some(Box::new(on_first_byte)),
             on_done: Some(Box::new(on_done)),
-            tail: Vec::new(),
+            tail: Tail::default(),
             _permit: permit,
-        }
-    }
-
-    fn remember(&mut self, data: &Bytes) {
-        if data.len() >= TAIL_BYTES {
-            self.tail.clear();
-            self.tail.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
-        } else {
-            let overflow = (self.tail.len() + data.len()).saturating_sub(TAIL_BYTES);
-            self.tail.drain(..overflow);
-            self.tail.extend_from_slice(data);
         }
     }
 
     fn finish(&mut self, complete: bool) {
         if let Some(done) = self.on_done.take() {
-            let decode_per_token = if complete { decode_per_token(&self.tail) } else { None };
+            let decode_per_token = if complete { decode_per_token(self.tail.bytes()) } else { None };
             done(TapOutcome { complete, duration: self.started.elapsed(), decode_per_token });
         }
     }
@@ -91,7 +104,7 @@ impl Body for TapBody {
                     if let Some(first) = this.on_first_byte.take() {
                         first(this.started.elapsed());
                     }
-                    this.remember(data);
+                    this.tail.push(data);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -132,6 +145,24 @@ pub fn decode_per_token(tail: &[u8]) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn the_tail_always_ends_with_the_last_bytes_of_the_body(
+            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 0..60)
+        ) {
+            let mut tail = Tail::default();
+            let mut body = Vec::new();
+            for f in &frames {
+                tail.push(f);
+                body.extend_from_slice(f);
+                prop_assert!(tail.bytes().len() <= 2 * TAIL_BYTES);
+                let kept = body.len().min(TAIL_BYTES);
+                prop_assert!(tail.bytes().ends_with(&body[body.len() - kept..]));
+            }
+        }
+    }
 
     #[test]
     fn reads_timings_from_a_json_body_and_from_the_last_sse_event() {
