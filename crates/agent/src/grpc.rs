@@ -49,7 +49,7 @@ impl AgentService {
             uid: record.as_ref().map(|r| r.uid.clone()).unwrap_or_default(),
             generation: record.map_or(0, |r| r.generation),
             phase: report.phase.as_str().to_owned(),
-            grade: report.grade.map(|g| format!("{g:?}")).unwrap_or_default(),
+            grade: report.grade.map(|g| g.as_str().to_owned()).unwrap_or_default(),
             ready: report.is_ready(),
             saturated: report.saturated,
             pulse_seconds: report.last_pulse.as_ref().map_or(0.0, |p| p.wall_seconds),

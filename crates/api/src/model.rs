@@ -212,6 +212,11 @@ impl Phase {
             Phase::Failed => "Failed",
         }
     }
+
+    /// The inverse of `as_str` (the gRPC API carries phases as these names).
+    pub fn parse(s: &str) -> Option<Phase> {
+        Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
 }
 
 /// The pulse's verdict.
@@ -223,6 +228,21 @@ pub enum Grade {
 }
 
 impl Grade {
+    pub const ALL: [Grade; 3] = [Grade::Green, Grade::Yellow, Grade::Red];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Grade::Green => "Green",
+            Grade::Yellow => "Yellow",
+            Grade::Red => "Red",
+        }
+    }
+
+    /// The inverse of `as_str` (the gRPC API carries grades as these names).
+    pub fn parse(s: &str) -> Option<Grade> {
+        Self::ALL.into_iter().find(|g| g.as_str() == s)
+    }
+
     /// The value of the `metalkube_agent_pulse_grade` gauge.
     pub fn level(self) -> i64 {
         match self {
@@ -285,4 +305,23 @@ pub struct ReplicaStatus {
     pub message: Option<String>,
     #[serde(default)]
     pub restarts: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn phase_and_grade_names_round_trip_and_match_their_json_form() {
+        for p in Phase::ALL {
+            assert_eq!(Phase::parse(p.as_str()), Some(p));
+            assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
+        }
+        for g in Grade::ALL {
+            assert_eq!(Grade::parse(g.as_str()), Some(g));
+            assert_eq!(serde_json::to_value(g).unwrap(), g.as_str());
+        }
+        assert_eq!(Phase::parse("serving"), None);
+        assert_eq!(Grade::parse(""), None);
+    }
 }

@@ -56,7 +56,12 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
                         Grade::Red => (true, "PulseRed"),
                     };
                     let pulse = r.pulse_seconds.map(|p| format!(" (last pulse {p:.3} s)")).unwrap_or_default();
-                    notes.push(note(warning, reason, "Pulse", format!("pulse on {} is now {g:?}{pulse}", r.node)));
+                    notes.push(note(
+                        warning,
+                        reason,
+                        "Pulse",
+                        format!("pulse on {} is now {}{pulse}", r.node, g.as_str()),
+                    ));
                 }
             }
         }

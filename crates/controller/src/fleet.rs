@@ -47,10 +47,22 @@ impl AgentView {
     }
 }
 
+/// What kind of change: it decides which MetalModels are looked at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Info refreshed: only the MetalNode's status may move.
+    Heartbeat,
+    /// Reports of `models` changed.
+    Models,
+    /// The node was reached, lost, or passed its grace period.
+    Connection,
+}
+
 /// Something changed on `node`; `models` are the keys whose reports changed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FleetChange {
     pub node: String,
+    pub kind: ChangeKind,
     pub models: BTreeSet<String>,
 }
 
@@ -108,7 +120,7 @@ impl Fleet {
                 link.task.abort();
                 let models = link.view.read().map(|v| v.models.keys().cloned().collect()).unwrap_or_default();
                 self.metrics.forget_node(&name);
-                let _ = self.changes.send(FleetChange { node: name, models });
+                let _ = self.changes.send(FleetChange { node: name, kind: ChangeKind::Connection, models });
             }
         }
         for (name, endpoint) in wanted {
@@ -141,7 +153,11 @@ impl Fleet {
                 tokio::spawn(async move {
                     tokio::time::sleep(grace).await;
                     if first.read().is_ok_and(|v| !v.ever_connected) {
-                        let _ = changes.send(FleetChange { node: name, models: BTreeSet::new() });
+                        let _ = changes.send(FleetChange {
+                            node: name,
+                            kind: ChangeKind::Connection,
+                            models: BTreeSet::new(),
+                        });
                     }
                 });
                 Link { endpoint: endpoint.to_owned(), client: Some(client), view, task }
@@ -151,7 +167,11 @@ impl Fleet {
                 if let Ok(mut v) = view.write() {
                     v.last_error = Some(e.to_string());
                 }
-                let _ = self.changes.send(FleetChange { node: node.to_owned(), models: BTreeSet::new() });
+                let _ = self.changes.send(FleetChange {
+                    node: node.to_owned(),
+                    kind: ChangeKind::Connection,
+                    models: BTreeSet::new(),
+                });
                 Link { endpoint: endpoint.to_owned(), client: None, view, task: tokio::spawn(async {}) }
             }
         }
@@ -223,8 +243,8 @@ impl Session {
         }
     }
 
-    fn notify(&self, models: BTreeSet<String>) {
-        let _ = self.changes.send(FleetChange { node: self.node.clone(), models });
+    fn notify(&self, kind: ChangeKind, models: BTreeSet<String>) {
+        let _ = self.changes.send(FleetChange { node: self.node.clone(), kind, models });
     }
 
     fn set_up(&self, up: bool) {
@@ -244,14 +264,14 @@ impl Session {
             let models: BTreeSet<String> = v.models.keys().cloned().collect();
             drop(v);
             self.set_up(false);
-            self.notify(models.clone());
+            self.notify(ChangeKind::Connection, models.clone());
             // When the grace period ends, everything on the node is looked at again.
             let (view, changes, node, grace) = (self.view.clone(), self.changes.clone(), self.node.clone(), self.grace);
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
                 let still_lost = view.read().is_ok_and(|v| v.lost_since == Some(since));
                 if still_lost {
-                    let _ = changes.send(FleetChange { node, models });
+                    let _ = changes.send(FleetChange { node, kind: ChangeKind::Connection, models });
                 }
             });
         }
@@ -287,7 +307,7 @@ impl Session {
                         v.info = Some(info);
                         v.last_heartbeat = Some(now_time());
                     }
-                    self.notify(BTreeSet::new());
+                    self.notify(ChangeKind::Heartbeat, BTreeSet::new());
                 }
             }
         }
@@ -296,6 +316,7 @@ impl Session {
     fn apply(&self, event: pb::WatchEvent) {
         let Ok(mut v) = self.view.write() else { return };
         let mut touched = BTreeSet::new();
+        let mut kind = ChangeKind::Models;
         match event.event {
             Some(pb::watch_event::Event::Snapshot(snapshot)) => {
                 let fresh: BTreeMap<String, pb::ModelState> =
@@ -312,6 +333,7 @@ impl Session {
                 v.last_error = None;
                 v.last_heartbeat = Some(now_time());
                 self.set_up(true);
+                kind = ChangeKind::Connection;
             }
             Some(pb::watch_event::Event::Changed(state)) => {
                 let key = key_of(state.model.as_ref());
@@ -326,6 +348,6 @@ impl Session {
             None => {}
         }
         drop(v);
-        self.notify(touched);
+        self.notify(kind, touched);
     }
 }

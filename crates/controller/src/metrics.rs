@@ -18,7 +18,7 @@ pub struct ResultLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ErrorLabels {
-    /// `kube`, `agent`, `circuit_open`, `model`, `finalizer`.
+    /// `kube`, `agent`, `circuit_open`, `model`, `finalizer`, `lease`.
     pub kind: String,
 }
 

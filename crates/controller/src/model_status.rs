@@ -23,26 +23,13 @@ pub struct ReplicaInput<'a> {
     pub state: Option<&'a pb::ModelState>,
 }
 
-pub fn parse_phase(s: &str) -> Phase {
-    Phase::ALL.into_iter().find(|p| p.as_str() == s).unwrap_or(Phase::Pending)
-}
-
-pub fn parse_grade(s: &str) -> Option<Grade> {
-    match s {
-        "Green" => Some(Grade::Green),
-        "Yellow" => Some(Grade::Yellow),
-        "Red" => Some(Grade::Red),
-        _ => None,
-    }
-}
-
 fn view(r: &ReplicaInput<'_>) -> ReplicaView {
     let s = r.state;
     ReplicaView {
         node: r.node.to_owned(),
         agent_reachable: r.reachable,
-        phase: s.map_or(Phase::Pending, |s| parse_phase(&s.phase)),
-        grade: s.and_then(|s| parse_grade(&s.grade)),
+        phase: s.and_then(|s| Phase::parse(&s.phase)).unwrap_or(Phase::Pending),
+        grade: s.and_then(|s| Grade::parse(&s.grade)),
         saturated: s.is_some_and(|s| s.saturated),
         last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
     }

@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::events::{node_events, publish};
-use crate::fleet::{Fleet, FleetChange};
+use crate::fleet::{ChangeKind, Fleet, FleetChange};
 use crate::node_status::node_status;
 use crate::reconcile::FIELD_MANAGER;
 
@@ -91,8 +91,9 @@ pub async fn watch_nodes(
     }
 }
 
-/// Fans agent changes out: the node's status, the models named, and, when something that may
-/// free or take room changed, the models still waiting for a node.
+/// Fans agent changes out: always the node's status; for model changes the models named and
+/// those still waiting for a node (room may have appeared); for connection changes also every
+/// model placed on the node (its agent may not know them yet, or they just became unreachable).
 pub async fn dispatch_fleet_changes(
     mut changes: mpsc::UnboundedReceiver<FleetChange>,
     models: Store<MetalModel>,
@@ -101,14 +102,15 @@ pub async fn dispatch_fleet_changes(
 ) {
     while let Some(change) = changes.recv().await {
         let _ = node_status.send(change.node.clone());
+        if change.kind == ChangeKind::Heartbeat {
+            continue;
+        }
         let mut refs: std::collections::HashSet<ObjectRef<MetalModel>> =
             change.models.iter().filter_map(|k| model_ref(k)).collect();
-        // Room may have appeared or a node may have (re)connected: models placed on it but not
-        // yet known to its agent, and models without a node, are due a look.
         for m in models.state() {
             let waiting = m.status.as_ref().is_none_or(|s| {
                 s.conditions.iter().any(|c| c.type_ == "Scheduled" && c.status != "True")
-                    || s.replicas.iter().any(|r| r.node == change.node)
+                    || (change.kind == ChangeKind::Connection && s.replicas.iter().any(|r| r.node == change.node))
             });
             if waiting {
                 refs.insert(ObjectRef::from_obj(m.as_ref()));

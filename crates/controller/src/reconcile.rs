@@ -99,7 +99,8 @@ fn error_kind(e: &ControllerError) -> &'static str {
         ControllerError::Agent { .. } | ControllerError::BadEndpoint { .. } | ControllerError::Tls(_) => "agent",
         ControllerError::CircuitOpen { .. } => "circuit_open",
         ControllerError::Model { .. } => "model",
-        ControllerError::Finalizer(_) | ControllerError::Lease { .. } => "finalizer",
+        ControllerError::Finalizer(_) => "finalizer",
+        ControllerError::Lease { .. } => "lease",
     }
 }
 
@@ -348,25 +349,31 @@ async fn write_endpoints(
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     services.patch(&name, &apply, &Patch::Apply(&service(model))).await?;
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
+    let current = model_slices(&slices, &name).await?;
     let wanted = endpoint_slices(model, &endpoint_replicas(inputs));
     for slice in &wanted {
-        let slice_name = slice.metadata.name.clone().unwrap_or_default();
-        let current = slices.get_opt(&slice_name).await?;
-        if current.as_ref().is_some_and(|c| c.endpoints == slice.endpoints && c.ports == slice.ports) {
-            continue;
+        let unchanged = current.iter().any(|c| {
+            c.metadata.name == slice.metadata.name && c.endpoints == slice.endpoints && c.ports == slice.ports
+        });
+        if !unchanged {
+            slices.patch(slice.metadata.name.as_deref().unwrap_or_default(), &apply, &Patch::Apply(slice)).await?;
         }
-        slices.patch(&slice_name, &apply, &Patch::Apply(slice)).await?;
     }
-    delete_stale_slices(&slices, &name, &wanted).await
+    delete_slices_except(&slices, &current, &wanted).await
 }
 
-async fn delete_stale_slices(
+/// The EndpointSlices this controller wrote for `model`.
+async fn model_slices(slices: &Api<EndpointSlice>, model: &str) -> Result<Vec<EndpointSlice>, ControllerError> {
+    let selector = format!("{SERVICE_NAME_LABEL}={model},{MANAGED_BY_LABEL}={MANAGED_BY}");
+    Ok(slices.list(&ListParams::default().labels(&selector)).await?.items)
+}
+
+async fn delete_slices_except(
     slices: &Api<EndpointSlice>,
-    model: &str,
+    current: &[EndpointSlice],
     wanted: &[EndpointSlice],
 ) -> Result<(), ControllerError> {
-    let selector = format!("{SERVICE_NAME_LABEL}={model},{MANAGED_BY_LABEL}={MANAGED_BY}");
-    for slice in slices.list(&ListParams::default().labels(&selector)).await?.items {
+    for slice in current {
         if !wanted.iter().any(|w| w.metadata.name == slice.metadata.name) {
             delete_ignoring_missing(slices, &slice.name_any()).await?;
         }
@@ -408,7 +415,7 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
         client.stop_model(&ns, &name).await?;
     }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    delete_stale_slices(&slices, &name, &[]).await?;
+    delete_slices_except(&slices, &model_slices(&slices, &name).await?, &[]).await?;
     if let Ok(mut known) = ctx.memory.lock() {
         known.remove(&key);
     }
