@@ -28,9 +28,10 @@ enum Task {
     E2e,
     /// setup if needed, then run the standalone agent on examples/standalone/.
     Demo,
-    /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx.
+    /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx; `metrics`: the
+    /// cost of one request's metrics on the serving port.
     Bench {
-        #[arg(value_parser = ["proxy"])]
+        #[arg(value_parser = ["proxy", "metrics"])]
         what: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 8)]
@@ -50,7 +51,12 @@ fn main() -> anyhow::Result<()> {
         Task::E2e => e2e(),
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
-        Task::Bench { seconds, .. } => bench::proxy(seconds),
+        Task::Bench { what, seconds } => match what.as_str() {
+            "metrics" => {
+                run(cargo().args(["run", "--release", "-p", "metalkube-agent", "--example", "serving_metrics_bench"]))
+            }
+            _ => bench::proxy(seconds),
+        },
     }
 }
 
