@@ -1,6 +1,5 @@
 //! Backpressure in front of every engine: the serving port, its queue, and the circuit breaker.
 
-pub mod circuit;
 pub mod policy;
 pub mod proxy;
 pub mod queue;

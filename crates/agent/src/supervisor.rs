@@ -119,11 +119,7 @@ impl SupervisorHandle {
         r.in_flight = load.in_flight;
         r.queue_depth = load.queued;
         r.max_concurrent = load.limit;
-        r.circuit = match admission.circuit_state() {
-            crate::admission::circuit::CircuitState::Closed => "closed",
-            crate::admission::circuit::CircuitState::HalfOpen => "half_open",
-            crate::admission::circuit::CircuitState::Open => "open",
-        };
+        r.circuit = admission.circuit_state().as_str();
         r.decode_seconds_per_token = admission.decode_per_token().map(|d| d.as_secs_f64());
         r
     }

@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use metalkube_circuit::CircuitBreaker;
 use metalkube_proto as pb;
 use pb::agent_client::AgentClient as GrpcClient;
+use prometheus_client::metrics::gauge::Gauge;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Code, Request, Status};
 
 use crate::ControllerError;
-use crate::breaker::{Breaker, BreakerState};
 use crate::metrics::{CallLabels, Metrics, NodeLabels};
 
 /// The controller's side of mTLS: its client identity and the CA agents' certificates chain to.
@@ -56,7 +57,9 @@ impl Default for ClientSettings {
 pub struct AgentClient {
     node: String,
     grpc: GrpcClient<Channel>,
-    breaker: Mutex<Breaker>,
+    breaker: Mutex<CircuitBreaker>,
+    /// `metalkube_controller_agent_circuit_state` for this node.
+    circuit_gauge: Gauge,
     settings: ClientSettings,
     metrics: Arc<Metrics>,
 }
@@ -97,10 +100,12 @@ impl AgentClient {
             (None, true) => return Err(bad("is https:// but the controller runs with --insecure".into())),
             (None, false) => {}
         }
+        let circuit_gauge = metrics.agent_circuit_state.get_or_create(&NodeLabels { node: node.to_owned() }).clone();
         Ok(Self {
             node: node.to_owned(),
             grpc: GrpcClient::new(ep.connect_lazy()),
-            breaker: Mutex::new(Breaker::new(settings.breaker_threshold, settings.breaker_cooldown)),
+            breaker: Mutex::new(CircuitBreaker::new(settings.breaker_threshold, settings.breaker_cooldown)),
+            circuit_gauge,
             settings: settings.clone(),
             metrics,
         })
@@ -118,16 +123,17 @@ impl AgentClient {
             .inc();
     }
 
-    fn publish_breaker(&self, state: BreakerState) {
-        self.metrics.agent_circuit_state.get_or_create(&NodeLabels { node: self.node.clone() }).set(state.level());
-    }
-
     fn admit(&self) -> Result<(), ControllerError> {
         let Ok(mut b) = self.breaker.lock() else { return Ok(()) };
         let now = Instant::now();
-        let admitted = b.admit(now);
-        self.publish_breaker(b.state(now));
-        admitted.map_err(|wait| ControllerError::CircuitOpen {
+        let admitted = b.allow(now);
+        self.circuit_gauge.set(b.state().level());
+        if admitted {
+            return Ok(());
+        }
+        // Open: the rest of the cool-down; half-open: a probe is out, its answer is due.
+        let wait = b.remaining_cooldown(now).unwrap_or_default();
+        Err(ControllerError::CircuitOpen {
             node: self.node.clone(),
             retry_in_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
         })
@@ -135,13 +141,12 @@ impl AgentClient {
 
     fn settle(&self, ok: bool) {
         let Ok(mut b) = self.breaker.lock() else { return };
-        let now = Instant::now();
         if ok {
-            b.success();
+            b.on_success();
         } else {
-            b.failure(now);
+            b.on_failure(Instant::now());
         }
-        self.publish_breaker(b.state(now));
+        self.circuit_gauge.set(b.state().level());
     }
 
     /// One unary call through the breaker, with a deadline per attempt and retries on

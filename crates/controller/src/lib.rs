@@ -2,10 +2,9 @@
 //! turns what the agents report into status, EndpointSlices, Events and metrics.
 //!
 //! Pure cores: `placement`, `conditions`, `model_status`, `node_status`, `endpoints`, `events`,
-//! `breaker`, `leader::decide`. IO: `agent_client`, `fleet`, `reconcile`, `nodes`, `leader`, `http`.
+//! `leader::decide` (the circuit breaker is the shared `metalkube-circuit`). IO: `agent_client`, `fleet`, `reconcile`, `nodes`, `leader`, `http`.
 
 pub mod agent_client;
-pub mod breaker;
 pub mod conditions;
 pub mod endpoints;
 mod error;

@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::circuit::{CircuitBreaker, CircuitState};
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
 use crate::grader::Load;
 use crate::metrics::ServingSeries;
+use metalkube_circuit::{CircuitBreaker, CircuitState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {

@@ -1,6 +1,7 @@
-//! A circuit breaker on the upstream engine: after consecutive failures (refused connections,
-//! 5xx) it opens and requests fail fast; after a cool-down one probe request is let through,
-//! and its outcome closes or re-opens the circuit.
+//! A circuit breaker: after consecutive failures it opens and calls fail fast; after a
+//! cool-down one probe is let through, and its outcome closes or re-opens the circuit. The
+//! agent puts one in front of each engine (refused connections, 5xx), the controller one in
+//! front of each agent (transport failures). Pure: time comes in as arguments.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,16 @@ pub enum CircuitState {
 }
 
 impl CircuitState {
-    /// The `metalkube_agent_circuit_state` gauge value.
+    /// The name reports use: `closed`, `half_open`, `open`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CircuitState::Closed => "closed",
+            CircuitState::HalfOpen => "half_open",
+            CircuitState::Open => "open",
+        }
+    }
+
+    /// The value of the `*_circuit_state` gauges: 0 closed, 1 half-open, 2 open.
     pub fn level(self) -> i64 {
         match self {
             CircuitState::Closed => 0,
@@ -94,7 +104,7 @@ impl CircuitBreaker {
         }
     }
 
-    /// A new engine process: what the old one did says nothing about it.
+    /// A fresh start (a new engine process): what came before says nothing about it.
     pub fn reset(&mut self) {
         self.on_success();
     }
