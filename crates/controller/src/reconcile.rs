@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -41,7 +42,8 @@ pub struct Context {
     pub models: Store<MetalModel>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
-    failures: Mutex<HashMap<String, u32>>,
+    /// Per model: the delays of its next retries while reconciles keep failing.
+    failures: Mutex<HashMap<String, ExponentialBackoff>>,
     /// model key → (uid, generation, bytes): estimates agents reported, kept after the agent
     /// has dropped the model (a model that fits nowhere is stopped, and must stay unscheduled).
     memory: Mutex<HashMap<String, (String, i64, u64)>>,
@@ -136,23 +138,28 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
     result
 }
 
-/// Failed reconciles come back with exponential backoff (0.5 s doubling to 1 min, jittered).
+/// Longest wait between retries of a failing reconcile.
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Failed reconciles come back with exponential backoff (backon: 0.5 s doubling to 1 min,
+/// jittered), reset by the next success.
 pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Context>) -> Action {
     let key = model_key(&model);
-    let attempt = ctx.failures.lock().map_or(1, |mut f| {
-        let n = f.entry(key.clone()).or_insert(0);
-        *n = n.saturating_add(1);
-        *n
+    let delay = ctx.failures.lock().ok().and_then(|mut f| {
+        f.entry(key.clone())
+            .or_insert_with(|| {
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(500))
+                    .with_max_delay(RETRY_MAX)
+                    .with_jitter()
+                    .without_max_times()
+                    .build()
+            })
+            .next()
     });
-    let delay = retry_delay(attempt, rand::random::<f64>());
-    tracing::warn!(model = %key, attempt, retry_in = ?delay, "reconcile failed: {error}");
+    let delay = delay.unwrap_or(RETRY_MAX);
+    tracing::warn!(model = %key, retry_in = ?delay, "reconcile failed: {error}");
     Action::requeue(delay)
-}
-
-/// The delay after `attempt` consecutive failures; `jitter` in [0, 1) spreads it by up to 20%.
-pub fn retry_delay(attempt: u32, jitter: f64) -> Duration {
-    let base = 0.5 * 2f64.powi(i32::try_from(attempt.saturating_sub(1).min(16)).unwrap_or(16));
-    Duration::from_secs_f64(base.min(60.0) * (1.0 + 0.2 * jitter.clamp(0.0, 1.0)))
 }
 
 /// Memory one replica needs, as an agent estimated it for this generation.
@@ -433,18 +440,4 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     )
     .await;
     Ok(Action::await_change())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::retry_delay;
-    use std::time::Duration;
-
-    #[test]
-    fn retry_delays_double_and_cap() {
-        assert_eq!(retry_delay(1, 0.0), Duration::from_millis(500));
-        assert_eq!(retry_delay(2, 0.0), Duration::from_secs(1));
-        assert_eq!(retry_delay(30, 0.0), Duration::from_secs(60));
-        assert!(retry_delay(3, 0.99) <= Duration::from_secs_f64(2.0 * 1.2));
-    }
 }
