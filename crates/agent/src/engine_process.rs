@@ -115,10 +115,6 @@ impl EngineProcess {
         self.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().cloned().collect()
     }
 
-    pub fn tail_contains(&self, needle: &str) -> bool {
-        self.tail.lock().unwrap_or_else(|e| e.into_inner()).iter().any(|l| l.contains(needle))
-    }
-
     /// SIGTERM (and SIGCONT, so a stopped engine can act on it), `grace`, then SIGKILL to the
     /// process group. Returns once the engine is gone and its pidfile removed.
     pub async fn stop(self, grace: Duration) -> ExitStatus {

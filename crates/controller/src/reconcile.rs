@@ -27,7 +27,7 @@ use crate::events::{Note, model_events, publish};
 use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
 use crate::model_status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
-use crate::placement::{Assignments, ModelDemand, NodeView, place};
+use crate::placement::{Assignments, ModelDemand, NodeView, Placement, place};
 
 /// Held while engines may still run for the model somewhere.
 pub const FINALIZER: &str = "metalkube.dev/engines";
@@ -189,19 +189,15 @@ fn ensure_request(m: &MetalModel) -> Result<pb::EnsureModelRequest, ControllerEr
     })
 }
 
-async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
-    let _ = ctx.nodes.wait_until_ready().await;
-    let _ = ctx.models.wait_until_ready().await;
-    let (now, grace) = (Instant::now(), ctx.fleet.grace());
-    let views = ctx.fleet.views();
-    let nodes = ctx.nodes.state();
-    // Before an agent has had its first chance to connect, its absence means nothing yet:
-    // acting on it would pull healthy endpoints after every controller restart.
-    if views.values().any(|v| v.first_contact_pending(grace, now)) {
-        return Ok(Action::requeue(Duration::from_millis(500)));
-    }
+/// Placement of every model (memory is shared, so one model's place depends on the others'),
+/// with `model` as given rather than as the cache last saw it.
+fn place_all(
+    model: &MetalModel,
+    ctx: &Context,
+    views: &BTreeMap<String, AgentView>,
+    nodes: &[Arc<MetalNode>],
+) -> Placement {
     let key = model_key(model);
-
     let mut models: Vec<Arc<MetalModel>> = ctx
         .models
         .state()
@@ -215,7 +211,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
             key: model_key(m),
             replicas: m.spec.replicas,
             node_selector: m.spec.node_selector.clone(),
-            memory_bytes: ctx.memory_for(m, &views).unwrap_or(0),
+            memory_bytes: ctx.memory_for(m, views).unwrap_or(0),
         })
         .collect();
     let node_views: Vec<NodeView> = nodes
@@ -234,16 +230,33 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
             }
         })
         .collect();
+    // Where each model runs now: what agents hold, and what the status last recorded (an agent
+    // may be out of reach).
     let current: Assignments = models
         .iter()
         .map(|m| {
             let k = model_key(m);
-            let mut on = holders(&k, &views);
+            let mut on = holders(&k, views);
             on.extend(m.status.iter().flat_map(|s| s.replicas.iter().map(|r| r.node.clone())));
             (k, on)
         })
         .collect();
-    let placement = place(&demands, &node_views, &current);
+    place(&demands, &node_views, &current)
+}
+
+async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
+    let _ = ctx.nodes.wait_until_ready().await;
+    let _ = ctx.models.wait_until_ready().await;
+    let (now, grace) = (Instant::now(), ctx.fleet.grace());
+    let views = ctx.fleet.views();
+    let nodes = ctx.nodes.state();
+    // Before an agent has had its first chance to connect, its absence means nothing yet:
+    // acting on it would pull healthy endpoints after every controller restart.
+    if views.values().any(|v| v.first_contact_pending(grace, now)) {
+        return Ok(Action::requeue(Duration::from_millis(500)));
+    }
+    let key = model_key(model);
+    let placement = place_all(model, ctx, &views, &nodes);
     let assigned = placement.assignments.get(&key).cloned().unwrap_or_default();
 
     // Tell the agents. One unreachable agent must not keep the others from being told, so

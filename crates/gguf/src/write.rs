@@ -1,5 +1,3 @@
-use std::io::Write;
-
 use crate::{DEFAULT_ALIGNMENT, GgufError, MAGIC, Value};
 
 struct Tensor {
@@ -65,10 +63,6 @@ impl GgufWriter {
             pad(&mut out);
         }
         out
-    }
-
-    pub fn write_to(&self, mut w: impl Write) -> std::io::Result<()> {
-        w.write_all(&self.to_bytes())
     }
 }
 
