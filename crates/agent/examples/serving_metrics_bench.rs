@@ -12,12 +12,13 @@ const REQUESTS: u32 = 1_000_000;
 const ROUNDS: usize = 7;
 
 /// One request's bookkeeping through the families, as the proxy did before: status code,
-/// duration, time to first byte (labels cloned into the body's callbacks), in-flight up and
-/// down (by the model's stored labels).
+/// duration by code, time to first token (labels cloned into the body's callbacks), in-flight
+/// up and down (by the model's stored labels).
 fn by_labels(metrics: &Metrics, labels: &ModelLabels) {
     metrics.in_flight.get_or_create(labels).set(1);
-    metrics.time_to_first_byte.get_or_create(&labels.clone()).observe(0.004);
-    metrics.request_duration.get_or_create(&ModelLabels { model: labels.model.clone() }).observe(0.007);
+    metrics.time_to_first_token.get_or_create(&labels.clone()).observe(0.004);
+    let code = CodeLabels { model: labels.model.clone(), code: 200.to_string() };
+    metrics.request_duration.get_or_create(&code).observe(0.007);
     metrics.in_flight.get_or_create(labels).set(0);
     metrics.requests.get_or_create(&CodeLabels { model: labels.model.clone(), code: 200.to_string() }).inc();
 }
@@ -45,10 +46,11 @@ fn main() {
     let handles = median_ns_per_request(|| {
         let s = black_box(&series);
         s.in_flight.set(1);
-        s.time_to_first_byte.observe(0.004);
-        s.request_duration.observe(0.007);
+        s.time_to_first_token.observe(0.004);
+        let code = s.code(200);
+        code.duration.observe(0.007);
         s.in_flight.set(0);
-        s.request_finished(200);
+        code.requests.inc();
     });
     println!("per-request metrics, {REQUESTS} requests x {ROUNDS} rounds (median), one thread");
     println!("{:<28} {:>12} {:>10}", "path", "ns/request", "ratio");

@@ -19,6 +19,14 @@ pub struct Agent {
     source_errors: std::sync::Mutex<BTreeMap<String, String>>,
     /// The key of every model whose report changed, or that was removed.
     changes: broadcast::Sender<String>,
+    /// Reads host memory and GPU figures for `/metrics` while the agent lives.
+    host_sampler: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.host_sampler.abort();
+    }
 }
 
 impl Agent {
@@ -30,7 +38,14 @@ impl Agent {
             tracing::warn!(?reaped, "stopped engines left by a previous agent run");
         }
         let (changes, _) = broadcast::channel(1024);
-        Ok(Arc::new(Self { ctx, supervisors: Mutex::new(BTreeMap::new()), source_errors: Default::default(), changes }))
+        let host_sampler = tokio::spawn(crate::host::follow_host(ctx.metrics.host.clone()));
+        Ok(Arc::new(Self {
+            ctx,
+            supervisors: Mutex::new(BTreeMap::new()),
+            source_errors: Default::default(),
+            changes,
+            host_sampler,
+        }))
     }
 
     pub fn context(&self) -> &AgentContext {

@@ -32,6 +32,8 @@ pub struct AgentService {
     agent: Arc<Agent>,
     store: Arc<DesiredStore>,
     memory_budget_bytes: u64,
+    /// Port of the agent's HTTP endpoint (/metrics, /readyz), 0 when not told.
+    http_port: u32,
 }
 
 impl AgentService {
@@ -39,7 +41,14 @@ impl AgentService {
     /// and answers the controller from then on.
     pub async fn start(agent: Arc<Agent>, store: Arc<DesiredStore>, memory_budget_bytes: u64) -> Self {
         agent.apply(store.all().iter().map(Record::desired).collect()).await;
-        Self { agent, store, memory_budget_bytes }
+        Self { agent, store, memory_budget_bytes, http_port: 0 }
+    }
+
+    /// Tells the controller, in Info, where this agent's `/metrics` are: it lists every Mac in
+    /// one Service so that one ServiceMonitor scrapes them all.
+    pub fn with_http_port(mut self, port: u16) -> Self {
+        self.http_port = u32::from(port);
+        self
     }
 
     fn state(&self, report: &ModelReport) -> pb::ModelState {
@@ -113,6 +122,7 @@ impl AgentApi for AgentService {
             gpu_cores: 0,
             memory_budget_bytes: self.memory_budget_bytes,
             models,
+            http_port: self.http_port,
         }))
     }
 
@@ -161,7 +171,12 @@ impl AgentApi for AgentService {
         // Subscribe before the snapshot, so nothing that happens in between is missed.
         let mut changes = self.agent.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let service = AgentService { agent: self.agent.clone(), store: self.store.clone(), memory_budget_bytes: 0 };
+        let service = AgentService {
+            agent: self.agent.clone(),
+            store: self.store.clone(),
+            memory_budget_bytes: 0,
+            http_port: self.http_port,
+        };
         tokio::spawn(async move {
             let mut sent: HashMap<String, pb::ModelState> = HashMap::new();
             let mut snapshot = true;

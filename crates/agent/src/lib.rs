@@ -5,6 +5,7 @@ pub mod agent;
 pub mod context;
 pub mod desired_store;
 pub mod engine_args;
+pub mod engine_metrics;
 pub mod engine_process;
 mod error;
 pub mod grader;

@@ -67,9 +67,10 @@ struct CommonArgs {
     /// Where pidfiles and engine logs are kept.
     #[arg(long, env = "METALKUBE_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Address of /healthz, /readyz, /metrics and /api/v1/models.
-    #[arg(long, default_value = "127.0.0.1:9090", env = "METALKUBE_LISTEN")]
-    listen: String,
+    /// Address of /healthz, /readyz, /metrics and /api/v1/models. Default: 127.0.0.1:9090
+    /// standalone (`run`); 0.0.0.0:9090 in a cluster (`serve`), where Prometheus scrapes it.
+    #[arg(long, env = "METALKUBE_LISTEN")]
+    listen: Option<String>,
     /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
     #[arg(long, default_value = "18000-18999", value_parser = parse_port_range)]
     engine_ports: std::ops::RangeInclusive<u16>,
@@ -129,10 +130,7 @@ fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
 }
 
-async fn start_agent(
-    args: CommonArgs,
-    memory_budget_bytes: Option<u64>,
-) -> anyhow::Result<(std::sync::Arc<Agent>, CommonArgs)> {
+async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyhow::Result<std::sync::Arc<Agent>> {
     let config = AgentConfig {
         engine_binary: args.engine.clone(),
         state_dir: args.state_dir.clone().unwrap_or_else(default_state_dir),
@@ -148,7 +146,13 @@ async fn start_agent(
     };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;
-    Ok((Agent::start(config).await?, args))
+    Ok(Agent::start(config).await?)
+}
+
+/// Binds the agent's HTTP port: `--listen`, else the mode's default.
+async fn bind_http(listen: Option<&str>, default: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    let addr = listen.unwrap_or(default);
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (--listen)"))
 }
 
 #[tokio::main]
@@ -156,16 +160,17 @@ async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let (agent, common, work) = match Cli::parse().command {
+    let (agent, listener, work) = match Cli::parse().command {
         Cmd::Run(args) => {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
-            let (agent, common) = start_agent(args.common, None).await?;
+            let listener = bind_http(args.common.listen.as_deref(), "127.0.0.1:9090").await?;
+            let agent = start_agent(args.common, None).await?;
             let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
             let work: tokio::task::JoinHandle<anyhow::Result<()>> =
                 tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
-            (agent, common, work)
+            (agent, listener, work)
         }
         Cmd::Serve(args) => {
             let tls = if args.insecure {
@@ -183,23 +188,22 @@ async fn main() -> anyhow::Result<()> {
             let grpc_listener = tokio::net::TcpListener::bind(&args.grpc_listen)
                 .await
                 .with_context(|| format!("listening on {} (--grpc-listen)", args.grpc_listen))?;
+            let listener = bind_http(args.common.listen.as_deref(), "0.0.0.0:9090").await?;
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::host::total_memory_bytes().map(|m| m / 4 * 3))
                 .unwrap_or(0);
-            let (agent, common) = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
+            let agent = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
             let store = std::sync::Arc::new(DesiredStore::open(&agent.context().config.state_dir.join("desired"))?);
-            let service = AgentService::start(agent.clone(), store, budget).await;
+            let service =
+                AgentService::start(agent.clone(), store, budget).await.with_http_port(listener.local_addr()?.port());
             tracing::info!("gRPC API on {}", grpc_listener.local_addr()?);
             let work = tokio::spawn(async move {
                 serve_grpc(service, grpc_listener, tls, std::future::pending()).await.map_err(anyhow::Error::from)
             });
-            (agent, common, work)
+            (agent, listener, work)
         }
     };
-    let listener = tokio::net::TcpListener::bind(&common.listen)
-        .await
-        .with_context(|| format!("listening on {} (--listen)", common.listen))?;
     tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve(agent.clone(), listener, async move {

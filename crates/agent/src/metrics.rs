@@ -1,10 +1,15 @@
 //! The agent's Prometheus metrics (prefix `metalkube_agent_`), in OpenMetrics text.
+//!
+//! Every series of a model carries `model="<namespace>/<name>"`. Counters with a bounded label
+//! set (restart reasons, rejection reasons, the status codes the agent itself answers with) are
+//! created at 0 when the model starts, so `increase()` and alerts see the first event. Host
+//! figures come from `host::HostCollector`, which writes only what the OS really told.
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 
-use metalkube_api::Phase;
+use metalkube_api::{Phase, PulseSpec};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -13,6 +18,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::admission::policy::Rejection;
+use crate::host::HostCollector;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -22,7 +28,7 @@ pub struct ModelLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RestartLabels {
     pub model: String,
-    /// One of `crash`, `pulse_red`, `hang`, `start_failed`.
+    /// One of `RESTART_REASONS`.
     pub reason: String,
 }
 
@@ -35,7 +41,7 @@ pub struct CodeLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
     pub model: String,
-    /// One of `queue_full`, `queue_timeout`, `not_ready`, `too_large`, `circuit_open`, `request_timeout`.
+    /// One of `Rejection::reason()`.
     pub reason: String,
 }
 
@@ -45,6 +51,18 @@ pub struct PhaseLabels {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: String,
+}
+
+/// Why an engine was restarted: the `reason` label of `engine_restarts_total`.
+pub const RESTART_REASONS: [&str; 4] = ["crash", "pulse_red", "hang", "start_failed"];
+
+/// Status codes the serving port itself answers with (plus 200), present at 0 from the start.
+/// Other codes (what the engine answers) appear when first seen.
+pub const KNOWN_CODES: [u16; 6] = [200, 400, 408, 413, 429, 503];
+
 fn request_histogram() -> Histogram {
     Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
 }
@@ -53,25 +71,41 @@ fn pulse_histogram() -> Histogram {
     Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0])
 }
 
+type F64Gauge = Gauge<f64, AtomicU64>;
+type F64Counter = Counter<f64, AtomicU64>;
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
 pub struct Metrics {
     registry: Mutex<Registry>,
-    pub pulse_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    pub pulse_last: Family<ModelLabels, Gauge<f64, AtomicU64>>,
-    pub pulse_compute_last: Family<ModelLabels, Gauge<f64, AtomicU64>>,
+    pub pulse_duration: HistogramFamily<ModelLabels>,
+    pub pulse_last: Family<ModelLabels, F64Gauge>,
+    pub pulse_compute_last: Family<ModelLabels, F64Gauge>,
     pub pulse_grade: Family<ModelLabels, Gauge>,
+    pub pulse_yellow_after: Family<ModelLabels, F64Gauge>,
+    pub pulse_red_after: Family<ModelLabels, F64Gauge>,
+    pub saturated: Family<ModelLabels, Gauge>,
+    pub decode_per_token: Family<ModelLabels, F64Gauge>,
     pub engine_up: Family<ModelLabels, Gauge>,
     pub engine_phase: Family<PhaseLabels, Gauge>,
     pub engine_restarts: Family<RestartLabels, Counter>,
+    pub engine_rss: Family<ModelLabels, Gauge>,
+    pub engine_prompt_tokens: Family<ModelLabels, Counter>,
+    pub engine_prompt_seconds: Family<ModelLabels, F64Counter>,
+    pub engine_predicted_tokens: Family<ModelLabels, Counter>,
+    pub engine_predicted_seconds: Family<ModelLabels, F64Counter>,
+    pub engine_requests_processing: Family<ModelLabels, Gauge>,
+    pub engine_requests_deferred: Family<ModelLabels, Gauge>,
     pub requests: Family<CodeLabels, Counter>,
-    pub request_duration: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    pub time_to_first_byte: Family<ModelLabels, Histogram, fn() -> Histogram>,
-    pub queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub request_duration: HistogramFamily<CodeLabels>,
+    pub time_to_first_token: HistogramFamily<ModelLabels>,
+    pub generated_tokens: Family<ModelLabels, Counter>,
+    pub queue_wait: HistogramFamily<ModelLabels>,
     pub queue_depth: Family<ModelLabels, Gauge>,
     pub in_flight: Family<ModelLabels, Gauge>,
+    pub max_concurrent: Family<ModelLabels, Gauge>,
     pub rejections: Family<ReasonLabels, Counter>,
     pub circuit_state: Family<ModelLabels, Gauge>,
-    pub saturated: Family<ModelLabels, Gauge>,
-    pub decode_per_token: Family<ModelLabels, Gauge<f64, AtomicU64>>,
+    pub host: Arc<HostCollector>,
 }
 
 impl Metrics {
@@ -82,84 +116,172 @@ impl Metrics {
             pulse_last: Family::default(),
             pulse_compute_last: Family::default(),
             pulse_grade: Family::default(),
+            pulse_yellow_after: Family::default(),
+            pulse_red_after: Family::default(),
+            saturated: Family::default(),
+            decode_per_token: Family::default(),
             engine_up: Family::default(),
             engine_phase: Family::default(),
             engine_restarts: Family::default(),
+            engine_rss: Family::default(),
+            engine_prompt_tokens: Family::default(),
+            engine_prompt_seconds: Family::default(),
+            engine_predicted_tokens: Family::default(),
+            engine_predicted_seconds: Family::default(),
+            engine_requests_processing: Family::default(),
+            engine_requests_deferred: Family::default(),
             requests: Family::default(),
             request_duration: Family::new_with_constructor(request_histogram),
-            time_to_first_byte: Family::new_with_constructor(request_histogram),
+            time_to_first_token: Family::new_with_constructor(request_histogram),
+            generated_tokens: Family::default(),
             queue_wait: Family::new_with_constructor(request_histogram),
             queue_depth: Family::default(),
             in_flight: Family::default(),
+            max_concurrent: Family::default(),
             rejections: Family::default(),
             circuit_state: Family::default(),
-            saturated: Family::default(),
-            decode_per_token: Family::default(),
+            host: Arc::new(HostCollector::default()),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
-            r.register_with_unit(
-                "pulse_duration",
-                "Wall time of the pulse, a trivial completion sent straight to the engine",
-                Unit::Seconds,
-                m.pulse_duration.clone(),
-            );
-            r.register_with_unit(
-                "pulse_last_duration",
-                "Wall time of the most recent pulse",
-                Unit::Seconds,
-                m.pulse_last.clone(),
-            );
-            r.register_with_unit(
-                "pulse_last_compute",
-                "Engine compute time (prompt + decode) the most recent pulse reported",
-                Unit::Seconds,
-                m.pulse_compute_last.clone(),
-            );
-            r.register("pulse_grade", "Published pulse grade: 0 green, 1 yellow, 2 red", m.pulse_grade.clone());
-            r.register("engine_up", "1 when the engine is serving", m.engine_up.clone());
-            r.register("engine_phase", "1 for the model's current phase, 0 for the others", m.engine_phase.clone());
-            r.register("engine_restarts", "Engine restarts by reason", m.engine_restarts.clone());
-            r.register("requests", "Requests on the serving port by HTTP status code", m.requests.clone());
-            r.register_with_unit(
-                "request_duration",
-                "Time from request arrival to the last byte of the response",
-                Unit::Seconds,
-                m.request_duration.clone(),
-            );
-            r.register_with_unit(
-                "time_to_first_byte",
-                "Time from request arrival to the first byte of the engine's response body",
-                Unit::Seconds,
-                m.time_to_first_byte.clone(),
-            );
-            r.register_with_unit(
-                "queue_wait",
-                "Time requests waited in the admission queue",
-                Unit::Seconds,
-                m.queue_wait.clone(),
-            );
-            r.register("queue_depth", "Requests waiting in the admission queue", m.queue_depth.clone());
-            r.register("in_flight_requests", "Requests admitted to the engine and not finished", m.in_flight.clone());
-            r.register("rejections", "Requests refused at the serving port by reason", m.rejections.clone());
-            r.register(
-                "circuit_state",
-                "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
-                m.circuit_state.clone(),
-            );
-            r.register(
-                "saturated",
-                "1 when the model is busy (at its limit with normal compute), not sick",
-                m.saturated.clone(),
-            );
-            r.register_with_unit(
-                "decode_per_token",
-                "Engine decode time per token, EWMA over real responses",
-                Unit::Seconds,
-                m.decode_per_token.clone(),
-            );
+            let build = Family::<BuildLabels, Gauge>::default();
+            build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
+            r.register("build_info", "The agent's version; always 1", build);
+            m.register_pulse(&mut r);
+            m.register_engine(&mut r);
+            m.register_serving(&mut r);
+            r.register_collector(Box::new(m.host.clone()));
         }
         Arc::new(m)
+    }
+
+    fn register_pulse(&self, r: &mut Registry) {
+        r.register_with_unit(
+            "pulse_duration",
+            "Wall time of the pulse, a trivial completion sent straight to the engine",
+            Unit::Seconds,
+            self.pulse_duration.clone(),
+        );
+        r.register_with_unit(
+            "pulse_last_duration",
+            "Wall time of the most recent pulse",
+            Unit::Seconds,
+            self.pulse_last.clone(),
+        );
+        r.register_with_unit(
+            "pulse_last_compute",
+            "Engine compute time (prompt + decode) the most recent pulse reported",
+            Unit::Seconds,
+            self.pulse_compute_last.clone(),
+        );
+        r.register("pulse_grade", "Published pulse grade: 0 green, 1 yellow, 2 red", self.pulse_grade.clone());
+        r.register_with_unit(
+            "pulse_yellow_after",
+            "The model's spec.pulse.yellowAfter: pulses slower than this are yellow",
+            Unit::Seconds,
+            self.pulse_yellow_after.clone(),
+        );
+        r.register_with_unit(
+            "pulse_red_after",
+            "The model's spec.pulse.redAfter: pulses slower than this are red",
+            Unit::Seconds,
+            self.pulse_red_after.clone(),
+        );
+        r.register(
+            "saturated",
+            "1 when the model is busy (at its limit with normal compute), not sick",
+            self.saturated.clone(),
+        );
+        r.register_with_unit(
+            "decode_per_token",
+            "Engine decode time per token, EWMA over real responses",
+            Unit::Seconds,
+            self.decode_per_token.clone(),
+        );
+    }
+
+    fn register_engine(&self, r: &mut Registry) {
+        r.register("engine_up", "1 when the engine is serving", self.engine_up.clone());
+        r.register("engine_phase", "1 for the model's current phase, 0 for the others", self.engine_phase.clone());
+        r.register("engine_restarts", "Engine restarts by reason", self.engine_restarts.clone());
+        r.register_with_unit(
+            "engine_resident_memory",
+            "Resident memory of the model's llama-server process (0 while none runs)",
+            Unit::Bytes,
+            self.engine_rss.clone(),
+        );
+        r.register(
+            "engine_prompt_tokens",
+            "Prompt tokens the engine processed, excluding cached ones (llama-server's own count, summed over engine restarts)",
+            self.engine_prompt_tokens.clone(),
+        );
+        r.register_with_unit(
+            "engine_prompt",
+            "Time the engine spent processing prompts (llama-server's own count)",
+            Unit::Seconds,
+            self.engine_prompt_seconds.clone(),
+        );
+        r.register(
+            "engine_predicted_tokens",
+            "Tokens the engine generated, pulses included (llama-server's own count)",
+            self.engine_predicted_tokens.clone(),
+        );
+        r.register_with_unit(
+            "engine_predicted",
+            "Time the engine spent generating tokens (llama-server's own count)",
+            Unit::Seconds,
+            self.engine_predicted_seconds.clone(),
+        );
+        r.register(
+            "engine_requests_processing",
+            "Requests the engine is working on, as it reports",
+            self.engine_requests_processing.clone(),
+        );
+        r.register(
+            "engine_requests_deferred",
+            "Requests the engine has deferred for lack of a free slot, as it reports",
+            self.engine_requests_deferred.clone(),
+        );
+    }
+
+    fn register_serving(&self, r: &mut Registry) {
+        r.register("requests", "Requests on the serving port by HTTP status code", self.requests.clone());
+        r.register_with_unit(
+            "request_duration",
+            "Time from request arrival to the last byte of the response, by HTTP status code",
+            Unit::Seconds,
+            self.request_duration.clone(),
+        );
+        r.register_with_unit(
+            "time_to_first_token",
+            "Time from request arrival to the first chunk of a streamed (SSE) response",
+            Unit::Seconds,
+            self.time_to_first_token.clone(),
+        );
+        r.register(
+            "generated_tokens",
+            "Tokens the engine generated for responses on the serving port (from their timings)",
+            self.generated_tokens.clone(),
+        );
+        r.register_with_unit(
+            "queue_wait",
+            "Time requests waited in the admission queue",
+            Unit::Seconds,
+            self.queue_wait.clone(),
+        );
+        r.register("queue_depth", "Requests waiting in the admission queue", self.queue_depth.clone());
+        r.register("in_flight_requests", "Requests admitted to the engine and not finished", self.in_flight.clone());
+        r.register(
+            "max_concurrent_requests",
+            "The admission limit: requests sent to the engine at once",
+            self.max_concurrent.clone(),
+        );
+        r.register("rejections", "Requests refused at the serving port by reason", self.rejections.clone());
+        r.register(
+            "circuit_state",
+            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
+            self.circuit_state.clone(),
+        );
     }
 
     pub fn encode(&self) -> String {
@@ -178,41 +300,95 @@ impl Metrics {
         self.engine_up.get_or_create(&ModelLabels { model: model.to_owned() }).set(i64::from(phase == Phase::Serving));
     }
 
+    /// A model with no graded pulse (its engine is starting over, or it failed) has no grade
+    /// series, rather than the last engine's.
+    pub fn clear_grade(&self, model: &str) {
+        self.pulse_grade.remove(&ModelLabels { model: model.to_owned() });
+    }
+
     pub fn restarted(&self, model: &str, reason: &str) {
         self.engine_restarts.get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }).inc();
+    }
+
+    /// The pulse thresholds of a model's spec, for dashboards to draw next to its pulses.
+    pub fn set_pulse_spec(&self, model: &str, pulse: &PulseSpec) {
+        let labels = ModelLabels { model: model.to_owned() };
+        self.pulse_yellow_after.get_or_create(&labels).set(pulse.yellow_after.get().as_secs_f64());
+        self.pulse_red_after.get_or_create(&labels).set(pulse.red_after.get().as_secs_f64());
+    }
+
+    /// The engine series of `model`, created at 0 (restarts by every reason included).
+    pub fn engine_series(&self, model: &str) -> EngineSeries {
+        let labels = ModelLabels { model: model.to_owned() };
+        for reason in RESTART_REASONS {
+            drop(
+                self.engine_restarts
+                    .get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }),
+            );
+        }
+        EngineSeries {
+            rss: self.engine_rss.get_or_create(&labels).clone(),
+            prompt_tokens: self.engine_prompt_tokens.get_or_create(&labels).clone(),
+            prompt_seconds: self.engine_prompt_seconds.get_or_create(&labels).clone(),
+            predicted_tokens: self.engine_predicted_tokens.get_or_create(&labels).clone(),
+            predicted_seconds: self.engine_predicted_seconds.get_or_create(&labels).clone(),
+            requests_processing: self.engine_requests_processing.get_or_create(&labels).clone(),
+            requests_deferred: self.engine_requests_deferred.get_or_create(&labels).clone(),
+        }
     }
 
     /// The serving-port series of `model`, looked up once for the life of its proxy.
     pub fn serving_series(&self, model: &str) -> Arc<ServingSeries> {
         let labels = ModelLabels { model: model.to_owned() };
         let reason = |r: Rejection| ReasonLabels { model: model.to_owned(), reason: r.reason().to_owned() };
-        Arc::new(ServingSeries {
+        let series = ServingSeries {
             model: model.to_owned(),
             requests: self.requests.clone(),
+            request_duration: self.request_duration.clone(),
             by_code: RwLock::new(HashMap::new()),
             rejections: Rejection::ALL.map(|r| self.rejections.get_or_create(&reason(r)).clone()),
-            request_duration: self.request_duration.get_or_create(&labels).clone(),
-            time_to_first_byte: self.time_to_first_byte.get_or_create(&labels).clone(),
+            time_to_first_token: self.time_to_first_token.get_or_create(&labels).clone(),
+            generated_tokens: self.generated_tokens.get_or_create(&labels).clone(),
             queue_wait: self.queue_wait.get_or_create(&labels).clone(),
             queue_depth: self.queue_depth.get_or_create(&labels).clone(),
             in_flight: self.in_flight.get_or_create(&labels).clone(),
+            max_concurrent: self.max_concurrent.get_or_create(&labels).clone(),
             circuit_state: self.circuit_state.get_or_create(&labels).clone(),
-        })
+        };
+        for code in KNOWN_CODES {
+            series.code(code);
+        }
+        Arc::new(series)
     }
 
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
     /// `codes` are the status codes its serving port answered with.
     pub fn forget(&self, model: &str, codes: &[u16]) {
         let labels = ModelLabels { model: model.to_owned() };
-        self.pulse_duration.remove(&labels);
-        self.pulse_last.remove(&labels);
-        self.pulse_compute_last.remove(&labels);
-        self.pulse_grade.remove(&labels);
-        self.engine_up.remove(&labels);
-        for family in [&self.request_duration, &self.time_to_first_byte, &self.queue_wait] {
+        for family in [&self.pulse_last, &self.pulse_compute_last, &self.pulse_yellow_after, &self.pulse_red_after] {
             family.remove(&labels);
         }
-        for family in [&self.queue_depth, &self.in_flight, &self.circuit_state, &self.saturated] {
+        for family in [&self.pulse_duration, &self.time_to_first_token, &self.queue_wait] {
+            family.remove(&labels);
+        }
+        for family in [
+            &self.pulse_grade,
+            &self.engine_up,
+            &self.engine_rss,
+            &self.engine_requests_processing,
+            &self.engine_requests_deferred,
+            &self.queue_depth,
+            &self.in_flight,
+            &self.max_concurrent,
+            &self.circuit_state,
+            &self.saturated,
+        ] {
+            family.remove(&labels);
+        }
+        for family in [&self.engine_prompt_tokens, &self.engine_predicted_tokens, &self.generated_tokens] {
+            family.remove(&labels);
+        }
+        for family in [&self.engine_prompt_seconds, &self.engine_predicted_seconds] {
             family.remove(&labels);
         }
         self.decode_per_token.remove(&labels);
@@ -220,15 +396,36 @@ impl Metrics {
             self.rejections.remove(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
         for code in codes {
-            self.requests.remove(&CodeLabels { model: model.to_owned(), code: code.to_string() });
+            let labels = CodeLabels { model: model.to_owned(), code: code.to_string() };
+            self.requests.remove(&labels);
+            self.request_duration.remove(&labels);
         }
         for p in Phase::ALL {
             self.engine_phase.remove(&PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() });
         }
-        for reason in ["crash", "pulse_red", "hang", "start_failed"] {
+        for reason in RESTART_REASONS {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
     }
+}
+
+/// One model's engine series, resolved once per model: what the engine-metrics follower writes.
+#[derive(Clone)]
+pub struct EngineSeries {
+    pub rss: Gauge,
+    pub prompt_tokens: Counter,
+    pub prompt_seconds: F64Counter,
+    pub predicted_tokens: Counter,
+    pub predicted_seconds: F64Counter,
+    pub requests_processing: Gauge,
+    pub requests_deferred: Gauge,
+}
+
+/// The series of one (model, status code): requests answered and how long they took.
+#[derive(Clone)]
+pub struct CodeSeries {
+    pub requests: Counter,
+    pub duration: Histogram,
 }
 
 /// One model's serving-port series, resolved once: the per-request path then builds no label
@@ -236,27 +433,32 @@ impl Metrics {
 pub struct ServingSeries {
     model: String,
     requests: Family<CodeLabels, Counter>,
-    /// Status codes are few per model but not known ahead; each is resolved on first use.
-    by_code: RwLock<HashMap<u16, Counter>>,
+    request_duration: HistogramFamily<CodeLabels>,
+    /// Status codes are few per model but not all known ahead; each is resolved on first use.
+    by_code: RwLock<HashMap<u16, CodeSeries>>,
     rejections: [Counter; Rejection::ALL.len()],
-    pub request_duration: Histogram,
-    pub time_to_first_byte: Histogram,
+    pub time_to_first_token: Histogram,
+    pub generated_tokens: Counter,
     pub queue_wait: Histogram,
     pub queue_depth: Gauge,
     pub in_flight: Gauge,
+    pub max_concurrent: Gauge,
     pub circuit_state: Gauge,
 }
 
 impl ServingSeries {
-    pub fn request_finished(&self, code: u16) {
-        if let Some(counter) = self.by_code.read().unwrap_or_else(|e| e.into_inner()).get(&code) {
-            counter.inc();
-            return;
+    /// The series of one status code.
+    pub fn code(&self, code: u16) -> CodeSeries {
+        if let Some(series) = self.by_code.read().unwrap_or_else(|e| e.into_inner()).get(&code) {
+            return series.clone();
         }
         let labels = CodeLabels { model: self.model.clone(), code: code.to_string() };
-        let counter = self.requests.get_or_create(&labels).clone();
-        counter.inc();
-        self.by_code.write().unwrap_or_else(|e| e.into_inner()).insert(code, counter);
+        let series = CodeSeries {
+            requests: self.requests.get_or_create(&labels).clone(),
+            duration: self.request_duration.get_or_create(&labels).clone(),
+        };
+        self.by_code.write().unwrap_or_else(|e| e.into_inner()).insert(code, series.clone());
+        series
     }
 
     pub fn rejected(&self, r: Rejection) {
@@ -265,7 +467,7 @@ impl ServingSeries {
         }
     }
 
-    /// The status codes answered so far, for `Metrics::forget`.
+    /// The status codes with series so far, for `Metrics::forget`.
     pub fn codes(&self) -> Vec<u16> {
         self.by_code.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
     }
@@ -279,18 +481,51 @@ mod tests {
     fn serving_series_count_into_the_registry_and_are_forgotten_with_their_codes() {
         let metrics = Metrics::new();
         let series = metrics.serving_series("ns/m");
-        series.request_finished(200);
-        series.request_finished(200);
-        series.request_finished(429);
+        series.code(200).requests.inc();
+        series.code(200).requests.inc();
+        series.code(502).requests.inc();
+        series.code(502).duration.observe(0.5);
         series.rejected(Rejection::QueueFull);
         let text = metrics.encode();
         assert!(text.contains(r#"metalkube_agent_requests_total{model="ns/m",code="200"} 2"#), "{text}");
-        assert!(text.contains(r#"metalkube_agent_requests_total{model="ns/m",code="429"} 1"#), "{text}");
+        assert!(text.contains(r#"metalkube_agent_requests_total{model="ns/m",code="502"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"metalkube_agent_request_duration_seconds_count{model="ns/m",code="502"} 1"#),
+            "{text}"
+        );
         assert!(text.contains(r#"metalkube_agent_rejections_total{model="ns/m",reason="queue_full"} 1"#), "{text}");
         let mut codes = series.codes();
         codes.sort_unstable();
-        assert_eq!(codes, [200, 429]);
+        assert_eq!(codes, [200, 400, 408, 413, 429, 502, 503]);
+        let _engine = metrics.engine_series("ns/m");
+        metrics.set_phase("ns/m", Phase::Serving);
         metrics.forget("ns/m", &codes);
         assert!(!metrics.encode().contains("ns/m"), "{}", metrics.encode());
+    }
+
+    #[test]
+    fn bounded_counters_exist_at_zero_from_the_model_start() {
+        let metrics = Metrics::new();
+        let _serving = metrics.serving_series("ns/m");
+        let _engine = metrics.engine_series("ns/m");
+        let text = metrics.encode();
+        for reason in RESTART_REASONS {
+            let line = format!(r#"metalkube_agent_engine_restarts_total{{model="ns/m",reason="{reason}"}} 0"#);
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        for r in Rejection::ALL {
+            let line = format!(r#"metalkube_agent_rejections_total{{model="ns/m",reason="{}"}} 0"#, r.reason());
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        for code in KNOWN_CODES {
+            let line = format!(r#"metalkube_agent_requests_total{{model="ns/m",code="{code}"}} 0"#);
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        for name in ["engine_prompt_tokens_total", "engine_predicted_tokens_total", "generated_tokens_total"] {
+            let line = format!(r#"metalkube_agent_{name}{{model="ns/m"}} 0"#);
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains("metalkube_agent_build_info{version=\""), "{text}");
+        metalkube_testkit::promtool::check_metrics(&text);
     }
 }

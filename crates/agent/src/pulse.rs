@@ -38,7 +38,8 @@ pub fn compute_from_body(body: &[u8]) -> Option<Duration> {
     let parsed: CompletionBody = serde_json::from_slice(body).ok()?;
     let t = parsed.timings?;
     let ms = t.prompt_ms.unwrap_or(0.0) + t.predicted_ms.unwrap_or(0.0);
-    (ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / 1000.0))
+    // An absurd figure from the engine (1e300 ms) is no figure, not a panic.
+    Duration::try_from_secs_f64(ms / 1000.0).ok()
 }
 
 pub async fn take_pulse(client: &reqwest::Client, port: u16, timeout: Duration) -> PulseSample {
@@ -122,5 +123,7 @@ mod tests {
         assert_eq!(compute_from_body(body), Some(Duration::from_millis(4)));
         assert_eq!(compute_from_body(br#"{"content":"ok"}"#), None);
         assert_eq!(compute_from_body(b"not json"), None);
+        assert_eq!(compute_from_body(br#"{"timings":{"prompt_ms":1e300,"predicted_ms":1}}"#), None);
+        assert_eq!(compute_from_body(br#"{"timings":{"prompt_ms":-5,"predicted_ms":1}}"#), None);
     }
 }

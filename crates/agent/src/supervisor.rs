@@ -14,8 +14,10 @@ use tokio::task::JoinHandle;
 use crate::admission::{Admission, Limits, ModelProxy, default_max_concurrent};
 use crate::context::{AgentContext, DesiredModel};
 use crate::engine_args::engine_args;
+use crate::engine_metrics::EngineFollower;
 use crate::engine_process::EngineProcess;
 use crate::grader::{Action, Grader, GraderConfig, Verdict};
+use crate::metrics::EngineSeries;
 use crate::model_file::resolve_model_file;
 use crate::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::report::{ModelReport, PulseRecord};
@@ -90,11 +92,14 @@ impl SupervisorHandle {
         initial.pulse_interval_seconds = desired.spec.pulse.interval.get().as_secs_f64();
         let (report_tx, report) = watch::channel(initial);
         let series = ctx.metrics.serving_series(&desired.key());
+        let engine_series = ctx.metrics.engine_series(&desired.key());
+        ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
         let admission = Admission::new(limits(&desired), series.clone());
         let proxy = ModelProxy::new(admission, report.clone(), ctx.config.client_timeouts, series);
         let sup = Supervisor {
             proxy: proxy.clone(),
             serving: None,
+            engine_series,
             grader: Grader::new(GraderConfig::from(&desired.spec.pulse)),
             backoff: RestartBackoff::new(ctx.config.backoff.clone()),
             ctx,
@@ -143,6 +148,8 @@ impl SupervisorHandle {
 struct Supervisor {
     proxy: Arc<ModelProxy>,
     serving: Option<Serving>,
+    /// The model's engine figures (tokens, seconds, memory), summed over its engine processes.
+    engine_series: EngineSeries,
     ctx: Arc<AgentContext>,
     desired: DesiredModel,
     commands: mpsc::UnboundedReceiver<Command>,
@@ -194,6 +201,7 @@ impl Supervisor {
                         r.last_error = Some(message);
                         r.grade = None;
                     });
+                    self.ctx.metrics.clear_grade(&self.key());
                     self.set_phase(Phase::Failed);
                     match tokio::time::timeout(FAILED_RECHECK, self.commands.recv()).await {
                         Ok(Some(Command::Update(d))) => self.adopt(*d),
@@ -244,6 +252,7 @@ impl Supervisor {
         if desired.spec.pulse != self.desired.spec.pulse {
             self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
             let interval = desired.spec.pulse.interval.get().as_secs_f64();
+            self.ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
             self.report.send_modify(|r| r.pulse_interval_seconds = interval);
         }
         if limits(&desired) != limits(&self.desired) {
@@ -344,6 +353,8 @@ impl Supervisor {
             }
         };
         tracing::info!(model = %self.key(), pid = engine.pid(), port, "engine started");
+        // Reads the engine's own counters and memory while it runs; stops with this run.
+        let _follower = EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), self.engine_series.clone());
         self.grader.reset();
         self.report.send_modify(|r| {
             r.internal_port = Some(port);
@@ -353,6 +364,7 @@ impl Supervisor {
             r.red_streak = 0;
             r.baseline_seconds = None;
         });
+        self.ctx.metrics.clear_grade(&self.key());
         self.set_phase(Phase::Starting);
 
         let end = match self.supervise(&engine, model).await {

@@ -132,17 +132,25 @@ impl ModelProxy {
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
         let started = Instant::now();
         let path = req.uri().path();
-        let response = if path == "/health" {
-            self.health()
-        } else if is_cheap(path) {
+        if path == "/health" {
+            // Load balancers' probes: not client traffic, so not in the request metrics.
+            return self.health();
+        }
+        let response = if is_cheap(path) {
             match self.upstream() {
-                Some(port) => self.forward_cheap(req, port).await,
+                Some(port) => self.forward_cheap(req, port, started).await,
                 None => self.refuse(&self.admission(), Rejection::NotReady),
             }
         } else {
             self.inference(req, started).await
         };
-        self.series.request_finished(response.status().as_u16());
+        let code = self.series.code(response.status().as_u16());
+        code.requests.inc();
+        // A body made here is complete now; a passed-through one reports its duration when
+        // its last byte has gone (the tap's callback).
+        if matches!(response.body(), Either::Left(_)) {
+            code.duration.observe(started.elapsed().as_secs_f64());
+        }
         response
     }
 
@@ -218,19 +226,31 @@ impl ModelProxy {
         }
         let (mut parts, incoming) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        let (series, ttfb_series, done_admission) = (self.series.clone(), self.series.clone(), admission.clone());
+        // Time to first token means something for streams only: a whole JSON body's first byte
+        // comes when generation is over.
+        let streaming =
+            parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+        let (series, ttft_series, done_admission) = (self.series.clone(), self.series.clone(), admission.clone());
+        let code = self.series.code(parts.status.as_u16());
         let tap = TapBody::new(
             incoming,
             started,
             Some(permit),
-            move |ttfb| ttfb_series.time_to_first_byte.observe(ttfb.as_secs_f64()),
+            move |first| {
+                if streaming {
+                    ttft_series.time_to_first_token.observe(first.as_secs_f64());
+                }
+            },
             move |outcome| {
-                series.request_duration.observe(outcome.duration.as_secs_f64());
+                code.duration.observe(outcome.duration.as_secs_f64());
                 if outcome.complete {
                     done_admission.observe_service(outcome.duration);
                 }
-                if let Some(d) = outcome.decode_per_token {
-                    done_admission.observe_decode_per_token(d);
+                if let Some(t) = outcome.timings {
+                    series.generated_tokens.inc_by(t.predicted_n);
+                    if let Some(d) = t.decode_per_token() {
+                        done_admission.observe_decode_per_token(d);
+                    }
                 }
             },
         );
@@ -246,7 +266,7 @@ impl ModelProxy {
         }
     }
 
-    async fn forward_cheap(&self, req: Request<Incoming>, port: u16) -> Response<ProxyBody> {
+    async fn forward_cheap(&self, req: Request<Incoming>, port: u16, started: Instant) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
         let Ok(Ok(body)) = tokio::time::timeout(self.timeouts.body, Limited::new(body, 1 << 20).collect()).await else {
             return plain(StatusCode::BAD_REQUEST, "could not read the request body");
@@ -260,7 +280,9 @@ impl ModelProxy {
             Ok(resp) => {
                 let (mut parts, incoming) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, Either::Right(TapBody::new(incoming, Instant::now(), None, |_| {}, |_| {})))
+                let code = self.series.code(parts.status.as_u16());
+                let done = move |outcome: super::tap::TapOutcome| code.duration.observe(outcome.duration.as_secs_f64());
+                Response::from_parts(parts, Either::Right(TapBody::new(incoming, started, None, |_| {}, done)))
             }
             Err(_) => self.refuse(&self.admission(), Rejection::NotReady),
         }

@@ -83,6 +83,7 @@ impl Admission {
         series.queue_depth.set(0);
         series.in_flight.set(0);
         series.circuit_state.set(0);
+        series.max_concurrent.set(i64::from(limits.max_concurrent));
         Arc::new(Self {
             places: Arc::new(Semaphore::new(limits.max_concurrent.max(1) as usize)),
             limits,

@@ -20,7 +20,8 @@ const TAIL_BYTES: usize = 16 * 1024;
 pub struct TapOutcome {
     pub complete: bool,
     pub duration: Duration,
-    pub decode_per_token: Option<Duration>,
+    /// The engine's `timings` of a complete response.
+    pub timings: Option<Timings>,
 }
 
 /// The end of a body: at least its last TAIL_BYTES (all of it when shorter).
@@ -78,8 +79,8 @@ impl TapBody {
 
     fn finish(&mut self, complete: bool) {
         if let Some(done) = self.on_done.take() {
-            let decode_per_token = if complete { decode_per_token(self.tail.bytes()) } else { None };
-            done(TapOutcome { complete, duration: self.started.elapsed(), decode_per_token });
+            let timings = if complete { read_timings(self.tail.bytes()) } else { None };
+            done(TapOutcome { complete, duration: self.started.elapsed(), timings });
         }
     }
 }
@@ -129,17 +130,37 @@ impl Body for TapBody {
     }
 }
 
-/// Decode time per generated token from the last `"timings"` object in `tail`.
-pub fn decode_per_token(tail: &[u8]) -> Option<Duration> {
+/// What the engine reported about generating a response (llama-server's `timings`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Timings {
+    /// Tokens generated.
+    pub predicted_n: u64,
+    /// Time spent generating them, in milliseconds.
+    pub predicted_ms: f64,
+}
+
+impl Timings {
+    /// Decode time per generated token; None when nothing was generated or the figure makes no
+    /// sense as a duration (the engine's answer is outside input).
+    pub fn decode_per_token(&self) -> Option<Duration> {
+        if self.predicted_n == 0 {
+            return None;
+        }
+        Duration::try_from_secs_f64(self.predicted_ms / self.predicted_n as f64 / 1000.0).ok()
+    }
+}
+
+/// The last `"timings"` object in `tail`, if it has a token count and a finite, non-negative time.
+pub fn read_timings(tail: &[u8]) -> Option<Timings> {
     const KEY: &[u8] = b"\"timings\"";
     let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
     let rest = &tail[at + KEY.len()..];
     let colon = rest.iter().position(|b| *b == b':')?;
     let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<serde_json::Value>();
     let timings = values.next()?.ok()?;
-    let ms = timings.get("predicted_ms")?.as_f64()?;
-    let n = timings.get("predicted_n")?.as_f64()?;
-    (n > 0.0 && ms.is_finite() && ms >= 0.0).then(|| Duration::from_secs_f64(ms / n / 1000.0))
+    let predicted_ms = timings.get("predicted_ms")?.as_f64()?;
+    let predicted_n = timings.get("predicted_n")?.as_u64()?;
+    (predicted_ms.is_finite() && predicted_ms >= 0.0).then_some(Timings { predicted_n, predicted_ms })
 }
 
 #[cfg(test)]
@@ -166,11 +187,21 @@ mod tests {
 
     #[test]
     fn reads_timings_from_a_json_body_and_from_the_last_sse_event() {
+        let per_token = |tail: &[u8]| read_timings(tail).and_then(|t| t.decode_per_token());
         let json = br#"{"choices":[],"timings":{"prompt_n":3,"prompt_ms":1.0,"predicted_n":4,"predicted_ms":8.0}}"#;
-        assert_eq!(decode_per_token(json), Some(Duration::from_millis(2)));
+        assert_eq!(per_token(json), Some(Duration::from_millis(2)));
+        assert_eq!(read_timings(json).map(|t| t.predicted_n), Some(4));
         let sse = b"data: {\"content\":\"a\"}\n\ndata: {\"content\":\"\",\"stop\":true,\"timings\":{\"predicted_n\":10,\"predicted_ms\":50.0}}\n\ndata: [DONE]\n\n";
-        assert_eq!(decode_per_token(sse), Some(Duration::from_millis(5)));
-        assert_eq!(decode_per_token(b"{\"content\":\"x\"}"), None);
-        assert_eq!(decode_per_token(b"\"timings\": {\"predicted_n\": 0, \"predicted_ms\": 1}"), None);
+        assert_eq!(per_token(sse), Some(Duration::from_millis(5)));
+        assert_eq!(per_token(b"{\"content\":\"x\"}"), None);
+        assert_eq!(per_token(b"\"timings\": {\"predicted_n\": 0, \"predicted_ms\": 1}"), None);
+    }
+
+    #[test]
+    fn absurd_engine_timings_do_not_panic() {
+        let huge = br#"{"timings":{"predicted_n":1,"predicted_ms":1e300}}"#;
+        assert_eq!(read_timings(huge).and_then(|t| t.decode_per_token()), None);
+        assert_eq!(read_timings(br#"{"timings":{"predicted_n":-1,"predicted_ms":1}}"#), None);
+        assert_eq!(read_timings(br#"{"timings":{"predicted_n":2,"predicted_ms":-1}}"#), None);
     }
 }

@@ -1,0 +1,205 @@
+//! The engine's own figures, re-exported per model so that one scrape of the agent gives every
+//! engine on the Mac: llama-server's `--metrics` counters (`llamacpp:*`: tokens and seconds
+//! spent on prompts and generation, requests processing and deferred) and the resident memory
+//! of its process.
+//!
+//! llama-server answers `/metrics` from its task loop, so a wedged engine does not answer at all:
+//! the follower asks on its own schedule with a timeout, and the agent's `/metrics` never waits
+//! on an engine.
+
+use std::time::Duration;
+
+use crate::metrics::EngineSeries;
+
+/// How often a running engine's figures are read.
+pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The `llamacpp:*` values the agent re-exports, as one engine process reported them. A value
+/// the engine did not report (another llama.cpp version) is None and leaves its series alone.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct EngineCounters {
+    pub prompt_tokens: Option<f64>,
+    pub prompt_seconds: Option<f64>,
+    pub predicted_tokens: Option<f64>,
+    pub predicted_seconds: Option<f64>,
+    pub requests_processing: Option<f64>,
+    pub requests_deferred: Option<f64>,
+}
+
+/// Reads llama-server's Prometheus text. Lines it does not know, labelled samples, and values
+/// that are not finite non-negative numbers are skipped: this is outside input.
+pub fn parse_llamacpp_metrics(text: &str) -> EngineCounters {
+    let mut c = EngineCounters::default();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_ascii_whitespace();
+        let (Some(name), Some(value)) = (fields.next(), fields.next()) else { continue };
+        let Ok(value) = value.parse::<f64>() else { continue };
+        if !value.is_finite() || value < 0.0 {
+            continue;
+        }
+        let slot = match name {
+            "llamacpp:prompt_tokens_total" => &mut c.prompt_tokens,
+            "llamacpp:prompt_seconds_total" => &mut c.prompt_seconds,
+            "llamacpp:tokens_predicted_total" => &mut c.predicted_tokens,
+            "llamacpp:tokens_predicted_seconds_total" => &mut c.predicted_seconds,
+            "llamacpp:requests_processing" => &mut c.requests_processing,
+            "llamacpp:requests_deferred" => &mut c.requests_deferred,
+            _ => continue,
+        };
+        *slot = Some(value);
+    }
+    c
+}
+
+/// How much a counter of one engine process grew since the last reading. A reading below the
+/// last one means the counter started over, and all of it is new.
+pub fn growth(last: Option<f64>, now: f64) -> f64 {
+    match last {
+        Some(last) if now >= last => now - last,
+        _ => now,
+    }
+}
+
+/// Adds what one engine's counters grew by since `last` to the model's series (which sum over
+/// all the engine processes the model has had), and sets its gauges.
+pub fn apply(series: &EngineSeries, last: &EngineCounters, now: &EngineCounters) {
+    // Token counts are whole numbers; the f64 comes from the text format.
+    let whole = |v: f64| v.round() as u64;
+    if let Some(v) = now.prompt_tokens {
+        series.prompt_tokens.inc_by(whole(growth(last.prompt_tokens, v)));
+    }
+    if let Some(v) = now.predicted_tokens {
+        series.predicted_tokens.inc_by(whole(growth(last.predicted_tokens, v)));
+    }
+    if let Some(v) = now.prompt_seconds {
+        series.prompt_seconds.inc_by(growth(last.prompt_seconds, v));
+    }
+    if let Some(v) = now.predicted_seconds {
+        series.predicted_seconds.inc_by(growth(last.predicted_seconds, v));
+    }
+    if let Some(v) = now.requests_processing {
+        series.requests_processing.set(whole(v).min(i64::MAX as u64) as i64);
+    }
+    if let Some(v) = now.requests_deferred {
+        series.requests_deferred.set(whole(v).min(i64::MAX as u64) as i64);
+    }
+}
+
+/// Reads one engine process's figures every `SAMPLE_INTERVAL` until dropped; then its gauges go
+/// back to 0 (no process, no memory, no requests).
+pub struct EngineFollower {
+    task: tokio::task::JoinHandle<()>,
+    series: EngineSeries,
+}
+
+impl EngineFollower {
+    pub fn start(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries) -> Self {
+        let task = tokio::spawn(follow(client, port, pid, series.clone()));
+        Self { task, series }
+    }
+}
+
+impl Drop for EngineFollower {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.series.rss.set(0);
+        self.series.requests_processing.set(0);
+        self.series.requests_deferred.set(0);
+    }
+}
+
+async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries) {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let rss = crate::host::ProcessMemory::new(pid);
+    let mut last = EngineCounters::default();
+    let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        if let Some(bytes) = rss.resident_bytes() {
+            series.rss.set(bytes.min(i64::MAX as u64) as i64);
+        }
+        let read = async { client.get(&url).send().await?.error_for_status()?.text().await };
+        // A slow answer is left behind rather than waited for: the next tick asks again.
+        let Ok(Ok(text)) = tokio::time::timeout(SAMPLE_INTERVAL, read).await else { continue };
+        let now = parse_llamacpp_metrics(&text);
+        apply(&series, &last, &now);
+        last = EngineCounters {
+            prompt_tokens: now.prompt_tokens.or(last.prompt_tokens),
+            prompt_seconds: now.prompt_seconds.or(last.prompt_seconds),
+            predicted_tokens: now.predicted_tokens.or(last.predicted_tokens),
+            predicted_seconds: now.predicted_seconds.or(last.predicted_seconds),
+            ..now
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+    use proptest::prelude::*;
+
+    /// Captured from the pinned llama-server after one 4-token completion.
+    const FIXTURE: &str = include_str!("../tests/fixtures/llamacpp-metrics.txt");
+
+    #[test]
+    fn reads_the_counters_of_the_pinned_llama_server() {
+        let c = parse_llamacpp_metrics(FIXTURE);
+        assert_eq!(c.prompt_tokens, Some(7.0));
+        assert_eq!(c.predicted_tokens, Some(4.0));
+        assert_eq!(c.prompt_seconds, Some(0.005186));
+        assert_eq!(c.predicted_seconds, Some(0.000312));
+        assert_eq!(c.requests_processing, Some(0.0));
+        assert_eq!(c.requests_deferred, Some(0.0));
+    }
+
+    #[test]
+    fn skips_what_it_cannot_trust() {
+        let text = "llamacpp:prompt_tokens_total NaN\nllamacpp:tokens_predicted_total -3\n\
+                    llamacpp:requests_processing\nllamacpp:spec_decode_num_accepted_tokens_per_pos_total{position=\"0\"} 4\n\
+                    llamacpp:requests_deferred 2 1700000000\n";
+        let c = parse_llamacpp_metrics(text);
+        assert_eq!(c, EngineCounters { requests_deferred: Some(2.0), ..EngineCounters::default() });
+    }
+
+    #[test]
+    fn model_counters_sum_over_engine_processes() {
+        let metrics = Metrics::new();
+        let series = metrics.engine_series("ns/m");
+        let reading = |tokens: f64| EngineCounters { predicted_tokens: Some(tokens), ..EngineCounters::default() };
+        // First engine: 0 → 10 → 25; it dies; the second starts over at 4.
+        apply(&series, &EngineCounters::default(), &reading(10.0));
+        apply(&series, &reading(10.0), &reading(25.0));
+        apply(&series, &EngineCounters::default(), &reading(4.0));
+        assert_eq!(series.predicted_tokens.get(), 29);
+    }
+
+    proptest! {
+        #[test]
+        fn growth_is_never_negative_and_sums_to_the_total_without_resets(
+            steps in proptest::collection::vec(0.0f64..1e9, 1..50)
+        ) {
+            let mut total = 0.0;
+            let mut last = None;
+            let mut running = 0.0;
+            for s in &steps {
+                running += s;
+                let g = growth(last, running);
+                prop_assert!(g >= 0.0);
+                total += g;
+                last = Some(running);
+            }
+            prop_assert!((total - running).abs() <= running * 1e-9 + 1e-6);
+        }
+
+        #[test]
+        fn parsing_never_panics(text in ".{0,400}") {
+            let _ = parse_llamacpp_metrics(&text);
+        }
+    }
+}
