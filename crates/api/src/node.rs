@@ -40,6 +40,10 @@ pub struct MetalNodeStatus {
     pub last_heartbeat: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// Port of the agent's HTTP endpoint (/metrics, /readyz) on `spec.servingAddress`, as the
+    /// agent last reported it; the `metalkube-agents` Service lists it for Prometheus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_http_port: Option<u16>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]

@@ -33,7 +33,7 @@ pub struct EndpointReplica {
     pub terminating: bool,
 }
 
-fn address_type(address: &str) -> &'static str {
+pub(crate) fn address_type(address: &str) -> &'static str {
     match address.parse::<IpAddr>() {
         Ok(IpAddr::V4(_)) => "IPv4",
         Ok(IpAddr::V6(_)) => "IPv6",

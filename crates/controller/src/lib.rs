@@ -5,6 +5,7 @@
 //! `leader::decide` (the circuit breaker is the shared `metalkube-circuit`). IO: `agent_client`, `fleet`, `reconcile`, `nodes`, `leader`, `http`.
 
 pub mod agent_client;
+pub mod agent_endpoints;
 pub mod conditions;
 pub mod endpoints;
 mod error;
@@ -47,7 +48,10 @@ pub struct Settings {
     pub grace_period: Duration,
     /// How often a connected agent's Info is refreshed (capacity, heartbeat).
     pub heartbeat: Duration,
-    pub lease_namespace: String,
+    /// The controller's own namespace: its Lease and the agents Service live there.
+    pub namespace: String,
+    /// Name of the selector-less Service listing every Mac's agent for Prometheus.
+    pub agents_service: String,
     pub lease_name: String,
     pub lease_duration: Duration,
     /// This replica's name in the Lease and in Events.
@@ -64,7 +68,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), ControllerError> {
     let elector = LeaderElector::new(
-        Api::namespaced(client.clone(), &settings.lease_namespace),
+        Api::namespaced(client.clone(), &settings.namespace),
         &settings.lease_name,
         &settings.identity,
         settings.lease_duration,
@@ -111,7 +115,14 @@ pub async fn run(
             node_status_tx.clone(),
         )),
         tokio::spawn(nodes::dispatch_fleet_changes(fleet_changes, models.clone(), triggers_tx, node_status_tx)),
-        tokio::spawn(nodes::write_node_statuses(client.clone(), fleet.clone(), nodes_reader, recorder, node_status_rx)),
+        tokio::spawn(nodes::write_node_statuses(
+            client.clone(),
+            fleet.clone(),
+            nodes_reader,
+            recorder,
+            nodes::AgentsService { namespace: settings.namespace.clone(), name: settings.agents_service.clone() },
+            node_status_rx,
+        )),
     ];
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();

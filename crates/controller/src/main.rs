@@ -43,9 +43,14 @@ struct Args {
     keepalive: Duration,
     #[arg(long, default_value = "metalkube-controller")]
     lease_name: String,
-    /// Namespace of the leader Lease; default: the pod's namespace, else `default`.
-    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
-    lease_namespace: String,
+    /// The controller's namespace: where its leader Lease and the agents Service live. Default:
+    /// the pod's namespace, else `default`.
+    #[arg(long, alias = "lease-namespace", env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// Name of the selector-less Service that lists every Mac's agent HTTP port, so one
+    /// ServiceMonitor scrapes the fleet.
+    #[arg(long, default_value = "metalkube-agents")]
+    agents_service: String,
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
     /// This replica's identity in the Lease; default: the host name plus a random suffix.
@@ -89,7 +94,8 @@ async fn main() -> anyhow::Result<()> {
         },
         grace_period: args.grace_period,
         heartbeat: args.heartbeat,
-        lease_namespace: args.lease_namespace.clone(),
+        namespace: args.namespace.clone(),
+        agents_service: args.agents_service.clone(),
         lease_name: args.lease_name.clone(),
         lease_duration: args.lease_duration,
         identity,

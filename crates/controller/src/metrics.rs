@@ -23,6 +23,20 @@ pub struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    /// `namespace/name`, as the agents label their series.
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: String,
+}
+
+/// Every `kind` of `reconcile_errors_total`, present at 0 from the start.
+pub const ERROR_KINDS: [&str; 6] = ["kube", "agent", "circuit_open", "model", "finalizer", "lease"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
     pub node: String,
 }
@@ -49,6 +63,8 @@ pub struct Metrics {
     pub agent_circuit_state: Family<NodeLabels, Gauge>,
     pub agent_calls: Family<CallLabels, Counter>,
     pub leader: Gauge,
+    pub model_desired_replicas: Family<ModelLabels, Gauge>,
+    pub model_ready_replicas: Family<ModelLabels, Gauge>,
 }
 
 impl Metrics {
@@ -62,8 +78,19 @@ impl Metrics {
             agent_circuit_state: Family::default(),
             agent_calls: Family::default(),
             leader: Gauge::default(),
+            model_desired_replicas: Family::default(),
+            model_ready_replicas: Family::default(),
         };
+        for result in ["ok", "error"] {
+            drop(m.reconciles.get_or_create(&ResultLabels { result: result.to_owned() }));
+        }
+        for kind in ERROR_KINDS {
+            drop(m.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.to_owned() }));
+        }
         if let Ok(mut r) = m.registry.lock() {
+            let build = Family::<BuildLabels, Gauge>::default();
+            build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
+            r.register("build_info", "The controller's version; always 1", build);
             r.register("reconciles", "MetalModel reconciles by result", m.reconciles.clone());
             r.register("reconcile_errors", "Failed reconciles by kind of error", m.reconcile_errors.clone());
             r.register_with_unit(
@@ -80,6 +107,16 @@ impl Metrics {
             );
             r.register("agent_calls", "gRPC calls to agents by method and status code", m.agent_calls.clone());
             r.register("leader", "1 while this replica holds the leader Lease", m.leader.clone());
+            r.register(
+                "model_desired_replicas",
+                "Replicas a MetalModel asks for (spec.replicas), as the leader last reconciled it",
+                m.model_desired_replicas.clone(),
+            );
+            r.register(
+                "model_ready_replicas",
+                "Replicas of a MetalModel that serve with a pulse not red (status.readyReplicas)",
+                m.model_ready_replicas.clone(),
+            );
         }
         Arc::new(m)
     }
@@ -92,9 +129,38 @@ impl Metrics {
         out
     }
 
+    pub fn set_model_replicas(&self, model: &str, desired: u32, ready: u32) {
+        let labels = ModelLabels { model: model.to_owned() };
+        self.model_desired_replicas.get_or_create(&labels).set(i64::from(desired));
+        self.model_ready_replicas.get_or_create(&labels).set(i64::from(ready));
+    }
+
+    pub fn forget_model(&self, model: &str) {
+        let labels = ModelLabels { model: model.to_owned() };
+        self.model_desired_replicas.remove(&labels);
+        self.model_ready_replicas.remove(&labels);
+    }
+
     pub fn forget_node(&self, node: &str) {
         let labels = NodeLabels { node: node.to_owned() };
         self.agent_stream_up.remove(&labels);
         self.agent_circuit_state.remove(&labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_kinds_and_results_exist_at_zero_and_build_info_is_one() {
+        let text = Metrics::new().encode();
+        for kind in ERROR_KINDS {
+            let line = format!("metalkube_controller_reconcile_errors_total{{kind=\"{kind}\"}} 0");
+            assert!(text.contains(&line), "{line} missing from\n{text}");
+        }
+        assert!(text.contains("metalkube_controller_reconciles_total{result=\"error\"} 0"), "{text}");
+        let build = format!("metalkube_controller_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
+        assert!(text.contains(&build), "{text}");
     }
 }

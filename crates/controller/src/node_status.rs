@@ -55,12 +55,19 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
         stamp("Ready", ready.0, ready.1.to_owned(), ready.2, &previous.conditions, None, now),
         stamp("MemoryPressure", pressure.0, pressure.1.to_owned(), pressure.2, &previous.conditions, None, now),
     ];
+    let agent_http_port = view
+        .info
+        .as_ref()
+        .and_then(|i| u16::try_from(i.http_port).ok())
+        .filter(|p| *p > 0)
+        .or(previous.agent_http_port);
     MetalNodeStatus {
         capacity,
         allocated_memory_bytes: allocated,
         models: view.models.len() as u32,
         last_heartbeat: view.last_heartbeat.clone().or_else(|| previous.last_heartbeat.clone()),
         conditions,
+        agent_http_port,
     }
 }
 

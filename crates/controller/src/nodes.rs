@@ -17,10 +17,13 @@ use metalkube_api::{MetalModel, MetalNode, MetalNodeStatus};
 use serde_json::json;
 use tokio::sync::mpsc;
 
+use crate::ControllerError;
+use crate::agent_endpoints::{AgentTarget, agent_targets, agents_endpoint_slices, agents_endpoints, agents_service};
+use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 use crate::events::{node_events, publish};
 use crate::fleet::{ChangeKind, Fleet, FleetChange};
 use crate::node_status::node_status;
-use crate::reconcile::FIELD_MANAGER;
+use crate::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
 
 /// A heartbeat alone is written at most this often; any other change at once.
 const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
@@ -122,21 +125,32 @@ pub async fn dispatch_fleet_changes(
     }
 }
 
-/// Writes MetalNode status from the fleet, one node at a time as changes arrive.
+/// Where the controller lists every Mac's agent for Prometheus: a Service in its own namespace.
+#[derive(Debug, Clone)]
+pub struct AgentsService {
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Writes MetalNode status from the fleet, one node at a time as changes arrive, and keeps the
+/// agents Service's endpoints in step with the nodes.
 pub async fn write_node_statuses(
     client: Client,
     fleet: Arc<Fleet>,
     nodes: Store<MetalNode>,
     recorder: Recorder,
+    agents: AgentsService,
     mut requests: mpsc::UnboundedReceiver<String>,
 ) {
-    let api: Api<MetalNode> = Api::all(client);
+    let api: Api<MetalNode> = Api::all(client.clone());
     let mut last_write: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let mut written_targets: Option<Vec<AgentTarget>> = None;
     while let Some(first) = requests.recv().await {
         let mut due = BTreeSet::from([first]);
         while let Ok(more) = requests.try_recv() {
             due.insert(more);
         }
+        write_agent_targets(&client, &fleet, &nodes, &agents, &mut written_targets).await;
         for name in due {
             let Some(node) = nodes.get(&ObjectRef::new(&name)) else { continue };
             let Some(view) = fleet.view(&name) else { continue };
@@ -168,4 +182,53 @@ pub async fn write_node_statuses(
             publish(&recorder, node_events(&previous, &status), &node.object_ref(&())).await;
         }
     }
+}
+
+/// Lists every MetalNode's agent in the agents Service (Service, Endpoints, EndpointSlices),
+/// when the targets changed since the last write. Before every agent has had its first chance to
+/// connect, nothing is written: a controller restart must not mark healthy Macs not ready.
+async fn write_agent_targets(
+    client: &Client,
+    fleet: &Fleet,
+    nodes: &Store<MetalNode>,
+    agents: &AgentsService,
+    written: &mut Option<Vec<AgentTarget>>,
+) {
+    let now = Instant::now();
+    let views = fleet.views();
+    if views.values().any(|v| v.first_contact_pending(fleet.grace(), now)) {
+        return;
+    }
+    let targets = agent_targets(&nodes.state(), &views, fleet.grace(), now);
+    if written.as_ref() == Some(&targets) {
+        return;
+    }
+    match apply_agent_targets(client, agents, &targets).await {
+        Ok(()) => *written = Some(targets),
+        Err(e) => tracing::warn!(service = %agents.name, "writing the agents Service's endpoints: {e}"),
+    }
+}
+
+async fn apply_agent_targets(
+    client: &Client,
+    agents: &AgentsService,
+    targets: &[AgentTarget],
+) -> Result<(), ControllerError> {
+    let (ns, name) = (agents.namespace.as_str(), agents.name.as_str());
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
+    services.patch(name, &apply, &Patch::Apply(&agents_service(ns, name))).await?;
+    let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> = Api::namespaced(client.clone(), ns);
+    endpoints.patch(name, &apply, &Patch::Apply(&agents_endpoints(ns, name, targets))).await?;
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::namespaced(client.clone(), ns);
+    let wanted = agents_endpoint_slices(ns, name, targets);
+    for slice in &wanted {
+        slices.patch(&slice.name_any(), &apply, &Patch::Apply(slice)).await?;
+    }
+    let selector = format!("{SERVICE_NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}");
+    let current = slices.list(&kube::api::ListParams::default().labels(&selector)).await?;
+    for stale in current.items.iter().filter(|c| !wanted.iter().any(|w| w.metadata.name == c.metadata.name)) {
+        delete_ignoring_missing(&slices, &stale.name_any()).await?;
+    }
+    Ok(())
 }

@@ -310,6 +310,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
         &Time(Timestamp::now()),
     );
     write_status(model, &status, &previous, ctx).await?;
+    ctx.metrics.set_model_replicas(&key, model.spec.replicas, status.ready_replicas);
     write_endpoints(model, &inputs, ctx).await?;
 
     if let Some(first) = failures.into_iter().next() {
@@ -401,7 +402,7 @@ async fn delete_slices_except(
     Ok(())
 }
 
-async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), ControllerError>
+pub(crate) async fn delete_ignoring_missing<K>(api: &Api<K>, name: &str) -> Result<(), ControllerError>
 where
     K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -441,6 +442,7 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
     delete_ignoring_missing(&services, &name).await?;
+    ctx.metrics.forget_model(&key);
     publish(
         &ctx.recorder,
         vec![Note {

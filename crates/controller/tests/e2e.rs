@@ -9,9 +9,13 @@
 //! `KUBECONFIG`; it is ignored by default and says so when KUBECONFIG is unset.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
+use support::{CONTROLLER_TOKEN, Mac, Proc, free_port, write_kubeconfig};
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,7 +37,6 @@ use serde_json::{Value, json};
 const GRACE: Duration = Duration::from_secs(3);
 /// Longest any step may take; a step that needs it is a failure, not a slow pass.
 const STEP: Duration = Duration::from_secs(60);
-const BUDGET_BYTES: u64 = 400 << 20;
 
 /// When things happened, relative to the start, as they were seen through the API.
 #[derive(Clone)]
@@ -180,123 +183,6 @@ fn watch_into_timeline(client: Client, ns: &str, timeline: Timeline) -> Vec<toki
     vec![a, b, c]
 }
 
-fn free_port(ip: &str) -> u16 {
-    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
-}
-
-struct Proc {
-    child: Child,
-    name: String,
-}
-
-impl Proc {
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-    /// SIGTERM, so an agent stops its engines; SIGKILL if it takes too long.
-    fn stop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            signal(self.pid(), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if matches!(self.child.try_wait(), Ok(Some(_))) {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
-        }
-        self.kill();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// One Mac: an agent on its own loopback address.
-struct Mac {
-    name: String,
-    ip: String,
-    grpc_port: u16,
-    http_port: u16,
-    engine_ports: String,
-    state: PathBuf,
-    certs: PathBuf,
-    proc: Option<Proc>,
-}
-
-impl Mac {
-    fn new(name: &str, ip: &str, engine_ports: &str, dir: &Path, ca: &TestCa, client_ca: &TestCa) -> Self {
-        let certs = dir.join(format!("{name}-certs"));
-        std::fs::create_dir_all(&certs).unwrap();
-        let pem = ca.server(&[ip]);
-        std::fs::write(certs.join("tls.crt"), pem.cert).unwrap();
-        std::fs::write(certs.join("tls.key"), pem.key).unwrap();
-        std::fs::write(certs.join("client-ca.crt"), &client_ca.cert_pem).unwrap();
-        Self {
-            name: name.into(),
-            ip: ip.into(),
-            grpc_port: free_port(ip),
-            http_port: free_port(ip),
-            engine_ports: engine_ports.into(),
-            state: dir.join(format!("{name}-state")),
-            certs,
-            proc: None,
-        }
-    }
-
-    fn start(&mut self, timeline: &Timeline) {
-        timeline.logs.lock().unwrap().push(self.state.with_extension("log"));
-        let agent = metalkube_testkit::workspace_binary("metalkube-agent", "metalkube-agent");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state.with_extension("log")).unwrap();
-        let child = Command::new(agent)
-            .arg("serve")
-            .args(["--grpc-listen", &format!("{}:{}", self.ip, self.grpc_port)])
-            .arg("--tls-cert")
-            .arg(self.certs.join("tls.crt"))
-            .arg("--tls-key")
-            .arg(self.certs.join("tls.key"))
-            .arg("--client-ca")
-            .arg(self.certs.join("client-ca.crt"))
-            .args(["--memory-budget-bytes", &BUDGET_BYTES.to_string()])
-            .arg("--engine")
-            .arg(metalkube_testkit::real_engine())
-            .arg("--state-dir")
-            .arg(&self.state)
-            .args(["--listen", &format!("{}:{}", self.ip, self.http_port)])
-            .args(["--serving-host", &self.ip, "--serving-ports", "23000-23009"])
-            .args(["--engine-ports", &self.engine_ports])
-            .args(["--backoff-min", "100ms", "--drain-grace", "1s", "--stop-grace", "2s"])
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.proc = Some(Proc { child, name: format!("agent {}", self.name) });
-    }
-
-    fn endpoint(&self) -> String {
-        format!("https://{}:{}", self.ip, self.grpc_port)
-    }
-
-    /// The engine pid the agent reports for `model`.
-    async fn engine_pid(&self, model: &str) -> Option<u32> {
-        let body: Value = reqwest::get(format!("http://{}:{}/api/v1/models", self.ip, self.http_port))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
-        body["models"].as_array()?.iter().find(|m| m["name"] == model)?["pid"].as_u64().map(|p| p as u32)
-    }
-}
-
 async fn wait<T, F, Fut>(timeline: &Timeline, what: &str, mut check: F) -> T
 where
     F: FnMut() -> Fut,
@@ -354,17 +240,23 @@ struct Cluster {
     namespace: String,
     /// Suffix that keeps cluster-scoped names (MetalNodes) apart from other runs.
     suffix: String,
-    _server: Option<TestApiServer>,
 }
 
-fn write_kubeconfig(path: &Path, url: &str) {
-    let config = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user: {{}}\n"
-    );
-    std::fs::write(path, config).unwrap();
+/// Each Mac the agents Service lists (by its MetalNode): (ready, HTTP port).
+async fn agent_targets(slices: &Api<EndpointSlice>) -> BTreeMap<String, (bool, i32)> {
+    let lp = ListParams::default().labels("kubernetes.io/service-name=metalkube-agents");
+    let mut out = BTreeMap::new();
+    for s in slices.list(&lp).await.map(|l| l.items).unwrap_or_default() {
+        let port = s.ports.as_ref().and_then(|p| p.first()).and_then(|p| p.port).unwrap_or(0);
+        for e in s.endpoints.iter().flatten() {
+            let node = e.target_ref.as_ref().and_then(|r| r.name.clone()).unwrap_or_default();
+            out.insert(node, (e.conditions.as_ref().and_then(|c| c.ready) == Some(true), port));
+        }
+    }
+    out
 }
 
-async fn scenario(cluster: Cluster, dir: &Path) {
+async fn scenario(cluster: &Cluster, dir: &Path) {
     let timeline = Timeline::new();
     let ns = cluster.namespace.clone();
     let client = cluster.client.clone();
@@ -376,7 +268,8 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     let model_path = metalkube_testkit::tiny_model(dir);
     let source = format!("file://{}", model_path.display());
     for m in &mut macs {
-        m.start(&timeline);
+        timeline.logs.lock().unwrap().push(m.log());
+        m.start();
     }
     let client_pem = controller_ca.client("metalkube-controller");
     std::fs::write(dir.join("agent-ca.crt"), &agent_ca.cert_pem).unwrap();
@@ -399,7 +292,7 @@ async fn scenario(cluster: Cluster, dir: &Path) {
                 .arg("--client-key")
                 .arg(dir.join("client.key"))
                 .args(["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"])
-                .args(["--lease-namespace", &ns, "--lease-name", &lease_name])
+                .args(["--namespace", &ns, "--lease-name", &lease_name])
                 .stdout(log.try_clone().unwrap())
                 .stderr(log)
                 .spawn()
@@ -447,6 +340,13 @@ async fn scenario(cluster: Cluster, dir: &Path) {
         })
         .await;
     }
+    wait(&timeline, "the agents Service lists both Macs, ready, on their HTTP ports", || async {
+        let targets = agent_targets(&slices).await;
+        let want: BTreeMap<String, (bool, i32)> =
+            macs.iter().map(|m| (node_name(m), (true, i32::from(m.http_port)))).collect();
+        (targets == want).then_some(())
+    })
+    .await;
     let served: Value = reqwest::Client::new()
         .post("http://127.0.0.2:23000/v1/chat/completions")
         .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
@@ -486,7 +386,10 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     wait(&timeline, "mac-b Ready=Unknown and its endpoint not ready", || async {
         let n = nodes.get(&b).await.ok()?;
         let eps = endpoints(&slices, "tiny").await;
-        (is(condition(&n, "Ready"), "Unknown", "AgentUnreachable") && eps.get("127.0.0.3").is_some_and(|(r, _)| !r))
+        let scraped_as_down = agent_targets(&slices).await.get(&b).is_some_and(|(ready, _)| !ready);
+        (is(condition(&n, "Ready"), "Unknown", "AgentUnreachable")
+            && eps.get("127.0.0.3").is_some_and(|(r, _)| !r)
+            && scraped_as_down)
             .then_some(())
     })
     .await;
@@ -504,16 +407,18 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     ));
 
     timeline.step("restart the agent on mac-b");
-    macs[1].start(&timeline);
+    macs[1].start();
     wait(&timeline, "tiny Ready with two ready endpoints again", || async {
         let m = models.get("tiny").await.ok()?;
         let n = nodes.get(&b).await.ok()?;
         let eps = endpoints(&slices, "tiny").await;
+        let listed_ready = agent_targets(&slices).await.get(&b).is_some_and(|(ready, _)| *ready);
         (is(condition(&m, "Ready"), "True", "")
             && is(condition(&n, "Ready"), "True", "AgentConnected")
             && eps.len() == 2
-            && eps.values().all(|(r, _)| *r))
-        .then_some(())
+            && eps.values().all(|(r, _)| *r)
+            && listed_ready)
+            .then_some(())
     })
     .await;
     let engines = processes_mentioning(&model_path);
@@ -594,7 +499,8 @@ async fn scenario(cluster: Cluster, dir: &Path) {
     }
     wait(&timeline, "models, Service and slices gone and no engine left", || async {
         let gone = models.list(&ListParams::default()).await.ok()?.items.is_empty();
-        let no_slices = slices.list(&ListParams::default()).await.ok()?.items.is_empty();
+        // The agents Service's slices stay: they list Macs, not models.
+        let no_slices = slices.list(&ListParams::default().labels("metalkube.dev/model")).await.ok()?.items.is_empty();
         let no_service = services.get_opt("tiny").await.ok()?.is_none();
         (gone && no_slices && no_service && processes_mentioning(&model_path).is_empty()).then_some(())
     })
@@ -626,15 +532,50 @@ async fn loopback_e2e() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestApiServer::start().await;
     let kubeconfig = dir.path().join("kubeconfig");
-    write_kubeconfig(&kubeconfig, &server.url);
-    let cluster = Cluster {
-        client: server.client(),
-        kubeconfig,
-        namespace: "default".into(),
-        suffix: String::new(),
-        _server: Some(server),
-    };
-    scenario(cluster, dir.path()).await;
+    write_kubeconfig(&kubeconfig, &server.url, CONTROLLER_TOKEN);
+    let cluster = Cluster { client: server.client(), kubeconfig, namespace: "default".into(), suffix: String::new() };
+    scenario(&cluster, dir.path()).await;
+    controller_rbac_is_least_privilege(&server, &cluster.namespace);
+}
+
+/// The chart's RBAC against what the controller really asked for during the scenario: every
+/// request allowed, every granted verb used.
+fn controller_rbac_is_least_privilege(server: &TestApiServer, namespace: &str) {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/metalkube");
+    let out = Command::new(metalkube_testkit::tools::helm())
+        .args(["template", "metalkube"])
+        .arg(&chart)
+        .args(["--namespace", namespace, "--set", "tls.existingSecret=metalkube-controller-tls"])
+        .output()
+        .unwrap();
+    let manifests = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "helm template failed: {}", String::from_utf8_lossy(&out.stderr));
+    let account = manifests
+        .split("\n---")
+        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+        .find(|d| d["kind"] == "ServiceAccount")
+        .and_then(|d| d["metadata"]["name"].as_str().map(str::to_owned))
+        .expect("the chart renders a ServiceAccount");
+    let grants = metalkube_testkit::rbac::grants(&manifests, namespace, &account);
+    let requests: Vec<_> =
+        server.requests().into_iter().filter(|r| r.user.as_deref() == Some(CONTROLLER_TOKEN)).collect();
+    let distinct: std::collections::BTreeSet<String> = requests
+        .iter()
+        .map(|r| {
+            format!(
+                "{} {}/{}{}",
+                r.verb,
+                r.group,
+                r.resource,
+                if r.subresource.is_empty() { String::new() } else { format!("/{}", r.subresource) }
+            )
+        })
+        .collect();
+    println!("the controller made {} API requests of {} kinds: {distinct:#?}", requests.len(), distinct.len());
+    let denied = metalkube_testkit::rbac::denied(&grants, &requests);
+    assert!(denied.is_empty(), "the chart's RBAC does not allow what the controller did: {denied:#?}");
+    let unused = metalkube_testkit::rbac::unused(&grants, &requests);
+    assert!(unused.is_empty(), "the chart grants what the controller never used: {unused:#?}");
 }
 
 /// The same scenario against a real cluster. Agents still run here on loopback, so the
@@ -663,7 +604,7 @@ async fn real_cluster_e2e() {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
     namespaces.create(&PostParams::default(), &ns).await.unwrap();
-    let cluster = Cluster { client, kubeconfig, namespace: namespace.clone(), suffix, _server: None };
-    scenario(cluster, dir.path()).await;
+    let cluster = Cluster { client, kubeconfig, namespace: namespace.clone(), suffix };
+    scenario(&cluster, dir.path()).await;
     let _ = namespaces.delete(&namespace, &DeleteParams::default()).await;
 }

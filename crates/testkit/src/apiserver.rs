@@ -10,12 +10,14 @@ pub mod store;
 
 use std::sync::Arc;
 
+pub use server::{ApiRequest, RequestLog};
 pub use store::Store;
 
 /// A running test API server on a loopback port.
 pub struct TestApiServer {
     pub url: String,
     pub store: Arc<Store>,
+    log: RequestLog,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -27,11 +29,17 @@ impl TestApiServer {
             .await
             .unwrap_or_else(|e| panic!("binding the test API server: {e}"));
         let url = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
-        let app = server::router(store.clone());
+        let log = RequestLog::default();
+        let app = server::router(store.clone(), log.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { url, store, task }
+        Self { url, store, log, task }
+    }
+
+    /// Every resource request answered so far (what RBAC would have been asked to allow).
+    pub fn requests(&self) -> Vec<ApiRequest> {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// A real `kube::Client` pointed at this server, default namespace `default`.

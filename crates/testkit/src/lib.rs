@@ -6,7 +6,9 @@ pub mod https_files;
 pub mod pki;
 pub mod processes;
 pub mod promtool;
+pub mod rbac;
 pub mod sim;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 

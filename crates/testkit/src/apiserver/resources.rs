@@ -44,6 +44,17 @@ pub const RESOURCES: &[Resource] = &[
         status_subresource: true,
     },
     Resource { group: "", version: "v1", plural: "events", kind: "Event", namespaced: true, status_subresource: false },
+    // What the agents Service lists for prometheus-operator's default (Endpoints) discovery.
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "endpoints",
+        kind: "Endpoints",
+        namespaced: true,
+        status_subresource: false,
+    },
+    // Prometheus' Kubernetes discovery watches pods beside endpoints; none run here.
+    Resource { group: "", version: "v1", plural: "pods", kind: "Pod", namespaced: true, status_subresource: true },
     Resource {
         group: "discovery.k8s.io",
         version: "v1",

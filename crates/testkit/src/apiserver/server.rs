@@ -16,8 +16,60 @@ use serde_json::{Value, json};
 use super::resources::{Resource, find};
 use super::store::{ApiError, Part, Store, WatchEvent};
 
-pub fn router(store: Arc<Store>) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(store)
+/// One request as RBAC sees it: verb, API group, resource, subresource, namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ApiRequest {
+    pub verb: &'static str,
+    /// Empty for the core group.
+    pub group: &'static str,
+    pub resource: &'static str,
+    /// Empty, or `status`.
+    pub subresource: &'static str,
+    /// None for cluster-wide requests.
+    pub namespace: Option<String>,
+    /// Who asked: the bearer token the client sent (tests give each client its own), if any.
+    pub user: Option<String>,
+}
+
+/// Every request the server has answered that names a resource, in order.
+pub type RequestLog = Arc<std::sync::Mutex<Vec<ApiRequest>>>;
+
+#[derive(Clone)]
+struct ServerState {
+    store: Arc<Store>,
+    log: RequestLog,
+}
+
+pub fn router(store: Arc<Store>, log: RequestLog) -> axum::Router {
+    axum::Router::new()
+        .route("/version", axum::routing::get(version))
+        .fallback(handle)
+        .with_state(ServerState { store, log })
+}
+
+/// What `kubectl version` and Prometheus' service discovery ask first.
+async fn version() -> Response {
+    json_response(
+        200,
+        &json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0", "platform": "linux/amd64",
+                "goVersion": "go1.22.0", "compiler": "gc", "gitCommit": "", "gitTreeState": "clean",
+                "buildDate": "2024-08-13T00:00:00Z"}),
+    )
+}
+
+/// The RBAC verb of a request.
+fn verb(method: &Method, named: bool, watch: bool) -> &'static str {
+    match (method.as_str(), named) {
+        ("GET", true) => "get",
+        ("GET", false) if watch => "watch",
+        ("GET", false) => "list",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", true) => "delete",
+        ("DELETE", false) => "deletecollection",
+        _ => "unknown",
+    }
 }
 
 /// What a request path names.
@@ -110,7 +162,7 @@ fn selected(obj: &Value, labels: Option<&str>, fields: Option<&str>) -> bool {
 }
 
 async fn handle(
-    State(store): State<Arc<Store>>,
+    State(state): State<ServerState>,
     method: Method,
     uri: Uri,
     Query(query): Query<HashMap<String, String>>,
@@ -122,11 +174,39 @@ async fn handle(
         Err(e) => return error(&e),
     };
     let r = target.resource;
+    let watching = query.get("watch").is_some_and(|w| w == "true" || w == "1");
+    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    let request = ApiRequest {
+        verb: verb(&method, target.name.is_some(), watching),
+        group: r.group,
+        resource: r.plural,
+        subresource: if target.part == Part::Status { "status" } else { "" },
+        namespace: target.namespace.clone(),
+        user: headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_owned),
+    };
+    // A server-side apply that creates its object is authorized as `create` too, as the real
+    // API server does: such a client needs both verbs.
+    let apply_creates = method == Method::PATCH
+        && content_type.starts_with("application/apply-patch")
+        && target.part == Part::Main
+        && target.name.as_deref().is_some_and(|name| state.store.get(r, target.namespace.as_deref(), name).is_err());
+    {
+        let mut log = state.log.lock().unwrap_or_else(|e| e.into_inner());
+        if apply_creates {
+            log.push(ApiRequest { verb: "create", ..request.clone() });
+        }
+        log.push(request);
+    }
+    let store = state.store;
     let ns = target.namespace.as_deref();
     let parse_body =
         || serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::bad_request(format!("request body: {e}")));
     let result = match (&method, target.name.as_deref()) {
-        (&Method::GET, None) if query.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+        (&Method::GET, None) if watching => {
             return watch(&store, r, ns, &query);
         }
         (&Method::GET, None) => {

@@ -1,0 +1,150 @@
+//! What the end-to-end tests share: agents on their own loopback addresses ("Macs") with mTLS,
+//! processes stopped when dropped, and a kubeconfig for the controller.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use metalkube_testkit::pki::TestCa;
+use metalkube_testkit::processes::signal;
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// Memory budget each test Mac's agent announces.
+pub const BUDGET_BYTES: u64 = 400 << 20;
+
+/// The identity the controller presents to the test API server, so its requests can be told
+/// from the test's own when RBAC is checked against them.
+pub const CONTROLLER_TOKEN: &str = "metalkube-controller";
+
+pub fn write_kubeconfig(path: &Path, url: &str, token: &str) {
+    let config = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: test\n  cluster:\n    server: {url}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: test\n    namespace: default\ncurrent-context: test\nusers:\n- name: test\n  user:\n    token: {token}\n"
+    );
+    std::fs::write(path, config).unwrap();
+}
+
+pub fn free_port(ip: &str) -> u16 {
+    std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
+}
+
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    /// SIGTERM, so an agent stops its engines; SIGKILL if it takes too long.
+    pub fn stop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.pid(), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("{} did not stop on SIGTERM; killing it", self.name);
+        }
+        self.kill();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// One Mac: an agent on its own loopback address.
+pub struct Mac {
+    pub name: String,
+    pub ip: String,
+    pub grpc_port: u16,
+    pub http_port: u16,
+    pub engine_ports: String,
+    pub state: PathBuf,
+    pub certs: PathBuf,
+    /// Memory the agent may give engines (`--memory-budget-bytes`).
+    pub budget_bytes: u64,
+    pub proc: Option<Proc>,
+}
+
+impl Mac {
+    pub fn new(name: &str, ip: &str, engine_ports: &str, dir: &Path, ca: &TestCa, client_ca: &TestCa) -> Self {
+        let certs = dir.join(format!("{name}-certs"));
+        std::fs::create_dir_all(&certs).unwrap();
+        let pem = ca.server(&[ip]);
+        std::fs::write(certs.join("tls.crt"), pem.cert).unwrap();
+        std::fs::write(certs.join("tls.key"), pem.key).unwrap();
+        std::fs::write(certs.join("client-ca.crt"), &client_ca.cert_pem).unwrap();
+        Self {
+            name: name.into(),
+            ip: ip.into(),
+            grpc_port: free_port(ip),
+            http_port: free_port(ip),
+            engine_ports: engine_ports.into(),
+            state: dir.join(format!("{name}-state")),
+            certs,
+            budget_bytes: BUDGET_BYTES,
+            proc: None,
+        }
+    }
+
+    /// The agent's log (stdout and stderr, appended across restarts).
+    pub fn log(&self) -> PathBuf {
+        self.state.with_extension("log")
+    }
+
+    pub fn start(&mut self) {
+        let agent = metalkube_testkit::workspace_binary("metalkube-agent", "metalkube-agent");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.state.with_extension("log")).unwrap();
+        let child = Command::new(agent)
+            .arg("serve")
+            .args(["--grpc-listen", &format!("{}:{}", self.ip, self.grpc_port)])
+            .arg("--tls-cert")
+            .arg(self.certs.join("tls.crt"))
+            .arg("--tls-key")
+            .arg(self.certs.join("tls.key"))
+            .arg("--client-ca")
+            .arg(self.certs.join("client-ca.crt"))
+            .args(["--memory-budget-bytes", &self.budget_bytes.to_string()])
+            .arg("--engine")
+            .arg(metalkube_testkit::real_engine())
+            .arg("--state-dir")
+            .arg(&self.state)
+            .args(["--listen", &format!("{}:{}", self.ip, self.http_port)])
+            .args(["--serving-host", &self.ip, "--serving-ports", "23000-23009"])
+            .args(["--engine-ports", &self.engine_ports])
+            .args(["--backoff-min", "100ms", "--drain-grace", "1s", "--stop-grace", "2s"])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.proc = Some(Proc { child, name: format!("agent {}", self.name) });
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("https://{}:{}", self.ip, self.grpc_port)
+    }
+
+    /// The engine pid the agent reports for `model`.
+    pub async fn engine_pid(&self, model: &str) -> Option<u32> {
+        let body: Value = reqwest::get(format!("http://{}:{}/api/v1/models", self.ip, self.http_port))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        body["models"].as_array()?.iter().find(|m| m["name"] == model)?["pid"].as_u64().map(|p| p as u32)
+    }
+}
