@@ -364,7 +364,6 @@ impl Supervisor {
             r.red_streak = 0;
             r.baseline_seconds = None;
         });
-        self.ctx.metrics.clear_grade(&self.key());
         self.set_phase(Phase::Starting);
 
         let end = match self.supervise(&engine, model).await {
@@ -388,6 +387,9 @@ impl Supervisor {
             r.internal_port = None;
             r.pid = None;
         });
+        // No engine, no grade series: dashboards and alerts do not see the stopped engine's
+        // last grade while the next one is awaited.
+        self.ctx.metrics.clear_grade(&self.key());
         end
     }
 

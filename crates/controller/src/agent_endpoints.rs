@@ -15,12 +15,12 @@ use k8s_openapi::api::core::v1::{
     EndpointAddress, EndpointPort as CoreEndpointPort, EndpointSubset, Endpoints, ObjectReference, Service,
     ServicePort, ServiceSpec,
 };
-use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use metalkube_api::MetalNode;
 
-use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, address_type};
+use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, address_type, http_port};
 use crate::fleet::AgentView;
 
 /// The agent HTTP port when an agent has not said (the agent's default in a cluster).
@@ -128,12 +128,7 @@ pub fn agents_endpoint_slices(namespace: &str, service: &str, targets: &[AgentTa
                         })
                         .collect(),
                 ),
-                ports: Some(vec![EndpointPort {
-                    name: Some(PORT_NAME.to_owned()),
-                    port: Some(i32::from(port)),
-                    protocol: Some("TCP".to_owned()),
-                    app_protocol: Some("http".to_owned()),
-                }]),
+                ports: Some(vec![http_port(PORT_NAME, port)]),
             }
         })
         .collect()

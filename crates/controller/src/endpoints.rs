@@ -76,6 +76,16 @@ pub fn service(model: &MetalModel) -> Service {
     }
 }
 
+/// An HTTP port of an EndpointSlice.
+pub(crate) fn http_port(name: &str, port: u16) -> EndpointPort {
+    EndpointPort {
+        name: Some(name.to_owned()),
+        port: Some(i32::from(port)),
+        protocol: Some("TCP".to_owned()),
+        app_protocol: Some("http".to_owned()),
+    }
+}
+
 /// The slice name for one (port, address type) group.
 pub fn slice_name(model: &str, port: u16, address_type: &str) -> String {
     format!("{model}-{port}-{}", address_type.to_ascii_lowercase())
@@ -126,12 +136,7 @@ pub fn endpoint_slices(model: &MetalModel, replicas: &[EndpointReplica]) -> Vec<
                 },
                 address_type: kind.to_owned(),
                 endpoints: Some(endpoints),
-                ports: Some(vec![EndpointPort {
-                    name: Some(PORT_NAME.to_owned()),
-                    port: Some(i32::from(port)),
-                    protocol: Some("TCP".to_owned()),
-                    app_protocol: Some("http".to_owned()),
-                }]),
+                ports: Some(vec![http_port(PORT_NAME, port)]),
             }
         })
         .collect()

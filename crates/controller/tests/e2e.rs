@@ -11,11 +11,10 @@
 
 mod support;
 
-use support::{CONTROLLER_TOKEN, Mac, Proc, free_port, write_kubeconfig};
+use support::{CONTROLLER_TOKEN, Mac, free_port, write_kubeconfig};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -271,34 +270,14 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
         timeline.logs.lock().unwrap().push(m.log());
         m.start();
     }
-    let client_pem = controller_ca.client("metalkube-controller");
-    std::fs::write(dir.join("agent-ca.crt"), &agent_ca.cert_pem).unwrap();
-    std::fs::write(dir.join("client.crt"), client_pem.cert).unwrap();
-    std::fs::write(dir.join("client.key"), client_pem.key).unwrap();
+    support::write_controller_tls(dir, &agent_ca, &controller_ca);
     let metrics_port = free_port("127.0.0.1");
     timeline.logs.lock().unwrap().push(dir.join("controller.log"));
     let lease_name = format!("metalkube-e2e{}", cluster.suffix);
     let start_controller = || {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("controller.log")).unwrap();
-        Proc {
-            child: Command::new(env!("CARGO_BIN_EXE_metalkube-controller"))
-                .env("KUBECONFIG", &cluster.kubeconfig)
-                .env("RUST_LOG", "info,kube_runtime=warn")
-                .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
-                .arg("--agent-ca")
-                .arg(dir.join("agent-ca.crt"))
-                .arg("--client-cert")
-                .arg(dir.join("client.crt"))
-                .arg("--client-key")
-                .arg(dir.join("client.key"))
-                .args(["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"])
-                .args(["--namespace", &ns, "--lease-name", &lease_name])
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .unwrap(),
-            name: "controller".into(),
-        }
+        let timing = ["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"];
+        let args: Vec<&str> = timing.into_iter().chain(["--namespace", &ns, "--lease-name", &lease_name]).collect();
+        support::start_controller(dir, &cluster.kubeconfig, metrics_port, &args)
     };
     let mut controller = start_controller();
     let watchers = watch_into_timeline(client.clone(), &ns, timeline.clone());
@@ -541,18 +520,13 @@ async fn loopback_e2e() {
 /// The chart's RBAC against what the controller really asked for during the scenario: every
 /// request allowed, every granted verb used.
 fn controller_rbac_is_least_privilege(server: &TestApiServer, namespace: &str) {
-    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../charts/metalkube");
-    let out = Command::new(metalkube_testkit::tools::helm())
-        .args(["template", "metalkube"])
-        .arg(&chart)
-        .args(["--namespace", namespace, "--set", "tls.existingSecret=metalkube-controller-tls"])
-        .output()
-        .unwrap();
-    let manifests = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "helm template failed: {}", String::from_utf8_lossy(&out.stderr));
-    let account = manifests
-        .split("\n---")
-        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
+    let manifests = metalkube_testkit::chart::render(
+        "metalkube",
+        namespace,
+        &["--set", "tls.existingSecret=metalkube-controller-tls"],
+    );
+    let account = metalkube_testkit::chart::documents(&manifests)
+        .into_iter()
         .find(|d| d["kind"] == "ServiceAccount")
         .and_then(|d| d["metadata"]["name"].as_str().map(str::to_owned))
         .expect("the chart renders a ServiceAccount");

@@ -38,11 +38,7 @@ fn binds(binding: &Value, namespace: &str, account: &str) -> bool {
 /// output of `helm template`): ClusterRoles bound by ClusterRoleBindings, Roles (and ClusterRoles)
 /// bound by RoleBindings in their namespace.
 pub fn grants(manifests: &str, namespace: &str, account: &str) -> Vec<Grant> {
-    let docs: Vec<Value> = manifests
-        .split("\n---")
-        .filter_map(|d| serde_yaml::from_str::<Value>(d).ok())
-        .filter(|d| d.is_object())
-        .collect();
+    let docs = crate::chart::documents(manifests);
     let role = |kind: &str, name: &str| docs.iter().find(|d| d["kind"] == kind && d["metadata"]["name"] == name);
     let mut out = Vec::new();
     for binding in docs.iter().filter(|d| binds(d, namespace, account)) {

@@ -25,6 +25,40 @@ pub fn write_kubeconfig(path: &Path, url: &str, token: &str) {
     std::fs::write(path, config).unwrap();
 }
 
+/// Writes the controller's TLS files into `dir`: the CA of the agents' serving certificates, and
+/// a client certificate from the CA the agents trust.
+pub fn write_controller_tls(dir: &Path, agent_ca: &TestCa, controller_ca: &TestCa) {
+    let client_pem = controller_ca.client("metalkube-controller");
+    std::fs::write(dir.join("agent-ca.crt"), &agent_ca.cert_pem).unwrap();
+    std::fs::write(dir.join("client.crt"), client_pem.cert).unwrap();
+    std::fs::write(dir.join("client.key"), client_pem.key).unwrap();
+}
+
+/// Starts `metalkube-controller` with the TLS files of `write_controller_tls` in `dir`, the API
+/// server of `kubeconfig`, `/metrics` on 127.0.0.1:`metrics_port`, `args` added, and its output
+/// appended to `dir`/controller.log.
+pub fn start_controller(dir: &Path, kubeconfig: &Path, metrics_port: u16, args: &[&str]) -> Proc {
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("controller.log")).unwrap();
+    Proc {
+        child: Command::new(env!("CARGO_BIN_EXE_metalkube-controller"))
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info,kube_runtime=warn")
+            .args(["--listen", &format!("127.0.0.1:{metrics_port}")])
+            .arg("--agent-ca")
+            .arg(dir.join("agent-ca.crt"))
+            .arg("--client-cert")
+            .arg(dir.join("client.crt"))
+            .arg("--client-key")
+            .arg(dir.join("client.key"))
+            .args(args)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+        name: "controller".into(),
+    }
+}
+
 pub fn free_port(ip: &str) -> u16 {
     std::net::TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port()
 }

@@ -1,0 +1,109 @@
+{{/*
+The chart name, or nameOverride.
+*/}}
+{{- define "metalkube.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Prefix of every resource name: fullnameOverride, else "<release>-<name>", or the release name
+alone when it already contains the name (so `helm install metalkube .` gives "metalkube", not
+"metalkube-metalkube"). Truncated to leave room for suffixes such as "-client-tls" within 63.
+*/}}
+{{- define "metalkube.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := include "metalkube.name" . }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"name-version" for the helm.sh/chart label.
+*/}}
+{{- define "metalkube.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Selector labels of the controller pods. app.kubernetes.io/name is the fixed application name
+"metalkube-controller" rather than the chart name: the controller ServiceMonitor uses this label
+as its jobLabel, and the alerts and dashboard query job="metalkube-controller" whatever the
+release is called.
+*/}}
+{{- define "metalkube.selectorLabels" -}}
+app.kubernetes.io/name: metalkube-controller
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels on every resource the chart renders.
+*/}}
+{{- define "metalkube.labels" -}}
+helm.sh/chart: {{ include "metalkube.chart" . }}
+{{ include "metalkube.selectorLabels" . }}
+app.kubernetes.io/version: {{ (.Values.controller.image.tag | default .Chart.AppVersion) | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: metalkube
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The controller's ServiceAccount name.
+*/}}
+{{- define "metalkube.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "metalkube.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The controller image reference; the tag defaults to the chart's appVersion.
+*/}}
+{{- define "metalkube.image" -}}
+{{- printf "%s:%s" .Values.controller.image.repository (.Values.controller.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the controller's client TLS material (ca.crt, tls.crt, tls.key), or
+empty when the controller runs with --insecure. Fails rendering when no source is configured, so
+a forgotten setting is caught at install time rather than as a crash-looping pod.
+*/}}
+{{- define "metalkube.tlsSecretName" -}}
+{{- if and .Values.controller.insecure (or .Values.tls.existingSecret .Values.certManager.enabled) }}
+{{- fail "metalkube: controller.insecure=true turns client TLS off; unset tls.existingSecret and certManager.enabled, or set controller.insecure=false" }}
+{{- else if and .Values.tls.existingSecret .Values.certManager.enabled }}
+{{- fail "metalkube: set either tls.existingSecret or certManager.enabled, not both" }}
+{{- else if .Values.tls.existingSecret }}
+{{- .Values.tls.existingSecret }}
+{{- else if .Values.certManager.enabled }}
+{{- printf "%s-client-tls" (include "metalkube.fullname" .) }}
+{{- else if not .Values.controller.insecure }}
+{{- fail "metalkube: the controller needs a client certificate for the agents' mTLS. Choose one: tls.existingSecret=<Secret with ca.crt, tls.crt, tls.key>, certManager.enabled=true (cert-manager issues it), or controller.insecure=true (plaintext gRPC, local development only)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+The issuer that signs the controller's client certificate: the given certManager.issuerRef, or
+the CA Issuer the chart generates.
+*/}}
+{{- define "metalkube.clientIssuerRef" -}}
+{{- if .Values.certManager.issuerRef }}
+name: {{ required "certManager.issuerRef.name is required when issuerRef is set" .Values.certManager.issuerRef.name }}
+kind: {{ .Values.certManager.issuerRef.kind | default "Issuer" }}
+group: {{ .Values.certManager.issuerRef.group | default "cert-manager.io" }}
+{{- else }}
+name: {{ include "metalkube.fullname" . }}-ca
+kind: Issuer
+group: cert-manager.io
+{{- end }}
+{{- end }}

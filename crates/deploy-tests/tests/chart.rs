@@ -1,0 +1,684 @@
+//! The Helm chart `charts/metalkube`: `helm lint --strict`, every rendered built-in object
+//! against the Kubernetes schemas of the oldest supported and the newest available release,
+//! ServiceMonitors and PrometheusRules against prometheus-operator's schemas, and the properties
+//! the rest of metalkube relies on (CRDs in step with `crds/`, alerts and dashboard carried
+//! verbatim, locked-down pods, no RBAC wildcards, TLS wiring, scrape labels, controller flags).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Ran, repo_root, run, succeed};
+use metalkube_testkit::tools;
+use serde_yaml::Value;
+
+const RELEASE: &str = "mk";
+const NAMESPACE: &str = "metalkube-system";
+/// `include "metalkube.fullname"` for release "mk".
+const FULLNAME: &str = "mk-metalkube";
+/// The newest Kubernetes release whose schemas kubernetes-validate 1.37 bundles.
+const NEWEST_KUBERNETES: &str = "1.37.0";
+
+/// The default values plus the one setting they cannot default: where the client TLS comes from.
+const DEFAULTS: &[&str] = &["--set", "tls.existingSecret=metalkube-tls"];
+const ALL_ON: &[&str] = &["-f", "ci/all-on-values.yaml"];
+const INSECURE: &[&str] = &["--set", "controller.insecure=true"];
+
+fn chart_dir() -> PathBuf {
+    repo_root().join("charts/metalkube")
+}
+
+fn helm() -> Command {
+    let mut cmd = Command::new(tools::helm());
+    // Relative -f paths (ci/...) resolve against the chart.
+    cmd.current_dir(chart_dir());
+    cmd
+}
+
+/// `helm template` of the chart (CRDs included) with `values`, whatever the outcome.
+fn template(values: &[&str]) -> Ran {
+    run(helm().args(["template", RELEASE, ".", "--namespace", NAMESPACE, "--include-crds"]).args(values))
+}
+
+/// One rendered document: its text exactly as helm printed it, and parsed.
+struct Doc {
+    text: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or_default()
+    }
+    fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or_default()
+    }
+    fn api_version(&self) -> &str {
+        self.value["apiVersion"].as_str().unwrap_or_default()
+    }
+}
+
+struct Rendered {
+    values: String,
+    docs: Vec<Doc>,
+}
+
+impl Rendered {
+    fn of_kind(&self, kind: &str) -> Vec<&Doc> {
+        self.docs.iter().filter(|d| d.kind() == kind).collect()
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        let found: Vec<&Doc> = self.docs.iter().filter(|d| d.kind() == kind && d.name() == name).collect();
+        assert_eq!(found.len(), 1, "expected one {kind} {name} rendered with {}, found {}", self.values, found.len());
+        &found[0].value
+    }
+
+    fn deployment(&self) -> &Value {
+        self.get("Deployment", FULLNAME)
+    }
+
+    fn container(&self) -> &Value {
+        let containers = self.deployment()["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
+        assert_eq!(containers.len(), 1, "the controller pod has one container");
+        &containers[0]
+    }
+
+    fn args(&self) -> Vec<String> {
+        self.container()["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+    }
+}
+
+/// Renders the chart and splits helm's output on its `---` separators.
+fn render(values: &[&str]) -> Rendered {
+    let ran = template(values);
+    assert!(ran.status.success(), "helm template failed\n{}", ran.report());
+    let mut docs = Vec::new();
+    let mut chunk = String::new();
+    for line in ran.stdout.lines().chain(std::iter::once("---")) {
+        if line == "---" {
+            let value: Value = serde_yaml::from_str(&chunk)
+                .unwrap_or_else(|e| panic!("helm printed invalid YAML ({e}):\n{chunk}\n{}", ran.report()));
+            if !value.is_null() {
+                docs.push(Doc { text: std::mem::take(&mut chunk), value });
+            }
+            chunk.clear();
+        } else {
+            chunk.push_str(line);
+            chunk.push('\n');
+        }
+    }
+    assert!(!docs.is_empty(), "helm rendered nothing\n{}", ran.report());
+    Rendered { values: values.join(" "), docs }
+}
+
+fn str_of<'a>(v: &'a Value, what: &str) -> &'a str {
+    v.as_str().unwrap_or_else(|| panic!("{what} is not a string: {v:?}"))
+}
+
+fn strings(v: &Value) -> Vec<&str> {
+    v.as_sequence().map(|s| s.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+}
+
+/// Where each apiVersion's schema comes from; an unknown group fails the test so nothing the
+/// chart renders escapes validation.
+#[derive(Debug, PartialEq)]
+enum Schema {
+    Kubernetes,
+    PrometheusOperator,
+    /// No schema tool is installed for cert-manager; its objects are checked field by field below.
+    CertManager,
+}
+
+fn schema_of(api_version: &str) -> Schema {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    match group {
+        "monitoring.coreos.com" => Schema::PrometheusOperator,
+        "cert-manager.io" => Schema::CertManager,
+        g if !g.contains('.') || g.ends_with(".k8s.io") => Schema::Kubernetes,
+        other => panic!("apiVersion {api_version}: group {other} has no known schema; add it to the tests"),
+    }
+}
+
+fn write_tmp(name: &str, text: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// The oldest Kubernetes release the chart supports, from Chart.yaml's `kubeVersion: ">=X.Y.Z-0"`.
+fn oldest_kubernetes() -> String {
+    let chart: Value = serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap()).unwrap();
+    let constraint = str_of(&chart["kubeVersion"], "kubeVersion");
+    let version = constraint.strip_prefix(">=").and_then(|v| v.strip_suffix("-0"));
+    version.unwrap_or_else(|| panic!("kubeVersion {constraint:?} is not of the form >=X.Y.Z-0")).to_owned()
+}
+
+// ---------------------------------------------------------------------------------------------
+// helm lint and values
+
+#[test]
+fn helm_lint_strict_passes_for_defaults_and_every_ci_values_file() {
+    let mut value_sets: Vec<Vec<String>> = vec![DEFAULTS.iter().map(|s| s.to_string()).collect()];
+    let mut ci_files: Vec<PathBuf> =
+        std::fs::read_dir(chart_dir().join("ci")).unwrap().map(|e| e.unwrap().path()).collect();
+    ci_files.sort();
+    assert!(ci_files.len() >= 2, "expected ci/all-on-values.yaml and ci/existing-secret-values.yaml");
+    for file in ci_files {
+        value_sets.push(vec!["-f".into(), format!("ci/{}", file.file_name().unwrap().to_string_lossy())]);
+    }
+    for values in value_sets {
+        let ran = succeed(helm().args(["lint", "--strict", ".", "--namespace", NAMESPACE]).args(&values));
+        assert!(ran.stdout.contains("1 chart(s) linted, 0 chart(s) failed"), "lint did not pass\n{}", ran.report());
+        assert!(!ran.output().contains("[WARNING]"), "lint warned\n{}", ran.report());
+    }
+}
+
+#[test]
+fn values_schema_rejects_misspelt_and_invalid_settings() {
+    for (setting, complaint) in [
+        ("controller.replica=2", "replica"),
+        ("serviceMonitor.agents.discoveryRole=Pods", "discoveryRole"),
+        ("controller.gracePeriod=soon", "gracePeriod"),
+        ("tls.existingSecretName=x", "existingSecretName"),
+    ] {
+        let ran = run(helm().args(["lint", "--strict", "."]).args(DEFAULTS).args(["--set", setting]));
+        assert!(!ran.status.success(), "--set {setting} should fail the values schema\n{}", ran.report());
+        assert!(ran.output().contains(complaint), "the error should name {complaint}\n{}", ran.report());
+    }
+}
+
+#[test]
+fn default_values_alone_fail_naming_the_three_tls_options() {
+    let ran = template(&[]);
+    assert!(!ran.status.success(), "rendering without any TLS setting must fail\n{}", ran.report());
+    for option in ["tls.existingSecret", "certManager.enabled", "controller.insecure"] {
+        assert!(ran.stderr.contains(option), "the error should name {option}\n{}", ran.report());
+    }
+    let both = template(&["--set", "tls.existingSecret=x", "--set", "certManager.enabled=true"]);
+    assert!(!both.status.success(), "two TLS sources must fail\n{}", both.report());
+    let contradiction = template(&["--set", "tls.existingSecret=x", "--set", "controller.insecure=true"]);
+    assert!(!contradiction.status.success(), "insecure plus a TLS Secret must fail\n{}", contradiction.report());
+}
+
+// ---------------------------------------------------------------------------------------------
+// schemas
+
+#[test]
+fn rendered_builtin_objects_pass_kubernetes_schemas_oldest_and_newest() {
+    let oldest = oldest_kubernetes();
+    for (label, values) in [("defaults", DEFAULTS), ("all-on", ALL_ON), ("insecure", INSECURE)] {
+        let rendered = render(values);
+        let builtin: Vec<&Doc> =
+            rendered.docs.iter().filter(|d| schema_of(d.api_version()) == Schema::Kubernetes).collect();
+        let kinds: BTreeSet<&str> = builtin.iter().map(|d| d.kind()).collect();
+        for expected in ["CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ClusterRole", "Role"] {
+            assert!(kinds.contains(expected), "{label}: no {expected} among {kinds:?}");
+        }
+        let text: String = builtin.iter().map(|d| format!("---\n{}", d.text)).collect();
+        let file = write_tmp(&format!("builtin-{label}.yaml"), &text);
+        let ran = run(Command::new(tools::kubernetes_validate())
+            .args(["--strict", "--quiet", "-k", &oldest, "-k", NEWEST_KUBERNETES])
+            .arg(&file));
+        assert!(ran.status.success(), "{label}: kubernetes-validate failed\n{}", ran.report());
+        // A WARN means a kind it has no schema for was skipped, i.e. not validated.
+        assert!(ran.output().trim().is_empty(), "{label}: kubernetes-validate printed findings\n{}", ran.report());
+    }
+}
+
+fn validate_monitoring(file: &Path) -> Ran {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("validate-monitoring.mjs");
+    run(Command::new("node").arg(script).arg(tools::node_modules()).arg(file))
+}
+
+#[test]
+fn servicemonitors_and_prometheusrule_pass_prometheus_operator_schemas() {
+    for (label, values) in [
+        ("all-on", ALL_ON),
+        (
+            "agents-endpoints-role",
+            &["-f", "ci/all-on-values.yaml", "--set", "serviceMonitor.agents.discoveryRole=Endpoints"][..],
+        ),
+    ] {
+        let rendered = render(values);
+        let monitoring: Vec<&Doc> =
+            rendered.docs.iter().filter(|d| schema_of(d.api_version()) == Schema::PrometheusOperator).collect();
+        let kinds: Vec<&str> = monitoring.iter().map(|d| d.kind()).collect();
+        assert_eq!(kinds.iter().filter(|k| **k == "ServiceMonitor").count(), 2, "{label}: {kinds:?}");
+        assert_eq!(kinds.iter().filter(|k| **k == "PrometheusRule").count(), 1, "{label}: {kinds:?}");
+        let text: String = monitoring.iter().map(|d| format!("---\n{}", d.text)).collect();
+        let ran = validate_monitoring(&write_tmp(&format!("monitoring-{label}.yaml"), &text));
+        assert!(ran.status.success(), "{label}: prometheus-operator schema validation failed\n{}", ran.report());
+        let ok = ran.stdout.lines().filter(|l| l.starts_with("OK ")).count();
+        assert_eq!(ok, monitoring.len(), "{label}: every document should be reported OK\n{}", ran.report());
+    }
+}
+
+#[test]
+fn monitoring_validator_fails_invalid_and_unknown_documents() {
+    let bad = "apiVersion: monitoring.coreos.com/v1\nkind: ServiceMonitor\nmetadata:\n  name: broken\n\
+               spec:\n  endpoints:\n    - port: http-metrics\n      interval: soon\n\
+               ---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: unknown\n";
+    let ran = validate_monitoring(&write_tmp("monitoring-bad.yaml", bad));
+    assert!(!ran.status.success(), "invalid documents must fail\n{}", ran.report());
+    assert!(ran.stdout.contains("FAIL ServiceMonitor/broken"), "{}", ran.report());
+    assert!(ran.stdout.contains("FAIL ConfigMap/unknown"), "{}", ran.report());
+    let empty = validate_monitoring(&write_tmp("monitoring-empty.yaml", "# nothing\n"));
+    assert!(!empty.status.success(), "a file with no documents must fail\n{}", empty.report());
+}
+
+// ---------------------------------------------------------------------------------------------
+// what the chart carries verbatim
+
+#[test]
+fn chart_crds_are_byte_identical_to_the_top_level_crds() {
+    let names = |dir: &Path| -> BTreeSet<String> {
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()
+    };
+    let top = repo_root().join("crds");
+    let chart = chart_dir().join("crds");
+    assert_eq!(names(&top), names(&chart), "chart crds/ and top-level crds/ hold different files");
+    let rendered = render(DEFAULTS);
+    for name in names(&top) {
+        let expected = std::fs::read_to_string(top.join(&name)).unwrap();
+        let copy = std::fs::read_to_string(chart.join(&name)).unwrap();
+        assert!(copy == expected, "charts/metalkube/crds/{name} differs from crds/{name}");
+        // helm prints each CRD file after a "# Source:" line, unchanged.
+        let source = format!("# Source: metalkube/crds/{name}\n");
+        let doc = rendered
+            .docs
+            .iter()
+            .find(|d| d.text.starts_with(&source))
+            .unwrap_or_else(|| panic!("helm template --include-crds did not print crds/{name}"));
+        // helm 3 ends the document with one newline of its own after the file's content.
+        let printed = &doc.text[source.len()..];
+        assert!(
+            printed == expected || printed.strip_suffix('\n') == Some(expected.as_str()),
+            "rendered crds/{name} differs from the file"
+        );
+    }
+}
+
+#[test]
+fn prometheusrule_carries_alerts_yaml_with_prometheus_templates_intact() {
+    let source = std::fs::read_to_string(chart_dir().join("files/alerts.yaml")).unwrap();
+    let alerts: Value = serde_yaml::from_str(&source).unwrap();
+    let rendered = render(ALL_ON);
+    let rule = rendered.get("PrometheusRule", FULLNAME);
+    assert_eq!(rule["spec"], alerts, "the PrometheusRule spec differs from files/alerts.yaml");
+    assert!(!alerts["groups"].as_sequence().unwrap().is_empty(), "files/alerts.yaml has no groups");
+    assert_eq!(rule["metadata"]["labels"]["release"], "kube-prometheus-stack", "prometheusRule.labels");
+
+    // Helm must not have expanded the alerts' own templates.
+    let annotations: Vec<&str> = rule["spec"]["groups"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().unwrap())
+        .flat_map(|r| r["annotations"].as_mapping().into_iter().flat_map(|m| m.values()))
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        annotations.iter().any(|a| a.contains("{{ $labels.model }}")),
+        "no annotation keeps {{{{ $labels.model }}}}: {annotations:#?}"
+    );
+}
+
+#[test]
+fn dashboard_configmap_holds_the_dashboard_file_verbatim() {
+    let file = std::fs::read_to_string(chart_dir().join("dashboards/metalkube.json")).unwrap();
+    let rendered = render(ALL_ON);
+    let cm = rendered.get("ConfigMap", &format!("{FULLNAME}-dashboard"));
+    let data = str_of(&cm["data"]["metalkube.json"], "data.metalkube.json");
+    assert!(data == file, "the ConfigMap's metalkube.json differs from dashboards/metalkube.json");
+    let dashboard: serde_json::Value = serde_json::from_str(data).expect("the dashboard is valid JSON");
+    assert_eq!(dashboard["uid"], "metalkube");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1", "the Grafana sidecar's label");
+    assert_eq!(cm["metadata"]["namespace"], "monitoring", "dashboards.namespace");
+    assert_eq!(cm["metadata"]["annotations"]["grafana_folder"], "metalkube", "dashboards.annotations");
+    assert!(render(DEFAULTS).of_kind("ConfigMap").is_empty(), "dashboards are off by default");
+}
+
+// ---------------------------------------------------------------------------------------------
+// the controller Deployment
+
+#[test]
+fn controller_pods_run_locked_down() {
+    for values in [DEFAULTS, ALL_ON, INSECURE] {
+        let rendered = render(values);
+        let pod = &rendered.deployment()["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{}", rendered.values);
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault", "{}", rendered.values);
+        for forbidden in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert!(pod[forbidden].is_null(), "{forbidden} set with {}", rendered.values);
+        }
+        let sc = &rendered.container()["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{}", rendered.values);
+        assert_eq!(sc["runAsUser"], 65532, "the distroless nonroot user, {}", rendered.values);
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", rendered.values);
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", rendered.values);
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{}", rendered.values);
+        assert!(sc["capabilities"]["add"].is_null(), "{}", rendered.values);
+        assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault", "{}", rendered.values);
+        assert_ne!(sc["privileged"], true, "{}", rendered.values);
+    }
+}
+
+#[test]
+fn probes_use_healthz_so_standby_replicas_count_as_ready() {
+    let rendered = render(DEFAULTS);
+    assert_eq!(rendered.deployment()["spec"]["replicas"], 2, "two replicas behind the Lease by default");
+    let container = rendered.container();
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(container[probe]["httpGet"]["path"], "/healthz", "{probe}: /readyz is 200 only on the leader");
+        assert_eq!(container[probe]["httpGet"]["port"], "http-metrics", "{probe}");
+    }
+    let pdb = rendered.get("PodDisruptionBudget", FULLNAME);
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(pdb["spec"]["selector"]["matchLabels"], rendered.deployment()["spec"]["selector"]["matchLabels"]);
+}
+
+#[test]
+fn controller_gets_its_namespace_identity_and_log_level_from_the_pod() {
+    let rendered = render(ALL_ON);
+    let env = rendered.container()["env"].as_sequence().unwrap();
+    let field = |name: &str| -> String {
+        let var = env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("no env {name}: {env:?}"));
+        str_of(&var["valueFrom"]["fieldRef"]["fieldPath"], name).to_owned()
+    };
+    assert_eq!(field("POD_NAMESPACE"), "metadata.namespace");
+    assert_eq!(field("POD_NAME"), "metadata.name");
+    let rust_log = env.iter().find(|e| e["name"] == "RUST_LOG").expect("RUST_LOG");
+    assert_eq!(rust_log["value"], "info,metalkube_controller=debug", "controller.logLevel");
+    assert_eq!(rendered.container()["image"], "ghcr.io/metalkube/metalkube-controller:0.1.0-test");
+    let defaults = render(DEFAULTS);
+    assert_eq!(
+        defaults.container()["image"],
+        "ghcr.io/metalkube/metalkube-controller:0.1.0",
+        "tag defaults to appVersion"
+    );
+}
+
+/// The long flags `metalkube-controller` declares, read from its clap `Args` struct.
+fn declared_controller_flags() -> BTreeSet<String> {
+    let main = std::fs::read_to_string(repo_root().join("crates/controller/src/main.rs")).unwrap();
+    let body = main.split_once("struct Args {").expect("struct Args in the controller's main.rs").1;
+    let body = body.split_once("\n}").expect("end of struct Args").0;
+    let mut flags = BTreeSet::new();
+    let mut long = false;
+    for line in body.lines().map(str::trim) {
+        if line.starts_with("#[arg(") {
+            long = line.contains("long");
+        } else if let Some((field, _)) = line.split_once(':').filter(|_| !line.starts_with("//")) {
+            if long && field.chars().all(|c| c.is_ascii_lowercase() || c == '_') {
+                flags.insert(format!("--{}", field.replace('_', "-")));
+            }
+            long = false;
+        }
+    }
+    assert!(flags.contains("--listen"), "could not read the controller's flags: {flags:?}");
+    flags
+}
+
+#[test]
+fn chart_passes_only_flags_the_controller_declares_each_once() {
+    let declared = declared_controller_flags();
+    let main = std::fs::read_to_string(repo_root().join("crates/controller/src/main.rs")).unwrap();
+    for env in ["POD_NAMESPACE", "POD_NAME"] {
+        assert!(main.contains(&format!("env = \"{env}\"")), "the controller no longer reads {env}");
+    }
+    for values in [DEFAULTS, ALL_ON, INSECURE] {
+        let rendered = render(values);
+        let mut seen = BTreeSet::new();
+        for arg in rendered.args() {
+            let flag = arg.split_once('=').map_or(arg.as_str(), |(f, _)| f).to_owned();
+            assert!(
+                declared.contains(&flag),
+                "{}: the controller has no flag {flag} (it has {declared:?})",
+                rendered.values
+            );
+            assert!(seen.insert(flag.clone()), "{}: {flag} passed twice", rendered.values);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+fn tls_volume_secret(rendered: &Rendered) -> Option<String> {
+    let pod = &rendered.deployment()["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_sequence()?;
+    let tls = volumes.iter().find(|v| v["name"] == "tls")?;
+    Some(str_of(&tls["secret"]["secretName"], "tls secretName").to_owned())
+}
+
+fn assert_tls_mounted(rendered: &Rendered, secret: &str) {
+    assert_eq!(tls_volume_secret(rendered).as_deref(), Some(secret), "{}", rendered.values);
+    let mounts = rendered.container()["volumeMounts"].as_sequence().unwrap();
+    let mount = mounts.iter().find(|m| m["name"] == "tls").expect("tls volumeMount");
+    assert_eq!(mount["mountPath"], "/etc/metalkube/tls");
+    assert_eq!(mount["readOnly"], true);
+    assert!(mount["subPath"].is_null(), "subPath mounts never see renewed certificates");
+    let args = rendered.args();
+    for expected in [
+        "--agent-ca=/etc/metalkube/tls/ca.crt",
+        "--client-cert=/etc/metalkube/tls/tls.crt",
+        "--client-key=/etc/metalkube/tls/tls.key",
+    ] {
+        assert!(args.iter().any(|a| a == expected), "{}: missing {expected} in {args:?}", rendered.values);
+    }
+    assert!(!args.iter().any(|a| a == "--insecure"), "{}", rendered.values);
+}
+
+#[test]
+fn existing_secret_is_mounted_for_client_tls() {
+    let rendered = render(&["-f", "ci/existing-secret-values.yaml"]);
+    assert_tls_mounted(&rendered, "metalkube-controller-tls");
+    assert!(rendered.docs.iter().all(|d| schema_of(d.api_version()) != Schema::CertManager));
+}
+
+#[test]
+fn insecure_mode_passes_the_flag_and_mounts_nothing() {
+    let rendered = render(INSECURE);
+    assert!(rendered.args().iter().any(|a| a == "--insecure"));
+    assert!(!rendered.args().iter().any(|a| a.starts_with("--agent-ca") || a.starts_with("--client-")));
+    assert_eq!(tls_volume_secret(&rendered), None);
+}
+
+#[test]
+fn cert_manager_makes_a_ca_and_a_client_certificate_that_the_controller_mounts() {
+    let rendered = render(ALL_ON);
+    let selfsigned = rendered.get("Issuer", &format!("{FULLNAME}-selfsigned"));
+    assert!(selfsigned["spec"]["selfSigned"].is_mapping());
+
+    let ca = rendered.get("Certificate", &format!("{FULLNAME}-ca"));
+    assert_eq!(ca["spec"]["isCA"], true);
+    assert_eq!(ca["spec"]["secretName"], format!("{FULLNAME}-ca").as_str());
+    assert_eq!(ca["spec"]["privateKey"]["algorithm"], "ECDSA");
+    assert_eq!(ca["spec"]["privateKey"]["size"], 256);
+    assert_eq!(ca["spec"]["issuerRef"]["name"], format!("{FULLNAME}-selfsigned").as_str());
+
+    let ca_issuer = rendered.get("Issuer", &format!("{FULLNAME}-ca"));
+    assert_eq!(ca_issuer["spec"]["ca"]["secretName"], ca["spec"]["secretName"]);
+
+    let client = rendered.get("Certificate", &format!("{FULLNAME}-client"));
+    assert_eq!(client["spec"]["commonName"], "metalkube-controller");
+    let usages: BTreeSet<&str> = strings(&client["spec"]["usages"]).into_iter().collect();
+    assert_eq!(usages, BTreeSet::from(["client auth", "digital signature"]));
+    assert_eq!(client["spec"]["duration"], "720h", "certManager.duration");
+    assert_eq!(client["spec"]["renewBefore"], "240h", "certManager.renewBefore");
+    assert_eq!(client["spec"]["issuerRef"]["name"], format!("{FULLNAME}-ca").as_str());
+    assert_eq!(client["spec"]["issuerRef"]["kind"], "Issuer");
+    let secret = str_of(&client["spec"]["secretName"], "client secretName");
+    assert_eq!(secret, format!("{FULLNAME}-client-tls"));
+    assert_tls_mounted(&rendered, secret);
+
+    let kinds: BTreeSet<&str> = rendered
+        .docs
+        .iter()
+        .filter(|d| schema_of(d.api_version()) == Schema::CertManager)
+        .map(|d| {
+            assert_eq!(d.api_version(), "cert-manager.io/v1", "{}", d.text);
+            d.kind()
+        })
+        .collect();
+    assert_eq!(kinds, BTreeSet::from(["Certificate", "Issuer"]));
+}
+
+#[test]
+fn cert_manager_with_an_issuer_ref_issues_only_the_client_certificate() {
+    let rendered = render(&[
+        "--set",
+        "certManager.enabled=true",
+        "--set",
+        "certManager.issuerRef.name=corp-ca",
+        "--set",
+        "certManager.issuerRef.kind=ClusterIssuer",
+    ]);
+    assert!(rendered.of_kind("Issuer").is_empty(), "no generated CA with an issuerRef");
+    let certificates = rendered.of_kind("Certificate");
+    assert_eq!(certificates.len(), 1);
+    let client = &certificates[0].value;
+    assert_eq!(client["spec"]["issuerRef"]["name"], "corp-ca");
+    assert_eq!(client["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+    assert_eq!(client["spec"]["issuerRef"]["group"], "cert-manager.io");
+    assert_tls_mounted(&rendered, &format!("{FULLNAME}-client-tls"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// RBAC
+
+fn print_rules(kind: &str, role: &Value) {
+    println!("{kind} {}:", role["metadata"]["name"].as_str().unwrap_or_default());
+    for rule in role["rules"].as_sequence().unwrap() {
+        println!(
+            "  apiGroups {:?} resources {:?} verbs {:?}",
+            strings(&rule["apiGroups"]),
+            strings(&rule["resources"]),
+            strings(&rule["verbs"])
+        );
+    }
+}
+
+#[test]
+fn rbac_grants_named_resources_and_verbs_only() {
+    let rendered = render(ALL_ON);
+    let cluster_role = rendered.get("ClusterRole", FULLNAME);
+    let role = rendered.get("Role", FULLNAME);
+    assert_eq!(role["metadata"]["namespace"], NAMESPACE);
+    for (kind, r) in [("ClusterRole", cluster_role), ("Role", role)] {
+        print_rules(kind, r);
+        let rules = r["rules"].as_sequence().unwrap();
+        assert!(!rules.is_empty(), "{kind} has no rules");
+        for rule in rules {
+            for field in ["apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"] {
+                assert!(
+                    !strings(&rule[field]).iter().any(|s| s.contains('*')),
+                    "{kind}: wildcard in {field}: {rule:?}"
+                );
+            }
+            // One resource per rule, so each grant maps to the requests that need it.
+            assert_eq!(strings(&rule["apiGroups"]).len(), 1, "{kind}: {rule:?}");
+            assert_eq!(strings(&rule["resources"]).len(), 1, "{kind}: {rule:?}");
+            assert!(!strings(&rule["verbs"]).is_empty(), "{kind}: {rule:?}");
+        }
+    }
+    let sa = rendered.get("ServiceAccount", FULLNAME);
+    assert_eq!(sa["automountServiceAccountToken"], true);
+    for (kind, role_kind) in [("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")] {
+        let binding = rendered.get(kind, FULLNAME);
+        assert_eq!(binding["roleRef"]["kind"], role_kind);
+        assert_eq!(binding["roleRef"]["name"], FULLNAME);
+        let subjects = binding["subjects"].as_sequence().unwrap();
+        assert_eq!(subjects.len(), 1);
+        assert_eq!(subjects[0]["kind"], "ServiceAccount");
+        assert_eq!(subjects[0]["name"], FULLNAME);
+        assert_eq!(subjects[0]["namespace"], NAMESPACE);
+    }
+    let pod = &rendered.deployment()["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], FULLNAME);
+}
+
+// ---------------------------------------------------------------------------------------------
+// scraping
+
+#[test]
+fn controller_servicemonitor_finds_the_metrics_service_with_a_fixed_job_name() {
+    let rendered = render(ALL_ON);
+    let service = rendered.get("Service", &format!("{FULLNAME}-metrics"));
+    let monitor = rendered.get("ServiceMonitor", &format!("{FULLNAME}-controller"));
+    assert_eq!(monitor["spec"]["jobLabel"], "app.kubernetes.io/name");
+    assert_eq!(service["metadata"]["labels"]["app.kubernetes.io/name"], "metalkube-controller", "job label value");
+    for (key, value) in monitor["spec"]["selector"]["matchLabels"].as_mapping().unwrap() {
+        assert_eq!(&service["metadata"]["labels"][key.as_str().unwrap()], value, "selector label {key:?}");
+    }
+    assert_eq!(strings(&monitor["spec"]["namespaceSelector"]["matchNames"]), [NAMESPACE]);
+    assert_eq!(monitor["metadata"]["labels"]["release"], "kube-prometheus-stack", "serviceMonitor.labels");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], "http-metrics");
+    assert_eq!(endpoint["path"], "/metrics");
+    let port = &service["spec"]["ports"][0];
+    assert_eq!(port["name"], "http-metrics");
+    assert_eq!(port["targetPort"], "http-metrics");
+    assert_eq!(rendered.container()["ports"][0]["name"], "http-metrics");
+    for (key, value) in service["spec"]["selector"].as_mapping().unwrap() {
+        let pod_labels = &rendered.deployment()["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(&pod_labels[key.as_str().unwrap()], value, "Service selector {key:?} does not match the pods");
+    }
+}
+
+#[test]
+fn agents_servicemonitor_names_each_target_after_its_metalnode_under_either_discovery_role() {
+    let rendered = render(ALL_ON);
+    let monitor = rendered.get("ServiceMonitor", &format!("{FULLNAME}-agents"));
+    let spec = &monitor["spec"];
+    assert_eq!(spec["serviceDiscoveryRole"], "EndpointSlice", "serviceMonitor.agents.discoveryRole");
+    assert_eq!(spec["jobLabel"], "app.kubernetes.io/name", "job=metalkube-agents from the Service's label");
+    assert_eq!(spec["selector"]["matchLabels"]["app.kubernetes.io/name"], "metalkube-agents");
+    assert_eq!(spec["selector"]["matchLabels"]["app.kubernetes.io/managed-by"], "metalkube-controller");
+    // The controller names and labels the Service after --agents-service.
+    assert!(rendered.args().iter().any(|a| a == "--agents-service=metalkube-agents"), "{:?}", rendered.args());
+    assert_eq!(strings(&spec["namespaceSelector"]["matchNames"]), [NAMESPACE]);
+    let endpoints = spec["endpoints"].as_sequence().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    let endpoint = &endpoints[0];
+    assert_eq!(endpoint["port"], "http-metrics");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(endpoint["interval"], "15s");
+
+    let relabelings = endpoint["relabelings"].as_sequence().unwrap();
+    let sources: Vec<Vec<&str>> = relabelings.iter().map(|r| strings(&r["sourceLabels"])).collect();
+    assert_eq!(
+        sources,
+        [["__meta_kubernetes_endpoint_address_target_name"], ["__meta_kubernetes_endpointslice_address_target_name"]]
+    );
+    for relabeling in relabelings {
+        assert_eq!(relabeling["targetLabel"], "node");
+        // An absent (empty) source must not overwrite what the other role set.
+        assert_eq!(relabeling["regex"], "(.+)");
+        assert_eq!(relabeling["replacement"], "$1");
+        assert_eq!(relabeling["action"], "replace");
+    }
+    // Unreachable Macs stay targets (up == 0 drives the agent-down alert): nothing filters on readiness.
+    let text = serde_yaml::to_string(monitor).unwrap();
+    assert!(!text.contains("ready"), "the agents ServiceMonitor filters on readiness:\n{text}");
+
+    let default_role = render(&["-f", "ci/all-on-values.yaml", "--set", "serviceMonitor.agents.discoveryRole="]);
+    let monitor = default_role.get("ServiceMonitor", &format!("{FULLNAME}-agents"));
+    assert!(monitor["spec"]["serviceDiscoveryRole"].is_null(), "unset role: the Prometheus' own setting");
+
+    let agents_off = render(&["-f", "ci/all-on-values.yaml", "--set", "serviceMonitor.agents.enabled=false"]);
+    assert_eq!(agents_off.of_kind("ServiceMonitor").len(), 1, "only the controller's ServiceMonitor");
+}
+
+#[test]
+fn optional_monitoring_objects_are_off_by_default() {
+    let rendered = render(DEFAULTS);
+    let kinds: BTreeSet<&str> = rendered.docs.iter().map(Doc::kind).collect();
+    for absent in ["ServiceMonitor", "PrometheusRule", "ConfigMap", "Certificate", "Issuer"] {
+        assert!(!kinds.contains(absent), "{absent} rendered by default: {kinds:?}");
+    }
+}
