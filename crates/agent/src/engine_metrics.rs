@@ -7,6 +7,7 @@
 //! the follower asks on its own schedule with a timeout, and the agent's `/metrics` never waits
 //! on an engine.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::metrics::EngineSeries;
@@ -55,13 +56,18 @@ pub fn parse_llamacpp_metrics(text: &str) -> EngineCounters {
     c
 }
 
+/// More than any engine does between two readings (a trillion tokens or seconds): a reading
+/// that claims it is not a count, and adds nothing, so our counters never jump or wrap.
+const MAX_GROWTH: f64 = 1e12;
+
 /// How much a counter of one engine process grew since the last reading. A reading below the
 /// last one means the counter started over, and all of it is new.
 pub fn growth(last: Option<f64>, now: f64) -> f64 {
-    match last {
+    let grown = match last {
         Some(last) if now >= last => now - last,
         _ => now,
-    }
+    };
+    if grown <= MAX_GROWTH { grown } else { 0.0 }
 }
 
 /// Adds what one engine's counters grew by since `last` to the model's series (which sum over
@@ -94,25 +100,31 @@ pub fn apply(series: &EngineSeries, last: &EngineCounters, now: &EngineCounters)
 pub struct EngineFollower {
     task: tokio::task::JoinHandle<()>,
     series: EngineSeries,
+    /// Set when dropped. The follower writes only while holding it unset, so a reading that was
+    /// under way on another thread cannot land after the gauges went back to 0.
+    stopped: Arc<Mutex<bool>>,
 }
 
 impl EngineFollower {
     pub fn start(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries) -> Self {
-        let task = tokio::spawn(follow(client, port, pid, series.clone()));
-        Self { task, series }
+        let stopped = Arc::new(Mutex::new(false));
+        let task = tokio::spawn(follow(client, port, pid, series.clone(), stopped.clone()));
+        Self { task, series, stopped }
     }
 }
 
 impl Drop for EngineFollower {
     fn drop(&mut self) {
         self.task.abort();
+        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        *stopped = true;
         self.series.rss.set(0);
         self.series.requests_processing.set(0);
         self.series.requests_deferred.set(0);
     }
 }
 
-async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries) {
+async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries, stopped: Arc<Mutex<bool>>) {
     let url = format!("http://127.0.0.1:{port}/metrics");
     let rss = crate::host::ProcessMemory::new(pid);
     let mut last = EngineCounters::default();
@@ -120,14 +132,21 @@ async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeri
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        if let Some(bytes) = rss.resident_bytes() {
-            series.rss.set(bytes.min(i64::MAX as u64) as i64);
-        }
+        let resident = rss.resident_bytes();
         let read = async { client.get(&url).send().await?.error_for_status()?.text().await };
         // A slow answer is left behind rather than waited for: the next tick asks again.
-        let Ok(Ok(text)) = tokio::time::timeout(SAMPLE_INTERVAL, read).await else { continue };
+        let text = tokio::time::timeout(SAMPLE_INTERVAL, read).await.ok().and_then(Result::ok);
+        let gate = stopped.lock().unwrap_or_else(|e| e.into_inner());
+        if *gate {
+            return;
+        }
+        if let Some(bytes) = resident {
+            series.rss.set(bytes.min(i64::MAX as u64) as i64);
+        }
+        let Some(text) = text else { continue };
         let now = parse_llamacpp_metrics(&text);
         apply(&series, &last, &now);
+        drop(gate);
         last = EngineCounters {
             prompt_tokens: now.prompt_tokens.or(last.prompt_tokens),
             prompt_seconds: now.prompt_seconds.or(last.prompt_seconds),
@@ -143,6 +162,16 @@ mod tests {
     use super::*;
     use crate::metrics::Metrics;
     use proptest::prelude::*;
+
+    #[test]
+    fn an_absurd_reading_adds_nothing() {
+        let metrics = Metrics::new();
+        let series = metrics.engine_series("ns/m");
+        let reading = |tokens: f64| EngineCounters { predicted_tokens: Some(tokens), ..EngineCounters::default() };
+        apply(&series, &EngineCounters::default(), &reading(1e300));
+        apply(&series, &reading(1e300), &reading(7.0));
+        assert_eq!(series.predicted_tokens.get(), 7);
+    }
 
     /// Captured from the pinned llama-server after one 4-token completion.
     const FIXTURE: &str = include_str!("../tests/fixtures/llamacpp-metrics.txt");
@@ -190,7 +219,7 @@ mod tests {
             for s in &steps {
                 running += s;
                 let g = growth(last, running);
-                prop_assert!(g >= 0.0);
+                prop_assert!((0.0..=MAX_GROWTH).contains(&g));
                 total += g;
                 last = Some(running);
             }

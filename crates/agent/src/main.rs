@@ -68,7 +68,8 @@ struct CommonArgs {
     #[arg(long, env = "METALKUBE_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// Address of /healthz, /readyz, /metrics and /api/v1/models. Default: 127.0.0.1:9090
-    /// standalone (`run`); 0.0.0.0:9090 in a cluster (`serve`), where Prometheus scrapes it.
+    /// standalone (`run`); [::]:9090 (else 0.0.0.0:9090) in a cluster (`serve`), where
+    /// Prometheus scrapes it.
     #[arg(long, env = "METALKUBE_LISTEN")]
     listen: Option<String>,
     /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
@@ -149,10 +150,17 @@ async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyh
     Ok(Agent::start(config).await?)
 }
 
-/// Binds the agent's HTTP port: `--listen`, else the mode's default.
-async fn bind_http(listen: Option<&str>, default: &str) -> anyhow::Result<tokio::net::TcpListener> {
-    let addr = listen.unwrap_or(default);
-    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("listening on {addr} (--listen)"))
+/// Binds the agent's HTTP port: `--listen`, else the first of the mode's defaults that binds.
+async fn bind_http(listen: Option<&str>, defaults: &[&str]) -> anyhow::Result<tokio::net::TcpListener> {
+    let candidates: Vec<&str> = listen.map_or_else(|| defaults.to_vec(), |l| vec![l]);
+    let mut last = None;
+    for addr in candidates {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(anyhow::Error::from(e).context(format!("listening on {addr} (--listen)"))),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to listen on (--listen)")))
 }
 
 #[tokio::main]
@@ -165,7 +173,7 @@ async fn main() -> anyhow::Result<()> {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
-            let listener = bind_http(args.common.listen.as_deref(), "127.0.0.1:9090").await?;
+            let listener = bind_http(args.common.listen.as_deref(), &["127.0.0.1:9090"]).await?;
             let agent = start_agent(args.common, None).await?;
             let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
             let work: tokio::task::JoinHandle<anyhow::Result<()>> =
@@ -188,7 +196,9 @@ async fn main() -> anyhow::Result<()> {
             let grpc_listener = tokio::net::TcpListener::bind(&args.grpc_listen)
                 .await
                 .with_context(|| format!("listening on {} (--grpc-listen)", args.grpc_listen))?;
-            let listener = bind_http(args.common.listen.as_deref(), "0.0.0.0:9090").await?;
+            // Every address family the Mac has (an IPv6 servingAddress is scraped over IPv6),
+            // or IPv4 alone where IPv6 is off.
+            let listener = bind_http(args.common.listen.as_deref(), &["[::]:9090", "0.0.0.0:9090"]).await?;
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::host::total_memory_bytes().map(|m| m / 4 * 3))

@@ -300,10 +300,14 @@ impl Metrics {
         self.engine_up.get_or_create(&ModelLabels { model: model.to_owned() }).set(i64::from(phase == Phase::Serving));
     }
 
-    /// A model with no graded pulse (its engine is starting over, or it failed) has no grade
-    /// series, rather than the last engine's.
-    pub fn clear_grade(&self, model: &str) {
-        self.pulse_grade.remove(&ModelLabels { model: model.to_owned() });
+    /// A model with no engine to grade (stopped, starting over, failed) has no pulse series,
+    /// rather than the last engine's grade, pulse times and saturation.
+    pub fn clear_pulse(&self, model: &str) {
+        let labels = ModelLabels { model: model.to_owned() };
+        self.pulse_grade.remove(&labels);
+        self.saturated.remove(&labels);
+        self.pulse_last.remove(&labels);
+        self.pulse_compute_last.remove(&labels);
     }
 
     pub fn restarted(&self, model: &str, reason: &str) {

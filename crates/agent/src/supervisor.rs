@@ -201,7 +201,7 @@ impl Supervisor {
                         r.last_error = Some(message);
                         r.grade = None;
                     });
-                    self.ctx.metrics.clear_grade(&self.key());
+                    self.ctx.metrics.clear_pulse(&self.key());
                     self.set_phase(Phase::Failed);
                     match tokio::time::timeout(FAILED_RECHECK, self.commands.recv()).await {
                         Ok(Some(Command::Update(d))) => self.adopt(*d),
@@ -387,9 +387,9 @@ impl Supervisor {
             r.internal_port = None;
             r.pid = None;
         });
-        // No engine, no grade series: dashboards and alerts do not see the stopped engine's
-        // last grade while the next one is awaited.
-        self.ctx.metrics.clear_grade(&self.key());
+        // No engine, no pulse series: dashboards and alerts do not see the stopped engine's
+        // last grade or saturation while the next one is awaited.
+        self.ctx.metrics.clear_pulse(&self.key());
         end
     }
 

@@ -21,7 +21,12 @@ pub struct MetalNodeSpec {
     /// gRPC URL of the agent, e.g. `https://mac-01.lan:9443`.
     #[schemars(regex(pattern = r"^https?://"))]
     pub agent_endpoint: String,
-    /// IP address the cluster uses to reach this Mac's serving ports.
+    /// IP address (or DNS name) the cluster uses to reach this Mac's serving ports and its
+    /// agent's metrics.
+    #[schemars(length(min = 1, max = 253))]
+    #[schemars(regex(
+        pattern = r"^([0-9]{1,3}(\.[0-9]{1,3}){3}|[0-9a-fA-F.]*:[0-9a-fA-F.]*:[0-9a-fA-F:.]*|[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*)$"
+    ))]
     pub serving_address: String,
     #[serde(default)]
     pub unschedulable: bool,

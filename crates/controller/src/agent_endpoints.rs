@@ -27,8 +27,10 @@ use crate::fleet::AgentView;
 pub const DEFAULT_AGENT_HTTP_PORT: u16 = 9090;
 /// The port name the ServiceMonitor selects.
 pub const PORT_NAME: &str = "http-metrics";
-/// The label the chart's ServiceMonitor selects the Service by, and takes the `job` from.
+/// The label the chart's ServiceMonitor selects the Service by, and takes the `job` from: the
+/// same whatever the Service is called, so the alerts' job="metalkube-agents" always holds.
 pub const NAME_LABEL: &str = "app.kubernetes.io/name";
+pub const NAME: &str = "metalkube-agents";
 const SKIP_MIRROR_LABEL: &str = "endpointslice.kubernetes.io/skip-mirror";
 
 /// One Mac's agent as a scrape target.
@@ -43,9 +45,9 @@ pub struct AgentTarget {
     pub ready: bool,
 }
 
-fn labels(service: &str) -> BTreeMap<String, String> {
+fn labels() -> BTreeMap<String, String> {
     BTreeMap::from([
-        (NAME_LABEL.to_owned(), service.to_owned()),
+        (NAME_LABEL.to_owned(), NAME.to_owned()),
         ("app.kubernetes.io/managed-by".to_owned(), MANAGED_BY.to_owned()),
     ])
 }
@@ -70,9 +72,11 @@ fn target_ref(node: &str) -> ObjectReference {
 
 pub fn agents_service(namespace: &str, name: &str) -> Service {
     Service {
-        metadata: meta(namespace, name, labels(name)),
+        metadata: meta(namespace, name, labels()),
         spec: Some(ServiceSpec {
-            // No selector: the Macs are not pods; the controller writes the endpoints.
+            // No selector: the Macs are not pods; the controller writes the endpoints. Headless:
+            // the Service exists to be discovered, not to balance connections.
+            cluster_ip: Some("None".to_owned()),
             ports: Some(vec![ServicePort {
                 name: Some(PORT_NAME.to_owned()),
                 port: i32::from(DEFAULT_AGENT_HTTP_PORT),
@@ -107,7 +111,7 @@ pub fn agents_endpoint_slices(namespace: &str, service: &str, targets: &[AgentTa
     groups(targets)
         .into_iter()
         .map(|((port, kind), members)| {
-            let mut labels = labels(service);
+            let mut labels = labels();
             labels.insert(SERVICE_NAME_LABEL.to_owned(), service.to_owned());
             labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
             EndpointSlice {
@@ -134,10 +138,25 @@ pub fn agents_endpoint_slices(namespace: &str, service: &str, targets: &[AgentTa
         .collect()
 }
 
-/// The same targets as a legacy Endpoints object. It has no address type, so hostnames (which
-/// it cannot hold) are left to the slices.
+/// Whether Kubernetes accepts `address` in an Endpoints object: an IP that is not loopback,
+/// link-local, multicast or unspecified (the API server refuses those, and one refused address
+/// would refuse the whole object).
+fn endpoints_address(address: &str) -> bool {
+    match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            !(ip.is_loopback() || ip.is_link_local() || ip.is_multicast() || ip.is_unspecified())
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            !(ip.is_loopback() || ip.is_unicast_link_local() || ip.is_multicast() || ip.is_unspecified())
+        }
+        Err(_) => false,
+    }
+}
+
+/// The same targets as a legacy Endpoints object. It holds only what Kubernetes accepts there:
+/// hostnames, and loopback or link-local addresses, are left to the slices.
 pub fn agents_endpoints(namespace: &str, service: &str, targets: &[AgentTarget]) -> Endpoints {
-    let mut labels = labels(service);
+    let mut labels = labels();
     labels.insert(SKIP_MIRROR_LABEL.to_owned(), "true".to_owned());
     let subsets: Vec<EndpointSubset> = groups(targets)
         .into_iter()
@@ -148,8 +167,9 @@ pub fn agents_endpoints(namespace: &str, service: &str, targets: &[AgentTarget])
                 target_ref: Some(target_ref(&t.node)),
                 ..EndpointAddress::default()
             };
-            let ready: Vec<EndpointAddress> = members.iter().filter(|t| t.ready).map(address).collect();
-            let not_ready: Vec<EndpointAddress> = members.iter().filter(|t| !t.ready).map(address).collect();
+            let members: Vec<&&AgentTarget> = members.iter().filter(|t| endpoints_address(&t.address)).collect();
+            let ready: Vec<EndpointAddress> = members.iter().filter(|t| t.ready).map(|t| address(t)).collect();
+            let not_ready: Vec<EndpointAddress> = members.iter().filter(|t| !t.ready).map(|t| address(t)).collect();
             EndpointSubset {
                 addresses: Some(ready).filter(|a| !a.is_empty()),
                 not_ready_addresses: Some(not_ready).filter(|a| !a.is_empty()),
@@ -161,6 +181,7 @@ pub fn agents_endpoints(namespace: &str, service: &str, targets: &[AgentTarget])
                 }]),
             }
         })
+        .filter(|s| s.addresses.is_some() || s.not_ready_addresses.is_some())
         .collect();
     Endpoints { metadata: meta(namespace, service, labels), subsets: Some(subsets).filter(|s| !s.is_empty()) }
 }
@@ -266,14 +287,25 @@ mod tests {
         let spec = svc.spec.unwrap_or_default();
         assert!(spec.selector.is_none());
         assert_eq!(spec.ports.unwrap_or_default()[0].name.as_deref(), Some(PORT_NAME));
+        assert_eq!(spec.cluster_ip.as_deref(), Some("None"));
+        let renamed = agents_service("ns", "macs");
+        assert_eq!(renamed.metadata.labels.unwrap_or_default()[NAME_LABEL], "metalkube-agents", "the job stays");
         assert_eq!(svc.metadata.labels.unwrap_or_default()[NAME_LABEL], "metalkube-agents");
     }
 
     #[test]
-    fn no_macs_no_subsets_and_hostnames_only_in_slices() {
+    fn no_macs_no_subsets_and_what_endpoints_refuse_only_in_slices() {
         assert!(agents_endpoints("ns", "s", &[]).subsets.is_none());
-        let targets = [target("mac-a", "mac-a.lan", 9090, true)];
+        let targets = [
+            target("mac-a", "mac-a.lan", 9090, true),
+            target("mac-b", "127.0.0.2", 9090, true),
+            target("mac-c", "169.254.1.1", 9090, true),
+            target("mac-d", "fe80::1", 9090, true),
+        ];
         assert!(agents_endpoints("ns", "s", &targets).subsets.is_none());
-        assert_eq!(agents_endpoint_slices("ns", "s", &targets)[0].address_type, "FQDN");
+        let slices = agents_endpoint_slices("ns", "s", &targets);
+        let listed: usize = slices.iter().map(|s| s.endpoints.as_ref().map_or(0, Vec::len)).sum();
+        assert_eq!(listed, 4);
+        assert_eq!(slices[0].address_type, "FQDN");
     }
 }

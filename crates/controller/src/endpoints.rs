@@ -41,10 +41,12 @@ pub(crate) fn address_type(address: &str) -> &'static str {
     }
 }
 
+/// The MetalModel as owner, so its Service and slices are garbage-collected with it. No
+/// blockOwnerDeletion: setting it needs `update` on metalmodels/finalizers where the
+/// OwnerReferencesPermissionEnforcement admission plugin runs (OpenShift), and the finalizer
+/// already orders the deletion.
 fn owner(model: &MetalModel) -> Option<OwnerReference> {
-    let mut o = model.controller_owner_ref(&())?;
-    o.block_owner_deletion = Some(true);
-    Some(o)
+    model.controller_owner_ref(&())
 }
 
 fn labels(model: &MetalModel) -> BTreeMap<String, String> {

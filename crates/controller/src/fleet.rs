@@ -148,18 +148,7 @@ impl Fleet {
                     metrics: self.metrics.clone(),
                 };
                 let task = tokio::spawn(session.run());
-                // A node never reached is looked at again when its first grace period ends.
-                let (first, changes, name, grace) = (view.clone(), self.changes.clone(), node.to_owned(), self.grace);
-                tokio::spawn(async move {
-                    tokio::time::sleep(grace).await;
-                    if first.read().is_ok_and(|v| !v.ever_connected) {
-                        let _ = changes.send(FleetChange {
-                            node: name,
-                            kind: ChangeKind::Connection,
-                            models: BTreeSet::new(),
-                        });
-                    }
-                });
+                self.look_again_after_first_grace(node, &view);
                 Link { endpoint: endpoint.to_owned(), client: Some(client), view, task }
             }
             Err(e) => {
@@ -172,9 +161,22 @@ impl Fleet {
                     kind: ChangeKind::Connection,
                     models: BTreeSet::new(),
                 });
+                self.look_again_after_first_grace(node, &view);
                 Link { endpoint: endpoint.to_owned(), client: None, view, task: tokio::spawn(async {}) }
             }
         }
+    }
+
+    /// A node never reached is looked at again when its first grace period ends: until then its
+    /// absence meant nothing, from then on it is unreachable.
+    fn look_again_after_first_grace(&self, node: &str, view: &Arc<RwLock<AgentView>>) {
+        let (first, changes, name, grace) = (view.clone(), self.changes.clone(), node.to_owned(), self.grace);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if first.read().is_ok_and(|v| !v.ever_connected) {
+                let _ = changes.send(FleetChange { node: name, kind: ChangeKind::Connection, models: BTreeSet::new() });
+            }
+        });
     }
 
     pub fn client(&self, node: &str) -> Option<Arc<AgentClient>> {

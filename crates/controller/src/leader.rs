@@ -96,16 +96,23 @@ impl LeaderElector {
         }
     }
 
-    /// Waits until this replica holds the lease.
-    pub async fn acquire(&self) {
+    /// Waits until this replica holds the lease; meanwhile `role` says whether it stands by
+    /// (the API server answers) or cannot reach the API server.
+    pub async fn acquire(&self, role: &crate::http::ReplicaRole) {
         loop {
             match self.try_hold().await {
                 Ok(true) => {
                     tracing::info!(lease = %self.name, identity = %self.identity, "leader lease acquired");
                     return;
                 }
-                Ok(false) => tracing::debug!(lease = %self.name, "another replica leads; waiting"),
-                Err(e) => tracing::warn!("{e}"),
+                Ok(false) => {
+                    role.set(crate::http::Role::Standby);
+                    tracing::debug!(lease = %self.name, "another replica leads; waiting");
+                }
+                Err(e) => {
+                    role.set(crate::http::Role::Starting);
+                    tracing::warn!("{e}");
+                }
             }
             tokio::time::sleep(self.duration / 3).await;
         }

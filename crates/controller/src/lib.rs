@@ -21,10 +21,9 @@ pub mod placement;
 pub mod reconcile;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-pub use error::ControllerError;
+pub use error::{ControllerError, ERROR_KINDS};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -64,7 +63,7 @@ pub async fn run(
     client: Client,
     settings: Settings,
     metrics: Arc<Metrics>,
-    leading: Arc<AtomicBool>,
+    role: Arc<http::ReplicaRole>,
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) -> Result<(), ControllerError> {
     let elector = LeaderElector::new(
@@ -75,10 +74,10 @@ pub async fn run(
     );
     let mut shutdown = std::pin::pin!(shutdown);
     tokio::select! {
-        () = elector.acquire() => {}
+        () = elector.acquire(&role) => {}
         () = &mut shutdown => return Ok(()),
     }
-    leading.store(true, Ordering::Relaxed);
+    role.set(http::Role::Leading);
     metrics.leader.set(1);
 
     let (fleet, fleet_changes) =
@@ -95,14 +94,17 @@ pub async fn run(
         .owns(Api::<EndpointSlice>::all(client.clone()), managed)
         .reconcile_on(UnboundedReceiverStream::new(triggers_rx));
     let models = controller.store();
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        fleet.clone(),
-        nodes_reader.clone(),
-        models.clone(),
-        recorder.clone(),
-        metrics.clone(),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            fleet.clone(),
+            nodes_reader.clone(),
+            models.clone(),
+            recorder.clone(),
+            metrics.clone(),
+        )
+        .reserving(&settings.namespace, &settings.agents_service),
+    );
 
     let background = vec![
         tokio::spawn(nodes::watch_nodes(
@@ -149,7 +151,7 @@ pub async fn run(
     for task in background {
         task.abort();
     }
-    leading.store(false, Ordering::Relaxed);
+    role.set(http::Role::Starting);
     metrics.leader.set(0);
     if outcome.is_ok() {
         elector.release().await;

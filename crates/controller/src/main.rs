@@ -1,12 +1,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use metalkube_controller::agent_client::{ClientSettings, ClientTls};
-use metalkube_controller::http::{HttpState, router};
+use metalkube_controller::http::{HttpState, ReplicaRole, router};
 use metalkube_controller::metrics::Metrics;
 use metalkube_controller::{Settings, run};
 
@@ -29,6 +28,10 @@ struct Args {
     /// Plaintext gRPC to agents (http:// endpoints). Local development only.
     #[arg(long)]
     insecure: bool,
+    /// How often the TLS files are compared with what the controller started with; when one
+    /// changes (a renewed certificate) the controller exits cleanly to be restarted with it.
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    tls_check_interval: Duration,
     /// How long an agent's stream may be lost before its endpoints turn not ready.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     grace_period: Duration,
@@ -60,6 +63,20 @@ struct Args {
 
 fn read(path: &Path, what: &str) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+}
+
+/// Resolves once any of `paths` holds something else than it did at the start. A renewed
+/// certificate (cert-manager rewrites the mounted Secret) is then taken up by a restart: the
+/// process exits cleanly, releasing the lease to the standby, and the kubelet starts it again.
+async fn changed(paths: Vec<PathBuf>, every: Duration) {
+    let read = |paths: &[PathBuf]| paths.iter().map(|p| std::fs::read(p).ok()).collect::<Vec<_>>();
+    let initial = read(&paths);
+    loop {
+        tokio::time::sleep(every).await;
+        if read(&paths) != initial {
+            return;
+        }
+    }
 }
 
 #[tokio::main]
@@ -103,27 +120,33 @@ async fn main() -> anyhow::Result<()> {
     let client =
         kube::Client::try_default().await.context("connecting to the Kubernetes API (KUBECONFIG or in-cluster)")?;
     let metrics = Metrics::new();
-    let leading = Arc::new(AtomicBool::new(false));
+    let role = Arc::new(ReplicaRole::default());
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {} (--listen)", args.listen))?;
     tracing::info!("controller HTTP on http://{}/ (metrics, healthz, readyz)", listener.local_addr()?);
-    let app = router(HttpState { metrics: metrics.clone(), leading: leading.clone() });
+    let app = router(HttpState { metrics: metrics.clone(), role: role.clone() });
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!("controller HTTP: {e}");
         }
     });
-    let shutdown = async {
+    let tls_check = args.tls_check_interval;
+    let tls_files: Vec<PathBuf> =
+        [&args.agent_ca, &args.client_cert, &args.client_key].into_iter().flatten().cloned().collect();
+    let shutdown = async move {
         let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
             return std::future::pending().await;
         };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
+            _ = term.recv() => tracing::info!("shutting down"),
+            () = changed(tls_files, tls_check) => tracing::warn!(
+                "TLS files changed (a renewed certificate): stopping, so the restarted process uses them; \
+                 the lease is released for the standby"
+            ),
         }
-        tracing::info!("shutting down");
     };
-    run(client, settings, metrics, leading, shutdown).await.context("controller stopped")?;
+    run(client, settings, metrics, role, shutdown).await.context("controller stopped")?;
     Ok(())
 }

@@ -33,8 +33,7 @@ struct BuildLabels {
     version: String,
 }
 
-/// Every `kind` of `reconcile_errors_total`, present at 0 from the start.
-pub const ERROR_KINDS: [&str; 6] = ["kube", "agent", "circuit_open", "model", "finalizer", "lease"];
+pub use crate::error::ERROR_KINDS;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {

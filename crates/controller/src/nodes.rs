@@ -27,6 +27,9 @@ use crate::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
 
 /// A heartbeat alone is written at most this often; any other change at once.
 const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
+/// The agents Service's objects are applied again this often even when nothing changed, so one
+/// deleted or edited by someone else comes back.
+const AGENT_TARGETS_REPAIR: Duration = Duration::from_secs(300);
 
 /// What of a MetalNode placement and the links depend on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -144,7 +147,7 @@ pub async fn write_node_statuses(
 ) {
     let api: Api<MetalNode> = Api::all(client.clone());
     let mut last_write: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
-    let mut written_targets: Option<Vec<AgentTarget>> = None;
+    let mut written_targets: Option<(Vec<AgentTarget>, Instant)> = None;
     while let Some(first) = requests.recv().await {
         let mut due = BTreeSet::from([first]);
         while let Ok(more) = requests.try_recv() {
@@ -184,15 +187,16 @@ pub async fn write_node_statuses(
     }
 }
 
-/// Lists every MetalNode's agent in the agents Service (Service, Endpoints, EndpointSlices),
-/// when the targets changed since the last write. Before every agent has had its first chance to
-/// connect, nothing is written: a controller restart must not mark healthy Macs not ready.
+/// Lists every MetalNode's agent in the agents Service (Service, EndpointSlices, Endpoints) when
+/// the targets changed since the last write, or the last write is old (repair). Before every
+/// agent has had its first chance to connect, nothing is written: a controller restart must not
+/// mark healthy Macs not ready.
 async fn write_agent_targets(
     client: &Client,
     fleet: &Fleet,
     nodes: &Store<MetalNode>,
     agents: &AgentsService,
-    written: &mut Option<Vec<AgentTarget>>,
+    written: &mut Option<(Vec<AgentTarget>, Instant)>,
 ) {
     let now = Instant::now();
     let views = fleet.views();
@@ -200,35 +204,48 @@ async fn write_agent_targets(
         return;
     }
     let targets = agent_targets(&nodes.state(), &views, fleet.grace(), now);
-    if written.as_ref() == Some(&targets) {
+    if written.as_ref().is_some_and(|(t, at)| *t == targets && at.elapsed() < AGENT_TARGETS_REPAIR) {
         return;
     }
-    match apply_agent_targets(client, agents, &targets).await {
-        Ok(()) => *written = Some(targets),
-        Err(e) => tracing::warn!(service = %agents.name, "writing the agents Service's endpoints: {e}"),
+    let errors = apply_agent_targets(client, agents, &targets).await;
+    if errors.is_empty() {
+        *written = Some((targets, now));
+    }
+    for e in errors {
+        tracing::warn!(service = %agents.name, "writing the agents Service: {e}");
     }
 }
 
-async fn apply_agent_targets(
-    client: &Client,
-    agents: &AgentsService,
-    targets: &[AgentTarget],
-) -> Result<(), ControllerError> {
+/// Applies each object on its own, so one the API server refuses does not keep the others (and
+/// every other Mac) from Prometheus. Returns what failed.
+async fn apply_agent_targets(client: &Client, agents: &AgentsService, targets: &[AgentTarget]) -> Vec<ControllerError> {
     let (ns, name) = (agents.namespace.as_str(), agents.name.as_str());
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client.clone(), ns);
-    services.patch(name, &apply, &Patch::Apply(&agents_service(ns, name))).await?;
     let endpoints: Api<k8s_openapi::api::core::v1::Endpoints> = Api::namespaced(client.clone(), ns);
-    endpoints.patch(name, &apply, &Patch::Apply(&agents_endpoints(ns, name, targets))).await?;
     let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::namespaced(client.clone(), ns);
     let wanted = agents_endpoint_slices(ns, name, targets);
+    let mut errors = Vec::new();
+    let mut note = |r: Result<(), kube::Error>| {
+        if let Err(e) = r {
+            errors.push(ControllerError::from(e));
+        }
+    };
+    note(services.patch(name, &apply, &Patch::Apply(&agents_service(ns, name))).await.map(drop));
     for slice in &wanted {
-        slices.patch(&slice.name_any(), &apply, &Patch::Apply(slice)).await?;
+        note(slices.patch(&slice.name_any(), &apply, &Patch::Apply(slice)).await.map(drop));
     }
+    note(endpoints.patch(name, &apply, &Patch::Apply(&agents_endpoints(ns, name, targets))).await.map(drop));
     let selector = format!("{SERVICE_NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}");
-    let current = slices.list(&kube::api::ListParams::default().labels(&selector)).await?;
-    for stale in current.items.iter().filter(|c| !wanted.iter().any(|w| w.metadata.name == c.metadata.name)) {
-        delete_ignoring_missing(&slices, &stale.name_any()).await?;
+    match slices.list(&kube::api::ListParams::default().labels(&selector)).await {
+        Ok(current) => {
+            for stale in current.items.iter().filter(|c| !wanted.iter().any(|w| w.metadata.name == c.metadata.name)) {
+                if let Err(e) = delete_ignoring_missing(&slices, &stale.name_any()).await {
+                    errors.push(e);
+                }
+            }
+        }
+        Err(e) => errors.push(e.into()),
     }
-    Ok(())
+    errors
 }

@@ -47,6 +47,9 @@ pub struct Context {
     /// model key → (uid, generation, bytes): estimates agents reported, kept after the agent
     /// has dropped the model (a model that fits nowhere is stopped, and must stay unscheduled).
     memory: Mutex<HashMap<String, (String, i64, u64)>>,
+    /// `namespace/name` of the Service listing the Macs: a MetalModel of that key would share
+    /// its Service and slices, so it is refused.
+    reserved_key: String,
 }
 
 impl Context {
@@ -67,7 +70,14 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
+            reserved_key: String::new(),
         }
+    }
+
+    /// Refuses MetalModels whose Service would be the agents Service (`namespace/name`).
+    pub fn reserving(mut self, namespace: &str, agents_service: &str) -> Self {
+        self.reserved_key = format!("{namespace}/{agents_service}");
+        self
     }
 
     /// Memory one replica of `m` needs: what an agent reports for this generation, else what one
@@ -93,17 +103,6 @@ impl Context {
 
 pub fn model_key(m: &MetalModel) -> String {
     format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any())
-}
-
-fn error_kind(e: &ControllerError) -> &'static str {
-    match e {
-        ControllerError::Kube(_) => "kube",
-        ControllerError::Agent { .. } | ControllerError::BadEndpoint { .. } | ControllerError::Tls(_) => "agent",
-        ControllerError::CircuitOpen { .. } => "circuit_open",
-        ControllerError::Model { .. } => "model",
-        ControllerError::Finalizer(_) => "finalizer",
-        ControllerError::Lease { .. } => "lease",
-    }
 }
 
 pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
@@ -132,7 +131,7 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
             }
         }
         Err(e) => {
-            ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: error_kind(e).into() }).inc();
+            ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: e.metric_label().into() }).inc();
         }
     }
     result
@@ -245,6 +244,14 @@ fn place_all(
 }
 
 async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
+    if model_key(model) == ctx.reserved_key {
+        return Err(ControllerError::Model {
+            key: ctx.reserved_key.clone(),
+            message: "this name is the controller's Service listing the Macs (--agents-service) in its namespace; \
+                      choose another name or namespace for the model"
+                .to_owned(),
+        });
+    }
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.models.wait_until_ready().await;
     let (now, grace) = (Instant::now(), ctx.fleet.grace());

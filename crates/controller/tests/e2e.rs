@@ -236,7 +236,10 @@ fn model_spec(source: &str, context_size: u32, replicas: u32) -> Value {
 struct Cluster {
     client: Client,
     kubeconfig: PathBuf,
+    /// Where the MetalModels live.
     namespace: String,
+    /// The controller's own namespace (its Lease, the agents Service).
+    controller_namespace: String,
     /// Suffix that keeps cluster-scoped names (MetalNodes) apart from other runs.
     suffix: String,
 }
@@ -258,6 +261,7 @@ async fn agent_targets(slices: &Api<EndpointSlice>) -> BTreeMap<String, (bool, i
 async fn scenario(cluster: &Cluster, dir: &Path) {
     let timeline = Timeline::new();
     let ns = cluster.namespace.clone();
+    let own_ns = cluster.controller_namespace.clone();
     let client = cluster.client.clone();
     let (agent_ca, controller_ca) = (TestCa::new("metalkube agents"), TestCa::new("metalkube controller"));
     let mut macs = [
@@ -276,7 +280,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     let lease_name = format!("metalkube-e2e{}", cluster.suffix);
     let start_controller = || {
         let timing = ["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"];
-        let args: Vec<&str> = timing.into_iter().chain(["--namespace", &ns, "--lease-name", &lease_name]).collect();
+        let args: Vec<&str> = timing.into_iter().chain(["--namespace", &own_ns, "--lease-name", &lease_name]).collect();
         support::start_controller(dir, &cluster.kubeconfig, metrics_port, &args)
     };
     let mut controller = start_controller();
@@ -286,6 +290,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     let models: Api<MetalModel> = Api::namespaced(client.clone(), &ns);
     let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let agent_slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &own_ns);
     let node_name = |m: &Mac| format!("{}{}", m.name, cluster.suffix);
 
     timeline.step("apply two MetalNodes and MetalModel tiny (replicas 2)");
@@ -320,7 +325,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
         .await;
     }
     wait(&timeline, "the agents Service lists both Macs, ready, on their HTTP ports", || async {
-        let targets = agent_targets(&slices).await;
+        let targets = agent_targets(&agent_slices).await;
         let want: BTreeMap<String, (bool, i32)> =
             macs.iter().map(|m| (node_name(m), (true, i32::from(m.http_port)))).collect();
         (targets == want).then_some(())
@@ -365,7 +370,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     wait(&timeline, "mac-b Ready=Unknown and its endpoint not ready", || async {
         let n = nodes.get(&b).await.ok()?;
         let eps = endpoints(&slices, "tiny").await;
-        let scraped_as_down = agent_targets(&slices).await.get(&b).is_some_and(|(ready, _)| !ready);
+        let scraped_as_down = agent_targets(&agent_slices).await.get(&b).is_some_and(|(ready, _)| !ready);
         (is(condition(&n, "Ready"), "Unknown", "AgentUnreachable")
             && eps.get("127.0.0.3").is_some_and(|(r, _)| !r)
             && scraped_as_down)
@@ -391,7 +396,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
         let m = models.get("tiny").await.ok()?;
         let n = nodes.get(&b).await.ok()?;
         let eps = endpoints(&slices, "tiny").await;
-        let listed_ready = agent_targets(&slices).await.get(&b).is_some_and(|(ready, _)| *ready);
+        let listed_ready = agent_targets(&agent_slices).await.get(&b).is_some_and(|(ready, _)| *ready);
         (is(condition(&m, "Ready"), "True", "")
             && is(condition(&n, "Ready"), "True", "AgentConnected")
             && eps.len() == 2
@@ -407,7 +412,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     let quiet_from = timeline.lines.lock().unwrap().len();
     controller.stop();
     controller = start_controller();
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &own_ns);
     wait(&timeline, "the new controller holds the lease and has seen both agents", || async {
         let holder = leases.get(&lease_name).await.ok()?.spec?.holder_identity?;
         let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.ok()?.text().await.ok()?;
@@ -512,9 +517,17 @@ async fn loopback_e2e() {
     let server = TestApiServer::start().await;
     let kubeconfig = dir.path().join("kubeconfig");
     write_kubeconfig(&kubeconfig, &server.url, CONTROLLER_TOKEN);
-    let cluster = Cluster { client: server.client(), kubeconfig, namespace: "default".into(), suffix: String::new() };
+    // Models in one namespace, the controller in another: the RBAC check then also proves which
+    // grants must be cluster-wide and which the namespaced Role covers.
+    let cluster = Cluster {
+        client: server.client(),
+        kubeconfig,
+        namespace: "default".into(),
+        controller_namespace: "metalkube-system".into(),
+        suffix: String::new(),
+    };
     scenario(&cluster, dir.path()).await;
-    controller_rbac_is_least_privilege(&server, &cluster.namespace);
+    controller_rbac_is_least_privilege(&server, &cluster.controller_namespace);
 }
 
 /// The chart's RBAC against what the controller really asked for during the scenario: every
@@ -578,7 +591,8 @@ async fn real_cluster_e2e() {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
     namespaces.create(&PostParams::default(), &ns).await.unwrap();
-    let cluster = Cluster { client, kubeconfig, namespace: namespace.clone(), suffix };
+    let cluster =
+        Cluster { client, kubeconfig, namespace: namespace.clone(), controller_namespace: namespace.clone(), suffix };
     scenario(&cluster, dir.path()).await;
     let _ = namespaces.delete(&namespace, &DeleteParams::default()).await;
 }

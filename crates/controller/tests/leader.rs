@@ -32,3 +32,33 @@ async fn one_leader_at_a_time() {
     assert_eq!(lease.holder_identity.as_deref(), Some("a"));
     assert_eq!(lease.lease_transitions, Some(3));
 }
+
+/// A standby that reaches the API server is ready (so a 2-replica Deployment is fully
+/// available); the leader is ready; a replica the API server has not answered is not.
+#[tokio::test]
+async fn a_standby_is_ready_to_take_over_and_an_unreachable_one_is_not() {
+    use metalkube_controller::http::{ReplicaRole, Role};
+    let server = TestApiServer::start().await;
+    let leases: Api<Lease> = Api::namespaced(server.client(), "default");
+    let duration = Duration::from_secs(30);
+    let leader = LeaderElector::new(leases.clone(), "metalkube-controller", "a", duration);
+    let standby = LeaderElector::new(leases, "metalkube-controller", "b", duration);
+    let (leader_role, standby_role) = (ReplicaRole::default(), ReplicaRole::default());
+    assert_eq!(standby_role.get(), Role::Starting);
+
+    leader.acquire(&leader_role).await;
+    // The standby's first attempt finds the lease held; it keeps waiting (it would take over
+    // when the lease runs out), standing by.
+    let _ = tokio::time::timeout(Duration::from_millis(500), standby.acquire(&standby_role)).await;
+    assert_eq!(standby_role.get(), Role::Standby);
+
+    let gone: Api<Lease> = Api::namespaced(
+        kube::Client::try_from(kube::Config::new("http://127.0.0.1:9".parse().unwrap())).unwrap(),
+        "default",
+    );
+    let cut_off = LeaderElector::new(gone, "metalkube-controller", "c", duration);
+    let cut_off_role = ReplicaRole::default();
+    cut_off_role.set(Role::Standby);
+    let _ = tokio::time::timeout(Duration::from_millis(500), cut_off.acquire(&cut_off_role)).await;
+    assert_eq!(cut_off_role.get(), Role::Starting, "no API server, not ready");
+}

@@ -1,12 +1,15 @@
 //! The observability half, proven against a real Prometheus (Debian's 2.42): it discovers the
-//! agent through the `metalkube-agents` EndpointSlice and Endpoints the real controller writes
-//! into the test API server, with the chart's own ServiceMonitor turned into a scrape config the
+//! agent through the `metalkube-agents` EndpointSlice the real controller writes into the test
+//! API server, with the chart's own ServiceMonitor turned into a scrape config the
 //! way prometheus-operator does; scrapes the agent (real llama-server) and the controller while
 //! traffic, a burst of refusals and a frozen engine play out; and evaluates the chart's alert
 //! rules. Debian builds Prometheus without Kubernetes service discovery, so a small bridge here
 //! serves those objects to Prometheus' HTTP service discovery with the same `__meta_kubernetes_*`
-//! labels Kubernetes discovery gives (Prometheus 2.42's, for the endpointslice and endpoints
-//! roles). Then every Grafana panel query and every alert expression goes through
+//! labels Kubernetes discovery gives (Prometheus 2.42's endpointslice role). The Endpoints
+//! object the controller writes beside the slice (for prometheus-operator's default role) cannot
+//! hold the loopback addresses the test Macs have, as Kubernetes refuses those there; its
+//! content is unit-tested in `agent_endpoints.rs`. What is emulated, then, is prometheus-operator's translation of a ServiceMonitor
+//! and Kubernetes discovery itself; the objects, relabelings, scrapes, queries and rules are real. Then every Grafana panel query and every alert expression goes through
 //! Prometheus' HTTP API: any query error fails, and so does any panel query that returns no
 //! series, except panels marked "macOS only:" (listed). The tables it prints are the record.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -71,14 +74,12 @@ fn sanitize(label: &str) -> String {
 
 /// The scrape config prometheus-operator generates for a ServiceMonitor's first endpoint: keep
 /// the selected Services' endpoints on the named port, set namespace/service/job/endpoint, then
-/// the ServiceMonitor's own relabelings. `role` is `endpointslice` or `endpoints`.
-fn scrape_config_from_service_monitor(monitor: &Value, role: &str, discovery: &str) -> Value {
+/// the ServiceMonitor's own relabelings; discovered by the EndpointSlice role.
+fn scrape_config_from_service_monitor(monitor: &Value, discovery: &str) -> Value {
+    let role = "endpointslice";
     let spec = &monitor["spec"];
     let endpoint = &spec["endpoints"][0];
-    let port_label = match role {
-        "endpointslice" => "__meta_kubernetes_endpointslice_port_name",
-        _ => "__meta_kubernetes_endpoint_port_name",
-    };
+    let port_label = "__meta_kubernetes_endpointslice_port_name";
     let mut relabel = vec![];
     for (k, v) in spec["selector"]["matchLabels"].as_object().unwrap() {
         let k = sanitize(k);
@@ -110,14 +111,14 @@ fn scrape_config_from_service_monitor(monitor: &Value, role: &str, discovery: &s
     })
 }
 
-/// Kubernetes service discovery for Prometheus' HTTP discovery: the Services, EndpointSlices and
-/// Endpoints of a namespace in the test API server, as target groups with the meta labels
-/// Prometheus' own Kubernetes discovery sets.
+/// Kubernetes service discovery for Prometheus' HTTP discovery: the Services and EndpointSlices
+/// of a namespace in the test API server, as target groups with the meta labels Prometheus' own
+/// Kubernetes discovery (endpointslice role) sets.
 mod kubernetes_sd {
     use std::collections::BTreeMap;
 
     use axum::extract::{Path, State};
-    use k8s_openapi::api::core::v1::{Endpoints, Service};
+    use k8s_openapi::api::core::v1::Service;
     use k8s_openapi::api::discovery::v1::EndpointSlice;
     use kube::api::{Api, ListParams};
     use serde_json::{Value, json};
@@ -186,46 +187,6 @@ mod kubernetes_sd {
         out
     }
 
-    pub fn endpoints_groups(namespace: &str, services: &[Service], endpoints: &[Endpoints]) -> Vec<Value> {
-        let mut out = vec![];
-        for ep in endpoints {
-            let name = ep.metadata.name.clone().unwrap_or_default();
-            let mut group = service_labels(services, &name);
-            group.insert("__meta_kubernetes_namespace".into(), namespace.to_owned());
-            group.insert("__meta_kubernetes_endpoints_name".into(), name);
-            for subset in ep.subsets.iter().flatten() {
-                for port in subset.ports.iter().flatten() {
-                    let lists = [
-                        (subset.addresses.iter().flatten(), true),
-                        (subset.not_ready_addresses.iter().flatten(), false),
-                    ];
-                    for (addresses, ready) in lists {
-                        for a in addresses {
-                            let mut labels = group.clone();
-                            labels.insert(
-                                "__meta_kubernetes_endpoint_port_name".into(),
-                                port.name.clone().unwrap_or_default(),
-                            );
-                            labels.insert("__meta_kubernetes_endpoint_ready".into(), ready.to_string());
-                            if let Some(r) = &a.target_ref {
-                                labels.insert(
-                                    "__meta_kubernetes_endpoint_address_target_kind".into(),
-                                    r.kind.clone().unwrap_or_default(),
-                                );
-                                labels.insert(
-                                    "__meta_kubernetes_endpoint_address_target_name".into(),
-                                    r.name.clone().unwrap_or_default(),
-                                );
-                            }
-                            out.push(target(&a.ip, port.port, labels));
-                        }
-                    }
-                }
-            }
-        }
-        out
-    }
-
     async fn discover(
         State(client): State<kube::Client>,
         Path((role, namespace)): Path<(String, String)>,
@@ -233,19 +194,10 @@ mod kubernetes_sd {
         let lp = ListParams::default();
         let services =
             Api::<Service>::namespaced(client.clone(), &namespace).list(&lp).await.map(|l| l.items).unwrap_or_default();
-        let groups = if role == "endpointslice" {
-            let slices = Api::<EndpointSlice>::namespaced(client, &namespace)
-                .list(&lp)
-                .await
-                .map(|l| l.items)
-                .unwrap_or_default();
-            endpointslice_groups(&namespace, &services, &slices)
-        } else {
-            let endpoints =
-                Api::<Endpoints>::namespaced(client, &namespace).list(&lp).await.map(|l| l.items).unwrap_or_default();
-            endpoints_groups(&namespace, &services, &endpoints)
-        };
-        axum::Json(groups)
+        assert_eq!(role, "endpointslice", "the bridge serves the endpointslice role");
+        let slices =
+            Api::<EndpointSlice>::namespaced(client, &namespace).list(&lp).await.map(|l| l.items).unwrap_or_default();
+        axum::Json(endpointslice_groups(&namespace, &services, &slices))
     }
 
     /// Serves `/{role}/{namespace}` on a loopback port; returns its base URL.
@@ -305,6 +257,21 @@ impl Prometheus {
         } else {
             Err(format!("{}: {}", body["errorType"], body["error"]))
         }
+    }
+
+    /// The value of a scalar-like PromQL expression now (its first series), if any.
+    async fn value(&self, expr: &str) -> Option<f64> {
+        let data = self.get("/api/v1/query", &[("query", expr.to_owned())]).await.ok()?;
+        data["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// Waits until Prometheus has scraped the agents at least once after `moment` plus `after`.
+    async fn scraped_since(&self, moment: f64, after: f64) {
+        wait_for("Prometheus scraped the agent after the last event", Duration::from_secs(60), || async {
+            let last = self.value(r#"max(timestamp(up{job="metalkube-agents"}))"#).await?;
+            (last >= moment + after).then_some(())
+        })
+        .await;
     }
 
     /// Series a PromQL expression returns over [from, now] at a 1 s step.
@@ -476,17 +443,8 @@ async fn prometheus_answers_every_panel_and_alert() {
     let agents_monitor = monitor("-agents");
     let controller_monitor = monitor("-controller");
     let discovery = kubernetes_sd::serve(server.client()).await;
-    let mut agents_job = scrape_config_from_service_monitor(&agents_monitor, "endpointslice", &discovery);
+    let mut agents_job = scrape_config_from_service_monitor(&agents_monitor, &discovery);
     agents_job["job_name"] = json!("metalkube-agents (EndpointSlice role)");
-    // The same ServiceMonitor through the Endpoints role, prometheus-operator's default: only its
-    // discovery is checked (its samples are dropped so nothing is counted twice).
-    let mut endpoints_job = scrape_config_from_service_monitor(&agents_monitor, "endpoints", &discovery);
-    endpoints_job["job_name"] = json!("metalkube-agents (Endpoints role)");
-    endpoints_job["relabel_configs"]
-        .as_array_mut()
-        .unwrap()
-        .push(json!({"target_label": "job", "replacement": "endpoints-role-check"}));
-    endpoints_job["metric_relabel_configs"] = json!([{"action": "drop", "source_labels": ["__name__"], "regex": ".+"}]);
     // The controller runs here as a process, not a pod: a static target with the labels its
     // ServiceMonitor gives it.
     let controller_job = json!({
@@ -495,7 +453,7 @@ async fn prometheus_answers_every_panel_and_alert() {
             "job": "metalkube-controller", "namespace": NAMESPACE, "endpoint": controller_monitor["spec"]["endpoints"][0]["port"],
         }}],
     });
-    let prometheus = Prometheus::start(dir, vec![agents_job, endpoints_job, controller_job]);
+    let prometheus = Prometheus::start(dir, vec![agents_job, controller_job]);
     let started = now_secs();
     let discovered = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -508,7 +466,7 @@ async fn prometheus_answers_every_panel_and_alert() {
                         && (job == "metalkube-controller" || t["labels"]["node"] == "mac-a")
                 })
             };
-            if up("metalkube-agents") && up("endpoints-role-check") && up("metalkube-controller") {
+            if up("metalkube-agents") && up("metalkube-controller") {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -518,15 +476,14 @@ async fn prometheus_answers_every_panel_and_alert() {
     if discovered.is_err() {
         let targets = prometheus.get("/api/v1/targets", &[]).await;
         let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
-        panic!(
-            "Prometheus did not scrape the Mac (both discovery roles, node label) and the controller within 60 s:\n{targets:#?}\n{log}"
-        );
+        panic!("Prometheus did not scrape the Mac (node label) and the controller within 60 s:\n{targets:#?}\n{log}");
     }
-    println!("ok: Prometheus scrapes the Mac through both discovery roles, and the controller");
+    println!("ok: Prometheus scrapes the Mac (found through the EndpointSlice) and the controller");
 
     // Traffic: answers, streams, a burst of refusals, a frozen engine, answers again.
     let http = reqwest::Client::new();
-    let serving = format!("http://{}:23000", mac.ip);
+    let port = models.get("tiny").await.unwrap().status.unwrap().replicas[0].port.expect("tiny's serving port");
+    let serving = format!("http://{}:{port}", mac.ip);
     let mut codes: BTreeMap<u16, u32> = BTreeMap::new();
     for _ in 0..10 {
         *codes.entry(completion(&http, &serving, 8).await).or_default() += 1;
@@ -543,10 +500,19 @@ async fn prometheus_answers_every_panel_and_alert() {
     }
     let too_large = http.post(format!("{serving}/completion")).body(vec![b'x'; 2 << 20]).send().await;
     *codes.entry(too_large.map_or(0, |r| r.status().as_u16())).or_default() += 1;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for("Prometheus saw tiny saturated", Duration::from_secs(30), || async {
+        let seen = prometheus.value(r#"max_over_time(metalkube_agent_saturated{model="default/tiny"}[1m])"#).await?;
+        (seen == 1.0).then_some(())
+    })
+    .await;
     let frozen = mac.engine_pid("tiny").await.expect("the agent reports its engine pid");
     signal(frozen, Signal::SIGSTOP);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let readyz = format!("http://{}:{}/readyz", mac.ip, mac.http_port);
+    wait_for("the agent says tiny is not ready", Duration::from_secs(30), || async {
+        let code = http.get(&readyz).send().await.ok()?.status();
+        (code == reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
+    })
+    .await;
     *codes.entry(completion(&http, &serving, 8).await).or_default() += 1;
     wait_for("a new engine after the frozen one", Duration::from_secs(60), || async {
         let pid = mac.engine_pid("tiny").await?;
@@ -560,8 +526,8 @@ async fn prometheus_answers_every_panel_and_alert() {
     }
     println!("traffic answered with {codes:?}");
     assert!(codes.get(&429).is_some_and(|n| *n > 0), "the burst was refused with 429: {codes:?}");
-    // Enough scrapes after the last event for every rate window.
-    tokio::time::sleep(Duration::from_secs(8)).await;
+    // Scraped after the last event, past a rate window.
+    prometheus.scraped_since(now_secs(), 5.0).await;
 
     // Every variable and panel query of the dashboard.
     let dashboard: Value = serde_json::from_str(

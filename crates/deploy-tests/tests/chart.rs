@@ -368,12 +368,12 @@ fn controller_pods_run_locked_down() {
 }
 
 #[test]
-fn probes_use_healthz_so_standby_replicas_count_as_ready() {
+fn liveness_on_healthz_readiness_on_readyz() {
     let rendered = render(DEFAULTS);
     assert_eq!(rendered.deployment()["spec"]["replicas"], 2, "two replicas behind the Lease by default");
     let container = rendered.container();
-    for probe in ["livenessProbe", "readinessProbe"] {
-        assert_eq!(container[probe]["httpGet"]["path"], "/healthz", "{probe}: /readyz is 200 only on the leader");
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(container[probe]["httpGet"]["path"], path, "{probe}");
         assert_eq!(container[probe]["httpGet"]["port"], "http-metrics", "{probe}");
     }
     let pdb = rendered.get("PodDisruptionBudget", FULLNAME);

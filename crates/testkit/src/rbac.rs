@@ -70,12 +70,15 @@ fn resource_of(r: &ApiRequest) -> String {
 }
 
 fn covers(g: &Grant, r: &ApiRequest) -> bool {
+    // Requests are recorded without the object's name: a rule limited to some names is never
+    // taken to allow one (the check then fails, and says so, rather than over-allowing).
     let in_scope = match (&g.namespace, &r.namespace) {
         (None, _) => true,
         (Some(granted), Some(asked)) => granted == asked,
         (Some(_), None) => false,
     };
     in_scope
+        && g.resource_names.is_empty()
         && g.api_groups.iter().any(|x| x == r.group)
         && g.resources.iter().any(|x| *x == resource_of(r))
         && g.verbs.iter().any(|x| x == r.verb)

@@ -152,3 +152,23 @@ async fn kube_runtime_finalizer_helper_works_through_json_patch() {
     run(models.get("f").await.unwrap()).await.unwrap();
     assert!(models.get_opt("f").await.unwrap().is_none(), "cleanup removed the finalizer and the object");
 }
+
+#[tokio::test]
+async fn a_metalnode_serving_address_must_be_an_ip_or_a_dns_name() {
+    let server = TestApiServer::start().await;
+    let nodes: Api<metalkube_api::MetalNode> = Api::all(server.client());
+    let node = |name: &str, address: &str| {
+        json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode", "metadata": {"name": name},
+               "spec": {"agentEndpoint": "https://mac:9443", "servingAddress": address}})
+    };
+    for (name, good) in [("v4", "10.0.0.21"), ("v6", "fd00::21"), ("dns", "mac-01.lan")] {
+        nodes.patch(name, &PatchParams::apply("t"), &Patch::Apply(&node(name, good))).await.unwrap();
+    }
+    for bad in ["http://10.0.0.21", "10.0.0.21:9090", "", "Mac 01"] {
+        let err = nodes.patch("bad", &PatchParams::apply("t"), &Patch::Apply(&node("bad", bad))).await.unwrap_err();
+        assert!(
+            matches!(err, kube::Error::Api(ref s) if s.code == 422 && s.message.contains("spec.servingAddress")),
+            "{bad:?}: {err:?}"
+        );
+    }
+}

@@ -144,11 +144,11 @@ impl ModelProxy {
         } else {
             self.inference(req, started).await
         };
-        let code = self.series.code(response.status().as_u16());
-        code.requests.inc();
-        // A body made here is complete now; a passed-through one reports its duration when
-        // its last byte has gone (the tap's callback).
+        // A body made here is complete now. A passed-through one was counted when its head came
+        // back from the engine, and reports its duration when its last byte has gone.
         if matches!(response.body(), Either::Left(_)) {
+            let code = self.series.code(response.status().as_u16());
+            code.requests.inc();
             code.duration.observe(started.elapsed().as_secs_f64());
         }
         response
@@ -230,15 +230,17 @@ impl ModelProxy {
         // comes when generation is over.
         let streaming =
             parts.headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-        let (series, ttft_series, done_admission) = (self.series.clone(), self.series.clone(), admission.clone());
+        let (series, ttft, done_admission) =
+            (self.series.clone(), self.series.time_to_first_token.clone(), admission.clone());
         let code = self.series.code(parts.status.as_u16());
+        code.requests.inc();
         let tap = TapBody::new(
             incoming,
             started,
             Some(permit),
             move |first| {
                 if streaming {
-                    ttft_series.time_to_first_token.observe(first.as_secs_f64());
+                    ttft.observe(first.as_secs_f64());
                 }
             },
             move |outcome| {
@@ -281,6 +283,7 @@ impl ModelProxy {
                 let (mut parts, incoming) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 let code = self.series.code(parts.status.as_u16());
+                code.requests.inc();
                 let done = move |outcome: super::tap::TapOutcome| code.duration.observe(outcome.duration.as_secs_f64());
                 Response::from_parts(parts, Either::Right(TapBody::new(incoming, started, None, |_| {}, done)))
             }

@@ -1,5 +1,6 @@
 //! The response body on its way to the client, passed through frame by frame. On the side it
-//! notes the time to first byte, keeps the last few KiB to read the engine's `timings` from
+//! tells when the first byte passed (for a stream, the time to first token), keeps the last few
+//! KiB to read the engine's `timings` from
 //! (the last SSE event or the JSON body), and holds the admission place until the body ends
 //! or the client goes away.
 
@@ -150,7 +151,12 @@ impl Timings {
     }
 }
 
-/// The last `"timings"` object in `tail`, if it has a token count and a finite, non-negative time.
+/// No response holds this many tokens (a context window is far smaller): a larger count is not
+/// a count, and must not move the tokens counter by it.
+const MAX_TOKENS: u64 = 1 << 32;
+
+/// The last `"timings"` object in `tail`, if it has a plausible token count and a finite,
+/// non-negative time.
 pub fn read_timings(tail: &[u8]) -> Option<Timings> {
     const KEY: &[u8] = b"\"timings\"";
     let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
@@ -160,7 +166,8 @@ pub fn read_timings(tail: &[u8]) -> Option<Timings> {
     let timings = values.next()?.ok()?;
     let predicted_ms = timings.get("predicted_ms")?.as_f64()?;
     let predicted_n = timings.get("predicted_n")?.as_u64()?;
-    (predicted_ms.is_finite() && predicted_ms >= 0.0).then_some(Timings { predicted_n, predicted_ms })
+    (predicted_n <= MAX_TOKENS && predicted_ms.is_finite() && predicted_ms >= 0.0)
+        .then_some(Timings { predicted_n, predicted_ms })
 }
 
 #[cfg(test)]
@@ -203,5 +210,6 @@ mod tests {
         assert_eq!(read_timings(huge).and_then(|t| t.decode_per_token()), None);
         assert_eq!(read_timings(br#"{"timings":{"predicted_n":-1,"predicted_ms":1}}"#), None);
         assert_eq!(read_timings(br#"{"timings":{"predicted_n":2,"predicted_ms":-1}}"#), None);
+        assert_eq!(read_timings(br#"{"timings":{"predicted_n":18446744073709551615,"predicted_ms":1}}"#), None);
     }
 }

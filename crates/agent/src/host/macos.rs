@@ -88,7 +88,11 @@ pub async fn sample() -> super::HostSample {
         let out = tokio::time::timeout(Duration::from_secs(3), cmd).await.ok()?.ok()?;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
     }
-    let total: Option<u64> = run("sysctl", &["-n", "hw.memsize"]).await.and_then(|t| t.trim().parse().ok());
+    // Physical memory does not change while the agent runs.
+    static TOTAL: tokio::sync::OnceCell<Option<u64>> = tokio::sync::OnceCell::const_new();
+    let total = *TOTAL
+        .get_or_init(|| async { run("sysctl", &["-n", "hw.memsize"]).await.and_then(|t| t.trim().parse().ok()) })
+        .await;
     let vm = run("vm_stat", &[]).await.map(|t| parse_vm_stat(&t)).unwrap_or_default();
     let pressure =
         run("sysctl", &["-n", "kern.memorystatus_vm_pressure_level"]).await.and_then(|t| parse_pressure_level(&t));

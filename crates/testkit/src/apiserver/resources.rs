@@ -53,8 +53,6 @@ pub const RESOURCES: &[Resource] = &[
         namespaced: true,
         status_subresource: false,
     },
-    // Prometheus' Kubernetes discovery watches pods beside endpoints; none run here.
-    Resource { group: "", version: "v1", plural: "pods", kind: "Pod", namespaced: true, status_subresource: true },
     Resource {
         group: "discovery.k8s.io",
         version: "v1",

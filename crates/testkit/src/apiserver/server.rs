@@ -41,20 +41,7 @@ struct ServerState {
 }
 
 pub fn router(store: Arc<Store>, log: RequestLog) -> axum::Router {
-    axum::Router::new()
-        .route("/version", axum::routing::get(version))
-        .fallback(handle)
-        .with_state(ServerState { store, log })
-}
-
-/// What `kubectl version` and Prometheus' service discovery ask first.
-async fn version() -> Response {
-    json_response(
-        200,
-        &json!({"major": "1", "minor": "31", "gitVersion": "v1.31.0", "platform": "linux/amd64",
-                "goVersion": "go1.22.0", "compiler": "gc", "gitCommit": "", "gitTreeState": "clean",
-                "buildDate": "2024-08-13T00:00:00Z"}),
-    )
+    axum::Router::new().fallback(handle).with_state(ServerState { store, log })
 }
 
 /// The RBAC verb of a request.
