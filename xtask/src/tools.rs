@@ -36,7 +36,9 @@ pub fn ensure_tools() -> anyhow::Result<Tools> {
 
 /// A fresh scratch directory next to `final_dir`, so the last step is a rename on one filesystem.
 fn scratch(final_dir: &Path) -> anyhow::Result<PathBuf> {
-    let dir = final_dir.with_extension("partial");
+    let mut name = final_dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    let dir = final_dir.with_file_name(name);
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
