@@ -1,16 +1,20 @@
 use kube::ResourceExt;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::{ApiError, GROUP, MetalModel, VERSION, validate_model_spec};
 
 /// Reads every MetalModel in a (possibly multi-document) YAML text, the way `kubectl apply -f`
-/// would, and validates each. `source_name` names the file in error messages.
+/// would, and validates each. `source_name` names the file in error messages; every error also
+/// says which document (counted from 0) and, where there is one, which field.
 pub fn parse_models_yaml(text: &str, source_name: &str) -> Result<Vec<MetalModel>, ApiError> {
-    let yaml_err =
-        |e: serde_yaml_ng::Error| ApiError::Yaml { source_name: source_name.to_owned(), message: e.to_string() };
     let mut models = Vec::new();
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let value = serde_json::Value::deserialize(doc).map_err(yaml_err)?;
+        let yaml_err = |message: String| ApiError::Yaml {
+            source_name: source_name.to_owned(),
+            message: format!("document {index}: {message}"),
+        };
+        let value = Value::deserialize(doc).map_err(|e| yaml_err(e.to_string()))?;
         if value.is_null() {
             continue;
         }
@@ -23,15 +27,19 @@ pub fn parse_models_yaml(text: &str, source_name: &str) -> Result<Vec<MetalModel
                 kind: format!("{api_version} {kind}"),
             });
         }
-        let model: MetalModel = serde_json::from_value(value).map_err(|e| ApiError::Yaml {
-            source_name: source_name.to_owned(),
-            message: format!("document {index}: {e}"),
+        // Through serde_path_to_error so that a wrong type names its field, not just the type.
+        let model: MetalModel = serde_path_to_error::deserialize(&value).map_err(|e| match e.path().to_string() {
+            root if root == "." => yaml_err(e.inner().to_string()),
+            path => yaml_err(format!("{path}: {}", e.inner())),
         })?;
+        // kubectl's strict field validation refuses fields the schema does not declare; a
+        // misspelt `maxConcurent` silently ignored would leave the default in force.
+        let known = serde_json::to_value(&model).map_err(|e| yaml_err(e.to_string()))?;
+        if let Some(field) = unknown_field(&value, &known, String::new()) {
+            return Err(yaml_err(format!("{field}: unknown field")));
+        }
         if model.metadata.name.as_deref().unwrap_or_default().is_empty() {
-            return Err(ApiError::Yaml {
-                source_name: source_name.to_owned(),
-                message: format!("document {index}: metadata.name is required"),
-            });
+            return Err(yaml_err("metadata.name is required".into()));
         }
         let errors = validate_model_spec(&model.spec);
         if !errors.is_empty() {
@@ -40,6 +48,33 @@ pub fn parse_models_yaml(text: &str, source_name: &str) -> Result<Vec<MetalModel
         models.push(model);
     }
     Ok(models)
+}
+
+/// The first field of `given` that the parsed resource dropped: present in what the file says
+/// but absent from what the resource serializes back to. Empty values (null, [], {}) are not
+/// counted, as the resource may leave them out when it writes itself.
+fn unknown_field(given: &Value, known: &Value, path: String) -> Option<String> {
+    let join = |key: &str| if path.is_empty() { key.to_owned() } else { format!("{path}.{key}") };
+    match (given, known) {
+        (Value::Object(given), Value::Object(known)) => given.iter().find_map(|(key, value)| match known.get(key) {
+            Some(k) => unknown_field(value, k, join(key)),
+            None if is_empty(value) => None,
+            None => Some(join(key)),
+        }),
+        (Value::Array(given), Value::Array(known)) => {
+            given.iter().zip(known).enumerate().find_map(|(i, (g, k))| unknown_field(g, k, format!("{path}[{i}]")))
+        }
+        _ => None,
+    }
+}
+
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(a) => a.is_empty(),
+        Value::Object(o) => o.is_empty(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -67,6 +102,23 @@ mod tests {
         let text = "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: a}\nspec:\n  model: {source: 'file:a.gguf'}\n  engine: {contextSize: 512, gpuLayers: 0, parallel: 2, startupTimeout: 1m, extraArgs: [--host, 0.0.0.0]}\n";
         let err = parse_models_yaml(text, "x.yaml").unwrap_err().to_string();
         assert!(err.contains("spec.engine.extraArgs[0]"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_misspelt_fields_are_named_by_their_path() {
+        let head = "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: a}\nspec:\n  model: {source: 'file:a.gguf'}\n";
+        let err = parse_models_yaml(&format!("{head}  engine: {{contextSize: big}}\n"), "x.yaml").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("x.yaml: not valid MetalModel YAML: document 0: spec.engine.contextSize: invalid type"),
+            "{err}"
+        );
+        let err = parse_models_yaml(&format!("---\n{head}---\n{head}  replica: 2\n"), "x.yaml").unwrap_err();
+        assert!(err.to_string().contains("document 1: spec.replica: unknown field"), "{err}");
+        let err =
+            parse_models_yaml("apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: a}\n", "x.yaml")
+                .unwrap_err();
+        assert!(err.to_string().ends_with("document 0: missing field `spec`"), "{err}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! context, and an allowance for llama.cpp's compute buffers.
 
 use crate::GgufHeader;
+use crate::read::exact_product;
 
 /// Compute buffers and runtime: a fixed part plus a share of the weights. Deliberately on the
 /// generous side: an over-estimate leaves a Mac idle, an under-estimate makes it swap.
@@ -18,13 +19,15 @@ pub struct MemoryEstimate {
 }
 
 impl MemoryEstimate {
+    /// The sum, saturating: a total beyond 64 bits fits no machine either way.
     pub fn total(&self) -> u64 {
-        self.weights_bytes + self.kv_cache_bytes + self.overhead_bytes
+        self.weights_bytes.saturating_add(self.kv_cache_bytes).saturating_add(self.overhead_bytes)
     }
 }
 
 /// Estimate for `context_size` tokens in total (llama-server shares `--ctx-size` among its
-/// slots, so the slot count does not multiply it). None when the header lacks what is needed.
+/// slots, so the slot count does not multiply it). None when the header lacks what is needed,
+/// or when its figures (which come from the file) multiply beyond 64 bits.
 pub fn estimate_memory(header: &GgufHeader, context_size: u64) -> Option<MemoryEstimate> {
     let weights = header.tensor_bytes()?;
     let layers = header.arch_u64("block_count")?;
@@ -33,12 +36,11 @@ pub fn estimate_memory(header: &GgufHeader, context_size: u64) -> Option<MemoryE
     let kv_heads = header.arch_u64("attention.head_count_kv").unwrap_or(heads);
     let head_dim = header.arch_u64("attention.key_length").unwrap_or(embedding / heads);
     // K and V, per layer, per token.
-    let kv = 2 * layers * context_size * kv_heads * head_dim * KV_BYTES_PER_ELEMENT;
-    Some(MemoryEstimate {
-        weights_bytes: weights,
-        kv_cache_bytes: kv,
-        overhead_bytes: FIXED_OVERHEAD_BYTES + weights * WEIGHT_OVERHEAD_PERCENT / 100,
-    })
+    let kv = exact_product([2, layers, context_size, kv_heads, head_dim, KV_BYTES_PER_ELEMENT].into_iter())?;
+    // In 128 bits: a share of a 64-bit figure always fits back into 64.
+    let share = (u128::from(weights) * u128::from(WEIGHT_OVERHEAD_PERCENT) / 100) as u64;
+    let overhead = FIXED_OVERHEAD_BYTES.checked_add(share)?;
+    Some(MemoryEstimate { weights_bytes: weights, kv_cache_bytes: kv, overhead_bytes: overhead })
 }
 
 #[cfg(test)]

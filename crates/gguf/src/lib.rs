@@ -21,18 +21,49 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub enum GgufError {
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("reading {what} at byte {offset}: {source}")]
+    Read {
+        offset: u64,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("not a GGUF file (magic {found:#010x}, expected {MAGIC:#010x})")]
     BadMagic { found: u32 },
-    #[error("GGUF version {0} is not supported (1 to 3 are)")]
+    #[error("GGUF version {0} is not supported (2 and 3 are{hint})", hint = version_hint(*.0))]
     Version(u32),
     #[error("file ends inside the header at byte {offset} while reading {what}")]
     Truncated { offset: u64, what: &'static str },
+    /// A count or length that the rest of the file cannot hold; refused before anything is
+    /// allocated for it.
+    #[error("{what} at byte {offset} needs at least {needed} bytes, but the file has {remaining} left")]
+    Overclaimed { what: &'static str, offset: u64, needed: u64, remaining: u64 },
     #[error("header field {what} is implausible: {value} (limit {limit})")]
     Implausible { what: &'static str, value: u64, limit: u64 },
+    #[error("the header would take more than {limit} bytes of memory (at byte {offset})")]
+    TooLarge { offset: u64, limit: u64 },
     #[error("unknown metadata value type {0}")]
     UnknownType(u32),
-    #[error("metadata key {key:?} is not valid UTF-8")]
-    Utf8 { key: String },
+    #[error("{what} at byte {offset} is not valid UTF-8: {lossy:?}")]
+    Utf8 {
+        what: &'static str,
+        offset: u64,
+        /// The start of the text, invalid bytes replaced.
+        lossy: String,
+        #[source]
+        source: std::str::Utf8Error,
+    },
+    #[error("general.alignment is {0}; it must be a power of two")]
+    Alignment(String),
     #[error("tensor data of {name} has {got} values, its shape needs {want}")]
-    TensorSize { name: String, got: usize, want: usize },
+    TensorSize { name: String, got: usize, want: u64 },
+}
+
+fn version_hint(version: u32) -> &'static str {
+    match version {
+        1 => "; version 1 used 32-bit lengths and is obsolete",
+        // 3 read with the wrong byte order is 0x03000000.
+        v if v & 0xffff == 0 && v != 0 => "; this looks like a big-endian file",
+        _ => "",
+    }
 }

@@ -36,6 +36,19 @@ impl ValueType {
             _ => return None,
         })
     }
+
+    /// The fewest bytes a value of this type takes in a file: a string is at least its length
+    /// field, an array its item type and length.
+    pub fn min_encoded_len(self) -> u64 {
+        use ValueType::*;
+        match self {
+            U8 | I8 | Bool => 1,
+            U16 | I16 => 2,
+            U32 | I32 | F32 => 4,
+            U64 | I64 | F64 | String => 8,
+            Array => 12,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -25,8 +25,9 @@ impl GgufWriter {
     }
 
     pub fn tensor(&mut self, name: &str, dims: &[u64], data: Vec<f32>) -> Result<&mut Self, GgufError> {
-        let want = dims.iter().product::<u64>() as usize;
-        if data.len() != want {
+        // A shape beyond 64 bits needs more values than any Vec holds.
+        let want = crate::read::exact_product(dims.iter().copied()).unwrap_or(u64::MAX);
+        if data.len() as u64 != want {
             return Err(GgufError::TensorSize { name: name.to_owned(), got: data.len(), want });
         }
         self.tensors.push(Tensor { name: name.to_owned(), dims: dims.to_vec(), data });
