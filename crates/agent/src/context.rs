@@ -48,6 +48,8 @@ pub struct DesiredModel {
     /// Directory that relative `file:` sources are resolved against (the YAML file's, in
     /// standalone mode); None where relative paths mean nothing.
     pub base_dir: Option<PathBuf>,
+    /// Who may use the serving port (digests of `spec.auth`'s keys).
+    pub api_keys: crate::api_keys::ApiKeys,
 }
 
 impl DesiredModel {

@@ -10,7 +10,20 @@ use metalkube_api::MetalModelSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::AgentError;
+use crate::api_keys::{ApiKeys, KeyDigest};
 use crate::context::DesiredModel;
+
+/// A SHA-256 digest written as 64 hex characters.
+pub fn hex_digest(hex: &str) -> Option<KeyDigest> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Record {
@@ -19,6 +32,9 @@ pub struct Record {
     pub uid: String,
     pub generation: i64,
     pub spec: MetalModelSpec,
+    /// SHA-256 digests (hex) of the accepted API keys when `spec.auth` asks for keys; never keys.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_key_sha256: Vec<String>,
 }
 
 impl Record {
@@ -32,7 +48,17 @@ impl Record {
             name: self.name.clone(),
             spec: self.spec.clone(),
             base_dir: None,
+            api_keys: self.api_keys(),
         }
+    }
+
+    /// The keys as the serving port checks them: open without `spec.auth`; with it, the digests
+    /// recorded (none readable: nobody gets in).
+    pub fn api_keys(&self) -> ApiKeys {
+        if self.spec.auth.is_none() {
+            return ApiKeys::Open;
+        }
+        ApiKeys::Digests(self.api_key_sha256.iter().filter_map(|h| hex_digest(h)).collect())
     }
 }
 
@@ -109,7 +135,7 @@ mod tests {
 
     fn record(name: &str, generation: i64) -> Record {
         let spec = serde_json::from_value(serde_json::json!({"model": {"source": "file:///m.gguf"}})).unwrap();
-        Record { namespace: "ns".into(), name: name.into(), uid: "u1".into(), generation, spec }
+        Record { namespace: "ns".into(), name: name.into(), uid: "u1".into(), generation, spec, api_key_sha256: vec![] }
     }
 
     #[test]

@@ -53,6 +53,7 @@ impl AgentService {
 
     fn state(&self, report: &ModelReport) -> pb::ModelState {
         let record = self.store.get(&report.key());
+        let record_keys = record.as_ref().map(Record::api_keys);
         pb::ModelState {
             model: Some(pb::ModelRef { namespace: report.namespace.clone(), name: report.name.clone() }),
             uid: record.as_ref().map(|r| r.uid.clone()).unwrap_or_default(),
@@ -68,6 +69,7 @@ impl AgentService {
             serving_port: report.serving_port.map_or(0, u32::from),
             last_error: report.last_error.clone().unwrap_or_default(),
             memory_bytes: report.memory_bytes.unwrap_or(0),
+            api_keys_fingerprint: record_keys.map(|k| k.fingerprint()).unwrap_or_default(),
         }
     }
 }
@@ -140,11 +142,29 @@ impl AgentApi for AgentService {
             let text = errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
             return Err(Status::invalid_argument(format!("MetalModel {key}: {text}")));
         }
+        let mut digests = Vec::with_capacity(req.api_key_sha256.len());
+        for d in &req.api_key_sha256 {
+            if d.len() != 32 {
+                return Err(Status::invalid_argument(format!(
+                    "MetalModel {key}: api_key_sha256 holds a {}-byte value; each must be a 32-byte SHA-256 digest",
+                    d.len()
+                )));
+            }
+            digests.push(d.iter().map(|b| format!("{b:02x}")).collect::<String>());
+        }
         let current = self.store.get(&key);
-        let applied = current.as_ref().is_some_and(|c| c.uid == req.uid && c.generation >= req.generation);
+        let applied = current
+            .as_ref()
+            .is_some_and(|c| c.uid == req.uid && c.generation >= req.generation && c.api_key_sha256 == digests);
         if !applied {
-            let record =
-                Record { namespace: m.namespace, name: m.name, uid: req.uid, generation: req.generation, spec };
+            let record = Record {
+                namespace: m.namespace,
+                name: m.name,
+                uid: req.uid,
+                generation: req.generation,
+                spec,
+                api_key_sha256: digests,
+            };
             // Persist first: what the agent acknowledges, it serves again after a restart.
             self.store.put(record.clone()).map_err(internal)?;
             self.agent.upsert(record.desired()).await;

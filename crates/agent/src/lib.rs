@@ -2,6 +2,7 @@
 
 pub mod admission;
 pub mod agent;
+pub mod api_keys;
 pub mod context;
 pub mod desired_store;
 pub mod engine_args;

@@ -31,6 +31,10 @@ struct RunArgs {
     /// Directory of MetalModel YAML files; changes are picked up while running.
     #[arg(long, env = "METALKUBE_MODELS_DIR")]
     models_dir: PathBuf,
+    /// Where `spec.auth` API keys are read from, as `<dir>/<secret name>/<key>` (the layout of a
+    /// mounted Secret); default: `<models-dir>/secrets`. Changes are picked up while running.
+    #[arg(long, env = "METALKUBE_SECRETS_DIR")]
+    secrets_dir: Option<PathBuf>,
     #[command(flatten)]
     common: CommonArgs,
 }
@@ -90,6 +94,9 @@ struct CommonArgs {
     /// Time a client gets to send its request body on a serving port.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     body_timeout: Duration,
+    /// Connections one serving port holds at once; more are answered 503 and closed.
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
     /// Time an engine gets to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     stop_grace: Duration,
@@ -139,7 +146,11 @@ async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyh
         serving_ports: args.serving_ports.clone(),
         serving_host: args.serving_host,
         drain_grace: args.drain_grace,
-        client_timeouts: ClientTimeouts { header: args.header_timeout, body: args.body_timeout },
+        client_timeouts: ClientTimeouts {
+            header: args.header_timeout,
+            body: args.body_timeout,
+            max_connections: args.max_connections,
+        },
         stop_grace: args.stop_grace,
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
         memory_budget_bytes,
@@ -175,7 +186,8 @@ async fn main() -> anyhow::Result<()> {
             }
             let listener = bind_http(args.common.listen.as_deref(), &["127.0.0.1:9090"]).await?;
             let agent = start_agent(args.common, None).await?;
-            let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), agent.clone()));
+            let secrets = args.secrets_dir.clone().unwrap_or_else(|| args.models_dir.join("secrets"));
+            let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), secrets, agent.clone()));
             let work: tokio::task::JoinHandle<anyhow::Result<()>> =
                 tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
             (agent, listener, work)

@@ -46,6 +46,13 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StallLabels {
+    pub model: String,
+    /// `stream` (a stream went silent) or `request` (no answer within the request timeout).
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub model: String,
     pub phase: String,
@@ -105,6 +112,7 @@ pub struct Metrics {
     pub max_concurrent: Family<ModelLabels, Gauge>,
     pub rejections: Family<ReasonLabels, Counter>,
     pub circuit_state: Family<ModelLabels, Gauge>,
+    pub stalls: Family<StallLabels, Counter>,
     pub host: Arc<HostCollector>,
 }
 
@@ -140,6 +148,7 @@ impl Metrics {
             max_concurrent: Family::default(),
             rejections: Family::default(),
             circuit_state: Family::default(),
+            stalls: Family::default(),
             host: Arc::new(HostCollector::default()),
         };
         {
@@ -282,6 +291,11 @@ impl Metrics {
             "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
             self.circuit_state.clone(),
         );
+        r.register(
+            "stalls",
+            "Engine silences in the data path: a stream that sent nothing for streamStallTimeout, or no answer within requestTimeout",
+            self.stalls.clone(),
+        );
     }
 
     pub fn encode(&self) -> String {
@@ -345,6 +359,11 @@ impl Metrics {
     pub fn serving_series(&self, model: &str) -> Arc<ServingSeries> {
         let labels = ModelLabels { model: model.to_owned() };
         let reason = |r: Rejection| ReasonLabels { model: model.to_owned(), reason: r.reason().to_owned() };
+        // One statement each: a family's guard lives to the end of its statement, and a second
+        // get_or_create of a new series in the same statement would wait on it forever.
+        let stall = |kind: &str| StallLabels { model: model.to_owned(), kind: kind.to_owned() };
+        let stream_stalls = self.stalls.get_or_create(&stall("stream")).clone();
+        let request_stalls = self.stalls.get_or_create(&stall("request")).clone();
         let series = ServingSeries {
             model: model.to_owned(),
             requests: self.requests.clone(),
@@ -358,6 +377,8 @@ impl Metrics {
             in_flight: self.in_flight.get_or_create(&labels).clone(),
             max_concurrent: self.max_concurrent.get_or_create(&labels).clone(),
             circuit_state: self.circuit_state.get_or_create(&labels).clone(),
+            stream_stalls,
+            request_stalls,
         };
         for code in KNOWN_CODES {
             series.code(code);
@@ -398,6 +419,9 @@ impl Metrics {
         self.decode_per_token.remove(&labels);
         for reason in Rejection::ALL.map(|r| r.reason()) {
             self.rejections.remove(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() });
+        }
+        for kind in ["stream", "request"] {
+            self.stalls.remove(&StallLabels { model: model.to_owned(), kind: kind.to_owned() });
         }
         for code in codes {
             let labels = CodeLabels { model: model.to_owned(), code: code.to_string() };
@@ -448,6 +472,8 @@ pub struct ServingSeries {
     pub in_flight: Gauge,
     pub max_concurrent: Gauge,
     pub circuit_state: Gauge,
+    pub stream_stalls: Counter,
+    pub request_stalls: Counter,
 }
 
 impl ServingSeries {

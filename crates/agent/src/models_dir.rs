@@ -3,6 +3,10 @@
 //!
 //! A file that stops parsing keeps its models running on their last good spec (and the error is
 //! reported), so a typo while editing never takes a serving model down.
+//!
+//! API keys (`spec.auth.apiKeySecretRef {name, key}`) are read from `<secrets-dir>/<name>/<key>`,
+//! the layout of a mounted Kubernetes Secret, hashed at once, and read again when they change. A
+//! key file that is missing or unreadable lets nobody in, and says so.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -12,6 +16,7 @@ use std::time::Duration;
 use metalkube_api::parse_models_yaml;
 use notify::{RecursiveMode, Watcher};
 
+use crate::api_keys::{ApiKeys, digests_of_key_lines};
 use crate::context::DesiredModel;
 use crate::{Agent, AgentError};
 
@@ -21,6 +26,7 @@ const SETTLE: Duration = Duration::from_millis(150);
 #[derive(Default)]
 pub struct ModelsDir {
     dir: PathBuf,
+    secrets_dir: PathBuf,
     last_good: BTreeMap<PathBuf, Vec<DesiredModel>>,
 }
 
@@ -31,8 +37,29 @@ pub struct Scan {
 }
 
 impl ModelsDir {
-    pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_owned(), last_good: BTreeMap::new() }
+    pub fn new(dir: &Path, secrets_dir: &Path) -> Self {
+        Self { dir: dir.to_owned(), secrets_dir: secrets_dir.to_owned(), last_good: BTreeMap::new() }
+    }
+
+    /// The keys of `spec.auth` from the secrets directory; an error names the file.
+    fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, String> {
+        let Some(auth) = &m.spec.auth else { return Ok(ApiKeys::Open) };
+        let r = &auth.api_key_secret_ref;
+        let path = self.secrets_dir.join(&r.name).join(&r.key);
+        match std::fs::read(&path) {
+            Ok(text) => {
+                let digests = digests_of_key_lines(&text);
+                if digests.is_empty() {
+                    return Err(format!("{}: {} holds no API key; nobody is let in", m.key(), path.display()));
+                }
+                Ok(ApiKeys::Digests(digests))
+            }
+            Err(e) => Err(format!(
+                "{}: cannot read its API keys from {} ({e}); nobody is let in until the file is there",
+                m.key(),
+                path.display()
+            )),
+        }
     }
 
     /// Reads every `*.yaml` / `*.yml` file; files that fail keep their last good models.
@@ -60,7 +87,13 @@ impl ModelsDir {
                         .map(|m| {
                             let namespace = m.metadata.namespace.unwrap_or_else(|| "default".to_owned());
                             let name = m.metadata.name.unwrap_or_default();
-                            DesiredModel { namespace, name, spec: m.spec, base_dir: base.clone() }
+                            DesiredModel {
+                                namespace,
+                                name,
+                                spec: m.spec,
+                                base_dir: base.clone(),
+                                api_keys: Default::default(),
+                            }
                         })
                         .collect();
                     current.insert(file, desired);
@@ -86,16 +119,26 @@ impl ModelsDir {
                     );
                     continue;
                 }
-                models.push(m.clone());
+                let mut m = m.clone();
+                m.api_keys = match self.api_keys(&m) {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        errors.insert(format!("secrets for {}", m.key()), e);
+                        ApiKeys::Digests(Vec::new())
+                    }
+                };
+                models.push(m);
             }
         }
         Ok(Scan { models, errors })
     }
 }
 
-/// Applies the directory now and again after every change, until the task is dropped.
-pub async fn follow_models_dir(dir: PathBuf, agent: Arc<Agent>) -> Result<(), AgentError> {
-    let mut models_dir = ModelsDir::new(&dir);
+/// Applies the directory now and again after every change (of a model file or a key file),
+/// until the task is dropped.
+pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Agent>) -> Result<(), AgentError> {
+    let mut models_dir = ModelsDir::new(&dir, &secrets_dir);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if event.is_ok() {
@@ -106,6 +149,12 @@ pub async fn follow_models_dir(dir: PathBuf, agent: Arc<Agent>) -> Result<(), Ag
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| AgentError::ModelsDir { path: dir.clone(), message: e.to_string() })?;
+    if secrets_dir.is_dir() {
+        // A mounted Secret swaps a symlink in its directory when it changes.
+        watcher
+            .watch(&secrets_dir, RecursiveMode::Recursive)
+            .map_err(|e| AgentError::ModelsDir { path: secrets_dir.clone(), message: e.to_string() })?;
+    }
 
     loop {
         let scan = models_dir.scan()?;
@@ -130,7 +179,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("tiny.yaml"), GOOD).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
-        let mut md = ModelsDir::new(dir.path());
+        let mut md = ModelsDir::new(dir.path(), &dir.path().join("secrets"));
         let scan = md.scan().unwrap();
         assert_eq!(scan.models.len(), 1);
         assert_eq!(scan.models[0].key(), "default/tiny");
@@ -150,8 +199,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
-        let scan = ModelsDir::new(dir.path()).scan().unwrap();
+        let scan = ModelsDir::new(dir.path(), &dir.path().join("secrets")).scan().unwrap();
         assert_eq!(scan.models.len(), 1);
         assert!(scan.errors["b.yaml"].contains("another file"), "{:?}", scan.errors);
+    }
+
+    #[test]
+    fn api_keys_come_from_the_secrets_dir_and_a_missing_file_lets_nobody_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyed = "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: tiny}\nspec:\n  model: {source: 'file:tiny.gguf'}\n  auth: {apiKeySecretRef: {name: tiny-keys, key: keys}}\n";
+        std::fs::write(dir.path().join("tiny.yaml"), keyed).unwrap();
+        let mut md = ModelsDir::new(dir.path(), &dir.path().join("secrets"));
+        let scan = md.scan().unwrap();
+        assert_eq!(scan.models[0].api_keys, ApiKeys::Digests(vec![]), "no key file: nobody");
+        assert!(scan.errors["secrets for default/tiny"].contains("tiny-keys/keys"), "{:?}", scan.errors);
+
+        std::fs::create_dir_all(dir.path().join("secrets/tiny-keys")).unwrap();
+        std::fs::write(dir.path().join("secrets/tiny-keys/keys"), "k1\nk2\n").unwrap();
+        let scan = md.scan().unwrap();
+        assert!(scan.models[0].api_keys.accepts(Some(b"k2")));
+        assert!(!scan.models[0].api_keys.accepts(Some(b"k3")));
+        assert!(scan.errors.is_empty(), "{:?}", scan.errors);
     }
 }

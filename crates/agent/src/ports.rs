@@ -96,9 +96,17 @@ mod tests {
 
     #[test]
     fn a_port_someone_else_listens_on_is_skipped() {
-        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let port = taken.local_addr().unwrap().port();
-        let pool = PortPool::new(port..=port.saturating_add(1));
-        assert_ne!(pool.acquire().unwrap(), port);
+        // A taken port whose neighbour is free (other tests and programs take ports too).
+        let (taken, port) = (0..50)
+            .find_map(|_| {
+                let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).ok()?;
+                let port = taken.local_addr().ok()?.port();
+                TcpListener::bind((Ipv4Addr::LOCALHOST, port.checked_add(1)?)).ok()?;
+                Some((taken, port))
+            })
+            .expect("a free port next to a taken one");
+        let pool = PortPool::new(port..=port + 1);
+        assert_eq!(pool.acquire().unwrap(), port + 1);
+        drop(taken);
     }
 }

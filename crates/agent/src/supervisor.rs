@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use metalkube_api::{Grade, Phase};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::admission::{Admission, Limits, ModelProxy, default_max_concurrent};
+use crate::admission::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 use crate::context::{AgentContext, DesiredModel};
 use crate::engine_args::engine_args;
 use crate::engine_metrics::EngineFollower;
@@ -61,6 +61,21 @@ pub struct SupervisorHandle {
     task: JoinHandle<()>,
 }
 
+/// Signals ask for a pulse no more often than this: a stalled stream or a server error makes
+/// the supervisor look at the engine now, but a flood of them must not become a flood of pulses.
+const SIGNALLED_PULSE_GAP: Duration = Duration::from_secs(1);
+
+/// What the serving port lets clients do, from the spec and the keys.
+fn access(desired: &DesiredModel) -> Access {
+    let a = &desired.spec.admission;
+    Access {
+        api_keys: desired.api_keys.clone(),
+        engine_paths: a.engine_paths.clone(),
+        stream_stall_timeout: a.stream_stall_timeout.get(),
+        request_timeout: a.request_timeout.get(),
+    }
+}
+
 fn limits(desired: &DesiredModel) -> Limits {
     let a = &desired.spec.admission;
     Limits {
@@ -95,9 +110,18 @@ impl SupervisorHandle {
         let engine_series = ctx.metrics.engine_series(&desired.key());
         ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
         let admission = Admission::new(limits(&desired), series.clone());
-        let proxy = ModelProxy::new(admission, report.clone(), ctx.config.client_timeouts, series);
+        let pulse_now = Arc::new(Notify::new());
+        let proxy = ModelProxy::new(
+            admission,
+            access(&desired),
+            report.clone(),
+            ctx.config.client_timeouts,
+            series,
+            pulse_now.clone(),
+        );
         let sup = Supervisor {
             proxy: proxy.clone(),
+            pulse_now,
             serving: None,
             engine_series,
             grader: Grader::new(GraderConfig::from(&desired.spec.pulse)),
@@ -147,6 +171,8 @@ impl SupervisorHandle {
 
 struct Supervisor {
     proxy: Arc<ModelProxy>,
+    /// The serving port's call for a pulse now (a stall, a timeout, a server error).
+    pulse_now: Arc<Notify>,
     serving: Option<Serving>,
     /// The model's engine figures (tokens, seconds, memory), summed over its engine processes.
     engine_series: EngineSeries,
@@ -258,6 +284,7 @@ impl Supervisor {
         if limits(&desired) != limits(&self.desired) {
             self.proxy.replace_admission(Admission::new(limits(&desired), self.proxy.series().clone()));
         }
+        self.proxy.replace_access(access(&desired));
         if desired.spec.admission.serving_port != self.desired.spec.admission.serving_port {
             // Re-bound on the next pass through `ensure_serving_port`.
             self.close_serving_port();
@@ -454,11 +481,26 @@ impl Supervisor {
         self.port_conflicts = 0;
 
         let mut next = tokio::time::Instant::now();
+        let mut last_pulse = tokio::time::Instant::now();
         loop {
-            self.race(engine, tokio::time::sleep_until(next)).await?;
+            // The next scheduled pulse, or sooner when the serving port calls for one (not more
+            // often than SIGNALLED_PULSE_GAP).
+            let pulse_now = self.pulse_now.clone();
+            let earliest_signalled = last_pulse + SIGNALLED_PULSE_GAP;
+            self.race(engine, async move {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = async {
+                        pulse_now.notified().await;
+                        tokio::time::sleep_until(earliest_signalled).await;
+                    } => {}
+                }
+            })
+            .await?;
             let pulse = &self.desired.spec.pulse;
             let (interval, timeout) = (pulse.interval.get(), pulse.timeout.get());
             next = tokio::time::Instant::now() + interval;
+            last_pulse = tokio::time::Instant::now();
 
             let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
             let mut verdict = self.record(sample);
@@ -504,6 +546,13 @@ impl Supervisor {
     /// Grades a sample and publishes it in the report and the metrics.
     fn record(&mut self, sample: PulseSample) -> Verdict {
         let admission = self.proxy.admission();
+        // The pulse is the agent's own well-formed request: its answer is what the circuit
+        // breaker believes about the engine, never a client's.
+        if sample.error.is_some() {
+            admission.upstream_failed();
+        } else {
+            admission.upstream_succeeded();
+        }
         let verdict = self.grader.observe(sample.observation, admission.load());
         let saturated = verdict.saturated || admission.take_saturation_signal();
         let key = self.key();

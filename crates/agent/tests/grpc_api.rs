@@ -55,6 +55,7 @@ fn ensure(h: &Harness, name: &str, uid: &str, generation: i64) -> pb::EnsureMode
         uid: uid.into(),
         generation,
         spec_json: serde_json::to_string(&spec).unwrap(),
+        api_key_sha256: vec![],
     }
 }
 
@@ -156,6 +157,57 @@ async fn invalid_requests_say_which_field() {
     let err = client.ensure_model(bad_name).await.unwrap_err();
     assert!(err.message().contains("model.name"), "{}", err.message());
     assert!(h.agent.reports().await.is_empty(), "nothing was started");
+    let _ = s.stop.send(());
+}
+
+/// Keys travel as digests; a rotation with the same generation still reaches the serving port.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_key_digests_guard_the_serving_port_and_rotate_without_a_new_generation() {
+    let h = Harness::new(metalkube_testkit::sim_engine()).await;
+    let s = serve(&h).await;
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&s.ca.client("c"))).await.unwrap();
+    let keyed = |keys: &[&str]| {
+        let mut req = ensure(&h, "keyed", "uid-k", 1);
+        let mut spec = h.desired("keyed", None).spec;
+        spec.auth = serde_json::from_value(serde_json::json!({"apiKeySecretRef": {"name": "s", "key": "k"}})).unwrap();
+        req.spec_json = serde_json::to_string(&spec).unwrap();
+        req.api_key_sha256 = keys.iter().map(|k| metalkube_api::keys::digest(k.as_bytes()).to_vec()).collect();
+        req
+    };
+    client.ensure_model(keyed(&["one"])).await.unwrap();
+    let r = h.wait_for("default/keyed", "serving", |r| r.is_ready() && r.serving_port.is_some()).await;
+    let url = format!("http://127.0.0.1:{}/completion", r.serving_port.unwrap());
+    let http = reqwest::Client::new();
+    let status = |key: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            http.post(&url)
+                .bearer_auth(key)
+                .json(&serde_json::json!({"prompt": "hi"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!((status("one").await, status("two").await), (200, 401));
+    let fingerprint = |models: Vec<pb::ModelState>| models[0].api_keys_fingerprint.clone();
+    let before = fingerprint(client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models);
+
+    let rotated = client.ensure_model(keyed(&["two"])).await.unwrap().into_inner();
+    assert!(rotated.changed, "new keys apply with the same uid and generation");
+    assert_eq!((status("one").await, status("two").await), (401, 200));
+    let after = fingerprint(client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner().models);
+    assert_ne!(before, after);
+    assert_eq!(after, metalkube_api::keys::fingerprint(&[metalkube_api::keys::digest(b"two")]));
+    let stored = std::fs::read_to_string(h.dir.path().join("state/desired/default_keyed.json")).unwrap_or_default();
+    assert!(!stored.contains("\"two\"") && stored.contains("api_key_sha256"), "digests only: {stored}");
+
+    let mut bad = keyed(&["x"]);
+    bad.api_key_sha256 = vec![vec![1, 2, 3]];
+    let err = client.ensure_model(bad).await.unwrap_err();
+    assert!(err.message().contains("32-byte SHA-256"), "{}", err.message());
     let _ = s.stop.send(());
 }
 

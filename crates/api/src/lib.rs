@@ -4,6 +4,7 @@
 mod crds;
 mod duration;
 mod error;
+pub mod keys;
 mod model;
 mod node;
 mod standalone;

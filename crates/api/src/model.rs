@@ -39,6 +39,45 @@ pub struct MetalModelSpec {
     pub admission: AdmissionSpec,
     #[serde(default)]
     pub pulse: PulseSpec,
+    /// Who may use the serving port; default: anyone who can reach it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthSpec>,
+}
+
+/// API keys for the serving port.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthSpec {
+    /// The Secret key holding the accepted API keys, one per line (several allow rotation).
+    /// Clients send one as `Authorization: Bearer <key>` or `x-api-key: <key>`. In a cluster
+    /// the controller reads the Secret and gives the agents SHA-256 digests only; standalone,
+    /// the agent reads `<secrets-dir>/<name>/<key>`.
+    pub api_key_secret_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the MetalModel's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub name: String,
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// Engine paths that expose or change state shared by every client; the serving port refuses
+/// them (403) unless a MetalModel lists them in `spec.admission.enginePaths`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum EnginePath {
+    /// `GET /slots` and `POST /slots/{id}`: every slot's state, and saving/restoring them.
+    Slots,
+    /// `POST /props`: changes server-wide generation settings.
+    Props,
+    /// `GET/POST /lora-adapters`: adapter scales for everyone.
+    LoraAdapters,
+    /// `GET /metrics`: the engine's own counters (the agent re-exports them on its :9090).
+    Metrics,
 }
 
 fn default_replicas() -> u32 {
@@ -112,6 +151,26 @@ pub struct AdmissionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub serving_port: Option<u16>,
+    /// A stream whose engine sends nothing for this long is ended for its client (an SSE error
+    /// event) and the engine's pulse is taken at once: decoding can stop mid-stream while
+    /// `/health` stays 200.
+    #[serde(default = "default_stream_stall_timeout")]
+    pub stream_stall_timeout: Duration,
+    /// Longest a request may take from arrival to the engine's answer (non-streaming requests
+    /// answer at the end, so this bounds their whole generation); the client gets 504.
+    #[serde(default = "default_request_timeout")]
+    pub request_timeout: Duration,
+    /// Engine admin and state paths served to clients; none by default.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engine_paths: Vec<EnginePath>,
+}
+
+fn default_stream_stall_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(600)
 }
 
 impl Default for AdmissionSpec {
@@ -122,6 +181,9 @@ impl Default for AdmissionSpec {
             queue_timeout: Duration::from_secs(30),
             max_request_bytes: 8 << 20,
             serving_port: None,
+            stream_stall_timeout: default_stream_stall_timeout(),
+            request_timeout: default_request_timeout(),
+            engine_paths: Vec::new(),
         }
     }
 }

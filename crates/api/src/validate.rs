@@ -89,6 +89,12 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
     if spec.admission.serving_port == Some(0) {
         err("spec.admission.servingPort", "0".into(), "1 to 65535, or unset for the agent's serving range");
     }
+    if spec.admission.stream_stall_timeout.get().is_zero() {
+        err("spec.admission.streamStallTimeout", "zero".into(), "a positive duration such as 30s");
+    }
+    if spec.admission.request_timeout.get().is_zero() {
+        err("spec.admission.requestTimeout", "zero".into(), "a positive duration such as 10m");
+    }
     if spec.admission.max_request_bytes < 1024 {
         err("spec.admission.maxRequestBytes", format!("{}", spec.admission.max_request_bytes), "1024 or more");
     }
@@ -138,6 +144,7 @@ mod tests {
             node_selector: Default::default(),
             admission: Default::default(),
             pulse: Default::default(),
+            auth: None,
         }
     }
 

@@ -51,6 +51,8 @@ pub struct Settings {
     pub namespace: String,
     /// Name of the selector-less Service listing every Mac's agent for Prometheus.
     pub agents_service: String,
+    /// How often models with `spec.auth` re-read their Secret (key rotation).
+    pub api_keys_resync: Duration,
     pub lease_name: String,
     pub lease_duration: Duration,
     /// This replica's name in the Lease and in Events.
@@ -103,7 +105,8 @@ pub async fn run(
             recorder.clone(),
             metrics.clone(),
         )
-        .reserving(&settings.namespace, &settings.agents_service),
+        .reserving(&settings.namespace, &settings.agents_service)
+        .resyncing_keys(settings.api_keys_resync),
     );
 
     let background = vec![

@@ -54,6 +54,10 @@ struct Args {
     /// ServiceMonitor scrapes the fleet.
     #[arg(long, default_value = "metalkube-agents")]
     agents_service: String,
+    /// How often a MetalModel with spec.auth re-reads its Secret, so rotated API keys reach the
+    /// agents (any change to the MetalModel applies them at once).
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    api_keys_resync: Duration,
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
     /// This replica's identity in the Lease; default: the host name plus a random suffix.
@@ -113,6 +117,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: args.heartbeat,
         namespace: args.namespace.clone(),
         agents_service: args.agents_service.clone(),
+        api_keys_resync: args.api_keys_resync,
         lease_name: args.lease_name.clone(),
         lease_duration: args.lease_duration,
         identity,

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -17,6 +17,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
+use metalkube_api::keys::{KeyDigest, digests_of_key_lines, fingerprint};
 use metalkube_api::{MetalModel, MetalModelStatus, MetalNode};
 use metalkube_proto as pb;
 use serde_json::json;
@@ -50,6 +51,10 @@ pub struct Context {
     /// `namespace/name` of the Service listing the Macs: a MetalModel of that key would share
     /// its Service and slices, so it is refused.
     reserved_key: String,
+    /// How often a model with API keys is reconciled when nothing else happens: the controller
+    /// does not watch Secrets (that would need to read every Secret in the cluster), so a rotated
+    /// key reaches the agents within this time, or at once with any change to the MetalModel.
+    keys_resync: Duration,
 }
 
 impl Context {
@@ -71,7 +76,14 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
             reserved_key: String::new(),
+            keys_resync: Duration::from_secs(60),
         }
+    }
+
+    /// How often models with API keys re-read their Secret.
+    pub fn resyncing_keys(mut self, every: Duration) -> Self {
+        self.keys_resync = every;
+        self
     }
 
     /// Refuses MetalModels whose Service would be the agents Service (`namespace/name`).
@@ -177,7 +189,7 @@ fn holders(key: &str, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
     views.iter().filter(|(_, v)| v.models.contains_key(key)).map(|(n, _)| n.clone()).collect()
 }
 
-fn ensure_request(m: &MetalModel) -> Result<pb::EnsureModelRequest, ControllerError> {
+fn ensure_request(m: &MetalModel, keys: Option<&[KeyDigest]>) -> Result<pb::EnsureModelRequest, ControllerError> {
     let spec_json = serde_json::to_string(&m.spec)
         .map_err(|e| ControllerError::Model { key: model_key(m), message: format!("spec does not serialize: {e}") })?;
     Ok(pb::EnsureModelRequest {
@@ -185,7 +197,30 @@ fn ensure_request(m: &MetalModel) -> Result<pb::EnsureModelRequest, ControllerEr
         uid: m.uid().unwrap_or_default(),
         generation: m.metadata.generation.unwrap_or(0),
         spec_json,
+        api_key_sha256: keys.unwrap_or_default().iter().map(|d| d.to_vec()).collect(),
     })
+}
+
+/// The digests of the API keys `spec.auth` names, read from the Secret in the model's namespace
+/// (None: the model asks for no keys). A missing Secret or key gives no digests: the agents then
+/// let nobody in, rather than everybody. The keys themselves go no further than this function.
+async fn api_key_digests(m: &MetalModel, ctx: &Context) -> Result<Option<Vec<KeyDigest>>, ControllerError> {
+    let Some(auth) = &m.spec.auth else { return Ok(None) };
+    let r = &auth.api_key_secret_ref;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let value = secrets.get_opt(&r.name).await?.and_then(|s| s.data?.remove(&r.key));
+    match value {
+        Some(bytes) => Ok(Some(digests_of_key_lines(&bytes.0))),
+        None => {
+            tracing::warn!(
+                model = %model_key(m),
+                secret = %r.name,
+                key = %r.key,
+                "spec.auth names a Secret key that does not exist; the model lets nobody in"
+            );
+            Ok(Some(Vec::new()))
+        }
+    }
 }
 
 /// Placement of every model (memory is shared, so one model's place depends on the others'),
@@ -271,13 +306,17 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let mut failures: Vec<ControllerError> = Vec::new();
     let generation = model.metadata.generation.unwrap_or(0);
     let uid = model.uid().unwrap_or_default();
+    let keys = api_key_digests(model, ctx).await?;
+    let keys_fingerprint = keys.as_deref().map(fingerprint).unwrap_or_default();
     for node in &assigned {
         let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
         let current = view.models.get(&key);
-        if !view.connected || current.is_some_and(|s| s.uid == uid && s.generation >= generation) {
+        let up_to_date = current
+            .is_some_and(|s| s.uid == uid && s.generation >= generation && s.api_keys_fingerprint == keys_fingerprint);
+        if !view.connected || up_to_date {
             continue;
         }
-        if let Err(e) = client.ensure_model(ensure_request(model)?).await {
+        if let Err(e) = client.ensure_model(ensure_request(model, keys.as_deref())?).await {
             failures.push(e);
         }
     }
@@ -323,7 +362,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     if let Some(first) = failures.into_iter().next() {
         return Err(first);
     }
-    Ok(Action::requeue(RESYNC))
+    Ok(Action::requeue(if model.spec.auth.is_some() { ctx.keys_resync } else { RESYNC }))
 }
 
 /// Each replica's node, address, reachability and last report.

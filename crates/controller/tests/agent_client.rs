@@ -29,7 +29,11 @@ async fn agent(dir: &std::path::Path, pki: &Pki) -> String {
         serving_ports: 24010..=24019,
         serving_host: std::net::Ipv4Addr::LOCALHOST.into(),
         drain_grace: Duration::from_secs(1),
-        client_timeouts: ClientTimeouts { header: Duration::from_secs(2), body: Duration::from_secs(2) },
+        client_timeouts: ClientTimeouts {
+            header: Duration::from_secs(2),
+            body: Duration::from_secs(2),
+            max_connections: 64,
+        },
         stop_grace: Duration::from_secs(1),
         backoff: BackoffConfig {
             min: Duration::from_millis(100),

@@ -279,7 +279,18 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     timeline.logs.lock().unwrap().push(dir.join("controller.log"));
     let lease_name = format!("metalkube-e2e{}", cluster.suffix);
     let start_controller = || {
-        let timing = ["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"];
+        let timing = [
+            "--grace-period",
+            "3s",
+            "--heartbeat",
+            "2s",
+            "--keepalive",
+            "2s",
+            "--call-timeout",
+            "3s",
+            "--api-keys-resync",
+            "1s",
+        ];
         let args: Vec<&str> = timing.into_iter().chain(["--namespace", &own_ns, "--lease-name", &lease_name]).collect();
         support::start_controller(dir, &cluster.kubeconfig, metrics_port, &args)
     };
@@ -303,9 +314,20 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
         .unwrap();
         nodes.create(&PostParams::default(), &node).await.unwrap();
     }
+    // tiny asks for API keys: the controller reads them from this Secret and gives the agents
+    // their digests only.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+    let keys_secret = |keys: &str| k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta { name: Some("tiny-keys".into()), ..Default::default() },
+        data: Some(BTreeMap::from([("keys".to_owned(), k8s_openapi::ByteString(keys.as_bytes().to_vec()))])),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &keys_secret("first-key\n")).await.unwrap();
+    let mut tiny_spec = model_spec(&source, 512, 2);
+    tiny_spec["auth"] = json!({"apiKeySecretRef": {"name": "tiny-keys", "key": "keys"}});
     let tiny: MetalModel = serde_json::from_value(json!({
         "apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalModel",
-        "metadata": {"name": "tiny", "namespace": ns}, "spec": model_spec(&source, 512, 2)
+        "metadata": {"name": "tiny", "namespace": ns}, "spec": tiny_spec
     }))
     .unwrap();
     models.create(&PostParams::default(), &tiny).await.unwrap();
@@ -331,16 +353,38 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
         (targets == want).then_some(())
     })
     .await;
-    let served: Value = reqwest::Client::new()
-        .post("http://127.0.0.2:23000/v1/chat/completions")
-        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let status = models.get("tiny").await.unwrap().status.unwrap();
+    let port = status.replicas.iter().find(|r| r.node == node_name(&macs[0])).and_then(|r| r.port).unwrap();
+    let chat_url = format!("http://127.0.0.2:{port}/v1/chat/completions");
+    let chat = |key: Option<&str>| {
+        let mut req = reqwest::Client::new()
+            .post(&chat_url)
+            .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
+        req.send()
+    };
+    assert_eq!(chat(None).await.unwrap().status(), 401, "tiny asks for a key");
+    assert_eq!(chat(Some("wrong")).await.unwrap().status(), 401);
+    let served: Value = chat(Some("first-key")).await.unwrap().json().await.unwrap();
+    assert!(served["choices"][0]["message"]["content"].is_string(), "a completion through mac-a's endpoint: {served}");
+
+    timeline.step("rotate tiny's API key in its Secret");
+    secrets
+        .replace("tiny-keys", &PostParams::default(), &{
+            let mut s = keys_secret("second-key\n");
+            s.metadata.resource_version = secrets.get("tiny-keys").await.unwrap().metadata.resource_version;
+            s
+        })
         .await
         .unwrap();
-    assert!(served["choices"][0]["message"]["content"].is_string(), "a completion through mac-a's endpoint: {served}");
+    wait(&timeline, "the new key is taken and the old one refused", || async {
+        let new = chat(Some("second-key")).await.ok()?.status();
+        let old = chat(Some("first-key")).await.ok()?.status();
+        (new == 200 && old == 401).then_some(())
+    })
+    .await;
 
     timeline.step("SIGSTOP the engine on mac-a");
     let frozen = macs[0].engine_pid("tiny").await.expect("mac-a reports its engine pid");

@@ -4,6 +4,7 @@
 //! (the last SSE event or the JSON body), and holds the admission place until the body ends
 //! or the client goes away.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -51,12 +52,39 @@ impl Tail {
 
 type OnDone = Box<dyn FnOnce(TapOutcome) + Send + Sync>;
 
+/// The watch on a stream's silences: an engine that sends nothing for `after` has stopped
+/// decoding (llama.cpp can stall mid-stream while `/health` stays 200).
+pub struct StallWatch {
+    after: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    on_stall: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl StallWatch {
+    pub fn new(after: Duration, on_stall: impl FnOnce() + Send + Sync + 'static) -> Self {
+        Self { after, timer: Box::pin(tokio::time::sleep(after)), on_stall: Some(Box::new(on_stall)) }
+    }
+}
+
+/// The SSE event a client gets when its stream stalls, before the stream ends.
+fn stall_event(after: Duration) -> Bytes {
+    let error = serde_json::json!({"error": {
+        "message": format!("the engine sent nothing for {after:?}; this stream is ended (retry the request)"),
+        "type": "server_error",
+        "code": "stream_stalled",
+    }});
+    Bytes::from(format!("event: error\ndata: {error}\n\n"))
+}
+
 pub struct TapBody {
     inner: Incoming,
     started: Instant,
     on_first_byte: Option<Box<dyn FnOnce(Duration) + Send + Sync>>,
     on_done: Option<OnDone>,
     tail: Tail,
+    stall: Option<StallWatch>,
+    /// The stall event has been sent; the body ends at the next poll.
+    ended: bool,
     _permit: Option<Permit>,
 }
 
@@ -74,8 +102,16 @@ impl TapBody {
             on_first_byte: Some(Box::new(on_first_byte)),
             on_done: Some(Box::new(on_done)),
             tail: Tail::default(),
+            stall: None,
+            ended: false,
             _permit: permit,
         }
+    }
+
+    /// Ends the body with an SSE error event when the engine stays silent too long.
+    pub fn watch_stalls(mut self, watch: StallWatch) -> Self {
+        self.stall = Some(watch);
+        self
     }
 
     fn finish(&mut self, complete: bool) {
@@ -100,6 +136,9 @@ impl Body for TapBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -107,6 +146,10 @@ impl Body for TapBody {
                         first(this.started.elapsed());
                     }
                     this.tail.push(data);
+                    if let Some(stall) = &mut this.stall {
+                        let next = tokio::time::Instant::now() + stall.after;
+                        stall.timer.as_mut().reset(next);
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
@@ -118,12 +161,27 @@ impl Body for TapBody {
                 this.finish(false);
                 Poll::Ready(Some(Err(e)))
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                let Some(stall) = &mut this.stall else { return Poll::Pending };
+                if stall.timer.as_mut().poll(cx).is_pending() {
+                    return Poll::Pending;
+                }
+                // Silent too long: tell the client, end the stream, and let the supervisor
+                // look at the engine. The upstream connection closes with this body, which
+                // cancels the engine's work.
+                if let Some(on_stall) = stall.on_stall.take() {
+                    on_stall();
+                }
+                let event = stall_event(stall.after);
+                this.ended = true;
+                this.finish(false);
+                Poll::Ready(Some(Ok(Frame::data(event))))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -69,7 +69,11 @@ impl Harness {
             engine_ports: ports,
             serving_host: std::net::Ipv4Addr::LOCALHOST.into(),
             drain_grace: Duration::from_secs(2),
-            client_timeouts: ClientTimeouts { header: Duration::from_secs(2), body: Duration::from_secs(5) },
+            client_timeouts: ClientTimeouts {
+                header: Duration::from_secs(2),
+                body: Duration::from_secs(5),
+                max_connections: 256,
+            },
             stop_grace: Duration::from_secs(3),
             backoff,
             memory_budget_bytes: Some(4 << 30),
@@ -83,7 +87,13 @@ impl Harness {
     /// A desired model with fast pulses, serving the tiny model unless `source` says otherwise.
     pub fn desired(&self, name: &str, source: Option<&str>) -> DesiredModel {
         let source = source.map(str::to_owned).unwrap_or_else(|| format!("file://{}", self.model.display()));
-        DesiredModel { namespace: "default".into(), name: name.into(), spec: fast_spec(&source), base_dir: None }
+        DesiredModel {
+            namespace: "default".into(),
+            name: name.into(),
+            spec: fast_spec(&source),
+            base_dir: None,
+            api_keys: Default::default(),
+        }
     }
 
     pub async fn serve(&self, desired: DesiredModel) -> String {
@@ -129,6 +139,7 @@ pub fn fast_spec(source: &str) -> MetalModelSpec {
             red_streak: 2,
             drift: Default::default(),
         },
+        auth: None,
     }
 }
 

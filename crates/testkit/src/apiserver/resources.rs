@@ -44,6 +44,15 @@ pub const RESOURCES: &[Resource] = &[
         status_subresource: true,
     },
     Resource { group: "", version: "v1", plural: "events", kind: "Event", namespaced: true, status_subresource: false },
+    // API keys of models with spec.auth, which the controller reads.
+    Resource {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        kind: "Secret",
+        namespaced: true,
+        status_subresource: false,
+    },
     // What the agents Service lists for prometheus-operator's default (Endpoints) discovery.
     Resource {
         group: "",
