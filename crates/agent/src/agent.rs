@@ -136,8 +136,18 @@ impl Agent {
         self.supervisors.lock().await.get(key).map(SupervisorHandle::report)
     }
 
-    /// Stops every engine.
+    /// Stops every engine, all at once: each drains its in-flight requests (new ones get 503
+    /// with Retry-After) and stops. The supervisors are taken out first, so reports and the
+    /// Watch stream keep answering meanwhile.
     pub async fn shutdown(&self) {
-        self.apply(Vec::new()).await;
+        let handles: Vec<(String, SupervisorHandle)> =
+            std::mem::take(&mut *self.supervisors.lock().await).into_iter().collect();
+        let stops = handles.into_iter().map(|(key, handle)| async move {
+            handle.stop().await;
+            key
+        });
+        for key in futures::future::join_all(stops).await {
+            let _ = self.changes.send(key);
+        }
     }
 }

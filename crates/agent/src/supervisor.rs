@@ -397,14 +397,24 @@ impl Supervisor {
             Ok(never) => match never {},
             Err(end) => end,
         };
-        if matches!(end, RunEnd::Fault { reason: "pulse_red" | "hang", .. }) {
-            // Stop admitting (the phase closes the gate), let in-flight requests finish for a
-            // while; queued ones keep waiting for the next engine.
-            self.set_phase(Phase::Restarting);
-            let drained = self.proxy.admission().drained(self.ctx.config.drain_grace).await;
-            if !drained {
-                tracing::warn!(model = %self.key(), "in-flight requests outlived the drain grace; stopping anyway");
+        let drain = match &end {
+            // A sick engine, or a spec that needs a new one: stop admitting (the phase closes the
+            // gate), let in-flight requests finish for a while; queued ones keep waiting for the
+            // next engine.
+            RunEnd::Fault { reason: "pulse_red" | "hang", .. } | RunEnd::Restart(_) => {
+                self.set_phase(Phase::Restarting);
+                true
             }
+            // Stopping for good (the model is no longer wanted, or the agent is shutting down):
+            // new requests get 503 with Retry-After, in-flight ones finish.
+            RunEnd::Stop => {
+                self.proxy.close();
+                true
+            }
+            _ => false,
+        };
+        if drain && !self.proxy.admission().drained(self.ctx.config.drain_grace).await {
+            tracing::warn!(model = %self.key(), "in-flight requests outlived the drain grace; stopping anyway");
         }
         engine.stop(self.ctx.config.stop_grace).await;
         if !matches!(end, RunEnd::PortConflict { .. }) {

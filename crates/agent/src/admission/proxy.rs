@@ -10,6 +10,7 @@
 //! agent's own well-formed request, and that pulse's verdict is what counts.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -87,6 +88,8 @@ pub struct ModelProxy {
     /// Wakes the supervisor for a pulse now: a stream stalled, a request timed out, or the engine
     /// answered a client with a server error.
     pulse_now: Arc<Notify>,
+    /// The model is going away: new requests are refused while in-flight ones finish.
+    closing: AtomicBool,
 }
 
 impl ModelProxy {
@@ -111,7 +114,13 @@ impl ModelProxy {
             model,
             series,
             pulse_now,
+            closing: AtomicBool::new(false),
         })
+    }
+
+    /// Stops taking new requests (503 with Retry-After); those in flight finish.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
     }
 
     /// This model's serving-port metrics.
@@ -138,8 +147,12 @@ impl ModelProxy {
         *self.access.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(access);
     }
 
-    /// The engine's port when the agent's verdict is "serving and not red".
+    /// The engine's port when the agent's verdict is "serving and not red" (and the model is not
+    /// going away).
     fn upstream(&self) -> Option<u16> {
+        if self.closing.load(Ordering::Relaxed) {
+            return None;
+        }
         let r = self.report.borrow();
         if r.is_ready() { r.internal_port } else { None }
     }
