@@ -344,3 +344,20 @@ async fn the_serving_port_health_is_the_agents_verdict() {
     assert!(resp.headers().contains_key("retry-after"));
     h.agent.shutdown().await;
 }
+
+/// The simulator's side of the request timeout (the real engine's is in serving_port.rs): an
+/// engine that computes for longer than spec.admission.requestTimeout answers 504.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_engine_answer_past_the_request_timeout_is_a_504() {
+    let h = Harness::new(sim_engine()).await;
+    let mut d = h.desired("slow", None);
+    d.spec.admission.request_timeout = Duration::from_millis(500).into();
+    let key = h.serve(d).await;
+    let (base, r) = serving(&h, &key).await;
+    set_fault(r.internal_port.unwrap(), &Fault { latency_ms: 3000, ..Default::default() }).await;
+    let resp = reqwest::Client::new().post(format!("{base}/completion")).json(&completion(4)).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    h.agent.shutdown().await;
+}

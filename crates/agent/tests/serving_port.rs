@@ -291,3 +291,30 @@ async fn a_stream_the_engine_stops_feeding_is_ended_and_the_engine_checked() {
     signal(engine_pid, nix::sys::signal::Signal::SIGCONT);
     h.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_the_engine_does_not_answer_in_time_gets_504_and_the_engine_checked() {
+    let h = Harness::new(real_engine()).await;
+    let mut d = h.desired("slowpoke", None);
+    d.spec.admission.request_timeout = Duration::from_secs(1).into();
+    d.spec.pulse.interval = Duration::from_secs(60).into();
+    d.spec.pulse.timeout = Duration::from_secs(2).into();
+    d.spec.pulse.red_after = Duration::from_millis(1500).into();
+    let key = h.serve(d).await;
+    let (base, r) = serving(&h, &key).await;
+    let pulses_before = r.pulse_history.len();
+    signal(r.pid.unwrap(), nix::sys::signal::Signal::SIGSTOP);
+    let resp = reqwest::Client::new().post(format!("{base}/v1/chat/completions")).json(&chat()).send().await.unwrap();
+    assert_eq!(resp.status(), 504);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "request_timeout", "{body}");
+    assert!(body["error"]["message"].as_str().unwrap().contains("requestTimeout"), "{body}");
+    h.wait_for(&key, "a pulse after the timeout", |r| r.pulse_history.len() > pulses_before).await;
+    let metrics = h.metrics().await;
+    assert!(
+        metrics.contains(r#"metalkube_agent_stalls_total{model="default/slowpoke",kind="request"} 1"#),
+        "{metrics}"
+    );
+    signal(r.pid.unwrap(), nix::sys::signal::Signal::SIGCONT);
+    h.agent.shutdown().await;
+}
