@@ -8,5 +8,5 @@ pub mod routes;
 pub mod tap;
 
 pub use policy::{Rejection, default_max_concurrent};
-pub use proxy::{Access, ClientTimeouts, ModelProxy};
+pub use proxy::{Access, ClientTimeouts, ModelProxy, listen};
 pub use queue::{Admission, Limits};

@@ -23,3 +23,16 @@ pub enum AgentError {
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
 }
+
+/// An error with its causes, "outer: inner: innermost", for logs: the outer message alone often
+/// hides what went wrong (hyper's "client error (SendRequest)" says nothing about why).
+pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

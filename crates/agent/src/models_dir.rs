@@ -99,7 +99,6 @@ impl ModelsDir {
                     current.insert(file, desired);
                 }
                 Err(e) => {
-                    tracing::error!("{e}");
                     errors.insert(name, e);
                     if let Some(prev) = self.last_good.get(&file) {
                         current.insert(file, prev.clone());
@@ -123,7 +122,6 @@ impl ModelsDir {
                 m.api_keys = match self.api_keys(&m) {
                     Ok(keys) => keys,
                     Err(e) => {
-                        tracing::error!("{e}");
                         errors.insert(format!("secrets for {}", m.key()), e);
                         ApiKeys::Digests(Vec::new())
                     }
@@ -141,7 +139,7 @@ pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Ag
     let mut models_dir = ModelsDir::new(&dir, &secrets_dir);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if wakes_a_scan(&event) {
             let _ = tx.send(());
         }
     })
@@ -156,8 +154,11 @@ pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Ag
             .map_err(|e| AgentError::ModelsDir { path: secrets_dir.clone(), message: e.to_string() })?;
     }
 
+    let mut reported = BTreeMap::new();
     loop {
         let scan = models_dir.scan()?;
+        log_changed_errors(&reported, &scan.errors);
+        reported.clone_from(&scan.errors);
         agent.set_source_errors(scan.errors);
         agent.apply(scan.models).await;
         if rx.recv().await.is_none() {
@@ -165,6 +166,25 @@ pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Ag
         }
         // Let the burst settle, then take one scan for all of it.
         while tokio::time::timeout(SETTLE, rx.recv()).await.is_ok_and(|e| e.is_some()) {}
+    }
+}
+
+/// Reading the files is an event too (inotify reports opens and closes): a scan must not wake
+/// the next one, or the agent rescans forever.
+fn wakes_a_scan(event: &notify::Result<notify::Event>) -> bool {
+    event.as_ref().is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_)))
+}
+
+/// Says each problem once, when it appears, and once more when it is fixed; `/api/v1/models`
+/// shows the current ones all along.
+fn log_changed_errors(before: &BTreeMap<String, String>, now: &BTreeMap<String, String>) {
+    for (source, error) in now {
+        if before.get(source) != Some(error) {
+            tracing::error!("{error}");
+        }
+    }
+    for source in before.keys().filter(|s| !now.contains_key(*s)) {
+        tracing::info!("{source}: fixed");
     }
 }
 
@@ -220,5 +240,25 @@ mod tests {
         assert!(scan.models[0].api_keys.accepts(Some(b"k2")));
         assert!(!scan.models[0].api_keys.accepts(Some(b"k3")));
         assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    }
+
+    /// The watcher wakes for edits but not for the agent's own reads of the files.
+    #[test]
+    fn a_scan_does_not_wake_the_next_scan_but_an_edit_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if wakes_a_scan(&event) {
+                let _ = tx.send(());
+            }
+        })
+        .unwrap();
+        watcher.watch(dir.path(), RecursiveMode::NonRecursive).unwrap();
+        let mut models_dir = ModelsDir::new(dir.path(), &dir.path().join("secrets"));
+        assert_eq!(models_dir.scan().unwrap().models.len(), 1);
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "reading the files woke a scan");
+        std::fs::write(dir.path().join("a.yaml"), GOOD.replace("tiny", "other")).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok(), "an edit wakes a scan");
     }
 }

@@ -305,10 +305,7 @@ impl Supervisor {
             None => (self.ctx.serving_ports.acquire().map_err(|e| format!("serving port: {e}"))?, true),
         };
         let addr = std::net::SocketAddr::new(self.ctx.config.serving_host, port);
-        let listener = std::net::TcpListener::bind(addr)
-            .and_then(|l| l.set_nonblocking(true).map(|()| l))
-            .and_then(tokio::net::TcpListener::from_std);
-        let listener = match listener {
+        let listener = match crate::admission::listen(addr) {
             Ok(l) => l,
             Err(e) => {
                 if pooled {

@@ -85,6 +85,34 @@ async fn no_client_can_take_the_model_offline_for_another() {
     h.agent.shutdown().await;
 }
 
+/// llama-server closes its connection after every stream although its headers promise
+/// keep-alive: whatever the proxy sends on that connection next must not be lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_after_streams_are_all_answered() {
+    let h = Harness::new(real_engine()).await;
+    let key = h.serve(h.desired("streams", None)).await;
+    let (base, _) = serving(&h, &key).await;
+    let client = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+    let mut stream = chat();
+    stream["stream"] = json!(true);
+    let mut codes = std::collections::BTreeMap::<u16, u32>::new();
+    for i in 0..40 {
+        let body = if i % 2 == 0 { &stream } else { &chat() };
+        let resp = client.post(&url).json(body).send().await.unwrap();
+        let code = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        if code == 200 && i % 2 == 0 {
+            assert!(text.ends_with("data: [DONE]\n\n"), "a whole stream: {text}");
+        }
+        *codes.entry(code).or_default() += 1;
+    }
+    assert_eq!(codes, [(200, 40)].into(), "every request answered by the engine");
+    let r = h.agent.report(&key).await.unwrap();
+    assert_eq!((r.circuit, r.restarts), ("closed", 0), "{r:#?}");
+    h.agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn engine_admin_paths_are_closed_unless_the_model_opens_them() {
     let h = Harness::new(real_engine()).await;

@@ -100,7 +100,8 @@ pub struct ModelSource {
 
 /// How llama-server is started.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Any field left out takes its default: `admission: {queueDepth: 16}` is a whole spec.
+#[serde(rename_all = "camelCase", default)]
 pub struct EngineSpec {
     /// Context window in tokens, shared by all slots (`--ctx-size`).
     #[schemars(range(min = 64, max = 1048576))]
@@ -133,7 +134,8 @@ impl Default for EngineSpec {
 
 /// Backpressure in front of the engine.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Any field left out takes its default: `admission: {queueDepth: 16}` is a whole spec.
+#[serde(rename_all = "camelCase", default)]
 pub struct AdmissionSpec {
     /// Requests sent to the engine at once; default: slots minus one when slots > 1.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -154,23 +156,13 @@ pub struct AdmissionSpec {
     /// A stream whose engine sends nothing for this long is ended for its client (an SSE error
     /// event) and the engine's pulse is taken at once: decoding can stop mid-stream while
     /// `/health` stays 200.
-    #[serde(default = "default_stream_stall_timeout")]
     pub stream_stall_timeout: Duration,
     /// Longest a request may take from arrival to the engine's answer (non-streaming requests
     /// answer at the end, so this bounds their whole generation); the client gets 504.
-    #[serde(default = "default_request_timeout")]
     pub request_timeout: Duration,
     /// Engine admin and state paths served to clients; none by default.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub engine_paths: Vec<EnginePath>,
-}
-
-fn default_stream_stall_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-
-fn default_request_timeout() -> Duration {
-    Duration::from_secs(600)
 }
 
 impl Default for AdmissionSpec {
@@ -181,8 +173,8 @@ impl Default for AdmissionSpec {
             queue_timeout: Duration::from_secs(30),
             max_request_bytes: 8 << 20,
             serving_port: None,
-            stream_stall_timeout: default_stream_stall_timeout(),
-            request_timeout: default_request_timeout(),
+            stream_stall_timeout: Duration::from_secs(30),
+            request_timeout: Duration::from_secs(600),
             engine_paths: Vec::new(),
         }
     }
@@ -190,7 +182,8 @@ impl Default for AdmissionSpec {
 
 /// The vital sign: a timed trivial completion, graded.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Any field left out takes its default: `admission: {queueDepth: 16}` is a whole spec.
+#[serde(rename_all = "camelCase", default)]
 pub struct PulseSpec {
     pub interval: Duration,
     /// A pulse with no answer by then is a hang.
@@ -221,7 +214,8 @@ impl Default for PulseSpec {
 
 /// Grading relative to the model's own healthy baseline (an EWMA of green pulses).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// Any field left out takes its default: `admission: {queueDepth: 16}` is a whole spec.
+#[serde(rename_all = "camelCase", default)]
 pub struct DriftSpec {
     pub enabled: bool,
     /// A pulse this many times the baseline is yellow.
@@ -385,5 +379,23 @@ mod tests {
         }
         assert_eq!(Phase::parse("serving"), None);
         assert_eq!(Grade::parse(""), None);
+    }
+
+    /// A spec that names only the fields it changes is whole: the rest take their defaults.
+    #[test]
+    fn a_partial_sub_spec_takes_defaults_for_the_fields_it_leaves_out() {
+        let spec: MetalModelSpec = serde_json::from_value(serde_json::json!({
+            "model": {"source": "file:///m.gguf"},
+            "engine": {"parallel": 2},
+            "admission": {"queueDepth": 16},
+            "pulse": {"interval": "1s", "drift": {"enabled": false}},
+        }))
+        .unwrap();
+        assert_eq!(spec.engine, EngineSpec { parallel: 2, ..EngineSpec::default() });
+        assert_eq!(spec.admission, AdmissionSpec { queue_depth: 16, ..AdmissionSpec::default() });
+        assert_eq!(spec.pulse.interval, Duration::from_secs(1));
+        assert_eq!(spec.pulse.timeout, PulseSpec::default().timeout);
+        assert!(!spec.pulse.drift.enabled);
+        assert_eq!(spec.pulse.drift.red_factor, DriftSpec::default().red_factor);
     }
 }
