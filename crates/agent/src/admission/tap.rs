@@ -248,6 +248,35 @@ mod tests {
                 prop_assert!(tail.bytes().ends_with(&body[body.len() - kept..]));
             }
         }
+
+        /// Engine answers are outside input: any bytes at all, and what comes out is a count
+        /// and a time that can be used.
+        #[test]
+        fn timings_read_from_any_bytes_are_plausible_or_absent(tail in proptest::collection::vec(any::<u8>(), 0..600)) {
+            if let Some(t) = read_timings(&tail) {
+                prop_assert!(t.predicted_n <= MAX_TOKENS);
+                prop_assert!(t.predicted_ms.is_finite() && t.predicted_ms >= 0.0);
+            }
+        }
+
+        /// The last event's timings are found whatever came before them in the tail (a cut
+        /// event, binary noise, an earlier timings object).
+        #[test]
+        fn the_last_timings_are_found_after_any_prefix(
+            prefix in proptest::collection::vec(any::<u8>(), 0..400),
+            earlier in any::<bool>(),
+            n in 0..MAX_TOKENS,
+            ms in 0.0f64..1e9,
+        ) {
+            let mut tail = prefix;
+            if earlier {
+                tail.extend_from_slice(br#"data: {"timings":{"predicted_n":7,"predicted_ms":7.0}}"#);
+                tail.extend_from_slice(b"\n\n");
+            }
+            tail.extend_from_slice(format!(r#"data: {{"content":"","timings":{{"predicted_n":{n},"predicted_ms":{ms:?}}}}}"#).as_bytes());
+            tail.extend_from_slice(b"\n\ndata: [DONE]\n\n");
+            prop_assert_eq!(read_timings(&tail), Some(Timings { predicted_n: n, predicted_ms: ms }));
+        }
     }
 
     #[test]
