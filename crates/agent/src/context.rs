@@ -9,6 +9,7 @@ use std::time::Duration;
 use metalkube_api::MetalModelSpec;
 
 use crate::AgentError;
+use crate::memory_ledger::MemoryLedger;
 use crate::metrics::Metrics;
 use crate::model_download::download_client;
 use crate::model_file::Downloads;
@@ -71,6 +72,8 @@ pub struct AgentContext {
     pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
     pub downloads: Downloads,
+    /// Which models hold how much of `memory_budget_bytes`.
+    pub memory: MemoryLedger,
 }
 
 impl AgentContext {
@@ -86,6 +89,7 @@ impl AgentContext {
         };
         Ok(Self {
             downloads,
+            memory: MemoryLedger::new(config.memory_budget_bytes),
             ports: PortPool::new(config.engine_ports.clone()),
             serving_ports: PortPool::new(config.serving_ports.clone()),
             metrics: Metrics::new(),

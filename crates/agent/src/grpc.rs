@@ -70,6 +70,7 @@ impl AgentService {
             last_error: report.last_error.clone().unwrap_or_default(),
             memory_bytes: report.memory_bytes.unwrap_or(0),
             api_keys_fingerprint: record_keys.map(|k| k.fingerprint()).unwrap_or_default(),
+            serving_since_unix_ms: report.serving_since_ms.unwrap_or(0),
         }
     }
 }

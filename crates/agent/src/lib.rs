@@ -13,6 +13,7 @@ pub mod grader;
 pub mod grpc;
 pub mod host;
 pub mod http;
+pub mod memory_ledger;
 pub mod metrics;
 pub mod model_download;
 pub mod model_file;

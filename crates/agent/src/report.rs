@@ -52,6 +52,9 @@ pub struct ModelReport {
     pub pulse_history: VecDeque<PulseRecord>,
     /// Estimated memory for serving this model, once its GGUF header has been read.
     pub memory_bytes: Option<u64>,
+    /// When this replica first served, in milliseconds since the Unix epoch; kept across engine
+    /// restarts (its seniority on the node).
+    pub serving_since_ms: Option<u64>,
 }
 
 impl ModelReport {
@@ -80,6 +83,7 @@ impl ModelReport {
             decode_seconds_per_token: None,
             pulse_history: VecDeque::new(),
             memory_bytes: None,
+            serving_since_ms: None,
         }
     }
 

@@ -223,6 +223,8 @@ impl Supervisor {
                 }
                 RunEnd::Permanent(message) => {
                     tracing::error!(model = %self.key(), "{message}");
+                    // A failed model runs nothing: its memory is free for others.
+                    self.ctx.memory.release(&self.key());
                     self.report.send_modify(|r| {
                         r.last_error = Some(message);
                         r.grade = None;
@@ -243,6 +245,7 @@ impl Supervisor {
             }
         }
         self.close_serving_port();
+        self.ctx.memory.release(&self.key());
         self.ctx.metrics.forget(&self.key(), &self.proxy.series().codes());
         tracing::info!(model = %self.key(), "stopped");
     }
@@ -293,6 +296,35 @@ impl Supervisor {
             self.backoff.reset();
         }
         self.desired = desired;
+    }
+
+    /// Takes this model's share of the memory budget, waiting (Pending, saying for what) while
+    /// the models already holding memory leave too little. A command ends the wait.
+    async fn wait_for_memory(&mut self, need: u64) -> Result<(), RunEnd> {
+        let mut releases = self.ctx.memory.releases();
+        loop {
+            let short = match self.ctx.memory.reserve(&self.key(), need) {
+                Ok(()) => return Ok(()),
+                Err(short) => short,
+            };
+            let message = short.to_string();
+            if self.report.borrow().last_error.as_deref() != Some(message.as_str()) {
+                tracing::warn!(model = %self.key(), "{message}");
+            }
+            self.report.send_modify(|r| r.last_error = Some(message));
+            self.set_phase(Phase::Pending);
+            tokio::select! {
+                changed = releases.changed() => {
+                    if changed.is_err() {
+                        return Err(RunEnd::Stop);
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return Err(RunEnd::Stop),
+                    Some(Command::Update(d)) => return Err(RunEnd::Restart(d)),
+                },
+            }
+        }
     }
 
     /// Listens on the model's serving port if it does not already.
@@ -348,6 +380,11 @@ impl Supervisor {
                         resolved.path.display(),
                         self.desired.spec.engine.context_size
                     ));
+                }
+                if let Some(need) = resolved.memory_bytes
+                    && let Err(end) = self.wait_for_memory(need).await
+                {
+                    return end;
                 }
                 resolved.path
             }
@@ -543,6 +580,7 @@ impl Supervisor {
                         if started_in.is_some() {
                             r.last_start_seconds = started_in;
                         }
+                        r.serving_since_ms.get_or_insert_with(now_ms);
                     });
                 }
                 self.set_phase(next_phase);

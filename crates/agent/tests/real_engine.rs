@@ -48,6 +48,35 @@ async fn starts_serving_with_green_pulses_and_answers_chat() {
     assert!(!is_running(r.pid.unwrap()), "shutdown stops the engine");
 }
 
+/// A model whose estimate fits the budget alone but not beside a model already serving waits,
+/// saying for what, and starts once the memory is given back; the serving model is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_waits_for_memory_the_serving_models_hold() {
+    let dir = tempfile::tempdir().unwrap();
+    let header = metalkube_gguf::read_header(&metalkube_testkit::tiny_model(dir.path())).unwrap();
+    let one = metalkube_gguf::estimate_memory(&header, 512).unwrap().total();
+    let h = Harness::with_memory_budget(engine(), one + one / 2).await;
+    let (first, second) = (h.desired("first", None), h.desired("second", None));
+    h.agent.apply(vec![first.clone()]).await;
+    let serving = h.wait_for("default/first", "serving", |r| r.phase == Phase::Serving).await;
+    h.agent.apply(vec![first.clone(), second.clone()]).await;
+    let waiting = h
+        .wait_for("default/second", "waiting for memory", |r| {
+            r.last_error.as_deref().is_some_and(|e| e.starts_with("waiting for memory"))
+        })
+        .await;
+    assert_eq!((waiting.phase, waiting.pid), (Phase::Pending, None), "no engine started: {waiting:#?}");
+    assert!(waiting.last_error.unwrap().contains("held by default/first"));
+    assert_eq!(waiting.memory_bytes, Some(one), "the estimate is reported while waiting");
+    let first_now = h.agent.report("default/first").await.unwrap();
+    assert_eq!((first_now.phase, first_now.pid), (Phase::Serving, serving.pid), "the serving model is untouched");
+
+    h.agent.apply(vec![second]).await;
+    let r = h.wait_for("default/second", "serving once first is gone", |r| r.phase == Phase::Serving).await;
+    assert_eq!(r.last_error, None);
+    h.agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sigkill_is_noticed_and_the_engine_restarted() {
     let h = Harness::new(engine()).await;

@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -361,6 +361,10 @@ pub struct ReplicaStatus {
     pub message: Option<String>,
     #[serde(default)]
     pub restarts: u32,
+    /// When this replica first served: its seniority on the node. When a node's memory turns
+    /// out too small for everything placed on it, the replicas that served first stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_since: Option<Time>,
 }
 
 #[cfg(test)]

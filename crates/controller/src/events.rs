@@ -128,6 +128,7 @@ mod tests {
             in_flight: 0,
             restarts,
             message: None,
+            serving_since: None,
         }
     }
 

@@ -67,6 +67,14 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
             in_flight: r.state.map_or(0, |s| s.in_flight),
             restarts: r.state.map_or(0, |s| s.restarts),
             message: if r.reachable { v.last_error.clone() } else { Some("agent unreachable".to_owned()) },
+            // The earlier of what the agent says and what the status held: an agent that
+            // restarted serves again, but the replica has held its place since the first time.
+            serving_since: r
+                .state
+                .and_then(|s| serving_since(s.serving_since_unix_ms))
+                .into_iter()
+                .chain(previous.replicas.iter().find(|p| p.node == r.node).and_then(|p| p.serving_since.clone()))
+                .min(),
         })
         .collect();
     MetalModelStatus {
@@ -80,6 +88,12 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
         replicas,
         conditions,
     }
+}
+
+/// An agent's `serving_since_unix_ms` as a timestamp (0: not serving yet).
+pub fn serving_since(unix_ms: u64) -> Option<Time> {
+    let ms = i64::try_from(unix_ms).ok().filter(|ms| *ms > 0)?;
+    k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok().map(Time)
 }
 
 /// Endpoints for every replica with a serving port, and for replicas being stopped while their
@@ -175,5 +189,30 @@ mod tests {
             eps.iter().map(|e| (e.ready, e.serving, e.terminating)).collect::<Vec<_>>(),
             [(false, false, false), (false, true, true)]
         );
+    }
+
+    /// A replica's seniority is the first time it served: an agent that restarted reports a
+    /// later time, and the status keeps the earlier one.
+    #[test]
+    fn a_replica_keeps_the_earliest_time_it_served() {
+        let mut a = state("Serving", "Green", 8080);
+        a.serving_since_unix_ms = 5_000_000;
+        let replicas =
+            [ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) }];
+        let obs = ModelObservation {
+            generation: Some(1),
+            desired_replicas: 1,
+            unscheduled: None,
+            replicas: &replicas,
+            memory_bytes: None,
+        };
+        let first = model_status(&obs, &MetalModelStatus::default(), &now());
+        assert_eq!(first.replicas[0].serving_since, serving_since(5_000_000));
+        let restarted = pb::ModelState { serving_since_unix_ms: 9_000_000, ..a.clone() };
+        let replicas =
+            [ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&restarted) }];
+        let later = model_status(&ModelObservation { replicas: &replicas, ..obs }, &first, &now());
+        assert_eq!(later.replicas[0].serving_since, serving_since(5_000_000));
+        assert_eq!(serving_since(0), None, "0: not serving yet");
     }
 }

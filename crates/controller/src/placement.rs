@@ -13,6 +13,9 @@ pub struct ModelDemand {
     pub node_selector: BTreeMap<String, String>,
     /// Estimated memory one replica needs (weights + KV cache + overhead).
     pub memory_bytes: u64,
+    /// When each current replica first served, by node (milliseconds since the Unix epoch): its
+    /// seniority there. Replicas that have not served yet have none.
+    pub serving_since: BTreeMap<String, u64>,
 }
 
 /// A MetalNode as placement sees it.
@@ -76,24 +79,26 @@ pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) 
 
     // Keep what still may stay: the node exists, still matches, and the model still fits.
     // A cordoned or unreachable node keeps its replicas (moving them would not help anyone).
+    // Replicas are weighed by seniority: when a node's memory turns out too small for all it
+    // holds (a model placed before its size was known, an estimate that grew), the replicas that
+    // served first stay and the newcomer gives way; scaling down drops the newest replicas.
+    let mut held: Vec<(&ModelDemand, &str)> =
+        models.iter().flat_map(|m| current.get(&m.key).into_iter().flatten().map(move |n| (*m, n.as_str()))).collect();
+    held.sort_by_key(|(m, node)| (m.serving_since.get(*node).copied().unwrap_or(u64::MAX), m.key.as_str(), *node));
     for m in &models {
-        let mut kept = BTreeSet::new();
-        let mut existing: Vec<&str> = current.get(&m.key).into_iter().flatten().map(String::as_str).collect();
-        // Scale down from the nodes with the least room left.
-        existing.sort_by_key(|n| (free.get(n).copied().unwrap_or(0), *n));
-        existing.reverse();
-        for node in existing {
-            if kept.len() as u32 >= m.replicas {
-                break;
-            }
-            let Some(n) = by_name.get(node) else { continue };
-            let room = free.get(node).copied().unwrap_or(0);
-            if matches(n, &m.node_selector) && room >= m.memory_bytes {
-                free.insert(n.name.as_str(), room - m.memory_bytes);
-                kept.insert(node.to_owned());
-            }
+        placement.assignments.insert(m.key.clone(), BTreeSet::new());
+    }
+    for (m, node) in held {
+        let Some(kept) = placement.assignments.get_mut(&m.key) else { continue };
+        if kept.len() as u32 >= m.replicas {
+            continue;
         }
-        placement.assignments.insert(m.key.clone(), kept);
+        let Some(n) = by_name.get(node) else { continue };
+        let room = free.get(node).copied().unwrap_or(0);
+        if matches(n, &m.node_selector) && room >= m.memory_bytes {
+            free.insert(n.name.as_str(), room - m.memory_bytes);
+            kept.insert(node.to_owned());
+        }
     }
 
     // Place what is missing, spreading: the eligible node with the most room first.
@@ -172,7 +177,13 @@ mod tests {
     }
 
     fn model(key: &str, replicas: u32, gib: u64) -> ModelDemand {
-        ModelDemand { key: key.into(), replicas, node_selector: BTreeMap::new(), memory_bytes: gib * GIB }
+        ModelDemand {
+            key: key.into(),
+            replicas,
+            node_selector: BTreeMap::new(),
+            memory_bytes: gib * GIB,
+            serving_since: BTreeMap::new(),
+        }
     }
 
     fn on(p: &Placement, key: &str) -> Vec<String> {
@@ -232,6 +243,36 @@ mod tests {
         assert!(p.assignments["ns/a"].is_subset(&current["ns/a"]));
     }
 
+    /// A model placed before its size was known (0) turns out bigger than the room left: the
+    /// model that was serving there first stays, whatever their names.
+    #[test]
+    fn a_newcomer_whose_size_turns_out_too_big_gives_way_to_the_model_serving_before_it() {
+        let current = Assignments::from([
+            ("ns/tiny".into(), BTreeSet::from(["m1".into()])),
+            ("ns/second".into(), BTreeSet::from(["m1".into()])),
+        ]);
+        let mut tiny = model("ns/tiny", 1, 5);
+        tiny.serving_since.insert("m1".into(), 1_000);
+        let second = model("ns/second", 1, 5);
+        let p = place(&[second.clone(), tiny.clone()], &[node("m1", 8)], &current);
+        assert_eq!((on(&p, "ns/tiny"), on(&p, "ns/second")), (vec!["m1".to_owned()], vec![]));
+        assert_eq!(p.unscheduled["ns/second"].reason, UnscheduledReason::InsufficientMemory);
+        // Both serving: the one that served first stays.
+        let mut second = second;
+        second.serving_since.insert("m1".into(), 2_000);
+        let p = place(&[second, tiny], &[node("m1", 8)], &current);
+        assert_eq!(on(&p, "ns/tiny"), ["m1"]);
+    }
+
+    #[test]
+    fn scaling_down_drops_the_newest_replicas() {
+        let current = Assignments::from([("ns/a".into(), BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]))]);
+        let mut a = model("ns/a", 2, 4);
+        a.serving_since = BTreeMap::from([("m1".into(), 30), ("m2".into(), 10), ("m3".into(), 20)]);
+        let p = place(&[a], &[node("m1", 16), node("m2", 16), node("m3", 16)], &current);
+        assert_eq!(on(&p, "ns/a"), ["m2", "m3"]);
+    }
+
     fn world() -> impl Strategy<Value = (Vec<ModelDemand>, Vec<NodeView>)> {
         let nodes = proptest::collection::vec((1u64..64, any::<bool>(), any::<bool>(), 0u8..2), 1..6).prop_map(|ns| {
             ns.into_iter()
@@ -256,6 +297,7 @@ mod tests {
                             .map(|z| BTreeMap::from([("zone".into(), z.to_string())]))
                             .unwrap_or_default(),
                         memory_bytes: gib * GIB,
+                        serving_since: BTreeMap::new(),
                     })
                     .collect::<Vec<_>>()
             });
@@ -278,6 +320,33 @@ mod tests {
                     let n = nodes.iter().find(|n| &n.name == name).unwrap();
                     prop_assert!(matches(n, &m.node_selector) && n.ready && !n.unschedulable);
                 }
+            }
+        }
+
+        /// Whatever the world, a model that arrives later with an unknown size (placed as 0) and
+        /// then turns out big never takes a place from a replica that was serving before it.
+        #[test]
+        fn a_late_model_never_evicts_a_serving_replica((models, nodes) in world(), late_gib in 1u64..64) {
+            let first = place(&models, &nodes, &Assignments::new());
+            let mut serving = models.clone();
+            for (i, m) in serving.iter_mut().enumerate() {
+                for node in &first.assignments[&m.key] {
+                    m.serving_since.insert(node.clone(), 1_000 + i as u64);
+                }
+            }
+            let mut late = ModelDemand {
+                key: "ns/a-late-one".into(),
+                replicas: 2,
+                node_selector: BTreeMap::new(),
+                memory_bytes: 0,
+                serving_since: BTreeMap::new(),
+            };
+            let with_late = [serving.clone(), vec![late.clone()]].concat();
+            let placed = place(&with_late, &nodes, &first.assignments);
+            late.memory_bytes = late_gib * GIB;
+            let known = place(&[serving, vec![late]].concat(), &nodes, &placed.assignments);
+            for m in &models {
+                prop_assert!(first.assignments[&m.key].is_subset(&known.assignments[&m.key]), "{} lost a place", m.key);
             }
         }
 

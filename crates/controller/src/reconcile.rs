@@ -185,6 +185,26 @@ fn reported_memory(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Optio
         .max()
 }
 
+/// When each replica of `m` first served, by node: what its agent reports, else what the
+/// status recorded (an agent may be out of reach); the earlier when both say.
+fn serving_since(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> BTreeMap<String, u64> {
+    let key = model_key(m);
+    let uid = m.uid().unwrap_or_default();
+    let mut since: BTreeMap<String, u64> = BTreeMap::new();
+    let reported = views.iter().filter_map(|(node, v)| {
+        let s = v.models.get(&key).filter(|s| s.uid == uid && s.serving_since_unix_ms > 0)?;
+        Some((node.clone(), s.serving_since_unix_ms))
+    });
+    let recorded = m.status.iter().flat_map(|s| &s.replicas).filter_map(|r| {
+        let ms = u64::try_from(r.serving_since.as_ref()?.0.as_millisecond()).ok()?;
+        Some((r.node.clone(), ms))
+    });
+    for (node, ms) in reported.chain(recorded) {
+        since.entry(node).and_modify(|t| *t = (*t).min(ms)).or_insert(ms);
+    }
+    since
+}
+
 fn holders(key: &str, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
     views.iter().filter(|(_, v)| v.models.contains_key(key)).map(|(n, _)| n.clone()).collect()
 }
@@ -246,6 +266,7 @@ fn place_all(
             replicas: m.spec.replicas,
             node_selector: m.spec.node_selector.clone(),
             memory_bytes: ctx.memory_for(m, views).unwrap_or(0),
+            serving_since: serving_since(m, views),
         })
         .collect();
     let node_views: Vec<NodeView> = nodes

@@ -496,6 +496,44 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     let tiny_now = models.get("tiny").await.unwrap();
     assert!(is(condition(&tiny_now, "Ready"), "True", ""), "tiny unaffected");
 
+    // A model placed before its size is known (it counts as 0 until an agent reads its header)
+    // that fits a Mac alone but not beside tiny: its name sorts first, and still tiny, serving
+    // there before it, keeps its place and the newcomer gives way.
+    let tiny_bytes = tiny_now.status.as_ref().and_then(|s| s.memory_bytes).expect("tiny's memory is known");
+    let header = metalkube_gguf::read_header(&model_path).unwrap();
+    let bytes_at = |ctx: u64| metalkube_gguf::estimate_memory(&header, ctx).unwrap().total();
+    let per_token = bytes_at(2) - bytes_at(1);
+    let rival_ctx = (support::BUDGET_BYTES - bytes_at(0) - tiny_bytes / 2) / per_token;
+    assert!(bytes_at(rival_ctx) <= support::BUDGET_BYTES && bytes_at(rival_ctx) + tiny_bytes > support::BUDGET_BYTES);
+    timeline.step(&format!(
+        "apply MetalModel a-rival: {} MiB, fits a Mac alone but not beside tiny",
+        bytes_at(rival_ctx) >> 20
+    ));
+    let quiet_from = timeline.lines.lock().unwrap().len();
+    let rival: MetalModel = serde_json::from_value(json!({
+        "apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalModel",
+        "metadata": {"name": "a-rival", "namespace": ns}, "spec": model_spec(&source, rival_ctx as u32, 1)
+    }))
+    .unwrap();
+    models.create(&PostParams::default(), &rival).await.unwrap();
+    let message = wait(&timeline, "a-rival Scheduled=False/InsufficientMemory", || async {
+        let m = models.get("a-rival").await.ok()?;
+        let v = serde_json::to_value(&m).ok()?;
+        let c = v["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == "Scheduled")?.clone();
+        (c["status"] == "False" && c["reason"] == "InsufficientMemory").then(|| c["message"].to_string())
+    })
+    .await;
+    timeline.record(format!("a-rival: {message}"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let tiny_moved: Vec<String> = timeline.lines.lock().unwrap()[quiet_from..]
+        .iter()
+        .filter(|l| l.contains("MetalModel tiny ") || l.contains("EndpointSlice tiny"))
+        .cloned()
+        .collect();
+    assert!(tiny_moved.is_empty(), "a newcomer took tiny's place: {tiny_moved:?}");
+    assert_eq!(processes_mentioning(&model_path).len(), 2, "a-rival waited for memory and never started an engine");
+    models.delete("a-rival", &DeleteParams::default()).await.unwrap();
+
     timeline.step("scale tiny to 1 replica");
     let scale = json!({"spec": {"replicas": 1}});
     models.patch("tiny", &PatchParams::default(), &Patch::Merge(&scale)).await.unwrap();

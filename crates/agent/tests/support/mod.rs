@@ -60,6 +60,22 @@ impl Harness {
         backoff: BackoffConfig,
         download_ca_pem: Option<String>,
     ) -> Self {
+        Self::build(engine, ports, backoff, download_ca_pem, 4 << 30).await
+    }
+
+    /// An agent whose engines may use `memory_budget_bytes` in all.
+    #[allow(dead_code)] // each test binary uses its own subset
+    pub async fn with_memory_budget(engine: PathBuf, memory_budget_bytes: u64) -> Self {
+        Self::build(engine, port_block(), fast_backoff(), None, memory_budget_bytes).await
+    }
+
+    async fn build(
+        engine: PathBuf,
+        ports: std::ops::RangeInclusive<u16>,
+        backoff: BackoffConfig,
+        download_ca_pem: Option<String>,
+        memory_budget_bytes: u64,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model = metalkube_testkit::tiny_model(dir.path());
         let agent = Agent::start(AgentConfig {
@@ -76,7 +92,7 @@ impl Harness {
             },
             stop_grace: Duration::from_secs(3),
             backoff,
-            memory_budget_bytes: Some(4 << 30),
+            memory_budget_bytes: Some(memory_budget_bytes),
             download_ca_pem,
         })
         .await
