@@ -113,6 +113,49 @@ async fn requests_after_streams_are_all_answered() {
     h.agent.shutdown().await;
 }
 
+/// A model going away drains: the stream in flight finishes, and new requests get 503 with
+/// Retry-After and `Connection: close` (a kept-alive connection must not outlive the port).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_model_going_away_finishes_its_streams_and_turns_new_requests_away() {
+    let h = Harness::new(real_engine()).await;
+    let mut d = h.desired("leaving", None);
+    d.spec.engine.context_size = 2048;
+    let key = h.serve(d).await;
+    let (base, _) = serving(&h, &key).await;
+    let client = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+    let long =
+        json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 400, "ignore_eos": true, "stream": true});
+    let resp = client.post(&url).json(&long).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = stream.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+
+    let agent = h.agent.clone();
+    let stopping = tokio::spawn(async move { agent.apply(vec![]).await });
+    let refused = tokio::time::timeout(GUARD, async {
+        loop {
+            let r = client.post(&url).json(&chat()).send().await.unwrap();
+            if r.status() == 503 {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("new requests are turned away while the model drains");
+    assert!(refused.headers().contains_key("retry-after"), "{:?}", refused.headers());
+    assert_eq!(refused.headers().get("connection").map(|v| v.to_str().unwrap()), Some("close"));
+
+    let mut rest = first.to_vec();
+    while let Some(chunk) = stream.next().await {
+        rest.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(rest.ends_with(b"data: [DONE]\n\n"), "the stream in flight finished");
+    stopping.await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn engine_admin_paths_are_closed_unless_the_model_opens_them() {
     let h = Harness::new(real_engine()).await;

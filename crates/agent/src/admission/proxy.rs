@@ -223,7 +223,7 @@ impl ModelProxy {
         let access = self.access();
         let response = match self.admit(&req, verdict, &access) {
             Err(refused) => *refused,
-            Ok(Route::Health) => return self.health(),
+            Ok(Route::Health) => return self.closing_connection(self.health()),
             Ok(Route::Inference) => self.inference(req, started, &access).await,
             Ok(Route::Cheap | Route::Engine(_)) => match self.upstream() {
                 Some(port) => self.forward_cheap(req, port, started, &access).await,
@@ -236,6 +236,15 @@ impl ModelProxy {
             let code = self.series.code(response.status().as_u16());
             code.requests.inc();
             code.duration.observe(started.elapsed().as_secs_f64());
+        }
+        self.closing_connection(response)
+    }
+
+    /// While the port drains, every answer closes its connection: a client keeping it alive
+    /// would otherwise send its next request into a port about to vanish (a reset, not a 503).
+    fn closing_connection(&self, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+        if self.closing.load(Ordering::Relaxed) {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
