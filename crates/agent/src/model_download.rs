@@ -152,6 +152,7 @@ async fn download(client: &DownloadClient, url: &str, to: &Path, sha256: Option<
     if !status.is_success() {
         return Err(format!("downloading {url}: HTTP {status}"));
     }
+    let size = response.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     let mut file = tokio::fs::File::create(to).await.map_err(|e| format!("creating {}: {e}", to.display()))?;
     let mut hasher = Sha256::new();
     let mut bytes = 0u64;
@@ -160,10 +161,14 @@ async fn download(client: &DownloadClient, url: &str, to: &Path, sha256: Option<
         let frame = frame.map_err(|e| format!("downloading {url}: interrupted after {bytes} bytes: {e}"))?;
         let Ok(chunk) = frame.into_data() else { continue };
         hasher.update(&chunk);
+        if let Err(e) = file.write_all(&chunk).await {
+            return Err(write_failed(url, to, on_disk(to, bytes).await, size, &e));
+        }
         bytes += chunk.len() as u64;
-        file.write_all(&chunk).await.map_err(|e| format!("writing {}: {e}", to.display()))?;
     }
-    file.sync_all().await.map_err(|e| format!("writing {}: {e}", to.display()))?;
+    if let Err(e) = file.sync_all().await {
+        return Err(write_failed(url, to, on_disk(to, bytes).await, size, &e));
+    }
     let got = format!("{:x}", hasher.finalize());
     if let Some(want) = sha256
         && got != want
@@ -172,6 +177,27 @@ async fn download(client: &DownloadClient, url: &str, to: &Path, sha256: Option<
     }
     tracing::info!(url, bytes, sha256 = %got, "model downloaded");
     Ok(())
+}
+
+/// How much of a download is on disk: writes are buffered, so what was handed to the file is
+/// not what landed.
+async fn on_disk(path: &Path, handed_over: u64) -> u64 {
+    tokio::fs::metadata(path).await.map_or(handed_over, |m| m.len())
+}
+
+/// Why a download could not be written, saying what filled up and how far it got.
+fn write_failed(url: &str, to: &Path, written: u64, size: Option<u64>, e: &std::io::Error) -> String {
+    let of = size.map_or_else(String::new, |s| format!(" of {s}"));
+    if e.kind() == std::io::ErrorKind::StorageFull {
+        let dir = to.parent().unwrap_or(to);
+        format!(
+            "downloading {url}: the disk holding the model cache {} is full ({e}) after {written}{of} bytes; \
+             free space there or give the agent another --state-dir",
+            dir.display()
+        )
+    } else {
+        format!("downloading {url}: writing {} failed after {written}{of} bytes: {e}", to.display())
+    }
 }
 
 #[cfg(test)]
@@ -187,6 +213,16 @@ mod tests {
         let name = by_url.file_name().unwrap().to_string_lossy().into_owned();
         assert!(name.starts_with("url-") && name.ends_with("we_ird_.gguf"), "{name}");
         assert_ne!(by_url, cache_path(dir, "https://b/we ird?.gguf", None), "different URLs, different files");
+    }
+
+    #[test]
+    fn a_full_disk_is_named_with_how_far_the_download_got() {
+        let full = std::io::Error::from(std::io::ErrorKind::StorageFull);
+        let m = write_failed("https://m/x.gguf", Path::new("/state/models/x.partial"), 2048, Some(4096), &full);
+        assert!(m.contains("/state/models is full") && m.contains("after 2048 of 4096 bytes"), "{m}");
+        let other = std::io::Error::other("boom");
+        let m = write_failed("https://m/x.gguf", Path::new("/state/models/x.partial"), 0, None, &other);
+        assert!(m.contains("writing /state/models/x.partial failed after 0 bytes: boom"), "{m}");
     }
 
     #[test]

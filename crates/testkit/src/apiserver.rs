@@ -3,6 +3,7 @@
 //! What it implements, and what it simplifies, is written at the top of `store.rs`; MetalModel
 //! and MetalNode writes are validated against the CRD schema generated from the Rust types.
 
+pub mod faults;
 pub mod resources;
 pub mod schema;
 pub mod server;
@@ -10,6 +11,7 @@ pub mod store;
 
 use std::sync::Arc;
 
+pub use faults::{FailNext, InjectedFailure};
 pub use server::{ApiRequest, RequestLog};
 pub use store::Store;
 
@@ -18,6 +20,7 @@ pub struct TestApiServer {
     pub url: String,
     pub store: Arc<Store>,
     log: RequestLog,
+    faults: Arc<faults::Faults>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -30,11 +33,27 @@ impl TestApiServer {
             .unwrap_or_else(|e| panic!("binding the test API server: {e}"));
         let url = format!("http://{}", listener.local_addr().unwrap_or_else(|e| panic!("{e}")));
         let log = RequestLog::default();
-        let app = server::router(store.clone(), log.clone());
+        let faults = Arc::new(faults::Faults::default());
+        let app = server::router(store.clone(), log.clone(), faults.clone());
         let task = tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
         });
-        Self { url, store, log, task }
+        Self { url, store, log, faults, task }
+    }
+
+    /// Answers the next requests that match `fault` with its error code instead of doing them.
+    pub fn inject(&self, fault: FailNext) {
+        self.faults.arm(fault);
+    }
+
+    /// The requests answered with an injected failure so far, in order.
+    pub fn injected(&self) -> Vec<InjectedFailure> {
+        self.faults.served()
+    }
+
+    /// Injected failures armed and not yet served.
+    pub fn injections_pending(&self) -> u32 {
+        self.faults.pending()
     }
 
     /// Every resource request answered so far (what RBAC would have been asked to allow).

@@ -13,6 +13,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::faults::Faults;
 use super::resources::{Resource, find};
 use super::store::{ApiError, Part, Store, WatchEvent};
 
@@ -38,10 +39,11 @@ pub type RequestLog = Arc<std::sync::Mutex<Vec<ApiRequest>>>;
 struct ServerState {
     store: Arc<Store>,
     log: RequestLog,
+    faults: Arc<Faults>,
 }
 
-pub fn router(store: Arc<Store>, log: RequestLog) -> axum::Router {
-    axum::Router::new().fallback(handle).with_state(ServerState { store, log })
+pub fn router(store: Arc<Store>, log: RequestLog, faults: Arc<Faults>) -> axum::Router {
+    axum::Router::new().fallback(handle).with_state(ServerState { store, log, faults })
 }
 
 /// The RBAC verb of a request.
@@ -186,7 +188,11 @@ async fn handle(
         if apply_creates {
             log.push(ApiRequest { verb: "create", ..request.clone() });
         }
-        log.push(request);
+        log.push(request.clone());
+    }
+    // An armed fault answers instead of the store (the request was still made, and logged).
+    if let Some(e) = state.faults.take(&request) {
+        return error(&e);
     }
     let store = state.store;
     let ns = target.namespace.as_deref();
