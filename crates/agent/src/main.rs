@@ -109,6 +109,13 @@ struct CommonArgs {
     /// Extra CA certificate (PEM) trusted for https:// model downloads, e.g. a private mirror's.
     #[arg(long, env = "METALKUBE_DOWNLOAD_CA")]
     download_ca: Option<PathBuf>,
+    /// Threads running the agent's tasks (blocking work has its own pool). The engine, not the
+    /// proxy, bounds a model's throughput: one thread has CPU for about 30,000 proxied requests
+    /// a second, and a second one costs CPU on every request in wake-ups between them (about
+    /// 40% of the agent's CPU per request in `cargo xtask bench proxy`). Raise it when many
+    /// busy models share one Mac.
+    #[arg(long, default_value_t = 1, env = "METALKUBE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
     /// Uptime after which earlier failures are forgotten.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     backoff_reset_after: Duration,
@@ -174,12 +181,25 @@ async fn bind_http(listen: Option<&str>, defaults: &[&str]) -> anyhow::Result<to
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to listen on (--listen)")))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let common = match &cli.command {
+        Cmd::Run(args) => &args.common,
+        Cmd::Serve(args) => &args.common,
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(common.worker_threads))
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let (agent, listener, work) = match Cli::parse().command {
+    let (agent, listener, work) = match cli.command {
         Cmd::Run(args) => {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
