@@ -26,23 +26,46 @@ pub struct TapOutcome {
     pub timings: Option<Timings>,
 }
 
-/// The end of a body: at least its last TAIL_BYTES (all of it when shorter).
+/// What the tap keeps of a body to read the engine's `timings` from once it ends: everything
+/// from the start of the last blank-line-separated part (an SSE event) holding a `"timings"`
+/// key, or else from the last blank line, and never more than twice TAIL_BYTES (a body
+/// without blank lines, such as a JSON answer, keeps at least its last TAIL_BYTES). A stream
+/// of token events then holds one event or two, not kilobytes of tokens it will never read:
+/// with 1,000 streams open that was most of the agent's memory per stream.
 #[derive(Default)]
 struct Tail(Vec<u8>);
 
+const TIMINGS_KEY: &[u8] = b"\"timings\"";
+
+fn rfind(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).rposition(|w| w == needle)
+}
+
 impl Tail {
-    /// The buffer may grow to twice TAIL_BYTES before the old half is dropped, so a stream of
-    /// small SSE frames costs O(1) per byte instead of a 16 KiB move per frame.
-    fn push(&mut self, data: &[u8]) {
+    fn push(&mut self, mut data: &[u8]) {
         if data.len() >= TAIL_BYTES {
+            // Only its last TAIL_BYTES could be kept: do not copy the rest.
             self.0.clear();
-            self.0.extend_from_slice(&data[data.len() - TAIL_BYTES..]);
-            return;
+            data = &data[data.len() - TAIL_BYTES..];
         }
-        if self.0.len() + data.len() > 2 * TAIL_BYTES {
+        let before = self.0.len();
+        self.0.extend_from_slice(data);
+        // A blank line among the new bytes (one byte back, for a "\n\n" split between frames)
+        // completes every part before it.
+        if let Some(at) = rfind(&self.0[before.saturating_sub(1)..], b"\n\n") {
+            let complete = before.saturating_sub(1) + at + 2;
+            // A key cannot straddle a blank line, so searching the complete parts finds whole keys.
+            let keep_from = match rfind(&self.0[..complete], TIMINGS_KEY) {
+                Some(key) => rfind(&self.0[..key], b"\n\n").map_or(0, |blank| blank + 2),
+                None => complete,
+            };
+            self.0.drain(..keep_from);
+        }
+        // Grows to twice TAIL_BYTES before the old half goes, so a long body without blank
+        // lines costs O(1) per byte instead of a 16 KiB move per frame.
+        if self.0.len() > 2 * TAIL_BYTES {
             self.0.drain(..self.0.len() - TAIL_BYTES);
         }
-        self.0.extend_from_slice(data);
     }
 
     fn bytes(&self) -> &[u8] {
@@ -216,9 +239,8 @@ const MAX_TOKENS: u64 = 1 << 32;
 /// The last `"timings"` object in `tail`, if it has a plausible token count and a finite,
 /// non-negative time.
 pub fn read_timings(tail: &[u8]) -> Option<Timings> {
-    const KEY: &[u8] = b"\"timings\"";
-    let at = tail.windows(KEY.len()).rposition(|w| w == KEY)?;
-    let rest = &tail[at + KEY.len()..];
+    let at = rfind(tail, TIMINGS_KEY)?;
+    let rest = &tail[at + TIMINGS_KEY.len()..];
     let colon = rest.iter().position(|b| *b == b':')?;
     let mut values = serde_json::Deserializer::from_slice(&rest[colon + 1..]).into_iter::<serde_json::Value>();
     let timings = values.next()?.ok()?;
@@ -234,9 +256,18 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        /// Whatever the bytes and however they are split into frames, the tail is the end of
+        /// the body, bounded, and reads the same timings as the whole body whenever the last
+        /// `"timings"` key lies in its last TAIL_BYTES.
         #[test]
-        fn the_tail_always_ends_with_the_last_bytes_of_the_body(
-            frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..3000), 0..60)
+        fn the_tail_reads_what_the_whole_body_reads(
+            frames in proptest::collection::vec(
+                proptest::collection::vec(prop_oneof![
+                    4 => any::<u8>(),
+                    1 => Just(b'\n'),
+                ], 0..3000),
+                0..40,
+            ),
         ) {
             let mut tail = Tail::default();
             let mut body = Vec::new();
@@ -244,9 +275,45 @@ mod tests {
                 tail.push(f);
                 body.extend_from_slice(f);
                 prop_assert!(tail.bytes().len() <= 2 * TAIL_BYTES);
-                let kept = body.len().min(TAIL_BYTES);
-                prop_assert!(tail.bytes().ends_with(&body[body.len() - kept..]));
+                prop_assert!(body.ends_with(tail.bytes()));
             }
+            let last_key_is_recent = rfind(&body, TIMINGS_KEY).is_none_or(|k| body.len() - k <= TAIL_BYTES);
+            if last_key_is_recent {
+                prop_assert_eq!(read_timings(tail.bytes()), read_timings(&body));
+            }
+        }
+
+        /// A token stream split anywhere: the final event's timings are read, and the tail
+        /// holds about one event, not the stream.
+        #[test]
+        fn a_stream_keeps_about_one_event_and_its_timings(
+            tokens in 1usize..400,
+            cut in proptest::collection::vec(1usize..200, 1..50),
+            done in any::<bool>(),
+            n in 0..MAX_TOKENS,
+        ) {
+            let mut body = Vec::new();
+            for i in 0..tokens {
+                body.extend_from_slice(format!("data: {{\"content\":\"tok{i}\",\"stop\":false}}\n\n").as_bytes());
+            }
+            let last = format!("data: {{\"content\":\"\",\"stop\":true,\"timings\":{{\"predicted_n\":{n},\"predicted_ms\":12.5}}}}\n\n");
+            body.extend_from_slice(last.as_bytes());
+            if done {
+                body.extend_from_slice(b"data: [DONE]\n\n");
+            }
+            let mut tail = Tail::default();
+            let (mut at, mut i) = (0, 0);
+            let mut most = 0;
+            while at < body.len() {
+                let end = (at + cut[i % cut.len()]).min(body.len());
+                tail.push(&body[at..end]);
+                most = most.max(tail.bytes().len());
+                at = end;
+                i += 1;
+            }
+            prop_assert_eq!(read_timings(tail.bytes()), Some(Timings { predicted_n: n, predicted_ms: 12.5 }));
+            // An event, the part of the next one a frame brought, and [DONE].
+            prop_assert!(most <= last.len() + 200 + 16, "kept {most} bytes");
         }
 
         /// Engine answers are outside input: any bytes at all, and what comes out is a count
