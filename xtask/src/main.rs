@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | e2e | demo | bench | crdgen`.
+//! Project tasks: `cargo xtask setup | test | e2e | demo | bench | soak | crdgen`.
 
 mod bench;
 mod engine;
@@ -29,14 +29,46 @@ enum Task {
     E2e,
     /// setup if needed, then run the standalone agent on examples/standalone/.
     Demo,
-    /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx; `metrics`: the
+    /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx (throughput,
+    /// added latency, CPU per request, time to a refusal under overload); `stream`: concurrent
+    /// SSE streams through each (added per-chunk latency, memory per stream); `metrics`: the
     /// cost of one request's metrics on the serving port.
     Bench {
-        #[arg(value_parser = ["proxy", "metrics"])]
+        #[arg(value_parser = ["proxy", "stream", "metrics"])]
         what: String,
-        /// Seconds per measurement.
-        #[arg(long, default_value_t = 8)]
+        /// Seconds per measured window (`proxy`).
+        #[arg(long, default_value_t = 5)]
         seconds: u32,
+        /// Interleaved rounds; figures are the median and range over them. Quick: --seconds 2
+        /// --rounds 2.
+        #[arg(long, default_value_t = 5)]
+        rounds: u32,
+        /// Measure this agent binary instead of building the workspace's.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// `proxy`: profile an extra, uncounted round (a steady and an overload window per
+        /// limited proxy) with `perf record`; data and reports go to this directory.
+        #[arg(long)]
+        perf: Option<PathBuf>,
+        /// `proxy`: only this upstream (`sim` or `llama`).
+        #[arg(long, value_parser = ["sim", "llama"])]
+        only: Option<String>,
+        /// `stream`: streams held at once.
+        #[arg(long, default_value_t = 1000)]
+        streams: u32,
+        /// `stream`: milliseconds between two tokens of a stream.
+        #[arg(long, default_value_t = 100)]
+        token_ms: u64,
+        /// `stream`: tokens per stream (at most 256).
+        #[arg(long, default_value_t = 100)]
+        tokens: u32,
+    },
+    /// setup, then the soak (crates/agent/tests/soak.rs) for longer than the minute `test` gives
+    /// it: the agent binary and the real engine under 5x overload, checking nothing is lost and
+    /// memory and file descriptors stay flat.
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u32,
     },
     /// Write crds/*.yaml from the Rust types (`--check` only compares).
     Crdgen {
@@ -52,12 +84,22 @@ fn main() -> anyhow::Result<()> {
         Task::E2e => e2e(),
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
-        Task::Bench { what, seconds } => match what.as_str() {
-            "metrics" => {
-                run(cargo().args(["run", "--release", "-p", "metalkube-agent", "--example", "serving_metrics_bench"]))
+        Task::Soak { minutes } => soak(minutes),
+        Task::Bench { what, seconds, rounds, agent, perf, only, streams, token_ms, tokens } => {
+            let opts = bench::Options { seconds, rounds: rounds.max(1), agent, perf, only, streams, token_ms, tokens };
+            match what.as_str() {
+                "metrics" => run(cargo().args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "metalkube-agent",
+                    "--example",
+                    "serving_metrics_bench",
+                ])),
+                "stream" => bench::stream(&opts),
+                _ => bench::proxy(&opts),
             }
-            _ => bench::proxy(seconds),
-        },
+        }
     }
 }
 
@@ -185,6 +227,16 @@ fn e2e() -> anyhow::Result<()> {
         .args(["test", "-p", "metalkube-controller", "--test", "e2e", "--", "--nocapture", "loopback_e2e"])
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)
         .envs(installed.tools.env())
+        .env("RUST_BACKTRACE", "1"))
+}
+
+fn soak(minutes: u32) -> anyhow::Result<()> {
+    let installed = setup_engine()?;
+    build_test_binaries()?;
+    run(cargo()
+        .args(["test", "-p", "metalkube-agent", "--test", "soak", "--", "--nocapture"])
+        .env("METALKUBE_LLAMA_SERVER", &installed.engine)
+        .env("METALKUBE_SOAK_MINUTES", minutes.max(1).to_string())
         .env("RUST_BACKTRACE", "1"))
 }
 

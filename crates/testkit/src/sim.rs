@@ -20,6 +20,11 @@ pub struct Fault {
     pub error_status: u16,
     /// Exit with status 3 at once.
     pub exit_now: bool,
+    /// Streams send one token every this many milliseconds (a fixed cadence, whatever
+    /// `latency_ms` says), and every chunk carries `"sent_us"`: when the simulator sent it, in
+    /// microseconds since the Unix epoch, so a client on the same machine measures the latency
+    /// of each chunk (the streaming benchmark).
+    pub stream_token_ms: u64,
 }
 
 /// Start-up behaviour, read from `<model>.sim.json`.
@@ -33,4 +38,7 @@ pub struct SimStartup {
     pub bind_delay_ms: u64,
     /// Faults in force from the start.
     pub fault: Fault,
+    /// Decoding slots, instead of `--parallel` (a MetalModel allows at most 256; the streaming
+    /// benchmark holds 1,000 streams at once).
+    pub slots: Option<usize>,
 }

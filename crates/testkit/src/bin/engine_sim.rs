@@ -44,8 +44,6 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let host = flag(&args, &["--host"]).unwrap_or_else(|| "127.0.0.1".into());
     let port: u16 = flag(&args, &["--port"]).unwrap_or_else(|| "8080".into()).parse().context("--port")?;
-    let parallel: usize =
-        flag(&args, &["--parallel", "-np"]).unwrap_or_else(|| "1".into()).parse().context("--parallel")?;
     let model = flag(&args, &["--model", "-m"]).unwrap_or_default();
     let startup: SimStartup = std::fs::read(format!("{model}.sim.json"))
         .ok()
@@ -53,6 +51,10 @@ async fn main() -> anyhow::Result<()> {
         .transpose()
         .context("reading <model>.sim.json")?
         .unwrap_or_default();
+    let parallel: usize = match startup.slots {
+        Some(slots) => slots,
+        None => flag(&args, &["--parallel", "-np"]).unwrap_or_else(|| "1".into()).parse().context("--parallel")?,
+    };
     if startup.exit_at_start {
         eprintln!("sim: error: exit_at_start requested; failed to load model '{model}'");
         std::process::exit(1);
@@ -183,9 +185,9 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     if fault.malformed {
         return (StatusCode::OK, "{\"content\": ").into_response();
     }
-    let Ok(_slot) = sim.slots.clone().acquire_owned().await else { return unavailable("shutting down") };
+    let Ok(slot) = sim.slots.clone().acquire_owned().await else { return unavailable("shutting down") };
     sim.processing.fetch_add(1, Ordering::SeqCst);
-    let _processing = Processing(sim.clone());
+    let processing = Processing(sim.clone());
     let compute_ms = fault.latency_ms + fault.drift_ms_per_request.saturating_mul(n) + fault.slow_next_ms;
     let n_predict =
         body.get("n_predict").or_else(|| body.get("max_tokens")).and_then(Value::as_u64).unwrap_or(8).clamp(1, 256);
@@ -197,23 +199,28 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     tokio::time::sleep(Duration::from_secs_f64(prompt_ms / 1000.0)).await;
 
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
-        let stream = futures::stream::unfold((0u64, Some(_slot), Some(_processing)), move |(i, slot, proc_guard)| {
+        let guards = (slot, processing);
+        if fault.stream_token_ms > 0 {
+            return Sse::new(cadenced_stream(n_predict, Duration::from_millis(fault.stream_token_ms), guards))
+                .into_response();
+        }
+        let stream = futures::stream::unfold((0u64, Some(guards)), move |(i, guards)| {
             let timings = timings.clone();
             async move {
                 if i > n_predict {
-                    drop((slot, proc_guard));
+                    drop(guards);
                     return None;
                 }
                 if i == n_predict {
                     let last = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "timings": timings});
                     return Some((
                         Ok::<_, std::convert::Infallible>(Event::default().data(last.to_string())),
-                        (i + 1, slot, proc_guard),
+                        (i + 1, guards),
                     ));
                 }
                 tokio::time::sleep(per_token).await;
                 let chunk = json!({"choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": null}], "content": "o", "stop": false});
-                Some((Ok(Event::default().data(chunk.to_string())), (i + 1, slot, proc_guard)))
+                Some((Ok(Event::default().data(chunk.to_string())), (i + 1, guards)))
             }
         });
         return Sse::new(stream).into_response();
@@ -227,4 +234,36 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         "timings": timings,
     }))
     .into_response()
+}
+
+/// Microseconds since the Unix epoch: the clock both the simulator and the benchmark's client
+/// read, on one machine.
+fn now_us() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros())
+}
+
+/// `n` tokens, one every `every` (a fixed cadence: a late tick does not bring the next one
+/// forward), each chunk stamped with its send time; then the last chunk with the timings.
+fn cadenced_stream<G: Send + 'static>(
+    n: u64,
+    every: Duration,
+    guards: G,
+) -> impl futures::Stream<Item = Result<Event, std::convert::Infallible>> {
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let predicted_ms = every.as_secs_f64() * 1000.0 * n as f64;
+    futures::stream::unfold((0u64, ticks, Some(guards)), move |(i, mut ticks, guards)| async move {
+        if i > n {
+            drop(guards);
+            return None;
+        }
+        let chunk = if i == n {
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "sent_us": now_us(),
+                "timings": {"prompt_n": 5, "prompt_ms": 0.0, "predicted_n": n, "predicted_ms": predicted_ms}})
+        } else {
+            ticks.tick().await;
+            json!({"choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": null}], "content": "o", "stop": false, "sent_us": now_us()})
+        };
+        Some((Ok(Event::default().data(chunk.to_string())), (i + 1, ticks, guards)))
+    })
 }

@@ -22,6 +22,9 @@ struct Samples {
     errors: u64,
     /// Arrivals the generator could not send because `outstanding` were already open.
     shed: u64,
+    /// How late each tick of the open loop fired, in ms: the generator's own stalls (it shares
+    /// the machine with what it measures). A late tick sends its requests in a burst.
+    late_ms: Vec<f64>,
 }
 
 async fn one(client: &reqwest::Client, url: &str, body: &str) -> Result<(u16, f64), ()> {
@@ -50,7 +53,7 @@ async fn closed_loop(
         .map(|_| {
             let (client, url, body) = (client.clone(), url.clone(), body.clone());
             tokio::spawn(async move {
-                let mut s = Samples { done: Vec::new(), errors: 0, shed: 0 };
+                let mut s = Samples { done: Vec::new(), errors: 0, shed: 0, late_ms: Vec::new() };
                 while Instant::now() < deadline {
                     match one(&client, &url, &body).await {
                         Ok(x) => s.done.push(x),
@@ -61,7 +64,7 @@ async fn closed_loop(
             })
         })
         .collect();
-    let mut all = Samples { done: Vec::new(), errors: 0, shed: 0 };
+    let mut all = Samples { done: Vec::new(), errors: 0, shed: 0, late_ms: Vec::new() };
     for t in tasks {
         if let Ok(s) = t.await {
             all.done.extend(s.done);
@@ -86,8 +89,10 @@ async fn open_loop(
     let deadline = Instant::now() + duration;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut shed = 0;
+    let mut late_ms = Vec::new();
     while Instant::now() < deadline {
-        ticker.tick().await;
+        let due = ticker.tick().await;
+        late_ms.push(due.elapsed().as_secs_f64() * 1000.0);
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             shed += 1;
             continue;
@@ -99,7 +104,7 @@ async fn open_loop(
         });
     }
     drop(tx);
-    let mut all = Samples { done: Vec::new(), errors: 0, shed };
+    let mut all = Samples { done: Vec::new(), errors: 0, shed, late_ms };
     while let Some(r) = rx.recv().await {
         match r {
             Ok(x) => all.done.push(x),
@@ -132,6 +137,8 @@ async fn main() -> anyhow::Result<()> {
     let mut refused: Vec<f64> = s.done.iter().filter(|(st, _)| [429, 503].contains(st)).map(|(_, ms)| *ms).collect();
     ok.sort_by(f64::total_cmp);
     refused.sort_by(f64::total_cmp);
+    let mut late = s.late_ms;
+    late.sort_by(f64::total_cmp);
     let out = json!({
         "requests": s.done.len(),
         "errors": s.errors,
@@ -140,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
         "by_status": by_status,
         "ok_ms": {"p50": percentile(&ok, 50.0), "p99": percentile(&ok, 99.0)},
         "refused_ms": {"p50": percentile(&refused, 50.0), "p99": percentile(&refused, 99.0)},
+        "generator_late_ms": {"p99": percentile(&late, 99.0), "max": late.last()},
     });
     println!("{out}");
     Ok(())
