@@ -5,6 +5,7 @@
 mod support;
 
 use metalkube_api::{Grade, Phase};
+use metalkube_testkit::cgroup::CpuThrottle;
 use nix::sys::signal::Signal;
 use support::{Harness, Stopwatch, is_running, signal};
 
@@ -175,33 +176,6 @@ async fn a_truncated_model_crash_loops_with_growing_delays() {
     h.agent.shutdown().await;
 }
 
-/// A cgroup-v1 CPU group that throttles whatever is moved into it; removed when dropped.
-struct CpuThrottle(std::path::PathBuf);
-
-impl CpuThrottle {
-    /// `quota_us` of CPU time per `period_us`, for the processes moved in.
-    fn new(quota_us: u64, period_us: u64) -> Self {
-        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::path::PathBuf::from(format!("/sys/fs/cgroup/cpu/metalkube-test-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cgroup v1 cpu controller not writable at {}: {e}", dir.display()));
-        std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string()).unwrap();
-        std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string()).unwrap();
-        Self(dir)
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for CpuThrottle {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn cpu_starvation_turns_red_and_the_engine_is_replaced() {
     let h = Harness::new(engine()).await;
@@ -211,7 +185,7 @@ async fn cpu_starvation_turns_red_and_the_engine_is_replaced() {
     let old_pid = before.pid.unwrap();
     // 0.1% of one CPU: a pulse that needs a few ms of CPU now takes seconds. /health, answered
     // by another thread with almost no work, is not what the agent trusts.
-    let throttle = CpuThrottle::new(1000, 1_000_000);
+    let throttle = CpuThrottle::new("test-starved", 1000, 1_000_000);
     let clock = Stopwatch::start();
     throttle.add(old_pid);
     h.wait_for(&key, "red", |r| r.grade == Some(Grade::Red)).await;

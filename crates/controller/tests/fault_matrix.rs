@@ -30,6 +30,7 @@ use metalkube_api::{MetalModel, MetalNode};
 use metalkube_controller::agent_client::{AgentClient, ClientSettings, ClientTls};
 use metalkube_proto as pb;
 use metalkube_testkit::apiserver::{FailNext, TestApiServer};
+use metalkube_testkit::cgroup::CpuThrottle;
 use metalkube_testkit::https_files::HttpsFiles;
 use metalkube_testkit::pki::TestCa;
 use metalkube_testkit::processes::{is_running, processes_mentioning, signal};
@@ -572,43 +573,6 @@ impl Drop for Standalone {
     }
 }
 
-/// A cgroup-v1 CPU group: whatever is moved in gets `quota_us` of CPU per `period_us`. Anything
-/// still inside goes back to the root group when it is dropped, and the group is removed.
-struct CpuThrottle(PathBuf);
-
-const CPU_CGROUP: &str = "/sys/fs/cgroup/cpu";
-
-impl CpuThrottle {
-    fn new(name: &str, quota_us: u64, period_us: u64) -> Self {
-        let dir = PathBuf::from(format!("{CPU_CGROUP}/metalkube-fault-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cgroup v1 cpu controller not writable at {}: {e}", dir.display()));
-        std::fs::write(dir.join("cpu.cfs_period_us"), period_us.to_string()).unwrap();
-        std::fs::write(dir.join("cpu.cfs_quota_us"), quota_us.to_string()).unwrap();
-        Self(dir)
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.0.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-
-    /// Lets the processes inside run freely again.
-    fn lift(&self) {
-        std::fs::write(self.0.join("cpu.cfs_quota_us"), "-1").unwrap();
-    }
-}
-
-impl Drop for CpuThrottle {
-    fn drop(&mut self) {
-        let _ = std::fs::write(self.0.join("cpu.cfs_quota_us"), "-1");
-        let pids = std::fs::read_to_string(self.0.join("cgroup.procs")).unwrap_or_default();
-        for pid in pids.lines() {
-            let _ = std::fs::write(format!("{CPU_CGROUP}/cgroup.procs"), pid);
-        }
-        let _ = std::fs::remove_dir(&self.0);
-    }
-}
-
 /// A size-limited tmpfs mounted on a directory for as long as it lives.
 struct Tmpfs(PathBuf);
 
@@ -739,7 +703,7 @@ async fn cpu_throttled(row: Row) {
     victim.flowing().await;
     // 0.1% of one CPU: a pulse that needs a few ms of CPU now takes seconds; /health, answered
     // with almost no work, would still look fine.
-    let throttle = CpuThrottle::new("cpu", 1000, 1_000_000);
+    let throttle = CpuThrottle::new("fault-cpu", 1000, 1_000_000);
     let throttled = Instant::now();
     throttle.add(old);
     let after = wait_model(&agent.api, "tiny", "serving on a new engine", |m| {
@@ -778,7 +742,7 @@ async fn port_stolen(row: Row) {
     // And the port it takes instead is stolen between its check and the engine's bind. That
     // window is a few milliseconds; starving the agent's CPU group (which the engine it spawns
     // joins) stretches it to seconds, so the theft lands there every time.
-    let throttle = CpuThrottle::new("port", 1000, 100_000);
+    let throttle = CpuThrottle::new("fault-port", 1000, 100_000);
     throttle.add(agent.pid());
     let killed = Instant::now();
     signal(old, Signal::SIGKILL);

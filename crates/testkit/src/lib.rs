@@ -2,6 +2,7 @@
 //! and the simulator's fault switches.
 
 pub mod apiserver;
+pub mod cgroup;
 pub mod chart;
 pub mod https_files;
 pub mod pki;
