@@ -169,7 +169,23 @@ async fn a_truncated_model_crash_loops_with_growing_delays() {
         }
         let message = r.last_error.unwrap();
         assert!(message.contains("engine exited"), "{message}");
+        // The engine's own words, read from its output, explain the exit.
+        assert!(!message.contains("no output"), "{message}");
+        assert!(message.to_ascii_lowercase().contains("failed") || message.contains("error"), "{message}");
     }
+    // And its whole output is in its log file.
+    let logs = h.dir.path().join("state/logs");
+    let log: String = std::fs::read_dir(&logs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("truncated"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect();
+    assert!(
+        log.contains("llama") && log.to_ascii_lowercase().contains("failed"),
+        "engine log in {}: {log}",
+        logs.display()
+    );
     println!("crash-loop delays: {delays:?}");
     assert!(delays.windows(2).all(|w| w[1] >= w[0]), "delays grow: {delays:?}");
     assert!(delays[3] > delays[0] * 3.0, "delays grow exponentially: {delays:?}");
