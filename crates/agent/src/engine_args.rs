@@ -1,15 +1,18 @@
-//! The llama-server command line for a spec. The agent owns where the engine listens and which
-//! file it serves; everything else comes from the spec.
+//! The llama-server command line for a spec. The agent owns where the engine listens, which
+//! file it serves and what the model is called (the MetalModel's name, so `/v1/models` and every
+//! answer say `tiny`, not a path on the Mac); everything else comes from the spec.
 
 use std::ffi::OsString;
 use std::path::Path;
 
 use metalkube_api::EngineSpec;
 
-pub fn engine_args(engine: &EngineSpec, model: &Path, port: u16) -> Vec<OsString> {
+pub fn engine_args(engine: &EngineSpec, model: &Path, name: &str, port: u16) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
         "--model".into(),
         model.as_os_str().to_owned(),
+        "--alias".into(),
+        name.into(),
         "--host".into(),
         "127.0.0.1".into(),
         "--port".into(),
@@ -37,10 +40,12 @@ mod tests {
     fn owned_flags_come_first_and_extra_args_follow_unchanged() {
         let engine =
             EngineSpec { gpu_layers: -1, extra_args: vec!["--flash-attn".into(), "on".into()], ..Default::default() };
-        let args: Vec<String> =
-            engine_args(&engine, Path::new("/m.gguf"), 18001).into_iter().map(|a| a.into_string().unwrap()).collect();
+        let args: Vec<String> = engine_args(&engine, Path::new("/m.gguf"), "tiny", 18001)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
         let joined = args.join(" ");
-        assert!(joined.starts_with("--model /m.gguf --host 127.0.0.1 --port 18001"), "{joined}");
+        assert!(joined.starts_with("--model /m.gguf --alias tiny --host 127.0.0.1 --port 18001"), "{joined}");
         assert!(joined.contains("--n-gpu-layers 999") && joined.contains("--metrics"), "{joined}");
         assert!(joined.ends_with("--flash-attn on"), "{joined}");
     }

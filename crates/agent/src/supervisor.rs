@@ -398,7 +398,7 @@ impl Supervisor {
             Ok(p) => p,
             Err(e) => return RunEnd::Fault { reason: "start_failed", message: e.to_string(), uptime: Duration::ZERO },
         };
-        let args = engine_args(&self.desired.spec.engine, &model, port);
+        let args = engine_args(&self.desired.spec.engine, &model, &self.desired.name, port);
         let file = self.desired.file_stem();
         let engine = match EngineProcess::spawn(
             &binary,

@@ -221,3 +221,25 @@ async fn cpu_starvation_turns_red_and_the_engine_is_replaced() {
     );
     h.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_see_the_model_by_its_metalmodel_name_not_a_path() {
+    let h = Harness::new(engine()).await;
+    let key = h.serve(h.desired("named", None)).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving && r.serving_port.is_some()).await;
+    let base = format!("http://127.0.0.1:{}", r.serving_port.unwrap());
+    let models: serde_json::Value = reqwest::get(format!("{base}/v1/models")).await.unwrap().json().await.unwrap();
+    assert_eq!(models["data"][0]["id"], "named", "{models}");
+    let answer: serde_json::Value = reqwest::Client::new()
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(answer["model"], "named", "{answer}");
+    assert!(!answer.to_string().contains(".gguf"), "no path on the Mac leaks: {answer}");
+    h.agent.shutdown().await;
+}

@@ -28,6 +28,8 @@ pub const AGENT_OWNED_FLAGS: &[(&str, &str)] = &[
     ("--path", "the agent serves no static files through the engine"),
     ("--no-slots", "the agent reads /slots"),
     ("--slots", "the agent enables it"),
+    ("-a", "the agent names the model after the MetalModel"),
+    ("--alias", "the agent names the model after the MetalModel"),
 ];
 
 /// Checks what the schema cannot say (relations between fields, owned flags). Returns every
