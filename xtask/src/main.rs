@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask setup | test | e2e | demo | bench | soak | crdgen`.
+//! Project tasks: `cargo xtask setup | test | check-macos | e2e | demo | bench | soak | crdgen`.
 
 mod bench;
 mod engine;
@@ -22,8 +22,13 @@ enum Task {
     /// Install what the tests and the demo need: Debian packages, llama-server (built once,
     /// cached under ~/.cache/metalkube), the tiny model.
     Setup,
-    /// setup, then fmt check, clippy -D warnings, and every test.
+    /// setup, then fmt check, clippy -D warnings (for Linux and for aarch64-apple-darwin), and
+    /// every test.
     Test,
+    /// clippy -D warnings on every crate for aarch64-apple-darwin, C code included (zig and
+    /// cargo-zigbuild from PyPI). It stops before the final link, which needs Apple's frameworks:
+    /// on a Mac, `cargo install --path crates/agent`.
+    CheckMacos,
     /// setup, then the loopback end-to-end scenario (API server, controller, two agents with
     /// mTLS, real engines) with its timeline.
     E2e,
@@ -81,6 +86,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().task {
         Task::Setup => setup().map(drop),
         Task::Test => test(),
+        Task::CheckMacos => setup().and_then(|installed| check_macos(&installed)),
         Task::E2e => e2e(),
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
@@ -206,6 +212,7 @@ fn test() -> anyhow::Result<()> {
     crdgen(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    check_macos(&installed)?;
     build_test_binaries()?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
@@ -213,6 +220,38 @@ fn test() -> anyhow::Result<()> {
         .envs(installed.tools.env())
         .env("RUST_BACKTRACE", "1"))?;
     Ok(())
+}
+
+const MACOS_TARGET: &str = "aarch64-apple-darwin";
+
+/// The agent's main platform, checked from Linux: every crate through clippy for the Mac target,
+/// with build scripts compiling their C code through zig. macOS-only code (host memory and GPU
+/// readers, libproc) is compiled here and nowhere else in CI.
+fn check_macos(installed: &Installed) -> anyhow::Result<()> {
+    let targets = Command::new("rustup").args(["target", "list", "--installed"]).output().context("running rustup")?;
+    if !String::from_utf8_lossy(&targets.stdout).lines().any(|t| t.trim() == MACOS_TARGET) {
+        run(Command::new("rustup").args(["target", "add", MACOS_TARGET]))?;
+    }
+    let venv_bin = installed.tools.venv.join("bin");
+    // cargo-zigbuild finds zig through the venv's python (the ziglang package).
+    let path = std::env::join_paths(
+        std::iter::once(venv_bin.clone()).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )?;
+    let mut check = Command::new(venv_bin.join("cargo-zigbuild"));
+    check.current_dir(root()).env("PATH", path).args([
+        "clippy",
+        "--target",
+        MACOS_TARGET,
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    if std::env::var_os("CARGO_BUILD_JOBS").is_none() {
+        check.env("CARGO_BUILD_JOBS", "2");
+    }
+    run(&mut check)
 }
 
 /// Tests of one crate start binaries of others (the simulator, the agent); build them first.

