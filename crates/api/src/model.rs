@@ -80,6 +80,22 @@ pub enum EnginePath {
     Metrics,
 }
 
+impl MetalModelSpec {
+    /// One replica of `source`, every other field at its default: what a MetalModel that
+    /// names only its model means.
+    pub fn for_source(source: impl Into<String>) -> Self {
+        Self {
+            model: ModelSource { source: source.into(), sha256: None },
+            engine: EngineSpec::default(),
+            replicas: default_replicas(),
+            node_selector: BTreeMap::new(),
+            admission: AdmissionSpec::default(),
+            pulse: PulseSpec::default(),
+            auth: None,
+        }
+    }
+}
+
 fn default_replicas() -> u32 {
     1
 }

@@ -136,18 +136,10 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Duration, ModelSource};
+    use crate::Duration;
 
     fn spec() -> MetalModelSpec {
-        MetalModelSpec {
-            model: ModelSource { source: "file:///models/m.gguf".into(), sha256: None },
-            engine: Default::default(),
-            replicas: 1,
-            node_selector: Default::default(),
-            admission: Default::default(),
-            pulse: Default::default(),
-            auth: None,
-        }
+        MetalModelSpec::for_source("file:///models/m.gguf")
     }
 
     #[test]

@@ -426,13 +426,5 @@ fn node_selector_keys_that_look_like_other_types_stay_strings() {
 }
 
 fn valid_spec_example() -> MetalModelSpec {
-    MetalModelSpec {
-        model: ModelSource { source: "file:///m.gguf".into(), sha256: None },
-        engine: Default::default(),
-        replicas: 1,
-        node_selector: Default::default(),
-        admission: Default::default(),
-        pulse: Default::default(),
-        auth: None,
-    }
+    MetalModelSpec::for_source("file:///m.gguf")
 }

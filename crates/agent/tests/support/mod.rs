@@ -10,7 +10,7 @@ use metalkube_agent::admission::ClientTimeouts;
 use metalkube_agent::report::ModelReport;
 use metalkube_agent::restart_backoff::BackoffConfig;
 use metalkube_agent::{Agent, AgentConfig, DesiredModel};
-use metalkube_api::{EngineSpec, MetalModelSpec, ModelSource, PulseSpec};
+use metalkube_api::{EngineSpec, MetalModelSpec, PulseSpec};
 
 /// Generous bound for any single wait: a guard, never a performance claim.
 pub const GUARD: Duration = Duration::from_secs(90);
@@ -135,7 +135,6 @@ impl Harness {
 
 pub fn fast_spec(source: &str) -> MetalModelSpec {
     MetalModelSpec {
-        model: ModelSource { source: source.to_owned(), sha256: None },
         engine: EngineSpec {
             context_size: 512,
             gpu_layers: 0,
@@ -144,9 +143,6 @@ pub fn fast_spec(source: &str) -> MetalModelSpec {
             extra_args: vec!["--threads".into(), "1".into()],
             startup_timeout: Duration::from_secs(60).into(),
         },
-        replicas: 1,
-        node_selector: Default::default(),
-        admission: Default::default(),
         pulse: PulseSpec {
             interval: ms(200),
             timeout: ms(1000),
@@ -155,7 +151,7 @@ pub fn fast_spec(source: &str) -> MetalModelSpec {
             red_streak: 2,
             drift: Default::default(),
         },
-        auth: None,
+        ..MetalModelSpec::for_source(source)
     }
 }
 
