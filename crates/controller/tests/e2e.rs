@@ -279,19 +279,11 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     timeline.logs.lock().unwrap().push(dir.join("controller.log"));
     let lease_name = format!("metalkube-e2e{}", cluster.suffix);
     let start_controller = || {
-        let timing = [
-            "--grace-period",
-            "3s",
-            "--heartbeat",
-            "2s",
-            "--keepalive",
-            "2s",
-            "--call-timeout",
-            "3s",
-            "--api-keys-resync",
-            "1s",
-        ];
-        let args: Vec<&str> = timing.into_iter().chain(["--namespace", &own_ns, "--lease-name", &lease_name]).collect();
+        let args: Vec<&str> = support::FAST_TIMINGS
+            .iter()
+            .copied()
+            .chain(["--api-keys-resync", "1s", "--namespace", &own_ns, "--lease-name", &lease_name])
+            .collect();
         support::start_controller(dir, &cluster.kubeconfig, metrics_port, &args)
     };
     let mut controller = start_controller();

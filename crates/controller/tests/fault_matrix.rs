@@ -1020,20 +1020,11 @@ impl Cluster {
     }
 
     fn start_controller(&mut self) {
-        let args = [
-            "--grace-period",
-            "3s",
-            "--heartbeat",
-            "2s",
-            "--keepalive",
-            "2s",
-            "--call-timeout",
-            "3s",
-            "--lease-duration",
-            "3s",
-            "--namespace",
-            "metalkube-system",
-        ];
+        let args: Vec<&str> = support::FAST_TIMINGS
+            .iter()
+            .copied()
+            .chain(["--lease-duration", "3s", "--namespace", "metalkube-system"])
+            .collect();
         self.controller = Some(start_controller(&self.dir, &self.kubeconfig, self.metrics_port, &args));
     }
 

@@ -34,6 +34,11 @@ pub fn write_controller_tls(dir: &Path, agent_ca: &TestCa, controller_ca: &TestC
     std::fs::write(dir.join("client.key"), client_pem.key).unwrap();
 }
 
+/// Controller timings for tests: an agent that stops answering is noticed, and called again,
+/// within seconds rather than the production defaults' half minute.
+pub const FAST_TIMINGS: &[&str] =
+    &["--grace-period", "3s", "--heartbeat", "2s", "--keepalive", "2s", "--call-timeout", "3s"];
+
 /// Starts `metalkube-controller` with the TLS files of `write_controller_tls` in `dir`, the API
 /// server of `kubeconfig`, `/metrics` on 127.0.0.1:`metrics_port`, `args` added, and its output
 /// appended to `dir`/controller.log.
