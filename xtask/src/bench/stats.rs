@@ -3,6 +3,8 @@
 //! targets saw the same moment of the machine: comparing them round by round cancels most of
 //! what a busy neighbour does to both.
 
+use std::collections::BTreeMap;
+
 /// One figure over the rounds: median and range (min–max).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spread {
@@ -144,6 +146,61 @@ impl Table {
     }
 }
 
+/// How to read one figure off a round's record, and how many decimals to print.
+pub type Figure<'a, T> = (&'a str, usize, &'a dyn Fn(&T) -> Option<f64>);
+
+/// The figure `f` of every round of `target` (none when the target has no rounds).
+pub fn rounds<T>(runs: &BTreeMap<&str, Vec<T>>, target: &str, f: &dyn Fn(&T) -> Option<f64>) -> Rounds {
+    runs.get(target).map(|v| v.iter().map(f).collect()).unwrap_or_default()
+}
+
+/// `f` of `target` minus `f` of `direct`, round by round: what the proxy adds.
+pub fn added<T>(runs: &BTreeMap<&str, Vec<T>>, target: &str, f: &dyn Fn(&T) -> Option<f64>) -> Rounds {
+    paired_diff(&rounds(runs, target, f), &rounds(runs, "direct", f))
+}
+
+impl Table {
+    /// One row per figure, a median [min–max] cell per target.
+    pub fn figure_rows<T>(&mut self, runs: &BTreeMap<&str, Vec<T>>, targets: &[&str], figures: &[Figure<'_, T>]) {
+        for (label, precision, f) in figures {
+            self.row(*label, targets.iter().map(|n| cell(spread(&rounds(runs, n, *f)), *precision)).collect());
+        }
+    }
+
+    /// One row per figure of what each target adds to `direct` (2 decimals; `-` for direct).
+    pub fn added_rows<T>(&mut self, runs: &BTreeMap<&str, Vec<T>>, targets: &[&str], figures: &[Figure<'_, T>]) {
+        for (label, precision, f) in figures {
+            let cells = targets
+                .iter()
+                .map(|n| if *n == "direct" { "-".into() } else { cell(spread(&added(runs, n, *f)), *precision) });
+            self.row(*label, cells.collect());
+        }
+    }
+
+    /// A goal row: ours, theirs, the round-by-round difference, the ratio of medians and in how
+    /// many rounds ours met the goal.
+    pub fn goal_row(
+        &mut self,
+        label: &str,
+        ours: &[Option<f64>],
+        theirs: &[Option<f64>],
+        precision: usize,
+        goal: Goal,
+    ) {
+        let diff = paired_diff(ours, theirs);
+        self.row(
+            label,
+            vec![
+                cell(spread(ours), precision),
+                cell(spread(theirs), precision),
+                cell(spread(&diff), precision),
+                ratio(spread(ours), spread(theirs)),
+                verdict(ours, theirs, goal),
+            ],
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,5 +229,19 @@ mod tests {
         assert_eq!(verdict(&ours, &theirs, Goal::AtMost), "split (1/2 rounds)");
         assert_eq!(verdict(&ours[..1], &theirs[..1], Goal::AtMost), "MET (1/1 rounds)");
         assert_eq!(paired_diff(&ours, &theirs), vec![Some(-1.0), Some(1.0), None]);
+    }
+
+    #[test]
+    fn rows_read_each_target_and_subtract_direct_round_by_round() {
+        let runs: BTreeMap<&str, Vec<f64>> =
+            BTreeMap::from([("direct", vec![1.0, 2.0]), ("proxy", vec![1.5, 3.0]), ("other", vec![1.2, 2.2])]);
+        let value = |x: &f64| Some(*x);
+        let mut t = Table::new("t", &["direct", "proxy"]);
+        t.figure_rows(&runs, &["direct", "proxy"], &[("value", 1, &value)]);
+        t.added_rows(&runs, &["direct", "proxy"], &[("added", 1, &value)]);
+        t.goal_row("goal", &added(&runs, "proxy", &value), &added(&runs, "other", &value), 1, Goal::AtMost);
+        assert_eq!(t.rows[0].1, ["1.5 [1.0–2.0]", "2.2 [1.5–3.0]"]);
+        assert_eq!(t.rows[1].1, ["-", "0.8 [0.5–1.0]"]);
+        assert_eq!(t.rows[2].1[4], "NOT MET (0/2 rounds)");
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::stats::{Goal, Rounds, Table, cell, paired_diff, ratio, spread, verdict};
+use super::stats::{Figure, Goal, Table, added, rounds};
 use super::{Ctx, Options, Rig, RigSpec, Target, machine, nginx_conf, procfs, start_rig};
 
 #[derive(Debug, Clone, Default)]
@@ -219,10 +219,6 @@ fn one_run(ctx: &mut Ctx, rig: &Rig, t: &Target, opts: &Options, body: &str) -> 
 }
 
 fn tables(runs: &BTreeMap<&str, Vec<Run>>, opts: &Options) -> String {
-    let get = |name: &str, f: &dyn Fn(&Run) -> Option<f64>| -> Rounds {
-        runs.get(name).map(|v| v.iter().map(f).collect()).unwrap_or_default()
-    };
-    let added = |name: &str, f: &dyn Fn(&Run) -> Option<f64>| paired_diff(&get(name, f), &get("direct", f));
     let mut t = Table::new(
         format!(
             "{} SSE streams, a token every {} ms — median [min–max] of {} rounds",
@@ -230,8 +226,7 @@ fn tables(runs: &BTreeMap<&str, Vec<Run>>, opts: &Options) -> String {
         ),
         &TARGETS,
     );
-    type Fig<'a> = (&'a str, usize, &'a dyn Fn(&Run) -> Option<f64>);
-    let figures: [Fig; 15] = [
+    let figures: [Figure<Run>; 15] = [
         ("streams completed", 0, &|r| r.completed),
         ("stream errors", 0, &|r| r.errors),
         ("peak streams open at once", 0, &|r| r.peak_open),
@@ -248,42 +243,23 @@ fn tables(runs: &BTreeMap<&str, Vec<Run>>, opts: &Options) -> String {
         ("engine RSS growth KiB/stream", 1, &|r| r.upstream_kib_per_stream),
         ("neighbours' load, cores", 2, &|r| r.neighbours),
     ];
-    for (label, precision, f) in figures {
-        t.row(label, TARGETS.iter().map(|n| cell(spread(&get(n, f)), precision)).collect());
-    }
-    for (label, f) in [
-        ("added chunk p50 ms vs direct", &(|r: &Run| r.p50) as &dyn Fn(&Run) -> Option<f64>),
-        ("added chunk p99 ms vs direct", &|r: &Run| r.p99),
-    ] {
-        t.row(
-            label,
-            TARGETS.iter().map(|n| if *n == "direct" { "-".into() } else { cell(spread(&added(n, f)), 2) }).collect(),
-        );
-    }
+    t.figure_rows(runs, &TARGETS, &figures);
+    let p50: &dyn Fn(&Run) -> Option<f64> = &|r| r.p50;
+    let p99: &dyn Fn(&Run) -> Option<f64> = &|r| r.p99;
+    t.added_rows(runs, &TARGETS, &[("added chunk p50 ms vs direct", 2, p50), ("added chunk p99 ms vs direct", 2, p99)]);
     let mut out = t.render();
+    let growth: &dyn Fn(&Run) -> Option<f64> = &|r| r.kib_per_stream;
+    let cpu: &dyn Fn(&Run) -> Option<f64> = &|r| r.proxy_cpu;
     for other in ["nginx", "haproxy"] {
         let mut g = Table::new(
             format!("metalkube against {other}, compared round by round"),
             &["metalkube", other, &format!("metalkube − {other}"), "ratio of medians", "goal"],
         );
-        let rows: [(&str, Rounds, Rounds, usize); 4] = [
-            ("added chunk p99 ms ≤", added("metalkube", &|r| r.p99), added(other, &|r| r.p99), 2),
-            ("added chunk p50 ms ≤", added("metalkube", &|r| r.p50), added(other, &|r| r.p50), 2),
-            ("RSS growth KiB/stream ≤", get("metalkube", &|r| r.kib_per_stream), get(other, &|r| r.kib_per_stream), 1),
-            ("CPU ms/1k chunks ≤", get("metalkube", &|r| r.proxy_cpu), get(other, &|r| r.proxy_cpu), 1),
-        ];
-        for (label, ours, theirs, precision) in rows {
-            let diff = paired_diff(&ours, &theirs);
-            g.row(
-                label,
-                vec![
-                    cell(spread(&ours), precision),
-                    cell(spread(&theirs), precision),
-                    cell(spread(&diff), precision),
-                    ratio(spread(&ours), spread(&theirs)),
-                    verdict(&ours, &theirs, Goal::AtMost),
-                ],
-            );
+        for (label, f) in [("added chunk p99 ms ≤", p99), ("added chunk p50 ms ≤", p50)] {
+            g.goal_row(label, &added(runs, "metalkube", f), &added(runs, other, f), 2, Goal::AtMost);
+        }
+        for (label, f) in [("RSS growth KiB/stream ≤", growth), ("CPU ms/1k chunks ≤", cpu)] {
+            g.goal_row(label, &rounds(runs, "metalkube", f), &rounds(runs, other, f), 1, Goal::AtMost);
         }
         out.push_str(&g.render());
     }
