@@ -327,18 +327,30 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let mut failures: Vec<ControllerError> = Vec::new();
     let generation = model.metadata.generation.unwrap_or(0);
     let uid = model.uid().unwrap_or_default();
-    let keys = api_key_digests(model, ctx).await?;
-    let keys_fingerprint = keys.as_deref().map(fingerprint).unwrap_or_default();
-    for node in &assigned {
-        let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
-        let current = view.models.get(&key);
-        let up_to_date = current
-            .is_some_and(|s| s.uid == uid && s.generation >= generation && s.api_keys_fingerprint == keys_fingerprint);
-        if !view.connected || up_to_date {
-            continue;
+    // Without its keys the model cannot be told to anyone (never with fewer keys than asked
+    // for), but the status, the endpoints and the replicas leaving are still written.
+    let request = match api_key_digests(model, ctx).await {
+        Ok(keys) => {
+            let fingerprint = keys.as_deref().map(fingerprint).unwrap_or_default();
+            Some((ensure_request(model, keys.as_deref())?, fingerprint))
         }
-        if let Err(e) = client.ensure_model(ensure_request(model, keys.as_deref())?).await {
+        Err(e) => {
             failures.push(e);
+            None
+        }
+    };
+    if let Some((request, keys_fingerprint)) = &request {
+        for node in &assigned {
+            let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
+            let up_to_date = view.models.get(&key).is_some_and(|s| {
+                s.uid == uid && s.generation >= generation && s.api_keys_fingerprint == *keys_fingerprint
+            });
+            if !view.connected || up_to_date {
+                continue;
+            }
+            if let Err(e) = client.ensure_model(request.clone()).await {
+                failures.push(e);
+            }
         }
     }
     let leaving: Vec<String> = holders(&key, &views).into_iter().filter(|n| !assigned.contains(n)).collect();
