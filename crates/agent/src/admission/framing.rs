@@ -80,12 +80,6 @@ impl Default for Scanner {
     }
 }
 
-fn trim(bytes: &[u8]) -> &[u8] {
-    let start = bytes.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(bytes.len());
-    let end = bytes.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
-    &bytes[start..end.max(start)]
-}
-
 impl Scanner {
     /// The verdict of the next request the handler sees (None: no judgement, take it as clear).
     pub fn next_verdict(&mut self) -> Option<Framing> {
@@ -120,7 +114,7 @@ impl Scanner {
                         return;
                     };
                     line.extend_from_slice(&data[..nl]);
-                    let size = trim(line.split(|b| *b == b';').next().unwrap_or_default());
+                    let size = line.split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
                     let size = std::str::from_utf8(size).ok().and_then(|s| u64::from_str_radix(s, 16).ok());
                     self.state = match size {
                         Some(0) => State::Trailers { line: Vec::new() },
@@ -153,7 +147,7 @@ impl Scanner {
                         return;
                     };
                     line.extend_from_slice(&data[..nl]);
-                    self.state = if trim(&line).is_empty() {
+                    self.state = if line.trim_ascii().is_empty() {
                         State::Head(Head::default())
                     } else {
                         State::Trailers { line: Vec::new() }
@@ -166,7 +160,7 @@ impl Scanner {
 
     /// One complete head line (without its LF): the next state.
     fn head_line(&mut self, mut head: Head) -> State {
-        let line = trim(&head.line).to_vec();
+        let line = head.line.trim_ascii().to_vec();
         head.line.clear();
         if !head.request_line_seen {
             if line.is_empty() {
@@ -183,14 +177,16 @@ impl Scanner {
             return self.end_of_head(head);
         }
         let Some(colon) = line.iter().position(|b| *b == b':') else { return State::Lost };
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
         if name.eq_ignore_ascii_case(b"content-length") {
             head.content_lengths += 1;
             head.content_length = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             head.transfer_encoding = true;
-            head.chunked =
-                value.rsplit(|b| *b == b',').next().is_some_and(|last| trim(last).eq_ignore_ascii_case(b"chunked"));
+            head.chunked = value
+                .rsplit(|b| *b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"upgrade") {
             head.upgrade = true;
         }
