@@ -18,6 +18,9 @@ use serde_json::{Value, json};
 use support::{GUARD, Harness, signal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// Well inside the 60 s pulse interval of the stall tests: a pulse sooner was triggered.
+const PROMPTLY: Duration = Duration::from_secs(20);
+
 async fn serving(h: &Harness, key: &str) -> (String, ModelReport) {
     let r = h.wait_for(key, "serving", |r| r.phase == Phase::Serving && r.serving_port.is_some()).await;
     (format!("http://127.0.0.1:{}", r.serving_port.unwrap()), r)
@@ -356,7 +359,13 @@ async fn a_stream_the_engine_stops_feeding_is_ended_and_the_engine_checked() {
         &text[text.len().saturating_sub(400)..]
     );
     // The stall made the supervisor look at the engine at once, not a minute later.
-    h.wait_for(&key, "a pulse after the stall", |r| r.pulse_history.len() > pulses_before).await;
+    // The regular pulse is 60 s away: one within PROMPTLY is the stall's doing.
+    tokio::time::timeout(
+        PROMPTLY,
+        h.wait_for(&key, "a pulse after the stall", |r| r.pulse_history.len() > pulses_before),
+    )
+    .await
+    .expect("the stall triggers a pulse, not the 60 s interval");
     let metrics = h.metrics().await;
     assert!(metrics.contains(r#"metalkube_agent_stalls_total{model="default/stalling",kind="stream"} 1"#), "{metrics}");
     signal(engine_pid, nix::sys::signal::Signal::SIGCONT);
@@ -380,7 +389,12 @@ async fn a_request_the_engine_does_not_answer_in_time_gets_504_and_the_engine_ch
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["error"]["code"], "request_timeout", "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("requestTimeout"), "{body}");
-    h.wait_for(&key, "a pulse after the timeout", |r| r.pulse_history.len() > pulses_before).await;
+    tokio::time::timeout(
+        PROMPTLY,
+        h.wait_for(&key, "a pulse after the timeout", |r| r.pulse_history.len() > pulses_before),
+    )
+    .await
+    .expect("the timeout triggers a pulse, not the 60 s interval");
     let metrics = h.metrics().await;
     assert!(
         metrics.contains(r#"metalkube_agent_stalls_total{model="default/slowpoke",kind="request"} 1"#),

@@ -200,7 +200,7 @@ async fn soak() {
     // Kept after the run: when the soak fails, the agent's own account says why.
     let agent_log = std::env::temp_dir().join("metalkube-soak-agent.log");
     let log = std::fs::File::create(&agent_log).unwrap();
-    let agent = Agent(
+    let mut agent = Agent(
         Command::new(metalkube_testkit::workspace_binary("metalkube-agent", "metalkube-agent"))
             .arg("run")
             .arg("--models-dir")
@@ -373,6 +373,8 @@ async fn soak() {
     {
         println!("{line}");
     }
+    // A dead agent reads as drained, with no fds and no memory: make sure it is alive.
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent is still running after the soak");
     assert!(drained.is_ok(), "in-flight and queued work drained back to 0");
     assert_eq!(load(&t.lost), 0, "no request went unanswered");
     assert!(load(&t.refused) > 0, "the overload was refused in part (5x is more than the engine takes)");
