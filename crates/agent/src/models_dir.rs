@@ -147,15 +147,19 @@ pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Ag
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
         .map_err(|e| AgentError::ModelsDir { path: dir.clone(), message: e.to_string() })?;
-    if secrets_dir.is_dir() {
-        // A mounted Secret swaps a symlink in its directory when it changes.
-        watcher
-            .watch(&secrets_dir, RecursiveMode::Recursive)
-            .map_err(|e| AgentError::ModelsDir { path: secrets_dir.clone(), message: e.to_string() })?;
-    }
-
+    let mut watching_secrets = false;
     let mut reported = BTreeMap::new();
     loop {
+        // The secrets directory may appear after the start (the default one inside the models
+        // directory, whose creation wakes a scan): watch it from then on, before scanning, so a
+        // key written in between is read by this scan or wakes the next. A mounted Secret swaps
+        // a symlink in its directory when it changes, hence recursive.
+        if !watching_secrets && secrets_dir.is_dir() {
+            watcher
+                .watch(&secrets_dir, RecursiveMode::Recursive)
+                .map_err(|e| AgentError::ModelsDir { path: secrets_dir.clone(), message: e.to_string() })?;
+            watching_secrets = true;
+        }
         let scan = models_dir.scan()?;
         log_changed_errors(&reported, &scan.errors);
         reported.clone_from(&scan.errors);

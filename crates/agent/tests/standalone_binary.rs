@@ -1,5 +1,6 @@
 //! The `metalkube-agent` binary in standalone mode, as a user runs it: MetalModel YAML files in a
-//! directory, edits picked up live, and no orphan engines after the agent itself is SIGKILLed.
+//! directory, edits picked up live, API keys from a secrets directory made after the start, and
+//! no orphan engines after the agent itself is SIGKILLed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -160,4 +161,56 @@ async fn serves_a_directory_follows_edits_and_leaves_no_orphans() {
     let status = agent.child.wait().unwrap();
     assert!(status.success(), "{status}");
     assert!(!is_running(alpha_now), "engines stop with the agent");
+}
+
+/// What the serving port answers a chat request with this key (None: no key).
+async fn status_with_key(port: u64, key: Option<&str>) -> u16 {
+    let mut req = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{port}/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}));
+    if let Some(key) = key {
+        req = req.bearer_auth(key);
+    }
+    req.send().await.map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+/// Polls until the port answers `want` to `key`: key files are read on filesystem events.
+async fn wait_status(port: u64, key: Option<&str>, want: u16) {
+    let deadline = tokio::time::Instant::now() + GUARD;
+    let mut last = 0;
+    while tokio::time::Instant::now() < deadline {
+        last = status_with_key(port, key).await;
+        if last == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("key {key:?}: wanted {want}, last {last}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_written_after_the_start_guard_the_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let model = metalkube_testkit::tiny_model(&models);
+    let yaml = format!("{}  auth: {{apiKeySecretRef: {{name: keys, key: keys}}}}\n", model_yaml("keyed", &model, "1s"));
+    std::fs::write(models.join("k.yaml"), yaml).unwrap();
+    let agent = start_agent(&models, &dir.path().join("state"));
+    let list = wait_models(&agent, "serving keyed", |m| serving(m, "keyed").is_some()).await;
+    let port = list.iter().find(|m| m["name"] == "keyed").and_then(|m| m["servingPort"].as_u64()).unwrap();
+    // No secrets directory yet: nobody is let in (never everybody).
+    assert_eq!(status_with_key(port, Some("k1")).await, 401);
+
+    // The default secrets directory appears after the start, key file and all.
+    let keys = models.join("secrets/keys");
+    std::fs::create_dir_all(&keys).unwrap();
+    std::fs::write(keys.join("keys"), "k1\n").unwrap();
+    wait_status(port, Some("k1"), 200).await;
+    assert_eq!(status_with_key(port, None).await, 401);
+
+    // A rotation inside it is followed too.
+    std::fs::write(keys.join("keys"), "k2\n").unwrap();
+    wait_status(port, Some("k1"), 401).await;
+    assert_eq!(status_with_key(port, Some("k2")).await, 200);
 }
