@@ -9,10 +9,10 @@ use std::time::Duration;
 use metalkube_api::MetalModelSpec;
 
 use crate::AgentError;
+use crate::download::remote::Token;
+use crate::download::{DownloadConfig, Downloader};
 use crate::memory_ledger::MemoryLedger;
 use crate::metrics::Metrics;
-use crate::model_download::download_client;
-use crate::model_file::Downloads;
 use crate::ports::PortPool;
 use crate::restart_backoff::BackoffConfig;
 
@@ -36,8 +36,8 @@ pub struct AgentConfig {
     /// Memory engines may use; a model whose estimate alone exceeds it is refused rather than
     /// started into swap. None: no limit (standalone mode).
     pub memory_budget_bytes: Option<u64>,
-    /// Extra CA (PEM) trusted for `https://` model downloads, besides the system's roots.
-    pub download_ca_pem: Option<String>,
+    /// Remote model sources: trusted CAs, the hub, its token, the cache limit.
+    pub downloads: DownloadConfig,
 }
 
 /// A model the agent has been asked to serve.
@@ -51,6 +51,8 @@ pub struct DesiredModel {
     pub base_dir: Option<PathBuf>,
     /// Who may use the serving port (digests of `spec.auth`'s keys).
     pub api_keys: crate::api_keys::ApiKeys,
+    /// The hub token from `spec.model.tokenSecretRef` (cluster mode), before the agent's own.
+    pub hub_token: Option<Token>,
 }
 
 impl DesiredModel {
@@ -71,7 +73,7 @@ pub struct AgentContext {
     pub serving_ports: PortPool,
     pub metrics: Arc<Metrics>,
     pub http: reqwest::Client,
-    pub downloads: Downloads,
+    pub downloads: Downloader,
     /// Which models hold how much of `memory_budget_bytes`.
     pub memory: MemoryLedger,
 }
@@ -83,10 +85,7 @@ impl AgentContext {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| AgentError::HttpClient(e.to_string()))?;
-        let downloads = Downloads {
-            client: download_client(config.download_ca_pem.as_deref()).map_err(AgentError::HttpClient)?,
-            cache_dir: config.state_dir.join("models"),
-        };
+        let downloads = Downloader::new(config.state_dir.join("models"), config.downloads.clone())?;
         Ok(Self {
             downloads,
             memory: MemoryLedger::new(config.memory_budget_bytes),

@@ -10,8 +10,12 @@ use metalkube_api::MetalModelSpec;
 use serde::{Deserialize, Serialize};
 
 use crate::AgentError;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+
 use crate::api_keys::{ApiKeys, KeyDigest};
 use crate::context::DesiredModel;
+use crate::download::remote::Token;
 
 /// A SHA-256 digest written as 64 hex characters.
 pub fn hex_digest(hex: &str) -> Option<KeyDigest> {
@@ -35,6 +39,10 @@ pub struct Record {
     /// SHA-256 digests (hex) of the accepted API keys when `spec.auth` asks for keys; never keys.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_key_sha256: Vec<String>,
+    /// The hub token from spec.model.tokenSecretRef, kept so a download can resume after an
+    /// agent restart without the controller (the store is the agent's, 0600 like its TLS key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hub_token: Option<String>,
 }
 
 impl Record {
@@ -49,6 +57,7 @@ impl Record {
             spec: self.spec.clone(),
             base_dir: None,
             api_keys: self.api_keys(),
+            hub_token: self.hub_token.as_deref().and_then(Token::new),
         }
     }
 
@@ -108,7 +117,10 @@ impl DesiredStore {
         let io = |source| AgentError::StateDir { path: path.clone(), source };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| io(std::io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, json).map_err(io)?;
+        // Owner-only: a record may hold a hub token.
+        let mut file =
+            std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
+        file.write_all(&json).map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
         self.lock().insert(record.key(), record);
         Ok(())
@@ -135,7 +147,15 @@ mod tests {
 
     fn record(name: &str, generation: i64) -> Record {
         let spec = serde_json::from_value(serde_json::json!({"model": {"source": "file:///m.gguf"}})).unwrap();
-        Record { namespace: "ns".into(), name: name.into(), uid: "u1".into(), generation, spec, api_key_sha256: vec![] }
+        Record {
+            namespace: "ns".into(),
+            name: name.into(),
+            uid: "u1".into(),
+            generation,
+            spec,
+            api_key_sha256: vec![],
+            hub_token: None,
+        }
     }
 
     #[test]

@@ -22,6 +22,69 @@ pub enum AgentError {
     HttpClient(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("--download-ca: {0}")]
+    DownloadCa(String),
+    #[error("downloading {url}: {problem}")]
+    Download { url: String, problem: String },
+    #[error("downloading {url}")]
+    DownloadRequest {
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("downloading {url}: interrupted after {after_bytes} bytes")]
+    DownloadInterrupted {
+        url: String,
+        after_bytes: u64,
+        #[source]
+        source: hyper::Error,
+    },
+    #[error(
+        "downloading {url}: HTTP {status}: the host wants a valid token; give one with HF_TOKEN or --hf-token-file \
+         (in a cluster: spec.model.tokenSecretRef), and for a gated repository accept its terms on the hub first"
+    )]
+    DownloadDenied { url: String, status: u16 },
+    #[error("downloaded {what} ({size} bytes) has sha256 {got}, {want_from} wants {want}")]
+    DigestMismatch { what: String, size: u64, got: String, want: String, want_from: &'static str },
+    #[error(
+        "spec.model.sha256 wants {spec}, but the hub says {url} has sha256 {hub}; check the revision and the digest"
+    )]
+    DigestConflict { url: String, hub: String, spec: String },
+    #[error("model cache {}", path.display())]
+    ModelCache {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the disk holding the model cache {} is full after {written}{} bytes; free space there or give the agent another --state-dir",
+        dir.display(), of_size(*size)
+    )]
+    CacheDiskFull {
+        dir: PathBuf,
+        written: u64,
+        size: Option<u64>,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("writing {} failed after {written}{} bytes", path.display(), of_size(*size))]
+    CacheWrite {
+        path: PathBuf,
+        written: u64,
+        size: Option<u64>,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "model cache {}: the download needs {need} more bytes, only {free} are free; free space there, \
+         set --model-cache-max-bytes so unused models are removed, or give the agent another --state-dir",
+        dir.display()
+    )]
+    NoSpace { dir: PathBuf, need: u64, free: u64 },
+}
+
+fn of_size(size: Option<u64>) -> String {
+    size.map_or_else(String::new, |s| format!(" of {s}"))
 }
 
 /// An error with its causes, "outer: inner: innermost", for logs: the outer message alone often

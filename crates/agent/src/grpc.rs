@@ -71,6 +71,11 @@ impl AgentService {
             memory_bytes: report.memory_bytes.unwrap_or(0),
             api_keys_fingerprint: record_keys.map(|k| k.fingerprint()).unwrap_or_default(),
             serving_since_unix_ms: report.serving_since_ms.unwrap_or(0),
+            download: report.download.as_ref().map(|d| pb::DownloadProgress {
+                done_bytes: d.done_bytes,
+                total_bytes: d.total_bytes.unwrap_or(0),
+                bytes_per_second: d.bytes_per_second.unwrap_or(0.0),
+            }),
         }
     }
 }
@@ -157,6 +162,7 @@ impl AgentApi for AgentService {
         let applied = current
             .as_ref()
             .is_some_and(|c| c.uid == req.uid && c.generation >= req.generation && c.api_key_sha256 == digests);
+        let hub_token = Some(req.hub_token.trim().to_owned()).filter(|t| !t.is_empty());
         if !applied {
             let record = Record {
                 namespace: m.namespace,
@@ -165,6 +171,7 @@ impl AgentApi for AgentService {
                 generation: req.generation,
                 spec,
                 api_key_sha256: digests,
+                hub_token,
             };
             // Persist first: what the agent acknowledges, it serves again after a restart.
             self.store.put(record.clone()).map_err(internal)?;

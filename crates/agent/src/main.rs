@@ -5,6 +5,8 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use metalkube_agent::admission::ClientTimeouts;
 use metalkube_agent::desired_store::DesiredStore;
+use metalkube_agent::download::DownloadConfig;
+use metalkube_agent::download::remote::Token;
 use metalkube_agent::grpc::{AgentService, GrpcTls, serve_grpc};
 use metalkube_agent::models_dir::follow_models_dir;
 use metalkube_agent::restart_backoff::BackoffConfig;
@@ -109,6 +111,17 @@ struct CommonArgs {
     /// Extra CA certificate (PEM) trusted for https:// model downloads, e.g. a private mirror's.
     #[arg(long, env = "METALKUBE_DOWNLOAD_CA")]
     download_ca: Option<PathBuf>,
+    /// The hub hf:// sources are fetched from.
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    hf_endpoint: String,
+    /// File holding a hub token (for gated or private repositories); default: the HF_TOKEN
+    /// environment variable. A model's spec.model.tokenSecretRef (in a cluster) comes first.
+    #[arg(long, env = "METALKUBE_HF_TOKEN_FILE")]
+    hf_token_file: Option<PathBuf>,
+    /// Largest size of the model cache (<state-dir>/models), in bytes: beyond it, files no
+    /// model uses are removed, least recently used first. Default: no limit.
+    #[arg(long, env = "METALKUBE_MODEL_CACHE_MAX_BYTES")]
+    model_cache_max_bytes: Option<u64>,
     /// Threads running the agent's tasks (blocking work has its own pool). The engine, not the
     /// proxy, bounds a model's throughput: one thread has CPU for about 30,000 proxied requests
     /// a second, and a second one costs CPU on every request in wake-ups between them (about
@@ -161,7 +174,19 @@ async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyh
         stop_grace: args.stop_grace,
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
         memory_budget_bytes,
-        download_ca_pem: args.download_ca.as_deref().map(|p| read(p, "--download-ca")).transpose()?,
+        downloads: DownloadConfig {
+            ca_pem: args.download_ca.as_deref().map(|p| read(p, "--download-ca")).transpose()?,
+            hub_endpoint: args.hf_endpoint.clone(),
+            hub_token: match &args.hf_token_file {
+                Some(path) => Some(
+                    Token::new(&read(path, "--hf-token-file")?)
+                        .with_context(|| format!("--hf-token-file {} is empty", path.display()))?,
+                ),
+                None => std::env::var("HF_TOKEN").ok().as_deref().and_then(Token::new),
+            },
+            cache_max_bytes: args.model_cache_max_bytes,
+            ..DownloadConfig::default()
+        },
     };
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state directory {}", config.state_dir.display()))?;

@@ -113,6 +113,11 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub circuit_state: Family<ModelLabels, Gauge>,
     pub stalls: Family<StallLabels, Counter>,
+    pub download_done: Family<ModelLabels, Gauge>,
+    pub download_size: Family<ModelLabels, Gauge>,
+    pub download_rate: Family<ModelLabels, F64Gauge>,
+    pub download_received: Counter,
+    pub download_resumes: Counter,
     pub host: Arc<HostCollector>,
 }
 
@@ -149,6 +154,11 @@ impl Metrics {
             rejections: Family::default(),
             circuit_state: Family::default(),
             stalls: Family::default(),
+            download_done: Family::default(),
+            download_size: Family::default(),
+            download_rate: Family::default(),
+            download_received: Counter::default(),
+            download_resumes: Counter::default(),
             host: Arc::new(HostCollector::default()),
         };
         {
@@ -159,6 +169,7 @@ impl Metrics {
             m.register_pulse(&mut r);
             m.register_engine(&mut r);
             m.register_serving(&mut r);
+            m.register_download(&mut r);
             r.register_collector(Box::new(m.host.clone()));
         }
         Arc::new(m)
@@ -207,6 +218,67 @@ impl Metrics {
             Unit::Seconds,
             self.decode_per_token.clone(),
         );
+    }
+
+    fn register_download(&self, r: &mut Registry) {
+        r.register_with_unit(
+            "model_download",
+            "Bytes of the model's files on disk while it downloads (resumed bytes included)",
+            Unit::Bytes,
+            self.download_done.clone(),
+        );
+        r.register_with_unit(
+            "model_download_size",
+            "Size of the model's files while it downloads, once the server has said",
+            Unit::Bytes,
+            self.download_size.clone(),
+        );
+        r.register(
+            "model_download_rate_bytes_per_second",
+            "Recent download rate of the model's files",
+            self.download_rate.clone(),
+        );
+        r.register_with_unit(
+            "download_received",
+            "Model bytes received over the network",
+            Unit::Bytes,
+            self.download_received.clone(),
+        );
+        r.register(
+            "download_resumes",
+            "Downloads continued from a partial file after a cut",
+            self.download_resumes.clone(),
+        );
+    }
+
+    /// A model's download progress, or None to drop its series when no download runs.
+    pub fn set_download(&self, model: &str, progress: Option<&metalkube_api::DownloadProgress>) {
+        let labels = ModelLabels { model: model.to_owned() };
+        match progress {
+            Some(p) => {
+                self.download_done.get_or_create(&labels).set(i64::try_from(p.done_bytes).unwrap_or(i64::MAX));
+                match p.total_bytes {
+                    Some(t) => {
+                        self.download_size.get_or_create(&labels).set(i64::try_from(t).unwrap_or(i64::MAX));
+                    }
+                    None => {
+                        self.download_size.remove(&labels);
+                    }
+                }
+                self.download_rate.get_or_create(&labels).set(p.bytes_per_second.unwrap_or(0.0));
+            }
+            None => {
+                self.download_done.remove(&labels);
+                self.download_size.remove(&labels);
+                self.download_rate.remove(&labels);
+            }
+        }
+    }
+
+    /// Bytes that came over the network for one file, and how often it was resumed.
+    pub fn downloaded(&self, received_bytes: u64, resumes: u64) {
+        self.download_received.inc_by(received_bytes);
+        self.download_resumes.inc_by(resumes);
     }
 
     fn register_engine(&self, r: &mut Registry) {

@@ -5,8 +5,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use metalkube_api::{SUPPORTED_SOURCES, parse_source};
+
 use crate::context::DesiredModel;
-use crate::model_download::fetch_model;
+use crate::download::{Downloader, Fetch};
 
 /// A model file checked and ready to load.
 pub struct ResolvedModel {
@@ -16,32 +18,26 @@ pub struct ResolvedModel {
     pub memory_bytes: Option<u64>,
 }
 
-/// Where downloaded models are kept, and the client that fetches them.
-pub struct Downloads {
-    pub client: crate::model_download::DownloadClient,
-    pub cache_dir: PathBuf,
+/// Where a model's file is: on this machine already, or to be fetched into the cache.
+pub enum ModelLocation<'a> {
+    Local(PathBuf),
+    Remote(Fetch<'a>),
 }
 
-pub async fn resolve_model_file(desired: &DesiredModel, downloads: &Downloads) -> Result<ResolvedModel, String> {
+pub fn locate<'a>(desired: &DesiredModel, downloads: &'a Downloader) -> Result<ModelLocation<'a>, String> {
     let source = &desired.spec.model.source;
-    let want_hash = desired.spec.model.sha256.as_deref();
-    // A download is verified as it lands and named by its hash; hashing it again on every start
-    // would cost a read of the whole file.
-    let (path, verified) = if source.starts_with("https://") {
-        (fetch_model(&downloads.client, &downloads.cache_dir, source, want_hash).await?, want_hash.is_some())
-    } else {
-        (local_path(desired)?, false)
-    };
-    check_model(desired, path, verified).await
+    let parsed =
+        parse_source(source).map_err(|e| format!("spec.model.source: {e} (supported: {SUPPORTED_SOURCES})"))?;
+    match downloads.plan(&parsed, desired.spec.model.sha256.as_deref(), desired.hub_token.as_ref()) {
+        Some(fetch) => Ok(ModelLocation::Remote(fetch)),
+        None => local_path(desired).map(ModelLocation::Local),
+    }
 }
 
 fn local_path(desired: &DesiredModel) -> Result<PathBuf, String> {
     let source = &desired.spec.model.source;
     let Some(rest) = source.strip_prefix("file:") else {
-        let scheme = source.split(':').next().unwrap_or(source);
-        return Err(format!(
-            "spec.model.source {source:?}: this agent cannot fetch {scheme}: sources; supported: file:, https://"
-        ));
+        return Err(format!("spec.model.source {source:?} is not a file: source"));
     };
     // file:///abs, file:/abs and file:relative all name a path.
     let raw = rest.strip_prefix("//").unwrap_or(rest);
@@ -61,7 +57,13 @@ fn local_path(desired: &DesiredModel) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-async fn check_model(desired: &DesiredModel, path: PathBuf, verified: bool) -> Result<ResolvedModel, String> {
+/// Reads the header (and checks `spec.model.sha256` unless `known_sha256`, the digest computed
+/// when a download landed, already answers it).
+pub async fn check_model(
+    desired: &DesiredModel,
+    path: PathBuf,
+    known_sha256: Option<String>,
+) -> Result<ResolvedModel, String> {
     let source = &desired.spec.model.source;
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
@@ -83,12 +85,17 @@ async fn check_model(desired: &DesiredModel, path: PathBuf, verified: bool) -> R
     };
     let memory_bytes =
         metalkube_gguf::estimate_memory(&header, u64::from(desired.spec.engine.context_size)).map(|e| e.total());
-    if let Some(want) = desired.spec.model.sha256.as_ref().filter(|_| !verified) {
-        let hash_path = path.clone();
-        let got = tokio::task::spawn_blocking(move || sha256_file(&hash_path))
-            .await
-            .map_err(|e| format!("hashing {}: {e}", path.display()))?
-            .map_err(|e| format!("hashing {}: {e}", path.display()))?;
+    if let Some(want) = desired.spec.model.sha256.as_ref() {
+        let got = match known_sha256 {
+            Some(known) => known,
+            None => {
+                let hash_path = path.clone();
+                tokio::task::spawn_blocking(move || sha256_file(&hash_path))
+                    .await
+                    .map_err(|e| format!("hashing {}: {e}", path.display()))?
+                    .map_err(|e| format!("hashing {}: {e}", path.display()))?
+            }
+        };
         if &got != want {
             return Err(format!("{} has sha256 {got}, spec.model.sha256 wants {want}", path.display()));
         }

@@ -93,6 +93,7 @@ impl ModelsDir {
                                 spec: m.spec,
                                 base_dir: base.clone(),
                                 api_keys: Default::default(),
+                                hub_token: None,
                             }
                         })
                         .collect();

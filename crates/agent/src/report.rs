@@ -55,6 +55,8 @@ pub struct ModelReport {
     /// When this replica first served, in milliseconds since the Unix epoch; kept across engine
     /// restarts (its seniority on the node).
     pub serving_since_ms: Option<u64>,
+    /// While the phase is `Downloading`: bytes done and total, rate and ETA.
+    pub download: Option<metalkube_api::DownloadProgress>,
 }
 
 impl ModelReport {
@@ -84,6 +86,7 @@ impl ModelReport {
             pulse_history: VecDeque::new(),
             memory_bytes: None,
             serving_since_ms: None,
+            download: None,
         }
     }
 

@@ -13,12 +13,13 @@ use tokio::task::JoinHandle;
 
 use crate::admission::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 use crate::context::{AgentContext, DesiredModel};
+use crate::download::CacheLease;
 use crate::engine_args::engine_args;
 use crate::engine_metrics::EngineFollower;
 use crate::engine_process::EngineProcess;
 use crate::grader::{Action, Grader, GraderConfig, Verdict};
 use crate::metrics::EngineSeries;
-use crate::model_file::resolve_model_file;
+use crate::model_file::{ModelLocation, ResolvedModel, check_model, locate};
 use crate::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::report::{ModelReport, PulseRecord};
 use crate::restart_backoff::RestartBackoff;
@@ -28,6 +29,9 @@ const HEALTH_POLL: Duration = Duration::from_millis(100);
 /// How often a model that failed for a reason outside the agent (a missing file) is checked
 /// again without restarting anything.
 const FAILED_RECHECK: Duration = Duration::from_secs(10);
+/// How often a download's progress is published (report, Watch stream, metrics): often
+/// enough for a person watching, rare enough not to flood the controller with status writes.
+const DOWNLOAD_REPORT_EVERY: Duration = Duration::from_secs(2);
 /// Bind conflicts in a row before a start counts as failed rather than retried on a new port.
 const MAX_PORT_CONFLICTS: u32 = 5;
 
@@ -131,6 +135,7 @@ impl SupervisorHandle {
             commands: rx,
             report: report_tx,
             port_conflicts: 0,
+            cache_lease: None,
         };
         let task = tokio::spawn(sup.run());
         Self { commands, report, proxy, desired, task }
@@ -183,6 +188,8 @@ struct Supervisor {
     grader: Grader,
     backoff: RestartBackoff,
     port_conflicts: u32,
+    /// Keeps this model's downloaded files out of cache eviction while it is here.
+    cache_lease: Option<CacheLease>,
 }
 
 fn now_ms() -> u64 {
@@ -327,6 +334,61 @@ impl Supervisor {
         }
     }
 
+    /// The model's file, checked: a local path, or a download into the cache (phase
+    /// `Downloading` with live progress while bytes move; commands are still heard, and a
+    /// download cut by one resumes next time).
+    async fn resolve_model(&mut self) -> Result<ResolvedModel, RunEnd> {
+        let ctx = self.ctx.clone();
+        let location = locate(&self.desired, &ctx.downloads).map_err(RunEnd::Permanent)?;
+        let (path, known_sha256) = match location {
+            ModelLocation::Local(path) => (path, None),
+            ModelLocation::Remote(fetch) => {
+                let downloading = !fetch.cached();
+                if downloading {
+                    self.set_phase(Phase::Downloading);
+                }
+                let progress = fetch.progress();
+                let run = fetch.run();
+                tokio::pin!(run);
+                let mut tick = tokio::time::interval(DOWNLOAD_REPORT_EVERY);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut run => break result,
+                        _ = tick.tick(), if downloading => {
+                            let now = progress.snapshot(Instant::now());
+                            self.ctx.metrics.set_download(&self.key(), Some(&now));
+                            self.report.send_modify(|r| r.download = Some(now));
+                        }
+                        cmd = self.commands.recv() => {
+                            self.end_download();
+                            return Err(match cmd {
+                                None | Some(Command::Stop) => RunEnd::Stop,
+                                Some(Command::Update(d)) => RunEnd::Restart(d),
+                            });
+                        }
+                    }
+                };
+                self.end_download();
+                match result {
+                    Ok(fetched) => {
+                        for t in &fetched.transfers {
+                            self.ctx.metrics.downloaded(t.received_bytes, t.resumed_at.len() as u64);
+                        }
+                        self.cache_lease = Some(fetched.lease);
+                        (fetched.path, fetched.sha256)
+                    }
+                    Err(e) => return Err(RunEnd::Permanent(crate::error::chain(&e))),
+                }
+            }
+        };
+        check_model(&self.desired, path, known_sha256).await.map_err(RunEnd::Permanent)
+    }
+
+    fn end_download(&self) {
+        self.ctx.metrics.set_download(&self.key(), None);
+        self.report.send_if_modified(|r| r.download.take().is_some());
+    }
+
     /// Listens on the model's serving port if it does not already.
     fn ensure_serving_port(&mut self) -> Result<(), String> {
         if self.serving.is_some() {
@@ -369,7 +431,7 @@ impl Supervisor {
         if let Err(message) = self.ensure_serving_port() {
             return RunEnd::Permanent(message);
         }
-        let model = match resolve_model_file(&self.desired, &self.ctx.downloads).await {
+        let model = match self.resolve_model().await {
             Ok(resolved) => {
                 self.report.send_modify(|r| r.memory_bytes = resolved.memory_bytes);
                 if let (Some(need), Some(budget)) = (resolved.memory_bytes, self.ctx.config.memory_budget_bytes)
@@ -388,7 +450,7 @@ impl Supervisor {
                 }
                 resolved.path
             }
-            Err(message) => return RunEnd::Permanent(message),
+            Err(end) => return end,
         };
         let binary = match self.ctx.engine_binary() {
             Ok(b) => b,

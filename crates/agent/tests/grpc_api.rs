@@ -56,6 +56,7 @@ fn ensure(h: &Harness, name: &str, uid: &str, generation: i64) -> pb::EnsureMode
         generation,
         spec_json: serde_json::to_string(&spec).unwrap(),
         api_key_sha256: vec![],
+        hub_token: String::new(),
     }
 }
 

@@ -7,6 +7,7 @@ mod error;
 pub mod keys;
 mod model;
 mod node;
+mod source;
 mod standalone;
 mod validate;
 
@@ -15,6 +16,10 @@ pub use duration::Duration;
 pub use error::{ApiError, FieldError};
 pub use model::*;
 pub use node::*;
+pub use source::{
+    DEFAULT_HUB_REVISION, HubFile, SUPPORTED_SOURCES, SourceError, SourceRef, SplitName, parse_source, split_name,
+    with_file_name,
+};
 pub use standalone::parse_models_yaml;
 pub use validate::{AGENT_OWNED_FLAGS, validate_model_spec};
 

@@ -85,7 +85,7 @@ impl MetalModelSpec {
     /// names only its model means.
     pub fn for_source(source: impl Into<String>) -> Self {
         Self {
-            model: ModelSource { source: source.into(), sha256: None },
+            model: ModelSource { source: source.into(), sha256: None, token_secret_ref: None },
             engine: EngineSpec::default(),
             replicas: default_replicas(),
             node_selector: BTreeMap::new(),
@@ -105,13 +105,22 @@ fn default_replicas() -> u32 {
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
     /// `file:///abs/path.gguf`, `file:relative/path.gguf` (standalone mode: relative to the
-    /// YAML file) or `https://host/path.gguf` (downloaded once into the agent's model cache).
-    #[schemars(regex(pattern = r"^(file:|https://)"))]
+    /// YAML file), `https://host/path.gguf`, or `hf://org/repo/path/file.gguf[@revision]` (a
+    /// Hugging Face hub file; revision defaults to `main`). Remote files are downloaded once
+    /// into the agent's model cache, resumed when cut; for a split GGUF
+    /// (`…-00001-of-0000N.gguf`) every shard is fetched.
+    #[schemars(regex(pattern = r"^(file:|https://|hf://)"))]
     pub source: String,
-    /// Expected SHA-256 of the file, lowercase hex.
+    /// Expected SHA-256 of the file, lowercase hex. For hub files the hub's own SHA-256 (its
+    /// `X-Linked-ETag`) is checked too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
+    /// Secret key holding a hub access token, for gated or private `hf://` repositories. The
+    /// controller reads it and hands it to the agent over mTLS; it is never logged nor shown
+    /// in status. Standalone agents take `HF_TOKEN` or `--hf-token-file` instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret_ref: Option<SecretKeyRef>,
 }
 
 /// How llama-server is started.
@@ -255,6 +264,8 @@ impl Default for DriftSpec {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum Phase {
     Pending,
+    /// Fetching the model file(s); progress is in the agent's report and the replica status.
+    Downloading,
     Starting,
     Serving,
     Degraded,
@@ -264,8 +275,9 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::Pending,
+        Phase::Downloading,
         Phase::Starting,
         Phase::Serving,
         Phase::Degraded,
@@ -276,6 +288,7 @@ impl Phase {
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Pending => "Pending",
+            Phase::Downloading => "Downloading",
             Phase::Starting => "Starting",
             Phase::Serving => "Serving",
             Phase::Degraded => "Degraded",
@@ -381,6 +394,27 @@ pub struct ReplicaStatus {
     /// out too small for everything placed on it, the replicas that served first stay.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_since: Option<Time>,
+    /// While the phase is `Downloading`: how far the model file(s) have come.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadProgress>,
+}
+
+/// How far a model download has come: shared by the agent's `/api/v1/models` and the
+/// MetalModel's replica status.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadProgress {
+    /// Bytes on disk so far, over every file of the model (resumed bytes included).
+    pub done_bytes: u64,
+    /// Size of every file together, once the server has said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_bytes: Option<u64>,
+    /// Recent transfer rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<f64>,
+    /// Time left at the recent rate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<f64>,
 }
 
 #[cfg(test)]

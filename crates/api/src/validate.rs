@@ -40,15 +40,15 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
         errors.push(FieldError { field: field.to_owned(), problem, allowed: allowed.to_owned() })
     };
 
-    let source = &spec.model.source;
-    if !(source.starts_with("file:") || source.starts_with("https://")) {
+    if let Err(e) = crate::parse_source(&spec.model.source) {
+        err("spec.model.source", e.problem, crate::SUPPORTED_SOURCES);
+    }
+    if spec.model.token_secret_ref.is_some() && !spec.model.source.starts_with("hf://") {
         err(
-            "spec.model.source",
-            format!("unsupported source {source:?}"),
-            "file:///abs/path.gguf, file:relative/path.gguf (standalone mode), https://host/path.gguf",
+            "spec.model.tokenSecretRef",
+            "a hub token is only sent to the hub".into(),
+            "tokenSecretRef with an hf:// source only",
         );
-    } else if source.strip_prefix("file:").is_some_and(|p| p.trim_start_matches('/').is_empty()) {
-        err("spec.model.source", "file: source names no file".into(), "file:///abs/path.gguf");
     }
     if let Some(sha) = &spec.model.sha256
         && !(sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))

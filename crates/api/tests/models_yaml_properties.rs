@@ -42,8 +42,13 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
         "file:///[a-z0-9/_.-]{0,20}[a-z]\\.gguf",
         "file:[a-z0-9_.-][a-z0-9/_.-]{0,20}\\.gguf",
         "https://[a-z0-9.-]{1,20}/\\PC{0,20}",
+        "hf://[a-z0-9]{1,8}/[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,11}/([a-z0-9]{1,6}/)?[a-zA-Z0-9_-]{1,12}\\.gguf(@[a-z0-9]{1,10})?",
     ];
-    let model = (source, prop::option::of("[0-9a-f]{64}")).prop_map(|(source, sha256)| ModelSource { source, sha256 });
+    let model = (source, prop::option::of("[0-9a-f]{64}")).prop_map(|(source, sha256)| ModelSource {
+        source,
+        sha256,
+        token_secret_ref: None,
+    });
     let engine = (
         64u32..=1_048_576,
         -1i32..=1000,
@@ -139,7 +144,7 @@ fn any_spec() -> impl Strategy<Value = MetalModelSpec> {
         (d(), d(), d(), d(), any::<u32>(), any::<bool>(), any::<f64>(), any::<f64>()),
     )
         .prop_map(|(mut s, source, sha, engine, admission, pulse)| {
-            s.model = ModelSource { source, sha256: sha };
+            s.model = ModelSource { source, sha256: sha, token_secret_ref: None };
             (
                 s.engine.context_size,
                 s.engine.gpu_layers,

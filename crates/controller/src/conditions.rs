@@ -80,14 +80,21 @@ fn evaluate(obs: &Observation<'_>) -> Vec<Verdict> {
     let moving: Vec<&ReplicaView> = obs
         .replicas
         .iter()
-        .filter(|r| r.agent_reachable && matches!(r.phase, Phase::Pending | Phase::Starting | Phase::Restarting))
+        .filter(|r| {
+            r.agent_reachable
+                && matches!(r.phase, Phase::Pending | Phase::Downloading | Phase::Starting | Phase::Restarting)
+        })
         .collect();
     let progressing = match moving.first() {
         Some(r) => verdict(
             "Progressing",
             "True",
-            if r.phase == Phase::Restarting { "ReplicaRestarting" } else { "ReplicaStarting" },
-            format!("{} replica(s) starting or restarting: {}", moving.len(), names(&moving)),
+            match r.phase {
+                Phase::Restarting => "ReplicaRestarting",
+                Phase::Downloading => "ReplicaDownloading",
+                _ => "ReplicaStarting",
+            },
+            format!("{} replica(s) downloading, starting or restarting: {}", moving.len(), names(&moving)),
         ),
         None => verdict("Progressing", "False", "Stable", "no replica is starting".into()),
     };

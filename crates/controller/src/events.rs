@@ -129,6 +129,7 @@ mod tests {
             restarts,
             message: None,
             serving_since: None,
+            download: None,
         }
     }
 

@@ -2,7 +2,7 @@
 //! is told can be tested without a cluster.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use metalkube_api::{Grade, MetalModelStatus, Phase, ReplicaStatus};
+use metalkube_api::{DownloadProgress, Grade, MetalModelStatus, Phase, ReplicaStatus};
 use metalkube_proto as pb;
 
 use crate::conditions::{Observation, ReplicaView, compute_conditions};
@@ -32,6 +32,17 @@ fn view(r: &ReplicaInput<'_>) -> ReplicaView {
         grade: s.and_then(|s| Grade::parse(&s.grade)),
         saturated: s.is_some_and(|s| s.saturated),
         last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
+    }
+}
+
+fn download(d: &pb::DownloadProgress) -> DownloadProgress {
+    let total = Some(d.total_bytes).filter(|t| *t > 0);
+    let rate = Some(d.bytes_per_second).filter(|r| r.is_finite() && *r > 0.0);
+    DownloadProgress {
+        done_bytes: d.done_bytes,
+        total_bytes: total,
+        bytes_per_second: rate,
+        eta_seconds: total.zip(rate).map(|(t, r)| t.saturating_sub(d.done_bytes) as f64 / r),
     }
 }
 
@@ -75,6 +86,7 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
                 .into_iter()
                 .chain(previous.replicas.iter().find(|p| p.node == r.node).and_then(|p| p.serving_since.clone()))
                 .min(),
+            download: r.state.and_then(|s| s.download.as_ref()).filter(|_| v.phase == Phase::Downloading).map(download),
         })
         .collect();
     MetalModelStatus {
@@ -163,6 +175,34 @@ mod tests {
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PulseRed"));
         let eps = endpoint_replicas(&replicas);
         assert_eq!(eps.iter().map(|e| (e.ready, e.serving)).collect::<Vec<_>>(), [(true, true), (false, true)]);
+    }
+
+    #[test]
+    fn a_download_shows_in_the_replica_and_progressing() {
+        let mut a = state("Downloading", "", 0);
+        a.download = Some(pb::DownloadProgress { done_bytes: 250, total_bytes: 1_000, bytes_per_second: 50.0 });
+        let mut stale = state("Serving", "Green", 8080);
+        stale.download = a.download;
+        let replicas = [
+            ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) },
+            ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: true, state: Some(&stale) },
+        ];
+        let obs = ModelObservation {
+            generation: Some(1),
+            desired_replicas: 2,
+            unscheduled: None,
+            replicas: &replicas,
+            memory_bytes: None,
+        };
+        let s = model_status(&obs, &MetalModelStatus::default(), &now());
+        let d = s.replicas[0].download.clone().unwrap();
+        assert_eq!(
+            (d.done_bytes, d.total_bytes, d.bytes_per_second, d.eta_seconds),
+            (250, Some(1_000), Some(50.0), Some(15.0))
+        );
+        assert_eq!(s.replicas[1].download, None, "only a downloading replica shows a download");
+        let progressing = s.conditions.iter().find(|c| c.type_ == "Progressing").unwrap();
+        assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "ReplicaDownloading"));
     }
 
     #[test]

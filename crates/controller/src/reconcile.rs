@@ -209,7 +209,11 @@ fn holders(key: &str, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
     views.iter().filter(|(_, v)| v.models.contains_key(key)).map(|(n, _)| n.clone()).collect()
 }
 
-fn ensure_request(m: &MetalModel, keys: Option<&[KeyDigest]>) -> Result<pb::EnsureModelRequest, ControllerError> {
+fn ensure_request(
+    m: &MetalModel,
+    keys: Option<&[KeyDigest]>,
+    hub_token: Option<String>,
+) -> Result<pb::EnsureModelRequest, ControllerError> {
     let spec_json = serde_json::to_string(&m.spec)
         .map_err(|e| ControllerError::Model { key: model_key(m), message: format!("spec does not serialize: {e}") })?;
     Ok(pb::EnsureModelRequest {
@@ -218,7 +222,22 @@ fn ensure_request(m: &MetalModel, keys: Option<&[KeyDigest]>) -> Result<pb::Ensu
         generation: m.metadata.generation.unwrap_or(0),
         spec_json,
         api_key_sha256: keys.unwrap_or_default().iter().map(|d| d.to_vec()).collect(),
+        hub_token: hub_token.unwrap_or_default(),
     })
+}
+
+/// The hub token `spec.model.tokenSecretRef` names, read from the Secret in the model's
+/// namespace. A missing Secret or key sends no token: the agent then says the hub refused it,
+/// which names the fix. The token is never logged.
+async fn hub_token(m: &MetalModel, ctx: &Context) -> Result<Option<String>, ControllerError> {
+    let Some(r) = &m.spec.model.token_secret_ref else { return Ok(None) };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let value = secrets.get_opt(&r.name).await?.and_then(|s| s.data?.remove(&r.key));
+    let token = value.map(|b| String::from_utf8_lossy(&b.0).trim().to_owned()).filter(|t| !t.is_empty());
+    if token.is_none() {
+        tracing::warn!(model = %model_key(m), secret = %r.name, key = %r.key, "spec.model.tokenSecretRef names a Secret key that does not exist or is empty; downloading without a token");
+    }
+    Ok(token)
 }
 
 /// The digests of the API keys `spec.auth` names, read from the Secret in the model's namespace
@@ -329,10 +348,14 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let uid = model.uid().unwrap_or_default();
     // Without its keys the model cannot be told to anyone (never with fewer keys than asked
     // for), but the status, the endpoints and the replicas leaving are still written.
-    let request = match api_key_digests(model, ctx).await {
-        Ok(keys) => {
+    let secrets = match api_key_digests(model, ctx).await {
+        Ok(keys) => hub_token(model, ctx).await.map(|token| (keys, token)),
+        Err(e) => Err(e),
+    };
+    let request = match secrets {
+        Ok((keys, token)) => {
             let fingerprint = keys.as_deref().map(fingerprint).unwrap_or_default();
-            Some((ensure_request(model, keys.as_deref())?, fingerprint))
+            Some((ensure_request(model, keys.as_deref(), token)?, fingerprint))
         }
         Err(e) => {
             failures.push(e);

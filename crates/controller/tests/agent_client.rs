@@ -41,7 +41,7 @@ async fn agent(dir: &std::path::Path, pki: &Pki) -> String {
             stable_after: Duration::from_secs(10),
         },
         memory_budget_bytes: Some(1 << 30),
-        download_ca_pem: None,
+        downloads: Default::default(),
     })
     .await
     .unwrap();

@@ -843,6 +843,7 @@ async fn agent_sigkill(row: Row) {
         generation: 1,
         spec_json: spec(&file_source(&model), port, Pulse::Calm, "3s").to_string(),
         api_key_sha256: Vec::new(),
+        hub_token: String::new(),
     })
     .await
     .unwrap();
@@ -948,7 +949,8 @@ async fn disk_full_download(row: Row) {
     let failed = wait_model(&agent.api, "big", "Failed", |m| m["phase"] == "Failed").await;
     let message = failed["lastError"].as_str().unwrap_or_default().to_owned();
     row.note(format!("big: {message}"));
-    assert!(message.contains("is full") && message.contains(&format!("of {big_size} bytes")), "{failed:#}");
+    // Sized up before a byte is written: the 2 MiB disk (holding tiny already) cannot take it.
+    assert!(message.contains(&format!("needs {big_size} more bytes")) && message.contains("are free"), "{failed:#}");
     assert_eq!(failed["restarts"], 0, "a full disk is Failed, not a crash loop");
     let cache: Vec<String> = std::fs::read_dir(state.join("models"))
         .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
@@ -961,8 +963,10 @@ async fn disk_full_download(row: Row) {
     assert_eq!(counts.definite, 0, "tiny's clients never noticed: {:?}", counts.kinds);
     agent.stop();
     drop(tmpfs);
-    let written = message.split(" after ").nth(1).and_then(|s| s.split(' ').next()).unwrap_or("?").to_owned();
-    row.summarize(format!("big Failed: disk full after {written} of {big_size} bytes; no partial; tiny kept serving"));
+    let free = message.split("only ").nth(1).and_then(|s| s.split(' ').next()).unwrap_or("?").to_owned();
+    row.summarize(format!(
+        "big Failed before downloading: needs {big_size} bytes, {free} free; nothing written; tiny kept serving"
+    ));
 }
 
 // --- rows 9 and 10: the controller ----------------------------------------------------------
@@ -1420,7 +1424,7 @@ const ROWS: [(&str, RowFn); 10] = [
     ("truncated model", |r| Box::pin(truncated_model(r))),
     ("agent SIGKILL mid-stream", |r| Box::pin(agent_sigkill(r))),
     ("agent SIGTERM", |r| Box::pin(agent_sigterm(r))),
-    ("disk full while downloading", |r| Box::pin(disk_full_download(r))),
+    ("model larger than the free disk", |r| Box::pin(disk_full_download(r))),
     ("controller restart", |r| Box::pin(controller_restart(r))),
     ("API 409/500 injected", |r| Box::pin(api_faults(r))),
 ];

@@ -11,6 +11,19 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use crate::pki::TestCa;
 
+/// TLS for a loopback test server, with a certificate for 127.0.0.1 from `ca`.
+pub fn tls_acceptor(ca: &TestCa) -> tokio_rustls::TlsAcceptor {
+    let pem = ca.server(&["127.0.0.1"]);
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_slice_iter(pem.cert.as_bytes()).collect::<Result<_, _>>().unwrap_or_default();
+    let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).unwrap_or_else(|e| panic!("test key: {e}"));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+        .unwrap_or_else(|e| panic!("test TLS config: {e}"));
+    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+}
+
 pub struct HttpsFiles {
     /// `https://127.0.0.1:<port>`
     pub url: String,
@@ -20,15 +33,7 @@ pub struct HttpsFiles {
 
 impl HttpsFiles {
     pub async fn serve(ca: &TestCa, files: HashMap<String, Vec<u8>>) -> Self {
-        let pem = ca.server(&["127.0.0.1"]);
-        let certs: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(pem.cert.as_bytes()).collect::<Result<_, _>>().unwrap_or_default();
-        let key = PrivateKeyDer::from_pem_slice(pem.key.as_bytes()).unwrap_or_else(|e| panic!("test key: {e}"));
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-            .unwrap_or_else(|e| panic!("test TLS config: {e}"));
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(ca);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap_or_else(|e| panic!("binding: {e}"));
         let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let requests = Arc::new(AtomicUsize::new(0));

@@ -5,6 +5,7 @@ pub mod apiserver;
 pub mod cgroup;
 pub mod chart;
 pub mod https_files;
+pub mod hub;
 pub mod pki;
 pub mod processes;
 pub mod promtool;

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metalkube_agent::admission::ClientTimeouts;
+use metalkube_agent::download::DownloadConfig;
+use metalkube_agent::download::transfer::Retry;
 use metalkube_agent::report::ModelReport;
 use metalkube_agent::restart_backoff::BackoffConfig;
 use metalkube_agent::{Agent, AgentConfig, DesiredModel};
@@ -44,6 +46,15 @@ pub fn fast_backoff() -> BackoffConfig {
     }
 }
 
+/// Downloads trusting `ca_pem`, retrying a cut transfer after 50 ms rather than seconds.
+pub fn test_downloads(ca_pem: Option<String>) -> DownloadConfig {
+    DownloadConfig {
+        ca_pem,
+        retry: Retry { attempts: 4, first_delay: Duration::from_millis(50) },
+        ..DownloadConfig::default()
+    }
+}
+
 impl Harness {
     pub async fn new(engine: PathBuf) -> Self {
         Self::with(engine, port_block(), fast_backoff()).await
@@ -60,20 +71,26 @@ impl Harness {
         backoff: BackoffConfig,
         download_ca_pem: Option<String>,
     ) -> Self {
-        Self::build(engine, ports, backoff, download_ca_pem, 4 << 30).await
+        Self::build(engine, ports, backoff, test_downloads(download_ca_pem), 4 << 30).await
+    }
+
+    /// As `new`, downloading as `downloads` says (a test hub, a token, a cache limit).
+    #[allow(dead_code)] // each test binary uses its own subset
+    pub async fn with_downloads(engine: PathBuf, downloads: DownloadConfig) -> Self {
+        Self::build(engine, port_block(), fast_backoff(), downloads, 4 << 30).await
     }
 
     /// An agent whose engines may use `memory_budget_bytes` in all.
     #[allow(dead_code)] // each test binary uses its own subset
     pub async fn with_memory_budget(engine: PathBuf, memory_budget_bytes: u64) -> Self {
-        Self::build(engine, port_block(), fast_backoff(), None, memory_budget_bytes).await
+        Self::build(engine, port_block(), fast_backoff(), test_downloads(None), memory_budget_bytes).await
     }
 
     async fn build(
         engine: PathBuf,
         ports: std::ops::RangeInclusive<u16>,
         backoff: BackoffConfig,
-        download_ca_pem: Option<String>,
+        downloads: DownloadConfig,
         memory_budget_bytes: u64,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
@@ -93,7 +110,7 @@ impl Harness {
             stop_grace: Duration::from_secs(3),
             backoff,
             memory_budget_bytes: Some(memory_budget_bytes),
-            download_ca_pem,
+            downloads,
         })
         .await
         .unwrap();
@@ -109,6 +126,7 @@ impl Harness {
             spec: fast_spec(&source),
             base_dir: None,
             api_keys: Default::default(),
+            hub_token: None,
         }
     }
 

@@ -1,0 +1,327 @@
+//! Remote model sources (`https://`, `hf://`) into the agent's model cache: every file of the
+//! model (all shards of a split GGUF) sized up first and checked against free disk space, then
+//! fetched with resume, verified, and shared: two models naming one file fetch it once, and a
+//! file a model uses is never removed by the cache limit.
+
+pub mod cache;
+pub mod progress;
+pub mod remote;
+pub mod transfer;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use metalkube_api::{HubFile, SourceRef, split_name, with_file_name};
+
+use crate::AgentError;
+use progress::ProgressCell;
+use remote::{Ask, DownloadClient, Token, ask};
+use transfer::{FileJob, Retry, TransferStats, digest_path, partial_path, transfer};
+
+/// How the agent downloads models.
+#[derive(Debug, Clone)]
+pub struct DownloadConfig {
+    /// Extra CA (PEM) trusted for downloads, besides the system's roots.
+    pub ca_pem: Option<String>,
+    /// The hub `hf://` sources are fetched from (`HF_ENDPOINT`).
+    pub hub_endpoint: String,
+    /// The agent's own hub token (`HF_TOKEN`, `--hf-token-file`); a model's
+    /// `spec.model.tokenSecretRef` takes precedence.
+    pub hub_token: Option<Token>,
+    /// Remove files no model uses, least recently used first, beyond this size.
+    pub cache_max_bytes: Option<u64>,
+    pub retry: Retry,
+}
+
+impl Default for DownloadConfig {
+    fn default() -> Self {
+        Self {
+            ca_pem: None,
+            hub_endpoint: "https://huggingface.co".into(),
+            hub_token: None,
+            cache_max_bytes: None,
+            retry: Retry { attempts: 8, first_delay: Duration::from_secs(1) },
+        }
+    }
+}
+
+pub struct Downloader {
+    client: DownloadClient,
+    cache_dir: PathBuf,
+    config: DownloadConfig,
+    /// One transfer per file set at a time, keyed by its first file; others wait and share
+    /// its progress.
+    transfers: Mutex<HashMap<PathBuf, Arc<SharedTransfer>>>,
+    leases: Arc<Mutex<Leases>>,
+}
+
+#[derive(Default)]
+struct SharedTransfer {
+    running: tokio::sync::Mutex<()>,
+    progress: Arc<ProgressCell>,
+}
+
+#[derive(Default)]
+struct Leases {
+    next: u64,
+    held: HashMap<u64, Vec<PathBuf>>,
+}
+
+/// Keeps a model's files out of cache eviction while the model is on this agent.
+pub struct CacheLease {
+    id: u64,
+    leases: Arc<Mutex<Leases>>,
+}
+
+impl Drop for CacheLease {
+    fn drop(&mut self) {
+        lock(&self.leases).held.remove(&self.id);
+    }
+}
+
+/// A remote model's files, ready to be fetched.
+pub struct Fetch<'a> {
+    downloader: &'a Downloader,
+    /// Every file, the one the engine loads first.
+    files: Vec<RemoteFile>,
+    token: Option<Token>,
+    shared: Arc<SharedTransfer>,
+    /// `spec.model.sha256`, for the file the source names.
+    want_sha256: Option<String>,
+}
+
+struct RemoteFile {
+    url: String,
+    target: PathBuf,
+    /// Whether this is the file the source names (spec.model.sha256 is about it).
+    named: bool,
+}
+
+/// A fetched model.
+pub struct Fetched {
+    /// The file the engine loads (the first shard of a split model).
+    pub path: PathBuf,
+    /// SHA-256 of the named file, as computed when it landed.
+    pub sha256: Option<String>,
+    pub lease: CacheLease,
+    /// Per file downloaded now (empty when everything was cached).
+    pub transfers: Vec<TransferStats>,
+}
+
+impl Downloader {
+    pub fn new(cache_dir: PathBuf, config: DownloadConfig) -> Result<Self, AgentError> {
+        Ok(Self {
+            client: remote::download_client(config.ca_pem.as_deref())?,
+            cache_dir,
+            config,
+            transfers: Mutex::new(HashMap::new()),
+            leases: Arc::default(),
+        })
+    }
+
+    pub fn cache_dir(&self) -> &Path {
+        &self.cache_dir
+    }
+
+    /// The files of a remote source and where they go; None for `file:` sources.
+    pub fn plan(&self, source: &SourceRef, want_sha256: Option<&str>, token: Option<&Token>) -> Option<Fetch<'_>> {
+        let (files, token) = match source {
+            SourceRef::File(_) => return None,
+            SourceRef::Https(url) => {
+                let name = url.rsplit('/').next().unwrap_or_default().split(['?', '#']).next().unwrap_or_default();
+                let files = match split_name(name) {
+                    Some(split) => {
+                        let names = split.shard_names();
+                        let first_url = with_file_name(url, &names[0]);
+                        names
+                            .iter()
+                            .map(|n| RemoteFile {
+                                url: with_file_name(url, n),
+                                target: cache::https_path(&self.cache_dir, &first_url, n, None),
+                                named: n == name,
+                            })
+                            .collect()
+                    }
+                    None => vec![RemoteFile {
+                        url: url.clone(),
+                        target: cache::https_path(&self.cache_dir, url, name, want_sha256),
+                        named: true,
+                    }],
+                };
+                // A hub token is for the hub only.
+                (files, None)
+            }
+            SourceRef::Hub(file) => {
+                let name = file.path.rsplit('/').next().unwrap_or_default();
+                let hub_file = |f: &HubFile, named| RemoteFile {
+                    url: f.resolve_url(&self.config.hub_endpoint),
+                    target: cache::hub_path(&self.cache_dir, f),
+                    named,
+                };
+                let files = match split_name(name) {
+                    Some(split) => split
+                        .shard_names()
+                        .iter()
+                        .map(|n| hub_file(&file.with_path(with_file_name(&file.path, n)), n == name))
+                        .collect(),
+                    None => vec![hub_file(file, true)],
+                };
+                (files, token.or(self.config.hub_token.as_ref()).cloned())
+            }
+        };
+        let key = files.first().map(|f| f.target.clone()).unwrap_or_default();
+        let shared = lock(&self.transfers).entry(key).or_default().clone();
+        Some(Fetch { downloader: self, files, token, shared, want_sha256: want_sha256.map(str::to_owned) })
+    }
+
+    fn lease(&self, files: Vec<PathBuf>) -> CacheLease {
+        let mut leases = lock(&self.leases);
+        leases.next += 1;
+        let id = leases.next;
+        leases.held.insert(id, files);
+        CacheLease { id, leases: self.leases.clone() }
+    }
+
+    /// Removes unused files beyond `--model-cache-max-bytes`, least recently used first.
+    pub fn enforce_cache_limit(&self) {
+        let Some(max) = self.config.cache_max_bytes else { return };
+        let in_use: HashSet<PathBuf> = lock(&self.leases).held.values().flatten().cloned().collect();
+        let files = cache::list(&self.cache_dir);
+        for path in cache::eviction_plan(&files, &in_use, max) {
+            match cache::remove(&self.cache_dir, &path) {
+                Ok(()) => {
+                    tracing::info!(file = %path.display(), max_bytes = max, "removed an unused model file (--model-cache-max-bytes)")
+                }
+                Err(e) => tracing::warn!(file = %path.display(), error = %e, "could not remove an unused model file"),
+            }
+        }
+    }
+}
+
+impl Fetch<'_> {
+    /// Byte counts shared by every model waiting on these files.
+    pub fn progress(&self) -> Arc<ProgressCell> {
+        self.shared.progress.clone()
+    }
+
+    /// Whether every file is already in the cache (nothing to download).
+    pub fn cached(&self) -> bool {
+        self.files.iter().all(|f| f.target.is_file())
+    }
+
+    pub async fn run(self) -> Result<Fetched, AgentError> {
+        let d = self.downloader;
+        // Another model fetching the same files: wait for it, then find them cached.
+        let _running = self.shared.running.lock().await;
+        let mut transfers = Vec::new();
+        let missing: Vec<&RemoteFile> = self.files.iter().filter(|f| !f.target.is_file()).collect();
+        if !missing.is_empty() {
+            transfers = self.download(&missing).await?;
+        }
+        for f in &self.files {
+            cache::touch(&f.target);
+        }
+        let named = self.files.iter().find(|f| f.named).or(self.files.first());
+        let sha256 =
+            named.and_then(|f| std::fs::read_to_string(digest_path(&f.target)).ok()).map(|s| s.trim().to_owned());
+        let lease = d.lease(self.files.iter().map(|f| f.target.clone()).collect());
+        d.enforce_cache_limit();
+        let path = self.files.first().map(|f| f.target.clone()).unwrap_or_default();
+        Ok(Fetched { path, sha256, lease, transfers })
+    }
+
+    async fn download(&self, missing: &[&RemoteFile]) -> Result<Vec<TransferStats>, AgentError> {
+        let d = self.downloader;
+        let progress = &self.shared.progress;
+        // Size every file first: the disk is checked for all of them before any byte moves,
+        // and the hub's own digests are learnt.
+        let mut sized = Vec::new();
+        for f in missing {
+            let answer =
+                ask(&d.client, &Ask { url: &f.url, token: self.token.as_ref(), resume: None, probe: true }).await?;
+            match answer.status.as_u16() {
+                200 | 206 => {}
+                401 | 403 => {
+                    return Err(AgentError::DownloadDenied { url: f.url.clone(), status: answer.status.as_u16() });
+                }
+                _ => {
+                    return Err(AgentError::Download {
+                        url: f.url.clone(),
+                        problem: format!("HTTP {}", answer.status),
+                    });
+                }
+            }
+            let size = answer
+                .linked_size
+                .or_else(|| answer.content_range().and_then(|(_, total)| total))
+                .or_else(|| (answer.status == http::StatusCode::OK).then(|| answer.content_length()).flatten());
+            // Dropping the body of a 200 closes that connection; a probe needs no more of it.
+            drop(answer.body);
+            sized.push((f, size, answer.linked_sha256));
+        }
+        let have = |f: &RemoteFile| std::fs::metadata(partial_path(&f.target)).map_or(0, |m| m.len());
+        let done: u64 = self
+            .files
+            .iter()
+            .filter(|f| f.target.is_file())
+            .filter_map(|f| f.target.metadata().ok())
+            .map(|m| m.len())
+            .sum::<u64>()
+            + missing.iter().map(|f| have(f)).sum::<u64>();
+        let total = sized.iter().map(|(_, s, _)| *s).sum::<Option<u64>>().map(|missing_total| {
+            missing_total
+                + self
+                    .files
+                    .iter()
+                    .filter(|f| f.target.is_file())
+                    .filter_map(|f| f.target.metadata().ok())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+        });
+        progress.set_total(total, done);
+        let need: u64 = sized.iter().map(|(f, s, _)| s.unwrap_or(0).saturating_sub(have(f))).sum();
+        let cache_dir = &d.cache_dir;
+        std::fs::create_dir_all(cache_dir)
+            .map_err(|e| AgentError::ModelCache { path: cache_dir.clone(), source: e })?;
+        if let Some(free) = free_bytes(cache_dir)
+            && need > free
+        {
+            return Err(AgentError::NoSpace { dir: cache_dir.clone(), need, free });
+        }
+        let mut stats = Vec::new();
+        for (f, _, linked) in sized {
+            if let Some(dir) = f.target.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| AgentError::ModelCache { path: dir.to_owned(), source: e })?;
+            }
+            let mut want = Vec::new();
+            if let Some(sha) = self.want_sha256.as_ref().filter(|_| f.named) {
+                want.push((sha.clone(), "spec.model.sha256"));
+            }
+            if let Some(sha) = linked {
+                if let Some((spec, _)) = want.first().filter(|(spec, _)| *spec != sha) {
+                    // Known wrong before a byte is fetched.
+                    return Err(AgentError::DigestConflict { url: f.url.clone(), hub: sha, spec: spec.clone() });
+                }
+                want.push((sha, "the hub's X-Linked-ETag"));
+            }
+            tracing::info!(url = %f.url, file = %f.target.display(), "downloading model file");
+            let job = FileJob { url: &f.url, token: self.token.as_ref(), target: &f.target, want };
+            stats.push(transfer(&d.client, &job, d.config.retry, progress).await?);
+        }
+        Ok(stats)
+    }
+}
+
+/// Space the agent may still write on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let s = nix::sys::statvfs::statvfs(dir).ok()?;
+    #[allow(clippy::useless_conversion)] // the field types differ between Linux and macOS
+    Some(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Both maps are updated in single statements; a panic elsewhere leaves them whole.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
