@@ -233,3 +233,27 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
     );
     limited.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_models_naming_one_file_fetch_it_once() {
+    let ca = TestCa::new("test hub");
+    let model_dir = tempfile::tempdir().unwrap();
+    let tiny = std::fs::read(metalkube_testkit::tiny_model(model_dir.path())).unwrap();
+    let hub = TestHub::serve(&ca, vec![entry("tiny.gguf", &tiny)], Some(TOKEN)).await;
+    // Slow enough that the second model asks while the first is still downloading.
+    hub.pace(16 << 10, std::time::Duration::from_millis(150));
+    let h = Harness::with_downloads(metalkube_testkit::real_engine(), hub_harness_downloads(&ca, &hub, None)).await;
+    let source = format!("hf://{REPO}/tiny.gguf");
+    h.agent.apply(vec![h.desired("one", Some(&source)), h.desired("two", Some(&source))]).await;
+    let seen_while = h
+        .wait_for("default/two", "downloading with progress (shared with the first)", |r| {
+            r.phase == Phase::Downloading && r.download.as_ref().is_some_and(|d| d.done_bytes > 0)
+        })
+        .await;
+    assert!(seen_while.download.is_some_and(|d| d.total_bytes == Some(tiny.len() as u64)));
+    h.wait_for("default/one", "serving", |r| r.phase == Phase::Serving).await;
+    h.wait_for("default/two", "serving", |r| r.phase == Phase::Serving).await;
+    let transfers = hub.seen().iter().filter(|s| s.host == "cdn" && s.range.as_deref() != Some("bytes=0-0")).count();
+    assert_eq!(transfers, 1, "one transfer for both models: {:#?}", hub.seen());
+    h.agent.shutdown().await;
+}

@@ -162,20 +162,29 @@ async fn serve_one(
         let (head, body, cut) = answer_parts(answer);
         (head, body, cut, s.pace.filter(|_| host == "cdn"))
     };
+    // Recorded before the body goes out, and its byte count as it goes: a client that has all
+    // it wants may close before the last write returns.
+    let index = {
+        let mut s = lock(state);
+        s.seen.push(seen);
+        s.seen.len() - 1
+    };
     let stream = stream.get_mut();
     let _ = stream.write_all(head.as_bytes()).await;
     let send = cut.map_or(body.len(), |c| c.min(body.len()));
     let (chunk, pause) = pace.unwrap_or((send.max(1), std::time::Duration::ZERO));
     for piece in body[..send].chunks(chunk) {
-        if stream.write_all(piece).await.is_err() || stream.flush().await.is_err() {
+        if stream.write_all(piece).await.is_err() {
+            return;
+        }
+        lock(state).seen[index].body_bytes += piece.len() as u64;
+        if stream.flush().await.is_err() {
             return;
         }
         if !pause.is_zero() {
             tokio::time::sleep(pause).await;
         }
     }
-    seen.body_bytes = send as u64;
-    lock(state).seen.push(seen);
     if cut.is_none() {
         let _ = stream.shutdown().await;
     }
