@@ -340,8 +340,8 @@ impl Supervisor {
     async fn resolve_model(&mut self) -> Result<ResolvedModel, RunEnd> {
         let ctx = self.ctx.clone();
         let location = locate(&self.desired, &ctx.downloads).map_err(RunEnd::Permanent)?;
-        let (path, known_sha256) = match location {
-            ModelLocation::Local(path) => (path, None),
+        let (path, known_sha256, other_shard_bytes) = match location {
+            ModelLocation::Local(path) => (path, None, 0),
             ModelLocation::Remote(fetch) => {
                 let downloading = !fetch.cached();
                 if downloading {
@@ -375,13 +375,15 @@ impl Supervisor {
                             self.ctx.metrics.downloaded(t.received_bytes, t.resumed_at.len() as u64);
                         }
                         self.cache_lease = Some(fetched.lease);
-                        (fetched.path, fetched.sha256)
+                        (fetched.path, fetched.sha256, fetched.other_shard_bytes)
                     }
                     Err(e) => return Err(RunEnd::Permanent(crate::error::chain(&e))),
                 }
             }
         };
-        check_model(&self.desired, path, known_sha256).await.map_err(RunEnd::Permanent)
+        let mut resolved = check_model(&self.desired, path, known_sha256).await.map_err(RunEnd::Permanent)?;
+        resolved.memory_bytes = resolved.memory_bytes.map(|m| m + other_shard_bytes);
+        Ok(resolved)
     }
 
     fn end_download(&self) {

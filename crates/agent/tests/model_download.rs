@@ -150,7 +150,7 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
         .await;
     let progress = downloading.download.unwrap();
     assert!(progress.bytes_per_second.is_some_and(|r| r > 0.0) && progress.eta_seconds.is_some(), "{progress:?}");
-    h.wait_for("default/tiny", "serving", |r| r.phase == Phase::Serving).await;
+    let tiny_report = h.wait_for("default/tiny", "serving", |r| r.phase == Phase::Serving).await;
     assert_eq!(sha256_of(&cache.join("tiny.gguf")), tiny_sha);
 
     let seen = hub.seen();
@@ -190,7 +190,12 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
 
     // A split model: every shard lands next to the first, which the engine loads.
     h.agent.upsert(h.desired("split", Some(&format!("hf://{REPO}/split/tiny-00001-of-00002.gguf")))).await;
-    h.wait_for("default/split", "serving", |r| r.phase == Phase::Serving).await;
+    let split_report = h.wait_for("default/split", "serving", |r| r.phase == Phase::Serving).await;
+    assert_eq!(
+        split_report.memory_bytes,
+        tiny_report.memory_bytes.map(|m| m + shard2.len() as u64),
+        "the memory estimate counts the shards the first one's header does not describe"
+    );
     assert_eq!(sha256_of(&cache.join("split/tiny-00002-of-00002.gguf")), format!("{:x}", Sha256::digest(&shard2)));
     assert_eq!(sha256_of(&cache.join("split/tiny-00001-of-00002.gguf")), tiny_sha);
 

@@ -106,6 +106,9 @@ pub struct Fetched {
     /// SHA-256 of the named file, as computed when it landed.
     pub sha256: Option<String>,
     pub lease: CacheLease,
+    /// Bytes of the shards after the first: their tensors are not in the first shard's header,
+    /// so the memory estimate adds them.
+    pub other_shard_bytes: u64,
     /// Per file downloaded now (empty when everything was cached).
     pub transfers: Vec<TransferStats>,
 }
@@ -229,7 +232,9 @@ impl Fetch<'_> {
         let lease = d.lease(self.files.iter().map(|f| f.target.clone()).collect());
         d.enforce_cache_limit();
         let path = self.files.first().map(|f| f.target.clone()).unwrap_or_default();
-        Ok(Fetched { path, sha256, lease, transfers })
+        let other_shard_bytes =
+            self.files.iter().skip(1).filter_map(|f| f.target.metadata().ok()).map(|m| m.len()).sum();
+        Ok(Fetched { path, sha256, lease, other_shard_bytes, transfers })
     }
 
     async fn download(&self, missing: &[&RemoteFile]) -> Result<Vec<TransferStats>, AgentError> {
