@@ -42,7 +42,7 @@ pub struct Record {
     /// The hub token from spec.model.tokenSecretRef, kept so a download can resume after an
     /// agent restart without the controller (the store is the agent's, 0600 like its TLS key).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub hub_token: Option<String>,
+    pub hub_token: Option<Token>,
 }
 
 impl Record {
@@ -57,7 +57,7 @@ impl Record {
             spec: self.spec.clone(),
             base_dir: None,
             api_keys: self.api_keys(),
-            hub_token: self.hub_token.as_deref().and_then(Token::new),
+            hub_token: self.hub_token.clone(),
         }
     }
 
@@ -117,7 +117,8 @@ impl DesiredStore {
         let io = |source| AgentError::StateDir { path: path.clone(), source };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| io(std::io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");
-        // Owner-only: a record may hold a hub token.
+        // Owner-only: a record may hold a hub token. A leftover temp file would keep its mode.
+        let _ = std::fs::remove_file(&tmp);
         let mut file =
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         file.write_all(&json).map_err(io)?;

@@ -17,6 +17,7 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 use crate::desired_store::{DesiredStore, Record};
+use crate::download::remote::Token;
 use crate::report::ModelReport;
 use crate::{Agent, AgentError, host};
 
@@ -57,7 +58,7 @@ impl AgentService {
         pb::ModelState {
             model: Some(pb::ModelRef { namespace: report.namespace.clone(), name: report.name.clone() }),
             uid: record.as_ref().map(|r| r.uid.clone()).unwrap_or_default(),
-            generation: record.map_or(0, |r| r.generation),
+            generation: record.as_ref().map_or(0, |r| r.generation),
             phase: report.phase.as_str().to_owned(),
             grade: report.grade.map(|g| g.as_str().to_owned()).unwrap_or_default(),
             ready: report.is_ready(),
@@ -70,6 +71,9 @@ impl AgentService {
             last_error: report.last_error.clone().unwrap_or_default(),
             memory_bytes: report.memory_bytes.unwrap_or(0),
             api_keys_fingerprint: record_keys.map(|k| k.fingerprint()).unwrap_or_default(),
+            hub_token_fingerprint: metalkube_api::keys::token_fingerprint(
+                record.as_ref().and_then(|r| r.hub_token.as_ref()).map(Token::expose),
+            ),
             serving_since_unix_ms: report.serving_since_ms.unwrap_or(0),
             download: report.download.as_ref().map(|d| pb::DownloadProgress {
                 done_bytes: d.done_bytes,
@@ -159,10 +163,14 @@ impl AgentApi for AgentService {
             digests.push(d.iter().map(|b| format!("{b:02x}")).collect::<String>());
         }
         let current = self.store.get(&key);
-        let applied = current
-            .as_ref()
-            .is_some_and(|c| c.uid == req.uid && c.generation >= req.generation && c.api_key_sha256 == digests);
-        let hub_token = Some(req.hub_token.trim().to_owned()).filter(|t| !t.is_empty());
+        let hub_token = Token::new(&req.hub_token);
+        // A token given or rotated after the spec (its Secret made late) is news too.
+        let applied = current.as_ref().is_some_and(|c| {
+            c.uid == req.uid
+                && c.generation >= req.generation
+                && c.api_key_sha256 == digests
+                && c.hub_token == hub_token
+        });
         if !applied {
             let record = Record {
                 namespace: m.namespace,

@@ -92,6 +92,14 @@ async fn ensure_watch_and_stop_over_mtls_on_the_real_engine() {
     assert!(!again.changed, "the same uid and generation change nothing");
     let older = client.ensure_model(ensure(&h, "grpc", "uid-1", 0)).await.unwrap().into_inner();
     assert!(!older.changed, "an older generation does not roll back");
+    // A hub token whose Secret was made after the model: the same generation, and still news.
+    let with_token = pb::EnsureModelRequest { hub_token: "hf_late".into(), ..ensure(&h, "grpc", "uid-1", 1) };
+    let late = client.ensure_model(with_token.clone()).await.unwrap().into_inner();
+    assert!(late.changed, "a token given late is taken");
+    let state = late.state.unwrap();
+    assert!(!state.hub_token_fingerprint.is_empty() && !format!("{state:?}").contains("hf_late"));
+    assert_eq!(state.hub_token_fingerprint, metalkube_api::keys::token_fingerprint(Some("hf_late")));
+    assert!(!client.ensure_model(with_token).await.unwrap().into_inner().changed, "the same token is no news");
 
     let info = client.info(pb::InfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.agent_version, env!("CARGO_PKG_VERSION"));

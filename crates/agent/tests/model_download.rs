@@ -68,6 +68,19 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     let r = h.wait_for("default/wrong-hash", "failed", |r| r.phase == Phase::Failed).await;
     let message = r.last_error.unwrap();
     assert!(message.contains(&sha) && message.contains("spec.model.sha256 wants"), "{message}");
+    // Asked again with the same wrong digest (here by an unrelated change): not downloaded again.
+    let before = server.requests();
+    let mut again = h.desired("wrong-hash", Some(&url));
+    again.spec.model.sha256 = Some("0".repeat(64));
+    again.spec.pulse.red_streak += 1;
+    h.agent.upsert(again).await;
+    let r = h
+        .wait_for("default/wrong-hash", "failed from memory", |r| {
+            r.phase == Phase::Failed && r.last_error.as_deref().is_some_and(|e| e.contains("downloaded earlier"))
+        })
+        .await;
+    assert!(r.last_error.unwrap().contains(&sha));
+    assert_eq!(server.requests(), before, "a known mismatch costs no download");
 
     h.agent.upsert(h.desired("missing", Some(&format!("{}/m/nope.gguf", server.url)))).await;
     let r = h.wait_for("default/missing", "failed", |r| r.phase == Phase::Failed).await;
@@ -260,5 +273,32 @@ async fn two_models_naming_one_file_fetch_it_once() {
     h.wait_for("default/two", "serving", |r| r.phase == Phase::Serving).await;
     let transfers = hub.seen().iter().filter(|s| s.host == "cdn" && s.range.as_deref() != Some("bytes=0-0")).count();
     assert_eq!(transfers, 1, "one transfer for both models: {:#?}", hub.seen());
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partial_file_that_is_already_whole_is_finished_not_fetched_again() {
+    let ca = TestCa::new("test hub");
+    let model_dir = tempfile::tempdir().unwrap();
+    let tiny = std::fs::read(metalkube_testkit::tiny_model(model_dir.path())).unwrap();
+    let tiny_sha = format!("{:x}", Sha256::digest(&tiny));
+    let hub = TestHub::serve(&ca, vec![entry("tiny.gguf", &tiny)], Some(TOKEN)).await;
+    let h = Harness::with_downloads(metalkube_testkit::real_engine(), hub_harness_downloads(&ca, &hub, None)).await;
+    // Cut between the last byte and the rename: the whole file sits in `.partial`.
+    let cache = h.dir.path().join("state/models/hf").join(REPO).join("main");
+    std::fs::create_dir_all(&cache).unwrap();
+    std::fs::write(cache.join("tiny.gguf.partial"), &tiny).unwrap();
+    std::fs::write(cache.join("tiny.gguf.partial.validator"), format!("\"{tiny_sha}\"")).unwrap();
+    h.agent.upsert(h.desired("tiny", Some(&format!("hf://{REPO}/tiny.gguf")))).await;
+    h.wait_for("default/tiny", "serving", |r| r.phase == Phase::Serving).await;
+    let cdn: Vec<_> =
+        hub.seen().into_iter().filter(|s| s.host == "cdn" && s.range.as_deref() != Some("bytes=0-0")).collect();
+    assert_eq!(cdn.len(), 1, "{cdn:#?}");
+    assert_eq!(
+        (cdn[0].range.clone(), cdn[0].status, cdn[0].body_bytes),
+        (Some(format!("bytes={}-", tiny.len())), 416, 0)
+    );
+    assert_eq!(sha256_of(&cache.join("tiny.gguf")), tiny_sha);
+    assert!(!cache.join("tiny.gguf.partial").exists());
     h.agent.shutdown().await;
 }

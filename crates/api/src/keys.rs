@@ -32,6 +32,16 @@ pub fn fingerprint(digests: &[KeyDigest]) -> String {
     h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
 }
 
+/// Which hub token an agent holds, comparable without the token (empty: none). The
+/// controller sends the token again when the fingerprint it computes differs.
+pub fn token_fingerprint(token: Option<&str>) -> String {
+    let Some(token) = token.filter(|t| !t.is_empty()) else { return String::new() };
+    let mut h = Sha256::new();
+    h.update(b"metalkube hub token\0");
+    h.update(token.as_bytes());
+    h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

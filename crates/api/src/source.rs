@@ -71,15 +71,16 @@ fn parse_hub(rest: &str) -> Result<HubFile, SourceError> {
     if revision.is_empty() {
         return fail("an '@' with no revision after it; write @main, a tag, or a commit");
     }
-    if !revision.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-        return fail("the revision may hold letters, digits, '-', '_' and '.'");
+    let name_ok = |s: &str| {
+        !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    };
+    // The revision is a directory of the cache: '.' and '..' would alias other revisions.
+    if !name_ok(revision) {
+        return fail("the revision may hold letters, digits, '-', '_' and '.', and is not '.' or '..'");
     }
     let mut parts = path_part.splitn(3, '/');
     let (Some(org), Some(repo), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
         return fail("write hf://org/repo/path/file.gguf");
-    };
-    let name_ok = |s: &str| {
-        !s.is_empty() && s != "." && s != ".." && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
     };
     if !name_ok(org) || !name_ok(repo) {
         return fail("org and repo may hold letters, digits, '-', '_' and '.'");
@@ -184,6 +185,7 @@ mod tests {
             ("hf://o/r//m.gguf", "empty"),
             ("hf://o/r/m.bin", ".gguf"),
             ("hf://o/r/m.gguf@ref?x", "revision may hold"),
+            ("hf://o/r/a/m.gguf@..", "not '.' or '..'"),
             ("hf://o%2f/r/m.gguf", "org and repo"),
             ("s3://b/m.gguf", "unsupported source scheme \"s3\""),
             ("https://", "no host"),

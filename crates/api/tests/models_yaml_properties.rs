@@ -41,7 +41,7 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
     let source = prop_oneof![
         "file:///[a-z0-9/_.-]{0,20}[a-z]\\.gguf",
         "file:[a-z0-9_.-][a-z0-9/_.-]{0,20}\\.gguf",
-        "https://[a-z0-9.-]{1,20}/\\PC{0,20}",
+        "https://[a-z0-9.-]{1,20}/\\PC{1,20}",
         "hf://[a-z0-9]{1,8}/[a-zA-Z0-9_-][a-zA-Z0-9._-]{0,11}/([a-z0-9]{1,6}/)?[a-zA-Z0-9_-]{1,12}\\.gguf(@[a-z0-9]{1,10})?",
     ];
     let model = (source, prop::option::of("[0-9a-f]{64}")).prop_map(|(source, sha256)| ModelSource {

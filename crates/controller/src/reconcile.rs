@@ -355,18 +355,22 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let request = match secrets {
         Ok((keys, token)) => {
             let fingerprint = keys.as_deref().map(fingerprint).unwrap_or_default();
-            Some((ensure_request(model, keys.as_deref(), token)?, fingerprint))
+            let token_fingerprint = metalkube_api::keys::token_fingerprint(token.as_deref());
+            Some((ensure_request(model, keys.as_deref(), token)?, (fingerprint, token_fingerprint)))
         }
         Err(e) => {
             failures.push(e);
             None
         }
     };
-    if let Some((request, keys_fingerprint)) = &request {
+    if let Some((request, (keys_fingerprint, token_fingerprint))) = &request {
         for node in &assigned {
             let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
             let up_to_date = view.models.get(&key).is_some_and(|s| {
-                s.uid == uid && s.generation >= generation && s.api_keys_fingerprint == *keys_fingerprint
+                s.uid == uid
+                    && s.generation >= generation
+                    && s.api_keys_fingerprint == *keys_fingerprint
+                    && s.hub_token_fingerprint == *token_fingerprint
             });
             if !view.connected || up_to_date {
                 continue;

@@ -55,6 +55,8 @@ pub struct Downloader {
     /// its progress.
     transfers: Mutex<HashMap<PathBuf, Arc<SharedTransfer>>>,
     leases: Arc<Mutex<Leases>>,
+    /// (URL, wanted digest) → (digest, size) of a download that did not match.
+    mismatches: Mutex<HashMap<(String, String), (String, u64)>>,
 }
 
 #[derive(Default)]
@@ -77,7 +79,12 @@ pub struct CacheLease {
 
 impl Drop for CacheLease {
     fn drop(&mut self) {
-        lock(&self.leases).held.remove(&self.id);
+        // Last used now: a model that served for weeks is not the first to go when it stops.
+        if let Some(files) = lock(&self.leases).held.remove(&self.id) {
+            for f in files {
+                cache::touch(&f);
+            }
+        }
     }
 }
 
@@ -121,6 +128,7 @@ impl Downloader {
             config,
             transfers: Mutex::new(HashMap::new()),
             leases: Arc::default(),
+            mismatches: Mutex::new(HashMap::new()),
         })
     }
 
@@ -187,12 +195,13 @@ impl Downloader {
         CacheLease { id, leases: self.leases.clone() }
     }
 
-    /// Removes unused files beyond `--model-cache-max-bytes`, least recently used first.
-    pub fn enforce_cache_limit(&self) {
+    /// Removes unused files beyond `--model-cache-max-bytes` (less `room` for a download about
+    /// to start), least recently used first.
+    pub fn enforce_cache_limit(&self, room: u64) {
         let Some(max) = self.config.cache_max_bytes else { return };
         let in_use: HashSet<PathBuf> = lock(&self.leases).held.values().flatten().cloned().collect();
         let files = cache::list(&self.cache_dir);
-        for path in cache::eviction_plan(&files, &in_use, max) {
+        for path in cache::eviction_plan(&files, &in_use, max.saturating_sub(room)) {
             match cache::remove(&self.cache_dir, &path) {
                 Ok(()) => {
                     tracing::info!(file = %path.display(), max_bytes = max, "removed an unused model file (--model-cache-max-bytes)")
@@ -216,12 +225,19 @@ impl Fetch<'_> {
 
     pub async fn run(self) -> Result<Fetched, AgentError> {
         let d = self.downloader;
+        // Leased before anything else: no eviction (by another model's fetch) may take a shard
+        // this one already has while it fetches the rest.
+        let lease = d.lease(self.files.iter().map(|f| f.target.clone()).collect());
+        if let Some(known) = self.known_mismatch() {
+            return Err(known);
+        }
         // Another model fetching the same files: wait for it, then find them cached.
         let _running = self.shared.running.lock().await;
+        self.drop_cached_copy_with_another_digest()?;
         let mut transfers = Vec::new();
         let missing: Vec<&RemoteFile> = self.files.iter().filter(|f| !f.target.is_file()).collect();
         if !missing.is_empty() {
-            transfers = self.download(&missing).await?;
+            transfers = self.download(&missing).await.inspect_err(|e| self.remember_mismatch(e))?;
         }
         for f in &self.files {
             cache::touch(&f.target);
@@ -229,12 +245,61 @@ impl Fetch<'_> {
         let named = self.files.iter().find(|f| f.named).or(self.files.first());
         let sha256 =
             named.and_then(|f| std::fs::read_to_string(digest_path(&f.target)).ok()).map(|s| s.trim().to_owned());
-        let lease = d.lease(self.files.iter().map(|f| f.target.clone()).collect());
-        d.enforce_cache_limit();
+        d.enforce_cache_limit(0);
         let path = self.files.first().map(|f| f.target.clone()).unwrap_or_default();
         let other_shard_bytes =
             self.files.iter().skip(1).filter_map(|f| f.target.metadata().ok()).map(|m| m.len()).sum();
         Ok(Fetched { path, sha256, lease, other_shard_bytes, transfers })
+    }
+
+    /// A download that ended with a digest other than the spec's is not fetched again for the
+    /// same spec: a wrong `spec.model.sha256` must not cost a full download every recheck.
+    fn known_mismatch(&self) -> Option<AgentError> {
+        let want = self.want_sha256.as_ref()?;
+        let named = self.files.iter().find(|f| f.named)?;
+        let got = lock(&self.downloader.mismatches).get(&(named.url.clone(), want.clone())).cloned()?;
+        Some(AgentError::DigestMismatch {
+            what: format!(
+                "{} (downloaded earlier; change spec.model.sha256 or restart the agent to try again)",
+                named.url
+            ),
+            size: got.1,
+            got: got.0,
+            want: want.clone(),
+            want_from: "spec.model.sha256",
+        })
+    }
+
+    fn remember_mismatch(&self, e: &AgentError) {
+        if let AgentError::DigestMismatch { what, size, got, want, want_from: "spec.model.sha256" } = e {
+            lock(&self.downloader.mismatches).insert((what.clone(), want.clone()), (got.clone(), *size));
+        }
+    }
+
+    /// A cached file whose recorded digest is not the one the spec now wants (a hub revision
+    /// such as `main` moved, and the spec was updated to the new file): fetched again, unless
+    /// another model still uses the cached copy.
+    fn drop_cached_copy_with_another_digest(&self) -> Result<(), AgentError> {
+        let Some(want) = &self.want_sha256 else { return Ok(()) };
+        let Some(named) = self.files.iter().find(|f| f.named && f.target.is_file()) else { return Ok(()) };
+        let Ok(got) = std::fs::read_to_string(digest_path(&named.target)) else { return Ok(()) };
+        let got = got.trim();
+        if got == want {
+            return Ok(());
+        }
+        let holders = lock(&self.downloader.leases).held.values().filter(|files| files.contains(&named.target)).count();
+        if holders > 1 {
+            return Err(AgentError::DigestMismatch {
+                what: format!("{} (cached, and in use by another model)", named.url),
+                size: named.target.metadata().map_or(0, |m| m.len()),
+                got: got.to_owned(),
+                want: want.clone(),
+                want_from: "spec.model.sha256",
+            });
+        }
+        tracing::info!(file = %named.target.display(), cached = got, wanted = %want, "cached file has another digest; fetching it again");
+        cache::remove(&self.downloader.cache_dir, &named.target)
+            .map_err(|e| AgentError::ModelCache { path: named.target.clone(), source: e })
     }
 
     async fn download(&self, missing: &[&RemoteFile]) -> Result<Vec<TransferStats>, AgentError> {
@@ -266,27 +331,19 @@ impl Fetch<'_> {
             drop(answer.body);
             sized.push((f, size, answer.linked_sha256));
         }
+        // Sizes come from the network: summed without overflow (a wrapped sum would pass the
+        // disk check).
         let have = |f: &RemoteFile| std::fs::metadata(partial_path(&f.target)).map_or(0, |m| m.len());
-        let done: u64 = self
+        let complete: u64 = self
             .files
             .iter()
             .filter(|f| f.target.is_file())
             .filter_map(|f| f.target.metadata().ok())
-            .map(|m| m.len())
-            .sum::<u64>()
-            + missing.iter().map(|f| have(f)).sum::<u64>();
-        let total = sized.iter().map(|(_, s, _)| *s).sum::<Option<u64>>().map(|missing_total| {
-            missing_total
-                + self
-                    .files
-                    .iter()
-                    .filter(|f| f.target.is_file())
-                    .filter_map(|f| f.target.metadata().ok())
-                    .map(|m| m.len())
-                    .sum::<u64>()
-        });
+            .fold(0, |a, m| a.saturating_add(m.len()));
+        let done = missing.iter().fold(complete, |a, f| a.saturating_add(have(f)));
+        let total = sized.iter().try_fold(complete, |a, (_, s, _)| s.and_then(|s| a.checked_add(s)));
         progress.set_total(total, done);
-        let need: u64 = sized.iter().map(|(f, s, _)| s.unwrap_or(0).saturating_sub(have(f))).sum();
+        let need: u64 = sized.iter().fold(0, |a, (f, s, _)| a.saturating_add(s.unwrap_or(0).saturating_sub(have(f))));
         let cache_dir = &d.cache_dir;
         std::fs::create_dir_all(cache_dir)
             .map_err(|e| AgentError::ModelCache { path: cache_dir.clone(), source: e })?;
@@ -296,7 +353,7 @@ impl Fetch<'_> {
             return Err(AgentError::NoSpace { dir: cache_dir.clone(), need, free });
         }
         let mut stats = Vec::new();
-        for (f, _, linked) in sized {
+        for (f, size, linked) in sized {
             if let Some(dir) = f.target.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| AgentError::ModelCache { path: dir.to_owned(), source: e })?;
             }
@@ -312,7 +369,7 @@ impl Fetch<'_> {
                 want.push((sha, "the hub's X-Linked-ETag"));
             }
             tracing::info!(url = %f.url, file = %f.target.display(), "downloading model file");
-            let job = FileJob { url: &f.url, token: self.token.as_ref(), target: &f.target, want };
+            let job = FileJob { url: &f.url, token: self.token.as_ref(), target: &f.target, want, size };
             stats.push(transfer(&d.client, &job, d.config.retry, progress).await?);
         }
         Ok(stats)

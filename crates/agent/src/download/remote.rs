@@ -16,6 +16,8 @@ use crate::AgentError;
 
 /// Model hosts hand out redirects to their CDNs; more than this many is a loop.
 const MAX_REDIRECTS: usize = 10;
+/// Time a host gets to answer with its headers (connecting has its own 30 s).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The hub's SHA-256 of an LFS file (quoted hex), and its size, on the resolve answer.
 pub const X_LINKED_ETAG: HeaderName = HeaderName::from_static("x-linked-etag");
@@ -46,6 +48,9 @@ pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, Age
         .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.set_connect_timeout(Some(Duration::from_secs(30)));
+    // A peer that vanished without a reset is found by the idle timeout of the transfer, and
+    // sooner by the kernel with keep-alive probes.
+    http.set_keepalive(Some(Duration::from_secs(30)));
     http.enforce_http(false);
     let https = hyper_rustls::HttpsConnectorBuilder::new()
         .with_tls_config(tls)
@@ -55,8 +60,9 @@ pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, Age
     Ok(Client::builder(TokioExecutor::new()).build(https))
 }
 
-/// A bearer token, kept out of logs and `Debug`.
-#[derive(Clone, PartialEq, Eq)]
+/// A bearer token, kept out of logs and `Debug` (stored as its plain text where stored).
+#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
 pub struct Token(String);
 
 impl Token {
@@ -134,10 +140,15 @@ pub async fn ask(client: &DownloadClient, ask: &Ask<'_>) -> Result<Answer, Agent
             url: url.to_owned(),
             problem: format!("cannot build the request: {e}"),
         })?;
-        let response = client
-            .request(request)
-            .await
-            .map_err(|e| AgentError::DownloadRequest { url: url.to_owned(), source: e })?;
+        let response = match tokio::time::timeout(ANSWER_TIMEOUT, client.request(request)).await {
+            Ok(answer) => answer.map_err(|e| AgentError::DownloadRequest { url: url.to_owned(), source: e })?,
+            Err(_) => {
+                return Err(AgentError::Download {
+                    url: url.to_owned(),
+                    problem: format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()),
+                });
+            }
+        };
         let headers = response.headers();
         if let Some(sha) = headers.get(X_LINKED_ETAG).and_then(|v| v.to_str().ok()).and_then(linked_sha256_of) {
             linked_sha256 = Some(sha);
@@ -155,7 +166,8 @@ pub async fn ask(client: &DownloadClient, ask: &Ask<'_>) -> Result<Answer, Agent
         })?;
         current = resolve(&current, location).ok_or_else(|| AgentError::Download {
             url: url.to_owned(),
-            problem: format!("bad redirect {location:?}"),
+            // Not the Location itself: CDN redirects carry signed query strings.
+            problem: format!("a redirect to an unusable location (HTTP {})", response.status()),
         })?;
     }
     Err(AgentError::Download { url: url.to_owned(), problem: format!("more than {MAX_REDIRECTS} redirects") })

@@ -20,7 +20,13 @@ pub struct FileJob<'a> {
     pub target: &'a Path,
     /// Expected digests, each with where it came from (`spec.model.sha256`, the hub).
     pub want: Vec<(String, &'static str)>,
+    /// The size the server gave when the file was sized up, if it did.
+    pub size: Option<u64>,
 }
+
+/// A transfer that has sent nothing for this long is cut and resumed: a silently dead
+/// connection must not leave a model in `Downloading` for ever.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often a cut transfer is taken up again, and after how long.
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +155,22 @@ async fn attempt_once(
                 have = 0;
             }
         }
+        416 if have > 0 => {
+            let total = answer.content_range().and_then(|(_, total)| total).or(job.size);
+            if total == Some(have) {
+                // The whole file was already here (cut between its last byte and the rename).
+                if hashed.1 != have {
+                    *hashed = hash_prefix(&partial, have).await.map_err(|e| io(&partial, e))?;
+                }
+                stats.size = have;
+                return Ok(());
+            }
+            discard(&partial, have, progress, stats).await.map_err(|e| io(&partial, e))?;
+            return Err(Failure::Transient(AgentError::Download {
+                url: job.url.to_owned(),
+                problem: format!("the partial file ({have} bytes) is longer than the server's ({total:?})"),
+            }));
+        }
         401 | 403 => return Err(Failure::Fatal(AgentError::DownloadDenied { url: job.url.to_owned(), status })),
         408 | 429 | 500..=599 => {
             return Err(Failure::Transient(AgentError::Download {
@@ -174,7 +196,7 @@ async fn attempt_once(
     } else if hashed.1 != have {
         *hashed = hash_prefix(&partial, have).await.map_err(|e| io(&partial, e))?;
     }
-    let size = answer.content_length().map(|n| n + have);
+    let size = answer.content_length().and_then(|n| n.checked_add(have)).or(job.size);
     let mut file =
         tokio::fs::OpenOptions::new().create(true).append(true).open(&partial).await.map_err(|e| io(&partial, e))?;
     if have == 0 {
@@ -182,7 +204,18 @@ async fn attempt_once(
     }
     let mut body = answer.body;
     let mut written = have;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                let _ = file.flush().await;
+                return Err(Failure::Transient(AgentError::Download {
+                    url: job.url.to_owned(),
+                    problem: format!("nothing received for {}s after {written} bytes", IDLE_TIMEOUT.as_secs()),
+                }));
+            }
+        };
         let chunk = match frame {
             Ok(frame) => match frame.into_data() {
                 Ok(chunk) => chunk,
@@ -209,6 +242,17 @@ async fn attempt_once(
     }
     if let Err(e) = file.sync_all().await {
         return Err(Failure::Fatal(write_failed(job.target, on_disk(&partial, written).await, size, e)));
+    }
+    if let Some(expected) = size.filter(|s| *s != written) {
+        // A body that ended early without an error (a close-delimited answer cut short): what
+        // arrived stays and is continued; one that ran long is not this file.
+        if written > expected {
+            discard(&partial, written, progress, stats).await.map_err(|e| io(&partial, e))?;
+        }
+        return Err(Failure::Transient(AgentError::Download {
+            url: job.url.to_owned(),
+            problem: format!("the transfer ended at {written} bytes of {expected}"),
+        }));
     }
     stats.size = written;
     Ok(())
