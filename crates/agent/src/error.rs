@@ -22,6 +22,30 @@ pub enum AgentError {
     HttpClient(String),
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("{what} {}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] metalkube_api::ApiError),
+    #[error("service: {0}")]
+    Service(String),
+    #[error("`{command}` failed{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    ServiceCommand {
+        command: String,
+        detail: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    #[error("TLS: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: Option<rustls::Error>,
+    },
 }
 
 /// An error with its causes, "outer: inner: innermost", for logs: the outer message alone often
