@@ -74,21 +74,35 @@ The controller image reference; the tag defaults to the chart's appVersion.
 {{- end }}
 
 {{/*
-Name of the Secret holding the controller's client TLS material (ca.crt, tls.crt, tls.key), or
-empty when the controller runs with --insecure. Fails rendering when no source is configured, so
-a forgotten setting is caught at install time rather than as a crash-looping pod.
+Where the controller's client TLS material comes from: "insecure" (none), "existing"
+(tls.existingSecret), "certManager", or "generated" (the chart's own CA, the default). Fails
+rendering on a contradiction, or when the generated CA is turned off and nothing replaces it, so
+a wrong setting is caught at install time rather than as a crash-looping pod.
 */}}
-{{- define "metalkube.tlsSecretName" -}}
+{{- define "metalkube.tlsSource" -}}
 {{- if and .Values.controller.insecure (or .Values.tls.existingSecret .Values.certManager.enabled) }}
 {{- fail "metalkube: controller.insecure=true turns client TLS off; unset tls.existingSecret and certManager.enabled, or set controller.insecure=false" }}
 {{- else if and .Values.tls.existingSecret .Values.certManager.enabled }}
 {{- fail "metalkube: set either tls.existingSecret or certManager.enabled, not both" }}
-{{- else if .Values.tls.existingSecret }}
+{{- else if .Values.controller.insecure }}insecure
+{{- else if .Values.tls.existingSecret }}existing
+{{- else if .Values.certManager.enabled }}certManager
+{{- else if .Values.tls.generated.enabled }}generated
+{{- else }}
+{{- fail "metalkube: the controller needs a client certificate for the agents' mTLS. Choose one: tls.generated.enabled=true (the chart makes a metalkube CA), tls.existingSecret=<Secret with ca.crt, tls.crt, tls.key>, certManager.enabled=true (cert-manager issues it), or controller.insecure=true (plaintext gRPC, local development only)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the controller's client TLS material (ca.crt, tls.crt, tls.key), or
+empty when the controller runs with --insecure.
+*/}}
+{{- define "metalkube.tlsSecretName" -}}
+{{- $source := include "metalkube.tlsSource" . }}
+{{- if eq $source "existing" }}
 {{- .Values.tls.existingSecret }}
-{{- else if .Values.certManager.enabled }}
+{{- else if or (eq $source "certManager") (eq $source "generated") }}
 {{- printf "%s-client-tls" (include "metalkube.fullname" .) }}
-{{- else if not .Values.controller.insecure }}
-{{- fail "metalkube: the controller needs a client certificate for the agents' mTLS. Choose one: tls.existingSecret=<Secret with ca.crt, tls.crt, tls.key>, certManager.enabled=true (cert-manager issues it), or controller.insecure=true (plaintext gRPC, local development only)" }}
 {{- end }}
 {{- end }}
 

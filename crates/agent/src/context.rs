@@ -112,7 +112,8 @@ impl AgentContext {
     }
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+/// The first `name` in a PATH directory.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }

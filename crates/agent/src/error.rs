@@ -81,6 +81,30 @@ pub enum AgentError {
         dir.display()
     )]
     NoSpace { dir: PathBuf, need: u64, free: u64 },
+    #[error("{what} {}", path.display())]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] metalkube_api::ApiError),
+    #[error("service: {0}")]
+    Service(String),
+    #[error("`{command}` failed{}", if detail.is_empty() { String::new() } else { format!(": {detail}") })]
+    ServiceCommand {
+        command: String,
+        detail: String,
+        #[source]
+        source: Option<std::io::Error>,
+    },
+    #[error("TLS: {what}")]
+    Tls {
+        what: String,
+        #[source]
+        source: Option<rustls::Error>,
+    },
 }
 
 fn of_size(size: Option<u64>) -> String {

@@ -13,16 +13,17 @@ use pb::agent_server::{Agent as AgentApi, AgentServer};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::desired_store::{DesiredStore, Record};
 use crate::download::remote::Token;
+use crate::grpc_tls::ServerTls;
 use crate::report::ModelReport;
 use crate::{Agent, AgentError, host};
 
 /// PEM files for mTLS: the agent's identity and the CA its clients must be signed by.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GrpcTls {
     pub cert_pem: String,
     pub key_pem: String,
@@ -269,29 +270,76 @@ fn key_of(s: &pb::ModelState) -> String {
     s.model.as_ref().map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default()
 }
 
-/// Serves the API on `listener` until `shutdown` resolves. Without `tls` the API is plaintext
-/// and unauthenticated: for local development only.
+/// A TLS handshake that has not finished by then is dropped, so that connections that never
+/// finish one cannot pile up.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn server() -> Server {
+    Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+}
+
+/// Serves the API on `listener` until `shutdown` resolves: with mTLS from fixed PEM material,
+/// or, without `tls`, plaintext and unauthenticated (for local development only).
 pub async fn serve_grpc(
     service: AgentService,
     listener: tokio::net::TcpListener,
     tls: Option<GrpcTls>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
-    let mut builder = Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     match tls {
-        Some(tls) => {
-            let config = ServerTlsConfig::new()
-                .identity(Identity::from_pem(tls.cert_pem, tls.key_pem))
-                .client_ca_root(Certificate::from_pem(tls.client_ca_pem));
-            builder = builder.tls_config(config).map_err(|e| AgentError::Grpc(format!("TLS configuration: {e}")))?;
+        Some(pem) => serve_grpc_tls(service, listener, ServerTls::from_pem(&pem)?, shutdown).await,
+        None => {
+            tracing::warn!("gRPC API without TLS (--insecure): any local process can control this agent");
+            server()
+                .add_service(AgentServer::new(service))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
+                .map_err(|e| AgentError::Grpc(e.to_string()))
         }
-        None => tracing::warn!("gRPC API without TLS (--insecure): any local process can control this agent"),
     }
-    builder
+}
+
+/// Serves the API over mTLS until `shutdown` resolves. Each connection's handshake runs in its
+/// own task with the configuration `tls` holds at that moment, so a renewed certificate is used
+/// from the next connection on.
+pub async fn serve_grpc_tls(
+    service: AgentService,
+    listener: tokio::net::TcpListener,
+    tls: ServerTls,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), AgentError> {
+    let (ready, incoming) = tokio::sync::mpsc::channel::<std::io::Result<_>>(64);
+    let accepting = tokio::spawn(async move {
+        while !ready.is_closed() {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    tracing::warn!("gRPC accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let acceptor = tls.acceptor();
+            let ready = ready.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = ready.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!("gRPC client {peer} refused in the TLS handshake: {e}"),
+                    Err(_) => tracing::warn!("gRPC client {peer} did not finish its TLS handshake in time"),
+                }
+            });
+        }
+    });
+    let served = server()
         .add_service(AgentServer::new(service))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
         .await
-        .map_err(|e| AgentError::Grpc(e.to_string()))
+        .map_err(|e| AgentError::Grpc(e.to_string()));
+    accepting.abort();
+    served
 }

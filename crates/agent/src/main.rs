@@ -7,9 +7,13 @@ use metalkube_agent::admission::ClientTimeouts;
 use metalkube_agent::desired_store::DesiredStore;
 use metalkube_agent::download::DownloadConfig;
 use metalkube_agent::download::remote::Token;
-use metalkube_agent::grpc::{AgentService, GrpcTls, serve_grpc};
+use metalkube_agent::enrollment::EnrollmentFiles;
+use metalkube_agent::grpc::{AgentService, serve_grpc, serve_grpc_tls};
+use metalkube_agent::grpc_tls::{ServerTls, TlsFiles};
+use metalkube_agent::join::{JoinOptions, absolute, enrolled_definition, join};
 use metalkube_agent::models_dir::follow_models_dir;
 use metalkube_agent::restart_backoff::BackoffConfig;
+use metalkube_agent::service::{self, Host, Scope, Target};
 use metalkube_agent::{Agent, AgentConfig, http};
 
 #[derive(Parser)]
@@ -26,6 +30,66 @@ enum Cmd {
     /// Serve what the controller asks for over gRPC (mTLS), and keep serving it through a
     /// controller outage.
     Serve(ServeArgs),
+    /// Join the fleet: install the bundle from `kubectl metalkube enroll` (key material into the
+    /// state directory) and run `serve` with it as a service (launchd on macOS, systemd on Linux).
+    Join(JoinArgs),
+    /// Print, install or uninstall the service definition of an agent that has joined.
+    Service(ServiceArgs),
+}
+
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The bundle `kubectl metalkube enroll` wrote for this Mac.
+    bundle: PathBuf,
+    #[command(flatten)]
+    service: ServiceOptions,
+    /// Write the files and the service definition, but start nothing.
+    #[arg(long)]
+    no_start: bool,
+}
+
+#[derive(clap::Args)]
+struct ServiceArgs {
+    /// print: write the definition to stdout; install: write it and (re)start the service;
+    /// uninstall: stop the service and remove its definition.
+    #[arg(value_enum)]
+    action: ServiceAction,
+    #[command(flatten)]
+    service: ServiceOptions,
+    /// Service manager to write for (print only): macos (launchd) or linux (systemd).
+    /// Default: this machine's.
+    #[arg(long, value_parser = str::parse::<Target>)]
+    target: Option<Target>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ServiceAction {
+    Print,
+    Install,
+    Uninstall,
+}
+
+#[derive(clap::Args)]
+struct ServiceOptions {
+    /// A machine-wide service started at boot, as root (a LaunchDaemon; a system unit). Default:
+    /// the user's own, started at login (a LaunchAgent; a user unit).
+    #[arg(long)]
+    system: bool,
+    /// Where the key material and settings are kept; default: /Library/Application
+    /// Support/metalkube (macOS) or /var/lib/metalkube (Linux) with --system, else
+    /// $XDG_STATE_HOME/metalkube or ~/.local/state/metalkube.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// llama-server the service runs; default: the one on PATH now. A service does not get the
+    /// shell's PATH, so the path is written into the definition.
+    #[arg(long)]
+    engine: Option<PathBuf>,
+}
+
+impl ServiceOptions {
+    fn scope(&self) -> Scope {
+        if self.system { Scope::System } else { Scope::User }
+    }
 }
 
 #[derive(clap::Args)]
@@ -145,13 +209,67 @@ fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 }
 
 fn default_state_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_STATE_HOME") {
-        return PathBuf::from(dir).join("metalkube");
+    metalkube_agent::enrollment::default_state_dir()
+}
+
+fn run_join(args: JoinArgs) -> anyhow::Result<()> {
+    let scope = args.service.scope();
+    let joined = join(JoinOptions {
+        bundle: args.bundle,
+        scope,
+        start: !args.no_start,
+        state_dir: args.service.state_dir,
+        engine: args.service.engine,
+    })?;
+    println!("MetalNode {}: key material in {}", joined.node_name, joined.files.tls_dir().display());
+    println!("service definition: {}", joined.definition.path.display());
+    if let Some(log) = &joined.definition.log_path {
+        println!("log: {}", log.display());
     }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".local/state/metalkube"),
-        None => std::env::temp_dir().join("metalkube"),
+    match &joined.engine {
+        Some(engine) => println!("engine: {}", engine.display()),
+        None => println!(
+            "engine: llama-server is not on PATH; install it, then `metalkube-agent service install --engine PATH`"
+        ),
     }
+    if joined.started {
+        println!("started; the controller connects to it once the MetalNode is in the cluster");
+    } else {
+        println!(
+            "not started (--no-start); start it with `metalkube-agent service install{}`",
+            if scope == Scope::System { " --system" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
+    let host_target = Target::host().context("this OS has no service manager metalkube knows (macOS or Linux)");
+    let target = match args.target {
+        Some(target) => target,
+        None => host_target?,
+    };
+    let host = Host::current(target, args.service.scope());
+    if let ServiceAction::Uninstall = args.action {
+        let path = service::uninstall(&host)?;
+        println!("stopped; removed {}", path.display());
+        return Ok(());
+    }
+    let state_dir = match args.service.state_dir {
+        Some(dir) => dir,
+        None => host.default_state_dir()?,
+    };
+    let files = EnrollmentFiles::new(absolute(&state_dir)?);
+    let engine = args.service.engine.or_else(|| metalkube_agent::context::find_on_path("llama-server"));
+    let definition = enrolled_definition(&host, &files, engine.as_deref())?;
+    match args.action {
+        ServiceAction::Print => print!("{}", definition.contents),
+        _ => {
+            service::install(&host, &definition)?;
+            println!("installed {} and started it", definition.path.display());
+        }
+    }
+    Ok(())
 }
 
 fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
@@ -206,26 +324,39 @@ async fn bind_http(listen: Option<&str>, defaults: &[&str]) -> anyhow::Result<to
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to listen on (--listen)")))
 }
 
+/// The commands that run the agent itself (on the async runtime).
+enum Daemon {
+    Run(RunArgs),
+    Serve(ServeArgs),
+}
+
 fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    let common = match &cli.command {
-        Cmd::Run(args) => &args.common,
-        Cmd::Serve(args) => &args.common,
+    let (daemon, worker_threads) = match Cli::parse().command {
+        Cmd::Join(args) => return run_join(args),
+        Cmd::Service(args) => return run_service(args),
+        Cmd::Run(args) => {
+            let threads = args.common.worker_threads;
+            (Daemon::Run(args), threads)
+        }
+        Cmd::Serve(args) => {
+            let threads = args.common.worker_threads;
+            (Daemon::Serve(args), threads)
+        }
     };
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(common.worker_threads))
+        .worker_threads(usize::from(worker_threads))
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(run(cli))
+        .block_on(run(daemon))
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(daemon: Daemon) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    let (agent, listener, work) = match cli.command {
-        Cmd::Run(args) => {
+    let (agent, listener, work) = match daemon {
+        Daemon::Run(args) => {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
@@ -237,18 +368,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
             (agent, listener, work)
         }
-        Cmd::Serve(args) => {
+        Daemon::Serve(args) => {
             let tls = if args.insecure {
                 None
             } else {
                 let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.client_ca) else {
                     bail!("--tls-cert, --tls-key and --client-ca are required unless --insecure");
                 };
-                Some(GrpcTls {
-                    cert_pem: read(cert, "--tls-cert")?,
-                    key_pem: read(key, "--tls-key")?,
-                    client_ca_pem: read(ca, "--client-ca")?,
-                })
+                Some(TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() })
             };
             let grpc_listener = tokio::net::TcpListener::bind(&args.grpc_listen)
                 .await
@@ -261,12 +388,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .or_else(|| metalkube_agent::host::total_memory_bytes().map(|m| m / 4 * 3))
                 .unwrap_or(0);
             let agent = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
+            // Followed while serving: a renewed certificate is taken up without a restart.
+            let tls = match tls.map(|files| ServerTls::follow_files(files, agent.context().metrics.clone())).transpose()
+            {
+                Ok(tls) => tls,
+                Err(e) => {
+                    agent.shutdown().await;
+                    return Err(e.into());
+                }
+            };
             let store = std::sync::Arc::new(DesiredStore::open(&agent.context().config.state_dir.join("desired"))?);
             let service =
                 AgentService::start(agent.clone(), store, budget).await.with_http_port(listener.local_addr()?.port());
             tracing::info!("gRPC API on {}", grpc_listener.local_addr()?);
             let work = tokio::spawn(async move {
-                serve_grpc(service, grpc_listener, tls, std::future::pending()).await.map_err(anyhow::Error::from)
+                let served = match tls {
+                    Some(tls) => serve_grpc_tls(service, grpc_listener, tls, std::future::pending()).await,
+                    None => serve_grpc(service, grpc_listener, None, std::future::pending()).await,
+                };
+                served.map_err(anyhow::Error::from)
             });
             (agent, listener, work)
         }

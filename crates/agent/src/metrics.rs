@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use metalkube_api::{Phase, PulseSpec};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -119,6 +119,9 @@ pub struct Metrics {
     pub download_received: Counter,
     pub download_resumes: Counter,
     pub host: Arc<HostCollector>,
+    /// Registered when first set: an agent without TLS has no such series (rather than 0,
+    /// which would read as long expired).
+    tls_certificate_expiry: OnceLock<Gauge>,
 }
 
 impl Metrics {
@@ -160,6 +163,7 @@ impl Metrics {
             download_received: Counter::default(),
             download_resumes: Counter::default(),
             host: Arc::new(HostCollector::default()),
+            tls_certificate_expiry: OnceLock::new(),
         };
         {
             let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
@@ -368,6 +372,22 @@ impl Metrics {
             "Engine silences in the data path: a stream that sent nothing for streamStallTimeout, or no answer within requestTimeout",
             self.stalls.clone(),
         );
+    }
+
+    /// When the gRPC API's certificate expires (Unix seconds): renewals show as a jump, and an
+    /// alert can fire well before the controller is locked out.
+    pub fn set_tls_certificate_expiry(&self, unix_seconds: i64) {
+        let gauge = self.tls_certificate_expiry.get_or_init(|| {
+            let gauge = Gauge::default();
+            self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_with_unit(
+                "tls_certificate_expiry_timestamp",
+                "When the certificate the gRPC API serves expires, in seconds since the Unix epoch",
+                Unit::Seconds,
+                gauge.clone(),
+            );
+            gauge
+        });
+        gauge.set(unix_seconds);
     }
 
     pub fn encode(&self) -> String {

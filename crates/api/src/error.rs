@@ -25,6 +25,14 @@ pub enum ApiError {
     Invalid { source_name: String, name: String, errors: Vec<FieldError> },
     #[error("invalid duration {value:?}: {message} (write e.g. \"500ms\", \"2s\", \"1m30s\")")]
     Duration { value: String, message: String },
+    #[error("{source_name}: not a readable agent bundle")]
+    BundleYaml {
+        source_name: String,
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{source_name}: {error}")]
+    Bundle { source_name: String, error: FieldError },
 }
 
 fn join(errors: &[FieldError]) -> String {

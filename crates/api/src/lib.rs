@@ -1,6 +1,7 @@
 //! The `metalkube.dev/v1alpha1` resources. The same types are the CRD schema (through schemars),
 //! the controller's view of the cluster and the agent's standalone file format.
 
+pub mod bundle;
 mod crds;
 mod duration;
 mod error;

@@ -287,6 +287,9 @@ fn check_names_the_place(err: &ApiError) -> Result<(), TestCaseError> {
         }
         ApiError::WrongKind { .. } => {}
         ApiError::Duration { .. } => prop_assert!(false, "a bare duration error names no field: {text}"),
+        ApiError::BundleYaml { .. } | ApiError::Bundle { .. } => {
+            prop_assert!(false, "a models file is never read as an agent bundle: {text}")
+        }
     }
     Ok(())
 }

@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -22,7 +22,8 @@ const FULLNAME: &str = "mk-metalkube";
 /// The newest Kubernetes release whose schemas kubernetes-validate 1.37 bundles.
 const NEWEST_KUBERNETES: &str = "1.37.0";
 
-/// The default values plus the one setting they cannot default: where the client TLS comes from.
+/// The default values with client TLS from an existing Secret (no generated CA, whose keys
+/// change on every render).
 const DEFAULTS: &[&str] = &["--set", "tls.existingSecret=metalkube-tls"];
 const ALL_ON: &[&str] = &["-f", "ci/all-on-values.yaml"];
 const INSECURE: &[&str] = &["--set", "controller.insecure=true"];
@@ -192,10 +193,10 @@ fn values_schema_rejects_misspelt_and_invalid_settings() {
 }
 
 #[test]
-fn default_values_alone_fail_naming_the_three_tls_options() {
-    let ran = template(&[]);
-    assert!(!ran.status.success(), "rendering without any TLS setting must fail\n{}", ran.report());
-    for option in ["tls.existingSecret", "certManager.enabled", "controller.insecure"] {
+fn tls_sources_that_contradict_or_are_all_off_fail_naming_the_options() {
+    let ran = template(&["--set", "tls.generated.enabled=false"]);
+    assert!(!ran.status.success(), "rendering without any TLS source must fail\n{}", ran.report());
+    for option in ["tls.generated.enabled", "tls.existingSecret", "certManager.enabled", "controller.insecure"] {
         assert!(ran.stderr.contains(option), "the error should name {option}\n{}", ran.report());
     }
     let both = template(&["--set", "tls.existingSecret=x", "--set", "certManager.enabled=true"]);
@@ -210,7 +211,9 @@ fn default_values_alone_fail_naming_the_three_tls_options() {
 #[test]
 fn rendered_builtin_objects_pass_kubernetes_schemas_oldest_and_newest() {
     let oldest = oldest_kubernetes();
-    for (label, values) in [("defaults", DEFAULTS), ("all-on", ALL_ON), ("insecure", INSECURE)] {
+    for (label, values) in
+        [("defaults", DEFAULTS), ("all-on", ALL_ON), ("insecure", INSECURE), ("generated-ca", &[][..])]
+    {
         let rendered = render(values);
         let builtin: Vec<&Doc> =
             rendered.docs.iter().filter(|d| schema_of(d.api_version()) == Schema::Kubernetes).collect();
@@ -681,4 +684,54 @@ fn optional_monitoring_objects_are_off_by_default() {
     for absent in ["ServiceMonitor", "PrometheusRule", "ConfigMap", "Certificate", "Issuer"] {
         assert!(!kinds.contains(absent), "{absent} rendered by default: {kinds:?}");
     }
+}
+
+/// The Secrets of the chart's own CA, decoded.
+fn secret_data(rendered: &Rendered, name: &str) -> BTreeMap<String, Vec<u8>> {
+    let secret = rendered.get("Secret", name);
+    assert_eq!(secret["type"], "kubernetes.io/tls", "{name}");
+    let data = secret["data"].as_mapping().unwrap_or_else(|| panic!("{name} has no data"));
+    data.iter()
+        .map(|(k, v)| {
+            let key = k.as_str().unwrap().to_owned();
+            let value = serde_json::from_value::<k8s_openapi::ByteString>(serde_json::Value::String(
+                v.as_str().unwrap().to_owned(),
+            ))
+            .unwrap_or_else(|e| panic!("{name}.{key} is not base64: {e}"));
+            (key, value.0)
+        })
+        .collect()
+}
+
+#[test]
+fn by_default_the_chart_makes_a_ca_that_signs_the_controller_client_certificate() {
+    let rendered = render(&[]);
+    let ca_name = format!("{FULLNAME}-ca");
+    let ca = secret_data(&rendered, &ca_name);
+    assert_eq!(ca.keys().map(String::as_str).collect::<Vec<_>>(), ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(ca["ca.crt"], ca["tls.crt"], "a root CA is its own ca.crt");
+    let annotations = &rendered.get("Secret", &ca_name)["metadata"]["annotations"];
+    assert_eq!(annotations["helm.sh/resource-policy"], "keep", "uninstalling must not orphan enrolled Macs");
+
+    let client_name = format!("{FULLNAME}-client-tls");
+    let client = secret_data(&rendered, &client_name);
+    assert_eq!(client["ca.crt"], ca["tls.crt"], "the controller checks agents against the same CA");
+    assert_tls_mounted(&rendered, &client_name);
+
+    // The client certificate chains to the CA and is good for client auth, as an agent checks it.
+    use rustls::pki_types::pem::PemObject as _;
+    let der = |pem: &[u8]| rustls::pki_types::CertificateDer::from_pem_slice(pem).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&ca["tls.crt"])).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+        .build()
+        .unwrap();
+    verifier.verify_client_cert(&der(&client["tls.crt"]), &[], rustls::pki_types::UnixTime::now()).unwrap();
+    let stranger = render(&[]);
+    let other = secret_data(&stranger, &client_name);
+    assert!(
+        verifier.verify_client_cert(&der(&other["tls.crt"]), &[], rustls::pki_types::UnixTime::now()).is_err(),
+        "another render's certificate (another CA) is refused: the check can fail"
+    );
 }

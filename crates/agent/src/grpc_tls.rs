@@ -1,0 +1,213 @@
+//! The gRPC API's mutual TLS, served with rustls directly rather than tonic's ServerTlsConfig,
+//! which is fixed when the server starts: here each new connection takes the configuration in
+//! force, and a watcher rebuilds it when the certificate, key or client CA files change. A
+//! renewed certificate (a second `join`, or any tool rewriting the files) is served without a
+//! restart, and the certificate's expiry is exported as a metric.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio_rustls::TlsAcceptor;
+
+use crate::AgentError;
+use crate::grpc::GrpcTls;
+use crate::metrics::Metrics;
+
+/// A change is acted on after the files have been quiet this long: a renewal rewrites three
+/// files one after the other.
+const SETTLE: Duration = Duration::from_millis(200);
+/// Files are also compared this often, in case a change event was missed.
+const RECHECK: Duration = Duration::from_secs(60);
+
+/// The files `serve` reads its TLS material from (`--tls-cert`, `--tls-key`, `--client-ca`).
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
+}
+
+impl TlsFiles {
+    fn read(&self) -> Result<GrpcTls, AgentError> {
+        let read = |path: &Path, what: &'static str| {
+            std::fs::read_to_string(path).map_err(|source| AgentError::File { what, path: path.to_owned(), source })
+        };
+        Ok(GrpcTls {
+            cert_pem: read(&self.cert, "reading the TLS certificate (--tls-cert)")?,
+            key_pem: read(&self.key, "reading the TLS key (--tls-key)")?,
+            client_ca_pem: read(&self.client_ca, "reading the client CA (--client-ca)")?,
+        })
+    }
+}
+
+/// The server configuration in force; every accepted connection uses the latest one.
+#[derive(Clone)]
+pub struct ServerTls {
+    current: Arc<RwLock<Arc<ServerConfig>>>,
+}
+
+impl ServerTls {
+    /// Fixed material: what was given is what is served.
+    pub fn from_pem(pem: &GrpcTls) -> Result<Self, AgentError> {
+        Ok(Self { current: Arc::new(RwLock::new(Arc::new(server_config(pem)?))) })
+    }
+
+    /// Serves the files' material and follows them: a change that makes a valid configuration
+    /// replaces it (and the expiry metric); one that does not (a key that does not match the
+    /// certificate yet, half a renewal) keeps the current one, with a warning.
+    pub fn follow_files(files: TlsFiles, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
+        let pem = files.read()?;
+        let tls = Self::from_pem(&pem)?;
+        metrics.set_tls_certificate_expiry(certificate_expiry_unix(&pem.cert_pem)?);
+        let (wake, woken) = tokio::sync::mpsc::channel::<()>(1);
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            // Reading the files is an event too (inotify reports opens): only changes count.
+            if event.is_ok_and(|e| !matches!(e.kind, notify::EventKind::Access(_))) {
+                let _ = wake.try_send(());
+            }
+        })
+        .map_err(|e| AgentError::Tls { what: format!("watching the TLS files: {e}"), source: None })?;
+        // The directories, not the files: a renewal replaces a file (rename, or a Secret
+        // volume's symlink swap), which a watch on the old file would not see.
+        let mut dirs: Vec<PathBuf> = [&files.cert, &files.key, &files.client_ca]
+            .iter()
+            .map(|p| p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_owned())
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in &dirs {
+            watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| AgentError::Tls {
+                what: format!("watching {} for renewed TLS files: {e}", dir.display()),
+                source: None,
+            })?;
+        }
+        tokio::spawn(follow(files, pem, tls.clone(), metrics, watcher, woken));
+        Ok(tls)
+    }
+
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn replace(&self, config: ServerConfig) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+    }
+}
+
+async fn follow(
+    files: TlsFiles,
+    mut loaded: GrpcTls,
+    tls: ServerTls,
+    metrics: Arc<Metrics>,
+    // Kept alive as long as the files are followed.
+    _watcher: notify::RecommendedWatcher,
+    mut woken: tokio::sync::mpsc::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            event = woken.recv() => if event.is_none() { return },
+            () = tokio::time::sleep(RECHECK) => {}
+        }
+        // Let the rest of a renewal land, and fold its events into this one check.
+        tokio::time::sleep(SETTLE).await;
+        while woken.try_recv().is_ok() {}
+        let pem = match files.read() {
+            Ok(pem) if pem == loaded => continue,
+            Ok(pem) => pem,
+            Err(e) => {
+                tracing::warn!("{}; keeping the TLS material in use", crate::error::chain(&e));
+                continue;
+            }
+        };
+        let built = server_config(&pem).and_then(|config| Ok((config, certificate_expiry_unix(&pem.cert_pem)?)));
+        match built {
+            Ok((config, expiry)) => {
+                tls.replace(config);
+                metrics.set_tls_certificate_expiry(expiry);
+                tracing::info!("TLS files changed: new connections use the new certificate (expires at {expiry})");
+                loaded = pem;
+            }
+            // Not remembered as loaded: the next event (the rest of the renewal) tries again.
+            Err(e) => tracing::warn!("{}; keeping the TLS material in use", crate::error::chain(&e)),
+        }
+    }
+}
+
+/// A rustls server configuration that presents `cert_pem` and accepts only clients with a
+/// certificate signed by `client_ca_pem`, speaking HTTP/2 (which tonic's clients require).
+pub fn server_config(pem: &GrpcTls) -> Result<ServerConfig, AgentError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = certificates(&pem.cert_pem, "--tls-cert")?;
+    let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes())
+        .map_err(|e| AgentError::Tls { what: format!("--tls-key holds no PEM private key: {e}"), source: None })?;
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in certificates(&pem.client_ca_pem, "--client-ca")? {
+        roots.add(ca).map_err(|e| tls_error("--client-ca is not a usable CA certificate", e))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| AgentError::Tls { what: format!("--client-ca: {e}"), source: None })?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_error("TLS protocol versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| tls_error("--tls-cert and --tls-key do not make a usable identity", e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+fn certificates(pem: &str, flag: &str) -> Result<Vec<CertificateDer<'static>>, AgentError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AgentError::Tls { what: format!("{flag}: not PEM certificates: {e}"), source: None })?;
+    if certs.is_empty() {
+        return Err(AgentError::Tls { what: format!("{flag} holds no PEM certificate"), source: None });
+    }
+    Ok(certs)
+}
+
+fn tls_error(what: &str, source: rustls::Error) -> AgentError {
+    AgentError::Tls { what: what.to_owned(), source: Some(source) }
+}
+
+/// When the first certificate in `pem` expires, in seconds since the Unix epoch.
+pub fn certificate_expiry_unix(pem: &str) -> Result<i64, AgentError> {
+    let der = certificates(pem, "--tls-cert")?.swap_remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| AgentError::Tls { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
+    Ok(cert.validity().not_after.timestamp())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_expiry_is_the_certificates_not_after() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["mac-01".to_owned()]).unwrap();
+        params.not_after = rcgen::date_time_ymd(2031, 5, 17);
+        let cert = params.self_signed(&key).unwrap();
+        // 2031-05-17T00:00:00Z
+        assert_eq!(certificate_expiry_unix(&cert.pem()).unwrap(), 1_936_742_400);
+    }
+
+    #[test]
+    fn what_is_not_a_certificate_is_named() {
+        let err = certificate_expiry_unix("").unwrap_err().to_string();
+        assert_eq!(err, "TLS: --tls-cert holds no PEM certificate");
+        let err = certificate_expiry_unix("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("TLS: --tls-cert: not an X.509 certificate"), "{err}");
+    }
+}
