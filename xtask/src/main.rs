@@ -256,7 +256,16 @@ fn check_macos(installed: &Installed) -> anyhow::Result<()> {
 
 /// Tests of one crate start binaries of others (the simulator, the agent); build them first.
 fn build_test_binaries() -> anyhow::Result<()> {
-    run(cargo().args(["build", "-p", "metalkube-testkit", "-p", "metalkube-agent", "--bins"]))
+    run(cargo().args([
+        "build",
+        "-p",
+        "metalkube-testkit",
+        "-p",
+        "metalkube-agent",
+        "-p",
+        "kubectl-metalkube",
+        "--bins",
+    ]))
 }
 
 fn e2e() -> anyhow::Result<()> {

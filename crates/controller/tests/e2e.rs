@@ -236,6 +236,8 @@ fn model_spec(source: &str, context_size: u32, replicas: u32) -> Value {
 struct Cluster {
     client: Client,
     kubeconfig: PathBuf,
+    /// The person's kubeconfig, which `kubectl metalkube enroll` runs with.
+    admin_kubeconfig: PathBuf,
     /// Where the MetalModels live.
     namespace: String,
     /// The controller's own namespace (its Lease, the agents Service).
@@ -263,18 +265,37 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     let ns = cluster.namespace.clone();
     let own_ns = cluster.controller_namespace.clone();
     let client = cluster.client.clone();
-    let (agent_ca, controller_ca) = (TestCa::new("metalkube agents"), TestCa::new("metalkube controller"));
+    // One metalkube CA, as the chart makes it: it signs the controller's client certificate and,
+    // through enrolment, every agent's serving certificate.
+    let ca = TestCa::new("metalkube-ca");
+    let ca_secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta { name: Some("metalkube-ca".into()), ..Default::default() },
+        data: Some(
+            [("tls.crt", &ca.cert_pem), ("tls.key", &ca.key_pem), ("ca.crt", &ca.cert_pem)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), k8s_openapi::ByteString(v.as_bytes().to_vec())))
+                .collect(),
+        ),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), &own_ns)
+        .create(&PostParams::default(), &ca_secret)
+        .await
+        .unwrap();
     let mut macs = [
-        Mac::new("mac-a", "127.0.0.2", "23100-23149", dir, &agent_ca, &controller_ca),
-        Mac::new("mac-b", "127.0.0.3", "23150-23199", dir, &agent_ca, &controller_ca),
+        Mac::new("mac-a", "127.0.0.2", "23100-23149", dir, &ca, &ca),
+        Mac::new("mac-b", "127.0.0.3", "23150-23199", dir, &ca, &ca),
     ];
     let model_path = metalkube_testkit::tiny_model(dir);
     let source = format!("file://{}", model_path.display());
+    timeline.step("enroll two Macs: kubectl metalkube enroll, then metalkube-agent join --no-start");
     for m in &mut macs {
+        let node = format!("{}{}", m.name, cluster.suffix);
+        m.enroll(&node, &cluster.admin_kubeconfig, &own_ns, "metalkube-ca");
         timeline.logs.lock().unwrap().push(m.log());
         m.start();
     }
-    support::write_controller_tls(dir, &agent_ca, &controller_ca);
+    support::write_controller_tls(dir, &ca, &ca);
     let metrics_port = free_port("127.0.0.1");
     timeline.logs.lock().unwrap().push(dir.join("controller.log"));
     let lease_name = format!("metalkube-e2e{}", cluster.suffix);
@@ -296,15 +317,13 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
     let agent_slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &own_ns);
     let node_name = |m: &Mac| format!("{}{}", m.name, cluster.suffix);
 
-    timeline.step("apply two MetalNodes and MetalModel tiny (replicas 2)");
+    timeline.step("apply MetalModel tiny (replicas 2); the MetalNodes came from enroll");
     for m in &macs {
-        let node: MetalNode = serde_json::from_value(json!({
-            "apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode",
-            "metadata": {"name": node_name(m)},
-            "spec": {"agentEndpoint": m.endpoint(), "servingAddress": m.ip}
-        }))
-        .unwrap();
-        nodes.create(&PostParams::default(), &node).await.unwrap();
+        let node = nodes.get(&node_name(m)).await.unwrap();
+        assert_eq!(
+            (node.spec.agent_endpoint.as_str(), node.spec.serving_address.as_str()),
+            (m.endpoint().as_str(), m.ip.as_str())
+        );
     }
     // tiny asks for API keys: the controller reads them from this Secret and gives the agents
     // their digests only.
@@ -591,11 +610,14 @@ async fn loopback_e2e() {
     let server = TestApiServer::start().await;
     let kubeconfig = dir.path().join("kubeconfig");
     write_kubeconfig(&kubeconfig, &server.url, CONTROLLER_TOKEN);
+    let admin_kubeconfig = dir.path().join("admin-kubeconfig");
+    write_kubeconfig(&admin_kubeconfig, &server.url, "e2e-admin");
     // Models in one namespace, the controller in another: the RBAC check then also proves which
     // grants must be cluster-wide and which the namespaced Role covers.
     let cluster = Cluster {
         client: server.client(),
         kubeconfig,
+        admin_kubeconfig,
         namespace: "default".into(),
         controller_namespace: "metalkube-system".into(),
         suffix: String::new(),
@@ -665,8 +687,14 @@ async fn real_cluster_e2e() {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": namespace}})).unwrap();
     namespaces.create(&PostParams::default(), &ns).await.unwrap();
-    let cluster =
-        Cluster { client, kubeconfig, namespace: namespace.clone(), controller_namespace: namespace.clone(), suffix };
+    let cluster = Cluster {
+        client,
+        admin_kubeconfig: kubeconfig.clone(),
+        kubeconfig,
+        namespace: namespace.clone(),
+        controller_namespace: namespace.clone(),
+        suffix,
+    };
     scenario(&cluster, dir.path()).await;
     let _ = namespaces.delete(&namespace, &DeleteParams::default()).await;
 }

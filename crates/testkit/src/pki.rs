@@ -13,6 +13,8 @@ pub struct Pem {
 
 pub struct TestCa {
     pub cert_pem: String,
+    /// The CA's own key (PKCS#8 PEM), for tests that hand the CA to a tool as a Secret would.
+    pub key_pem: String,
     issuer: Issuer<'static, KeyPair>,
 }
 
@@ -25,7 +27,7 @@ impl TestCa {
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let cert = params.self_signed(&key).unwrap_or_else(|e| panic!("CA cert: {e}"));
-        Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) }
+        Self { cert_pem: cert.pem(), key_pem: key.serialize_pem(), issuer: Issuer::new(params, key) }
     }
 
     /// A server certificate for `names` (DNS names or IP addresses).

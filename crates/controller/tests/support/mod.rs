@@ -112,7 +112,11 @@ pub struct Mac {
     pub http_port: u16,
     pub engine_ports: String,
     pub state: PathBuf,
-    pub certs: PathBuf,
+    /// The agent's serving certificate, its key, and the CA of the controller's client
+    /// certificate (`--tls-cert`, `--tls-key`, `--client-ca`).
+    pub tls_cert: PathBuf,
+    pub tls_key: PathBuf,
+    pub client_ca: PathBuf,
     /// Memory the agent may give engines (`--memory-budget-bytes`).
     pub budget_bytes: u64,
     pub proc: Option<Proc>,
@@ -133,7 +137,9 @@ impl Mac {
             http_port: free_port(ip),
             engine_ports: engine_ports.into(),
             state: dir.join(format!("{name}-state")),
-            certs,
+            tls_cert: certs.join("tls.crt"),
+            tls_key: certs.join("tls.key"),
+            client_ca: certs.join("client-ca.crt"),
             budget_bytes: BUDGET_BYTES,
             proc: None,
         }
@@ -151,11 +157,11 @@ impl Mac {
             .arg("serve")
             .args(["--grpc-listen", &format!("{}:{}", self.ip, self.grpc_port)])
             .arg("--tls-cert")
-            .arg(self.certs.join("tls.crt"))
+            .arg(&self.tls_cert)
             .arg("--tls-key")
-            .arg(self.certs.join("tls.key"))
+            .arg(&self.tls_key)
             .arg("--client-ca")
-            .arg(self.certs.join("client-ca.crt"))
+            .arg(&self.client_ca)
             .args(["--memory-budget-bytes", &self.budget_bytes.to_string()])
             .arg("--engine")
             .arg(metalkube_testkit::real_engine())
@@ -170,6 +176,55 @@ impl Mac {
             .spawn()
             .unwrap();
         self.proc = Some(Proc { child, name: format!("agent {}", self.name) });
+    }
+
+    /// Enrolls this Mac as a user does: `kubectl metalkube enroll` against the cluster of
+    /// `kubeconfig` (the CA Secret `ca_secret` in `namespace`) applies its MetalNode `node` and
+    /// writes a bundle; `metalkube-agent join --no-start` installs the bundle's key material in
+    /// the state directory, and the agent then runs with those files.
+    #[allow(dead_code)] // each test binary uses its own subset
+    pub fn enroll(&mut self, node: &str, kubeconfig: &Path, namespace: &str, ca_secret: &str) {
+        let bundle = self.state.with_extension("bundle");
+        let plugin = metalkube_testkit::workspace_binary("kubectl-metalkube", "kubectl-metalkube");
+        let enrolled = Command::new(plugin)
+            .env("KUBECONFIG", kubeconfig)
+            .args(["enroll", node, "--address", &self.ip, "--grpc-port", &self.grpc_port.to_string()])
+            .args(["--namespace", namespace, "--ca-secret", ca_secret, "--output"])
+            .arg(&bundle)
+            .output()
+            .unwrap();
+        assert!(
+            enrolled.status.success(),
+            "kubectl metalkube enroll {node}: {}",
+            String::from_utf8_lossy(&enrolled.stderr)
+        );
+        let agent = metalkube_testkit::workspace_binary("metalkube-agent", "metalkube-agent");
+        // The service definition join writes lands in this Mac's own home, not the test runner's.
+        let home = self.state.with_extension("home");
+        let joined = Command::new(agent)
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .arg("join")
+            .arg(&bundle)
+            .arg("--no-start")
+            .arg("--state-dir")
+            .arg(&self.state)
+            .arg("--engine")
+            .arg(metalkube_testkit::real_engine())
+            .output()
+            .unwrap();
+        assert!(
+            joined.status.success(),
+            "metalkube-agent join {}: {}",
+            bundle.display(),
+            String::from_utf8_lossy(&joined.stderr)
+        );
+        let tls = self.state.join("tls");
+        (self.tls_cert, self.tls_key, self.client_ca) =
+            (tls.join("agent.crt"), tls.join("agent.key"), tls.join("client-ca.crt"));
+        for file in [&self.tls_cert, &self.tls_key, &self.client_ca] {
+            assert!(file.is_file(), "join wrote no {}", file.display());
+        }
     }
 
     pub fn endpoint(&self) -> String {
