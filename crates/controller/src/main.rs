@@ -54,8 +54,9 @@ struct Args {
     /// ServiceMonitor scrapes the fleet.
     #[arg(long, default_value = "metalkube-agents")]
     agents_service: String,
-    /// How often a MetalModel with spec.auth re-reads its Secret, so rotated API keys reach the
-    /// agents (any change to the MetalModel applies them at once).
+    /// How often a MetalModel with spec.auth or spec.model.tokenSecretRef re-reads its Secret,
+    /// so rotated API keys and hub tokens reach the agents (any change to the MetalModel applies
+    /// them at once).
     #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
     api_keys_resync: Duration,
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]

@@ -422,7 +422,9 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     if let Some(first) = failures.into_iter().next() {
         return Err(first);
     }
-    Ok(Action::requeue(if model.spec.auth.is_some() { ctx.keys_resync } else { RESYNC }))
+    // Secrets are not watched: models whose keys or hub token live in one read it again soon.
+    let reads_a_secret = model.spec.auth.is_some() || model.spec.model.token_secret_ref.is_some();
+    Ok(Action::requeue(if reads_a_secret { ctx.keys_resync } else { RESYNC }))
 }
 
 /// Each replica's node, address, reachability and last report.

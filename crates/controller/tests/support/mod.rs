@@ -119,6 +119,8 @@ pub struct Mac {
     pub client_ca: PathBuf,
     /// Memory the agent may give engines (`--memory-budget-bytes`).
     pub budget_bytes: u64,
+    /// More `serve` flags (a hub endpoint, a download CA).
+    pub extra_args: Vec<String>,
     pub proc: Option<Proc>,
 }
 
@@ -141,6 +143,7 @@ impl Mac {
             tls_key: certs.join("tls.key"),
             client_ca: certs.join("client-ca.crt"),
             budget_bytes: BUDGET_BYTES,
+            extra_args: Vec::new(),
             proc: None,
         }
     }
@@ -171,6 +174,7 @@ impl Mac {
             .args(["--serving-host", &self.ip, "--serving-ports", "23000-23009"])
             .args(["--engine-ports", &self.engine_ports])
             .args(["--backoff-min", "100ms", "--drain-grace", "1s", "--stop-grace", "2s"])
+            .args(&self.extra_args)
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
