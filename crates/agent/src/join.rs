@@ -28,6 +28,8 @@ pub struct Joined {
     pub definition: Definition,
     pub engine: Option<PathBuf>,
     pub started: bool,
+    /// The service definition was already there, as it is now.
+    pub unchanged: bool,
 }
 
 pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
@@ -44,7 +46,18 @@ pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
         path: options.bundle.clone(),
         source,
     })?;
+    // `sudo join` without --system: the key material would be root's in the user's home, and
+    // the user's own agent could not read it.
+    if options.scope == Scope::User && nix::unistd::geteuid().is_root() && std::env::var_os("SUDO_USER").is_some() {
+        return Err(AgentError::Service(
+            "join under sudo without --system would install a per-user agent owned by root: run it without \
+             sudo as the user the agent should run as, or pass --system for a machine-wide service"
+                .to_owned(),
+        ));
+    }
     let bundle = parse_bundle(&text, &options.bundle.display().to_string())?;
+    // Checked before anything is replaced: a bad bundle must not take the place of working keys.
+    check_bundle_tls(&bundle)?;
     let host = Host::current(target, options.scope);
     let state_dir = match options.state_dir {
         Some(dir) => dir,
@@ -54,12 +67,35 @@ pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
     files.install(&bundle)?;
     let engine = options.engine.or_else(|| crate::context::find_on_path("llama-server"));
     let definition = enrolled_definition(&host, &files, engine.as_deref())?;
-    if options.start {
+    // A renewal with the same definition: the running agent picks the new files up by itself
+    // (it watches them), so its engines keep serving; a restart is only for a changed service.
+    let unchanged = std::fs::read_to_string(&definition.path).is_ok_and(|old| old == definition.contents);
+    let started = options.start && !unchanged;
+    if started {
         service::install(&host, &definition)?;
-    } else {
+    } else if !unchanged {
         service::write_definition(&definition)?;
     }
-    Ok(Joined { node_name: bundle.agent.node_name, files, definition, engine, started: options.start })
+    Ok(Joined { node_name: bundle.agent.node_name, files, definition, engine, started, unchanged })
+}
+
+/// The bundle's key, certificate and client CA make a working TLS setup, and the certificate
+/// is current.
+fn check_bundle_tls(bundle: &metalkube_api::bundle::AgentBundle) -> Result<(), AgentError> {
+    let pem = crate::grpc::GrpcTls {
+        cert_pem: bundle.tls.certificate.clone(),
+        key_pem: bundle.tls.private_key.clone(),
+        client_ca_pem: bundle.tls.client_ca.clone(),
+    };
+    crate::grpc_tls::server_config(&pem)?;
+    let expiry = crate::grpc_tls::certificate_expiry_unix(&bundle.tls.certificate)?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if expiry <= i64::try_from(now).unwrap_or(i64::MAX) {
+        return Err(AgentError::Service(format!(
+            "the bundle's certificate expired (at {expiry}, Unix time): enroll the Mac again with --renew"
+        )));
+    }
+    Ok(())
 }
 
 /// The service definition of the agent enrolled in `files` (which `join` wrote), running this

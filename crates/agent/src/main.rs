@@ -232,13 +232,16 @@ fn run_join(args: JoinArgs) -> anyhow::Result<()> {
             "engine: llama-server is not on PATH; install it, then `metalkube-agent service install --engine PATH`"
         ),
     }
+    let install = format!("metalkube-agent service install{}", if scope == Scope::System { " --system" } else { "" });
     if joined.started {
         println!("started; the controller connects to it once the MetalNode is in the cluster");
-    } else {
+    } else if joined.unchanged {
         println!(
-            "not started (--no-start); start it with `metalkube-agent service install{}`",
-            if scope == Scope::System { " --system" } else { "" }
+            "service definition unchanged: a running agent serves the new certificate without a restart \
+             (its engines keep serving); `{install}` (re)starts it"
         );
+    } else {
+        println!("not started (--no-start); start it with `{install}`");
     }
     Ok(())
 }

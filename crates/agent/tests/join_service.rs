@@ -187,6 +187,20 @@ fn join_installs_the_bundle_privately_and_writes_the_service_that_runs_it() {
     assert!(again.status.success());
     assert_eq!(std::fs::read_to_string(files.private_key()).unwrap(), second.tls.private_key);
     assert_eq!(mode(&files.private_key()), 0o600);
+    // The same service again: nothing to restart; a running agent reloads the files itself.
+    let same = agent(&home, &["join", bundle_path.to_str().unwrap(), "--no-start", "--state-dir", &state.to_string()]);
+    assert!(same.status.success());
+    assert!(String::from_utf8_lossy(&same.stdout).contains("service definition unchanged"), "{same:?}");
+
+    // A bundle whose key is not its certificate's is refused, and the working files stay.
+    let mut mismatched = bundle.clone();
+    mismatched.tls.private_key = ca_leaf(&ca).private_key;
+    std::fs::write(&bundle_path, render_bundle(&mismatched)).unwrap();
+    let refused =
+        agent(&home, &["join", bundle_path.to_str().unwrap(), "--no-start", "--state-dir", &state.to_string()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("TLS"), "{refused:?}");
+    assert_eq!(std::fs::read_to_string(files.private_key()).unwrap(), second.tls.private_key, "untouched");
 }
 
 fn ca_leaf(ca: &TestCa) -> AgentTls {

@@ -222,8 +222,13 @@ fn pem_field(value: Option<String>, field: &str, label: &str, source_name: &str)
     let begins = value.lines().find(|l| !l.trim().is_empty()).map(str::trim).unwrap_or_default();
     let fits = begins.starts_with("-----BEGIN ") && begins.ends_with(&format!("{label}-----"));
     if !fits {
-        let shown: String = begins.chars().take(40).collect();
-        return Err(bundle_error(source_name, field, format!("does not start as PEM ({shown:?})"), &allowed));
+        // Only a PEM header is shown: this field may hold key material.
+        let shown = if begins.starts_with("-----BEGIN ") {
+            format!(" (it starts {:?})", begins.chars().take(40).collect::<String>())
+        } else {
+            String::new()
+        };
+        return Err(bundle_error(source_name, field, format!("does not start as PEM{shown}"), &allowed));
     }
     Ok(value)
 }
@@ -330,7 +335,8 @@ mod tests {
         let err = message(&text.replace("nodeName: mac-01", "nodeName: Mac_01"));
         assert!(err.contains("agent.nodeName: \"Mac_01\" is not a valid name"), "{err}");
         let err = message(&text.replacen("-----BEGIN PRIVATE KEY-----", "oops", 1));
-        assert!(err.contains("tls.privateKey: does not start as PEM (\"oops\")"), "{err}");
+        assert!(err.contains("tls.privateKey: does not start as PEM (allowed"), "{err}");
+        assert!(!err.contains("oops"), "key text is never echoed: {err}");
         let err = message(&text.replace("clientCA:", "clientCa:"));
         assert!(err.contains("unknown field `clientCa`"), "{err}");
         let err = message(&text.replace("memoryBudgetBytes: 51539607552", "memoryBudgetBytes: 0"));

@@ -28,9 +28,15 @@ pub struct EnrollRequest {
     pub renew: bool,
     pub namespace: String,
     pub ca_secret: String,
-    pub grpc_port: u16,
+    /// None: the enrolled Mac's port on a renewal, else `DEFAULT_GRPC_PORT`.
+    pub grpc_port: Option<u16>,
     pub valid_for: Duration,
 }
+
+pub const DEFAULT_GRPC_PORT: u16 = 9443;
+
+/// The memory budget given at enrolment, kept on the MetalNode so a renewal's bundle keeps it.
+pub const MEMORY_BUDGET_ANNOTATION: &str = "metalkube.dev/memory-budget-bytes";
 
 pub struct Enrolled {
     pub bundle: AgentBundle,
@@ -47,19 +53,20 @@ pub async fn enroll(client: Client, req: EnrollRequest) -> anyhow::Result<Enroll
     }
     let nodes: Api<MetalNode> = Api::all(client.clone());
     let existing = nodes.get_opt(&req.name).await.with_context(|| format!("reading MetalNode {}", req.name))?;
-    let address = match (&existing, &req.address, req.renew) {
+    let wanted_address = req.address.as_deref().map(str::trim);
+    let address = match (&existing, wanted_address, req.renew) {
         (None, _, true) => {
             bail!("MetalNode {} is not enrolled, so there is nothing to renew: enroll it without --renew", req.name)
         }
         (None, None, false) => bail!("--address is required to enroll a new Mac (its IP address or DNS name)"),
         (Some(node), None, _) => node.spec.serving_address.clone(),
-        (Some(node), Some(address), false) if node.spec.serving_address != *address => bail!(
+        (Some(node), Some(address), false) if node.spec.serving_address != address => bail!(
             "MetalNode {} is already enrolled at {} ({}); to move it to {address} with a new certificate, pass --renew",
             req.name,
             node.spec.serving_address,
             node.spec.agent_endpoint
         ),
-        (_, Some(address), _) => address.clone(),
+        (_, Some(address), _) => address.to_owned(),
     };
     let address = address.trim().to_owned();
     // Read the CA before anything is written: a missing CA leaves the cluster as it was.
@@ -74,33 +81,49 @@ pub async fn enroll(client: Client, req: EnrollRequest) -> anyhow::Result<Enroll
     )?;
 
     let ip = address.parse::<IpAddr>().ok();
+    // A renewal keeps what the Mac was enrolled with unless told otherwise: its port and its
+    // memory budget.
+    let grpc_port = req
+        .grpc_port
+        .or_else(|| existing.as_ref().and_then(|n| endpoint_port(&n.spec.agent_endpoint)))
+        .unwrap_or(DEFAULT_GRPC_PORT);
+    let memory_budget_bytes = req
+        .memory_budget_bytes
+        .or_else(|| existing.as_ref()?.metadata.annotations.as_ref()?.get(MEMORY_BUDGET_ANNOTATION)?.parse().ok());
     let endpoint = match ip {
-        Some(IpAddr::V6(v6)) => format!("https://[{v6}]:{}", req.grpc_port),
-        _ => format!("https://{address}:{}", req.grpc_port),
+        Some(IpAddr::V6(v6)) => format!("https://[{v6}]:{grpc_port}"),
+        _ => format!("https://{address}:{grpc_port}"),
     };
-    // On a renewal the node keeps what it had: real server-side apply removes fields a manager
-    // stops applying, so labels and unschedulable are applied again rather than left out.
-    let mut labels = existing.as_ref().and_then(|n| n.metadata.labels.clone()).unwrap_or_default();
-    labels.extend(req.labels.clone());
-    let unschedulable = req.unschedulable || existing.as_ref().is_some_and(|n| n.spec.unschedulable);
-    let mut spec = serde_json::json!({"agentEndpoint": endpoint, "servingAddress": address});
-    if unschedulable {
-        spec["unschedulable"] = serde_json::Value::Bool(true);
-    }
+    // Server-side apply owns only what enroll always decides (where the agent is, and the
+    // budget it was given); labels and the cordon are merged in only when given, so enroll never
+    // takes over (and later drops) what a person or GitOps tool set.
     let mut metadata = serde_json::json!({"name": req.name});
-    if !labels.is_empty() {
-        metadata["labels"] = serde_json::to_value(&labels)?;
+    if let Some(budget) = memory_budget_bytes {
+        metadata["annotations"] = serde_json::json!({MEMORY_BUDGET_ANNOTATION: budget.to_string()});
     }
     let applied = serde_json::json!({
         "apiVersion": format!("{}/{}", metalkube_api::GROUP, metalkube_api::VERSION),
         "kind": "MetalNode",
         "metadata": metadata,
-        "spec": spec,
+        "spec": {"agentEndpoint": endpoint, "servingAddress": address},
     });
     nodes
         .patch(&req.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&applied))
         .await
         .with_context(|| format!("applying MetalNode {}", req.name))?;
+    let mut merged = serde_json::Map::new();
+    if !req.labels.is_empty() {
+        merged.insert("metadata".into(), serde_json::json!({"labels": req.labels}));
+    }
+    if req.unschedulable {
+        merged.insert("spec".into(), serde_json::json!({"unschedulable": true}));
+    }
+    if !merged.is_empty() {
+        nodes
+            .patch(&req.name, &PatchParams::default(), &Patch::Merge(serde_json::Value::Object(merged)))
+            .await
+            .with_context(|| format!("labelling MetalNode {}", req.name))?;
+    }
 
     // Listen on every address of the family the cluster reaches the Mac over: a DHCP lease
     // that changes does not then stop the agent from starting.
@@ -111,14 +134,19 @@ pub async fn enroll(client: Client, req: EnrollRequest) -> anyhow::Result<Enroll
     let bundle = AgentBundle {
         agent: AgentSettings {
             node_name: req.name,
-            grpc_listen: SocketAddr::new(any, req.grpc_port),
+            grpc_listen: SocketAddr::new(any, grpc_port),
             serving_host: any,
             serving_address: address,
-            memory_budget_bytes: req.memory_budget_bytes,
+            memory_budget_bytes,
         },
         tls: AgentTls { certificate: issued.cert.clone(), private_key: issued.key.clone(), client_ca: ca_cert },
     };
     Ok(Enrolled { bundle, issued, created: existing.is_none() })
+}
+
+/// The port of an `https://host:port` endpoint.
+fn endpoint_port(endpoint: &str) -> Option<u16> {
+    endpoint.rsplit_once(':')?.1.trim_end_matches('/').parse().ok()
 }
 
 /// The CA's certificate and key from its Secret (cert-manager's layout, which the chart's own CA

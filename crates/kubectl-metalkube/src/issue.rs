@@ -10,6 +10,9 @@ use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose, Issuer, KeyPair,
 
 use crate::pkcs8::pkcs8_der;
 
+/// Longest certificate lifetime enroll issues.
+const MAX_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Clocks on a Mac and in the cluster disagree a little; a certificate valid from a few minutes
 /// ago works on both.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
@@ -55,14 +58,44 @@ pub fn issue_agent_certificate(
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.use_authority_key_identifier_extension = true;
+    if valid_for.is_zero() || valid_for > MAX_VALIDITY {
+        bail!("--valid-for {}: allowed from 1s to 10 years", humantime::format_duration(valid_for));
+    }
     let since_epoch = now.duration_since(UNIX_EPOCH).context("the clock is before 1970")?;
     let epoch = rcgen::date_time_ymd(1970, 1, 1);
     params.not_before = epoch + since_epoch.saturating_sub(BACKDATE);
     params.not_after = epoch + since_epoch + valid_for;
-    if valid_for.is_zero() {
-        bail!("--valid-for must be longer than 0");
-    }
     let key = KeyPair::generate().context("generating the agent's key")?;
     let cert = params.signed_by(&key, &issuer).context("signing the agent's certificate")?;
-    Ok(Issued { cert: cert.pem(), key: key.serialize_pem(), not_after: now + valid_for })
+    let issued = Issued { cert: cert.pem(), key: key.serialize_pem(), not_after: now + valid_for };
+    verify_as_the_controller_would(ca.cert, &issued.cert, address, now)?;
+    Ok(issued)
+}
+
+/// Checks the new certificate the way the controller will when it dials the agent: it must
+/// chain to the CA certificate and name the address. A Secret whose key is not the CA
+/// certificate's, a certificate that is no CA, or an expired CA is caught here, with the reason,
+/// instead of as a handshake failure on the Mac.
+fn verify_as_the_controller_would(ca_pem: &str, cert_pem: &str, address: &str, now: SystemTime) -> anyhow::Result<()> {
+    use rustls::client::danger::ServerCertVerifier as _;
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
+        roots.add(cert.context("the CA Secret's tls.crt is not PEM")?).context("the CA Secret's tls.crt")?;
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+        .build()
+        .context("the CA Secret's tls.crt cannot anchor a verification")?;
+    let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes()).context("the issued certificate")?;
+    let name = ServerName::try_from(address.to_owned()).context("the address as a TLS name")?;
+    let at = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    verifier.verify_server_cert(&leaf, &[], &name, &[], at).map_err(|e| {
+        anyhow::anyhow!(
+            "the certificate issued under the CA Secret does not verify against its tls.crt ({e}): \
+             the Secret's tls.key must be the key of its tls.crt, which must be a CA certificate that has not expired"
+        )
+    })?;
+    Ok(())
 }

@@ -8,12 +8,12 @@ mod quantity;
 mod status;
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use kube::api::ListParams;
 use kube::{Api, Client};
@@ -62,9 +62,9 @@ struct EnrollArgs {
     /// The CA Secret (tls.crt, tls.key): the chart's "<release>-ca".
     #[arg(long, default_value = "metalkube-ca")]
     ca_secret: String,
-    /// Port of the agent's gRPC API on the Mac.
-    #[arg(long, default_value_t = 9443)]
-    grpc_port: u16,
+    /// Port of the agent's gRPC API on the Mac; default: 9443, or the enrolled one on --renew.
+    #[arg(long)]
+    grpc_port: Option<u16>,
     /// Lifetime of the certificate; renew before it ends (`enroll --renew`, then `join` again).
     #[arg(long, default_value = "365d", value_parser = humantime::parse_duration)]
     valid_for: Duration,
@@ -103,6 +103,29 @@ async fn main() -> anyhow::Result<()> {
 
 async fn run_enroll(client: Client, args: EnrollArgs) -> anyhow::Result<()> {
     let output = args.output.clone();
+    // Where the bundle goes is settled before the cluster is touched: a file that cannot be
+    // made must not leave a node moved and its new key lost.
+    let mut file = match &output {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(path)
+                .with_context(|| format!("creating {}", path.display()))?;
+            // An existing file keeps its mode on open; the bundle holds a private key.
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} private (0600)", path.display()))?;
+            Some(file)
+        }
+        None if std::io::stdout().is_terminal() => bail!(
+            "the bundle holds the Mac's private key and is not printed to a terminal: redirect it \
+             (> {name}.bundle) or pass -o {name}.bundle",
+            name = args.name
+        ),
+        None => None,
+    };
     let enrolled = enroll::enroll(
         client,
         enroll::EnrollRequest {
@@ -121,21 +144,11 @@ async fn run_enroll(client: Client, args: EnrollArgs) -> anyhow::Result<()> {
     .await?;
     let text = render_bundle(&enrolled.bundle);
     let name = &enrolled.bundle.agent.node_name;
-    match &output {
-        Some(path) => {
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(path)
-                .with_context(|| format!("creating {}", path.display()))?;
-            // An existing file keeps its mode on open; the bundle holds a private key.
-            file.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .with_context(|| format!("making {} private (0600)", path.display()))?;
+    match (&mut file, &output) {
+        (Some(file), Some(path)) => {
             file.write_all(text.as_bytes()).with_context(|| format!("writing {}", path.display()))?;
         }
-        None => print!("{text}"),
+        _ => print!("{text}"),
     }
     let expires = humantime::format_rfc3339_seconds(enrolled.issued.not_after);
     eprintln!(

@@ -163,6 +163,39 @@ async fn enroll_applies_the_node_and_issues_a_certificate_for_its_address() {
     let bundle = parse_bundle(&String::from_utf8(again.stdout).unwrap(), "stdout").unwrap();
     verifies(&bundle, HELM_CA.0, "10.0.0.22").unwrap();
     assert!(cluster.node("mac-01").await.spec.unschedulable);
+    assert_eq!(bundle.agent.memory_budget_bytes, Some(48 << 30), "a renewal keeps the budget it was given");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_renewal_keeps_the_port_and_what_others_set() {
+    let cluster = Cluster::start().await;
+    let first = cluster.kubectl_metalkube(&["enroll", "mac-04", "--address", "10.0.0.4", "--grpc-port", "9500"]).await;
+    assert!(first.status.success());
+    // Someone else labels and cordons the node (kubectl, GitOps).
+    let nodes = Api::<MetalNode>::all(cluster.server.client());
+    let theirs = serde_json::json!({"metadata": {"labels": {"team": "ml"}}, "spec": {"unschedulable": true}});
+    nodes.patch("mac-04", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(theirs)).await.unwrap();
+
+    let renewed = cluster.kubectl_metalkube(&["enroll", "mac-04", "--renew"]).await;
+    assert!(renewed.status.success());
+    let bundle = parse_bundle(&String::from_utf8(renewed.stdout).unwrap(), "stdout").unwrap();
+    assert_eq!(bundle.agent.grpc_listen.to_string(), "0.0.0.0:9500", "the enrolled port stays");
+    let node = cluster.node("mac-04").await;
+    assert_eq!(node.spec.agent_endpoint, "https://10.0.0.4:9500");
+    assert_eq!(node.metadata.labels.unwrap_or_default().get("team").map(String::as_str), Some("ml"));
+    assert!(node.spec.unschedulable, "enroll leaves what it was not told to change");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_ca_secret_whose_key_is_not_its_certificates_is_refused_before_anything_is_applied() {
+    let cluster = Cluster::start().await;
+    cluster.ca_secret("mixed-ca", (HELM_CA.0, SEC1_CA.1)).await;
+    let output =
+        cluster.kubectl_metalkube(&["enroll", "mac-05", "--address", "10.0.0.5", "--ca-secret", "mixed-ca"]).await;
+    assert!(!output.status.success());
+    assert!(stderr(&output).contains("tls.key must be the key of its tls.crt"), "{}", stderr(&output));
+    assert!(output.stdout.is_empty(), "no bundle");
+    assert!(Api::<MetalNode>::all(cluster.server.client()).get_opt("mac-05").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -265,7 +265,15 @@ fn stop(host: &Host, path: &Path) -> Result<(), AgentError> {
     }
     match host.target {
         Target::Macos => {
+            // A job that was never loaded (`join --no-start`) has nothing to stop.
             let domain = launchd_domain(host.scope);
+            let loaded = Command::new("launchctl")
+                .args(["print", &format!("{domain}/{LAUNCHD_LABEL}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !loaded {
+                return Ok(());
+            }
             run(Command::new("launchctl").args(["bootout", &format!("{domain}/{LAUNCHD_LABEL}")]), true)
         }
         Target::Linux => {
