@@ -162,6 +162,14 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
         })
         .await;
     let progress = downloading.download.unwrap();
+    let during = h.metrics().await;
+    for series in [
+        "metalkube_agent_model_download_bytes{model=\"default/tiny\"}".to_owned(),
+        format!("metalkube_agent_model_download_size_bytes{{model=\"default/tiny\"}} {}", tiny.len()),
+        "metalkube_agent_model_download_rate_bytes_per_second{model=\"default/tiny\"}".to_owned(),
+    ] {
+        assert!(during.contains(&series), "{series} while downloading:\n{during}");
+    }
     assert!(progress.bytes_per_second.is_some_and(|r| r > 0.0) && progress.eta_seconds.is_some(), "{progress:?}");
     let tiny_report = h.wait_for("default/tiny", "serving", |r| r.phase == Phase::Serving).await;
     assert_eq!(sha256_of(&cache.join("tiny.gguf")), tiny_sha);
