@@ -9,6 +9,22 @@ use metalkube_api::{MetalModel, MetalNode};
 const HEADER: [&str; 10] =
     ["MAC", "MAC-READY", "MODEL", "PHASE", "READY", "GRADE", "PULSE", "QUEUE", "RESTARTS", "LAST-ERROR"];
 
+/// A download in one cell: "downloading 25% of 2.0 GB, 12 MB/s, ETA 2m 5s".
+fn download_line(d: &metalkube_api::DownloadProgress) -> String {
+    let gb = |b: u64| format!("{:.1} GB", b as f64 / 1e9);
+    let mut text = match d.total_bytes.filter(|t| *t > 0) {
+        Some(total) => format!("downloading {}% of {}", d.done_bytes.saturating_mul(100) / total, gb(total)),
+        None => format!("downloading, {} so far", gb(d.done_bytes)),
+    };
+    if let Some(rate) = d.bytes_per_second {
+        text.push_str(&format!(", {:.0} MB/s", rate / 1e6));
+    }
+    if let Some(eta) = d.eta_seconds.filter(|e| e.is_finite() && *e >= 0.0 && *e < 1e9) {
+        text.push_str(&format!(", ETA {}", humantime::format_duration(std::time::Duration::from_secs(eta as u64))));
+    }
+    text
+}
+
 /// Renders the table (pure): Macs by name, each Mac's models by namespace/name.
 pub fn render_status(nodes: &[MetalNode], models: &[MetalModel]) -> String {
     let mut rows: Vec<[String; 10]> = Vec::new();
@@ -37,7 +53,12 @@ pub fn render_status(nodes: &[MetalNode], models: &[MetalModel]) -> String {
                     replica.pulse_seconds.map_or_else(dash, |s| format!("{s:.2}s")),
                     replica.queue_depth.to_string(),
                     replica.restarts.to_string(),
-                    replica.message.as_deref().map(one_line).unwrap_or_else(|| node_problem.clone()),
+                    replica
+                        .download
+                        .as_ref()
+                        .map(download_line)
+                        .or_else(|| replica.message.as_deref().map(one_line))
+                        .unwrap_or_else(|| node_problem.clone()),
                 ]);
             }
         }
@@ -118,7 +139,7 @@ fn table(rows: &[[String; 10]]) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use metalkube_api::{MetalModelStatus, MetalNodeSpec, MetalNodeStatus};
+    use metalkube_api::{DownloadProgress, MetalModelStatus, MetalNodeSpec, MetalNodeStatus};
 
     use super::*;
 
@@ -187,6 +208,22 @@ mac-02   Unknown     -           -                  -       -       -       -   
 -        -           llm/big     Pending            no      -       -       -       -          no Mac has 80Gi free
 ";
         assert_eq!(table, expected, "\n{table}");
+    }
+
+    #[test]
+    fn a_download_shows_how_far_it_has_come() {
+        let models = [model(
+            "qwen",
+            serde_json::json!({"replicas": [
+                {"node": "mac-01", "phase": "Downloading", "ready": false,
+                 "download": {"doneBytes": 500_000_000u64, "totalBytes": 2_000_000_000u64, "bytesPerSecond": 12.0e6, "etaSeconds": 125.0}},
+            ]}),
+        )];
+        let table = render_status(&[node("mac-01", "True", "")], &models);
+        assert!(table.contains("downloading 25% of 2.0 GB, 12 MB/s, ETA 2m 5s"), "\n{table}");
+        let unknown =
+            DownloadProgress { done_bytes: 300_000_000, total_bytes: None, bytes_per_second: None, eta_seconds: None };
+        assert_eq!(download_line(&unknown), "downloading, 0.3 GB so far");
     }
 
     #[test]
