@@ -1,7 +1,7 @@
 //! The set of supervised models: starts, updates and stops supervisors so that what runs
 //! matches what is desired.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use tokio::sync::{Mutex, broadcast, watch};
@@ -12,9 +12,28 @@ use crate::orphans::reap_orphans;
 use crate::report::ModelReport;
 use crate::supervisor::SupervisorHandle;
 
+/// The supervisors by model key, and the models between two supervisors.
+#[derive(Default)]
+struct Supervised {
+    running: BTreeMap<String, SupervisorHandle>,
+    /// Taken out of `running` and stopping now.
+    stopping: BTreeSet<String>,
+    /// Wanted again while its predecessor stops: started when the stop is done.
+    pending: BTreeMap<String, DesiredModel>,
+}
+
+impl Supervised {
+    fn take_for_stop(&mut self, key: &str) -> Option<SupervisorHandle> {
+        let handle = self.running.remove(key)?;
+        self.stopping.insert(key.to_owned());
+        Some(handle)
+    }
+}
+
 pub struct Agent {
     ctx: Arc<AgentContext>,
-    supervisors: Mutex<BTreeMap<String, SupervisorHandle>>,
+    /// Held for bookkeeping only, never across an engine's stop.
+    supervisors: Mutex<Supervised>,
     /// Problems with where desired models come from (a bad YAML file), by source.
     source_errors: std::sync::Mutex<BTreeMap<String, String>>,
     /// The key of every model whose report changed, or that was removed.
@@ -41,7 +60,7 @@ impl Agent {
         let host_sampler = tokio::spawn(crate::host::follow_host(ctx.metrics.host.clone()));
         Ok(Arc::new(Self {
             ctx,
-            supervisors: Mutex::new(BTreeMap::new()),
+            supervisors: Mutex::new(Supervised::default()),
             source_errors: Default::default(),
             changes,
             host_sampler,
@@ -52,50 +71,74 @@ impl Agent {
         &self.ctx
     }
 
-    /// Makes the supervised set equal to `desired`.
+    /// Makes the supervised set equal to `desired`. Models that go are stopped after the lock
+    /// is released, all at once: reports, `/readyz` and the Watch stream answer meanwhile.
     pub async fn apply(&self, desired: Vec<DesiredModel>) {
-        let mut sups = self.supervisors.lock().await;
-        let wanted: BTreeMap<String, DesiredModel> = desired.into_iter().map(|d| (d.key(), d)).collect();
-        let gone: Vec<String> = sups.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
-        for key in gone {
-            self.stop_locked(&mut sups, &key).await;
-        }
-        for (_, d) in wanted {
-            self.upsert_locked(&mut sups, d);
-        }
+        let leaving = {
+            let mut set = self.supervisors.lock().await;
+            let wanted: BTreeMap<String, DesiredModel> = desired.into_iter().map(|d| (d.key(), d)).collect();
+            let gone: Vec<String> = set.running.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+            set.pending.retain(|k, _| wanted.contains_key(k));
+            let leaving: Vec<(String, SupervisorHandle)> =
+                gone.into_iter().filter_map(|k| set.take_for_stop(&k).map(|h| (k, h))).collect();
+            for (_, d) in wanted {
+                self.upsert_locked(&mut set, d);
+            }
+            leaving
+        };
+        futures::future::join_all(leaving.into_iter().map(|(key, handle)| self.stop_outside_lock(key, handle))).await;
     }
 
     /// Serves `desired`, or updates the model of that name.
     pub async fn upsert(&self, desired: DesiredModel) {
-        let mut sups = self.supervisors.lock().await;
-        self.upsert_locked(&mut sups, desired);
+        let mut set = self.supervisors.lock().await;
+        self.upsert_locked(&mut set, desired);
     }
 
     /// Stops a model; false when it was not held.
     pub async fn remove(&self, key: &str) -> bool {
-        let mut sups = self.supervisors.lock().await;
-        self.stop_locked(&mut sups, key).await
+        let (handle, was_pending) = {
+            let mut set = self.supervisors.lock().await;
+            let was_pending = set.pending.remove(key).is_some();
+            (set.take_for_stop(key), was_pending)
+        };
+        match handle {
+            Some(handle) => {
+                self.stop_outside_lock(key.to_owned(), handle).await;
+                true
+            }
+            None => was_pending,
+        }
     }
 
-    fn upsert_locked(&self, sups: &mut BTreeMap<String, SupervisorHandle>, d: DesiredModel) {
+    fn upsert_locked(&self, set: &mut Supervised, d: DesiredModel) {
         let key = d.key();
-        match sups.get_mut(&key) {
+        if set.stopping.contains(&key) {
+            // Its predecessor is still stopping (draining, freeing its ports and series): the
+            // new one starts once that is done.
+            set.pending.insert(key, d);
+            return;
+        }
+        match set.running.get_mut(&key) {
             Some(handle) if handle.desired() == &d => {}
             Some(handle) => handle.update(d),
             None => {
                 let handle = SupervisorHandle::spawn(self.ctx.clone(), d);
                 self.forward_changes(key.clone(), handle.report());
-                sups.insert(key, handle);
+                set.running.insert(key, handle);
             }
         }
     }
 
-    async fn stop_locked(&self, sups: &mut BTreeMap<String, SupervisorHandle>, key: &str) -> bool {
-        let Some(handle) = sups.remove(key) else { return false };
+    async fn stop_outside_lock(&self, key: String, handle: SupervisorHandle) {
         tracing::info!(model = %key, "no longer desired; stopping");
         handle.stop().await;
-        let _ = self.changes.send(key.to_owned());
-        true
+        let mut set = self.supervisors.lock().await;
+        set.stopping.remove(&key);
+        if let Some(next) = set.pending.remove(&key) {
+            self.upsert_locked(&mut set, next);
+        }
+        let _ = self.changes.send(key);
     }
 
     /// Turns one model's report updates into keys on the agent-wide change channel.
@@ -116,7 +159,7 @@ impl Agent {
 
     /// One model's state this moment, with live admission numbers.
     pub async fn report(&self, key: &str) -> Option<ModelReport> {
-        self.supervisors.lock().await.get(key).map(SupervisorHandle::live_report)
+        self.supervisors.lock().await.running.get(key).map(SupervisorHandle::live_report)
     }
 
     pub fn set_source_errors(&self, errors: BTreeMap<String, String>) {
@@ -128,20 +171,23 @@ impl Agent {
     }
 
     pub async fn reports(&self) -> Vec<ModelReport> {
-        self.supervisors.lock().await.values().map(SupervisorHandle::live_report).collect()
+        self.supervisors.lock().await.running.values().map(SupervisorHandle::live_report).collect()
     }
 
     /// A live view of one model's report, for waiting on a state change.
     pub async fn watch(&self, key: &str) -> Option<watch::Receiver<ModelReport>> {
-        self.supervisors.lock().await.get(key).map(SupervisorHandle::report)
+        self.supervisors.lock().await.running.get(key).map(SupervisorHandle::report)
     }
 
     /// Stops every engine, all at once: each drains its in-flight requests (new ones get 503
     /// with Retry-After) and stops. The supervisors are taken out first, so reports and the
     /// Watch stream keep answering meanwhile.
     pub async fn shutdown(&self) {
-        let handles: Vec<(String, SupervisorHandle)> =
-            std::mem::take(&mut *self.supervisors.lock().await).into_iter().collect();
+        let handles: Vec<(String, SupervisorHandle)> = {
+            let mut set = self.supervisors.lock().await;
+            set.pending.clear();
+            std::mem::take(&mut set.running).into_iter().collect()
+        };
         let stops = handles.into_iter().map(|(key, handle)| async move {
             handle.stop().await;
             key

@@ -122,7 +122,12 @@ impl DesiredStore {
         let mut file =
             std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(io)?;
         file.write_all(&json).map_err(io)?;
+        // Durable in order: the record's bytes before the rename makes them the record, and the
+        // directory after it, so a power cut leaves the old record or the new one, never an
+        // empty file under the record's name.
+        file.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &path).map_err(io)?;
+        std::fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io)?;
         self.lock().insert(record.key(), record);
         Ok(())
     }
@@ -130,7 +135,11 @@ impl DesiredStore {
     pub fn remove(&self, namespace: &str, name: &str) -> Result<bool, AgentError> {
         let path = self.file(namespace, name);
         match std::fs::remove_file(&path) {
-            Ok(()) => {}
+            // The removal is durable once the directory is: a stopped model must not come back
+            // after a power cut.
+            Ok(()) => std::fs::File::open(&self.dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|source| AgentError::StateDir { path: path.clone(), source })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(AgentError::StateDir { path, source }),
         }

@@ -155,7 +155,8 @@ impl Grader {
     /// The healthy wall-time baseline, once it is stable enough to grade against.
     pub fn baseline(&self) -> Option<Duration> {
         (self.wall_baseline.samples >= self.cfg.baseline_min_samples)
-            .then(|| Duration::from_secs_f64(self.wall_baseline.value))
+            .then(|| Duration::try_from_secs_f64(self.wall_baseline.value).ok())
+            .flatten()
     }
 
     pub fn grade(&self) -> Option<Grade> {

@@ -243,3 +243,40 @@ async fn clients_see_the_model_by_its_metalmodel_name_not_a_path() {
     assert!(!answer.to_string().contains(".gguf"), "no path on the Mac leaks: {answer}");
     h.agent.shutdown().await;
 }
+
+/// Stopping a model takes up to the drain grace (a request in flight on a frozen engine) and the
+/// stop grace: the agent's reports (`/readyz`, `/api/v1/models`, the Watch stream) answer
+/// meanwhile, and a model wanted again waits for its predecessor to be gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_answer_while_an_engine_stops_and_a_model_wanted_again_waits_for_it() {
+    let h = Harness::new(engine()).await;
+    let key = h.serve(h.desired("slow-stop", None)).await;
+    let serving = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    let (pid, port) = (serving.pid.unwrap(), serving.serving_port.unwrap());
+    // A request in flight that the frozen engine never answers: the stop drains it first.
+    signal(pid, Signal::SIGSTOP);
+    let in_flight = tokio::spawn(
+        reqwest::Client::new()
+            .post(format!("http://127.0.0.1:{port}/v1/completions"))
+            .json(&serde_json::json!({"prompt": "Once upon a time", "max_tokens": 256}))
+            .send(),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let agent = h.agent.clone();
+    let removing = tokio::spawn(async move { agent.remove("default/slow-stop").await });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let reports = tokio::time::timeout(std::time::Duration::from_millis(500), h.agent.reports())
+        .await
+        .expect("reports answer while an engine stops");
+    assert!(reports.is_empty(), "the stopping model is no longer reported: {reports:#?}");
+    tokio::time::timeout(std::time::Duration::from_millis(500), h.agent.upsert(h.desired("slow-stop", None)))
+        .await
+        .expect("an upsert does not wait for the stop either");
+    assert!(!removing.is_finished(), "the engine is still within its stop grace");
+    assert!(removing.await.unwrap());
+    let _ = in_flight.await;
+    assert!(!is_running(pid), "the old engine is gone");
+    let again = h.wait_for(&key, "serving again", |r| r.phase == Phase::Serving).await;
+    assert_ne!(again.pid, Some(pid), "a new engine, started after the old one was gone");
+    h.agent.shutdown().await;
+}

@@ -18,6 +18,7 @@ use tokio::sync::mpsc;
 
 use crate::agent_client::{AgentClient, ClientSettings};
 use crate::metrics::{Metrics, NodeLabels};
+use crate::sync::{lock, read, write};
 
 /// What the controller knows of one agent.
 #[derive(Debug, Clone, Default)]
@@ -108,7 +109,7 @@ impl Fleet {
 
     /// Makes the links match the MetalNodes: (name, agentEndpoint) pairs.
     pub fn sync(&self, nodes: &[(String, String)]) {
-        let Ok(mut links) = self.links.lock() else { return };
+        let mut links = lock(&self.links);
         let wanted: HashMap<&str, &str> = nodes.iter().map(|(n, e)| (n.as_str(), e.as_str())).collect();
         let gone: Vec<String> = links
             .iter()
@@ -118,7 +119,7 @@ impl Fleet {
         for name in gone {
             if let Some(link) = links.remove(&name) {
                 link.task.abort();
-                let models = link.view.read().map(|v| v.models.keys().cloned().collect()).unwrap_or_default();
+                let models = read(&link.view).models.keys().cloned().collect();
                 self.metrics.forget_node(&name);
                 let _ = self.changes.send(FleetChange { node: name, kind: ChangeKind::Connection, models });
             }
@@ -153,9 +154,7 @@ impl Fleet {
             }
             Err(e) => {
                 tracing::error!(node, "{e}");
-                if let Ok(mut v) = view.write() {
-                    v.last_error = Some(e.to_string());
-                }
+                write(&view).last_error = Some(e.to_string());
                 let _ = self.changes.send(FleetChange {
                     node: node.to_owned(),
                     kind: ChangeKind::Connection,
@@ -173,34 +172,31 @@ impl Fleet {
         let (first, changes, name, grace) = (view.clone(), self.changes.clone(), node.to_owned(), self.grace);
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
-            if first.read().is_ok_and(|v| !v.ever_connected) {
+            if !read(&first).ever_connected {
                 let _ = changes.send(FleetChange { node: name, kind: ChangeKind::Connection, models: BTreeSet::new() });
             }
         });
     }
 
     pub fn client(&self, node: &str) -> Option<Arc<AgentClient>> {
-        self.links.lock().ok()?.get(node)?.client.clone()
+        lock(&self.links).get(node)?.client.clone()
     }
 
     pub fn view(&self, node: &str) -> Option<AgentView> {
-        let links = self.links.lock().ok()?;
-        let view = links.get(node)?.view.read().ok()?.clone();
+        let links = lock(&self.links);
+        let view = read(&links.get(node)?.view).clone();
         Some(view)
     }
 
     pub fn views(&self) -> BTreeMap<String, AgentView> {
-        let Ok(links) = self.links.lock() else { return BTreeMap::new() };
-        links.iter().filter_map(|(name, link)| Some((name.clone(), link.view.read().ok()?.clone()))).collect()
+        lock(&self.links).iter().map(|(name, link)| (name.clone(), read(&link.view).clone())).collect()
     }
 }
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        if let Ok(links) = self.links.lock() {
-            for link in links.values() {
-                link.task.abort();
-            }
+        for link in lock(&self.links).values() {
+            link.task.abort();
         }
     }
 }
@@ -255,7 +251,7 @@ impl Session {
 
     /// Marks the stream lost; returns whether it had been connected.
     fn lose(&self, error: Option<String>) -> bool {
-        let Ok(mut v) = self.view.write() else { return false };
+        let mut v = write(&self.view);
         let was = v.connected;
         v.last_error = error.or_else(|| Some("the agent closed the stream".into()));
         if was {
@@ -271,7 +267,7 @@ impl Session {
             let (view, changes, node, grace) = (self.view.clone(), self.changes.clone(), self.node.clone(), self.grace);
             tokio::spawn(async move {
                 tokio::time::sleep(grace).await;
-                let still_lost = view.read().is_ok_and(|v| v.lost_since == Some(since));
+                let still_lost = read(&view).lost_since == Some(since);
                 if still_lost {
                     let _ = changes.send(FleetChange { node, kind: ChangeKind::Connection, models });
                 }
@@ -283,7 +279,8 @@ impl Session {
     async fn stream(&self) -> Result<(), crate::ControllerError> {
         let info = self.client.info().await?;
         let mut stream = self.client.watch().await?;
-        if let Ok(mut v) = self.view.write() {
+        {
+            let mut v = write(&self.view);
             v.info = Some(info);
             v.last_heartbeat = Some(now_time());
         }
@@ -305,7 +302,8 @@ impl Session {
                 }
                 _ = tick.tick() => {
                     let info = self.client.info().await?;
-                    if let Ok(mut v) = self.view.write() {
+                    {
+                        let mut v = write(&self.view);
                         v.info = Some(info);
                         v.last_heartbeat = Some(now_time());
                     }
@@ -316,7 +314,7 @@ impl Session {
     }
 
     fn apply(&self, event: pb::WatchEvent) {
-        let Ok(mut v) = self.view.write() else { return };
+        let mut v = write(&self.view);
         let mut touched = BTreeSet::new();
         let mut kind = ChangeKind::Models;
         match event.event {
@@ -351,5 +349,25 @@ impl Session {
         }
         drop(v);
         self.notify(kind, touched);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    #[tokio::test]
+    async fn a_poisoned_lock_never_empties_the_fleet() {
+        let (fleet, _changes) =
+            Fleet::new(ClientSettings::default(), Duration::from_secs(30), Duration::from_secs(5), Metrics::new());
+        fleet.sync(&[("mac-01".to_owned(), "http://127.0.0.1:9".to_owned())]);
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _held = fleet.links.lock();
+            panic!("a bug while the links are held");
+        }));
+        assert!(fleet.links.is_poisoned());
+        assert_eq!(fleet.views().keys().collect::<Vec<_>>(), ["mac-01"], "an empty view would pull every endpoint");
+        assert!(fleet.view("mac-01").is_some());
     }
 }

@@ -19,6 +19,7 @@ pub mod node_status;
 pub mod nodes;
 pub mod placement;
 pub mod reconcile;
+mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;

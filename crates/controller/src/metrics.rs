@@ -86,7 +86,8 @@ impl Metrics {
         for kind in ERROR_KINDS {
             drop(m.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.to_owned() }));
         }
-        if let Ok(mut r) = m.registry.lock() {
+        {
+            let mut r = crate::sync::lock(&m.registry);
             let build = Family::<BuildLabels, Gauge>::default();
             build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
             r.register("build_info", "The controller's version; always 1", build);
@@ -122,9 +123,7 @@ impl Metrics {
 
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        if let Ok(r) = self.registry.lock() {
-            let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        }
+        let _ = prometheus_client::encoding::text::encode(&mut out, &crate::sync::lock(&self.registry));
         out
     }
 

@@ -97,7 +97,7 @@ impl Context {
     fn memory_for(&self, m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
         let key = model_key(m);
         let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
-        let Ok(mut known) = self.memory.lock() else { return reported_memory(m, views) };
+        let mut known = crate::sync::lock(&self.memory);
         if let Some(bytes) = reported_memory(m, views) {
             known.insert(key, (uid, generation, bytes));
             return Some(bytes);
@@ -138,9 +138,7 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label.into() }).inc();
     match &result {
         Ok(_) => {
-            if let Ok(mut f) = ctx.failures.lock() {
-                f.remove(&key);
-            }
+            crate::sync::lock(&ctx.failures).remove(&key);
         }
         Err(e) => {
             ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: e.metric_label().into() }).inc();
@@ -156,7 +154,8 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// jittered), reset by the next success.
 pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Context>) -> Action {
     let key = model_key(&model);
-    let delay = ctx.failures.lock().ok().and_then(|mut f| {
+    let delay = {
+        let mut f = crate::sync::lock(&ctx.failures);
         f.entry(key.clone())
             .or_insert_with(|| {
                 ExponentialBuilder::default()
@@ -167,7 +166,7 @@ pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Co
                     .build()
             })
             .next()
-    });
+    };
     let delay = delay.unwrap_or(RETRY_MAX);
     tracing::warn!(model = %key, retry_in = ?delay, "reconcile failed: {error}");
     Action::requeue(delay)
@@ -545,7 +544,8 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     delete_slices_except(&slices, &model_slices(&slices, &name).await?, &[]).await?;
-    if let Ok(mut known) = ctx.memory.lock() {
+    {
+        let mut known = crate::sync::lock(&ctx.memory);
         known.remove(&key);
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);

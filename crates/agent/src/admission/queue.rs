@@ -30,7 +30,9 @@ impl Ewma {
         self.0 = Some(self.0.map_or(x, |v| Self::ALPHA * x + (1.0 - Self::ALPHA) * v));
     }
     fn get(&self) -> Option<Duration> {
-        self.0.filter(|v| v.is_finite() && *v >= 0.0).map(Duration::from_secs_f64)
+        // try_: a value too large for a Duration (a clock jump, a wild sample) is no estimate,
+        // and never a panic.
+        self.0.and_then(|v| Duration::try_from_secs_f64(v).ok())
     }
 }
 
@@ -246,6 +248,18 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn estimates_out_of_a_durations_range_are_none_not_a_panic() {
+        for wild in [1e300, f64::INFINITY, f64::NAN, -1.0] {
+            let mut e = Ewma::default();
+            e.add(wild);
+            assert_eq!(e.get(), None, "{wild}");
+        }
+        let mut e = Ewma::default();
+        e.add(0.5);
+        assert_eq!(e.get(), Some(Duration::from_millis(500)));
+    }
 
     fn admission(limit: u32, depth: u32, timeout_ms: u64) -> Arc<Admission> {
         let limits = Limits {
