@@ -7,7 +7,8 @@ use std::sync::Arc;
 use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::AgentError;
-use crate::context::{AgentConfig, AgentContext, DesiredModel};
+use crate::context::{AgentConfig, AgentContext};
+use crate::desired::DesiredModel;
 use crate::orphans::reap_orphans;
 use crate::report::ModelReport;
 use crate::supervisor::SupervisorHandle;

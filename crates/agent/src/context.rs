@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalkube_api::MetalModelSpec;
-
 use crate::AgentError;
-use crate::download::remote::Token;
 use crate::download::{DownloadConfig, Downloader};
 use crate::memory_ledger::MemoryLedger;
 use crate::metrics::Metrics;
@@ -38,33 +35,6 @@ pub struct AgentConfig {
     pub memory_budget_bytes: Option<u64>,
     /// Remote model sources: trusted CAs, the hub, its token, the cache limit.
     pub downloads: DownloadConfig,
-}
-
-/// A model the agent has been asked to serve.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DesiredModel {
-    pub namespace: String,
-    pub name: String,
-    pub spec: MetalModelSpec,
-    /// Directory that relative `file:` sources are resolved against (the YAML file's, in
-    /// standalone mode); None where relative paths mean nothing.
-    pub base_dir: Option<PathBuf>,
-    /// Who may use the serving port (digests of `spec.auth`'s keys).
-    pub api_keys: crate::api_keys::ApiKeys,
-    /// The hub token from `spec.model.tokenSecretRef` (cluster mode), before the agent's own.
-    pub hub_token: Option<Token>,
-}
-
-impl DesiredModel {
-    /// `namespace/name`: the model's identity and its `model` label.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
-
-    /// A file name for this model's pidfile and log.
-    pub fn file_stem(&self) -> String {
-        format!("{}_{}", self.namespace, self.name)
-    }
 }
 
 pub struct AgentContext {

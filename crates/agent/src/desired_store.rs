@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use metalkube_api::MetalModelSpec;
+use metalkube_api::{MetalModelSpec, ModelKey};
 use serde::{Deserialize, Serialize};
 
 use crate::AgentError;
@@ -14,7 +14,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
 use crate::api_keys::{ApiKeys, KeyDigest};
-use crate::context::DesiredModel;
+use crate::desired::DesiredModel;
 use crate::download::remote::Token;
 
 /// A SHA-256 digest written as 64 hex characters.
@@ -47,7 +47,7 @@ pub struct Record {
 
 impl Record {
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        ModelKey::new(&self.namespace, &self.name).to_string()
     }
 
     pub fn desired(&self) -> DesiredModel {
@@ -143,7 +143,7 @@ impl DesiredStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(AgentError::StateDir { path, source }),
         }
-        Ok(self.lock().remove(&format!("{namespace}/{name}")).is_some())
+        Ok(self.lock().remove(&ModelKey::new(namespace, name).to_string()).is_some())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {

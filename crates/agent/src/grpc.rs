@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metalkube_api::ModelKey;
 use metalkube_api::{MetalModelSpec, validate_model_spec};
 use metalkube_proto as pb;
 use pb::agent_server::{Agent as AgentApi, AgentServer};
@@ -145,7 +146,7 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::EnsureModelResponse>, Status> {
         let req = req.into_inner();
         let m = model_ref(req.model)?;
-        let key = format!("{}/{}", m.namespace, m.name);
+        let key = ModelKey::new(&m.namespace, &m.name).to_string();
         let spec: MetalModelSpec = serde_json::from_str(&req.spec_json)
             .map_err(|e| Status::invalid_argument(format!("spec_json is not a MetalModel spec: {e}")))?;
         let errors = validate_model_spec(&spec);
@@ -193,7 +194,7 @@ impl AgentApi for AgentService {
     async fn stop_model(&self, req: Request<pb::StopModelRequest>) -> Result<Response<pb::StopModelResponse>, Status> {
         let m = model_ref(req.into_inner().model)?;
         let known = self.store.remove(&m.namespace, &m.name).map_err(internal)?;
-        let stopped = self.agent.remove(&format!("{}/{}", m.namespace, m.name)).await;
+        let stopped = self.agent.remove(&ModelKey::new(&m.namespace, &m.name).to_string()).await;
         Ok(Response::new(pb::StopModelResponse { stopped: known || stopped }))
     }
 
@@ -267,7 +268,7 @@ impl AgentApi for AgentService {
 }
 
 fn key_of(s: &pb::ModelState) -> String {
-    s.model.as_ref().map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default()
+    s.model.as_ref().map(|m| ModelKey::new(&m.namespace, &m.name).to_string()).unwrap_or_default()
 }
 
 /// A TLS handshake that has not finished by then is dropped, so that connections that never

@@ -44,7 +44,7 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
         .iter()
         .map(|r| {
             (
-                format!("{}/{}", r.namespace, r.name),
+                metalkube_api::ModelKey::new(&r.namespace, &r.name).to_string(),
                 ModelReadiness { ready: r.is_ready(), phase: r.phase, grade: r.grade, message: r.last_error.clone() },
             )
         })

@@ -4,6 +4,7 @@ pub mod admission;
 pub mod agent;
 pub mod api_keys;
 pub mod context;
+pub mod desired;
 pub mod desired_store;
 pub mod download;
 pub mod engine_args;
@@ -30,5 +31,6 @@ pub mod service;
 pub mod supervisor;
 
 pub use agent::Agent;
-pub use context::{AgentConfig, DesiredModel};
+pub use context::AgentConfig;
+pub use desired::DesiredModel;
 pub use error::AgentError;

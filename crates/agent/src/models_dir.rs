@@ -17,7 +17,7 @@ use metalkube_api::parse_models_yaml;
 use notify::{RecursiveMode, Watcher};
 
 use crate::api_keys::{ApiKeys, digests_of_key_lines};
-use crate::context::DesiredModel;
+use crate::desired::DesiredModel;
 use crate::{Agent, AgentError};
 
 /// Events often come in bursts (an editor writes, renames, chmods): wait this long for quiet.

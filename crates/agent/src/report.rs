@@ -91,7 +91,7 @@ impl ModelReport {
     }
 
     pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
+        metalkube_api::ModelKey::new(&self.namespace, &self.name).to_string()
     }
 
     /// Ready to take traffic: serving, and the pulse is not red.

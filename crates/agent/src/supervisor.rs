@@ -12,7 +12,8 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::admission::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
-use crate::context::{AgentContext, DesiredModel};
+use crate::context::AgentContext;
+use crate::desired::DesiredModel;
 use crate::download::CacheLease;
 use crate::engine_args::engine_args;
 use crate::engine_metrics::EngineFollower;

@@ -7,6 +7,7 @@ mod duration;
 mod error;
 pub mod keys;
 mod model;
+mod model_key;
 mod node;
 mod source;
 mod standalone;
@@ -16,6 +17,7 @@ pub use crds::crd_manifests;
 pub use duration::Duration;
 pub use error::{ApiError, FieldError};
 pub use model::*;
+pub use model_key::ModelKey;
 pub use node::*;
 pub use source::{
     DEFAULT_HUB_REVISION, HubFile, SUPPORTED_SOURCES, SourceError, SourceRef, SplitName, parse_source, split_name,

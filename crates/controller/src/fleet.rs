@@ -84,7 +84,7 @@ pub struct Fleet {
 }
 
 fn key_of(m: Option<&pb::ModelRef>) -> String {
-    m.map(|m| format!("{}/{}", m.namespace, m.name)).unwrap_or_default()
+    m.map(|m| metalkube_api::ModelKey::new(&m.namespace, &m.name).to_string()).unwrap_or_default()
 }
 
 fn now_time() -> Time {

@@ -114,7 +114,7 @@ impl Context {
 }
 
 pub fn model_key(m: &MetalModel) -> String {
-    format!("{}/{}", m.namespace().unwrap_or_default(), m.name_any())
+    metalkube_api::ModelKey::of(m).to_string()
 }
 
 pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Action, ControllerError> {

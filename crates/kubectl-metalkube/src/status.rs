@@ -95,7 +95,7 @@ fn condition<'a>(conditions: &'a [Condition], kind: &str) -> Option<&'a Conditio
 }
 
 fn model_name(model: &MetalModel) -> String {
-    format!("{}/{}", model.namespace().unwrap_or_default(), model.name_any())
+    metalkube_api::ModelKey::of(model).to_string()
 }
 
 fn yes_no(value: bool) -> String {
