@@ -6,7 +6,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use metalkube_agent::metrics::{CodeLabels, Metrics, ModelLabels};
+use metalkube_agent::observe::metrics::{CodeLabels, Metrics, ModelLabels};
 
 const REQUESTS: u32 = 1_000_000;
 const ROUNDS: usize = 7;

@@ -9,8 +9,8 @@ use tokio::sync::{Mutex, broadcast, watch};
 use crate::AgentError;
 use crate::context::{AgentConfig, AgentContext};
 use crate::desired::DesiredModel;
-use crate::orphans::reap_orphans;
-use crate::report::ModelReport;
+use crate::engine::orphans::reap_orphans;
+use crate::observe::report::ModelReport;
 use crate::supervisor::SupervisorHandle;
 
 /// The supervisors by model key, and the models between two supervisors.
@@ -58,7 +58,7 @@ impl Agent {
             tracing::warn!(?reaped, "stopped engines left by a previous agent run");
         }
         let (changes, _) = broadcast::channel(1024);
-        let host_sampler = tokio::spawn(crate::host::follow_host(ctx.metrics.host.clone()));
+        let host_sampler = tokio::spawn(crate::observe::host::follow_host(ctx.metrics.host.clone()));
         Ok(Arc::new(Self {
             ctx,
             supervisors: Mutex::new(Supervised::default()),

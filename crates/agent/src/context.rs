@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::AgentError;
-use crate::download::{DownloadConfig, Downloader};
-use crate::memory_ledger::MemoryLedger;
-use crate::metrics::Metrics;
-use crate::ports::PortPool;
-use crate::restart_backoff::BackoffConfig;
+use crate::engine::download::{DownloadConfig, Downloader};
+use crate::engine::memory_ledger::MemoryLedger;
+use crate::engine::ports::PortPool;
+use crate::engine::restart_backoff::BackoffConfig;
+use crate::observe::metrics::Metrics;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -26,7 +26,7 @@ pub struct AgentConfig {
     pub serving_host: std::net::IpAddr,
     /// How long in-flight requests may finish before a sick engine is stopped.
     pub drain_grace: Duration,
-    pub client_timeouts: crate::admission::ClientTimeouts,
+    pub client_timeouts: crate::serving::ClientTimeouts,
     /// Time an engine gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
     pub backoff: BackoffConfig,

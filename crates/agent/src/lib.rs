@@ -1,33 +1,20 @@
 //! metalkube-agent: supervises llama-server processes, grades their pulse, and reports health.
+//!
+//! A request and a health event each follow one line through these stages: `control` (what is
+//! desired) → `supervisor` (orchestrates, one task per model) → `engine` (the process and its
+//! model file) → `health` (the pulse and its grade) → `serving` (the port clients use) →
+//! `observe` (reports, metrics, HTTP). `install` joins a Mac to the fleet.
 
-pub mod admission;
 pub mod agent;
-pub mod api_keys;
 pub mod context;
+pub mod control;
 pub mod desired;
-pub mod desired_store;
-pub mod download;
-pub mod engine_args;
-pub mod engine_metrics;
-pub mod engine_process;
-pub mod enrollment;
+pub mod engine;
 mod error;
-pub mod grader;
-pub mod grpc;
-pub mod grpc_tls;
-pub mod host;
-pub mod http;
-pub mod join;
-pub mod memory_ledger;
-pub mod metrics;
-pub mod model_file;
-pub mod models_dir;
-pub mod orphans;
-pub mod ports;
-pub mod pulse;
-pub mod report;
-pub mod restart_backoff;
-pub mod service;
+pub mod health;
+pub mod install;
+pub mod observe;
+pub mod serving;
 pub mod supervisor;
 
 pub use agent::Agent;

@@ -3,18 +3,19 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use metalkube_agent::admission::ClientTimeouts;
-use metalkube_agent::desired_store::DesiredStore;
-use metalkube_agent::download::DownloadConfig;
-use metalkube_agent::download::remote::Token;
-use metalkube_agent::enrollment::EnrollmentFiles;
-use metalkube_agent::grpc::{AgentService, serve_grpc, serve_grpc_tls};
-use metalkube_agent::grpc_tls::{ServerTls, TlsFiles};
-use metalkube_agent::join::{JoinOptions, absolute, enrolled_definition, join};
-use metalkube_agent::models_dir::follow_models_dir;
-use metalkube_agent::restart_backoff::BackoffConfig;
-use metalkube_agent::service::{self, Host, Scope, Target};
-use metalkube_agent::{Agent, AgentConfig, http};
+use metalkube_agent::control::desired_store::DesiredStore;
+use metalkube_agent::control::grpc::{AgentService, serve_grpc, serve_grpc_tls};
+use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles};
+use metalkube_agent::control::models_dir::follow_models_dir;
+use metalkube_agent::engine::download::DownloadConfig;
+use metalkube_agent::engine::download::remote::Token;
+use metalkube_agent::engine::restart_backoff::BackoffConfig;
+use metalkube_agent::install::enrollment::EnrollmentFiles;
+use metalkube_agent::install::join::{JoinOptions, absolute, enrolled_definition, join};
+use metalkube_agent::install::service::{self, Host, Scope, Target};
+use metalkube_agent::observe::http;
+use metalkube_agent::serving::ClientTimeouts;
+use metalkube_agent::{Agent, AgentConfig};
 
 #[derive(Parser)]
 #[command(name = "metalkube-agent", version, about = "Supervises llama-server, grades its pulse, reports health")]
@@ -209,7 +210,7 @@ fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
 }
 
 fn default_state_dir() -> PathBuf {
-    metalkube_agent::enrollment::default_state_dir()
+    metalkube_agent::install::enrollment::default_state_dir()
 }
 
 fn run_join(args: JoinArgs) -> anyhow::Result<()> {
@@ -388,7 +389,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             let listener = bind_http(args.common.listen.as_deref(), &["[::]:9090", "0.0.0.0:9090"]).await?;
             let budget = args
                 .memory_budget_bytes
-                .or_else(|| metalkube_agent::host::total_memory_bytes().map(|m| m / 4 * 3))
+                .or_else(|| metalkube_agent::observe::host::total_memory_bytes().map(|m| m / 4 * 3))
                 .unwrap_or(0);
             let agent = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
             // Followed while serving: a renewed certificate is taken up without a restart.

@@ -11,19 +11,19 @@ use metalkube_api::{Grade, Phase};
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
-use crate::admission::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 use crate::context::AgentContext;
 use crate::desired::DesiredModel;
-use crate::download::CacheLease;
-use crate::engine_args::engine_args;
-use crate::engine_metrics::EngineFollower;
-use crate::engine_process::EngineProcess;
-use crate::grader::{Action, Grader, GraderConfig, Verdict};
-use crate::metrics::EngineSeries;
-use crate::model_file::{ModelLocation, ResolvedModel, check_model, locate};
-use crate::pulse::{HealthState, PulseSample, check_health, take_pulse};
-use crate::report::{ModelReport, PulseRecord};
-use crate::restart_backoff::RestartBackoff;
+use crate::engine::args::engine_args;
+use crate::engine::download::CacheLease;
+use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
+use crate::engine::process::EngineProcess;
+use crate::engine::restart_backoff::RestartBackoff;
+use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
+use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
+use crate::observe::engine_metrics::EngineFollower;
+use crate::observe::metrics::EngineSeries;
+use crate::observe::report::{ModelReport, PulseRecord};
+use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 
 /// How often a starting engine's `/health` is asked; startup has no event to wait on.
 const HEALTH_POLL: Duration = Duration::from_millis(100);
@@ -402,7 +402,7 @@ impl Supervisor {
             None => (self.ctx.serving_ports.acquire().map_err(|e| format!("serving port: {e}"))?, true),
         };
         let addr = std::net::SocketAddr::new(self.ctx.config.serving_host, port);
-        let listener = match crate::admission::listen(addr) {
+        let listener = match crate::serving::listen(addr) {
             Ok(l) => l,
             Err(e) => {
                 if pooled {
@@ -666,7 +666,7 @@ impl Supervisor {
         let verdict = self.grader.observe(sample.observation, admission.load());
         let saturated = verdict.saturated || admission.take_saturation_signal();
         let key = self.key();
-        let labels = crate::metrics::ModelLabels { model: key };
+        let labels = crate::observe::metrics::ModelLabels { model: key };
         let m = &self.ctx.metrics;
         m.saturated.get_or_create(&labels).set(i64::from(saturated));
         if let Some(d) = admission.decode_per_token() {

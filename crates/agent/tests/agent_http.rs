@@ -10,7 +10,7 @@ use support::Harness;
 async fn serve_http(h: &Harness) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(metalkube_agent::http::serve(h.agent.clone(), listener, std::future::pending()));
+    tokio::spawn(metalkube_agent::observe::http::serve(h.agent.clone(), listener, std::future::pending()));
     format!("http://{addr}")
 }
 

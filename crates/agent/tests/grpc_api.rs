@@ -6,8 +6,8 @@ mod support;
 
 use std::sync::Arc;
 
-use metalkube_agent::desired_store::DesiredStore;
-use metalkube_agent::grpc::{AgentService, GrpcTls, serve_grpc};
+use metalkube_agent::control::desired_store::DesiredStore;
+use metalkube_agent::control::grpc::{AgentService, GrpcTls, serve_grpc};
 use metalkube_proto::agent_client::AgentClient;
 use metalkube_proto::{self as pb, watch_event::Event};
 use metalkube_testkit::pki::{Pem, TestCa};

@@ -7,8 +7,8 @@ use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use metalkube_agent::enrollment::EnrollmentFiles;
-use metalkube_agent::service::{self, Host, Scope, ServiceCommand, Target};
+use metalkube_agent::install::enrollment::EnrollmentFiles;
+use metalkube_agent::install::service::{self, Host, Scope, ServiceCommand, Target};
 use metalkube_api::bundle::{AgentBundle, AgentSettings, AgentTls, render_bundle};
 use metalkube_testkit::pki::TestCa;
 

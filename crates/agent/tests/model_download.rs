@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::HashMap;
 
-use metalkube_agent::download::remote::Token;
+use metalkube_agent::engine::download::remote::Token;
 use metalkube_api::Phase;
 use metalkube_testkit::https_files::HttpsFiles;
 use metalkube_testkit::hub::{HubEntry, TestHub};
@@ -113,8 +113,8 @@ fn hub_harness_downloads(
     ca: &TestCa,
     hub: &TestHub,
     cache_max_bytes: Option<u64>,
-) -> metalkube_agent::download::DownloadConfig {
-    metalkube_agent::download::DownloadConfig {
+) -> metalkube_agent::engine::download::DownloadConfig {
+    metalkube_agent::engine::download::DownloadConfig {
         hub_endpoint: hub.endpoint.clone(),
         hub_token: Token::new(TOKEN),
         cache_max_bytes,

@@ -53,7 +53,8 @@ async fn one_slow_pulse_after_idle_is_confirmed_fast_and_never_red() {
     set_fault(r.internal_port.unwrap(), &Fault { slow_next_ms: 800, ..Default::default() }).await;
 
     let mut rx = h.agent.watch(&key).await.unwrap();
-    let seen_slow = |r: &metalkube_agent::report::ModelReport| r.pulse_history.iter().any(|p| p.wall_seconds >= 0.8);
+    let seen_slow =
+        |r: &metalkube_agent::observe::report::ModelReport| r.pulse_history.iter().any(|p| p.wall_seconds >= 0.8);
     let r = tokio::time::timeout(support::GUARD, async {
         // Watch every report from the slow pulse until three pulses after it.
         let mut after_slow = 0;

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalkube_agent::admission::ClientTimeouts;
-use metalkube_agent::desired_store::DesiredStore;
-use metalkube_agent::grpc::{AgentService, GrpcTls, serve_grpc};
-use metalkube_agent::restart_backoff::BackoffConfig;
+use metalkube_agent::control::desired_store::DesiredStore;
+use metalkube_agent::control::grpc::{AgentService, GrpcTls, serve_grpc};
+use metalkube_agent::engine::restart_backoff::BackoffConfig;
+use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig};
 use metalkube_controller::ControllerError;
 use metalkube_controller::agent_client::{AgentClient, ClientSettings, ClientTls};

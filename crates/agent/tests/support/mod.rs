@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metalkube_agent::admission::ClientTimeouts;
-use metalkube_agent::download::DownloadConfig;
-use metalkube_agent::download::transfer::Retry;
-use metalkube_agent::report::ModelReport;
-use metalkube_agent::restart_backoff::BackoffConfig;
+use metalkube_agent::engine::download::DownloadConfig;
+use metalkube_agent::engine::download::transfer::Retry;
+use metalkube_agent::engine::restart_backoff::BackoffConfig;
+use metalkube_agent::observe::report::ModelReport;
+use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig, DesiredModel};
 use metalkube_api::{EngineSpec, MetalModelSpec, PulseSpec};
 

@@ -33,9 +33,9 @@ use super::policy::{Rejection, retry_after_header};
 use super::queue::Admission;
 use super::routes::{Refusal, Route, engine_path_name, route};
 use super::tap::{StallWatch, TapBody};
-use crate::api_keys::{ApiKeys, presented_key};
-use crate::metrics::ServingSeries;
-use crate::report::ModelReport;
+use crate::observe::metrics::ServingSeries;
+use crate::observe::report::ModelReport;
+use crate::serving::api_keys::{ApiKeys, presented_key};
 
 pub type ProxyBody = Either<Full<Bytes>, TapBody>;
 

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use metalkube_api::bundle::parse_bundle;
 
 use crate::AgentError;
-use crate::enrollment::EnrollmentFiles;
-use crate::service::{self, Definition, Host, Scope, Target};
+use crate::install::enrollment::EnrollmentFiles;
+use crate::install::service::{self, Definition, Host, Scope, Target};
 
 pub struct JoinOptions {
     pub bundle: PathBuf,
@@ -82,13 +82,13 @@ pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
 /// The bundle's key, certificate and client CA make a working TLS setup, and the certificate
 /// is current.
 fn check_bundle_tls(bundle: &metalkube_api::bundle::AgentBundle) -> Result<(), AgentError> {
-    let pem = crate::grpc::GrpcTls {
+    let pem = crate::control::grpc::GrpcTls {
         cert_pem: bundle.tls.certificate.clone(),
         key_pem: bundle.tls.private_key.clone(),
         client_ca_pem: bundle.tls.client_ca.clone(),
     };
-    crate::grpc_tls::server_config(&pem)?;
-    let expiry = crate::grpc_tls::certificate_expiry_unix(&bundle.tls.certificate)?;
+    crate::control::grpc_tls::server_config(&pem)?;
+    let expiry = crate::control::grpc_tls::certificate_expiry_unix(&bundle.tls.certificate)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     if expiry <= i64::try_from(now).unwrap_or(i64::MAX) {
         return Err(AgentError::Service(format!(

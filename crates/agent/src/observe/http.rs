@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::Agent;
-use crate::report::ModelReport;
+use crate::observe::report::ModelReport;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()

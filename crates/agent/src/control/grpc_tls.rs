@@ -16,8 +16,8 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
 use crate::AgentError;
-use crate::grpc::GrpcTls;
-use crate::metrics::Metrics;
+use crate::control::grpc::GrpcTls;
+use crate::observe::metrics::Metrics;
 
 /// A change is acted on after the files have been quiet this long: a renewal rewrites three
 /// files one after the other.

@@ -13,9 +13,9 @@ use crate::AgentError;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 
-use crate::api_keys::{ApiKeys, KeyDigest};
 use crate::desired::DesiredModel;
-use crate::download::remote::Token;
+use crate::engine::download::remote::Token;
+use crate::serving::api_keys::{ApiKeys, KeyDigest};
 
 /// A SHA-256 digest written as 64 hex characters.
 pub fn hex_digest(hex: &str) -> Option<KeyDigest> {

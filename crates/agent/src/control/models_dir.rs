@@ -16,8 +16,8 @@ use std::time::Duration;
 use metalkube_api::parse_models_yaml;
 use notify::{RecursiveMode, Watcher};
 
-use crate::api_keys::{ApiKeys, digests_of_key_lines};
 use crate::desired::DesiredModel;
+use crate::serving::api_keys::{ApiKeys, digests_of_key_lines};
 use crate::{Agent, AgentError};
 
 /// Events often come in bursts (an editor writes, renames, chmods): wait this long for quiet.

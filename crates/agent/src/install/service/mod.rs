@@ -13,7 +13,7 @@ use std::process::Command;
 use metalkube_api::bundle::AgentSettings;
 
 use crate::AgentError;
-use crate::enrollment::EnrollmentFiles;
+use crate::install::enrollment::EnrollmentFiles;
 
 /// launchd label of the agent's job (also its plist's file name).
 pub const LAUNCHD_LABEL: &str = "dev.metalkube.agent";
@@ -124,7 +124,7 @@ impl Host {
         Ok(match (self.target, self.scope) {
             (Target::Macos, Scope::System) => PathBuf::from("/Library/Application Support/metalkube"),
             (Target::Linux, Scope::System) => PathBuf::from("/var/lib/metalkube"),
-            (_, Scope::User) => crate::enrollment::default_state_dir(),
+            (_, Scope::User) => crate::install::enrollment::default_state_dir(),
         })
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::grader::Observation;
+use crate::health::grader::Observation;
 
 /// A varied prompt each time, and `cache_prompt: false`, so the prompt cache can neither hide
 /// a slow engine nor make a healthy one look slow.

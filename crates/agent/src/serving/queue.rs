@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
-use crate::grader::Load;
-use crate::metrics::ServingSeries;
+use crate::health::grader::Load;
+use crate::observe::metrics::ServingSeries;
 use metalkube_circuit::{CircuitBreaker, CircuitState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,7 +268,7 @@ mod tests {
             queue_timeout: Duration::from_millis(timeout_ms),
             max_request_bytes: 1 << 20,
         };
-        Admission::new(limits, crate::metrics::Metrics::new().serving_series("ns/m"))
+        Admission::new(limits, crate::observe::metrics::Metrics::new().serving_series("ns/m"))
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
 
-use crate::engine_process::PidRecord;
+use crate::engine::process::PidRecord;
 
 /// Stops every engine recorded under `dir` that is still running the recorded binary, and
 /// removes the records. Returns the pids it stopped.

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::metrics::EngineSeries;
+use crate::observe::metrics::EngineSeries;
 
 /// How often a running engine's figures are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -126,7 +126,7 @@ impl Drop for EngineFollower {
 
 async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries, stopped: Arc<Mutex<bool>>) {
     let url = format!("http://127.0.0.1:{port}/metrics");
-    let rss = crate::host::ProcessMemory::new(pid);
+    let rss = crate::observe::host::ProcessMemory::new(pid);
     let mut last = EngineCounters::default();
     let mut ticker = tokio::time::interval(SAMPLE_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -160,7 +160,7 @@ async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::Metrics;
+    use crate::observe::metrics::Metrics;
     use proptest::prelude::*;
 
     #[test]
@@ -174,7 +174,7 @@ mod tests {
     }
 
     /// Captured from the pinned llama-server after one 4-token completion.
-    const FIXTURE: &str = include_str!("../tests/fixtures/llamacpp-metrics.txt");
+    const FIXTURE: &str = include_str!("../../tests/fixtures/llamacpp-metrics.txt");
 
     #[test]
     fn reads_the_counters_of_the_pinned_llama_server() {

@@ -8,7 +8,7 @@ use sha2::{Digest, Sha256};
 use metalkube_api::{SUPPORTED_SOURCES, parse_source};
 
 use crate::desired::DesiredModel;
-use crate::download::{Downloader, Fetch};
+use crate::engine::download::{Downloader, Fetch};
 
 /// A model file checked and ready to load.
 pub struct ResolvedModel {

@@ -17,11 +17,12 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::desired_store::{DesiredStore, Record};
-use crate::download::remote::Token;
-use crate::grpc_tls::ServerTls;
-use crate::report::ModelReport;
-use crate::{Agent, AgentError, host};
+use crate::control::desired_store::{DesiredStore, Record};
+use crate::control::grpc_tls::ServerTls;
+use crate::engine::download::remote::Token;
+use crate::observe::host;
+use crate::observe::report::ModelReport;
+use crate::{Agent, AgentError};
 
 /// PEM files for mTLS: the agent's identity and the CA its clients must be signed by.
 #[derive(Clone, Debug, PartialEq, Eq)]

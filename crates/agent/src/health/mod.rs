@@ -1,0 +1,5 @@
+//! The health stage: the pulse (a timed trivial completion sent straight to the engine) and the
+//! grader that turns pulses into a grade and a restart decision.
+
+pub mod grader;
+pub mod pulse;

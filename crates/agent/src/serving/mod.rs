@@ -1,0 +1,16 @@
+//! The serving stage: the port clients use, in front of every engine. Who may use it (API
+//! keys), which paths pass, framing, the admission queue and its backpressure, the circuit
+//! breaker, and the tap that reads timings from responses as they pass.
+
+pub mod api_keys;
+
+pub mod framing;
+pub mod policy;
+pub mod proxy;
+pub mod queue;
+pub mod routes;
+pub mod tap;
+
+pub use policy::{Rejection, default_max_concurrent};
+pub use proxy::{Access, ClientTimeouts, ModelProxy, listen};
+pub use queue::{Admission, Limits};
