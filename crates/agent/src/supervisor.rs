@@ -19,6 +19,7 @@ use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locat
 use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
 use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
+use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
@@ -46,7 +47,7 @@ enum RunEnd {
     Stop,
     Restart(Box<DesiredModel>),
     Fault {
-        reason: &'static str,
+        reason: FaultReason,
         message: String,
         uptime: Duration,
     },
@@ -224,7 +225,7 @@ impl Supervisor {
                     self.port_conflicts += 1;
                     tracing::warn!(model = %self.key(), port, "engine could not bind its port; trying another");
                     if self.port_conflicts >= MAX_PORT_CONFLICTS
-                        && self.back_off("start_failed", message, Duration::ZERO).await
+                        && self.back_off(FaultReason::StartFailed, message, Duration::ZERO).await
                     {
                         break;
                     }
@@ -259,11 +260,11 @@ impl Supervisor {
     }
 
     /// Counts a restart and waits out the backoff delay. Returns true when told to stop.
-    async fn back_off(&mut self, reason: &'static str, message: String, uptime: Duration) -> bool {
+    async fn back_off(&mut self, reason: FaultReason, message: String, uptime: Duration) -> bool {
         self.port_conflicts = 0;
         let delay = self.backoff.next_delay(uptime);
-        let phase = if self.backoff.failures() >= 2 { Phase::CrashLoopBackOff } else { Phase::Restarting };
-        tracing::warn!(model = %self.key(), reason, ?delay, "{message}");
+        let phase = backoff_phase(self.backoff.failures());
+        tracing::warn!(model = %self.key(), reason = reason.as_str(), ?delay, "{message}");
         self.ctx.metrics.restarted(&self.key(), reason);
         // One update, so nobody watching sees the restart counted in the old phase.
         self.report.send_modify(|r| {
@@ -461,7 +462,13 @@ impl Supervisor {
         };
         let port = match self.ctx.ports.acquire() {
             Ok(p) => p,
-            Err(e) => return RunEnd::Fault { reason: "start_failed", message: e.to_string(), uptime: Duration::ZERO },
+            Err(e) => {
+                return RunEnd::Fault {
+                    reason: FaultReason::StartFailed,
+                    message: e.to_string(),
+                    uptime: Duration::ZERO,
+                };
+            }
         };
         let args = engine_args(&self.desired.spec.engine, &model, &self.desired.name, port);
         let file = self.desired.file_stem();
@@ -500,7 +507,11 @@ impl Supervisor {
             // A sick engine, or a spec that needs a new one: stop admitting (the phase closes the
             // gate), let in-flight requests finish for a while; queued ones keep waiting for the
             // next engine.
-            RunEnd::Fault { reason: "pulse_red" | "hang", .. } | RunEnd::Restart(_) => {
+            RunEnd::Fault { reason, .. } if reason.drains_first() => {
+                self.set_phase(Phase::Restarting);
+                true
+            }
+            RunEnd::Restart(_) => {
                 self.set_phase(Phase::Restarting);
                 true
             }
@@ -553,18 +564,13 @@ impl Supervisor {
     fn exit_end(&self, engine: &EngineProcess, status: ExitStatus) -> RunEnd {
         let tail = engine.tail();
         let message = format!("engine exited ({status}) after {:.1?}: {}", engine.uptime(), summarize(&tail));
-        if tail.iter().any(|l| l.contains("couldn't bind")) {
-            return RunEnd::PortConflict { port: engine.port(), message };
+        match classify_exit(&tail) {
+            ExitMeaning::PortTaken => RunEnd::PortConflict { port: engine.port(), message },
+            ExitMeaning::BadArguments(line) => RunEnd::Permanent(format!(
+                "llama-server refused its command line: {line} (check spec.engine.extraArgs)"
+            )),
+            ExitMeaning::Crash => RunEnd::Fault { reason: FaultReason::Crash, message, uptime: engine.uptime() },
         }
-        if let Some(line) =
-            tail.iter().find(|l| l.contains("invalid argument") || l.contains("error while handling argument"))
-        {
-            return RunEnd::Permanent(format!(
-                "llama-server refused its command line: {} (check spec.engine.extraArgs)",
-                line.trim()
-            ));
-        }
-        RunEnd::Fault { reason: "crash", message, uptime: engine.uptime() }
     }
 
     async fn supervise(&mut self, engine: &EngineProcess, model: PathBuf) -> Result<std::convert::Infallible, RunEnd> {
@@ -573,7 +579,7 @@ impl Supervisor {
         let startup_timeout = self.desired.spec.engine.startup_timeout.get();
         let deadline = Instant::now() + startup_timeout;
         let start_timeout = |what: &str| RunEnd::Fault {
-            reason: "start_failed",
+            reason: FaultReason::StartFailed,
             message: format!(
                 "{what} within spec.engine.startupTimeout {startup_timeout:?} (model {})",
                 model.display()
@@ -620,11 +626,11 @@ impl Supervisor {
             if let Action::Restart(cause) = verdict.action {
                 let message = format!(
                     "pulse {}: {} confirmed red pulse(s); last {}",
-                    cause.as_str(),
+                    FaultReason::from(cause).as_str(),
                     verdict.red_streak,
                     self.report.borrow().last_pulse.as_ref().map_or_else(String::new, describe_pulse)
                 );
-                return Err(RunEnd::Fault { reason: cause.as_str(), message, uptime: engine.uptime() });
+                return Err(RunEnd::Fault { reason: cause.into(), message, uptime: engine.uptime() });
             }
             let phase = self.report.borrow().phase;
             let next_phase = match (phase, verdict.grade) {

@@ -76,19 +76,11 @@ impl Load {
     }
 }
 
+/// Why the grader wants a restart (named as a `FaultReason` in metrics and messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestartCause {
     PulseRed,
     Hang,
-}
-
-impl RestartCause {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RestartCause::PulseRed => "pulse_red",
-            RestartCause::Hang => "hang",
-        }
-    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,4 +2,5 @@
 //! grader that turns pulses into a grade and a restart decision.
 
 pub mod grader;
+pub mod lifecycle;
 pub mod pulse;

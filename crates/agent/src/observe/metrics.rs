@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::health::lifecycle::FaultReason;
 use crate::observe::host::HostCollector;
 use crate::serving::policy::Rejection;
 
@@ -28,7 +29,7 @@ pub struct ModelLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RestartLabels {
     pub model: String,
-    /// One of `RESTART_REASONS`.
+    /// A `FaultReason`, as its label value.
     pub reason: String,
 }
 
@@ -62,9 +63,6 @@ pub struct PhaseLabels {
 pub struct BuildLabels {
     pub version: String,
 }
-
-/// Why an engine was restarted: the `reason` label of `engine_restarts_total`.
-pub const RESTART_REASONS: [&str; 4] = ["crash", "pulse_red", "hang", "start_failed"];
 
 /// Status codes the serving port itself answers with (plus 200), present at 0 from the start.
 /// Other codes (what the engine answers) appear when first seen.
@@ -416,8 +414,10 @@ impl Metrics {
         self.pulse_compute_last.remove(&labels);
     }
 
-    pub fn restarted(&self, model: &str, reason: &str) {
-        self.engine_restarts.get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }).inc();
+    pub fn restarted(&self, model: &str, reason: FaultReason) {
+        self.engine_restarts
+            .get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.as_str().to_owned() })
+            .inc();
     }
 
     /// The pulse thresholds of a model's spec, for dashboards to draw next to its pulses.
@@ -430,7 +430,7 @@ impl Metrics {
     /// The engine series of `model`, created at 0 (restarts by every reason included).
     pub fn engine_series(&self, model: &str) -> EngineSeries {
         let labels = ModelLabels { model: model.to_owned() };
-        for reason in RESTART_REASONS {
+        for reason in FaultReason::ALL.map(FaultReason::as_str) {
             drop(
                 self.engine_restarts
                     .get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }),
@@ -523,7 +523,7 @@ impl Metrics {
         for p in Phase::ALL {
             self.engine_phase.remove(&PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() });
         }
-        for reason in RESTART_REASONS {
+        for reason in FaultReason::ALL.map(FaultReason::as_str) {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
     }
@@ -631,7 +631,7 @@ mod tests {
         let _serving = metrics.serving_series("ns/m");
         let _engine = metrics.engine_series("ns/m");
         let text = metrics.encode();
-        for reason in RESTART_REASONS {
+        for reason in FaultReason::ALL.map(FaultReason::as_str) {
             let line = format!(r#"metalkube_agent_engine_restarts_total{{model="ns/m",reason="{reason}"}} 0"#);
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
