@@ -1,0 +1,322 @@
+//! One engine's life: spawn, wait for `/health`, take pulses and grade them, and end with the
+//! reason the model's loop acts on (a crash, a red or hung pulse, a changed spec, a stop).
+
+use super::*;
+
+impl Supervisor {
+    pub(super) async fn run_engine_once(&mut self) -> RunEnd {
+        if let Err(message) = self.ensure_serving_port() {
+            return RunEnd::Permanent(message);
+        }
+        let model = match self.resolve_model().await {
+            Ok(resolved) => {
+                self.report.send_modify(|r| r.memory_bytes = resolved.memory_bytes);
+                if let (Some(need), Some(budget)) = (resolved.memory_bytes, self.ctx.config.memory_budget_bytes)
+                    && need > budget
+                {
+                    return RunEnd::Permanent(format!(
+                        "{} needs an estimated {need} bytes (weights + KV cache for contextSize {}), more than this agent's memory budget of {budget} bytes",
+                        resolved.path.display(),
+                        self.desired.spec.engine.context_size
+                    ));
+                }
+                if let Some(need) = resolved.memory_bytes
+                    && let Err(end) = self.wait_for_memory(need).await
+                {
+                    return end;
+                }
+                resolved.path
+            }
+            Err(end) => return end,
+        };
+        let binary = match self.ctx.engine_binary() {
+            Ok(b) => b,
+            Err(e) => return RunEnd::Permanent(e.to_string()),
+        };
+        let port = match self.ctx.ports.acquire() {
+            Ok(p) => p,
+            Err(e) => {
+                return RunEnd::Fault {
+                    reason: FaultReason::StartFailed,
+                    message: e.to_string(),
+                    uptime: Duration::ZERO,
+                };
+            }
+        };
+        let args = engine_args(&self.desired.spec.engine, &model, &self.desired.name, port);
+        let file = self.desired.file_stem();
+        let engine = match EngineProcess::spawn(
+            &binary,
+            args,
+            port,
+            &self.ctx.config.state_dir.join("logs").join(format!("{file}.log")),
+            &self.ctx.pidfile_dir().join(format!("{file}.pid")),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                self.ctx.ports.release(port);
+                return RunEnd::Permanent(e.to_string());
+            }
+        };
+        tracing::info!(model = %self.key(), pid = engine.pid(), port, "engine started");
+        // Reads the engine's own counters and memory while it runs; stops with this run.
+        let _follower = EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), self.engine_series.clone());
+        self.grader.reset();
+        self.report.send_modify(|r| {
+            r.internal_port = Some(port);
+            r.pid = Some(engine.pid());
+            r.grade = None;
+            r.saturated = false;
+            r.red_streak = 0;
+            r.baseline_seconds = None;
+        });
+        self.set_phase(Phase::Starting);
+
+        let end = match self.supervise(&engine, model).await {
+            Ok(never) => match never {},
+            Err(end) => end,
+        };
+        let drain = match &end {
+            // A sick engine, or a spec that needs a new one: stop admitting (the phase closes the
+            // gate), let in-flight requests finish for a while; queued ones keep waiting for the
+            // next engine.
+            RunEnd::Fault { reason, .. } if reason.drains_first() => {
+                self.set_phase(Phase::Restarting);
+                true
+            }
+            RunEnd::Restart(_) => {
+                self.set_phase(Phase::Restarting);
+                true
+            }
+            // Stopping for good (the model is no longer wanted, or the agent is shutting down):
+            // new requests get 503 with Retry-After, in-flight ones finish.
+            RunEnd::Stop => {
+                self.proxy.close();
+                true
+            }
+            _ => false,
+        };
+        if drain && !self.proxy.admission().drained(self.ctx.config.drain_grace).await {
+            tracing::warn!(model = %self.key(), "in-flight requests outlived the drain grace; stopping anyway");
+        }
+        engine.stop(self.ctx.config.stop_grace).await;
+        if !matches!(end, RunEnd::PortConflict { .. }) {
+            self.ctx.ports.release(port);
+        }
+        self.report.send_modify(|r| {
+            r.internal_port = None;
+            r.pid = None;
+        });
+        // No engine, no pulse series: dashboards and alerts do not see the stopped engine's
+        // last grade or saturation while the next one is awaited.
+        self.ctx.metrics.clear_pulse(&self.key());
+        end
+    }
+
+    /// Runs `fut` while watching for the engine's exit and for commands; whichever comes first.
+    async fn race<T>(&mut self, engine: &EngineProcess, fut: impl Future<Output = T>) -> Result<T, RunEnd> {
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                out = &mut fut => return Ok(out),
+                status = engine.exited() => return Err(self.exit_end(engine, status)),
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return Err(RunEnd::Stop),
+                    Some(Command::Update(d)) => {
+                        let needs_restart = d.spec.engine != self.desired.spec.engine || d.spec.model != self.desired.spec.model;
+                        if needs_restart {
+                            return Err(RunEnd::Restart(d));
+                        }
+                        self.adopt(*d);
+                    }
+                },
+            }
+        }
+    }
+
+    fn exit_end(&self, engine: &EngineProcess, status: ExitStatus) -> RunEnd {
+        let tail = engine.tail();
+        let message = format!("engine exited ({status}) after {:.1?}: {}", engine.uptime(), summarize(&tail));
+        match classify_exit(&tail) {
+            ExitMeaning::PortTaken => RunEnd::PortConflict { port: engine.port(), message },
+            ExitMeaning::BadArguments(line) => RunEnd::Permanent(format!(
+                "llama-server refused its command line: {line} (check spec.engine.extraArgs)"
+            )),
+            ExitMeaning::Crash => RunEnd::Fault { reason: FaultReason::Crash, message, uptime: engine.uptime() },
+        }
+    }
+
+    async fn supervise(&mut self, engine: &EngineProcess, model: PathBuf) -> Result<std::convert::Infallible, RunEnd> {
+        let client = self.ctx.http.clone();
+        let port = engine.port();
+        let startup_timeout = self.desired.spec.engine.startup_timeout.get();
+        let deadline = Instant::now() + startup_timeout;
+        let start_timeout = |what: &str| RunEnd::Fault {
+            reason: FaultReason::StartFailed,
+            message: format!(
+                "{what} within spec.engine.startupTimeout {startup_timeout:?} (model {})",
+                model.display()
+            ),
+            uptime: engine.uptime(),
+        };
+
+        while self.race(engine, check_health(&client, port, HEALTH_POLL * 10)).await? != HealthState::Ready {
+            if Instant::now() >= deadline {
+                return Err(start_timeout("engine did not answer /health with 200"));
+            }
+            self.race(engine, tokio::time::sleep(HEALTH_POLL)).await?;
+        }
+        self.port_conflicts = 0;
+
+        let mut next = tokio::time::Instant::now();
+        let mut last_pulse = tokio::time::Instant::now();
+        loop {
+            // The next scheduled pulse, or sooner when the serving port calls for one (not more
+            // often than SIGNALLED_PULSE_GAP).
+            let pulse_now = self.pulse_now.clone();
+            let earliest_signalled = last_pulse + SIGNALLED_PULSE_GAP;
+            self.race(engine, async move {
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = async {
+                        pulse_now.notified().await;
+                        tokio::time::sleep_until(earliest_signalled).await;
+                    } => {}
+                }
+            })
+            .await?;
+            let pulse = &self.desired.spec.pulse;
+            let (interval, timeout) = (pulse.interval.get(), pulse.timeout.get());
+            next = tokio::time::Instant::now() + interval;
+            last_pulse = tokio::time::Instant::now();
+
+            let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
+            let mut verdict = self.record(sample);
+            if verdict.action == Action::ConfirmNow {
+                let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
+                verdict = self.record(sample);
+            }
+            if let Action::Restart(cause) = verdict.action {
+                let message = format!(
+                    "pulse {}: {} confirmed red pulse(s); last {}",
+                    FaultReason::from(cause).as_str(),
+                    verdict.red_streak,
+                    self.report.borrow().last_pulse.as_ref().map_or_else(String::new, describe_pulse)
+                );
+                return Err(RunEnd::Fault { reason: cause.into(), message, uptime: engine.uptime() });
+            }
+            let phase = self.report.borrow().phase;
+            let next_phase = match (phase, verdict.grade) {
+                (Phase::Starting, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
+                (Phase::Starting, _) if Instant::now() >= deadline => {
+                    return Err(start_timeout("no good pulse"));
+                }
+                (Phase::Serving, Some(Grade::Red)) => Phase::Degraded,
+                (Phase::Degraded, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
+                (p, _) => p,
+            };
+            if next_phase != phase {
+                if next_phase == Phase::Serving {
+                    let started_in = (phase == Phase::Starting).then(|| engine.uptime().as_secs_f64());
+                    self.proxy.admission().reset_circuit();
+                    self.report.send_modify(|r| {
+                        r.last_error = None;
+                        if started_in.is_some() {
+                            r.last_start_seconds = started_in;
+                        }
+                        r.serving_since_ms.get_or_insert_with(now_ms);
+                    });
+                }
+                self.set_phase(next_phase);
+            }
+        }
+    }
+
+    /// Grades a sample and publishes it in the report and the metrics.
+    fn record(&mut self, sample: PulseSample) -> Verdict {
+        let admission = self.proxy.admission();
+        // The pulse is the agent's own well-formed request: its answer is what the circuit
+        // breaker believes about the engine, never a client's.
+        if sample.error.is_some() {
+            admission.upstream_failed();
+        } else {
+            admission.upstream_succeeded();
+        }
+        let verdict = self.grader.observe(sample.observation, admission.load());
+        let saturated = verdict.saturated || admission.take_saturation_signal();
+        let key = self.key();
+        let labels = crate::observe::metrics::ModelLabels { model: key };
+        let m = &self.ctx.metrics;
+        m.saturated.get_or_create(&labels).set(i64::from(saturated));
+        if let Some(d) = admission.decode_per_token() {
+            m.decode_per_token.get_or_create(&labels).set(d.as_secs_f64());
+        }
+        m.pulse_duration.get_or_create(&labels).observe(sample.wall.as_secs_f64());
+        m.pulse_last.get_or_create(&labels).set(sample.wall.as_secs_f64());
+        if let Some(c) = sample.compute {
+            m.pulse_compute_last.get_or_create(&labels).set(c.as_secs_f64());
+        }
+        if let Some(g) = verdict.grade {
+            m.pulse_grade.get_or_create(&labels).set(g.level());
+        }
+        let baseline = self.grader.baseline().map(|b| b.as_secs_f64());
+        self.report.send_modify(|r| {
+            r.grade = verdict.grade;
+            r.saturated = saturated;
+            r.red_streak = verdict.red_streak;
+            r.baseline_seconds = baseline;
+            r.push_pulse(PulseRecord {
+                at_ms: now_ms(),
+                wall_seconds: sample.wall.as_secs_f64(),
+                compute_seconds: sample.compute.map(|c| c.as_secs_f64()),
+                grade: verdict.grade,
+                error: sample.error,
+            });
+        });
+        verdict
+    }
+}
+
+fn describe_pulse(p: &PulseRecord) -> String {
+    match (&p.error, p.compute_seconds) {
+        (Some(e), _) => e.clone(),
+        (None, Some(c)) => format!("took {:.3}s (engine compute {:.3}s)", p.wall_seconds, c),
+        (None, None) => format!("took {:.3}s", p.wall_seconds),
+    }
+}
+
+/// The lines of an engine's output that explain a failure: errors first, else the last lines.
+fn summarize(tail: &[String]) -> String {
+    let errors: Vec<&str> = tail
+        .iter()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("error") || l.contains("failed")
+        })
+        .map(|l| l.trim())
+        .collect();
+    let pick: Vec<&str> = if errors.is_empty() {
+        tail.iter().rev().take(2).rev().map(|l| l.trim()).collect()
+    } else {
+        errors.into_iter().rev().take(3).rev().collect()
+    };
+    if pick.is_empty() { "no output".to_owned() } else { pick.join(" | ") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_prefers_error_lines() {
+        let tail: Vec<String> = [
+            "loading",
+            "llama_model_load: error loading model: tensor data is not within file bounds",
+            "srv main: exiting",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert!(summarize(&tail).contains("not within file bounds"));
+        assert_eq!(summarize(&[]), "no output");
+    }
+}

@@ -1,0 +1,302 @@
+//! One task per model: resolve the model file, start llama-server, wait for it to be ready,
+//! take its pulse, and restart it (with backoff) when it exits or the grader says so. This
+//! file holds the model's loop and its restarts; `prepare` what an engine needs before it starts
+//! (model file, memory, serving port), `engine_run` one engine's life from spawn to end.
+
+mod engine_run;
+mod prepare;
+
+use prepare::Serving;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use metalkube_api::{Grade, Phase};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::context::AgentContext;
+use crate::desired::DesiredModel;
+use crate::engine::args::engine_args;
+use crate::engine::download::CacheLease;
+use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
+use crate::engine::process::EngineProcess;
+use crate::engine::restart_backoff::RestartBackoff;
+use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
+use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
+use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
+use crate::observe::engine_metrics::EngineFollower;
+use crate::observe::metrics::EngineSeries;
+use crate::observe::report::{ModelReport, PulseRecord};
+use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
+
+/// How often a starting engine's `/health` is asked; startup has no event to wait on.
+const HEALTH_POLL: Duration = Duration::from_millis(100);
+/// How often a model that failed for a reason outside the agent (a missing file) is checked
+/// again without restarting anything.
+const FAILED_RECHECK: Duration = Duration::from_secs(10);
+/// How often a download's progress is published (report, Watch stream, metrics): often
+/// enough for a person watching, rare enough not to flood the controller with status writes.
+const DOWNLOAD_REPORT_EVERY: Duration = Duration::from_secs(2);
+/// Bind conflicts in a row before a start counts as failed rather than retried on a new port.
+const MAX_PORT_CONFLICTS: u32 = 5;
+
+enum Command {
+    Update(Box<DesiredModel>),
+    Stop,
+}
+
+/// Why one engine run ended.
+enum RunEnd {
+    Stop,
+    Restart(Box<DesiredModel>),
+    Fault {
+        reason: FaultReason,
+        message: String,
+        uptime: Duration,
+    },
+    PortConflict {
+        port: u16,
+        message: String,
+    },
+    /// Needs a person (or a changed spec): no restart loop.
+    Permanent(String),
+}
+
+pub struct SupervisorHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    report: watch::Receiver<ModelReport>,
+    proxy: Arc<ModelProxy>,
+    desired: DesiredModel,
+    task: JoinHandle<()>,
+}
+
+/// Signals ask for a pulse no more often than this: a stalled stream or a server error makes
+/// the supervisor look at the engine now, but a flood of them must not become a flood of pulses.
+const SIGNALLED_PULSE_GAP: Duration = Duration::from_secs(1);
+
+/// What the serving port lets clients do, from the spec and the keys.
+fn access(desired: &DesiredModel) -> Access {
+    let a = &desired.spec.admission;
+    Access {
+        api_keys: desired.api_keys.clone(),
+        engine_paths: a.engine_paths.clone(),
+        stream_stall_timeout: a.stream_stall_timeout.get(),
+        request_timeout: a.request_timeout.get(),
+    }
+}
+
+fn limits(desired: &DesiredModel) -> Limits {
+    let a = &desired.spec.admission;
+    Limits {
+        max_concurrent: a.max_concurrent.unwrap_or_else(|| default_max_concurrent(desired.spec.engine.parallel)),
+        queue_depth: a.queue_depth,
+        queue_timeout: a.queue_timeout.get(),
+        max_request_bytes: a.max_request_bytes,
+    }
+}
+
+impl SupervisorHandle {
+    pub fn spawn(ctx: Arc<AgentContext>, desired: DesiredModel) -> Self {
+        let (commands, rx) = mpsc::unbounded_channel();
+        let mut initial = ModelReport::new(&desired.namespace, &desired.name);
+        initial.pulse_interval_seconds = desired.spec.pulse.interval.get().as_secs_f64();
+        let (report_tx, report) = watch::channel(initial);
+        let series = ctx.metrics.serving_series(&desired.key());
+        let engine_series = ctx.metrics.engine_series(&desired.key());
+        ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
+        let admission = Admission::new(limits(&desired), series.clone());
+        let pulse_now = Arc::new(Notify::new());
+        let proxy = ModelProxy::new(
+            admission,
+            access(&desired),
+            report.clone(),
+            ctx.config.client_timeouts,
+            series,
+            pulse_now.clone(),
+        );
+        let sup = Supervisor {
+            proxy: proxy.clone(),
+            pulse_now,
+            serving: None,
+            engine_series,
+            grader: Grader::new(GraderConfig::from(&desired.spec.pulse)),
+            backoff: RestartBackoff::new(ctx.config.backoff.clone()),
+            ctx,
+            desired: desired.clone(),
+            commands: rx,
+            report: report_tx,
+            port_conflicts: 0,
+            cache_lease: None,
+        };
+        let task = tokio::spawn(sup.run());
+        Self { commands, report, proxy, desired, task }
+    }
+
+    pub fn report(&self) -> watch::Receiver<ModelReport> {
+        self.report.clone()
+    }
+
+    /// The report with the admission queue's numbers as they are this moment.
+    pub fn live_report(&self) -> ModelReport {
+        let mut r = self.report.borrow().clone();
+        let admission = self.proxy.admission();
+        let load = admission.load();
+        r.in_flight = load.in_flight;
+        r.queue_depth = load.queued;
+        r.max_concurrent = load.limit;
+        r.circuit = admission.circuit_state().as_str();
+        r.decode_seconds_per_token = admission.decode_per_token().map(|d| d.as_secs_f64());
+        r
+    }
+
+    pub fn desired(&self) -> &DesiredModel {
+        &self.desired
+    }
+
+    pub fn update(&mut self, desired: DesiredModel) {
+        self.desired = desired.clone();
+        let _ = self.commands.send(Command::Update(Box::new(desired)));
+    }
+
+    /// Stops the engine and waits until it is gone.
+    pub async fn stop(self) {
+        let _ = self.commands.send(Command::Stop);
+        let _ = self.task.await;
+    }
+}
+
+struct Supervisor {
+    proxy: Arc<ModelProxy>,
+    /// The serving port's call for a pulse now (a stall, a timeout, a server error).
+    pulse_now: Arc<Notify>,
+    serving: Option<Serving>,
+    /// The model's engine figures (tokens, seconds, memory), summed over its engine processes.
+    engine_series: EngineSeries,
+    ctx: Arc<AgentContext>,
+    desired: DesiredModel,
+    commands: mpsc::UnboundedReceiver<Command>,
+    report: watch::Sender<ModelReport>,
+    grader: Grader,
+    backoff: RestartBackoff,
+    port_conflicts: u32,
+    /// Keeps this model's downloaded files out of cache eviction while it is here.
+    cache_lease: Option<CacheLease>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Supervisor {
+    fn key(&self) -> String {
+        self.desired.key()
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        self.report.send_if_modified(|r| {
+            let changed = r.phase != phase;
+            r.phase = phase;
+            changed
+        });
+        self.ctx.metrics.set_phase(&self.key(), phase);
+    }
+
+    async fn run(mut self) {
+        tracing::info!(model = %self.key(), "supervising");
+        self.set_phase(Phase::Pending);
+        loop {
+            let end = self.run_engine_once().await;
+            match end {
+                RunEnd::Stop => break,
+                RunEnd::Restart(desired) => self.adopt(*desired),
+                RunEnd::PortConflict { port, message } => {
+                    self.ctx.ports.quarantine(port);
+                    self.port_conflicts += 1;
+                    tracing::warn!(model = %self.key(), port, "engine could not bind its port; trying another");
+                    if self.port_conflicts >= MAX_PORT_CONFLICTS
+                        && self.back_off(FaultReason::StartFailed, message, Duration::ZERO).await
+                    {
+                        break;
+                    }
+                }
+                RunEnd::Permanent(message) => {
+                    tracing::error!(model = %self.key(), "{message}");
+                    // A failed model runs nothing: its memory is free for others.
+                    self.ctx.memory.release(&self.key());
+                    self.report.send_modify(|r| {
+                        r.last_error = Some(message);
+                        r.grade = None;
+                    });
+                    self.ctx.metrics.clear_pulse(&self.key());
+                    self.set_phase(Phase::Failed);
+                    match tokio::time::timeout(FAILED_RECHECK, self.commands.recv()).await {
+                        Ok(Some(Command::Update(d))) => self.adopt(*d),
+                        Ok(None | Some(Command::Stop)) => break,
+                        Err(_) => {}
+                    }
+                }
+                RunEnd::Fault { reason, message, uptime } => {
+                    if self.back_off(reason, message, uptime).await {
+                        break;
+                    }
+                }
+            }
+        }
+        self.close_serving_port();
+        self.ctx.memory.release(&self.key());
+        self.ctx.metrics.forget(&self.key(), &self.proxy.series().codes());
+        tracing::info!(model = %self.key(), "stopped");
+    }
+
+    /// Counts a restart and waits out the backoff delay. Returns true when told to stop.
+    async fn back_off(&mut self, reason: FaultReason, message: String, uptime: Duration) -> bool {
+        self.port_conflicts = 0;
+        let delay = self.backoff.next_delay(uptime);
+        let phase = backoff_phase(self.backoff.failures());
+        tracing::warn!(model = %self.key(), reason = reason.as_str(), ?delay, "{message}");
+        self.ctx.metrics.restarted(&self.key(), reason);
+        // One update, so nobody watching sees the restart counted in the old phase.
+        self.report.send_modify(|r| {
+            r.restarts += 1;
+            r.last_error = Some(message);
+            r.backoff_seconds = Some(delay.as_secs_f64());
+            r.phase = phase;
+        });
+        self.ctx.metrics.set_phase(&self.key(), phase);
+        let outcome = tokio::time::timeout(delay, self.commands.recv()).await;
+        self.report.send_modify(|r| r.backoff_seconds = None);
+        match outcome {
+            Ok(Some(Command::Update(d))) => {
+                self.adopt(*d);
+                false
+            }
+            Ok(None | Some(Command::Stop)) => true,
+            Err(_) => false,
+        }
+    }
+
+    fn adopt(&mut self, desired: DesiredModel) {
+        if desired.spec.pulse != self.desired.spec.pulse {
+            self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
+            let interval = desired.spec.pulse.interval.get().as_secs_f64();
+            self.ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
+            self.report.send_modify(|r| r.pulse_interval_seconds = interval);
+        }
+        if limits(&desired) != limits(&self.desired) {
+            self.proxy.replace_admission(Admission::new(limits(&desired), self.proxy.series().clone()));
+        }
+        self.proxy.replace_access(access(&desired));
+        if desired.spec.admission.serving_port != self.desired.spec.admission.serving_port {
+            // Re-bound on the next pass through `ensure_serving_port`.
+            self.close_serving_port();
+        }
+        if desired.spec.engine != self.desired.spec.engine || desired.spec.model != self.desired.spec.model {
+            self.backoff.reset();
+        }
+        self.desired = desired;
+    }
+}

@@ -1,0 +1,144 @@
+//! Before an engine starts: its model file (downloaded into the cache if need be, phase
+//! `Downloading` meanwhile), its share of the memory budget, and the serving port clients use.
+
+use super::*;
+
+/// The serving port's listener task, stopped when dropped.
+pub(super) struct Serving {
+    port: u16,
+    /// Whether the port came from the agent's range (and goes back to it).
+    pooled: bool,
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+impl Supervisor {
+    /// Takes this model's share of the memory budget, waiting (Pending, saying for what) while
+    /// the models already holding memory leave too little. A command ends the wait.
+    pub(super) async fn wait_for_memory(&mut self, need: u64) -> Result<(), RunEnd> {
+        let mut releases = self.ctx.memory.releases();
+        loop {
+            let short = match self.ctx.memory.reserve(&self.key(), need) {
+                Ok(()) => return Ok(()),
+                Err(short) => short,
+            };
+            let message = short.to_string();
+            if self.report.borrow().last_error.as_deref() != Some(message.as_str()) {
+                tracing::warn!(model = %self.key(), "{message}");
+            }
+            self.report.send_modify(|r| r.last_error = Some(message));
+            self.set_phase(Phase::Pending);
+            tokio::select! {
+                changed = releases.changed() => {
+                    if changed.is_err() {
+                        return Err(RunEnd::Stop);
+                    }
+                }
+                cmd = self.commands.recv() => match cmd {
+                    None | Some(Command::Stop) => return Err(RunEnd::Stop),
+                    Some(Command::Update(d)) => return Err(RunEnd::Restart(d)),
+                },
+            }
+        }
+    }
+
+    /// The model's file, checked: a local path, or a download into the cache (phase
+    /// `Downloading` with live progress while bytes move; commands are still heard, and a
+    /// download cut by one resumes next time).
+    pub(super) async fn resolve_model(&mut self) -> Result<ResolvedModel, RunEnd> {
+        let ctx = self.ctx.clone();
+        let location = locate(&self.desired, &ctx.downloads).map_err(RunEnd::Permanent)?;
+        let (path, known_sha256, other_shard_bytes) = match location {
+            ModelLocation::Local(path) => (path, None, 0),
+            ModelLocation::Remote(fetch) => {
+                let downloading = !fetch.cached();
+                if downloading {
+                    self.set_phase(Phase::Downloading);
+                }
+                let progress = fetch.progress();
+                let run = fetch.run();
+                tokio::pin!(run);
+                let mut tick = tokio::time::interval(DOWNLOAD_REPORT_EVERY);
+                let result = loop {
+                    tokio::select! {
+                        result = &mut run => break result,
+                        _ = tick.tick(), if downloading => {
+                            let now = progress.snapshot(Instant::now());
+                            self.ctx.metrics.set_download(&self.key(), Some(&now));
+                            self.report.send_modify(|r| r.download = Some(now));
+                        }
+                        cmd = self.commands.recv() => {
+                            self.end_download();
+                            return Err(match cmd {
+                                None | Some(Command::Stop) => RunEnd::Stop,
+                                Some(Command::Update(d)) => RunEnd::Restart(d),
+                            });
+                        }
+                    }
+                };
+                self.end_download();
+                match result {
+                    Ok(fetched) => {
+                        for t in &fetched.transfers {
+                            self.ctx.metrics.downloaded(t.received_bytes, t.resumed_at.len() as u64);
+                        }
+                        self.cache_lease = Some(fetched.lease);
+                        (fetched.path, fetched.sha256, fetched.other_shard_bytes)
+                    }
+                    Err(e) => return Err(RunEnd::Permanent(crate::error::chain(&e))),
+                }
+            }
+        };
+        let mut resolved = check_model(&self.desired, path, known_sha256).await.map_err(RunEnd::Permanent)?;
+        resolved.memory_bytes = resolved.memory_bytes.map(|m| m + other_shard_bytes);
+        Ok(resolved)
+    }
+
+    pub(super) fn end_download(&self) {
+        self.ctx.metrics.set_download(&self.key(), None);
+        self.report.send_if_modified(|r| r.download.take().is_some());
+    }
+
+    /// Listens on the model's serving port if it does not already.
+    pub(super) fn ensure_serving_port(&mut self) -> Result<(), String> {
+        if self.serving.is_some() {
+            return Ok(());
+        }
+        let (port, pooled) = match self.desired.spec.admission.serving_port {
+            Some(p) => (p, false),
+            None => (self.ctx.serving_ports.acquire().map_err(|e| format!("serving port: {e}"))?, true),
+        };
+        let addr = std::net::SocketAddr::new(self.ctx.config.serving_host, port);
+        let listener = match crate::serving::listen(addr) {
+            Ok(l) => l,
+            Err(e) => {
+                if pooled {
+                    self.ctx.serving_ports.quarantine(port);
+                }
+                return Err(format!(
+                    "cannot listen on serving port {addr}: {e} (set spec.admission.servingPort to a free port)"
+                ));
+            }
+        };
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(self.proxy.clone().serve(listener, stop_rx));
+        tracing::info!(model = %self.key(), %addr, "serving port open");
+        self.report.send_modify(|r| r.serving_port = Some(port));
+        self.serving = Some(Serving { port, pooled, stop });
+        Ok(())
+    }
+
+    pub(super) fn close_serving_port(&mut self) {
+        if let Some(serving) = self.serving.take() {
+            if serving.pooled {
+                self.ctx.serving_ports.release(serving.port);
+            }
+            self.report.send_modify(|r| r.serving_port = None);
+        }
+    }
+}
