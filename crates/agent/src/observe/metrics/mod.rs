@@ -19,7 +19,12 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::health::lifecycle::FaultReason;
 use crate::observe::host::HostCollector;
+
+mod registration;
+mod series;
+
 use crate::serving::policy::Rejection;
+pub use series::{CodeSeries, EngineSeries, ServingSeries};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
@@ -177,82 +182,6 @@ impl Metrics {
         Arc::new(m)
     }
 
-    fn register_pulse(&self, r: &mut Registry) {
-        r.register_with_unit(
-            "pulse_duration",
-            "Wall time of the pulse, a trivial completion sent straight to the engine",
-            Unit::Seconds,
-            self.pulse_duration.clone(),
-        );
-        r.register_with_unit(
-            "pulse_last_duration",
-            "Wall time of the most recent pulse",
-            Unit::Seconds,
-            self.pulse_last.clone(),
-        );
-        r.register_with_unit(
-            "pulse_last_compute",
-            "Engine compute time (prompt + decode) the most recent pulse reported",
-            Unit::Seconds,
-            self.pulse_compute_last.clone(),
-        );
-        r.register("pulse_grade", "Published pulse grade: 0 green, 1 yellow, 2 red", self.pulse_grade.clone());
-        r.register_with_unit(
-            "pulse_yellow_after",
-            "The model's spec.pulse.yellowAfter: pulses slower than this are yellow",
-            Unit::Seconds,
-            self.pulse_yellow_after.clone(),
-        );
-        r.register_with_unit(
-            "pulse_red_after",
-            "The model's spec.pulse.redAfter: pulses slower than this are red",
-            Unit::Seconds,
-            self.pulse_red_after.clone(),
-        );
-        r.register(
-            "saturated",
-            "1 when the model is busy (at its limit with normal compute), not sick",
-            self.saturated.clone(),
-        );
-        r.register_with_unit(
-            "decode_per_token",
-            "Engine decode time per token, EWMA over real responses",
-            Unit::Seconds,
-            self.decode_per_token.clone(),
-        );
-    }
-
-    fn register_download(&self, r: &mut Registry) {
-        r.register_with_unit(
-            "model_download",
-            "Bytes of the model's files on disk while it downloads (resumed bytes included)",
-            Unit::Bytes,
-            self.download_done.clone(),
-        );
-        r.register_with_unit(
-            "model_download_size",
-            "Size of the model's files while it downloads, once the server has said",
-            Unit::Bytes,
-            self.download_size.clone(),
-        );
-        r.register(
-            "model_download_rate_bytes_per_second",
-            "Recent download rate of the model's files",
-            self.download_rate.clone(),
-        );
-        r.register_with_unit(
-            "download_received",
-            "Model bytes received over the network",
-            Unit::Bytes,
-            self.download_received.clone(),
-        );
-        r.register(
-            "download_resumes",
-            "Downloads continued from a partial file after a cut",
-            self.download_resumes.clone(),
-        );
-    }
-
     /// A model's download progress, or None to drop its series when no download runs.
     pub fn set_download(&self, model: &str, progress: Option<&metalkube_api::DownloadProgress>) {
         let labels = ModelLabels { model: model.to_owned() };
@@ -281,95 +210,6 @@ impl Metrics {
     pub fn downloaded(&self, received_bytes: u64, resumes: u64) {
         self.download_received.inc_by(received_bytes);
         self.download_resumes.inc_by(resumes);
-    }
-
-    fn register_engine(&self, r: &mut Registry) {
-        r.register("engine_up", "1 when the engine is serving", self.engine_up.clone());
-        r.register("engine_phase", "1 for the model's current phase, 0 for the others", self.engine_phase.clone());
-        r.register("engine_restarts", "Engine restarts by reason", self.engine_restarts.clone());
-        r.register_with_unit(
-            "engine_resident_memory",
-            "Resident memory of the model's llama-server process (0 while none runs)",
-            Unit::Bytes,
-            self.engine_rss.clone(),
-        );
-        r.register(
-            "engine_prompt_tokens",
-            "Prompt tokens the engine processed, excluding cached ones (llama-server's own count, summed over engine restarts)",
-            self.engine_prompt_tokens.clone(),
-        );
-        r.register_with_unit(
-            "engine_prompt",
-            "Time the engine spent processing prompts (llama-server's own count)",
-            Unit::Seconds,
-            self.engine_prompt_seconds.clone(),
-        );
-        r.register(
-            "engine_predicted_tokens",
-            "Tokens the engine generated, pulses included (llama-server's own count)",
-            self.engine_predicted_tokens.clone(),
-        );
-        r.register_with_unit(
-            "engine_predicted",
-            "Time the engine spent generating tokens (llama-server's own count)",
-            Unit::Seconds,
-            self.engine_predicted_seconds.clone(),
-        );
-        r.register(
-            "engine_requests_processing",
-            "Requests the engine is working on, as it reports",
-            self.engine_requests_processing.clone(),
-        );
-        r.register(
-            "engine_requests_deferred",
-            "Requests the engine has deferred for lack of a free slot, as it reports",
-            self.engine_requests_deferred.clone(),
-        );
-    }
-
-    fn register_serving(&self, r: &mut Registry) {
-        r.register("requests", "Requests on the serving port by HTTP status code", self.requests.clone());
-        r.register_with_unit(
-            "request_duration",
-            "Time from request arrival to the last byte of the response, by HTTP status code",
-            Unit::Seconds,
-            self.request_duration.clone(),
-        );
-        r.register_with_unit(
-            "time_to_first_token",
-            "Time from request arrival to the first chunk of a streamed (SSE) response",
-            Unit::Seconds,
-            self.time_to_first_token.clone(),
-        );
-        r.register(
-            "generated_tokens",
-            "Tokens the engine generated for responses on the serving port (from their timings)",
-            self.generated_tokens.clone(),
-        );
-        r.register_with_unit(
-            "queue_wait",
-            "Time requests waited in the admission queue",
-            Unit::Seconds,
-            self.queue_wait.clone(),
-        );
-        r.register("queue_depth", "Requests waiting in the admission queue", self.queue_depth.clone());
-        r.register("in_flight_requests", "Requests admitted to the engine and not finished", self.in_flight.clone());
-        r.register(
-            "max_concurrent_requests",
-            "The admission limit: requests sent to the engine at once",
-            self.max_concurrent.clone(),
-        );
-        r.register("rejections", "Requests refused at the serving port by reason", self.rejections.clone());
-        r.register(
-            "circuit_state",
-            "Upstream circuit breaker: 0 closed, 1 half-open, 2 open",
-            self.circuit_state.clone(),
-        );
-        r.register(
-            "stalls",
-            "Engine silences in the data path: a stream that sent nothing for streamStallTimeout, or no answer within requestTimeout",
-            self.stalls.clone(),
-        );
     }
 
     /// When the gRPC API's certificate expires (Unix seconds): renewals show as a jump, and an
@@ -526,72 +366,6 @@ impl Metrics {
         for reason in FaultReason::ALL.map(FaultReason::as_str) {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
-    }
-}
-
-/// One model's engine series, resolved once per model: what the engine-metrics follower writes.
-#[derive(Clone)]
-pub struct EngineSeries {
-    pub rss: Gauge,
-    pub prompt_tokens: Counter,
-    pub prompt_seconds: F64Counter,
-    pub predicted_tokens: Counter,
-    pub predicted_seconds: F64Counter,
-    pub requests_processing: Gauge,
-    pub requests_deferred: Gauge,
-}
-
-/// The series of one (model, status code): requests answered and how long they took.
-#[derive(Clone)]
-pub struct CodeSeries {
-    pub requests: Counter,
-    pub duration: Histogram,
-}
-
-/// One model's serving-port series, resolved once: the per-request path then builds no label
-/// strings and searches no family maps. The handles share their values with the registry.
-pub struct ServingSeries {
-    model: String,
-    requests: Family<CodeLabels, Counter>,
-    request_duration: HistogramFamily<CodeLabels>,
-    /// Status codes are few per model but not all known ahead; each is resolved on first use.
-    by_code: RwLock<HashMap<u16, CodeSeries>>,
-    rejections: [Counter; Rejection::ALL.len()],
-    pub time_to_first_token: Histogram,
-    pub generated_tokens: Counter,
-    pub queue_wait: Histogram,
-    pub queue_depth: Gauge,
-    pub in_flight: Gauge,
-    pub max_concurrent: Gauge,
-    pub circuit_state: Gauge,
-    pub stream_stalls: Counter,
-    pub request_stalls: Counter,
-}
-
-impl ServingSeries {
-    /// The series of one status code.
-    pub fn code(&self, code: u16) -> CodeSeries {
-        if let Some(series) = self.by_code.read().unwrap_or_else(|e| e.into_inner()).get(&code) {
-            return series.clone();
-        }
-        let labels = CodeLabels { model: self.model.clone(), code: code.to_string() };
-        let series = CodeSeries {
-            requests: self.requests.get_or_create(&labels).clone(),
-            duration: self.request_duration.get_or_create(&labels).clone(),
-        };
-        self.by_code.write().unwrap_or_else(|e| e.into_inner()).insert(code, series.clone());
-        series
-    }
-
-    pub fn rejected(&self, r: Rejection) {
-        if let Some(i) = Rejection::ALL.iter().position(|x| *x == r) {
-            self.rejections[i].inc();
-        }
-    }
-
-    /// The status codes with series so far, for `Metrics::forget`.
-    pub fn codes(&self) -> Vec<u16> {
-        self.by_code.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
     }
 }
 
