@@ -5,9 +5,12 @@
 pub mod api_keys;
 
 pub mod framing;
+pub mod listener;
 pub mod policy;
 pub mod proxy;
 pub mod queue;
+pub mod request_shape;
+pub mod responses;
 pub mod routes;
 pub mod tap;
 

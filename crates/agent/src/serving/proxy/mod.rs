@@ -1,0 +1,369 @@
+//! The serving port of one model, where the Mac meets untrusted clients. A request goes through:
+//! framing (ambiguous requests refused), the API key (when the model asks for one), the route
+//! (an allowlist; engine admin paths only when the model allows them), then inference waits in
+//! the admission queue while cheap paths go straight through. Paths pass through unchanged;
+//! refusals carry `Retry-After` and an OpenAI-style JSON error.
+//!
+//! Nothing one client sends may change what another gets, except by using capacity: a client's
+//! answer from the engine never counts against the engine by itself. Only transport failures
+//! count for the circuit breaker; a 5xx answer (bar 501) makes the supervisor take a pulse, the
+//! agent's own well-formed request, and that pulse's verdict is what counts.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use metalkube_api::{EnginePath, Phase};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, watch};
+
+use super::framing::{Framing, SharedScanner, Watched};
+use super::policy::Rejection;
+use super::queue::Admission;
+use super::routes::{Refusal, Route, engine_path_name, route};
+use super::tap::{StallWatch, TapBody};
+use crate::observe::metrics::ServingSeries;
+use crate::observe::report::ModelReport;
+use crate::serving::api_keys::{ApiKeys, presented_key};
+use crate::serving::listener::refuse_connection;
+use crate::serving::request_shape::{BodyShape, build_upstream, check_json_body, strip_hop_by_hop};
+use crate::serving::responses::{client_error, json_response, server_error};
+
+pub use crate::serving::responses::error_response;
+
+mod forward;
+
+pub use crate::serving::listener::listen;
+
+pub type ProxyBody = Either<Full<Bytes>, TapBody>;
+
+/// How the serving port treats client connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// Time a client gets to send its request headers; a kept-alive connection that sends no new
+    /// request for this long is closed too.
+    pub header: Duration,
+    /// Time a client gets to send its request body.
+    pub body: Duration,
+    /// Connections the port holds at once; more are answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for ClientTimeouts {
+    fn default() -> Self {
+        Self { header: Duration::from_secs(10), body: Duration::from_secs(30), max_connections: 1024 }
+    }
+}
+
+/// Request heads larger than this, or with more headers, are answered 431 by the HTTP parser.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+const MAX_HEADERS: usize = 64;
+/// Bodies of paths that do no generation (tokenize, templates) are small.
+const CHEAP_BODY_BYTES: usize = 1 << 20;
+
+/// What a model's serving port may do, changed by spec updates while it runs.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    pub api_keys: ApiKeys,
+    pub engine_paths: Vec<EnginePath>,
+    pub stream_stall_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+pub struct ModelProxy {
+    admission: RwLock<Arc<Admission>>,
+    access: RwLock<Arc<Access>>,
+    report: watch::Receiver<ModelReport>,
+    client: Client<HttpConnector, Full<Bytes>>,
+    timeouts: ClientTimeouts,
+    /// `namespace/name`, for messages.
+    model: String,
+    series: Arc<ServingSeries>,
+    /// Wakes the supervisor for a pulse now: a stream stalled, a request timed out, or the engine
+    /// answered a client with a server error.
+    pulse_now: Arc<Notify>,
+    /// The model is going away: new requests are refused while in-flight ones finish.
+    closing: AtomicBool,
+}
+
+/// How long an idle connection to the engine may be reused. llama-server closes connections idle
+/// for 5 s (cpp-httplib's keep-alive timeout, advertised as `Keep-Alive: timeout=5`); a request
+/// written onto a connection the engine is closing at that moment comes back as "connection
+/// closed before message completed", which under a busy runtime happened to ~5% of requests.
+/// Evicting idle connections well before the engine does closes that window.
+const ENGINE_IDLE_REUSE: Duration = Duration::from_secs(2);
+
+impl ModelProxy {
+    pub fn new(
+        admission: Arc<Admission>,
+        access: Access,
+        report: watch::Receiver<ModelReport>,
+        timeouts: ClientTimeouts,
+        series: Arc<ServingSeries>,
+        pulse_now: Arc<Notify>,
+    ) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(ENGINE_IDLE_REUSE).build(connector);
+        let model = report.borrow().key();
+        Arc::new(Self {
+            admission: RwLock::new(admission),
+            access: RwLock::new(Arc::new(access)),
+            report,
+            client,
+            timeouts,
+            model,
+            series,
+            pulse_now,
+            closing: AtomicBool::new(false),
+        })
+    }
+
+    /// Stops taking new requests (503 with Retry-After); those in flight finish.
+    pub fn close(&self) {
+        self.closing.store(true, Ordering::Relaxed);
+    }
+
+    /// This model's serving-port metrics.
+    pub fn series(&self) -> &Arc<ServingSeries> {
+        &self.series
+    }
+
+    pub fn admission(&self) -> Arc<Admission> {
+        self.admission.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// A spec change of the admission settings: new requests use the new queue; requests
+    /// already admitted or waiting finish under the old one.
+    pub fn replace_admission(&self, admission: Arc<Admission>) {
+        *self.admission.write().unwrap_or_else(|e| e.into_inner()) = admission;
+    }
+
+    fn access(&self) -> Arc<Access> {
+        self.access.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// New keys, allowed paths or timeouts, for the requests that arrive from now on.
+    pub fn replace_access(&self, access: Access) {
+        *self.access.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(access);
+    }
+
+    /// The engine's port when the agent's verdict is "serving and not red" (and the model is not
+    /// going away).
+    fn upstream(&self) -> Option<u16> {
+        if self.closing.load(Ordering::Relaxed) {
+            return None;
+        }
+        let r = self.report.borrow();
+        if r.is_ready() { r.internal_port } else { None }
+    }
+
+    /// How long until a not-ready engine is likely back: what is left of the backoff plus
+    /// what the last start took, else the pulse interval.
+    fn not_ready_for(&self) -> Duration {
+        let r = self.report.borrow();
+        let backoff = r.backoff_seconds.unwrap_or(0.0);
+        let start = r.last_start_seconds.unwrap_or(r.pulse_interval_seconds);
+        Duration::try_from_secs_f64((backoff + start).max(0.0)).unwrap_or(Duration::from_secs(600))
+    }
+
+    /// Accepts connections until `stop` turns true.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+        let connections = Arc::new(Semaphore::new(self.timeouts.max_connections.max(1)));
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let stream = match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait a little rather than spin.
+                    tracing::warn!(model = %self.model, "accepting a connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let Ok(held) = connections.clone().try_acquire_owned() else {
+                self.admission().rejected(Rejection::ConnectionLimit);
+                tokio::spawn(refuse_connection(stream));
+                continue;
+            };
+            let proxy = self.clone();
+            let header_timeout = self.timeouts.header;
+            tokio::spawn(async move {
+                let (io, scanner) = Watched::new(stream);
+                let service = service_fn(move |req| {
+                    let (proxy, scanner) = (proxy.clone(), scanner.clone());
+                    async move { Ok::<_, Infallible>(proxy.handle(req, &scanner).await) }
+                });
+                let _ = http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout)
+                    .max_headers(MAX_HEADERS)
+                    .max_header_size(MAX_HEADER_BYTES)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(io), service)
+                    .await;
+                drop(held);
+            });
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, scanner: &SharedScanner) -> Response<ProxyBody> {
+        let started = Instant::now();
+        let verdict = scanner.lock().unwrap_or_else(|e| e.into_inner()).next_verdict();
+        let access = self.access();
+        let response = match self.admit(&req, verdict, &access) {
+            Err(refused) => *refused,
+            Ok(Route::Health) => return self.closing_connection(self.health()),
+            Ok(Route::Inference) => self.inference(req, started, &access).await,
+            Ok(Route::Cheap | Route::Engine(_)) => match self.upstream() {
+                Some(port) => self.forward_cheap(req, port, started, &access).await,
+                None => self.refuse(&self.admission(), Rejection::NotReady),
+            },
+        };
+        // A body made here is complete now. A passed-through one was counted when its head came
+        // back from the engine, and reports its duration when its last byte has gone.
+        if matches!(response.body(), Either::Left(_)) {
+            let code = self.series.code(response.status().as_u16());
+            code.requests.inc();
+            code.duration.observe(started.elapsed().as_secs_f64());
+        }
+        self.closing_connection(response)
+    }
+
+    /// While the port drains, every answer closes its connection: a client keeping it alive
+    /// would otherwise send its next request into a port about to vanish (a reset, not a 503).
+    fn closing_connection(&self, mut response: Response<ProxyBody>) -> Response<ProxyBody> {
+        if self.closing.load(Ordering::Relaxed) {
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        response
+    }
+
+    /// Framing, key and route: where the request goes, or the answer that refuses it.
+    fn admit(
+        &self,
+        req: &Request<Incoming>,
+        verdict: Option<Framing>,
+        access: &Access,
+    ) -> Result<Route, Box<Response<ProxyBody>>> {
+        if verdict == Some(Framing::Ambiguous) {
+            let mut r = client_error(
+                StatusCode::BAD_REQUEST,
+                "ambiguous_framing",
+                "the request has both Content-Length and Transfer-Encoding, or several Content-Length headers; send exactly one of them",
+            );
+            r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(Box::new(r));
+        }
+        let routed = route(req.method(), req.uri().path(), &access.engine_paths);
+        if routed == Ok(Route::Health) {
+            // Load balancers' probes need no key.
+            return Ok(Route::Health);
+        }
+        if !access.api_keys.accepts(presented_key(req.headers())) {
+            self.admission().rejected(Rejection::Unauthorized);
+            let mut r = error_response(
+                Rejection::Unauthorized,
+                &format!(
+                    "model {} needs an API key: send `Authorization: Bearer <key>` or `x-api-key: <key>` with a key from its spec.auth Secret",
+                    self.model
+                ),
+                None,
+            );
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            return Err(Box::new(r));
+        }
+        routed.map_err(|refusal| {
+            Box::new(match refusal {
+            Refusal::UnknownPath => client_error(
+                StatusCode::NOT_FOUND,
+                "unknown_path",
+                &format!(
+                    "{} {} is not served here; the serving port passes the OpenAI, Anthropic and llama.cpp inference paths (e.g. POST /v1/chat/completions, POST /v1/messages, POST /completion, GET /v1/models)",
+                    req.method(),
+                    req.uri().path()
+                ),
+            ),
+            Refusal::MethodNotAllowed { allow } => {
+                let mut r = client_error(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    &format!("{} takes {allow}, not {}", req.uri().path(), req.method()),
+                );
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
+                r
+            }
+            Refusal::Forbidden(p) => client_error(
+                StatusCode::FORBIDDEN,
+                "engine_path_not_allowed",
+                &format!(
+                    "{} {} changes or reveals engine state shared by every client; model {} serves it only with \"{}\" in spec.admission.enginePaths",
+                    req.method(),
+                    req.uri().path(),
+                    self.model,
+                    engine_path_name(p)
+                ),
+            ),
+        })
+        })
+    }
+
+    /// The agent's verdict, for load balancers in front of the serving port.
+    fn health(&self) -> Response<ProxyBody> {
+        let r = self.report.borrow();
+        if r.is_ready() {
+            json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}), None)
+        } else {
+            let message = format!("model {} is not ready: phase {:?}, grade {:?}", r.key(), r.phase, r.grade);
+            drop(r);
+            let retry = self.admission().retry_after(Rejection::NotReady, self.not_ready_for());
+            error_response(Rejection::NotReady, &message, Some(retry))
+        }
+    }
+
+    fn refuse(&self, admission: &Admission, r: Rejection) -> Response<ProxyBody> {
+        let retry = match r {
+            Rejection::TooLarge | Rejection::RequestTimeout | Rejection::Unauthorized => None,
+            _ => Some(admission.retry_after(r, self.not_ready_for())),
+        };
+        let limits = admission.limits();
+        let message = match r {
+            Rejection::QueueFull => format!(
+                "model {} is busy: {} requests in flight and the queue of {} is full",
+                self.model, limits.max_concurrent, limits.queue_depth
+            ),
+            Rejection::QueueTimeout => {
+                format!(
+                    "model {} is busy: no place freed within the queue timeout {:?}",
+                    self.model, limits.queue_timeout
+                )
+            }
+            Rejection::NotReady => {
+                let r = self.report.borrow();
+                format!("model {} is not ready (phase {:?}, grade {:?})", self.model, r.phase, r.grade)
+            }
+            Rejection::TooLarge => format!("request body is larger than maxRequestBytes {}", limits.max_request_bytes),
+            Rejection::CircuitOpen => {
+                format!("model {}: the engine failed repeatedly; requests are paused briefly", self.model)
+            }
+            Rejection::RequestTimeout => format!("request body not received within {:?}", self.timeouts.body),
+            Rejection::Unauthorized => format!("model {} needs an API key", self.model),
+            Rejection::ConnectionLimit => "too many connections to this serving port".to_owned(),
+        };
+        error_response(r, &message, retry)
+    }
+}
