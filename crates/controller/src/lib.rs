@@ -14,6 +14,8 @@ pub mod fleet;
 pub mod http;
 pub mod leader;
 pub mod metrics;
+mod model_inputs;
+mod model_secrets;
 pub mod model_status;
 pub mod node_status;
 pub mod nodes;

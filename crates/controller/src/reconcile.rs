@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
-use k8s_openapi::api::core::v1::{Secret, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -17,7 +17,7 @@ use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
-use metalkube_api::keys::{KeyDigest, digests_of_key_lines, fingerprint};
+use metalkube_api::keys::{KeyDigest, fingerprint};
 use metalkube_api::{MetalModel, MetalModelStatus, MetalNode};
 use metalkube_proto as pb;
 use serde_json::json;
@@ -27,6 +27,8 @@ use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoin
 use crate::events::{Note, model_events, publish};
 use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
+use crate::model_inputs::{holders, reported_memory, serving_since};
+use crate::model_secrets::{api_key_digests, hub_token};
 use crate::model_status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
 use crate::placement::{Assignments, ModelDemand, NodeView, Placement, place};
 
@@ -172,42 +174,6 @@ pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Co
     Action::requeue(delay)
 }
 
-/// Memory one replica needs, as an agent estimated it for this generation.
-fn reported_memory(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
-    let key = model_key(m);
-    let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
-    views
-        .values()
-        .filter_map(|v| v.models.get(&key))
-        .filter(|s| s.uid == uid && s.generation == generation && s.memory_bytes > 0)
-        .map(|s| s.memory_bytes)
-        .max()
-}
-
-/// When each replica of `m` first served, by node: what its agent reports, else what the
-/// status recorded (an agent may be out of reach); the earlier when both say.
-fn serving_since(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> BTreeMap<String, u64> {
-    let key = model_key(m);
-    let uid = m.uid().unwrap_or_default();
-    let mut since: BTreeMap<String, u64> = BTreeMap::new();
-    let reported = views.iter().filter_map(|(node, v)| {
-        let s = v.models.get(&key).filter(|s| s.uid == uid && s.serving_since_unix_ms > 0)?;
-        Some((node.clone(), s.serving_since_unix_ms))
-    });
-    let recorded = m.status.iter().flat_map(|s| &s.replicas).filter_map(|r| {
-        let ms = u64::try_from(r.serving_since.as_ref()?.0.as_millisecond()).ok()?;
-        Some((r.node.clone(), ms))
-    });
-    for (node, ms) in reported.chain(recorded) {
-        since.entry(node).and_modify(|t| *t = (*t).min(ms)).or_insert(ms);
-    }
-    since
-}
-
-fn holders(key: &str, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
-    views.iter().filter(|(_, v)| v.models.contains_key(key)).map(|(n, _)| n.clone()).collect()
-}
-
 fn ensure_request(
     m: &MetalModel,
     keys: Option<&[KeyDigest]>,
@@ -223,42 +189,6 @@ fn ensure_request(
         api_key_sha256: keys.unwrap_or_default().iter().map(|d| d.to_vec()).collect(),
         hub_token: hub_token.unwrap_or_default(),
     })
-}
-
-/// The hub token `spec.model.tokenSecretRef` names, read from the Secret in the model's
-/// namespace. A missing Secret or key sends no token: the agent then says the hub refused it,
-/// which names the fix. The token is never logged.
-async fn hub_token(m: &MetalModel, ctx: &Context) -> Result<Option<String>, ControllerError> {
-    let Some(r) = &m.spec.model.token_secret_ref else { return Ok(None) };
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-    let value = secrets.get_opt(&r.name).await?.and_then(|s| s.data?.remove(&r.key));
-    let token = value.map(|b| String::from_utf8_lossy(&b.0).trim().to_owned()).filter(|t| !t.is_empty());
-    if token.is_none() {
-        tracing::warn!(model = %model_key(m), secret = %r.name, key = %r.key, "spec.model.tokenSecretRef names a Secret key that does not exist or is empty; downloading without a token");
-    }
-    Ok(token)
-}
-
-/// The digests of the API keys `spec.auth` names, read from the Secret in the model's namespace
-/// (None: the model asks for no keys). A missing Secret or key gives no digests: the agents then
-/// let nobody in, rather than everybody. The keys themselves go no further than this function.
-async fn api_key_digests(m: &MetalModel, ctx: &Context) -> Result<Option<Vec<KeyDigest>>, ControllerError> {
-    let Some(auth) = &m.spec.auth else { return Ok(None) };
-    let r = &auth.api_key_secret_ref;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-    let value = secrets.get_opt(&r.name).await?.and_then(|s| s.data?.remove(&r.key));
-    match value {
-        Some(bytes) => Ok(Some(digests_of_key_lines(&bytes.0))),
-        None => {
-            tracing::warn!(
-                model = %model_key(m),
-                secret = %r.name,
-                key = %r.key,
-                "spec.auth names a Secret key that does not exist; the model lets nobody in"
-            );
-            Ok(Some(Vec::new()))
-        }
-    }
 }
 
 /// Placement of every model (memory is shared, so one model's place depends on the others'),
