@@ -54,7 +54,7 @@ impl AgentContext {
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .map_err(|e| AgentError::HttpClient(e.to_string()))?;
+            .map_err(AgentError::HttpClient)?;
         let downloads = Downloader::new(config.state_dir.join("models"), config.downloads.clone())?;
         Ok(Self {
             downloads,

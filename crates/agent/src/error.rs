@@ -16,12 +16,43 @@ pub enum AgentError {
     StateDir { path: PathBuf, source: std::io::Error },
     #[error("models directory {}: {message}", path.display())]
     ModelsDir { path: PathBuf, message: String },
-    #[error("gRPC: {0}")]
-    Grpc(String),
-    #[error("HTTP client: {0}")]
-    HttpClient(String),
-    #[error("cannot listen on {addr}: {source}")]
-    Listen { addr: String, source: std::io::Error },
+    #[error("gRPC server")]
+    Grpc(#[source] tonic::transport::Error),
+    #[error("HTTP client for engines")]
+    HttpClient(#[source] reqwest::Error),
+    #[error("cannot listen on serving port {addr} (set spec.admission.servingPort to a free port)")]
+    ServingPort {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spec.model.source: {problem} (supported: {})", metalkube_api::SUPPORTED_SOURCES)]
+    ModelSource { problem: String },
+    #[error("model file {} does not exist (spec.model.source {source_text:?})", path.display())]
+    ModelMissing { path: PathBuf, source_text: String },
+    #[error("{} has sha256 {got}, spec.model.sha256 wants {want}", path.display())]
+    ModelDigest { path: PathBuf, got: String, want: String },
+    #[error("{model}: {} holds no API key; nobody is let in", path.display())]
+    ApiKeysEmpty { model: String, path: PathBuf },
+    #[error("{model}: cannot read its API keys from {}; nobody is let in until the file is there", path.display())]
+    ApiKeysUnreadable {
+        model: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the request body is not valid JSON: {0}")]
+    RequestBodyNotJson(serde_json::Error),
+    #[error("the request body must be a JSON object ({{...}})")]
+    RequestBodyNotObject,
+    #[error("model source {} is not a file", path.display())]
+    ModelNotAFile { path: PathBuf },
+    #[error("{} is not a usable GGUF model", path.display())]
+    NotGguf {
+        path: PathBuf,
+        #[source]
+        source: metalkube_gguf::GgufError,
+    },
     #[error("--download-ca: {0}")]
     DownloadCa(String),
     #[error("downloading {url}: {problem}")]

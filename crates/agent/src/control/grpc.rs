@@ -298,7 +298,7 @@ pub async fn serve_grpc(
                 .add_service(AgentServer::new(service))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                 .await
-                .map_err(|e| AgentError::Grpc(e.to_string()))
+                .map_err(AgentError::Grpc)
         }
     }
 }
@@ -341,7 +341,7 @@ pub async fn serve_grpc_tls(
         .add_service(AgentServer::new(service))
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
         .await
-        .map_err(|e| AgentError::Grpc(e.to_string()));
+        .map_err(AgentError::Grpc);
     accepting.abort();
     served
 }

@@ -42,7 +42,7 @@ impl ModelsDir {
     }
 
     /// The keys of `spec.auth` from the secrets directory; an error names the file.
-    fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, String> {
+    fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, AgentError> {
         let Some(auth) = &m.spec.auth else { return Ok(ApiKeys::Open) };
         let r = &auth.api_key_secret_ref;
         let path = self.secrets_dir.join(&r.name).join(&r.key);
@@ -50,15 +50,11 @@ impl ModelsDir {
             Ok(text) => {
                 let digests = digests_of_key_lines(&text);
                 if digests.is_empty() {
-                    return Err(format!("{}: {} holds no API key; nobody is let in", m.key(), path.display()));
+                    return Err(AgentError::ApiKeysEmpty { model: m.key(), path });
                 }
                 Ok(ApiKeys::Digests(digests))
             }
-            Err(e) => Err(format!(
-                "{}: cannot read its API keys from {} ({e}); nobody is let in until the file is there",
-                m.key(),
-                path.display()
-            )),
+            Err(e) => Err(AgentError::ApiKeysUnreadable { model: m.key(), path, source: e }),
         }
     }
 
@@ -123,7 +119,7 @@ impl ModelsDir {
                 m.api_keys = match self.api_keys(&m) {
                     Ok(keys) => keys,
                     Err(e) => {
-                        errors.insert(format!("secrets for {}", m.key()), e);
+                        errors.insert(format!("secrets for {}", m.key()), crate::error::chain(&e));
                         ApiKeys::Digests(Vec::new())
                     }
                 };

@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-use metalkube_api::{SUPPORTED_SOURCES, parse_source};
+use metalkube_api::parse_source;
 
+use crate::AgentError;
 use crate::desired::DesiredModel;
 use crate::engine::download::{Downloader, Fetch};
 
@@ -24,20 +25,19 @@ pub enum ModelLocation<'a> {
     Remote(Fetch<'a>),
 }
 
-pub fn locate<'a>(desired: &DesiredModel, downloads: &'a Downloader) -> Result<ModelLocation<'a>, String> {
+pub fn locate<'a>(desired: &DesiredModel, downloads: &'a Downloader) -> Result<ModelLocation<'a>, AgentError> {
     let source = &desired.spec.model.source;
-    let parsed =
-        parse_source(source).map_err(|e| format!("spec.model.source: {e} (supported: {SUPPORTED_SOURCES})"))?;
+    let parsed = parse_source(source).map_err(|e| AgentError::ModelSource { problem: e.problem })?;
     match downloads.plan(&parsed, desired.spec.model.sha256.as_deref(), desired.hub_token.as_ref()) {
         Some(fetch) => Ok(ModelLocation::Remote(fetch)),
         None => local_path(desired).map(ModelLocation::Local),
     }
 }
 
-fn local_path(desired: &DesiredModel) -> Result<PathBuf, String> {
+fn local_path(desired: &DesiredModel) -> Result<PathBuf, AgentError> {
     let source = &desired.spec.model.source;
     let Some(rest) = source.strip_prefix("file:") else {
-        return Err(format!("spec.model.source {source:?} is not a file: source"));
+        return Err(AgentError::ModelSource { problem: format!("{source:?} is not a file: source") });
     };
     // file:///abs, file:/abs and file:relative all name a path.
     let raw = rest.strip_prefix("//").unwrap_or(rest);
@@ -48,9 +48,9 @@ fn local_path(desired: &DesiredModel) -> Result<PathBuf, String> {
         match &desired.base_dir {
             Some(base) => base.join(path),
             None => {
-                return Err(format!(
-                    "spec.model.source {source:?} is a relative path; write file:///absolute/path.gguf"
-                ));
+                return Err(AgentError::ModelSource {
+                    problem: format!("{source:?} is a relative path; write file:///absolute/path.gguf"),
+                });
             }
         }
     };
@@ -63,25 +63,25 @@ pub async fn check_model(
     desired: &DesiredModel,
     path: PathBuf,
     known_sha256: Option<String>,
-) -> Result<ResolvedModel, String> {
+) -> Result<ResolvedModel, AgentError> {
     let source = &desired.spec.model.source;
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(format!("model file {} does not exist (spec.model.source {source:?})", path.display()));
+            return Err(AgentError::ModelMissing { path, source_text: source.clone() });
         }
-        Err(e) => return Err(format!("model file {} cannot be read: {e}", path.display())),
+        Err(e) => return Err(AgentError::File { what: "reading the model file", path, source: e }),
     };
     if !meta.is_file() {
-        return Err(format!("model source {} is not a file", path.display()));
+        return Err(AgentError::ModelNotAFile { path });
     }
     let header_path = path.clone();
     let header = tokio::task::spawn_blocking(move || metalkube_gguf::read_header(&header_path))
         .await
-        .map_err(|e| format!("reading {}: {e}", path.display()))?;
+        .map_err(|e| AgentError::File { what: "reading the model header", path: path.clone(), source: e.into() })?;
     let header = match header {
         Ok(h) => h,
-        Err(e) => return Err(format!("{} is not a usable GGUF model: {e}", path.display())),
+        Err(e) => return Err(AgentError::NotGguf { path, source: e }),
     };
     let memory_bytes =
         metalkube_gguf::estimate_memory(&header, u64::from(desired.spec.engine.context_size)).map(|e| e.total());
@@ -90,14 +90,15 @@ pub async fn check_model(
             Some(known) => known,
             None => {
                 let hash_path = path.clone();
+                let hashing = |e| AgentError::File { what: "hashing the model file", path: path.clone(), source: e };
                 tokio::task::spawn_blocking(move || sha256_file(&hash_path))
                     .await
-                    .map_err(|e| format!("hashing {}: {e}", path.display()))?
-                    .map_err(|e| format!("hashing {}: {e}", path.display()))?
+                    .map_err(|e| hashing(e.into()))?
+                    .map_err(hashing)?
             }
         };
         if &got != want {
-            return Err(format!("{} has sha256 {got}, spec.model.sha256 wants {want}", path.display()));
+            return Err(AgentError::ModelDigest { path, got, want: want.clone() });
         }
     }
     Ok(ResolvedModel { path, memory_bytes })

@@ -6,6 +6,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, header};
 use http_body_util::Full;
 
+use crate::AgentError;
+
 /// Headers that describe one hop, not the message (RFC 9110 §7.6.1).
 pub(crate) const HOP_BY_HOP: [&str; 8] =
     ["connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade", "host"];
@@ -25,7 +27,7 @@ struct TopLevel {
 }
 
 /// A JSON body must be one object (a multipart upload is passed on as it is).
-pub(crate) fn check_json_body(headers: &HeaderMap, body: &[u8]) -> Result<BodyShape, String> {
+pub(crate) fn check_json_body(headers: &HeaderMap, body: &[u8]) -> Result<BodyShape, AgentError> {
     let multipart = headers.get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"multipart/"));
     if multipart {
         return Ok(BodyShape::default());
@@ -33,13 +35,13 @@ pub(crate) fn check_json_body(headers: &HeaderMap, body: &[u8]) -> Result<BodySh
     // serde reads a struct from an array too: only an object is a request.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            Err(e) => format!("the request body is not valid JSON: {e}"),
-            Ok(_) => "the request body must be a JSON object ({...})".to_owned(),
+            Err(e) => AgentError::RequestBodyNotJson(e),
+            Ok(_) => AgentError::RequestBodyNotObject,
         });
     }
     match serde_json::from_slice::<TopLevel>(body) {
         Ok(top) => Ok(BodyShape { streams: top.stream == Some(serde_json::Value::Bool(true)) }),
-        Err(e) => Err(format!("the request body is not valid JSON: {e}")),
+        Err(e) => Err(AgentError::RequestBodyNotJson(e)),
     }
 }
 
@@ -90,13 +92,18 @@ mod tests {
     #[test]
     fn json_bodies_must_be_objects() {
         let h = HeaderMap::new();
-        assert_eq!(check_json_body(&h, br#" {"messages": []} "#), Ok(BodyShape { streams: false }));
-        assert_eq!(check_json_body(&h, br#"{"messages": [], "stream": true}"#), Ok(BodyShape { streams: true }));
-        assert_eq!(check_json_body(&h, br#"{"stream": "true"}"#), Ok(BodyShape { streams: false }));
-        assert!(check_json_body(&h, br#"{"stream": true, "stream": false}"#).unwrap_err().contains("duplicate field"));
-        assert!(check_json_body(&h, b"{bad").unwrap_err().contains("not valid JSON"));
-        assert!(check_json_body(&h, b"[1,2]").unwrap_err().contains("JSON object"));
-        assert!(check_json_body(&h, b"").unwrap_err().contains("not valid JSON"));
+        assert_eq!(check_json_body(&h, br#" {"messages": []} "#).unwrap(), BodyShape { streams: false });
+        assert_eq!(check_json_body(&h, br#"{"messages": [], "stream": true}"#).unwrap(), BodyShape { streams: true });
+        assert_eq!(check_json_body(&h, br#"{"stream": "true"}"#).unwrap(), BodyShape { streams: false });
+        assert!(
+            check_json_body(&h, br#"{"stream": true, "stream": false}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("duplicate field")
+        );
+        assert!(check_json_body(&h, b"{bad").unwrap_err().to_string().contains("not valid JSON"));
+        assert!(check_json_body(&h, b"[1,2]").unwrap_err().to_string().contains("JSON object"));
+        assert!(check_json_body(&h, b"").unwrap_err().to_string().contains("not valid JSON"));
         let mut multipart = HeaderMap::new();
         multipart.insert(header::CONTENT_TYPE, HeaderValue::from_static("multipart/form-data; boundary=x"));
         assert!(check_json_body(&multipart, b"--x\r\n...").is_ok());

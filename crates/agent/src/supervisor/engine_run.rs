@@ -5,8 +5,8 @@ use super::*;
 
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
-        if let Err(message) = self.ensure_serving_port() {
-            return RunEnd::Permanent(message);
+        if let Err(e) = self.ensure_serving_port() {
+            return RunEnd::Permanent(crate::error::chain(&e));
         }
         let model = match self.resolve_model().await {
             Ok(resolved) => {

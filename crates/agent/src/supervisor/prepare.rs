@@ -52,7 +52,8 @@ impl Supervisor {
     /// download cut by one resumes next time).
     pub(super) async fn resolve_model(&mut self) -> Result<ResolvedModel, RunEnd> {
         let ctx = self.ctx.clone();
-        let location = locate(&self.desired, &ctx.downloads).map_err(RunEnd::Permanent)?;
+        let permanent = |e: crate::AgentError| RunEnd::Permanent(crate::error::chain(&e));
+        let location = locate(&self.desired, &ctx.downloads).map_err(permanent)?;
         let (path, known_sha256, other_shard_bytes) = match location {
             ModelLocation::Local(path) => (path, None, 0),
             ModelLocation::Remote(fetch) => {
@@ -94,7 +95,7 @@ impl Supervisor {
                 }
             }
         };
-        let mut resolved = check_model(&self.desired, path, known_sha256).await.map_err(RunEnd::Permanent)?;
+        let mut resolved = check_model(&self.desired, path, known_sha256).await.map_err(permanent)?;
         resolved.memory_bytes = resolved.memory_bytes.map(|m| m + other_shard_bytes);
         Ok(resolved)
     }
@@ -105,13 +106,13 @@ impl Supervisor {
     }
 
     /// Listens on the model's serving port if it does not already.
-    pub(super) fn ensure_serving_port(&mut self) -> Result<(), String> {
+    pub(super) fn ensure_serving_port(&mut self) -> Result<(), crate::AgentError> {
         if self.serving.is_some() {
             return Ok(());
         }
         let (port, pooled) = match self.desired.spec.admission.serving_port {
             Some(p) => (p, false),
-            None => (self.ctx.serving_ports.acquire().map_err(|e| format!("serving port: {e}"))?, true),
+            None => (self.ctx.serving_ports.acquire()?, true),
         };
         let addr = std::net::SocketAddr::new(self.ctx.config.serving_host, port);
         let listener = match crate::serving::listen(addr) {
@@ -120,9 +121,7 @@ impl Supervisor {
                 if pooled {
                     self.ctx.serving_ports.quarantine(port);
                 }
-                return Err(format!(
-                    "cannot listen on serving port {addr}: {e} (set spec.admission.servingPort to a free port)"
-                ));
+                return Err(crate::AgentError::ServingPort { addr, source: e });
             }
         };
         let (stop, stop_rx) = watch::channel(false);

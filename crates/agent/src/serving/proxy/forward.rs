@@ -30,7 +30,7 @@ impl ModelProxy {
         };
         let shape = match check_json_body(&parts.headers, &body) {
             Ok(shape) => shape,
-            Err(problem) => return client_error(StatusCode::BAD_REQUEST, "invalid_json", &problem),
+            Err(problem) => return client_error(StatusCode::BAD_REQUEST, "invalid_json", &problem.to_string()),
         };
 
         let permit = match admission.admit(self.upstream().is_some()).await {
@@ -170,7 +170,7 @@ impl ModelProxy {
         } else {
             match check_json_body(&parts.headers, &body) {
                 Ok(shape) => shape,
-                Err(problem) => return client_error(StatusCode::BAD_REQUEST, "invalid_json", &problem),
+                Err(problem) => return client_error(StatusCode::BAD_REQUEST, "invalid_json", &problem.to_string()),
             }
         };
         let keyed = !access.api_keys.is_open();
