@@ -84,7 +84,7 @@ async fn ensure_watch_and_stop_over_mtls_on_the_real_engine() {
             break state;
         }
     };
-    assert_eq!(serving.phase, "Serving");
+    assert_eq!(serving.model_phase(), Some(metalkube_api::Phase::Serving));
     assert_eq!((serving.uid.as_str(), serving.generation), ("uid-1", 1));
     assert!(serving.serving_port > 0);
 

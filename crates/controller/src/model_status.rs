@@ -2,7 +2,7 @@
 //! is told can be tested without a cluster.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use metalkube_api::{DownloadProgress, Grade, MetalModelStatus, Phase, ReplicaStatus};
+use metalkube_api::{DownloadProgress, MetalModelStatus, Phase, ReplicaStatus};
 use metalkube_proto as pb;
 
 use crate::conditions::{Observation, ReplicaView, compute_conditions};
@@ -28,8 +28,8 @@ fn view(r: &ReplicaInput<'_>) -> ReplicaView {
     ReplicaView {
         node: r.node.to_owned(),
         agent_reachable: r.reachable,
-        phase: s.and_then(|s| Phase::parse(&s.phase)).unwrap_or(Phase::Pending),
-        grade: s.and_then(|s| Grade::parse(&s.grade)),
+        phase: s.and_then(pb::ModelState::model_phase).unwrap_or(Phase::Pending),
+        grade: s.and_then(pb::ModelState::pulse_grade),
         saturated: s.is_some_and(|s| s.saturated),
         last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
     }
@@ -137,11 +137,12 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
+    use metalkube_api::Grade;
 
     fn state(phase: &str, grade: &str, port: u32) -> pb::ModelState {
         pb::ModelState {
-            phase: phase.into(),
-            grade: grade.into(),
+            phase: Phase::parse(phase).map_or(0, |p| pb::ModelPhase::from(p).into()),
+            grade: pb::PulseGrade::from(Grade::parse(grade)).into(),
             serving_port: port,
             pulse_seconds: 0.2,
             restarts: 1,

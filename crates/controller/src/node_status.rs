@@ -2,7 +2,7 @@
 //! controller can reach it. Pure.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use metalkube_api::{MetalNodeStatus, NodeCapacity};
+use metalkube_api::{MetalNodeStatus, NodeCapacity, Phase};
 
 use crate::conditions::stamp;
 use crate::fleet::AgentView;
@@ -25,7 +25,7 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
     let allocated: u64 = view
         .models
         .values()
-        .filter(|m| !matches!(m.phase.as_str(), "Failed" | "Pending"))
+        .filter(|m| !matches!(m.model_phase(), Some(Phase::Failed | Phase::Pending)))
         .map(|m| m.memory_bytes)
         .sum();
     let error = view.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
@@ -97,8 +97,10 @@ mod tests {
             }),
             ..Default::default()
         };
-        v.models
-            .insert("ns/a".into(), pb::ModelState { memory_bytes: 60, phase: "Serving".into(), ..Default::default() });
+        v.models.insert(
+            "ns/a".into(),
+            pb::ModelState { memory_bytes: 60, phase: pb::ModelPhase::Serving.into(), ..Default::default() },
+        );
         let up = node_status(&v, true, &MetalNodeStatus::default(), &t(10));
         assert_eq!(ready(&up), ("True".into(), "AgentConnected".into(), t(10)));
         assert_eq!((up.allocated_memory_bytes, up.models), (60, 1));
@@ -118,12 +120,13 @@ mod tests {
             info: Some(pb::InfoResponse { memory_budget_bytes: 100, ..Default::default() }),
             ..Default::default()
         };
-        let serving = |bytes| pb::ModelState { memory_bytes: bytes, phase: "Serving".into(), ..Default::default() };
+        let serving =
+            |bytes| pb::ModelState { memory_bytes: bytes, phase: pb::ModelPhase::Serving.into(), ..Default::default() };
         v.models.insert("ns/a".into(), serving(60));
         v.models.insert("ns/b".into(), serving(60));
         v.models.insert(
             "ns/failed".into(),
-            pb::ModelState { memory_bytes: 500, phase: "Failed".into(), ..Default::default() },
+            pb::ModelState { memory_bytes: 500, phase: pb::ModelPhase::Failed.into(), ..Default::default() },
         );
         let s = node_status(&v, true, &MetalNodeStatus::default(), &t(1));
         let p = s.conditions.iter().find(|c| c.type_ == "MemoryPressure").unwrap();

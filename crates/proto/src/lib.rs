@@ -8,3 +8,5 @@ pub mod agent {
 }
 
 pub use agent::v1::*;
+
+mod convert;
