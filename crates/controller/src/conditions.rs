@@ -14,13 +14,17 @@ pub struct ReplicaView {
     pub agent_reachable: bool,
     pub phase: Phase,
     pub grade: Option<Grade>,
+    /// The agent's own verdict (`ModelState.ready`: serving, pulse not red): the agent decides
+    /// readiness in one place and the controller does not decide it again.
+    pub ready_on_agent: bool,
     pub saturated: bool,
     pub last_error: Option<String>,
 }
 
 impl ReplicaView {
+    /// Takes traffic: the agent says it is ready, and the agent is in reach.
     pub fn is_ready(&self) -> bool {
-        self.agent_reachable && self.phase == Phase::Serving && self.grade != Some(Grade::Red)
+        self.agent_reachable && self.ready_on_agent
     }
 }
 
@@ -164,7 +168,15 @@ mod tests {
     use proptest::prelude::*;
 
     fn replica(node: &str, phase: Phase, grade: Option<Grade>) -> ReplicaView {
-        ReplicaView { node: node.into(), agent_reachable: true, phase, grade, saturated: false, last_error: None }
+        ReplicaView {
+            node: node.into(),
+            agent_reachable: true,
+            phase,
+            grade,
+            ready_on_agent: agent_ready(phase, grade),
+            saturated: false,
+            last_error: None,
+        }
     }
 
     fn t(secs: i64) -> Time {
@@ -265,9 +277,15 @@ mod tests {
             agent_reachable: reachable,
             phase,
             grade,
+            ready_on_agent: agent_ready(phase, grade),
             saturated,
             last_error: None,
         })
+    }
+
+    /// What an agent reports as `ready` (its `ModelReport::is_ready`).
+    fn agent_ready(phase: Phase, grade: Option<Grade>) -> bool {
+        phase == Phase::Serving && grade != Some(Grade::Red)
     }
 
     proptest! {

@@ -30,6 +30,7 @@ fn view(r: &ReplicaInput<'_>) -> ReplicaView {
         agent_reachable: r.reachable,
         phase: s.and_then(pb::ModelState::model_phase).unwrap_or(Phase::Pending),
         grade: s.and_then(pb::ModelState::pulse_grade),
+        ready_on_agent: s.is_some_and(|s| s.ready),
         saturated: s.is_some_and(|s| s.saturated),
         last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
     }
@@ -143,6 +144,7 @@ mod tests {
         pb::ModelState {
             phase: Phase::parse(phase).map_or(0, |p| pb::ModelPhase::from(p).into()),
             grade: pb::PulseGrade::from(Grade::parse(grade)).into(),
+            ready: phase == "Serving" && grade != "Red",
             serving_port: port,
             pulse_seconds: 0.2,
             restarts: 1,
