@@ -37,6 +37,40 @@ pub struct AgentView {
 }
 
 impl AgentView {
+    /// One Watch event into the view (pure): a snapshot replaces every model and marks the
+    /// stream connected; a change or a removal touches one model. Returns what kind of change it
+    /// was and which models it touched, so only those are reconciled.
+    pub fn apply(&mut self, event: pb::WatchEvent, now: Time) -> (ChangeKind, BTreeSet<String>) {
+        let mut touched = BTreeSet::new();
+        match event.event {
+            Some(pb::watch_event::Event::Snapshot(snapshot)) => {
+                let fresh: BTreeMap<String, pb::ModelState> =
+                    snapshot.models.into_iter().map(|m| (key_of(m.model.as_ref()), m)).collect();
+                touched.extend(self.models.keys().cloned());
+                touched.extend(fresh.keys().cloned());
+                self.models = fresh;
+                self.connected = true;
+                self.ever_connected = true;
+                self.lost_since = None;
+                self.last_error = None;
+                self.last_heartbeat = Some(now);
+                return (ChangeKind::Connection, touched);
+            }
+            Some(pb::watch_event::Event::Changed(state)) => {
+                let key = key_of(state.model.as_ref());
+                touched.insert(key.clone());
+                self.models.insert(key, state);
+            }
+            Some(pb::watch_event::Event::Removed(model)) => {
+                let key = key_of(Some(&model));
+                self.models.remove(&key);
+                touched.insert(key);
+            }
+            None => {}
+        }
+        (ChangeKind::Models, touched)
+    }
+
     /// Reachable, or lost for less than the grace period.
     pub fn reachable(&self, grace: Duration, now: Instant) -> bool {
         self.connected || self.lost_since.is_some_and(|t| now.saturating_duration_since(t) < grace)
@@ -315,39 +349,17 @@ impl Session {
 
     fn apply(&self, event: pb::WatchEvent) {
         let mut v = write(&self.view);
-        let mut touched = BTreeSet::new();
-        let mut kind = ChangeKind::Models;
-        match event.event {
-            Some(pb::watch_event::Event::Snapshot(snapshot)) => {
-                let fresh: BTreeMap<String, pb::ModelState> =
-                    snapshot.models.into_iter().map(|m| (key_of(m.model.as_ref()), m)).collect();
-                touched.extend(v.models.keys().cloned());
-                touched.extend(fresh.keys().cloned());
-                v.models = fresh;
-                if !v.connected {
-                    tracing::info!(node = %self.node, models = v.models.len(), "agent stream connected");
-                }
-                v.connected = true;
-                v.ever_connected = true;
-                v.lost_since = None;
-                v.last_error = None;
-                v.last_heartbeat = Some(now_time());
-                self.set_up(true);
-                kind = ChangeKind::Connection;
+        let was_connected = v.connected;
+        let (kind, touched) = v.apply(event, now_time());
+        if kind == ChangeKind::Connection {
+            if !was_connected {
+                tracing::info!(node = %self.node, models = v.models.len(), "agent stream connected");
             }
-            Some(pb::watch_event::Event::Changed(state)) => {
-                let key = key_of(state.model.as_ref());
-                touched.insert(key.clone());
-                v.models.insert(key, state);
-            }
-            Some(pb::watch_event::Event::Removed(model)) => {
-                let key = key_of(Some(&model));
-                v.models.remove(&key);
-                touched.insert(key);
-            }
-            None => {}
+            drop(v);
+            self.set_up(true);
+        } else {
+            drop(v);
         }
-        drop(v);
         self.notify(kind, touched);
     }
 }
@@ -356,6 +368,47 @@ impl Session {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    fn state(name: &str, phase: pb::ModelPhase) -> pb::ModelState {
+        pb::ModelState {
+            model: Some(pb::ModelRef { namespace: "ns".into(), name: name.into() }),
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    fn event(e: pb::watch_event::Event) -> pb::WatchEvent {
+        pb::WatchEvent { event: Some(e) }
+    }
+
+    #[test]
+    fn watch_events_update_the_view_and_say_what_they_touched() {
+        let mut v =
+            AgentView { lost_since: Some(Instant::now()), last_error: Some("lost".into()), ..Default::default() };
+        v.models.insert("ns/gone".into(), state("gone", pb::ModelPhase::Serving));
+        let now = now_time();
+        let snapshot =
+            pb::Snapshot { models: vec![state("a", pb::ModelPhase::Serving), state("b", pb::ModelPhase::Failed)] };
+        let (kind, touched) = v.apply(event(pb::watch_event::Event::Snapshot(snapshot)), now.clone());
+        assert_eq!(kind, ChangeKind::Connection);
+        assert_eq!(touched.into_iter().collect::<Vec<_>>(), ["ns/a", "ns/b", "ns/gone"], "old and new models");
+        assert!(v.connected && v.ever_connected && v.lost_since.is_none() && v.last_error.is_none());
+        assert_eq!(v.last_heartbeat, Some(now.clone()));
+        assert_eq!(v.models.keys().collect::<Vec<_>>(), ["ns/a", "ns/b"]);
+
+        let (kind, touched) =
+            v.apply(event(pb::watch_event::Event::Changed(state("b", pb::ModelPhase::Starting))), now.clone());
+        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec!["ns/b".to_owned()]));
+        assert_eq!(v.models["ns/b"].model_phase(), Some(metalkube_api::Phase::Starting));
+
+        let removed = pb::ModelRef { namespace: "ns".into(), name: "a".into() };
+        let (kind, touched) = v.apply(event(pb::watch_event::Event::Removed(removed)), now.clone());
+        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec!["ns/a".to_owned()]));
+        assert_eq!(v.models.keys().collect::<Vec<_>>(), ["ns/b"]);
+
+        let (kind, touched) = v.apply(pb::WatchEvent { event: None }, now);
+        assert_eq!((kind, touched.len()), (ChangeKind::Models, 0), "an empty event changes nothing");
+    }
 
     #[tokio::test]
     async fn a_poisoned_lock_never_empties_the_fleet() {
