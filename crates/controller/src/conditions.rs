@@ -4,6 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use metalkube_api::{Grade, Phase};
 
+use crate::condition_names::{reasons, types};
 use crate::placement::Unscheduled;
 
 /// One replica as its agent last reported it.
@@ -51,13 +52,13 @@ fn verdict(type_: &'static str, status: &'static str, reason: &str, message: Str
 fn problem(r: &ReplicaView) -> Option<(u8, &'static str, String)> {
     let detail = r.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
     if !r.agent_reachable {
-        return Some((0, "AgentUnreachable", format!("the agent on {} is unreachable", r.node)));
+        return Some((0, reasons::AGENT_UNREACHABLE, format!("the agent on {} is unreachable", r.node)));
     }
     match (r.phase, r.grade) {
         (Phase::Failed, _) => Some((1, "Failed", format!("{} failed{detail}", r.node))),
         (Phase::CrashLoopBackOff, _) => Some((2, "CrashLoopBackOff", format!("{} is crash-looping{detail}", r.node))),
         (Phase::Degraded, _) | (_, Some(Grade::Red)) => {
-            Some((3, "PulseRed", format!("{} has a red pulse{detail}", r.node)))
+            Some((3, reasons::PULSE_RED, format!("{} has a red pulse{detail}", r.node)))
         }
         (_, Some(Grade::Yellow)) if !r.saturated => {
             Some((4, "PulseSlow", format!("{} has a slow (yellow) pulse", r.node)))
@@ -69,17 +70,20 @@ fn problem(r: &ReplicaView) -> Option<(u8, &'static str, String)> {
 fn evaluate(obs: &Observation<'_>) -> Vec<Verdict> {
     let ready = obs.replicas.iter().filter(|r| r.is_ready()).count() as u32;
     let scheduled = match obs.unscheduled {
-        None => {
-            verdict("Scheduled", "True", "Scheduled", format!("all {} replica(s) have a node", obs.desired_replicas))
-        }
-        Some(u) => verdict("Scheduled", "False", u.reason.as_str(), u.message.clone()),
+        None => verdict(
+            types::SCHEDULED,
+            "True",
+            "Scheduled",
+            format!("all {} replica(s) have a node", obs.desired_replicas),
+        ),
+        Some(u) => verdict(types::SCHEDULED, "False", u.reason.as_str(), u.message.clone()),
     };
     let ready_v = if obs.desired_replicas == 0 {
-        verdict("Ready", "True", "ScaledToZero", "no replicas are wanted".into())
+        verdict(types::READY, "True", "ScaledToZero", "no replicas are wanted".into())
     } else if ready >= obs.desired_replicas {
-        verdict("Ready", "True", "AllReplicasReady", format!("{ready}/{} replicas ready", obs.desired_replicas))
+        verdict(types::READY, "True", "AllReplicasReady", format!("{ready}/{} replicas ready", obs.desired_replicas))
     } else {
-        verdict("Ready", "False", "ReplicasNotReady", format!("{ready}/{} replicas ready", obs.desired_replicas))
+        verdict(types::READY, "False", "ReplicasNotReady", format!("{ready}/{} replicas ready", obs.desired_replicas))
     };
     let moving: Vec<&ReplicaView> = obs
         .replicas
@@ -91,7 +95,7 @@ fn evaluate(obs: &Observation<'_>) -> Vec<Verdict> {
         .collect();
     let progressing = match moving.first() {
         Some(r) => verdict(
-            "Progressing",
+            types::PROGRESSING,
             "True",
             match r.phase {
                 Phase::Restarting => "ReplicaRestarting",
@@ -100,21 +104,24 @@ fn evaluate(obs: &Observation<'_>) -> Vec<Verdict> {
             },
             format!("{} replica(s) downloading, starting or restarting: {}", moving.len(), names(&moving)),
         ),
-        None => verdict("Progressing", "False", "Stable", "no replica is starting".into()),
+        None => verdict(types::PROGRESSING, "False", "Stable", "no replica is starting".into()),
     };
     let mut problems: Vec<(u8, &'static str, String)> = obs.replicas.iter().filter_map(problem).collect();
     problems.sort_by_key(|p| p.0);
     let degraded = match problems.first() {
-        Some((_, reason, _)) => {
-            verdict("Degraded", "True", reason, problems.iter().map(|p| p.2.as_str()).collect::<Vec<_>>().join("; "))
-        }
-        None => verdict("Degraded", "False", "Healthy", "every replica is healthy".into()),
+        Some((_, reason, _)) => verdict(
+            types::DEGRADED,
+            "True",
+            reason,
+            problems.iter().map(|p| p.2.as_str()).collect::<Vec<_>>().join("; "),
+        ),
+        None => verdict(types::DEGRADED, "False", "Healthy", "every replica is healthy".into()),
     };
     let busy: Vec<&ReplicaView> = obs.replicas.iter().filter(|r| r.agent_reachable && r.saturated).collect();
     let saturated = if busy.is_empty() {
-        verdict("Saturated", "False", "NotSaturated", "no replica is at its limit".into())
+        verdict(types::SATURATED, "False", "NotSaturated", "no replica is at its limit".into())
     } else {
-        verdict("Saturated", "True", "QueueFull", format!("busy, not sick, on {}", names(&busy)))
+        verdict(types::SATURATED, "True", "QueueFull", format!("busy, not sick, on {}", names(&busy)))
     };
     vec![scheduled, ready_v, progressing, degraded, saturated]
 }

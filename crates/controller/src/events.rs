@@ -2,6 +2,7 @@
 //! loss. Deciding is pure, a diff of the old and new status, so a controller restart (which reads
 //! the old status back) repeats nothing; `publish` is the thin IO after it.
 
+use crate::condition_names::{reasons, types};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use metalkube_api::{Grade, MetalModelStatus, MetalNodeStatus};
@@ -27,7 +28,7 @@ fn condition<'a>(
 
 pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note> {
     let mut notes = Vec::new();
-    let (was, now) = (condition(&old.conditions, "Scheduled"), condition(&new.conditions, "Scheduled"));
+    let (was, now) = (condition(&old.conditions, types::SCHEDULED), condition(&new.conditions, types::SCHEDULED));
     if let Some(now) = now
         && was.map(|c| (&c.status, &c.reason)) != Some((&now.status, &now.reason))
         && now.status == "False"
@@ -36,7 +37,9 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
     }
     for r in &new.replicas {
         match old.replicas.iter().find(|o| o.node == r.node) {
-            None => notes.push(note(false, "Scheduled", "Schedule", format!("replica placed on MetalNode {}", r.node))),
+            None => {
+                notes.push(note(false, types::SCHEDULED, "Schedule", format!("replica placed on MetalNode {}", r.node)))
+            }
             Some(o) => {
                 if r.restarts > o.restarts {
                     let why = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
@@ -53,7 +56,7 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
                     let (warning, reason) = match g {
                         Grade::Green => (false, "PulseGreen"),
                         Grade::Yellow => (true, "PulseYellow"),
-                        Grade::Red => (true, "PulseRed"),
+                        Grade::Red => (true, reasons::PULSE_RED),
                     };
                     let pulse = r.pulse_seconds.map(|p| format!(" (last pulse {p:.3} s)")).unwrap_or_default();
                     notes.push(note(
@@ -71,24 +74,24 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
             notes.push(note(false, "Unscheduled", "Stop", format!("replica removed from MetalNode {}", o.node)));
         }
     }
-    let (was, now) = (condition(&old.conditions, "Degraded"), condition(&new.conditions, "Degraded"));
+    let (was, now) = (condition(&old.conditions, types::DEGRADED), condition(&new.conditions, types::DEGRADED));
     if let Some(now) = now
-        && now.reason == "AgentUnreachable"
-        && was.map(|c| c.reason.as_str()) != Some("AgentUnreachable")
+        && now.reason == reasons::AGENT_UNREACHABLE
+        && was.map(|c| c.reason.as_str()) != Some(reasons::AGENT_UNREACHABLE)
     {
-        notes.push(note(true, "AgentUnreachable", "Observe", now.message.clone()));
+        notes.push(note(true, reasons::AGENT_UNREACHABLE, "Observe", now.message.clone()));
     }
     notes
 }
 
 pub fn node_events(old: &MetalNodeStatus, new: &MetalNodeStatus) -> Vec<Note> {
-    let (was, now) = (condition(&old.conditions, "Ready"), condition(&new.conditions, "Ready"));
+    let (was, now) = (condition(&old.conditions, types::READY), condition(&new.conditions, types::READY));
     match (was.map(|c| c.reason.as_str()), now.map(|c| (c.reason.as_str(), c.message.clone()))) {
-        (w, Some(("AgentUnreachable", m))) if w != Some("AgentUnreachable") => {
-            vec![note(true, "AgentUnreachable", "Observe", m)]
+        (w, Some((reasons::AGENT_UNREACHABLE, m))) if w != Some(reasons::AGENT_UNREACHABLE) => {
+            vec![note(true, reasons::AGENT_UNREACHABLE, "Observe", m)]
         }
-        (w, Some(("AgentConnected", m))) if w != Some("AgentConnected") => {
-            vec![note(false, "AgentConnected", "Observe", m)]
+        (w, Some((reasons::AGENT_CONNECTED, m))) if w != Some(reasons::AGENT_CONNECTED) => {
+            vec![note(false, reasons::AGENT_CONNECTED, "Observe", m)]
         }
         _ => Vec::new(),
     }

@@ -6,6 +6,7 @@
 
 pub mod agent_client;
 pub mod agent_endpoints;
+pub mod condition_names;
 pub mod conditions;
 pub mod endpoints;
 mod error;

@@ -4,6 +4,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use metalkube_api::{MetalNodeStatus, NodeCapacity, Phase};
 
+use crate::condition_names::{reasons, types};
 use crate::conditions::stamp;
 use crate::fleet::AgentView;
 
@@ -31,9 +32,9 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
     let error = view.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
     let ready = if view.connected {
         let c = capacity.clone().unwrap_or_default();
-        ("True", "AgentConnected", format!("agent {} on {} ({}) is streaming", c.agent_version, c.os, c.chip))
+        ("True", reasons::AGENT_CONNECTED, format!("agent {} on {} ({}) is streaming", c.agent_version, c.os, c.chip))
     } else if reachable {
-        match previous.conditions.iter().find(|c| c.type_ == "Ready") {
+        match previous.conditions.iter().find(|c| c.type_ == types::READY) {
             // Within the grace period the last verdict stands.
             Some(c) => (
                 if c.status == "True" { "True" } else { "Unknown" },
@@ -43,7 +44,7 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
             None => ("Unknown", "AgentConnecting", format!("connecting to the agent{error}")),
         }
     } else {
-        ("Unknown", "AgentUnreachable", format!("no agent stream for longer than the grace period{error}"))
+        ("Unknown", reasons::AGENT_UNREACHABLE, format!("no agent stream for longer than the grace period{error}"))
     };
     let budget = capacity.as_ref().map_or(0, |c| c.memory_budget_bytes);
     let pressure = if budget > 0 && allocated > budget {
@@ -52,8 +53,8 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
         ("False", "WithinBudget", format!("models need {allocated} of {budget} budgeted bytes"))
     };
     let conditions = vec![
-        stamp("Ready", ready.0, ready.1.to_owned(), ready.2, &previous.conditions, None, now),
-        stamp("MemoryPressure", pressure.0, pressure.1.to_owned(), pressure.2, &previous.conditions, None, now),
+        stamp(types::READY, ready.0, ready.1.to_owned(), ready.2, &previous.conditions, None, now),
+        stamp(types::MEMORY_PRESSURE, pressure.0, pressure.1.to_owned(), pressure.2, &previous.conditions, None, now),
     ];
     let agent_http_port = view
         .info

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::ControllerError;
 use crate::agent_endpoints::{AgentTarget, agent_targets, agents_endpoint_slices, agents_endpoints, agents_service};
+use crate::condition_names::types;
 use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 use crate::events::{node_events, publish};
 use crate::fleet::{ChangeKind, Fleet, FleetChange};
@@ -115,7 +116,7 @@ pub async fn dispatch_fleet_changes(
             change.models.iter().filter_map(|k| model_ref(k)).collect();
         for m in models.state() {
             let waiting = m.status.as_ref().is_none_or(|s| {
-                s.conditions.iter().any(|c| c.type_ == "Scheduled" && c.status != "True")
+                s.conditions.iter().any(|c| c.type_ == types::SCHEDULED && c.status != "True")
                     || (change.kind == ChangeKind::Connection && s.replicas.iter().any(|r| r.node == change.node))
             });
             if waiting {
