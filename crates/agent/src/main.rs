@@ -276,8 +276,8 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+fn read(path: &std::path::Path, flag: &'static str) -> anyhow::Result<String> {
+    Ok(metalkube_runtime::read_flag_file(path, flag)?)
 }
 
 async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyhow::Result<std::sync::Arc<Agent>> {
@@ -356,9 +356,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run(daemon: Daemon) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    metalkube_runtime::init_logging();
     let (agent, listener, work) = match daemon {
         Daemon::Run(args) => {
             if !args.models_dir.is_dir() {
@@ -422,10 +420,8 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     }));
 
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping engines"),
-        _ = term.recv() => tracing::info!("terminated; stopping engines"),
+        signal = metalkube_runtime::stop_signal() => tracing::info!(?signal, "stopping engines"),
         res = work => match res {
             Ok(Err(e)) => tracing::error!("{e:#}"),
             Ok(Ok(())) => {}

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{ExponentialBuilder, Retryable};
+use backon::Retryable;
 use metalkube_circuit::CircuitBreaker;
 use metalkube_proto as pb;
 use pb::agent_client::AgentClient as GrpcClient;
@@ -169,11 +169,8 @@ impl AgentClient {
             self.settle(result.as_ref().map_or_else(|s| !retryable(s), |_| true));
             result.map(tonic::Response::into_inner).map_err(Attempt::Failed)
         };
-        let backoff = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(2))
-            .with_max_times(self.settings.retries)
-            .with_jitter();
+        let backoff = metalkube_runtime::backoff(Duration::from_millis(100), Duration::from_secs(2))
+            .with_max_times(self.settings.retries);
         attempt.retry(backoff).when(|e| matches!(e, Attempt::Failed(s) if retryable(s))).await.map_err(|e| match e {
             Attempt::Refused(err) => err,
             Attempt::Failed(status) => ControllerError::Agent {

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
+use backon::BackoffBuilder;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use metalkube_proto as pb;
@@ -248,13 +248,10 @@ struct Session {
 
 impl Session {
     async fn run(self) {
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(200))
-            // Short: reconnecting is one cheap call, and a Mac back from a restart should be
-            // serving again within seconds.
-            .with_max_delay(Duration::from_secs(2))
-            .with_jitter()
-            .without_max_times();
+        // Short: reconnecting is one cheap call, and a Mac back from a restart should be serving
+        // again within seconds.
+        let builder =
+            metalkube_runtime::backoff(Duration::from_millis(200), Duration::from_secs(2)).without_max_times();
         let mut delays = builder.build();
         let mut failed_attempts = 0u32;
         loop {

@@ -66,8 +66,8 @@ struct Args {
     identity: Option<String>,
 }
 
-fn read(path: &Path, what: &str) -> anyhow::Result<String> {
-    std::fs::read_to_string(path).with_context(|| format!("reading {what} {}", path.display()))
+fn read(path: &Path, flag: &'static str) -> anyhow::Result<String> {
+    Ok(metalkube_runtime::read_flag_file(path, flag)?)
 }
 
 /// Resolves once any of `paths` holds something else than it did at the start. A renewed
@@ -86,9 +86,7 @@ async fn changed(paths: Vec<PathBuf>, every: Duration) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
-        .init();
+    metalkube_runtime::init_logging();
     let args = Args::parse();
     let tls = if args.insecure {
         tracing::warn!("--insecure: agents are driven over plaintext gRPC without authentication");
@@ -141,12 +139,8 @@ async fn main() -> anyhow::Result<()> {
     let tls_files: Vec<PathBuf> =
         [&args.agent_ca, &args.client_cert, &args.client_key].into_iter().flatten().cloned().collect();
     let shutdown = async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
-            return std::future::pending().await;
-        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("shutting down"),
-            _ = term.recv() => tracing::info!("shutting down"),
+            signal = metalkube_runtime::stop_signal() => tracing::info!(?signal, "shutting down"),
             () = changed(tls_files, tls_check) => tracing::warn!(
                 "TLS files changed (a renewed certificate): stopping, so the restarted process uses them; \
                  the lease is released for the standby"

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -160,12 +160,7 @@ pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Co
         let mut f = crate::sync::lock(&ctx.failures);
         f.entry(key.clone())
             .or_insert_with(|| {
-                ExponentialBuilder::default()
-                    .with_min_delay(Duration::from_millis(500))
-                    .with_max_delay(RETRY_MAX)
-                    .with_jitter()
-                    .without_max_times()
-                    .build()
+                metalkube_runtime::backoff(Duration::from_millis(500), RETRY_MAX).without_max_times().build()
             })
             .next()
     };

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
+use backon::{BackoffBuilder, ExponentialBackoff};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackoffConfig {
@@ -32,13 +32,7 @@ impl RestartBackoff {
     }
 
     fn build(cfg: &BackoffConfig) -> ExponentialBackoff {
-        ExponentialBuilder::default()
-            .with_min_delay(cfg.min)
-            .with_max_delay(cfg.max)
-            .with_factor(2.0)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        metalkube_runtime::backoff(cfg.min, cfg.max).without_max_times().build()
     }
 
     /// Records a failure of an engine that ran for `uptime` and returns how long to wait.
