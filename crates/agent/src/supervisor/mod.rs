@@ -113,7 +113,8 @@ impl SupervisorHandle {
         let proxy = ModelProxy::new(
             admission,
             access(&desired),
-            report.clone(),
+            desired.key(),
+            crate::serving::upstream::UpstreamWatch::new(report.clone()),
             ctx.config.client_timeouts,
             series,
             pulse_now.clone(),

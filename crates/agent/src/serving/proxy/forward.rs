@@ -143,10 +143,9 @@ impl ModelProxy {
     }
 
     pub(super) async fn wait_for_upstream(&self, within: Duration) -> Option<u16> {
-        let mut rx = self.report.clone();
-        let ready = tokio::time::timeout(within, rx.wait_for(|r| r.is_ready() || r.phase == Phase::Failed)).await;
-        match ready {
-            Ok(Ok(r)) if r.is_ready() => r.internal_port,
+        let mut rx = self.upstream.clone();
+        match tokio::time::timeout(within, rx.wait_for(|u| u.port.is_some() || u.failed())).await {
+            Ok(Some(u)) => u.port,
             _ => None,
         }
     }

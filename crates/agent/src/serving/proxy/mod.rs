@@ -23,7 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use metalkube_api::{EnginePath, Phase};
+use metalkube_api::EnginePath;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -33,11 +33,11 @@ use super::queue::Admission;
 use super::routes::{Refusal, Route, engine_path_name, route};
 use super::tap::{StallWatch, TapBody};
 use crate::observe::metrics::ServingSeries;
-use crate::observe::report::ModelReport;
 use crate::serving::api_keys::{ApiKeys, presented_key};
 use crate::serving::listener::refuse_connection;
 use crate::serving::request_shape::{BodyShape, build_upstream, check_json_body, strip_hop_by_hop};
 use crate::serving::responses::{client_error, json_response, server_error};
+use crate::serving::upstream::UpstreamWatch;
 
 pub use crate::serving::responses::error_response;
 
@@ -83,7 +83,7 @@ pub struct Access {
 pub struct ModelProxy {
     admission: RwLock<Arc<Admission>>,
     access: RwLock<Arc<Access>>,
-    report: watch::Receiver<ModelReport>,
+    upstream: UpstreamWatch,
     client: Client<HttpConnector, Full<Bytes>>,
     timeouts: ClientTimeouts,
     /// `namespace/name`, for messages.
@@ -107,7 +107,8 @@ impl ModelProxy {
     pub fn new(
         admission: Arc<Admission>,
         access: Access,
-        report: watch::Receiver<ModelReport>,
+        model: String,
+        upstream: UpstreamWatch,
         timeouts: ClientTimeouts,
         series: Arc<ServingSeries>,
         pulse_now: Arc<Notify>,
@@ -115,11 +116,10 @@ impl ModelProxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(ENGINE_IDLE_REUSE).build(connector);
-        let model = report.borrow().key();
         Arc::new(Self {
             admission: RwLock::new(admission),
             access: RwLock::new(Arc::new(access)),
-            report,
+            upstream,
             client,
             timeouts,
             model,
@@ -164,17 +164,13 @@ impl ModelProxy {
         if self.closing.load(Ordering::Relaxed) {
             return None;
         }
-        let r = self.report.borrow();
-        if r.is_ready() { r.internal_port } else { None }
+        self.upstream.current().port
     }
 
     /// How long until a not-ready engine is likely back: what is left of the backoff plus
     /// what the last start took, else the pulse interval.
     fn not_ready_for(&self) -> Duration {
-        let r = self.report.borrow();
-        let backoff = r.backoff_seconds.unwrap_or(0.0);
-        let start = r.last_start_seconds.unwrap_or(r.pulse_interval_seconds);
-        Duration::try_from_secs_f64((backoff + start).max(0.0)).unwrap_or(Duration::from_secs(600))
+        self.upstream.current().back_in
     }
 
     /// Accepts connections until `stop` turns true.
@@ -324,12 +320,11 @@ impl ModelProxy {
 
     /// The agent's verdict, for load balancers in front of the serving port.
     fn health(&self) -> Response<ProxyBody> {
-        let r = self.report.borrow();
-        if r.is_ready() {
+        let u = self.upstream.current();
+        if u.port.is_some() {
             json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}), None)
         } else {
-            let message = format!("model {} is not ready: phase {:?}, grade {:?}", r.key(), r.phase, r.grade);
-            drop(r);
+            let message = format!("model {} is not ready: phase {:?}, grade {:?}", self.model, u.phase, u.grade);
             let retry = self.admission().retry_after(Rejection::NotReady, self.not_ready_for());
             error_response(Rejection::NotReady, &message, Some(retry))
         }
@@ -353,8 +348,8 @@ impl ModelProxy {
                 )
             }
             Rejection::NotReady => {
-                let r = self.report.borrow();
-                format!("model {} is not ready (phase {:?}, grade {:?})", self.model, r.phase, r.grade)
+                let u = self.upstream.current();
+                format!("model {} is not ready (phase {:?}, grade {:?})", self.model, u.phase, u.grade)
             }
             Rejection::TooLarge => format!("request body is larger than maxRequestBytes {}", limits.max_request_bytes),
             Rejection::CircuitOpen => {
