@@ -1,27 +1,19 @@
 //! metalkube-controller: places MetalModels on MetalNodes, drives each Mac's agent over gRPC, and
 //! turns what the agents report into status, EndpointSlices, Events and metrics.
 //!
-//! Pure cores: `placement`, `conditions`, `model_status`, `node_status`, `endpoints`, `events`,
-//! `leader::decide` (the circuit breaker is the shared `metalkube-circuit`). IO: `agent_client`, `fleet`, `reconcile`, `nodes`, `leader`, `http`.
+//! Three groups: `model` (a MetalModel's reconcile over pure placement, status, conditions,
+//! endpoints and events), `fleet` (one Watch stream per agent, the pure `AgentView`, the gRPC
+//! client) and `nodes` (MetalNode status and the Service Prometheus scrapes Macs through).
+//! Around them: `leader` (pure `decide`), `http`, `metrics`, `sync`. The circuit breaker is the
+//! shared `metalkube-circuit`.
 
-pub mod agent_client;
-pub mod agent_endpoints;
-pub mod condition_names;
-pub mod conditions;
-pub mod endpoints;
 mod error;
-pub mod events;
 pub mod fleet;
 pub mod http;
 pub mod leader;
 pub mod metrics;
-mod model_inputs;
-mod model_secrets;
-pub mod model_status;
-pub mod node_status;
+pub mod model;
 pub mod nodes;
-pub mod placement;
-pub mod reconcile;
 mod sync;
 
 use std::sync::Arc;
@@ -38,11 +30,11 @@ use metalkube_api::MetalModel;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::agent_client::ClientSettings;
 use crate::fleet::Fleet;
+use crate::fleet::agent_client::ClientSettings;
 use crate::leader::LeaderElector;
 use crate::metrics::Metrics;
-use crate::reconcile::{Context, error_policy, reconcile};
+use crate::model::reconcile::{Context, error_policy, reconcile};
 
 #[derive(Debug, Clone)]
 pub struct Settings {

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use metalkube_controller::agent_client::{ClientSettings, ClientTls};
+use metalkube_controller::fleet::agent_client::{ClientSettings, ClientTls};
 use metalkube_controller::http::{HttpState, ReplicaRole, router};
 use metalkube_controller::metrics::Metrics;
 use metalkube_controller::{Settings, run};

@@ -11,7 +11,7 @@ use metalkube_agent::engine::restart_backoff::BackoffConfig;
 use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig};
 use metalkube_controller::ControllerError;
-use metalkube_controller::agent_client::{AgentClient, ClientSettings, ClientTls};
+use metalkube_controller::fleet::agent_client::{AgentClient, ClientSettings, ClientTls};
 use metalkube_controller::metrics::Metrics;
 use metalkube_testkit::pki::TestCa;
 

@@ -27,7 +27,7 @@ use kube::api::{Api, ListParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use metalkube_api::{MetalModel, MetalNode};
-use metalkube_controller::agent_client::{AgentClient, ClientSettings, ClientTls};
+use metalkube_controller::fleet::agent_client::{AgentClient, ClientSettings, ClientTls};
 use metalkube_proto as pb;
 use metalkube_testkit::apiserver::{FailNext, TestApiServer};
 use metalkube_testkit::cgroup::CpuThrottle;

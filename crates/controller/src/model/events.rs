@@ -2,7 +2,7 @@
 //! loss. Deciding is pure, a diff of the old and new status, so a controller restart (which reads
 //! the old status back) repeats nothing; `publish` is the thin IO after it.
 
-use crate::condition_names::{reasons, types};
+use crate::model::condition_names::{reasons, types};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use metalkube_api::{Grade, MetalModelStatus, MetalNodeStatus};

@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use metalkube_api::MetalNode;
 
-use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, address_type, http_port};
 use crate::fleet::AgentView;
+use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, address_type, http_port};
 
 /// The agent HTTP port when an agent has not said (the agent's default in a cluster).
 pub const DEFAULT_AGENT_HTTP_PORT: u16 = 9090;

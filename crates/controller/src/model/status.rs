@@ -5,9 +5,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use metalkube_api::{DownloadProgress, MetalModelStatus, Phase, ReplicaStatus};
 use metalkube_proto as pb;
 
-use crate::conditions::{Observation, ReplicaView, compute_conditions};
-use crate::endpoints::EndpointReplica;
-use crate::placement::Unscheduled;
+use crate::model::conditions::{Observation, ReplicaView, compute_conditions};
+use crate::model::endpoints::EndpointReplica;
+use crate::model::placement::Unscheduled;
 
 /// One node's share of a model, as the controller sees it.
 #[derive(Debug, Clone)]

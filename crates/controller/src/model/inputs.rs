@@ -7,7 +7,7 @@ use kube::ResourceExt;
 use metalkube_api::MetalModel;
 
 use crate::fleet::AgentView;
-use crate::reconcile::model_key;
+use crate::model::reconcile::model_key;
 
 /// Memory one replica needs, as an agent estimated it for this generation.
 pub(crate) fn reported_memory(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {

@@ -23,14 +23,14 @@ use metalkube_proto as pb;
 use serde_json::json;
 
 use crate::ControllerError;
-use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, service};
-use crate::events::{Note, model_events, publish};
 use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
-use crate::model_inputs::{holders, reported_memory, serving_since};
-use crate::model_secrets::{api_key_digests, hub_token};
-use crate::model_status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
-use crate::placement::{Assignments, ModelDemand, NodeView, Placement, place};
+use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, service};
+use crate::model::events::{Note, model_events, publish};
+use crate::model::inputs::{holders, reported_memory, serving_since};
+use crate::model::placement::{Assignments, ModelDemand, NodeView, Placement, place};
+use crate::model::secrets::{api_key_digests, hub_token};
+use crate::model::status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
 
 /// Held while engines may still run for the model somewhere.
 pub const FINALIZER: &str = "metalkube.dev/engines";

@@ -16,7 +16,9 @@ use k8s_openapi::jiff::Timestamp;
 use metalkube_proto as pb;
 use tokio::sync::mpsc;
 
-use crate::agent_client::{AgentClient, ClientSettings};
+pub mod agent_client;
+
+use crate::fleet::agent_client::{AgentClient, ClientSettings};
 use crate::metrics::{Metrics, NodeLabels};
 use crate::sync::{lock, read, write};
 

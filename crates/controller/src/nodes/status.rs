@@ -4,9 +4,9 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use metalkube_api::{MetalNodeStatus, NodeCapacity, Phase};
 
-use crate::condition_names::{reasons, types};
-use crate::conditions::stamp;
 use crate::fleet::AgentView;
+use crate::model::condition_names::{reasons, types};
+use crate::model::conditions::stamp;
 
 /// `reachable`: connected, or lost for less than the grace period.
 pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus, now: &Time) -> MetalNodeStatus {

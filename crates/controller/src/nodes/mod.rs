@@ -1,6 +1,9 @@
 //! MetalNodes: keeping one agent link per node, writing each node's status from its agent, and
 //! turning agent changes into reconciles of the MetalModels they touch.
 
+pub mod agent_endpoints;
+pub mod status;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,13 +21,15 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::ControllerError;
-use crate::agent_endpoints::{AgentTarget, agent_targets, agents_endpoint_slices, agents_endpoints, agents_service};
-use crate::condition_names::types;
-use crate::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
-use crate::events::{node_events, publish};
 use crate::fleet::{ChangeKind, Fleet, FleetChange};
-use crate::node_status::node_status;
-use crate::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
+use crate::model::condition_names::types;
+use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
+use crate::model::events::{node_events, publish};
+use crate::model::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
+use crate::nodes::agent_endpoints::{
+    AgentTarget, agent_targets, agents_endpoint_slices, agents_endpoints, agents_service,
+};
+use crate::nodes::status::node_status;
 
 /// A heartbeat alone is written at most this often; any other change at once.
 const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);

@@ -4,8 +4,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use metalkube_api::{Grade, Phase};
 
-use crate::condition_names::{reasons, types};
-use crate::placement::Unscheduled;
+use crate::model::condition_names::{reasons, types};
+use crate::model::placement::Unscheduled;
 
 /// One replica as its agent last reported it.
 #[derive(Debug, Clone, PartialEq)]
@@ -170,7 +170,7 @@ pub fn stamp(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::placement::UnscheduledReason;
+    use crate::model::placement::UnscheduledReason;
     use k8s_openapi::jiff::Timestamp;
     use proptest::prelude::*;
 

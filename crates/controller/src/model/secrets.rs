@@ -9,7 +9,7 @@ use metalkube_api::MetalModel;
 use metalkube_api::keys::{KeyDigest, digests_of_key_lines};
 
 use crate::ControllerError;
-use crate::reconcile::{Context, model_key};
+use crate::model::reconcile::{Context, model_key};
 
 /// The hub token `spec.model.tokenSecretRef` names, read from the Secret in the model's
 /// namespace. A missing Secret or key sends no token: the agent then says the hub refused it,
