@@ -53,13 +53,10 @@ pub(crate) fn build_upstream(
     body: Bytes,
     strip_keys: bool,
     shape: BodyShape,
-) -> Result<Request<Full<Bytes>>, String> {
+) -> Result<Request<Full<Bytes>>, http::Error> {
     let pq = path_and_query.map_or("/", |p| p.as_str());
-    let mut req = Request::builder()
-        .method(method.clone())
-        .uri(format!("http://127.0.0.1:{port}{pq}"))
-        .body(Full::new(body))
-        .map_err(|e| format!("bad request line: {e}"))?;
+    let mut req =
+        Request::builder().method(method.clone()).uri(format!("http://127.0.0.1:{port}{pq}")).body(Full::new(body))?;
     let out = req.headers_mut();
     for (name, value) in headers {
         // The agent checked the key; the engine never sees it.

@@ -28,9 +28,9 @@ impl ModelProxy {
             Ok(Err(_)) => return client_error(StatusCode::BAD_REQUEST, "bad_body", "could not read the request body"),
             Err(_) => return self.refuse(&admission, Rejection::RequestTimeout),
         };
-        let shape = match check_json_body(&parts.headers, &body) {
+        let shape = match json_shape(&parts, &body) {
             Ok(shape) => shape,
-            Err(problem) => return client_error(StatusCode::BAD_REQUEST, "invalid_json", &problem.to_string()),
+            Err(mistake) => return mistake.response(),
         };
 
         let permit = match admission.admit(self.upstream().is_some()).await {
@@ -49,12 +49,10 @@ impl ModelProxy {
             }
         };
 
-        let keyed = !access.api_keys.is_open();
-        let upstream_req =
-            match build_upstream(&parts.method, parts.uri.path_and_query(), &parts.headers, port, body, keyed, shape) {
-                Ok(r) => r,
-                Err(e) => return client_error(StatusCode::BAD_REQUEST, "bad_request", &e),
-            };
+        let upstream_req = match engine_request(&parts, port, body, access, shape) {
+            Ok(r) => r,
+            Err(mistake) => return mistake.response(),
+        };
         let left = access.request_timeout.saturating_sub(started.elapsed());
         let resp = match tokio::time::timeout(left, self.client.request(upstream_req)).await {
             Ok(Ok(resp)) => resp,
@@ -164,20 +162,19 @@ impl ModelProxy {
             return client_error(StatusCode::BAD_REQUEST, "bad_body", "could not read the request body");
         };
         let body = body.to_bytes();
+        // Cheap paths may have no body at all (GET /v1/models); a body they have is JSON.
         let shape = if body.is_empty() {
             BodyShape::default()
         } else {
-            match check_json_body(&parts.headers, &body) {
+            match json_shape(&parts, &body) {
                 Ok(shape) => shape,
-                Err(problem) => return client_error(StatusCode::BAD_REQUEST, "invalid_json", &problem.to_string()),
+                Err(mistake) => return mistake.response(),
             }
         };
-        let keyed = !access.api_keys.is_open();
-        let upstream_req =
-            match build_upstream(&parts.method, parts.uri.path_and_query(), &parts.headers, port, body, keyed, shape) {
-                Ok(r) => r,
-                Err(e) => return client_error(StatusCode::BAD_REQUEST, "bad_request", &e),
-            };
+        let upstream_req = match engine_request(&parts, port, body, access, shape) {
+            Ok(r) => r,
+            Err(mistake) => return mistake.response(),
+        };
         let left = access.request_timeout.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, self.client.request(upstream_req)).await {
             Ok(Ok(resp)) => {
@@ -203,4 +200,36 @@ impl ModelProxy {
             }
         }
     }
+}
+
+/// A request the client got wrong: answered 400 with what was wrong.
+struct ClientMistake {
+    code: &'static str,
+    message: String,
+}
+
+impl ClientMistake {
+    fn response(self) -> Response<ProxyBody> {
+        client_error(StatusCode::BAD_REQUEST, self.code, &self.message)
+    }
+}
+
+/// What the proxy needs of a JSON body.
+fn json_shape(parts: &http::request::Parts, body: &[u8]) -> Result<BodyShape, ClientMistake> {
+    check_json_body(&parts.headers, body)
+        .map_err(|problem| ClientMistake { code: "invalid_json", message: problem.to_string() })
+}
+
+/// The request the engine gets for the client's (the API key stripped when the agent checked
+/// it).
+fn engine_request(
+    parts: &http::request::Parts,
+    port: u16,
+    body: Bytes,
+    access: &Access,
+    shape: BodyShape,
+) -> Result<Request<Full<Bytes>>, ClientMistake> {
+    let keyed = !access.api_keys.is_open();
+    build_upstream(&parts.method, parts.uri.path_and_query(), &parts.headers, port, body, keyed, shape)
+        .map_err(|e| ClientMistake { code: "bad_request", message: format!("bad request line: {e}") })
 }
