@@ -417,6 +417,16 @@ pub struct DownloadProgress {
     pub eta_seconds: Option<f64>,
 }
 
+impl DownloadProgress {
+    /// Progress from the counts, the time left derived from them (none without a size or a
+    /// positive, finite rate).
+    pub fn new(done_bytes: u64, total_bytes: Option<u64>, bytes_per_second: Option<f64>) -> Self {
+        let rate = bytes_per_second.filter(|r| r.is_finite() && *r > 0.0);
+        let eta_seconds = total_bytes.zip(rate).map(|(total, r)| total.saturating_sub(done_bytes) as f64 / r);
+        Self { done_bytes, total_bytes, bytes_per_second: rate, eta_seconds }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

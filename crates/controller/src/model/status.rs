@@ -37,14 +37,8 @@ fn view(r: &ReplicaInput<'_>) -> ReplicaView {
 }
 
 fn download(d: &pb::DownloadProgress) -> DownloadProgress {
-    let total = Some(d.total_bytes).filter(|t| *t > 0);
-    let rate = Some(d.bytes_per_second).filter(|r| r.is_finite() && *r > 0.0);
-    DownloadProgress {
-        done_bytes: d.done_bytes,
-        total_bytes: total,
-        bytes_per_second: rate,
-        eta_seconds: total.zip(rate).map(|(t, r)| t.saturating_sub(d.done_bytes) as f64 / r),
-    }
+    // The wire says 0 for "not known yet".
+    DownloadProgress::new(d.done_bytes, Some(d.total_bytes).filter(|t| *t > 0), Some(d.bytes_per_second))
 }
 
 pub struct ModelObservation<'a> {

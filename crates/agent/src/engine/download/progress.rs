@@ -10,6 +10,9 @@ use metalkube_api::DownloadProgress;
 /// The rate is measured over this much recent time, so a stall shows within seconds and a
 /// resumed transfer is not credited with the bytes it found on disk.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
+/// Samples closer together than this are merged: a fast link delivers tens of thousands of
+/// chunks a second, and the rate needs a point every so often, not one per chunk.
+const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
 /// Byte counts of one fetch (every file of a model), updated by the transfer.
 #[derive(Debug, Default)]
@@ -40,7 +43,10 @@ impl ProgressCell {
         c.done += bytes;
         c.received += bytes;
         let received = c.received;
-        c.samples.push_back((now, received));
+        match c.samples.back_mut() {
+            Some(last) if now.saturating_duration_since(last.0) < SAMPLE_EVERY => last.1 = received,
+            _ => c.samples.push_back((now, received)),
+        }
         while c.samples.len() > 2 && c.samples.front().is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW) {
             c.samples.pop_front();
         }
@@ -55,12 +61,7 @@ impl ProgressCell {
     pub fn snapshot(&self, now: Instant) -> DownloadProgress {
         let c = self.lock();
         let rate = rate(&c.samples, now);
-        DownloadProgress {
-            done_bytes: c.done,
-            total_bytes: c.total,
-            bytes_per_second: rate,
-            eta_seconds: eta(c.done, c.total, rate),
-        }
+        DownloadProgress::new(c.done, c.total, rate)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
@@ -79,12 +80,6 @@ fn rate(samples: &VecDeque<(Instant, u64)>, now: Instant) -> Option<f64> {
         return None;
     }
     Some(last.1.saturating_sub(first.1) as f64 / span)
-}
-
-fn eta(done: u64, total: Option<u64>, rate: Option<f64>) -> Option<f64> {
-    let left = total?.saturating_sub(done) as f64;
-    let rate = rate.filter(|r| *r > 0.0)?;
-    Some(left / rate)
 }
 
 #[cfg(test)]
@@ -109,6 +104,19 @@ mod tests {
         // Nothing for a whole window: the rate is gone, and so is the ETA.
         let stalled = cell.snapshot(t0 + Duration::from_secs(30));
         assert_eq!((stalled.bytes_per_second, stalled.eta_seconds), (None, None));
+    }
+
+    #[test]
+    fn chunks_close_together_make_one_sample() {
+        let cell = ProgressCell::default();
+        let t0 = Instant::now();
+        for i in 0..10_000u64 {
+            cell.received(16, t0 + Duration::from_micros(100 * i)); // 10,000 chunks in one second
+        }
+        let samples = cell.lock().samples.len();
+        assert!((10..=11).contains(&samples), "one sample per 100 ms, not per chunk: {samples}");
+        let rate = cell.snapshot(t0 + Duration::from_secs(1)).bytes_per_second.unwrap();
+        assert!((140_000.0..=170_000.0).contains(&rate), "{rate}");
     }
 
     #[test]
