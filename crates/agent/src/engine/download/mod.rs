@@ -245,7 +245,10 @@ impl Fetch<'_> {
         let named = self.files.iter().find(|f| f.named).or(self.files.first());
         let sha256 =
             named.and_then(|f| std::fs::read_to_string(digest_path(&f.target)).ok()).map(|s| s.trim().to_owned());
-        d.enforce_cache_limit(0);
+        if !transfers.is_empty() {
+            // Only a download makes the cache grow; a start from cached files leaves it as is.
+            d.enforce_cache_limit(0);
+        }
         let path = self.files.first().map(|f| f.target.clone()).unwrap_or_default();
         let other_shard_bytes =
             self.files.iter().skip(1).filter_map(|f| f.target.metadata().ok()).map(|m| m.len()).sum();
