@@ -261,14 +261,26 @@ async fn reports_answer_while_an_engine_stops_and_a_model_wanted_again_waits_for
             .json(&serde_json::json!({"prompt": "Once upon a time", "max_tokens": 256}))
             .send(),
     );
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    // The queue's numbers are read live, not pushed: look until the request is in.
+    let admitted = std::time::Instant::now();
+    while h.agent.report(&key).await.is_none_or(|r| r.in_flight == 0) {
+        assert!(admitted.elapsed() < std::time::Duration::from_secs(10), "the request never reached the engine");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     let agent = h.agent.clone();
     let removing = tokio::spawn(async move { agent.remove("default/slow-stop").await });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    let reports = tokio::time::timeout(std::time::Duration::from_millis(500), h.agent.reports())
-        .await
-        .expect("reports answer while an engine stops");
-    assert!(reports.is_empty(), "the stopping model is no longer reported: {reports:#?}");
+    // Every look answers within 500 ms although the stop takes seconds; the model leaves the
+    // reports as soon as its stop begins.
+    loop {
+        let reports = tokio::time::timeout(std::time::Duration::from_millis(500), h.agent.reports())
+            .await
+            .expect("reports answer while an engine stops");
+        if reports.is_empty() {
+            break;
+        }
+        assert!(!removing.is_finished(), "the model stayed in the reports until its stop ended: {reports:#?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     tokio::time::timeout(std::time::Duration::from_millis(500), h.agent.upsert(h.desired("slow-stop", None)))
         .await
         .expect("an upsert does not wait for the stop either");
