@@ -276,10 +276,6 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn read(path: &std::path::Path, flag: &'static str) -> anyhow::Result<String> {
-    Ok(metalkube_runtime::read_flag_file(path, flag)?)
-}
-
 async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyhow::Result<std::sync::Arc<Agent>> {
     let config = AgentConfig {
         engine_binary: args.engine.clone(),
@@ -297,11 +293,15 @@ async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyh
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },
         memory_budget_bytes,
         downloads: DownloadConfig {
-            ca_pem: args.download_ca.as_deref().map(|p| read(p, "--download-ca")).transpose()?,
+            ca_pem: args
+                .download_ca
+                .as_deref()
+                .map(|p| metalkube_runtime::read_flag_file(p, "--download-ca"))
+                .transpose()?,
             hub_endpoint: args.hf_endpoint.clone(),
             hub_token: match &args.hf_token_file {
                 Some(path) => Some(
-                    Token::new(&read(path, "--hf-token-file")?)
+                    Token::new(&metalkube_runtime::read_flag_file(path, "--hf-token-file")?)
                         .with_context(|| format!("--hf-token-file {} is empty", path.display()))?,
                 ),
                 None => std::env::var("HF_TOKEN").ok().as_deref().and_then(Token::new),

@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -66,10 +66,6 @@ struct Args {
     identity: Option<String>,
 }
 
-fn read(path: &Path, flag: &'static str) -> anyhow::Result<String> {
-    Ok(metalkube_runtime::read_flag_file(path, flag)?)
-}
-
 /// Resolves once any of `paths` holds something else than it did at the start. A renewed
 /// certificate (cert-manager rewrites the mounted Secret) is then taken up by a restart: the
 /// process exits cleanly, releasing the lease to the standby, and the kubelet starts it again.
@@ -96,9 +92,9 @@ async fn main() -> anyhow::Result<()> {
             bail!("--agent-ca, --client-cert and --client-key are required unless --insecure");
         };
         Some(ClientTls {
-            ca_pem: read(ca, "--agent-ca")?,
-            cert_pem: read(cert, "--client-cert")?,
-            key_pem: read(key, "--client-key")?,
+            ca_pem: metalkube_runtime::read_flag_file(ca, "--agent-ca")?,
+            cert_pem: metalkube_runtime::read_flag_file(cert, "--client-cert")?,
+            key_pem: metalkube_runtime::read_flag_file(key, "--client-key")?,
         })
     };
     let identity = args.identity.clone().unwrap_or_else(|| {
