@@ -164,11 +164,11 @@ impl Agent {
     }
 
     pub fn set_source_errors(&self, errors: BTreeMap<String, String>) {
-        *self.source_errors.lock().unwrap_or_else(|e| e.into_inner()) = errors;
+        *metalkube_runtime::sync::lock(&self.source_errors) = errors;
     }
 
     pub fn source_errors(&self) -> BTreeMap<String, String> {
-        self.source_errors.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        metalkube_runtime::sync::lock(&self.source_errors).clone()
     }
 
     pub async fn reports(&self) -> Vec<ModelReport> {

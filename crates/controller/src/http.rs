@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use axum::routing::get;
 
 use crate::metrics::Metrics;
@@ -48,14 +47,6 @@ pub struct HttpState {
     pub role: Arc<ReplicaRole>,
 }
 
-async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.encode())
-}
-
-async fn healthz() -> &'static str {
-    "ok\n"
-}
-
 async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
     match s.role.get() {
         Role::Leading => (StatusCode::OK, "leading\n"),
@@ -65,9 +56,7 @@ async fn readyz(State(s): State<HttpState>) -> (StatusCode, &'static str) {
 }
 
 pub fn router(state: HttpState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
+    metalkube_runtime::admin::admin_routes(|s: &HttpState| s.metrics.encode())
         .route("/readyz", get(readyz))
         .with_state(state)
 }

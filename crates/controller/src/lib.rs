@@ -4,7 +4,8 @@
 //! Three groups: `model` (a MetalModel's reconcile over pure placement, status, conditions,
 //! endpoints and events), `fleet` (one Watch stream per agent, the pure `AgentView`, the gRPC
 //! client) and `nodes` (MetalNode status and the Service Prometheus scrapes Macs through).
-//! Around them: `leader` (pure `decide`), `http`, `metrics`, `sync`. The circuit breaker is the
+//! Around them: `leader` (pure `decide`), `http`, `metrics`; process plumbing (admin port,
+//! poisoned locks) is the shared `metalkube-runtime`. The circuit breaker is the
 //! shared `metalkube-circuit`.
 
 mod error;
@@ -14,7 +15,6 @@ pub mod leader;
 pub mod metrics;
 pub mod model;
 pub mod nodes;
-mod sync;
 
 use std::sync::Arc;
 use std::time::Duration;

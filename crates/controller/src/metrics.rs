@@ -1,14 +1,16 @@
 //! The controller's Prometheus metrics (prefix `metalkube_controller_`), in OpenMetrics text.
 //! Labels are bounded: results and error kinds are fixed sets, nodes are the MetalNodes.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use metalkube_runtime::admin::MetricsRegistry;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Unit;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -54,7 +56,7 @@ fn duration_histogram() -> Histogram {
 }
 
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: MetricsRegistry,
     pub reconciles: Family<ResultLabels, Counter>,
     pub reconcile_errors: Family<ErrorLabels, Counter>,
     pub reconcile_duration: Histogram,
@@ -69,7 +71,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let m = Self {
-            registry: Mutex::new(Registry::with_prefix("metalkube_controller")),
+            registry: MetricsRegistry::with_prefix("metalkube_controller"),
             reconciles: Family::default(),
             reconcile_errors: Family::default(),
             reconcile_duration: duration_histogram(),
@@ -86,8 +88,7 @@ impl Metrics {
         for kind in ERROR_KINDS {
             drop(m.reconcile_errors.get_or_create(&ErrorLabels { kind: kind.to_owned() }));
         }
-        {
-            let mut r = crate::sync::lock(&m.registry);
+        m.registry.register(|r| {
             let build = Family::<BuildLabels, Gauge>::default();
             build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
             r.register("build_info", "The controller's version; always 1", build);
@@ -117,14 +118,12 @@ impl Metrics {
                 "Replicas of a MetalModel that serve with a pulse not red (status.readyReplicas)",
                 m.model_ready_replicas.clone(),
             );
-        }
+        });
         Arc::new(m)
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut out, &crate::sync::lock(&self.registry));
-        out
+        self.registry.encode()
     }
 
     pub fn set_model_replicas(&self, model: &str, desired: u32, ready: u32) {

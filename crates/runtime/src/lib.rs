@@ -1,5 +1,8 @@
 //! Process plumbing the agent and the controller share, so both binaries start, log, read their
-//! files and stop the same way.
+//! files, serve their admin port, treat poisoned locks and stop the same way.
+
+pub mod admin;
+pub mod sync;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

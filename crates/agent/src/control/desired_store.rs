@@ -147,7 +147,7 @@ impl DesiredStore {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
-        self.records.lock().unwrap_or_else(|e| e.into_inner())
+        metalkube_runtime::sync::lock(&self.records)
     }
 }
 

@@ -92,11 +92,11 @@ impl ServerTls {
     }
 
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        TlsAcceptor::from(metalkube_runtime::sync::read(&self.current).clone())
     }
 
     fn replace(&self, config: ServerConfig) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *metalkube_runtime::sync::write(&self.current) = Arc::new(config);
     }
 }
 

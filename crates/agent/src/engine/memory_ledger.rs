@@ -70,7 +70,7 @@ impl MemoryLedger {
     /// Takes (or resizes) `key`'s share, or says why it does not fit.
     pub fn reserve(&self, key: &str, need: u64) -> Result<(), Shortfall> {
         let Some(budget) = self.budget else { return Ok(()) };
-        let mut held = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut held = metalkube_runtime::sync::lock(&self.held);
         if let Some(short) = shortfall(&held, key, need, budget) {
             return Err(short);
         }
@@ -84,7 +84,7 @@ impl MemoryLedger {
 
     /// Gives `key`'s share back.
     pub fn release(&self, key: &str) {
-        let removed = self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(key);
+        let removed = metalkube_runtime::sync::lock(&self.held).remove(key);
         if removed.is_some() {
             self.released.send_modify(|n| *n += 1);
         }
@@ -96,7 +96,7 @@ impl MemoryLedger {
     }
 
     pub fn held(&self) -> BTreeMap<String, u64> {
-        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        metalkube_runtime::sync::lock(&self.held).clone()
     }
 }
 

@@ -43,7 +43,7 @@ impl PortPool {
     }
 
     fn acquire_with(&self, is_free: impl Fn(u16) -> bool, now: Instant) -> Result<u16, AgentError> {
-        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = metalkube_runtime::sync::lock(&self.inner);
         st.quarantined.retain(|_, since| now.duration_since(*since) < QUARANTINE);
         let (start, end) = (*self.range.start(), *self.range.end());
         let len = u32::from(end - start) + 1;
@@ -61,12 +61,12 @@ impl PortPool {
     }
 
     pub fn release(&self, port: u16) {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).leased.remove(&port);
+        metalkube_runtime::sync::lock(&self.inner).leased.remove(&port);
     }
 
     /// Releases a port the engine could not bind and skips it for a while.
     pub fn quarantine(&self, port: u16) {
-        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = metalkube_runtime::sync::lock(&self.inner);
         st.leased.remove(&port);
         st.quarantined.insert(port, Instant::now());
     }

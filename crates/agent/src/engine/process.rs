@@ -126,7 +126,7 @@ impl EngineProcess {
 
     /// The last lines the engine printed, oldest first.
     pub fn tail(&self) -> Vec<String> {
-        self.tail.lock().unwrap_or_else(|e| e.into_inner()).lines()
+        metalkube_runtime::sync::lock(&self.tail).lines()
     }
 
     /// SIGTERM (and SIGCONT, so a stopped engine can act on it), `grace`, then SIGKILL to the
@@ -209,13 +209,13 @@ fn copy_output(mut output: impl Read, mut log: LogFile, tail: &Mutex<LineTail>) 
             Ok(0) => break,
             Ok(n) => {
                 log.write(&buf[..n]);
-                tail.lock().unwrap_or_else(|e| e.into_inner()).push(&buf[..n]);
+                metalkube_runtime::sync::lock(tail).push(&buf[..n]);
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
-    tail.lock().unwrap_or_else(|e| e.into_inner()).finish();
+    metalkube_runtime::sync::lock(tail).finish();
 }
 
 /// A line longer than this is cut in the tail (the log keeps it whole).

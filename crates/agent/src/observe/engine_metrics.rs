@@ -116,7 +116,7 @@ impl EngineFollower {
 impl Drop for EngineFollower {
     fn drop(&mut self) {
         self.task.abort();
-        let mut stopped = self.stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stopped = metalkube_runtime::sync::lock(&self.stopped);
         *stopped = true;
         self.series.rss.set(0);
         self.series.requests_processing.set(0);
@@ -136,7 +136,7 @@ async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeri
         let read = async { client.get(&url).send().await?.error_for_status()?.text().await };
         // A slow answer is left behind rather than waited for: the next tick asks again.
         let text = tokio::time::timeout(SAMPLE_INTERVAL, read).await.ok().and_then(Result::ok);
-        let gate = stopped.lock().unwrap_or_else(|e| e.into_inner());
+        let gate = metalkube_runtime::sync::lock(&stopped);
         if *gate {
             return;
         }

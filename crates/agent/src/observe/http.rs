@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,10 +14,8 @@ use crate::Agent;
 use crate::observe::report::ModelReport;
 
 pub fn router(agent: Arc<Agent>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+    metalkube_runtime::admin::admin_routes(|agent: &Arc<Agent>| agent.context().metrics.encode())
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
         .route("/api/v1/models", get(models))
         .with_state(agent)
 }
@@ -52,14 +50,6 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
     let ready = models.values().all(|m| m.ready);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, models })).into_response()
-}
-
-async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        agent.context().metrics.encode(),
-    )
-        .into_response()
 }
 
 #[derive(Serialize)]

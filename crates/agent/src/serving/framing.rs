@@ -234,7 +234,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         if let Poll::Ready(Ok(())) = polled {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
-                self.scanner.lock().unwrap_or_else(|e| e.into_inner()).feed(new);
+                metalkube_runtime::sync::lock(&self.scanner).feed(new);
             }
         }
         polled

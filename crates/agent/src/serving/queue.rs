@@ -220,14 +220,14 @@ impl Admission {
     }
 
     fn with_circuit<T>(&self, f: impl FnOnce(&mut CircuitBreaker) -> T) -> T {
-        let mut c = self.circuit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut c = metalkube_runtime::sync::lock(&self.circuit);
         let out = f(&mut c);
         self.series.circuit_state.set(c.state().level());
         out
     }
 
     fn lock_observed(&self) -> std::sync::MutexGuard<'_, Observed> {
-        self.observed.lock().unwrap_or_else(|e| e.into_inner())
+        metalkube_runtime::sync::lock(&self.observed)
     }
 
     /// Waits until nothing is in flight, or `grace` has passed. Returns whether it drained.

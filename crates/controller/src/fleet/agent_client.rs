@@ -124,7 +124,7 @@ impl AgentClient {
     }
 
     fn admit(&self) -> Result<(), ControllerError> {
-        let mut b = crate::sync::lock(&self.breaker);
+        let mut b = metalkube_runtime::sync::lock(&self.breaker);
         let now = Instant::now();
         let admitted = b.allow(now);
         self.circuit_gauge.set(b.state().level());
@@ -140,7 +140,7 @@ impl AgentClient {
     }
 
     fn settle(&self, ok: bool) {
-        let mut b = crate::sync::lock(&self.breaker);
+        let mut b = metalkube_runtime::sync::lock(&self.breaker);
         if ok {
             b.on_success();
         } else {

@@ -20,7 +20,7 @@ pub mod agent_client;
 
 use crate::fleet::agent_client::{AgentClient, ClientSettings};
 use crate::metrics::{Metrics, NodeLabels};
-use crate::sync::{lock, read, write};
+use metalkube_runtime::sync::{lock, read, write};
 
 /// What the controller knows of one agent.
 #[derive(Debug, Clone, Default)]

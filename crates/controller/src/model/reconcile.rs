@@ -99,7 +99,7 @@ impl Context {
     fn memory_for(&self, m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
         let key = model_key(m);
         let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
-        let mut known = crate::sync::lock(&self.memory);
+        let mut known = metalkube_runtime::sync::lock(&self.memory);
         if let Some(bytes) = reported_memory(m, views) {
             known.insert(key, (uid, generation, bytes));
             return Some(bytes);
@@ -140,7 +140,7 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label.into() }).inc();
     match &result {
         Ok(_) => {
-            crate::sync::lock(&ctx.failures).remove(&key);
+            metalkube_runtime::sync::lock(&ctx.failures).remove(&key);
         }
         Err(e) => {
             ctx.metrics.reconcile_errors.get_or_create(&ErrorLabels { kind: e.metric_label().into() }).inc();
@@ -157,7 +157,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Context>) -> Action {
     let key = model_key(&model);
     let delay = {
-        let mut f = crate::sync::lock(&ctx.failures);
+        let mut f = metalkube_runtime::sync::lock(&ctx.failures);
         f.entry(key.clone())
             .or_insert_with(|| {
                 metalkube_runtime::backoff(Duration::from_millis(500), RETRY_MAX).without_max_times().build()
@@ -470,7 +470,7 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     delete_slices_except(&slices, &model_slices(&slices, &name).await?, &[]).await?;
     {
-        let mut known = crate::sync::lock(&ctx.memory);
+        let mut known = metalkube_runtime::sync::lock(&ctx.memory);
         known.remove(&key);
     }
     let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metalkube_api::{HubFile, SourceRef, split_name, with_file_name};
+use metalkube_runtime::sync::lock;
 
 use crate::AgentError;
 use progress::ProgressCell;
@@ -384,9 +385,4 @@ fn free_bytes(dir: &Path) -> Option<u64> {
     let s = nix::sys::statvfs::statvfs(dir).ok()?;
     #[allow(clippy::useless_conversion)] // the field types differ between Linux and macOS
     Some(u64::from(s.blocks_available()).saturating_mul(u64::from(s.fragment_size())))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Both maps are updated in single statements; a panic elsewhere leaves them whole.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

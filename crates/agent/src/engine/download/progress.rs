@@ -66,7 +66,7 @@ impl ProgressCell {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         // Counts stay consistent field by field; a panic elsewhere must not stop progress reports.
-        self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        metalkube_runtime::sync::lock(&self.inner)
     }
 }
 

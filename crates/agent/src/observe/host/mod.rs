@@ -73,11 +73,11 @@ pub struct HostCollector {
 
 impl HostCollector {
     pub fn set(&self, sample: HostSample) {
-        *self.sample.write().unwrap_or_else(|e| e.into_inner()) = sample;
+        *metalkube_runtime::sync::write(&self.sample) = sample;
     }
 
     pub fn get(&self) -> HostSample {
-        self.sample.read().unwrap_or_else(|e| e.into_inner()).clone()
+        metalkube_runtime::sync::read(&self.sample).clone()
     }
 }
 

@@ -7,9 +7,10 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use metalkube_api::{Phase, PulseSpec};
+use metalkube_runtime::admin::MetricsRegistry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -86,7 +87,7 @@ type F64Counter = Counter<f64, AtomicU64>;
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 pub struct Metrics {
-    registry: Mutex<Registry>,
+    registry: MetricsRegistry,
     pub pulse_duration: HistogramFamily<ModelLabels>,
     pub pulse_last: Family<ModelLabels, F64Gauge>,
     pub pulse_compute_last: Family<ModelLabels, F64Gauge>,
@@ -130,7 +131,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let m = Self {
-            registry: Mutex::new(Registry::with_prefix("metalkube_agent")),
+            registry: MetricsRegistry::with_prefix("metalkube_agent"),
             pulse_duration: Family::new_with_constructor(pulse_histogram),
             pulse_last: Family::default(),
             pulse_compute_last: Family::default(),
@@ -168,17 +169,16 @@ impl Metrics {
             host: Arc::new(HostCollector::default()),
             tls_certificate_expiry: OnceLock::new(),
         };
-        {
-            let mut r = m.registry.lock().unwrap_or_else(|e| e.into_inner());
+        m.registry.register(|r| {
             let build = Family::<BuildLabels, Gauge>::default();
             build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
             r.register("build_info", "The agent's version; always 1", build);
-            m.register_pulse(&mut r);
-            m.register_engine(&mut r);
-            m.register_serving(&mut r);
-            m.register_download(&mut r);
+            m.register_pulse(r);
+            m.register_engine(r);
+            m.register_serving(r);
+            m.register_download(r);
             r.register_collector(Box::new(m.host.clone()));
-        }
+        });
         Arc::new(m)
     }
 
@@ -217,23 +217,21 @@ impl Metrics {
     pub fn set_tls_certificate_expiry(&self, unix_seconds: i64) {
         let gauge = self.tls_certificate_expiry.get_or_init(|| {
             let gauge = Gauge::default();
-            self.registry.lock().unwrap_or_else(|e| e.into_inner()).register_with_unit(
-                "tls_certificate_expiry_timestamp",
-                "When the certificate the gRPC API serves expires, in seconds since the Unix epoch",
-                Unit::Seconds,
-                gauge.clone(),
-            );
+            self.registry.register(|r| {
+                r.register_with_unit(
+                    "tls_certificate_expiry_timestamp",
+                    "When the certificate the gRPC API serves expires, in seconds since the Unix epoch",
+                    Unit::Seconds,
+                    gauge.clone(),
+                );
+            });
             gauge
         });
         gauge.set(unix_seconds);
     }
 
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
-        out
+        self.registry.encode()
     }
 
     pub fn set_phase(&self, model: &str, phase: Phase) {

@@ -44,7 +44,7 @@ pub struct ServingSeries {
 impl ServingSeries {
     /// The series of one status code.
     pub fn code(&self, code: u16) -> CodeSeries {
-        if let Some(series) = self.by_code.read().unwrap_or_else(|e| e.into_inner()).get(&code) {
+        if let Some(series) = metalkube_runtime::sync::read(&self.by_code).get(&code) {
             return series.clone();
         }
         let labels = CodeLabels { model: self.model.clone(), code: code.to_string() };
@@ -52,7 +52,7 @@ impl ServingSeries {
             requests: self.requests.get_or_create(&labels).clone(),
             duration: self.request_duration.get_or_create(&labels).clone(),
         };
-        self.by_code.write().unwrap_or_else(|e| e.into_inner()).insert(code, series.clone());
+        metalkube_runtime::sync::write(&self.by_code).insert(code, series.clone());
         series
     }
 
@@ -64,6 +64,6 @@ impl ServingSeries {
 
     /// The status codes with series so far, for `Metrics::forget`.
     pub fn codes(&self) -> Vec<u16> {
-        self.by_code.read().unwrap_or_else(|e| e.into_inner()).keys().copied().collect()
+        metalkube_runtime::sync::read(&self.by_code).keys().copied().collect()
     }
 }

@@ -140,22 +140,22 @@ impl ModelProxy {
     }
 
     pub fn admission(&self) -> Arc<Admission> {
-        self.admission.read().unwrap_or_else(|e| e.into_inner()).clone()
+        metalkube_runtime::sync::read(&self.admission).clone()
     }
 
     /// A spec change of the admission settings: new requests use the new queue; requests
     /// already admitted or waiting finish under the old one.
     pub fn replace_admission(&self, admission: Arc<Admission>) {
-        *self.admission.write().unwrap_or_else(|e| e.into_inner()) = admission;
+        *metalkube_runtime::sync::write(&self.admission) = admission;
     }
 
     fn access(&self) -> Arc<Access> {
-        self.access.read().unwrap_or_else(|e| e.into_inner()).clone()
+        metalkube_runtime::sync::read(&self.access).clone()
     }
 
     /// New keys, allowed paths or timeouts, for the requests that arrive from now on.
     pub fn replace_access(&self, access: Access) {
-        *self.access.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(access);
+        *metalkube_runtime::sync::write(&self.access) = Arc::new(access);
     }
 
     /// The engine's port when the agent's verdict is "serving and not red" (and the model is not
@@ -219,7 +219,7 @@ impl ModelProxy {
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>, scanner: &SharedScanner) -> Response<ProxyBody> {
         let started = Instant::now();
-        let verdict = scanner.lock().unwrap_or_else(|e| e.into_inner()).next_verdict();
+        let verdict = metalkube_runtime::sync::lock(scanner).next_verdict();
         let access = self.access();
         let response = match self.admit(&req, verdict, &access) {
             Err(refused) => *refused,

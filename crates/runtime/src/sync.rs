@@ -1,4 +1,4 @@
-//! The controller's one policy for a lock poisoned by a panic: its data is used, with an error
+//! The workspace's one policy for a lock poisoned by a panic: its data is used, with an error
 //! logged. Every structure behind these locks is changed by single inserts, removals or
 //! replacements, so a panic elsewhere while the lock was held leaves it whole; treating it as
 //! empty instead would make every agent look unreachable and pull every endpoint.
