@@ -49,10 +49,6 @@ impl LeaderElector {
         Self { api, name: name.to_owned(), identity: identity.to_owned(), duration }
     }
 
-    fn error(&self, message: String) -> ControllerError {
-        ControllerError::Lease { name: self.name.clone(), message }
-    }
-
     /// One attempt to take or renew the lease; Ok(true) while we hold it.
     pub async fn try_hold(&self) -> Result<bool, ControllerError> {
         let now = Timestamp::now();
@@ -126,13 +122,17 @@ impl LeaderElector {
             tokio::time::sleep(self.duration / 3).await;
             match self.try_hold().await {
                 Ok(true) => last_renewed = tokio::time::Instant::now(),
-                Ok(false) => return self.error("another replica took the lease".into()),
+                Ok(false) => return ControllerError::LeaseTaken { name: self.name.clone() },
                 Err(e) => {
                     tracing::warn!("renewing the lease: {e}");
                     // Give up a little before the lease runs out, so the next leader never
                     // overlaps with this one.
                     if last_renewed.elapsed() >= self.duration * 2 / 3 {
-                        return self.error(format!("could not renew for {:?}: {e}", last_renewed.elapsed()));
+                        return ControllerError::LeaseRenewal {
+                            name: self.name.clone(),
+                            unrenewed: last_renewed.elapsed(),
+                            source: Box::new(e),
+                        };
                     }
                 }
             }

@@ -79,15 +79,15 @@ async fn mutual_tls_both_ways() {
     let stranger = TestCa::new("someone else");
     let untrusted_agent = AgentClient::new("mac", &endpoint, &settings(&stranger, &pki.controllers), metrics.clone());
     let err = untrusted_agent.unwrap().info().await.unwrap_err();
-    assert!(matches!(err, ControllerError::Agent { .. }), "an agent certificate from another CA is refused: {err}");
+    assert!(matches!(err, ControllerError::AgentCall { .. }), "an agent certificate from another CA is refused: {err}");
 
     let foreign_client = AgentClient::new("mac", &endpoint, &settings(&pki.agents, &stranger), metrics.clone());
     let err = foreign_client.unwrap().info().await.unwrap_err();
-    assert!(matches!(err, ControllerError::Agent { .. }), "the agent refuses a client from another CA: {err}");
+    assert!(matches!(err, ControllerError::AgentCall { .. }), "the agent refuses a client from another CA: {err}");
 
     let plaintext =
         AgentClient::new("mac", &endpoint.replace("https", "http"), &settings(&pki.agents, &pki.controllers), metrics);
-    assert!(matches!(plaintext, Err(ControllerError::BadEndpoint { .. })), "mTLS on means https:// only");
+    assert!(matches!(plaintext, Err(ControllerError::EndpointScheme { .. })), "mTLS on means https:// only");
 }
 
 #[tokio::test]
@@ -103,7 +103,7 @@ async fn the_circuit_opens_after_consecutive_failures_and_probes_after_the_coold
     let metrics = Metrics::new();
     let client = AgentClient::new("gone", &format!("https://127.0.0.1:{port}"), &settings, metrics.clone()).unwrap();
     for _ in 0..2 {
-        assert!(matches!(client.info().await, Err(ControllerError::Agent { .. })));
+        assert!(matches!(client.info().await, Err(ControllerError::AgentCall { .. })));
     }
     let calls = |text: &str| -> u64 {
         text.lines()
@@ -121,6 +121,6 @@ async fn the_circuit_opens_after_consecutive_failures_and_probes_after_the_coold
 
     tokio::time::sleep(Duration::from_millis(350)).await;
     let probe = client.info().await.unwrap_err();
-    assert!(matches!(probe, ControllerError::Agent { .. }), "after the cooldown one probe goes out: {probe}");
+    assert!(matches!(probe, ControllerError::AgentCall { .. }), "after the cooldown one probe goes out: {probe}");
     assert!(matches!(client.info().await, Err(ControllerError::CircuitOpen { .. })), "a failed probe reopens it");
 }

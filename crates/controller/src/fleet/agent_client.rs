@@ -76,13 +76,17 @@ impl AgentClient {
         settings: &ClientSettings,
         metrics: Arc<Metrics>,
     ) -> Result<Self, ControllerError> {
-        let bad = |message: String| ControllerError::BadEndpoint {
+        let scheme = |problem: &'static str| ControllerError::EndpointScheme {
             node: node.to_owned(),
             endpoint: endpoint.to_owned(),
-            message,
+            problem,
         };
         let mut ep = Endpoint::from_shared(endpoint.to_owned())
-            .map_err(|e| bad(e.to_string()))?
+            .map_err(|source| ControllerError::BadEndpoint {
+                node: node.to_owned(),
+                endpoint: endpoint.to_owned(),
+                source,
+            })?
             .connect_timeout(settings.connect_timeout)
             .http2_keep_alive_interval(settings.keepalive_interval)
             .keep_alive_timeout(settings.keepalive_timeout)
@@ -92,12 +96,12 @@ impl AgentClient {
                 let config = ClientTlsConfig::new()
                     .ca_certificate(Certificate::from_pem(&tls.ca_pem))
                     .identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
-                ep = ep.tls_config(config).map_err(|e| ControllerError::Tls(e.to_string()))?;
+                ep = ep.tls_config(config).map_err(|source| ControllerError::Tls { node: node.to_owned(), source })?;
             }
             (Some(_), false) => {
-                return Err(bad("must be https:// (mTLS is on; plaintext needs --insecure)".into()));
+                return Err(scheme("must be https:// (mTLS is on; plaintext needs --insecure)"));
             }
-            (None, true) => return Err(bad("is https:// but the controller runs with --insecure".into())),
+            (None, true) => return Err(scheme("is https:// but the controller runs with --insecure")),
             (None, false) => {}
         }
         let circuit_gauge = metrics.agent_circuit_state.get_or_create(&NodeLabels { node: node.to_owned() }).clone();
@@ -173,10 +177,9 @@ impl AgentClient {
             .with_max_times(self.settings.retries);
         attempt.retry(backoff).when(|e| matches!(e, Attempt::Failed(s) if retryable(s))).await.map_err(|e| match e {
             Attempt::Refused(err) => err,
-            Attempt::Failed(status) => ControllerError::Agent {
-                node: self.node.clone(),
-                message: format!("{method}: {:?}: {}", status.code(), status.message()),
-            },
+            Attempt::Failed(status) => {
+                ControllerError::AgentCall { node: self.node.clone(), method, status: Box::new(status) }
+            }
         })
     }
 
@@ -203,9 +206,10 @@ impl AgentClient {
         let result = self.grpc.clone().watch(Request::new(pb::WatchRequest {})).await;
         self.count("Watch", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
         self.settle(result.is_ok());
-        result.map(tonic::Response::into_inner).map_err(|s| ControllerError::Agent {
+        result.map(tonic::Response::into_inner).map_err(|status| ControllerError::AgentCall {
             node: self.node.clone(),
-            message: format!("Watch: {:?}: {}", s.code(), s.message()),
+            method: "Watch",
+            status: Box::new(status),
         })
     }
 }

@@ -326,9 +326,10 @@ impl Session {
                     let event = match message {
                         Ok(Some(event)) => event,
                         Ok(None) => return Ok(()),
-                        Err(status) => return Err(crate::ControllerError::Agent {
+                        Err(status) => return Err(crate::ControllerError::AgentCall {
                             node: self.node.clone(),
-                            message: format!("Watch stream: {:?}: {}", status.code(), status.message()),
+                            method: "Watch (stream)",
+                            status: Box::new(status),
                         }),
                     };
                     self.apply(event);

@@ -133,7 +133,7 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
     .map_err(|e| match e {
         finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
         finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => ControllerError::Kube(e),
-        other => ControllerError::Finalizer(other.to_string()),
+        other => ControllerError::Finalizer(Box::new(other)),
     });
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };
@@ -174,8 +174,8 @@ fn ensure_request(
     keys: Option<&[KeyDigest]>,
     hub_token: Option<String>,
 ) -> Result<pb::EnsureModelRequest, ControllerError> {
-    let spec_json = serde_json::to_string(&m.spec)
-        .map_err(|e| ControllerError::Model { key: model_key(m), message: format!("spec does not serialize: {e}") })?;
+    let spec_json =
+        serde_json::to_string(&m.spec).map_err(|source| ControllerError::SpecEncoding { key: model_key(m), source })?;
     Ok(pb::EnsureModelRequest {
         model: Some(pb::ModelRef { namespace: m.namespace().unwrap_or_default(), name: m.name_any() }),
         uid: m.uid().unwrap_or_default(),
@@ -244,12 +244,7 @@ fn place_all(
 
 async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
     if model_key(model) == ctx.reserved_key {
-        return Err(ControllerError::Model {
-            key: ctx.reserved_key.clone(),
-            message: "this name is the controller's Service listing the Macs (--agents-service) in its namespace; \
-                      choose another name or namespace for the model"
-                .to_owned(),
-        });
+        return Err(ControllerError::ReservedName { key: ctx.reserved_key.clone() });
     }
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.models.wait_until_ready().await;
@@ -460,10 +455,7 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
         let Some(client) = ctx.fleet.client(node) else { continue };
         let connected = views.get(node).is_some_and(|v| v.connected);
         if !connected {
-            return Err(ControllerError::Agent {
-                node: node.clone(),
-                message: format!("unreachable; {key} may still run there, so its finalizer stays"),
-            });
+            return Err(ControllerError::AgentUnreachable { node: node.clone(), model: key.to_string() });
         }
         client.stop_model(&ns, &name).await?;
     }
