@@ -2,6 +2,7 @@
 //! turning agent changes into reconciles of the MetalModels they touch.
 
 pub mod agent_endpoints;
+pub mod dispatch;
 pub mod status;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -21,14 +22,14 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use crate::ControllerError;
-use crate::fleet::{ChangeKind, Fleet, FleetChange};
-use crate::model::condition_names::types;
+use crate::fleet::{Fleet, FleetChange};
 use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
 use crate::model::events::{node_events, publish};
 use crate::model::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
 use crate::nodes::agent_endpoints::{
     AgentTarget, agent_targets, agents_endpoint_slices, agents_endpoints, agents_service,
 };
+use crate::nodes::dispatch::models_to_reconcile;
 use crate::nodes::status::node_status;
 
 /// A heartbeat alone is written at most this often; any other change at once.
@@ -47,11 +48,6 @@ struct NodeShape {
 
 fn shape(n: &MetalNode) -> NodeShape {
     NodeShape { endpoint: n.spec.agent_endpoint.clone(), generation: n.metadata.generation, labels: n.labels().clone() }
-}
-
-fn model_ref(key: &str) -> Option<ObjectRef<MetalModel>> {
-    let (ns, name) = key.split_once('/')?;
-    Some(ObjectRef::new(name).within(ns))
 }
 
 fn all_models(models: &Store<MetalModel>) -> Vec<ObjectRef<MetalModel>> {
@@ -103,9 +99,8 @@ pub async fn watch_nodes(
     }
 }
 
-/// Fans agent changes out: always the node's status; for model changes the models named and
-/// those still waiting for a node (room may have appeared); for connection changes also every
-/// model placed on the node (its agent may not know them yet, or they just became unreachable).
+/// Fans agent changes out: always the node's status; the models `dispatch::models_to_reconcile`
+/// picks for the rest.
 pub async fn dispatch_fleet_changes(
     mut changes: mpsc::UnboundedReceiver<FleetChange>,
     models: Store<MetalModel>,
@@ -114,21 +109,7 @@ pub async fn dispatch_fleet_changes(
 ) {
     while let Some(change) = changes.recv().await {
         let _ = node_status.send(change.node.clone());
-        if change.kind == ChangeKind::Heartbeat {
-            continue;
-        }
-        let mut refs: std::collections::HashSet<ObjectRef<MetalModel>> =
-            change.models.iter().filter_map(|k| model_ref(k)).collect();
-        for m in models.state() {
-            let waiting = m.status.as_ref().is_none_or(|s| {
-                s.conditions.iter().any(|c| c.type_ == types::SCHEDULED && c.status != "True")
-                    || (change.kind == ChangeKind::Connection && s.replicas.iter().any(|r| r.node == change.node))
-            });
-            if waiting {
-                refs.insert(ObjectRef::from_obj(m.as_ref()));
-            }
-        }
-        for r in refs {
+        for r in models_to_reconcile(&change, &models.state()) {
             let _ = triggers.send(r);
         }
     }
