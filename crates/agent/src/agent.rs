@@ -10,7 +10,7 @@ use crate::AgentError;
 use crate::context::{AgentConfig, AgentContext};
 use crate::desired::DesiredModel;
 use crate::engine::orphans::reap_orphans;
-use crate::observe::report::ModelReport;
+use crate::observe::report::{ModelReport, ModelView};
 use crate::supervisor::SupervisorHandle;
 
 /// The supervisors by model key, and the models between two supervisors.
@@ -158,9 +158,9 @@ impl Agent {
         self.changes.subscribe()
     }
 
-    /// One model's state this moment, with live admission numbers.
-    pub async fn report(&self, key: &str) -> Option<ModelReport> {
-        self.supervisors.lock().await.running.get(key).map(SupervisorHandle::live_report)
+    /// One model's health and serving load this moment.
+    pub async fn report(&self, key: &str) -> Option<ModelView> {
+        self.supervisors.lock().await.running.get(key).map(SupervisorHandle::view)
     }
 
     pub fn set_source_errors(&self, errors: BTreeMap<String, String>) {
@@ -171,8 +171,8 @@ impl Agent {
         metalkube_runtime::sync::lock(&self.source_errors).clone()
     }
 
-    pub async fn reports(&self) -> Vec<ModelReport> {
-        self.supervisors.lock().await.running.values().map(SupervisorHandle::live_report).collect()
+    pub async fn reports(&self) -> Vec<ModelView> {
+        self.supervisors.lock().await.running.values().map(SupervisorHandle::view).collect()
     }
 
     /// A live view of one model's report, for waiting on a state change.

@@ -98,7 +98,7 @@ async fn overload_on_the_real_engine_gets_definite_answers_and_no_restart() {
     let mut answers = Vec::new();
     for r in requests {
         while !r.is_finished() {
-            max_queued = max_queued.max(h.agent.reports().await[0].queue_depth);
+            max_queued = max_queued.max(h.agent.reports().await[0].serving.queue_depth);
             tokio::task::yield_now().await;
         }
         answers.push(r.await.unwrap());
@@ -145,7 +145,7 @@ async fn streaming_passes_through_and_a_disconnect_frees_the_slot() {
     let rest: Vec<_> = stream.collect().await;
     let whole: Vec<u8> = rest.into_iter().flat_map(|c| c.unwrap().to_vec()).collect();
     assert!(whole.windows(6).any(|w| w == b"[DONE]"), "the stream ends properly");
-    assert!(h.agent.reports().await[0].decode_seconds_per_token.is_some(), "timings read on the way through");
+    assert!(h.agent.reports().await[0].serving.decode_seconds_per_token.is_some(), "timings read on the way through");
 
     // A client that leaves mid-stream: the engine slot is freed and generation stops.
     let predicted_before = tokens_predicted(&client, &engine).await;
@@ -175,7 +175,7 @@ async fn streaming_passes_through_and_a_disconnect_frees_the_slot() {
     let generated = tokens_predicted(&client, &engine).await - predicted_before;
     println!("disconnect: the engine generated {generated} of 6000 requested tokens");
     assert!(generated < 5000.0, "generation was cancelled, not finished: {generated} of 6000 tokens");
-    assert_eq!(h.agent.reports().await[0].in_flight, 0, "the admission place is given back");
+    assert_eq!(h.agent.reports().await[0].serving.in_flight, 0, "the admission place is given back");
     h.agent.shutdown().await;
 }
 
@@ -248,7 +248,7 @@ async fn an_engine_failing_everyone_is_taken_out_by_its_own_check_not_by_client_
     h.wait_for(&key, "ready again", |r| r.is_ready()).await;
     let resp = client.post(format!("{base}/completion")).json(&completion(4)).send().await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(h.agent.reports().await[0].circuit, "closed");
+    assert_eq!(h.agent.reports().await[0].serving.circuit, "closed");
     h.agent.shutdown().await;
 }
 

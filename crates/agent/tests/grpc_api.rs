@@ -108,7 +108,7 @@ async fn ensure_watch_and_stop_over_mtls_on_the_real_engine() {
     let list = client.list_models(pb::ListModelsRequest {}).await.unwrap().into_inner();
     assert_eq!(list.models.len(), 1);
 
-    let pid = h.agent.reports().await[0].pid.unwrap();
+    let pid = h.agent.reports().await[0].health.pid.unwrap();
     assert!(
         client.stop_model(pb::StopModelRequest { model: serving.model.clone() }).await.unwrap().into_inner().stopped
     );

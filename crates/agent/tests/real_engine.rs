@@ -70,7 +70,11 @@ async fn a_model_waits_for_memory_the_serving_models_hold() {
     assert!(waiting.last_error.unwrap().contains("held by default/first"));
     assert_eq!(waiting.memory_bytes, Some(one), "the estimate is reported while waiting");
     let first_now = h.agent.report("default/first").await.unwrap();
-    assert_eq!((first_now.phase, first_now.pid), (Phase::Serving, serving.pid), "the serving model is untouched");
+    assert_eq!(
+        (first_now.health.phase, first_now.health.pid),
+        (Phase::Serving, serving.pid),
+        "the serving model is untouched"
+    );
 
     h.agent.apply(vec![second]).await;
     let r = h.wait_for("default/second", "serving once first is gone", |r| r.phase == Phase::Serving).await;
@@ -263,7 +267,7 @@ async fn reports_answer_while_an_engine_stops_and_a_model_wanted_again_waits_for
     );
     // The queue's numbers are read live, not pushed: look until the request is in.
     let admitted = std::time::Instant::now();
-    while h.agent.report(&key).await.is_none_or(|r| r.in_flight == 0) {
+    while h.agent.report(&key).await.is_none_or(|r| r.serving.in_flight == 0) {
         assert!(admitted.elapsed() < std::time::Duration::from_secs(10), "the request never reached the engine");
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }

@@ -79,8 +79,8 @@ async fn no_client_can_take_the_model_offline_for_another() {
     let resp = client.post(format!("{base}/v1/chat/completions")).json(&chat()).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let r = h.agent.report(&key).await.unwrap();
-    assert_eq!((r.circuit, r.phase, r.restarts), ("closed", Phase::Serving, 0), "{r:#?}");
-    assert_ne!(r.grade, Some(Grade::Red));
+    assert_eq!((r.serving.circuit, r.health.phase, r.health.restarts), ("closed", Phase::Serving, 0), "{r:#?}");
+    assert_ne!(r.health.grade, Some(Grade::Red));
     let metrics = h.metrics().await;
     // 10 refused here (syntax) and 10 by the engine; the 500s and 501s passed through too.
     assert!(metrics.contains(r#"metalkube_agent_requests_total{model="default/isolated",code="400"} 20"#), "{metrics}");
@@ -112,7 +112,7 @@ async fn requests_after_streams_are_all_answered() {
     }
     assert_eq!(codes, [(200, 40)].into(), "every request answered by the engine");
     let r = h.agent.report(&key).await.unwrap();
-    assert_eq!((r.circuit, r.restarts), ("closed", 0), "{r:#?}");
+    assert_eq!((r.serving.circuit, r.health.restarts), ("closed", 0), "{r:#?}");
     h.agent.shutdown().await;
 }
 
@@ -247,7 +247,7 @@ async fn ambiguous_framing_and_oversized_heads_are_refused_before_the_engine() {
     let many: String = (0..100).map(|i| format!("X-H{i}: v\r\n")).collect();
     let many_headers = format!("GET /v1/models HTTP/1.1\r\nHost: x\r\n{many}\r\n");
     assert!(raw(port, many_headers.as_bytes()).await.starts_with("HTTP/1.1 431"));
-    assert_eq!(h.agent.report(&key).await.unwrap().circuit, "closed");
+    assert_eq!(h.agent.report(&key).await.unwrap().serving.circuit, "closed");
     h.agent.shutdown().await;
 }
 
@@ -339,7 +339,7 @@ async fn a_stream_the_engine_stops_feeding_is_ended_and_the_engine_checked() {
     // The stream flows; then the engine freezes mid-stream (decoding stops, nothing is sent).
     let first = tokio::time::timeout(GUARD, stream.next()).await.unwrap();
     assert!(first.is_some());
-    let pulses_before = h.agent.report(&key).await.unwrap().pulse_history.len();
+    let pulses_before = h.agent.report(&key).await.unwrap().health.pulse_history.len();
     signal(engine_pid, nix::sys::signal::Signal::SIGSTOP);
     let mut tail = Vec::new();
     let ended = tokio::time::timeout(GUARD, async {

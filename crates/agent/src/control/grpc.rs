@@ -21,7 +21,7 @@ use crate::control::desired_store::{DesiredStore, Record};
 use crate::control::grpc_tls::ServerTls;
 use crate::engine::download::remote::Token;
 use crate::observe::host;
-use crate::observe::report::ModelReport;
+use crate::observe::report::ModelView;
 use crate::{Agent, AgentError};
 
 /// PEM files for mTLS: the agent's identity and the CA its clients must be signed by.
@@ -55,7 +55,8 @@ impl AgentService {
         self
     }
 
-    fn state(&self, report: &ModelReport) -> pb::ModelState {
+    fn state(&self, view: &ModelView) -> pb::ModelState {
+        let report = &view.health;
         let record = self.store.get(&report.key());
         let record_keys = record.as_ref().map(Record::api_keys);
         pb::ModelState {
@@ -64,12 +65,12 @@ impl AgentService {
             generation: record.as_ref().map_or(0, |r| r.generation),
             phase: pb::ModelPhase::from(report.phase).into(),
             grade: pb::PulseGrade::from(report.grade).into(),
-            ready: report.is_ready(),
+            ready: view.is_ready(),
             saturated: report.saturated,
             pulse_seconds: report.last_pulse.as_ref().map_or(0.0, |p| p.wall_seconds),
             restarts: report.restarts,
-            queue_depth: report.queue_depth,
-            in_flight: report.in_flight,
+            queue_depth: view.serving.queue_depth,
+            in_flight: view.serving.in_flight,
             serving_port: report.serving_port.map_or(0, u32::from),
             last_error: report.last_error.clone().unwrap_or_default(),
             memory_bytes: report.memory_bytes.unwrap_or(0),
@@ -127,7 +128,7 @@ impl AgentApi for AgentService {
             .reports()
             .await
             .into_iter()
-            .map(|r| pb::ModelRef { namespace: r.namespace, name: r.name })
+            .map(|r| pb::ModelRef { namespace: r.health.namespace, name: r.health.name })
             .collect();
         Ok(Response::new(pb::InfoResponse {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),

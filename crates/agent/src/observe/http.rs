@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use serde::Serialize;
 
 use crate::Agent;
-use crate::observe::report::ModelReport;
+use crate::observe::report::ModelView;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     metalkube_runtime::admin::admin_routes(|agent: &Arc<Agent>| agent.context().metrics.encode())
@@ -42,8 +42,13 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
         .iter()
         .map(|r| {
             (
-                metalkube_api::ModelKey::new(&r.namespace, &r.name).to_string(),
-                ModelReadiness { ready: r.is_ready(), phase: r.phase, grade: r.grade, message: r.last_error.clone() },
+                r.key(),
+                ModelReadiness {
+                    ready: r.is_ready(),
+                    phase: r.health.phase,
+                    grade: r.health.grade,
+                    message: r.health.last_error.clone(),
+                },
             )
         })
         .collect();
@@ -55,7 +60,7 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
 #[derive(Serialize)]
 #[serde(rename_all = "camelCase")]
 struct ModelsResponse {
-    models: Vec<ModelReport>,
+    models: Vec<ModelView>,
     /// Files that could not be used, with why; models from them keep their last good spec.
     source_errors: BTreeMap<String, String>,
 }

@@ -1,10 +1,14 @@
-//! What the agent knows about one model right now: the JSON of `/api/v1/models`, the body of
-//! `/readyz`, and (later) what the Watch stream pushes.
+//! What the agent knows about one model right now. Two stages write it, each its own part: the
+//! supervisor the model's health (`ModelReport`: phase, pulses, restarts), the serving port its
+//! load (`ServingLoad`). `ModelView` puts them side by side when someone reads: the JSON of
+//! `/api/v1/models`, `/readyz`, the status page and the Watch stream.
 
 use std::collections::VecDeque;
 
 use metalkube_api::{Grade, Phase};
 use serde::Serialize;
+
+use crate::serving::ServingLoad;
 
 /// Pulses kept per model for the status page and for people reading `/api/v1/models`.
 pub const PULSE_HISTORY: usize = 120;
@@ -42,13 +46,6 @@ pub struct ModelReport {
     /// How long the last start took, from spawn to the first good pulse.
     pub last_start_seconds: Option<f64>,
     pub pulse_interval_seconds: f64,
-    /// Live numbers from the admission queue (filled in when the report is read).
-    pub in_flight: u32,
-    pub queue_depth: u32,
-    pub max_concurrent: u32,
-    pub circuit: &'static str,
-    /// Engine decode time per token, an EWMA read from real responses as they pass.
-    pub decode_seconds_per_token: Option<f64>,
     pub pulse_history: VecDeque<PulseRecord>,
     /// Estimated memory for serving this model, once its GGUF header has been read.
     pub memory_bytes: Option<u64>,
@@ -78,11 +75,6 @@ impl ModelReport {
             backoff_seconds: None,
             last_start_seconds: None,
             pulse_interval_seconds: 0.0,
-            in_flight: 0,
-            queue_depth: 0,
-            max_concurrent: 0,
-            circuit: "closed",
-            decode_seconds_per_token: None,
             pulse_history: VecDeque::new(),
             memory_bytes: None,
             serving_since_ms: None,
@@ -105,5 +97,24 @@ impl ModelReport {
         }
         self.pulse_history.push_back(record.clone());
         self.last_pulse = Some(record);
+    }
+}
+
+/// One model as a reader sees it: its health, and its serving port's load read at the same moment.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelView {
+    #[serde(flatten)]
+    pub health: ModelReport,
+    #[serde(flatten)]
+    pub serving: ServingLoad,
+}
+
+impl ModelView {
+    pub fn key(&self) -> String {
+        self.health.key()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.health.is_ready()
     }
 }

@@ -17,4 +17,4 @@ pub mod upstream;
 
 pub use policy::{Rejection, default_max_concurrent};
 pub use proxy::{Access, ClientTimeouts, ModelProxy, listen};
-pub use queue::{Admission, Limits};
+pub use queue::{Admission, Limits, ServingLoad};

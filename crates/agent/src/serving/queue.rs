@@ -43,6 +43,30 @@ struct Observed {
     decode_per_token: Ewma,
 }
 
+/// What the serving port says about its load: read by the observe stage for reports and by the
+/// health stage for grading; the serving stage is the only writer.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServingLoad {
+    /// Requests admitted to the engine and not finished.
+    pub in_flight: u32,
+    /// Requests waiting in line.
+    pub queue_depth: u32,
+    /// The admission limit.
+    pub max_concurrent: u32,
+    /// The upstream circuit breaker: `closed`, `half_open` or `open`.
+    pub circuit: &'static str,
+    /// Engine decode time per token, an EWMA read from real responses as they pass.
+    pub decode_seconds_per_token: Option<f64>,
+}
+
+impl ServingLoad {
+    /// The part the grader weighs: is a slow pulse queueing behind our own traffic?
+    pub fn grading_load(&self) -> Load {
+        Load { in_flight: self.in_flight, limit: self.max_concurrent, queued: self.queue_depth }
+    }
+}
+
 pub struct Admission {
     limits: Limits,
     places: Arc<Semaphore>,
@@ -108,6 +132,18 @@ impl Admission {
             in_flight: self.in_flight.load(Ordering::SeqCst),
             limit: self.limits.max_concurrent,
             queued: self.queued.load(Ordering::SeqCst),
+        }
+    }
+
+    /// The queue's numbers this moment, for reports and for the pulse's grade.
+    pub fn serving_load(&self) -> ServingLoad {
+        let load = self.load();
+        ServingLoad {
+            in_flight: load.in_flight,
+            queue_depth: load.queued,
+            max_concurrent: load.limit,
+            circuit: self.circuit_state().as_str(),
+            decode_seconds_per_token: self.decode_per_token().map(|d| d.as_secs_f64()),
         }
     }
 

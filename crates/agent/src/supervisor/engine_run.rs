@@ -242,14 +242,16 @@ impl Supervisor {
         } else {
             admission.upstream_succeeded();
         }
-        let verdict = self.grader.observe(sample.observation, admission.load());
+        // One read of the serving port's load for this grade: is a slow pulse our own queue?
+        let serving = admission.serving_load();
+        let verdict = self.grader.observe(sample.observation, serving.grading_load());
         let saturated = verdict.saturated || admission.take_saturation_signal();
         let key = self.key();
         let labels = crate::observe::metrics::ModelLabels { model: key };
         let m = &self.ctx.metrics;
         m.saturated.get_or_create(&labels).set(i64::from(saturated));
-        if let Some(d) = admission.decode_per_token() {
-            m.decode_per_token.get_or_create(&labels).set(d.as_secs_f64());
+        if let Some(d) = serving.decode_seconds_per_token {
+            m.decode_per_token.get_or_create(&labels).set(d);
         }
         m.pulse_duration.get_or_create(&labels).observe(sample.wall.as_secs_f64());
         m.pulse_last.get_or_create(&labels).set(sample.wall.as_secs_f64());

@@ -30,7 +30,7 @@ use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
-use crate::observe::report::{ModelReport, PulseRecord};
+use crate::observe::report::{ModelReport, ModelView, PulseRecord};
 use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 
 /// How often a starting engine's `/health` is asked; startup has no event to wait on.
@@ -141,17 +141,9 @@ impl SupervisorHandle {
         self.report.clone()
     }
 
-    /// The report with the admission queue's numbers as they are this moment.
-    pub fn live_report(&self) -> ModelReport {
-        let mut r = self.report.borrow().clone();
-        let admission = self.proxy.admission();
-        let load = admission.load();
-        r.in_flight = load.in_flight;
-        r.queue_depth = load.queued;
-        r.max_concurrent = load.limit;
-        r.circuit = admission.circuit_state().as_str();
-        r.decode_seconds_per_token = admission.decode_per_token().map(|d| d.as_secs_f64());
-        r
+    /// The model's health as last published, beside its serving port's load now.
+    pub fn view(&self) -> ModelView {
+        ModelView { health: self.report.borrow().clone(), serving: self.proxy.admission().serving_load() }
     }
 
     pub fn desired(&self) -> &DesiredModel {
