@@ -151,20 +151,27 @@ mod tests {
         Time(Timestamp::from_second(1_000).unwrap())
     }
 
+    /// Two assigned replicas on reachable nodes `a` and `b`.
+    fn reachable_pair<'a>(a: &'a pb::ModelState, b: &'a pb::ModelState) -> [ReplicaInput<'a>; 2] {
+        [
+            ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(a) },
+            ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: true, state: Some(b) },
+        ]
+    }
+
+    fn observation<'a>(
+        generation: Option<i64>,
+        replicas: &'a [ReplicaInput<'a>],
+        memory_bytes: Option<u64>,
+    ) -> ModelObservation<'a> {
+        ModelObservation { generation, desired_replicas: 2, unscheduled: None, replicas, memory_bytes }
+    }
+
     #[test]
     fn summarizes_worst_grade_slowest_pulse_and_sums() {
         let (a, b) = (state("Serving", "Green", 8080), state("Degraded", "Red", 8081));
-        let replicas = [
-            ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) },
-            ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: true, state: Some(&b) },
-        ];
-        let obs = ModelObservation {
-            generation: Some(3),
-            desired_replicas: 2,
-            unscheduled: None,
-            replicas: &replicas,
-            memory_bytes: Some(42),
-        };
+        let replicas = reachable_pair(&a, &b);
+        let obs = observation(Some(3), &replicas, Some(42));
         let s = model_status(&obs, &MetalModelStatus::default(), &now());
         assert_eq!((s.ready_replicas, s.grade, s.restarts, s.queue_depth), (1, Some(Grade::Red), 2, 4));
         assert_eq!(s.observed_generation, Some(3));
@@ -180,17 +187,8 @@ mod tests {
         a.download = Some(pb::DownloadProgress { done_bytes: 250, total_bytes: 1_000, bytes_per_second: 50.0 });
         let mut stale = state("Serving", "Green", 8080);
         stale.download = a.download;
-        let replicas = [
-            ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) },
-            ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: true, state: Some(&stale) },
-        ];
-        let obs = ModelObservation {
-            generation: Some(1),
-            desired_replicas: 2,
-            unscheduled: None,
-            replicas: &replicas,
-            memory_bytes: None,
-        };
+        let replicas = reachable_pair(&a, &stale);
+        let obs = observation(Some(1), &replicas, None);
         let s = model_status(&obs, &MetalModelStatus::default(), &now());
         let d = s.replicas[0].download.clone().unwrap();
         assert_eq!(
