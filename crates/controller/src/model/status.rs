@@ -207,13 +207,7 @@ mod tests {
             ReplicaInput { node: "a", address: "10.0.0.1", reachable: false, assigned: true, state: Some(&a) },
             ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: false, state: Some(&a) },
         ];
-        let obs = ModelObservation {
-            generation: Some(1),
-            desired_replicas: 1,
-            unscheduled: None,
-            replicas: &replicas,
-            memory_bytes: None,
-        };
+        let obs = ModelObservation { desired_replicas: 1, ..observation(Some(1), &replicas, None) };
         let s = model_status(&obs, &MetalModelStatus::default(), &now());
         assert_eq!(s.replicas.len(), 1, "a leaving replica is not a replica any more");
         assert_eq!(s.ready_replicas, 0);
@@ -234,13 +228,7 @@ mod tests {
         a.serving_since_unix_ms = 5_000_000;
         let replicas =
             [ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) }];
-        let obs = ModelObservation {
-            generation: Some(1),
-            desired_replicas: 1,
-            unscheduled: None,
-            replicas: &replicas,
-            memory_bytes: None,
-        };
+        let obs = ModelObservation { desired_replicas: 1, ..observation(Some(1), &replicas, None) };
         let first = model_status(&obs, &MetalModelStatus::default(), &now());
         assert_eq!(first.replicas[0].serving_since, serving_since(5_000_000));
         let restarted = pb::ModelState { serving_since_unix_ms: 9_000_000, ..a.clone() };
