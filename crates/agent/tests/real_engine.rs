@@ -114,8 +114,12 @@ async fn sigstop_turns_red_and_the_engine_is_replaced() {
     let old_pid = before.pid.unwrap();
     let clock = Stopwatch::start();
     signal(old_pid, Signal::SIGSTOP);
-    h.wait_for(&key, "red", |r| r.grade == Some(Grade::Red)).await;
+    let red = h.wait_for(&key, "red", |r| r.grade == Some(Grade::Red)).await;
     let to_red = clock.lap();
+    // Red from pulses still out past redAfter, with /slots silent, before any pulse timed out.
+    let last = red.last_pulse.clone().unwrap();
+    assert!(last.error.as_deref().is_some_and(|e| e.contains("still waiting")), "{last:?}");
+    assert!(!red.is_ready());
     let after = h
         .wait_for(&key, "serving again with a new process", |r| {
             r.phase == Phase::Serving && r.pid.is_some_and(|p| p != old_pid)

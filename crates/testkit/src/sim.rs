@@ -12,7 +12,8 @@ pub struct Fault {
     pub drift_ms_per_request: u64,
     /// Only the next completion takes this much longer (the slow first call after idle).
     pub slow_next_ms: u64,
-    /// Completions never answer while `/health` stays 200.
+    /// Completions never answer while `/health` stays 200; `/slots` and `/metrics`, which
+    /// llama-server serves from its task loop, do not answer either.
     pub wedged: bool,
     /// Completions answer 200 with a truncated JSON body.
     pub malformed: bool,

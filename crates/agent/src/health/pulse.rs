@@ -96,6 +96,17 @@ pub async fn take_pulse(client: &reqwest::Client, port: u16, timeout: Duration) 
     }
 }
 
+/// Whether the engine's task loop answers: `/slots` is served from that loop (unlike `/health`),
+/// so an answer within `within` means the engine is working, if slowly or on other requests, and
+/// silence means the loop is stuck (wedged, stopped, starved of CPU).
+pub async fn task_loop_answers(client: &reqwest::Client, port: u16, within: Duration) -> bool {
+    let url = format!("http://127.0.0.1:{port}/slots");
+    matches!(
+        tokio::time::timeout(within, client.get(url).send()).await,
+        Ok(Ok(resp)) if resp.status().is_success()
+    )
+}
+
 /// What `/health` says about a starting engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthState {

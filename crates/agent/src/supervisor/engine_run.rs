@@ -114,7 +114,7 @@ impl Supervisor {
     }
 
     /// Runs `fut` while watching for the engine's exit and for commands; whichever comes first.
-    async fn race<T>(&mut self, engine: &EngineProcess, fut: impl Future<Output = T>) -> Result<T, RunEnd> {
+    pub(super) async fn race<T>(&mut self, engine: &EngineProcess, fut: impl Future<Output = T>) -> Result<T, RunEnd> {
         tokio::pin!(fut);
         loop {
             tokio::select! {
@@ -185,17 +185,10 @@ impl Supervisor {
                 }
             })
             .await?;
-            let pulse = &self.desired.spec.pulse;
-            let (interval, timeout) = (pulse.interval.get(), pulse.timeout.get());
-            next = tokio::time::Instant::now() + interval;
+            next = tokio::time::Instant::now() + self.desired.spec.pulse.interval.get();
             last_pulse = tokio::time::Instant::now();
 
-            let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
-            let mut verdict = self.record(sample);
-            if verdict.action == Action::ConfirmNow {
-                let sample = self.race(engine, take_pulse(&client, port, timeout)).await?;
-                verdict = self.record(sample);
-            }
+            let verdict = self.pulse_round(engine).await?;
             if let Action::Restart(cause) = verdict.action {
                 let message = format!(
                     "pulse {}: {} confirmed red pulse(s); last {}",
@@ -230,60 +223,6 @@ impl Supervisor {
                 self.set_phase(next_phase);
             }
         }
-    }
-
-    /// Grades a sample and publishes it in the report and the metrics.
-    fn record(&mut self, sample: PulseSample) -> Verdict {
-        let admission = self.proxy.admission();
-        // The pulse is the agent's own well-formed request: its answer is what the circuit
-        // breaker believes about the engine, never a client's.
-        if sample.error.is_some() {
-            admission.upstream_failed();
-        } else {
-            admission.upstream_succeeded();
-        }
-        // One read of the serving port's load for this grade: is a slow pulse our own queue?
-        let serving = admission.serving_load();
-        let verdict = self.grader.observe(sample.observation, serving.grading_load());
-        let saturated = verdict.saturated || admission.take_saturation_signal();
-        let key = self.key();
-        let labels = crate::observe::metrics::ModelLabels { model: key };
-        let m = &self.ctx.metrics;
-        m.saturated.get_or_create(&labels).set(i64::from(saturated));
-        if let Some(d) = serving.decode_seconds_per_token {
-            m.decode_per_token.get_or_create(&labels).set(d);
-        }
-        m.pulse_duration.get_or_create(&labels).observe(sample.wall.as_secs_f64());
-        m.pulse_last.get_or_create(&labels).set(sample.wall.as_secs_f64());
-        if let Some(c) = sample.compute {
-            m.pulse_compute_last.get_or_create(&labels).set(c.as_secs_f64());
-        }
-        if let Some(g) = verdict.grade {
-            m.pulse_grade.get_or_create(&labels).set(g.level());
-        }
-        let baseline = self.grader.baseline().map(|b| b.as_secs_f64());
-        self.report.send_modify(|r| {
-            r.grade = verdict.grade;
-            r.saturated = saturated;
-            r.red_streak = verdict.red_streak;
-            r.baseline_seconds = baseline;
-            r.push_pulse(PulseRecord {
-                at_ms: now_ms(),
-                wall_seconds: sample.wall.as_secs_f64(),
-                compute_seconds: sample.compute.map(|c| c.as_secs_f64()),
-                grade: verdict.grade,
-                error: sample.error,
-            });
-        });
-        verdict
-    }
-}
-
-fn describe_pulse(p: &PulseRecord) -> String {
-    match (&p.error, p.compute_seconds) {
-        (Some(e), _) => e.clone(),
-        (None, Some(c)) => format!("took {:.3}s (engine compute {:.3}s)", p.wall_seconds, c),
-        (None, None) => format!("took {:.3}s", p.wall_seconds),
     }
 }
 

@@ -5,8 +5,10 @@
 
 mod engine_run;
 mod prepare;
+mod pulse_round;
 
 use prepare::Serving;
+use pulse_round::describe_pulse;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -27,7 +29,7 @@ use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
 use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
 use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
-use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
+use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse, task_loop_answers};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
 use crate::observe::report::{ModelReport, ModelView, PulseRecord};

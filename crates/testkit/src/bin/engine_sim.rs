@@ -120,12 +120,22 @@ async fn props(State(sim): State<Shared>) -> Json<Value> {
     Json(json!({"total_slots": sim.parallel, "model_path": sim.model, "default_generation_settings": {"n_ctx": 4096}}))
 }
 
+/// llama-server answers `/slots` and `/metrics` from its task loop (unlike `/health`): a wedged
+/// loop leaves them unanswered too.
+async fn wait_while_wedged(sim: &Sim) {
+    if sim.fault.read().await.wedged {
+        std::future::pending::<()>().await;
+    }
+}
+
 async fn slots(State(sim): State<Shared>) -> Json<Value> {
+    wait_while_wedged(&sim).await;
     let busy = sim.processing.load(Ordering::SeqCst) as usize;
     Json(Value::Array((0..sim.parallel).map(|id| json!({"id": id, "is_processing": id < busy})).collect()))
 }
 
 async fn metrics(State(sim): State<Shared>) -> String {
+    wait_while_wedged(&sim).await;
     format!(
         "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {}\n# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {}\n",
         sim.processing.load(Ordering::SeqCst),

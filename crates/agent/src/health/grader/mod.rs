@@ -8,7 +8,10 @@
 //!   of the two is what counts (the first request after idle can be slow for no bad reason);
 //! - saturation is not degradation: a slow pulse while our own load is at its limit, with the
 //!   engine's compute time normal, is queueing, not sickness;
-//! - `redStreak` confirmed reds restart the engine, and so does a confirmed hang.
+//! - `redStreak` confirmed reds restart the engine, and so does a confirmed hang;
+//! - a pulse still unanswered past the red threshold is a red sample already (`Overdue`), and
+//!   the confirming sample starts while the first is still out (`RoundPlan`), so readiness falls
+//!   within about interval + redAfter + 2 s of a hang, not after two timeouts.
 
 use std::time::Duration;
 
@@ -57,6 +60,10 @@ pub enum Observation {
     Answered { wall: Duration, compute: Option<Duration> },
     /// No answer by the pulse timeout.
     NoAnswer,
+    /// Still no answer after `waited`, which is past the red threshold, while the model is not at
+    /// its admission limit (so no queue of ours explains the wait): red by its own wall time,
+    /// without waiting for the timeout. Never a hang by itself.
+    Overdue { waited: Duration },
     /// An error answer or a broken connection.
     Failed,
 }
@@ -75,6 +82,20 @@ impl Load {
         self.queued > 0 || (self.limit > 0 && self.in_flight >= self.limit)
     }
 }
+
+/// When, in one pulse round, the supervisor acts on a pulse that has not answered yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundPlan {
+    /// Start the confirming sample when the first has been out this long: by then the first
+    /// cannot grade green any more, and starting early keeps confirmation from doubling the wait.
+    pub confirm_after: Duration,
+    /// A sample still out this long is red by its own wall time (`Observation::Overdue`).
+    pub overdue_after: Duration,
+}
+
+/// The confirming sample starts no later than this after the first, whatever `yellowAfter` is, so
+/// a hang is seen within interval + redAfter + this.
+pub const CONFIRM_START_CAP: Duration = Duration::from_secs(2);
 
 /// Why the grader wants a restart (named as a `FaultReason` in metrics and messages).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,9 +206,49 @@ impl Grader {
         }
     }
 
+    /// The wall time from which a pulse grades at least `grade` (yellow or red): the absolute
+    /// threshold, or the drift threshold once a baseline exists, whichever comes first.
+    fn threshold(&self, grade: Grade) -> Duration {
+        let (absolute, factor) = match grade {
+            Grade::Red => (self.cfg.red_after, self.cfg.drift.as_ref().map(|d| d.red_factor)),
+            _ => (self.cfg.yellow_after, self.cfg.drift.as_ref().map(|d| d.yellow_factor)),
+        };
+        let drift = match (&self.cfg.drift, self.baseline(), factor) {
+            (Some(d), Some(base), Some(f)) if !base.is_zero() => {
+                // One microsecond over the product, so rounding never leaves the threshold a
+                // hair under the factor it stands for.
+                Duration::try_from_secs_f64(base.as_secs_f64() * f)
+                    .ok()
+                    .map(|t| (t + Duration::from_micros(1)).max(d.floor))
+            }
+            _ => None,
+        };
+        drift.map_or(absolute, |t| t.min(absolute))
+    }
+
+    /// When to start the confirming sample and when an unanswered one counts as red.
+    pub fn round_plan(&self) -> RoundPlan {
+        let overdue_after = self.threshold(Grade::Red);
+        let confirm_after = self.threshold(Grade::Yellow).min(CONFIRM_START_CAP).min(overdue_after);
+        RoundPlan { confirm_after, overdue_after }
+    }
+
+    /// Both samples of a round, already counted as overdue, ended with no answer at all: the
+    /// same evidence as two timeouts, so the engine is hung and is restarted.
+    pub fn confirm_hang(&mut self) -> Verdict {
+        self.pending = None;
+        self.saturated = false;
+        self.grade = Some(Grade::Red);
+        let v = self.verdict(Action::Restart(RestartCause::Hang));
+        self.red_streak = 0;
+        v
+    }
+
     fn raw_grade(&self, obs: &Observation) -> Grade {
         match *obs {
-            Observation::Answered { wall, .. } => self.absolute(wall).max(self.relative(wall)),
+            Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } => {
+                self.absolute(wall).max(self.relative(wall))
+            }
             Observation::NoAnswer | Observation::Failed => Grade::Red,
         }
     }
@@ -266,183 +327,4 @@ impl Grader {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    fn cfg() -> GraderConfig {
-        GraderConfig {
-            yellow_after: Duration::from_secs(2),
-            red_after: Duration::from_secs(5),
-            red_streak: 3,
-            drift: Some(DriftConfig { yellow_factor: 4.0, red_factor: 20.0, floor: Duration::from_millis(500) }),
-            baseline_alpha: 0.2,
-            baseline_min_samples: 5,
-        }
-    }
-
-    fn ms(ms: u64) -> Observation {
-        Observation::Answered { wall: Duration::from_millis(ms), compute: Some(Duration::from_millis(ms)) }
-    }
-
-    fn busy() -> Load {
-        Load { in_flight: 3, limit: 3, queued: 4 }
-    }
-
-    #[test]
-    fn fast_pulses_are_green_and_build_a_baseline() {
-        let mut g = Grader::new(cfg());
-        for _ in 0..5 {
-            assert_eq!(g.observe(ms(100), Load::default()).grade, Some(Grade::Green));
-        }
-        assert_eq!(g.baseline(), Some(Duration::from_millis(100)));
-    }
-
-    #[test]
-    fn one_slow_pulse_after_idle_is_dismissed_by_its_confirmation() {
-        let mut g = Grader::new(cfg());
-        g.observe(ms(100), Load::default());
-        let v = g.observe(ms(7000), Load::default());
-        assert_eq!((v.action, v.grade), (Action::ConfirmNow, Some(Grade::Green)));
-        let v = g.observe(ms(120), Load::default());
-        assert_eq!((v.action, v.grade, v.red_streak), (Action::None, Some(Grade::Green), 0));
-    }
-
-    #[test]
-    fn red_streak_confirmed_reds_restart() {
-        let mut g = Grader::new(cfg());
-        for round in 1..=3 {
-            assert_eq!(g.observe(ms(6000), Load::default()).action, Action::ConfirmNow);
-            let v = g.observe(ms(6000), Load::default());
-            assert_eq!(v.grade, Some(Grade::Red));
-            assert_eq!(v.red_streak, round);
-            let want = if round == 3 { Action::Restart(RestartCause::PulseRed) } else { Action::None };
-            assert_eq!(v.action, want);
-        }
-    }
-
-    #[test]
-    fn a_confirmed_hang_restarts_at_once() {
-        let mut g = Grader::new(cfg());
-        assert_eq!(g.observe(Observation::NoAnswer, Load::default()).action, Action::ConfirmNow);
-        let v = g.observe(Observation::NoAnswer, Load::default());
-        assert_eq!(v.action, Action::Restart(RestartCause::Hang));
-        assert_eq!(v.grade, Some(Grade::Red));
-    }
-
-    #[test]
-    fn the_better_sample_counts() {
-        let mut g = Grader::new(cfg());
-        g.observe(ms(6000), Load::default());
-        assert_eq!(g.observe(ms(3000), Load::default()).grade, Some(Grade::Yellow));
-    }
-
-    #[test]
-    fn drift_against_the_baseline_turns_red_below_the_absolute_threshold() {
-        let mut g = Grader::new(cfg());
-        for _ in 0..5 {
-            g.observe(ms(50), Load::default());
-        }
-        // 1.2 s is green by the absolute thresholds but 24x the 50 ms baseline.
-        g.observe(ms(1200), Load::default());
-        assert_eq!(g.observe(ms(1200), Load::default()).grade, Some(Grade::Red));
-        // Below the floor, drift does not grade: 300 ms is 6x but noise at this scale.
-        assert_eq!(g.observe(ms(300), Load::default()).grade, Some(Grade::Green));
-    }
-
-    #[test]
-    fn saturation_with_normal_compute_is_not_degradation() {
-        let mut g = Grader::new(cfg());
-        for _ in 0..5 {
-            g.observe(ms(100), Load::default());
-        }
-        let queued = Observation::Answered { wall: Duration::from_secs(8), compute: Some(Duration::from_millis(110)) };
-        for _ in 0..10 {
-            g.observe(queued, busy());
-            let v = g.observe(queued, busy());
-            assert!(v.saturated);
-            assert_eq!(v.grade, Some(Grade::Yellow));
-            assert_eq!(v.action, Action::None);
-        }
-    }
-
-    #[test]
-    fn slow_compute_under_load_is_still_degradation() {
-        let mut g = Grader::new(cfg());
-        for _ in 0..5 {
-            g.observe(ms(100), Load::default());
-        }
-        let sick = Observation::Answered { wall: Duration::from_secs(8), compute: Some(Duration::from_secs(7)) };
-        let mut restarted = false;
-        for _ in 0..3 {
-            g.observe(sick, busy());
-            restarted |= g.observe(sick, busy()).action == Action::Restart(RestartCause::PulseRed);
-        }
-        assert!(restarted);
-    }
-
-    fn observation() -> impl Strategy<Value = Observation> {
-        prop_oneof![
-            8 => (0u64..12_000, proptest::option::of(0u64..12_000)).prop_map(|(w, c)| Observation::Answered {
-                wall: Duration::from_millis(w),
-                compute: c.map(Duration::from_millis)
-            }),
-            1 => Just(Observation::NoAnswer),
-            1 => Just(Observation::Failed),
-        ]
-    }
-
-    fn load() -> impl Strategy<Value = Load> {
-        (0u32..5, 0u32..5, 0u32..3).prop_map(|(in_flight, limit, queued)| Load { in_flight, limit, queued })
-    }
-
-    proptest! {
-        /// A restart needs evidence: at least redStreak confirmed reds (two samples each) or a
-        /// hang seen twice in a row.
-        #[test]
-        fn restarts_only_after_enough_consecutive_bad_samples(obs in proptest::collection::vec((observation(), load()), 1..200)) {
-            let mut g = Grader::new(cfg());
-            let mut non_green_run = 0u32;
-            let mut hang_run = 0u32;
-            for (o, l) in obs {
-                let raw = g.raw_grade(&o);
-                non_green_run = if raw == Grade::Green { 0 } else { non_green_run + 1 };
-                hang_run = if o == Observation::NoAnswer { hang_run + 1 } else { 0 };
-                match g.observe(o, l).action {
-                    Action::Restart(RestartCause::PulseRed) => prop_assert!(non_green_run >= 2 * cfg().red_streak),
-                    Action::Restart(RestartCause::Hang) => prop_assert!(hang_run >= 2),
-                    _ => {}
-                }
-            }
-        }
-
-        /// A single bad sample between good ones never changes the published grade.
-        #[test]
-        fn isolated_outliers_never_publish(bad in observation(), good_ms in 0u64..1000, n in 1usize..20) {
-            let mut g = Grader::new(cfg());
-            for _ in 0..n {
-                g.observe(ms(good_ms), Load::default());
-            }
-            let v = g.observe(bad, Load::default());
-            prop_assert_ne!(v.grade, Some(Grade::Red));
-            prop_assert!(!matches!(v.action, Action::Restart(_)));
-            let v = g.observe(ms(good_ms), Load::default());
-            prop_assert_eq!(v.grade, Some(Grade::Green));
-        }
-
-        /// While busy with normal compute, nothing the wall clock says restarts the engine.
-        #[test]
-        fn saturation_never_restarts(walls in proptest::collection::vec(0u64..12_000, 1..100)) {
-            let mut g = Grader::new(cfg());
-            for _ in 0..5 {
-                g.observe(ms(100), Load::default());
-            }
-            for w in walls {
-                let o = Observation::Answered { wall: Duration::from_millis(w), compute: Some(Duration::from_millis(100)) };
-                let v = g.observe(o, busy());
-                prop_assert!(!matches!(v.action, Action::Restart(_)));
-                prop_assert_ne!(v.grade, Some(Grade::Red));
-            }
-        }
-    }
-}
+mod tests;
