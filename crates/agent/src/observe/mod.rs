@@ -1,8 +1,10 @@
 //! The observe stage: what the agent tells people and Prometheus. The per-model report, the
-//! metrics, the HTTP endpoints, host memory and GPU, and the engine's own counters.
+//! metrics, the HTTP endpoints and status page, host memory and GPU, and the engine's own
+//! counters.
 
 pub mod engine_metrics;
 pub mod host;
 pub mod http;
 pub mod metrics;
 pub mod report;
+pub mod status_page;

@@ -5,13 +5,23 @@
 
 use std::collections::VecDeque;
 
-use metalkube_api::{Grade, Phase};
-use serde::Serialize;
+use metalkube_api::{Grade, Phase, PulseSpec};
+use serde::{Serialize, Serializer};
+
+use crate::health::lifecycle::FaultReason;
 
 use crate::serving::ServingLoad;
 
 /// Pulses kept per model for the status page and for people reading `/api/v1/models`.
 pub const PULSE_HISTORY: usize = 120;
+
+/// Restarts kept per model: enough to see a pattern (a crash loop, one reason repeating), few
+/// enough that a model restarting for days keeps a report of bounded size.
+pub const RESTART_HISTORY: usize = 20;
+
+/// A restart's message is an engine's log lines or an error chain; kept this long, since a
+/// report holds up to `RESTART_HISTORY` of them and is copied on every read.
+pub const RESTART_MESSAGE_BYTES: usize = 512;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -23,6 +33,37 @@ pub struct PulseRecord {
     /// The grade published after this pulse.
     pub grade: Option<Grade>,
     pub error: Option<String>,
+}
+
+/// One engine restart: when, why, and what was said about it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RestartRecord {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// Serialised as the `reason` label of `metalkube_agent_engine_restarts_total`.
+    #[serde(serialize_with = "fault_reason_name")]
+    pub reason: FaultReason,
+    pub message: String,
+}
+
+impl RestartRecord {
+    pub fn new(at_ms: u64, reason: FaultReason, message: &str) -> Self {
+        Self { at_ms, reason, message: truncated(message, RESTART_MESSAGE_BYTES) }
+    }
+}
+
+fn fault_reason_name<S: Serializer>(reason: &FaultReason, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(reason.as_str())
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, with an ellipsis when cut.
+fn truncated(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let end = (0..=max).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    format!("{}…", &text[..end])
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -46,6 +87,9 @@ pub struct ModelReport {
     /// How long the last start took, from spawn to the first good pulse.
     pub last_start_seconds: Option<f64>,
     pub pulse_interval_seconds: f64,
+    /// `spec.pulse.yellowAfter` and `redAfter`: the bands of the status page's pulse chart.
+    pub yellow_after_seconds: f64,
+    pub red_after_seconds: f64,
     pub pulse_history: VecDeque<PulseRecord>,
     /// Estimated memory for serving this model, once its GGUF header has been read.
     pub memory_bytes: Option<u64>,
@@ -54,6 +98,8 @@ pub struct ModelReport {
     pub serving_since_ms: Option<u64>,
     /// While the phase is `Downloading`: bytes done and total, rate and ETA.
     pub download: Option<metalkube_api::DownloadProgress>,
+    /// The last `RESTART_HISTORY` restarts, oldest first (`restarts` counts them all).
+    pub restart_history: VecDeque<RestartRecord>,
 }
 
 impl ModelReport {
@@ -75,11 +121,30 @@ impl ModelReport {
             backoff_seconds: None,
             last_start_seconds: None,
             pulse_interval_seconds: 0.0,
+            yellow_after_seconds: 0.0,
+            red_after_seconds: 0.0,
             pulse_history: VecDeque::new(),
             memory_bytes: None,
             serving_since_ms: None,
             download: None,
+            restart_history: VecDeque::new(),
         }
+    }
+
+    /// The pulse settings people read next to the pulses.
+    pub fn set_pulse_spec(&mut self, pulse: &PulseSpec) {
+        self.pulse_interval_seconds = pulse.interval.get().as_secs_f64();
+        self.yellow_after_seconds = pulse.yellow_after.get().as_secs_f64();
+        self.red_after_seconds = pulse.red_after.get().as_secs_f64();
+    }
+
+    /// Counts a restart and keeps it in the bounded history.
+    pub fn push_restart(&mut self, record: RestartRecord) {
+        self.restarts += 1;
+        if self.restart_history.len() == RESTART_HISTORY {
+            self.restart_history.pop_front();
+        }
+        self.restart_history.push_back(record);
     }
 
     pub fn key(&self) -> String {
@@ -116,5 +181,43 @@ impl ModelView {
 
     pub fn is_ready(&self) -> bool {
         self.health.is_ready()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_history_keeps_the_last_ones_and_counts_all() {
+        let mut r = ModelReport::new("ns", "m");
+        for i in 0..(RESTART_HISTORY as u64 + 5) {
+            r.push_restart(RestartRecord::new(i, FaultReason::Crash, "exit 1"));
+        }
+        assert_eq!(r.restarts, RESTART_HISTORY as u32 + 5);
+        assert_eq!(r.restart_history.len(), RESTART_HISTORY);
+        assert_eq!(r.restart_history.front().map(|x| x.at_ms), Some(5), "the oldest are dropped");
+    }
+
+    #[test]
+    fn restart_messages_are_cut_on_a_character_boundary() {
+        let long = "é".repeat(RESTART_MESSAGE_BYTES);
+        let rec = RestartRecord::new(0, FaultReason::Hang, &long);
+        assert!(rec.message.len() <= RESTART_MESSAGE_BYTES + '…'.len_utf8(), "{}", rec.message.len());
+        assert!(rec.message.ends_with('…'));
+        assert_eq!(RestartRecord::new(0, FaultReason::Hang, "short").message, "short");
+    }
+
+    #[test]
+    fn restart_reason_serialises_as_its_metric_label() {
+        let json = serde_json::to_value(RestartRecord::new(7, FaultReason::PulseRed, "slow")).unwrap_or_default();
+        assert_eq!(json, serde_json::json!({"atMs": 7, "reason": "pulse_red", "message": "slow"}));
+    }
+
+    #[test]
+    fn pulse_spec_sets_interval_and_bands() {
+        let mut r = ModelReport::new("ns", "m");
+        r.set_pulse_spec(&PulseSpec::default());
+        assert_eq!((r.pulse_interval_seconds, r.yellow_after_seconds, r.red_after_seconds), (5.0, 2.0, 5.0));
     }
 }

@@ -32,7 +32,7 @@ use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse, task_loop_answers};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
-use crate::observe::report::{ModelReport, ModelView, PulseRecord};
+use crate::observe::report::{ModelReport, ModelView, PulseRecord, RestartRecord};
 use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 
 /// How often a starting engine's `/health` is asked; startup has no event to wait on.
@@ -105,7 +105,7 @@ impl SupervisorHandle {
     pub fn spawn(ctx: Arc<AgentContext>, desired: DesiredModel) -> Self {
         let (commands, rx) = mpsc::unbounded_channel();
         let mut initial = ModelReport::new(&desired.namespace, &desired.name);
-        initial.pulse_interval_seconds = desired.spec.pulse.interval.get().as_secs_f64();
+        initial.set_pulse_spec(&desired.spec.pulse);
         let (report_tx, report) = watch::channel(initial);
         let series = ctx.metrics.serving_series(&desired.key());
         let engine_series = ctx.metrics.engine_series(&desired.key());
@@ -256,7 +256,7 @@ impl Supervisor {
         self.ctx.metrics.restarted(&self.key(), reason);
         // One update, so nobody watching sees the restart counted in the old phase.
         self.report.send_modify(|r| {
-            r.restarts += 1;
+            r.push_restart(RestartRecord::new(now_ms(), reason, &message));
             r.last_error = Some(message);
             r.backoff_seconds = Some(delay.as_secs_f64());
             r.phase = phase;
@@ -277,9 +277,8 @@ impl Supervisor {
     fn adopt(&mut self, desired: DesiredModel) {
         if desired.spec.pulse != self.desired.spec.pulse {
             self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
-            let interval = desired.spec.pulse.interval.get().as_secs_f64();
             self.ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
-            self.report.send_modify(|r| r.pulse_interval_seconds = interval);
+            self.report.send_modify(|r| r.set_pulse_spec(&desired.spec.pulse));
         }
         if limits(&desired) != limits(&self.desired) {
             self.proxy.replace_admission(Admission::new(limits(&desired), self.proxy.series().clone()));

@@ -1,0 +1,304 @@
+//! One model's pulse chart: an inline SVG drawn on the server, so that it reads with JavaScript
+//! off and fetches nothing. Wall time is a solid line with one point per pulse (coloured by the
+//! grade published after it; failed pulses hollow), engine compute time a dashed line, and the
+//! yellow and red bands come from the model's own thresholds.
+
+use std::fmt::Write;
+
+use metalkube_api::Grade;
+
+use super::{escape, fmt_age, fmt_seconds};
+use crate::observe::report::{ModelReport, PULSE_HISTORY, PulseRecord};
+
+const WIDTH: f64 = 720.0;
+const HEIGHT: f64 = 200.0;
+/// Room for the y labels on the left and the time labels at the bottom.
+const LEFT: f64 = 58.0;
+const RIGHT: f64 = 10.0;
+const TOP: f64 = 8.0;
+const BOTTOM: f64 = 22.0;
+
+/// The y axis is logarithmic from 1 ms to 30 s. Healthy pulses span 1 ms (the simulator) to
+/// about a second (a real model), while a sick engine reaches `redAfter` (5 s) and the
+/// incident behind this project saw 30 s: on a linear scale up to 30 s every healthy pulse
+/// would sit in the bottom pixel row and a 4x drift (the yellow drift factor) would be
+/// invisible. On a log scale a given ratio is the same height anywhere, which is how the
+/// drift grading reads pulses too. Pulses outside the range are drawn at its edge (their
+/// exact value is in each point's tooltip and data attributes).
+const FLOOR_SECONDS: f64 = 0.001;
+const CEILING_SECONDS: f64 = 30.0;
+
+/// Seconds to a y coordinate.
+struct YScale {
+    lo: f64,
+    hi: f64,
+}
+
+impl YScale {
+    /// The ceiling rises above 30 s only when `redAfter` is so high that its band would not
+    /// show.
+    fn new(red_after_seconds: f64) -> Self {
+        let ceiling =
+            if red_after_seconds.is_finite() { CEILING_SECONDS.max(red_after_seconds * 2.0) } else { CEILING_SECONDS };
+        Self { lo: FLOOR_SECONDS.log10(), hi: ceiling.log10() }
+    }
+
+    fn ceiling(&self) -> f64 {
+        10f64.powf(self.hi)
+    }
+
+    fn y(&self, seconds: f64) -> f64 {
+        let s = if seconds.is_finite() { seconds.max(FLOOR_SECONDS) } else { FLOOR_SECONDS };
+        let t = ((s.log10() - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0);
+        TOP + (1.0 - t) * (HEIGHT - TOP - BOTTOM)
+    }
+}
+
+/// Milliseconds since the epoch to an x coordinate: a strip chart ending now. Once the history
+/// is full it spans about `PULSE_HISTORY` intervals; until then the pulses gather on the
+/// right, so that the picture does not stretch and jump as pulses arrive.
+struct XScale {
+    end_ms: u64,
+    span_ms: u64,
+}
+
+impl XScale {
+    fn new(pulses: &[&PulseRecord], interval_seconds: f64, now_ms: u64) -> Self {
+        let end_ms = pulses.last().map_or(now_ms, |p| p.at_ms.max(now_ms));
+        let first_ms = pulses.first().map_or(end_ms, |p| p.at_ms);
+        let full_ms = if interval_seconds.is_finite() && interval_seconds > 0.0 {
+            (interval_seconds * 1000.0 * PULSE_HISTORY as f64) as u64
+        } else {
+            0
+        };
+        let span_ms = (end_ms - first_ms).max(full_ms).max(1);
+        Self { end_ms, span_ms }
+    }
+
+    fn x(&self, at_ms: u64) -> f64 {
+        let t = 1.0 - self.end_ms.saturating_sub(at_ms) as f64 / self.span_ms as f64;
+        LEFT + t.clamp(0.0, 1.0) * (WIDTH - LEFT - RIGHT)
+    }
+}
+
+/// Appends the chart of `r`'s recent pulses to `out`.
+pub(super) fn render(out: &mut String, r: &ModelReport, now_ms: u64) {
+    let pulses: Vec<&PulseRecord> = r.pulse_history.iter().collect();
+    let ys = YScale::new(r.red_after_seconds);
+    let xs = XScale::new(&pulses, r.pulse_interval_seconds, now_ms);
+    let (plot_right, plot_bottom) = (WIDTH - RIGHT, HEIGHT - BOTTOM);
+    let _ = write!(
+        out,
+        r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" data-pulses="{n}"><title>Pulses of {key}: {n} recent</title>"#,
+        n = pulses.len(),
+        key = escape(&r.key()),
+    );
+    bands(out, r, &ys, plot_right);
+    // Decade grid lines and labels.
+    let mut decade = FLOOR_SECONDS;
+    while decade <= ys.ceiling() * 1.0001 {
+        let y = ys.y(decade);
+        let _ = write!(
+            out,
+            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{plot_right}" y2="{y:.1}"/><text class="axis" x="{lx}" y="{ty:.1}" text-anchor="end">{label}</text>"#,
+            lx = LEFT - 6.0,
+            ty = y + 4.0,
+            label = fmt_seconds(decade),
+        );
+        decade *= 10.0;
+    }
+    let _ = write!(
+        out,
+        r#"<text class="axis" x="{LEFT}" y="{ty}">−{window}</text><text class="axis" x="{plot_right}" y="{ty}" text-anchor="end">now</text>"#,
+        ty = HEIGHT - 6.0,
+        window = fmt_seconds(xs.span_ms as f64 / 1000.0),
+    );
+    if pulses.is_empty() {
+        let _ = write!(
+            out,
+            r#"<text class="empty" x="{cx}" y="{cy}" text-anchor="middle">no pulses yet</text></svg>"#,
+            cx = (LEFT + plot_right) / 2.0,
+            cy = (TOP + plot_bottom) / 2.0,
+        );
+        return;
+    }
+    let wall: Vec<Option<(f64, f64)>> = pulses.iter().map(|p| Some((xs.x(p.at_ms), ys.y(p.wall_seconds)))).collect();
+    let compute: Vec<Option<(f64, f64)>> =
+        pulses.iter().map(|p| p.compute_seconds.map(|c| (xs.x(p.at_ms), ys.y(c)))).collect();
+    line(out, "compute", &compute);
+    line(out, "wall", &wall);
+    for (p, point) in pulses.iter().zip(&compute) {
+        if let Some((x, y)) = point {
+            let _ = write!(out, r#"<circle class="compute-point" cx="{x:.1}" cy="{y:.1}" r="1.8"/>"#);
+        }
+        point_of(out, p, &xs, &ys, now_ms);
+    }
+    out.push_str("</svg>");
+}
+
+/// The yellow band from `yellowAfter` to `redAfter`, the red one above, each with its label on
+/// the left, where a young history leaves room (pulses gather on the right).
+fn bands(out: &mut String, r: &ModelReport, ys: &YScale, plot_right: f64) {
+    let (yellow, red) = (r.yellow_after_seconds, r.red_after_seconds);
+    let width = plot_right - LEFT;
+    let label_x = LEFT + 4.0;
+    let top = ys.y(ys.ceiling());
+    if red > 0.0 {
+        let y = ys.y(red);
+        let _ = write!(
+            out,
+            r#"<rect class="band red" x="{LEFT}" y="{top:.1}" width="{width}" height="{h:.1}"/><text class="band-label red" x="{label_x}" y="{ty:.1}">red ≥ {label}</text>"#,
+            h = y - top,
+            ty = top + 12.0,
+            label = fmt_seconds(red),
+        );
+    }
+    if yellow > 0.0 && (red <= 0.0 || yellow < red) {
+        let y = ys.y(yellow);
+        let upper = if red > 0.0 { ys.y(red) } else { top };
+        // Inside the band when the text fits, else just under its lower edge.
+        let ty = if y - upper >= 13.0 { y - 3.0 } else { y + 12.0 };
+        let _ = write!(
+            out,
+            r#"<rect class="band yellow" x="{LEFT}" y="{upper:.1}" width="{width}" height="{h:.1}"/><text class="band-label yellow" x="{label_x}" y="{ty:.1}">yellow ≥ {label}</text>"#,
+            h = y - upper,
+            label = fmt_seconds(yellow),
+        );
+    }
+}
+
+/// A path through the points, broken where a point is missing (a pulse without compute time).
+fn line(out: &mut String, class: &str, points: &[Option<(f64, f64)>]) {
+    let mut d = String::new();
+    let mut pen_down = false;
+    for point in points {
+        match point {
+            Some((x, y)) => {
+                let _ = write!(d, "{}{x:.1} {y:.1} ", if pen_down { "L" } else { "M" });
+                pen_down = true;
+            }
+            None => pen_down = false,
+        }
+    }
+    if !d.is_empty() {
+        let _ = write!(out, r#"<path class="{class}" d="{}"/>"#, d.trim_end());
+    }
+}
+
+/// One pulse: its wall time as a point whose tooltip and data attributes hold the numbers.
+fn point_of(out: &mut String, p: &PulseRecord, xs: &XScale, ys: &YScale, now_ms: u64) {
+    let grade = p.grade.map_or("none", grade_class);
+    let failed = if p.error.is_some() { " failed" } else { "" };
+    let _ = write!(
+        out,
+        r#"<circle class="pulse grade-{grade}{failed}" cx="{x:.1}" cy="{y:.1}" r="3.2" data-at-ms="{at}" data-wall-seconds="{wall}""#,
+        x = xs.x(p.at_ms),
+        y = ys.y(p.wall_seconds),
+        at = p.at_ms,
+        wall = p.wall_seconds,
+    );
+    if let Some(c) = p.compute_seconds {
+        let _ = write!(out, r#" data-compute-seconds="{c}""#);
+    }
+    if let Some(g) = p.grade {
+        let _ = write!(out, r#" data-grade="{}""#, g.as_str());
+    }
+    let mut tip = format!("{}: wall {}", fmt_age(now_ms, p.at_ms), fmt_seconds(p.wall_seconds));
+    if let Some(c) = p.compute_seconds {
+        let _ = write!(tip, ", compute {}", fmt_seconds(c));
+    }
+    if let Some(g) = p.grade {
+        let _ = write!(tip, ", {}", g.as_str());
+    }
+    if let Some(e) = &p.error {
+        let _ = write!(tip, ", failed: {e}");
+    }
+    let _ = write!(out, "><title>{}</title></circle>", escape(&tip));
+}
+
+pub(super) fn grade_class(g: Grade) -> &'static str {
+    match g {
+        Grade::Green => "green",
+        Grade::Yellow => "yellow",
+        Grade::Red => "red",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pulse(at_ms: u64, wall: f64, compute: Option<f64>, grade: Option<Grade>, error: Option<&str>) -> PulseRecord {
+        PulseRecord { at_ms, wall_seconds: wall, compute_seconds: compute, grade, error: error.map(str::to_owned) }
+    }
+
+    #[test]
+    fn the_log_scale_keeps_a_ratio_the_same_height_and_clamps_outside_values() {
+        let s = YScale::new(5.0);
+        let (a, b) = (s.y(0.002) - s.y(0.008), s.y(0.5) - s.y(2.0));
+        assert!((a - b).abs() < 1e-9, "4x is the same height at 2 ms and at 500 ms: {a} vs {b}");
+        assert_eq!(s.y(0.0), s.y(FLOOR_SECONDS), "0 s sits on the floor");
+        assert_eq!(s.y(f64::NAN), s.y(FLOOR_SECONDS));
+        assert_eq!(s.y(1000.0), TOP, "over the ceiling sits at the top");
+        assert!(s.y(10.0) < s.y(1.0), "slower is higher");
+    }
+
+    #[test]
+    fn a_high_red_threshold_lifts_the_ceiling_so_its_band_shows() {
+        assert_eq!(YScale::new(5.0).ceiling().round(), 30.0);
+        let s = YScale::new(40.0);
+        assert!((s.ceiling() - 80.0).abs() < 1e-6);
+        assert!(s.y(40.0) > TOP + 10.0, "the red band has height");
+    }
+
+    #[test]
+    fn time_runs_left_to_right_and_a_young_history_gathers_on_the_right() {
+        let a = pulse(10_000, 0.01, None, None, None);
+        let b = pulse(11_000, 0.01, None, None, None);
+        let xs = XScale::new(&[&a, &b], 1.0, 11_000);
+        assert_eq!(xs.span_ms, 120_000, "the window of a full history");
+        assert!((xs.x(11_000) - (WIDTH - RIGHT)).abs() < 1e-9, "the last pulse is now, at the right edge");
+        assert!(xs.x(10_000) < xs.x(11_000) && xs.x(10_000) > WIDTH / 2.0);
+        let empty = XScale::new(&[], 0.0, 5);
+        assert_eq!(empty.x(5), WIDTH - RIGHT, "no interval, no pulses: still a valid scale");
+    }
+
+    #[test]
+    fn each_pulse_is_one_point_with_its_numbers_and_failed_ones_are_marked() {
+        let mut r = ModelReport::new("ns", "m");
+        r.pulse_interval_seconds = 1.0;
+        r.yellow_after_seconds = 2.0;
+        r.red_after_seconds = 5.0;
+        r.push_pulse(pulse(1_000, 0.012, Some(0.008), Some(Grade::Green), None));
+        r.push_pulse(pulse(2_000, 6.5, None, Some(Grade::Red), Some("timed out <after> 6s")));
+        r.push_pulse(pulse(3_000, 0.015, Some(0.01), Some(Grade::Green), None));
+        let mut out = String::new();
+        render(&mut out, &r, 3_000);
+        assert_eq!(out.matches(r#"<circle class="pulse "#).count(), 3, "{out}");
+        assert_eq!(out.matches("class=\"pulse grade-red failed\"").count(), 1, "{out}");
+        assert!(out.contains(r#"data-wall-seconds="0.012" data-compute-seconds="0.008" data-grade="Green""#), "{out}");
+        assert!(out.contains("timed out &lt;after&gt; 6s"), "error text is escaped: {out}");
+        assert!(!out.contains("<after>"));
+        assert_eq!(out.matches("compute-point").count(), 2);
+        let compute_path = out.split(r#"<path class="compute" d=""#).nth(1).unwrap_or_default();
+        let compute_path = compute_path.split('"').next().unwrap_or_default();
+        assert_eq!(
+            compute_path.matches('M').count(),
+            2,
+            "the compute line breaks where compute is missing: {compute_path}"
+        );
+        assert!(out.contains(r#"class="band yellow""#) && out.contains(r#"class="band red""#));
+        assert!(out.contains("yellow ≥ 2 s") && out.contains("red ≥ 5 s"), "{out}");
+        assert!(out.contains(r#"data-pulses="3""#));
+    }
+
+    #[test]
+    fn no_pulses_and_no_thresholds_draw_an_empty_chart() {
+        let r = ModelReport::new("ns", "m");
+        let mut out = String::new();
+        render(&mut out, &r, 0);
+        assert!(out.contains("no pulses yet") && out.ends_with("</svg>"), "{out}");
+        assert!(!out.contains("class=\"band"), "no thresholds, no bands");
+        assert!(!out.contains("class=\"pulse"));
+    }
+}
