@@ -13,6 +13,7 @@ pub mod request_shape;
 pub mod responses;
 pub mod routes;
 pub mod tap;
+pub mod traffic;
 pub mod upstream;
 
 pub use policy::{Rejection, default_max_concurrent};

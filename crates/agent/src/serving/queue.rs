@@ -10,6 +10,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
 use crate::health::grader::Load;
 use crate::observe::metrics::ServingSeries;
+use crate::serving::traffic::{TrafficEvidence, TrafficTally};
 use metalkube_circuit::{CircuitBreaker, CircuitState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +42,7 @@ struct Observed {
     service: Ewma,
     queue_wait: Ewma,
     decode_per_token: Ewma,
+    traffic: TrafficTally,
 }
 
 /// What the serving port says about its load: read by the observe stage for reports and by the
@@ -225,6 +227,21 @@ impl Admission {
 
     pub fn decode_per_token(&self) -> Option<Duration> {
         self.lock_observed().decode_per_token.get()
+    }
+
+    /// A client response completed, decoded at `per_token` per generated token if known.
+    pub fn observe_completion(&self, per_token: Option<Duration>) {
+        self.lock_observed().traffic.completed(per_token);
+    }
+
+    /// A client stream went silent for the stall timeout.
+    pub fn observe_stall(&self) {
+        self.lock_observed().traffic.stalled();
+    }
+
+    /// What client traffic showed since the last call (for the pulse; see `traffic`).
+    pub fn take_traffic(&self) -> TrafficEvidence {
+        self.lock_observed().traffic.take()
     }
 
     pub fn queue_wait(&self) -> Option<Duration> {

@@ -174,6 +174,12 @@ impl Body for TapBody {
                         stall.timer.as_mut().reset(next);
                     }
                 }
+                // A body of known length ends with its last data frame: hyper does not poll it
+                // again, and without this a whole JSON answer would count as abandoned.
+                if this.inner.is_end_stream() {
+                    this.ended = true;
+                    this.finish(true);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {

@@ -134,6 +134,19 @@ impl Supervisor {
         }
     }
 
+    /// Reads the interval's client traffic; true when it replaces this scheduled pulse.
+    fn traffic_stands_in(&mut self) -> bool {
+        let traffic = self.proxy.admission().take_traffic();
+        let grade = self.report.borrow().grade;
+        if traffic_replaces_pulse(&traffic, grade, self.pulses_replaced_in_a_row) {
+            self.pulses_replaced_in_a_row += 1;
+            self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Traffic);
+            return true;
+        }
+        self.pulses_replaced_in_a_row = 0;
+        false
+    }
+
     fn exit_end(&self, engine: &EngineProcess, status: ExitStatus) -> RunEnd {
         let tail = engine.tail();
         let message = format!("engine exited ({status}) after {:.1?}: {}", engine.uptime(), summarize(&tail));
@@ -175,17 +188,22 @@ impl Supervisor {
             // often than SIGNALLED_PULSE_GAP).
             let pulse_now = self.pulse_now.clone();
             let earliest_signalled = last_pulse + SIGNALLED_PULSE_GAP;
-            self.race(engine, async move {
-                tokio::select! {
-                    () = tokio::time::sleep_until(next) => {}
-                    () = async {
-                        pulse_now.notified().await;
-                        tokio::time::sleep_until(earliest_signalled).await;
-                    } => {}
-                }
-            })
-            .await?;
+            let signalled = self
+                .race(engine, async move {
+                    tokio::select! {
+                        () = tokio::time::sleep_until(next) => false,
+                        () = async {
+                            pulse_now.notified().await;
+                            tokio::time::sleep_until(earliest_signalled).await;
+                        } => true,
+                    }
+                })
+                .await?;
             next = tokio::time::Instant::now() + self.desired.spec.pulse.interval.get();
+            // A pulse the serving port called for (a stall, a server error) always goes out.
+            if !signalled && self.traffic_stands_in() {
+                continue;
+            }
             last_pulse = tokio::time::Instant::now();
 
             let verdict = self.pulse_round(engine).await?;

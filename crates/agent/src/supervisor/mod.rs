@@ -27,6 +27,7 @@ use crate::engine::download::CacheLease;
 use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
 use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
+use crate::health::evidence::{PulseSkip, traffic_replaces_pulse};
 use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
 use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse, task_loop_answers};
@@ -134,6 +135,7 @@ impl SupervisorHandle {
             report: report_tx,
             port_conflicts: 0,
             cache_lease: None,
+            pulses_replaced_in_a_row: 0,
         };
         let task = tokio::spawn(sup.run());
         Self { commands, report, proxy, desired, task }
@@ -180,6 +182,8 @@ struct Supervisor {
     port_conflicts: u32,
     /// Keeps this model's downloaded files out of cache eviction while it is here.
     cache_lease: Option<CacheLease>,
+    /// Scheduled pulses client traffic stood in for since the last real one.
+    pulses_replaced_in_a_row: u32,
 }
 
 fn now_ms() -> u64 {

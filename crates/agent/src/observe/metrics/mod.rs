@@ -18,6 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::health::evidence::PulseSkip;
 use crate::health::lifecycle::FaultReason;
 use crate::observe::host::HostCollector;
 
@@ -99,6 +100,8 @@ pub struct Metrics {
     pub engine_up: Family<ModelLabels, Gauge>,
     pub engine_phase: Family<PhaseLabels, Gauge>,
     pub engine_restarts: Family<RestartLabels, Counter>,
+    /// Scheduled pulses not sent, by `PulseSkip` reason.
+    pub pulses_skipped: Family<ReasonLabels, Counter>,
     pub engine_rss: Family<ModelLabels, Gauge>,
     pub engine_prompt_tokens: Family<ModelLabels, Counter>,
     pub engine_prompt_seconds: Family<ModelLabels, F64Counter>,
@@ -143,6 +146,7 @@ impl Metrics {
             engine_up: Family::default(),
             engine_phase: Family::default(),
             engine_restarts: Family::default(),
+            pulses_skipped: Family::default(),
             engine_rss: Family::default(),
             engine_prompt_tokens: Family::default(),
             engine_prompt_seconds: Family::default(),
@@ -265,9 +269,19 @@ impl Metrics {
         self.pulse_red_after.get_or_create(&labels).set(pulse.red_after.get().as_secs_f64());
     }
 
-    /// The engine series of `model`, created at 0 (restarts by every reason included).
+    pub fn pulse_skipped(&self, model: &str, why: PulseSkip) {
+        self.pulses_skipped
+            .get_or_create(&ReasonLabels { model: model.to_owned(), reason: why.as_str().to_owned() })
+            .inc();
+    }
+
+    /// The engine series of `model`, created at 0 (restarts and skipped pulses by every reason
+    /// included).
     pub fn engine_series(&self, model: &str) -> EngineSeries {
         let labels = ModelLabels { model: model.to_owned() };
+        for why in PulseSkip::ALL.map(PulseSkip::as_str) {
+            drop(self.pulses_skipped.get_or_create(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() }));
+        }
         for reason in FaultReason::ALL.map(FaultReason::as_str) {
             drop(
                 self.engine_restarts
@@ -360,6 +374,9 @@ impl Metrics {
         }
         for p in Phase::ALL {
             self.engine_phase.remove(&PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() });
+        }
+        for why in PulseSkip::ALL.map(PulseSkip::as_str) {
+            self.pulses_skipped.remove(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() });
         }
         for reason in FaultReason::ALL.map(FaultReason::as_str) {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });

@@ -83,6 +83,11 @@ impl Metrics {
         r.register("engine_up", "1 when the engine is serving", self.engine_up.clone());
         r.register("engine_phase", "1 for the model's current phase, 0 for the others", self.engine_phase.clone());
         r.register("engine_restarts", "Engine restarts by reason", self.engine_restarts.clone());
+        r.register(
+            "pulses_skipped",
+            "Scheduled pulses not sent, by reason: traffic (client requests completed at normal speed stood in) or sleeping (a pulse would wake the engine)",
+            self.pulses_skipped.clone(),
+        );
         r.register_with_unit(
             "engine_resident_memory",
             "Resident memory of the model's llama-server process (0 while none runs)",

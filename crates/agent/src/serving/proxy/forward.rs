@@ -105,6 +105,7 @@ impl ModelProxy {
                 code.duration.observe(outcome.duration.as_secs_f64());
                 if outcome.complete {
                     done_admission.observe_service(outcome.duration);
+                    done_admission.observe_completion(outcome.timings.and_then(|t| t.decode_per_token()));
                 }
                 if let Some(t) = outcome.timings {
                     series.generated_tokens.inc_by(t.predicted_n);
@@ -115,9 +116,11 @@ impl ModelProxy {
             },
         );
         let tap = if streaming {
-            let (stalls, pulse_now) = (self.series.stream_stalls.clone(), self.pulse_now.clone());
+            let (stalls, pulse_now, stalled) =
+                (self.series.stream_stalls.clone(), self.pulse_now.clone(), admission.clone());
             tap.watch_stalls(StallWatch::new(access.stream_stall_timeout, move || {
                 stalls.inc();
+                stalled.observe_stall();
                 pulse_now.notify_one();
             }))
         } else {
