@@ -1,6 +1,7 @@
-//! Real traffic as evidence: while client requests complete at normal speed, scheduled pulses
-//! are skipped and counted (`reason="traffic"`); a real pulse still goes out every few intervals,
-//! and an idle model is pulsed as before. On the simulator and on the real engine.
+//! Pulses not sent, on the simulator and on the real engine: while client requests complete at
+//! normal speed, scheduled pulses are skipped and counted (`reason="traffic"`), a real pulse still
+//! goes out every few intervals, and an idle model is pulsed as before; a sleeping engine is
+//! never woken by a pulse (`reason="sleeping"`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -99,4 +100,66 @@ async fn normal_traffic_stands_in_for_pulses_on_the_simulator() {
 #[tokio::test(flavor = "multi_thread")]
 async fn normal_traffic_stands_in_for_pulses_on_the_real_engine() {
     traffic_stands_in_for_pulses(Harness::new(real_engine()).await, "busy-real").await;
+}
+
+fn skipped(metrics: &str, key: &str, reason: &str) -> u64 {
+    let prefix = format!(r#"metalkube_agent_pulses_skipped_total{{model="{key}",reason="{reason}"}} "#);
+    metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
+}
+
+async fn engine_says_sleeping(port: u16) -> bool {
+    let props: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{port}/props")).await.unwrap().json().await.unwrap();
+    props["is_sleeping"].as_bool().unwrap()
+}
+
+/// An engine set to sleep after 1 s idle: left alone once clients are away, reported
+/// `Sleeping` (ready, grade kept) once it sleeps, never woken by a pulse, and back to `Serving`
+/// when a client wakes it, without a red grade for the cold first answer.
+async fn a_sleeping_engine_is_left_asleep(h: Harness, name: &str) {
+    let mut desired = h.desired(name, None);
+    desired.spec.engine.sleep_after_idle = Some(metalkube_api::Duration::from_secs(1));
+    let key = h.serve(desired).await;
+    h.wait_for(&key, "serving green", |r| r.phase == Phase::Serving && r.grade == Some(Grade::Green)).await;
+    let asleep = h.wait_for(&key, "asleep", |r| r.phase == Phase::Sleeping).await;
+    assert!(asleep.is_ready(), "a sleeping engine takes traffic (the first request wakes it)");
+    assert_eq!(asleep.grade, Some(Grade::Green), "the grade is kept");
+    let (internal, serving) = (asleep.internal_port.unwrap(), asleep.serving_port.unwrap());
+
+    // Ten pulse intervals: the agent keeps asking /props (which does not wake it) and sends no
+    // pulse; the engine stays asleep.
+    let pulses = asleep.pulse_history.len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(engine_says_sleeping(internal).await, "no pulse woke it");
+    let r = h.agent.report(&key).await.unwrap().health;
+    assert_eq!((r.phase, r.pulse_history.len()), (Phase::Sleeping, pulses), "no pulse while asleep");
+    let metrics = h.metrics().await;
+    assert!(skipped(&metrics, &key, "sleeping") >= 5, "{metrics}");
+    assert!(skipped(&metrics, &key, "idle") >= 1, "{metrics}");
+
+    // A client wakes it.
+    let answer = reqwest::Client::new()
+        .post(format!("http://127.0.0.1:{serving}/v1/chat/completions"))
+        .json(&serde_json::json!({"messages": [{"role": "user", "content": "wake up"}], "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert!(answer.status().is_success());
+    let awake = h
+        .wait_for(&key, "awake and pulsed again", |r| r.phase == Phase::Serving && r.pulse_history.len() > pulses)
+        .await;
+    assert_ne!(awake.grade, Some(Grade::Red));
+    assert_eq!(awake.restarts, 0);
+    println!("{name}: asleep, {} pulses skipped while asleep, woken by a client", skipped(&metrics, &key, "sleeping"));
+    h.agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sleeping_engine_is_left_asleep_on_the_simulator() {
+    a_sleeping_engine_is_left_asleep(Harness::new(sim_engine()).await, "sleepy-sim").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sleeping_engine_is_left_asleep_on_the_real_engine() {
+    a_sleeping_engine_is_left_asleep(Harness::new(real_engine()).await, "sleepy-real").await;
 }

@@ -143,6 +143,12 @@ pub struct EngineSpec {
     pub extra_args: Vec<String>,
     /// How long loading may take before the start counts as failed.
     pub startup_timeout: Duration,
+    /// Idle time after which llama-server unloads the model to free memory and sleeps
+    /// (`--sleep-idle-seconds`, whole seconds); the next request reloads it. Unset: never. The
+    /// agent stops pulsing an idle sleeping-enabled model so it can fall asleep, never wakes it
+    /// with a pulse, and reports phase `Sleeping`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep_after_idle: Option<Duration>,
 }
 
 impl Default for EngineSpec {
@@ -153,6 +159,7 @@ impl Default for EngineSpec {
             parallel: 4,
             extra_args: Vec::new(),
             startup_timeout: Duration::from_secs(300),
+            sleep_after_idle: None,
         }
     }
 }
@@ -268,6 +275,9 @@ pub enum Phase {
     Downloading,
     Starting,
     Serving,
+    /// The engine unloaded its model after `sleepAfterIdle` without requests; the next request
+    /// reloads it. Ready for traffic (the first request waits for the reload); the grade is kept.
+    Sleeping,
     Degraded,
     Restarting,
     CrashLoopBackOff,
@@ -275,11 +285,12 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 8] = [
+    pub const ALL: [Phase; 9] = [
         Phase::Pending,
         Phase::Downloading,
         Phase::Starting,
         Phase::Serving,
+        Phase::Sleeping,
         Phase::Degraded,
         Phase::Restarting,
         Phase::CrashLoopBackOff,
@@ -291,6 +302,7 @@ impl Phase {
             Phase::Downloading => "Downloading",
             Phase::Starting => "Starting",
             Phase::Serving => "Serving",
+            Phase::Sleeping => "Sleeping",
             Phase::Degraded => "Degraded",
             Phase::Restarting => "Restarting",
             Phase::CrashLoopBackOff => "CrashLoopBackOff",
@@ -301,6 +313,12 @@ impl Phase {
     /// The inverse of `as_str` (the gRPC API carries phases as these names).
     pub fn parse(s: &str) -> Option<Phase> {
         Self::ALL.into_iter().find(|p| p.as_str() == s)
+    }
+
+    /// An engine process is up and answering in this phase (sleeping included: it wakes on the
+    /// next request).
+    pub fn engine_up(self) -> bool {
+        matches!(self, Phase::Serving | Phase::Sleeping)
     }
 }
 

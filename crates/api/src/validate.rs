@@ -28,6 +28,7 @@ pub const AGENT_OWNED_FLAGS: &[(&str, &str)] = &[
     ("--path", "the agent serves no static files through the engine"),
     ("--no-slots", "the agent reads /slots"),
     ("--slots", "the agent enables it"),
+    ("--sleep-idle-seconds", "use spec.engine.sleepAfterIdle"),
     ("-a", "the agent names the model after the MetalModel"),
     ("--alias", "the agent names the model after the MetalModel"),
 ];
@@ -65,6 +66,15 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
     }
     if engine.gpu_layers < -1 {
         err("spec.engine.gpuLayers", format!("{}", engine.gpu_layers), "-1 (all) or 0 and more");
+    }
+    if let Some(idle) = engine.sleep_after_idle
+        && idle.get() < std::time::Duration::from_secs(1)
+    {
+        err(
+            "spec.engine.sleepAfterIdle",
+            format!("{idle:?} is under a second"),
+            "whole seconds, 1s or more (llama-server's --sleep-idle-seconds), or unset",
+        );
     }
     if engine.startup_timeout.get().is_zero() {
         err("spec.engine.startupTimeout", "zero".into(), "a positive duration such as 5m");

@@ -55,13 +55,10 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
         1u32..=256,
         prop::collection::vec(".*".prop_filter("not an owned flag", |a| !is_owned_flag(a)), 0..4),
         duration(),
+        prop::option::of(1u64..100_000).prop_map(|s| s.map(metalkube_api::Duration::from_secs)),
     )
-        .prop_map(|(context_size, gpu_layers, parallel, extra_args, startup_timeout)| EngineSpec {
-            context_size,
-            gpu_layers,
-            parallel,
-            extra_args,
-            startup_timeout,
+        .prop_map(|(context_size, gpu_layers, parallel, extra_args, startup_timeout, sleep_after_idle)| {
+            EngineSpec { context_size, gpu_layers, parallel, extra_args, startup_timeout, sleep_after_idle }
         });
     let admission = (
         prop::option::of(1u32..),

@@ -42,4 +42,7 @@ pub struct SimStartup {
     /// Decoding slots, instead of `--parallel` (a MetalModel allows at most 256; the streaming
     /// benchmark holds 1,000 streams at once).
     pub slots: Option<usize>,
+    /// With `--sleep-idle-seconds`: how long waking takes (llama-server reloads the model), in
+    /// milliseconds.
+    pub wake_ms: u64,
 }

@@ -28,6 +28,10 @@ pub fn engine_args(engine: &EngineSpec, model: &Path, name: &str, port: u16) -> 
         "--slots".into(),
         "--no-webui".into(),
     ];
+    if let Some(idle) = engine.sleep_after_idle {
+        // Whole seconds, at least one (validation refuses less).
+        args.extend(["--sleep-idle-seconds".into(), idle.get().as_secs().max(1).to_string().into()]);
+    }
     args.extend(engine.extra_args.iter().map(OsString::from));
     args
 }

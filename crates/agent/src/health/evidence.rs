@@ -17,18 +17,32 @@ pub enum PulseSkip {
     Traffic,
     /// The engine sleeps (llama-server's `--sleep-idle-seconds`); a pulse would wake it.
     Sleeping,
+    /// The engine may sleep and no client has used it for half its idle time: it is left alone
+    /// so that it can fall asleep (every pulse restarts its idle clock).
+    Idle,
 }
 
 impl PulseSkip {
-    pub const ALL: [PulseSkip; 2] = [PulseSkip::Traffic, PulseSkip::Sleeping];
+    pub const ALL: [PulseSkip; 3] = [PulseSkip::Traffic, PulseSkip::Sleeping, PulseSkip::Idle];
 
     /// The `reason` label.
     pub fn as_str(self) -> &'static str {
         match self {
             PulseSkip::Traffic => "traffic",
             PulseSkip::Sleeping => "sleeping",
+            PulseSkip::Idle => "idle",
         }
     }
+}
+
+/// An engine set to sleep after `sleep_after_idle` is left unpulsed once clients have been away
+/// for half of it: pulses would keep it awake for ever, and it must be asleep (its memory free)
+/// well within the time its owner set.
+pub fn leave_idle_engine_alone(
+    sleep_after_idle: Option<std::time::Duration>,
+    clients_idle_for: std::time::Duration,
+) -> bool {
+    sleep_after_idle.is_some_and(|after| clients_idle_for >= after / 2)
 }
 
 /// True when the interval's client traffic makes the scheduled pulse redundant: some requests
@@ -66,6 +80,14 @@ mod tests {
         for grade in [None, Some(Grade::Yellow), Some(Grade::Red)] {
             assert!(!traffic_replaces_pulse(&normal(9), grade, 0), "{grade:?}");
         }
+    }
+
+    #[test]
+    fn only_engines_that_may_sleep_are_left_alone_when_idle() {
+        let s = std::time::Duration::from_secs;
+        assert!(!leave_idle_engine_alone(None, s(3600)), "no sleep set: pulsed as always");
+        assert!(!leave_idle_engine_alone(Some(s(60)), s(29)));
+        assert!(leave_idle_engine_alone(Some(s(60)), s(30)));
     }
 
     proptest! {

@@ -107,6 +107,15 @@ pub async fn task_loop_answers(client: &reqwest::Client, port: u16, within: Dura
     )
 }
 
+/// Whether the engine sleeps, from `/props` (which llama-server answers without waking): Some
+/// only when it answered with an `is_sleeping` boolean.
+pub async fn engine_sleeping(client: &reqwest::Client, port: u16, within: Duration) -> Option<bool> {
+    let url = format!("http://127.0.0.1:{port}/props");
+    let answer = tokio::time::timeout(within, async { client.get(url).send().await?.bytes().await }).await;
+    let body = answer.ok()?.ok()?;
+    serde_json::from_slice::<serde_json::Value>(&body).ok()?.get("is_sleeping")?.as_bool()
+}
+
 /// What `/health` says about a starting engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HealthState {

@@ -151,9 +151,10 @@ impl ModelReport {
         metalkube_api::ModelKey::new(&self.namespace, &self.name).to_string()
     }
 
-    /// Ready to take traffic: serving, and the pulse is not red.
+    /// Ready to take traffic: serving (or asleep, waking on the next request), and the pulse is
+    /// not red.
     pub fn is_ready(&self) -> bool {
-        self.phase == Phase::Serving && self.grade != Some(Grade::Red)
+        self.phase.engine_up() && self.grade != Some(Grade::Red)
     }
 
     pub fn push_pulse(&mut self, record: PulseRecord) {

@@ -43,6 +43,8 @@ struct Observed {
     queue_wait: Ewma,
     decode_per_token: Ewma,
     traffic: TrafficTally,
+    /// When a client request last started or ended.
+    last_active: Option<Instant>,
 }
 
 /// What the serving port says about its load: read by the observe stage for reports and by the
@@ -79,6 +81,7 @@ pub struct Admission {
     observed: Mutex<Observed>,
     circuit: Mutex<CircuitBreaker>,
     series: Arc<ServingSeries>,
+    created: Instant,
 }
 
 /// A place at the engine; given back when dropped (the response finished or the client left).
@@ -89,6 +92,7 @@ pub struct Permit {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.admission.lock_observed().last_active = Some(Instant::now());
         let now = self.admission.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
         self.admission.series.in_flight.set(i64::from(now));
         if now == 0 {
@@ -122,6 +126,7 @@ impl Admission {
             observed: Mutex::new(Observed::default()),
             circuit: Mutex::new(CircuitBreaker::new(5, Duration::from_secs(2))),
             series,
+            created: Instant::now(),
         })
     }
 
@@ -190,6 +195,7 @@ impl Admission {
     }
 
     fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
+        self.lock_observed().last_active = Some(Instant::now());
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.series.in_flight.set(i64::from(now));
         Permit { _place: place, admission: self.clone() }
@@ -237,6 +243,15 @@ impl Admission {
     /// A client stream went silent for the stall timeout.
     pub fn observe_stall(&self) {
         self.lock_observed().traffic.stalled();
+    }
+
+    /// How long no client request has been admitted, waiting or running (zero while one is).
+    pub fn idle_for(&self) -> Duration {
+        let load = self.load();
+        if load.in_flight > 0 || load.queued > 0 {
+            return Duration::ZERO;
+        }
+        self.lock_observed().last_active.unwrap_or(self.created).elapsed()
     }
 
     /// What client traffic showed since the last call (for the pulse; see `traffic`).

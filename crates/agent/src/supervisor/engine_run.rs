@@ -134,19 +134,6 @@ impl Supervisor {
         }
     }
 
-    /// Reads the interval's client traffic; true when it replaces this scheduled pulse.
-    fn traffic_stands_in(&mut self) -> bool {
-        let traffic = self.proxy.admission().take_traffic();
-        let grade = self.report.borrow().grade;
-        if traffic_replaces_pulse(&traffic, grade, self.pulses_replaced_in_a_row) {
-            self.pulses_replaced_in_a_row += 1;
-            self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Traffic);
-            return true;
-        }
-        self.pulses_replaced_in_a_row = 0;
-        false
-    }
-
     fn exit_end(&self, engine: &EngineProcess, status: ExitStatus) -> RunEnd {
         let tail = engine.tail();
         let message = format!("engine exited ({status}) after {:.1?}: {}", engine.uptime(), summarize(&tail));
@@ -201,7 +188,7 @@ impl Supervisor {
                 .await?;
             next = tokio::time::Instant::now() + self.desired.spec.pulse.interval.get();
             // A pulse the serving port called for (a stall, a server error) always goes out.
-            if !signalled && self.traffic_stands_in() {
+            if !signalled && (self.sleep_stands_in(engine).await? || self.traffic_stands_in()) {
                 continue;
             }
             last_pulse = tokio::time::Instant::now();

@@ -6,6 +6,7 @@
 mod engine_run;
 mod prepare;
 mod pulse_round;
+mod pulse_skips;
 
 use prepare::Serving;
 use pulse_round::describe_pulse;
@@ -27,7 +28,6 @@ use crate::engine::download::CacheLease;
 use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
 use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
-use crate::health::evidence::{PulseSkip, traffic_replaces_pulse};
 use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
 use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse, task_loop_answers};

@@ -160,6 +160,7 @@ pub fn fast_spec(source: &str) -> MetalModelSpec {
             // One thread per engine: several engines share two cores in the test run.
             extra_args: vec!["--threads".into(), "1".into()],
             startup_timeout: Duration::from_secs(60).into(),
+            sleep_after_idle: None,
         },
         pulse: PulseSpec {
             interval: ms(200),

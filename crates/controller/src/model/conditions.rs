@@ -292,7 +292,7 @@ mod tests {
 
     /// What an agent reports as `ready` (its `ModelReport::is_ready`).
     fn agent_ready(phase: Phase, grade: Option<Grade>) -> bool {
-        phase == Phase::Serving && grade != Some(Grade::Red)
+        phase.engine_up() && grade != Some(Grade::Red)
     }
 
     proptest! {

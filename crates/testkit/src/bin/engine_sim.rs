@@ -6,6 +6,8 @@
 //! from `<model>.sim.json` beside the model file, if present: `{"load_ms": 2000}` delays
 //! readiness (503 "Loading model" meanwhile), `{"exit_at_start": true}` exits at once.
 //! Run-time faults: `POST /sim/fault` with a JSON `Fault`; `GET /sim/fault` shows it.
+//! `--sleep-idle-seconds N` sleeps as llama-server does: after N seconds without a completion
+//! `/props` says `is_sleeping`, and the next completion wakes it (taking `wake_ms`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,6 +33,49 @@ struct Sim {
     requests: AtomicU64,
     tokens: AtomicU64,
     model: String,
+    sleep: Sleep,
+}
+
+/// llama-server's sleep mode, as far as a client can see it.
+struct Sleep {
+    after_idle: Option<Duration>,
+    wake: Duration,
+    sleeping: AtomicBool,
+    /// When the last completion arrived or ended, in milliseconds since `epoch`.
+    last_task_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Sleep {
+    fn touch(&self) {
+        self.last_task_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+    }
+
+    /// Wakes a sleeping engine, as a completion does; then it is busy, not idle.
+    async fn wake(&self) {
+        if self.sleeping.load(Ordering::SeqCst) {
+            tokio::time::sleep(self.wake).await;
+            self.sleeping.store(false, Ordering::SeqCst);
+            eprintln!("sim: server is exiting sleeping state");
+        }
+        self.touch();
+    }
+
+    /// Falls asleep once idle for `after_idle` (checked every 100 ms).
+    async fn watch(sim: Shared) {
+        let Some(after) = sim.sleep.after_idle else { return };
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let idle_ms = (sim.sleep.epoch.elapsed().as_millis() as u64)
+                .saturating_sub(sim.sleep.last_task_ms.load(Ordering::SeqCst));
+            if sim.processing.load(Ordering::SeqCst) == 0
+                && idle_ms >= after.as_millis() as u64
+                && !sim.sleep.sleeping.swap(true, Ordering::SeqCst)
+            {
+                eprintln!("sim: server is entering sleeping state");
+            }
+        }
+    }
 }
 
 type Shared = Arc<Sim>;
@@ -77,7 +122,18 @@ async fn main() -> anyhow::Result<()> {
         requests: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
         model,
+        sleep: Sleep {
+            after_idle: flag(&args, &["--sleep-idle-seconds"])
+                .map(|s| s.parse::<u64>().context("--sleep-idle-seconds"))
+                .transpose()?
+                .map(Duration::from_secs),
+            wake: Duration::from_millis(startup.wake_ms),
+            sleeping: AtomicBool::new(false),
+            last_task_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        },
     });
+    tokio::spawn(Sleep::watch(sim.clone()));
     if startup.load_ms > 0 {
         let s = sim.clone();
         tokio::spawn(async move {
@@ -117,7 +173,12 @@ async fn health(State(sim): State<Shared>) -> Response {
 }
 
 async fn props(State(sim): State<Shared>) -> Json<Value> {
-    Json(json!({"total_slots": sim.parallel, "model_path": sim.model, "default_generation_settings": {"n_ctx": 4096}}))
+    Json(json!({
+        "total_slots": sim.parallel,
+        "model_path": sim.model,
+        "default_generation_settings": {"n_ctx": 4096},
+        "is_sleeping": sim.sleep.sleeping.load(Ordering::SeqCst),
+    }))
 }
 
 /// llama-server answers `/slots` and `/metrics` from its task loop (unlike `/health`): a wedged
@@ -164,6 +225,7 @@ async fn set_fault(State(sim): State<Shared>, Json(fault): Json<Fault>) -> Json<
 struct Processing(Shared);
 impl Drop for Processing {
     fn drop(&mut self) {
+        self.0.sleep.touch();
         self.0.processing.fetch_sub(1, Ordering::SeqCst);
     }
 }
@@ -173,6 +235,7 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         return unavailable("Loading model");
     }
     let arrived = Instant::now();
+    sim.sleep.wake().await;
     let n = sim.requests.fetch_add(1, Ordering::SeqCst);
     let fault = {
         let mut f = sim.fault.write().await;

@@ -150,6 +150,9 @@ pub struct Grader {
     red_streak: u32,
     grade: Option<Grade>,
     saturated: bool,
+    /// The next sample follows a wake from sleep: graded by the absolute thresholds only, and
+    /// kept out of the baseline (a reloaded model is not yet the warm engine it was).
+    cold_next: bool,
 }
 
 impl Grader {
@@ -162,7 +165,13 @@ impl Grader {
             red_streak: 0,
             grade: None,
             saturated: false,
+            cold_next: false,
         }
+    }
+
+    /// The engine just woke from sleep: do not hold its next sample to the warm baseline.
+    pub fn expect_cold_sample(&mut self) {
+        self.cold_next = true;
     }
 
     /// The healthy wall-time baseline, once it is stable enough to grade against.
@@ -213,6 +222,9 @@ impl Grader {
             Grade::Red => (self.cfg.red_after, self.cfg.drift.as_ref().map(|d| d.red_factor)),
             _ => (self.cfg.yellow_after, self.cfg.drift.as_ref().map(|d| d.yellow_factor)),
         };
+        if self.cold_next {
+            return absolute;
+        }
         let drift = match (&self.cfg.drift, self.baseline(), factor) {
             (Some(d), Some(base), Some(f)) if !base.is_zero() => {
                 // One microsecond over the product, so rounding never leaves the threshold a
@@ -246,6 +258,9 @@ impl Grader {
 
     fn raw_grade(&self, obs: &Observation) -> Grade {
         match *obs {
+            Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } if self.cold_next => {
+                self.absolute(wall)
+            }
             Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } => {
                 self.absolute(wall).max(self.relative(wall))
             }
@@ -271,6 +286,7 @@ impl Grader {
 
     pub fn observe(&mut self, obs: Observation, load: Load) -> Verdict {
         let raw = self.raw_grade(&obs);
+        let cold = std::mem::take(&mut self.cold_next);
         let hang = matches!(obs, Observation::NoAnswer);
 
         if raw == Grade::Green {
@@ -278,7 +294,7 @@ impl Grader {
             self.red_streak = 0;
             self.grade = Some(Grade::Green);
             self.saturated = false;
-            if let Observation::Answered { wall, compute } = obs {
+            if let (Observation::Answered { wall, compute }, false) = (obs, cold) {
                 self.wall_baseline.add(wall.as_secs_f64(), self.cfg.baseline_alpha);
                 if let Some(c) = compute {
                     self.compute_baseline.add(c.as_secs_f64(), self.cfg.baseline_alpha);

@@ -174,6 +174,22 @@ fn an_overdue_first_sample_is_dismissed_by_a_fast_confirmation() {
     assert_eq!((v.grade, v.action), (Some(Grade::Green), Action::None));
 }
 
+#[test]
+fn the_first_sample_after_a_wake_is_not_held_to_the_warm_baseline() {
+    let mut g = Grader::new(cfg());
+    for _ in 0..5 {
+        g.observe(ms(50), Load::default());
+    }
+    g.expect_cold_sample();
+    // 1.2 s: 24x the 50 ms baseline (red by drift) but green by the absolute thresholds.
+    assert_eq!(g.round_plan().overdue_after, Duration::from_secs(5), "absolute thresholds only");
+    let v = g.observe(ms(1200), Load::default());
+    assert_eq!((v.grade, v.action), (Some(Grade::Green), Action::None));
+    assert_eq!(g.baseline(), Some(Duration::from_millis(50)), "kept out of the baseline");
+    // Only the one sample: the next is held to the baseline again.
+    assert_eq!(g.observe(ms(1200), Load::default()).action, Action::ConfirmNow);
+}
+
 fn observation() -> impl Strategy<Value = Observation> {
     prop_oneof![
         8 => (0u64..12_000, proptest::option::of(0u64..12_000)).prop_map(|(w, c)| Observation::Answered {

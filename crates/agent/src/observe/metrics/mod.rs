@@ -243,7 +243,7 @@ impl Metrics {
             let labels = PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() };
             self.engine_phase.get_or_create(&labels).set(i64::from(p == phase));
         }
-        self.engine_up.get_or_create(&ModelLabels { model: model.to_owned() }).set(i64::from(phase == Phase::Serving));
+        self.engine_up.get_or_create(&ModelLabels { model: model.to_owned() }).set(i64::from(phase.engine_up()));
     }
 
     /// A model with no engine to grade (stopped, starting over, failed) has no pulse series,

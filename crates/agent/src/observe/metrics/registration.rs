@@ -80,7 +80,11 @@ impl Metrics {
     }
 
     pub(super) fn register_engine(&self, r: &mut Registry) {
-        r.register("engine_up", "1 when the engine is serving", self.engine_up.clone());
+        r.register(
+            "engine_up",
+            "1 when the engine is serving or asleep (it wakes on the next request)",
+            self.engine_up.clone(),
+        );
         r.register("engine_phase", "1 for the model's current phase, 0 for the others", self.engine_phase.clone());
         r.register("engine_restarts", "Engine restarts by reason", self.engine_restarts.clone());
         r.register(
