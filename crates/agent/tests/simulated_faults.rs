@@ -114,6 +114,47 @@ async fn a_wedged_loop_with_health_200_goes_red_and_restarts() {
     h.agent.shutdown().await;
 }
 
+/// A decode that hangs inside the engine while `/slots` still answers (llama-server answers it from
+/// a worker thread): its counters stand still, so the pulse still out is red at redAfter.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_decode_is_pulled_even_though_slots_still_answers() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("hung-decode", None)).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    let (port, old_pid) = (r.internal_port.unwrap(), r.pid.unwrap());
+    set_fault(port, &Fault { hung_decode: true, ..Default::default() }).await;
+    let slots = reqwest::get(format!("http://127.0.0.1:{port}/slots")).await.unwrap();
+    assert_eq!(slots.status(), 200, "the point of the fault: /slots still answers");
+
+    let red = h.wait_for(&key, "red", |r| r.grade == Some(Grade::Red)).await;
+    let last = red.last_pulse.clone().unwrap();
+    assert!(last.error.as_deref().is_some_and(|e| e.contains("still waiting")), "{last:?}");
+    assert!(!red.is_ready());
+    h.wait_for(&key, "a new engine", |r| r.pid.is_some_and(|p| p != old_pid)).await;
+    assert!(h.metrics().await.contains(r#"reason="hang"} 1"#));
+    h.agent.shutdown().await;
+}
+
+/// An engine slower than redAfter but still decoding is graded on its answers (their wall and
+/// compute times), not counted red at a deadline: its `/slots` counters move.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_engine_that_keeps_working_is_graded_on_its_answers() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("slow-working", None)).await;
+    let r = h.wait_for(&key, "serving green", |r| r.phase == Phase::Serving && r.grade == Some(Grade::Green)).await;
+    // 900 ms of compute: over redAfter (600 ms), within the timeout (1 s).
+    set_fault(r.internal_port.unwrap(), &Fault { latency_ms: 900, ..Default::default() }).await;
+    let restarted = h.wait_for(&key, "restarted for red pulses", |r| r.restarts >= 1).await;
+    let slow: Vec<_> = restarted.pulse_history.iter().filter(|p| p.wall_seconds >= 0.6).collect();
+    assert!(!slow.is_empty());
+    assert!(
+        slow.iter().all(|p| p.error.is_none() && p.compute_seconds.is_some_and(|c| c >= 0.6)),
+        "red from answers with their compute time, none counted at a deadline: {slow:?}"
+    );
+    assert!(h.metrics().await.contains(r#"reason="pulse_red"} 1"#));
+    h.agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_answers_count_as_red() {
     let h = Harness::new(sim_engine()).await;

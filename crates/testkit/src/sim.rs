@@ -15,6 +15,10 @@ pub struct Fault {
     /// Completions never answer while `/health` stays 200; `/slots` and `/metrics`, which
     /// llama-server serves from its task loop, do not answer either.
     pub wedged: bool,
+    /// A decode that hangs inside the engine: completions never answer and no token is decoded,
+    /// but `/slots` still answers (llama-server serves it from a worker thread while it decodes),
+    /// with counters that no longer move.
+    pub hung_decode: bool,
     /// Completions answer 200 with a truncated JSON body.
     pub malformed: bool,
     /// Completions answer with this HTTP status (e.g. 500) instead of working.

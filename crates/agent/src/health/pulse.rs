@@ -96,15 +96,48 @@ pub async fn take_pulse(client: &reqwest::Client, port: u16, timeout: Duration) 
     }
 }
 
-/// Whether the engine's task loop answers: `/slots` is served from that loop (unlike `/health`),
-/// so an answer within `within` means the engine is working, if slowly or on other requests, and
-/// silence means the loop is stuck (wedged, stopped, starved of CPU).
-pub async fn task_loop_answers(client: &reqwest::Client, port: u16, within: Duration) -> bool {
+/// What the engine's slots show of its work at one moment: per slot its id, task, prompt tokens
+/// processed, tokens decoded and whether it is processing. Two different marks mean the engine
+/// moved in between. An answer alone would not do: llama-server answers `/slots` from a worker
+/// thread while its decode runs, so a decode that hangs still answers; only the counters stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressMark(Vec<[i64; 5]>);
+
+/// Reads the engine's progress mark from its `/slots` answer; None when it did not answer within
+/// `within`, or answered something that is not a list of slots.
+pub async fn progress_mark(client: &reqwest::Client, port: u16, within: Duration) -> Option<ProgressMark> {
     let url = format!("http://127.0.0.1:{port}/slots");
-    matches!(
-        tokio::time::timeout(within, client.get(url).send()).await,
-        Ok(Ok(resp)) if resp.status().is_success()
-    )
+    let answer = tokio::time::timeout(within, async {
+        let resp = client.get(url).send().await?.error_for_status()?;
+        resp.bytes().await
+    })
+    .await;
+    parse_progress(&answer.ok()?.ok()?)
+}
+
+/// `/slots` as a progress mark (outside input: missing numbers read as -1, never a panic).
+pub fn parse_progress(body: &[u8]) -> Option<ProgressMark> {
+    let slots: Vec<serde_json::Value> = serde_json::from_slice(body).ok()?;
+    let num = |v: &serde_json::Value| v.as_i64().unwrap_or(-1);
+    Some(ProgressMark(
+        slots
+            .iter()
+            .map(|s| {
+                [
+                    num(&s["id"]),
+                    num(&s["id_task"]),
+                    num(&s["n_prompt_tokens_processed"]),
+                    num(&s["next_token"][0]["n_decoded"]),
+                    i64::from(s["is_processing"].as_bool().unwrap_or(false)),
+                ]
+            })
+            .collect(),
+    ))
+}
+
+/// The engine worked between two readings: both answered, and something moved.
+pub fn progressed(before: Option<&ProgressMark>, after: Option<&ProgressMark>) -> bool {
+    matches!((before, after), (Some(a), Some(b)) if a != b)
 }
 
 /// Whether the engine sleeps, from `/props` (which llama-server answers without waking): Some
@@ -136,6 +169,24 @@ pub async fn check_health(client: &reqwest::Client, port: u16, timeout: Duration
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn progress_is_read_from_the_slots_counters() {
+        let slot = |task: i64, decoded: i64| {
+            format!(
+                r#"{{"id":0,"n_ctx":512,"is_processing":true,"id_task":{task},"n_prompt_tokens":9,"n_prompt_tokens_processed":9,"params":{{}},"next_token":[{{"has_next_token":true,"n_remain":-1,"n_decoded":{decoded}}}]}}"#
+            )
+        };
+        let mark = |s: String| parse_progress(format!("[{s}]").as_bytes());
+        let a = mark(slot(7, 10));
+        assert!(a.is_some());
+        assert!(!progressed(a.as_ref(), mark(slot(7, 10)).as_ref()), "a hung decode: nothing moved");
+        assert!(progressed(a.as_ref(), mark(slot(7, 11)).as_ref()), "a token was decoded");
+        assert!(progressed(a.as_ref(), mark(slot(8, 0)).as_ref()), "a new task started");
+        assert!(!progressed(a.as_ref(), None), "no answer is no progress");
+        assert_eq!(parse_progress(br#"{"error":1}"#), None);
+        assert_eq!(parse_progress(br#"[1, "x", null]"#), Some(ProgressMark(vec![[-1, -1, -1, -1, 0]; 3])));
+    }
 
     #[test]
     fn reads_compute_from_llama_server_timings() {

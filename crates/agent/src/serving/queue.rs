@@ -45,6 +45,10 @@ struct Observed {
     traffic: TrafficTally,
     /// When a client request last started or ended.
     last_active: Option<Instant>,
+    /// When each request now in the engine was admitted, by permit number (admission order, so
+    /// the first is the oldest).
+    in_engine_since: std::collections::BTreeMap<u64, Instant>,
+    next_permit: u64,
 }
 
 /// What the serving port says about its load: read by the observe stage for reports and by the
@@ -88,11 +92,16 @@ pub struct Admission {
 pub struct Permit {
     _place: OwnedSemaphorePermit,
     admission: Arc<Admission>,
+    number: u64,
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.admission.lock_observed().last_active = Some(Instant::now());
+        {
+            let mut o = self.admission.lock_observed();
+            o.last_active = Some(Instant::now());
+            o.in_engine_since.remove(&self.number);
+        }
         let now = self.admission.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
         self.admission.series.in_flight.set(i64::from(now));
         if now == 0 {
@@ -195,10 +204,18 @@ impl Admission {
     }
 
     fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
-        self.lock_observed().last_active = Some(Instant::now());
+        let number = {
+            let mut o = self.lock_observed();
+            let now = Instant::now();
+            o.last_active = Some(now);
+            let number = o.next_permit;
+            o.next_permit += 1;
+            o.in_engine_since.insert(number, now);
+            number
+        };
         let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
         self.series.in_flight.set(i64::from(now));
-        Permit { _place: place, admission: self.clone() }
+        Permit { _place: place, admission: self.clone(), number }
     }
 
     /// Counts a refusal (for metrics and the saturation signal) and passes it on.
@@ -252,6 +269,11 @@ impl Admission {
             return Duration::ZERO;
         }
         self.lock_observed().last_active.unwrap_or(self.created).elapsed()
+    }
+
+    /// How long the oldest client request now in the engine has been there.
+    pub fn oldest_in_engine(&self) -> Option<Duration> {
+        self.lock_observed().in_engine_since.values().next().map(Instant::elapsed)
     }
 
     /// What client traffic showed since the last call (for the pulse; see `traffic`).

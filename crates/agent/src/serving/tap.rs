@@ -106,7 +106,8 @@ pub struct TapBody {
     on_done: Option<OnDone>,
     tail: Tail,
     stall: Option<StallWatch>,
-    /// The stall event has been sent; the body ends at the next poll.
+    /// The body is over (its last data frame passed, or the stall event was sent): the next poll
+    /// ends it.
     ended: bool,
     _permit: Option<Permit>,
 }

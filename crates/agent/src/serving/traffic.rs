@@ -2,7 +2,7 @@
 //! the supervisor last asked, split by whether the engine decoded them at its usual speed. When
 //! real requests just went through at normal speed, a synthetic pulse would only repeat it.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A response decoding slower than this many times the healthy per-token time is slow (the same
 /// factor as the pulse's default drift yellow).
@@ -22,6 +22,8 @@ pub struct TrafficEvidence {
     pub unmeasured: u32,
     /// Streams that went silent for the stall timeout.
     pub stalled: u32,
+    /// When the last normal response completed.
+    pub last_normal: Option<Instant>,
 }
 
 /// Counts responses as they finish, and learns the healthy per-token decode time from the
@@ -46,6 +48,7 @@ impl TrafficTally {
         } else if x <= SLOW_FACTOR * self.healthy_per_token {
             self.learn(x);
             self.since_taken.normal += 1;
+            self.since_taken.last_normal = Some(Instant::now());
         } else {
             self.since_taken.slow += 1;
         }
@@ -87,7 +90,9 @@ mod tests {
         t.completed(ms(20 * 50));
         t.completed(None);
         t.stalled();
-        assert_eq!(t.take(), TrafficEvidence { normal: 1, slow: 1, unmeasured: 1, stalled: 1 });
+        let e = t.take();
+        assert!(e.last_normal.is_some());
+        assert_eq!(e, TrafficEvidence { normal: 1, slow: 1, unmeasured: 1, stalled: 1, last_normal: e.last_normal });
         assert_eq!(t.take(), TrafficEvidence::default(), "take starts over");
     }
 
@@ -106,7 +111,8 @@ mod tests {
             t.take();
             t.completed(ms(20));
             t.completed(ms(1000));
-            prop_assert_eq!(t.take(), TrafficEvidence { normal: 1, slow: 1, ..Default::default() });
+            let e = t.take();
+            prop_assert_eq!((e.normal, e.slow, e.unmeasured, e.stalled), (1, 1, 0, 0));
         }
     }
 }

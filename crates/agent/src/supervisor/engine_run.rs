@@ -192,6 +192,13 @@ impl Supervisor {
                 continue;
             }
             last_pulse = tokio::time::Instant::now();
+            self.last_pulse_sent = Instant::now();
+            if self.report.borrow().phase == Phase::Sleeping {
+                // A pulse the serving port called for while the phase still said asleep: the
+                // engine is awake (a client woke it), and this is its first sample since.
+                self.grader.expect_cold_sample();
+                self.set_phase(Phase::Serving);
+            }
 
             let verdict = self.pulse_round(engine).await?;
             if let Action::Restart(cause) = verdict.action {

@@ -30,7 +30,7 @@ use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
 use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
 use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
-use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse, task_loop_answers};
+use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
 use crate::observe::report::{ModelReport, ModelView, PulseRecord, RestartRecord};
@@ -136,6 +136,7 @@ impl SupervisorHandle {
             port_conflicts: 0,
             cache_lease: None,
             pulses_replaced_in_a_row: 0,
+            last_pulse_sent: Instant::now(),
         };
         let task = tokio::spawn(sup.run());
         Self { commands, report, proxy, desired, task }
@@ -184,6 +185,8 @@ struct Supervisor {
     cache_lease: Option<CacheLease>,
     /// Scheduled pulses client traffic stood in for since the last real one.
     pulses_replaced_in_a_row: u32,
+    /// When the last pulse round began.
+    last_pulse_sent: Instant,
 }
 
 fn now_ms() -> u64 {

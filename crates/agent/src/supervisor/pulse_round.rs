@@ -1,10 +1,9 @@
-//! One pulse round. The first sample goes out; once it has been out long enough that it cannot
-//! grade green any more, the confirming sample goes out beside it (`RoundPlan::confirm_after`);
-//! a sample still unanswered past the red threshold counts as a red sample there and then
-//! (`Observation::Overdue`), unless the wait has another explanation: the model is at its
-//! admission limit (our own queue; the answer's compute time has to be seen), or the engine's task
-//! loop still answers (`/slots`, asked just before: the engine is working, if slowly, and its
-//! answer will tell how slowly). So a hang pulls readiness
+//! One pulse round. The first sample goes out; once it has been out `confirm_after` (when it can
+//! no longer be green, or 2 s at most), the confirming sample goes out beside it, so that
+//! confirmation does not double the wait. A sample still unanswered at the red threshold counts as
+//! a red sample there and then (`Observation::Overdue`), unless the engine moved meanwhile: its
+//! `/slots` counters, read when the sample went out and again just before, changed (it is working,
+//! if slowly or on other requests, and the answer will tell how slowly). So a hang pulls readiness
 //! within about interval + redAfter + 2 s; a restart still needs what it needed before: both
 //! samples unanswered by the timeout (a hang), or `redStreak` confirmed reds.
 
@@ -14,27 +13,31 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::health::grader::{Observation, RoundPlan};
+use crate::health::pulse::{ProgressMark, progress_mark, progressed};
 
 type PulseAnswer = Pin<Box<dyn Future<Output = PulseSample> + Send>>;
-type LoopProbe = Pin<Box<dyn Future<Output = bool> + Send>>;
+type ProgressRead = Pin<Box<dyn Future<Output = Option<ProgressMark>> + Send>>;
 
-/// How long before a sample's overdue moment the engine's task loop is asked whether it answers,
-/// and how long it has to answer.
-const LOOP_PROBE_WINDOW: Duration = Duration::from_secs(1);
+/// The longest a `/slots` reading may take; the second reading starts this long (or half the red
+/// threshold, if that is shorter) before the sample's overdue moment, so it is in by then.
+const READ_WINDOW: Duration = Duration::from_secs(1);
 
 /// A sample of the round that has not ended yet.
 struct Outstanding {
     started: Instant,
     answer: PulseAnswer,
-    /// The grader has counted it as overdue; its end now only tells whether the engine is hung.
+    /// The `/slots` reading under way: the first when the sample goes out, the second before its
+    /// overdue moment.
+    read: Option<ProgressRead>,
+    /// The readings, once in (the inner None: the engine did not answer).
+    at_send: Option<Option<ProgressMark>>,
+    before_overdue: Option<Option<ProgressMark>>,
+    /// Its overdue moment has passed; the decision waits for the second reading.
+    overdue_reached: bool,
+    /// Decided at its overdue moment: counted as a red sample, or (the engine moved) left to
+    /// answer.
+    overdue_settled: bool,
     counted_overdue: bool,
-    /// Its overdue moment came with an explanation for the wait: it waits for its answer.
-    overdue_declined: bool,
-    /// The task-loop question asked for this sample, while unanswered.
-    probe: Option<LoopProbe>,
-    probe_sent: bool,
-    /// What the task loop said: Some(true) it answered.
-    loop_answered: Option<bool>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,38 +49,49 @@ enum Which {
 enum RoundEvent {
     Ended(Which, PulseSample),
     ConfirmDue,
-    ProbeDue(Which),
-    ProbeDone(Which, bool),
+    ReadDue(Which),
+    ReadDone(Which, Option<ProgressMark>),
     Overdue(Which),
 }
 
-enum SlotEvent {
+enum SampleEvent {
     Answered(PulseSample),
-    Probed(bool),
+    Read(Option<ProgressMark>),
 }
 
-/// The sample's answer, or its task-loop question's, whichever comes first.
-async fn slot_event(slot: &mut Option<Outstanding>) -> SlotEvent {
+/// The sample's answer, or its `/slots` reading's, whichever comes first.
+async fn sample_event(slot: &mut Option<Outstanding>) -> SampleEvent {
     let Some(o) = slot else { return std::future::pending().await };
     let answer = o.answer.as_mut();
-    match o.probe.as_mut() {
-        Some(probe) => tokio::select! {
-            s = answer => SlotEvent::Answered(s),
-            alive = probe.as_mut() => SlotEvent::Probed(alive),
+    match o.read.as_mut() {
+        Some(read) => tokio::select! {
+            s = answer => SampleEvent::Answered(s),
+            mark = read.as_mut() => SampleEvent::Read(mark),
         },
-        None => SlotEvent::Answered(answer.await),
+        None => SampleEvent::Answered(answer.await),
     }
 }
 
-fn round_event(which: Which, e: SlotEvent) -> RoundEvent {
+fn round_event(which: Which, e: SampleEvent) -> RoundEvent {
     match e {
-        SlotEvent::Answered(s) => RoundEvent::Ended(which, s),
-        SlotEvent::Probed(alive) => RoundEvent::ProbeDone(which, alive),
+        SampleEvent::Answered(s) => RoundEvent::Ended(which, s),
+        SampleEvent::Read(mark) => RoundEvent::ReadDone(which, mark),
     }
 }
 
-fn probe_at(slot: &Option<Outstanding>, plan: RoundPlan) -> Option<Instant> {
-    slot.as_ref().filter(|o| !o.probe_sent).map(|o| o.started + plan.overdue_after.saturating_sub(LOOP_PROBE_WINDOW))
+fn read_window(plan: RoundPlan) -> Duration {
+    READ_WINDOW.min(plan.overdue_after / 2)
+}
+
+/// When the second reading starts: once the first is in, shortly before the overdue moment.
+fn read_due(slot: &Option<Outstanding>, plan: RoundPlan) -> Option<Instant> {
+    let o = slot.as_ref()?;
+    let pending = o.read.is_none() && o.at_send.is_some() && o.before_overdue.is_none() && !o.overdue_settled;
+    pending.then(|| o.started.checked_add(plan.overdue_after.saturating_sub(read_window(plan)))).flatten()
+}
+
+fn overdue_at(slot: &Option<Outstanding>, plan: RoundPlan) -> Option<Instant> {
+    slot.as_ref().filter(|o| !o.overdue_reached).and_then(|o| o.started.checked_add(plan.overdue_after))
 }
 
 async fn at(deadline: Option<Instant>) {
@@ -87,28 +101,40 @@ async fn at(deadline: Option<Instant>) {
     }
 }
 
-fn overdue_at(slot: &Option<Outstanding>, plan: RoundPlan) -> Option<Instant> {
-    slot.as_ref().filter(|o| !o.counted_overdue && !o.overdue_declined).map(|o| o.started + plan.overdue_after)
-}
-
 impl Supervisor {
-    fn send_pulse(&self, port: u16) -> Outstanding {
+    fn read_progress(&self, port: u16, within: Duration) -> ProgressRead {
+        let client = self.ctx.http.clone();
+        Box::pin(async move { progress_mark(&client, port, within).await })
+    }
+
+    fn send_pulse(&self, port: u16, plan: RoundPlan) -> Outstanding {
         let client = self.ctx.http.clone();
         let timeout = self.desired.spec.pulse.timeout.get();
         Outstanding {
             started: Instant::now(),
             answer: Box::pin(async move { take_pulse(&client, port, timeout).await }),
+            read: Some(self.read_progress(port, read_window(plan))),
+            at_send: None,
+            before_overdue: None,
+            overdue_reached: false,
+            overdue_settled: false,
             counted_overdue: false,
-            overdue_declined: false,
-            probe: None,
-            probe_sent: false,
-            loop_answered: None,
         }
     }
 
-    fn probe_loop(&self, port: u16) -> LoopProbe {
-        let client = self.ctx.http.clone();
-        Box::pin(async move { task_loop_answers(&client, port, LOOP_PROBE_WINDOW).await })
+    /// Settles a sample at its overdue moment once both readings are in: counted as a red sample
+    /// unless the engine moved in between.
+    fn settle_overdue(&mut self, o: &mut Outstanding, plan: RoundPlan) -> Option<Verdict> {
+        if !o.overdue_reached || o.overdue_settled || o.before_overdue.is_none() {
+            return None;
+        }
+        o.overdue_settled = true;
+        let (a, b) = (o.at_send.clone().flatten(), o.before_overdue.clone().flatten());
+        if progressed(a.as_ref(), b.as_ref()) {
+            return None;
+        }
+        o.counted_overdue = true;
+        Some(self.record_overdue(plan.overdue_after))
     }
 
     /// Takes one round of pulses and returns the grader's verdict on it.
@@ -116,93 +142,104 @@ impl Supervisor {
         let plan = self.grader.round_plan();
         let port = engine.port();
         // Indexed by `Which`: the first sample and the confirming one.
-        let mut samples: [Option<Outstanding>; 2] = [Some(self.send_pulse(port)), None];
+        let mut samples: [Option<Outstanding>; 2] = [Some(self.send_pulse(port, plan)), None];
         let mut confirm_sent = false;
         // The round's verdict once the grader has one (anything but ConfirmNow).
         let mut verdict: Option<Verdict> = None;
-        // Samples counted as overdue, and how many of those then ended with no answer at all.
-        let (mut overdue_counted, mut unanswered_after_overdue) = (0u8, 0u8);
-        let mut answered_after_overdue = false;
+        // How the samples ended: with no answer by the timeout, or with any answer at all.
+        let (mut unanswered, mut answered) = (0u8, false);
         loop {
-            if let Some(v) = verdict {
-                // A hang is still possible only while both samples were overdue and neither has
-                // answered since.
-                if overdue_counted < 2 || answered_after_overdue {
-                    return Ok(v);
-                }
+            let all_ended = samples.iter().all(Option::is_none);
+            match verdict {
+                // A hang is still possible only while no sample has answered and one is out.
+                Some(v) if answered || all_ended => return Ok(v),
+                // Everything ended without a verdict: the grader was replaced mid-round (a new
+                // pulse spec). The next round starts from it.
+                None if all_ended => return Ok(self.grader.current()),
+                _ => {}
             }
             let [first, confirm] = &mut samples;
-            let confirm_due = if confirm_sent { None } else { first.as_ref().map(|o| o.started + plan.confirm_after) };
-            let (first_overdue, confirm_overdue) = (overdue_at(first, plan), overdue_at(confirm, plan));
-            let (first_probe, confirm_probe) = (probe_at(first, plan), probe_at(confirm, plan));
+            let confirm_due = if confirm_sent {
+                None
+            } else {
+                first.as_ref().and_then(|o| o.started.checked_add(plan.confirm_after))
+            };
+            let deadlines =
+                [read_due(first, plan), read_due(confirm, plan), overdue_at(first, plan), overdue_at(confirm, plan)];
             let event = self
                 .race(engine, async {
                     tokio::select! {
-                        e = slot_event(first) => round_event(Which::First, e),
-                        e = slot_event(confirm) => round_event(Which::Confirm, e),
+                        e = sample_event(first) => round_event(Which::First, e),
+                        e = sample_event(confirm) => round_event(Which::Confirm, e),
                         () = at(confirm_due) => RoundEvent::ConfirmDue,
-                        () = at(first_probe) => RoundEvent::ProbeDue(Which::First),
-                        () = at(confirm_probe) => RoundEvent::ProbeDue(Which::Confirm),
-                        () = at(first_overdue) => RoundEvent::Overdue(Which::First),
-                        () = at(confirm_overdue) => RoundEvent::Overdue(Which::Confirm),
+                        () = at(deadlines[0]) => RoundEvent::ReadDue(Which::First),
+                        () = at(deadlines[1]) => RoundEvent::ReadDue(Which::Confirm),
+                        () = at(deadlines[2]) => RoundEvent::Overdue(Which::First),
+                        () = at(deadlines[3]) => RoundEvent::Overdue(Which::Confirm),
                     }
                 })
                 .await?;
             let v = match event {
                 RoundEvent::ConfirmDue => {
-                    samples[Which::Confirm as usize] = Some(self.send_pulse(port));
+                    samples[Which::Confirm as usize] = Some(self.send_pulse(port, plan));
                     confirm_sent = true;
-                    continue;
+                    None
                 }
-                RoundEvent::ProbeDue(which) => {
-                    let probe = self.probe_loop(port);
+                RoundEvent::ReadDue(which) => {
+                    let read = self.read_progress(port, read_window(plan));
                     if let Some(o) = samples[which as usize].as_mut() {
-                        o.probe = Some(probe);
-                        o.probe_sent = true;
+                        o.read = Some(read);
                     }
-                    continue;
+                    None
                 }
-                RoundEvent::ProbeDone(which, alive) => {
-                    if let Some(o) = samples[which as usize].as_mut() {
-                        o.probe = None;
-                        o.loop_answered = Some(alive);
-                    }
-                    continue;
+                RoundEvent::ReadDone(which, mark) => {
+                    let mut o = samples[which as usize].take();
+                    let v = o.as_mut().and_then(|o| {
+                        o.read = None;
+                        if o.at_send.is_none() {
+                            o.at_send = Some(mark);
+                        } else {
+                            o.before_overdue = Some(mark);
+                        }
+                        self.settle_overdue(o, plan)
+                    });
+                    samples[which as usize] = o;
+                    v
                 }
                 RoundEvent::Overdue(which) => {
-                    let Some(o) = samples[which as usize].as_mut() else { continue };
-                    let at_limit = self.proxy.admission().serving_load().grading_load().is_at_limit();
-                    if at_limit || o.loop_answered == Some(true) {
-                        o.overdue_declined = true;
-                        continue;
-                    }
-                    o.counted_overdue = true;
-                    overdue_counted += 1;
-                    self.record_overdue(plan.overdue_after)
+                    let mut o = samples[which as usize].take();
+                    let v = o.as_mut().and_then(|o| {
+                        o.overdue_reached = true;
+                        self.settle_overdue(o, plan)
+                    });
+                    samples[which as usize] = o;
+                    v
                 }
                 RoundEvent::Ended(which, sample) => {
                     let counted_overdue = samples[which as usize].take().is_some_and(|o| o.counted_overdue);
-                    if counted_overdue {
-                        if sample.observation != Observation::NoAnswer {
-                            answered_after_overdue = true;
-                            continue;
-                        }
-                        unanswered_after_overdue += 1;
-                        if unanswered_after_overdue == 2 {
-                            return Ok(self.record_hang(sample));
-                        }
-                        continue;
+                    if sample.observation == Observation::NoAnswer {
+                        unanswered += 1;
+                    } else {
+                        answered = true;
                     }
-                    self.record(sample)
+                    if unanswered == 2 {
+                        // Both samples of the round went unanswered for the whole timeout,
+                        // however they were counted before: the engine is hung.
+                        return Ok(self.record_hang(sample));
+                    }
+                    // An overdue sample's grade is already in.
+                    (!counted_overdue).then(|| self.record(sample))
                 }
             };
-            if v.action == Action::ConfirmNow {
-                if !confirm_sent {
-                    samples[Which::Confirm as usize] = Some(self.send_pulse(port));
+            match v {
+                Some(v) if v.action == Action::ConfirmNow && !confirm_sent => {
+                    samples[Which::Confirm as usize] = Some(self.send_pulse(port, plan));
                     confirm_sent = true;
                 }
-            } else {
-                verdict = Some(v);
+                // Already out: its answer is the confirmation.
+                Some(v) if v.action == Action::ConfirmNow => {}
+                Some(v) => verdict = Some(v),
+                None => {}
             }
         }
     }

@@ -3,7 +3,7 @@
 //! sleep is left alone so it can, and normal client traffic stands in for the pulse.
 
 use super::*;
-use crate::health::evidence::{PulseSkip, leave_idle_engine_alone, traffic_replaces_pulse};
+use crate::health::evidence::{Freshness, PulseSkip, leave_idle_engine_alone, traffic_replaces_pulse};
 use crate::health::pulse::engine_sleeping;
 
 /// How long `/props` has to say whether the engine sleeps (it answers without the task loop).
@@ -25,7 +25,8 @@ impl Supervisor {
         }
         let client = self.ctx.http.clone();
         let sleeping = self.race(engine, engine_sleeping(&client, engine.port(), PROPS_TIMEOUT)).await?;
-        if sleeping == Some(true) {
+        // Unanswered while asleep: still asleep as far as anyone knows, and a pulse would wake it.
+        if sleeping == Some(true) || (sleeping.is_none() && phase == Phase::Sleeping) {
             if phase != Phase::Sleeping {
                 tracing::info!(model = %self.key(), "engine asleep (idle for spec.engine.sleepAfterIdle)");
                 self.set_phase(Phase::Sleeping);
@@ -39,7 +40,8 @@ impl Supervisor {
             self.set_phase(Phase::Serving);
             return Ok(false);
         }
-        if leave_idle_engine_alone(Some(after_idle), self.proxy.admission().idle_for()) {
+        let (idle_for, interval) = (self.proxy.admission().idle_for(), self.desired.spec.pulse.interval.get());
+        if leave_idle_engine_alone(Some(after_idle), idle_for, self.last_pulse_sent.elapsed(), interval) {
             self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Idle);
             return Ok(true);
         }
@@ -48,9 +50,15 @@ impl Supervisor {
 
     /// Reads the interval's client traffic; true when it replaces this scheduled pulse.
     pub(super) fn traffic_stands_in(&mut self) -> bool {
-        let traffic = self.proxy.admission().take_traffic();
+        let admission = self.proxy.admission();
+        let traffic = admission.take_traffic();
+        let fresh = Freshness {
+            last_normal_age: traffic.last_normal.map(|t| t.elapsed()),
+            oldest_in_flight_age: admission.oldest_in_engine(),
+            red_after: self.desired.spec.pulse.red_after.get(),
+        };
         let grade = self.report.borrow().grade;
-        if traffic_replaces_pulse(&traffic, grade, self.pulses_replaced_in_a_row) {
+        if traffic_replaces_pulse(&traffic, fresh, grade, self.pulses_replaced_in_a_row) {
             self.pulses_replaced_in_a_row += 1;
             self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Traffic);
             return true;

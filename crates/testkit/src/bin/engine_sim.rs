@@ -32,6 +32,11 @@ struct Sim {
     processing: AtomicU64,
     requests: AtomicU64,
     tokens: AtomicU64,
+    /// Tokens decoded so far, one at a time as non-streamed answers are generated: the progress
+    /// counter `/slots` shows.
+    decoded: AtomicU64,
+    /// Prompt chunks processed so far (five a prompt): the other progress counter of `/slots`.
+    prompt_chunks: AtomicU64,
     model: String,
     sleep: Sleep,
 }
@@ -121,6 +126,8 @@ async fn main() -> anyhow::Result<()> {
         processing: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
+        decoded: AtomicU64::new(0),
+        prompt_chunks: AtomicU64::new(0),
         model,
         sleep: Sleep {
             after_idle: flag(&args, &["--sleep-idle-seconds"])
@@ -192,7 +199,13 @@ async fn wait_while_wedged(sim: &Sim) {
 async fn slots(State(sim): State<Shared>) -> Json<Value> {
     wait_while_wedged(&sim).await;
     let busy = sim.processing.load(Ordering::SeqCst) as usize;
-    Json(Value::Array((0..sim.parallel).map(|id| json!({"id": id, "is_processing": id < busy})).collect()))
+    let decoded = sim.decoded.load(Ordering::SeqCst);
+    let prompt = sim.prompt_chunks.load(Ordering::SeqCst);
+    Json(Value::Array(
+        (0..sim.parallel)
+            .map(|id| json!({"id": id, "is_processing": id < busy, "n_prompt_tokens_processed": if id == 0 { prompt } else { 0 }, "next_token": [{"n_decoded": if id == 0 { decoded } else { 0 }}]}))
+            .collect(),
+    ))
 }
 
 async fn metrics(State(sim): State<Shared>) -> String {
@@ -243,7 +256,7 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         f.slow_next_ms = 0;
         snapshot
     };
-    if fault.wedged {
+    if fault.wedged || fault.hung_decode {
         // The inference loop is stuck: the request never gets a slot; /health stays 200.
         std::future::pending::<()>().await;
     }
@@ -269,7 +282,10 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     let per_token = Duration::from_secs_f64(compute_ms as f64 * 0.8 / 1000.0 / n_predict as f64);
     let queued_ms = arrived.elapsed().as_secs_f64() * 1000.0;
     let timings = json!({"prompt_n": 5, "prompt_ms": prompt_ms, "predicted_n": n_predict, "predicted_ms": compute_ms as f64 * 0.8, "queued_ms": queued_ms});
-    tokio::time::sleep(Duration::from_secs_f64(prompt_ms / 1000.0)).await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_secs_f64(prompt_ms / 5000.0)).await;
+        sim.prompt_chunks.fetch_add(1, Ordering::SeqCst);
+    }
 
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let guards = (slot, processing);
@@ -298,7 +314,10 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         });
         return Sse::new(stream).into_response();
     }
-    tokio::time::sleep(per_token * n_predict as u32).await;
+    for _ in 0..n_predict {
+        tokio::time::sleep(per_token).await;
+        sim.decoded.fetch_add(1, Ordering::SeqCst);
+    }
     let text = "o".repeat(n_predict as usize);
     Json(json!({
         "content": text,

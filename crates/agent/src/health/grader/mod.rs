@@ -4,10 +4,10 @@
 //! Rules (DESIGN.md, Pulse):
 //! - absolute thresholds (yellowAfter, redAfter) and, once a baseline of healthy pulses is
 //!   stable, drift relative to it; the worse of the two counts;
-//! - a slow pulse is confirmed by an immediate second sample before it counts, and the better
-//!   of the two is what counts (the first request after idle can be slow for no bad reason);
-//! - saturation is not degradation: a slow pulse while our own load is at its limit, with the
-//!   engine's compute time normal, is queueing, not sickness;
+//! - a slow pulse is confirmed by a second sample before it counts, and the better of the two is
+//!   what counts (the first request after idle can be slow for no bad reason);
+//! - saturation is not degradation: a slow pulse while clients use the engine, with the engine's
+//!   compute time normal, is waiting, not sickness (`saturated` when at the admission limit);
 //! - `redStreak` confirmed reds restart the engine, and so does a confirmed hang;
 //! - a pulse still unanswered past the red threshold is a red sample already (`Overdue`), and
 //!   the confirming sample starts while the first is still out (`RoundPlan`), so readiness falls
@@ -60,9 +60,9 @@ pub enum Observation {
     Answered { wall: Duration, compute: Option<Duration> },
     /// No answer by the pulse timeout.
     NoAnswer,
-    /// Still no answer after `waited`, which is past the red threshold, while the model is not at
-    /// its admission limit (so no queue of ours explains the wait): red by its own wall time,
-    /// without waiting for the timeout. Never a hang by itself.
+    /// Still no answer after `waited`, the red threshold, with the engine not moving meanwhile (its
+    /// `/slots` counters unchanged or unanswered): red by its own wall time, without waiting for
+    /// the timeout. Never a hang by itself.
     Overdue { waited: Duration },
     /// An error answer or a broken connection.
     Failed,
@@ -81,13 +81,19 @@ impl Load {
     pub fn is_at_limit(&self) -> bool {
         self.queued > 0 || (self.limit > 0 && self.in_flight >= self.limit)
     }
+
+    /// Client requests are in the engine or waiting for it.
+    pub fn is_busy(&self) -> bool {
+        self.in_flight > 0 || self.queued > 0
+    }
 }
 
 /// When, in one pulse round, the supervisor acts on a pulse that has not answered yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RoundPlan {
-    /// Start the confirming sample when the first has been out this long: by then the first
-    /// cannot grade green any more, and starting early keeps confirmation from doubling the wait.
+    /// Start the confirming sample when the first has been out this long: when it can no longer
+    /// grade green, or `CONFIRM_START_CAP` if that comes first; starting early keeps confirmation
+    /// from doubling the wait.
     pub confirm_after: Duration,
     /// A sample still out this long is red by its own wall time (`Observation::Overdue`).
     pub overdue_after: Duration,
@@ -179,6 +185,11 @@ impl Grader {
         (self.wall_baseline.samples >= self.cfg.baseline_min_samples)
             .then(|| Duration::try_from_secs_f64(self.wall_baseline.value).ok())
             .flatten()
+    }
+
+    /// What the grader holds now, with nothing to do.
+    pub fn current(&self) -> Verdict {
+        self.verdict(Action::None)
     }
 
     pub fn grade(&self) -> Option<Grade> {
@@ -314,8 +325,11 @@ impl Grader {
             Observation::Answered { compute, .. } => compute,
             _ => None,
         };
-        if !confirmed_hang && load.is_at_limit() && self.compute_is_normal(compute) {
-            self.saturated = true;
+        if !confirmed_hang && load.is_busy() && self.compute_is_normal(compute) {
+            // The engine's own compute was normal: the pulse waited behind client work inside
+            // the engine. At the admission limit that is saturation; below it (one long prompt on
+            // another slot) it is only waiting. Either way busy, not sick.
+            self.saturated = load.is_at_limit();
             self.red_streak = 0;
             self.grade = Some(confirmed.min(Grade::Yellow));
             return self.verdict(Action::None);

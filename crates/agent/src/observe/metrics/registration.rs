@@ -89,7 +89,7 @@ impl Metrics {
         r.register("engine_restarts", "Engine restarts by reason", self.engine_restarts.clone());
         r.register(
             "pulses_skipped",
-            "Scheduled pulses not sent, by reason: traffic (client requests completed at normal speed stood in) or sleeping (a pulse would wake the engine)",
+            "Scheduled pulses not sent, by reason: traffic (client requests completed at normal speed stood in), sleeping (a pulse would wake the engine) or idle (an engine allowed to sleep is left alone so it can)",
             self.pulses_skipped.clone(),
         );
         r.register_with_unit(
