@@ -20,6 +20,10 @@ const RED_MARGIN: f64 = 5.0;
 const YELLOW_FLOOR_SECONDS: f64 = 0.25;
 /// Drift factors never below this: a baseline doubling is the least worth a yellow.
 const DRIFT_YELLOW_FLOOR: f64 = 2.0;
+/// Healthy pulses spread wider than this (p99 / p50, the project's default drift yellow factor)
+/// have no single baseline: a factor over the typical pulse would flag healthy ones, and one
+/// wide enough not to would mean nothing. Drift is then suggested off.
+const DRIFT_MAX_SPREAD: f64 = 4.0;
 /// The project's default drift floor (`DriftSpec`): below it, a pulse many times a tiny
 /// baseline is scheduling noise (1 ms becoming 10 ms), never a reason to restart.
 const DRIFT_FLOOR_MIN_SECONDS: f64 = 0.5;
@@ -29,7 +33,9 @@ pub const RULE: &str = "From the wall times of the pulses answered in the health
 yellowAfter = max(2 × p99, 250ms); redAfter = max(5 × p99, 2 × yellowAfter); \
 drift.yellowFactor = max(2 × p99/p50, 2); drift.redFactor = max(5 × p99/p50, 2 × drift.yellowFactor); \
 drift.floor = max(2 × p99, 500ms) (drift never grades a pulse in or near the healthy range, nor one under the \
-project's 500ms noise floor). \
+project's 500ms noise floor); drift.enabled = false when p99/p50 > 4 (no single baseline describes pulses \
+spread that wide). \
+timeout = max(10s, 2 × redAfter) (a MetalModel needs redAfter < timeout; no answer by then is a hang). \
 Times are rounded up to 10 ms, factors up to 0.1. At least 5 healthy pulses are needed.";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +43,7 @@ Times are rounded up to 10 ms, factors up to 0.1. At least 5 healthy pulses are 
 pub struct Suggestion {
     pub yellow_after_seconds: f64,
     pub red_after_seconds: f64,
+    pub timeout_seconds: f64,
     pub drift: DriftSuggestion,
     /// The healthy pulses the numbers come from.
     pub basis: Basis,
@@ -46,6 +53,7 @@ pub struct Suggestion {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DriftSuggestion {
+    pub enabled: bool,
     pub yellow_factor: f64,
     pub red_factor: f64,
     pub floor_seconds: f64,
@@ -76,7 +84,14 @@ pub fn thresholds_from(p50: f64, p99: f64) -> (f64, f64, DriftSuggestion) {
     let yellow_factor = ceil_to((YELLOW_MARGIN * spread).max(DRIFT_YELLOW_FLOOR), 10.0);
     let red_factor = ceil_to((RED_MARGIN * spread).max(2.0 * yellow_factor), 10.0);
     let floor_seconds = ceil_to((YELLOW_MARGIN * p99).max(DRIFT_FLOOR_MIN_SECONDS), 100.0);
-    (yellow, red, DriftSuggestion { yellow_factor, red_factor, floor_seconds })
+    let enabled = spread <= DRIFT_MAX_SPREAD;
+    (yellow, red, DriftSuggestion { enabled, yellow_factor, red_factor, floor_seconds })
+}
+
+/// The pulse timeout for a redAfter: the project's default (10 s) unless that is not above it.
+pub fn timeout_for(red_after_seconds: f64) -> f64 {
+    let default = metalkube_api::PulseSpec::default().timeout.get().as_secs_f64();
+    default.max(2.0 * red_after_seconds)
 }
 
 /// Suggested thresholds from the healthy pulses' wall times; None with fewer than
@@ -91,6 +106,7 @@ pub fn suggest(healthy_walls: &[f64]) -> Option<Suggestion> {
     Some(Suggestion {
         yellow_after_seconds: yellow,
         red_after_seconds: red,
+        timeout_seconds: timeout_for(red),
         drift,
         basis: Basis {
             pulses: walls.len(),

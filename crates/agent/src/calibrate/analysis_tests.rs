@@ -35,9 +35,10 @@ fn the_rule_on_an_incident_like_baseline() {
     let p99 = s.basis.p99_seconds;
     assert!((p99 - 0.6194).abs() < 1e-9, "{p99}");
     assert_eq!(s.yellow_after_seconds, 1.24);
-    assert_eq!(s.red_after_seconds, 3.1);
+    assert_eq!((s.red_after_seconds, s.timeout_seconds), (3.1, 10.0));
+    assert_eq!(timeout_for(11.28), 22.56, "above the default: twice redAfter");
     assert_eq!(s.drift.floor_seconds, 1.24);
-    assert_eq!((s.drift.yellow_factor, s.drift.red_factor), (2.1, 5.2));
+    assert_eq!((s.drift.enabled, s.drift.yellow_factor, s.drift.red_factor), (true, 2.1, 5.2));
     assert_eq!(s.rule, RULE);
     assert!(suggest(&walls[..4]).is_none(), "4 pulses are too few");
 }
@@ -46,7 +47,9 @@ fn the_rule_on_an_incident_like_baseline() {
 fn fast_engines_get_the_floor() {
     let (yellow, red, drift) = thresholds_from(0.01, 0.02);
     assert_eq!((yellow, red), (0.25, 0.5));
-    assert_eq!((drift.yellow_factor, drift.red_factor, drift.floor_seconds), (4.0, 10.0, 0.5));
+    assert_eq!((drift.enabled, drift.yellow_factor, drift.red_factor, drift.floor_seconds), (true, 4.0, 10.0, 0.5));
+    let (_, _, spread) = thresholds_from(0.005, 2.25);
+    assert!(!spread.enabled, "a 5 ms typical pulse with a 2.25 s tail has no baseline: {spread:?}");
     let (_, _, flat) = thresholds_from(0.0, 0.0);
     assert_eq!(flat.yellow_factor, 2.0, "no spread: the floor");
 }
@@ -62,6 +65,7 @@ proptest! {
         prop_assert!(yellow >= 2.0 * p99 - 1e-9 && yellow >= YELLOW_FLOOR_SECONDS);
         prop_assert!(drift.yellow_factor < drift.red_factor && drift.yellow_factor >= 2.0);
         prop_assert!(drift.floor_seconds >= p99 - 1e-9 && drift.floor_seconds >= 0.5);
+        prop_assert!(timeout_for(red) > red);
         let (yellow2, red2, drift2) = thresholds_from(p50, p99 + more);
         prop_assert!(yellow2 >= yellow && red2 >= red && drift2.yellow_factor >= drift.yellow_factor);
     }

@@ -72,6 +72,8 @@ fn suggestion(h: &mut String, r: &Report) {
         );
         return;
     };
+    // Factors of a drift suggested off would only mislead.
+    let drift = |value: String| if sg.drift.enabled { value } else { "–".to_owned() };
     let healthy = r
         .settings
         .healthy_for_seconds
@@ -79,15 +81,19 @@ fn suggestion(h: &mut String, r: &Report) {
     let _ = write!(
         h,
         "<table><tr><th class=\"l\">yellowAfter</th><td>{:.2} s</td></tr><tr><th class=\"l\">redAfter</th><td>{:.2} s</td></tr>\
+         <tr><th class=\"l\">timeout</th><td>{:.2} s</td></tr>\
+         <tr><th class=\"l\">drift</th><td>{}</td></tr>\
          <tr><th class=\"l\">drift.yellowFactor</th><td>{}</td></tr><tr><th class=\"l\">drift.redFactor</th><td>{}</td></tr>\
-         <tr><th class=\"l\">drift.floor</th><td>{:.2} s</td></tr></table>\
+         <tr><th class=\"l\">drift.floor</th><td>{}</td></tr></table>\
          <p>From {} healthy pulses ({}): p50 {:.3} s, p99 {:.3} s, slowest {:.3} s.</p>\
          <p class=\"note\">Rule: {}</p><pre>{}</pre>",
         sg.yellow_after_seconds,
         sg.red_after_seconds,
-        sg.drift.yellow_factor,
-        sg.drift.red_factor,
-        sg.drift.floor_seconds,
+        sg.timeout_seconds,
+        if sg.drift.enabled { "on" } else { "off (healthy pulses spread over more than 4x)" },
+        drift(sg.drift.yellow_factor.to_string()),
+        drift(sg.drift.red_factor.to_string()),
+        drift(format!("{:.2} s", sg.drift.floor_seconds)),
         sg.basis.pulses,
         escape(&healthy),
         sg.basis.p50_seconds,

@@ -118,13 +118,21 @@ impl Report {
 /// A suggestion as `spec.pulse` YAML, in whole milliseconds (the CRD's duration form).
 pub fn pulse_spec_yaml(s: &Suggestion) -> String {
     let ms = |seconds: f64| (seconds * 1000.0).round() as u64;
+    let drift = if s.drift.enabled {
+        format!(
+            "    yellowFactor: {}\n    redFactor: {}\n    floor: {}ms\n",
+            s.drift.yellow_factor,
+            s.drift.red_factor,
+            ms(s.drift.floor_seconds)
+        )
+    } else {
+        "    enabled: false\n".to_owned()
+    };
     format!(
-        "pulse:\n  yellowAfter: {}ms\n  redAfter: {}ms\n  drift:\n    yellowFactor: {}\n    redFactor: {}\n    floor: {}ms\n",
+        "pulse:\n  yellowAfter: {}ms\n  redAfter: {}ms\n  timeout: {}ms\n  drift:\n{drift}",
         ms(s.yellow_after_seconds),
         ms(s.red_after_seconds),
-        s.drift.yellow_factor,
-        s.drift.red_factor,
-        ms(s.drift.floor_seconds)
+        ms(s.timeout_seconds)
     )
 }
 
@@ -160,6 +168,13 @@ mod tests {
         let p = &models[0].spec.pulse;
         let ms = std::time::Duration::from_millis;
         assert_eq!((p.yellow_after.get(), p.red_after.get(), p.drift.floor.get()), (ms(1240), ms(3100), ms(1240)));
-        assert_eq!((p.drift.yellow_factor, p.drift.red_factor), (2.1, 5.2));
+        assert_eq!((p.drift.enabled, p.drift.yellow_factor, p.drift.red_factor), (true, 2.1, 5.2));
+
+        let spread = suggest(&[0.005, 0.005, 0.006, 0.005, 2.3]).unwrap_or_else(|| panic!("enough pulses"));
+        let pulse: String = pulse_spec_yaml(&spread).lines().map(|l| format!("  {l}\n")).collect();
+        let yaml = yaml.split("  pulse:").next().unwrap_or_default().to_owned() + &pulse;
+        let models = metalkube_api::parse_models_yaml(&yaml, "spread.yaml").unwrap_or_else(|e| panic!("{e}: {yaml}"));
+        let p = &models[0].spec.pulse;
+        assert!(!p.drift.enabled && p.red_after < p.timeout, "{yaml}");
     }
 }
