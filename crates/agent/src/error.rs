@@ -130,6 +130,22 @@ pub enum AgentError {
         #[source]
         source: Option<std::io::Error>,
     },
+    #[error("calibrate: {0}")]
+    Calibrate(String),
+    #[error("calibrate: asking the agent at {url}")]
+    CalibrateAgent {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("calibrate: the engine at {url} did not answer /props; is --engine-url its internal port?")]
+    CalibrateEngine {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("calibrate: writing report.json")]
+    CalibrateReport(#[source] serde_json::Error),
     #[error("TLS: {what}")]
     Tls {
         what: String,

@@ -3,9 +3,11 @@
 //! A request and a health event each follow one line through these stages: `control` (what is
 //! desired) → `supervisor` (orchestrates, one task per model) → `engine` (the process and its
 //! model file) → `health` (the pulse and its grade) → `serving` (the port clients use) →
-//! `observe` (reports, metrics, HTTP). `install` joins a Mac to the fleet.
+//! `observe` (reports, metrics, HTTP). `install` joins a Mac to the fleet; `calibrate` is the
+//! tool that measures a model's pulse and the alternatives under load, to set its thresholds.
 
 pub mod agent;
+pub mod calibrate;
 pub mod context;
 pub mod control;
 pub mod desired;

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
+use metalkube_agent::calibrate::CalibrateArgs;
 use metalkube_agent::control::desired_store::DesiredStore;
 use metalkube_agent::control::grpc::{AgentService, serve_grpc, serve_grpc_tls};
 use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles};
@@ -36,6 +37,9 @@ enum Cmd {
     Join(JoinArgs),
     /// Print, install or uninstall the service definition of an agent that has joined.
     Service(ServiceArgs),
+    /// Drive a load through a model and measure its pulse against the latency users see and the
+    /// indicators an incident tried first; suggest pulse thresholds (report.json, report.html).
+    Calibrate(CalibrateArgs),
 }
 
 #[derive(clap::Args)]
@@ -328,6 +332,17 @@ async fn bind_http(listen: Option<&str>, defaults: &[&str]) -> anyhow::Result<to
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no address to listen on (--listen)")))
 }
 
+fn run_calibrate(args: CalibrateArgs) -> anyhow::Result<()> {
+    let settings = args.settings()?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let finished =
+        runtime.block_on(metalkube_agent::calibrate::run(settings, |i| eprintln!("{}", i.progress_line())))?;
+    print!("{}", finished.report.summary_text());
+    println!("report: {} and {}", finished.json_path.display(), finished.html_path.display());
+    Ok(())
+}
+
 /// The commands that run the agent itself (on the async runtime).
 enum Daemon {
     Run(RunArgs),
@@ -338,6 +353,7 @@ fn main() -> anyhow::Result<()> {
     let (daemon, worker_threads) = match Cli::parse().command {
         Cmd::Join(args) => return run_join(args),
         Cmd::Service(args) => return run_service(args),
+        Cmd::Calibrate(args) => return run_calibrate(args),
         Cmd::Run(args) => {
             let threads = args.common.worker_threads;
             (Daemon::Run(args), threads)

@@ -30,6 +30,35 @@ pub struct Fault {
     /// microseconds since the Unix epoch, so a client on the same machine measures the latency
     /// of each chunk (the streaming benchmark).
     pub stream_token_ms: u64,
+    /// Compute time that rises with time since the fault was set: the incident's gradual
+    /// slowdown (a trivial call 0.6 s, then 30 s) while `/health` stays 200 and the task
+    /// counter in `/slots` keeps climbing as the slower tasks get through.
+    pub ramp: Option<Ramp>,
+}
+
+/// Compute time `from_ms` for `after_ms`, then rising in a straight line to `to_ms` over
+/// `over_ms`, and staying there. Added to whatever else the fault says.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Ramp {
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub after_ms: u64,
+    pub over_ms: u64,
+}
+
+impl Ramp {
+    /// The compute time of a completion that arrives `elapsed_ms` after the fault was set.
+    pub fn compute_ms(&self, elapsed_ms: u64) -> u64 {
+        let into = elapsed_ms.saturating_sub(self.after_ms);
+        if into >= self.over_ms {
+            return self.to_ms;
+        }
+        // i128 holds any span of u64 milliseconds times any progress short of the end.
+        let span = i128::from(self.to_ms) - i128::from(self.from_ms);
+        let Some(risen) = span.checked_mul(i128::from(into)) else { return self.to_ms };
+        u64::try_from(i128::from(self.from_ms) + risen / i128::from(self.over_ms)).unwrap_or(0)
+    }
 }
 
 /// Start-up behaviour, read from `<model>.sim.json`.
@@ -49,4 +78,23 @@ pub struct SimStartup {
     /// With `--sleep-idle-seconds`: how long waking takes (llama-server reloads the model), in
     /// milliseconds.
     pub wake_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ramp_holds_then_rises_in_a_line_then_holds() {
+        let r = Ramp { from_ms: 600, to_ms: 30_600, after_ms: 1_000, over_ms: 10_000 };
+        assert_eq!(r.compute_ms(0), 600);
+        assert_eq!(r.compute_ms(1_000), 600);
+        assert_eq!(r.compute_ms(6_000), 15_600);
+        assert_eq!(r.compute_ms(11_000), 30_600);
+        assert_eq!(r.compute_ms(u64::MAX), 30_600);
+        let down = Ramp { from_ms: 1_000, to_ms: 0, after_ms: 0, over_ms: 10 };
+        assert_eq!(down.compute_ms(5), 500, "a ramp may fall too");
+        let instant = Ramp { from_ms: 5, to_ms: 9, after_ms: 0, over_ms: 0 };
+        assert_eq!(instant.compute_ms(0), 9, "no span: the end value at once");
+    }
 }

@@ -5,7 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use metalkube_testkit::sim::Fault;
+use metalkube_testkit::sim::{Fault, Ramp};
 use serde_json::{Value, json};
 
 struct Sim(Child, u16);
@@ -80,4 +80,47 @@ async fn answers_like_llama_server_and_takes_faults() {
     assert_eq!(resp.status(), 500);
     let slots: Value = client.get(format!("{base}/slots")).send().await.unwrap().json().await.unwrap();
     assert_eq!(slots.as_array().unwrap().len(), 2);
+}
+
+/// Like llama-server: one task-id counter that completions and `/slots` polls advance, and per
+/// slot the id of the last completion it took. A ramp slows completions with time.
+#[tokio::test]
+async fn counts_tasks_like_llama_server_and_ramps_its_latency() {
+    let sim = start().await;
+    let base = format!("http://127.0.0.1:{}", sim.1);
+    let client = reqwest::Client::new();
+    let task_ids = || async {
+        let slots: Value = client.get(format!("{base}/slots")).send().await.unwrap().json().await.unwrap();
+        slots.as_array().unwrap().iter().filter_map(|s| s["id_task"].as_u64()).max()
+    };
+    let compute_ms = || async {
+        let body: Value = client
+            .post(format!("{base}/completion"))
+            .json(&json!({"n_predict": 1}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["timings"]["prompt_ms"].as_f64().unwrap() + body["timings"]["predicted_ms"].as_f64().unwrap()
+    };
+    assert_eq!(task_ids().await, None, "no slot took a task yet");
+    compute_ms().await;
+    let first = task_ids().await.unwrap();
+    for _ in 0..3 {
+        task_ids().await;
+    }
+    compute_ms().await;
+    assert_eq!(task_ids().await, Some(first + 5), "four polls and a completion later");
+
+    let ramp = Ramp { from_ms: 50, to_ms: 250, after_ms: 0, over_ms: 400 };
+    metalkube_testkit::set_fault(sim.1, &Fault { ramp: Some(ramp), ..Default::default() }).await;
+    let early = compute_ms().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let late = compute_ms().await;
+    assert!((50.0..120.0).contains(&early), "{early}");
+    assert!((late - 250.0).abs() < 1.0, "{late}");
+    let health = client.get(format!("{base}/health")).send().await.unwrap();
+    assert!(health.status().is_success(), "/health stays 200 through the drift");
 }

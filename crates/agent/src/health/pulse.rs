@@ -43,6 +43,12 @@ pub fn compute_from_body(body: &[u8]) -> Option<Duration> {
 }
 
 pub async fn take_pulse(client: &reqwest::Client, port: u16, timeout: Duration) -> PulseSample {
+    take_pulse_at(client, &format!("http://127.0.0.1:{port}"), timeout).await
+}
+
+/// A pulse to the engine at `base_url` (scheme, host and port, no trailing slash): the same
+/// round-trip the agent takes, for `metalkube-agent calibrate`, which is told the engine's URL.
+pub async fn take_pulse_at(client: &reqwest::Client, base_url: &str, timeout: Duration) -> PulseSample {
     let n = PULSE_COUNTER.fetch_add(1, Ordering::Relaxed);
     let body = serde_json::json!({
         "prompt": format!("pulse {n}: say ok"),
@@ -52,7 +58,7 @@ pub async fn take_pulse(client: &reqwest::Client, port: u16, timeout: Duration) 
         "stream": false,
     });
     let started = Instant::now();
-    let url = format!("http://127.0.0.1:{port}/completion");
+    let url = format!("{base_url}/completion");
     let result = tokio::time::timeout(timeout, async {
         let resp = client.post(&url).json(&body).send().await?;
         let status = resp.status();

@@ -8,6 +8,10 @@
 //! Run-time faults: `POST /sim/fault` with a JSON `Fault`; `GET /sim/fault` shows it.
 //! `--sleep-idle-seconds N` sleeps as llama-server does: after N seconds without a completion
 //! `/props` says `is_sleeping`, and the next completion wakes it (taking `wake_ms`).
+//!
+//! Like llama-server, every request the engine's loop handles is a task with the next id from
+//! one counter: completions, and also `/slots` and `/metrics` polls. `/slots` shows, per slot,
+//! the id of the last completion it took (`id_task`), which is what a task-counter check reads.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -26,6 +30,12 @@ use tokio::sync::{RwLock, Semaphore};
 
 struct Sim {
     fault: RwLock<Fault>,
+    /// When the fault in force was set (a ramp rises from then).
+    fault_since: std::sync::Mutex<Instant>,
+    /// The next task id (llama-server's `queue_tasks.get_new_id()`).
+    next_task: AtomicU64,
+    /// Per slot: busy, and the id of the last completion it took.
+    slot_state: std::sync::Mutex<Vec<SlotState>>,
     loaded: AtomicBool,
     slots: Arc<Semaphore>,
     parallel: usize,
@@ -85,6 +95,22 @@ impl Sleep {
 
 type Shared = Arc<Sim>;
 
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotState {
+    busy: bool,
+    id_task: Option<u64>,
+}
+
+impl Sim {
+    fn new_task(&self) -> u64 {
+        self.next_task.fetch_add(1, Ordering::SeqCst)
+    }
+
+    fn slot_state(&self) -> std::sync::MutexGuard<'_, Vec<SlotState>> {
+        self.slot_state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 fn flag(args: &[String], names: &[&str]) -> Option<String> {
     args.iter().position(|a| names.contains(&a.as_str())).and_then(|i| args.get(i + 1).cloned())
 }
@@ -120,6 +146,9 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("sim: listening on {host}:{port}, {parallel} slots, model {model}");
     let sim = Arc::new(Sim {
         fault: RwLock::new(startup.fault),
+        fault_since: std::sync::Mutex::new(Instant::now()),
+        next_task: AtomicU64::new(0),
+        slot_state: std::sync::Mutex::new(vec![SlotState::default(); parallel.max(1)]),
         loaded: AtomicBool::new(startup.load_ms == 0),
         slots: Arc::new(Semaphore::new(parallel.max(1))),
         parallel: parallel.max(1),
@@ -198,20 +227,40 @@ async fn wait_while_wedged(sim: &Sim) {
 
 async fn slots(State(sim): State<Shared>) -> Json<Value> {
     wait_while_wedged(&sim).await;
-    let busy = sim.processing.load(Ordering::SeqCst) as usize;
-    let decoded = sim.decoded.load(Ordering::SeqCst);
-    let prompt = sim.prompt_chunks.load(Ordering::SeqCst);
+    sim.new_task();
+    let slots = sim.slot_state().clone();
+    // Progress counters (prompt chunks, decoded tokens) are the engine's, shown on slot 0.
+    let (prompt, decoded) = (sim.prompt_chunks.load(Ordering::SeqCst), sim.decoded.load(Ordering::SeqCst));
     Json(Value::Array(
-        (0..sim.parallel)
-            .map(|id| json!({"id": id, "is_processing": id < busy, "n_prompt_tokens_processed": if id == 0 { prompt } else { 0 }, "next_token": [{"n_decoded": if id == 0 { decoded } else { 0 }}]}))
+        slots
+            .iter()
+            .enumerate()
+            .map(|(id, s)| {
+                let (prompt, decoded) = if id == 0 { (prompt, decoded) } else { (0, 0) };
+                let mut slot = json!({
+                    "id": id,
+                    "n_ctx": 4096,
+                    "is_processing": s.busy,
+                    "n_prompt_tokens_processed": prompt,
+                    "next_token": [{"n_decoded": decoded}],
+                });
+                // llama-server leaves `id_task` out for a slot that never took a task.
+                if let Some(task) = s.id_task {
+                    slot["id_task"] = json!(task);
+                }
+                slot
+            })
             .collect(),
     ))
 }
 
 async fn metrics(State(sim): State<Shared>) -> String {
     wait_while_wedged(&sim).await;
+    sim.new_task();
+    let requests = sim.requests.load(Ordering::SeqCst);
     format!(
-        "# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {}\n# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {}\n",
+        "# HELP llamacpp:prompt_tokens_total Number of prompt tokens processed.\n# TYPE llamacpp:prompt_tokens_total counter\nllamacpp:prompt_tokens_total {}\n# HELP llamacpp:requests_processing Number of requests processing.\n# TYPE llamacpp:requests_processing gauge\nllamacpp:requests_processing {}\n# HELP llamacpp:tokens_predicted_total Number of generation tokens processed.\n# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total {}\n",
+        requests.saturating_mul(5),
         sim.processing.load(Ordering::SeqCst),
         sim.tokens.load(Ordering::SeqCst)
     )
@@ -230,16 +279,42 @@ async fn set_fault(State(sim): State<Shared>, Json(fault): Json<Fault>) -> Json<
         eprintln!("sim: exiting on request");
         std::process::exit(3);
     }
-    *sim.fault.write().await = fault.clone();
+    let mut current = sim.fault.write().await;
+    *current = fault.clone();
+    *sim.fault_since.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     Json(fault)
 }
 
-/// Decrements the in-flight count however the request ends (a client may hang up mid-way).
-struct Processing(Shared);
+/// Frees the slot and decrements the in-flight count however the request ends (a client may
+/// hang up mid-way).
+struct Processing {
+    sim: Shared,
+    slot: Option<usize>,
+}
+impl Processing {
+    /// Takes the first free slot for task `id_task` (the semaphore guarantees one is free).
+    fn start(sim: Shared, id_task: u64) -> Self {
+        sim.processing.fetch_add(1, Ordering::SeqCst);
+        let slot = {
+            let mut slots = sim.slot_state();
+            let free = slots.iter().position(|s| !s.busy);
+            if let Some(s) = free.and_then(|i| slots.get_mut(i)) {
+                *s = SlotState { busy: true, id_task: Some(id_task) };
+            }
+            free
+        };
+        Self { sim, slot }
+    }
+}
 impl Drop for Processing {
     fn drop(&mut self) {
-        self.0.sleep.touch();
-        self.0.processing.fetch_sub(1, Ordering::SeqCst);
+        self.sim.sleep.touch();
+        if let Some(i) = self.slot
+            && let Some(s) = self.sim.slot_state().get_mut(i)
+        {
+            s.busy = false;
+        }
+        self.sim.processing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -250,11 +325,14 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     let arrived = Instant::now();
     sim.sleep.wake().await;
     let n = sim.requests.fetch_add(1, Ordering::SeqCst);
-    let fault = {
+    let id_task = sim.new_task();
+    let (fault, ramp_ms) = {
         let mut f = sim.fault.write().await;
         let snapshot = f.clone();
         f.slow_next_ms = 0;
-        snapshot
+        let since = *sim.fault_since.lock().unwrap_or_else(|e| e.into_inner());
+        let elapsed_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        (snapshot, f.ramp.map_or(0, |r| r.compute_ms(elapsed_ms)))
     };
     if fault.wedged || fault.hung_decode {
         // The inference loop is stuck: the request never gets a slot; /health stays 200.
@@ -272,9 +350,8 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         return (StatusCode::OK, "{\"content\": ").into_response();
     }
     let Ok(slot) = sim.slots.clone().acquire_owned().await else { return unavailable("shutting down") };
-    sim.processing.fetch_add(1, Ordering::SeqCst);
-    let processing = Processing(sim.clone());
-    let compute_ms = fault.latency_ms + fault.drift_ms_per_request.saturating_mul(n) + fault.slow_next_ms;
+    let processing = Processing::start(sim.clone(), id_task);
+    let compute_ms = fault.latency_ms + fault.drift_ms_per_request.saturating_mul(n) + fault.slow_next_ms + ramp_ms;
     let n_predict =
         body.get("n_predict").or_else(|| body.get("max_tokens")).and_then(Value::as_u64).unwrap_or(8).clamp(1, 256);
     sim.tokens.fetch_add(n_predict, Ordering::SeqCst);

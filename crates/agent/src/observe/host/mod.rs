@@ -9,7 +9,7 @@ pub mod linux;
 pub mod macos;
 mod process;
 
-pub use process::ProcessMemory;
+pub use process::{ProcessMemory, process_uptime};
 
 use std::sync::RwLock;
 use std::time::Duration;

@@ -1,0 +1,245 @@
+//! `metalkube-agent calibrate`: the tool the incident asks for. It drives a load shape through a
+//! model's serving port, and every interval records the pulse, the latency users saw, and the
+//! indicators the incident tried first (uptime, the `/slots` task counter, memory, tokens). The
+//! report suggests pulse thresholds from the healthy part of the run, says what each check
+//! would have said interval by interval, and how well each indicator tracks user latency.
+//!
+//! One job per file: `shape` (pure: request plans), `drive` (the load), `sample` (pulse and
+//! indicators), `record` (an interval), `analysis` and `stats` (pure: advice), `report`, `html`
+//! and `svg` (the files), `target` (where it points), `args` (the command line).
+
+pub mod analysis;
+pub mod args;
+pub mod drive;
+mod html;
+pub mod record;
+pub mod report;
+pub mod sample;
+pub mod shape;
+pub mod stats;
+mod svg;
+pub mod target;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use metalkube_api::PulseSpec;
+
+pub use args::{CalibrateArgs, Settings};
+
+use self::analysis::{GradedWith, ThresholdSource};
+use self::drive::{DriveConfig, RequestOutcome};
+use self::record::{Interval, PulseCell, RequestCell};
+use self::report::{Checks, Report, ReportSettings, Summary};
+use self::sample::{PulseTracker, read_engine};
+use self::shape::{ContextBudget, Planner};
+use self::stats::percentile;
+use crate::AgentError;
+use crate::health::grader::Observation;
+
+/// A finished run: its report, and where the files are.
+pub struct Finished {
+    pub report: Report,
+    pub json_path: PathBuf,
+    pub html_path: PathBuf,
+}
+
+/// Context when the engine's `/props` does not say (older llama-server builds).
+const DEFAULT_SLOT_CONTEXT: u32 = 4096;
+
+/// One slot's context, from llama-server's `/props`. Failing to reach the engine at all ends the
+/// run before it starts: every later reading would be empty.
+async fn slot_context(client: &reqwest::Client, engine_url: &str) -> Result<u32, AgentError> {
+    let url = format!("{engine_url}/props");
+    let read = async {
+        let resp = client.get(&url).timeout(Duration::from_secs(10)).send().await?.error_for_status()?;
+        resp.json::<serde_json::Value>().await
+    };
+    let props = read.await.map_err(|source| AgentError::CalibrateEngine { url: engine_url.to_owned(), source })?;
+    let n_ctx = props.pointer("/default_generation_settings/n_ctx").and_then(serde_json::Value::as_u64);
+    Ok(n_ctx.and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0).unwrap_or(DEFAULT_SLOT_CONTEXT))
+}
+
+/// What the run gathers, interval by interval.
+struct Gathered {
+    intervals: Vec<Interval>,
+    outcomes: Vec<RequestOutcome>,
+    healthy_walls: Vec<f64>,
+    pulses_answered: usize,
+}
+
+/// Runs the load for `settings.duration`, then writes the report. `progress` sees each interval
+/// as it closes.
+pub async fn run(settings: Settings, progress: impl FnMut(&Interval)) -> Result<Finished, AgentError> {
+    let client = reqwest::Client::builder().no_proxy().build().map_err(AgentError::HttpClient)?;
+    let resolved = settings.target.resolve(&client).await?;
+    let slot_tokens = slot_context(&client, &resolved.engine_url).await?;
+    // Half an interval for the indicators, so that reading a slow engine does not stall the run.
+    let read_timeout = settings.interval / 2;
+    let initial_engine = read_engine(&client, &resolved.engine_url, resolved.engine_pid, read_timeout).await;
+    let gathered = gather(&settings, &client, resolved.clone(), ContextBudget { slot_tokens }, progress).await;
+    let report = build_report(&settings, resolved, slot_tokens, initial_engine, gathered);
+    let (json_path, html_path) = report::write(&report, &settings.out)?;
+    Ok(Finished { report, json_path, html_path })
+}
+
+async fn gather(
+    settings: &Settings,
+    client: &reqwest::Client,
+    mut resolved: target::Resolved,
+    budget: ContextBudget,
+    mut progress: impl FnMut(&Interval),
+) -> Gathered {
+    let started = Instant::now();
+    let drive = Arc::new(DriveConfig {
+        client: client.clone(),
+        serving_url: resolved.serving_url.clone(),
+        api_key: settings.api_key.clone(),
+        request_timeout: settings.request_timeout,
+        started,
+        deadline: started + settings.duration,
+    });
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let clients: Vec<tokio::task::JoinHandle<()>> = (0..settings.concurrency)
+        .map(|c| {
+            tokio::spawn(drive::run_client(
+                drive.clone(),
+                Planner::new(settings.shape, settings.seed, c, budget),
+                tx.clone(),
+            ))
+        })
+        .collect();
+    drop(tx);
+    let pulses = PulseTracker::default();
+    pulses.start_if_idle(client.clone(), resolved.engine_url.clone(), settings.pulse_timeout);
+
+    let count = settings.duration.as_nanos().div_ceil(settings.interval.as_nanos().max(1));
+    let mut g = Gathered { intervals: Vec::new(), outcomes: Vec::new(), healthy_walls: Vec::new(), pulses_answered: 0 };
+    let mut waiting: Vec<RequestOutcome> = Vec::new();
+    for index in 0..usize::try_from(count).unwrap_or(usize::MAX) {
+        let start = settings.interval.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX));
+        let end = start.saturating_add(settings.interval).min(settings.duration);
+        tokio::time::sleep_until(tokio::time::Instant::from_std(started + end)).await;
+        let (done, in_flight) = pulses.take_until(started + end);
+        while let Ok(outcome) = rx.try_recv() {
+            waiting.push(outcome);
+        }
+        let (ended, later): (Vec<RequestOutcome>, Vec<RequestOutcome>) =
+            waiting.drain(..).partition(|o| o.finished_at < end);
+        waiting = later;
+        let healthy_period = settings.healthy_for.is_none_or(|h| end <= h);
+        for pulse in &done {
+            if let Observation::Answered { wall, .. } = pulse.sample.observation {
+                g.pulses_answered += 1;
+                if healthy_period {
+                    g.healthy_walls.push(wall.as_secs_f64());
+                }
+            }
+        }
+        let engine = read_engine(client, &resolved.engine_url, resolved.engine_pid, settings.interval / 2).await;
+        let interval = Interval {
+            index,
+            start_seconds: start.as_secs_f64(),
+            end_seconds: end.as_secs_f64(),
+            healthy_period,
+            pulse: PulseCell::new(&done, in_flight),
+            requests: RequestCell::new(&ended),
+            engine,
+            verdicts: Default::default(),
+        };
+        progress(&interval);
+        g.intervals.push(interval);
+        g.outcomes.extend(ended);
+        if end < settings.duration {
+            // Through an agent, follow an engine it replaced (new port, new pid); keep the last
+            // answer when the agent does not give one.
+            if let Ok(now) = settings.target.resolve(client).await {
+                resolved = now;
+            }
+            pulses.start_if_idle(client.clone(), resolved.engine_url.clone(), settings.pulse_timeout);
+        }
+    }
+    // Requests still running at the end are abandoned, not recorded: they have no latency yet.
+    for c in clients {
+        c.abort();
+    }
+    g
+}
+
+fn build_report(
+    settings: &Settings,
+    target: target::Resolved,
+    slot_tokens: u32,
+    initial_engine: sample::EngineReading,
+    mut g: Gathered,
+) -> Report {
+    let suggested = analysis::suggest(&g.healthy_walls);
+    let seed = PulseSpec::default();
+    let graded_with = match &suggested {
+        Some(s) => GradedWith {
+            yellow_after_seconds: s.yellow_after_seconds,
+            red_after_seconds: s.red_after_seconds,
+            source: ThresholdSource::Suggested,
+        },
+        None => GradedWith {
+            yellow_after_seconds: seed.yellow_after.get().as_secs_f64(),
+            red_after_seconds: seed.red_after.get().as_secs_f64(),
+            source: ThresholdSource::Seed,
+        },
+    };
+    let window = settings.check_window.as_nanos().div_ceil(settings.interval.as_nanos().max(1));
+    analysis::apply_verdicts(&mut g.intervals, &initial_engine, &graded_with, usize::try_from(window).unwrap_or(1));
+    let ok: Vec<&RequestOutcome> = g.outcomes.iter().filter(|o| o.error.is_none()).collect();
+    let latencies: Vec<f64> = ok.iter().map(|o| o.latency.as_secs_f64()).collect();
+    let ttfts: Vec<f64> = ok.iter().filter_map(|o| o.ttft).map(|t| t.as_secs_f64()).collect();
+    let summary = Summary {
+        intervals: g.intervals.len(),
+        healthy_intervals: g.intervals.iter().filter(|i| i.healthy_period).count(),
+        requests: g.outcomes.len(),
+        request_errors: g.outcomes.len() - ok.len(),
+        latency_p50_seconds: percentile(&latencies, 0.5),
+        latency_p99_seconds: percentile(&latencies, 0.99),
+        ttft_p50_seconds: percentile(&ttfts, 0.5),
+        pulses_answered: g.pulses_answered,
+        healthy_pulses: g.healthy_walls.len(),
+        while_pulse_red: analysis::while_pulse_red(&g.intervals),
+        last_interval_verdicts: g.intervals.last().map(|i| i.verdicts.clone()).unwrap_or_default(),
+    };
+    let no_suggestion = suggested.is_none().then(|| {
+        format!(
+            "{} healthy pulses answered; at least {} are needed (run longer, or lengthen --healthy-for)",
+            g.healthy_walls.len(),
+            analysis::MIN_HEALTHY_PULSES
+        )
+    });
+    Report {
+        tool: format!("metalkube-agent calibrate {}", env!("CARGO_PKG_VERSION")),
+        settings: ReportSettings {
+            shape: settings.shape,
+            duration_seconds: settings.duration.as_secs_f64(),
+            interval_seconds: settings.interval.as_secs_f64(),
+            concurrency: settings.concurrency,
+            seed: settings.seed,
+            healthy_for_seconds: settings.healthy_for.map(|h| h.as_secs_f64()),
+            pulse_timeout_seconds: settings.pulse_timeout.as_secs_f64(),
+            request_timeout_seconds: settings.request_timeout.as_secs_f64(),
+            slot_context_tokens: slot_tokens,
+        },
+        target,
+        indicators: analysis::correlations(&g.intervals, &initial_engine),
+        pulse_spec_yaml: suggested.as_ref().map(report::pulse_spec_yaml),
+        suggested,
+        no_suggestion,
+        graded_with,
+        checks: Checks {
+            pulse: analysis::PULSE_RULE.into(),
+            uptime: analysis::UPTIME_RULE.into(),
+            task_counter: analysis::COUNTER_RULE.into(),
+            check_window_seconds: settings.check_window.as_secs_f64(),
+        },
+        summary,
+        initial_engine,
+        intervals: g.intervals,
+    }
+}

@@ -1,0 +1,244 @@
+//! Inline SVG charts for the HTML report: no script, no external file, every text escaped.
+
+use std::fmt::Write;
+
+use metalkube_api::Grade;
+
+const WIDTH: f64 = 760.0;
+const HEIGHT: f64 = 220.0;
+const LEFT: f64 = 64.0;
+const RIGHT: f64 = 16.0;
+const TOP: f64 = 22.0;
+const BOTTOM: f64 = 28.0;
+
+/// Text for HTML and SVG alike: the five characters that can end a text or an attribute.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// One line: (x, y) points; a None y breaks the line.
+pub struct Series {
+    pub name: String,
+    pub color: &'static str,
+    pub points: Vec<(f64, Option<f64>)>,
+}
+
+/// A shaded band of y values (the yellow and red grades of the pulse).
+pub struct Band {
+    pub from: f64,
+    pub to: f64,
+    pub color: &'static str,
+    pub label: String,
+}
+
+pub struct Chart {
+    /// Unit of the y axis, shown with the tick labels ("s", "ms", "MiB", …).
+    pub unit: &'static str,
+    /// The x axis runs from 0 to this many seconds of the run.
+    pub x_max: f64,
+    pub series: Vec<Series>,
+    pub bands: Vec<Band>,
+}
+
+/// The smallest 1, 2 or 5 × 10^k at or above `v`: axis tops people can read.
+fn nice_ceiling(v: f64) -> f64 {
+    if !v.is_finite() || v <= 0.0 {
+        return 1.0;
+    }
+    let magnitude = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|c| *c >= v).unwrap_or(10.0 * magnitude)
+}
+
+/// A number for an axis label: few digits, no trailing zeros.
+pub fn short(v: f64) -> String {
+    let text = if v.abs() >= 100.0 || v == v.trunc() { format!("{v:.0}") } else { format!("{v:.2}") };
+    if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_owned() } else { text }
+}
+
+impl Chart {
+    pub fn render(&self) -> String {
+        let values = self.series.iter().flat_map(|s| s.points.iter().filter_map(|p| p.1)).filter(|v| v.is_finite());
+        let data_max = values.fold(0.0_f64, f64::max);
+        // Bands start within view, so the yellow and red lines show even on a healthy run.
+        let band_start = self.bands.iter().map(|b| b.from).fold(0.0_f64, f64::max);
+        let y_max = nice_ceiling(data_max.max(band_start * 1.2));
+        let x_max = if self.x_max > 0.0 { self.x_max } else { 1.0 };
+        let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
+        let x = |v: f64| LEFT + (v / x_max).clamp(0.0, 1.0) * plot_w;
+        let y = |v: f64| TOP + plot_h - (v / y_max).clamp(0.0, 1.0) * plot_h;
+        let mut svg = format!(
+            r#"<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" font-family="sans-serif" font-size="11">"#
+        );
+        for band in &self.bands {
+            let (top, bottom) = (y(band.to.min(y_max)), y(band.from));
+            let _ = write!(
+                svg,
+                r#"<rect x="{LEFT}" y="{top:.1}" width="{plot_w}" height="{:.1}" fill="{}" opacity="0.18"><title>{}</title></rect>"#,
+                (bottom - top).max(0.0),
+                band.color,
+                escape(&band.label)
+            );
+        }
+        for i in 0..=4 {
+            let v = y_max * f64::from(i) / 4.0;
+            let _ = write!(
+                svg,
+                r##"<line x1="{LEFT}" x2="{:.1}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{} {}</text>"##,
+                LEFT + plot_w,
+                LEFT - 6.0,
+                y(v) + 4.0,
+                short(v),
+                escape(self.unit),
+                py = y(v)
+            );
+        }
+        let x_step = nice_ceiling(x_max / 6.0);
+        let mut t = 0.0;
+        while t <= x_max + 1e-9 {
+            let _ =
+                write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}s</text>"#, x(t), HEIGHT - 8.0, short(t));
+            t += x_step;
+        }
+        let mut legend_x = LEFT;
+        for s in &self.series {
+            for run in runs(&s.points) {
+                if let [(px, py)] = run.as_slice() {
+                    let _ =
+                        write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"#, x(*px), y(*py), s.color);
+                    continue;
+                }
+                let coords: Vec<String> = run.iter().map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py))).collect();
+                let _ = write!(
+                    svg,
+                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="1.8" stroke-linejoin="round"/>"#,
+                    coords.join(" "),
+                    s.color
+                );
+            }
+            let _ = write!(
+                svg,
+                r#"<rect x="{legend_x:.1}" y="6" width="10" height="10" fill="{}"/><text x="{:.1}" y="15">{}</text>"#,
+                s.color,
+                legend_x + 14.0,
+                escape(&s.name)
+            );
+            legend_x += 24.0 + 6.5 * s.name.len() as f64;
+        }
+        svg.push_str("</svg>");
+        svg
+    }
+}
+
+/// The stretches of consecutive finite points.
+fn runs(points: &[(f64, Option<f64>)]) -> Vec<Vec<(f64, f64)>> {
+    let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
+    let mut current = Vec::new();
+    for (px, py) in points {
+        match py.filter(|v| v.is_finite()) {
+            Some(v) => current.push((*px, v)),
+            None if !current.is_empty() => runs.push(std::mem::take(&mut current)),
+            None => {}
+        }
+    }
+    if !current.is_empty() {
+        runs.push(current);
+    }
+    runs
+}
+
+fn grade_color(grade: Option<Grade>) -> &'static str {
+    match grade {
+        Some(Grade::Green) => "#2e9d4f",
+        Some(Grade::Yellow) => "#e0b000",
+        Some(Grade::Red) => "#d33c2c",
+        None => "#cccccc",
+    }
+}
+
+/// One row per check, one cell per interval, coloured by its verdict (grey: no verdict).
+pub fn verdict_strip(rows: &[(&str, Vec<Option<Grade>>)]) -> String {
+    let row_h = 22.0;
+    let height = TOP + row_h * rows.len() as f64 + 6.0;
+    let cells = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(1);
+    let cell_w = (WIDTH - LEFT * 2.0 - RIGHT) / cells as f64;
+    let mut svg = format!(
+        r#"<svg viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img" font-family="sans-serif" font-size="11">"#
+    );
+    for (r, (name, grades)) in rows.iter().enumerate() {
+        let top = TOP + row_h * r as f64;
+        let _ = write!(
+            svg,
+            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
+            LEFT * 2.0 - 6.0,
+            top + 14.0,
+            escape(name)
+        );
+        for (i, grade) in grades.iter().enumerate() {
+            let verdict = grade.map_or("no verdict", |g| match g {
+                Grade::Green => "green",
+                Grade::Yellow => "yellow",
+                Grade::Red => "red",
+            });
+            let _ = write!(
+                svg,
+                r#"<rect x="{:.2}" y="{top:.1}" width="{:.2}" height="{}" fill="{}"><title>interval {i}: {}</title></rect>"#,
+                LEFT * 2.0 + cell_w * i as f64,
+                cell_w.max(0.5),
+                row_h - 4.0,
+                grade_color(*grade),
+                verdict
+            );
+        }
+    }
+    svg.push_str("</svg>");
+    svg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_what_could_end_a_text_or_an_attribute() {
+        assert_eq!(escape(r#"<script>"a"&'b'</script>"#), "&lt;script&gt;&quot;a&quot;&amp;&#39;b&#39;&lt;/script&gt;");
+    }
+
+    #[test]
+    fn axis_tops_and_labels_are_readable() {
+        assert_eq!(
+            [nice_ceiling(0.7), nice_ceiling(3.1), nice_ceiling(30.0), nice_ceiling(0.0)],
+            [1.0, 5.0, 50.0, 1.0]
+        );
+        assert_eq!([short(0.25), short(2.0), short(150.4), short(0.5)], ["0.25", "2", "150", "0.5"]);
+    }
+
+    #[test]
+    fn lines_break_at_missing_points_and_names_are_escaped() {
+        let chart = Chart {
+            unit: "s",
+            x_max: 10.0,
+            series: vec![Series {
+                name: "<b>wall</b>".into(),
+                color: "#000",
+                points: vec![(1.0, Some(1.0)), (2.0, Some(2.0)), (3.0, None), (4.0, Some(f64::NAN)), (5.0, Some(1.0))],
+            }],
+            bands: vec![Band { from: 2.0, to: f64::INFINITY, color: "#f00", label: "red".into() }],
+        };
+        let svg = chart.render();
+        assert_eq!(svg.matches("<polyline").count(), 1);
+        assert_eq!(svg.matches("<circle").count(), 1, "a lone point is a dot");
+        assert!(svg.contains("&lt;b&gt;wall&lt;/b&gt;") && !svg.contains("<b>"));
+        assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+    }
+}
