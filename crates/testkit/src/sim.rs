@@ -13,7 +13,8 @@ pub struct Fault {
     /// Only the next completion takes this much longer (the slow first call after idle).
     pub slow_next_ms: u64,
     /// Completions never answer while `/health` stays 200; `/slots` and `/metrics`, which
-    /// llama-server serves from its task loop, do not answer either.
+    /// llama-server serves from its task loop, do not answer either, and streams already
+    /// flowing stop mid-stream (the loop that decodes them is the one that is stuck).
     pub wedged: bool,
     /// Completions answer 200 with a truncated JSON body.
     pub malformed: bool,
