@@ -22,8 +22,8 @@ enum Task {
     /// Install what the tests and the demo need: Debian packages, llama-server (built once,
     /// cached under ~/.cache/metalkube), the tiny model.
     Setup,
-    /// setup, then fmt check, clippy -D warnings (for Linux and for aarch64-apple-darwin), and
-    /// every test.
+    /// setup, then fmt check, clippy -D warnings (for Linux and for aarch64-apple-darwin), every
+    /// test, and `bench vitals --quick`.
     Test,
     /// clippy -D warnings on every crate for aarch64-apple-darwin, C code included (zig and
     /// cargo-zigbuild from PyPI). It stops before the final link, which needs Apple's frameworks:
@@ -37,17 +37,19 @@ enum Task {
     /// Benchmarks; `proxy`: the serving port against direct, HAProxy and nginx (throughput,
     /// added latency, CPU per request, time to a refusal under overload); `stream`: concurrent
     /// SSE streams through each (added per-chunk latency, memory per stream); `metrics`: the
-    /// cost of one request's metrics on the serving port.
+    /// cost of one request's metrics on the serving port; `vitals`: detection of a sick engine
+    /// by the pulse, a `/health` poll and an uptime + task-counter check, same engine, same run
+    /// (table also in <target>/bench/vitals/).
     Bench {
-        #[arg(value_parser = ["proxy", "stream", "metrics"])]
+        #[arg(value_parser = ["proxy", "stream", "metrics", "vitals"])]
         what: String,
         /// Seconds per measured window (`proxy`).
         #[arg(long, default_value_t = 5)]
         seconds: u32,
-        /// Interleaved rounds; figures are the median and range over them. Quick: --seconds 2
-        /// --rounds 2.
-        #[arg(long, default_value_t = 5)]
-        rounds: u32,
+        /// Rounds; figures are the median and range over them (default 5; `vitals`: 3). Quick:
+        /// --seconds 2 --rounds 2.
+        #[arg(long)]
+        rounds: Option<u32>,
         /// Measure this agent binary instead of building the workspace's.
         #[arg(long)]
         agent: Option<PathBuf>,
@@ -67,6 +69,13 @@ enum Task {
         /// `stream`: tokens per stream (at most 256).
         #[arg(long, default_value_t = 100)]
         tokens: u32,
+        /// `vitals`: one round of a fault and a load, goals checked (what `test` runs).
+        #[arg(long)]
+        quick: bool,
+        /// `vitals`: seconds between two checks of each alternative (LLMKube's Metal agent
+        /// polls `/health` every 30 s).
+        #[arg(long, default_value_t = 30)]
+        poll_seconds: u32,
     },
     /// setup, then the soak (crates/agent/tests/soak.rs) for longer than the minute `test` gives
     /// it: the agent binary and the real engine under 5x overload, checking nothing is lost and
@@ -91,8 +100,24 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
         Task::Soak { minutes } => soak(minutes),
-        Task::Bench { what, seconds, rounds, agent, perf, only, streams, token_ms, tokens } => {
-            let opts = bench::Options { seconds, rounds: rounds.max(1), agent, perf, only, streams, token_ms, tokens };
+        Task::Bench { what, seconds, rounds, agent, perf, only, streams, token_ms, tokens, quick, poll_seconds } => {
+            let rounds = match (what.as_str(), quick) {
+                ("vitals", true) => 1,
+                ("vitals", false) => rounds.unwrap_or(3),
+                _ => rounds.unwrap_or(5),
+            };
+            let opts = bench::Options {
+                seconds,
+                rounds: rounds.max(1),
+                agent,
+                perf,
+                only,
+                streams,
+                token_ms,
+                tokens,
+                quick,
+                poll_seconds,
+            };
             match what.as_str() {
                 "metrics" => run(cargo().args([
                     "run",
@@ -103,6 +128,7 @@ fn main() -> anyhow::Result<()> {
                     "serving_metrics_bench",
                 ])),
                 "stream" => bench::stream(&opts),
+                "vitals" => bench::vitals(&opts),
                 _ => bench::proxy(&opts),
             }
         }
@@ -221,7 +247,9 @@ fn test() -> anyhow::Result<()> {
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)
         .envs(installed.tools.env())
         .env("RUST_BACKTRACE", "1"))?;
-    Ok(())
+    // The detection bench in its quick form, on the binaries just built: a fault metalkube must
+    // detect and a load it must not mistake for one. It checks counts, never times.
+    bench::vitals(&bench::Options { quick: true, rounds: 1, poll_seconds: 30, ..bench::Options::default() })
 }
 
 const MACOS_TARGET: &str = "aarch64-apple-darwin";

@@ -3,10 +3,13 @@
 
 mod support;
 
+use std::time::Duration;
+
+use futures::StreamExt;
 use metalkube_api::{Grade, Phase};
 use metalkube_testkit::sim::{Fault, SimStartup};
 use metalkube_testkit::{set_fault, sim_engine};
-use support::{Harness, Stopwatch};
+use support::{GUARD, Harness, Stopwatch};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn gradual_drift_goes_yellow_then_red_then_restarts() {
@@ -152,6 +155,42 @@ async fn a_slow_engine_that_keeps_working_is_graded_on_its_answers() {
         "red from answers with their compute time, none counted at a deadline: {slow:?}"
     );
     assert!(h.metrics().await.contains(r#"reason="pulse_red"} 1"#));
+    h.agent.shutdown().await;
+}
+
+/// llama-server decodes every stream in the loop that wedges, so streams already flowing stop
+/// too, with `/health` still 200: the simulator does the same, and the agent ends such a stream
+/// for its client as stalled (the bench's "stall mid-stream" scenario builds on this).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_loop_wedged_mid_stream_stops_the_stream_and_the_agent_ends_it() {
+    let h = Harness::new(sim_engine()).await;
+    let mut d = h.desired("midstream", None);
+    d.spec.admission.stream_stall_timeout = Duration::from_secs(1).into();
+    let key = h.serve(d).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving && r.serving_port.is_some()).await;
+    let port = r.internal_port.unwrap();
+    set_fault(port, &Fault { stream_token_ms: 50, ..Default::default() }).await;
+    let body = serde_json::json!({"prompt": "a long story", "n_predict": 256, "stream": true});
+    let url = format!("http://127.0.0.1:{}/completion", r.serving_port.unwrap());
+    let resp = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut stream = resp.bytes_stream();
+    let first = tokio::time::timeout(GUARD, stream.next()).await.unwrap();
+    assert!(first.is_some_and(|c| c.is_ok()), "the stream flows");
+    set_fault(port, &Fault { stream_token_ms: 50, wedged: true, ..Default::default() }).await;
+    let mut tail = Vec::new();
+    let ended = tokio::time::timeout(GUARD, async {
+        while let Some(Ok(bytes)) = stream.next().await {
+            tail.extend_from_slice(&bytes);
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stream ends instead of hanging");
+    let text = String::from_utf8_lossy(&tail);
+    assert!(text.contains("stream_stalled"), "{}", &text[text.len().saturating_sub(400)..]);
+    assert!(!text.contains("\"stop\":true"), "the stalled stream never reached its end: {text}");
+    let health = reqwest::get(format!("http://127.0.0.1:{port}/health")).await.unwrap();
+    assert_eq!(health.status(), 200, "and /health still says fine");
     h.agent.shutdown().await;
 }
 

@@ -13,7 +13,8 @@ pub struct Fault {
     /// Only the next completion takes this much longer (the slow first call after idle).
     pub slow_next_ms: u64,
     /// Completions never answer while `/health` stays 200; `/slots` and `/metrics`, which
-    /// llama-server serves from its task loop, do not answer either.
+    /// llama-server serves from its task loop, do not answer either, and streams already
+    /// flowing stop mid-stream (the loop that decodes them is the one that is stuck).
     pub wedged: bool,
     /// A decode that hangs inside the engine: completions never answer and no token is decoded,
     /// but `/slots` still answers (llama-server serves it from a worker thread while it decodes),

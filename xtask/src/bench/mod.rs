@@ -1,8 +1,10 @@
-//! `cargo xtask bench proxy | stream`: the agent's serving port beside a direct connection,
-//! HAProxy and nginx, same upstream, same offered load, measured in one run in interleaved
-//! rounds. `proxy`: throughput, added latency, CPU per request and time to a refusal under 10x
-//! overload; `stream`: 1,000 concurrent SSE streams, added per-chunk latency and memory per
-//! stream. This module starts and stops what they measure.
+//! `cargo xtask bench proxy | stream | vitals`. `proxy` and `stream`: the agent's serving port
+//! beside a direct connection, HAProxy and nginx, same upstream, same offered load, measured in
+//! one run in interleaved rounds. `proxy`: throughput, added latency, CPU per request and time to
+//! a refusal under 10x overload; `stream`: 1,000 concurrent SSE streams, added per-chunk latency
+//! and memory per stream. This module starts and stops what they measure. `vitals` (its own
+//! folder): detection of a sick engine by the pulse against a `/health` poll and an uptime +
+//! task-counter check, same engine, same run.
 
 mod procfs;
 mod profile;
@@ -10,6 +12,7 @@ mod proxy;
 mod proxy_report;
 mod stats;
 mod stream;
+mod vitals;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -23,9 +26,10 @@ use crate::{cargo, root, run};
 
 pub use proxy::proxy;
 pub use stream::stream;
+pub use vitals::vitals;
 
 /// What the command line chose.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// Seconds per measured window.
     pub seconds: u32,
@@ -43,6 +47,10 @@ pub struct Options {
     pub token_ms: u64,
     /// Tokens per stream (`stream`; the simulator sends at most 256).
     pub tokens: u32,
+    /// `vitals`: one round of two scenarios, goals enforced (CI).
+    pub quick: bool,
+    /// `vitals`: seconds between two checks of each alternative.
+    pub poll_seconds: u32,
 }
 
 /// What both benchmarks share: binaries, a scratch directory, the commands to print.

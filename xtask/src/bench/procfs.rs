@@ -6,12 +6,16 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::sync::OnceLock;
 
-/// The fields after `(comm)` of /proc/<pid>/stat (comm may hold spaces and parentheses).
+/// What follows `(comm) ` in a stat line (comm may hold spaces and parentheses).
+fn after_comm(text: &str) -> Option<&str> {
+    text.get(text.rfind(')')? + 2..)
+}
+
+/// The fields after `(comm)` of /proc/<pid>/stat.
 fn stat_fields(path: &str) -> Option<Vec<u64>> {
     let text = std::fs::read_to_string(path).ok()?;
-    let rest = &text[text.rfind(')')? + 2..];
     // Field 3 (state) is a letter; keep positions by reading it as 0.
-    Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+    Some(after_comm(&text)?.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
 }
 
 /// Field `n` (1-based, as in proc(5)) of a stat line's fields after comm.
@@ -57,6 +61,18 @@ pub fn machine_busy_seconds() -> f64 {
     // user nice system idle iowait irq softirq steal (guest time is already in user)
     let busy = [0, 1, 2, 5, 6, 7].iter().map(|i| f.get(*i).copied().unwrap_or(0)).sum::<u64>();
     busy as f64 / clk_tck()
+}
+
+/// When the process started, in clock ticks since boot (field 22 of /proc/<pid>/stat): with the
+/// pid, what tells a process from its replacement. None when it is gone or a zombie.
+pub fn start_ticks(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = after_comm(&text)?;
+    if rest.starts_with('Z') {
+        return None;
+    }
+    let fields: Vec<u64> = rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect();
+    Some(field(&fields, 22))
 }
 
 /// Resident memory of `pids`, in KiB.
@@ -120,6 +136,7 @@ mod tests {
         }
         assert!(cpu_seconds(&[me]) > 0.0);
         assert_eq!(tree(me).first(), Some(&me));
+        assert!(start_ticks(me).is_some_and(|t| t > 0));
         let before = open_fds(&[me]);
         let _listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         assert_eq!(open_fds(&[me]), before + 1);

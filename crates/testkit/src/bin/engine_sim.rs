@@ -367,12 +367,15 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let guards = (slot, processing);
         if fault.stream_token_ms > 0 {
-            return Sse::new(cadenced_stream(n_predict, Duration::from_millis(fault.stream_token_ms), guards))
-                .into_response();
+            let every = Duration::from_millis(fault.stream_token_ms);
+            return Sse::new(cadenced_stream(sim.clone(), n_predict, every, guards)).into_response();
         }
         let stream = futures::stream::unfold((0u64, Some(guards)), move |(i, guards)| {
             let timings = timings.clone();
+            let sim = sim.clone();
             async move {
+                // A loop wedged mid-stream stops decoding: nothing more is sent.
+                wait_while_wedged(&sim).await;
                 if i > n_predict {
                     drop(guards);
                     return None;
@@ -414,6 +417,7 @@ fn now_us() -> u128 {
 /// `n` tokens, one every `every` (a fixed cadence: a late tick does not bring the next one
 /// forward), each chunk stamped with its send time; then the last chunk with the timings.
 fn cadenced_stream<G: Send + 'static>(
+    sim: Shared,
     n: u64,
     every: Duration,
     guards: G,
@@ -421,18 +425,24 @@ fn cadenced_stream<G: Send + 'static>(
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let predicted_ms = every.as_secs_f64() * 1000.0 * n as f64;
-    futures::stream::unfold((0u64, ticks, Some(guards)), move |(i, mut ticks, guards)| async move {
-        if i > n {
-            drop(guards);
-            return None;
-        }
-        let chunk = if i == n {
-            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "sent_us": now_us(),
+    futures::stream::unfold((0u64, ticks, Some(guards)), move |(i, mut ticks, guards)| {
+        let sim = sim.clone();
+        async move {
+            wait_while_wedged(&sim).await;
+            if i > n {
+                drop(guards);
+                return None;
+            }
+            let chunk = if i == n {
+                json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "sent_us": now_us(),
                 "timings": {"prompt_n": 5, "prompt_ms": 0.0, "predicted_n": n, "predicted_ms": predicted_ms}})
-        } else {
-            ticks.tick().await;
-            json!({"choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": null}], "content": "o", "stop": false, "sent_us": now_us()})
-        };
-        Some((Ok(Event::default().data(chunk.to_string())), (i + 1, ticks, guards)))
+            } else {
+                ticks.tick().await;
+                // Wedged while waiting for the tick: this token is never sent either.
+                wait_while_wedged(&sim).await;
+                json!({"choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": null}], "content": "o", "stop": false, "sent_us": now_us()})
+            };
+            Some((Ok(Event::default().data(chunk.to_string())), (i + 1, ticks, guards)))
+        }
     })
 }
