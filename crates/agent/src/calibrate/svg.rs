@@ -11,21 +11,7 @@ const RIGHT: f64 = 16.0;
 const TOP: f64 = 22.0;
 const BOTTOM: f64 = 28.0;
 
-/// Text for HTML and SVG alike: the five characters that can end a text or an attribute.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::observe::html_text::escape;
 
 /// One line: (x, y) points; a None y breaks the line.
 pub struct Series {
@@ -208,11 +194,6 @@ pub fn verdict_strip(rows: &[(&str, Vec<Option<Grade>>)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn escapes_what_could_end_a_text_or_an_attribute() {
-        assert_eq!(escape(r#"<script>"a"&'b'</script>"#), "&lt;script&gt;&quot;a&quot;&amp;&#39;b&#39;&lt;/script&gt;");
-    }
 
     #[test]
     fn axis_tops_and_labels_are_readable() {

@@ -4,6 +4,7 @@
 
 pub mod engine_metrics;
 pub mod host;
+pub mod html_text;
 pub mod http;
 pub mod metrics;
 pub mod report;

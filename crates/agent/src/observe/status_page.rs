@@ -10,6 +10,7 @@ mod chart;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use crate::observe::html_text::escape;
 use crate::observe::report::{ModelReport, ModelView, PulseRecord};
 use crate::serving::ServingLoad;
 
@@ -224,22 +225,6 @@ fn restarts(out: &mut String, r: &ModelReport, now_ms: u64) {
         );
     }
     out.push_str("</ol>");
-}
-
-/// Text safe inside HTML elements and quoted attributes.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// A duration the way people read one: "4.2 ms", "850 ms", "2 s", "12.5 s", "10 min".
