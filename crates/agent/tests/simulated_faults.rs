@@ -194,6 +194,30 @@ async fn a_loop_wedged_mid_stream_stops_the_stream_and_the_agent_ends_it() {
     h.agent.shutdown().await;
 }
 
+/// A new pulse spec replaces the grader, also in the middle of a round (between a slow sample and
+/// its confirmation): the round ends with what the new grader holds, and pulses go on.
+#[tokio::test(flavor = "multi_thread")]
+async fn pulses_go_on_through_pulse_spec_changes_in_the_middle_of_rounds() {
+    let h = Harness::new(sim_engine()).await;
+    let key = h.serve(h.desired("respec", None)).await;
+    let r = h.wait_for(&key, "serving", |r| r.phase == Phase::Serving).await;
+    // 900 ms a pulse: red, within the timeout, so each round waits for a confirmation.
+    set_fault(r.internal_port.unwrap(), &Fault { latency_ms: 900, ..Default::default() }).await;
+    // For 4 s, a changed pulse spec every 50 ms: many land between a sample and its confirmation.
+    for i in 0..80u64 {
+        let mut d = h.desired("respec", None);
+        d.spec.pulse.yellow_after = metalkube_api::Duration::from_millis(300 + i % 2);
+        d.spec.pulse.red_streak = 1000; // no restart: this is about the rounds going on
+        h.agent.upsert(d).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let pulses = h.agent.report(&key).await.unwrap().health.pulse_history.len();
+    let later =
+        h.wait_for(&key, "more pulses after the changes", |r| r.pulse_history.len() >= (pulses + 3).min(120)).await;
+    assert_eq!(later.restarts, 0);
+    h.agent.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn malformed_answers_count_as_red() {
     let h = Harness::new(sim_engine()).await;
