@@ -240,21 +240,22 @@ impl Admission {
         }
     }
 
-    pub fn observe_service(&self, took: Duration) {
-        self.lock_observed().service.add(took.as_secs_f64());
-    }
-
-    pub fn observe_decode_per_token(&self, per_token: Duration) {
-        self.lock_observed().decode_per_token.add(per_token.as_secs_f64());
+    /// A client response ended: `took` from arrival to the last byte, `complete` unless the client
+    /// left or the engine broke off, `per_token` its decode time per generated token if the engine
+    /// reported timings. One lock for all three figures: this runs once per request.
+    pub fn observe_response(&self, took: Duration, complete: bool, per_token: Option<Duration>) {
+        let mut o = self.lock_observed();
+        if let Some(d) = per_token {
+            o.decode_per_token.add(d.as_secs_f64());
+        }
+        if complete {
+            o.service.add(took.as_secs_f64());
+            o.traffic.completed(per_token);
+        }
     }
 
     pub fn decode_per_token(&self) -> Option<Duration> {
         self.lock_observed().decode_per_token.get()
-    }
-
-    /// A client response completed, decoded at `per_token` per generated token if known.
-    pub fn observe_completion(&self, per_token: Option<Duration>) {
-        self.lock_observed().traffic.completed(per_token);
     }
 
     /// A client stream went silent for the stall timeout.

@@ -103,15 +103,10 @@ impl ModelProxy {
             },
             move |outcome| {
                 code.duration.observe(outcome.duration.as_secs_f64());
-                if outcome.complete {
-                    done_admission.observe_service(outcome.duration);
-                    done_admission.observe_completion(outcome.timings.and_then(|t| t.decode_per_token()));
-                }
+                let per_token = outcome.timings.and_then(|t| t.decode_per_token());
+                done_admission.observe_response(outcome.duration, outcome.complete, per_token);
                 if let Some(t) = outcome.timings {
                     series.generated_tokens.inc_by(t.predicted_n);
-                    if let Some(d) = t.decode_per_token() {
-                        done_admission.observe_decode_per_token(d);
-                    }
                 }
             },
         );
