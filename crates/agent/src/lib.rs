@@ -13,6 +13,7 @@ pub mod control;
 pub mod desired;
 pub mod engine;
 mod error;
+mod ewma;
 pub mod health;
 pub mod install;
 pub mod observe;

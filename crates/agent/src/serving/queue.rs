@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
+use crate::ewma::Ewma;
 use crate::health::grader::Load;
 use crate::observe::metrics::ServingSeries;
 use crate::serving::traffic::{TrafficEvidence, TrafficTally};
@@ -21,21 +22,8 @@ pub struct Limits {
     pub max_request_bytes: u64,
 }
 
-/// Exponentially weighted moving average of seconds.
-#[derive(Debug, Default, Clone, Copy)]
-struct Ewma(Option<f64>);
-
-impl Ewma {
-    const ALPHA: f64 = 0.2;
-    fn add(&mut self, x: f64) {
-        self.0 = Some(self.0.map_or(x, |v| Self::ALPHA * x + (1.0 - Self::ALPHA) * v));
-    }
-    fn get(&self) -> Option<Duration> {
-        // try_: a value too large for a Duration (a clock jump, a wild sample) is no estimate,
-        // and never a panic.
-        self.0.and_then(|v| Duration::try_from_secs_f64(v).ok())
-    }
-}
+/// Weight of a new sample in the queue's estimates (service time, wait, decode speed).
+const ALPHA: f64 = 0.2;
 
 #[derive(Default)]
 struct Observed {
@@ -196,7 +184,7 @@ impl Admission {
         drop(waiting);
         let waited = since.elapsed();
         self.series.queue_wait.observe(waited.as_secs_f64());
-        self.lock_observed().queue_wait.add(waited.as_secs_f64());
+        self.lock_observed().queue_wait.add(waited.as_secs_f64(), ALPHA);
         match place {
             Ok(Ok(place)) => Ok(self.permit(place)),
             _ => Err(self.rejected(Rejection::QueueTimeout)),
@@ -229,7 +217,7 @@ impl Admission {
     /// is back when that is the reason.
     pub fn retry_after(&self, r: Rejection, not_ready_for: Duration) -> Duration {
         let load = self.load();
-        let service = self.lock_observed().service.get();
+        let service = self.lock_observed().service.duration();
         match r {
             Rejection::NotReady => retry_after(load.queued, load.limit, None, not_ready_for),
             Rejection::CircuitOpen => {
@@ -246,16 +234,16 @@ impl Admission {
     pub fn observe_response(&self, took: Duration, complete: bool, per_token: Option<Duration>) {
         let mut o = self.lock_observed();
         if let Some(d) = per_token {
-            o.decode_per_token.add(d.as_secs_f64());
+            o.decode_per_token.add(d.as_secs_f64(), ALPHA);
         }
         if complete {
-            o.service.add(took.as_secs_f64());
+            o.service.add(took.as_secs_f64(), ALPHA);
             o.traffic.completed(per_token);
         }
     }
 
     pub fn decode_per_token(&self) -> Option<Duration> {
-        self.lock_observed().decode_per_token.get()
+        self.lock_observed().decode_per_token.duration()
     }
 
     /// A client stream went silent for the stall timeout.
@@ -283,7 +271,7 @@ impl Admission {
     }
 
     pub fn queue_wait(&self) -> Option<Duration> {
-        self.lock_observed().queue_wait.get()
+        self.lock_observed().queue_wait.duration()
     }
 
     /// Busy rather than sick, seen from the door: requests were refused since the last pulse,
@@ -339,18 +327,6 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn estimates_out_of_a_durations_range_are_none_not_a_panic() {
-        for wild in [1e300, f64::INFINITY, f64::NAN, -1.0] {
-            let mut e = Ewma::default();
-            e.add(wild);
-            assert_eq!(e.get(), None, "{wild}");
-        }
-        let mut e = Ewma::default();
-        e.add(0.5);
-        assert_eq!(e.get(), Some(Duration::from_millis(500)));
-    }
 
     fn admission(limit: u32, depth: u32, timeout_ms: u64) -> Arc<Admission> {
         let limits = Limits {

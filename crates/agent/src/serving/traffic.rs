@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::ewma::Ewma;
+
 /// A response decoding slower than this many times the healthy per-token time is slow (the same
 /// factor as the pulse's default drift yellow).
 pub const SLOW_FACTOR: f64 = 4.0;
@@ -31,8 +33,7 @@ pub struct TrafficEvidence {
 #[derive(Debug, Default, Clone)]
 pub struct TrafficTally {
     since_taken: TrafficEvidence,
-    healthy_per_token: f64,
-    learned_from: u32,
+    healthy_per_token: Ewma,
 }
 
 impl TrafficTally {
@@ -42,11 +43,14 @@ impl TrafficTally {
             self.since_taken.unmeasured += 1;
             return;
         };
-        if self.learned_from < SEED_SAMPLES {
-            self.learn(x);
+        let usual = self.healthy_per_token.value().filter(|_| self.healthy_per_token.samples() >= SEED_SAMPLES);
+        let Some(usual) = usual else {
+            self.healthy_per_token.add(x, ALPHA);
             self.since_taken.unmeasured += 1;
-        } else if x <= SLOW_FACTOR * self.healthy_per_token {
-            self.learn(x);
+            return;
+        };
+        if x <= SLOW_FACTOR * usual {
+            self.healthy_per_token.add(x, ALPHA);
             self.since_taken.normal += 1;
             self.since_taken.last_normal = Some(Instant::now());
         } else {
@@ -61,12 +65,6 @@ impl TrafficTally {
     /// What happened since the last call, and start counting again.
     pub fn take(&mut self) -> TrafficEvidence {
         std::mem::take(&mut self.since_taken)
-    }
-
-    fn learn(&mut self, x: f64) {
-        self.healthy_per_token =
-            if self.learned_from == 0 { x } else { ALPHA * x + (1.0 - ALPHA) * self.healthy_per_token };
-        self.learned_from = self.learned_from.saturating_add(1);
     }
 }
 

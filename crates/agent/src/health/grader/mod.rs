@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use metalkube_api::{Grade, PulseSpec};
 
+use crate::ewma::Ewma;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GraderConfig {
     pub yellow_after: Duration,
@@ -128,19 +130,6 @@ pub struct Verdict {
     pub red_streak: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct Ewma {
-    value: f64,
-    samples: u32,
-}
-
-impl Ewma {
-    fn add(&mut self, x: f64, alpha: f64) {
-        self.value = if self.samples == 0 { x } else { alpha * x + (1.0 - alpha) * self.value };
-        self.samples = self.samples.saturating_add(1);
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Pending {
     raw: Grade,
@@ -182,9 +171,7 @@ impl Grader {
 
     /// The healthy wall-time baseline, once it is stable enough to grade against.
     pub fn baseline(&self) -> Option<Duration> {
-        (self.wall_baseline.samples >= self.cfg.baseline_min_samples)
-            .then(|| Duration::try_from_secs_f64(self.wall_baseline.value).ok())
-            .flatten()
+        (self.wall_baseline.samples() >= self.cfg.baseline_min_samples).then(|| self.wall_baseline.duration()).flatten()
     }
 
     /// What the grader holds now, with nothing to do.
@@ -284,8 +271,10 @@ impl Grader {
     fn compute_is_normal(&self, compute: Option<Duration>) -> bool {
         let Some(c) = compute else { return false };
         let factor = self.cfg.drift.as_ref().map_or(4.0, |d| d.yellow_factor);
-        if self.compute_baseline.samples >= self.cfg.baseline_min_samples {
-            c.as_secs_f64() <= factor * self.compute_baseline.value.max(1e-3)
+        if let Some(base) =
+            self.compute_baseline.value().filter(|_| self.compute_baseline.samples() >= self.cfg.baseline_min_samples)
+        {
+            c.as_secs_f64() <= factor * base.max(1e-3)
         } else {
             c < self.cfg.yellow_after
         }
