@@ -34,6 +34,20 @@ async fn start() -> Sim {
     panic!("simulator did not start");
 }
 
+/// A completion of `n_predict` tokens; the compute time its `timings` report, in milliseconds.
+async fn compute_ms(client: &reqwest::Client, base: &str, n_predict: u64) -> f64 {
+    let body: Value = client
+        .post(format!("{base}/completion"))
+        .json(&json!({"n_predict": n_predict}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["timings"]["prompt_ms"].as_f64().unwrap() + body["timings"]["predicted_ms"].as_f64().unwrap()
+}
+
 #[tokio::test]
 async fn answers_like_llama_server_and_takes_faults() {
     let sim = start().await;
@@ -51,17 +65,8 @@ async fn answers_like_llama_server_and_takes_faults() {
     assert_eq!(body["timings"]["predicted_n"], 3, "{body}");
 
     metalkube_testkit::set_fault(sim.1, &Fault { latency_ms: 100, ..Default::default() }).await;
-    let body: Value = client
-        .post(format!("{base}/completion"))
-        .json(&json!({"n_predict": 2}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let compute = body["timings"]["prompt_ms"].as_f64().unwrap() + body["timings"]["predicted_ms"].as_f64().unwrap();
-    assert!((compute - 100.0).abs() < 1.0, "{body}");
+    let compute = compute_ms(&client, &base, 2).await;
+    assert!((compute - 100.0).abs() < 1.0, "{compute}");
 
     let sse = client
         .post(format!("{base}/v1/chat/completions"))
@@ -93,33 +98,26 @@ async fn counts_tasks_like_llama_server_and_ramps_its_latency() {
         let slots: Value = client.get(format!("{base}/slots")).send().await.unwrap().json().await.unwrap();
         slots.as_array().unwrap().iter().filter_map(|s| s["id_task"].as_u64()).max()
     };
-    let compute_ms = || async {
-        let body: Value = client
-            .post(format!("{base}/completion"))
-            .json(&json!({"n_predict": 1}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        body["timings"]["prompt_ms"].as_f64().unwrap() + body["timings"]["predicted_ms"].as_f64().unwrap()
-    };
     assert_eq!(task_ids().await, None, "no slot took a task yet");
-    compute_ms().await;
+    compute_ms(&client, &base, 1).await;
     let first = task_ids().await.unwrap();
     for _ in 0..3 {
         task_ids().await;
     }
-    compute_ms().await;
+    compute_ms(&client, &base, 1).await;
     assert_eq!(task_ids().await, Some(first + 5), "four polls and a completion later");
 
-    let ramp = Ramp { from_ms: 50, to_ms: 250, after_ms: 0, over_ms: 400 };
-    metalkube_testkit::set_fault(sim.1, &Fault { ramp: Some(ramp), ..Default::default() }).await;
-    let early = compute_ms().await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let late = compute_ms().await;
-    assert!((50.0..120.0).contains(&early), "{early}");
+    // A ramp over a minute: a call a moment after it began is close to its start (a loaded
+    // machine may take a second or two to send it: 3.3 ms per second of the ramp).
+    let slow = Ramp { from_ms: 50, to_ms: 250, after_ms: 0, over_ms: 60_000 };
+    metalkube_testkit::set_fault(sim.1, &Fault { ramp: Some(slow), ..Default::default() }).await;
+    let early = compute_ms(&client, &base, 1).await;
+    assert!((50.0..70.0).contains(&early), "{early}");
+    // A ramp over 1 ms ends at once: from then on every call takes its end value.
+    let done = Ramp { from_ms: 50, to_ms: 250, after_ms: 0, over_ms: 1 };
+    metalkube_testkit::set_fault(sim.1, &Fault { ramp: Some(done), ..Default::default() }).await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let late = compute_ms(&client, &base, 1).await;
     assert!((late - 250.0).abs() < 1.0, "{late}");
     let health = client.get(format!("{base}/health")).send().await.unwrap();
     assert!(health.status().is_success(), "/health stays 200 through the drift");

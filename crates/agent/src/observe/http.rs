@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
@@ -81,7 +80,7 @@ struct PageQuery {
 
 /// The status page, with a Content-Security-Policy that lets it run only its own inline parts.
 async fn status_page(State(agent): State<Arc<Agent>>, Query(query): Query<PageQuery>) -> Response {
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+    let now_ms = crate::observe::report::now_ms();
     // Fresh per response, so that a page from a cache or another tab cannot lend its nonce.
     let nonce = format!("{:032x}", rand::random::<u128>());
     let (reports, source_errors) = (agent.reports().await, agent.source_errors());

@@ -102,6 +102,11 @@ pub struct ModelReport {
     pub restart_history: VecDeque<RestartRecord>,
 }
 
+/// Milliseconds since the Unix epoch, as reports and pages stamp them.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
 impl ModelReport {
     pub fn new(namespace: &str, name: &str) -> Self {
         Self {

@@ -15,7 +15,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use metalkube_api::{Grade, Phase};
 use tokio::sync::{Notify, mpsc, watch};
@@ -33,7 +33,7 @@ use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
-use crate::observe::report::{ModelReport, ModelView, PulseRecord, RestartRecord};
+use crate::observe::report::{ModelReport, ModelView, PulseRecord, RestartRecord, now_ms};
 use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 
 /// How often a starting engine's `/health` is asked; startup has no event to wait on.
@@ -187,10 +187,6 @@ struct Supervisor {
     pulses_replaced_in_a_row: u32,
     /// When the last pulse round began.
     last_pulse_sent: Instant,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Supervisor {

@@ -112,7 +112,7 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
             let s = r.state?;
             let port = u16::try_from(s.serving_port).ok().filter(|p| *p > 0)?;
             let v = view(r);
-            let process_up = r.reachable && matches!(v.phase, Phase::Serving | Phase::Sleeping | Phase::Degraded);
+            let process_up = r.reachable && (v.phase.engine_up() || v.phase == Phase::Degraded);
             if !r.assigned && !process_up {
                 return None;
             }
