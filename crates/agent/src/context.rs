@@ -12,6 +12,7 @@ use crate::engine::memory_ledger::MemoryLedger;
 use crate::engine::ports::PortPool;
 use crate::engine::restart_backoff::BackoffConfig;
 use crate::observe::metrics::Metrics;
+use crate::serving::body_budget::BodyBudget;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -46,6 +47,8 @@ pub struct AgentContext {
     pub downloads: Downloader,
     /// Which models hold how much of `memory_budget_bytes`.
     pub memory: MemoryLedger,
+    /// Memory every serving port's request bodies draw on together.
+    pub request_bodies: Arc<BodyBudget>,
 }
 
 impl AgentContext {
@@ -56,12 +59,17 @@ impl AgentContext {
             .build()
             .map_err(AgentError::HttpClient)?;
         let downloads = Downloader::new(config.state_dir.join("models"), config.downloads.clone())?;
+        let metrics = Metrics::new();
+        let body_limit = config.client_timeouts.body_memory_bytes;
+        metrics.request_body_memory_limit_bytes.set(i64::try_from(body_limit).unwrap_or(i64::MAX));
+        let request_bodies = BodyBudget::new(body_limit, metrics.request_body_memory_bytes.clone());
         Ok(Self {
+            request_bodies,
             downloads,
             memory: MemoryLedger::new(config.memory_budget_bytes),
             ports: PortPool::new(config.engine_ports.clone()),
             serving_ports: PortPool::new(config.serving_ports.clone()),
-            metrics: Metrics::new(),
+            metrics,
             http,
             config,
         })

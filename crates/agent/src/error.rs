@@ -45,6 +45,17 @@ pub enum AgentError {
     RequestBodyNotJson(serde_json::Error),
     #[error("the request body must be a JSON object ({{...}})")]
     RequestBodyNotObject,
+    #[error(
+        "{} nests JSON deeper than {limit} levels (at byte {offset}); the serving port allows {limit} levels, far more than any real schema or message needs",
+        field.as_deref().map_or_else(|| "the request body".to_owned(), |f| format!("field `{f}`"))
+    )]
+    RequestTooDeep { field: Option<String>, limit: usize, offset: usize },
+    #[error("field `{field}` {problem}; allowed: {allowed}")]
+    RequestField { field: String, problem: String, allowed: String },
+    #[error(
+        "this request makes {tasks} engine tasks ({how}); the model runs at most {limit} at once for clients (spec.admission.maxConcurrent), so one request may make at most {limit}: send fewer prompts or completions per request"
+    )]
+    RequestTooManyTasks { tasks: u64, how: String, limit: u32 },
     #[error("model source {} is not a file", path.display())]
     ModelNotAFile { path: PathBuf },
     #[error("{} is not a usable GGUF model", path.display())]

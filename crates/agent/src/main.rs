@@ -168,6 +168,15 @@ struct CommonArgs {
     /// Connections one serving port holds at once; more are answered 503 and closed.
     #[arg(long, default_value_t = 1024)]
     max_connections: usize,
+    /// Connections one client address may hold on a serving port (default: half of
+    /// --max-connections), so that one address's slow connections cost that address, not
+    /// everyone. Clients behind one NAT or proxy share an address: raise it for them.
+    #[arg(long)]
+    max_connections_per_client: Option<usize>,
+    /// Bytes of request bodies all serving ports hold together (being received, queued, being
+    /// sent to an engine); beyond it new bodies are answered 503 with Retry-After.
+    #[arg(long, default_value_t = 256 << 20)]
+    request_body_memory: u64,
     /// Time an engine gets to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     stop_grace: Duration,
@@ -292,6 +301,10 @@ async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyh
             header: args.header_timeout,
             body: args.body_timeout,
             max_connections: args.max_connections,
+            max_connections_per_client: args
+                .max_connections_per_client
+                .unwrap_or_else(|| (args.max_connections / 2).max(1)),
+            body_memory_bytes: args.request_body_memory,
         },
         stop_grace: args.stop_grace,
         backoff: BackoffConfig { min: args.backoff_min, max: args.backoff_max, stable_after: args.backoff_reset_after },

@@ -33,6 +33,7 @@ async fn agent(dir: &std::path::Path, pki: &Pki) -> String {
             header: Duration::from_secs(2),
             body: Duration::from_secs(2),
             max_connections: 64,
+            ..ClientTimeouts::default()
         },
         stop_grace: Duration::from_secs(1),
         backoff: BackoffConfig {

@@ -7,9 +7,12 @@
 //! the connection reads them and queues one verdict per head, in order; the handler takes the
 //! verdict of its request and refuses an ambiguous one with 400, never forwarding it.
 //!
-//! The scanner only has to keep its place between messages. When it meets something it does
-//! not follow (an upgrade, a malformed length, an overlong line) it stops judging; hyper itself
-//! refuses or closes such connections, and a request without a verdict is taken as clear.
+//! The scanner only has to keep its place between messages. An `Upgrade:` header changes
+//! nothing: the serving port never switches protocols, so the connection stays HTTP/1.1 and the
+//! next request is judged like any other. When the scanner meets something it does not follow (a
+//! malformed length, an overlong line, CONNECT) it stops judging; hyper itself refuses most such
+//! heads, and any request hyper still hands over without a verdict is `Unjudged` and refused:
+//! a request nobody judged is never taken as clear.
 
 use std::collections::VecDeque;
 use std::io;
@@ -25,6 +28,8 @@ pub enum Framing {
     Clear,
     /// Both Content-Length and Transfer-Encoding, or several Content-Length headers.
     Ambiguous,
+    /// The scanner lost its place on this connection before this request's head.
+    Unjudged,
 }
 
 /// Longest head line the scanner follows; hyper refuses longer heads anyway (431).
@@ -64,7 +69,6 @@ struct Head {
     content_length: Option<u64>,
     transfer_encoding: bool,
     chunked: bool,
-    upgrade: bool,
 }
 
 /// Follows the requests of one connection byte by byte and records a verdict per head.
@@ -81,9 +85,11 @@ impl Default for Scanner {
 }
 
 impl Scanner {
-    /// The verdict of the next request the handler sees (None: no judgement, take it as clear).
-    pub fn next_verdict(&mut self) -> Option<Framing> {
-        self.verdicts.pop_front()
+    /// The verdict of the next request the handler sees. hyper reads a head through the
+    /// scanner before it hands the request over, so a missing verdict means the scanner lost
+    /// its place.
+    pub fn next_verdict(&mut self) -> Framing {
+        self.verdicts.pop_front().unwrap_or(Framing::Unjudged)
     }
 
     pub fn feed(&mut self, mut data: &[u8]) {
@@ -187,8 +193,6 @@ impl Scanner {
                 .rsplit(|b| *b == b',')
                 .next()
                 .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
-        } else if name.eq_ignore_ascii_case(b"upgrade") {
-            head.upgrade = true;
         }
         State::Head(head)
     }
@@ -196,8 +200,8 @@ impl Scanner {
     fn end_of_head(&mut self, head: Head) -> State {
         let ambiguous = (head.content_lengths > 0 && head.transfer_encoding) || head.content_lengths > 1;
         self.verdicts.push_back(if ambiguous { Framing::Ambiguous } else { Framing::Clear });
-        if ambiguous || head.upgrade {
-            // The connection closes after an ambiguous request; an upgraded one leaves HTTP.
+        if ambiguous {
+            // The connection closes after an ambiguous request.
             return State::Lost;
         }
         match (head.transfer_encoding, head.chunked, head.content_length) {
@@ -271,7 +275,7 @@ mod tests {
     fn verdicts(input: &[u8]) -> Vec<Framing> {
         let mut s = Scanner::default();
         s.feed(input);
-        std::iter::from_fn(|| s.next_verdict()).collect()
+        std::iter::from_fn(|| Some(s.next_verdict()).filter(|v| *v != Framing::Unjudged)).collect()
     }
 
     const CLEAR: &[u8] = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
@@ -302,6 +306,23 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_header_does_not_stop_the_judging() {
+        let upgrade = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n";
+        let both = b"POST /completion HTTP/1.1\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let mut input = upgrade.to_vec();
+        input.extend_from_slice(both);
+        assert_eq!(verdicts(&input), vec![Framing::Clear, Framing::Ambiguous]);
+    }
+
+    #[test]
+    fn a_request_after_the_scanner_lost_its_place_is_unjudged() {
+        let mut s = Scanner::default();
+        s.feed(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\nPOST / HTTP/1.1\r\n\r\n");
+        assert_eq!(s.next_verdict(), Framing::Clear);
+        assert_eq!(s.next_verdict(), Framing::Unjudged, "never taken as clear");
+    }
+
+    #[test]
     fn what_it_cannot_follow_it_stops_judging() {
         assert!(verdicts(b"POST / HTTP/1.1\r\nContent-Length: x\r\n\r\nPOST / HTTP/1.1\r\n\r\n").len() == 1);
         assert!(verdicts(b"CONNECT a:1 HTTP/1.1\r\n\r\n").is_empty());
@@ -328,7 +349,7 @@ mod tests {
                 }
             }
             s.feed(&input[at..]);
-            let pieces: Vec<_> = std::iter::from_fn(|| s.next_verdict()).collect();
+            let pieces: Vec<_> = std::iter::from_fn(|| Some(s.next_verdict()).filter(|v| *v != Framing::Unjudged)).collect();
             prop_assert_eq!(whole, pieces);
         }
 
@@ -336,7 +357,7 @@ mod tests {
         fn any_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
             let mut s = Scanner::default();
             s.feed(&bytes);
-            while s.next_verdict().is_some() {}
+            while s.next_verdict() != Framing::Unjudged {}
         }
     }
 }

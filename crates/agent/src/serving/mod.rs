@@ -3,8 +3,9 @@
 //! breaker, and the tap that reads timings from responses as they pass.
 
 pub mod api_keys;
-
+pub mod body_budget;
 pub mod framing;
+pub mod inspect;
 pub mod listener;
 pub mod policy;
 pub mod proxy;
@@ -12,6 +13,7 @@ pub mod queue;
 pub mod request_shape;
 pub mod responses;
 pub mod routes;
+pub mod slow_reader;
 pub mod tap;
 pub mod traffic;
 pub mod upstream;

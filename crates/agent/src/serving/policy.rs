@@ -17,10 +17,18 @@ pub enum Rejection {
     Unauthorized,
     /// The serving port holds as many connections as it takes.
     ConnectionLimit,
+    /// The client's address holds as many of the port's connections as one address may.
+    ClientConnectionLimit,
+    /// Request bodies being read or waiting hold all the memory the port or the agent gives
+    /// them.
+    BodyMemory,
+    /// The request is not one the engine may see: not JSON, nested too deep, more engine tasks
+    /// than the model takes at once, or a field outside what the engine handles safely.
+    InvalidInput,
 }
 
 impl Rejection {
-    pub const ALL: [Rejection; 8] = [
+    pub const ALL: [Rejection; 11] = [
         Rejection::QueueFull,
         Rejection::QueueTimeout,
         Rejection::NotReady,
@@ -29,6 +37,9 @@ impl Rejection {
         Rejection::RequestTimeout,
         Rejection::Unauthorized,
         Rejection::ConnectionLimit,
+        Rejection::ClientConnectionLimit,
+        Rejection::BodyMemory,
+        Rejection::InvalidInput,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -41,6 +52,9 @@ impl Rejection {
             Rejection::RequestTimeout => "request_timeout",
             Rejection::Unauthorized => "unauthorized",
             Rejection::ConnectionLimit => "connection_limit",
+            Rejection::ClientConnectionLimit => "client_connection_limit",
+            Rejection::BodyMemory => "body_memory",
+            Rejection::InvalidInput => "invalid_input",
         }
     }
 
@@ -50,19 +64,36 @@ impl Rejection {
             Rejection::TooLarge => 413,
             Rejection::RequestTimeout => 408,
             Rejection::Unauthorized => 401,
-            Rejection::QueueTimeout | Rejection::NotReady | Rejection::CircuitOpen | Rejection::ConnectionLimit => 503,
+            Rejection::InvalidInput => 400,
+            Rejection::QueueTimeout
+            | Rejection::NotReady
+            | Rejection::CircuitOpen
+            | Rejection::ConnectionLimit
+            | Rejection::ClientConnectionLimit
+            | Rejection::BodyMemory => 503,
         }
+    }
+
+    /// Whether the refusal says the model is busy: the saturation signal the pulse's grade
+    /// weighs. A refusal of the client's own request (a bad key, a bad or oversized body, one
+    /// address's connection share) says nothing about the engine, and a client sending such
+    /// requests must not make a sick engine look merely busy.
+    pub fn means_busy(self) -> bool {
+        matches!(self, Rejection::QueueFull | Rejection::QueueTimeout | Rejection::ConnectionLimit)
     }
 
     /// The OpenAI-style `error.type`.
     pub fn error_type(self) -> &'static str {
         match self {
             Rejection::QueueFull => "rate_limit_error",
-            Rejection::TooLarge | Rejection::RequestTimeout => "invalid_request_error",
+            Rejection::TooLarge | Rejection::RequestTimeout | Rejection::InvalidInput => "invalid_request_error",
             Rejection::Unauthorized => "authentication_error",
-            Rejection::QueueTimeout | Rejection::NotReady | Rejection::CircuitOpen | Rejection::ConnectionLimit => {
-                "unavailable_error"
-            }
+            Rejection::QueueTimeout
+            | Rejection::NotReady
+            | Rejection::CircuitOpen
+            | Rejection::ConnectionLimit
+            | Rejection::ClientConnectionLimit
+            | Rejection::BodyMemory => "unavailable_error",
         }
     }
 }
@@ -85,10 +116,14 @@ pub enum Decision {
 pub struct Snapshot {
     pub engine_ready: bool,
     pub circuit_allows: bool,
+    /// Places in use: engine tasks of the requests admitted and not finished.
     pub in_flight: u32,
     pub queued: u32,
     pub limit: u32,
     pub depth: u32,
+    /// Places the new request needs: the engine tasks it makes (prompts × completions; 1 for
+    /// most). Never more than `limit`: a bigger request is refused before it gets here.
+    pub wants: u32,
 }
 
 pub fn decide(s: Snapshot) -> Decision {
@@ -99,7 +134,7 @@ pub fn decide(s: Snapshot) -> Decision {
         return Decision::Reject(Rejection::CircuitOpen);
     }
     // FIFO: nobody overtakes a queued request, even when a slot has just been freed.
-    if s.queued == 0 && s.in_flight < s.limit {
+    if s.queued == 0 && u64::from(s.in_flight) + u64::from(s.wants.max(1)) <= u64::from(s.limit) {
         return Decision::Dispatch;
     }
     if s.queued >= s.depth {
@@ -133,7 +168,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn snap(in_flight: u32, queued: u32) -> Snapshot {
-        Snapshot { engine_ready: true, circuit_allows: true, in_flight, queued, limit: 3, depth: 2 }
+        Snapshot { engine_ready: true, circuit_allows: true, in_flight, queued, limit: 3, depth: 2, wants: 1 }
     }
 
     #[test]
@@ -165,10 +200,10 @@ mod tests {
 
     proptest! {
         #[test]
-        fn never_dispatches_past_the_limit_nor_queues_past_the_depth(in_flight in 0u32..10, queued in 0u32..10, limit in 1u32..5, depth in 0u32..5) {
-            let s = Snapshot { engine_ready: true, circuit_allows: true, in_flight, queued, limit, depth };
+        fn never_dispatches_past_the_limit_nor_queues_past_the_depth(in_flight in 0u32..10, queued in 0u32..10, limit in 1u32..5, depth in 0u32..5, wants in 1u32..5) {
+            let s = Snapshot { engine_ready: true, circuit_allows: true, in_flight, queued, limit, depth, wants };
             match decide(s) {
-                Decision::Dispatch => prop_assert!(in_flight < limit && queued == 0),
+                Decision::Dispatch => prop_assert!(in_flight + wants <= limit && queued == 0),
                 Decision::Enqueue => prop_assert!(queued < depth),
                 Decision::Reject(r) => prop_assert_eq!(r, Rejection::QueueFull),
             }
@@ -253,7 +288,7 @@ mod tests {
             limit in any_count(),
             depth in any_count(),
         ) {
-            let s = Snapshot { engine_ready, circuit_allows, in_flight, queued, limit, depth };
+            let s = Snapshot { engine_ready, circuit_allows, in_flight, queued, limit, depth, wants: 1 };
             let open = engine_ready && circuit_allows;
             match decide(s) {
                 Decision::Dispatch => prop_assert!(open && queued == 0 && in_flight < limit),
@@ -277,7 +312,7 @@ mod tests {
             let (mut in_flight, mut queued) = (0u32, 0u32);
             for arrival in arrivals {
                 if arrival {
-                    let s = Snapshot { engine_ready: true, circuit_allows: true, in_flight, queued, limit, depth };
+                    let s = Snapshot { engine_ready: true, circuit_allows: true, in_flight, queued, limit, depth, wants: 1 };
                     match decide(s) {
                         Decision::Dispatch => in_flight += 1,
                         Decision::Enqueue => queued += 1,

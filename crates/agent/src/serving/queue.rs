@@ -1,5 +1,7 @@
 //! The per-model admission queue at run time: a fair (FIFO) semaphore of `limit` places, a
-//! bounded count of waiters, and the numbers the grader and Retry-After need.
+//! bounded count of waiters, and the numbers the grader and Retry-After need. A place is one
+//! engine task: a request that makes several (prompts × completions) takes that many places,
+//! so no single request can fill the slot the pulse keeps free.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,7 +46,7 @@ struct Observed {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ServingLoad {
-    /// Requests admitted to the engine and not finished.
+    /// Places in use: engine tasks of the requests admitted and not finished.
     pub in_flight: u32,
     /// Requests waiting in line.
     pub queue_depth: u32,
@@ -76,11 +78,13 @@ pub struct Admission {
     created: Instant,
 }
 
-/// A place at the engine; given back when dropped (the response finished or the client left).
+/// Places at the engine (one per engine task of the request); given back when dropped (the
+/// response finished or the client left).
 pub struct Permit {
-    _place: OwnedSemaphorePermit,
+    _places: OwnedSemaphorePermit,
     admission: Arc<Admission>,
     number: u64,
+    count: u32,
 }
 
 impl Drop for Permit {
@@ -90,7 +94,7 @@ impl Drop for Permit {
             o.last_active = Some(Instant::now());
             o.in_engine_since.remove(&self.number);
         }
-        let now = self.admission.in_flight.fetch_sub(1, Ordering::SeqCst) - 1;
+        let now = self.admission.in_flight.fetch_sub(self.count, Ordering::SeqCst) - self.count;
         self.admission.series.in_flight.set(i64::from(now));
         if now == 0 {
             self.admission.idle.notify_waiters();
@@ -151,8 +155,10 @@ impl Admission {
         }
     }
 
-    /// Gets a place at the engine, waiting in line if needed.
-    pub async fn admit(self: &Arc<Self>, engine_ready: bool) -> Result<Permit, Rejection> {
+    /// Gets `tasks` places at the engine (at most the limit; the caller refuses bigger
+    /// requests with a message that says so), waiting in line if needed.
+    pub async fn admit(self: &Arc<Self>, engine_ready: bool, tasks: u32) -> Result<Permit, Rejection> {
+        let wants = tasks.clamp(1, self.limits.max_concurrent.max(1));
         let circuit_allows = self.with_circuit(|c| c.allow(Instant::now()));
         let load = self.load();
         let decision = decide(Snapshot {
@@ -162,12 +168,13 @@ impl Admission {
             queued: load.queued,
             limit: self.limits.max_concurrent,
             depth: self.limits.queue_depth,
+            wants,
         });
         match decision {
             Decision::Reject(r) => return Err(self.rejected(r)),
             Decision::Dispatch => {
-                if let Ok(place) = self.places.clone().try_acquire_owned() {
-                    return Ok(self.permit(place));
+                if let Ok(places) = self.places.clone().try_acquire_many_owned(wants) {
+                    return Ok(self.permit(places, wants));
                 }
             }
             Decision::Enqueue => {}
@@ -180,18 +187,21 @@ impl Admission {
             return Err(self.rejected(Rejection::QueueFull));
         }
         let since = Instant::now();
-        let place = tokio::time::timeout(self.limits.queue_timeout, self.places.clone().acquire_owned()).await;
+        // The semaphore is FIFO for weighted waits too: a big request at the head waits for its
+        // places without being overtaken by small ones behind it.
+        let place =
+            tokio::time::timeout(self.limits.queue_timeout, self.places.clone().acquire_many_owned(wants)).await;
         drop(waiting);
         let waited = since.elapsed();
         self.series.queue_wait.observe(waited.as_secs_f64());
         self.lock_observed().queue_wait.add(waited.as_secs_f64(), ALPHA);
         match place {
-            Ok(Ok(place)) => Ok(self.permit(place)),
+            Ok(Ok(places)) => Ok(self.permit(places, wants)),
             _ => Err(self.rejected(Rejection::QueueTimeout)),
         }
     }
 
-    fn permit(self: &Arc<Self>, place: OwnedSemaphorePermit) -> Permit {
+    fn permit(self: &Arc<Self>, places: OwnedSemaphorePermit, count: u32) -> Permit {
         let number = {
             let mut o = self.lock_observed();
             let now = Instant::now();
@@ -201,14 +211,16 @@ impl Admission {
             o.in_engine_since.insert(number, now);
             number
         };
-        let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        let now = self.in_flight.fetch_add(count, Ordering::SeqCst) + count;
         self.series.in_flight.set(i64::from(now));
-        Permit { _place: place, admission: self.clone(), number }
+        Permit { _places: places, admission: self.clone(), number, count }
     }
 
     /// Counts a refusal (for metrics and the saturation signal) and passes it on.
     pub fn rejected(&self, r: Rejection) -> Rejection {
-        self.rejected_since_pulse.fetch_add(1, Ordering::Relaxed);
+        if r.means_busy() {
+            self.rejected_since_pulse.fetch_add(1, Ordering::Relaxed);
+        }
         self.series.rejected(r);
         r
     }
@@ -341,21 +353,21 @@ mod tests {
     #[tokio::test]
     async fn queues_in_order_refuses_when_full_and_times_out() {
         let a = admission(1, 1, 200);
-        let first = a.admit(true).await.unwrap();
+        let first = a.admit(true, 1).await.unwrap();
         let waiter = {
             let a = a.clone();
-            tokio::spawn(async move { a.admit(true).await.map(drop) })
+            tokio::spawn(async move { a.admit(true, 1).await.map(drop) })
         };
         // Wait until the waiter is in line (an event we can observe: the queue count).
         while a.load().queued == 0 {
             tokio::task::yield_now().await;
         }
-        assert_eq!(a.admit(true).await.err(), Some(Rejection::QueueFull));
+        assert_eq!(a.admit(true, 1).await.err(), Some(Rejection::QueueFull));
         drop(first);
         assert!(waiter.await.unwrap().is_ok(), "the waiter got the freed place");
 
-        let held = a.admit(true).await.unwrap();
-        assert_eq!(a.admit(true).await.err(), Some(Rejection::QueueTimeout));
+        let held = a.admit(true, 1).await.unwrap();
+        assert_eq!(a.admit(true, 1).await.err(), Some(Rejection::QueueTimeout));
         drop(held);
         assert_eq!(a.load(), Load { in_flight: 0, limit: 1, queued: 0 });
         assert!(a.take_saturation_signal(), "refusals mean busy");
@@ -363,12 +375,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_of_several_tasks_takes_that_many_places_in_turn() {
+        let a = admission(4, 4, 10_000);
+        let three = a.admit(true, 3).await.unwrap();
+        assert_eq!(a.load().in_flight, 3);
+        let one = a.admit(true, 1).await.unwrap();
+        // The limit is full: a request of two waits even once one place frees.
+        let two = {
+            let a = a.clone();
+            tokio::spawn(async move { a.admit(true, 2).await.map_err(drop) })
+        };
+        while a.load().queued == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(one);
+        tokio::task::yield_now().await;
+        assert_eq!(a.load().queued, 1, "one free place is not enough for a request of two");
+        drop(three);
+        let held = two.await.unwrap().unwrap();
+        assert_eq!(a.load(), Load { in_flight: 2, limit: 4, queued: 0 });
+        drop(held);
+        assert_eq!(a.load().in_flight, 0);
+        // More tasks than the limit are capped at the limit (the port refuses them before this).
+        let all = a.admit(true, 100).await.unwrap();
+        assert_eq!(a.load().in_flight, 4);
+        drop(all);
+    }
+
+    #[tokio::test]
     async fn a_client_that_leaves_the_queue_frees_its_spot() {
         let a = admission(1, 1, 10_000);
-        let _held = a.admit(true).await.unwrap();
+        let _held = a.admit(true, 1).await.unwrap();
         let waiter = {
             let a = a.clone();
-            tokio::spawn(async move { a.admit(true).await.map(drop) })
+            tokio::spawn(async move { a.admit(true, 1).await.map(drop) })
         };
         while a.load().queued == 0 {
             tokio::task::yield_now().await;
@@ -381,8 +421,8 @@ mod tests {
     #[tokio::test]
     async fn not_ready_is_refused_and_drain_waits_for_in_flight() {
         let a = admission(2, 2, 100);
-        assert_eq!(a.admit(false).await.err(), Some(Rejection::NotReady));
-        let p = a.admit(true).await.unwrap();
+        assert_eq!(a.admit(false, 1).await.err(), Some(Rejection::NotReady));
+        let p = a.admit(true, 1).await.unwrap();
         assert!(!a.drained(Duration::from_millis(20)).await);
         let drained = {
             let a = a.clone();

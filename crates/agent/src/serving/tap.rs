@@ -99,6 +99,16 @@ fn stall_event(after: Duration) -> Bytes {
     Bytes::from(format!("event: error\ndata: {error}\n\n"))
 }
 
+/// The SSE event a client gets when the engine's side of its stream breaks off.
+fn broken_event() -> Bytes {
+    let error = serde_json::json!({"error": {
+        "message": "the engine stopped answering in the middle of this stream (it exited or closed the connection); the answer is incomplete (retry the request)",
+        "type": "server_error",
+        "code": "stream_broken",
+    }});
+    Bytes::from(format!("event: error\ndata: {error}\n\n"))
+}
+
 pub struct TapBody {
     inner: Incoming,
     started: Instant,
@@ -189,6 +199,14 @@ impl Body for TapBody {
             }
             Poll::Ready(Some(Err(e))) => {
                 this.finish(false);
+                if this.stall.is_some() {
+                    // A stream whose engine went away (killed, crashed): the client gets an
+                    // error event and a clean end, as for a stall, rather than a bare EOF it
+                    // cannot tell from a finished answer.
+                    this.ended = true;
+                    tracing::warn!("engine stream broke off: {e}");
+                    return Poll::Ready(Some(Ok(Frame::data(broken_event()))));
+                }
                 Poll::Ready(Some(Err(e)))
             }
             Poll::Pending => {

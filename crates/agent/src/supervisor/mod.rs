@@ -115,6 +115,7 @@ impl SupervisorHandle {
         let pulse_now = Arc::new(Notify::new());
         let proxy = ModelProxy::new(
             admission,
+            &ctx.request_bodies,
             access(&desired),
             desired.key(),
             crate::serving::upstream::UpstreamWatch::new(report.clone()),

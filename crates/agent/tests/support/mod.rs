@@ -71,19 +71,33 @@ impl Harness {
         backoff: BackoffConfig,
         download_ca_pem: Option<String>,
     ) -> Self {
-        Self::build(engine, ports, backoff, test_downloads(download_ca_pem), 4 << 30).await
+        Self::build(engine, ports, backoff, test_downloads(download_ca_pem), 4 << 30, test_client_timeouts()).await
     }
 
     /// As `new`, downloading as `downloads` says (a test hub, a token, a cache limit).
     #[allow(dead_code)] // each test binary uses its own subset
     pub async fn with_downloads(engine: PathBuf, downloads: DownloadConfig) -> Self {
-        Self::build(engine, port_block(), fast_backoff(), downloads, 4 << 30).await
+        Self::build(engine, port_block(), fast_backoff(), downloads, 4 << 30, test_client_timeouts()).await
     }
 
     /// An agent whose engines may use `memory_budget_bytes` in all.
     #[allow(dead_code)] // each test binary uses its own subset
     pub async fn with_memory_budget(engine: PathBuf, memory_budget_bytes: u64) -> Self {
-        Self::build(engine, port_block(), fast_backoff(), test_downloads(None), memory_budget_bytes).await
+        Self::build(
+            engine,
+            port_block(),
+            fast_backoff(),
+            test_downloads(None),
+            memory_budget_bytes,
+            test_client_timeouts(),
+        )
+        .await
+    }
+
+    /// An agent whose serving ports treat clients as `client_timeouts` says.
+    #[allow(dead_code)] // each test binary uses its own subset
+    pub async fn with_client_timeouts(engine: PathBuf, client_timeouts: ClientTimeouts) -> Self {
+        Self::build(engine, port_block(), fast_backoff(), test_downloads(None), 4 << 30, client_timeouts).await
     }
 
     async fn build(
@@ -92,6 +106,7 @@ impl Harness {
         backoff: BackoffConfig,
         downloads: DownloadConfig,
         memory_budget_bytes: u64,
+        client_timeouts: ClientTimeouts,
     ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let model = metalkube_testkit::tiny_model(dir.path());
@@ -102,11 +117,7 @@ impl Harness {
             engine_ports: ports,
             serving_host: std::net::Ipv4Addr::LOCALHOST.into(),
             drain_grace: Duration::from_secs(2),
-            client_timeouts: ClientTimeouts {
-                header: Duration::from_secs(2),
-                body: Duration::from_secs(5),
-                max_connections: 256,
-            },
+            client_timeouts,
             stop_grace: Duration::from_secs(3),
             backoff,
             memory_budget_bytes: Some(memory_budget_bytes),
@@ -148,6 +159,16 @@ impl Harness {
 
     pub async fn metrics(&self) -> String {
         self.agent.context().metrics.encode()
+    }
+}
+
+/// Short client timeouts, 256 connections per port.
+pub fn test_client_timeouts() -> ClientTimeouts {
+    ClientTimeouts {
+        header: Duration::from_secs(2),
+        body: Duration::from_secs(5),
+        max_connections: 256,
+        ..ClientTimeouts::default()
     }
 }
 

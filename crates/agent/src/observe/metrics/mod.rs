@@ -120,6 +120,11 @@ pub struct Metrics {
     pub rejections: Family<ReasonLabels, Counter>,
     pub circuit_state: Family<ModelLabels, Gauge>,
     pub stalls: Family<StallLabels, Counter>,
+    pub slow_readers: Family<ModelLabels, Counter>,
+    pub request_body_bytes: Family<ModelLabels, Gauge>,
+    /// Bytes of request bodies the whole agent holds, and the most it may.
+    pub request_body_memory_bytes: Gauge,
+    pub request_body_memory_limit_bytes: Gauge,
     pub download_done: Family<ModelLabels, Gauge>,
     pub download_size: Family<ModelLabels, Gauge>,
     pub download_rate: Family<ModelLabels, F64Gauge>,
@@ -165,6 +170,10 @@ impl Metrics {
             rejections: Family::default(),
             circuit_state: Family::default(),
             stalls: Family::default(),
+            slow_readers: Family::default(),
+            request_body_bytes: Family::default(),
+            request_body_memory_bytes: Gauge::default(),
+            request_body_memory_limit_bytes: Gauge::default(),
             download_done: Family::default(),
             download_size: Family::default(),
             download_rate: Family::default(),
@@ -323,6 +332,8 @@ impl Metrics {
             circuit_state: self.circuit_state.get_or_create(&labels).clone(),
             stream_stalls,
             request_stalls,
+            slow_readers: self.slow_readers.get_or_create(&labels).clone(),
+            request_body_bytes: self.request_body_bytes.get_or_create(&labels).clone(),
         };
         for code in KNOWN_CODES {
             series.code(code);
@@ -361,6 +372,8 @@ impl Metrics {
             family.remove(&labels);
         }
         self.decode_per_token.remove(&labels);
+        self.slow_readers.remove(&labels);
+        self.request_body_bytes.remove(&labels);
         for reason in Rejection::ALL.map(|r| r.reason()) {
             self.rejections.remove(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() });
         }

@@ -171,6 +171,26 @@ impl Metrics {
             self.circuit_state.clone(),
         );
         r.register(
+            "slow_readers",
+            "Client connections ended because the client took none of its answer for streamStallTimeout",
+            self.slow_readers.clone(),
+        );
+        r.register(
+            "request_body_bytes",
+            "Bytes of request bodies a serving port holds (being received, queued, being sent)",
+            self.request_body_bytes.clone(),
+        );
+        r.register(
+            "request_body_memory_bytes",
+            "Bytes of request bodies all serving ports hold together",
+            self.request_body_memory_bytes.clone(),
+        );
+        r.register(
+            "request_body_memory_limit_bytes",
+            "The most request bodies may hold together; beyond it new bodies are refused with 503",
+            self.request_body_memory_limit_bytes.clone(),
+        );
+        r.register(
             "stalls",
             "Engine silences in the data path: a stream that sent nothing for streamStallTimeout, or no answer within requestTimeout",
             self.stalls.clone(),

@@ -39,6 +39,10 @@ pub struct ServingSeries {
     pub circuit_state: Gauge,
     pub stream_stalls: Counter,
     pub request_stalls: Counter,
+    /// Connections ended because the client took none of its answer for streamStallTimeout.
+    pub slow_readers: Counter,
+    /// Bytes of request bodies this serving port holds.
+    pub request_body_bytes: Gauge,
 }
 
 impl ServingSeries {

@@ -5,35 +5,33 @@
 use super::*;
 
 impl ModelProxy {
+    /// A body the port will not pass: 400 naming the field, what was wrong and what is allowed.
+    fn refuse_input(&self, admission: &Admission, refusal: &AgentError) -> Response<ProxyBody> {
+        admission.rejected(Rejection::InvalidInput);
+        client_error(StatusCode::BAD_REQUEST, inspect::client_code(refusal), &refusal.to_string())
+    }
+
     pub(super) async fn inference(
         &self,
         req: Request<Incoming>,
+        peer: std::net::SocketAddr,
         started: Instant,
         access: &Access,
     ) -> Response<ProxyBody> {
         let admission = self.admission();
-        let limit = admission.limits().max_request_bytes;
-        let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limit) {
-            return self.refuse(&admission, Rejection::TooLarge);
-        }
         let (parts, body) = req.into_parts();
         // The whole body is read before a place is taken, so a slow uploader never holds one.
-        let read = Limited::new(body, usize::try_from(limit).unwrap_or(usize::MAX)).collect();
-        let body = match tokio::time::timeout(self.timeouts.body, read).await {
-            Ok(Ok(collected)) => collected.to_bytes(),
-            Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-                return self.refuse(&admission, Rejection::TooLarge);
-            }
-            Ok(Err(_)) => return client_error(StatusCode::BAD_REQUEST, "bad_body", "could not read the request body"),
-            Err(_) => return self.refuse(&admission, Rejection::RequestTimeout),
-        };
-        let shape = match json_shape(&parts, &body) {
+        let (body, reservation) =
+            match self.read_body(&parts, body, peer, admission.limits().max_request_bytes, &admission).await {
+                Ok(read) => read,
+                Err(refused) => return *refused,
+            };
+        let shape = match inspect(parts.uri.path(), &body, admission.limits().max_concurrent) {
             Ok(shape) => shape,
-            Err(mistake) => return mistake.response(),
+            Err(refusal) => return self.refuse_input(&admission, &refusal),
         };
 
-        let permit = match admission.admit(self.upstream().is_some()).await {
+        let permit = match admission.admit(self.upstream().is_some(), shape.engine_tasks).await {
             Ok(p) => p,
             Err(r) => return self.refuse(&admission, r),
         };
@@ -54,7 +52,11 @@ impl ModelProxy {
             Err(mistake) => return mistake.response(),
         };
         let left = access.request_timeout.saturating_sub(started.elapsed());
-        let resp = match tokio::time::timeout(left, self.client.request(upstream_req)).await {
+        let answered = tokio::time::timeout(left, self.client.request(upstream_req)).await;
+        // The engine has read the body once it answers (or the request is over): its memory
+        // goes back to the port.
+        drop(reservation);
+        let resp = match answered {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
                 // The engine did not answer at all: that is the engine's, whoever asked.
@@ -149,47 +151,73 @@ impl ModelProxy {
     pub(super) async fn forward_cheap(
         &self,
         req: Request<Incoming>,
+        peer: std::net::SocketAddr,
         port: u16,
         started: Instant,
         access: &Access,
     ) -> Response<ProxyBody> {
         let (parts, body) = req.into_parts();
-        let Ok(Ok(body)) =
-            tokio::time::timeout(self.timeouts.body, Limited::new(body, CHEAP_BODY_BYTES).collect()).await
-        else {
-            return client_error(StatusCode::BAD_REQUEST, "bad_body", "could not read the request body");
+        let admission = self.admission();
+        let (body, reservation) = match self.read_body(&parts, body, peer, CHEAP_BODY_BYTES, &admission).await {
+            Ok(read) => read,
+            Err(refused) => return *refused,
         };
-        let body = body.to_bytes();
         // Cheap paths may have no body at all (GET /v1/models); a body they have is JSON.
         let shape = if body.is_empty() {
-            BodyShape::default()
+            RequestShape::default()
         } else {
-            match json_shape(&parts, &body) {
+            match inspect(parts.uri.path(), &body, admission.limits().max_concurrent) {
                 Ok(shape) => shape,
-                Err(mistake) => return mistake.response(),
+                Err(refusal) => return self.refuse_input(&admission, &refusal),
             }
         };
         let upstream_req = match engine_request(&parts, port, body, access, shape) {
             Ok(r) => r,
             Err(mistake) => return mistake.response(),
         };
+        // Cheap is per request, not in sum: a 1 MiB /tokenize costs the engine most of a second
+        // of CPU, and eight clients flooding it slowed everyone's inference eightfold. A few at
+        // a time per model; the rest wait their turn within the queue timeout.
+        let Ok(Ok(_turn)) =
+            tokio::time::timeout(admission.limits().queue_timeout, self.cheap_turns.clone().acquire_owned()).await
+        else {
+            return self.refuse(&admission, admission.rejected(Rejection::QueueTimeout));
+        };
         let left = access.request_timeout.saturating_sub(started.elapsed());
-        match tokio::time::timeout(left, self.client.request(upstream_req)).await {
-            Ok(Ok(resp)) => {
-                self.judge_answer(resp.status(), &self.admission());
-                let (mut parts, incoming) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let code = self.series.code(parts.status.as_u16());
-                code.requests.inc();
-                let done = move |outcome: crate::serving::tap::TapOutcome| {
-                    code.duration.observe(outcome.duration.as_secs_f64())
+        let answered = tokio::time::timeout(left, async {
+            let resp = self.client.request(upstream_req).await.map_err(|_| CheapFailure::Engine)?;
+            let (parts, incoming) = resp.into_parts();
+            let body = Limited::new(incoming, CHEAP_RESPONSE_BYTES).collect().await.map_err(CheapFailure::Body)?;
+            Ok::<_, CheapFailure>((parts, body.to_bytes()))
+        })
+        .await;
+        drop(reservation);
+        match answered {
+            Ok(Ok((mut head, body))) => {
+                self.judge_answer(head.status, &admission);
+                strip_hop_by_hop(&mut head.headers);
+                let body = if parts.method == http::Method::GET && parts.uri.path() == "/props" {
+                    head.headers.remove(header::CONTENT_LENGTH);
+                    client_props(&body)
+                } else {
+                    body
                 };
-                Response::from_parts(parts, Either::Right(TapBody::new(incoming, started, None, |_| {}, done)))
+                Response::from_parts(head, Either::Left(Full::new(body)))
+            }
+            Ok(Err(CheapFailure::Body(e))) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+                server_error(
+                    StatusCode::BAD_GATEWAY,
+                    "response_too_large",
+                    &format!(
+                        "the engine's answer to {} is larger than {CHEAP_RESPONSE_BYTES} bytes, the most the serving port passes on this path; send less text at once (or ask /tokenize without with_pieces)",
+                        parts.uri.path()
+                    ),
+                )
             }
             Ok(Err(_)) => {
-                self.admission().upstream_failed();
+                admission.upstream_failed();
                 self.pulse_now.notify_one();
-                self.refuse(&self.admission(), Rejection::NotReady)
+                self.refuse(&admission, Rejection::NotReady)
             }
             Err(_) => {
                 self.series.request_stalls.inc();
@@ -198,6 +226,42 @@ impl ModelProxy {
             }
         }
     }
+}
+
+/// Why a cheap path's answer did not come back whole.
+enum CheapFailure {
+    /// The engine did not answer.
+    Engine,
+    Body(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What clients get of the engine's `GET /props`: the settings a client needs (its context
+/// size, slots, chat template, modalities, generation defaults), not where the model file lives
+/// on this Mac nor how the engine was built. An answer that is not a JSON object passes as it
+/// is (an error from the engine).
+fn client_props(body: &Bytes) -> Bytes {
+    const KEPT: [&str; 8] = [
+        "default_generation_settings",
+        "total_slots",
+        "chat_template",
+        "chat_template_caps",
+        "modalities",
+        "bos_token",
+        "eos_token",
+        "is_sleeping",
+    ];
+    let Ok(serde_json::Value::Object(mut props)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return body.clone();
+    };
+    props.retain(|k, _| KEPT.contains(&k.as_str()));
+    if let Some(serde_json::Value::Object(settings)) = props.get_mut("default_generation_settings") {
+        // The settings name the model by its path.
+        settings.remove("model");
+        if let Some(serde_json::Value::Object(params)) = settings.get_mut("params") {
+            params.remove("model");
+        }
+    }
+    Bytes::from(serde_json::Value::Object(props).to_string())
 }
 
 /// A request the client got wrong: answered 400 with what was wrong.
@@ -212,12 +276,6 @@ impl ClientMistake {
     }
 }
 
-/// What the proxy needs of a JSON body.
-fn json_shape(parts: &http::request::Parts, body: &[u8]) -> Result<BodyShape, ClientMistake> {
-    check_json_body(&parts.headers, body)
-        .map_err(|problem| ClientMistake { code: "invalid_json", message: problem.to_string() })
-}
-
 /// The request the engine gets for the client's (the API key stripped when the agent checked
 /// it).
 fn engine_request(
@@ -225,9 +283,17 @@ fn engine_request(
     port: u16,
     body: Bytes,
     access: &Access,
-    shape: BodyShape,
+    shape: RequestShape,
 ) -> Result<Request<Full<Bytes>>, ClientMistake> {
     let keyed = !access.api_keys.is_open();
-    build_upstream(&parts.method, parts.uri.path_and_query(), &parts.headers, port, body, keyed, shape)
-        .map_err(|e| ClientMistake { code: "bad_request", message: format!("bad request line: {e}") })
+    build_upstream(
+        &parts.method,
+        parts.uri.path_and_query(),
+        &parts.headers,
+        port,
+        body,
+        keyed,
+        shape.closes_connection,
+    )
+    .map_err(|e| ClientMistake { code: "bad_request", message: format!("bad request line: {e}") })
 }

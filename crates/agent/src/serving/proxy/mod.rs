@@ -32,15 +32,20 @@ use super::policy::Rejection;
 use super::queue::Admission;
 use super::routes::{Refusal, Route, engine_path_name, route};
 use super::tap::{StallWatch, TapBody};
+use crate::AgentError;
 use crate::observe::metrics::ServingSeries;
 use crate::serving::api_keys::{ApiKeys, presented_key};
-use crate::serving::listener::refuse_connection;
-use crate::serving::request_shape::{BodyShape, build_upstream, check_json_body, strip_hop_by_hop};
+use crate::serving::body_budget::BodyBudget;
+use crate::serving::inspect::{self, RequestShape, inspect};
+use crate::serving::listener::{AddressShares, refuse_connection};
+use crate::serving::request_shape::{build_upstream, strip_hop_by_hop};
 use crate::serving::responses::{client_error, json_response, server_error};
+use crate::serving::slow_reader::WriteDeadline;
 use crate::serving::upstream::UpstreamWatch;
 
 pub use crate::serving::responses::error_response;
 
+mod body;
 mod forward;
 
 pub use crate::serving::listener::listen;
@@ -57,11 +62,22 @@ pub struct ClientTimeouts {
     pub body: Duration,
     /// Connections the port holds at once; more are answered 503 and closed.
     pub max_connections: usize,
+    /// Connections one client address may hold on a port; more are answered 503 and closed.
+    pub max_connections_per_client: usize,
+    /// Bytes of request bodies the whole agent holds at once (being received, queued, being
+    /// sent); a body that finds no room is answered 503 with Retry-After.
+    pub body_memory_bytes: u64,
 }
 
 impl Default for ClientTimeouts {
     fn default() -> Self {
-        Self { header: Duration::from_secs(10), body: Duration::from_secs(30), max_connections: 1024 }
+        Self {
+            header: Duration::from_secs(10),
+            body: Duration::from_secs(30),
+            max_connections: 1024,
+            max_connections_per_client: 512,
+            body_memory_bytes: 256 << 20,
+        }
     }
 }
 
@@ -69,7 +85,12 @@ impl Default for ClientTimeouts {
 const MAX_HEADER_BYTES: usize = 16 * 1024;
 const MAX_HEADERS: usize = 64;
 /// Bodies of paths that do no generation (tokenize, templates) are small.
-const CHEAP_BODY_BYTES: usize = 1 << 20;
+const CHEAP_BODY_BYTES: u64 = 1 << 20;
+/// Answers of paths that do no generation, which the port buffers: a 1 MiB `/tokenize` with
+/// pieces answered 24 MB.
+const CHEAP_RESPONSE_BYTES: usize = 4 << 20;
+/// Requests of paths that do no generation one model's engine works on at once.
+const CHEAP_CONCURRENCY: usize = 2;
 
 /// What a model's serving port may do, changed by spec updates while it runs.
 #[derive(Debug, Clone, Default)]
@@ -94,6 +115,17 @@ pub struct ModelProxy {
     pulse_now: Arc<Notify>,
     /// The model is going away: new requests are refused while in-flight ones finish.
     closing: AtomicBool,
+    /// Memory this port's request bodies may hold (drawn from the agent's too).
+    bodies: Arc<BodyBudget>,
+    /// Turns at the engine for paths that do no generation.
+    cheap_turns: Arc<Semaphore>,
+}
+
+/// What one port's bodies may hold together: every place and queue spot with a body of the
+/// largest size, and one more being received. The agent's pool bounds all ports together.
+fn port_body_limit(limits: &crate::serving::Limits) -> u64 {
+    let bodies = u64::from(limits.max_concurrent) + u64::from(limits.queue_depth) + 1;
+    bodies.saturating_mul(limits.max_request_bytes)
 }
 
 /// How long an idle connection to the engine may be reused. llama-server closes connections idle
@@ -104,8 +136,10 @@ pub struct ModelProxy {
 const ENGINE_IDLE_REUSE: Duration = Duration::from_secs(2);
 
 impl ModelProxy {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         admission: Arc<Admission>,
+        agent_bodies: &Arc<BodyBudget>,
         access: Access,
         model: String,
         upstream: UpstreamWatch,
@@ -116,7 +150,11 @@ impl ModelProxy {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new()).pool_idle_timeout(ENGINE_IDLE_REUSE).build(connector);
+        let bodies =
+            BodyBudget::within(agent_bodies, port_body_limit(&admission.limits()), series.request_body_bytes.clone());
         Arc::new(Self {
+            bodies,
+            cheap_turns: Arc::new(Semaphore::new(CHEAP_CONCURRENCY)),
             admission: RwLock::new(admission),
             access: RwLock::new(Arc::new(access)),
             upstream,
@@ -146,6 +184,7 @@ impl ModelProxy {
     /// A spec change of the admission settings: new requests use the new queue; requests
     /// already admitted or waiting finish under the old one.
     pub fn replace_admission(&self, admission: Arc<Admission>) {
+        self.bodies.set_limit(port_body_limit(&admission.limits()));
         *metalkube_runtime::sync::write(&self.admission) = admission;
     }
 
@@ -176,13 +215,14 @@ impl ModelProxy {
     /// Accepts connections until `stop` turns true.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
         let connections = Arc::new(Semaphore::new(self.timeouts.max_connections.max(1)));
+        let shares = Arc::new(AddressShares::default());
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
                 _ = stop.wait_for(|s| *s) => return,
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors, most likely: wait a little rather than spin.
                     tracing::warn!(model = %self.model, "accepting a connection: {e}");
@@ -191,18 +231,28 @@ impl ModelProxy {
                 }
             };
             let _ = stream.set_nodelay(true);
+            let Some(share) = shares.enter(peer.ip(), self.timeouts.max_connections_per_client.max(1)) else {
+                self.admission().rejected(Rejection::ClientConnectionLimit);
+                tokio::spawn(refuse_connection(stream, Rejection::ClientConnectionLimit));
+                continue;
+            };
             let Ok(held) = connections.clone().try_acquire_owned() else {
                 self.admission().rejected(Rejection::ConnectionLimit);
-                tokio::spawn(refuse_connection(stream));
+                tokio::spawn(refuse_connection(stream, Rejection::ConnectionLimit));
                 continue;
             };
             let proxy = self.clone();
             let header_timeout = self.timeouts.header;
+            let slow_readers = self.series.slow_readers.clone();
+            let write_deadline = self.access().stream_stall_timeout;
             tokio::spawn(async move {
                 let (io, scanner) = Watched::new(stream);
+                let io = WriteDeadline::new(io, write_deadline, move || {
+                    slow_readers.inc();
+                });
                 let service = service_fn(move |req| {
                     let (proxy, scanner) = (proxy.clone(), scanner.clone());
-                    async move { Ok::<_, Infallible>(proxy.handle(req, &scanner).await) }
+                    async move { Ok::<_, Infallible>(proxy.handle(req, &scanner, peer).await) }
                 });
                 let _ = http1::Builder::new()
                     .timer(TokioTimer::new())
@@ -212,21 +262,26 @@ impl ModelProxy {
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(io), service)
                     .await;
-                drop(held);
+                drop((held, share));
             });
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>, scanner: &SharedScanner) -> Response<ProxyBody> {
+    async fn handle(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        scanner: &SharedScanner,
+        peer: std::net::SocketAddr,
+    ) -> Response<ProxyBody> {
         let started = Instant::now();
         let verdict = metalkube_runtime::sync::lock(scanner).next_verdict();
         let access = self.access();
         let response = match self.admit(&req, verdict, &access) {
             Err(refused) => *refused,
             Ok(Route::Health) => return self.closing_connection(self.health()),
-            Ok(Route::Inference) => self.inference(req, started, &access).await,
+            Ok(Route::Inference) => self.inference(req, peer, started, &access).await,
             Ok(Route::Cheap | Route::Engine(_)) => match self.upstream() {
-                Some(port) => self.forward_cheap(req, port, started, &access).await,
+                Some(port) => self.forward_cheap(req, peer, port, started, &access).await,
                 None => self.refuse(&self.admission(), Rejection::NotReady),
             },
         };
@@ -253,15 +308,22 @@ impl ModelProxy {
     fn admit(
         &self,
         req: &Request<Incoming>,
-        verdict: Option<Framing>,
+        verdict: Framing,
         access: &Access,
     ) -> Result<Route, Box<Response<ProxyBody>>> {
-        if verdict == Some(Framing::Ambiguous) {
-            let mut r = client_error(
-                StatusCode::BAD_REQUEST,
+        let framing_refusal = match verdict {
+            Framing::Clear => None,
+            Framing::Ambiguous => Some((
                 "ambiguous_framing",
                 "the request has both Content-Length and Transfer-Encoding, or several Content-Length headers; send exactly one of them",
-            );
+            )),
+            Framing::Unjudged => Some((
+                "unjudged_framing",
+                "an earlier request on this connection could not be followed (a malformed length or a CONNECT); open a new connection",
+            )),
+        };
+        if let Some((code, message)) = framing_refusal {
+            let mut r = client_error(StatusCode::BAD_REQUEST, code, message);
             r.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
             return Err(Box::new(r));
         }
@@ -332,7 +394,7 @@ impl ModelProxy {
 
     fn refuse(&self, admission: &Admission, r: Rejection) -> Response<ProxyBody> {
         let retry = match r {
-            Rejection::TooLarge | Rejection::RequestTimeout | Rejection::Unauthorized => None,
+            Rejection::TooLarge | Rejection::RequestTimeout | Rejection::Unauthorized | Rejection::InvalidInput => None,
             _ => Some(admission.retry_after(r, self.not_ready_for())),
         };
         let limits = admission.limits();
@@ -358,6 +420,16 @@ impl ModelProxy {
             Rejection::RequestTimeout => format!("request body not received within {:?}", self.timeouts.body),
             Rejection::Unauthorized => format!("model {} needs an API key", self.model),
             Rejection::ConnectionLimit => "too many connections to this serving port".to_owned(),
+            Rejection::ClientConnectionLimit => {
+                "too many connections from your address to this serving port".to_owned()
+            }
+            Rejection::BodyMemory => format!(
+                "model {}: request bodies already hold the memory this port ({} bytes) or the agent ({} bytes) gives them; retry shortly",
+                self.model,
+                self.bodies.limit(),
+                self.bodies.agent_limit()
+            ),
+            Rejection::InvalidInput => "the request body is not one the engine may see".to_owned(),
         };
         error_response(r, &message, retry)
     }

@@ -1,0 +1,198 @@
+//! Every string of a request body, read once: what the engine's tokenizer and media loader
+//! would do with it.
+//!
+//! - Tokenizers without a hand-written pre-splitter fall back to a regular expression that
+//!   recurses per character of a run of one class: an unbroken run of some 26,000 letters (or
+//!   digits, or punctuation) overflows the engine's stack. Runs are bounded here, whatever
+//!   field they are in, escaped or not (the strings are read decoded).
+//! - Media parts (`image_url`, `video_url`, `audio_url`, `url`) are fetched by the engine when
+//!   they are web addresses: the Mac would fetch any address a client names, inside its
+//!   network. Only inline `data:` media pass.
+
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+use crate::AgentError;
+
+/// Characters of one class in a row (letters, digits, white space, or other symbols).
+pub const MAX_RUN: usize = 4096;
+
+/// Keys whose string value the engine loads as media.
+const MEDIA_KEYS: [&str; 4] = ["image_url", "video_url", "audio_url", "url"];
+
+/// Checks every string of `body` (a JSON text whose nesting is already bounded).
+pub fn check(body: &[u8]) -> Result<(), AgentError> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let mut found: Option<AgentError> = None;
+    let walked = Strings { key: None, found: &mut found }.deserialize(&mut de);
+    if let Some(problem) = found {
+        return Err(problem);
+    }
+    walked.map_err(AgentError::RequestBodyNotJson)
+}
+
+/// Walks one value; `key` is the object key it is under.
+struct Strings<'k, 'f> {
+    key: Option<&'k str>,
+    found: &'f mut Option<AgentError>,
+}
+
+impl<'de> DeserializeSeed<'de> for Strings<'_, '_> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Strings<'_, '_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
+        if self.found.is_none() {
+            *self.found = judge(self.key, s);
+        }
+        // Stop reading at the first problem: serde's error is replaced by ours.
+        if self.found.is_some() { Err(E::custom("refused")) } else { Ok(()) }
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(Strings { key: None, found: self.found })?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if let Some(problem) = judge(None, &key) {
+                *self.found = Some(problem);
+                return Err(de::Error::custom("refused"));
+            }
+            map.next_value_seed(Strings { key: Some(&key), found: self.found })?;
+        }
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+/// What is wrong with string `s` under `key`, if anything.
+fn judge(key: Option<&str>, s: &str) -> Option<AgentError> {
+    let inline = s.starts_with("data:");
+    if let Some(key) = key.filter(|k| MEDIA_KEYS.contains(k))
+        && !inline
+    {
+        return Some(AgentError::RequestField {
+            field: key.to_owned(),
+            problem: "names media by address; the engine would fetch it from this Mac's network".to_owned(),
+            allowed: "inline media as a data: URI (data:image/png;base64,...)".to_owned(),
+        });
+    }
+    // Inline media is decoded, never tokenized.
+    if inline {
+        return None;
+    }
+    let run = longest_run(s);
+    (run > MAX_RUN).then(|| AgentError::RequestField {
+        field: key.unwrap_or("a string").to_owned(),
+        problem: format!(
+            "has a run of {run} characters of one kind (letters, digits, spaces or symbols) without a break"
+        ),
+        allowed: format!(
+            "runs of at most {MAX_RUN} characters of one kind; the engine's tokenizer cannot split longer ones safely"
+        ),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Letter,
+    Digit,
+    Space,
+    Other,
+}
+
+fn class(c: char) -> Class {
+    if c.is_alphabetic() {
+        Class::Letter
+    } else if c.is_numeric() {
+        Class::Digit
+    } else if c.is_whitespace() {
+        Class::Space
+    } else {
+        Class::Other
+    }
+}
+
+/// The longest run of characters of one class in `s`.
+fn longest_run(s: &str) -> usize {
+    let (mut longest, mut run, mut prev) = (0, 0, None);
+    for c in s.chars() {
+        let k = class(c);
+        run = if Some(k) == prev { run + 1 } else { 1 };
+        prev = Some(k);
+        longest = longest.max(run);
+    }
+    longest
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn problem(body: serde_json::Value) -> Option<String> {
+        check(body.to_string().as_bytes()).err().map(|e| e.to_string())
+    }
+
+    #[test]
+    fn ordinary_text_and_inline_media_pass() {
+        let body = json!({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "describe this ".repeat(2000)},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "A".repeat(100_000))}}
+        ]}]});
+        assert_eq!(problem(body), None);
+    }
+
+    #[test]
+    fn long_runs_of_one_kind_are_refused_escaped_or_not() {
+        let plain = problem(json!({"prompt": "a".repeat(30_000)})).unwrap();
+        assert!(plain.contains("`prompt`") && plain.contains("30000 characters"), "{plain}");
+        // The same letters written as \u escapes are the same run once decoded.
+        let escaped = format!(r#"{{"prompt": "{}"}}"#, "\\u0061".repeat(5000));
+        assert!(check(escaped.as_bytes()).is_err());
+        assert!(problem(json!({"messages": [{"content": "1".repeat(5000)}]})).unwrap().contains("`content`"));
+        assert!(problem(json!({"x": "!".repeat(5000)})).is_some());
+        assert!(problem(json!({"prompt": "ab1 ".repeat(20_000)})).is_none());
+    }
+
+    #[test]
+    fn media_by_address_is_refused() {
+        for url in ["http://10.0.0.1/admin", "https://example.com/cat.png", "file:///etc/passwd"] {
+            let body =
+                json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]});
+            let message = problem(body).unwrap();
+            assert!(message.contains("`url`") && message.contains("data:"), "{message}");
+        }
+        assert!(
+            problem(json!({"input": [{"type": "input_image", "image_url": "https://example.com/x.png"}]})).is_some()
+        );
+    }
+}
