@@ -13,6 +13,7 @@ use std::time::Duration;
 use metalkube_agent::serving::ClientTimeouts;
 use metalkube_api::Phase;
 use metalkube_testkit::real_engine;
+use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use support::{GUARD, Harness, signal, test_client_timeouts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,7 +40,12 @@ async fn other_client_is_served(base: &str) {
 }
 
 async fn engine_restarts(h: &Harness, key: &str) -> u32 {
-    h.agent.report(key).await.unwrap().restarts
+    h.agent.report(key).await.unwrap().health.restarts
+}
+
+/// `levels` of JSON-schema objects, each the only property of the one around it.
+fn nested_schema(levels: usize) -> String {
+    format!("{}{{}}{}", r#"{"type":"object","properties":{"a":"#.repeat(levels), "}}".repeat(levels))
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -47,34 +53,36 @@ async fn json_nested_past_the_limit_never_reaches_the_engine() {
     let h = Harness::new(real_engine()).await;
     let key = h.serve(h.desired("deep", None)).await;
     let (base, _) = serving(&h, &key).await;
-    let pid = h.agent.report(&key).await.unwrap().pid;
-    let deep = nested(20_000);
-    // Fields llama-server walks recursively (schemas to grammars, tool parameters, template
-    // arguments), and the body's own top level.
+    let pid = h.agent.report(&key).await.unwrap().health.pid;
+    // A schema 20,000 objects deep kills the pinned llama-server (SIGSEGV) when it turns the
+    // schema into a grammar; the others are walked recursively too.
+    let (schema, deep) = (nested_schema(20_000), nested(20_000));
     let bodies = [
-        ("json_schema", format!(r#"{{"prompt": "hi", "n_predict": 2, "json_schema": {{"items": {deep}}}}}"#)),
+        ("json_schema", "/completion", format!(r#"{{"prompt": "hi", "n_predict": 2, "json_schema": {schema}}}"#)),
         (
             "response_format",
+            "/v1/chat/completions",
             format!(
-                r#"{{"messages": [{{"role": "user", "content": "hi"}}], "response_format": {{"type": "json_object", "schema": {deep}}}}}"#
+                r#"{{"messages": [{{"role": "user", "content": "hi"}}], "response_format": {{"type": "json_object", "schema": {schema}}}}}"#
             ),
         ),
         (
             "tools",
+            "/v1/chat/completions",
             format!(
-                r#"{{"messages": [{{"role": "user", "content": "hi"}}], "tools": [{{"type": "function", "function": {{"name": "f", "parameters": {deep}}}}}]}}"#
+                r#"{{"messages": [{{"role": "user", "content": "hi"}}], "tools": [{{"type": "function", "function": {{"name": "f", "parameters": {schema}}}}}]}}"#
             ),
         ),
         (
             "chat_template_kwargs",
+            "/v1/chat/completions",
             format!(
                 r#"{{"messages": [{{"role": "user", "content": "hi"}}], "chat_template_kwargs": {{"x": {deep}}}}}"#
             ),
         ),
     ];
     let client = reqwest::Client::new();
-    for (field, body) in &bodies {
-        let path = if *field == "json_schema" { "/completion" } else { "/v1/chat/completions" };
+    for (field, path, body) in &bodies {
         let resp = client
             .post(format!("{base}{path}"))
             .header("content-type", "application/json")
@@ -92,9 +100,44 @@ async fn json_nested_past_the_limit_never_reaches_the_engine() {
     assert_eq!(top.status(), 400);
     other_client_is_served(&base).await;
     assert_eq!(engine_restarts(&h, &key).await, 0, "the engine never saw the deep bodies");
-    assert_eq!(h.agent.report(&key).await.unwrap().pid, pid, "the same engine process serves");
+    assert_eq!(h.agent.report(&key).await.unwrap().health.pid, pid, "the same engine process serves");
     let metrics = h.metrics().await;
     assert!(metrics.contains(r#"rejections_total{model="default/deep",reason="invalid_input"} 5"#), "{metrics}");
+    h.agent.shutdown().await;
+}
+
+/// Each of these kills the pinned llama-server (llama.cpp 0c1e570, vendored by llama-cpp-python
+/// 0.3.36) when sent to it directly: SIGSEGV for the `$ref` loop and the deep grammar, SIGABRT
+/// for the trigger type and for an unknown chat format once `/slots` is read (which the pulse
+/// does). The port refuses each, naming the field.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_that_crash_the_pinned_engine_are_refused_by_field() {
+    let h = Harness::new(real_engine()).await;
+    let key = h.serve(h.desired("crashers", None)).await;
+    let (base, _) = serving(&h, &key).await;
+    let pid = h.agent.report(&key).await.unwrap().health.pid;
+    let ref_loop = json!({"allOf": [{"$ref": "#/$defs/a"}], "$defs": {"a": {"$ref": "#/$defs/a"}}});
+    let parens = format!("root ::= {}\"a\"{}", "(".repeat(30_000), ")".repeat(30_000));
+    let crashers = [
+        ("json_schema", json!({"prompt": "hi", "n_predict": 2, "json_schema": ref_loop})),
+        ("grammar", json!({"prompt": "hi", "n_predict": 2, "grammar": parens})),
+        ("grammar_triggers", json!({"prompt": "hi", "n_predict": 2, "grammar_triggers": [{"type": 9, "value": "x"}]})),
+        ("chat_format", json!({"prompt": "hi", "n_predict": 2, "chat_format": 99})),
+    ];
+    let client = reqwest::Client::new();
+    for (field, body) in &crashers {
+        let resp = client.post(format!("{base}/completion")).json(body).send().await.unwrap();
+        assert_eq!(resp.status(), 400, "{field}");
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "invalid_field", "{field}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("`{field}`")) && message.contains("allowed"), "{message}");
+    }
+    // Pulses read /slots: a chat format that slipped through would have killed the engine by now.
+    h.wait_for(&key, "two more pulses", |r| r.pulse_history.len() >= 3).await;
+    other_client_is_served(&base).await;
+    assert_eq!(engine_restarts(&h, &key).await, 0);
+    assert_eq!(h.agent.report(&key).await.unwrap().health.pid, pid);
     h.agent.shutdown().await;
 }
 
@@ -107,14 +150,19 @@ async fn one_request_cannot_make_more_engine_tasks_than_the_model_runs_at_once()
     let key = h.serve(d).await;
     let (base, _) = serving(&h, &key).await;
     let client = reqwest::Client::new();
-    let prompts: Vec<String> = (0..20).map(|i| format!("prompt {i}")).collect();
-    let fanout = json!({"prompt": prompts, "n_cmpl": 30, "n_predict": 64});
+    // The engine caps n_cmpl at its slots, but not the prompts: 200 prompts × 3 completions
+    // are 600 tasks, which starved the pulse and had the engine restarted as hung.
+    let prompts: Vec<String> = (0..200).map(|i| format!("prompt {i}")).collect();
+    let fanout = json!({"prompt": prompts, "n_cmpl": 3, "n_predict": 64});
     let resp = client.post(format!("{base}/completion")).json(&fanout).send().await.unwrap();
     assert_eq!(resp.status(), 400);
     let answer: Value = resp.json().await.unwrap();
     assert_eq!(answer["error"]["code"], "too_many_tasks", "{answer}");
     let message = answer["error"]["message"].as_str().unwrap();
-    assert!(message.contains("600 engine tasks") && message.contains("at most 2"), "{message}");
+    assert!(
+        message.contains("600 engine tasks (200 prompts × n_cmpl 3)") && message.contains("at most 2"),
+        "{message}"
+    );
     let chat_fanout = json!({"messages": [{"role": "user", "content": "hi"}], "n": 50, "max_tokens": 4});
     let resp = client.post(format!("{base}/v1/chat/completions")).json(&chat_fanout).send().await.unwrap();
     assert_eq!(resp.status(), 400);
@@ -150,7 +198,7 @@ async fn clients_that_stop_reading_lose_their_places() {
     let h = Harness::new(real_engine()).await;
     let mut d = h.desired("readers", None);
     d.spec.engine.parallel = 3;
-    d.spec.engine.context_size = 4096;
+    d.spec.engine.context_size = 24_576;
     d.spec.admission.stream_stall_timeout = Duration::from_secs(2).into();
     d.spec.admission.queue_timeout = Duration::from_secs(60).into();
     let key = h.serve(d).await;
@@ -158,9 +206,8 @@ async fn clients_that_stop_reading_lose_their_places() {
     // Long streams with large events (probabilities per token): far more than the socket
     // buffers between the port and a client that reads nothing.
     let long =
-        json!({"prompt": "once upon a time", "n_predict": 1500, "ignore_eos": true, "n_probs": 10, "stream": true});
+        json!({"prompt": "once upon a time", "n_predict": 8000, "ignore_eos": true, "n_probs": 20, "stream": true});
     let held = vec![non_reading_stream(port, &long).await, non_reading_stream(port, &long).await];
-    h.wait_for(&key, "both places taken", |_| true).await;
     // Both client places are held by the readers until their writes stall for 2 s; then the
     // connections are ended and the places are free.
     let served = tokio::time::timeout(GUARD, other_client_is_served(&base)).await;
@@ -326,13 +373,13 @@ async fn a_stream_whose_engine_is_killed_ends_with_an_error_event() {
     d.spec.engine.context_size = 4096;
     let key = h.serve(d).await;
     let (base, _) = serving(&h, &key).await;
-    let pid = h.agent.report(&key).await.unwrap().pid.unwrap();
+    let pid = h.agent.report(&key).await.unwrap().health.pid.unwrap();
     let long = json!({"prompt": "once upon a time", "n_predict": 3000, "ignore_eos": true, "stream": true});
     let mut resp = reqwest::Client::new().post(format!("{base}/completion")).json(&long).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let first = resp.chunk().await.unwrap().unwrap();
     assert!(!first.is_empty());
-    signal(pid, "KILL");
+    signal(pid, Signal::SIGKILL);
     let mut rest = Vec::new();
     while let Ok(Some(chunk)) = resp.chunk().await {
         rest.extend_from_slice(&chunk);

@@ -17,7 +17,7 @@ pub(crate) fn build_upstream(
     port: u16,
     body: Bytes,
     strip_keys: bool,
-    closes_connection: bool,
+    shape: crate::serving::inspect::RequestShape,
 ) -> Result<Request<Full<Bytes>>, http::Error> {
     let pq = path_and_query.map_or("/", |p| p.as_str());
     let mut req =
@@ -30,7 +30,10 @@ pub(crate) fn build_upstream(
             out.append(name.clone(), value.clone());
         }
     }
-    if closes_connection {
+    if shape.json {
+        out.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    if shape.closes_connection {
         // llama-server closes the connection after every stream while its headers promise
         // keep-alive; a request sent on that connection next is lost ("connection closed before
         // message completed", 9% of streams at 4 clients). Asking for the close keeps the
@@ -56,10 +59,10 @@ mod tests {
         h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer k"));
         h.insert("x-api-key", HeaderValue::from_static("k"));
         h.insert("x-request-id", HeaderValue::from_static("r"));
-        let keyed = build_upstream(&Method::POST, None, &h, 1, Bytes::new(), true, false).unwrap();
+        let keyed = build_upstream(&Method::POST, None, &h, 1, Bytes::new(), true, Default::default()).unwrap();
         assert!(keyed.headers().get(header::AUTHORIZATION).is_none() && keyed.headers().get("x-api-key").is_none());
         assert!(keyed.headers().get("x-request-id").is_some());
-        let open = build_upstream(&Method::POST, None, &h, 1, Bytes::new(), false, false).unwrap();
+        let open = build_upstream(&Method::POST, None, &h, 1, Bytes::new(), false, Default::default()).unwrap();
         assert!(open.headers().get(header::AUTHORIZATION).is_some(), "without spec.auth the headers are the client's");
     }
 }

@@ -39,6 +39,10 @@ pub struct RequestShape {
     pub closes_connection: bool,
     /// Engine tasks the request makes (its admission places); 1 for most.
     pub engine_tasks: u32,
+    /// The body was judged as JSON: the engine is told so (`Content-Type: application/json`),
+    /// whatever the client called it, so that it reads the bytes the way they were judged (told
+    /// `multipart/…`, llama-server reads a form instead).
+    pub json: bool,
 }
 
 /// How a path's body is read.
@@ -70,7 +74,7 @@ pub fn body_kind(path: &str) -> BodyKind {
 pub fn inspect(path: &str, body: &[u8], max_tasks: u32) -> Result<RequestShape, AgentError> {
     let work = match body_kind(path) {
         BodyKind::Multipart => {
-            return Ok(RequestShape { streams: false, closes_connection: true, engine_tasks: 1 });
+            return Ok(RequestShape { streams: false, closes_connection: true, engine_tasks: 1, json: false });
         }
         BodyKind::Json(work) => work,
     };
@@ -91,7 +95,7 @@ pub fn inspect(path: &str, body: &[u8], max_tasks: u32) -> Result<RequestShape, 
     text::check(body)?;
     let engine_tasks = tasks::count(work, &read, max_tasks)?;
     let streams = read.streams();
-    Ok(RequestShape { streams, closes_connection: streams, engine_tasks })
+    Ok(RequestShape { streams, closes_connection: streams, engine_tasks, json: true })
 }
 
 /// The `error.code` a client gets for a refused body.

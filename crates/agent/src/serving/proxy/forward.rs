@@ -240,8 +240,9 @@ enum CheapFailure {
 /// on this Mac nor how the engine was built. An answer that is not a JSON object passes as it
 /// is (an error from the engine).
 fn client_props(body: &Bytes) -> Bytes {
-    const KEPT: [&str; 8] = [
+    const KEPT: [&str; 9] = [
         "default_generation_settings",
+        "model_alias",
         "total_slots",
         "chat_template",
         "chat_template_caps",
@@ -286,14 +287,6 @@ fn engine_request(
     shape: RequestShape,
 ) -> Result<Request<Full<Bytes>>, ClientMistake> {
     let keyed = !access.api_keys.is_open();
-    build_upstream(
-        &parts.method,
-        parts.uri.path_and_query(),
-        &parts.headers,
-        port,
-        body,
-        keyed,
-        shape.closes_connection,
-    )
-    .map_err(|e| ClientMistake { code: "bad_request", message: format!("bad request line: {e}") })
+    build_upstream(&parts.method, parts.uri.path_and_query(), &parts.headers, port, body, keyed, shape)
+        .map_err(|e| ClientMistake { code: "bad_request", message: format!("bad request line: {e}") })
 }
