@@ -166,7 +166,7 @@ fn strings_within(field: &str, value: &Option<Value>, most: usize, chars: usize)
             if items.len() > most {
                 return Err(refuse(field, format!("has {} entries", items.len()), allowed()));
             }
-            match items.iter().find(|i| !i.as_str().is_some_and(|s| !too_long(s))) {
+            match items.iter().find(|i| i.as_str().is_none_or(too_long)) {
                 Some(bad) => Err(refuse(field, format!("holds {}", describe(bad)), allowed())),
                 None => Ok(()),
             }

@@ -153,7 +153,7 @@ fn check_node(map: &serde_json::Map<String, Value>) -> Result<(), Problem> {
     }
     for key in COUNT_BOUNDS {
         if let Some(v) = map.get(key)
-            && !v.as_u64().is_some_and(|n| n <= MAX_COUNT_BOUND)
+            && v.as_u64().is_none_or(|n| n > MAX_COUNT_BOUND)
         {
             return Err(Problem(
                 format!("has `{key}` {v}"),
