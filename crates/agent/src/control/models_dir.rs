@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalkube_api::parse_models_yaml;
+use metalkube_api::{DEFAULT_NAMESPACE, parse_models_yaml};
 use notify::{RecursiveMode, Watcher};
 
 use crate::desired::DesiredModel;
@@ -45,7 +45,7 @@ impl ModelsDir {
     fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, AgentError> {
         let Some(auth) = &m.spec.auth else { return Ok(ApiKeys::Open) };
         let r = &auth.api_key_secret_ref;
-        let path = self.secrets_dir.join(&r.name).join(&r.key);
+        let path = crate::confined_path::inside(&self.secrets_dir, &[&r.name, &r.key])?;
         match std::fs::read(&path) {
             Ok(text) => {
                 let digests = digests_of_key_lines(&text);
@@ -81,7 +81,7 @@ impl ModelsDir {
                     let desired = models
                         .into_iter()
                         .map(|m| {
-                            let namespace = m.metadata.namespace.unwrap_or_else(|| "default".to_owned());
+                            let namespace = m.metadata.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
                             let name = m.metadata.name.unwrap_or_default();
                             DesiredModel {
                                 namespace,

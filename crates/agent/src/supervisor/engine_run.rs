@@ -2,6 +2,7 @@
 //! reason the model's loop acts on (a crash, a red or hung pulse, a changed spec, a stop).
 
 use super::*;
+use crate::confined_path::inside;
 
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
@@ -45,13 +46,17 @@ impl Supervisor {
         };
         let args = engine_args(&self.desired.spec.engine, &model, &self.desired.name, port);
         let file = self.desired.file_stem();
-        let engine = match EngineProcess::spawn(
-            &binary,
-            args,
-            port,
-            &self.ctx.config.state_dir.join("logs").join(format!("{file}.log")),
-            &self.ctx.pidfile_dir().join(format!("{file}.pid")),
-        ) {
+        let log_dir = self.ctx.config.state_dir.join("logs");
+        let files = inside(&log_dir, &[&format!("{file}.log")])
+            .and_then(|log| Ok((log, inside(&self.ctx.pidfile_dir(), &[&format!("{file}.pid")])?)));
+        let (log, pidfile) = match files {
+            Ok(files) => files,
+            Err(e) => {
+                self.ctx.ports.release(port);
+                return RunEnd::Permanent(e.to_string());
+            }
+        };
+        let engine = match EngineProcess::spawn(&binary, args, port, &log, &pidfile) {
             Ok(e) => e,
             Err(e) => {
                 self.ctx.ports.release(port);
