@@ -6,7 +6,11 @@ use crate::confined_path::inside;
 
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
-        if let Err(e) = self.ensure_serving_port() {
+        if self.serving.is_some() {
+            // A port moved by a spec edit that could not be bound then: tried again, the old
+            // one serving meanwhile.
+            self.move_serving_port().await;
+        } else if let Err(e) = self.open_serving_port().await {
             return RunEnd::Permanent(crate::error::chain(&e));
         }
         let model = match self.resolve_model().await {
@@ -132,7 +136,7 @@ impl Supervisor {
                         if needs_restart {
                             return Err(RunEnd::Restart(d));
                         }
-                        self.adopt(*d);
+                        self.adopt(*d).await;
                     }
                 },
             }
@@ -229,8 +233,10 @@ impl Supervisor {
                 if next_phase == Phase::Serving {
                     let started_in = (phase == Phase::Starting).then(|| engine.uptime().as_secs_f64());
                     self.proxy.admission().reset_circuit();
+                    let port_error = self.serving_port_error.clone();
                     self.report.send_modify(|r| {
-                        r.last_error = None;
+                        // Serving again clears the last fault, not a serving port still unmoved.
+                        r.last_error = port_error;
                         if started_in.is_some() {
                             r.last_start_seconds = started_in;
                         }
