@@ -14,6 +14,8 @@ pub enum AgentError {
     EngineMissing { looked_in: String },
     #[error("state directory {}: {source}", path.display())]
     StateDir { path: PathBuf, source: std::io::Error },
+    #[error("{name:?} cannot be a file name inside {}: {problem}", dir.display())]
+    PathOutside { dir: PathBuf, name: String, problem: &'static str },
     #[error("models directory {}: {message}", path.display())]
     ModelsDir { path: PathBuf, message: String },
     #[error("gRPC server")]

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod calibrate;
+mod confined_path;
 pub mod context;
 pub mod control;
 pub mod desired;

@@ -214,3 +214,60 @@ async fn keys_written_after_the_start_guard_the_port() {
     wait_status(port, Some("k1"), 401).await;
     assert_eq!(status_with_key(port, Some("k2")).await, 200);
 }
+
+/// Every file under `dir`, recursively.
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if entry.file_type().unwrap().is_dir() {
+                stack.push(path);
+            } else {
+                out.push(path);
+            }
+        }
+    }
+    out
+}
+
+/// A standalone file gets the API server's name checks: a namespace that is a path and a
+/// Secret reference that is an absolute path are refused by their field, and nothing is
+/// written outside `--state-dir` (the namespace once put the engine's log and pidfile there).
+#[tokio::test(flavor = "multi_thread")]
+async fn names_that_are_paths_are_refused_and_nothing_is_written_outside_the_state_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    let model = metalkube_testkit::tiny_model(&models);
+    let state = dir.path().join("state");
+    std::fs::write(models.join("a.yaml"), model_yaml("alpha", &model, "1s")).unwrap();
+    let escaping = model_yaml("escape", &model, "1s").replace("{name: escape}", "{name: escape, namespace: ../../x}");
+    std::fs::write(models.join("escape.yaml"), escaping).unwrap();
+    let host_file =
+        format!("{}  auth: {{apiKeySecretRef: {{name: /etc, key: hostname}}}}\n", model_yaml("keyed", &model, "1s"));
+    std::fs::write(models.join("keyed.yaml"), host_file).unwrap();
+
+    let agent = start_agent(&models, &state);
+    let list = wait_models(&agent, "serving alpha", |m| serving(m, "alpha").is_some()).await;
+    let names: Vec<_> = list.iter().map(|m| m["name"].as_str().unwrap_or_default()).collect();
+    assert_eq!(names, ["alpha"], "{list:#?}");
+    let body: Value = reqwest::get(format!("{}/api/v1/models", agent.base)).await.unwrap().json().await.unwrap();
+    let errors = &body["sourceErrors"];
+    let escape = errors["escape.yaml"].as_str().unwrap_or_default();
+    assert!(
+        escape.contains(
+            "metadata.namespace: \"../../x\" holds '/' (a path separator) (allowed: 1 to 63 lowercase letters"
+        ),
+        "{body:#}"
+    );
+    let keyed = errors["keyed.yaml"].as_str().unwrap_or_default();
+    assert!(
+        keyed.contains("spec.auth.apiKeySecretRef.name: \"/etc\" holds '/' (a path separator) (allowed: 1 to 253"),
+        "{body:#}"
+    );
+    for file in files_under(dir.path()) {
+        assert!(file.starts_with(&models) || file.starts_with(&state), "written outside --state-dir: {file:?}");
+    }
+}

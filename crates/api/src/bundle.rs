@@ -235,12 +235,7 @@ fn pem_field(value: Option<String>, field: &str, label: &str, source_name: &str)
 
 /// A Kubernetes object name (DNS-1123 subdomain): what a MetalNode may be called.
 pub fn is_node_name(name: &str) -> bool {
-    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    !name.is_empty()
-        && name.len() <= 253
-        && name.bytes().all(|b| alnum(b) || b == b'-' || b == b'.')
-        && name.bytes().next().is_some_and(alnum)
-        && name.bytes().last().is_some_and(alnum)
+    crate::names::dns_subdomain_problem(name).is_none()
 }
 
 fn bundle_error(source_name: &str, field: &str, problem: String, allowed: &str) -> ApiError {

@@ -8,6 +8,7 @@ mod error;
 pub mod keys;
 mod model;
 mod model_key;
+mod names;
 mod node;
 mod source;
 mod standalone;
@@ -18,13 +19,17 @@ pub use duration::Duration;
 pub use error::{ApiError, FieldError};
 pub use model::*;
 pub use model_key::ModelKey;
+pub use names::{
+    DNS_LABEL_ALLOWED, DNS_SUBDOMAIN_ALLOWED, SECRET_KEY_ALLOWED, dns_label_problem, dns_subdomain_problem,
+    secret_key_problem,
+};
 pub use node::*;
 pub use source::{
     DEFAULT_HUB_REVISION, HubFile, SUPPORTED_SOURCES, SourceError, SourceRef, SplitName, parse_source, split_name,
     with_file_name,
 };
 pub use standalone::parse_models_yaml;
-pub use validate::{AGENT_OWNED_FLAGS, validate_model_spec};
+pub use validate::{AGENT_OWNED_FLAGS, DEFAULT_NAMESPACE, validate_model_meta, validate_model_spec};
 
 /// API group of every metalkube resource.
 pub const GROUP: &str = "metalkube.dev";

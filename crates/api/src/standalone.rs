@@ -2,11 +2,13 @@ use kube::ResourceExt;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{ApiError, GROUP, MetalModel, VERSION, validate_model_spec};
+use crate::{ApiError, GROUP, MetalModel, VERSION, validate_model_meta, validate_model_spec};
 
 /// Reads every MetalModel in a (possibly multi-document) YAML text, the way `kubectl apply -f`
-/// would, and validates each. `source_name` names the file in error messages; every error also
-/// says which document (counted from 0) and, where there is one, which field.
+/// would, and validates each as the API server and the agent would (names and namespaces
+/// included: no API server has seen these files). `source_name` names the file in error
+/// messages; every error also says which document (counted from 0) or, where there is one,
+/// which field.
 pub fn parse_models_yaml(text: &str, source_name: &str) -> Result<Vec<MetalModel>, ApiError> {
     let mut models = Vec::new();
     for (index, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
@@ -41,7 +43,8 @@ pub fn parse_models_yaml(text: &str, source_name: &str) -> Result<Vec<MetalModel
         if model.metadata.name.as_deref().unwrap_or_default().is_empty() {
             return Err(yaml_err("metadata.name is required".into()));
         }
-        let errors = validate_model_spec(&model.spec);
+        let mut errors = validate_model_meta(&model.name_any(), model.metadata.namespace.as_deref());
+        errors.extend(validate_model_spec(&model.spec));
         if !errors.is_empty() {
             return Err(ApiError::Invalid { source_name: source_name.to_owned(), name: model.name_any(), errors });
         }
@@ -119,6 +122,23 @@ mod tests {
             parse_models_yaml("apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: a}\n", "x.yaml")
                 .unwrap_err();
         assert!(err.to_string().ends_with("document 0: missing field `spec`"), "{err}");
+    }
+
+    /// A file no API server has seen gets the API server's name checks: a namespace or a Secret
+    /// reference that is a path is refused by its field, with what is allowed.
+    #[test]
+    fn names_that_are_paths_are_refused_by_their_field() {
+        let text = "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: tiny, namespace: ../../x}\nspec:\n  model: {source: 'file:a.gguf'}\n  auth: {apiKeySecretRef: {name: /etc, key: hostname}}\n";
+        let err = parse_models_yaml(text, "x.yaml").unwrap_err();
+        let ApiError::Invalid { errors, .. } = &err else { panic!("{err}") };
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["metadata.namespace", "spec.auth.apiKeySecretRef.name"], "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("metadata.namespace: \"../../x\" holds '/' (a path separator) (allowed: 1 to 63"),
+            "{text}"
+        );
+        assert!(text.contains("spec.auth.apiKeySecretRef.name: \"/etc\" holds '/'"), "{text}");
     }
 
     #[test]

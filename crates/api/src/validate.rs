@@ -1,4 +1,11 @@
-use crate::{FieldError, MetalModelSpec};
+use crate::names::{
+    DNS_LABEL_ALLOWED, DNS_SUBDOMAIN_ALLOWED, SECRET_KEY_ALLOWED, dns_label_problem, dns_subdomain_problem,
+    secret_key_problem,
+};
+use crate::{FieldError, MetalModelSpec, SecretKeyRef};
+
+/// The namespace of a MetalModel that names none (as `kubectl apply` without `-n` does).
+pub const DEFAULT_NAMESPACE: &str = "default";
 
 /// llama-server flags the agent sets itself; a spec that passes them in `extraArgs` would break
 /// supervision (where the engine listens, which file it serves, which paths it answers).
@@ -33,6 +40,31 @@ pub const AGENT_OWNED_FLAGS: &[(&str, &str)] = &[
     ("--alias", "the agent names the model after the MetalModel"),
 ];
 
+/// Checks a MetalModel's name and namespace as the API server would: the name an RFC 1123
+/// subdomain, the namespace an RFC 1123 label. In a cluster the API server has done this; a
+/// standalone file has met no API server, and the agent makes file names of both.
+pub fn validate_model_meta(name: &str, namespace: Option<&str>) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    if let Some(problem) = dns_subdomain_problem(name) {
+        errors.push(FieldError { field: "metadata.name".into(), problem, allowed: DNS_SUBDOMAIN_ALLOWED.into() });
+    }
+    if let Some(problem) = namespace.and_then(dns_label_problem) {
+        errors.push(FieldError { field: "metadata.namespace".into(), problem, allowed: DNS_LABEL_ALLOWED.into() });
+    }
+    errors
+}
+
+/// A reference to a Secret key: a valid Secret name (an RFC 1123 subdomain) and data key. The
+/// standalone agent reads `<secrets-dir>/<name>/<key>`: neither may leave that directory.
+fn secret_ref_errors(field: &str, r: &SecretKeyRef, errors: &mut Vec<FieldError>) {
+    if let Some(problem) = dns_subdomain_problem(&r.name) {
+        errors.push(FieldError { field: format!("{field}.name"), problem, allowed: DNS_SUBDOMAIN_ALLOWED.into() });
+    }
+    if let Some(problem) = secret_key_problem(&r.key) {
+        errors.push(FieldError { field: format!("{field}.key"), problem, allowed: SECRET_KEY_ALLOWED.into() });
+    }
+}
+
 /// Checks what the schema cannot say (relations between fields, owned flags). Returns every
 /// problem at once so a person fixes the file in one go.
 pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
@@ -57,6 +89,16 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
         err("spec.model.sha256", format!("{sha:?} is not a SHA-256 digest"), "64 lowercase hex characters");
     }
 
+    if let Some(r) = &spec.model.token_secret_ref {
+        secret_ref_errors("spec.model.tokenSecretRef", r, &mut errors);
+    }
+    if let Some(auth) = &spec.auth {
+        secret_ref_errors("spec.auth.apiKeySecretRef", &auth.api_key_secret_ref, &mut errors);
+    }
+
+    let mut err = |field: &str, problem: String, allowed: &str| {
+        errors.push(FieldError { field: field.to_owned(), problem, allowed: allowed.to_owned() })
+    };
     let engine = &spec.engine;
     if engine.context_size < 64 {
         err("spec.engine.contextSize", format!("{} is too small", engine.context_size), "64 or more");
@@ -174,6 +216,31 @@ mod tests {
         s.pulse.timeout = Duration::from_secs(4);
         let fields: Vec<_> = validate_model_spec(&s).into_iter().map(|e| e.field).collect();
         assert_eq!(fields, ["spec.pulse.yellowAfter", "spec.pulse.redAfter"]);
+    }
+
+    #[test]
+    fn secret_refs_must_be_secret_names_and_keys() {
+        let mut s = spec();
+        s.auth =
+            Some(crate::AuthSpec { api_key_secret_ref: SecretKeyRef { name: "/etc".into(), key: "hostname".into() } });
+        s.model.source = "hf://org/repo/m.gguf".into();
+        s.model.token_secret_ref = Some(SecretKeyRef { name: "hub".into(), key: "..".into() });
+        let errors = validate_model_spec(&s);
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["spec.model.tokenSecretRef.key", "spec.auth.apiKeySecretRef.name"]);
+        assert!(errors[1].problem.contains("path separator"), "{}", errors[1]);
+        assert!(errors[1].allowed.contains("RFC 1123 subdomain"), "{}", errors[1]);
+    }
+
+    #[test]
+    fn names_and_namespaces_are_rfc1123() {
+        assert_eq!(validate_model_meta("tiny", Some("team-a")), vec![]);
+        assert_eq!(validate_model_meta("qwen2.5-0.5b", None), vec![]);
+        let errors = validate_model_meta("a/b", Some("../../x"));
+        let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(fields, ["metadata.name", "metadata.namespace"]);
+        assert!(errors[1].to_string().contains("\"../../x\" holds '/' (a path separator)"), "{}", errors[1]);
+        assert!(errors[1].allowed.contains("RFC 1123 label"), "{}", errors[1]);
     }
 
     #[test]

@@ -107,7 +107,10 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
             pulse
         });
     let auth = prop::option::of(
-        ("[a-z0-9]([-a-z0-9.]{0,20}[a-z0-9])?", "[-._a-zA-Z0-9]{1,20}")
+        (
+            "[a-z0-9]([-a-z0-9]{0,8}[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]{0,8}[a-z0-9])?){0,2}",
+            "[-._a-zA-Z0-9]{1,20}".prop_filter("not a directory name", |k| k != "." && k != ".."),
+        )
             .prop_map(|(name, key)| AuthSpec { api_key_secret_ref: SecretKeyRef { name, key } }),
     );
     (model, engine, 0u32..=64, prop::collection::btree_map(".*", ".*", 0..3), admission, pulse, auth).prop_map(
@@ -280,7 +283,10 @@ fn check_names_the_place(err: &ApiError) -> Result<(), TestCaseError> {
         ApiError::Yaml { message, .. } => prop_assert!(message.starts_with("document "), "{text}"),
         ApiError::Invalid { errors, .. } => {
             prop_assert!(!errors.is_empty());
-            prop_assert!(errors.iter().all(|e| e.field.starts_with("spec.")), "{text}");
+            prop_assert!(
+                errors.iter().all(|e| e.field.starts_with("spec.") || e.field.starts_with("metadata.")),
+                "{text}"
+            );
         }
         ApiError::WrongKind { .. } => {}
         ApiError::Duration { .. } => prop_assert!(false, "a bare duration error names no field: {text}"),

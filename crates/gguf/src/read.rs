@@ -136,9 +136,8 @@ pub fn parse_header(reader: impl Read) -> Result<GgufHeader, GgufError> {
 /// occupy (a parameter so tests can reach it with small inputs).
 pub(crate) fn parse(reader: impl Read, len: Option<u64>, memory_limit: u64) -> Result<GgufHeader, GgufError> {
     let mut r = Reader { inner: reader, offset: 0, len, memory: 0, memory_limit, depth: 0 };
-    let magic = r.u32("magic")?;
-    if magic != MAGIC {
-        return Err(GgufError::BadMagic { found: magic });
+    if r.u32("magic")? != MAGIC {
+        return Err(GgufError::BadMagic);
     }
     let version = r.u32("version")?;
     // Version 1 had 32-bit counts and lengths; llama.cpp no longer reads it either.
@@ -336,9 +335,25 @@ mod tests {
     #[test]
     fn rejects_wrong_magic_and_truncation_with_offsets() {
         let err = parse_header(&b"GGML\x03\0\0\0"[..]).unwrap_err();
-        assert!(matches!(err, GgufError::BadMagic { .. }), "{err}");
+        assert!(matches!(err, GgufError::BadMagic), "{err}");
         let err = parse_header(&b"GGUF\x03\0\0\0\x01\0"[..]).unwrap_err();
         assert!(matches!(err, GgufError::Truncated { offset: 8, what: "tensor count" }), "{err}");
+    }
+
+    /// The error for a file that is not GGUF says nothing of what it holds: the path may be a
+    /// symlink to any file on the host.
+    #[test]
+    fn a_file_that_is_not_gguf_is_refused_without_showing_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.gguf");
+        std::fs::write(&path, "root:$6$salt$hash:19000:0:99999:7:::\n").unwrap();
+        let err = read_header(&path).unwrap_err();
+        let text = err.to_string();
+        assert_eq!(text, "not a GGUF file (no GGUF magic)");
+        let first_bytes = u32::from_le_bytes(*b"root");
+        for shown in ["root".to_owned(), format!("{first_bytes:x}"), format!("{first_bytes}")] {
+            assert!(!text.contains(&shown), "{text} shows {shown}");
+        }
     }
 
     #[test]

@@ -99,8 +99,9 @@ impl DesiredStore {
         Ok(Self { dir: dir.to_owned(), records: Mutex::new(records) })
     }
 
-    fn file(&self, namespace: &str, name: &str) -> PathBuf {
-        self.dir.join(format!("{namespace}_{name}.json"))
+    /// The record's file; a name that would put it outside the store is refused.
+    fn file(&self, namespace: &str, name: &str) -> Result<PathBuf, AgentError> {
+        crate::confined_path::inside(&self.dir, &[&format!("{namespace}_{name}.json")])
     }
 
     pub fn all(&self) -> Vec<Record> {
@@ -113,7 +114,7 @@ impl DesiredStore {
 
     /// Writes the record (temp file and rename, so a crash never leaves half a record).
     pub fn put(&self, record: Record) -> Result<(), AgentError> {
-        let path = self.file(&record.namespace, &record.name);
+        let path = self.file(&record.namespace, &record.name)?;
         let io = |source| AgentError::StateDir { path: path.clone(), source };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| io(std::io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");
@@ -133,7 +134,7 @@ impl DesiredStore {
     }
 
     pub fn remove(&self, namespace: &str, name: &str) -> Result<bool, AgentError> {
-        let path = self.file(namespace, name);
+        let path = self.file(namespace, name)?;
         match std::fs::remove_file(&path) {
             // The removal is durable once the directory is: a stopped model must not come back
             // after a power cut.
@@ -180,5 +181,20 @@ mod tests {
         std::fs::write(dir.path().join("junk.json"), "{").unwrap();
         let reopened = DesiredStore::open(dir.path()).unwrap();
         assert_eq!(reopened.all(), vec![record("a", 2)]);
+    }
+
+    /// A name that is a path never writes or removes a file outside the store.
+    #[test]
+    fn a_name_that_is_a_path_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let store = DesiredStore::open(&root.path().join("desired")).unwrap();
+        let mut escaping = record("x", 1);
+        escaping.namespace = "../..".into();
+        let err = store.put(escaping).unwrap_err().to_string();
+        assert!(err.contains("path separator"), "{err}");
+        std::fs::write(root.path().join("x.json"), "{}").unwrap();
+        assert!(store.remove("..", "/../x").is_err());
+        assert!(root.path().join("x.json").exists(), "a file outside the store was removed");
+        assert!(store.all().is_empty());
     }
 }

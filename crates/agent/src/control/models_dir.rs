@@ -2,7 +2,8 @@
 //! static pods. Changes are picked up as the filesystem reports them.
 //!
 //! A file that stops parsing keeps its models running on their last good spec (and the error is
-//! reported), so a typo while editing never takes a serving model down.
+//! reported), so a typo while editing never takes a serving model down. A model defined in two
+//! files stays with the file that defined it first; the other is reported as ignored.
 //!
 //! API keys (`spec.auth.apiKeySecretRef {name, key}`) are read from `<secrets-dir>/<name>/<key>`,
 //! the layout of a mounted Kubernetes Secret, hashed at once, and read again when they change. A
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalkube_api::parse_models_yaml;
+use metalkube_api::{DEFAULT_NAMESPACE, parse_models_yaml};
 use notify::{RecursiveMode, Watcher};
 
 use crate::desired::DesiredModel;
@@ -28,6 +29,8 @@ pub struct ModelsDir {
     dir: PathBuf,
     secrets_dir: PathBuf,
     last_good: BTreeMap<PathBuf, Vec<DesiredModel>>,
+    /// Model key → the file whose definition of it is served.
+    owners: BTreeMap<String, PathBuf>,
 }
 
 pub struct Scan {
@@ -38,14 +41,19 @@ pub struct Scan {
 
 impl ModelsDir {
     pub fn new(dir: &Path, secrets_dir: &Path) -> Self {
-        Self { dir: dir.to_owned(), secrets_dir: secrets_dir.to_owned(), last_good: BTreeMap::new() }
+        Self {
+            dir: dir.to_owned(),
+            secrets_dir: secrets_dir.to_owned(),
+            last_good: BTreeMap::new(),
+            owners: BTreeMap::new(),
+        }
     }
 
     /// The keys of `spec.auth` from the secrets directory; an error names the file.
     fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, AgentError> {
         let Some(auth) = &m.spec.auth else { return Ok(ApiKeys::Open) };
         let r = &auth.api_key_secret_ref;
-        let path = self.secrets_dir.join(&r.name).join(&r.key);
+        let path = crate::confined_path::inside(&self.secrets_dir, &[&r.name, &r.key])?;
         match std::fs::read(&path) {
             Ok(text) => {
                 let digests = digests_of_key_lines(&text);
@@ -71,7 +79,7 @@ impl ModelsDir {
         let mut errors = BTreeMap::new();
         let mut current = BTreeMap::new();
         for file in files {
-            let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let name = file_name(&file);
             let parsed = std::fs::read_to_string(&file)
                 .map_err(|e| format!("{name}: {e}"))
                 .and_then(|text| parse_models_yaml(&text, &name).map_err(|e| e.to_string()));
@@ -81,7 +89,7 @@ impl ModelsDir {
                     let desired = models
                         .into_iter()
                         .map(|m| {
-                            let namespace = m.metadata.namespace.unwrap_or_else(|| "default".to_owned());
+                            let namespace = m.metadata.namespace.unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
                             let name = m.metadata.name.unwrap_or_default();
                             DesiredModel {
                                 namespace,
@@ -104,22 +112,33 @@ impl ModelsDir {
             }
         }
         self.last_good = current;
+        let defined: BTreeMap<&PathBuf, Vec<String>> =
+            self.last_good.iter().map(|(file, ms)| (file, ms.iter().map(DesiredModel::key).collect())).collect();
+        self.owners = owners_after(&self.owners, &defined);
         let mut models: Vec<DesiredModel> = Vec::new();
         for (file, ms) in &self.last_good {
             for m in ms {
-                if models.iter().any(|o| o.key() == m.key()) {
-                    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    errors.insert(
-                        name,
-                        format!("MetalModel {} is defined in another file too; this one is ignored", m.key()),
+                let key = m.key();
+                let owner = self.owners.get(&key);
+                if owner != Some(file) {
+                    let owner = owner.map(|o| file_name(o)).unwrap_or_default();
+                    let message = format!(
+                        "MetalModel {key} is already defined in {owner}; this file's definition of it is ignored"
                     );
+                    errors
+                        .entry(file_name(file))
+                        .and_modify(|e: &mut String| {
+                            e.push_str("; ");
+                            e.push_str(&message);
+                        })
+                        .or_insert(message);
                     continue;
                 }
                 let mut m = m.clone();
                 m.api_keys = match self.api_keys(&m) {
                     Ok(keys) => keys,
                     Err(e) => {
-                        errors.insert(format!("secrets for {}", m.key()), crate::error::chain(&e));
+                        errors.insert(format!("secrets for {key}"), crate::error::chain(&e));
                         ApiKeys::Digests(Vec::new())
                     }
                 };
@@ -128,6 +147,33 @@ impl ModelsDir {
         }
         Ok(Scan { models, errors })
     }
+}
+
+/// Which file serves each model, given the previous owners and what each file defines now
+/// (files in name order). Decided once: the file that defined a model first keeps it on every
+/// later scan, whatever the other files are called, so a running model never changes because a
+/// file with a name sorting earlier appeared. Only when the owning file is gone or no longer
+/// defines the model (a file that stops parsing keeps its last good models, and so its
+/// ownership) does another file take it over: the first in name order of those defining it.
+fn owners_after(
+    before: &BTreeMap<String, PathBuf>,
+    defined: &BTreeMap<&PathBuf, Vec<String>>,
+) -> BTreeMap<String, PathBuf> {
+    let mut owners: BTreeMap<String, PathBuf> = before
+        .iter()
+        .filter(|(key, file)| defined.get(file).is_some_and(|keys| keys.contains(key)))
+        .map(|(key, file)| (key.clone(), file.clone()))
+        .collect();
+    for (file, keys) in defined {
+        for key in keys {
+            owners.entry(key.clone()).or_insert_with(|| (*file).clone());
+        }
+    }
+    owners
+}
+
+fn file_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// Applies the directory now and again after every change (of a model file or a key file),
@@ -222,7 +268,76 @@ mod tests {
         std::fs::write(dir.path().join("b.yaml"), GOOD).unwrap();
         let scan = ModelsDir::new(dir.path(), &dir.path().join("secrets")).scan().unwrap();
         assert_eq!(scan.models.len(), 1);
-        assert!(scan.errors["b.yaml"].contains("another file"), "{:?}", scan.errors);
+        assert!(scan.errors["b.yaml"].contains("already defined in a.yaml"), "{:?}", scan.errors);
+    }
+
+    /// A second file defining a running model is the one ignored, even when its name sorts
+    /// first; the running model keeps its spec through later scans, and the other file takes
+    /// over only when the first one is gone.
+    #[test]
+    fn a_duplicate_whose_name_sorts_first_does_not_take_over_a_running_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let running = GOOD.replace("tiny.gguf", "running.gguf");
+        let duplicate = GOOD.replace("tiny.gguf", "duplicate.gguf");
+        std::fs::write(dir.path().join("z-running.yaml"), &running).unwrap();
+        let mut md = ModelsDir::new(dir.path(), &dir.path().join("secrets"));
+        assert_eq!(md.scan().unwrap().models[0].spec.model.source, "file:running.gguf");
+
+        std::fs::write(dir.path().join("a-duplicate.yaml"), &duplicate).unwrap();
+        for _ in 0..2 {
+            let scan = md.scan().unwrap();
+            let sources: Vec<_> = scan.models.iter().map(|m| m.spec.model.source.as_str()).collect();
+            assert_eq!(sources, ["file:running.gguf"], "the running model was taken over");
+            assert_eq!(
+                scan.errors.get("a-duplicate.yaml").map(String::as_str),
+                Some(
+                    "MetalModel default/tiny is already defined in z-running.yaml; this file's definition of it is ignored"
+                )
+            );
+            assert!(!scan.errors.contains_key("z-running.yaml"), "{:?}", scan.errors);
+        }
+
+        // A broken edit of the owner keeps its last good spec, and its ownership.
+        std::fs::write(dir.path().join("z-running.yaml"), "spec: [unclosed").unwrap();
+        let scan = md.scan().unwrap();
+        assert_eq!(scan.models[0].spec.model.source, "file:running.gguf");
+        assert!(scan.errors["a-duplicate.yaml"].contains("z-running.yaml"), "{:?}", scan.errors);
+
+        std::fs::remove_file(dir.path().join("z-running.yaml")).unwrap();
+        let scan = md.scan().unwrap();
+        assert_eq!(scan.models[0].spec.model.source, "file:duplicate.gguf", "the owner gone, the other takes over");
+        assert!(scan.errors.is_empty(), "{:?}", scan.errors);
+    }
+
+    proptest::proptest! {
+        /// Whatever the files define, scan after scan: every model has exactly one owner, a file
+        /// that defines it; an owner that still defines its model keeps it.
+        #[test]
+        fn an_owner_that_still_defines_its_model_keeps_it(
+            scans in proptest::collection::vec(
+                proptest::collection::btree_map(0u8..4, proptest::collection::btree_set(0u8..3, 0..3), 0..4),
+                1..6,
+            )
+        ) {
+            let mut owners = BTreeMap::new();
+            for scan in scans {
+                let files: BTreeMap<PathBuf, Vec<String>> = scan
+                    .into_iter()
+                    .map(|(f, keys)| (PathBuf::from(format!("{f}.yaml")), keys.into_iter().map(|k| format!("ns/m{k}")).collect()))
+                    .collect();
+                let defined: BTreeMap<&PathBuf, Vec<String>> = files.iter().map(|(f, k)| (f, k.clone())).collect();
+                let next = owners_after(&owners, &defined);
+                for key in defined.values().flatten() {
+                    let owner = &next[key];
+                    proptest::prop_assert!(defined[owner].contains(key));
+                    if let Some(old) = owners.get(key) && defined.get(old).is_some_and(|k| k.contains(key)) {
+                        proptest::prop_assert_eq!(owner, old);
+                    }
+                }
+                proptest::prop_assert!(next.iter().all(|(key, file)| defined.get(file).is_some_and(|k| k.contains(key))));
+                owners = next;
+            }
+        }
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub enum ModelLocation<'a> {
 pub fn locate<'a>(desired: &DesiredModel, downloads: &'a Downloader) -> Result<ModelLocation<'a>, AgentError> {
     let source = &desired.spec.model.source;
     let parsed = parse_source(source).map_err(|e| AgentError::ModelSource { problem: e.problem })?;
-    match downloads.plan(&parsed, desired.spec.model.sha256.as_deref(), desired.hub_token.as_ref()) {
+    match downloads.plan(&parsed, desired.spec.model.sha256.as_deref(), desired.hub_token.as_ref())? {
         Some(fetch) => Ok(ModelLocation::Remote(fetch)),
         None => local_path(desired).map(ModelLocation::Local),
     }

@@ -156,10 +156,10 @@ impl ModelReport {
         metalkube_api::ModelKey::new(&self.namespace, &self.name).to_string()
     }
 
-    /// Ready to take traffic: serving (or asleep, waking on the next request), and the pulse is
-    /// not red.
+    /// Ready to take traffic: serving (or asleep, waking on the next request), the pulse not
+    /// red, and a serving port listening (an engine clients cannot reach serves nobody).
     pub fn is_ready(&self) -> bool {
-        self.phase.engine_up() && self.grade != Some(Grade::Red)
+        self.phase.engine_up() && self.grade != Some(Grade::Red) && self.serving_port.is_some()
     }
 
     pub fn push_pulse(&mut self, record: PulseRecord) {
@@ -193,6 +193,21 @@ impl ModelView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model whose serving port is not listening serves nobody, whatever its engine does.
+    #[test]
+    fn ready_needs_a_serving_port() {
+        let mut r = ModelReport::new("ns", "m");
+        r.phase = Phase::Serving;
+        r.grade = Some(Grade::Green);
+        assert!(!r.is_ready(), "no serving port, not ready");
+        r.serving_port = Some(8080);
+        assert!(r.is_ready());
+        r.phase = Phase::Sleeping;
+        assert!(r.is_ready(), "asleep, woken by the next request");
+        r.grade = Some(Grade::Red);
+        assert!(!r.is_ready());
+    }
 
     #[test]
     fn restart_history_keeps_the_last_ones_and_counts_all() {

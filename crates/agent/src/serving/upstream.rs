@@ -67,6 +67,7 @@ mod tests {
     fn only_a_ready_engine_has_a_port_and_the_wait_is_estimated() {
         let mut r = ModelReport::new("ns", "m");
         r.internal_port = Some(18000);
+        r.serving_port = Some(8080);
         r.pulse_interval_seconds = 2.0;
         let waiting = Upstream::of(&r);
         assert_eq!((waiting.port, waiting.back_in), (None, Duration::from_secs(2)), "pending: no port yet");
@@ -92,6 +93,7 @@ mod tests {
         tx.send_modify(|r| {
             r.phase = Phase::Serving;
             r.internal_port = Some(18001);
+            r.serving_port = Some(8081);
         });
         assert_eq!(upstream.current().port, Some(18001), "no lag behind the report");
         let u = tokio::time::timeout(Duration::from_secs(5), upstream.wait_for(|u| u.port.is_some())).await;

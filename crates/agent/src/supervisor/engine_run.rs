@@ -2,10 +2,15 @@
 //! reason the model's loop acts on (a crash, a red or hung pulse, a changed spec, a stop).
 
 use super::*;
+use crate::confined_path::inside;
 
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
-        if let Err(e) = self.ensure_serving_port() {
+        if self.serving.is_some() {
+            // A port moved by a spec edit that could not be bound then: tried again, the old
+            // one serving meanwhile.
+            self.move_serving_port().await;
+        } else if let Err(e) = self.open_serving_port().await {
             return RunEnd::Permanent(crate::error::chain(&e));
         }
         let model = match self.resolve_model().await {
@@ -45,13 +50,17 @@ impl Supervisor {
         };
         let args = engine_args(&self.desired.spec.engine, &model, &self.desired.name, port);
         let file = self.desired.file_stem();
-        let engine = match EngineProcess::spawn(
-            &binary,
-            args,
-            port,
-            &self.ctx.config.state_dir.join("logs").join(format!("{file}.log")),
-            &self.ctx.pidfile_dir().join(format!("{file}.pid")),
-        ) {
+        let log_dir = self.ctx.config.state_dir.join("logs");
+        let files = inside(&log_dir, &[&format!("{file}.log")])
+            .and_then(|log| Ok((log, inside(&self.ctx.pidfile_dir(), &[&format!("{file}.pid")])?)));
+        let (log, pidfile) = match files {
+            Ok(files) => files,
+            Err(e) => {
+                self.ctx.ports.release(port);
+                return RunEnd::Permanent(e.to_string());
+            }
+        };
+        let engine = match EngineProcess::spawn(&binary, args, port, &log, &pidfile) {
             Ok(e) => e,
             Err(e) => {
                 self.ctx.ports.release(port);
@@ -127,7 +136,7 @@ impl Supervisor {
                         if needs_restart {
                             return Err(RunEnd::Restart(d));
                         }
-                        self.adopt(*d);
+                        self.adopt(*d).await;
                     }
                 },
             }
@@ -224,8 +233,10 @@ impl Supervisor {
                 if next_phase == Phase::Serving {
                     let started_in = (phase == Phase::Starting).then(|| engine.uptime().as_secs_f64());
                     self.proxy.admission().reset_circuit();
+                    let port_error = self.serving_port_error.clone();
                     self.report.send_modify(|r| {
-                        r.last_error = None;
+                        // Serving again clears the last fault, not a serving port still unmoved.
+                        r.last_error = port_error;
                         if started_in.is_some() {
                             r.last_start_seconds = started_in;
                         }

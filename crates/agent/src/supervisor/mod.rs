@@ -127,6 +127,7 @@ impl SupervisorHandle {
             proxy: proxy.clone(),
             pulse_now,
             serving: None,
+            serving_port_error: None,
             engine_series,
             grader: Grader::new(GraderConfig::from(&desired.spec.pulse)),
             backoff: RestartBackoff::new(ctx.config.backoff.clone()),
@@ -173,6 +174,9 @@ struct Supervisor {
     /// The serving port's call for a pulse now (a stall, a timeout, a server error).
     pulse_now: Arc<Notify>,
     serving: Option<Serving>,
+    /// Why the serving port the spec names could not be bound (the old one serving meanwhile),
+    /// while that is so: cleared from `last_error` once the port moves.
+    serving_port_error: Option<String>,
     /// The model's engine figures (tokens, seconds, memory), summed over its engine processes.
     engine_series: EngineSeries,
     ctx: Arc<AgentContext>,
@@ -211,7 +215,7 @@ impl Supervisor {
             let end = self.run_engine_once().await;
             match end {
                 RunEnd::Stop => break,
-                RunEnd::Restart(desired) => self.adopt(*desired),
+                RunEnd::Restart(desired) => self.adopt(*desired).await,
                 RunEnd::PortConflict { port, message } => {
                     self.ctx.ports.quarantine(port);
                     self.port_conflicts += 1;
@@ -233,7 +237,7 @@ impl Supervisor {
                     self.ctx.metrics.clear_pulse(&self.key());
                     self.set_phase(Phase::Failed);
                     match tokio::time::timeout(FAILED_RECHECK, self.commands.recv()).await {
-                        Ok(Some(Command::Update(d))) => self.adopt(*d),
+                        Ok(Some(Command::Update(d))) => self.adopt(*d).await,
                         Ok(None | Some(Command::Stop)) => break,
                         Err(_) => {}
                     }
@@ -245,7 +249,7 @@ impl Supervisor {
                 }
             }
         }
-        self.close_serving_port();
+        self.close_serving_port().await;
         self.ctx.memory.release(&self.key());
         self.ctx.metrics.forget(&self.key(), &self.proxy.series().codes());
         tracing::info!(model = %self.key(), "stopped");
@@ -270,7 +274,7 @@ impl Supervisor {
         self.report.send_modify(|r| r.backoff_seconds = None);
         match outcome {
             Ok(Some(Command::Update(d))) => {
-                self.adopt(*d);
+                self.adopt(*d).await;
                 false
             }
             Ok(None | Some(Command::Stop)) => true,
@@ -278,7 +282,7 @@ impl Supervisor {
         }
     }
 
-    fn adopt(&mut self, desired: DesiredModel) {
+    async fn adopt(&mut self, desired: DesiredModel) {
         if desired.spec.pulse != self.desired.spec.pulse {
             self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
             self.ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
@@ -288,13 +292,15 @@ impl Supervisor {
             self.proxy.replace_admission(Admission::new(limits(&desired), self.proxy.series().clone()));
         }
         self.proxy.replace_access(access(&desired));
-        if desired.spec.admission.serving_port != self.desired.spec.admission.serving_port {
-            // Re-bound on the next pass through `ensure_serving_port`.
-            self.close_serving_port();
-        }
         if desired.spec.engine != self.desired.spec.engine || desired.spec.model != self.desired.spec.model {
             self.backoff.reset();
         }
+        let port_edited = desired.spec.admission.serving_port != self.desired.spec.admission.serving_port;
         self.desired = desired;
+        if port_edited {
+            // Moved now, engine or not: clients must never be left without a port while the
+            // model serves.
+            self.move_serving_port().await;
+        }
     }
 }

@@ -9,6 +9,20 @@ pub(super) struct Serving {
     /// Whether the port came from the agent's range (and goes back to it).
     pooled: bool,
     stop: watch::Sender<bool>,
+    /// The accept loop; it ends, closing the listener, once `stop` turns true.
+    accepting: Option<JoinHandle<()>>,
+}
+
+impl Serving {
+    /// Stops accepting and waits until the listening socket is closed, so that the port can be
+    /// bound again at once (an edit reverted). Connections already accepted finish the request
+    /// they are serving, then close.
+    async fn close(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.accepting.take() {
+            let _ = task.await;
+        }
+    }
 }
 
 impl Drop for Serving {
@@ -105,9 +119,21 @@ impl Supervisor {
         self.report.send_if_modified(|r| r.download.take().is_some());
     }
 
-    /// Listens on the model's serving port if it does not already.
-    pub(super) fn ensure_serving_port(&mut self) -> Result<(), crate::AgentError> {
-        if self.serving.is_some() {
+    /// Whether the port listening is the one the spec asks for (any port of the agent's range
+    /// when it names none).
+    fn serving_port_matches(&self) -> bool {
+        match (&self.serving, self.desired.spec.admission.serving_port) {
+            (Some(serving), Some(wanted)) => serving.port == wanted,
+            (Some(serving), None) => serving.pooled,
+            (None, _) => false,
+        }
+    }
+
+    /// Listens on the serving port the spec asks for. A port already listening stays until the
+    /// new one is bound, and is closed after; when the new one cannot be bound, the old one keeps
+    /// serving and the error is returned (it is the only port clients have).
+    pub(super) async fn open_serving_port(&mut self) -> Result<(), crate::AgentError> {
+        if self.serving_port_matches() {
             return Ok(());
         }
         let (port, pooled) = match self.desired.spec.admission.serving_port {
@@ -125,19 +151,64 @@ impl Supervisor {
             }
         };
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(self.proxy.clone().serve(listener, stop_rx));
-        tracing::info!(model = %self.key(), %addr, "serving port open");
+        let accepting = Some(tokio::spawn(self.proxy.clone().serve(listener, stop_rx)));
+        // Reported once the old port is closed: whoever reads the new port in the report finds
+        // the old one refusing connections (both take requests in between).
+        if let Some(old) = self.serving.replace(Serving { port, pooled, stop, accepting }) {
+            let old_port = old.port;
+            self.retire(old).await;
+            tracing::info!(model = %self.key(), %addr, old_port, "serving port moved");
+        } else {
+            tracing::info!(model = %self.key(), %addr, "serving port open");
+        }
         self.report.send_modify(|r| r.serving_port = Some(port));
-        self.serving = Some(Serving { port, pooled, stop });
         Ok(())
     }
 
-    pub(super) fn close_serving_port(&mut self) {
-        if let Some(serving) = self.serving.take() {
-            if serving.pooled {
-                self.ctx.serving_ports.release(serving.port);
+    /// A spec edit of `servingPort` while the port listens: moved now, with no engine restart.
+    /// A port that cannot be bound leaves the old one serving, and says so in `last_error`
+    /// until the spec names a port that can be (or the old one again).
+    pub(super) async fn move_serving_port(&mut self) {
+        if self.serving.is_none() {
+            // Nothing listens yet: the next engine start opens the port the spec names.
+            return;
+        }
+        match self.open_serving_port().await {
+            Ok(()) => {
+                if let Some(error) = self.serving_port_error.take() {
+                    self.report.send_if_modified(|r| {
+                        let ours = r.last_error.as_ref() == Some(&error);
+                        if ours {
+                            r.last_error = None;
+                        }
+                        ours
+                    });
+                }
             }
+            Err(e) => {
+                let current = self.serving.as_ref().map(|s| s.port).unwrap_or_default();
+                let message = format!("{}; still serving on port {current}", crate::error::chain(&e));
+                tracing::error!(model = %self.key(), "{message}");
+                self.serving_port_error = Some(message.clone());
+                self.report.send_modify(|r| r.last_error = Some(message));
+            }
+        }
+    }
+
+    /// Closes a port that is no longer this model's, and gives a port of the agent's range back
+    /// once nothing listens on it.
+    async fn retire(&self, serving: Serving) {
+        let (port, pooled) = (serving.port, serving.pooled);
+        serving.close().await;
+        if pooled {
+            self.ctx.serving_ports.release(port);
+        }
+    }
+
+    pub(super) async fn close_serving_port(&mut self) {
+        if let Some(serving) = self.serving.take() {
             self.report.send_modify(|r| r.serving_port = None);
+            self.retire(serving).await;
         }
     }
 }

@@ -9,23 +9,31 @@ use metalkube_api::HubFile;
 use sha2::{Digest, Sha256};
 
 use super::transfer::{digest_path, partial_path, validator_path};
+use crate::AgentError;
+use crate::confined_path::inside;
 
 /// A hub file's place: by repository, revision and path, so the shards of a split model sit
 /// side by side under their own names, as llama.cpp needs to find them.
-pub fn hub_path(cache_dir: &Path, file: &HubFile) -> PathBuf {
-    let mut p = cache_dir.join("hf").join(&file.repo).join(&file.revision);
-    // Components were checked when the source was parsed: no '.', '..' or empty ones.
-    for component in file.path.split('/') {
-        p.push(component);
-    }
-    p
+pub fn hub_path(cache_dir: &Path, file: &HubFile) -> Result<PathBuf, AgentError> {
+    // Components were checked when the source was parsed (no '.', '..' or empty ones); checked
+    // again here, where they become a path.
+    let mut names = vec!["hf"];
+    names.extend(file.repo.split('/'));
+    names.push(&file.revision);
+    names.extend(file.path.split('/'));
+    inside(cache_dir, &names)
 }
 
 /// An https file's place: by content when its SHA-256 is known and it stands alone (two URLs
 /// of one file share it), else in a directory named after the URL of its first shard.
-pub fn https_path(cache_dir: &Path, first_shard_url: &str, file_name: &str, sha256: Option<&str>) -> PathBuf {
+pub fn https_path(
+    cache_dir: &Path,
+    first_shard_url: &str,
+    file_name: &str,
+    sha256: Option<&str>,
+) -> Result<PathBuf, AgentError> {
     if let Some(hash) = sha256 {
-        return cache_dir.join(format!("sha256-{hash}.gguf"));
+        return inside(cache_dir, &[&format!("sha256-{hash}.gguf")]);
     }
     let digest = Sha256::digest(first_shard_url.as_bytes());
     let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
@@ -34,7 +42,9 @@ pub fn https_path(cache_dir: &Path, first_shard_url: &str, file_name: &str, sha2
         .map(|c| if c.is_ascii_alphanumeric() || ".-_".contains(c) { c } else { '_' })
         .take(120)
         .collect();
-    cache_dir.join(format!("url-{short}")).join(if name.is_empty() { "model.gguf".into() } else { name })
+    // A URL ending in `/.` or `/..` names no file of its own.
+    let name = if name.is_empty() || name == "." || name == ".." { "model.gguf".to_owned() } else { name };
+    inside(cache_dir, &[&format!("url-{short}"), &name])
 }
 
 /// A complete file in the cache.
@@ -130,12 +140,30 @@ mod tests {
     fn places_keep_hub_layout_and_share_content() {
         let c = Path::new("/c");
         let f = HubFile { repo: "o/r".into(), path: "q/m-00001-of-00002.gguf".into(), revision: "v1".into() };
-        assert_eq!(hub_path(c, &f), Path::new("/c/hf/o/r/v1/q/m-00001-of-00002.gguf"));
+        assert_eq!(hub_path(c, &f).unwrap(), Path::new("/c/hf/o/r/v1/q/m-00001-of-00002.gguf"));
         let hash = "ab".repeat(32);
-        assert_eq!(https_path(c, "https://a/x.gguf", "x.gguf", Some(&hash)), c.join(format!("sha256-{hash}.gguf")));
-        let a = https_path(c, "https://a/we ird.gguf", "we ird.gguf", None);
+        assert_eq!(
+            https_path(c, "https://a/x.gguf", "x.gguf", Some(&hash)).unwrap(),
+            c.join(format!("sha256-{hash}.gguf"))
+        );
+        let a = https_path(c, "https://a/we ird.gguf", "we ird.gguf", None).unwrap();
         assert!(a.starts_with("/c") && a.ends_with("we_ird.gguf"), "{a:?}");
-        assert_ne!(a, https_path(c, "https://b/we ird.gguf", "we ird.gguf", None));
+        assert_ne!(a, https_path(c, "https://b/we ird.gguf", "we ird.gguf", None).unwrap());
+    }
+
+    /// Whatever a source names, its place is inside the cache: a URL ending in `..` gets a
+    /// name of its own, and a hub file that slipped past the source parser is refused.
+    #[test]
+    fn places_never_leave_the_cache() {
+        let c = Path::new("/c");
+        for name in ["..", ".", ""] {
+            let p = https_path(c, &format!("https://a/{name}"), name, None).unwrap();
+            assert!(p.to_string_lossy().starts_with("/c/url-") && p.ends_with("model.gguf"), "{name:?}: {p:?}");
+        }
+        let f = HubFile { repo: "o/r".into(), path: "../../../etc/m.gguf".into(), revision: "v1".into() };
+        assert!(hub_path(c, &f).is_err());
+        let f = HubFile { repo: "o/r".into(), path: "m.gguf".into(), revision: "..".into() };
+        assert!(hub_path(c, &f).is_err());
     }
 
     #[test]

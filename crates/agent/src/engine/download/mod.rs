@@ -138,9 +138,14 @@ impl Downloader {
     }
 
     /// The files of a remote source and where they go; None for `file:` sources.
-    pub fn plan(&self, source: &SourceRef, want_sha256: Option<&str>, token: Option<&Token>) -> Option<Fetch<'_>> {
+    pub fn plan(
+        &self,
+        source: &SourceRef,
+        want_sha256: Option<&str>,
+        token: Option<&Token>,
+    ) -> Result<Option<Fetch<'_>>, AgentError> {
         let (files, token) = match source {
-            SourceRef::File(_) => return None,
+            SourceRef::File(_) => return Ok(None),
             SourceRef::Https(url) => {
                 let name = url.rsplit('/').next().unwrap_or_default().split(['?', '#']).next().unwrap_or_default();
                 let files = match split_name(name) {
@@ -149,16 +154,18 @@ impl Downloader {
                         let first_url = with_file_name(url, &names[0]);
                         names
                             .iter()
-                            .map(|n| RemoteFile {
-                                url: with_file_name(url, n),
-                                target: cache::https_path(&self.cache_dir, &first_url, n, None),
-                                named: n == name,
+                            .map(|n| {
+                                Ok(RemoteFile {
+                                    url: with_file_name(url, n),
+                                    target: cache::https_path(&self.cache_dir, &first_url, n, None)?,
+                                    named: n == name,
+                                })
                             })
-                            .collect()
+                            .collect::<Result<Vec<_>, AgentError>>()?
                     }
                     None => vec![RemoteFile {
                         url: url.clone(),
-                        target: cache::https_path(&self.cache_dir, url, name, want_sha256),
+                        target: cache::https_path(&self.cache_dir, url, name, want_sha256)?,
                         named: true,
                     }],
                 };
@@ -167,25 +174,27 @@ impl Downloader {
             }
             SourceRef::Hub(file) => {
                 let name = file.path.rsplit('/').next().unwrap_or_default();
-                let hub_file = |f: &HubFile, named| RemoteFile {
-                    url: f.resolve_url(&self.config.hub_endpoint),
-                    target: cache::hub_path(&self.cache_dir, f),
-                    named,
+                let hub_file = |f: &HubFile, named| {
+                    Ok(RemoteFile {
+                        url: f.resolve_url(&self.config.hub_endpoint),
+                        target: cache::hub_path(&self.cache_dir, f)?,
+                        named,
+                    })
                 };
                 let files = match split_name(name) {
                     Some(split) => split
                         .shard_names()
                         .iter()
                         .map(|n| hub_file(&file.with_path(with_file_name(&file.path, n)), n == name))
-                        .collect(),
-                    None => vec![hub_file(file, true)],
+                        .collect::<Result<Vec<_>, AgentError>>()?,
+                    None => vec![hub_file(file, true)?],
                 };
                 (files, token.or(self.config.hub_token.as_ref()).cloned())
             }
         };
         let key = files.first().map(|f| f.target.clone()).unwrap_or_default();
         let shared = lock(&self.transfers).entry(key).or_default().clone();
-        Some(Fetch { downloader: self, files, token, shared, want_sha256: want_sha256.map(str::to_owned) })
+        Ok(Some(Fetch { downloader: self, files, token, shared, want_sha256: want_sha256.map(str::to_owned) }))
     }
 
     fn lease(&self, files: Vec<PathBuf>) -> CacheLease {

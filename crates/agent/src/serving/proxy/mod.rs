@@ -245,6 +245,7 @@ impl ModelProxy {
             let header_timeout = self.timeouts.header;
             let slow_readers = self.series.slow_readers.clone();
             let write_deadline = self.access().stream_stall_timeout;
+            let mut port_closing = stop.clone();
             tokio::spawn(async move {
                 let (io, scanner) = Watched::new(stream);
                 let io = WriteDeadline::new(io, write_deadline, move || {
@@ -254,14 +255,24 @@ impl ModelProxy {
                     let (proxy, scanner) = (proxy.clone(), scanner.clone());
                     async move { Ok::<_, Infallible>(proxy.handle(req, &scanner, peer).await) }
                 });
-                let _ = http1::Builder::new()
+                let connection = http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
                     .max_headers(MAX_HEADERS)
                     .max_header_size(MAX_HEADER_BYTES)
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(io), service)
-                    .await;
+                    .serve_connection(TokioIo::new(io), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    // The port is closing (moved to another by a spec edit, or the model going
+                    // away): the request in flight finishes, then the connection closes rather
+                    // than keep a port the model no longer serves on alive.
+                    () = async { drop(port_closing.wait_for(|s| *s).await) } => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
                 drop((held, share));
             });
         }
