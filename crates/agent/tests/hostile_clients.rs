@@ -417,3 +417,40 @@ async fn cheap_paths_hide_engine_internals_and_bound_their_answers() {
     assert_eq!(engine_restarts(&h, &key).await, 0);
     h.agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crash_with_a_request_in_the_engine_names_it_and_refuses_it_again() {
+    let h = Harness::new(real_engine()).await;
+    let mut d = h.desired("suspect", None);
+    d.spec.engine.context_size = 4096;
+    let key = h.serve(d).await;
+    let (base, _) = serving(&h, &key).await;
+    let client = reqwest::Client::new();
+    // A crash nobody knows yet: the engine dies (SIGSEGV) while one client's request is in it.
+    for round in 0..2 {
+        let pid =
+            h.wait_for(&key, "serving again", |r| r.phase == Phase::Serving && r.pid.is_some()).await.pid.unwrap();
+        let body = json!({"prompt": format!("round {round}"), "n_predict": 3000, "ignore_eos": true, "stream": true});
+        let mut resp = client.post(format!("{base}/completion")).json(&body).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        assert!(!resp.chunk().await.unwrap().unwrap().is_empty());
+        signal(pid, Signal::SIGSEGV);
+        while let Ok(Some(_)) = resp.chunk().await {}
+        let report = h.wait_for(&key, "restarted", |r| r.restarts > round).await;
+        let last = report.restart_history.back().unwrap();
+        assert!(last.message.contains("client requests in the engine: 127.0.0.1:"), "{}", last.message);
+        assert!(last.message.contains("POST /completion"), "{}", last.message);
+        // The crash is the request's doing, not the engine's: no crash loop, no growing wait.
+        assert_ne!(report.phase, Phase::CrashLoopBackOff, "round {round}");
+        h.wait_for(&key, "serving again", |r| r.phase == Phase::Serving).await;
+        // The same body is refused; another is served.
+        let again = client.post(format!("{base}/completion")).json(&body).send().await.unwrap();
+        assert_eq!(again.status(), 400);
+        let answer: Value = again.json().await.unwrap();
+        assert_eq!(answer["error"]["code"], "quarantined_request", "{answer}");
+        other_client_is_served(&base).await;
+    }
+    let metrics = h.metrics().await;
+    assert!(metrics.contains(r#"crashes_with_requests_total{model="default/suspect"} 2"#), "{metrics}");
+    h.agent.shutdown().await;
+}

@@ -44,6 +44,12 @@ impl RestartBackoff {
         self.delays.next().unwrap_or(self.cfg.max)
     }
 
+    /// The delay before a restart that is not the engine's failure (a client's request crashed
+    /// it): the shortest, and the failure count unchanged.
+    pub fn first_delay(&self) -> Duration {
+        self.cfg.min
+    }
+
     /// Failures since the last stable run.
     pub fn failures(&self) -> u32 {
         self.failures

@@ -4,7 +4,9 @@
 
 pub mod api_keys;
 pub mod body_budget;
+pub mod crash_quarantine;
 pub mod framing;
+pub mod in_engine;
 pub mod inspect;
 pub mod listener;
 pub mod policy;

@@ -120,6 +120,8 @@ pub struct TapBody {
     /// ends it.
     ended: bool,
     _permit: Option<Permit>,
+    /// The request's entry among those in the engine, for as long as the engine answers it.
+    in_engine: Option<super::in_engine::InEngineEntry>,
 }
 
 impl TapBody {
@@ -139,7 +141,14 @@ impl TapBody {
             stall: None,
             ended: false,
             _permit: permit,
+            in_engine: None,
         }
+    }
+
+    /// Keeps the request listed as in the engine until the body ends.
+    pub fn in_engine(mut self, entry: super::in_engine::InEngineEntry) -> Self {
+        self.in_engine = Some(entry);
+        self
     }
 
     /// Ends the body with an SSE error event when the engine stays silent too long.
@@ -198,6 +207,9 @@ impl Body for TapBody {
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
+                if let Some(entry) = &mut this.in_engine {
+                    entry.broke_off();
+                }
                 this.finish(false);
                 if this.stall.is_some() {
                     // A stream whose engine went away (killed, crashed): the client gets an

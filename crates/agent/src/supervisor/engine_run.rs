@@ -151,7 +151,15 @@ impl Supervisor {
             ExitMeaning::BadArguments(line) => RunEnd::Permanent(format!(
                 "llama-server refused its command line: {line} (check spec.engine.extraArgs)"
             )),
-            ExitMeaning::Crash => RunEnd::Fault { reason: FaultReason::Crash, message, uptime: engine.uptime() },
+            ExitMeaning::Crash => {
+                let suspects = self.proxy.engine_crashed();
+                if suspects.is_empty() {
+                    return RunEnd::Fault { reason: FaultReason::Crash, message, uptime: engine.uptime() };
+                }
+                let named: Vec<String> = suspects.iter().map(|s| s.describe()).collect();
+                let message = format!("{message}; client requests in the engine: {}", named.join("; "));
+                RunEnd::CrashedWithRequests { message, uptime: engine.uptime() }
+            }
         }
     }
 

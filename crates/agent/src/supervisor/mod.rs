@@ -61,6 +61,13 @@ enum RunEnd {
         message: String,
         uptime: Duration,
     },
+    /// The engine crashed with client requests in it: restarted, but not counted as the
+    /// engine's failure (the suspects are named and, when clear, refused from now on), so one
+    /// client cannot hold everyone out for the growing backoff of a crash loop.
+    CrashedWithRequests {
+        message: String,
+        uptime: Duration,
+    },
     PortConflict {
         port: u16,
         message: String,
@@ -221,7 +228,7 @@ impl Supervisor {
                     self.port_conflicts += 1;
                     tracing::warn!(model = %self.key(), port, "engine could not bind its port; trying another");
                     if self.port_conflicts >= MAX_PORT_CONFLICTS
-                        && self.back_off(FaultReason::StartFailed, message, Duration::ZERO).await
+                        && self.back_off(FaultReason::StartFailed, message, Duration::ZERO, true).await
                     {
                         break;
                     }
@@ -243,7 +250,12 @@ impl Supervisor {
                     }
                 }
                 RunEnd::Fault { reason, message, uptime } => {
-                    if self.back_off(reason, message, uptime).await {
+                    if self.back_off(reason, message, uptime, true).await {
+                        break;
+                    }
+                }
+                RunEnd::CrashedWithRequests { message, uptime } => {
+                    if self.back_off(FaultReason::Crash, message, uptime, false).await {
                         break;
                     }
                 }
@@ -255,11 +267,16 @@ impl Supervisor {
         tracing::info!(model = %self.key(), "stopped");
     }
 
-    /// Counts a restart and waits out the backoff delay. Returns true when told to stop.
-    async fn back_off(&mut self, reason: FaultReason, message: String, uptime: Duration) -> bool {
+    /// Counts a restart and waits out the backoff delay (the shortest one, and no crash loop,
+    /// unless `engine_failed`). Returns true when told to stop.
+    async fn back_off(&mut self, reason: FaultReason, message: String, uptime: Duration, engine_failed: bool) -> bool {
         self.port_conflicts = 0;
-        let delay = self.backoff.next_delay(uptime);
-        let phase = backoff_phase(self.backoff.failures());
+        let (delay, phase) = if engine_failed {
+            let delay = self.backoff.next_delay(uptime);
+            (delay, backoff_phase(self.backoff.failures()))
+        } else {
+            (self.backoff.first_delay(), Phase::Restarting)
+        };
         tracing::warn!(model = %self.key(), reason = reason.as_str(), ?delay, "{message}");
         self.ctx.metrics.restarted(&self.key(), reason);
         // One update, so nobody watching sees the restart counted in the old phase.

@@ -122,6 +122,7 @@ pub struct Metrics {
     pub stalls: Family<StallLabels, Counter>,
     pub slow_readers: Family<ModelLabels, Counter>,
     pub request_body_bytes: Family<ModelLabels, Gauge>,
+    pub crashes_with_requests: Family<ModelLabels, Counter>,
     /// Bytes of request bodies the whole agent holds, and the most it may.
     pub request_body_memory_bytes: Gauge,
     pub request_body_memory_limit_bytes: Gauge,
@@ -172,6 +173,7 @@ impl Metrics {
             stalls: Family::default(),
             slow_readers: Family::default(),
             request_body_bytes: Family::default(),
+            crashes_with_requests: Family::default(),
             request_body_memory_bytes: Gauge::default(),
             request_body_memory_limit_bytes: Gauge::default(),
             download_done: Family::default(),
@@ -334,6 +336,7 @@ impl Metrics {
             request_stalls,
             slow_readers: self.slow_readers.get_or_create(&labels).clone(),
             request_body_bytes: self.request_body_bytes.get_or_create(&labels).clone(),
+            crashes_with_requests: self.crashes_with_requests.get_or_create(&labels).clone(),
         };
         for code in KNOWN_CODES {
             series.code(code);
@@ -374,6 +377,7 @@ impl Metrics {
         self.decode_per_token.remove(&labels);
         self.slow_readers.remove(&labels);
         self.request_body_bytes.remove(&labels);
+        self.crashes_with_requests.remove(&labels);
         for reason in Rejection::ALL.map(|r| r.reason()) {
             self.rejections.remove(&ReasonLabels { model: model.to_owned(), reason: reason.to_owned() });
         }

@@ -181,6 +181,11 @@ impl Metrics {
             self.request_body_bytes.clone(),
         );
         r.register(
+            "crashes_with_requests",
+            "Engine crashes with client requests in the engine; the requests are named in the log, and a body alone in a crash (or in two) is refused for an hour",
+            self.crashes_with_requests.clone(),
+        );
+        r.register(
             "request_body_memory_bytes",
             "Bytes of request bodies all serving ports hold together",
             self.request_body_memory_bytes.clone(),

@@ -43,6 +43,8 @@ pub struct ServingSeries {
     pub slow_readers: Counter,
     /// Bytes of request bodies this serving port holds.
     pub request_body_bytes: Gauge,
+    /// Engine crashes with client requests in the engine.
+    pub crashes_with_requests: Counter,
 }
 
 impl ServingSeries {

@@ -3,6 +3,7 @@
 //! paths straight through.
 
 use super::*;
+use crate::serving::in_engine::digest;
 
 impl ModelProxy {
     /// A body the port will not pass: 400 naming the field, what was wrong and what is allowed.
@@ -30,6 +31,15 @@ impl ModelProxy {
             Ok(shape) => shape,
             Err(refusal) => return self.refuse_input(&admission, &refusal),
         };
+        let body_digest = digest(&body);
+        if metalkube_runtime::sync::lock(&self.quarantine).refuses(&body_digest, Instant::now()) {
+            admission.rejected(Rejection::InvalidInput);
+            return client_error(
+                StatusCode::BAD_REQUEST,
+                "quarantined_request",
+                "this exact request was in the engine when it crashed; the serving port refuses it for an hour (change the request, or ask the operator to look at the engine's log)",
+            );
+        }
 
         let permit = match admission.admit(self.upstream().is_some(), shape.engine_tasks).await {
             Ok(p) => p,
@@ -47,6 +57,12 @@ impl ModelProxy {
             }
         };
 
+        let in_engine = self.in_engine.enter(InEngineRequest {
+            client: peer,
+            request: format!("{} {}", parts.method, parts.uri.path()),
+            body: body_digest,
+            since: Instant::now(),
+        });
         let upstream_req = match engine_request(&parts, port, body, access, shape) {
             Ok(r) => r,
             Err(mistake) => return mistake.response(),
@@ -112,6 +128,7 @@ impl ModelProxy {
                 }
             },
         );
+        let tap = tap.in_engine(in_engine);
         let tap = if streaming {
             let (stalls, pulse_now, stalled) =
                 (self.series.stream_stalls.clone(), self.pulse_now.clone(), admission.clone());

@@ -36,6 +36,8 @@ use crate::AgentError;
 use crate::observe::metrics::ServingSeries;
 use crate::serving::api_keys::{ApiKeys, presented_key};
 use crate::serving::body_budget::BodyBudget;
+use crate::serving::crash_quarantine::CrashQuarantine;
+use crate::serving::in_engine::{InEngine, InEngineRequest};
 use crate::serving::inspect::{self, RequestShape, inspect};
 use crate::serving::listener::{AddressShares, refuse_connection};
 use crate::serving::request_shape::{build_upstream, strip_hop_by_hop};
@@ -119,6 +121,10 @@ pub struct ModelProxy {
     bodies: Arc<BodyBudget>,
     /// Turns at the engine for paths that do no generation.
     cheap_turns: Arc<Semaphore>,
+    /// Client requests in the engine now: the suspects when it crashes.
+    in_engine: InEngine,
+    /// Bodies refused because the engine crashed with them in it.
+    quarantine: std::sync::Mutex<CrashQuarantine>,
 }
 
 /// What one port's bodies may hold together: every place and queue spot with a body of the
@@ -155,6 +161,8 @@ impl ModelProxy {
         Arc::new(Self {
             bodies,
             cheap_turns: Arc::new(Semaphore::new(CHEAP_CONCURRENCY)),
+            in_engine: InEngine::default(),
+            quarantine: std::sync::Mutex::default(),
             admission: RwLock::new(admission),
             access: RwLock::new(Arc::new(access)),
             upstream,
@@ -165,6 +173,21 @@ impl ModelProxy {
             pulse_now,
             closing: AtomicBool::new(false),
         })
+    }
+
+    /// The engine crashed: the client requests that were in it, which become suspects (a body
+    /// alone in the crash, or in two, is refused from now on; see `crash_quarantine`).
+    pub fn engine_crashed(&self) -> Vec<InEngineRequest> {
+        let suspects = self.in_engine.take_suspects();
+        if !suspects.is_empty() {
+            let bodies: Vec<_> = suspects.iter().map(|s| s.body).collect();
+            let quarantined = metalkube_runtime::sync::lock(&self.quarantine).crashed_with(&bodies, Instant::now());
+            self.series.crashes_with_requests.inc();
+            for s in suspects.iter().filter(|s| quarantined.contains(&s.body)) {
+                tracing::warn!(model = %self.model, "quarantined for an hour: {}", s.describe());
+            }
+        }
+        suspects
     }
 
     /// Stops taking new requests (503 with Retry-After); those in flight finish.
