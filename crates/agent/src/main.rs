@@ -2,6 +2,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 use metalkube_agent::calibrate::CalibrateArgs;
 use metalkube_agent::control::desired_store::DesiredStore;
@@ -17,6 +18,8 @@ use metalkube_agent::install::service::{self, Host, Scope, Target};
 use metalkube_agent::observe::http;
 use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig};
+use metalkube_runtime::connections::ConnectionLimits;
+use metalkube_runtime::http_port::PortSettings;
 
 #[derive(Parser)]
 #[command(name = "metalkube-agent", version, about = "Supervises llama-server, grades its pulse, reports health")]
@@ -147,6 +150,17 @@ struct CommonArgs {
     /// where Prometheus scrapes it.
     #[arg(long, env = "METALKUBE_LISTEN")]
     listen: Option<String>,
+    /// Connections the agent's HTTP port holds at once; more get a short 503 and are closed.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    http_max_connections: usize,
+    /// Connections one client address (an IPv6 client: its /64) holds on the agent's HTTP port
+    /// at once; more get a short 503 and are closed, so one client cannot take every place.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS_PER_CLIENT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    http_max_connections_per_client: usize,
+    /// Time a client of the agent's HTTP port gets for its TLS handshake and each request head;
+    /// a kept-alive connection idle this long between requests is closed too.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
     /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
     #[arg(long, default_value = "18000-18999", value_parser = parse_port_range)]
     engine_ports: std::ops::RangeInclusive<u16>,
@@ -280,6 +294,19 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the agent's HTTP port treats connections, from the flags.
+fn http_port_options(args: &CommonArgs) -> http::HttpPortOptions {
+    http::HttpPortOptions {
+        port: PortSettings {
+            limits: ConnectionLimits {
+                max: args.http_max_connections,
+                max_per_client: args.http_max_connections_per_client,
+            },
+            header_timeout: args.http_header_timeout,
+        },
+    }
+}
+
 async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyhow::Result<std::sync::Arc<Agent>> {
     let config = AgentConfig {
         engine_binary: args.engine.clone(),
@@ -373,18 +400,19 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(daemon: Daemon) -> anyhow::Result<()> {
     metalkube_runtime::init_logging();
-    let (agent, listener, work) = match daemon {
+    let (agent, listener, http_options, work) = match daemon {
         Daemon::Run(args) => {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
             let listener = bind_http(args.common.listen.as_deref(), &["127.0.0.1:9090"]).await?;
+            let http_options = http_port_options(&args.common);
             let agent = start_agent(args.common, None).await?;
             let secrets = args.secrets_dir.clone().unwrap_or_else(|| args.models_dir.join("secrets"));
             let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), secrets, agent.clone()));
             let work: tokio::task::JoinHandle<anyhow::Result<()>> =
                 tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
-            (agent, listener, work)
+            (agent, listener, http_options, work)
         }
         Daemon::Serve(args) => {
             let tls = if args.insecure {
@@ -401,6 +429,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             // Every address family the Mac has (an IPv6 servingAddress is scraped over IPv6),
             // or IPv4 alone where IPv6 is off.
             let listener = bind_http(args.common.listen.as_deref(), &["[::]:9090", "0.0.0.0:9090"]).await?;
+            let http_options = http_port_options(&args.common);
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::observe::host::total_memory_bytes().map(|m| m / 4 * 3))
@@ -426,12 +455,12 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                 };
                 served.map_err(anyhow::Error::from)
             });
-            (agent, listener, work)
+            (agent, listener, http_options, work)
         }
     };
     tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(http::serve(agent.clone(), listener, async move {
+    let server = tokio::spawn(http::serve_with(agent.clone(), listener, http_options, async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|stop| *stop).await;
     }));

@@ -1,11 +1,73 @@
 //! The agent's HTTP port over a real socket: readiness, model JSON, and metrics that pass
-//! promtool.
+//! promtool; its connection limits and time limits against idle and slow clients.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use metalkube_agent::observe::http::HttpPortOptions;
 use metalkube_api::Phase;
-use support::Harness;
+use metalkube_runtime::connections::ConnectionLimits;
+use metalkube_runtime::http_port::PortSettings;
+use support::{GUARD, Harness};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Serves the agent's HTTP port with `options` on a loopback port; its address.
+async fn serve_http_with(h: &Harness, options: HttpPortOptions) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(metalkube_agent::observe::http::serve_with(
+        h.agent.clone(),
+        listener,
+        options,
+        std::future::pending(),
+    ));
+    addr
+}
+
+fn limited(max: usize, max_per_client: usize, header_timeout: Duration) -> HttpPortOptions {
+    HttpPortOptions { port: PortSettings { limits: ConnectionLimits { max, max_per_client }, header_timeout } }
+}
+
+/// A connection to `server` from the loopback address 127.0.0.`from` (Linux routes all of
+/// 127/8 to the loopback interface, so each is a different client address).
+async fn connect_from(from: u8, server: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, from)), 0)).unwrap();
+    socket.connect(server).await.unwrap()
+}
+
+/// Sends one GET and reads until the server closes: the whole response as text.
+async fn get_closing(mut s: TcpStream, path: &str) -> String {
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    read_until_closed(&mut s).await
+}
+
+/// Reads until the server closes the connection (a reset counts as closed too); what came.
+async fn read_until_closed(s: &mut TcpStream) -> String {
+    let mut raw = Vec::new();
+    let read = tokio::time::timeout(GUARD, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    assert!(
+        read.is_ok(),
+        "the server kept the connection open for {GUARD:?}; got so far: {}",
+        String::from_utf8_lossy(&raw)
+    );
+    String::from_utf8_lossy(&raw).into_owned()
+}
 
 async fn serve_http(h: &Harness) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -56,5 +118,68 @@ async fn readiness_models_and_metrics_over_http() {
     }
     assert!(!text.contains(r#"model="default/bad""#), "series of removed models are dropped:\n{text}");
     metalkube_testkit::promtool::check_metrics(&text);
+    h.agent.shutdown().await;
+}
+
+/// Idle connections beyond the limits: the address holding them is refused at once (a short
+/// 503, never accepted and held) and other addresses keep getting in, until the port as a whole
+/// is full. (A header timeout far longer than the test keeps every idle connection open.)
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_beyond_the_limits_are_refused_at_once_and_other_clients_get_in() {
+    let h = Harness::new(metalkube_testkit::real_engine()).await;
+    let addr = serve_http_with(&h, limited(6, 3, Duration::from_secs(600))).await;
+
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(connect_from(1, addr).await);
+    }
+    let refused = get_closing(connect_from(1, addr).await, "/healthz").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "over the per-client limit: {refused}");
+    assert!(refused.contains("--http-max-connections-per-client"), "{refused}");
+
+    let other = get_closing(connect_from(2, addr).await, "/healthz").await;
+    assert!(other.starts_with("HTTP/1.1 200") && other.ends_with("ok\n"), "another address gets in: {other}");
+
+    for _ in 0..3 {
+        idle.push(connect_from(3, addr).await);
+    }
+    let refused = get_closing(connect_from(4, addr).await, "/healthz").await;
+    assert!(refused.starts_with("HTTP/1.1 503"), "over the port's limit: {refused}");
+    assert!(refused.contains("(--http-max-connections)"), "{refused}");
+    let metrics = h.metrics().await;
+    for line in [
+        r#"metalkube_agent_http_connections_refused_total{reason="client_full"} 1"#,
+        r#"metalkube_agent_http_connections_refused_total{reason="port_full"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "{line} missing:\n{metrics}");
+    }
+    h.agent.shutdown().await;
+}
+
+/// A connection that never sends a byte, a kept-alive connection that sends no next request,
+/// and a client that never finishes its request head are all cut after the header timeout;
+/// their address, held at its limit meanwhile, is served again once they are gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_and_unfinished_heads_are_cut_after_the_header_timeout() {
+    let h = Harness::new(metalkube_testkit::real_engine()).await;
+    let addr = serve_http_with(&h, limited(64, 3, Duration::from_secs(1))).await;
+
+    let mut silent = connect_from(1, addr).await;
+    let mut kept = connect_from(1, addr).await;
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").await.unwrap();
+    let mut slow = connect_from(1, addr).await;
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ").await.unwrap();
+    // The three hold their address's limit until the server cuts them.
+    assert_eq!(read_until_closed(&mut silent).await, "", "closed without an answer");
+    let answered = read_until_closed(&mut kept).await;
+    assert!(
+        answered.starts_with("HTTP/1.1 200") && answered.ends_with("ok\n"),
+        "answered, then closed when idle: {answered}"
+    );
+    let cut = read_until_closed(&mut slow).await;
+    assert!(!cut.contains(" 200 "), "an unfinished head is never served: {cut}");
+
+    let served = get_closing(connect_from(1, addr).await, "/healthz").await;
+    assert!(served.starts_with("HTTP/1.1 200"), "its places are free again: {served}");
     h.agent.shutdown().await;
 }

@@ -1,14 +1,18 @@
 //! The agent's own HTTP port (default :9090): the status page, liveness, readiness, metrics,
-//! model state.
+//! model state. Served with a connection limit (in all and per client address), a time limit
+//! for request heads and for idle kept-alive connections (`metalkube_runtime::http_port`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use metalkube_runtime::connections::{ConnectionLimits, Refusal};
+use metalkube_runtime::http_port::{Plain, PortSettings, RefusalReport, serve_router};
 use serde::{Deserialize, Serialize};
 
 use crate::Agent;
@@ -100,11 +104,72 @@ async fn status_page(State(agent): State<Arc<Agent>>, Query(query): Query<PageQu
         .into_response()
 }
 
-/// Serves the router on `addr` until `shutdown` resolves.
+/// How the agent's HTTP port treats its connections.
+#[derive(Debug, Clone)]
+pub struct HttpPortOptions {
+    pub port: PortSettings,
+}
+
+impl Default for HttpPortOptions {
+    fn default() -> Self {
+        Self {
+            port: PortSettings {
+                limits: ConnectionLimits {
+                    max: DEFAULT_MAX_CONNECTIONS,
+                    max_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+                },
+                header_timeout: DEFAULT_HEADER_TIMEOUT,
+            },
+        }
+    }
+}
+
+/// Scrapers, a status page or two and `calibrate` need a handful of connections; these leave
+/// room for them many times over and still keep the port far from the descriptors engines,
+/// serving ports and pulses need (a macOS terminal starts with 256).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 128;
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Counts refused connections and says why in the 503's body.
+struct RefusalMetrics(Arc<Agent>);
+
+impl RefusalReport for RefusalMetrics {
+    fn body(&self, refusal: Refusal, limits: ConnectionLimits) -> String {
+        let message = match refusal {
+            Refusal::PortFull => format!(
+                "the agent's HTTP port holds its limit of {} connections (--http-max-connections); retry shortly",
+                limits.max
+            ),
+            Refusal::ClientFull => format!(
+                "this address holds its limit of {} connections to the agent's HTTP port (--http-max-connections-per-client); close idle ones or retry shortly",
+                limits.max_per_client
+            ),
+        };
+        serde_json::json!({"error": message, "reason": refusal.as_str()}).to_string()
+    }
+
+    fn refused(&self, refusal: Refusal) {
+        self.0.context().metrics.http_connection_refused(refusal);
+    }
+}
+
+/// Serves the router on `listener` with the default limits until `shutdown` resolves.
 pub async fn serve(
     agent: Arc<Agent>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(agent)).with_graceful_shutdown(shutdown).await
+) {
+    serve_with(agent, listener, HttpPortOptions::default(), shutdown).await;
+}
+
+/// Serves the router on `listener` as `options` say until `shutdown` resolves.
+pub async fn serve_with(
+    agent: Arc<Agent>,
+    listener: tokio::net::TcpListener,
+    options: HttpPortOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let report = Arc::new(RefusalMetrics(agent.clone()));
+    serve_router(listener, router(agent), options.port, Plain, report, shutdown).await;
 }
