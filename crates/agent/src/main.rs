@@ -400,6 +400,14 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(daemon: Daemon) -> anyhow::Result<()> {
     metalkube_runtime::init_logging();
+    // Before anything opens a descriptor in earnest: engines, serving ports and clients all
+    // draw on this one limit, which a shell or launchd sets far below what the OS allows.
+    let open_files = metalkube_runtime::open_files::raise_open_files_limit();
+    if open_files.error.is_some() || open_files.is_low() {
+        tracing::warn!("{}", open_files.describe());
+    } else {
+        tracing::info!("{}", open_files.describe());
+    }
     let (agent, listener, http_options, work) = match daemon {
         Daemon::Run(args) => {
             if !args.models_dir.is_dir() {
@@ -458,6 +466,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             (agent, listener, http_options, work)
         }
     };
+    agent.context().metrics.set_open_files_limit(&open_files);
     tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve_with(agent.clone(), listener, http_options, async move {

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod connections;
 pub mod http_port;
+pub mod open_files;
 pub mod sync;
 
 use std::path::{Path, PathBuf};

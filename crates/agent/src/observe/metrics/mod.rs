@@ -132,6 +132,10 @@ pub struct Metrics {
     pub download_rate: Family<ModelLabels, F64Gauge>,
     pub download_received: Counter,
     pub download_resumes: Counter,
+    /// The process's soft RLIMIT_NOFILE, after raising it at start.
+    pub open_files_limit: Gauge,
+    /// 1 when the limit could not be raised, or is still below `OPEN_FILES_ENOUGH`.
+    pub open_files_limit_low: Gauge,
     /// Connections to the agent's HTTP port refused at its limits, by reason.
     pub http_connections_refused: Family<RefusalLabels, Counter>,
     pub host: Arc<HostCollector>,
@@ -180,6 +184,8 @@ impl Metrics {
             download_received: Counter::default(),
             download_resumes: Counter::default(),
             http_connections_refused: Family::default(),
+            open_files_limit: Gauge::default(),
+            open_files_limit_low: Gauge::default(),
             host: Arc::new(HostCollector::default()),
             tls_certificate_expiry: OnceLock::new(),
         };
@@ -195,6 +201,16 @@ impl Metrics {
             m.register_engine(r);
             m.register_serving(r);
             m.register_download(r);
+            r.register(
+                "open_files_limit",
+                "The agent's soft limit of open file descriptors (RLIMIT_NOFILE), raised at start to the hard limit where the OS allows",
+                m.open_files_limit.clone(),
+            );
+            r.register(
+                "open_files_limit_low",
+                "1 when the open-files limit could not be raised or is below 4096: connections and engine restarts may fail with \"Too many open files\"",
+                m.open_files_limit_low.clone(),
+            );
             r.register(
                 "http_connections_refused",
                 "Connections to the agent's HTTP port refused at its limits: port_full (--http-max-connections) or client_full (--http-max-connections-per-client)",
@@ -273,6 +289,12 @@ impl Metrics {
         self.saturated.remove(&labels);
         self.pulse_last.remove(&labels);
         self.pulse_compute_last.remove(&labels);
+    }
+
+    /// The open-files limit in force, and whether it is short of what the agent needs.
+    pub fn set_open_files_limit(&self, limit: &metalkube_runtime::open_files::OpenFilesLimit) {
+        self.open_files_limit.set(i64::try_from(limit.soft).unwrap_or(i64::MAX));
+        self.open_files_limit_low.set(i64::from(limit.error.is_some() || limit.is_low()));
     }
 
     pub fn http_connection_refused(&self, refusal: Refusal) {
