@@ -6,7 +6,7 @@ use super::*;
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
         if let Err(e) = self.ensure_serving_port() {
-            return RunEnd::Permanent(crate::error::chain(&e));
+            return RunEnd::start_failed("opening the serving port", &e);
         }
         let model = match self.resolve_model().await {
             Ok(resolved) => {
@@ -55,7 +55,7 @@ impl Supervisor {
             Ok(e) => e,
             Err(e) => {
                 self.ctx.ports.release(port);
-                return RunEnd::Permanent(e.to_string());
+                return RunEnd::start_failed("starting llama-server", &e);
             }
         };
         tracing::info!(model = %self.key(), pid = engine.pid(), port, "engine started");
