@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use metalkube_agent::calibrate::CalibrateArgs;
 use metalkube_agent::control::desired_store::DesiredStore;
 use metalkube_agent::control::grpc::{AgentService, serve_grpc, serve_grpc_tls};
-use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles};
+use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, certificate_dns_names};
 use metalkube_agent::control::models_dir::follow_models_dir;
 use metalkube_agent::engine::download::DownloadConfig;
 use metalkube_agent::engine::download::remote::Token;
@@ -16,6 +16,7 @@ use metalkube_agent::install::enrollment::EnrollmentFiles;
 use metalkube_agent::install::join::{JoinOptions, absolute, enrolled_definition, join};
 use metalkube_agent::install::service::{self, Host, Scope, Target};
 use metalkube_agent::observe::http;
+use metalkube_agent::observe::http_guard::AllowedHosts;
 use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig};
 use metalkube_runtime::connections::ConnectionLimits;
@@ -161,6 +162,12 @@ struct CommonArgs {
     /// a kept-alive connection idle this long between requests is closed too.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     http_header_timeout: Duration,
+    /// A host name clients may use for the agent's HTTP port (repeatable). Requests naming
+    /// any other host get 421, so that a web page cannot read the port by pointing its own name
+    /// at this Mac (DNS rebinding); IP addresses and localhost always pass, and in a cluster
+    /// (`serve`) so do the DNS names of --tls-cert.
+    #[arg(long = "http-allowed-host", value_name = "NAME")]
+    http_allowed_hosts: Vec<String>,
     /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
     #[arg(long, default_value = "18000-18999", value_parser = parse_port_range)]
     engine_ports: std::ops::RangeInclusive<u16>,
@@ -294,9 +301,12 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How the agent's HTTP port treats connections, from the flags.
-fn http_port_options(args: &CommonArgs) -> http::HttpPortOptions {
+/// How the agent's HTTP port treats connections and requests, from the flags; `more_hosts`
+/// are names allowed besides `--http-allowed-host` (in a cluster, the certificate's).
+fn http_port_options(args: &CommonArgs, more_hosts: Vec<String>) -> http::HttpPortOptions {
+    let hosts = AllowedHosts::new(args.http_allowed_hosts.iter().cloned().chain(more_hosts));
     http::HttpPortOptions {
+        guard: http::HttpGuard { hosts },
         port: PortSettings {
             limits: ConnectionLimits {
                 max: args.http_max_connections,
@@ -414,7 +424,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
             let listener = bind_http(args.common.listen.as_deref(), &["127.0.0.1:9090"]).await?;
-            let http_options = http_port_options(&args.common);
+            let http_options = http_port_options(&args.common, Vec::new());
             let agent = start_agent(args.common, None).await?;
             let secrets = args.secrets_dir.clone().unwrap_or_else(|| args.models_dir.join("secrets"));
             let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), secrets, agent.clone()));
@@ -437,7 +447,12 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             // Every address family the Mac has (an IPv6 servingAddress is scraped over IPv6),
             // or IPv4 alone where IPv6 is off.
             let listener = bind_http(args.common.listen.as_deref(), &["[::]:9090", "0.0.0.0:9090"]).await?;
-            let http_options = http_port_options(&args.common);
+            // The names the agent's certificate is issued for are its names in the cluster.
+            let cert_names = match &args.tls_cert {
+                Some(cert) => certificate_dns_names(&metalkube_runtime::read_flag_file(cert, "--tls-cert")?)?,
+                None => Vec::new(),
+            };
+            let http_options = http_port_options(&args.common, cert_names);
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::observe::host::total_memory_bytes().map(|m| m / 4 * 3))

@@ -7,7 +7,8 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use metalkube_agent::observe::http::HttpPortOptions;
+use metalkube_agent::observe::http::{HttpGuard, HttpPortOptions};
+use metalkube_agent::observe::http_guard::AllowedHosts;
 use metalkube_api::Phase;
 use metalkube_runtime::connections::ConnectionLimits;
 use metalkube_runtime::http_port::PortSettings;
@@ -29,7 +30,17 @@ async fn serve_http_with(h: &Harness, options: HttpPortOptions) -> SocketAddr {
 }
 
 fn limited(max: usize, max_per_client: usize, header_timeout: Duration) -> HttpPortOptions {
-    HttpPortOptions { port: PortSettings { limits: ConnectionLimits { max, max_per_client }, header_timeout } }
+    HttpPortOptions {
+        port: PortSettings { limits: ConnectionLimits { max, max_per_client }, header_timeout },
+        ..HttpPortOptions::default()
+    }
+}
+
+/// One request as raw bytes on a fresh connection: the whole response as text.
+async fn exchange(addr: SocketAddr, request: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    read_until_closed(&mut s).await
 }
 
 /// A connection to `server` from the loopback address 127.0.0.`from` (Linux routes all of
@@ -181,5 +192,38 @@ async fn idle_connections_and_unfinished_heads_are_cut_after_the_header_timeout(
 
     let served = get_closing(connect_from(1, addr).await, "/healthz").await;
     assert!(served.starts_with("HTTP/1.1 200"), "its places are free again: {served}");
+    h.agent.shutdown().await;
+}
+
+/// DNS rebinding: a request naming a host that is not the agent's (not an IP address,
+/// localhost or a name given with --http-allowed-host) gets 421 naming the flag, whether the
+/// name is in `Host` or in an absolute request URI.
+#[tokio::test(flavor = "multi_thread")]
+async fn requests_naming_another_host_get_421_naming_the_flag() {
+    let h = Harness::new(metalkube_testkit::real_engine()).await;
+    let options = HttpPortOptions {
+        guard: HttpGuard { hosts: AllowedHosts::new(["mac-01.lan".to_owned()]) },
+        ..HttpPortOptions::default()
+    };
+    let addr = serve_http_with(&h, options).await;
+    let get = |target: &str, host: &str| format!("GET {target} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+
+    for host in ["evil.example", "evil.example:9090", "127.0.0.1.evil.example"] {
+        for path in ["/api/v1/models", "/metrics", "/"] {
+            let answer = exchange(addr, &get(path, host)).await;
+            assert!(answer.starts_with("HTTP/1.1 421"), "{host} {path}: {answer}");
+            assert!(answer.contains("--http-allowed-host"), "{answer}");
+            assert!(!answer.contains("metalkube_agent_"), "nothing of the page: {answer}");
+        }
+    }
+    let absolute = exchange(addr, &get("http://evil.example/api/v1/models", &addr.to_string())).await;
+    assert!(absolute.starts_with("HTTP/1.1 421"), "{absolute}");
+
+    let port = addr.port();
+    for host in [addr.to_string(), format!("localhost:{port}"), format!("MAC-01.lan.:{port}"), "mac-01.lan".to_owned()]
+    {
+        let answer = exchange(addr, &get("/api/v1/models", &host)).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
+    }
     h.agent.shutdown().await;
 }

@@ -185,6 +185,30 @@ pub fn certificate_expiry_unix(pem: &str) -> Result<i64, AgentError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// The DNS names the first certificate in `pem` is issued for (its subjectAltName DNS
+/// entries): names clients may use for this agent.
+pub fn certificate_dns_names(pem: &str) -> Result<Vec<String>, AgentError> {
+    let der = certificates(pem, "--tls-cert")?.swap_remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| AgentError::Tls { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(name) => Some((*name).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            return Err(AgentError::Tls { what: format!("--tls-cert: unreadable subjectAltName: {e}"), source: None });
+        }
+    };
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -199,6 +223,15 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         // 2031-05-17T00:00:00Z
         assert_eq!(certificate_expiry_unix(&cert.pem()).unwrap(), 1_936_742_400);
+    }
+
+    #[test]
+    fn the_dns_names_are_the_certificates_subject_alt_names() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["mac-01.lan".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::IpAddress("10.0.0.21".parse().unwrap()));
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_dns_names(&cert.pem()).unwrap(), ["mac-01.lan"]);
     }
 
     #[test]

@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -16,15 +17,53 @@ use metalkube_runtime::http_port::{Plain, PortSettings, RefusalReport, serve_rou
 use serde::{Deserialize, Serialize};
 
 use crate::Agent;
+use crate::observe::http_guard::{self, AllowedHosts, Denied, denial_message};
 use crate::observe::report::ModelView;
 use crate::observe::status_page;
 
-pub fn router(agent: Arc<Agent>) -> Router {
+/// The port's routes behind its guard: every request is checked (`observe::http_guard`)
+/// before any route sees it.
+pub fn router(agent: Arc<Agent>, guard: Arc<HttpGuard>) -> Router {
     metalkube_runtime::admin::admin_routes(|agent: &Arc<Agent>| agent.context().metrics.encode())
         .route("/", get(status_page))
         .route("/readyz", get(readyz))
         .route("/api/v1/models", get(models))
         .with_state(agent)
+        .layer(axum::middleware::from_fn_with_state(guard, guard_request))
+}
+
+/// What the port checks on every request.
+#[derive(Debug, Clone, Default)]
+pub struct HttpGuard {
+    pub hosts: AllowedHosts,
+}
+
+/// Refuses a request the guard does not let in, before it reaches a route.
+async fn guard_request(State(guard): State<Arc<HttpGuard>>, req: Request, next: Next) -> Response {
+    let hosts: Vec<Option<&str>> = request_hosts(&req);
+    for host in hosts {
+        if let Err(denied) = http_guard::admit(host, &guard.hosts) {
+            let status = match denied {
+                Denied::Host(_) => StatusCode::MISDIRECTED_REQUEST,
+            };
+            return (status, Json(serde_json::json!({"error": denial_message(&denied)}))).into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// Every name the request gives for the server: each `Host` header (a value that is not text
+/// counts as an unknown name) and an absolute URI's authority. None when it gives none.
+fn request_hosts(req: &Request) -> Vec<Option<&str>> {
+    let mut hosts: Vec<Option<&str>> =
+        req.headers().get_all(header::HOST).iter().map(|v| Some(v.to_str().unwrap_or("(not text)"))).collect();
+    if let Some(host) = req.uri().host() {
+        hosts.push(Some(host));
+    }
+    if hosts.is_empty() {
+        hosts.push(None);
+    }
+    hosts
 }
 
 #[derive(Serialize)]
@@ -108,6 +147,7 @@ async fn status_page(State(agent): State<Arc<Agent>>, Query(query): Query<PageQu
 #[derive(Debug, Clone)]
 pub struct HttpPortOptions {
     pub port: PortSettings,
+    pub guard: HttpGuard,
 }
 
 impl Default for HttpPortOptions {
@@ -120,6 +160,7 @@ impl Default for HttpPortOptions {
                 },
                 header_timeout: DEFAULT_HEADER_TIMEOUT,
             },
+            guard: HttpGuard::default(),
         }
     }
 }
@@ -171,5 +212,6 @@ pub async fn serve_with(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) {
     let report = Arc::new(RefusalMetrics(agent.clone()));
-    serve_router(listener, router(agent), options.port, Plain, report, shutdown).await;
+    let router = router(agent, Arc::new(options.guard));
+    serve_router(listener, router, options.port, Plain, report, shutdown).await;
 }
