@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use metalkube_agent::calibrate::CalibrateArgs;
 use metalkube_agent::control::desired_store::DesiredStore;
 use metalkube_agent::control::grpc::{AgentService, serve_grpc, serve_grpc_tls};
-use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, certificate_dns_names};
+use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, TlsPurpose, certificate_dns_names};
 use metalkube_agent::control::models_dir::follow_models_dir;
 use metalkube_agent::engine::download::DownloadConfig;
 use metalkube_agent::engine::download::remote::Token;
@@ -16,8 +16,9 @@ use metalkube_agent::install::enrollment::EnrollmentFiles;
 use metalkube_agent::install::join::{JoinOptions, absolute, enrolled_definition, join};
 use metalkube_agent::install::service::{self, Host, Scope, Target};
 use metalkube_agent::observe::http;
-use metalkube_agent::observe::http_guard::AllowedHosts;
+use metalkube_agent::observe::http_guard::{AllowedHosts, ScrapeAuth};
 use metalkube_agent::serving::ClientTimeouts;
+use metalkube_agent::serving::api_keys::{ApiKeys, digests_of_key_lines};
 use metalkube_agent::{Agent, AgentConfig};
 use metalkube_runtime::connections::ConnectionLimits;
 use metalkube_runtime::http_port::PortSettings;
@@ -131,6 +132,23 @@ struct ServeArgs {
     /// Plaintext gRPC with no client authentication. Local development only.
     #[arg(long)]
     insecure: bool,
+    /// Serve the agent's HTTP port (--listen: the status page, /metrics, /readyz,
+    /// /api/v1/models) over TLS with --tls-cert and --tls-key, followed on renewal like the
+    /// gRPC API's. Recommended in a cluster, where the port listens on every interface; the
+    /// chart's serviceMonitor.agents.scheme=https goes with it.
+    #[arg(long, conflicts_with = "insecure")]
+    http_tls: bool,
+    /// Requests to the agent's HTTP port must carry `Authorization: Bearer <token>` with a
+    /// token from this file (one per line; several while rotating), unless a client
+    /// certificate lets them in (--http-client-certificates). /healthz needs nothing. Needs
+    /// --http-tls. The chart's serviceMonitor.agents.bearerTokenSecret holds the same token.
+    #[arg(long, requires = "http_tls", env = "METALKUBE_HTTP_BEARER_TOKEN_FILE")]
+    http_bearer_token_file: Option<PathBuf>,
+    /// A client certificate signed by --client-ca lets a request into the agent's HTTP port
+    /// (with --http-bearer-token-file, either one does). /healthz needs nothing. Needs
+    /// --http-tls. The chart's serviceMonitor.agents.tls.clientCertSecret holds Prometheus' one.
+    #[arg(long, requires = "http_tls")]
+    http_client_certificates: bool,
     /// Memory engines may use, in bytes; default: 75% of the machine's memory.
     #[arg(long)]
     memory_budget_bytes: Option<u64>,
@@ -306,7 +324,9 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
 fn http_port_options(args: &CommonArgs, more_hosts: Vec<String>) -> http::HttpPortOptions {
     let hosts = AllowedHosts::new(args.http_allowed_hosts.iter().cloned().chain(more_hosts));
     http::HttpPortOptions {
-        guard: http::HttpGuard { hosts },
+        // Scrapers' proof and TLS are cluster settings (`serve`), added there.
+        guard: http::HttpGuard { hosts, auth: ScrapeAuth::default() },
+        tls: None,
         port: PortSettings {
             limits: ConnectionLimits {
                 max: args.http_max_connections,
@@ -315,6 +335,28 @@ fn http_port_options(args: &CommonArgs, more_hosts: Vec<String>) -> http::HttpPo
             header_timeout: args.http_header_timeout,
         },
     }
+}
+
+/// How scrapers prove themselves on the agent's HTTP port, from `serve`'s flags.
+fn scrape_auth(args: &ServeArgs) -> anyhow::Result<ScrapeAuth> {
+    let tokens = match &args.http_bearer_token_file {
+        Some(path) => {
+            let text = metalkube_runtime::read_flag_file(path, "--http-bearer-token-file")?;
+            let digests = digests_of_key_lines(text.as_bytes());
+            if digests.is_empty() {
+                bail!("--http-bearer-token-file {} holds no token (one per line)", path.display());
+            }
+            ApiKeys::Digests(digests)
+        }
+        None => ApiKeys::Open,
+    };
+    let auth = ScrapeAuth { tokens, client_certificates: args.http_client_certificates };
+    if args.http_tls && auth.is_open() {
+        tracing::warn!(
+            "the agent's HTTP port is served over TLS but asks nothing of its clients: anyone who reaches it reads the status page, /metrics and /api/v1/models (--http-bearer-token-file, --http-client-certificates)"
+        );
+    }
+    Ok(auth)
 }
 
 async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyhow::Result<std::sync::Arc<Agent>> {
@@ -452,7 +494,8 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                 Some(cert) => certificate_dns_names(&metalkube_runtime::read_flag_file(cert, "--tls-cert")?)?,
                 None => Vec::new(),
             };
-            let http_options = http_port_options(&args.common, cert_names);
+            let mut http_options = http_port_options(&args.common, cert_names);
+            http_options.guard.auth = scrape_auth(&args)?;
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::observe::host::total_memory_bytes().map(|m| m / 4 * 3))
@@ -467,6 +510,22 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
+            if args.http_tls {
+                // Checked at parse time: --http-tls conflicts with --insecure, which alone leaves
+                // the files out.
+                let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.client_ca) else {
+                    bail!("--http-tls needs --tls-cert, --tls-key and --client-ca");
+                };
+                let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() };
+                let metrics = agent.context().metrics.clone();
+                match ServerTls::follow_files_for(files, metrics, TlsPurpose::AgentHttp) {
+                    Ok(tls) => http_options.tls = Some(tls),
+                    Err(e) => {
+                        agent.shutdown().await;
+                        return Err(e.into());
+                    }
+                }
+            }
             let store = std::sync::Arc::new(DesiredStore::open(&agent.context().config.state_dir.join("desired"))?);
             let service =
                 AgentService::start(agent.clone(), store, budget).await.with_http_port(listener.local_addr()?.port());
@@ -482,7 +541,8 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
         }
     };
     agent.context().metrics.set_open_files_limit(&open_files);
-    tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
+    let scheme = if http_options.tls.is_some() { "https" } else { "http" };
+    tracing::info!("agent HTTP on {scheme}://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(http::serve_with(agent.clone(), listener, http_options, async move {
         let mut rx = stop_rx;

@@ -7,11 +7,16 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
+use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, TlsPurpose};
 use metalkube_agent::observe::http::{HttpGuard, HttpPortOptions};
-use metalkube_agent::observe::http_guard::AllowedHosts;
+use metalkube_agent::observe::http_guard::{AllowedHosts, ScrapeAuth};
+use metalkube_agent::serving::api_keys::{ApiKeys, digests_of_key_lines};
 use metalkube_api::Phase;
 use metalkube_runtime::connections::ConnectionLimits;
 use metalkube_runtime::http_port::PortSettings;
+use metalkube_testkit::pki::{Pem, TestCa};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use support::{GUARD, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -202,7 +207,7 @@ async fn idle_connections_and_unfinished_heads_are_cut_after_the_header_timeout(
 async fn requests_naming_another_host_get_421_naming_the_flag() {
     let h = Harness::new(metalkube_testkit::real_engine()).await;
     let options = HttpPortOptions {
-        guard: HttpGuard { hosts: AllowedHosts::new(["mac-01.lan".to_owned()]) },
+        guard: HttpGuard { hosts: AllowedHosts::new(["mac-01.lan".to_owned()]), ..HttpGuard::default() },
         ..HttpPortOptions::default()
     };
     let addr = serve_http_with(&h, options).await;
@@ -225,5 +230,103 @@ async fn requests_naming_another_host_get_421_naming_the_flag() {
         let answer = exchange(addr, &get("/api/v1/models", &host)).await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{host}: {answer}");
     }
+    h.agent.shutdown().await;
+}
+
+/// A TLS client of the agent's HTTP port trusting `ca`, presenting `identity` if any: one
+/// request, the whole response (Err: the handshake failed), and the certificate served.
+async fn tls_exchange(
+    addr: SocketAddr,
+    ca: &TestCa,
+    identity: Option<&Pem>,
+    request: &str,
+) -> std::io::Result<(String, Vec<u8>)> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap()).unwrap();
+    let builder =
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from_pem_slice(id.cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(id.key.as_bytes()).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await?;
+    let served = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    tls.write_all(request.as_bytes()).await?;
+    let mut raw = Vec::new();
+    // A server that refuses the client's certificate says so at the first read (TLS 1.3).
+    tokio::time::timeout(GUARD, tls.read_to_end(&mut raw)).await.unwrap()?;
+    Ok((String::from_utf8_lossy(&raw).into_owned(), served))
+}
+
+/// Cluster mode: the port speaks TLS with the agent's certificate; /healthz answers anyone,
+/// everything else needs the bearer token or a client certificate from the CA; a certificate
+/// from another CA fails the handshake, and plain HTTP is not served.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_tls_port_serves_the_agent_certificate_and_lets_in_scrapers_with_a_token_or_a_certificate() {
+    let h = Harness::new(metalkube_testkit::real_engine()).await;
+    let ca = TestCa::new("metalkube");
+    let agent_cert = ca.server(&["127.0.0.1", "mac-01.lan"]);
+    let tls_dir = h.dir.path().join("tls");
+    std::fs::create_dir_all(&tls_dir).unwrap();
+    let files =
+        TlsFiles { cert: tls_dir.join("agent.crt"), key: tls_dir.join("agent.key"), client_ca: tls_dir.join("ca.crt") };
+    std::fs::write(&files.cert, &agent_cert.cert).unwrap();
+    std::fs::write(&files.key, &agent_cert.key).unwrap();
+    std::fs::write(&files.client_ca, &ca.cert_pem).unwrap();
+    let tls = ServerTls::follow_files_for(files, h.agent.context().metrics.clone(), TlsPurpose::AgentHttp).unwrap();
+    let options = HttpPortOptions {
+        guard: HttpGuard {
+            auth: ScrapeAuth {
+                tokens: ApiKeys::Digests(digests_of_key_lines(b"scrape-token\n")),
+                client_certificates: true,
+            },
+            ..HttpGuard::default()
+        },
+        tls: Some(tls),
+        ..HttpPortOptions::default()
+    };
+    let addr = serve_http_with(&h, options).await;
+    let get = |path: &str, token: Option<&str>| {
+        let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n")
+    };
+
+    let (healthz, served) = tls_exchange(addr, &ca, None, &get("/healthz", None)).await.unwrap();
+    assert!(healthz.starts_with("HTTP/1.1 200") && healthz.ends_with("ok\n"), "{healthz}");
+    assert_eq!(served, CertificateDer::from_pem_slice(agent_cert.cert.as_bytes()).unwrap().to_vec());
+
+    for path in ["/metrics", "/api/v1/models", "/readyz", "/"] {
+        let (denied, _) = tls_exchange(addr, &ca, None, &get(path, None)).await.unwrap();
+        assert!(denied.starts_with("HTTP/1.1 401"), "{path}: {denied}");
+        assert!(denied.to_ascii_lowercase().contains("www-authenticate: bearer"), "{denied}");
+        assert!(denied.contains("--http-bearer-token-file") && denied.contains("--client-ca"), "{denied}");
+        let (wrong, _) = tls_exchange(addr, &ca, None, &get(path, Some("guess"))).await.unwrap();
+        assert!(wrong.starts_with("HTTP/1.1 401"), "{path}: {wrong}");
+    }
+    let (metrics, _) = tls_exchange(addr, &ca, None, &get("/metrics", Some("scrape-token"))).await.unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200") && metrics.contains("metalkube_agent_build_info"), "{metrics}");
+
+    let prometheus = ca.client("prometheus");
+    let (models, _) = tls_exchange(addr, &ca, Some(&prometheus), &get("/api/v1/models", None)).await.unwrap();
+    assert!(models.starts_with("HTTP/1.1 200"), "{models}");
+
+    let stranger = TestCa::new("elsewhere").client("prometheus");
+    let refused = tls_exchange(addr, &ca, Some(&stranger), &get("/api/v1/models", None)).await;
+    assert!(refused.is_err(), "a certificate from another CA fails the handshake: {refused:?}");
+
+    let plain = exchange(addr, &get("/metrics", Some("scrape-token"))).await;
+    assert!(!plain.contains("200 OK") && !plain.contains("metalkube_agent_"), "plain HTTP is not served: {plain}");
     h.agent.shutdown().await;
 }

@@ -13,13 +13,15 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use metalkube_runtime::connections::{ConnectionLimits, Refusal};
-use metalkube_runtime::http_port::{Plain, PortSettings, RefusalReport, serve_router};
+use metalkube_runtime::http_port::{Handshake, Plain, PortSettings, RefusalReport, serve_router};
 use serde::{Deserialize, Serialize};
 
 use crate::Agent;
-use crate::observe::http_guard::{self, AllowedHosts, Denied, denial_message};
+use crate::control::grpc_tls::ServerTls;
+use crate::observe::http_guard::{self, AllowedHosts, Denied, ScrapeAuth, denial_message};
 use crate::observe::report::ModelView;
 use crate::observe::status_page;
+use crate::serving::api_keys::presented_key;
 
 /// The port's routes behind its guard: every request is checked (`observe::http_guard`)
 /// before any route sees it.
@@ -36,17 +38,27 @@ pub fn router(agent: Arc<Agent>, guard: Arc<HttpGuard>) -> Router {
 #[derive(Debug, Clone, Default)]
 pub struct HttpGuard {
     pub hosts: AllowedHosts,
+    pub auth: ScrapeAuth,
 }
+
+/// Whether the connection's client presented a certificate the TLS handshake verified against
+/// `--client-ca` (a request extension on a TLS port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertificate(pub bool);
 
 /// Refuses a request the guard does not let in, before it reaches a route.
 async fn guard_request(State(guard): State<Arc<HttpGuard>>, req: Request, next: Next) -> Response {
-    let hosts: Vec<Option<&str>> = request_hosts(&req);
-    for host in hosts {
-        if let Err(denied) = http_guard::admit(host, &guard.hosts) {
-            let status = match denied {
-                Denied::Host(_) => StatusCode::MISDIRECTED_REQUEST,
+    let certificate = req.extensions().get::<ClientCertificate>().is_some_and(|c| c.0);
+    let token = presented_key(req.headers());
+    for host in request_hosts(&req) {
+        if let Err(denied) = http_guard::admit(req.uri().path(), host, token, certificate, &guard.hosts, &guard.auth) {
+            let body = Json(serde_json::json!({"error": denial_message(&denied, &guard.auth)}));
+            return match denied {
+                Denied::Host(_) => (StatusCode::MISDIRECTED_REQUEST, body).into_response(),
+                Denied::Unauthenticated => {
+                    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+                }
             };
-            return (status, Json(serde_json::json!({"error": denial_message(&denied)}))).into_response();
         }
     }
     next.run(req).await
@@ -144,10 +156,12 @@ async fn status_page(State(agent): State<Arc<Agent>>, Query(query): Query<PageQu
 }
 
 /// How the agent's HTTP port treats its connections.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct HttpPortOptions {
     pub port: PortSettings,
     pub guard: HttpGuard,
+    /// `--http-tls`: the agent's certificate (`TlsPurpose::AgentHttp`); None: plain HTTP.
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for HttpPortOptions {
@@ -161,6 +175,7 @@ impl Default for HttpPortOptions {
                 header_timeout: DEFAULT_HEADER_TIMEOUT,
             },
             guard: HttpGuard::default(),
+            tls: None,
         }
     }
 }
@@ -213,5 +228,24 @@ pub async fn serve_with(
 ) {
     let report = Arc::new(RefusalMetrics(agent.clone()));
     let router = router(agent, Arc::new(options.guard));
-    serve_router(listener, router, options.port, Plain, report, shutdown).await;
+    match options.tls {
+        Some(tls) => serve_router(listener, router, options.port, TlsHandshake(tls), report, shutdown).await,
+        None => serve_router(listener, router, options.port, Plain, report, shutdown).await,
+    }
+}
+
+/// The port's TLS handshake, with the configuration in force when the connection comes.
+#[derive(Clone)]
+struct TlsHandshake(ServerTls);
+
+impl Handshake for TlsHandshake {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Info = ClientCertificate;
+
+    async fn handshake(&self, stream: tokio::net::TcpStream) -> std::io::Result<(Self::Io, ClientCertificate)> {
+        let tls = self.0.acceptor().accept(stream).await?;
+        // A certificate rustls kept is one its verifier accepted (signed by --client-ca).
+        let verified = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+        Ok((tls, ClientCertificate(verified)))
+    }
 }

@@ -1,9 +1,13 @@
-//! Who may ask the agent's HTTP port: the `Host` a request names, against DNS rebinding (a
-//! web page whose name an attacker re-points at the Mac must not read the port through a
-//! browser). Pure decisions; the middleware applying them is in `observe::http`.
+//! Who may ask the agent's HTTP port what: the `Host` a request names (against DNS
+//! rebinding: a web page whose name an attacker re-points at the Mac must not read the port
+//! through a browser), and, in cluster mode, whether a scraper proved itself (a bearer token or
+//! a client certificate from the metalkube CA). `/healthz` needs no proof. Pure decisions; the
+//! middleware applying them is in `observe::http`.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
+
+use crate::serving::api_keys::ApiKeys;
 
 /// The flag that adds names to the allowed set, for messages.
 pub const ALLOWED_HOST_FLAG: &str = "--http-allowed-host";
@@ -65,28 +69,74 @@ fn is_port(s: &str) -> bool {
     !s.is_empty() && s.len() <= 5 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// How scrapers prove themselves on the agent's HTTP port (cluster mode).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScrapeAuth {
+    /// `--http-bearer-token-file`: tokens (by digest) a request may present as
+    /// `Authorization: Bearer`. `Open` when no file was given.
+    pub tokens: ApiKeys,
+    /// `--http-client-certificates`: a client certificate the TLS handshake verified against
+    /// `--client-ca` is enough.
+    pub client_certificates: bool,
+}
+
+impl ScrapeAuth {
+    /// Anyone who reaches the port may ask anything.
+    pub fn is_open(&self) -> bool {
+        self.tokens.is_open() && !self.client_certificates
+    }
+}
+
 /// Why a request was not let in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Denied {
     /// 421: the `Host` is not this agent's.
     Host(String),
+    /// 401: no valid token or certificate.
+    Unauthenticated,
 }
 
-/// Whether a request naming `host` (None: no Host at all) is let in.
-pub fn admit(host: Option<&str>, hosts: &AllowedHosts) -> Result<(), Denied> {
+/// Whether a request for `path`, naming `host`, presenting `token` over a connection with a
+/// verified client certificate or not, is let in.
+pub fn admit(
+    path: &str,
+    host: Option<&str>,
+    token: Option<&[u8]>,
+    client_certificate: bool,
+    hosts: &AllowedHosts,
+    auth: &ScrapeAuth,
+) -> Result<(), Denied> {
     // No Host at all is no browser (every browser sends one), so no rebinding.
-    match host {
-        Some(host) if !hosts.allows(host) => Err(Denied::Host(host.to_owned())),
-        _ => Ok(()),
+    if let Some(host) = host
+        && !hosts.allows(host)
+    {
+        return Err(Denied::Host(host.to_owned()));
     }
+    // Liveness tells nothing and must answer any probe.
+    if path == "/healthz" || auth.is_open() {
+        return Ok(());
+    }
+    let by_certificate = auth.client_certificates && client_certificate;
+    let by_token = !auth.tokens.is_open() && auth.tokens.accepts(token);
+    if by_certificate || by_token { Ok(()) } else { Err(Denied::Unauthenticated) }
 }
 
 /// What to tell a client `denied`, naming what would let it in.
-pub fn denial_message(denied: &Denied) -> String {
+pub fn denial_message(denied: &Denied, auth: &ScrapeAuth) -> String {
     match denied {
         Denied::Host(host) => format!(
             "Host {host:?} is not a name of this agent: use its IP address or localhost, or start the agent with {ALLOWED_HOST_FLAG} NAME (this check keeps web pages from reading the agent through DNS rebinding)"
         ),
+        Denied::Unauthenticated => {
+            let mut ways = Vec::new();
+            if !auth.tokens.is_open() {
+                ways.push("send `Authorization: Bearer <token>` with a token from --http-bearer-token-file");
+            }
+            if auth.client_certificates {
+                ways.push("present a client certificate signed by --client-ca");
+            }
+            format!("this agent's HTTP port needs authentication: {} (/healthz needs none)", ways.join(", or "))
+        }
     }
 }
 
@@ -94,6 +144,7 @@ pub fn denial_message(denied: &Denied) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use crate::serving::api_keys::digests_of_key_lines;
     use proptest::prelude::*;
 
     fn hosts() -> AllowedHosts {
@@ -135,13 +186,28 @@ mod tests {
     }
 
     #[test]
-    fn requests_without_a_known_host_are_denied_naming_the_flag() {
+    fn healthz_is_open_and_everything_else_needs_a_token_or_a_certificate() {
         let hosts = AllowedHosts::default();
-        assert_eq!(admit(Some("10.0.0.21:9090"), &hosts), Ok(()));
-        assert_eq!(admit(None, &hosts), Ok(()), "no Host: no browser");
-        let denied = admit(Some("evil.example"), &hosts).unwrap_err();
-        assert_eq!(denied, Denied::Host("evil.example".into()));
-        assert!(denial_message(&denied).contains(ALLOWED_HOST_FLAG));
+        let auth =
+            ScrapeAuth { tokens: ApiKeys::Digests(digests_of_key_lines(b"scrape-token\n")), client_certificates: true };
+        let host = Some("10.0.0.21:9090");
+        assert_eq!(admit("/healthz", host, None, false, &hosts, &auth), Ok(()));
+        assert_eq!(admit("/metrics", host, None, false, &hosts, &auth), Err(Denied::Unauthenticated));
+        assert_eq!(admit("/metrics", host, Some(b"wrong"), false, &hosts, &auth), Err(Denied::Unauthenticated));
+        assert_eq!(admit("/metrics", host, Some(b"scrape-token"), false, &hosts, &auth), Ok(()));
+        assert_eq!(admit("/readyz", host, None, true, &hosts, &auth), Ok(()));
+        let token_only = ScrapeAuth { client_certificates: false, ..auth.clone() };
+        assert_eq!(admit("/", host, None, true, &hosts, &token_only), Err(Denied::Unauthenticated));
+        assert_eq!(admit("/", host, None, false, &hosts, &ScrapeAuth::default()), Ok(()), "open without flags");
+        assert_eq!(
+            admit("/healthz", Some("evil.example"), None, false, &hosts, &auth),
+            Err(Denied::Host("evil.example".into())),
+            "the Host check comes first, even for /healthz"
+        );
+        let message = denial_message(&Denied::Unauthenticated, &auth);
+        assert!(message.contains("--http-bearer-token-file") && message.contains("--client-ca"), "{message}");
+        assert!(denial_message(&Denied::Host("x".into()), &auth).contains(ALLOWED_HOST_FLAG));
+        assert_eq!(admit("/metrics", None, None, false, &hosts, &auth), Err(Denied::Unauthenticated));
     }
 
     proptest! {
