@@ -164,7 +164,8 @@ struct CommonArgs {
     /// Where pidfiles and engine logs are kept.
     #[arg(long, env = "METALKUBE_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Address of the status page (/), /healthz, /readyz, /metrics and /api/v1/models. Default:
+    /// Address of the status page (/), /healthz, /readyz (every model), /readyz/NAMESPACE/NAME
+    /// (one model), /metrics and /api/v1/models. Default:
     /// 127.0.0.1:9090 standalone (`run`); [::]:9090 (else 0.0.0.0:9090) in a cluster (`serve`),
     /// where Prometheus scrapes it.
     #[arg(long, env = "METALKUBE_LISTEN")]

@@ -117,9 +117,29 @@ async fn readiness_models_and_metrics_over_http() {
     }
     assert!(good["lastPulse"]["computeSeconds"].as_f64().unwrap() > 0.0, "{good}");
 
+    // One model's readiness, for a load balancer in front of it alone.
+    let good = reqwest::get(format!("{base}/readyz/default/good")).await.unwrap();
+    assert_eq!(good.status(), 200);
+    let good: serde_json::Value = good.json().await.unwrap();
+    // The same JSON as its entry in /readyz (read a moment earlier: the grade may move).
+    let entry = &body["models"]["default/good"];
+    let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(&good), keys(entry), "{good} vs {entry}");
+    assert_eq!((&good["ready"], &good["phase"]), (&entry["ready"], &entry["phase"]), "{good}");
+    let bad = reqwest::get(format!("{base}/readyz/default/bad")).await.unwrap();
+    assert_eq!(bad.status(), 503);
+    let bad: serde_json::Value = bad.json().await.unwrap();
+    assert_eq!(bad["phase"], "Failed", "{bad}");
+    assert!(bad["message"].as_str().unwrap().contains("absent.gguf"), "{bad}");
+    let unknown = reqwest::get(format!("{base}/readyz/default/nope")).await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    let unknown: serde_json::Value = unknown.json().await.unwrap();
+    assert!(unknown["error"].as_str().unwrap().contains("no model default/nope"), "{unknown}");
+
     h.agent.apply(vec![h.desired("good", None)]).await;
     let ready = reqwest::get(format!("{base}/readyz")).await.unwrap();
     assert_eq!(ready.status(), 200, "the failed model is gone");
+    assert_eq!(reqwest::get(format!("{base}/readyz/default/bad")).await.unwrap().status(), 404, "gone");
 
     let metrics = reqwest::get(format!("{base}/metrics")).await.unwrap();
     assert!(metrics.headers()["content-type"].to_str().unwrap().starts_with("application/openmetrics-text"));

@@ -1,12 +1,12 @@
-//! The agent's own HTTP port (default :9090): the status page, liveness, readiness, metrics,
-//! model state. Served with a connection limit (in all and per client address), a time limit
+//! The agent's own HTTP port (default :9090): the status page, liveness, readiness (of every
+//! model, and of one for a load balancer in front of it alone), metrics, model state. Served with a connection limit (in all and per client address), a time limit
 //! for request heads and for idle kept-alive connections (`metalkube_runtime::http_port`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Query, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
@@ -29,6 +29,7 @@ pub fn router(agent: Arc<Agent>, guard: Arc<HttpGuard>) -> Router {
     metalkube_runtime::admin::admin_routes(|agent: &Arc<Agent>| agent.context().metrics.encode())
         .route("/", get(status_page))
         .route("/readyz", get(readyz))
+        .route("/readyz/{namespace}/{name}", get(model_readyz))
         .route("/api/v1/models", get(models))
         .with_state(agent)
         .layer(axum::middleware::from_fn_with_state(guard, guard_request))
@@ -87,6 +88,17 @@ struct ModelReadiness {
     message: Option<String>,
 }
 
+impl ModelReadiness {
+    fn of(view: &ModelView) -> Self {
+        Self {
+            ready: view.is_ready(),
+            phase: view.health.phase,
+            grade: view.health.grade,
+            message: view.health.last_error.clone(),
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct Readiness {
     ready: bool,
@@ -96,23 +108,28 @@ struct Readiness {
 /// 200 when every model is serving and not red; the body says which one is not.
 async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
     let reports = agent.reports().await;
-    let models: BTreeMap<String, ModelReadiness> = reports
-        .iter()
-        .map(|r| {
-            (
-                r.key(),
-                ModelReadiness {
-                    ready: r.is_ready(),
-                    phase: r.health.phase,
-                    grade: r.health.grade,
-                    message: r.health.last_error.clone(),
-                },
-            )
-        })
-        .collect();
+    let models: BTreeMap<String, ModelReadiness> = reports.iter().map(|r| (r.key(), ModelReadiness::of(r))).collect();
     let ready = models.values().all(|m| m.ready);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, models })).into_response()
+}
+
+/// One model's readiness, for a load balancer in front of that model alone: 200 when it
+/// serves and is not red, else 503, with the same JSON as its entry in `/readyz`; 404 for a
+/// model this agent does not hold.
+async fn model_readyz(State(agent): State<Arc<Agent>>, Path((namespace, name)): Path<(String, String)>) -> Response {
+    let key = metalkube_api::ModelKey::new(&namespace, &name).to_string();
+    match agent.report(&key).await {
+        Some(view) => {
+            let readiness = ModelReadiness::of(&view);
+            let status = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+            (status, Json(readiness)).into_response()
+        }
+        None => {
+            let message = format!("no model {key} on this agent; /api/v1/models lists the models it holds");
+            (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": message}))).into_response()
+        }
+    }
 }
 
 #[derive(Serialize)]
