@@ -2,11 +2,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::builder::TypedValueParser as _;
 use clap::{Parser, Subcommand};
 use metalkube_agent::calibrate::CalibrateArgs;
 use metalkube_agent::control::desired_store::DesiredStore;
 use metalkube_agent::control::grpc::{AgentService, serve_grpc, serve_grpc_tls};
-use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles};
+use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, TlsPurpose, certificate_dns_names};
 use metalkube_agent::control::models_dir::follow_models_dir;
 use metalkube_agent::engine::download::DownloadConfig;
 use metalkube_agent::engine::download::remote::Token;
@@ -15,8 +16,12 @@ use metalkube_agent::install::enrollment::EnrollmentFiles;
 use metalkube_agent::install::join::{JoinOptions, absolute, enrolled_definition, join};
 use metalkube_agent::install::service::{self, Host, Scope, Target};
 use metalkube_agent::observe::http;
+use metalkube_agent::observe::http_guard::{AllowedHosts, ScrapeAuth};
 use metalkube_agent::serving::ClientTimeouts;
+use metalkube_agent::serving::api_keys::{ApiKeys, digests_of_key_lines};
 use metalkube_agent::{Agent, AgentConfig};
+use metalkube_runtime::connections::ConnectionLimits;
+use metalkube_runtime::http_port::PortSettings;
 
 #[derive(Parser)]
 #[command(name = "metalkube-agent", version, about = "Supervises llama-server, grades its pulse, reports health")]
@@ -127,6 +132,23 @@ struct ServeArgs {
     /// Plaintext gRPC with no client authentication. Local development only.
     #[arg(long)]
     insecure: bool,
+    /// Serve the agent's HTTP port (--listen: the status page, /metrics, /readyz,
+    /// /api/v1/models) over TLS with --tls-cert and --tls-key, followed on renewal like the
+    /// gRPC API's. Recommended in a cluster, where the port listens on every interface; the
+    /// chart's serviceMonitor.agents.scheme=https goes with it.
+    #[arg(long, conflicts_with = "insecure")]
+    http_tls: bool,
+    /// Requests to the agent's HTTP port must carry `Authorization: Bearer <token>` with a
+    /// token from this file (one per line; several while rotating), unless a client
+    /// certificate lets them in (--http-client-certificates). /healthz needs nothing. Needs
+    /// --http-tls. The chart's serviceMonitor.agents.bearerTokenSecret holds the same token.
+    #[arg(long, requires = "http_tls", env = "METALKUBE_HTTP_BEARER_TOKEN_FILE")]
+    http_bearer_token_file: Option<PathBuf>,
+    /// A client certificate signed by --client-ca lets a request into the agent's HTTP port
+    /// (with --http-bearer-token-file, either one does). /healthz needs nothing. Needs
+    /// --http-tls. The chart's serviceMonitor.agents.tls.clientCertSecret holds Prometheus' one.
+    #[arg(long, requires = "http_tls")]
+    http_client_certificates: bool,
     /// Memory engines may use, in bytes; default: 75% of the machine's memory.
     #[arg(long)]
     memory_budget_bytes: Option<u64>,
@@ -142,11 +164,29 @@ struct CommonArgs {
     /// Where pidfiles and engine logs are kept.
     #[arg(long, env = "METALKUBE_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Address of the status page (/), /healthz, /readyz, /metrics and /api/v1/models. Default:
+    /// Address of the status page (/), /healthz, /readyz (every model), /readyz/NAMESPACE/NAME
+    /// (one model), /metrics and /api/v1/models. Default:
     /// 127.0.0.1:9090 standalone (`run`); [::]:9090 (else 0.0.0.0:9090) in a cluster (`serve`),
     /// where Prometheus scrapes it.
     #[arg(long, env = "METALKUBE_LISTEN")]
     listen: Option<String>,
+    /// Connections the agent's HTTP port holds at once; more get a short 503 and are closed.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    http_max_connections: usize,
+    /// Connections one client address (an IPv6 client: its /64) holds on the agent's HTTP port
+    /// at once; more get a short 503 and are closed, so one client cannot take every place.
+    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS_PER_CLIENT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    http_max_connections_per_client: usize,
+    /// Time a client of the agent's HTTP port gets for its TLS handshake and each request head;
+    /// a kept-alive connection idle this long between requests is closed too.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    http_header_timeout: Duration,
+    /// A host name clients may use for the agent's HTTP port (repeatable). Requests naming
+    /// any other host get 421, so that a web page cannot read the port by pointing its own name
+    /// at this Mac (DNS rebinding); IP addresses and localhost always pass, and in a cluster
+    /// (`serve`) so do the DNS names of --tls-cert.
+    #[arg(long = "http-allowed-host", value_name = "NAME")]
+    http_allowed_hosts: Vec<String>,
     /// Internal ports engines listen on (127.0.0.1 only), as FIRST-LAST.
     #[arg(long, default_value = "18000-18999", value_parser = parse_port_range)]
     engine_ports: std::ops::RangeInclusive<u16>,
@@ -289,6 +329,46 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How the agent's HTTP port treats connections and requests, from the flags; `more_hosts`
+/// are names allowed besides `--http-allowed-host` (in a cluster, the certificate's).
+fn http_port_options(args: &CommonArgs, more_hosts: Vec<String>) -> http::HttpPortOptions {
+    let hosts = AllowedHosts::new(args.http_allowed_hosts.iter().cloned().chain(more_hosts));
+    http::HttpPortOptions {
+        // Scrapers' proof and TLS are cluster settings (`serve`), added there.
+        guard: http::HttpGuard { hosts, auth: ScrapeAuth::default() },
+        tls: None,
+        port: PortSettings {
+            limits: ConnectionLimits {
+                max: args.http_max_connections,
+                max_per_client: args.http_max_connections_per_client,
+            },
+            header_timeout: args.http_header_timeout,
+        },
+    }
+}
+
+/// How scrapers prove themselves on the agent's HTTP port, from `serve`'s flags.
+fn scrape_auth(args: &ServeArgs) -> anyhow::Result<ScrapeAuth> {
+    let tokens = match &args.http_bearer_token_file {
+        Some(path) => {
+            let text = metalkube_runtime::read_flag_file(path, "--http-bearer-token-file")?;
+            let digests = digests_of_key_lines(text.as_bytes());
+            if digests.is_empty() {
+                bail!("--http-bearer-token-file {} holds no token (one per line)", path.display());
+            }
+            ApiKeys::Digests(digests)
+        }
+        None => ApiKeys::Open,
+    };
+    let auth = ScrapeAuth { tokens, client_certificates: args.http_client_certificates };
+    if args.http_tls && auth.is_open() {
+        tracing::warn!(
+            "the agent's HTTP port is served over TLS but asks nothing of its clients: anyone who reaches it reads the status page, /metrics and /api/v1/models (--http-bearer-token-file, --http-client-certificates)"
+        );
+    }
+    Ok(auth)
+}
+
 async fn start_agent(args: CommonArgs, memory_budget_bytes: Option<u64>) -> anyhow::Result<std::sync::Arc<Agent>> {
     let config = AgentConfig {
         engine_binary: args.engine.clone(),
@@ -386,18 +466,27 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(daemon: Daemon) -> anyhow::Result<()> {
     metalkube_runtime::init_logging();
-    let (agent, listener, work) = match daemon {
+    // Before anything opens a descriptor in earnest: engines, serving ports and clients all
+    // draw on this one limit, which a shell or launchd sets far below what the OS allows.
+    let open_files = metalkube_runtime::open_files::raise_open_files_limit();
+    if open_files.error.is_some() || open_files.is_low() {
+        tracing::warn!("{}", open_files.describe());
+    } else {
+        tracing::info!("{}", open_files.describe());
+    }
+    let (agent, listener, http_options, work) = match daemon {
         Daemon::Run(args) => {
             if !args.models_dir.is_dir() {
                 bail!("--models-dir {}: not a directory", args.models_dir.display());
             }
             let listener = bind_http(args.common.listen.as_deref(), &["127.0.0.1:9090"]).await?;
+            let http_options = http_port_options(&args.common, Vec::new());
             let agent = start_agent(args.common, None).await?;
             let secrets = args.secrets_dir.clone().unwrap_or_else(|| args.models_dir.join("secrets"));
             let work = tokio::spawn(follow_models_dir(args.models_dir.clone(), secrets, agent.clone()));
             let work: tokio::task::JoinHandle<anyhow::Result<()>> =
                 tokio::spawn(async move { work.await?.map_err(anyhow::Error::from) });
-            (agent, listener, work)
+            (agent, listener, http_options, work)
         }
         Daemon::Serve(args) => {
             let tls = if args.insecure {
@@ -414,6 +503,13 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             // Every address family the Mac has (an IPv6 servingAddress is scraped over IPv6),
             // or IPv4 alone where IPv6 is off.
             let listener = bind_http(args.common.listen.as_deref(), &["[::]:9090", "0.0.0.0:9090"]).await?;
+            // The names the agent's certificate is issued for are its names in the cluster.
+            let cert_names = match &args.tls_cert {
+                Some(cert) => certificate_dns_names(&metalkube_runtime::read_flag_file(cert, "--tls-cert")?)?,
+                None => Vec::new(),
+            };
+            let mut http_options = http_port_options(&args.common, cert_names);
+            http_options.guard.auth = scrape_auth(&args)?;
             let budget = args
                 .memory_budget_bytes
                 .or_else(|| metalkube_agent::observe::host::total_memory_bytes().map(|m| m / 4 * 3))
@@ -428,6 +524,22 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                     return Err(e.into());
                 }
             };
+            if args.http_tls {
+                // Checked at parse time: --http-tls conflicts with --insecure, which alone leaves
+                // the files out.
+                let (Some(cert), Some(key), Some(ca)) = (&args.tls_cert, &args.tls_key, &args.client_ca) else {
+                    bail!("--http-tls needs --tls-cert, --tls-key and --client-ca");
+                };
+                let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() };
+                let metrics = agent.context().metrics.clone();
+                match ServerTls::follow_files_for(files, metrics, TlsPurpose::AgentHttp) {
+                    Ok(tls) => http_options.tls = Some(tls),
+                    Err(e) => {
+                        agent.shutdown().await;
+                        return Err(e.into());
+                    }
+                }
+            }
             let store = std::sync::Arc::new(DesiredStore::open(&agent.context().config.state_dir.join("desired"))?);
             let service =
                 AgentService::start(agent.clone(), store, budget).await.with_http_port(listener.local_addr()?.port());
@@ -439,12 +551,14 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                 };
                 served.map_err(anyhow::Error::from)
             });
-            (agent, listener, work)
+            (agent, listener, http_options, work)
         }
     };
-    tracing::info!("agent HTTP on http://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
+    agent.context().metrics.set_open_files_limit(&open_files);
+    let scheme = if http_options.tls.is_some() { "https" } else { "http" };
+    tracing::info!("agent HTTP on {scheme}://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(http::serve(agent.clone(), listener, async move {
+    let server = tokio::spawn(http::serve_with(agent.clone(), listener, http_options, async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|stop| *stop).await;
     }));

@@ -185,6 +185,8 @@ fn values_schema_rejects_misspelt_and_invalid_settings() {
         ("serviceMonitor.agents.discoveryRole=Pods", "discoveryRole"),
         ("controller.gracePeriod=soon", "gracePeriod"),
         ("tls.existingSecretName=x", "existingSecretName"),
+        ("serviceMonitor.agents.scheme=ftp", "scheme"),
+        ("serviceMonitor.agents.tls.ca=x", "ca"),
     ] {
         let ran = run(helm().args(["lint", "--strict", "."]).args(DEFAULTS).args(["--set", setting]));
         assert!(!ran.status.success(), "--set {setting} should fail the values schema\n{}", ran.report());
@@ -675,6 +677,79 @@ fn agents_servicemonitor_names_each_target_after_its_metalnode_under_either_disc
 
     let agents_off = render(&["-f", "ci/all-on-values.yaml", "--set", "serviceMonitor.agents.enabled=false"]);
     assert_eq!(agents_off.of_kind("ServiceMonitor").len(), 1, "only the controller's ServiceMonitor");
+}
+
+/// The agents' scrape endpoint: plain HTTP by default; with scheme https, the metalkube CA to
+/// check each agent's certificate and the scraper's credentials (a client certificate, a bearer
+/// token); credentials over plain HTTP, or https without a CA, fail rendering naming the values.
+#[test]
+fn agents_servicemonitor_carries_the_scheme_ca_and_scraper_credentials() {
+    let endpoint = |values: &[&str]| -> Value {
+        let mut args = vec!["--set", "serviceMonitor.enabled=true"];
+        args.extend_from_slice(values);
+        let rendered = render(&args);
+        rendered.get("ServiceMonitor", &format!("{FULLNAME}-agents"))["spec"]["endpoints"][0].clone()
+    };
+    let plain = endpoint(DEFAULTS);
+    assert_eq!(plain["scheme"], "http");
+    assert!(plain["tlsConfig"].is_null() && plain["authorization"].is_null(), "{plain:?}");
+
+    let https = endpoint(&[
+        "--set",
+        "tls.existingSecret=metalkube-tls",
+        "--set",
+        "serviceMonitor.agents.scheme=https",
+        "--set",
+        "serviceMonitor.agents.tls.clientCertSecret=prom-client",
+        "--set",
+        "serviceMonitor.agents.bearerTokenSecret.name=prom-token",
+    ]);
+    assert_eq!(https["scheme"], "https");
+    let tls = &https["tlsConfig"];
+    assert_eq!(tls["ca"]["secret"]["name"], "metalkube-tls", "the controller's Secret holds the CA: {tls:?}");
+    assert_eq!(tls["ca"]["secret"]["key"], "ca.crt");
+    assert_eq!(tls["cert"]["secret"]["name"], "prom-client");
+    assert_eq!(tls["cert"]["secret"]["key"], "tls.crt");
+    assert_eq!(tls["keySecret"]["name"], "prom-client");
+    assert_eq!(tls["keySecret"]["key"], "tls.key");
+    assert!(tls["insecureSkipVerify"].is_null(), "certificates are verified: {tls:?}");
+    assert_eq!(https["authorization"]["type"], "Bearer");
+    assert_eq!(https["authorization"]["credentials"]["name"], "prom-token");
+    assert_eq!(https["authorization"]["credentials"]["key"], "token");
+
+    let generated = endpoint(&["--set", "serviceMonitor.agents.scheme=https"]);
+    assert_eq!(generated["tlsConfig"]["ca"]["secret"]["name"], format!("{FULLNAME}-client-tls").as_str());
+    let own_ca = endpoint(&[
+        "--set",
+        "controller.insecure=true",
+        "--set",
+        "serviceMonitor.agents.scheme=https",
+        "--set",
+        "serviceMonitor.agents.tls.caSecret=agents-ca",
+    ]);
+    assert_eq!(own_ca["tlsConfig"]["ca"]["secret"]["name"], "agents-ca");
+    assert!(own_ca["tlsConfig"]["cert"].is_null() && own_ca["authorization"].is_null(), "{own_ca:?}");
+
+    for (values, names) in [
+        (
+            &["--set", "serviceMonitor.agents.bearerTokenSecret.name=prom-token"][..],
+            &["serviceMonitor.agents.scheme=https", "--http-tls"][..],
+        ),
+        (
+            &["--set", "serviceMonitor.agents.tls.clientCertSecret=prom-client"][..],
+            &["serviceMonitor.agents.scheme"][..],
+        ),
+        (
+            &["--set", "controller.insecure=true", "--set", "serviceMonitor.agents.scheme=https"][..],
+            &["serviceMonitor.agents.tls.caSecret"][..],
+        ),
+    ] {
+        let ran = template(&[&["--set", "serviceMonitor.enabled=true"][..], values].concat());
+        assert!(!ran.status.success(), "{values:?} must fail rendering\n{}", ran.report());
+        for name in names {
+            assert!(ran.stderr.contains(name), "the error should name {name}\n{}", ran.report());
+        }
+    }
 }
 
 #[test]

@@ -2,6 +2,9 @@
 //! files, serve their admin port, treat poisoned locks and stop the same way.
 
 pub mod admin;
+pub mod connections;
+pub mod http_port;
+pub mod open_files;
 pub mod sync;
 
 use std::path::{Path, PathBuf};

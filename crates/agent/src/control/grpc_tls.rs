@@ -46,6 +46,18 @@ impl TlsFiles {
     }
 }
 
+/// What a TLS configuration serves: both present the agent's certificate and know the
+/// controller's CA (`--client-ca`), but ask different things of clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsPurpose {
+    /// The gRPC API: a client certificate from `--client-ca` is required; HTTP/2.
+    Grpc,
+    /// The agent's HTTP port (`--http-tls`): a client certificate is optional (one from
+    /// `--client-ca` lets a scraper in when `--http-client-certificates` says so; any other
+    /// fails the handshake); HTTP/1.1.
+    AgentHttp,
+}
+
 /// The server configuration in force; every accepted connection uses the latest one.
 #[derive(Clone)]
 pub struct ServerTls {
@@ -55,15 +67,24 @@ pub struct ServerTls {
 impl ServerTls {
     /// Fixed material: what was given is what is served.
     pub fn from_pem(pem: &GrpcTls) -> Result<Self, AgentError> {
-        Ok(Self { current: Arc::new(RwLock::new(Arc::new(server_config(pem)?))) })
+        Self::from_pem_for(pem, TlsPurpose::Grpc)
+    }
+
+    fn from_pem_for(pem: &GrpcTls, purpose: TlsPurpose) -> Result<Self, AgentError> {
+        Ok(Self { current: Arc::new(RwLock::new(Arc::new(server_config_for(pem, purpose)?))) })
     }
 
     /// Serves the files' material and follows them: a change that makes a valid configuration
     /// replaces it (and the expiry metric); one that does not (a key that does not match the
     /// certificate yet, half a renewal) keeps the current one, with a warning.
     pub fn follow_files(files: TlsFiles, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
+        Self::follow_files_for(files, metrics, TlsPurpose::Grpc)
+    }
+
+    /// As `follow_files`, for `purpose`.
+    pub fn follow_files_for(files: TlsFiles, metrics: Arc<Metrics>, purpose: TlsPurpose) -> Result<Self, AgentError> {
         let pem = files.read()?;
-        let tls = Self::from_pem(&pem)?;
+        let tls = Self::from_pem_for(&pem, purpose)?;
         metrics.set_tls_certificate_expiry(certificate_expiry_unix(&pem.cert_pem)?);
         let (wake, woken) = tokio::sync::mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -87,7 +108,7 @@ impl ServerTls {
                 source: None,
             })?;
         }
-        tokio::spawn(follow(files, pem, tls.clone(), metrics, watcher, woken));
+        tokio::spawn(follow(files, purpose, pem, tls.clone(), metrics, watcher, woken));
         Ok(tls)
     }
 
@@ -102,6 +123,7 @@ impl ServerTls {
 
 async fn follow(
     files: TlsFiles,
+    purpose: TlsPurpose,
     mut loaded: GrpcTls,
     tls: ServerTls,
     metrics: Arc<Metrics>,
@@ -125,7 +147,8 @@ async fn follow(
                 continue;
             }
         };
-        let built = server_config(&pem).and_then(|config| Ok((config, certificate_expiry_unix(&pem.cert_pem)?)));
+        let built =
+            server_config_for(&pem, purpose).and_then(|config| Ok((config, certificate_expiry_unix(&pem.cert_pem)?)));
         match built {
             Ok((config, expiry)) => {
                 tls.replace(config);
@@ -142,6 +165,11 @@ async fn follow(
 /// A rustls server configuration that presents `cert_pem` and accepts only clients with a
 /// certificate signed by `client_ca_pem`, speaking HTTP/2 (which tonic's clients require).
 pub fn server_config(pem: &GrpcTls) -> Result<ServerConfig, AgentError> {
+    server_config_for(pem, TlsPurpose::Grpc)
+}
+
+/// The rustls server configuration for `purpose`.
+fn server_config_for(pem: &GrpcTls, purpose: TlsPurpose) -> Result<ServerConfig, AgentError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates(&pem.cert_pem, "--tls-cert")?;
     let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes())
@@ -150,16 +178,22 @@ pub fn server_config(pem: &GrpcTls) -> Result<ServerConfig, AgentError> {
     for ca in certificates(&pem.client_ca_pem, "--client-ca")? {
         roots.add(ca).map_err(|e| tls_error("--client-ca is not a usable CA certificate", e))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| AgentError::Tls { what: format!("--client-ca: {e}"), source: None })?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    let verifier = match purpose {
+        TlsPurpose::Grpc => verifier,
+        TlsPurpose::AgentHttp => verifier.allow_unauthenticated(),
+    };
+    let verifier = verifier.build().map_err(|e| AgentError::Tls { what: format!("--client-ca: {e}"), source: None })?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error("TLS protocol versions", e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs, key)
         .map_err(|e| tls_error("--tls-cert and --tls-key do not make a usable identity", e))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = match purpose {
+        TlsPurpose::Grpc => vec![b"h2".to_vec()],
+        TlsPurpose::AgentHttp => vec![b"http/1.1".to_vec()],
+    };
     Ok(config)
 }
 
@@ -185,6 +219,30 @@ pub fn certificate_expiry_unix(pem: &str) -> Result<i64, AgentError> {
     Ok(cert.validity().not_after.timestamp())
 }
 
+/// The DNS names the first certificate in `pem` is issued for (its subjectAltName DNS
+/// entries): names clients may use for this agent.
+pub fn certificate_dns_names(pem: &str) -> Result<Vec<String>, AgentError> {
+    let der = certificates(pem, "--tls-cert")?.swap_remove(0);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| AgentError::Tls { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
+    let names = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                x509_parser::extensions::GeneralName::DNSName(name) => Some((*name).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => {
+            return Err(AgentError::Tls { what: format!("--tls-cert: unreadable subjectAltName: {e}"), source: None });
+        }
+    };
+    Ok(names)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -199,6 +257,15 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         // 2031-05-17T00:00:00Z
         assert_eq!(certificate_expiry_unix(&cert.pem()).unwrap(), 1_936_742_400);
+    }
+
+    #[test]
+    fn the_dns_names_are_the_certificates_subject_alt_names() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["mac-01.lan".to_owned()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::IpAddress("10.0.0.21".parse().unwrap()));
+        let cert = params.self_signed(&key).unwrap();
+        assert_eq!(certificate_dns_names(&cert.pem()).unwrap(), ["mac-01.lan"]);
     }
 
     #[test]

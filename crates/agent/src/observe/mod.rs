@@ -6,6 +6,7 @@ pub mod engine_metrics;
 pub mod host;
 pub mod html_text;
 pub mod http;
+pub mod http_guard;
 pub mod metrics;
 pub mod report;
 pub mod status_page;

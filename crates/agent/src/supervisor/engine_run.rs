@@ -11,7 +11,7 @@ impl Supervisor {
             // one serving meanwhile.
             self.move_serving_port().await;
         } else if let Err(e) = self.open_serving_port().await {
-            return RunEnd::Permanent(crate::error::chain(&e));
+            return RunEnd::start_failed("opening the serving port", &e);
         }
         let model = match self.resolve_model().await {
             Ok(resolved) => {
@@ -64,7 +64,7 @@ impl Supervisor {
             Ok(e) => e,
             Err(e) => {
                 self.ctx.ports.release(port);
-                return RunEnd::Permanent(e.to_string());
+                return RunEnd::start_failed("starting llama-server", &e);
             }
         };
         tracing::info!(model = %self.key(), pid = engine.pid(), port, "engine started");

@@ -29,7 +29,9 @@ use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locat
 use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
 use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
-use crate::health::lifecycle::{ExitMeaning, FaultReason, backoff_phase, classify_exit};
+use crate::health::lifecycle::{
+    ExitMeaning, FaultReason, StartFailure, backoff_phase, classify_exit, classify_start_error,
+};
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
 use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::EngineSeries;
@@ -74,6 +76,19 @@ enum RunEnd {
     },
     /// Needs a person (or a changed spec): no restart loop.
     Permanent(String),
+}
+
+impl RunEnd {
+    /// A start that failed with `error` while `doing` something: the OS running short
+    /// (descriptors, memory) is retried with backoff; anything else needs a person.
+    fn start_failed(doing: &str, error: &crate::AgentError) -> Self {
+        match classify_start_error(doing, error) {
+            StartFailure::Transient(message) => {
+                RunEnd::Fault { reason: FaultReason::StartFailed, message, uptime: Duration::ZERO }
+            }
+            StartFailure::Permanent(message) => RunEnd::Permanent(message),
+        }
+    }
 }
 
 pub struct SupervisorHandle {

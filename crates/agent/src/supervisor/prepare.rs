@@ -66,8 +66,8 @@ impl Supervisor {
     /// download cut by one resumes next time).
     pub(super) async fn resolve_model(&mut self) -> Result<ResolvedModel, RunEnd> {
         let ctx = self.ctx.clone();
-        let permanent = |e: crate::AgentError| RunEnd::Permanent(crate::error::chain(&e));
-        let location = locate(&self.desired, &ctx.downloads).map_err(permanent)?;
+        let location =
+            locate(&self.desired, &ctx.downloads).map_err(|e| RunEnd::start_failed("locating the model file", &e))?;
         let (path, known_sha256, other_shard_bytes) = match location {
             ModelLocation::Local(path) => (path, None, 0),
             ModelLocation::Remote(fetch) => {
@@ -105,11 +105,13 @@ impl Supervisor {
                         self.cache_lease = Some(fetched.lease);
                         (fetched.path, fetched.sha256, fetched.other_shard_bytes)
                     }
-                    Err(e) => return Err(RunEnd::Permanent(crate::error::chain(&e))),
+                    Err(e) => return Err(RunEnd::start_failed("downloading the model file", &e)),
                 }
             }
         };
-        let mut resolved = check_model(&self.desired, path, known_sha256).await.map_err(permanent)?;
+        let mut resolved = check_model(&self.desired, path, known_sha256)
+            .await
+            .map_err(|e| RunEnd::start_failed("reading the model file", &e))?;
         resolved.memory_bytes = resolved.memory_bytes.map(|m| m + other_shard_bytes);
         Ok(resolved)
     }

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock, RwLock};
 
 use metalkube_api::{Phase, PulseSpec};
 use metalkube_runtime::admin::MetricsRegistry;
+use metalkube_runtime::connections::Refusal;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -64,6 +65,12 @@ pub struct StallLabels {
 pub struct PhaseLabels {
     pub model: String,
     pub phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// One of `connections::Refusal::as_str()`.
+    pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -131,6 +138,12 @@ pub struct Metrics {
     pub download_rate: Family<ModelLabels, F64Gauge>,
     pub download_received: Counter,
     pub download_resumes: Counter,
+    /// The process's soft RLIMIT_NOFILE, after raising it at start.
+    pub open_files_limit: Gauge,
+    /// 1 when the limit could not be raised, or is still below `OPEN_FILES_ENOUGH`.
+    pub open_files_limit_low: Gauge,
+    /// Connections to the agent's HTTP port refused at its limits, by reason.
+    pub http_connections_refused: Family<RefusalLabels, Counter>,
     pub host: Arc<HostCollector>,
     /// Registered when first set: an agent without TLS has no such series (rather than 0,
     /// which would read as long expired).
@@ -181,9 +194,16 @@ impl Metrics {
             download_rate: Family::default(),
             download_received: Counter::default(),
             download_resumes: Counter::default(),
+            http_connections_refused: Family::default(),
+            open_files_limit: Gauge::default(),
+            open_files_limit_low: Gauge::default(),
             host: Arc::new(HostCollector::default()),
             tls_certificate_expiry: OnceLock::new(),
         };
+        // Present at 0, so that increase() and alerts see the first refusal.
+        for refusal in Refusal::ALL {
+            let _ = m.http_connections_refused.get_or_create(&RefusalLabels { reason: refusal.as_str().to_owned() });
+        }
         m.registry.register(|r| {
             let build = Family::<BuildLabels, Gauge>::default();
             build.get_or_create(&BuildLabels { version: env!("CARGO_PKG_VERSION").to_owned() }).set(1);
@@ -192,6 +212,21 @@ impl Metrics {
             m.register_engine(r);
             m.register_serving(r);
             m.register_download(r);
+            r.register(
+                "open_files_limit",
+                "The agent's soft limit of open file descriptors (RLIMIT_NOFILE), raised at start to the hard limit where the OS allows",
+                m.open_files_limit.clone(),
+            );
+            r.register(
+                "open_files_limit_low",
+                "1 when the open-files limit could not be raised or is below 4096: connections and engine restarts may fail with \"Too many open files\"",
+                m.open_files_limit_low.clone(),
+            );
+            r.register(
+                "http_connections_refused",
+                "Connections to the agent's HTTP port refused at its limits: port_full (--http-max-connections) or client_full (--http-max-connections-per-client)",
+                m.http_connections_refused.clone(),
+            );
             r.register_collector(Box::new(m.host.clone()));
         });
         Arc::new(m)
@@ -265,6 +300,16 @@ impl Metrics {
         self.saturated.remove(&labels);
         self.pulse_last.remove(&labels);
         self.pulse_compute_last.remove(&labels);
+    }
+
+    /// The open-files limit in force, and whether it is short of what the agent needs.
+    pub fn set_open_files_limit(&self, limit: &metalkube_runtime::open_files::OpenFilesLimit) {
+        self.open_files_limit.set(i64::try_from(limit.soft).unwrap_or(i64::MAX));
+        self.open_files_limit_low.set(i64::from(limit.error.is_some() || limit.is_low()));
+    }
+
+    pub fn http_connection_refused(&self, refusal: Refusal) {
+        self.http_connections_refused.get_or_create(&RefusalLabels { reason: refusal.as_str().to_owned() }).inc();
     }
 
     pub fn restarted(&self, model: &str, reason: FaultReason) {
