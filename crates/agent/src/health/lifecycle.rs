@@ -226,7 +226,7 @@ mod tests {
         }
         let bad = crate::AgentError::NotGguf {
             path: "/m/x.gguf".into(),
-            source: metalkube_gguf::GgufError::BadMagic { found: 0 },
+            source: metalkube_gguf::GgufError::BadMagic,
         };
         assert!(matches!(classify_start_error("reading the model file", &bad), StartFailure::Permanent(_)));
         let denied = crate::AgentError::Spawn {

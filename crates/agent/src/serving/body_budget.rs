@@ -74,6 +74,8 @@ impl BodyBudget {
 
     /// An empty reservation for a body from `client`, grown as the body arrives.
     pub fn reservation(self: &Arc<Self>, client: IpAddr) -> Reservation {
+        // Counted as connections are: an IPv6 client by its /64.
+        let client = metalkube_runtime::connections::client_key(client);
         Reservation { budget: self.clone(), client, bytes: 0 }
     }
 

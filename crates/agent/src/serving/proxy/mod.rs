@@ -39,11 +39,12 @@ use crate::serving::body_budget::BodyBudget;
 use crate::serving::crash_quarantine::CrashQuarantine;
 use crate::serving::in_engine::{InEngine, InEngineRequest};
 use crate::serving::inspect::{self, RequestShape, inspect};
-use crate::serving::listener::{AddressShares, refuse_connection};
+use crate::serving::listener::refuse_connection;
 use crate::serving::request_shape::{build_upstream, strip_hop_by_hop};
 use crate::serving::responses::{client_error, json_response, server_error};
 use crate::serving::slow_reader::WriteDeadline;
 use crate::serving::upstream::UpstreamWatch;
+use metalkube_runtime::connections::{self, ConnectionGate, ConnectionLimits};
 
 pub use crate::serving::responses::error_response;
 
@@ -237,8 +238,10 @@ impl ModelProxy {
 
     /// Accepts connections until `stop` turns true.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-        let connections = Arc::new(Semaphore::new(self.timeouts.max_connections.max(1)));
-        let shares = Arc::new(AddressShares::default());
+        let gate = ConnectionGate::new(ConnectionLimits {
+            max: self.timeouts.max_connections,
+            max_per_client: self.timeouts.max_connections_per_client,
+        });
         loop {
             let accepted = tokio::select! {
                 a = listener.accept() => a,
@@ -254,15 +257,17 @@ impl ModelProxy {
                 }
             };
             let _ = stream.set_nodelay(true);
-            let Some(share) = shares.enter(peer.ip(), self.timeouts.max_connections_per_client.max(1)) else {
-                self.admission().rejected(Rejection::ClientConnectionLimit);
-                tokio::spawn(refuse_connection(stream, Rejection::ClientConnectionLimit));
-                continue;
-            };
-            let Ok(held) = connections.clone().try_acquire_owned() else {
-                self.admission().rejected(Rejection::ConnectionLimit);
-                tokio::spawn(refuse_connection(stream, Rejection::ConnectionLimit));
-                continue;
+            let held = match gate.admit(peer.ip()) {
+                Ok(held) => held,
+                Err(refusal) => {
+                    let why = match refusal {
+                        connections::Refusal::PortFull => Rejection::ConnectionLimit,
+                        connections::Refusal::ClientFull => Rejection::ClientConnectionLimit,
+                    };
+                    self.admission().rejected(why);
+                    tokio::spawn(refuse_connection(stream, why));
+                    continue;
+                }
             };
             let proxy = self.clone();
             let header_timeout = self.timeouts.header;
@@ -296,7 +301,7 @@ impl ModelProxy {
                         let _ = connection.await;
                     }
                 }
-                drop((held, share));
+                drop(held);
             });
         }
     }
