@@ -18,6 +18,13 @@ pub fn attacks() -> Vec<Attack> {
             run: hostile_text,
         },
         Attack {
+            slug: "engine-500-flood",
+            issue: "new",
+            sent: "60 chats with a lone surrogate in the content (the engine answers 500), 4 at once: does the breaker open for everyone?",
+            quick: false,
+            run: engine_500_flood,
+        },
+        Attack {
             slug: "sampler-bombs",
             issue: "new",
             sent: "n_probs 2^31-1 and 10^6, top_logprobs 10^6, logit_bias with 10^6 pairs and 10^5 word keys, max_tokens at i32/i64/u64 limits, negative, float, string",
@@ -97,6 +104,21 @@ fn hostile_text(arena: &Arena) -> anyhow::Result<Tally> {
     raw.extend_from_slice(&[0xff, 0xfe, 0xc0, 0x80, 0xed, 0xa0, 0x80]);
     raw.extend_from_slice(br#"","n_predict":4}"#);
     arena.probe(&mut tally, "invalid UTF-8", "POST", "/completion", &raw);
+    Ok(tally)
+}
+
+fn engine_500_flood(arena: &Arena) -> anyhow::Result<Tally> {
+    let wire = arena.wire("POST", "/v1/chat/completions", payloads::chat(HOSTILE_TEXT, "4", "").as_bytes());
+    let answers: Vec<crate::abuse::net::Answer> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| (0..15).map(|_| arena.send(&wire, Duration::from_secs(30))).collect::<Vec<_>>()))
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).flatten().collect()
+    });
+    let mut tally = Tally::default();
+    for a in &answers {
+        tally.answer(a);
+    }
     Ok(tally)
 }
 
