@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | test | check-macos | e2e | demo | bench | soak | crdgen`.
+//! Project tasks: `cargo xtask setup | test | check-macos | e2e | demo | bench | abuse | soak | crdgen`.
 
+mod abuse;
 mod bench;
 mod engine;
 mod tools;
@@ -23,7 +24,7 @@ enum Task {
     /// cached under ~/.cache/metalkube), the tiny model.
     Setup,
     /// setup, then fmt check, clippy -D warnings (for Linux and for aarch64-apple-darwin), every
-    /// test, and `bench vitals --quick`.
+    /// test, `bench vitals --quick` and `abuse --quick`.
     Test,
     /// clippy -D warnings on every crate for aarch64-apple-darwin, C code included (zig and
     /// cargo-zigbuild from PyPI). It stops before the final link, which needs Apple's frameworks:
@@ -77,6 +78,26 @@ enum Task {
         #[arg(long, default_value_t = 30)]
         poll_seconds: u32,
     },
+    /// A hostile-client suite against a standalone agent on the real engine: every attack of
+    /// issue 17 and more, one after another, while a victim with its own key is served beside
+    /// them; a row per attack (what came back, the victim, engine restarts, /readyz, agent
+    /// memory), also in <target>/abuse/. Fails unless no engine restarted and the victim was
+    /// served throughout.
+    Abuse {
+        /// The issue's defects only, about two minutes (what `test` runs).
+        #[arg(long)]
+        quick: bool,
+        /// Attack this agent binary instead of building the workspace's.
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// The agent's soft open-file limit, as a shell's `ulimit -Sn` (a macOS terminal gives
+        /// 256); 0 leaves this process's.
+        #[arg(long, default_value_t = 512)]
+        agent_nofile: u32,
+        /// Only the attacks whose name contains this.
+        #[arg(long)]
+        only: Option<String>,
+    },
     /// setup, then the soak (crates/agent/tests/soak.rs) for longer than the minute `test` gives
     /// it: the agent binary and the real engine under 5x overload, checking nothing is lost and
     /// memory and file descriptors stay flat.
@@ -100,6 +121,9 @@ fn main() -> anyhow::Result<()> {
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
         Task::Soak { minutes } => soak(minutes),
+        Task::Abuse { quick, agent, agent_nofile, only } => {
+            abuse::abuse(&abuse::Options { quick, agent, agent_nofile, only })
+        }
         Task::Bench { what, seconds, rounds, agent, perf, only, streams, token_ms, tokens, quick, poll_seconds } => {
             let rounds = match (what.as_str(), quick) {
                 ("vitals", true) => 1,
@@ -137,6 +161,11 @@ fn main() -> anyhow::Result<()> {
 
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// Where cargo puts what it builds (`CARGO_TARGET_DIR`, else `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -249,7 +278,10 @@ fn test() -> anyhow::Result<()> {
         .env("RUST_BACKTRACE", "1"))?;
     // The detection bench in its quick form, on the binaries just built: a fault metalkube must
     // detect and a load it must not mistake for one. It checks counts, never times.
-    bench::vitals(&bench::Options { quick: true, rounds: 1, poll_seconds: 30, ..bench::Options::default() })
+    bench::vitals(&bench::Options { quick: true, rounds: 1, poll_seconds: 30, ..bench::Options::default() })?;
+    // The hostile-client suite in its quick form: no client may restart the engine or keep
+    // another client from being served.
+    abuse::abuse(&abuse::Options { quick: true, agent: None, agent_nofile: 512, only: None })
 }
 
 const MACOS_TARGET: &str = "aarch64-apple-darwin";

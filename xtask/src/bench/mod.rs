@@ -6,11 +6,11 @@
 //! folder): detection of a sick engine by the pulse against a `/health` poll and an uptime +
 //! task-counter check, same engine, same run.
 
-mod procfs;
+pub(crate) mod procfs;
 mod profile;
 mod proxy;
 mod proxy_report;
-mod stats;
+pub(crate) mod stats;
 mod stream;
 mod vitals;
 
@@ -117,7 +117,7 @@ impl Drop for Ctx {
 
 /// Each connection is a file descriptor: 1,000 streams through a proxy are 2,000 of its fds and
 /// 1,000 of the client's. Children inherit the raised limit.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
         && soft < hard
@@ -138,7 +138,7 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -166,7 +166,7 @@ fn wait_port(port: u16, what: &str) -> anyhow::Result<()> {
     bail!("{what} did not listen on {port}")
 }
 
-fn machine() -> String {
+pub(crate) fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {

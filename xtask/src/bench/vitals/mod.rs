@@ -29,7 +29,7 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::Options;
-use crate::{cargo, root, run};
+use crate::{cargo, run, target_dir};
 
 /// Seconds since the bench started, shared by every thread that records a time.
 #[derive(Debug, Clone, Copy)]
@@ -167,11 +167,6 @@ impl Drop for Env {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Where cargo puts what it builds (`CARGO_TARGET_DIR`, else `target/`).
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
 }
 
 pub fn vitals(opts: &Options) -> anyhow::Result<()> {
