@@ -224,10 +224,7 @@ mod tests {
             StartFailure::Permanent(m) => assert!(m.contains("/m/x.gguf") && m.contains("ermission denied"), "{m}"),
             other => panic!("{other:?}"),
         }
-        let bad = crate::AgentError::NotGguf {
-            path: "/m/x.gguf".into(),
-            source: metalkube_gguf::GgufError::BadMagic,
-        };
+        let bad = crate::AgentError::NotGguf { path: "/m/x.gguf".into(), source: metalkube_gguf::GgufError::BadMagic };
         assert!(matches!(classify_start_error("reading the model file", &bad), StartFailure::Permanent(_)));
         let denied = crate::AgentError::Spawn {
             binary: "/bin/llama-server".into(),

@@ -19,7 +19,7 @@ impl ModelProxy {
     ) -> Result<(Bytes, Reservation), Box<Response<ProxyBody>>> {
         let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
         if declared.is_some_and(|n| n > limit) {
-            return Err(Box::new(self.refuse(admission, admission.rejected(Rejection::TooLarge))));
+            return Err(Box::new(self.too_large(admission, limit)));
         }
         let mut reservation = self.bodies.reservation(peer.ip());
         // A declared length is reserved at once: the 101st client of a full port is told now,
@@ -34,11 +34,26 @@ impl ModelProxy {
         match tokio::time::timeout(self.timeouts.body, read).await {
             Ok(Ok(bytes)) => Ok((bytes, reservation)),
             Ok(Err(refusal)) => Err(Box::new(match refusal {
+                Some(Rejection::TooLarge) => self.too_large(admission, limit),
                 Some(r) => self.refuse(admission, admission.rejected(r)),
                 None => client_error(StatusCode::BAD_REQUEST, "bad_body", "could not read the request body"),
             })),
             Err(_) => Err(Box::new(self.refuse(admission, admission.rejected(Rejection::RequestTimeout)))),
         }
+    }
+}
+
+impl ModelProxy {
+    /// 413 naming the limit of this path: `maxRequestBytes` for inference, the port's own bound
+    /// for paths that do no generation.
+    fn too_large(&self, admission: &Admission, limit: u64) -> Response<ProxyBody> {
+        admission.rejected(Rejection::TooLarge);
+        let which = if limit == admission.limits().max_request_bytes {
+            format!("spec.admission.maxRequestBytes ({limit} bytes)")
+        } else {
+            format!("{limit} bytes, the most a path that does no generation takes")
+        };
+        error_response(Rejection::TooLarge, &format!("the request body is larger than {which}"), None)
     }
 }
 

@@ -193,8 +193,8 @@ impl ModelProxy {
             Err(mistake) => return mistake.response(),
         };
         // Cheap is per request, not in sum: a 1 MiB /tokenize costs the engine most of a second
-        // of CPU, and eight clients flooding it slowed everyone's inference eightfold. A few at
-        // a time per model; the rest wait their turn within the queue timeout.
+        // of CPU, and eight clients flooding it slowed everyone's inference eightfold. One at a
+        // time per model (`CHEAP_CONCURRENCY`); the rest wait their turn within the queue timeout.
         let Ok(Ok(_turn)) =
             tokio::time::timeout(admission.limits().queue_timeout, self.cheap_turns.clone().acquire_owned()).await
         else {

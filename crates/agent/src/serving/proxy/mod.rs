@@ -92,8 +92,9 @@ const CHEAP_BODY_BYTES: u64 = 1 << 20;
 /// Answers of paths that do no generation, which the port buffers: a 1 MiB `/tokenize` with
 /// pieces answered 24 MB.
 const CHEAP_RESPONSE_BYTES: usize = 4 << 20;
-/// Requests of paths that do no generation one model's engine works on at once.
-const CHEAP_CONCURRENCY: usize = 2;
+/// Requests of paths that do no generation one model's engine works on at once. One: two
+/// tokenizations of 1 MiB at once took both cores of a small Mac and starved the pulse into red.
+const CHEAP_CONCURRENCY: usize = 1;
 
 /// What a model's serving port may do, changed by spec updates while it runs.
 #[derive(Debug, Clone, Default)]
