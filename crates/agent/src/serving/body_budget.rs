@@ -4,9 +4,10 @@
 //! never hold one), so bodies being received, waiting in the queue and being sent to the engine
 //! are all in the agent's memory. Each is bounded by `maxRequestBytes`, but without a bound on
 //! their sum 250 unfinished 8 MiB uploads took the agent to 2 GB. A body reserves its bytes
-//! here before they are read (its declared length at once, a chunked body chunk by chunk); a
-//! body that finds no room is refused with 503 and Retry-After, and the bytes come back when the
-//! request is answered or abandoned.
+//! here as they arrive, before they are kept; one whose declared length does not fit the room
+//! left is refused at once, before it sends anything (a declared length alone reserves nothing:
+//! a client must send bytes to hold memory). A body that finds no room is refused with 503 and
+//! Retry-After, and the bytes come back when the request is answered or abandoned.
 //!
 //! Within a port, one client address may hold half of the port's bytes: a hundred unfinished
 //! uploads from one address cost that address its share, and a client at another address still
@@ -70,6 +71,16 @@ impl BodyBudget {
 
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// Whether `n` more bytes from `client` would fit now (its share, this pool, the agent's).
+    pub fn has_room(&self, client: IpAddr, n: u64) -> bool {
+        let client = metalkube_runtime::connections::client_key(client);
+        let by_address = metalkube_runtime::sync::lock(&self.by_address).get(&client).copied().unwrap_or(0);
+        let fits = |held: u64, limit: u64| held.checked_add(n).is_some_and(|total| total <= limit);
+        fits(by_address, self.limit() / 2)
+            && fits(self.held(), self.limit())
+            && self.parent.as_ref().is_none_or(|p| fits(p.held(), p.limit()))
     }
 
     /// An empty reservation for a body from `client`, grown as the body arrives.

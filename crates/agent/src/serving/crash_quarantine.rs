@@ -27,8 +27,12 @@ pub struct CrashQuarantine {
 impl CrashQuarantine {
     /// The engine crashed with these bodies in it. Returns the ones now quarantined.
     pub fn crashed_with(&mut self, bodies: &[BodyDigest], now: Instant) -> Vec<BodyDigest> {
+        // The same body sent twice is one suspect, not two crashes' worth of evidence.
+        let mut bodies = bodies.to_vec();
+        bodies.sort_unstable();
+        bodies.dedup();
         let mut quarantined = Vec::new();
-        for digest in bodies {
+        for digest in &bodies {
             let seen = self.suspects.entry(*digest).or_insert((0, now));
             *seen = (seen.0 + 1, now);
             if bodies.len() == 1 || seen.0 >= 2 {
@@ -94,6 +98,15 @@ mod tests {
         assert!(!q.refuses(&body(1), t0), "one shared crash proves nothing about either");
         assert_eq!(q.crashed_with(&[body(1), body(3)], t0), vec![body(1)]);
         assert!(q.refuses(&body(1), t0) && !q.refuses(&body(2), t0) && !q.refuses(&body(3), t0));
+    }
+
+    #[test]
+    fn the_same_body_twice_in_one_crash_is_one_suspect() {
+        let mut q = CrashQuarantine::default();
+        let t0 = Instant::now();
+        assert!(q.crashed_with(&[body(1), body(1), body(2)], t0).is_empty());
+        assert!(!q.refuses(&body(1), t0));
+        assert_eq!(q.crashed_with(&[body(3), body(3)], t0), vec![body(3)], "alone, though sent twice");
     }
 
     proptest! {

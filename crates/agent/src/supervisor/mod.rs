@@ -91,6 +91,10 @@ impl RunEnd {
     }
 }
 
+/// Crashes in a row, each with client requests in the engine, restarted at once before they
+/// count as the engine's own crash loop.
+const REQUEST_CRASHES_BEFORE_BACKOFF: u32 = 3;
+
 pub struct SupervisorHandle {
     commands: mpsc::UnboundedSender<Command>,
     report: watch::Receiver<ModelReport>,
@@ -158,6 +162,7 @@ impl SupervisorHandle {
             commands: rx,
             report: report_tx,
             port_conflicts: 0,
+            crashes_with_requests_in_a_row: 0,
             cache_lease: None,
             pulses_replaced_in_a_row: 0,
             last_pulse_sent: Instant::now(),
@@ -208,6 +213,10 @@ struct Supervisor {
     grader: Grader,
     backoff: RestartBackoff,
     port_conflicts: u32,
+    /// Crashes with client requests in the engine since the last stable run: past a few, the
+    /// crashes are the engine's after all (a bad build, a bad model under any load), and back
+    /// off as a crash loop does.
+    crashes_with_requests_in_a_row: u32,
     /// Keeps this model's downloaded files out of cache eviction while it is here.
     cache_lease: Option<CacheLease>,
     /// Scheduled pulses client traffic stood in for since the last real one.
@@ -270,7 +279,12 @@ impl Supervisor {
                     }
                 }
                 RunEnd::CrashedWithRequests { message, uptime } => {
-                    if self.back_off(FaultReason::Crash, message, uptime, false).await {
+                    if uptime >= self.ctx.config.backoff.stable_after {
+                        self.crashes_with_requests_in_a_row = 0;
+                    }
+                    self.crashes_with_requests_in_a_row += 1;
+                    let engine_failed = self.crashes_with_requests_in_a_row > REQUEST_CRASHES_BEFORE_BACKOFF;
+                    if self.back_off(FaultReason::Crash, message, uptime, engine_failed).await {
                         break;
                     }
                 }

@@ -31,6 +31,13 @@ pub const MAX_TYPES: usize = 4;
 pub const MAX_PROPERTIES: usize = 256;
 /// `minItems`, `maxItems`, `minLength`, `maxLength`, `minProperties`, `maxProperties`.
 pub const MAX_COUNT_BOUND: u64 = 2000;
+/// A `pattern`'s length and its groups nested in one another: the converter walks a pattern
+/// by recursion, one level per group.
+pub const MAX_PATTERN_BYTES: usize = 1024;
+pub const MAX_PATTERN_GROUPS: usize = 32;
+/// A property's name: the converter recurses per character of the names it must exclude when
+/// `additionalProperties` is set.
+pub const MAX_PROPERTY_NAME_CHARS: usize = 256;
 
 const COUNT_BOUNDS: [&str; 6] = ["minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties"];
 
@@ -143,17 +150,34 @@ fn check_node(map: &serde_json::Map<String, Value>) -> Result<(), Problem> {
             "`type` lists of at most 4 entries",
         ));
     }
-    if let Some(Value::Object(properties)) = map.get("properties")
-        && properties.len() > MAX_PROPERTIES
-    {
-        return Err(Problem(
-            format!("has an object of {} properties", properties.len()),
-            "objects of at most 256 properties",
-        ));
+    if let Some(Value::Object(properties)) = map.get("properties") {
+        if properties.len() > MAX_PROPERTIES {
+            return Err(Problem(
+                format!("has an object of {} properties", properties.len()),
+                "objects of at most 256 properties",
+            ));
+        }
+        if let Some(long) = properties.keys().find(|k| k.chars().count() > MAX_PROPERTY_NAME_CHARS) {
+            return Err(Problem(
+                format!("has a property name of {} characters", long.chars().count()),
+                "property names of at most 256 characters",
+            ));
+        }
+    }
+    if let Some(Value::String(pattern)) = map.get("pattern") {
+        let groups = pattern_depth(pattern);
+        if pattern.len() > MAX_PATTERN_BYTES || groups > MAX_PATTERN_GROUPS {
+            return Err(Problem(
+                format!("has a `pattern` of {} bytes nesting {groups} groups", pattern.len()),
+                "patterns of at most 1024 bytes and 32 nested groups",
+            ));
+        }
     }
     for key in COUNT_BOUNDS {
+        let whole =
+            |v: &Value| v.as_u64().or_else(|| v.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64));
         if let Some(v) = map.get(key)
-            && v.as_u64().is_none_or(|n| n > MAX_COUNT_BOUND)
+            && whole(v).is_none_or(|n| n > MAX_COUNT_BOUND)
         {
             return Err(Problem(
                 format!("has `{key}` {v}"),
@@ -198,15 +222,38 @@ fn children<'a>(map: &'a serde_json::Map<String, Value>, pointer: &str) -> Vec<(
     out
 }
 
+/// How deep a regular expression's groups nest (escaped parentheses and those in classes are
+/// not groups).
+fn pattern_depth(pattern: &str) -> usize {
+    let (mut depth, mut deepest, mut escaped, mut in_class) = (0usize, 0usize, false, false);
+    for c in pattern.chars() {
+        match (escaped, in_class, c) {
+            (true, _, _) => escaped = false,
+            (false, _, '\\') => escaped = true,
+            (false, false, '[') => in_class = true,
+            (false, true, ']') => in_class = false,
+            (false, false, '(') => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            (false, false, ')') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 /// A JSON pointer segment (RFC 6901).
 fn escape(segment: &str) -> String {
     segment.replace('~', "~0").replace('/', "~1")
 }
 
-/// The pointer of a local reference (`#` or `#/...`), unescaped as `Value::pointer` expects it.
+/// The pointer of a local reference (`#` or `#/...`). A `~` is refused (None): the engine splits
+/// references on `/` without decoding `~1` and `~0`, so a reference with them names one part of
+/// the schema here and another in the engine.
 fn local_pointer(reference: &str) -> Option<String> {
     let rest = reference.strip_prefix('#')?;
-    (rest.is_empty() || rest.starts_with('/')).then(|| rest.to_owned())
+    (!rest.contains('~') && (rest.is_empty() || rest.starts_with('/'))).then(|| rest.to_owned())
 }
 
 #[cfg(test)]
@@ -261,6 +308,19 @@ mod tests {
         assert!(problem(json!({"type": "array", "maxItems": 100000})).contains("maxItems"));
         assert!(problem(json!({"$ref": "https://example.com/s.json"})).contains("local references"));
         assert!(problem(json!({"$ref": "#/nowhere"})).contains("points nowhere"));
+        // Read as `x/y` here, as `x~1y` (itself) by the engine: refused.
+        let escaped =
+            json!({"allOf": [{"$ref": "#/$defs/x~1y"}], "$defs": {"x/y": {}, "x~1y": {"$ref": "#/$defs/x~1y"}}});
+        assert!(problem(escaped).contains("local references"));
+        let deep_pattern = format!("^{}$", "(a".repeat(20_000));
+        assert!(problem(json!({"type": "string", "pattern": deep_pattern})).contains("`pattern`"));
+        assert!(check("json_schema", &json!({"type": "string", "pattern": "^[a-z]+(-[a-z0-9]+)*$"})).is_ok());
+        let long_name: serde_json::Map<String, Value> = [("a!".repeat(30_000), json!({}))].into_iter().collect();
+        assert!(problem(json!({"properties": long_name, "additionalProperties": true})).contains("property name"));
+        assert!(
+            check("json_schema", &json!({"type": "array", "maxItems": 2.0})).is_ok(),
+            "a whole number written as a float"
+        );
         let chain: serde_json::Map<String, Value> = (0..1000)
             .map(|i| (format!("c{i}"), json!({"properties": {"x": {"$ref": format!("#/$defs/c{}", i + 1)}}})))
             .collect();

@@ -18,23 +18,30 @@ use crate::AgentError;
 /// Characters of one class in a row (letters, digits, white space, or other symbols).
 pub const MAX_RUN: usize = 4096;
 
-/// Keys whose string value the engine loads as media.
-const MEDIA_KEYS: [&str; 4] = ["image_url", "video_url", "audio_url", "url"];
+/// Keys whose string value the engine loads as media (an address or a `data:` URI).
+const MEDIA_KEYS: [&str; 3] = ["image_url", "video_url", "audio_url"];
+/// Objects whose `url` is media (OpenAI's `{"image_url": {"url": …}}`, Anthropic's
+/// `{"source": {"type": "url", "url": …}}`).
+const MEDIA_CONTAINERS: [&str; 5] = ["image_url", "video_url", "audio_url", "input_audio", "source"];
+/// Keys whose string value is raw base64 media the engine decodes, never tokenizes.
+const INLINE_MEDIA_KEYS: [&str; 2] = ["data", "multimodal_data"];
 
 /// Checks every string of `body` (a JSON text whose nesting is already bounded).
 pub fn check(body: &[u8]) -> Result<(), AgentError> {
     let mut de = serde_json::Deserializer::from_slice(body);
     let mut found: Option<AgentError> = None;
-    let walked = Strings { key: None, found: &mut found }.deserialize(&mut de);
+    let walked = Strings { key: None, container: None, found: &mut found }.deserialize(&mut de);
     if let Some(problem) = found {
         return Err(problem);
     }
     walked.map_err(AgentError::RequestBodyNotJson)
 }
 
-/// Walks one value; `key` is the object key it is under.
+/// Walks one value; `key` is the object key it is under, `container` the key its object is
+/// under.
 struct Strings<'k, 'f> {
     key: Option<&'k str>,
+    container: Option<&'k str>,
     found: &'f mut Option<AgentError>,
 }
 
@@ -54,24 +61,27 @@ impl<'de> Visitor<'de> for Strings<'_, '_> {
 
     fn visit_str<E: de::Error>(self, s: &str) -> Result<(), E> {
         if self.found.is_none() {
-            *self.found = judge(self.key, s);
+            *self.found = judge(self.key, self.container, s);
         }
         // Stop reading at the first problem: serde's error is replaced by ours.
         if self.found.is_some() { Err(E::custom("refused")) } else { Ok(()) }
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while seq.next_element_seed(Strings { key: None, found: self.found })?.is_some() {}
+        // A list's elements stand where the list stands.
+        while seq.next_element_seed(Strings { key: self.key, container: self.container, found: self.found })?.is_some()
+        {
+        }
         Ok(())
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
-            if let Some(problem) = judge(None, &key) {
+            if let Some(problem) = judge(None, None, &key) {
                 *self.found = Some(problem);
                 return Err(de::Error::custom("refused"));
             }
-            map.next_value_seed(Strings { key: Some(&key), found: self.found })?;
+            map.next_value_seed(Strings { key: Some(&key), container: self.key, found: self.found })?;
         }
         Ok(())
     }
@@ -93,21 +103,34 @@ impl<'de> Visitor<'de> for Strings<'_, '_> {
     }
 }
 
-/// What is wrong with string `s` under `key`, if anything.
-fn judge(key: Option<&str>, s: &str) -> Option<AgentError> {
-    let inline = s.starts_with("data:");
-    if let Some(key) = key.filter(|k| MEDIA_KEYS.contains(k))
-        && !inline
-    {
+/// What is wrong with string `s` under `key` (in an object under `container`), if anything.
+fn judge(key: Option<&str>, container: Option<&str>, s: &str) -> Option<AgentError> {
+    let media = key.is_some_and(|k| MEDIA_KEYS.contains(&k))
+        || (key == Some("url") && container.is_some_and(|c| MEDIA_CONTAINERS.contains(&c)));
+    if media && !s.starts_with("data:") {
         return Some(AgentError::RequestField {
-            field: key.to_owned(),
+            field: key.unwrap_or("url").to_owned(),
             problem: "names media by address; the engine would fetch it from this Mac's network".to_owned(),
             allowed: "inline media as a data: URI (data:image/png;base64,...)".to_owned(),
         });
     }
     // Inline media is decoded, never tokenized.
-    if inline {
+    if media || key.is_some_and(|k| INLINE_MEDIA_KEYS.contains(&k)) {
         return None;
+    }
+    // Tool-call arguments are JSON in a string, which chat templates parse again.
+    if key == Some("arguments")
+        && let Err(too_deep) = super::depth::check_nesting(s.as_bytes(), super::MAX_JSON_DEPTH)
+    {
+        return Some(AgentError::RequestField {
+            field: "arguments".to_owned(),
+            problem: format!(
+                "holds JSON nested deeper than {} levels (at byte {})",
+                super::MAX_JSON_DEPTH,
+                too_deep.offset
+            ),
+            allowed: format!("arguments of at most {} levels", super::MAX_JSON_DEPTH),
+        });
     }
     let run = longest_run(s);
     (run > MAX_RUN).then(|| AgentError::RequestField {
@@ -194,5 +217,26 @@ mod tests {
         assert!(
             problem(json!({"input": [{"type": "input_image", "image_url": "https://example.com/x.png"}]})).is_some()
         );
+        let anthropic = json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": "http://10.0.0.1/"}}]}]});
+        assert!(problem(anthropic).is_some());
+        // A `url` that is not media (a citation in the history) is text.
+        let citation = json!({"messages": [{"role": "assistant", "content": "see", "annotations": [{"type": "url_citation", "url_citation": {"url": "https://example.com"}}]}]});
+        assert_eq!(problem(citation), None);
+    }
+
+    #[test]
+    fn inline_media_is_not_tokenized_but_data_text_elsewhere_is() {
+        let audio = json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "A".repeat(20_000), "format": "wav"}}]}]});
+        assert_eq!(problem(audio), None);
+        assert!(problem(json!({"prompt": format!("data:{}", "a".repeat(30_000))})).is_some());
+    }
+
+    #[test]
+    fn tool_call_arguments_are_held_to_the_json_depth() {
+        let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+        let body = json!({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": deep}}]}]});
+        assert!(problem(body).unwrap().contains("`arguments`"));
+        let fine = json!({"messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{\"city\": \"Paris\"}"}}]}]});
+        assert_eq!(problem(fine), None);
     }
 }

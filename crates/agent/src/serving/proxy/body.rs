@@ -21,14 +21,14 @@ impl ModelProxy {
         if declared.is_some_and(|n| n > limit) {
             return Err(Box::new(self.too_large(admission, limit)));
         }
-        let mut reservation = self.bodies.reservation(peer.ip());
-        // A declared length is reserved at once: the 101st client of a full port is told now,
-        // not after it has sent megabytes.
+        // A declared length that does not fit is refused now, not after megabytes were sent;
+        // one that fits reserves its bytes as they come.
         if let Some(n) = declared
-            && !reservation.grow_to(n)
+            && !self.bodies.has_room(peer.ip(), n)
         {
             return Err(Box::new(self.refuse(admission, admission.rejected(Rejection::BodyMemory))));
         }
+        let mut reservation = self.bodies.reservation(peer.ip());
         let capacity = usize::try_from(declared.unwrap_or(0)).unwrap_or(0);
         let read = collect(body, limit, &mut reservation, capacity);
         match tokio::time::timeout(self.timeouts.body, read).await {

@@ -57,7 +57,7 @@ impl ModelProxy {
             }
         };
 
-        let in_engine = self.in_engine.enter(InEngineRequest {
+        let mut in_engine = self.in_engine.enter(InEngineRequest {
             client: peer,
             request: format!("{} {}", parts.method, parts.uri.path()),
             body: body_digest,
@@ -75,7 +75,10 @@ impl ModelProxy {
         let resp = match answered {
             Ok(Ok(resp)) => resp,
             Ok(Err(e)) => {
-                // The engine did not answer at all: that is the engine's, whoever asked.
+                // The engine did not answer at all: that is the engine's, whoever asked. If it
+                // died of this request, the supervisor sees the exit a moment later: the request
+                // stays a suspect.
+                in_engine.broke_off();
                 admission.upstream_failed();
                 self.pulse_now.notify_one();
                 tracing::warn!(model = %self.model, "engine unreachable: {}", crate::error::chain(&e));
@@ -198,7 +201,18 @@ impl ModelProxy {
         let Ok(Ok(_turn)) =
             tokio::time::timeout(admission.limits().queue_timeout, self.cheap_turns.clone().acquire_owned()).await
         else {
-            return self.refuse(&admission, admission.rejected(Rejection::QueueTimeout));
+            // Counted, but not as the model being busy: inference places may all be free.
+            self.series.rejected(Rejection::QueueTimeout);
+            let retry = admission.retry_after(Rejection::QueueTimeout, self.not_ready_for());
+            return error_response(
+                Rejection::QueueTimeout,
+                &format!(
+                    "model {}: requests that do no generation (tokenize, templates) run one at a time, and the one before yours did not finish within the queue timeout {:?}",
+                    self.model,
+                    admission.limits().queue_timeout
+                ),
+                Some(retry),
+            );
         };
         let left = access.request_timeout.saturating_sub(started.elapsed());
         let answered = tokio::time::timeout(left, async {
