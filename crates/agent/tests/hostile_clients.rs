@@ -258,32 +258,40 @@ async fn a_json_path_judges_json_whatever_the_content_type_says() {
     h.agent.shutdown().await;
 }
 
-/// A body that declares `declared` bytes and sends a little of it, from `source`.
-async fn unfinished_upload(port: u16, source: [u8; 4], declared: u64) -> (tokio::net::TcpStream, String) {
+/// A body that declares `declared` bytes and sends all but its last byte, from `source`.
+/// Returns the connection, and whether the agent refused it (answered or closed it: a refusal
+/// may come before the body is written, or in its middle, and the connection's reset can then
+/// swallow the 503) or holds it (silence).
+async fn unfinished_upload(port: u16, source: [u8; 4], declared: u64) -> (tokio::net::TcpStream, bool) {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.bind((source, 0).into()).unwrap();
     let mut conn = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {declared}\r\n\r\n{{\"messages\": \""
     );
-    conn.write_all(head.as_bytes()).await.unwrap();
-    // All but the last byte: the body holds (nearly) its whole length.
     let prefix = "{\"messages\": \"".len() as u64;
-    let sent = usize::try_from(declared - prefix - 1).unwrap();
-    conn.write_all(&vec![b'a'; sent]).await.unwrap();
-    // A refusal comes at once; a body still being taken leaves the connection silent.
+    let body = vec![b'a'; usize::try_from(declared - prefix - 1).unwrap()];
+    // A refused upload finds the connection closed under it: that is its answer, not a failure.
+    let _ = conn.write_all(head.as_bytes()).await;
+    let _ = conn.write_all(&body).await;
     let mut answer = vec![0u8; 4096];
-    let read = tokio::time::timeout(Duration::from_millis(500), conn.read(&mut answer)).await;
-    let answer = match read {
-        Ok(Ok(n)) => String::from_utf8_lossy(&answer[..n]).into_owned(),
-        _ => String::new(),
+    let refused = match tokio::time::timeout(Duration::from_secs(2), conn.read(&mut answer)).await {
+        Err(_) => false,
+        Ok(Ok(n)) => {
+            let text = String::from_utf8_lossy(&answer[..n]);
+            assert!(n == 0 || (text.starts_with("HTTP/1.1 503") && text.contains("body_memory")), "{text}");
+            true
+        }
+        Ok(Err(_)) => true,
     };
-    (conn, answer)
+    (conn, refused)
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn unfinished_uploads_hold_bounded_memory_and_cost_their_own_address() {
-    let h = Harness::new(real_engine()).await;
+    // A body timeout longer than the test: memory is freed by the bound, not by timeouts.
+    let timeouts = ClientTimeouts { body: Duration::from_secs(120), ..test_client_timeouts() };
+    let h = Harness::with_client_timeouts(real_engine(), timeouts).await;
     let mut d = h.desired("uploads", None);
     d.spec.admission.max_request_bytes = 1 << 20;
     d.spec.admission.queue_depth = 2;
@@ -293,14 +301,19 @@ async fn unfinished_uploads_hold_bounded_memory_and_cost_their_own_address() {
     let mut uploads = Vec::new();
     let mut refused = 0;
     for _ in 0..10 {
-        let (conn, answer) = unfinished_upload(port, [127, 0, 0, 1], 1 << 20).await;
-        if answer.starts_with("HTTP/1.1 503") {
-            assert!(answer.contains("body_memory") && answer.to_ascii_lowercase().contains("retry-after"), "{answer}");
-            refused += 1;
-        }
+        let (conn, was_refused) = unfinished_upload(port, [127, 0, 0, 1], 1 << 20).await;
+        refused += usize::from(was_refused);
         uploads.push(conn);
     }
     assert_eq!(refused, 8, "two 1 MiB bodies fill one address's share of 2 MiB");
+    // A head that declares what no longer fits is told so at once, with when to come back.
+    let mut probe = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    probe.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n").await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(GUARD, probe.read(&mut answer)).await.unwrap().unwrap();
+    let answer = String::from_utf8_lossy(&answer[..n]);
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("body_memory"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("retry-after"), "{answer}");
     let metrics = h.metrics().await;
     assert!(metrics.contains(r#"request_body_bytes{model="default/uploads"} 2097150"#), "{metrics}");
     // A client at another address still finds room.
