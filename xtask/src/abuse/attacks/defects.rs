@@ -31,14 +31,14 @@ pub fn attacks() -> Vec<Attack> {
         Attack {
             slug: "slow-readers",
             issue: "#2",
-            sent: "4 streams (200 tokens with top_logprobs 300: about 4 MB each), SO_RCVBUF 4 KiB, never read; held queueTimeout + 5 s (20 s quick, 35 s full)",
+            sent: "4 streams (1,500 tokens with top_logprobs 100: about 7 MB each), SO_RCVBUF 4 KiB, never read; held queueTimeout + 5 s (20 s quick, 35 s full)",
             quick: true,
             run: slow_readers_streamed,
         },
         Attack {
             slug: "slow-readers-unstreamed",
             issue: "#2",
-            sent: "4 non-streamed answers (200 tokens with top_logprobs 300), SO_RCVBUF 4 KiB, never read; held 35 s",
+            sent: "4 non-streamed answers (1,500 tokens with top_logprobs 100), SO_RCVBUF 4 KiB, never read; held 35 s",
             quick: false,
             run: slow_readers_unstreamed,
         },
@@ -160,8 +160,13 @@ fn nested_json_repeated(arena: &Arena) -> anyhow::Result<Tally> {
 
 /// What an answer whose reader stopped turned out to be once read again: completed (its place
 /// was held until now), ended by the agent (the place freed), or still going.
-fn drain_label(s: &mut TcpStream, stream: bool) -> String {
+fn drain_label(s: &mut TcpStream, stream: bool, tally: &mut Tally) -> String {
     let a = net::read_answer(s, Instant::now() + Duration::from_secs(5), Instant::now());
+    if let Some(status) = a.status.filter(|s| *s != 200) {
+        // A refused request never became a slow reader: the row must not pass on it.
+        tally.breaches.push(format!("a reader's request was answered {status}: the attack did not run"));
+        return format!("refused {status}");
+    }
     let ended = matches!(a.failure.as_deref(), None | Some("reset"));
     let complete = if stream { a.tail.contains("[DONE]") } else { a.tail.trim_end().ends_with('}') };
     match (ended, complete) {
@@ -174,11 +179,12 @@ fn drain_label(s: &mut TcpStream, stream: bool) -> String {
 
 fn slow_readers(arena: &Arena, stream: bool) -> anyhow::Result<Tally> {
     let mut tally = Tally::default();
-    // Few tokens, quickly generated, with a large answer: the engine is done long before the
-    // hold ends, so what holds the places is the readers alone.
-    let extra = format!(r#","stream":{stream},"ignore_eos":true,"logprobs":true,"top_logprobs":300"#);
+    // Tokens quickly generated, with a large answer (100 alternatives each, the most the port
+    // allows: about 7 MB, far more than the socket buffers): the engine is done long before
+    // the hold ends, so what holds the places is the readers alone.
+    let extra = format!(r#","stream":{stream},"ignore_eos":true,"logprobs":true,"top_logprobs":100"#);
     let wire =
-        arena.wire("POST", "/v1/chat/completions", payloads::chat("Tell a long story.", "200", &extra).as_bytes());
+        arena.wire("POST", "/v1/chat/completions", payloads::chat("Tell a long story.", "1500", &extra).as_bytes());
     let mut readers = Vec::new();
     for _ in 0..MAX_CONCURRENT {
         let mut s = net::connect(ATTACKER, arena.serving, Some(4096), Duration::from_secs(5))?;
@@ -219,7 +225,8 @@ fn slow_readers(arena: &Arena, stream: bool) -> anyhow::Result<Tally> {
         hold.as_secs()
     ));
     for s in &mut readers {
-        tally.count(drain_label(s, stream));
+        let label = drain_label(s, stream, &mut tally);
+        tally.count(label);
     }
     Ok(tally)
 }
