@@ -55,12 +55,8 @@ pub struct Row {
     pub issue: String,
     pub sent: String,
     pub seconds: f64,
-    pub answers: BTreeMap<String, u32>,
-    pub examples: BTreeMap<String, String>,
-    pub notes: Vec<String>,
-    pub engine_deaths: Vec<String>,
-    pub breaches: Vec<String>,
-    pub probes: Vec<String>,
+    /// What the attack itself saw: its answers, notes, breaches, probes.
+    pub tally: Tally,
     /// How far the agent's restart counter moved in the window.
     pub counter_restarts: u64,
     pub victim: Victim,
@@ -103,12 +99,7 @@ impl Row {
             issue: attack.issue.into(),
             sent: attack.sent.into(),
             seconds,
-            answers: tally.answers,
-            examples: tally.examples,
-            notes: tally.notes,
-            engine_deaths: tally.engine_deaths,
-            breaches: tally.breaches,
-            probes: tally.probes,
+            tally,
             counter_restarts: counter_delta(&looks),
             victim: Victim::of(&shots),
             restarts: records.restarts.range(t0..t1).map(|(_, r)| r.clone()).collect(),
@@ -122,7 +113,7 @@ impl Row {
 
     /// Engine restarts in the window: recorded by the agent, or seen as a dead engine.
     pub fn restart_count(&self) -> usize {
-        self.restarts.len().max(self.engine_deaths.len()).max(self.counter_restarts as usize)
+        self.restarts.len().max(self.tally.engine_deaths.len()).max(self.counter_restarts as usize)
     }
 
     /// The goal: no restart, and the victim served throughout.
@@ -140,7 +131,7 @@ impl Row {
         if self.agent_exited {
             out.push("the agent exited".into());
         }
-        out.extend(self.breaches.iter().cloned());
+        out.extend(self.tally.breaches.iter().cloned());
         out
     }
 
@@ -150,7 +141,7 @@ impl Row {
     }
 
     fn came_back(&self) -> String {
-        counted(&self.answers)
+        counted(&self.tally.answers)
     }
 
     fn victim_cell(&self) -> String {
@@ -174,8 +165,8 @@ impl Row {
 
     /// What the table has no room for.
     fn details(&self) -> Vec<String> {
-        let mut out = self.notes.clone();
-        for d in &self.engine_deaths {
+        let mut out = self.tally.notes.clone();
+        for d in &self.tally.engine_deaths {
             out.push(format!("ENGINE GONE after: {d}"));
         }
         for r in &self.restarts {
@@ -188,11 +179,11 @@ impl Row {
         if !self.victim.failures.is_empty() {
             out.push(format!("victim's failed answers: {}", counted(&self.victim.failures)));
         }
-        for (label, message) in &self.examples {
+        for (label, message) in &self.tally.examples {
             out.push(format!("{label}: \"{message}\""));
         }
-        if !self.probes.is_empty() {
-            out.push(format!("per request: {}", self.probes.join("; ")));
+        if !self.tally.probes.is_empty() {
+            out.push(format!("per request: {}", self.tally.probes.join("; ")));
         }
         out
     }
@@ -332,13 +323,13 @@ pub fn write(dir: &Path, rows: &[Row], s: &Settings, text: &str) -> anyhow::Resu
         .map(|r| {
             json!({
                 "attack": r.slug, "issue": r.issue, "sent": r.sent, "seconds": r.seconds,
-                "answers": r.answers, "examples": r.examples, "probes": r.probes, "notes": r.notes, "engineDeaths": r.engine_deaths,
+                "answers": r.tally.answers, "examples": r.tally.examples, "probes": r.tally.probes, "notes": r.tally.notes, "engineDeaths": r.tally.engine_deaths,
                 "victim": {"served": r.victim.served, "refused": r.victim.refused, "errors": r.victim.errors,
                            "p99Seconds": r.victim.p99_seconds, "failures": r.victim.failures},
                 "restarts": r.restarts.iter().map(|x| json!({"atMs": x.at_ms, "reason": x.reason, "message": x.message})).collect::<Vec<_>>(),
                 "readyz": r.readyz, "phases": r.phases,
                 "agentRssMiB": {"before": r.rss_mib.0, "peak": r.rss_mib.1, "after": r.rss_mib.2},
-                "agentFdsPeak": r.fds_peak, "agentExited": r.agent_exited, "breaches": r.breaches, "failures": r.failures(),
+                "agentFdsPeak": r.fds_peak, "agentExited": r.agent_exited, "breaches": r.tally.breaches, "failures": r.failures(),
             })
         })
         .collect();

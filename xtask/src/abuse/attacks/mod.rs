@@ -47,7 +47,7 @@ pub struct Arena<'a> {
 }
 
 /// What an attack saw: answers counted by label, one example message per label, findings.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Tally {
     pub answers: BTreeMap<String, u32>,
     pub examples: BTreeMap<String, String>,
