@@ -61,15 +61,15 @@ pub struct Fields<'a> {
     #[serde(default)]
     stream: Option<Value>,
     #[serde(default)]
-    prompt: Option<Prompts>,
+    prompt: Option<Shape>,
     #[serde(default)]
-    input: Option<Prompts>,
+    input: Option<Shape>,
     #[serde(default)]
-    content: Option<Prompts>,
+    content: Option<Shape>,
     #[serde(default)]
-    documents: Option<Count>,
+    documents: Option<Shape>,
     #[serde(default)]
-    texts: Option<Count>,
+    texts: Option<Shape>,
     #[serde(default)]
     pub(super) n: Option<Value>,
     #[serde(default)]
@@ -81,7 +81,7 @@ pub struct Fields<'a> {
     #[serde(default)]
     logprobs: Option<Value>,
     #[serde(default)]
-    logit_bias: Option<Count>,
+    logit_bias: Option<Shape>,
     #[serde(default)]
     n_predict: Option<Value>,
     #[serde(default)]
@@ -183,17 +183,17 @@ impl Fields<'_> {
 
     /// Prompts of a completion: `prompt` split as llama-server splits it (1 when absent).
     pub fn prompts(&self) -> u64 {
-        self.prompt.as_ref().map_or(1, |p| p.0)
+        self.prompt.map_or(1, Shape::prompts)
     }
 
     /// Inputs of an embedding request (`input`, or llama.cpp's `content`).
     pub fn embedding_inputs(&self) -> u64 {
-        self.input.as_ref().or(self.content.as_ref()).map_or(1, |p| p.0)
+        self.input.or(self.content).map_or(1, Shape::prompts)
     }
 
     /// Documents of a rerank request (`documents`, or its alias `texts`).
     pub fn documents(&self) -> u64 {
-        self.documents.as_ref().or(self.texts.as_ref()).map_or(1, |d| d.0)
+        self.documents.or(self.texts).map_or(1, Shape::entries)
     }
 
     /// The schemas the engine turns into grammars, with the field each came in.
@@ -257,12 +257,12 @@ impl Fields<'_> {
         if !self.logprobs.as_ref().is_some_and(Value::is_boolean) {
             whole_in("logprobs", &self.logprobs, probs)?;
         }
-        if let Some(bias) = &self.logit_bias
-            && bias.0 > MAX_LOGIT_BIAS
+        if let Some(bias) = self.logit_bias.map(Shape::entries)
+            && bias > MAX_LOGIT_BIAS
         {
             return Err(refuse(
                 "logit_bias",
-                format!("has {} entries", bias.0),
+                format!("has {bias} entries"),
                 format!("at most {MAX_LOGIT_BIAS} entries"),
             ));
         }
@@ -305,151 +305,94 @@ pub fn describe(v: &Value) -> String {
     }
 }
 
-/// How many prompts a `prompt`, `input` or `content` value holds, as llama-server splits it: a
-/// list holding any number is one prompt (tokens, possibly mixed with text); any other list is
-/// one prompt per element; a string or a multimodal object is one. Counted without copying the
-/// prompts.
-#[derive(Debug)]
-pub struct Prompts(u64);
+/// What a value is, read without copying it: enough to count prompts and entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Null,
+    Number,
+    /// A string or a boolean.
+    Scalar,
+    /// A list: its length, and how many of its elements are numbers.
+    List {
+        len: u64,
+        numbers: u64,
+    },
+    Object {
+        len: u64,
+    },
+}
 
-impl<'de> Deserialize<'de> for Prompts {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(PromptsVisitor)
+impl Shape {
+    /// Prompts in a `prompt`, `input` or `content` value, as llama-server splits it: a list
+    /// holding any number is one prompt (tokens, possibly mixed with text); any other list is
+    /// one prompt per element; a string or a multimodal object is one.
+    fn prompts(self) -> u64 {
+        match self {
+            Shape::List { numbers: 0, len } => len.max(1),
+            _ => 1,
+        }
+    }
+
+    /// Entries of a list or an object (none for null, one for anything else).
+    fn entries(self) -> u64 {
+        match self {
+            Shape::List { len, .. } | Shape::Object { len } => len,
+            Shape::Null => 0,
+            Shape::Number | Shape::Scalar => 1,
+        }
     }
 }
 
-struct PromptsVisitor;
+impl<'de> Deserialize<'de> for Shape {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ShapeVisitor)
+    }
+}
 
-impl<'de> Visitor<'de> for PromptsVisitor {
-    type Value = Prompts;
+struct ShapeVisitor;
+
+impl<'de> Visitor<'de> for ShapeVisitor {
+    type Value = Shape;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a prompt: a string, a list of tokens, or a list of prompts")
+        f.write_str("a JSON value")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Prompts, A::Error> {
-        let (mut elements, mut numbers) = (0u64, 0u64);
-        while let Some(e) = seq.next_element::<Element>()? {
-            elements += 1;
-            numbers += u64::from(e.0);
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Shape, A::Error> {
+        let (mut len, mut numbers) = (0u64, 0u64);
+        // Elements are shaped too (their nesting is bounded before this runs), never copied.
+        while let Some(e) = seq.next_element::<Shape>()? {
+            len += 1;
+            numbers += u64::from(e == Shape::Number);
         }
-        Ok(Prompts(if numbers > 0 { 1 } else { elements.max(1) }))
+        Ok(Shape::List { len, numbers })
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Prompts, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Prompts(1))
-    }
-
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Prompts, E> {
-        Ok(Prompts(1))
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Prompts, E> {
-        Ok(Prompts(1))
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Prompts, E> {
-        Ok(Prompts(1))
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Prompts, E> {
-        Ok(Prompts(1))
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Prompts, E> {
-        Ok(Prompts(1))
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Prompts, E> {
-        Ok(Prompts(1))
-    }
-}
-
-/// One element of a prompt list: whether it is a number (a token).
-struct Element(bool);
-
-impl<'de> Deserialize<'de> for Element {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct ElementVisitor;
-        impl<'de> Visitor<'de> for ElementVisitor {
-            type Value = Element;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a prompt element")
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Element, E> {
-                Ok(Element(true))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Element, E> {
-                Ok(Element(true))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Element, E> {
-                Ok(Element(true))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Element, E> {
-                Ok(Element(false))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Element, E> {
-                Ok(Element(false))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Element, E> {
-                Ok(Element(false))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Element, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Element(false))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Element, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Element(false))
-            }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
+        let mut len = 0;
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+            len += 1;
         }
-        d.deserialize_any(ElementVisitor)
+        Ok(Shape::Object { len })
     }
-}
 
-/// The number of entries of a list or an object (1 for anything else), counted without
-/// copying them.
-#[derive(Debug)]
-pub struct Count(u64);
-
-impl<'de> Deserialize<'de> for Count {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct CountVisitor;
-        impl<'de> Visitor<'de> for CountVisitor {
-            type Value = Count;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a list or an object")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-                let mut n = 0;
-                while seq.next_element::<IgnoredAny>()?.is_some() {
-                    n += 1;
-                }
-                Ok(Count(n))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                let mut n = 0;
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
-                    n += 1;
-                }
-                Ok(Count(n))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
-                Ok(Count(1))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Count, E> {
-                Ok(Count(1))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Count, E> {
-                Ok(Count(1))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
-                Ok(Count(1))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-                Ok(Count(1))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-        }
-        d.deserialize_any(CountVisitor)
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Shape, E> {
+        Ok(Shape::Number)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Shape, E> {
+        Ok(Shape::Number)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Shape, E> {
+        Ok(Shape::Number)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Shape, E> {
+        Ok(Shape::Scalar)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Shape, E> {
+        Ok(Shape::Null)
     }
 }
 
