@@ -45,6 +45,10 @@ const BROKE_OFF_KEPT: usize = 32;
 struct Registry {
     next: u64,
     now: HashMap<u64, InEngineRequest>,
+    /// Requests in the engine when a crash took its suspects: when their answers break off a
+    /// moment later (the port sees the break after the supervisor saw the exit), they are not
+    /// suspects again, of the next crash.
+    suspected: std::collections::HashSet<u64>,
     /// Requests whose answers broke off, and when.
     broke_off: std::collections::VecDeque<(Instant, InEngineRequest)>,
 }
@@ -85,6 +89,7 @@ impl InEngine {
         let broke_off = std::mem::take(&mut r.broke_off);
         let recent = broke_off.into_iter().filter(|(at, _)| at.elapsed() <= BROKE_OFF_WITHIN).map(|(_, req)| req);
         let mut now: Vec<(u64, InEngineRequest)> = r.now.iter().map(|(id, req)| (*id, req.clone())).collect();
+        r.suspected.extend(now.iter().map(|(id, _)| *id));
         now.sort_by_key(|(id, _)| *id);
         recent.chain(now.into_iter().map(|(_, req)| req)).collect()
     }
@@ -93,8 +98,10 @@ impl InEngine {
 impl Drop for InEngineEntry {
     fn drop(&mut self) {
         let mut r = metalkube_runtime::sync::lock(&self.registry.0);
+        let suspected = r.suspected.remove(&self.id);
         if let Some(request) = r.now.remove(&self.id)
             && self.broke_off
+            && !suspected
         {
             r.broke_off.push_back((Instant::now(), request));
             if r.broke_off.len() > BROKE_OFF_KEPT {
@@ -117,19 +124,27 @@ mod tests {
             body: digest(path.as_bytes()),
             since: Instant::now(),
         };
+        let names = |all: Vec<InEngineRequest>| all.iter().map(|r| r.request.clone()).collect::<Vec<_>>();
         let a = registry.enter(request("/a"));
         let b = registry.enter(request("/b"));
-        let mut c = registry.enter(request("/c"));
-        let names = |all: Vec<InEngineRequest>| all.iter().map(|r| r.request.clone()).collect::<Vec<_>>();
-        assert_eq!(names(registry.take_suspects()), ["POST /a", "POST /b", "POST /c"]);
+        assert_eq!(names(registry.take_suspects()), ["POST /a", "POST /b"]);
         drop(a);
-        assert_eq!(names(registry.take_suspects()), ["POST /b", "POST /c"]);
+        assert_eq!(names(registry.take_suspects()), ["POST /b"]);
         assert!(registry.take_suspects()[0].describe().starts_with("127.0.0.1:5000 POST /b (body sha256 "));
-        // An answer that broke off stays a suspect for a moment, listed first, of one crash only.
+        drop(b);
+        // An answer that broke off before the crash was seen stays a suspect for a moment, of
+        // one crash only.
+        let mut c = registry.enter(request("/c"));
         c.broke_off();
         drop(c);
-        drop(b);
         assert_eq!(names(registry.take_suspects()), ["POST /c"]);
+        assert!(registry.take_suspects().is_empty());
+        // A request that was a suspect while in the engine is not one again when its answer
+        // breaks off after the crash was seen.
+        let mut d = registry.enter(request("/d"));
+        assert_eq!(names(registry.take_suspects()), ["POST /d"]);
+        d.broke_off();
+        drop(d);
         assert!(registry.take_suspects().is_empty());
     }
 }
