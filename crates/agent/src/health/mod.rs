@@ -1,6 +1,7 @@
 //! The health stage: the pulse (a timed trivial completion sent straight to the engine) and the
 //! grader that turns pulses into a grade and a restart decision.
 
+pub mod attribution;
 pub mod evidence;
 pub mod grader;
 pub mod lifecycle;

@@ -1,4 +1,5 @@
-//! Linux: memory from `/proc/meminfo`. Linux has no IOAccelerator, so no GPU figures.
+//! Linux: memory from `/proc/meminfo`, stalls from PSI (`/proc/pressure/*`), load from
+//! `/proc/loadavg`. Linux has no IOAccelerator, so no GPU figures.
 
 use super::HostSample;
 
@@ -24,6 +25,12 @@ pub fn sample() -> HostSample {
     HostSample {
         memory_total_bytes: info.total_bytes,
         memory_available_bytes: info.available_bytes,
+        cpu_stall: super::pressure::linux::psi("cpu"),
+        memory_stall: super::pressure::linux::psi("memory"),
+        io_stall: super::pressure::linux::psi("io"),
+        load_per_cpu: super::pressure::linux::load_average()
+            .zip(super::pressure::cpu_count())
+            .map(|(l, n)| l / n as f64),
         ..HostSample::default()
     }
 }

@@ -106,6 +106,7 @@ pub async fn sample() -> super::HostSample {
         memory_compressed_bytes: vm.compressed_bytes,
         memory_pressure: pressure,
         gpu,
+        ..super::HostSample::default()
     }
 }
 

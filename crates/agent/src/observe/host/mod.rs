@@ -7,6 +7,7 @@
 
 pub mod linux;
 pub mod macos;
+pub mod pressure;
 mod process;
 
 pub use process::{ProcessMemory, process_uptime};
@@ -24,7 +25,7 @@ use prometheus_client::registry::Unit;
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The kernel's view of memory pressure (macOS `kern.memorystatus_vm_pressure_level`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum MemoryPressure {
     Normal,
     Warning,
@@ -40,6 +41,14 @@ impl MemoryPressure {
             MemoryPressure::Critical => 2,
         }
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemoryPressure::Normal => "normal",
+            MemoryPressure::Warning => "warning",
+            MemoryPressure::Critical => "critical",
+        }
+    }
 }
 
 /// One reading of the host. Every field is what the OS reported, or None.
@@ -53,6 +62,15 @@ pub struct HostSample {
     pub memory_compressed_bytes: Option<u64>,
     pub memory_pressure: Option<MemoryPressure>,
     pub gpu: Option<GpuSample>,
+    /// Linux PSI `some` avg10 (0..1): the share of the last 10 s in which some task waited for a
+    /// CPU, for memory, for IO.
+    pub cpu_stall: Option<f64>,
+    pub memory_stall: Option<f64>,
+    pub io_stall: Option<f64>,
+    /// 1-minute load average over the number of CPUs.
+    pub load_per_cpu: Option<f64>,
+    /// macOS: the CPU's speed limit under thermal pressure, 0..1 (1: not limited).
+    pub thermal_speed_limit: Option<f64>,
 }
 
 /// macOS IOAccelerator `PerformanceStatistics` (no sudo needed).
@@ -128,6 +146,27 @@ impl Collector for HostCollector {
             None,
             s.memory_pressure.map(MemoryPressure::level),
         )?;
+        for (name, help, value) in [
+            ("host_cpu_stall", "Share of the last 10 s some task waited for a CPU (PSI some avg10)", s.cpu_stall),
+            (
+                "host_memory_stall",
+                "Share of the last 10 s some task stalled on memory (PSI some avg10)",
+                s.memory_stall,
+            ),
+            ("host_io_stall", "Share of the last 10 s some task stalled on IO (PSI some avg10)", s.io_stall),
+            ("host_load_per_cpu", "1-minute load average over the number of CPUs", s.load_per_cpu),
+            (
+                "host_thermal_speed_limit",
+                "The CPU's speed limit under thermal pressure, 0 to 1 (1: not limited)",
+                s.thermal_speed_limit,
+            ),
+        ] {
+            if let Some(v) = value {
+                let metric = ConstGauge::new(v);
+                let unit = (name != "host_load_per_cpu").then(|| Unit::Other("ratio".to_owned()));
+                metric.encode(e.encode_descriptor(name, help, unit.as_ref(), metric.metric_type())?)?;
+            }
+        }
         let gpu = s.gpu.unwrap_or_default();
         if let Some(u) = gpu.utilization {
             let metric = ConstGauge::new(u);
@@ -247,6 +286,9 @@ mod tests {
             memory_compressed_bytes: Some(1 << 30),
             memory_pressure: Some(MemoryPressure::Warning),
             gpu: Some(GpuSample { utilization: Some(0.42), memory_in_use_bytes: Some(123), recoveries: Some(2) }),
+            load_per_cpu: Some(1.5),
+            thermal_speed_limit: Some(0.8),
+            ..HostSample::default()
         });
         for line in [
             "metalkube_agent_host_memory_pressure 1",
@@ -254,6 +296,8 @@ mod tests {
             "metalkube_agent_host_gpu_memory_in_use_bytes 123",
             "metalkube_agent_host_gpu_recoveries_total 2",
             "metalkube_agent_host_memory_wired_bytes 3221225472",
+            "metalkube_agent_host_load_per_cpu 1.5",
+            "metalkube_agent_host_thermal_speed_limit_ratio 0.8",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }

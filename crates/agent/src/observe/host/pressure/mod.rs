@@ -1,0 +1,185 @@
+//! How busy the host was while a pulse round ran: CPU time other processes took, how long the
+//! engine waited for a CPU, memory and IO stalls, heat, and the agent's own scheduling delay.
+//! `health::attribution` decides from it whether the host explains a slow pulse; this module
+//! only reads. A window opens when a round's first sample goes out and is read at each verdict,
+//! so it covers every sample the verdict rests on.
+
+pub mod linux;
+pub mod macos;
+mod scheduling;
+
+pub use scheduling::SchedulingProbe;
+
+use std::time::Instant;
+
+use super::HostSample;
+use crate::health::attribution::HostPressure;
+
+/// The counters of one moment for one engine (Linux); two make a window.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuMark {
+    pub machine: Option<linux::MachineCpu>,
+    /// The engine's user + system ticks.
+    pub engine_ticks: Option<u64>,
+    /// The engine's threads' nanoseconds on a CPU and waiting for one.
+    pub engine_sched_ns: Option<(u64, u64)>,
+    /// Nanoseconds the engine's cgroup has been throttled.
+    pub engine_throttled_ns: Option<u64>,
+}
+
+impl CpuMark {
+    pub fn read(engine_pid: u32) -> Self {
+        Self {
+            machine: linux::machine_cpu(),
+            engine_ticks: linux::process_cpu_ticks(engine_pid),
+            engine_sched_ns: linux::process_sched_ns(engine_pid),
+            engine_throttled_ns: linux::process_throttled_ns(engine_pid),
+        }
+    }
+}
+
+/// CPU shares over the window between two marks: (others, engine, the engine's wait ratio).
+/// Counters that went backwards (a thread ended, a counter wrapped) or a window with no ticks
+/// give no figure rather than a wrong one.
+pub fn cpu_shares(a: &CpuMark, b: &CpuMark) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let machine = a.machine.zip(b.machine).and_then(|(a, b)| {
+        let busy = b.busy.checked_sub(a.busy)?;
+        let total = b.total.checked_sub(a.total)?;
+        (total > 0).then_some((busy, total))
+    });
+    let engine = a.engine_ticks.zip(b.engine_ticks).and_then(|(a, b)| b.checked_sub(a));
+    let (others, engine_share) = match (machine, engine) {
+        (Some((busy, total)), Some(engine)) => {
+            let total = total as f64;
+            (Some(busy.saturating_sub(engine) as f64 / total), Some((engine as f64 / total).min(1.0)))
+        }
+        // The engine is gone or unreadable: everything busy counts as others.
+        (Some((busy, total)), None) => (Some(busy as f64 / total as f64), None),
+        _ => (None, None),
+    };
+    let throttled = a.engine_throttled_ns.zip(b.engine_throttled_ns).is_some_and(|(a, b)| b > a);
+    let wait_ratio = a.engine_sched_ns.zip(b.engine_sched_ns).and_then(|((r0, w0), (r1, w1))| {
+        let (ran, waited) = (r1.checked_sub(r0)?, w1.checked_sub(w0)?);
+        // Throttling of the engine's own cgroup is waiting the engine brought on itself: the
+        // ratio would blame others for it, so there is none.
+        (ran > 0 && !throttled).then(|| waited as f64 / ran as f64)
+    });
+    (others.map(|o| o.clamp(0.0, 1.0)), engine_share, wait_ratio)
+}
+
+/// A window of host pressure for one engine, open from a pulse round's first sample.
+pub struct Window {
+    opened: Instant,
+    engine_pid: u32,
+    #[cfg(not(target_os = "macos"))]
+    start: CpuMark,
+    #[cfg(target_os = "macos")]
+    start: macos::CpuWindow,
+}
+
+impl Window {
+    pub fn open(engine_pid: u32) -> Self {
+        Self {
+            opened: Instant::now(),
+            engine_pid,
+            #[cfg(not(target_os = "macos"))]
+            start: CpuMark::read(engine_pid),
+            #[cfg(target_os = "macos")]
+            start: macos::CpuWindow::open(engine_pid),
+        }
+    }
+
+    /// The pressure from the window's opening to now. `host` is the latest periodic reading
+    /// (memory level, heat, GPU: figures macOS gives only through commands too slow to run at
+    /// each verdict); `probe` the agent's own scheduling delay.
+    pub fn read(&mut self, host: &HostSample, probe: &SchedulingProbe) -> HostPressure {
+        let (timer_lateness, probe_slowdown) = probe.since(self.opened);
+        let mut p = HostPressure {
+            timer_lateness,
+            probe_slowdown,
+            memory_level: host.memory_pressure,
+            thermal_speed_limit: host.thermal_speed_limit,
+            gpu_utilization: host.gpu.as_ref().and_then(|g| g.utilization),
+            load_per_cpu: host.load_per_cpu,
+            ..HostPressure::default()
+        };
+        #[cfg(not(target_os = "macos"))]
+        {
+            let now = CpuMark::read(self.engine_pid);
+            (p.others_cpu, p.engine_cpu, p.engine_cpu_wait_ratio) = cpu_shares(&self.start, &now);
+            p.cpu_stall = linux::psi("cpu");
+            p.memory_stall = linux::psi("memory");
+            p.io_stall = linux::psi("io");
+            p.load_per_cpu = linux::load_average().zip(cpu_count()).map(|(l, n)| l / n as f64);
+        }
+        #[cfg(target_os = "macos")]
+        {
+            (p.others_cpu, p.engine_cpu) = self.start.shares(self.engine_pid);
+        }
+        p
+    }
+}
+
+/// CPUs this host has (for load per CPU).
+pub fn cpu_count() -> Option<usize> {
+    std::thread::available_parallelism().ok().map(std::num::NonZeroUsize::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use linux::MachineCpu;
+    use proptest::prelude::*;
+
+    fn mark(busy: u64, total: u64, engine: u64, run: u64, wait: u64, throttled: u64) -> CpuMark {
+        CpuMark {
+            machine: Some(MachineCpu { busy, total }),
+            engine_ticks: Some(engine),
+            engine_sched_ns: Some((run, wait)),
+            engine_throttled_ns: Some(throttled),
+        }
+    }
+
+    #[test]
+    fn others_are_the_busy_time_the_engine_did_not_use() {
+        let (others, engine, wait) = cpu_shares(&mark(0, 0, 0, 0, 0, 0), &mark(180, 200, 60, 1_000, 1_500, 0));
+        assert_eq!((others, engine), (Some(0.6), Some(0.3)));
+        assert_eq!(wait, Some(1.5));
+    }
+
+    #[test]
+    fn the_engines_own_throttling_gives_no_wait_ratio() {
+        let (others, _, wait) = cpu_shares(&mark(0, 0, 0, 0, 0, 0), &mark(6, 200, 2, 20, 980, 900));
+        assert_eq!(wait, None, "its wait is its own quota");
+        assert_eq!(others, Some(0.02));
+    }
+
+    #[test]
+    fn counters_going_backwards_give_no_figure() {
+        let (others, engine, wait) = cpu_shares(&mark(10, 100, 9, 50, 50, 0), &mark(5, 90, 1, 10, 10, 0));
+        assert_eq!((others, engine, wait), (None, None, None));
+        assert_eq!(cpu_shares(&CpuMark::default(), &CpuMark::default()), (None, None, None));
+    }
+
+    #[test]
+    fn a_window_on_this_process_reads() {
+        let mut w = Window::open(std::process::id());
+        let spin = Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(120) {
+            std::hint::black_box(0u64);
+        }
+        let p = w.read(&HostSample::default(), &SchedulingProbe::default());
+        assert!(p.others_cpu.is_some() && p.engine_cpu.is_some_and(|e| e > 0.0), "{p:?}");
+    }
+
+    proptest! {
+        #[test]
+        fn shares_stay_in_range(a in any::<[u32; 6]>(), b in any::<[u32; 6]>()) {
+            let m = |v: [u32; 6]| mark(v[0].into(), u64::from(v[0]) + u64::from(v[1]), v[2].into(), v[3].into(), v[4].into(), v[5].into());
+            let (others, engine, wait) = cpu_shares(&m(a), &m(b));
+            prop_assert!(others.is_none_or(|o| (0.0..=1.0).contains(&o)));
+            prop_assert!(engine.is_none_or(|e| (0.0..=1.0).contains(&e)));
+            prop_assert!(wait.is_none_or(|w| w >= 0.0 && w.is_finite()));
+        }
+    }
+}
