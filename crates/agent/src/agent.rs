@@ -58,7 +58,12 @@ impl Agent {
             tracing::warn!(?reaped, "stopped engines left by a previous agent run");
         }
         let (changes, _) = broadcast::channel(1024);
-        let host_sampler = tokio::spawn(crate::observe::host::follow_host(ctx.metrics.host.clone()));
+        let host = ctx.metrics.host.clone();
+        let scheduling = ctx.scheduling.clone();
+        // One task: the host's periodic reading and the agent's own scheduling delay end together.
+        let host_sampler = tokio::spawn(async move {
+            tokio::join!(crate::observe::host::follow_host(host), scheduling.run());
+        });
         Ok(Arc::new(Self {
             ctx,
             supervisors: Mutex::new(Supervised::default()),

@@ -11,6 +11,7 @@ use crate::engine::download::{DownloadConfig, Downloader};
 use crate::engine::memory_ledger::MemoryLedger;
 use crate::engine::ports::PortPool;
 use crate::engine::restart_backoff::BackoffConfig;
+use crate::observe::host::pressure::SchedulingProbe;
 use crate::observe::metrics::Metrics;
 use crate::serving::body_budget::BodyBudget;
 
@@ -49,6 +50,8 @@ pub struct AgentContext {
     pub memory: MemoryLedger,
     /// Memory every serving port's request bodies draw on together.
     pub request_bodies: Arc<BodyBudget>,
+    /// The agent's own scheduling delay, read beside every pulse round.
+    pub scheduling: SchedulingProbe,
 }
 
 impl AgentContext {
@@ -65,6 +68,7 @@ impl AgentContext {
         let request_bodies = BodyBudget::new(body_limit, metrics.request_body_memory_bytes.clone());
         Ok(Self {
             request_bodies,
+            scheduling: SchedulingProbe::default(),
             downloads,
             memory: MemoryLedger::new(config.memory_budget_bytes),
             ports: PortPool::new(config.engine_ports.clone()),

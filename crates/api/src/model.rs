@@ -279,19 +279,23 @@ pub enum Phase {
     /// reloads it. Ready for traffic (the first request waits for the reload); the grade is kept.
     Sleeping,
     Degraded,
+    /// The pulse is past `redAfter` and the host explains it (other processes hold the CPUs,
+    /// memory or IO stall, heat): not ready, and not restarted, since a restart cures none of it.
+    HostContended,
     Restarting,
     CrashLoopBackOff,
     Failed,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 9] = [
+    pub const ALL: [Phase; 10] = [
         Phase::Pending,
         Phase::Downloading,
         Phase::Starting,
         Phase::Serving,
         Phase::Sleeping,
         Phase::Degraded,
+        Phase::HostContended,
         Phase::Restarting,
         Phase::CrashLoopBackOff,
         Phase::Failed,
@@ -304,6 +308,7 @@ impl Phase {
             Phase::Serving => "Serving",
             Phase::Sleeping => "Sleeping",
             Phase::Degraded => "Degraded",
+            Phase::HostContended => "HostContended",
             Phase::Restarting => "Restarting",
             Phase::CrashLoopBackOff => "CrashLoopBackOff",
             Phase::Failed => "Failed",
@@ -415,6 +420,15 @@ pub struct ReplicaStatus {
     /// While the phase is `Downloading`: how far the model file(s) have come.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download: Option<DownloadProgress>,
+    /// What on the host explains the replica's slow pulse (other_processes_cpu,
+    /// engine_waited_for_cpu, memory, io, thermal, scheduling_delay), when the host explains it:
+    /// graded by the absolute thresholds alone and never restarted for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_contended: Option<String>,
+    /// A restart for slowness did not make the engine faster: restarts for slowness are withheld
+    /// until the pulse has been fast again for a while.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub slow_after_restart: bool,
 }
 
 /// How far a model download has come: shared by the agent's `/api/v1/models` and the

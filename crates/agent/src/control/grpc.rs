@@ -79,6 +79,9 @@ impl AgentService {
                 record.as_ref().and_then(|r| r.hub_token.as_ref()).map(Token::expose),
             ),
             serving_since_unix_ms: report.serving_since_ms.unwrap_or(0),
+            host_contended_cause: report.host_contended.unwrap_or_default().to_owned(),
+            slow_after_restart: report.slow_after_restart,
+            restart_decision: report.restart_decision.clone().unwrap_or_default(),
             download: report.download.as_ref().map(|d| pb::DownloadProgress {
                 done_bytes: d.done_bytes,
                 total_bytes: d.total_bytes.unwrap_or(0),

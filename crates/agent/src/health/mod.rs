@@ -6,3 +6,4 @@ pub mod evidence;
 pub mod grader;
 pub mod lifecycle;
 pub mod pulse;
+pub mod restart_cure;

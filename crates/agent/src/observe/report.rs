@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use metalkube_api::{Grade, Phase, PulseSpec};
 use serde::{Serialize, Serializer};
 
+use crate::health::attribution::{HostCause, HostPressure};
 use crate::health::lifecycle::FaultReason;
 
 use crate::serving::ServingLoad;
@@ -33,6 +34,43 @@ pub struct PulseRecord {
     /// The grade published after this pulse.
     pub grade: Option<Grade>,
     pub error: Option<String>,
+    /// How busy the host was from the round's first sample to this one.
+    pub host: Option<PulseHost>,
+}
+
+/// The host pressure beside one pulse, as people and pages read it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PulseHost {
+    /// What on the host explains slowness (a `HostCause` label), if anything does.
+    pub cause: Option<&'static str>,
+    /// The figures in words.
+    pub summary: String,
+    pub others_cpu: Option<f64>,
+    pub engine_cpu: Option<f64>,
+    pub cpu_stall: Option<f64>,
+    pub memory_stall: Option<f64>,
+    pub io_stall: Option<f64>,
+    pub load_per_cpu: Option<f64>,
+    pub timer_lateness_seconds: Option<f64>,
+    pub thermal_speed_limit: Option<f64>,
+}
+
+impl PulseHost {
+    pub fn new(p: &HostPressure, cause: Option<HostCause>) -> Self {
+        Self {
+            cause: cause.map(HostCause::as_str),
+            summary: p.to_string(),
+            others_cpu: p.others_cpu,
+            engine_cpu: p.engine_cpu,
+            cpu_stall: p.cpu_stall,
+            memory_stall: p.memory_stall,
+            io_stall: p.io_stall,
+            load_per_cpu: p.load_per_cpu,
+            timer_lateness_seconds: p.timer_lateness.map(|d| d.as_secs_f64()),
+            thermal_speed_limit: p.thermal_speed_limit,
+        }
+    }
 }
 
 /// One engine restart: when, why, and what was said about it.
@@ -74,6 +112,13 @@ pub struct ModelReport {
     pub phase: Phase,
     pub grade: Option<Grade>,
     pub saturated: bool,
+    /// The host explains the published grade's slowness: the `HostCause` label.
+    pub host_contended: Option<&'static str>,
+    /// Restarts for slowness are withheld: one did not make the engine faster.
+    pub slow_after_restart: bool,
+    /// In words: why the engine was last restarted, or why a restart the pulse asked for was not
+    /// made. None until either happens.
+    pub restart_decision: Option<String>,
     pub last_pulse: Option<PulseRecord>,
     pub baseline_seconds: Option<f64>,
     pub restarts: u32,
@@ -115,6 +160,9 @@ impl ModelReport {
             phase: Phase::Pending,
             grade: None,
             saturated: false,
+            host_contended: None,
+            slow_after_restart: false,
+            restart_decision: None,
             last_pulse: None,
             baseline_seconds: None,
             restarts: 0,

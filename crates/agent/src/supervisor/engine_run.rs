@@ -3,6 +3,8 @@
 
 use super::*;
 use crate::confined_path::inside;
+use crate::health::grader::RestartCause;
+use crate::observe::metrics::Withheld;
 
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
@@ -217,24 +219,54 @@ impl Supervisor {
                 self.set_phase(Phase::Serving);
             }
 
-            let verdict = self.pulse_round(engine).await?;
+            let (verdict, best_wall) = self.pulse_round(engine).await?;
+            self.follow_restart_cure(best_wall, verdict.grade);
             if let Action::Restart(cause) = verdict.action {
-                let message = format!(
-                    "pulse {}: {} confirmed red pulse(s); last {}",
-                    FaultReason::from(cause).as_str(),
-                    verdict.red_streak,
-                    self.report.borrow().last_pulse.as_ref().map_or_else(String::new, describe_pulse)
-                );
-                return Err(RunEnd::Fault { reason: cause.into(), message, uptime: engine.uptime() });
+                let last = self.report.borrow().last_pulse.clone();
+                if cause == RestartCause::PulseRed && self.restart_cure.slow_after_restart() {
+                    // Slowness a restart already failed to cure: the model serves or not by its
+                    // absolute thresholds, and nothing is restarted.
+                    self.ctx.metrics.restart_withheld(&self.key(), Withheld::SlowAfterRestart);
+                    let why = format!(
+                        "not restarted: {} confirmed red pulse(s) (last {}), but the last restart for slowness did not make the engine faster (SlowAfterRestart)",
+                        verdict.red_streak,
+                        last.as_ref().map_or_else(String::new, describe_pulse)
+                    );
+                    self.report.send_modify(|r| r.restart_decision = Some(why));
+                } else {
+                    let host = last.as_ref().and_then(|p| p.host.as_ref()).map(|h| format!("; host: {}", h.summary));
+                    let message = format!(
+                        "pulse {}: {} confirmed red pulse(s); last {}{}",
+                        FaultReason::from(cause).as_str(),
+                        verdict.red_streak,
+                        last.as_ref().map_or_else(String::new, describe_pulse),
+                        host.unwrap_or_default()
+                    );
+                    if cause == RestartCause::PulseRed {
+                        // The yardstick that condemned this engine judges the next one's first
+                        // rounds: as slow means the restart did not cure.
+                        self.restart_cure.restarted_for_slowness(self.grader.round_plan().overdue_after);
+                        self.report.send_modify(|r| {
+                            r.restart_decision = Some(format!(
+                                "restarted: {message}; the host did not explain it (the next engine's first rounds show whether the restart cured it)"
+                            ));
+                        });
+                    } else {
+                        self.report.send_modify(|r| r.restart_decision = Some(format!("restarted: {message}")));
+                    }
+                    return Err(RunEnd::Fault { reason: cause.into(), message, uptime: engine.uptime() });
+                }
             }
             let phase = self.report.borrow().phase;
+            let red_by_host = verdict.grade == Some(Grade::Red) && verdict.host.is_some();
             let next_phase = match (phase, verdict.grade) {
                 (Phase::Starting, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
                 (Phase::Starting, _) if Instant::now() >= deadline => {
                     return Err(start_timeout("no good pulse"));
                 }
-                (Phase::Serving, Some(Grade::Red)) => Phase::Degraded,
-                (Phase::Degraded, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
+                (Phase::Serving | Phase::Degraded, Some(Grade::Red)) if red_by_host => Phase::HostContended,
+                (Phase::Serving | Phase::HostContended, Some(Grade::Red)) => Phase::Degraded,
+                (Phase::Degraded | Phase::HostContended, Some(Grade::Green | Grade::Yellow)) => Phase::Serving,
                 (p, _) => p,
             };
             if next_phase != phase {

@@ -33,7 +33,9 @@ use crate::health::lifecycle::{
     ExitMeaning, FaultReason, StartFailure, backoff_phase, classify_exit, classify_start_error,
 };
 use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
+use crate::health::restart_cure::{CureChange, RestartCure};
 use crate::observe::engine_metrics::EngineFollower;
+use crate::observe::host::pressure::Window;
 use crate::observe::metrics::EngineSeries;
 use crate::observe::report::{ModelReport, ModelView, PulseRecord, RestartRecord, now_ms};
 use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
@@ -166,6 +168,8 @@ impl SupervisorHandle {
             cache_lease: None,
             pulses_replaced_in_a_row: 0,
             last_pulse_sent: Instant::now(),
+            host_window: None,
+            restart_cure: RestartCure::default(),
         };
         let task = tokio::spawn(sup.run());
         Self { commands, report, proxy, desired, task }
@@ -223,6 +227,10 @@ struct Supervisor {
     pulses_replaced_in_a_row: u32,
     /// When the last pulse round began.
     last_pulse_sent: Instant,
+    /// The host pressure since the current round's first sample.
+    host_window: Option<Window>,
+    /// Whether the last restart for slowness cured it; kept across engines.
+    restart_cure: RestartCure,
 }
 
 impl Supervisor {
@@ -328,6 +336,48 @@ impl Supervisor {
         }
     }
 
+    fn set_slow_after_restart(&self, on: bool) {
+        self.ctx
+            .metrics
+            .slow_after_restart
+            .get_or_create(&crate::observe::metrics::ModelLabels { model: self.key() })
+            .set(i64::from(on));
+        self.report.send_if_modified(|r| {
+            let changed = r.slow_after_restart != on;
+            r.slow_after_restart = on;
+            changed
+        });
+    }
+
+    /// Follows whether the last restart for slowness cured it, after each pulse round.
+    fn follow_restart_cure(&mut self, best_wall: Option<Duration>, grade: Option<Grade>) {
+        let Some(change) = self.restart_cure.round(best_wall, grade) else { return };
+        let key = self.key();
+        match change {
+            CureChange::Cured => {
+                tracing::info!(model = %key, "the restart for slowness cured it: the new engine is fast")
+            }
+            CureChange::NotCured => {
+                let why = format!(
+                    "SlowAfterRestart: the engine restarted for a red pulse is as slow as the one it replaced ({}); the slowness is not the engine's, so restarts for slowness stop until the pulse has been fast for {} rounds; readiness still follows redAfter",
+                    best_wall.map_or_else(|| "no answer".to_owned(), |w| format!("{:.3}s", w.as_secs_f64())),
+                    crate::health::restart_cure::FAST_ROUNDS_TO_RESUME
+                );
+                tracing::warn!(model = %key, "{why}");
+                self.report.send_modify(|r| r.restart_decision = Some(why));
+                self.set_slow_after_restart(true);
+            }
+            CureChange::Resumed => {
+                tracing::info!(model = %key, "the pulse has been fast again for a while: restarts for slowness resume");
+                self.report.send_modify(|r| {
+                    r.restart_decision =
+                        Some("restarts for slowness resumed: the pulse has been fast again for a while".to_owned());
+                });
+                self.set_slow_after_restart(false);
+            }
+        }
+    }
+
     async fn adopt(&mut self, desired: DesiredModel) {
         if desired.spec.pulse != self.desired.spec.pulse {
             self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
@@ -340,6 +390,9 @@ impl Supervisor {
         self.proxy.replace_access(access(&desired));
         if desired.spec.engine != self.desired.spec.engine || desired.spec.model != self.desired.spec.model {
             self.backoff.reset();
+            // A new engine configuration may cure what a restart did not.
+            self.restart_cure.forget();
+            self.set_slow_after_restart(false);
         }
         let port_edited = desired.spec.admission.serving_port != self.desired.spec.admission.serving_port;
         self.desired = desired;

@@ -6,14 +6,21 @@
 //! if slowly or on other requests, and the answer will tell how slowly). So a hang pulls readiness
 //! within about interval + redAfter + 2 s; a restart still needs what it needed before: both
 //! samples unanswered by the timeout (a hang), or `redStreak` confirmed reds.
+//!
+//! Beside the round, a host-pressure window opens with its first sample and is read at every
+//! grade, so each grade knows whether the host explains a slow sample.
 
 use std::pin::Pin;
 
 use tokio::time::Instant;
 
 use super::*;
+use crate::health::attribution::{HostCause, HostPressure};
 use crate::health::grader::{Observation, RoundPlan};
 use crate::health::pulse::{ProgressMark, progress_mark, progressed};
+use crate::observe::host::pressure::Window;
+use crate::observe::metrics::{CauseLabels, Withheld};
+use crate::observe::report::PulseHost;
 
 type PulseAnswer = Pin<Box<dyn Future<Output = PulseSample> + Send>>;
 type ProgressRead = Pin<Box<dyn Future<Output = Option<ProgressMark>> + Send>>;
@@ -137,10 +144,13 @@ impl Supervisor {
         Some(self.record_overdue(plan.overdue_after))
     }
 
-    /// Takes one round of pulses and returns the grader's verdict on it.
-    pub(super) async fn pulse_round(&mut self, engine: &EngineProcess) -> Result<Verdict, RunEnd> {
+    /// Takes one round of pulses and returns the grader's verdict on it, with the wall time of
+    /// the round's fastest answered sample (None: none answered).
+    pub(super) async fn pulse_round(&mut self, engine: &EngineProcess) -> Result<(Verdict, Option<Duration>), RunEnd> {
         let plan = self.grader.round_plan();
         let port = engine.port();
+        self.host_window = Some(Window::open(engine.pid()));
+        let mut best_wall: Option<Duration> = None;
         // Indexed by `Which`: the first sample and the confirming one.
         let mut samples: [Option<Outstanding>; 2] = [Some(self.send_pulse(port, plan)), None];
         let mut confirm_sent = false;
@@ -152,10 +162,10 @@ impl Supervisor {
             let all_ended = samples.iter().all(Option::is_none);
             match verdict {
                 // A hang is still possible only while no sample has answered and one is out.
-                Some(v) if answered || all_ended => return Ok(v),
+                Some(v) if answered || all_ended => return Ok((v, best_wall)),
                 // Everything ended without a verdict: the grader was replaced mid-round (a new
                 // pulse spec). The next round starts from it.
-                None if all_ended => return Ok(self.grader.current()),
+                None if all_ended => return Ok((self.grader.current(), best_wall)),
                 _ => {}
             }
             let [first, confirm] = &mut samples;
@@ -222,10 +232,13 @@ impl Supervisor {
                     } else {
                         answered = true;
                     }
+                    if let Observation::Answered { wall, .. } = sample.observation {
+                        best_wall = Some(best_wall.map_or(wall, |b| b.min(wall)));
+                    }
                     if unanswered == 2 {
                         // Both samples of the round went unanswered for the whole timeout,
                         // however they were counted before: the engine is hung.
-                        return Ok(self.record_hang(sample));
+                        return Ok((self.record_hang(sample), None));
                     }
                     // An overdue sample's grade is already in.
                     (!counted_overdue).then(|| self.record(sample))
@@ -256,10 +269,18 @@ impl Supervisor {
         }
         // One read of the serving port's load for this grade: is a slow pulse our own queue?
         let serving = admission.serving_load();
-        let verdict = self.grader.observe(sample.observation, serving.grading_load());
+        let (pressure, cause) = self.read_host();
+        let verdict = self.grader.observe(sample.observation, serving.grading_load(), cause);
         let saturated = verdict.saturated || admission.take_saturation_signal();
-        self.publish(sample, verdict, saturated, serving.decode_seconds_per_token);
+        self.publish(sample, verdict, saturated, serving.decode_seconds_per_token, pressure, cause);
         verdict
+    }
+
+    /// The host pressure since the round's first sample, and what it explains.
+    fn read_host(&mut self) -> (Option<HostPressure>, Option<HostCause>) {
+        let Some(window) = self.host_window.as_mut() else { return (None, None) };
+        let pressure = window.read(&self.ctx.metrics.host.get(), &self.ctx.scheduling);
+        (Some(pressure), pressure.explains())
     }
 
     /// A sample still out past the red threshold, counted as red without waiting for it.
@@ -271,8 +292,9 @@ impl Supervisor {
             compute: None,
             error: Some(format!("no answer after {:.1}s (still waiting)", waited.as_secs_f64())),
         };
-        let verdict = self.grader.observe(sample.observation, serving.grading_load());
-        self.publish(sample, verdict, false, serving.decode_seconds_per_token);
+        let (pressure, cause) = self.read_host();
+        let verdict = self.grader.observe(sample.observation, serving.grading_load(), cause);
+        self.publish(sample, verdict, false, serving.decode_seconds_per_token, pressure, cause);
         verdict
     }
 
@@ -281,15 +303,40 @@ impl Supervisor {
         self.proxy.admission().upstream_failed();
         let verdict = self.grader.confirm_hang();
         let decode = self.proxy.admission().serving_load().decode_seconds_per_token;
-        self.publish(sample, verdict, false, decode);
+        let (pressure, _) = self.read_host();
+        self.publish(sample, verdict, false, decode, pressure, None);
         verdict
     }
 
-    fn publish(&mut self, sample: PulseSample, verdict: Verdict, saturated: bool, decode_per_token: Option<f64>) {
+    fn publish(
+        &mut self,
+        sample: PulseSample,
+        verdict: Verdict,
+        saturated: bool,
+        decode_per_token: Option<f64>,
+        pressure: Option<HostPressure>,
+        cause: Option<HostCause>,
+    ) {
         let key = self.key();
-        let labels = crate::observe::metrics::ModelLabels { model: key };
         let m = &self.ctx.metrics;
+        let confirmed = verdict.action != Action::ConfirmNow;
+        if confirmed && let Some(explained) = verdict.host {
+            m.host_explained
+                .get_or_create(&CauseLabels { model: key.clone(), cause: explained.as_str().to_owned() })
+                .inc();
+            if verdict.grade == Some(Grade::Red) {
+                // A red the host does not explain would have counted towards a restart.
+                m.restart_withheld(&key, Withheld::HostContended);
+            }
+        }
+        let labels = crate::observe::metrics::ModelLabels { model: key };
         m.saturated.get_or_create(&labels).set(i64::from(saturated));
+        if confirmed {
+            m.host_contended.get_or_create(&labels).set(i64::from(verdict.host.is_some()));
+        }
+        if let Some(others) = pressure.and_then(|p| p.others_cpu) {
+            m.pulse_host_others_cpu.get_or_create(&labels).set(others);
+        }
         if let Some(d) = decode_per_token {
             m.decode_per_token.get_or_create(&labels).set(d);
         }
@@ -305,9 +352,27 @@ impl Supervisor {
             m.pulse_grade.get_or_create(&labels).set(g.level());
         }
         let baseline = self.grader.baseline().map(|b| b.as_secs_f64());
+        let host = pressure.as_ref().map(|p| PulseHost::new(p, cause));
+        let withheld_for_host = (confirmed && verdict.grade == Some(Grade::Red))
+            .then_some(verdict.host)
+            .flatten()
+            .map(|c| {
+                format!(
+                    "not restarted: the pulse took {:.3}s, past redAfter, and the host explains it ({}: {}); a restart would not help",
+                    sample.wall.as_secs_f64(),
+                    c.as_str(),
+                    pressure.map_or_else(String::new, |p| p.to_string())
+                )
+            });
         self.report.send_modify(|r| {
             r.grade = verdict.grade;
             r.saturated = saturated;
+            if confirmed {
+                r.host_contended = verdict.host.map(HostCause::as_str);
+            }
+            if let Some(why) = withheld_for_host {
+                r.restart_decision = Some(why);
+            }
             r.red_streak = verdict.red_streak;
             r.baseline_seconds = baseline;
             r.push_pulse(PulseRecord {
@@ -316,6 +381,7 @@ impl Supervisor {
                 compute_seconds: sample.compute.map(|c| c.as_secs_f64()),
                 grade: verdict.grade,
                 error: sample.error,
+                host,
             });
         });
     }

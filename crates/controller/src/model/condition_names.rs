@@ -8,6 +8,8 @@ pub mod types {
     pub const PROGRESSING: &str = "Progressing";
     pub const DEGRADED: &str = "Degraded";
     pub const SATURATED: &str = "Saturated";
+    /// A restart for slowness did not make the engine faster: restarts for slowness are withheld.
+    pub const SLOW_AFTER_RESTART: &str = "SlowAfterRestart";
     pub const MEMORY_PRESSURE: &str = "MemoryPressure";
 }
 
@@ -16,4 +18,6 @@ pub mod reasons {
     pub const AGENT_CONNECTED: &str = "AgentConnected";
     pub const AGENT_UNREACHABLE: &str = "AgentUnreachable";
     pub const PULSE_RED: &str = "PulseRed";
+    /// Past redAfter with the host explaining it: not ready, not restarted.
+    pub const HOST_CONTENDED: &str = "HostContended";
 }

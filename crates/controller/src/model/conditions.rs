@@ -20,6 +20,12 @@ pub struct ReplicaView {
     pub ready_on_agent: bool,
     pub saturated: bool,
     pub last_error: Option<String>,
+    /// What on the host explains a slow pulse (a cause label), if anything does.
+    pub host_contended: Option<String>,
+    /// Restarts for slowness are withheld on this replica: one did not cure.
+    pub slow_after_restart: bool,
+    /// The agent's words on the last restart, or on a restart it did not make.
+    pub restart_decision: Option<String>,
 }
 
 impl ReplicaView {
@@ -57,11 +63,21 @@ fn problem(r: &ReplicaView) -> Option<(u8, &'static str, String)> {
     match (r.phase, r.grade) {
         (Phase::Failed, _) => Some((1, "Failed", format!("{} failed{detail}", r.node))),
         (Phase::CrashLoopBackOff, _) => Some((2, "CrashLoopBackOff", format!("{} is crash-looping{detail}", r.node))),
+        (Phase::HostContended, _) => Some((
+            3,
+            reasons::HOST_CONTENDED,
+            format!(
+                "{} is past redAfter because its host is busy ({}); traffic goes to other replicas, the engine is not restarted",
+                r.node,
+                r.host_contended.as_deref().unwrap_or("host pressure")
+            ),
+        )),
         (Phase::Degraded, _) | (_, Some(Grade::Red)) => {
             Some((3, reasons::PULSE_RED, format!("{} has a red pulse{detail}", r.node)))
         }
         (_, Some(Grade::Yellow)) if !r.saturated => {
-            Some((4, "PulseSlow", format!("{} has a slow (yellow) pulse", r.node)))
+            let why = r.host_contended.as_deref().map(|c| format!(", its host is busy ({c})")).unwrap_or_default();
+            Some((4, "PulseSlow", format!("{} has a slow (yellow) pulse{why}", r.node)))
         }
         _ => None,
     }
@@ -123,7 +139,26 @@ fn evaluate(obs: &Observation<'_>) -> Vec<Verdict> {
     } else {
         verdict(types::SATURATED, "True", "QueueFull", format!("busy, not sick, on {}", names(&busy)))
     };
-    vec![scheduled, ready_v, progressing, degraded, saturated]
+    let not_cured: Vec<&ReplicaView> =
+        obs.replicas.iter().filter(|r| r.agent_reachable && r.slow_after_restart).collect();
+    let slow_after_restart = if not_cured.is_empty() {
+        verdict(
+            types::SLOW_AFTER_RESTART,
+            "False",
+            "RestartsCure",
+            "no replica's restart for slowness failed to cure".into(),
+        )
+    } else {
+        let detail: Vec<String> = not_cured
+            .iter()
+            .map(|r| match &r.restart_decision {
+                Some(d) => format!("{}: {d}", r.node),
+                None => r.node.clone(),
+            })
+            .collect();
+        verdict(types::SLOW_AFTER_RESTART, "True", "RestartDidNotCure", detail.join("; "))
+    };
+    vec![scheduled, ready_v, progressing, degraded, saturated, slow_after_restart]
 }
 
 fn names(rs: &[&ReplicaView]) -> String {
@@ -183,6 +218,9 @@ mod tests {
             ready_on_agent: agent_ready(phase, grade),
             saturated: false,
             last_error: None,
+            host_contended: None,
+            slow_after_restart: false,
+            restart_decision: None,
         }
     }
 
@@ -226,6 +264,34 @@ mod tests {
         assert_eq!(d.reason, "AgentUnreachable");
         assert!(d.message.contains("m1 has a red pulse") && d.message.contains("m2 is unreachable"), "{}", d.message);
         assert_eq!(get(&cs, "Ready").message, "0/2 replicas ready");
+    }
+
+    #[test]
+    fn a_busy_host_is_named_apart_from_a_sick_engine_and_a_failed_cure_is_a_condition() {
+        let mut busy = replica("m1", Phase::HostContended, Some(Grade::Red));
+        busy.host_contended = Some("other_processes_cpu".into());
+        let cs = compute_conditions(
+            &Observation { desired_replicas: 1, unscheduled: None, replicas: &[busy.clone()] },
+            &[],
+            None,
+            &t(0),
+        );
+        assert_eq!(get(&cs, "Ready").status, "False", "users feel it: traffic goes elsewhere");
+        assert_eq!(get(&cs, "Degraded").reason, "HostContended");
+        assert!(get(&cs, "Degraded").message.contains("other_processes_cpu"));
+        assert_eq!(get(&cs, "SlowAfterRestart").status, "False");
+        let mut slow = replica("m2", Phase::Degraded, Some(Grade::Red));
+        slow.slow_after_restart = true;
+        slow.restart_decision = Some("not restarted: the last restart did not cure".into());
+        let cs = compute_conditions(
+            &Observation { desired_replicas: 2, unscheduled: None, replicas: &[busy, slow] },
+            &[],
+            None,
+            &t(0),
+        );
+        let c = get(&cs, "SlowAfterRestart");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "RestartDidNotCure"));
+        assert!(c.message.starts_with("m2: not restarted"), "{}", c.message);
     }
 
     #[test]
@@ -287,6 +353,9 @@ mod tests {
             ready_on_agent: agent_ready(phase, grade),
             saturated,
             last_error: None,
+            host_contended: (phase == Phase::HostContended).then(|| "other_processes_cpu".to_owned()),
+            slow_after_restart: false,
+            restart_decision: None,
         })
     }
 
@@ -303,11 +372,11 @@ mod tests {
             let cs = compute_conditions(&Observation { desired_replicas: desired, unscheduled: None, replicas: &rs }, &[], None, &t(0));
             let ready = rs.iter().filter(|r| r.is_ready()).count() as u32;
             prop_assert_eq!(get(&cs, "Ready").status == "True", desired == 0 || ready >= desired);
-            let sick = rs.iter().any(|r| !r.agent_reachable || r.grade == Some(Grade::Red) || matches!(r.phase, Phase::Failed | Phase::CrashLoopBackOff | Phase::Degraded));
+            let sick = rs.iter().any(|r| !r.agent_reachable || r.grade == Some(Grade::Red) || matches!(r.phase, Phase::Failed | Phase::CrashLoopBackOff | Phase::Degraded | Phase::HostContended));
             if sick {
                 prop_assert_eq!(get(&cs, "Degraded").status.as_str(), "True");
             }
-            prop_assert_eq!(cs.len(), 5);
+            prop_assert_eq!(cs.len(), 6);
         }
     }
 }

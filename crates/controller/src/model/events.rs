@@ -56,14 +56,28 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
                     let (warning, reason) = match g {
                         Grade::Green => (false, "PulseGreen"),
                         Grade::Yellow => (true, "PulseYellow"),
+                        // Not ready because the host is busy, not because the engine is sick.
+                        Grade::Red if r.phase == metalkube_api::Phase::HostContended => (true, reasons::HOST_CONTENDED),
                         Grade::Red => (true, reasons::PULSE_RED),
                     };
+                    let host = r.host_contended.as_deref().map(|c| format!(", host busy: {c}")).unwrap_or_default();
                     let pulse = r.pulse_seconds.map(|p| format!(" (last pulse {p:.3} s)")).unwrap_or_default();
                     notes.push(note(
                         warning,
                         reason,
                         "Pulse",
-                        format!("pulse on {} is now {}{pulse}", r.node, g.as_str()),
+                        format!("pulse on {} is now {}{pulse}{host}", r.node, g.as_str()),
+                    ));
+                }
+                if r.slow_after_restart && !o.slow_after_restart {
+                    notes.push(note(
+                        true,
+                        types::SLOW_AFTER_RESTART,
+                        "Restart",
+                        format!(
+                            "engine on {} was restarted for slowness and is as slow as before: restarts for slowness stop until its pulse is fast again",
+                            r.node
+                        ),
                     ));
                 }
             }
@@ -133,7 +147,24 @@ mod tests {
             message: None,
             serving_since: None,
             download: None,
+            host_contended: None,
+            slow_after_restart: false,
         }
+    }
+
+    #[test]
+    fn a_busy_host_and_a_restart_that_did_not_cure_are_named() {
+        let old = MetalModelStatus { replicas: vec![replica("a", 1, Some(Grade::Green))], ..Default::default() };
+        let mut busy = replica("a", 1, Some(Grade::Red));
+        busy.phase = Phase::HostContended;
+        busy.host_contended = Some("other_processes_cpu".into());
+        busy.slow_after_restart = true;
+        let new = MetalModelStatus { replicas: vec![busy], ..Default::default() };
+        let notes = model_events(&old, &new);
+        let reasons: Vec<_> = notes.iter().map(|n| n.reason).collect();
+        assert_eq!(reasons, ["HostContended", "SlowAfterRestart"]);
+        assert!(notes[0].message.contains("other_processes_cpu"), "{}", notes[0].message);
+        assert!(model_events(&new, &new).is_empty(), "nothing again for an unchanged status");
     }
 
     #[test]

@@ -33,6 +33,9 @@ fn view(r: &ReplicaInput<'_>) -> ReplicaView {
         ready_on_agent: s.is_some_and(|s| s.ready),
         saturated: s.is_some_and(|s| s.saturated),
         last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
+        host_contended: s.map(|s| s.host_contended_cause.clone()).filter(|c| !c.is_empty()),
+        slow_after_restart: s.is_some_and(|s| s.slow_after_restart),
+        restart_decision: s.map(|s| s.restart_decision.clone()).filter(|d| !d.is_empty()),
     }
 }
 
@@ -82,6 +85,8 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
                 .chain(previous.replicas.iter().find(|p| p.node == r.node).and_then(|p| p.serving_since.clone()))
                 .min(),
             download: r.state.and_then(|s| s.download.as_ref()).filter(|_| v.phase == Phase::Downloading).map(download),
+            host_contended: v.host_contended.clone(),
+            slow_after_restart: v.slow_after_restart,
         })
         .collect();
     MetalModelStatus {
@@ -112,7 +117,8 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
             let s = r.state?;
             let port = u16::try_from(s.serving_port).ok().filter(|p| *p > 0)?;
             let v = view(r);
-            let process_up = r.reachable && (v.phase.engine_up() || v.phase == Phase::Degraded);
+            let process_up =
+                r.reachable && (v.phase.engine_up() || matches!(v.phase, Phase::Degraded | Phase::HostContended));
             if !r.assigned && !process_up {
                 return None;
             }

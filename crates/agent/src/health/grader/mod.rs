@@ -8,7 +8,12 @@
 //!   what counts (the first request after idle can be slow for no bad reason);
 //! - saturation is not degradation: a slow pulse while clients use the engine, with the engine's
 //!   compute time normal, is waiting, not sickness (`saturated` when at the admission limit);
-//! - `redStreak` confirmed reds restart the engine, and so does a confirmed hang;
+//! - a busy host is not a sick engine: when the host explains the slowness (other processes held
+//!   the CPUs, memory or IO stalled, heat; `attribution`), drift grades no worse than yellow, the
+//!   absolute thresholds still pull readiness (users feel the slowness whatever its cause), and
+//!   the red does not count towards a restart (`host` names the cause in the verdict);
+//! - `redStreak` confirmed reds the host does not explain restart the engine, and so does a
+//!   confirmed hang;
 //! - a pulse still unanswered past the red threshold is a red sample already (`Overdue`), and
 //!   the confirming sample starts while the first is still out (`RoundPlan`), so readiness falls
 //!   within about interval + redAfter + 2 s of a hang, not after two timeouts.
@@ -17,6 +22,7 @@ use std::time::Duration;
 
 use metalkube_api::{Grade, PulseSpec};
 
+use super::attribution::HostCause;
 use crate::ewma::Ewma;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -128,12 +134,16 @@ pub struct Verdict {
     pub action: Action,
     /// Consecutive confirmed reds so far.
     pub red_streak: u32,
+    /// The host explained this verdict's slowness (it was graded by the absolute thresholds
+    /// alone, and a red did not count towards a restart).
+    pub host: Option<HostCause>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Pending {
     raw: Grade,
     hang: bool,
+    host: Option<HostCause>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -145,6 +155,7 @@ pub struct Grader {
     red_streak: u32,
     grade: Option<Grade>,
     saturated: bool,
+    host: Option<HostCause>,
     /// The next sample follows a wake from sleep: graded by the absolute thresholds only, and
     /// kept out of the baseline (a reloaded model is not yet the warm engine it was).
     cold_next: bool,
@@ -160,6 +171,7 @@ impl Grader {
             red_streak: 0,
             grade: None,
             saturated: false,
+            host: None,
             cold_next: false,
         }
     }
@@ -248,16 +260,23 @@ impl Grader {
     pub fn confirm_hang(&mut self) -> Verdict {
         self.pending = None;
         self.saturated = false;
+        self.host = None;
         self.grade = Some(Grade::Red);
         let v = self.verdict(Action::Restart(RestartCause::Hang));
         self.red_streak = 0;
         v
     }
 
-    fn raw_grade(&self, obs: &Observation) -> Grade {
+    /// A sample's grade before confirmation. On a host that explains slowness, drift (a change
+    /// against the engine's own quiet-host speed) is at most yellow: it says the model is slower
+    /// than usual, not that users wait past the red threshold.
+    fn raw_grade(&self, obs: &Observation, host: Option<HostCause>) -> Grade {
         match *obs {
             Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } if self.cold_next => {
                 self.absolute(wall)
+            }
+            Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } if host.is_some() => {
+                self.absolute(wall).max(self.relative(wall).min(Grade::Yellow))
             }
             Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } => {
                 self.absolute(wall).max(self.relative(wall))
@@ -281,11 +300,13 @@ impl Grader {
     }
 
     fn verdict(&self, action: Action) -> Verdict {
-        Verdict { grade: self.grade, saturated: self.saturated, action, red_streak: self.red_streak }
+        Verdict { grade: self.grade, saturated: self.saturated, action, red_streak: self.red_streak, host: self.host }
     }
 
-    pub fn observe(&mut self, obs: Observation, load: Load) -> Verdict {
-        let raw = self.raw_grade(&obs);
+    /// Grades one sample. `host` is what the host pressure over the sample's window explains
+    /// (`HostPressure::explains`), None on a host not busy enough to explain slowness.
+    pub fn observe(&mut self, obs: Observation, load: Load, host: Option<HostCause>) -> Verdict {
+        let raw = self.raw_grade(&obs, host);
         let cold = std::mem::take(&mut self.cold_next);
         let hang = matches!(obs, Observation::NoAnswer);
 
@@ -294,7 +315,10 @@ impl Grader {
             self.red_streak = 0;
             self.grade = Some(Grade::Green);
             self.saturated = false;
-            if let (Observation::Answered { wall, compute }, false) = (obs, cold) {
+            self.host = None;
+            // Only a quiet host's pulses teach the baseline: it is the engine's own speed, which
+            // drift compares against.
+            if let (Observation::Answered { wall, compute }, false, None) = (obs, cold, host) {
                 self.wall_baseline.add(wall.as_secs_f64(), self.cfg.baseline_alpha);
                 if let Some(c) = compute {
                     self.compute_baseline.add(c.as_secs_f64(), self.cfg.baseline_alpha);
@@ -304,12 +328,15 @@ impl Grader {
         }
 
         let Some(first) = self.pending.take() else {
-            self.pending = Some(Pending { raw, hang });
+            self.pending = Some(Pending { raw, hang, host });
             return self.verdict(Action::ConfirmNow);
         };
 
         let confirmed = first.raw.min(raw);
         let confirmed_hang = first.hang && hang;
+        // Either sample's window may show what slowed both: the host explains the round if it
+        // explains one of them.
+        let host = host.or(first.host);
         let compute = match obs {
             Observation::Answered { compute, .. } => compute,
             _ => None,
@@ -320,11 +347,21 @@ impl Grader {
             // another slot) it is only waiting. Either way busy, not sick.
             self.saturated = load.is_at_limit();
             self.red_streak = 0;
+            self.host = None;
             self.grade = Some(confirmed.min(Grade::Yellow));
             return self.verdict(Action::None);
         }
         self.saturated = false;
         self.grade = Some(confirmed);
+        // A hang is the engine's whatever the host does: restarted below.
+        self.host = if confirmed_hang { None } else { host };
+        if self.host.is_some() {
+            // Slow, and the host says why: users feel it (a red is not ready), a restart would
+            // not cure it. The streak starts over: only reds in a row the host does not explain
+            // restart.
+            self.red_streak = 0;
+            return self.verdict(Action::None);
+        }
         if confirmed_hang {
             self.red_streak += 1;
             let v = self.verdict(Action::Restart(RestartCause::Hang));

@@ -19,6 +19,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::health::attribution::HostCause;
 use crate::health::evidence::PulseSkip;
 use crate::health::lifecycle::FaultReason;
 use crate::observe::host::HostCollector;
@@ -59,6 +60,33 @@ pub struct StallLabels {
     pub model: String,
     /// `stream` (a stream went silent) or `request` (no answer within the request timeout).
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub model: String,
+    /// One of `HostCause::as_str()`.
+    pub cause: String,
+}
+
+/// Why a restart the pulse asked for was not made (the `reason` of `restarts_withheld_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Withheld {
+    /// The host explained the slowness.
+    HostContended,
+    /// A restart for slowness had not cured it (`SlowAfterRestart`).
+    SlowAfterRestart,
+}
+
+impl Withheld {
+    pub const ALL: [Withheld; 2] = [Withheld::HostContended, Withheld::SlowAfterRestart];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Withheld::HostContended => "host_contended",
+            Withheld::SlowAfterRestart => "slow_after_restart",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,6 +131,16 @@ pub struct Metrics {
     pub pulse_yellow_after: Family<ModelLabels, F64Gauge>,
     pub pulse_red_after: Family<ModelLabels, F64Gauge>,
     pub saturated: Family<ModelLabels, Gauge>,
+    /// The share of CPU other processes used during the model's last pulse round.
+    pub pulse_host_others_cpu: Family<ModelLabels, F64Gauge>,
+    /// 1 while the host explains the model's slow pulse.
+    pub host_contended: Family<ModelLabels, Gauge>,
+    /// Slow (yellow or red) pulse verdicts the host explained, by cause.
+    pub host_explained: Family<CauseLabels, Counter>,
+    /// 1 while restarts for slowness are withheld because one did not cure.
+    pub slow_after_restart: Family<ModelLabels, Gauge>,
+    /// Restarts a red pulse asked for and the agent did not make, by `Withheld` reason.
+    pub restarts_withheld: Family<ReasonLabels, Counter>,
     pub decode_per_token: Family<ModelLabels, F64Gauge>,
     pub engine_up: Family<ModelLabels, Gauge>,
     pub engine_phase: Family<PhaseLabels, Gauge>,
@@ -161,6 +199,11 @@ impl Metrics {
             pulse_yellow_after: Family::default(),
             pulse_red_after: Family::default(),
             saturated: Family::default(),
+            pulse_host_others_cpu: Family::default(),
+            host_contended: Family::default(),
+            host_explained: Family::default(),
+            slow_after_restart: Family::default(),
+            restarts_withheld: Family::default(),
             decode_per_token: Family::default(),
             engine_up: Family::default(),
             engine_phase: Family::default(),
@@ -298,6 +341,8 @@ impl Metrics {
         let labels = ModelLabels { model: model.to_owned() };
         self.pulse_grade.remove(&labels);
         self.saturated.remove(&labels);
+        self.host_contended.remove(&labels);
+        self.pulse_host_others_cpu.remove(&labels);
         self.pulse_last.remove(&labels);
         self.pulse_compute_last.remove(&labels);
     }
@@ -344,6 +389,15 @@ impl Metrics {
                     .get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }),
             );
         }
+        for why in Withheld::ALL.map(Withheld::as_str) {
+            drop(
+                self.restarts_withheld.get_or_create(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() }),
+            );
+        }
+        for cause in HostCause::ALL.map(HostCause::as_str) {
+            drop(self.host_explained.get_or_create(&CauseLabels { model: model.to_owned(), cause: cause.to_owned() }));
+        }
+        self.slow_after_restart.get_or_create(&labels).set(0);
         EngineSeries {
             rss: self.engine_rss.get_or_create(&labels).clone(),
             prompt_tokens: self.engine_prompt_tokens.get_or_create(&labels).clone(),
@@ -443,6 +497,21 @@ impl Metrics {
         for reason in FaultReason::ALL.map(FaultReason::as_str) {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
+        for why in Withheld::ALL.map(Withheld::as_str) {
+            self.restarts_withheld.remove(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() });
+        }
+        for cause in HostCause::ALL.map(HostCause::as_str) {
+            self.host_explained.remove(&CauseLabels { model: model.to_owned(), cause: cause.to_owned() });
+        }
+        self.slow_after_restart.remove(&labels);
+        self.host_contended.remove(&labels);
+        self.pulse_host_others_cpu.remove(&labels);
+    }
+
+    pub fn restart_withheld(&self, model: &str, why: Withheld) {
+        self.restarts_withheld
+            .get_or_create(&ReasonLabels { model: model.to_owned(), reason: why.as_str().to_owned() })
+            .inc();
     }
 }
 

@@ -41,6 +41,32 @@ impl Metrics {
             self.saturated.clone(),
         );
         r.register_with_unit(
+            "pulse_host_others_cpu",
+            "Share of all CPU time that processes other than the model's engine used during its last pulse round",
+            Unit::Other("ratio".to_owned()),
+            self.pulse_host_others_cpu.clone(),
+        );
+        r.register(
+            "host_contended",
+            "1 while the host explains the model's slow pulse (other processes, memory, IO, heat): graded by the absolute thresholds alone, not restarted",
+            self.host_contended.clone(),
+        );
+        r.register(
+            "pulse_host_explained",
+            "Slow (yellow or red) pulse verdicts the host explained, by cause",
+            self.host_explained.clone(),
+        );
+        r.register(
+            "slow_after_restart",
+            "1 while restarts for slowness are withheld: a restart for a red pulse did not make the engine faster",
+            self.slow_after_restart.clone(),
+        );
+        r.register(
+            "restarts_withheld",
+            "Restarts a red pulse asked for and the agent did not make: host_contended or slow_after_restart",
+            self.restarts_withheld.clone(),
+        );
+        r.register_with_unit(
             "decode_per_token",
             "Engine decode time per token, EWMA over real responses",
             Unit::Seconds,

@@ -229,7 +229,14 @@ mod tests {
     use super::*;
 
     fn pulse(at_ms: u64, wall: f64, compute: Option<f64>, grade: Option<Grade>, error: Option<&str>) -> PulseRecord {
-        PulseRecord { at_ms, wall_seconds: wall, compute_seconds: compute, grade, error: error.map(str::to_owned) }
+        PulseRecord {
+            at_ms,
+            wall_seconds: wall,
+            compute_seconds: compute,
+            grade,
+            error: error.map(str::to_owned),
+            host: None,
+        }
     }
 
     #[test]

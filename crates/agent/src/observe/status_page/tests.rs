@@ -19,6 +19,7 @@ fn serving(name: &str) -> ModelReport {
             compute_seconds: Some(0.03),
             grade: Some(Grade::Green),
             error: None,
+            host: None,
         });
     }
     r
