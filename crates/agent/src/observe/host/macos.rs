@@ -1,6 +1,8 @@
 //! macOS: memory from `vm_stat` and `sysctl`, the GPU from IOKit's IOAccelerator statistics as
-//! `ioreg` prints them. None of it needs root. The parsers are pure and compile everywhere, so
-//! they are tested on captured fixtures on Linux too; running the commands is macOS-only.
+//! `ioreg` prints them, load from `sysctl` and the CPU's thermal speed limit from `pmset` (their
+//! parsers live in `pressure::macos`). None of it needs root. The parsers are pure and compile
+//! everywhere, so they are tested on captured fixtures on Linux too; running the commands is
+//! macOS-only.
 
 use super::{GpuSample, MemoryPressure};
 
@@ -99,6 +101,9 @@ pub async fn sample() -> super::HostSample {
     let gpu = run("ioreg", &["-r", "-d", "1", "-w", "0", "-c", "IOAccelerator"])
         .await
         .and_then(|t| parse_ioreg_accelerator(&t));
+    let load = run("sysctl", &["-n", "vm.loadavg"]).await.and_then(|t| super::pressure::macos::parse_vm_loadavg(&t));
+    let thermal_speed_limit =
+        run("pmset", &["-g", "therm"]).await.and_then(|t| super::pressure::macos::parse_pmset_therm(&t));
     super::HostSample {
         memory_total_bytes: total,
         memory_available_bytes: total.zip(vm.used_bytes()).map(|(t, u)| t.saturating_sub(u)),
@@ -106,6 +111,8 @@ pub async fn sample() -> super::HostSample {
         memory_compressed_bytes: vm.compressed_bytes,
         memory_pressure: pressure,
         gpu,
+        load_per_cpu: load.zip(super::pressure::cpu_count()).map(|(l, n)| l / n as f64),
+        thermal_speed_limit,
         ..super::HostSample::default()
     }
 }

@@ -3,7 +3,7 @@
 //! no GPU series at all, rather than zeros.
 //!
 //! The parsers are pure and tested on captured fixtures on every OS; only the reading (files on
-//! Linux, `vm_stat`, `sysctl` and `ioreg` on macOS) depends on where the agent runs.
+//! Linux, `vm_stat`, `sysctl`, `ioreg` and `pmset` on macOS) depends on where the agent runs.
 
 pub mod linux;
 pub mod macos;
