@@ -33,6 +33,16 @@ impl CpuThrottle {
         self.write("cpu.cfs_quota_us", "-1");
     }
 
+    /// Limits the processes inside to `quota_us` per period again (after `lift`).
+    pub fn limit(&self, quota_us: u64) {
+        self.write("cpu.cfs_quota_us", &quota_us.to_string());
+    }
+
+    /// The file a process writes its own pid to, to join the group (and so do its children).
+    pub fn procs_file(&self) -> PathBuf {
+        self.0.join("cgroup.procs")
+    }
+
     fn write(&self, file: &str, value: &str) {
         let path = self.0.join(file);
         std::fs::write(&path, value).unwrap_or_else(|e| panic!("writing {value} to {}: {e}", path.display()));

@@ -38,7 +38,7 @@ pub struct HostPressure {
     pub load_per_cpu: Option<f64>,
     /// The agent's own scheduling delay: the most its short timers woke late in the window.
     pub timer_lateness: Option<Duration>,
-    /// A fixed small piece of CPU work, timed in the window, over the best time it ever took.
+    /// A fixed small piece of CPU work: its fastest run in the window over the best it ever took.
     pub probe_slowdown: Option<f64>,
     /// macOS: the kernel's memory pressure level.
     pub memory_level: Option<MemoryPressure>,

@@ -242,18 +242,15 @@ impl Supervisor {
                         last.as_ref().map_or_else(String::new, describe_pulse),
                         host.unwrap_or_default()
                     );
-                    if cause == RestartCause::PulseRed {
-                        // The yardstick that condemned this engine judges the next one's first
-                        // rounds: as slow means the restart did not cure.
-                        self.restart_cure.restarted_for_slowness(self.grader.round_plan().overdue_after);
-                        self.report.send_modify(|r| {
-                            r.restart_decision = Some(format!(
-                                "restarted: {message}; the host did not explain it (the next engine's first rounds show whether the restart cured it)"
-                            ));
-                        });
-                    } else {
-                        self.report.send_modify(|r| r.restart_decision = Some(format!("restarted: {message}")));
-                    }
+                    // The yardstick that condemned this engine judges the next one's first rounds:
+                    // as slow (or as unanswering) means the restart did not cure. A hang is
+                    // always restarted; only a slowness restart can be withheld afterwards.
+                    self.restart_cure.restarted_for_slowness(self.grader.round_plan().overdue_after);
+                    self.report.send_modify(|r| {
+                        r.restart_decision = Some(format!(
+                            "restarted: {message}; the host did not explain it (the next engine's first rounds show whether the restart cured it)"
+                        ));
+                    });
                     return Err(RunEnd::Fault { reason: cause.into(), message, uptime: engine.uptime() });
                 }
             }
