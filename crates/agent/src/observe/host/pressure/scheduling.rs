@@ -69,7 +69,7 @@ impl SchedulingProbe {
             tokio::time::sleep_until(due).await;
             let lateness = tokio::time::Instant::now().saturating_duration_since(due);
             n = n.wrapping_add(1);
-            let work = (n % WORK_EVERY == 0).then(|| {
+            let work = n.is_multiple_of(WORK_EVERY).then(|| {
                 let started = Instant::now();
                 fixed_work();
                 started.elapsed()
