@@ -2,6 +2,8 @@
 //! distribution, what each check would have said interval by interval, and how well each
 //! indicator tracks the latency users saw.
 
+use std::collections::BTreeMap;
+
 use metalkube_api::Grade;
 use serde::{Deserialize, Serialize};
 
@@ -116,6 +118,104 @@ pub fn suggest(healthy_walls: &[f64]) -> Option<Suggestion> {
         },
         rule: RULE.into(),
     })
+}
+
+/// The pulses the thresholds are suggested from, and which were left out and why.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Baseline {
+    /// Pulses answered in the healthy part of the run.
+    pub healthy_pulses: usize,
+    /// Of those, the pulses the suggestion is made from.
+    pub pulses: usize,
+    /// Intervals of the healthy part the host explains (`HostPressure::explains`), and the
+    /// pulses answered in them.
+    pub host_explained_intervals: usize,
+    pub host_explained_pulses: usize,
+    /// Whether those were left out. They are, unless that leaves fewer pulses than a
+    /// suggestion needs: then they are kept, and `note` says the thresholds may be loose.
+    pub host_explained_left_out: bool,
+    pub note: String,
+}
+
+/// The healthy baseline: the wall times of the pulses answered in the healthy part of the run,
+/// without the intervals the host explains. A pulse slowed by an Xcode build or a machine short
+/// of memory says how slow the host was, not how slow this engine is when healthy: in the
+/// baseline it would raise every threshold, and the pulse check would then miss the engine's
+/// own slowness. Only when leaving them out leaves too few pulses for a suggestion are they
+/// kept (a loose suggestion, said so, is more use than none).
+pub fn healthy_baseline(intervals: &[Interval]) -> (Vec<f64>, Baseline) {
+    let healthy = intervals.iter().filter(|i| i.healthy_period);
+    let (explained, clean): (Vec<&Interval>, Vec<&Interval>) = healthy.partition(|i| i.host_explained_by().is_some());
+    let walls = |of: &[&Interval]| -> Vec<f64> {
+        of.iter().flat_map(|i| i.pulse.answered_walls_seconds.iter().copied()).collect()
+    };
+    let (clean_walls, explained_walls) = (walls(&clean), walls(&explained));
+    let (clean_pulses, explained_pulses) = (clean_walls.len(), explained_walls.len());
+    let left_out = explained.is_empty() || clean_walls.len() >= MIN_HEALTHY_PULSES;
+    let note = match (explained.len(), left_out) {
+        (0, _) => "every healthy interval: the host explained none".to_owned(),
+        (n, true) => format!(
+            "{n} healthy interval(s) left out, with their {} pulse(s): the host explains them (its pressure, not \
+             the engine, set their pace)",
+            explained_pulses
+        ),
+        (n, false) => format!(
+            "the host explains {n} healthy interval(s); without them only {} pulse(s) would be left (at least \
+             {MIN_HEALTHY_PULSES} are needed), so they are kept, and the thresholds may be looser than this engine \
+             needs: calibrate again on a quieter host",
+            clean_pulses
+        ),
+    };
+    let used = if left_out { clean_walls } else { [clean_walls, explained_walls].concat() };
+    let baseline = Baseline {
+        healthy_pulses: clean_pulses + explained_pulses,
+        pulses: used.len(),
+        host_explained_intervals: explained.len(),
+        host_explained_pulses: explained_pulses,
+        host_explained_left_out: left_out && !explained.is_empty(),
+        note,
+    };
+    (used, baseline)
+}
+
+/// This host's pressure over the run, as the report sums it up.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostPressureSummary {
+    /// Intervals whose host pressure was read.
+    pub intervals_read: usize,
+    /// Intervals the host explains (`HostPressure::explains` named a cause).
+    pub intervals_explained: usize,
+    /// How many intervals each cause explained (the most direct cause of each).
+    pub causes: BTreeMap<String, usize>,
+    /// How the figures were read, or why they were not.
+    pub note: String,
+}
+
+/// What `HostPressureSummary::note` says when the figures were read.
+pub const HOST_PRESSURE_RULE: &str = "Read over each interval from a window opened at its start (as the agent does \
+over a pulse round): CPU share of other processes and of the engine, the engine's wait for a CPU, PSI stalls, load \
+per CPU, calibrate's own timer lateness. The host explains an interval when other processes held half the CPU, the \
+engine waited behind them, memory or IO stalled, the CPU was held back by heat, or calibrate's own timers were a \
+quarter second late (health::attribution). Other processes include calibrate's own clients (calibrateCpu): on a \
+small machine the load generator competes with the engine too.";
+
+/// Sums up the host pressure of the run; `not_read` holds why it was not read where it was not.
+pub fn host_summary(intervals: &[Interval], not_read: &[String]) -> HostPressureSummary {
+    let mut causes = BTreeMap::new();
+    for cause in intervals.iter().filter_map(Interval::host_explained_by) {
+        *causes.entry(cause.to_owned()).or_insert(0) += 1;
+    }
+    let intervals_read = intervals.iter().filter(|i| i.host.is_some()).count();
+    let mut note = if intervals_read > 0 { HOST_PRESSURE_RULE.to_owned() } else { String::new() };
+    for why in not_read {
+        if !note.is_empty() {
+            note.push(' ');
+        }
+        note.push_str(&format!("Host pressure {why}."));
+    }
+    HostPressureSummary { intervals_read, intervals_explained: causes.values().sum(), causes, note }
 }
 
 /// The thresholds the pulse verdicts are graded against.
@@ -279,6 +379,9 @@ pub struct WhilePulseRed {
     pub intervals: usize,
     pub uptime_green: usize,
     pub task_counter_green: usize,
+    /// Of the red intervals, those the host explains: the machine, not the engine, was slow.
+    #[serde(default)]
+    pub host_explained: usize,
 }
 
 pub fn while_pulse_red(intervals: &[Interval]) -> WhilePulseRed {
@@ -287,6 +390,7 @@ pub fn while_pulse_red(intervals: &[Interval]) -> WhilePulseRed {
         intervals: red.len(),
         uptime_green: red.iter().filter(|i| i.verdicts.uptime == Some(Grade::Green)).count(),
         task_counter_green: red.iter().filter(|i| i.verdicts.task_counter == Some(Grade::Green)).count(),
+        host_explained: red.iter().filter(|i| i.host_explained_by().is_some()).count(),
     }
 }
 

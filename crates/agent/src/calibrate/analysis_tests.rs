@@ -1,5 +1,5 @@
 use super::*;
-use crate::calibrate::record::{PulseCell, RequestCell, Verdicts};
+use crate::calibrate::record::{HostCell, PulseCell, RequestCell, Verdicts};
 use proptest::prelude::*;
 
 fn interval(i: usize, pulse: Option<f64>, p99: Option<f64>, engine: EngineReading) -> Interval {
@@ -11,6 +11,7 @@ fn interval(i: usize, pulse: Option<f64>, p99: Option<f64>, engine: EngineReadin
         pulse: PulseCell { wall_seconds: pulse, answered_wall_seconds: pulse, answered: 1, ..PulseCell::default() },
         requests: RequestCell { latency_p99_seconds: p99, ..RequestCell::default() },
         engine,
+        host: None,
         verdicts: Verdicts::default(),
     }
 }
@@ -124,7 +125,7 @@ fn the_incident_checks_look_one_window_back() {
     assert_eq!(intervals[0].verdicts.task_counter, None, "no reading two intervals back yet");
     assert_eq!(intervals[1].verdicts.task_counter, g);
     let red = while_pulse_red(&intervals);
-    assert_eq!(red, WhilePulseRed { intervals: 2, uptime_green: 1, task_counter_green: 1 });
+    assert_eq!(red, WhilePulseRed { intervals: 2, uptime_green: 1, task_counter_green: 1, host_explained: 0 });
 }
 
 #[test]
@@ -160,4 +161,64 @@ fn correlations_rank_the_pulse_with_latency_and_the_counter_rate_against_it() {
     assert_eq!(rho("engine RSS"), None);
     assert_eq!(rho("pulse compute"), None, "no compute figures");
     assert!(c.iter().all(|c| c.intervals == 8 || c.indicator.starts_with("pulse compute")));
+}
+
+fn healthy(i: usize, walls: &[f64], explained_by: Option<&str>) -> Interval {
+    let mut it = interval(i, walls.iter().copied().reduce(f64::max), None, EngineReading::default());
+    it.healthy_period = true;
+    it.pulse.answered_walls_seconds = walls.to_vec();
+    it.host = Some(HostCell { explained_by: explained_by.map(str::to_owned), ..HostCell::default() });
+    it
+}
+
+#[test]
+fn the_baseline_leaves_out_what_the_host_explains() {
+    let mut intervals: Vec<Interval> = (0..6).map(|i| healthy(i, &[0.6, 0.61], None)).collect();
+    intervals.push(healthy(6, &[4.0, 5.0], Some("other_processes_cpu")));
+    let mut unhealthy = healthy(7, &[0.6], None);
+    unhealthy.healthy_period = false;
+    intervals.push(unhealthy);
+    let (walls, b) = healthy_baseline(&intervals);
+    assert_eq!(walls.len(), 12);
+    assert!(walls.iter().all(|w| *w < 1.0), "the Xcode build's 5 s pulses are not this engine's: {walls:?}");
+    assert_eq!((b.healthy_pulses, b.pulses, b.host_explained_intervals, b.host_explained_pulses), (14, 12, 1, 2));
+    assert!(b.host_explained_left_out && b.note.contains("left out"), "{b:?}");
+    // With them, the suggestion would have been looser.
+    let with = suggest(&[walls.clone(), vec![4.0, 5.0]].concat()).map(|s| s.yellow_after_seconds);
+    assert!(with > suggest(&walls).map(|s| s.yellow_after_seconds));
+}
+
+#[test]
+fn the_baseline_keeps_them_when_too_few_are_left_and_says_so() {
+    let intervals: Vec<Interval> = (0..4).map(|i| healthy(i, &[0.5, 0.6], (i > 0).then_some("memory"))).collect();
+    let (walls, b) = healthy_baseline(&intervals);
+    assert_eq!((walls.len(), b.pulses, b.host_explained_intervals), (8, 8, 3));
+    assert!(!b.host_explained_left_out);
+    assert!(b.note.contains("kept") && b.note.contains("looser"), "{}", b.note);
+    // No host figures at all: every healthy pulse.
+    let mut plain: Vec<Interval> = (0..3).map(|i| healthy(i, &[0.5], None)).collect();
+    plain.iter_mut().for_each(|i| i.host = None);
+    let (walls, b) = healthy_baseline(&plain);
+    assert_eq!((walls.len(), b.host_explained_intervals, b.host_explained_left_out), (3, 0, false));
+}
+
+#[test]
+fn the_host_summary_counts_causes_or_says_why_nothing_was_read() {
+    let intervals =
+        vec![healthy(0, &[0.5], Some("memory")), healthy(1, &[0.5], None), healthy(2, &[0.5], Some("memory"))];
+    let s = host_summary(&intervals, &[]);
+    assert_eq!((s.intervals_read, s.intervals_explained), (3, 2));
+    assert_eq!(s.causes.get("memory"), Some(&2));
+    assert_eq!(s.note, HOST_PRESSURE_RULE);
+    let none = vec![interval(0, Some(0.5), None, EngineReading::default())];
+    let s = host_summary(&none, &["not read: elsewhere".to_owned()]);
+    assert_eq!((s.intervals_read, s.note.as_str()), (0, "Host pressure not read: elsewhere."));
+}
+
+#[test]
+fn red_intervals_the_host_explains_are_counted() {
+    let mut intervals = vec![healthy(0, &[9.0], Some("io")), healthy(1, &[9.0], None), healthy(2, &[0.1], Some("io"))];
+    apply_verdicts(&mut intervals, &EngineReading::default(), &WITH, 1);
+    let red = while_pulse_red(&intervals);
+    assert_eq!((red.intervals, red.host_explained), (2, 1));
 }

@@ -4,14 +4,21 @@
 //! report suggests pulse thresholds from the healthy part of the run, says what each check
 //! would have said interval by interval, and how well each indicator tracks user latency.
 //!
+//! Every interval also records how busy this host was (`pressure`), so that a slow interval the
+//! machine explains is told apart from one the engine does, and kept out of the baseline the
+//! thresholds come from; and the clients count the admission queue's "busy" answers as
+//! refusals, not errors, waiting as they are asked before trying again (`drive`).
+//!
 //! One job per file: `shape` (pure: request plans), `drive` (the load), `sample` (pulse and
-//! indicators), `record` (an interval), `analysis` and `stats` (pure: advice), `report`, `html`
-//! and `svg` (the files), `target` (where it points), `args` (the command line).
+//! indicators), `pressure` (the host), `record` (an interval), `analysis` and `stats` (pure:
+//! advice), `report`, `html` and `svg` (the files), `target` (where it points), `args` (the
+//! command line).
 
 pub mod analysis;
 pub mod args;
 pub mod drive;
 mod html;
+pub mod pressure;
 pub mod record;
 pub mod report;
 pub mod sample;
@@ -30,13 +37,13 @@ pub use args::{CalibrateArgs, Settings};
 
 use self::analysis::{GradedWith, ThresholdSource};
 use self::drive::{DriveConfig, RequestOutcome};
+use self::pressure::HostWatch;
 use self::record::{Interval, PulseCell, RequestCell};
 use self::report::{Checks, Report, ReportSettings, Summary};
 use self::sample::{PulseTracker, read_engine};
 use self::shape::{ContextBudget, Planner};
 use self::stats::percentile;
 use crate::AgentError;
-use crate::health::grader::Observation;
 
 /// A finished run: its report, and where the files are.
 pub struct Finished {
@@ -65,8 +72,8 @@ async fn slot_context(client: &reqwest::Client, engine_url: &str) -> Result<u32,
 struct Gathered {
     intervals: Vec<Interval>,
     outcomes: Vec<RequestOutcome>,
-    healthy_walls: Vec<f64>,
-    pulses_answered: usize,
+    /// Why host pressure was not read, for each different reason met (usually one, or none).
+    pressure_not_read: Vec<String>,
 }
 
 /// Runs the load for `settings.duration`, then writes the report. `progress` sees each interval
@@ -113,14 +120,22 @@ async fn gather(
     drop(tx);
     let pulses = PulseTracker::default();
     pulses.start_if_idle(client.clone(), resolved.engine_url.clone(), settings.pulse_timeout);
+    let mut host = HostWatch::start(settings.target.pressure_pid(&resolved));
 
     let count = settings.duration.as_nanos().div_ceil(settings.interval.as_nanos().max(1));
-    let mut g = Gathered { intervals: Vec::new(), outcomes: Vec::new(), healthy_walls: Vec::new(), pulses_answered: 0 };
+    let mut g = Gathered { intervals: Vec::new(), outcomes: Vec::new(), pressure_not_read: Vec::new() };
     let mut waiting: Vec<RequestOutcome> = Vec::new();
     for index in 0..usize::try_from(count).unwrap_or(usize::MAX) {
         let start = settings.interval.saturating_mul(u32::try_from(index).unwrap_or(u32::MAX));
         let end = start.saturating_add(settings.interval).min(settings.duration);
         tokio::time::sleep_until(tokio::time::Instant::from_std(started + end)).await;
+        // First, so the window ends with the interval and not after the readings below.
+        let host_cell = host.read_and_restart();
+        if let Some(why) = host.not_read().map(|w| w.note())
+            && !g.pressure_not_read.contains(&why)
+        {
+            g.pressure_not_read.push(why);
+        }
         let (done, in_flight) = pulses.take_until(started + end);
         while let Ok(outcome) = rx.try_recv() {
             waiting.push(outcome);
@@ -129,14 +144,6 @@ async fn gather(
             waiting.drain(..).partition(|o| o.finished_at < end);
         waiting = later;
         let healthy_period = settings.healthy_for.is_none_or(|h| end <= h);
-        for pulse in &done {
-            if let Observation::Answered { wall, .. } = pulse.sample.observation {
-                g.pulses_answered += 1;
-                if healthy_period {
-                    g.healthy_walls.push(wall.as_secs_f64());
-                }
-            }
-        }
         let engine = read_engine(client, &resolved.engine_url, resolved.engine_pid, settings.interval / 2).await;
         let interval = Interval {
             index,
@@ -146,6 +153,7 @@ async fn gather(
             pulse: PulseCell::new(&done, in_flight),
             requests: RequestCell::new(&ended),
             engine,
+            host: host_cell,
             verdicts: Default::default(),
         };
         progress(&interval);
@@ -157,6 +165,7 @@ async fn gather(
             if let Ok(now) = settings.target.resolve(client).await {
                 resolved = now;
             }
+            host.follow(settings.target.pressure_pid(&resolved));
             pulses.start_if_idle(client.clone(), resolved.engine_url.clone(), settings.pulse_timeout);
         }
     }
@@ -174,7 +183,8 @@ fn build_report(
     initial_engine: sample::EngineReading,
     mut g: Gathered,
 ) -> Report {
-    let suggested = analysis::suggest(&g.healthy_walls);
+    let (baseline_walls, baseline) = analysis::healthy_baseline(&g.intervals);
+    let suggested = analysis::suggest(&baseline_walls);
     let seed = PulseSpec::default();
     let graded_with = match &suggested {
         Some(s) => GradedWith {
@@ -190,27 +200,29 @@ fn build_report(
     };
     let window = settings.check_window.as_nanos().div_ceil(settings.interval.as_nanos().max(1));
     analysis::apply_verdicts(&mut g.intervals, &initial_engine, &graded_with, usize::try_from(window).unwrap_or(1));
-    let ok: Vec<&RequestOutcome> = g.outcomes.iter().filter(|o| o.error.is_none()).collect();
+    let ok: Vec<&RequestOutcome> = g.outcomes.iter().filter(|o| o.answered()).collect();
     let latencies: Vec<f64> = ok.iter().map(|o| o.latency.as_secs_f64()).collect();
     let ttfts: Vec<f64> = ok.iter().filter_map(|o| o.ttft).map(|t| t.as_secs_f64()).collect();
     let summary = Summary {
         intervals: g.intervals.len(),
         healthy_intervals: g.intervals.iter().filter(|i| i.healthy_period).count(),
         requests: g.outcomes.len(),
-        request_errors: g.outcomes.len() - ok.len(),
+        request_errors: g.outcomes.iter().filter(|o| o.error().is_some()).count(),
+        request_refusals: g.outcomes.iter().filter(|o| o.refusal().is_some()).count(),
         latency_p50_seconds: percentile(&latencies, 0.5),
         latency_p99_seconds: percentile(&latencies, 0.99),
         ttft_p50_seconds: percentile(&ttfts, 0.5),
-        pulses_answered: g.pulses_answered,
-        healthy_pulses: g.healthy_walls.len(),
+        pulses_answered: g.intervals.iter().map(|i| i.pulse.answered_walls_seconds.len()).sum(),
+        healthy_pulses: baseline.healthy_pulses,
         while_pulse_red: analysis::while_pulse_red(&g.intervals),
         last_interval_verdicts: g.intervals.last().map(|i| i.verdicts.clone()).unwrap_or_default(),
     };
     let no_suggestion = suggested.is_none().then(|| {
         format!(
-            "{} healthy pulses answered; at least {} are needed (run longer, or lengthen --healthy-for)",
-            g.healthy_walls.len(),
-            analysis::MIN_HEALTHY_PULSES
+            "{} healthy pulses to suggest from; at least {} are needed (run longer, or lengthen --healthy-for){}",
+            baseline.pulses,
+            analysis::MIN_HEALTHY_PULSES,
+            if baseline.host_explained_intervals > 0 { format!("; {}", baseline.note) } else { String::new() }
         )
     });
     Report {
@@ -239,6 +251,8 @@ fn build_report(
             check_window_seconds: settings.check_window.as_secs_f64(),
         },
         summary,
+        host_pressure: analysis::host_summary(&g.intervals, &g.pressure_not_read),
+        baseline,
         initial_engine,
         intervals: g.intervals,
     }

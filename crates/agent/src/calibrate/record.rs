@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::drive::RequestOutcome;
 use super::sample::{DonePulse, EngineReading};
 use super::stats::percentile;
+use crate::health::attribution::HostPressure;
 use crate::health::grader::Observation;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -23,9 +24,89 @@ pub struct Interval {
     pub requests: RequestCell,
     /// The engine's indicators at the end of the interval.
     pub engine: EngineReading,
+    /// How busy this host was over the interval; None when it could not be read (the engine is
+    /// on another host, or its pid is unknown: the report's `hostPressure.note` says which).
+    #[serde(default)]
+    pub host: Option<HostCell>,
     /// What each check says of this interval (filled in by the analysis).
     #[serde(default)]
     pub verdicts: Verdicts,
+}
+
+impl Interval {
+    /// The host cause that explains a slow interval, if the host explains one.
+    pub fn host_explained_by(&self) -> Option<&str> {
+        self.host.as_ref().and_then(|h| h.explained_by.as_deref())
+    }
+}
+
+/// The host's pressure over one interval (`health::attribution::HostPressure`, read with a
+/// window opened at the interval's start and read at its end), and what it explains.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HostCell {
+    /// The engine process the window measured.
+    pub engine_pid: u32,
+    /// Share of all CPUs' time (0..1) used by processes other than the engine: calibrate's own
+    /// clients among them (`calibrateCpu`).
+    pub others_cpu: Option<f64>,
+    pub engine_cpu: Option<f64>,
+    /// Share of all CPUs' time calibrate itself used (its load clients and readings).
+    pub calibrate_cpu: Option<f64>,
+    /// The engine's threads' wait for a CPU over their time on one (Linux).
+    pub engine_cpu_wait_ratio: Option<f64>,
+    /// PSI `some` avg10 (0..1, Linux).
+    pub cpu_stall: Option<f64>,
+    pub memory_stall: Option<f64>,
+    pub io_stall: Option<f64>,
+    pub load_per_cpu: Option<f64>,
+    /// How late calibrate's own short timers woke, at most, in the interval.
+    pub timer_lateness_seconds: Option<f64>,
+    /// A fixed small piece of work, timed in the interval, over its best time.
+    pub probe_slowdown: Option<f64>,
+    /// macOS: the kernel's memory pressure level.
+    pub memory_level: Option<String>,
+    /// macOS: the CPU's speed limit under thermal pressure (1: not limited).
+    pub thermal_speed_limit: Option<f64>,
+    pub gpu_utilization: Option<f64>,
+    /// Every cause the figures show (`health::attribution::HostCause` labels), most direct first.
+    pub causes: Vec<String>,
+    /// The most direct cause (`HostPressure::explains`): the host explains a slow interval.
+    pub explained_by: Option<String>,
+    /// The figures, for people.
+    pub text: String,
+}
+
+impl HostCell {
+    /// From a window's reading (pure). `engine_read` says whether the engine's own CPU share
+    /// could be read at the window's end: when it could not (the process ended or was
+    /// replaced mid-interval), `others_cpu` counts the engine's work as others' and would blame
+    /// the host for it, so it is dropped.
+    pub fn new(engine_pid: u32, mut p: HostPressure, calibrate_cpu: Option<f64>) -> Self {
+        if p.engine_cpu.is_none() {
+            p.others_cpu = None;
+        }
+        let causes: Vec<String> = p.causes().into_iter().map(|c| c.as_str().to_owned()).collect();
+        HostCell {
+            engine_pid,
+            others_cpu: p.others_cpu,
+            engine_cpu: p.engine_cpu,
+            calibrate_cpu,
+            engine_cpu_wait_ratio: p.engine_cpu_wait_ratio,
+            cpu_stall: p.cpu_stall,
+            memory_stall: p.memory_stall,
+            io_stall: p.io_stall,
+            load_per_cpu: p.load_per_cpu,
+            timer_lateness_seconds: p.timer_lateness.map(|d| d.as_secs_f64()),
+            probe_slowdown: p.probe_slowdown,
+            memory_level: p.memory_level.map(|l| l.as_str().to_owned()),
+            thermal_speed_limit: p.thermal_speed_limit,
+            gpu_utilization: p.gpu_utilization,
+            explained_by: p.explains().map(|c| c.as_str().to_owned()),
+            causes,
+            text: p.to_string(),
+        }
+    }
 }
 
 /// The pulse evidence of one interval: the slowest pulse that came back in it, or the one still
@@ -41,6 +122,10 @@ pub struct PulseCell {
     pub compute_seconds: Option<f64>,
     /// Pulses that came back in the interval.
     pub answered: u32,
+    /// The wall time of each pulse answered in the interval (failed ones left out): the
+    /// healthy baseline is drawn from these.
+    #[serde(default)]
+    pub answered_walls_seconds: Vec<f64>,
     /// The wall time is that of a pulse still waiting at the interval's end.
     pub in_flight: bool,
     /// A pulse failed (error answer, broken connection, no answer by the pulse timeout).
@@ -51,8 +136,18 @@ pub struct PulseCell {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RequestCell {
+    /// Every request that ended: answered, refused or failed.
     pub completed: u32,
+    /// Failed: an HTTP error other than a refusal, transport, timeout, an error event.
     pub errors: u32,
+    /// Turned away by the serving port's admission because the model was busy (429, or 503
+    /// `queue_timeout`): the queue doing its job, not a failure. Their latencies are left out.
+    #[serde(default)]
+    pub refused: u32,
+    /// The longest `Retry-After` a refusal carried, in seconds (as sent, before calibrate
+    /// bounds its wait).
+    #[serde(default)]
+    pub retry_after_max_seconds: Option<f64>,
     pub latency_p50_seconds: Option<f64>,
     pub latency_p99_seconds: Option<f64>,
     /// Time to first token of the streams that ended in the interval.
@@ -62,6 +157,9 @@ pub struct RequestCell {
     pub tokens: u64,
     /// The first error of the interval, for people.
     pub first_error: Option<String>,
+    /// The first refusal of the interval, for people (`HTTP 429 queue_full, Retry-After 2s`).
+    #[serde(default)]
+    pub first_refusal: Option<String>,
 }
 
 /// Green or red per check; None where a check has nothing to go on yet.
@@ -81,16 +179,18 @@ impl Interval {
     pub fn progress_line(&self) -> String {
         let secs = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}s"));
         format!(
-            "{:>7.1}s  pulse {}{}  requests {} ({} failed)  p50 {}  p99 {}  tasks {}  uptime {}",
+            "{:>7.1}s  pulse {}{}  requests {} ({} failed, {} refused)  p50 {}  p99 {}  tasks {}  uptime {}{}",
             self.end_seconds,
             secs(self.pulse.wall_seconds),
             if self.pulse.in_flight { " waiting" } else { "" },
             self.requests.completed,
             self.requests.errors,
+            self.requests.refused,
             secs(self.requests.latency_p50_seconds),
             secs(self.requests.latency_p99_seconds),
             self.engine.task_counter.map_or_else(|| "-".to_owned(), |c| c.to_string()),
             self.engine.uptime_seconds.map_or_else(|| "-".to_owned(), |u| format!("{u:.0}s")),
+            self.host_explained_by().map_or_else(String::new, |c| format!("  host: {c}")),
         )
     }
 }
@@ -101,8 +201,11 @@ impl PulseCell {
         let mut cell = PulseCell { answered: done.len() as u32, ..PulseCell::default() };
         for pulse in done {
             let s = &pulse.sample;
-            if !matches!(s.observation, Observation::Answered { .. }) {
-                cell.error.get_or_insert_with(|| s.error.clone().unwrap_or_else(|| "pulse failed".into()));
+            match s.observation {
+                Observation::Answered { wall, .. } => cell.answered_walls_seconds.push(wall.as_secs_f64()),
+                _ => {
+                    cell.error.get_or_insert_with(|| s.error.clone().unwrap_or_else(|| "pulse failed".into()));
+                }
             }
             if cell.wall_seconds.is_none_or(|w| s.wall.as_secs_f64() > w) {
                 cell.wall_seconds = Some(s.wall.as_secs_f64());
@@ -123,20 +226,24 @@ impl PulseCell {
 
 impl RequestCell {
     pub fn new(outcomes: &[RequestOutcome]) -> Self {
-        let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.error.is_none()).collect();
+        let ok: Vec<&RequestOutcome> = outcomes.iter().filter(|o| o.answered()).collect();
+        let refusals: Vec<&super::drive::Refusal> = outcomes.iter().filter_map(RequestOutcome::refusal).collect();
         let latencies: Vec<f64> = ok.iter().map(|o| o.latency.as_secs_f64()).collect();
         let ttfts: Vec<f64> = ok.iter().filter_map(|o| o.ttft).map(|t| t.as_secs_f64()).collect();
         let decode: Vec<f64> = ok.iter().filter_map(|o| o.decode_ms_per_token).collect();
         RequestCell {
             completed: outcomes.len() as u32,
-            errors: (outcomes.len() - ok.len()) as u32,
+            errors: outcomes.iter().filter(|o| o.error().is_some()).count() as u32,
+            refused: refusals.len() as u32,
+            retry_after_max_seconds: refusals.iter().filter_map(|r| r.retry_after).max().map(|d| d.as_secs_f64()),
             latency_p50_seconds: percentile(&latencies, 0.5),
             latency_p99_seconds: percentile(&latencies, 0.99),
             ttft_p50_seconds: percentile(&ttfts, 0.5),
             ttft_p99_seconds: percentile(&ttfts, 0.99),
             decode_ms_per_token_p50: percentile(&decode, 0.5),
             tokens: ok.iter().map(|o| o.tokens).sum(),
-            first_error: outcomes.iter().find_map(|o| o.error.clone()),
+            first_error: outcomes.iter().find_map(|o| o.error().map(str::to_owned)),
+            first_refusal: refusals.first().map(|r| r.to_string()),
         }
     }
 }
@@ -144,9 +251,24 @@ impl RequestCell {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::calibrate::drive::{Ending, Refusal};
     use crate::calibrate::shape::Api;
     use crate::health::pulse::PulseSample;
     use std::time::Instant;
+
+    fn outcome(ms: u64, ending: Ending) -> RequestOutcome {
+        RequestOutcome {
+            finished_at: Duration::ZERO,
+            latency: Duration::from_millis(ms),
+            ttft: Some(Duration::from_millis(ms / 10)),
+            decode_ms_per_token: Some(2.0),
+            tokens: 4,
+            stream: true,
+            api: Api::Chat,
+            ending,
+            backoff: None,
+        }
+    }
 
     fn pulse(wall_ms: u64, observation: Option<Observation>) -> DonePulse {
         let wall = Duration::from_millis(wall_ms);
@@ -166,6 +288,7 @@ mod tests {
     fn the_slowest_evidence_counts_a_waiting_pulse_included() {
         let cell = PulseCell::new(&[pulse(300, None), pulse(700, None)], None);
         assert_eq!((cell.wall_seconds, cell.compute_seconds, cell.answered), (Some(0.7), Some(0.35), 2));
+        assert_eq!(cell.answered_walls_seconds, [0.3, 0.7]);
         let waiting = PulseCell::new(&[pulse(300, None)], Some(Duration::from_secs(4)));
         assert_eq!((waiting.wall_seconds, waiting.compute_seconds, waiting.in_flight), (Some(4.0), None, true));
         assert_eq!(waiting.answered_wall_seconds, Some(0.3));
@@ -173,25 +296,63 @@ mod tests {
         assert!(!short_wait.in_flight, "a pulse just started says less than one that came back");
         let failed = PulseCell::new(&[pulse(5, Some(Observation::Failed))], None);
         assert_eq!(failed.error.as_deref(), Some("engine answered 500"));
+        assert!(failed.answered_walls_seconds.is_empty(), "a failed pulse is no baseline");
         assert_eq!(PulseCell::new(&[], None), PulseCell::default());
     }
 
     #[test]
     fn requests_are_summarised_without_the_failed_ones_in_the_latencies() {
-        let outcome = |ms: u64, error: Option<&str>| RequestOutcome {
-            finished_at: Duration::ZERO,
-            latency: Duration::from_millis(ms),
-            ttft: Some(Duration::from_millis(ms / 10)),
-            decode_ms_per_token: Some(2.0),
-            tokens: 4,
-            stream: true,
-            api: Api::Chat,
-            error: error.map(str::to_owned),
-        };
-        let cell = RequestCell::new(&[outcome(100, None), outcome(300, None), outcome(90_000, Some("HTTP 503"))]);
-        assert_eq!((cell.completed, cell.errors, cell.tokens), (3, 1, 8));
+        let cell = RequestCell::new(&[
+            outcome(100, Ending::Answered),
+            outcome(300, Ending::Answered),
+            outcome(90_000, Ending::Failed("HTTP 500".into())),
+        ]);
+        assert_eq!((cell.completed, cell.errors, cell.refused, cell.tokens), (3, 1, 0, 8));
         assert!(cell.latency_p50_seconds.is_some_and(|p| (p - 0.2).abs() < 1e-9), "{cell:?}");
-        assert_eq!(cell.first_error.as_deref(), Some("HTTP 503"));
+        assert_eq!(cell.first_error.as_deref(), Some("HTTP 500"));
         assert_eq!(RequestCell::new(&[]).latency_p99_seconds, None);
+    }
+
+    #[test]
+    fn refusals_are_counted_apart_from_errors_and_latencies() {
+        let refused = |secs: Option<u64>| {
+            Ending::Refused(Refusal {
+                status: 429,
+                code: Some("queue_full".into()),
+                retry_after: secs.map(Duration::from_secs),
+            })
+        };
+        let cell = RequestCell::new(&[
+            outcome(2, refused(Some(2))),
+            outcome(400, Ending::Answered),
+            outcome(3, refused(Some(5))),
+            outcome(1, refused(None)),
+        ]);
+        assert_eq!((cell.completed, cell.errors, cell.refused), (4, 0, 3));
+        assert_eq!(cell.latency_p50_seconds, Some(0.4), "a fast refusal is no fast answer");
+        assert_eq!(cell.retry_after_max_seconds, Some(5.0));
+        assert_eq!(cell.first_refusal.as_deref(), Some("HTTP 429 queue_full, Retry-After 2s"));
+        assert_eq!(cell.first_error, None);
+    }
+
+    #[test]
+    fn a_host_cell_names_the_cause_and_drops_others_when_the_engine_was_not_read() {
+        let busy = HostPressure {
+            others_cpu: Some(0.7),
+            engine_cpu: Some(0.2),
+            timer_lateness: Some(Duration::from_millis(30)),
+            ..HostPressure::default()
+        };
+        let cell = HostCell::new(42, busy, Some(0.05));
+        assert_eq!(cell.explained_by.as_deref(), Some("other_processes_cpu"));
+        assert_eq!(cell.causes, ["other_processes_cpu"]);
+        assert_eq!((cell.timer_lateness_seconds, cell.calibrate_cpu), (Some(0.03), Some(0.05)));
+        assert!(cell.text.contains("other processes 70% of CPU"), "{}", cell.text);
+        // The engine was replaced mid-interval: its work would count as others'.
+        let gone = HostCell::new(42, HostPressure { engine_cpu: None, ..busy }, None);
+        assert_eq!((gone.others_cpu, gone.explained_by), (None, None));
+        let idle = HostCell::new(42, HostPressure { others_cpu: Some(0.1), ..busy }, None);
+        assert_eq!(idle.explained_by, None);
+        assert!(idle.causes.is_empty());
     }
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::analysis::{GradedWith, IndicatorCorrelation, Suggestion, WhilePulseRed};
+use super::analysis::{Baseline, GradedWith, HostPressureSummary, IndicatorCorrelation, Suggestion, WhilePulseRed};
 use super::record::{Interval, Verdicts};
 use super::sample::EngineReading;
 use super::shape::Shape;
@@ -21,6 +21,9 @@ pub struct Report {
     /// Where the run pointed at its start.
     pub target: Resolved,
     pub summary: Summary,
+    /// The pulses the suggestion is made from, and what was left out of them and why.
+    #[serde(default)]
+    pub baseline: Baseline,
     pub suggested: Option<Suggestion>,
     /// Why nothing is suggested, when nothing is.
     pub no_suggestion: Option<String>,
@@ -29,6 +32,9 @@ pub struct Report {
     pub graded_with: GradedWith,
     pub checks: Checks,
     pub indicators: Vec<IndicatorCorrelation>,
+    /// This host's pressure over the run: each interval's figures are in `intervals[].host`.
+    #[serde(default)]
+    pub host_pressure: HostPressureSummary,
     /// The engine's indicators at the start of the run (the first interval's checks compare
     /// with it).
     pub initial_engine: EngineReading,
@@ -56,8 +62,13 @@ pub struct ReportSettings {
 pub struct Summary {
     pub intervals: usize,
     pub healthy_intervals: usize,
+    /// Requests that ended: answered, refused or failed.
     pub requests: usize,
     pub request_errors: usize,
+    /// Requests the serving port's admission refused because the model was busy (429, or 503
+    /// `queue_timeout`); not errors.
+    #[serde(default)]
+    pub request_refusals: usize,
     /// Over every request that succeeded.
     pub latency_p50_seconds: Option<f64>,
     pub latency_p99_seconds: Option<f64>,
@@ -86,9 +97,11 @@ impl Report {
         let s = &self.summary;
         let secs = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}s"));
         let mut text = format!(
-            "{} requests ({} failed): p50 {}, p99 {}, time to first token p50 {}; {} pulses answered ({} healthy)\n",
+            "{} requests ({} failed, {} refused by admission): p50 {}, p99 {}, time to first token p50 {}; {} pulses \
+             answered ({} healthy)\n",
             s.requests,
             s.request_errors,
+            s.request_refusals,
             secs(s.latency_p50_seconds),
             secs(s.latency_p99_seconds),
             secs(s.ttft_p50_seconds),
@@ -97,16 +110,29 @@ impl Report {
         );
         match (&self.suggested, &self.pulse_spec_yaml) {
             (Some(g), Some(yaml)) => text.push_str(&format!(
-                "suggested from healthy pulses p50 {:.3}s, p99 {:.3}s:\n{yaml}",
-                g.basis.p50_seconds, g.basis.p99_seconds
+                "suggested from {} healthy pulses p50 {:.3}s, p99 {:.3}s ({}):\n{yaml}",
+                g.basis.pulses, g.basis.p50_seconds, g.basis.p99_seconds, self.baseline.note
             )),
             _ => text.push_str(&format!("no suggestion: {}\n", self.no_suggestion.as_deref().unwrap_or("-"))),
         }
         let w = &s.while_pulse_red;
         text.push_str(&format!(
-            "pulse red in {} of {} intervals; meanwhile uptime check green in {}, task-counter check green in {}\n",
-            w.intervals, s.intervals, w.uptime_green, w.task_counter_green
+            "pulse red in {} of {} intervals; meanwhile uptime check green in {}, task-counter check green in {}; \
+             the host explains {}\n",
+            w.intervals, s.intervals, w.uptime_green, w.task_counter_green, w.host_explained
         ));
+        let h = &self.host_pressure;
+        if h.intervals_read > 0 {
+            let causes: Vec<String> = h.causes.iter().map(|(c, n)| format!("{c} {n}")).collect();
+            text.push_str(&format!(
+                "host pressure read in {} intervals; the host explains {}{}\n",
+                h.intervals_read,
+                h.intervals_explained,
+                if causes.is_empty() { String::new() } else { format!(" ({})", causes.join(", ")) }
+            ));
+        } else {
+            text.push_str(&format!("host pressure {}\n", h.note.trim_start_matches("Host pressure ")));
+        }
         for c in &self.indicators {
             let rho = c.spearman_rho.map_or_else(|| "none".to_owned(), |r| format!("{r:+.2}"));
             text.push_str(&format!("  rank correlation with p99 latency: {:<32} {rho}\n", c.indicator));

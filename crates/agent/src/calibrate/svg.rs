@@ -28,6 +28,15 @@ pub struct Band {
     pub label: String,
 }
 
+/// A shaded stretch of the run (x from..to, seconds): the intervals the host explains.
+pub struct Span {
+    pub from: f64,
+    pub to: f64,
+    pub color: &'static str,
+    /// Shown on hover: what the stretch is.
+    pub label: String,
+}
+
 pub struct Chart {
     /// Unit of the y axis, shown with the tick labels ("s", "ms", "MiB", …).
     pub unit: &'static str,
@@ -35,6 +44,7 @@ pub struct Chart {
     pub x_max: f64,
     pub series: Vec<Series>,
     pub bands: Vec<Band>,
+    pub spans: Vec<Span>,
 }
 
 /// The smallest 1, 2 or 5 × 10^k at or above `v`: axis tops people can read.
@@ -74,6 +84,16 @@ impl Chart {
                 (bottom - top).max(0.0),
                 band.color,
                 escape(&band.label)
+            );
+        }
+        for span in &self.spans {
+            let (left, right) = (x(span.from), x(span.to));
+            let _ = write!(
+                svg,
+                r#"<rect x="{left:.1}" y="{TOP}" width="{:.1}" height="{plot_h}" fill="{}" opacity="0.22"><title>{}</title></rect>"#,
+                (right - left).max(1.0),
+                span.color,
+                escape(&span.label)
             );
         }
         for i in 0..=4 {
@@ -152,8 +172,31 @@ fn grade_color(grade: Option<Grade>) -> &'static str {
     }
 }
 
-/// One row per check, one cell per interval, coloured by its verdict (grey: no verdict).
-pub fn verdict_strip(rows: &[(&str, Vec<Option<Grade>>)]) -> String {
+/// The colour of the host's row and of the stretches it explains: apart from every grade.
+pub const HOST_COLOR: &str = "#7b4fb8";
+/// A host that was read and explains nothing.
+pub const HOST_QUIET_COLOR: &str = "#e4ddf0";
+
+/// One interval's cell of a strip row.
+pub struct Cell {
+    pub color: &'static str,
+    /// Shown on hover.
+    pub title: String,
+}
+
+impl Cell {
+    pub fn grade(grade: Option<Grade>) -> Self {
+        let verdict = grade.map_or("no verdict", |g| match g {
+            Grade::Green => "green",
+            Grade::Yellow => "yellow",
+            Grade::Red => "red",
+        });
+        Cell { color: grade_color(grade), title: verdict.to_owned() }
+    }
+}
+
+/// One row per check, one cell per interval (grey: no verdict), coloured by what it says.
+pub fn strip(rows: &[(&str, Vec<Cell>)]) -> String {
     let row_h = 22.0;
     let height = TOP + row_h * rows.len() as f64 + 6.0;
     let cells = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(1);
@@ -161,7 +204,7 @@ pub fn verdict_strip(rows: &[(&str, Vec<Option<Grade>>)]) -> String {
     let mut svg = format!(
         r#"<svg viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img" font-family="sans-serif" font-size="11">"#
     );
-    for (r, (name, grades)) in rows.iter().enumerate() {
+    for (r, (name, cells_of)) in rows.iter().enumerate() {
         let top = TOP + row_h * r as f64;
         let _ = write!(
             svg,
@@ -170,20 +213,15 @@ pub fn verdict_strip(rows: &[(&str, Vec<Option<Grade>>)]) -> String {
             top + 14.0,
             escape(name)
         );
-        for (i, grade) in grades.iter().enumerate() {
-            let verdict = grade.map_or("no verdict", |g| match g {
-                Grade::Green => "green",
-                Grade::Yellow => "yellow",
-                Grade::Red => "red",
-            });
+        for (i, cell) in cells_of.iter().enumerate() {
             let _ = write!(
                 svg,
                 r#"<rect x="{:.2}" y="{top:.1}" width="{:.2}" height="{}" fill="{}"><title>interval {i}: {}</title></rect>"#,
                 LEFT * 2.0 + cell_w * i as f64,
                 cell_w.max(0.5),
                 row_h - 4.0,
-                grade_color(*grade),
-                verdict
+                cell.color,
+                escape(&cell.title)
             );
         }
     }
@@ -215,11 +253,13 @@ mod tests {
                 points: vec![(1.0, Some(1.0)), (2.0, Some(2.0)), (3.0, None), (4.0, Some(f64::NAN)), (5.0, Some(1.0))],
             }],
             bands: vec![Band { from: 2.0, to: f64::INFINITY, color: "#f00", label: "red".into() }],
+            spans: vec![Span { from: 3.0, to: 4.0, color: HOST_COLOR, label: "host: <memory>".into() }],
         };
         let svg = chart.render();
         assert_eq!(svg.matches("<polyline").count(), 1);
         assert_eq!(svg.matches("<circle").count(), 1, "a lone point is a dot");
         assert!(svg.contains("&lt;b&gt;wall&lt;/b&gt;") && !svg.contains("<b>"));
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
+        assert!(svg.contains("<title>host: &lt;memory&gt;</title>"), "a span says what it marks");
     }
 }

@@ -41,6 +41,41 @@ struct AgentModels {
     models: Vec<AgentModel>,
 }
 
+/// Why this host's pressure says nothing of the engine calibrated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoPressure {
+    /// The engine runs on another machine: this one's CPU, memory and timers are not its.
+    Remote { url: String },
+    /// The engine's pid is unknown: its own CPU could not be told from other processes'.
+    NoPid,
+}
+
+impl NoPressure {
+    /// For the report.
+    pub fn note(&self) -> String {
+        match self {
+            NoPressure::Remote { url } => format!(
+                "not read: {url} is not on this host, and this host's load says nothing about the engine's; \
+                 run calibrate on the engine's host to see whether a slow interval was the engine or the machine"
+            ),
+            NoPressure::NoPid => "not read: the engine's pid is unknown (give --engine-pid), so its own CPU use \
+                                  could not be told from other processes'"
+                .to_owned(),
+        }
+    }
+}
+
+/// Whether a URL names this host: `localhost` or a loopback address. Another address may still
+/// be this host, but calibrate cannot tell, and reading this host's pressure for an engine
+/// elsewhere would blame the wrong machine.
+pub fn is_loopback(url: &str) -> bool {
+    let Ok(url) = reqwest::Url::parse(url) else { return false };
+    let Some(host) = url.host_str() else { return false };
+    // IPv6 hosts come bracketed.
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 fn trim(url: &str) -> String {
     url.trim_end_matches('/').to_owned()
 }
@@ -55,6 +90,19 @@ impl Target {
         // No serving port: the load goes straight to the engine, with no admission in front.
         let serving_url = serving_url.map_or_else(|| engine_url.clone(), trim);
         Target::Direct { serving_url, engine_url, pid }
+    }
+
+    /// The engine pid whose host pressure calibrate reads (pure), or why there is none. Through
+    /// an agent the engine is on the agent's host (engines listen on its 127.0.0.1 only).
+    pub fn pressure_pid(&self, resolved: &Resolved) -> Result<u32, NoPressure> {
+        let engine_host = match self {
+            Target::Agent { agent_url, .. } => agent_url,
+            Target::Direct { engine_url, .. } => engine_url,
+        };
+        if !is_loopback(engine_host) {
+            return Err(NoPressure::Remote { url: engine_host.clone() });
+        }
+        resolved.engine_pid.ok_or(NoPressure::NoPid)
     }
 
     pub async fn resolve(&self, client: &reqwest::Client) -> Result<Resolved, AgentError> {
@@ -114,5 +162,31 @@ mod tests {
                 pid: Some(7)
             }
         );
+    }
+
+    #[test]
+    fn pressure_is_read_for_a_local_engine_with_a_pid_only() {
+        let resolved = |pid| Resolved {
+            serving_url: "http://127.0.0.1:8080".into(),
+            engine_url: "http://127.0.0.1:18000".into(),
+            engine_pid: pid,
+        };
+        let local = Target::direct(None, "http://127.0.0.1:18000", Some(7));
+        assert_eq!(local.pressure_pid(&resolved(Some(7))), Ok(7));
+        assert_eq!(local.pressure_pid(&resolved(None)), Err(NoPressure::NoPid));
+        for url in ["http://localhost:18000", "http://[::1]:18000", "http://127.3.2.1:1"] {
+            assert_eq!(Target::direct(None, url, Some(7)).pressure_pid(&resolved(Some(7))), Ok(7), "{url}");
+        }
+        let remote = Target::direct(Some("http://127.0.0.1:8080"), "http://10.0.0.5:18000", Some(7));
+        assert!(matches!(remote.pressure_pid(&resolved(Some(7))), Err(NoPressure::Remote { .. })));
+        // Through an agent on another Mac: its pid is a pid there, not here.
+        let agent = Target::agent("http://mac-studio.local:9090", ModelKey::new("default", "tiny"));
+        let why = agent.pressure_pid(&resolved(Some(7)));
+        assert!(why.as_ref().is_err_and(|w| w.note().contains("mac-studio.local")), "{why:?}");
+        assert_eq!(
+            Target::agent("http://localhost:9090", ModelKey::new("d", "t")).pressure_pid(&resolved(Some(9))),
+            Ok(9)
+        );
+        assert!(!is_loopback("not a url"));
     }
 }
