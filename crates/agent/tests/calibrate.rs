@@ -51,20 +51,17 @@ fn assert_self_contained(html_path: &Path) {
     }
 }
 
-/// The incident: a trivial call rises from 0.6 s to 30 s. /health stays 200, the engine process
-/// runs on and takes new tasks (slowly): the uptime and task-counter checks stay green while
-/// the pulse is red. The drift is time-compressed (8 s healthy, then 16 s to reach 30 s).
-#[tokio::test(flavor = "multi_thread")]
-async fn the_incident_uptime_and_task_counter_stay_green_while_the_pulse_is_red() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("drift.gguf");
-    let ramp = Ramp { from_ms: 600, to_ms: 30_000, after_ms: 8_000, over_ms: 16_000 };
-    let startup = SimStartup { fault: Fault { ramp: Some(ramp), ..Fault::default() }, ..SimStartup::default() };
-    std::fs::write(format!("{}.sim.json", model.display()), serde_json::to_vec(&startup).unwrap()).unwrap();
+/// A simulator engine on a free port, with `startup` as its model file's faults and `args`
+/// (parallel slots, host) on its command line; killed when the handle is dropped.
+async fn start_sim(dir: &std::path::Path, file: &str, startup: &SimStartup, args: &[&str]) -> (Killed, u16) {
+    let model = dir.join(file);
+    std::fs::write(format!("{}.sim.json", model.display()), serde_json::to_vec(startup).unwrap()).unwrap();
     let port = free_port();
     let sim = Killed(
         Command::new(metalkube_testkit::sim_engine())
-            .args(["--port", &port.to_string(), "--parallel", "40", "--model"])
+            .args(["--port", &port.to_string()])
+            .args(args)
+            .arg("--model")
             .arg(&model)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -72,6 +69,18 @@ async fn the_incident_uptime_and_task_counter_stay_green_while_the_pulse_is_red(
             .unwrap(),
     );
     wait_healthy(port).await;
+    (sim, port)
+}
+
+/// The incident: a trivial call rises from 0.6 s to 30 s. /health stays 200, the engine process
+/// runs on and takes new tasks (slowly): the uptime and task-counter checks stay green while
+/// the pulse is red. The drift is time-compressed (8 s healthy, then 16 s to reach 30 s).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_incident_uptime_and_task_counter_stay_green_while_the_pulse_is_red() {
+    let dir = tempfile::tempdir().unwrap();
+    let ramp = Ramp { from_ms: 600, to_ms: 30_000, after_ms: 8_000, over_ms: 16_000 };
+    let startup = SimStartup { fault: Fault { ramp: Some(ramp), ..Fault::default() }, ..SimStartup::default() };
+    let (sim, port) = start_sim(dir.path(), "drift.gguf", &startup, &["--parallel", "40"]).await;
 
     let out = dir.path().join("report");
     let engine = format!("http://127.0.0.1:{port}");
@@ -256,20 +265,7 @@ async fn a_429_with_retry_after_is_a_refusal_and_the_client_waits() {
     const REFUSED: usize = 2;
     const RETRY_AFTER_SECONDS: u64 = 2;
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("plain.gguf");
-    std::fs::write(format!("{}.sim.json", model.display()), serde_json::to_vec(&SimStartup::default()).unwrap())
-        .unwrap();
-    let port = free_port();
-    let sim = Killed(
-        Command::new(metalkube_testkit::sim_engine())
-            .args(["--port", &port.to_string(), "--parallel", "4", "--model"])
-            .arg(&model)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(port).await;
+    let (sim, port) = start_sim(dir.path(), "plain.gguf", &SimStartup::default(), &["--parallel", "4"]).await;
 
     let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
     let seen = arrivals.clone();
@@ -363,20 +359,7 @@ async fn a_429_with_retry_after_is_a_refusal_and_the_client_waits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_engine_elsewhere_has_no_host_pressure_and_the_report_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("plain.gguf");
-    std::fs::write(format!("{}.sim.json", model.display()), serde_json::to_vec(&SimStartup::default()).unwrap())
-        .unwrap();
-    let port = free_port();
-    let sim = Killed(
-        Command::new(metalkube_testkit::sim_engine())
-            .args(["--port", &port.to_string(), "--parallel", "2", "--host", "0.0.0.0", "--model"])
-            .arg(&model)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_healthy(port).await;
+    let (sim, port) = start_sim(dir.path(), "plain.gguf", &SimStartup::default(), &["--parallel", "2", "--host", "0.0.0.0"]).await;
     // This machine by a non-loopback address: to calibrate it is "another host".
     let Some(ip) = non_loopback_ip() else {
         println!("no non-loopback address on this machine; nothing to test");
