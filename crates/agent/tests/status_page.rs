@@ -1,6 +1,7 @@
 //! The status page (`/` on the agent's HTTP port) in a real browser, headless Chromium: each
 //! model with its numbers readable with JavaScript off, a chart with one point per pulse the
-//! API reports, live updates by the page's own script, and a screenshot for people to look at.
+//! API reports and the host beside it, why the engine was restarted, live updates by the page's
+//! own script, and a screenshot for people to look at.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -80,6 +81,16 @@ async fn check_screenshot(url: &str, name: &str) -> PathBuf {
     path
 }
 
+/// The host figures the agent read beside each pulse round are on the page: the last pulse's in
+/// words, and the strip under the pulse chart (a pulse answered within a clock tick has no CPU
+/// shares, so its point may be missing; PSI, load and the agent's own timers are always read).
+fn assert_host_beside_the_pulses(section: &str) {
+    let host = section.split(r#"<dd data-field="host">"#).nth(1).and_then(|s| s.split("</dd>").next());
+    assert!(host.is_some_and(|h| !h.is_empty() && h != "not measured"), "the last pulse's host figures: {section}");
+    assert!(section.contains(r#"<svg class="chart host-chart""#), "the host strip: {section}");
+    assert!(section.contains(r#"data-slow-after-restart="false""#), "{section}");
+}
+
 /// What the page must say about the two models of the simulator test, in served HTML or a DOM.
 fn assert_drift_and_missing(page: &str, api: &[u64]) {
     let drift = section(page, "default/drift");
@@ -91,6 +102,13 @@ fn assert_drift_and_missing(page: &str, api: &[u64]) {
     assert!(drift.contains(r#"<li data-reason="pulse_red""#), "the restart and its reason: {drift}");
     assert!(drift.contains(r#"class="band yellow""#) && drift.contains(r#"class="band red""#), "{drift}");
     assert!(drift.contains("pulse grade-red"), "the red pulses before the restart are marked: {drift}");
+    assert!(
+        drift.contains(
+            r#"data-field="restart-decision"><strong>Restart decision</strong> restarted: pulse pulse_red: "#
+        ),
+        "why the engine was restarted, in words: {drift}"
+    );
+    assert_host_beside_the_pulses(drift);
     assert_chart_holds(drift, api);
     let missing = section(page, "default/missing");
     assert!(missing.contains(r#"data-phase="Failed""#), "{missing}");
@@ -164,6 +182,7 @@ async fn the_page_shows_a_real_engine_and_its_compute_time_in_chromium() {
     assert!(loaded.console.is_empty(), "the browser console: {:#?}", loaded.console);
     let tiny = section(&loaded.dom, "default/tiny");
     assert!(tiny.contains(r#"data-field="phase">Serving</span>"#), "{tiny}");
+    assert_host_beside_the_pulses(tiny);
     assert_chart_holds(tiny, &api);
     assert!(tiny.contains(r#"<path class="compute""#), "the engine's compute time is drawn: {tiny}");
     assert!(tiny.matches("data-compute-seconds=").count() >= api.len(), "{tiny}");

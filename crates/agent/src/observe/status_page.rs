@@ -1,6 +1,9 @@
 //! The status page on the agent's HTTP port (`/`): every model's phase, grade, load, restarts
-//! and last error, with a chart of its recent pulses. Rendered on the server from the same
-//! reports as `/api/v1/models`, so every number is in the HTML and reads with JavaScript off.
+//! and last error, with a chart of its recent pulses and, under it, how busy the host was beside
+//! each pulse (a busy host is not a sick engine: `HostContended` and its cause,
+//! `SlowAfterRestart`, and in words why a restart was or was not made). Rendered on the server
+//! from the same reports as `/api/v1/models`, so every number is in the HTML and reads with
+//! JavaScript off.
 //! Everything is inline (style, SVG, a small script that re-fetches the page for live
 //! updates) and the page's Content-Security-Policy forbids any other fetch: it works on a Mac
 //! with no route to the internet and leaks nothing about who looks at it.
@@ -10,8 +13,11 @@ mod chart;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
+use metalkube_api::Phase;
+
+use crate::health::attribution::HostCause;
 use crate::observe::html_text::escape;
-use crate::observe::report::{ModelReport, ModelView, PulseRecord};
+use crate::observe::report::{ModelReport, ModelView, PulseHost, PulseRecord};
 use crate::serving::ServingLoad;
 
 const STYLE: &str = include_str!("status_page/page.css");
@@ -102,22 +108,45 @@ fn model(out: &mut String, r: &ModelReport, load: &ServingLoad, now_ms: u64) {
     let key = escape(&r.key());
     let phase = r.phase.as_str();
     let grade = r.grade.map_or("none", chart::grade_class);
+    let phase_class = if r.phase == Phase::HostContended { " host-contended" } else { "" };
     let _ = write!(
         out,
-        r#"<section class="model grade-{grade}" data-model="{key}" data-phase="{phase}" data-saturated="{sat}"><h2><span class="name">{key}</span> <span class="badge phase" data-field="phase">{phase}</span> <span class="badge grade-{grade}" data-field="grade">{grade_text}</span>"#,
+        r#"<section class="model grade-{grade}" data-model="{key}" data-phase="{phase}" data-saturated="{sat}" data-host-contended="{host}" data-slow-after-restart="{slow}"><h2><span class="name">{key}</span> <span class="badge phase{phase_class}" data-field="phase">{phase}</span> <span class="badge grade-{grade}" data-field="grade">{grade_text}</span>"#,
         sat = r.saturated,
+        host = escape(r.host_contended.unwrap_or("")),
+        slow = r.slow_after_restart,
         grade_text = r.grade.map_or("no grade", |g| g.as_str()),
     );
     if r.saturated {
         out.push_str(r#" <span class="badge saturated" data-field="saturated">Saturated</span>"#);
     }
+    if let Some(cause) = r.host_contended {
+        let _ = write!(
+            out,
+            r#" <span class="badge host-contended" data-field="host-contended-badge" title="{}: graded by the absolute thresholds alone, not restarted for it">Host contended: {}</span>"#,
+            escape(cause_words(cause)),
+            escape(cause)
+        );
+    }
+    if r.slow_after_restart {
+        out.push_str(
+            r#" <span class="badge slow-after-restart" data-field="slow-after-restart-badge" title="a restart for slowness did not make the engine faster: restarts for slowness are withheld">SlowAfterRestart</span>"#,
+        );
+    }
     out.push_str("</h2>");
     numbers(out, r, load, now_ms);
     out.push_str(r#"<div class="chart-box">"#);
     chart::render(out, r, now_ms);
+    let host_drawn = chart::render_host(out, r, now_ms);
     out.push_str(
-        r#"<p class="legend"><span class="key wall">wall time</span> <span class="key compute">engine compute</span> <span class="key band-yellow">yellow</span> <span class="key band-red">red</span> <span class="key failed">failed pulse</span></p></div>"#,
+        r#"<p class="legend"><span class="key wall">wall time</span> <span class="key compute">engine compute</span> <span class="key band-yellow">yellow</span> <span class="key band-red">red</span> <span class="key failed">failed pulse</span>"#,
     );
+    if host_drawn {
+        out.push_str(
+            r#" <span class="key host-ring">host busy enough to explain slowness</span> <span class="key others">other processes' CPU</span> <span class="key engine-cpu">engine CPU</span> <span class="key host-threshold">others' share that explains slowness</span>"#,
+        );
+    }
+    out.push_str("</p></div>");
     if let Some(e) = &r.last_error {
         let _ = write!(
             out,
@@ -125,8 +154,39 @@ fn model(out: &mut String, r: &ModelReport, load: &ServingLoad, now_ms: u64) {
             escape(e)
         );
     }
+    if let Some(why) = &r.restart_decision {
+        let _ = write!(
+            out,
+            r#"<p class="restart-decision" data-field="restart-decision"><strong>Restart decision</strong> {}</p>"#,
+            escape(why)
+        );
+    }
     restarts(out, r, now_ms);
     out.push_str("</section>");
+}
+
+/// What a `HostCause` label means, for people.
+fn cause_words(label: &str) -> &'static str {
+    let Some(cause) = HostCause::ALL.into_iter().find(|c| c.as_str() == label) else {
+        return "the host explains it";
+    };
+    match cause {
+        HostCause::OtherProcessesCpu => "other processes kept the CPUs busy",
+        HostCause::EngineWaitedForCpu => "the engine waited for CPUs other processes held",
+        HostCause::Memory => "tasks stalled on memory, or memory is short",
+        HostCause::Io => "tasks stalled on IO",
+        HostCause::Thermal => "the CPU runs slower to keep cool",
+        HostCause::SchedulingDelay => "the whole host is slow: the agent itself ran late",
+    }
+}
+
+/// The host beside one pulse, in words: the figures read and, when the host was busy enough to
+/// explain slowness, what would explain it.
+fn host_text(h: &PulseHost) -> String {
+    match h.cause {
+        Some(cause) => format!("{}; busy enough to explain slowness: {} ({cause})", h.summary, cause_words(cause)),
+        None => h.summary.clone(),
+    }
 }
 
 /// The numbers, as a definition list: the part of the page that must read without JavaScript.
@@ -154,6 +214,16 @@ fn numbers(out: &mut String, r: &ModelReport, load: &ServingLoad, now_ms: u64) {
     item("in-flight", "In flight", format!("{} of {}", load.in_flight, load.max_concurrent));
     item("queue-depth", "Queued", load.queue_depth.to_string());
     item("saturated", "Saturated", if r.saturated { "yes" } else { "no" }.to_owned());
+    item(
+        "host-contended",
+        "Host contended",
+        r.host_contended.map_or_else(|| "no".to_owned(), |cause| format!("yes: {} ({cause})", cause_words(cause))),
+    );
+    item(
+        "slow-after-restart",
+        "Slow after restart",
+        if r.slow_after_restart { "yes: restarts for slowness withheld" } else { "no" }.to_owned(),
+    );
     item("circuit", "Circuit", load.circuit.to_owned());
     let mut restarts = r.restarts.to_string();
     if let Some(b) = r.backoff_seconds {
@@ -192,6 +262,13 @@ fn numbers(out: &mut String, r: &ModelReport, load: &ServingLoad, now_ms: u64) {
         }
         item("download", "Downloaded", text);
     }
+    // The host's figures read long: a row of their own.
+    let host = r.last_pulse.as_ref().and_then(|p| p.host.as_ref()).map_or_else(|| "not measured".to_owned(), host_text);
+    let _ = write!(
+        out,
+        r#"<div class="wide"><dt>Host at the last pulse</dt><dd data-field="host">{}</dd></div>"#,
+        escape(&host)
+    );
     out.push_str("</dl>");
 }
 

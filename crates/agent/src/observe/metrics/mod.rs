@@ -570,4 +570,46 @@ mod tests {
         assert!(text.contains("metalkube_agent_build_info{version=\""), "{text}");
         metalkube_testkit::promtool::check_metrics(&text);
     }
+
+    /// The names the dashboard's "Host beside the pulse" row and the alerts MetalkubeHostContended
+    /// and MetalkubeSlowAfterRestart query, as the registry exposes them.
+    #[test]
+    fn host_pressure_beside_the_pulse_is_exposed_under_the_names_dashboards_and_alerts_use() {
+        let metrics = Metrics::new();
+        let _engine = metrics.engine_series("ns/m");
+        let labels = ModelLabels { model: "ns/m".to_owned() };
+        metrics.pulse_host_others_cpu.get_or_create(&labels).set(0.75);
+        metrics.host_contended.get_or_create(&labels).set(1);
+        metrics
+            .host_explained
+            .get_or_create(&CauseLabels { model: "ns/m".to_owned(), cause: "memory".to_owned() })
+            .inc();
+        metrics.restart_withheld("ns/m", Withheld::HostContended);
+        metrics.host.set(crate::observe::host::HostSample {
+            cpu_stall: Some(0.4),
+            memory_stall: Some(0.12),
+            io_stall: Some(0.01),
+            load_per_cpu: Some(2.5),
+            thermal_speed_limit: Some(0.8),
+            ..Default::default()
+        });
+        let text = metrics.encode();
+        for line in [
+            r#"metalkube_agent_pulse_host_others_cpu_ratio{model="ns/m"} 0.75"#,
+            r#"metalkube_agent_host_contended{model="ns/m"} 1"#,
+            r#"metalkube_agent_slow_after_restart{model="ns/m"} 0"#,
+            r#"metalkube_agent_pulse_host_explained_total{model="ns/m",cause="memory"} 1"#,
+            r#"metalkube_agent_pulse_host_explained_total{model="ns/m",cause="other_processes_cpu"} 0"#,
+            r#"metalkube_agent_restarts_withheld_total{model="ns/m",reason="host_contended"} 1"#,
+            r#"metalkube_agent_restarts_withheld_total{model="ns/m",reason="slow_after_restart"} 0"#,
+            "metalkube_agent_host_cpu_stall_ratio 0.4",
+            "metalkube_agent_host_memory_stall_ratio 0.12",
+            "metalkube_agent_host_io_stall_ratio 0.01",
+            "metalkube_agent_host_load_per_cpu 2.5",
+            "metalkube_agent_host_thermal_speed_limit_ratio 0.8",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+        metalkube_testkit::promtool::check_metrics(&text);
+    }
 }

@@ -1,13 +1,16 @@
 //! One model's pulse chart: an inline SVG drawn on the server, so that it reads with JavaScript
 //! off and fetches nothing. Wall time is a solid line with one point per pulse (coloured by the
-//! grade published after it; failed pulses hollow), engine compute time a dashed line, and the
-//! yellow and red bands come from the model's own thresholds.
+//! grade published after it; failed pulses hollow; ringed when the host was busy enough to
+//! explain slowness), engine compute time a dashed line, and the yellow and red bands come from
+//! the model's own thresholds. Under it, on the same time axis, a strip of the host beside each
+//! pulse: the share of all CPU other processes took, and the engine's own.
 
 use std::fmt::Write;
 
 use metalkube_api::Grade;
 
-use super::{escape, fmt_age, fmt_seconds};
+use super::{escape, fmt_age, fmt_seconds, host_text};
+use crate::health::attribution::threshold::OTHERS_CPU;
 use crate::observe::report::{ModelReport, PULSE_HISTORY, PulseRecord};
 
 const WIDTH: f64 = 720.0;
@@ -27,6 +30,12 @@ const BOTTOM: f64 = 22.0;
 /// exact value is in each point's tooltip and data attributes).
 const FLOOR_SECONDS: f64 = 0.001;
 const CEILING_SECONDS: f64 = 30.0;
+
+/// The host strip under the pulse chart: as wide, with the same margins left and right so that
+/// a pulse and the host beside it line up, and no time labels (the chart above has them).
+const HOST_HEIGHT: f64 = 84.0;
+const HOST_TOP: f64 = 8.0;
+const HOST_BOTTOM: f64 = 8.0;
 
 /// Seconds to a y coordinate.
 struct YScale {
@@ -189,9 +198,11 @@ fn line(out: &mut String, class: &str, points: &[Option<(f64, f64)>]) {
 fn point_of(out: &mut String, p: &PulseRecord, xs: &XScale, ys: &YScale, now_ms: u64) {
     let grade = p.grade.map_or("none", grade_class);
     let failed = if p.error.is_some() { " failed" } else { "" };
+    let cause = p.host.as_ref().and_then(|h| h.cause);
+    let host = if cause.is_some() { " host" } else { "" };
     let _ = write!(
         out,
-        r#"<circle class="pulse grade-{grade}{failed}" cx="{x:.1}" cy="{y:.1}" r="3.2" data-at-ms="{at}" data-wall-seconds="{wall}""#,
+        r#"<circle class="pulse grade-{grade}{failed}{host}" cx="{x:.1}" cy="{y:.1}" r="3.2" data-at-ms="{at}" data-wall-seconds="{wall}""#,
         x = xs.x(p.at_ms),
         y = ys.y(p.wall_seconds),
         at = p.at_ms,
@@ -203,6 +214,9 @@ fn point_of(out: &mut String, p: &PulseRecord, xs: &XScale, ys: &YScale, now_ms:
     if let Some(g) = p.grade {
         let _ = write!(out, r#" data-grade="{}""#, g.as_str());
     }
+    if let Some(c) = cause {
+        let _ = write!(out, r#" data-host-cause="{}""#, escape(c));
+    }
     let mut tip = format!("{}: wall {}", fmt_age(now_ms, p.at_ms), fmt_seconds(p.wall_seconds));
     if let Some(c) = p.compute_seconds {
         let _ = write!(tip, ", compute {}", fmt_seconds(c));
@@ -213,7 +227,90 @@ fn point_of(out: &mut String, p: &PulseRecord, xs: &XScale, ys: &YScale, now_ms:
     if let Some(e) = &p.error {
         let _ = write!(tip, ", failed: {e}");
     }
+    if let Some(h) = &p.host {
+        let _ = write!(tip, "; host: {}", host_text(h));
+    }
     let _ = write!(out, "><title>{}</title></circle>", escape(&tip));
+}
+
+/// A share (0..1) to a y coordinate of the host strip.
+fn share_y(share: f64) -> f64 {
+    let s = if share.is_finite() { share.clamp(0.0, 1.0) } else { 0.0 };
+    HOST_TOP + (1.0 - s) * (HOST_HEIGHT - HOST_TOP - HOST_BOTTOM)
+}
+
+/// Appends the host strip of `r`'s recent pulses to `out`, on the pulse chart's time axis: other
+/// processes' share of all CPU time as a solid line with a point per pulse (its tooltip holds
+/// every figure read), the engine's own share dashed, the share at which other processes alone
+/// explain a slow pulse as a dashed rule, and a shaded column at each pulse where the host was
+/// busy enough to explain slowness (whatever the cause: CPU, memory, IO, heat, scheduling).
+/// Draws nothing and returns false when no pulse has host figures (none yet, or the host could
+/// not be read).
+pub(super) fn render_host(out: &mut String, r: &ModelReport, now_ms: u64) -> bool {
+    let pulses: Vec<&PulseRecord> = r.pulse_history.iter().collect();
+    let measured = pulses.iter().filter(|p| p.host.is_some()).count();
+    if measured == 0 {
+        return false;
+    }
+    let xs = XScale::new(&pulses, r.pulse_interval_seconds, now_ms);
+    let plot_right = WIDTH - RIGHT;
+    let _ = write!(
+        out,
+        r#"<svg class="chart host-chart" viewBox="0 0 {WIDTH} {HOST_HEIGHT}" role="img" data-host-pulses="{measured}"><title>The host beside the pulses of {key}: share of all CPU time other processes and the engine used</title>"#,
+        key = escape(&r.key()),
+    );
+    for share in [0.0, 0.5, 1.0] {
+        let y = share_y(share);
+        let _ = write!(
+            out,
+            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{plot_right}" y2="{y:.1}"/><text class="axis" x="{lx}" y="{ty:.1}" text-anchor="end">{pct:.0}%</text>"#,
+            lx = LEFT - 6.0,
+            ty = y + 4.0,
+            pct = share * 100.0,
+        );
+    }
+    let (top, bottom) = (share_y(1.0), share_y(0.0));
+    for p in &pulses {
+        let Some(h) = &p.host else { continue };
+        let Some(cause) = h.cause else { continue };
+        let _ = write!(
+            out,
+            r#"<rect class="explained-column" x="{x:.1}" y="{top:.1}" width="6" height="{height:.1}" data-at-ms="{at}" data-host-cause="{c}"><title>{tip}</title></rect>"#,
+            x = xs.x(p.at_ms) - 3.0,
+            height = bottom - top,
+            at = p.at_ms,
+            c = escape(cause),
+            tip = escape(&format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h))),
+        );
+    }
+    let threshold = share_y(OTHERS_CPU);
+    let _ = write!(
+        out,
+        r#"<line class="host-threshold" x1="{LEFT}" y1="{threshold:.1}" x2="{plot_right}" y2="{threshold:.1}"/><text class="band-label host-threshold" x="{lx}" y="{ty:.1}">others ≥ {pct:.0}% explain slowness</text>"#,
+        lx = LEFT + 4.0,
+        ty = threshold - 3.0,
+        pct = OTHERS_CPU * 100.0,
+    );
+    let share_points = |share: fn(&PulseRecord) -> Option<f64>| -> Vec<Option<(f64, f64)>> {
+        pulses.iter().map(|p| share(p).filter(|v| v.is_finite()).map(|v| (xs.x(p.at_ms), share_y(v)))).collect()
+    };
+    let others = share_points(|p| p.host.as_ref().and_then(|h| h.others_cpu));
+    let engine = share_points(|p| p.host.as_ref().and_then(|h| h.engine_cpu));
+    line(out, "engine-cpu", &engine);
+    line(out, "others", &others);
+    for (p, point) in pulses.iter().zip(&others) {
+        let (Some((x, y)), Some(h)) = (point, &p.host) else { continue };
+        let cause = h.cause.map_or("", |_| " explained");
+        let _ = write!(
+            out,
+            r#"<circle class="others-point{cause}" cx="{x:.1}" cy="{y:.1}" r="2.4" data-at-ms="{at}" data-others-cpu="{share}"><title>{tip}</title></circle>"#,
+            at = p.at_ms,
+            share = h.others_cpu.unwrap_or_default(),
+            tip = escape(&format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h))),
+        );
+    }
+    out.push_str("</svg>");
+    true
 }
 
 pub(super) fn grade_class(g: Grade) -> &'static str {
@@ -227,6 +324,8 @@ pub(super) fn grade_class(g: Grade) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::health::attribution::{HostCause, HostPressure};
+    use crate::observe::report::PulseHost;
 
     fn pulse(at_ms: u64, wall: f64, compute: Option<f64>, grade: Option<Grade>, error: Option<&str>) -> PulseRecord {
         PulseRecord {
@@ -297,6 +396,85 @@ mod tests {
         assert!(out.contains(r#"class="band yellow""#) && out.contains(r#"class="band red""#));
         assert!(out.contains("yellow ≥ 2 s") && out.contains("red ≥ 5 s"), "{out}");
         assert!(out.contains(r#"data-pulses="3""#));
+    }
+
+    fn host(others: Option<f64>, engine: Option<f64>, cause: Option<HostCause>) -> PulseHost {
+        let p =
+            HostPressure { others_cpu: others, engine_cpu: engine, load_per_cpu: Some(1.5), ..HostPressure::default() };
+        PulseHost::new(&p, cause)
+    }
+
+    #[test]
+    fn the_host_strip_shares_the_time_axis_and_marks_what_the_host_explains() {
+        let mut r = ModelReport::new("ns", "m");
+        r.pulse_interval_seconds = 1.0;
+        r.yellow_after_seconds = 2.0;
+        r.red_after_seconds = 5.0;
+        let with_host = |at, wall, grade, h| PulseRecord { host: Some(h), ..pulse(at, wall, None, grade, None) };
+        r.push_pulse(with_host(1_000, 0.02, Some(Grade::Green), host(Some(0.1), Some(0.3), None)));
+        let busy = HostCause::OtherProcessesCpu;
+        r.push_pulse(with_host(2_000, 6.0, Some(Grade::Red), host(Some(0.75), Some(0.2), Some(busy))));
+        // Memory explains this one: no CPU figures, but its column is drawn.
+        r.push_pulse(with_host(3_000, 3.0, Some(Grade::Yellow), host(None, None, Some(HostCause::Memory))));
+        r.push_pulse(pulse(4_000, 0.02, None, Some(Grade::Green), None));
+        let mut out = String::new();
+        assert!(render_host(&mut out, &r, 4_000), "pulses with host figures draw the strip");
+        assert!(out.starts_with(r#"<svg class="chart host-chart""#) && out.ends_with("</svg>"), "{out}");
+        assert!(out.contains(r#"data-host-pulses="3""#), "{out}");
+
+        // The same x as the pulse it stands beside.
+        let kept: Vec<&PulseRecord> = r.pulse_history.iter().collect();
+        let xs = XScale::new(&kept, 1.0, 4_000);
+        let point = format!(
+            r#"<circle class="others-point explained" cx="{:.1}" cy="{:.1}" r="2.4" data-at-ms="2000" data-others-cpu="0.75">"#,
+            xs.x(2_000),
+            share_y(0.75)
+        );
+        assert!(out.contains(&point), "{point} in {out}");
+        let mut chart = String::new();
+        render(&mut chart, &r, 4_000);
+        assert!(chart.contains(&format!(r#"cx="{:.1}""#, xs.x(2_000))), "{chart}");
+        assert_eq!(out.matches(r#"<circle class="others-point"#).count(), 2, "a point per pulse with a CPU figure");
+        assert_eq!(out.matches(r#"<circle class="others-point explained""#).count(), 1);
+
+        // A column where the host was busy enough to explain slowness, whatever the cause.
+        assert_eq!(out.matches(r#"<rect class="explained-column""#).count(), 2, "{out}");
+        assert!(out.contains(r#"data-at-ms="3000" data-host-cause="memory""#), "{out}");
+        assert!(out.contains("tasks stalled on memory"), "the cause in words: {out}");
+        assert!(out.contains("other processes 75% of CPU, engine 20%, load 1.50/CPU"), "the figures: {out}");
+
+        // The others' line is unbroken over the pulses that have the figure, and so is the engine's.
+        let others = out.split(r#"<path class="others" d=""#).nth(1).unwrap_or_default();
+        assert_eq!(others.split('"').next().unwrap_or_default().matches('M').count(), 1, "{out}");
+        assert!(out.contains(r#"<path class="engine-cpu" d="M"#), "{out}");
+        let threshold = format!(r#"<line class="host-threshold" x1="{LEFT}" y1="{:.1}""#, share_y(OTHERS_CPU));
+        assert!(out.contains(&threshold) && out.contains("others ≥ 50% explain slowness"), "{out}");
+        assert!(out.contains(">100%</text>") && out.contains(">0%</text>"));
+
+        // In the pulse chart, the pulses the host could explain are ringed and name the cause.
+        assert_eq!(chart.matches(r#"<circle class="pulse grade-red host""#).count(), 1, "{chart}");
+        assert!(chart.contains(r#"data-grade="Red" data-host-cause="other_processes_cpu""#), "{chart}");
+        assert!(chart.contains("; host: other processes 75% of CPU"), "the tooltip: {chart}");
+        assert_eq!(chart.matches(" host\"").count(), 2, "{chart}");
+    }
+
+    #[test]
+    fn no_host_figures_draw_no_strip_and_shares_stay_on_it() {
+        let mut r = ModelReport::new("ns", "m");
+        r.push_pulse(pulse(1_000, 0.02, None, Some(Grade::Green), None));
+        let mut out = String::new();
+        assert!(!render_host(&mut out, &r, 1_000));
+        assert!(out.is_empty(), "{out}");
+        assert_eq!(share_y(1.5), share_y(1.0), "over 100% sits at the top");
+        assert_eq!(share_y(-0.1), share_y(0.0));
+        assert_eq!(share_y(f64::NAN), share_y(0.0));
+        assert!(share_y(0.8) < share_y(0.2), "busier is higher");
+        // The summary is text from the agent, yet escaped like any other.
+        let mut odd = host(Some(0.9), None, Some(HostCause::OtherProcessesCpu));
+        odd.summary = "<b>busy</b>".to_owned();
+        r.push_pulse(PulseRecord { host: Some(odd), ..pulse(2_000, 0.02, None, None, None) });
+        assert!(render_host(&mut out, &r, 2_000));
+        assert!(out.contains("&lt;b&gt;busy&lt;/b&gt;") && !out.contains("<b>"), "{out}");
     }
 
     #[test]

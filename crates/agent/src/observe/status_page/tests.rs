@@ -1,6 +1,7 @@
 use super::*;
+use crate::health::attribution::{HostCause, HostPressure};
 use crate::health::lifecycle::FaultReason;
-use crate::observe::report::RestartRecord;
+use crate::observe::report::{PulseHost, RestartRecord};
 use metalkube_api::{Grade, Phase};
 
 const NOW: u64 = 1_700_000_000_000;
@@ -111,19 +112,130 @@ fn restarts_are_listed_newest_first_with_their_reasons() {
     );
 }
 
+/// A pulse round's host figures, as the agent records them beside the pulse.
+fn host(others: f64, cause: Option<HostCause>) -> PulseHost {
+    let p = HostPressure {
+        others_cpu: Some(others),
+        engine_cpu: Some(0.1),
+        load_per_cpu: Some(2.0),
+        ..HostPressure::default()
+    };
+    PulseHost::new(&p, cause)
+}
+
+#[test]
+fn a_busy_host_is_shown_beside_the_pulse_and_named_as_the_cause() {
+    let mut r = serving("shared");
+    let busy = Some(HostCause::OtherProcessesCpu);
+    for (i, p) in r.pulse_history.iter_mut().enumerate() {
+        p.host = Some(if i < 2 { host(0.05, None) } else { host(0.8, busy) });
+        if i >= 2 {
+            p.wall_seconds = 6.0;
+            p.grade = Some(Grade::Red);
+        }
+    }
+    r.last_pulse = r.pulse_history.back().cloned();
+    r.phase = Phase::HostContended;
+    r.grade = Some(Grade::Red);
+    r.host_contended = Some("other_processes_cpu");
+    r.restart_decision = Some(
+        "not restarted: the pulse took 6.000s, past redAfter, and the host explains it (other_processes_cpu: other processes 80% of CPU); a restart would not help".into(),
+    );
+    let html = page(&[r]);
+    assert!(html.contains("1 model: 1 HostContended"), "{html}");
+    let s = section(&html, "default/shared");
+    assert!(
+        s.contains(r#"data-phase="HostContended" data-saturated="false" data-host-contended="other_processes_cpu" data-slow-after-restart="false""#),
+        "{s}"
+    );
+    assert!(s.contains(r#"<span class="badge phase host-contended" data-field="phase">HostContended</span>"#), "{s}");
+    assert!(
+        s.contains(r#"title="other processes kept the CPUs busy: graded by the absolute thresholds alone, not restarted for it">Host contended: other_processes_cpu</span>"#),
+        "the cause as a badge, in words on hover: {s}"
+    );
+    assert!(
+        s.contains(r#"<div class="wide"><dt>Host at the last pulse</dt><dd data-field="host">other processes 80% of CPU, engine 10%, load 2.00/CPU; busy enough to explain slowness: other processes kept the CPUs busy (other_processes_cpu)</dd></div>"#),
+        "the last pulse's host figures: {s}"
+    );
+    assert!(
+        s.contains(
+            r#"<dd data-field="host-contended">yes: other processes kept the CPUs busy (other_processes_cpu)</dd>"#
+        ),
+        "{s}"
+    );
+    assert!(s.contains(r#"<dd data-field="slow-after-restart">no</dd>"#), "{s}");
+    assert!(!s.contains("badge slow-after-restart"), "{s}");
+    assert!(
+        s.contains(r#"<p class="restart-decision" data-field="restart-decision"><strong>Restart decision</strong> not restarted: the pulse took 6.000s, past redAfter, and the host explains it"#),
+        "why no restart was made, in words: {s}"
+    );
+    // The host strip under the pulse chart: a point per pulse, the busy ones marked, and the
+    // pulses the host could explain ringed in the chart above.
+    assert!(s.contains(r#"<svg class="chart host-chart""#) && s.contains(r#"data-host-pulses="4""#), "{s}");
+    assert_eq!(s.matches(r#"<circle class="others-point"#).count(), 4, "{s}");
+    assert_eq!(s.matches(r#"<circle class="others-point explained""#).count(), 2, "{s}");
+    assert_eq!(s.matches(r#"<circle class="pulse grade-red host""#).count(), 2, "{s}");
+    assert!(s.contains(r#"<span class="key others">other processes' CPU</span>"#), "the strip's legend: {s}");
+}
+
+#[test]
+fn slow_after_restart_says_restarts_for_slowness_are_withheld_and_why() {
+    let mut r = serving("stubborn");
+    r.phase = Phase::Degraded;
+    r.grade = Some(Grade::Red);
+    r.slow_after_restart = true;
+    r.push_restart(RestartRecord::new(NOW - 90_000, FaultReason::PulseRed, "took 6.2s (engine compute 6.1s)"));
+    r.restart_decision = Some(
+        "not restarted: 2 confirmed red pulse(s) (last took 6.300s), but the last restart for slowness did not make the engine faster (SlowAfterRestart)".into(),
+    );
+    let html = page(&[r]);
+    let s = section(&html, "default/stubborn");
+    assert!(s.contains(r#"data-host-contended="" data-slow-after-restart="true""#), "{s}");
+    assert!(s.contains(r#"data-field="slow-after-restart-badge""#) && s.contains(">SlowAfterRestart</span>"), "{s}");
+    assert!(s.contains(r#"<dd data-field="slow-after-restart">yes: restarts for slowness withheld</dd>"#), "{s}");
+    assert!(s.contains(r#"<dd data-field="host-contended">no</dd>"#), "{s}");
+    assert!(s.contains(r#"<dd data-field="host">not measured</dd>"#), "{s}");
+    assert!(!s.contains("badge host-contended") && !s.contains("phase host-contended"), "{s}");
+    // The decision reads next to the restarts it explains, and the history is still there.
+    let (decision, history) = (s.find(r#"data-field="restart-decision""#), s.find(r#"<ol class="restarts">"#));
+    assert!(decision.is_some() && history.is_some() && decision < history, "{s}");
+    assert!(s.contains("did not make the engine faster (SlowAfterRestart)</p>"), "{s}");
+    assert!(s.contains(r#"<li data-reason="pulse_red""#), "{s}");
+    // No host figures: no strip and no legend for one.
+    assert!(!s.contains("host-chart") && !s.contains("key others"), "{s}");
+}
+
+#[test]
+fn a_model_with_no_restart_decision_says_nothing_about_one() {
+    let html = page(&[serving("calm")]);
+    let s = section(&html, "default/calm");
+    assert!(!s.contains("restart-decision") && !s.contains("SlowAfterRestart"), "{s}");
+    assert!(s.contains(r#"data-host-contended="" data-slow-after-restart="false""#), "{s}");
+}
+
 #[test]
 fn outside_text_is_escaped_everywhere() {
     let mut r = serving("<script>alert(1)</script>");
     r.last_error = Some(r#"engine said "><img src=x onerror=alert(2)>"#.into());
     r.push_restart(RestartRecord::new(NOW, FaultReason::Crash, "</li><script>x</script>"));
+    r.restart_decision = Some("restarted: pulse said <iframe src=x>".into());
+    r.host_contended = Some(r#""><i>cause</i>"#);
+    let mut odd = host(0.9, Some(HostCause::OtherProcessesCpu));
+    odd.summary = "<u>busy</u> & 'loud'".into();
+    r.pulse_history.back_mut().unwrap().host = Some(odd.clone());
+    r.last_pulse = r.pulse_history.back().cloned();
     let errors = BTreeMap::from([("<b>m.yaml</b>".to_owned(), "line 1: 'bad' & <worse>".to_owned())]);
     let html = render(&[view(r)], &errors, NOW, "n0nce");
     assert_eq!(html.matches("<script").count(), 1, "only the page's own script: {html}");
     assert!(!html.contains("<img") && !html.contains("<b>"), "{html}");
+    assert!(!html.contains("<iframe") && !html.contains("<i>") && !html.contains("<u>"), "{html}");
     assert!(html.contains("default/&lt;script&gt;alert(1)&lt;/script&gt;"));
     assert!(html.contains("engine said &quot;&gt;&lt;img src=x onerror=alert(2)&gt;"));
     assert!(html.contains("line 1: &#39;bad&#39; &amp; &lt;worse&gt;"));
     assert!(html.contains("&lt;/li&gt;&lt;script&gt;x&lt;/script&gt;"));
+    assert!(html.contains("restarted: pulse said &lt;iframe src=x&gt;"), "{html}");
+    assert!(html.contains(r#"data-host-contended="&quot;&gt;&lt;i&gt;cause&lt;/i&gt;""#), "{html}");
+    assert!(html.contains("&lt;u&gt;busy&lt;/u&gt; &amp; &#39;loud&#39;"), "{html}");
 }
 
 #[test]
