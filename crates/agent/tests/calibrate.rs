@@ -359,7 +359,8 @@ async fn a_429_with_retry_after_is_a_refusal_and_the_client_waits() {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_engine_elsewhere_has_no_host_pressure_and_the_report_says_why() {
     let dir = tempfile::tempdir().unwrap();
-    let (sim, port) = start_sim(dir.path(), "plain.gguf", &SimStartup::default(), &["--parallel", "2", "--host", "0.0.0.0"]).await;
+    let (sim, port) =
+        start_sim(dir.path(), "plain.gguf", &SimStartup::default(), &["--parallel", "2", "--host", "0.0.0.0"]).await;
     // This machine by a non-loopback address: to calibrate it is "another host".
     let Some(ip) = non_loopback_ip() else {
         println!("no non-loopback address on this machine; nothing to test");

@@ -1,11 +1,12 @@
 //! Whether a restart for slowness cured anything, pure. The attribution rules catch the busy hosts
 //! the agent can measure; this catches the rest (a GPU shared with another app, a cause no counter
-//! shows). After a restart for a red pulse, the new engine's first rounds are held to the yardstick
-//! that condemned the old one: if it is as slow, the engine was not the cause, and restarting
-//! again would only add a model load to a host already short of something. Restarts for slowness
-//! then stop (`SlowAfterRestart`); the model stays ready or not by its absolute thresholds, and
-//! restarts resume once the pulses have been fast again for a while. So slowness can never make a
-//! crash loop. Hangs and crashes are not slowness and are restarted as always.
+//! shows). After a restart for a red pulse or a hang, the new engine's first rounds are held to
+//! the yardstick that condemned the old one: if it is as slow (or as silent), the engine was not
+//! the cause, and restarting again would only add a model load to a host already short of
+//! something. Pulse restarts (red or hang) then stop (`SlowAfterRestart`); the model stays ready
+//! or not by its absolute thresholds, and restarts resume once the pulses have been fast again for
+//! a while. So slowness can never make a crash loop, not even slowness past the pulse timeout,
+//! which looks like a hang. An engine that exits is restarted as always.
 
 use std::time::Duration;
 
@@ -63,6 +64,23 @@ impl RestartCure {
     /// An engine was restarted because its pulse was red from `yardstick` on.
     pub fn restarted_for_slowness(&mut self, yardstick: Duration) {
         self.state = State::Watching { yardstick, rounds: 0, slow: 0 };
+    }
+
+    /// The pulse asks for a restart (red or hang): may it be made? Not while a restart already
+    /// failed to cure, nor when the engine that replaced a slow one has been slow in every round
+    /// it had (it never got the chance to be judged over `WATCHED_ROUNDS`: a successor that hangs
+    /// at once is the plainest "not cured"). The change is returned when this decides it.
+    pub fn restart_wanted(&mut self) -> (bool, Option<CureChange>) {
+        match self.state {
+            State::Normal => (true, None),
+            State::Watching { yardstick, rounds, slow } if rounds > 0 && slow == rounds => {
+                self.state = State::NotCured { yardstick, fast: 0 };
+                (false, Some(CureChange::NotCured))
+            }
+            // It was fast in some round: this is a new fault, and a restart may cure it.
+            State::Watching { .. } => (true, None),
+            State::NotCured { .. } => (false, None),
+        }
     }
 
     /// The spec of the engine changed: a new configuration may well cure what a restart did not.
@@ -149,6 +167,23 @@ mod tests {
         assert_eq!(c.round(ms(20), Some(Grade::Green)), Some(CureChange::Resumed));
         assert!(!c.slow_after_restart());
         assert_eq!(c.round(None, Some(Grade::Red)), None, "nothing watched until the next restart");
+    }
+
+    #[test]
+    fn a_successor_that_is_slow_from_its_first_round_is_not_restarted() {
+        let mut c = RestartCure::default();
+        assert_eq!(c.restart_wanted(), (true, None), "nothing learned yet");
+        c.restarted_for_slowness(YARD);
+        assert_eq!(c.round(None, Some(Grade::Red)), None);
+        assert_eq!(c.restart_wanted(), (false, Some(CureChange::NotCured)));
+        assert!(c.slow_after_restart());
+        assert_eq!(c.restart_wanted(), (false, None));
+        // A successor that was fast before it went wrong has a new fault.
+        let mut c = RestartCure::default();
+        c.restarted_for_slowness(YARD);
+        assert_eq!(c.round(ms(10), Some(Grade::Green)), None);
+        assert_eq!(c.round(None, Some(Grade::Red)), None);
+        assert_eq!(c.restart_wanted(), (true, None));
     }
 
     proptest! {

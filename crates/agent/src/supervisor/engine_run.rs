@@ -3,7 +3,6 @@
 
 use super::*;
 use crate::confined_path::inside;
-use crate::health::grader::RestartCause;
 use crate::observe::metrics::Withheld;
 
 impl Supervisor {
@@ -223,13 +222,17 @@ impl Supervisor {
             self.follow_restart_cure(best_wall, verdict.grade);
             if let Action::Restart(cause) = verdict.action {
                 let last = self.report.borrow().last_pulse.clone();
-                if cause == RestartCause::PulseRed && self.restart_cure.slow_after_restart() {
-                    // Slowness a restart already failed to cure: the model serves or not by its
+                let (allowed, change) = self.restart_cure.restart_wanted();
+                if change == Some(CureChange::NotCured) {
+                    self.not_cured(None);
+                }
+                if !allowed {
+                    // What a restart already failed to cure: the model serves or not by its
                     // absolute thresholds, and nothing is restarted.
                     self.ctx.metrics.restart_withheld(&self.key(), Withheld::SlowAfterRestart);
                     let why = format!(
-                        "not restarted: {} confirmed red pulse(s) (last {}), but the last restart for slowness did not make the engine faster (SlowAfterRestart)",
-                        verdict.red_streak,
+                        "not restarted: pulse {} (last {}), but the last restart for a slow or silent pulse did not make the engine faster (SlowAfterRestart)",
+                        FaultReason::from(cause).as_str(),
                         last.as_ref().map_or_else(String::new, describe_pulse)
                     );
                     self.report.send_modify(|r| r.restart_decision = Some(why));

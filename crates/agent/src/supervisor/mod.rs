@@ -357,16 +357,7 @@ impl Supervisor {
             CureChange::Cured => {
                 tracing::info!(model = %key, "the restart for slowness cured it: the new engine is fast")
             }
-            CureChange::NotCured => {
-                let why = format!(
-                    "SlowAfterRestart: the engine restarted for a red pulse is as slow as the one it replaced ({}); the slowness is not the engine's, so restarts for slowness stop until the pulse has been fast for {} rounds; readiness still follows redAfter",
-                    best_wall.map_or_else(|| "no answer".to_owned(), |w| format!("{:.3}s", w.as_secs_f64())),
-                    crate::health::restart_cure::FAST_ROUNDS_TO_RESUME
-                );
-                tracing::warn!(model = %key, "{why}");
-                self.report.send_modify(|r| r.restart_decision = Some(why));
-                self.set_slow_after_restart(true);
-            }
+            CureChange::NotCured => self.not_cured(best_wall),
             CureChange::Resumed => {
                 tracing::info!(model = %key, "the pulse has been fast again for a while: restarts for slowness resume");
                 self.report.send_modify(|r| {
@@ -376,6 +367,18 @@ impl Supervisor {
                 self.set_slow_after_restart(false);
             }
         }
+    }
+
+    /// A restart for a slow or silent pulse did not cure: say so everywhere.
+    fn not_cured(&mut self, best_wall: Option<Duration>) {
+        let why = format!(
+            "SlowAfterRestart: the engine restarted for a slow or silent pulse is as slow as the one it replaced (its best pulse {}); the cause is not the engine, so pulse restarts stop until the pulse has been fast for {} rounds in a row; readiness still follows redAfter",
+            best_wall.map_or_else(|| "did not answer".to_owned(), |w| format!("took {:.3}s", w.as_secs_f64())),
+            crate::health::restart_cure::FAST_ROUNDS_TO_RESUME
+        );
+        tracing::warn!(model = %self.key(), "{why}");
+        self.report.send_modify(|r| r.restart_decision = Some(why));
+        self.set_slow_after_restart(true);
     }
 
     async fn adopt(&mut self, desired: DesiredModel) {

@@ -45,6 +45,8 @@ struct Outstanding {
     /// answer.
     overdue_settled: bool,
     counted_overdue: bool,
+    /// Its `/slots` readings showed the engine working meanwhile.
+    engine_moved: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +128,7 @@ impl Supervisor {
             overdue_reached: false,
             overdue_settled: false,
             counted_overdue: false,
+            engine_moved: false,
         }
     }
 
@@ -138,6 +141,7 @@ impl Supervisor {
         o.overdue_settled = true;
         let (a, b) = (o.at_send.clone().flatten(), o.before_overdue.clone().flatten());
         if progressed(a.as_ref(), b.as_ref()) {
+            o.engine_moved = true;
             return None;
         }
         o.counted_overdue = true;
@@ -151,6 +155,8 @@ impl Supervisor {
         let port = engine.port();
         self.host_window = Some(Window::open(engine.pid()));
         let mut best_wall: Option<Duration> = None;
+        // Some sample's `/slots` readings showed the engine working.
+        let mut engine_moved = false;
         // Indexed by `Which`: the first sample and the confirming one.
         let mut samples: [Option<Outstanding>; 2] = [Some(self.send_pulse(port, plan)), None];
         let mut confirm_sent = false;
@@ -226,7 +232,9 @@ impl Supervisor {
                     v
                 }
                 RoundEvent::Ended(which, sample) => {
-                    let counted_overdue = samples[which as usize].take().is_some_and(|o| o.counted_overdue);
+                    let ended = samples[which as usize].take();
+                    let counted_overdue = ended.as_ref().is_some_and(|o| o.counted_overdue);
+                    engine_moved |= ended.as_ref().is_some_and(|o| o.engine_moved);
                     if sample.observation == Observation::NoAnswer {
                         unanswered += 1;
                     } else {
@@ -237,7 +245,15 @@ impl Supervisor {
                     }
                     if unanswered == 2 {
                         // Both samples of the round went unanswered for the whole timeout,
-                        // however they were counted before: the engine is hung.
+                        // however they were counted before: the engine is hung, unless it was
+                        // seen working meanwhile on a host that explains its slowness (a starved
+                        // engine is slow past the timeout, not hung; a stopped one never moves).
+                        if engine_moved {
+                            let (pressure, cause) = self.read_host();
+                            if let Some(cause) = cause {
+                                return Ok((self.record_starved(sample, cause, pressure), None));
+                            }
+                        }
                         return Ok((self.record_hang(sample), None));
                     }
                     // An overdue sample's grade is already in.
@@ -295,6 +311,15 @@ impl Supervisor {
         let (pressure, cause) = self.read_host();
         let verdict = self.grader.observe(sample.observation, serving.grading_load(), cause);
         self.publish(sample, verdict, false, serving.decode_seconds_per_token, pressure, cause);
+        verdict
+    }
+
+    /// Both samples ended unanswered, but the engine was working and the host explains why it is
+    /// so slow: red (not ready), not a hang.
+    fn record_starved(&mut self, sample: PulseSample, cause: HostCause, pressure: Option<HostPressure>) -> Verdict {
+        let verdict = self.grader.confirm_starved(cause);
+        let decode = self.proxy.admission().serving_load().decode_seconds_per_token;
+        self.publish(sample, verdict, false, decode, pressure, Some(cause));
         verdict
     }
 

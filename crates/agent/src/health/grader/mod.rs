@@ -270,6 +270,18 @@ impl Grader {
     /// A sample's grade before confirmation. On a host that explains slowness, drift (a change
     /// against the engine's own quiet-host speed) is at most yellow: it says the model is slower
     /// than usual, not that users wait past the red threshold.
+    /// Both samples of a round went unanswered by the timeout, but the engine was seen working
+    /// and the host explains the slowness (`cause`): a starved engine, red and not ready, but not
+    /// a hang, and no step towards a restart.
+    pub fn confirm_starved(&mut self, cause: HostCause) -> Verdict {
+        self.pending = None;
+        self.saturated = false;
+        self.host = Some(cause);
+        self.grade = Some(Grade::Red);
+        self.red_streak = 0;
+        self.verdict(Action::None)
+    }
+
     fn raw_grade(&self, obs: &Observation, host: Option<HostCause>) -> Grade {
         match *obs {
             Observation::Answered { wall, .. } | Observation::Overdue { waited: wall } if self.cold_next => {

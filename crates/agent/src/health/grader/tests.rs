@@ -234,6 +234,16 @@ fn either_sample_of_a_round_can_show_the_busy_host() {
     assert_eq!((v.grade, v.red_streak, v.host), (Some(Grade::Red), 0, BUSY_HOST));
 }
 
+#[test]
+fn a_starved_engine_is_red_but_not_hung() {
+    let mut g = Grader::new(cfg());
+    g.observe(Observation::NoAnswer, Load::default(), BUSY_HOST);
+    let v = g.confirm_starved(HostCause::EngineWaitedForCpu);
+    assert_eq!((v.grade, v.action, v.red_streak), (Some(Grade::Red), Action::None, 0));
+    assert_eq!(v.host, Some(HostCause::EngineWaitedForCpu));
+    assert_eq!(g.observe(ms(100), Load::default(), None).grade, Some(Grade::Green));
+}
+
 fn host() -> impl Strategy<Value = Option<HostCause>> {
     proptest::option::of(proptest::sample::select(HostCause::ALL.to_vec()))
 }
