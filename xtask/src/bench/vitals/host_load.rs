@@ -144,16 +144,41 @@ impl Drop for OtherEngine {
 
 /// How often the machine's CPU is read beside the bench's own.
 const MACHINE_EVERY: Duration = Duration::from_secs(1);
+/// The span over which a peak of the machine's use is taken.
+const PEAK_OVER: f64 = 5.0;
+
+/// What the rest of the machine, and the bench's own watching, took of all CPUs over a window
+/// (shares 0..1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineShare {
+    /// Processes outside the bench: someone else's work on a shared machine. Mean over the
+    /// window, and the most over any 5 s of it.
+    pub outside: f64,
+    pub outside_peak: f64,
+    /// The bench's own agents and this process (its watchers, checks and clients), not the
+    /// engines or the load it starts.
+    pub overhead: f64,
+}
+
+/// One reading: bench time, then CPU seconds of the whole machine, of the bench's process tree,
+/// and of its agents and this process alone.
+type Reading = (f64, f64, f64, f64);
 
 /// The machine's busy CPU time beside the bench's own (this process and everything it started:
 /// agents, engines, busy processes, the other engine), read every second: what the rest of the
-/// machine took in a window. The agent counts all of it as other processes; only this tells the
-/// scenario's load from someone else's work on a shared machine.
+/// machine took in a window. The agent counts all of it as other processes, rightly; only this
+/// tells the scenario's load from someone else's work on a shared machine.
 pub struct MachineLog {
-    /// (bench time, machine busy CPU seconds, the bench's CPU seconds).
-    samples: Arc<Mutex<Vec<(f64, f64, f64)>>>,
+    samples: Arc<Mutex<Vec<Reading>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// The bench's own watching: its agents and this process (not engines, busy loops or the other
+/// engine, which are the load).
+fn is_overhead(pid: u32) -> bool {
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+    matches!(comm.trim(), "xtask" | "metalkube-agent")
 }
 
 impl MachineLog {
@@ -164,32 +189,60 @@ impl MachineLog {
         let thread = std::thread::spawn(move || {
             let me = std::process::id();
             while !st.load(Ordering::Relaxed) {
-                let bench = procfs::cpu_seconds_with_reaped(&procfs::tree(me));
-                lock(&s).push((clock.now(), procfs::machine_busy_seconds(), bench));
+                let tree = procfs::tree(me);
+                let bench = procfs::cpu_seconds_with_reaped(&tree);
+                let overhead: Vec<u32> = tree.into_iter().filter(|p| is_overhead(*p)).collect();
+                let reading = (clock.now(), procfs::machine_busy_seconds(), bench, procfs::cpu_seconds(&overhead));
+                lock(&s).push(reading);
                 std::thread::sleep(MACHINE_EVERY);
             }
         });
         Self { samples, stop, thread: Some(thread) }
     }
 
-    /// The share of all CPUs (0..1) that processes outside the bench used over (`from`, `to`]:
-    /// the mean, and the peak over any 5 s in it.
-    pub fn outside(&self, from: f64, to: f64) -> Option<(f64, f64)> {
-        let cpus = std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64);
-        let s: Vec<(f64, f64, f64)> =
-            lock(&self.samples).iter().copied().filter(|x| x.0 >= from && x.0 <= to).collect();
-        let share = |a: &(f64, f64, f64), b: &(f64, f64, f64)| {
-            let dt = b.0 - a.0;
-            (dt > 0.0).then(|| (((b.1 - a.1) - (b.2 - a.2)) / (dt * cpus)).clamp(0.0, 1.0))
-        };
-        let mean = share(s.first()?, s.last()?)?;
-        let peak = s
-            .iter()
-            .enumerate()
-            .filter_map(|(i, a)| share(a, s[i..].iter().find(|b| b.0 - a.0 >= 5.0)?))
-            .fold(mean, f64::max);
-        Some((mean, peak))
+    /// The shares over (`from`, `to`].
+    pub fn share(&self, from: f64, to: f64) -> Option<MachineShare> {
+        let s: Vec<Reading> = lock(&self.samples).iter().copied().filter(|x| x.0 >= from && x.0 <= to).collect();
+        shares(&s, cpus())
     }
+
+    /// Waits until processes outside the bench have used less than `below` of the machine over
+    /// the last 5 s, for at most `within`: the seconds waited, and whether it got that quiet.
+    pub fn wait_quiet(&self, below: f64, within: Duration, clock: Clock) -> (f64, bool) {
+        let began = clock.now();
+        loop {
+            let now = clock.now();
+            let quiet =
+                self.share(now - PEAK_OVER - MACHINE_EVERY.as_secs_f64(), now).is_some_and(|m| m.outside < below);
+            if quiet || now - began >= within.as_secs_f64() {
+                return (now - began, quiet);
+            }
+            std::thread::sleep(MACHINE_EVERY);
+        }
+    }
+}
+
+fn cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64)
+}
+
+/// The shares from readings in order; None with fewer than two a second apart.
+fn shares(s: &[Reading], cpus: f64) -> Option<MachineShare> {
+    let between = |a: &Reading, b: &Reading| {
+        let capacity = (b.0 - a.0) * cpus;
+        (capacity > 0.0).then(|| {
+            let outside = ((b.1 - a.1) - (b.2 - a.2)) / capacity;
+            (outside.clamp(0.0, 1.0), ((b.3 - a.3) / capacity).clamp(0.0, 1.0))
+        })
+    };
+    let (first, last) = (s.first()?, s.last()?);
+    let (outside, overhead) = between(first, last)?;
+    let outside_peak = s
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| between(a, s[i..].iter().find(|b| b.0 - a.0 >= PEAK_OVER)?).map(|x| x.0))
+        .fold(outside, f64::max);
+    Some(MachineShare { outside, outside_peak, overhead })
 }
 
 impl Drop for MachineLog {
@@ -198,5 +251,28 @@ impl Drop for MachineLog {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_the_rest_of_the_machine_took() {
+        // Two CPUs; each second the machine is busy 1.5 s, the bench 0.5 s of it (0.1 s its
+        // watching)...
+        let quiet: Vec<Reading> =
+            (0..=10).map(|i| (f64::from(i), 1.5 * f64::from(i), 0.5 * f64::from(i), 0.1 * f64::from(i))).collect();
+        let m = shares(&quiet, 2.0).expect("ten seconds");
+        assert!((m.outside - 0.5).abs() < 1e-9 && (m.overhead - 0.05).abs() < 1e-9, "{m:?}");
+        assert!((m.outside_peak - 0.5).abs() < 1e-9);
+        // ...then for 5 s the rest of the machine takes both CPUs and the bench nothing.
+        let busy = (11..=15).map(|i| (f64::from(i), 15.0 + 2.0 * f64::from(i - 10), 5.0, 1.0));
+        let all: Vec<Reading> = quiet.into_iter().chain(busy).collect();
+        let m = shares(&all, 2.0).expect("fifteen seconds");
+        assert!((m.outside_peak - 1.0).abs() < 1e-9, "{m:?}");
+        assert!(m.outside > 0.5 && m.outside < 1.0);
+        assert_eq!(shares(&all[..1], 2.0), None);
     }
 }

@@ -85,8 +85,11 @@ pub struct Outcome {
 pub struct HostSignal {
     /// Pulses recorded in the window.
     pub pulses: u32,
-    /// Share of all CPUs' time other processes used (0..1), and the engine itself.
+    /// Share of all CPUs' time other processes used (0..1): the most in any pulse's window, and
+    /// the median over the pulses (a fast pulse's window is a few clock ticks, so its share is
+    /// coarse: the peak overstates, the median does not). Then the engine itself, at most.
     pub others_cpu: Option<f64>,
+    pub others_cpu_median: Option<f64>,
     pub engine_cpu: Option<f64>,
     /// PSI `some` avg10 (0..1).
     pub cpu_stall: Option<f64>,
@@ -225,17 +228,19 @@ pub type Chain = &'static [Scenario];
 /// A stage: chains run side by side; the stages of a round run one after the other.
 pub type Stage = &'static [Chain];
 
-/// Stage one runs the simulator's chain beside the real engine's faults: the simulator's pulses
-/// are sleeps of 0.6 s against thresholds of seconds, and the real engine is throttled or stopped,
-/// so the host stays quiet for both (the agent now asks whether the host explains a slow pulse,
-/// and a loaded host would excuse the drift and the throttled engine). Stage two has the host to
-/// itself: the real engine's loads and busy hosts, on an agent serving a second model.
+/// Stage one runs the simulator's chain beside SIGSTOP on the real engine: the simulator's pulses
+/// are sleeps of 0.6 s against thresholds of seconds, and a stopped engine takes no CPU, so
+/// neither loads the host for the other (the agent now asks whether the host explains a slow
+/// pulse, and a loaded host would excuse the drift). Stage two has the host to itself: the real
+/// engine throttled in its own cgroup (it must still be restarted: the host is idle), then its
+/// loads and busy hosts, on an agent serving a second model.
 const FULL: &[Stage] = &[
     &[
         &[Scenario::Saturation, Scenario::SlowFirst, Scenario::Drift, Scenario::Wedged, Scenario::Stall],
-        &[Scenario::Cpu, Scenario::Sigstop],
+        &[Scenario::Sigstop],
     ],
     &[&[
+        Scenario::Cpu,
         Scenario::LongPrompts,
         Scenario::HostClients,
         Scenario::OtherEngine,
@@ -261,10 +266,10 @@ pub struct Run {
     pub detail: Detail,
     /// The second model's verdict over the same window, when the agent served one.
     pub neighbour: Option<Outcome>,
-    /// The share of all CPUs that processes outside the bench used over the window (mean, peak
-    /// over 5 s): someone else's work on a shared machine, which the agent rightly counts as a
-    /// busy host too.
-    pub outside: Option<(f64, f64)>,
+    /// What processes outside the bench (someone else's work on a shared machine, which the
+    /// agent rightly counts as a busy host too) and the bench's own watching took of the machine
+    /// over the window.
+    pub machine: Option<host_load::MachineShare>,
     pub note: String,
     /// Why the scenario did not run, when it did not.
     pub error: Option<String>,

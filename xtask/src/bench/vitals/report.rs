@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::bail;
 use serde_json::{Value, json};
 
+use super::host_load::MachineShare;
 use super::scenarios::BUSY_TAIL;
 use super::session::{LIMIT, SLOTS};
 use super::watch::add_counts;
@@ -66,39 +67,65 @@ fn percent(xs: impl Iterator<Item = f64>) -> String {
     }
 }
 
-/// The causes the agent named over the rounds, most pulses first: `other_processes_cpu ×14`.
+/// The median over the rounds, as percent: `45%`.
+fn median_percent(xs: impl Iterator<Item = f64>) -> String {
+    Spread::of(xs).map_or("-".into(), |s| format!("{:.0}%", s.median * 100.0))
+}
+
+/// The causes the agent named over the rounds, most pulses first, out of all the pulses:
+/// `other_processes_cpu ×14/20`.
 fn causes(signals: &[&HostSignal], at_most: usize) -> String {
     let mut all = BTreeMap::new();
     for h in signals {
         add_counts(&mut all, &h.causes);
     }
+    let pulses: u32 = signals.iter().map(|h| h.pulses).sum();
     let mut v: Vec<(String, u32)> = all.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     if v.is_empty() {
-        return "none named".into();
+        return format!("no cause named ({pulses} pulses)");
     }
     let more = v.len().saturating_sub(at_most);
-    let mut out: Vec<String> = v.into_iter().take(at_most).map(|(c, n)| format!("{c} ×{n}")).collect();
+    let mut out: Vec<String> = v.into_iter().take(at_most).map(|(c, n)| format!("{c} ×{n}/{pulses}")).collect();
     if more > 0 {
         out.push(format!("+{more} more"));
     }
     out.join(", ")
 }
 
-/// Beside metalkube's verdict: the peak share of the CPUs other processes used in each round's
-/// window, and the causes the agent named; then how much of the machine processes outside the
-/// bench took (mean over the window; someone else's work on a shared machine).
+/// Beside metalkube's verdict: the share of the CPUs other processes used in the pulses' windows
+/// (median, peak) and the causes the agent named; then what processes outside the bench took of
+/// the machine over the window (someone else's work on a shared machine) and the bench's own
+/// watching. Medians over the rounds.
 fn host_cell(ok: &[&Run]) -> String {
     let signals: Vec<&HostSignal> = ok.iter().map(|r| &r.detail.host).filter(|h| h.pulses > 0).collect();
     let agent = if signals.is_empty() {
         "no pulse in the window".to_owned()
     } else {
-        format!("{}; {}", percent(signals.iter().filter_map(|h| h.others_cpu)), causes(&signals, 2))
+        format!(
+            "{} (peak {}); {}",
+            median_percent(signals.iter().filter_map(|h| h.others_cpu_median)),
+            median_percent(signals.iter().filter_map(|h| h.others_cpu)),
+            causes(&signals, 2)
+        )
     };
-    match ok.iter().filter_map(|r| r.outside).map(|o| o.0).collect::<Vec<f64>>() {
-        outside if outside.is_empty() => agent,
-        outside => format!("{agent} (outside the bench {})", percent(outside.into_iter())),
+    let machine: Vec<MachineShare> = ok.iter().filter_map(|r| r.machine).collect();
+    if machine.is_empty() {
+        return agent;
     }
+    format!(
+        "{agent}; outside the bench {} (peak {}), watching {}",
+        median_percent(machine.iter().map(|m| m.outside)),
+        median_percent(machine.iter().map(|m| m.outside_peak)),
+        median_percent(machine.iter().map(|m| m.overhead)),
+    )
+}
+
+/// Whether the machine was idle but for the bench over a run's window: no 5 s in which processes
+/// outside it used half the machine (the share from which the agent blames other processes).
+/// Unknown counts as idle.
+fn idle_host(r: &Run) -> bool {
+    r.machine.is_none_or(|m| m.outside_peak < 0.5)
 }
 
 fn table(runs: &[Run], s: &Settings) -> Table {
@@ -114,7 +141,7 @@ fn table(runs: &[Run], s: &Settings) -> Table {
             "restart after",
             "false not-ready",
             "false restarts",
-            "host beside (a): peak others' CPU; cause named ×pulses",
+            "host beside (a): others' CPU in its pulses (peak); cause ×pulses; outside the bench (peak), watching",
         ],
     );
     for sc in Scenario::ALL {
@@ -180,7 +207,7 @@ fn busy_table(runs: &[Run]) -> Option<Table> {
             "time not ready, s",
             &format!("of it without pulses ≥ redAfter ({red_after:.0} s), s"),
             "slowest pulse, s",
-            "peak others' CPU",
+            "others' CPU, median / peak",
             "peak load/CPU",
             "peak PSI cpu",
             "outside the bench, mean / peak",
@@ -202,13 +229,17 @@ fn busy_table(runs: &[Run]) -> Option<Table> {
                 spread(&|d| Some(d.not_ready_seconds), 1),
                 spread(&|d| Some(d.unheld_seconds), 1),
                 spread(&|d| d.host.slowest_pulse, 2),
-                percent(d.iter().filter_map(|d| d.host.others_cpu)),
+                format!(
+                    "{} / {}",
+                    median_percent(d.iter().filter_map(|d| d.host.others_cpu_median)),
+                    median_percent(d.iter().filter_map(|d| d.host.others_cpu))
+                ),
                 spread(&|d| d.host.load_per_cpu, 2),
                 percent(d.iter().filter_map(|d| d.host.cpu_stall)),
                 format!(
                     "{} / {}",
-                    percent(ok.iter().filter_map(|r| r.outside).map(|o| o.0)),
-                    percent(ok.iter().filter_map(|r| r.outside).map(|o| o.1))
+                    median_percent(ok.iter().filter_map(|r| r.machine).map(|m| m.outside)),
+                    median_percent(ok.iter().filter_map(|r| r.machine).map(|m| m.outside_peak))
                 ),
                 if ok.iter().any(|r| r.neighbour.is_some()) {
                     count(ok.iter().map(|r| r.neighbour.map_or(0, |n| n.restarts)))
@@ -278,13 +309,27 @@ fn goals(runs: &[Run]) -> Vec<Goal> {
             ));
         }
         if matches!(sc, Scenario::Cpu | Scenario::Drift) {
-            let restarted = r.iter().filter(|r| r.metalkube.restart.is_some()).count();
-            let withheld: Vec<&String> = r.iter().flat_map(|r| &r.detail.withheld).collect();
+            // The goal holds where its premise does: rounds on a machine that only the bench
+            // used. The others are counted apart, with what the rest of the machine took.
+            let (idle, busy): (Vec<&Run>, Vec<&Run>) = r.iter().partition(|r| idle_host(r));
+            let restarted = |rs: &[&Run]| rs.iter().filter(|r| r.metalkube.restart.is_some()).count();
+            let withheld: Vec<&String> = idle.iter().flat_map(|r| &r.detail.withheld).collect();
             let why = withheld.first().map_or(String::new(), |w| format!("; withheld: {w}"));
+            let busy_text = if busy.is_empty() {
+                String::new()
+            } else {
+                let peaks = busy.iter().filter_map(|r| r.machine).map(|m| m.outside_peak);
+                format!(
+                    "; not judged: {} round(s) with the machine busy outside the bench (peak {}), restarted in {}",
+                    busy.len(),
+                    median_percent(peaks),
+                    restarted(&busy)
+                )
+            };
             out.push(goal(
-                format!("restarted (the host is idle), {}", sc.label()),
-                restarted == n,
-                format!("{restarted}/{n} rounds{why}"),
+                format!("restarted in every round on an idle host, {}", sc.label()),
+                !idle.is_empty() && restarted(&idle) == idle.len(),
+                format!("{}/{} idle-host rounds{why}{busy_text}", restarted(&idle), idle.len()),
                 false,
             ));
         }
@@ -391,6 +436,7 @@ fn notes(runs: &[Run]) -> String {
             }
         }
         if r.scenario.is_fault() && r.metalkube.restart.is_none() {
+            out.push_str(&format!("{head}: not restarted; host: {}\n", host_cell(&[r])));
             for w in &r.detail.withheld {
                 out.push_str(&format!("{head}: {w}\n"));
             }
@@ -446,7 +492,7 @@ fn json_detail(d: &Detail) -> Value {
             "pulses": h.pulses, "peakOthersCpu": h.others_cpu, "peakEngineCpu": h.engine_cpu,
             "peakCpuStall": h.cpu_stall, "peakMemoryStall": h.memory_stall, "peakIoStall": h.io_stall,
             "peakLoadPerCpu": h.load_per_cpu, "peakTimerLatenessSeconds": h.timer_lateness,
-            "slowestPulseSeconds": h.slowest_pulse, "causes": h.causes,
+            "medianOthersCpu": h.others_cpu_median, "slowestPulseSeconds": h.slowest_pulse, "causes": h.causes,
         },
         "restartMessages": d.restart_messages,
         "restartsWithheld": d.withheld,
@@ -480,7 +526,9 @@ pub fn write(dir: &Path, runs: &[Run], s: &Settings, text: &str) -> anyhow::Resu
                 "round": r.round + 1, "observerPhaseSeconds": r.phase, "note": r.note, "error": r.error,
                 "metalkube": json_outcome(&r.metalkube), "metalkubeDetail": json_detail(&r.detail),
                 "secondModel": r.neighbour.as_ref().map(json_outcome),
-                "outsideBenchCpu": r.outside.map(|(mean, peak)| json!({"mean": mean, "peak5s": peak})),
+                "machine": r.machine.map(|m| json!({
+                    "outsideBenchCpu": m.outside, "outsideBenchCpuPeak5s": m.outside_peak, "benchWatchingCpu": m.overhead,
+                })),
                 "healthPoll": json_outcome(&r.health), "uptimeCounter": json_outcome(&r.counter),
             })
         })
@@ -527,7 +575,7 @@ mod tests {
             counter: Outcome { not_ready: Some(20.0), restart: Some(20.0), not_ready_events: 1, restarts: 1 },
             detail: Detail::default(),
             neighbour: None,
-            outside: None,
+            machine: None,
             note: String::new(),
             error: None,
         }
@@ -568,6 +616,7 @@ mod tests {
         let host = HostSignal {
             pulses: 12,
             others_cpu: Some(0.81),
+            others_cpu_median: Some(0.6),
             causes: BTreeMap::from([("other_processes_cpu".to_owned(), 7)]),
             ..HostSignal::default()
         };
@@ -583,7 +632,7 @@ mod tests {
         assert!(check_goals(&runs).is_ok());
         let t = table(&runs, &Settings { rounds: 2, period: 30.0, quick: false, commands: vec![] });
         assert_eq!(t.rows[0].1[4], "0 (+2 past redAfter)");
-        assert_eq!(t.rows[0].1[6], "81%; other_processes_cpu ×14");
+        assert_eq!(t.rows[0].1[6], "60% (peak 81%); other_processes_cpu ×14/24");
         let b = busy_table(&runs).expect("a busy row");
         assert_eq!(b.rows[0].1[..3], ["0".to_owned(), "2 (in 2/2 rounds)".into(), "6.0".into()]);
         // A red by drift or an error while the host is busy is false; so is any restart, the
@@ -605,5 +654,15 @@ mod tests {
         let g = goals(&[cpu]);
         let restart = g.iter().find(|g| g.what.starts_with("restarted")).expect("the restart goal");
         assert!(!restart.met && restart.figures.contains("withheld: not restarted"), "{restart:?}");
+        // A round with the machine busy outside the bench is not judged; with none idle, the
+        // goal is not met either.
+        let mut busy = run(Scenario::Cpu, 0, detected);
+        busy.machine = Some(MachineShare { outside: 0.6, outside_peak: 0.9, overhead: 0.02 });
+        let mut idle = run(Scenario::Cpu, 1, Outcome { restart: Some(25.0), restarts: 1, ..detected });
+        idle.machine = Some(MachineShare { outside: 0.05, outside_peak: 0.2, overhead: 0.02 });
+        let g = goals(&[busy.clone(), idle]);
+        let restart = g.iter().find(|g| g.what.starts_with("restarted")).expect("the restart goal");
+        assert!(restart.met && restart.figures.contains("not judged: 1 round(s)"), "{restart:?}");
+        assert!(!goals(&[busy]).iter().find(|g| g.what.starts_with("restarted")).expect("goal").met);
     }
 }

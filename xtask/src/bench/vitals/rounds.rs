@@ -58,7 +58,7 @@ fn failed(sc: Scenario, round: u32, phase: f64, e: &anyhow::Error) -> Run {
         counter: Outcome::default(),
         detail: Detail::default(),
         neighbour: None,
-        outside: None,
+        machine: None,
         note: String::new(),
         error: Some(format!("{e:#}")),
     }
@@ -102,7 +102,7 @@ fn session_runs<'a>(
         .map(|(sc, span)| match span {
             Ok(span) => {
                 let mut r = judge(sc, &span, &recorded, round, phase, period);
-                r.outside = env.machine.outside(span.from, span.end);
+                r.machine = env.machine.share(span.from, span.end);
                 eprintln!("[vitals round {}] {}: {r:?}", round + 1, sc.slug());
                 r
             }
@@ -127,7 +127,7 @@ fn judge(sc: Scenario, span: &Span, rec: &Recorded, round: u32, phase: f64, peri
         counter: scheduled(&counter_checks(&rec.counter, period, span.from), schedule),
         detail: watch::detail(&rec.looks, &records, span.from, span.end, metalkube.restarts),
         neighbour: (!rec.neighbour.is_empty()).then(|| watch::verdict(&rec.neighbour, span.from, span.end)),
-        outside: None,
+        machine: None,
         note: span.note.clone(),
         error: None,
     }

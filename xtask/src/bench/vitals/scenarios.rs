@@ -25,6 +25,10 @@ const BUSY_WINDOW: f64 = 60.0;
 const BUSY_BRIEF_WINDOW: f64 = 20.0;
 /// Between the other engine's two starts.
 const OTHER_ENGINE_PAUSE: Duration = Duration::from_secs(5);
+/// Before a fault whose goal assumes an idle host (the throttled engine, the drift): wait until
+/// processes outside the bench use less than this share of the machine, at most `QUIET_WITHIN`.
+const QUIET_BELOW: f64 = 0.2;
+const QUIET_WITHIN: Duration = Duration::from_secs(90);
 /// Long generations at the second model: twice what it admits, so it queues.
 const NEIGHBOUR_CLIENTS: usize = 2 * LIMIT as usize;
 const NEIGHBOUR_WINDOW: f64 = 40.0;
@@ -91,6 +95,17 @@ pub fn run(env: &Env, s: &Session, sc: Scenario, clock: Clock, period: f64) -> a
     }
     // A fault is judged until each alternative has had two checks after it, and their timeouts.
     let horizon = horizon(period);
+    let quiet = if matches!(sc, Scenario::Cpu | Scenario::Drift) {
+        let (waited, quiet) = env.machine.wait_quiet(QUIET_BELOW, QUIET_WITHIN, clock);
+        let pct = QUIET_BELOW * 100.0;
+        if quiet {
+            format!("waited {waited:.0} s for processes outside the bench to use under {pct:.0}% of the machine")
+        } else {
+            format!("processes outside the bench used {pct:.0}% of the machine or more for {waited:.0} s: went ahead")
+        }
+    } else {
+        String::new()
+    };
     let (pid, port) = s.engine()?;
     match sc {
         Scenario::Sigstop => {
@@ -106,14 +121,14 @@ pub fn run(env: &Env, s: &Session, sc: Scenario, clock: Clock, period: f64) -> a
             throttle.add(pid)?;
             let end = until_restart(s, from, horizon);
             drop(throttle);
-            Ok(fault_span(from, end, horizon, String::new()))
+            Ok(fault_span(from, end, horizon, quiet))
         }
         Scenario::Drift => {
             let from = clock.now();
             let drift = Drift::start(port, SIM_MS, DRIFT_TO_MS, DRIFT_OVER);
             let end = until_restart(s, from, horizon);
             drift.stop();
-            Ok(fault_span(from, end, horizon, String::new()))
+            Ok(fault_span(from, end, horizon, quiet))
         }
         Scenario::Wedged => {
             let from = clock.now();

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use super::net;
 use super::{Clock, Detail, HostSignal, Outcome};
+use crate::bench::stats::Spread;
 
 /// How often the agent is asked.
 const EVERY: Duration = Duration::from_millis(100);
@@ -428,8 +429,10 @@ fn host_signal<'a>(pulses: impl Iterator<Item = &'a Pulse>) -> HostSignal {
         }
     }
     let mut h = HostSignal::default();
+    let mut others = Vec::new();
     for p in pulses {
         h.pulses += 1;
+        others.extend(p.others_cpu.filter(|o| o.is_finite()));
         peak(&mut h.others_cpu, p.others_cpu);
         peak(&mut h.engine_cpu, p.engine_cpu);
         peak(&mut h.cpu_stall, p.cpu_stall);
@@ -442,6 +445,7 @@ fn host_signal<'a>(pulses: impl Iterator<Item = &'a Pulse>) -> HostSignal {
             *h.causes.entry(c.clone()).or_insert(0) += 1;
         }
     }
+    h.others_cpu_median = Spread::of(others).map(|s| s.median);
     h
 }
 
@@ -531,6 +535,7 @@ mod tests {
         let d = detail(&looks, &rec, 0.5, 7.0, 1);
         assert_eq!((d.not_ready_seconds, d.unheld_seconds, d.unheld_turns), (3.0, 1.0, 1));
         assert_eq!((d.host.pulses, d.host.others_cpu, d.host.slowest_pulse), (2, Some(0.9), Some(6.0)));
+        assert_eq!(d.host.others_cpu_median, Some(0.8));
         assert_eq!(d.host.causes.get("other_processes_cpu"), Some(&1));
         assert_eq!(d.restart_messages, vec!["pulse_red: slow".to_owned()], "recorded after the window");
         assert!(detail(&looks, &rec, 0.5, 7.0, 0).restart_messages.is_empty());
