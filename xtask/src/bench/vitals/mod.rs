@@ -14,8 +14,10 @@
 //! task-counter check (`alternatives.rs`, where their rules are written down). Per scenario and
 //! observer: time to not-ready and to restart, and the false ones where there is no fault; median
 //! and range over rounds. Beside metalkube's verdict, the host pressure the agent measured over
-//! the same window (peak share of the CPUs other processes used, the cause it named), read off
-//! each pulse in `/api/v1/models`. On a busy host a not-ready is not false when the pulses behind
+//! the same window (the share of the CPUs other processes used, the cause it named), read off
+//! each pulse in `/api/v1/models`, and what processes outside the bench took of the machine
+//! meanwhile (`host_load::MachineLog`: on a shared machine someone else's build is a busy host
+//! too, and the goals that assume an idle host are judged only where it was). On a busy host a not-ready is not false when the pulses behind
 //! it took `redAfter` or longer (users waited that long, whatever the cause); a restart is. The
 //! real engine (llama-server, tiny model) takes the faults the OS makes and the busy hosts; the
 //! simulator takes the others (`scenarios.rs`, `host_load.rs`).
@@ -119,6 +121,11 @@ pub struct Detail {
     pub restart_messages: Vec<String>,
     /// What the agent said when it withheld a restart the pulse asked for (`restartDecision`).
     pub withheld: Vec<String>,
+    /// The drift baseline when the window began, seconds.
+    pub baseline: Option<f64>,
+    /// The pulses recorded in the window, for the JSON and for the notes on a verdict that
+    /// missed its goal.
+    pub pulses: Vec<watch::Pulse>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -435,6 +435,19 @@ fn notes(runs: &[Run]) -> String {
                 out.push_str(&format!("{head}: restart: {m}\n"));
             }
         }
+        // A verdict that missed its goal: the pulses behind it, as the agent recorded them.
+        let missed = (r.scenario.is_fault() && r.metalkube.restart.is_none())
+            || (!r.scenario.is_fault()
+                && (r.metalkube.restarts > 0 || r.detail.unheld_turns > 0)
+                && r.scenario.is_busy_host());
+        if missed {
+            let walls: Vec<String> = r.detail.pulses.iter().map(super::watch::Pulse::brief).collect();
+            out.push_str(&format!(
+                "{head}: pulses (wall, ! no answer yet or failed, grade after it, * host explained; baseline {}): {}\n",
+                r.detail.baseline.map_or("none".into(), |b| format!("{b:.3}s")),
+                walls.join(", ")
+            ));
+        }
         if r.scenario.is_fault() && r.metalkube.restart.is_none() {
             out.push_str(&format!("{head}: not restarted; host: {}\n", host_cell(&[r])));
             for w in &r.detail.withheld {
@@ -496,6 +509,11 @@ fn json_detail(d: &Detail) -> Value {
         },
         "restartMessages": d.restart_messages,
         "restartsWithheld": d.withheld,
+        "baselineSeconds": d.baseline,
+        "pulses": d.pulses.iter().map(|p| json!({
+            "atSeconds": p.at, "wallSeconds": p.wall, "grade": p.grade, "error": p.error,
+            "hostCause": p.cause, "othersCpu": p.others_cpu, "engineCpu": p.engine_cpu,
+        })).collect::<Vec<Value>>(),
     })
 }
 

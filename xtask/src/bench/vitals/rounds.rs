@@ -103,7 +103,14 @@ fn session_runs<'a>(
             Ok(span) => {
                 let mut r = judge(sc, &span, &recorded, round, phase, period);
                 r.machine = env.machine.share(span.from, span.end);
-                eprintln!("[vitals round {}] {}: {r:?}", round + 1, sc.slug());
+                eprintln!(
+                    "[vitals round {}] {}: metalkube {:?}; host {:?}; machine {:?}",
+                    round + 1,
+                    sc.slug(),
+                    r.metalkube,
+                    r.detail.host,
+                    r.machine
+                );
                 r
             }
             Err(e) => failed(sc, round, phase, &e),

@@ -88,11 +88,25 @@ pub fn horizon(period: f64) -> f64 {
 
 /// Runs one scenario on a session whose model serves.
 pub fn run(env: &Env, s: &Session, sc: Scenario, clock: Clock, period: f64) -> anyhow::Result<Span> {
+    let began = clock.now();
     if sc.needs_baseline() {
         s.watcher.wait_baseline()?;
     } else {
         s.watcher.wait_green()?;
     }
+    let waited = clock.now() - began;
+    let mut span = scenario(env, s, sc, clock, period)?;
+    if waited > SLOW_BASELINE {
+        let slow = format!("the model took {waited:.0} s to serve green with a pulse baseline");
+        span.note = if span.note.is_empty() { slow } else { format!("{slow}; {}", span.note) };
+    }
+    Ok(span)
+}
+
+/// Waiting longer than this for a baseline is worth a note: a fresh engine needs about 25 s.
+const SLOW_BASELINE: f64 = 60.0;
+
+fn scenario(env: &Env, s: &Session, sc: Scenario, clock: Clock, period: f64) -> anyhow::Result<Span> {
     // A fault is judged until each alternative has had two checks after it, and their timeouts.
     let horizon = horizon(period);
     let quiet = if matches!(sc, Scenario::Cpu | Scenario::Drift) {

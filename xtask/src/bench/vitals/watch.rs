@@ -122,6 +122,14 @@ pub struct Pulse {
 }
 
 impl Pulse {
+    /// `2.14s Y` (`!` for an error: no answer yet, or a failed one; `*` where the host explained).
+    pub fn brief(&self) -> String {
+        let grade = self.grade.as_deref().map_or("-", |g| &g[..1]);
+        let error = if self.error.is_some() { "!" } else { "" };
+        let host = if self.cause.is_some() { "*" } else { "" };
+        format!("{:.2}s{error} {grade}{host}", self.wall)
+    }
+
     fn read(clock: Clock, p: &Value) -> Option<(u64, Pulse)> {
         let at_ms = p["atMs"].as_u64()?;
         let h = &p["host"];
@@ -282,8 +290,10 @@ impl Watcher {
 
     /// Serving green with a baseline, so drift is graded too: the state a model is in after its
     /// first five healthy pulses, and the one every fault and every load below meets.
+    /// A fresh agent forms it in about 25 s; pulses the agent says the host explains do not teach
+    /// it, so on a busy (or noisily measured) host it takes longer: up to 5 minutes are allowed.
     pub fn wait_baseline(&self) -> anyhow::Result<Look> {
-        self.wait_for("serving green with a pulse baseline", Duration::from_secs(120), |l| {
+        self.wait_for("serving green with a pulse baseline", Duration::from_secs(300), |l| {
             l.green() && l.baseline.is_some()
         })
     }
@@ -406,6 +416,8 @@ pub fn detail(looks: &[Look], rec: &Records<'_>, from: f64, to: f64, restarts: u
     }
     out.unheld_turns += u32::from(in_stretch && stretch_unheld);
     out.host = host_signal(rec.pulses.iter().filter(|p| p.at > from && p.at <= to));
+    out.pulses = rec.pulses.iter().filter(|p| p.at > from && p.at <= to).cloned().collect();
+    out.baseline = looks.iter().rev().find(|l| l.at <= from).and_then(|l| l.baseline);
     out.restart_messages = rec
         .restarts
         .iter()
