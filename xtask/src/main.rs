@@ -70,7 +70,8 @@ enum Task {
         /// `stream`: tokens per stream (at most 256).
         #[arg(long, default_value_t = 100)]
         tokens: u32,
-        /// `vitals`: one round of a fault and a load, goals checked (what `test` runs).
+        /// `vitals`: one round of a fault and a load, then 20 s of busy processes beside the real
+        /// engine, goals checked (what `test` runs).
         #[arg(long)]
         quick: bool,
         /// `vitals`: seconds between two checks of each alternative (LLMKube's Metal agent

@@ -47,7 +47,7 @@ pub struct Options {
     pub token_ms: u64,
     /// Tokens per stream (`stream`; the simulator sends at most 256).
     pub tokens: u32,
-    /// `vitals`: one round of two scenarios, goals enforced (CI).
+    /// `vitals`: one round of three scenarios (a load, a fault, a busy host), goals enforced (CI).
     pub quick: bool,
     /// `vitals`: seconds between two checks of each alternative.
     pub poll_seconds: u32,

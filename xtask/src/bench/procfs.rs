@@ -46,6 +46,18 @@ pub fn cpu_seconds(pids: &[u32]) -> f64 {
     ticks as f64 / clk_tck()
 }
 
+/// User + system CPU seconds of `pids` and of the children each has waited for (a replaced
+/// engine's, once its agent reaped it): over a process tree, a sum that does not drop when one of
+/// its processes exits and is reaped.
+pub fn cpu_seconds_with_reaped(pids: &[u32]) -> f64 {
+    let ticks: u64 = pids
+        .iter()
+        .filter_map(|p| stat_fields(&format!("/proc/{p}/stat")))
+        .map(|f| field(&f, 14) + field(&f, 15) + field(&f, 16) + field(&f, 17))
+        .sum();
+    ticks as f64 / clk_tck()
+}
+
 /// CPU seconds of this process's children that have exited and been waited for (wrk and the
 /// load generators, run to completion by the benchmark).
 pub fn waited_children_cpu_seconds() -> f64 {

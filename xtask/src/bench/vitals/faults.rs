@@ -149,28 +149,67 @@ impl Drift {
     }
 }
 
-/// Closed-loop clients through the serving port: each sends its request again as soon as the
-/// last is answered.
+/// What closed-loop clients got back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    /// Answers by status code, refusals (429) included.
+    pub codes: BTreeMap<u16, u32>,
+    /// Requests that got no answer (connection refused or reset, timeout).
+    pub errors: u32,
+    /// Seconds the clients waited, in all, because a refusal's `Retry-After` told them to.
+    pub waited: f64,
+}
+
+/// A refusal of the admission queue: not an error, the client comes back after `Retry-After`.
+pub const REFUSED: u16 = 429;
+
+impl Tally {
+    pub fn refusals(&self) -> u32 {
+        self.codes.get(&REFUSED).copied().unwrap_or(0)
+    }
+
+    /// `12 closed-loop clients: 132×200, 4 refused (429; Retry-After honoured, 6 s waited), 0
+    /// transport errors`.
+    pub fn describe(&self, clients: usize) -> String {
+        let answers: Vec<String> =
+            self.codes.iter().filter(|(code, _)| **code != REFUSED).map(|(code, n)| format!("{n}×{code}")).collect();
+        let answers =
+            if answers.is_empty() { "no answers".to_owned() } else { format!("{} answers", answers.join(" ")) };
+        let refused = match self.refusals() {
+            0 => String::new(),
+            n => format!(", {n} refused (429; Retry-After honoured, {:.0} s waited)", self.waited),
+        };
+        format!("{clients} closed-loop clients: {answers}{refused}, {} transport errors", self.errors)
+    }
+}
+
+/// Closed-loop clients through a serving port: each sends its request again as soon as the last
+/// is answered. A refusal with `Retry-After` (429 from the admission queue, or 503 while the model
+/// is not ready) is honoured: that client waits as long before its next request.
 pub struct Clients {
     worker: Worker,
-    codes: Arc<Mutex<BTreeMap<u16, u32>>>,
-    errors: Arc<AtomicU32>,
+    tally: Arc<Mutex<Tally>>,
 }
 
 impl Clients {
     pub fn start(port: u16, n: usize, body: String) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let codes = Arc::new(Mutex::new(BTreeMap::new()));
-        let errors = Arc::new(AtomicU32::new(0));
+        let tally = Arc::new(Mutex::new(Tally::default()));
         let threads = (0..n)
             .map(|_| {
-                let (s, c, e, body) = (stop.clone(), codes.clone(), errors.clone(), body.clone());
+                let (s, t, body) = (stop.clone(), tally.clone(), body.clone());
                 std::thread::spawn(move || {
                     while !s.load(Ordering::Relaxed) {
                         match net::request("POST", port, "/completion", &body, Duration::from_secs(120)) {
-                            Ok(a) => *lock(&c).entry(a.status).or_insert(0) += 1,
+                            Ok(a) => {
+                                *lock(&t).codes.entry(a.status).or_insert(0) += 1;
+                                if let Some(secs) = a.retry_after.filter(|_| a.status == REFUSED || a.status == 503) {
+                                    let waited = pause(&s, Duration::from_secs(secs));
+                                    lock(&t).waited += waited.as_secs_f64();
+                                }
+                            }
                             Err(_) => {
-                                e.fetch_add(1, Ordering::Relaxed);
+                                lock(&t).errors += 1;
                                 std::thread::sleep(Duration::from_millis(100));
                             }
                         }
@@ -178,14 +217,23 @@ impl Clients {
                 })
             })
             .collect();
-        Self { worker: Worker { stop, threads }, codes, errors }
+        Self { worker: Worker { stop, threads }, tally }
     }
 
-    /// Stops after the requests in flight; answers by status code, and transport errors.
-    pub fn finish(mut self) -> (BTreeMap<u16, u32>, u32) {
+    /// Stops after the requests in flight; what they got.
+    pub fn finish(mut self) -> Tally {
         self.worker.stop();
-        (lock(&self.codes).clone(), self.errors.load(Ordering::Relaxed))
+        lock(&self.tally).clone()
     }
+}
+
+/// Sleeps `d`, or until `stop`; how long it slept.
+fn pause(stop: &AtomicBool, d: Duration) -> Duration {
+    let began = Instant::now();
+    while began.elapsed() < d && !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100).min(d.saturating_sub(began.elapsed())));
+    }
+    began.elapsed()
 }
 
 /// Streams held open through the serving port, each read as it comes.

@@ -9,10 +9,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-/// An answer: status code and body (HTTP/1.0, so no chunked framing to undo).
+/// An answer: status code, `Retry-After` (whole seconds) and body (HTTP/1.0, so no chunked
+/// framing to undo).
 #[derive(Debug, Clone)]
 pub struct Answer {
     pub status: u16,
+    pub retry_after: Option<u64>,
     pub body: String,
 }
 
@@ -67,7 +69,11 @@ fn parse(raw: &[u8]) -> anyhow::Result<Answer> {
         .and_then(|line| line.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .context("an answer without a status line")?;
-    Ok(Answer { status, body: body.to_owned() })
+    let retry_after = head.lines().skip(1).find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("retry-after").then(|| value.trim().parse().ok()).flatten()
+    });
+    Ok(Answer { status, retry_after, body: body.to_owned() })
 }
 
 #[cfg(test)]
@@ -77,7 +83,9 @@ mod tests {
     #[test]
     fn reads_status_and_body() -> anyhow::Result<()> {
         let a = parse(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 2\r\n\r\n{}")?;
-        assert_eq!((a.status, a.body.as_str()), (503, "{}"));
+        assert_eq!((a.status, a.retry_after, a.body.as_str()), (503, None, "{}"));
+        let refused = parse(b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 3\r\n\r\n")?;
+        assert_eq!((refused.status, refused.retry_after), (429, Some(3)));
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le").is_err(), "a cut head is no answer");
         assert!(parse(b"garbage\r\n\r\n").is_err());
         Ok(())

@@ -1,32 +1,36 @@
-//! The rounds: in each, the simulator's scenarios and the real engine's run side by side (two
-//! agents at once), each engine's in order on one agent while it can, judged when its agent stops.
+//! The rounds: in each, the plan's stages one after the other; in a stage, its chains side by side
+//! (one agent each), each chain's scenarios in order on one agent while it can, judged when its
+//! agent stops.
 
 use super::alternatives::{Schedule, counter_checks, health_checks, scheduled};
 use super::scenarios::{self, Span};
 use super::session::{Recorded, Session};
 use super::watch;
-use super::{Clock, Env, Outcome, Run, Scenario};
+use super::{Clock, Detail, Env, Outcome, Run, Scenario, Stage};
 
 /// Every round of `plan`. The rounds spread the fault evenly over the alternatives' cycle: in
 /// round r of n their first check comes (r + ½)/n of a period after it.
-pub fn all(env: &Env, plan: &[&[Scenario]], rounds: u32, period: f64, clock: Clock) -> Vec<Run> {
+pub fn all(env: &Env, plan: &[Stage], rounds: u32, period: f64, clock: Clock) -> Vec<Run> {
     let mut runs = Vec::new();
     for round in 0..rounds {
         let phase = period * (f64::from(round) + 0.5) / f64::from(rounds);
-        std::thread::scope(|scope| {
-            let chains: Vec<_> = plan
-                .iter()
-                .map(|chain| scope.spawn(move || chain_runs(env, chain, round, phase, period, clock)))
-                .collect();
-            for c in chains {
-                match c.join() {
-                    Ok(r) => runs.extend(r),
-                    Err(_) => {
-                        eprintln!("[vitals round {}] a chain of scenarios panicked; its rows are missing", round + 1)
+        for stage in plan {
+            std::thread::scope(|scope| {
+                let chains: Vec<_> = stage
+                    .iter()
+                    .map(|chain| scope.spawn(move || chain_runs(env, chain, round, phase, period, clock)))
+                    .collect();
+                for c in chains {
+                    match c.join() {
+                        Ok(r) => runs.extend(r),
+                        Err(_) => eprintln!(
+                            "[vitals round {}] a chain of scenarios panicked; its rows are missing",
+                            round + 1
+                        ),
                     }
                 }
-            }
-        });
+            });
+        }
     }
     runs
 }
@@ -52,6 +56,9 @@ fn failed(sc: Scenario, round: u32, phase: f64, e: &anyhow::Error) -> Run {
         metalkube: Outcome::default(),
         health: Outcome::default(),
         counter: Outcome::default(),
+        detail: Detail::default(),
+        neighbour: None,
+        machine: None,
         note: String::new(),
         error: Some(format!("{e:#}")),
     }
@@ -69,14 +76,15 @@ fn session_runs<'a>(
     clock: Clock,
 ) -> (Vec<Run>, &'a [Scenario]) {
     let Some(first) = scenarios.first() else { return (Vec::new(), scenarios) };
-    let session = match Session::start(env, first.engine(), clock) {
+    let neighbour = scenarios.iter().any(|s| s.needs_neighbour());
+    let session = match Session::start(env, first.engine(), neighbour, clock) {
         Ok(s) => s,
         Err(e) => return (vec![failed(*first, round, phase, &e)], &scenarios[1..]),
     };
     let mut spans: Vec<(Scenario, anyhow::Result<Span>)> = Vec::new();
     for sc in scenarios {
         eprintln!("[vitals round {} at {:.0} s] {}", round + 1, clock.now(), sc.label());
-        let span = scenarios::run(&session, *sc, clock, period);
+        let span = scenarios::run(env, &session, *sc, clock, period);
         // Next scenario on a fresh agent: this one errored, or its fault is still there.
         let unfit = span.as_ref().map_or(true, |s| sc.is_fault() && !s.replaced);
         spans.push((*sc, span));
@@ -93,8 +101,16 @@ fn session_runs<'a>(
         .into_iter()
         .map(|(sc, span)| match span {
             Ok(span) => {
-                let r = judge(sc, &span, &recorded, round, phase, period);
-                eprintln!("[vitals round {}] {}: {r:?}", round + 1, sc.slug());
+                let mut r = judge(sc, &span, &recorded, round, phase, period);
+                r.machine = env.machine.share(span.from, span.end);
+                eprintln!(
+                    "[vitals round {}] {}: metalkube {:?}; host {:?}; machine {:?}",
+                    round + 1,
+                    sc.slug(),
+                    r.metalkube,
+                    r.detail.host,
+                    r.machine
+                );
                 r
             }
             Err(e) => failed(sc, round, phase, &e),
@@ -107,13 +123,18 @@ fn session_runs<'a>(
 fn judge(sc: Scenario, span: &Span, rec: &Recorded, round: u32, phase: f64, period: f64) -> Run {
     let cutoff = watch::engine_replaced(&rec.looks, span.from, span.end);
     let schedule = Schedule { from: span.from, first: phase, period, until: span.until, cutoff };
+    let metalkube = watch::verdict(&rec.looks, span.from, span.end);
+    let records = watch::Records { pulses: &rec.pulses, restarts: &rec.restarts, decisions: &rec.decisions };
     Run {
         scenario: sc,
         round,
         phase,
-        metalkube: watch::verdict(&rec.looks, span.from, span.end),
+        metalkube,
         health: scheduled(&health_checks(&rec.health), schedule),
         counter: scheduled(&counter_checks(&rec.counter, period, span.from), schedule),
+        detail: watch::detail(&rec.looks, &records, span.from, span.end, metalkube.restarts),
+        neighbour: (!rec.neighbour.is_empty()).then(|| watch::verdict(&rec.neighbour, span.from, span.end)),
+        machine: None,
         note: span.note.clone(),
         error: None,
     }

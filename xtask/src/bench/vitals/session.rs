@@ -1,6 +1,7 @@
-//! One standalone agent serving one model, on the real engine or the simulator, with
-//! metalkube's verdict watched and the alternatives' checks running against whatever engine
-//! serves the model, for as long as the session lives.
+//! One standalone agent serving the judged model (`watch::MODEL`), and for some scenarios a second
+//! one beside it (`watch::NEIGHBOUR`, same engine and settings), on the real engine or the
+//! simulator, with metalkube's verdict watched and the alternatives' checks running against
+//! whatever engine serves the judged model, for as long as the session lives.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 
 use super::alternatives::{CounterSample, HealthSample, Samplers};
-use super::watch::{Look, Watcher};
+use super::watch::{self, Look, Pulse, RestartEntry, Watcher};
 use super::{Clock, Env};
 use crate::bench::free_port;
 
@@ -36,6 +37,12 @@ fn engine_ports(session: u32) -> String {
 /// Everything a session recorded.
 pub struct Recorded {
     pub looks: Vec<Look>,
+    /// The second model's, when there is one.
+    pub neighbour: Vec<Look>,
+    pub pulses: Vec<Pulse>,
+    pub restarts: Vec<RestartEntry>,
+    /// `restartDecision` each time it changed: (bench time, text).
+    pub decisions: Vec<(f64, String)>,
     pub health: Vec<HealthSample>,
     pub counter: Vec<CounterSample>,
 }
@@ -43,14 +50,18 @@ pub struct Recorded {
 pub struct Session {
     child: Child,
     pub serving: u16,
+    /// The second model's serving port, when the agent serves one.
+    pub neighbour: Option<u16>,
+    /// The session's own directory (logs of what the scenarios start go here too).
+    pub dir: PathBuf,
     pub watcher: Watcher,
     samplers: Samplers,
 }
 
 impl Session {
-    /// Starts the agent with one MetalModel (pulse settings left at their defaults) and waits
-    /// until it serves.
-    pub fn start(env: &Env, kind: EngineKind, clock: Clock) -> anyhow::Result<Self> {
+    /// Starts the agent with one MetalModel, or two with `neighbour` (pulse settings left at
+    /// their defaults), and waits until they serve.
+    pub fn start(env: &Env, kind: EngineKind, neighbour: bool, clock: Clock) -> anyhow::Result<Self> {
         let n = env.sessions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = env.dir.join(format!("session-{n}"));
         let models = dir.join("models");
@@ -60,7 +71,15 @@ impl Session {
             EngineKind::Sim => (env.sim.clone(), env.sim_model.clone()),
         };
         let (api, serving) = (free_port()?, free_port()?);
-        std::fs::write(models.join("vitals.yaml"), model_yaml(&model, serving))?;
+        std::fs::write(models.join("vitals.yaml"), model_yaml(watch::MODEL, &model, serving))?;
+        let neighbour = match neighbour {
+            true => {
+                let port = free_port()?;
+                std::fs::write(models.join("neighbour.yaml"), model_yaml(watch::NEIGHBOUR, &model, port))?;
+                Some(port)
+            }
+            false => None,
+        };
         let log = std::fs::File::create(dir.join("agent.log"))?;
         let mut cmd = Command::new(&env.agent);
         cmd.arg("run")
@@ -82,8 +101,11 @@ impl Session {
         let child = cmd.spawn().context("starting the agent")?;
         let watcher = Watcher::start(api, clock);
         let samplers = Samplers::start(watcher.engine(), clock);
-        let session = Self { child, serving, watcher, samplers };
+        let session = Self { child, serving, neighbour, dir, watcher, samplers };
         session.watcher.wait_for("serving", Duration::from_secs(120), |l| l.phase == "Serving")?;
+        if session.neighbour.is_some() {
+            session.watcher.wait_neighbour_serving(Duration::from_secs(120))?;
+        }
         Ok(session)
     }
 
@@ -96,9 +118,17 @@ impl Session {
     /// Stops the agent (its engines with it) and hands over what was recorded.
     pub fn finish(mut self) -> anyhow::Result<Recorded> {
         let (health, counter) = self.samplers.samples();
-        let looks = self.watcher.looks();
+        let w = self.watcher.recording();
         self.stop()?;
-        Ok(Recorded { looks, health, counter })
+        Ok(Recorded {
+            looks: w.looks,
+            neighbour: w.neighbour,
+            pulses: w.pulses,
+            restarts: w.restarts,
+            decisions: w.decisions,
+            health,
+            counter,
+        })
     }
 
     /// SIGTERM, then SIGKILL if the agent has not stopped its engines within a minute.
@@ -127,11 +157,11 @@ impl Drop for Session {
 }
 
 /// The bench's model: 4 slots of 4,096 tokens (long prompts fit), on the CPU, admission and
-/// pulse at their defaults (so 3 admitted at once, a pulse every 5 s, yellow after 2 s, red
-/// after 5 s, a hang after 10 s, restart after 3 confirmed reds).
-fn model_yaml(model: &std::path::Path, serving_port: u16) -> String {
+/// pulse at their defaults (so 3 admitted at once, 64 queued, a pulse every 5 s, yellow after
+/// 2 s, red after 5 s, a hang after 10 s, restart after 3 confirmed reds).
+fn model_yaml(name: &str, model: &std::path::Path, serving_port: u16) -> String {
     format!(
-        "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {{name: vitals}}\nspec:\n  model: {{source: 'file://{}'}}\n  engine: {{contextSize: {ctx}, gpuLayers: 0, parallel: {SLOTS}, startupTimeout: 60s}}\n  admission: {{servingPort: {serving_port}}}\n",
+        "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {{name: {name}}}\nspec:\n  model: {{source: 'file://{}'}}\n  engine: {{contextSize: {ctx}, gpuLayers: 0, parallel: {SLOTS}, startupTimeout: 60s}}\n  admission: {{servingPort: {serving_port}}}\n",
         model.display(),
         ctx = 4096 * SLOTS,
     )

@@ -2,8 +2,12 @@
 //! agent's `/api/v1/models`, every 100 ms, for the whole session. Ready = phase `Serving` and
 //! grade not red (what `/readyz`, the serving port's `/health` and the EndpointSlice say); a
 //! restart is decided when the phase turns `Restarting` (the engine is drained and stopped
-//! after that) or the restart counter moves, whichever is seen first.
+//! after that) or the restart counter moves, whichever is seen first. Each look also keeps what
+//! the same answer says behind the verdict: whether a red stands on pulses past `redAfter`; and
+//! the pulses (with the host pressure the agent measured beside each), the restarts and the
+//! restart decisions are collected as they appear.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -13,12 +17,17 @@ use anyhow::bail;
 use serde_json::Value;
 
 use super::net;
-use super::{Clock, Outcome};
+use super::{Clock, Detail, HostSignal, Outcome};
+use crate::bench::stats::Spread;
 
 /// How often the agent is asked.
 const EVERY: Duration = Duration::from_millis(100);
 
-/// One look at the model.
+/// The judged model's name, and the second model's when a session serves one.
+pub const MODEL: &str = "vitals";
+pub const NEIGHBOUR: &str = "vitals-neighbour";
+
+/// One look at a model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Look {
     /// Seconds on the bench's clock.
@@ -33,6 +42,11 @@ pub struct Look {
     pub in_flight: u64,
     /// When the last pulse was recorded (the agent's clock, ms): changes once per pulse.
     pub last_pulse_ms: Option<u64>,
+    /// A red grade here stands on a round whose two pulses both took `redAfter` or longer (the
+    /// absolute threshold, not drift, not an error answer); see `held`.
+    pub red_past_threshold: bool,
+    /// The cause the agent says explains the grade's slowness (`hostContended`).
+    pub host_contended: Option<String>,
 }
 
 impl Look {
@@ -44,10 +58,22 @@ impl Look {
         self.phase == "Serving" && self.grade.as_deref() == Some("Green")
     }
 
-    /// The first model of an `/api/v1/models` answer.
-    fn read(at: f64, body: &str) -> Option<Look> {
-        let v: Value = serde_json::from_str(body).ok()?;
-        let m = v["models"].as_array()?.first()?;
+    /// Not ready because the pulses took `redAfter` or longer: a red grade while the engine
+    /// serves (phase `Serving`, `Degraded` or `HostContended`) with such a round behind it.
+    pub fn held(&self) -> bool {
+        matches!(self.phase.as_str(), "Serving" | "Degraded" | "HostContended")
+            && self.grade.as_deref() == Some("Red")
+            && self.red_past_threshold
+    }
+
+    /// The model called `name` in an `/api/v1/models` answer.
+    fn read(at: f64, v: &Value, name: &str) -> Option<Look> {
+        let m = model(v, name)?;
+        let red_after = m["redAfterSeconds"].as_f64().unwrap_or(f64::INFINITY);
+        let walls: Vec<f64> = m["pulseHistory"]
+            .as_array()
+            .map(|h| h.iter().rev().take(3).map(|p| p["wallSeconds"].as_f64().unwrap_or(0.0)).collect())
+            .unwrap_or_default();
         Some(Look {
             at,
             phase: m["phase"].as_str()?.to_owned(),
@@ -58,7 +84,125 @@ impl Look {
             baseline: m["baselineSeconds"].as_f64(),
             in_flight: m["inFlight"].as_u64().unwrap_or(0),
             last_pulse_ms: m["lastPulse"]["atMs"].as_u64(),
+            red_past_threshold: round_past(&walls, red_after),
+            host_contended: m["hostContended"].as_str().map(str::to_owned),
         })
+    }
+}
+
+fn model<'a>(v: &'a Value, name: &str) -> Option<&'a Value> {
+    v["models"].as_array()?.iter().find(|m| m["name"].as_str() == Some(name))
+}
+
+/// Whether the round that set the grade took `red_after` or longer in both its samples, from the
+/// newest pulses first. A grade is published with every sample; a round's first sample that needs
+/// confirming carries the grade of the round before, so the last two pulses are that round, or
+/// the two before the newest are.
+fn round_past(newest_first: &[f64], red_after: f64) -> bool {
+    let past = |i: usize| newest_first.get(i).is_some_and(|w| *w >= red_after);
+    (past(0) && past(1)) || (past(1) && past(2))
+}
+
+/// One pulse as the agent recorded it, with the host pressure over its window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pulse {
+    /// On the bench's clock.
+    pub at: f64,
+    pub wall: f64,
+    pub grade: Option<String>,
+    pub error: Option<String>,
+    pub cause: Option<String>,
+    pub others_cpu: Option<f64>,
+    pub engine_cpu: Option<f64>,
+    pub cpu_stall: Option<f64>,
+    pub memory_stall: Option<f64>,
+    pub io_stall: Option<f64>,
+    pub load_per_cpu: Option<f64>,
+    pub timer_lateness: Option<f64>,
+}
+
+impl Pulse {
+    /// `2.14s Y` (`!` for an error: no answer yet, or a failed one; `*` where the host explained).
+    pub fn brief(&self) -> String {
+        let grade = self.grade.as_deref().map_or("-", |g| &g[..1]);
+        let error = if self.error.is_some() { "!" } else { "" };
+        let host = if self.cause.is_some() { "*" } else { "" };
+        format!("{:.2}s{error} {grade}{host}", self.wall)
+    }
+
+    fn read(clock: Clock, p: &Value) -> Option<(u64, Pulse)> {
+        let at_ms = p["atMs"].as_u64()?;
+        let h = &p["host"];
+        let pulse = Pulse {
+            at: clock.of_epoch_ms(at_ms),
+            wall: p["wallSeconds"].as_f64()?,
+            grade: p["grade"].as_str().map(str::to_owned),
+            error: p["error"].as_str().map(str::to_owned),
+            cause: h["cause"].as_str().map(str::to_owned),
+            others_cpu: h["othersCpu"].as_f64(),
+            engine_cpu: h["engineCpu"].as_f64(),
+            cpu_stall: h["cpuStall"].as_f64(),
+            memory_stall: h["memoryStall"].as_f64(),
+            io_stall: h["ioStall"].as_f64(),
+            load_per_cpu: h["loadPerCpu"].as_f64(),
+            timer_lateness: h["timerLatenessSeconds"].as_f64(),
+        };
+        Some((at_ms, pulse))
+    }
+}
+
+/// One restart as the agent recorded it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RestartEntry {
+    pub at: f64,
+    pub reason: String,
+    pub message: String,
+}
+
+/// Everything the watcher collected.
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    pub looks: Vec<Look>,
+    pub neighbour: Vec<Look>,
+    pub pulses: Vec<Pulse>,
+    pub restarts: Vec<RestartEntry>,
+    pub decisions: Vec<(f64, String)>,
+    /// The newest pulse and restart collected (agent ms), so each is taken once.
+    last_pulse_ms: u64,
+    last_restart_ms: u64,
+}
+
+impl Recording {
+    fn take(&mut self, at: f64, clock: Clock, body: &str) -> Option<Look> {
+        let v: Value = serde_json::from_str(body).ok()?;
+        let look = Look::read(at, &v, MODEL)?;
+        if let Some(n) = Look::read(at, &v, NEIGHBOUR) {
+            self.neighbour.push(n);
+        }
+        let m = model(&v, MODEL)?;
+        for (ms, p) in m["pulseHistory"].as_array().into_iter().flatten().filter_map(|p| Pulse::read(clock, p)) {
+            if ms > self.last_pulse_ms {
+                self.last_pulse_ms = ms;
+                self.pulses.push(p);
+            }
+        }
+        for r in m["restartHistory"].as_array().into_iter().flatten() {
+            let Some(ms) = r["atMs"].as_u64().filter(|ms| *ms > self.last_restart_ms) else { continue };
+            self.last_restart_ms = ms;
+            let text = |k: &str| r[k].as_str().unwrap_or_default().to_owned();
+            self.restarts.push(RestartEntry {
+                at: clock.of_epoch_ms(ms),
+                reason: text("reason"),
+                message: text("message"),
+            });
+        }
+        if let Some(d) = m["restartDecision"].as_str()
+            && self.decisions.last().is_none_or(|(_, last)| last != d)
+        {
+            self.decisions.push((at, d.to_owned()));
+        }
+        self.looks.push(look.clone());
+        Some(look)
     }
 }
 
@@ -68,7 +212,7 @@ pub type EngineSlot = Arc<Mutex<Option<(u32, u16)>>>;
 
 /// Polls the agent on a thread until dropped.
 pub struct Watcher {
-    looks: Arc<Mutex<Vec<Look>>>,
+    rec: Arc<Mutex<Recording>>,
     engine: EngineSlot,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -76,22 +220,22 @@ pub struct Watcher {
 
 impl Watcher {
     pub fn start(api: u16, clock: Clock) -> Self {
-        let looks = Arc::new(Mutex::new(Vec::new()));
+        let rec = Arc::new(Mutex::new(Recording::default()));
         let engine: EngineSlot = Arc::new(Mutex::new(None));
         let stop = Arc::new(AtomicBool::new(false));
-        let (l, e, s) = (looks.clone(), engine.clone(), stop.clone());
+        let (r, e, s) = (rec.clone(), engine.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 let asked = clock.now();
-                let answer = net::request("GET", api, "/api/v1/models", "", Duration::from_secs(2));
-                if let Some(look) = answer.ok().and_then(|a| Look::read(asked, &a.body)) {
+                if let Ok(a) = net::request("GET", api, "/api/v1/models", "", Duration::from_secs(2))
+                    && let Some(look) = lock(&r).take(asked, clock, &a.body)
+                {
                     *lock(&e) = look.pid.zip(look.internal_port);
-                    lock(&l).push(look);
                 }
                 std::thread::sleep(EVERY);
             }
         });
-        Self { looks, engine, stop, thread: Some(thread) }
+        Self { rec, engine, stop, thread: Some(thread) }
     }
 
     pub fn engine(&self) -> EngineSlot {
@@ -99,11 +243,30 @@ impl Watcher {
     }
 
     pub fn latest(&self) -> Option<Look> {
-        lock(&self.looks).last().cloned()
+        lock(&self.rec).looks.last().cloned()
     }
 
     pub fn looks(&self) -> Vec<Look> {
-        lock(&self.looks).clone()
+        lock(&self.rec).looks.clone()
+    }
+
+    pub fn recording(&self) -> Recording {
+        lock(&self.rec).clone()
+    }
+
+    /// Waits until the second model serves.
+    pub fn wait_neighbour_serving(&self, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let last = lock(&self.rec).neighbour.last().cloned();
+            if last.as_ref().is_some_and(|l| l.phase == "Serving") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the second model was not serving within {within:?} (last look: {last:?})");
+            }
+            std::thread::sleep(EVERY);
+        }
     }
 
     /// Waits until a look satisfies `pred`.
@@ -127,8 +290,10 @@ impl Watcher {
 
     /// Serving green with a baseline, so drift is graded too: the state a model is in after its
     /// first five healthy pulses, and the one every fault and every load below meets.
+    /// A fresh agent forms it in about 25 s; pulses the agent says the host explains do not teach
+    /// it, so on a busy (or noisily measured) host it takes longer: up to 5 minutes are allowed.
     pub fn wait_baseline(&self) -> anyhow::Result<Look> {
-        self.wait_for("serving green with a pulse baseline", Duration::from_secs(120), |l| {
+        self.wait_for("serving green with a pulse baseline", Duration::from_secs(300), |l| {
             l.green() && l.baseline.is_some()
         })
     }
@@ -216,6 +381,93 @@ pub fn verdict(looks: &[Look], from: f64, to: f64) -> Outcome {
     out
 }
 
+/// What the agent recorded besides its looks, for `detail`.
+pub struct Records<'a> {
+    pub pulses: &'a [Pulse],
+    pub restarts: &'a [RestartEntry],
+    pub decisions: &'a [(f64, String)],
+}
+
+/// How long after a window the agent's record of a restart decided in it may appear (the record
+/// is written once the engine has stopped).
+const RESTART_RECORDED_WITHIN: f64 = 15.0;
+
+/// metalkube's verdict beyond the outcome over (`from`, `to`]: how long the model was not ready
+/// and how much of that had no round of pulses past `redAfter` behind it, the host pressure the
+/// agent measured beside the pulses, the messages of the `restarts` it decided there and what it
+/// said when it withheld one.
+pub fn detail(looks: &[Look], rec: &Records<'_>, from: f64, to: f64, restarts: u32) -> Detail {
+    let mut out = Detail::default();
+    let window: Vec<&Look> = looks.iter().filter(|l| l.at > from && l.at <= to).collect();
+    let (mut in_stretch, mut stretch_unheld) = (false, false);
+    for (i, l) in window.iter().enumerate() {
+        let next = window.get(i + 1).map_or(to, |n| n.at);
+        if l.ready() {
+            out.unheld_turns += u32::from(in_stretch && stretch_unheld);
+            (in_stretch, stretch_unheld) = (false, false);
+            continue;
+        }
+        in_stretch = true;
+        out.not_ready_seconds += next - l.at;
+        if !l.held() {
+            stretch_unheld = true;
+            out.unheld_seconds += next - l.at;
+        }
+    }
+    out.unheld_turns += u32::from(in_stretch && stretch_unheld);
+    out.host = host_signal(rec.pulses.iter().filter(|p| p.at > from && p.at <= to));
+    out.pulses = rec.pulses.iter().filter(|p| p.at > from && p.at <= to).cloned().collect();
+    out.baseline = looks.iter().rev().find(|l| l.at <= from).and_then(|l| l.baseline);
+    out.restart_messages = rec
+        .restarts
+        .iter()
+        .filter(|r| r.at > from && r.at <= to + RESTART_RECORDED_WITHIN)
+        .take(restarts as usize)
+        .map(|r| format!("{}: {}", r.reason, r.message))
+        .collect();
+    for (_, d) in rec.decisions.iter().filter(|(at, d)| *at > from && *at <= to && d.starts_with("not restarted")) {
+        if !out.withheld.contains(d) {
+            out.withheld.push(d.clone());
+        }
+    }
+    out
+}
+
+/// The peaks of the host pressure beside `pulses`, and the causes named.
+fn host_signal<'a>(pulses: impl Iterator<Item = &'a Pulse>) -> HostSignal {
+    fn peak(a: &mut Option<f64>, b: Option<f64>) {
+        if let Some(b) = b.filter(|b| b.is_finite()) {
+            *a = Some(a.map_or(b, |a| a.max(b)));
+        }
+    }
+    let mut h = HostSignal::default();
+    let mut others = Vec::new();
+    for p in pulses {
+        h.pulses += 1;
+        others.extend(p.others_cpu.filter(|o| o.is_finite()));
+        peak(&mut h.others_cpu, p.others_cpu);
+        peak(&mut h.engine_cpu, p.engine_cpu);
+        peak(&mut h.cpu_stall, p.cpu_stall);
+        peak(&mut h.memory_stall, p.memory_stall);
+        peak(&mut h.io_stall, p.io_stall);
+        peak(&mut h.load_per_cpu, p.load_per_cpu);
+        peak(&mut h.timer_lateness, p.timer_lateness);
+        peak(&mut h.slowest_pulse, Some(p.wall));
+        if let Some(c) = &p.cause {
+            *h.causes.entry(c.clone()).or_insert(0) += 1;
+        }
+    }
+    h.others_cpu_median = Spread::of(others).map(|s| s.median);
+    h
+}
+
+/// Counts by key, summed (the causes of several windows).
+pub fn add_counts(into: &mut BTreeMap<String, u32>, from: &BTreeMap<String, u32>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_insert(0) += v;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,18 +483,91 @@ mod tests {
             baseline: None,
             in_flight: 0,
             last_pulse_ms: None,
+            red_past_threshold: false,
+            host_contended: None,
         }
+    }
+
+    fn clock() -> Clock {
+        Clock::start()
     }
 
     #[test]
     fn reads_the_agents_model() {
-        let body = r#"{"models":[{"phase":"Serving","grade":"Red","restarts":2,"pid":42,"internalPort":23001,
-            "baselineSeconds":0.6,"inFlight":3,"lastPulse":{"atMs":17}}]}"#;
-        let l = Look::read(1.5, body).unwrap();
+        let body = r#"{"models":[{"name":"other","phase":"Starting"},{"name":"vitals","phase":"Serving","grade":"Red",
+            "restarts":2,"pid":42,"internalPort":23001,"baselineSeconds":0.6,"inFlight":3,"lastPulse":{"atMs":17},
+            "redAfterSeconds":5.0,"hostContended":"other_processes_cpu",
+            "pulseHistory":[{"atMs":10,"wallSeconds":0.2},{"atMs":15,"wallSeconds":6.1},{"atMs":17,"wallSeconds":5.0,
+            "host":{"cause":"other_processes_cpu","othersCpu":0.8}}],
+            "restartHistory":[{"atMs":3,"reason":"pulse_hang","message":"hung"}],"restartDecision":"not restarted: x"}]}"#;
+        let mut rec = Recording::default();
+        let l = rec.take(1.5, clock(), body).unwrap();
         assert_eq!((l.pid, l.internal_port, l.restarts, l.in_flight), (Some(42), Some(23001), 2, 3));
         assert!(!l.ready(), "serving but red is not ready");
-        assert_eq!(Look::read(0.0, r#"{"models":[]}"#), None);
-        assert_eq!(Look::read(0.0, "not json"), None);
+        assert!(l.held(), "red on two pulses past redAfter");
+        assert_eq!(l.host_contended.as_deref(), Some("other_processes_cpu"));
+        assert_eq!((rec.pulses.len(), rec.restarts.len(), rec.decisions.len()), (3, 1, 1));
+        assert_eq!(rec.pulses[2].others_cpu, Some(0.8));
+        // The same answer again adds no pulse, restart or decision.
+        rec.take(1.6, clock(), body).unwrap();
+        assert_eq!((rec.pulses.len(), rec.restarts.len(), rec.decisions.len(), rec.looks.len()), (3, 1, 1, 2));
+        assert_eq!(rec.take(0.0, clock(), r#"{"models":[]}"#), None);
+        assert_eq!(rec.take(0.0, clock(), "not json"), None);
+    }
+
+    #[test]
+    fn a_red_is_held_by_the_round_that_set_it() {
+        // Newest first: the round's two samples, or a new first sample awaiting confirmation
+        // before them.
+        assert!(round_past(&[5.5, 6.0, 0.1], 5.0));
+        assert!(round_past(&[3.0, 5.5, 6.0], 5.0), "a new first sample still carries the last round's red");
+        assert!(!round_past(&[5.5, 3.0, 0.1], 5.0), "one sample past redAfter is not a round past it");
+        assert!(!round_past(&[2.5, 2.6, 2.4], 5.0), "a red by drift");
+        assert!(!round_past(&[], 5.0));
+    }
+
+    #[test]
+    fn time_not_ready_and_what_held_it() {
+        let red = |at: f64, held: bool| Look { red_past_threshold: held, ..look(at, "HostContended", Some("Red"), 0) };
+        let looks = [
+            look(1.0, "Serving", Some("Green"), 0),
+            red(2.0, true),
+            red(3.0, true),
+            look(4.0, "Serving", Some("Yellow"), 0),
+            red(5.0, false),
+            look(6.0, "Serving", Some("Green"), 0),
+        ];
+        let pulses = [
+            Pulse { at: 1.5, wall: 6.0, cause: Some("other_processes_cpu".into()), others_cpu: Some(0.7), ..pulse() },
+            Pulse { at: 4.5, wall: 2.0, others_cpu: Some(0.9), ..pulse() },
+            Pulse { at: 9.0, wall: 9.0, others_cpu: Some(1.0), ..pulse() },
+        ];
+        let restarts = [RestartEntry { at: 20.0, reason: "pulse_red".into(), message: "slow".into() }];
+        let rec = Records { pulses: &pulses, restarts: &restarts, decisions: &[] };
+        let d = detail(&looks, &rec, 0.5, 7.0, 1);
+        assert_eq!((d.not_ready_seconds, d.unheld_seconds, d.unheld_turns), (3.0, 1.0, 1));
+        assert_eq!((d.host.pulses, d.host.others_cpu, d.host.slowest_pulse), (2, Some(0.9), Some(6.0)));
+        assert_eq!(d.host.others_cpu_median, Some(0.8));
+        assert_eq!(d.host.causes.get("other_processes_cpu"), Some(&1));
+        assert_eq!(d.restart_messages, vec!["pulse_red: slow".to_owned()], "recorded after the window");
+        assert!(detail(&looks, &rec, 0.5, 7.0, 0).restart_messages.is_empty());
+    }
+
+    fn pulse() -> Pulse {
+        Pulse {
+            at: 0.0,
+            wall: 0.0,
+            grade: None,
+            error: None,
+            cause: None,
+            others_cpu: None,
+            engine_cpu: None,
+            cpu_stall: None,
+            memory_stall: None,
+            io_stall: None,
+            load_per_cpu: None,
+            timer_lateness: None,
+        }
     }
 
     #[test]
