@@ -28,6 +28,10 @@ pub struct HostPressure {
     /// The engine's threads' time waiting for a CPU, over the time they ran, in the window, less
     /// any throttling of the engine's own cgroup (Linux schedstat).
     pub engine_cpu_wait_ratio: Option<f64>,
+    /// The engine's threads' time waiting for a CPU per second of the window (summed over
+    /// threads): None where it cannot be read or the engine's own cgroup was throttled. Near 0, the engine did not want the CPU (it slept, blocked, or was stopped), so
+    /// no one taking the CPU can have slowed it.
+    pub engine_cpu_wait_share: Option<f64>,
     /// PSI `some` avg10 (0..1): the share of the last 10 s in which some task waited for memory
     /// or for IO (Linux).
     pub memory_stall: Option<f64>,
@@ -99,6 +103,10 @@ pub mod threshold {
     pub const OTHERS_CPU: f64 = 0.5;
     /// The engine waited for a CPU at least half as long as it ran...
     pub const ENGINE_WAIT_RATIO: f64 = 0.5;
+    /// The engine's threads waited for a CPU at least this long per second of the window: it
+    /// wanted the CPU others held. Below it (an engine asleep in a lock, stopped, or waiting on
+    /// its GPU) busy neighbours explain nothing, however busy.
+    pub const ENGINE_WAIT_SHARE: f64 = 0.1;
     /// ...while other processes used at least this share: the waiting was behind them. Below it
     /// the wait is the engine's own (its threads outnumber the CPUs, or its cgroup is throttled
     /// and the throttling could not be read).
@@ -124,10 +132,16 @@ impl HostPressure {
         use threshold as t;
         let over = |v: Option<f64>, limit: f64| v.is_some_and(|v| v.is_finite() && v >= limit);
         let mut causes = Vec::new();
-        if over(self.others_cpu, t::OTHERS_CPU) {
+        // Where the engine's waiting can be read, it must have wanted the CPU; where it cannot
+        // (macOS, its own cgroup throttled), the others' share stands alone.
+        let wanted_cpu = self.engine_cpu_wait_share.is_none_or(|w| w.is_finite() && w >= t::ENGINE_WAIT_SHARE);
+        if over(self.others_cpu, t::OTHERS_CPU) && wanted_cpu {
             causes.push(HostCause::OtherProcessesCpu);
         }
-        if over(self.engine_cpu_wait_ratio, t::ENGINE_WAIT_RATIO) && over(self.others_cpu, t::ENGINE_WAIT_OTHERS_CPU) {
+        if over(self.engine_cpu_wait_ratio, t::ENGINE_WAIT_RATIO)
+            && over(self.engine_cpu_wait_share, t::ENGINE_WAIT_SHARE)
+            && over(self.others_cpu, t::ENGINE_WAIT_OTHERS_CPU)
+        {
             causes.push(HostCause::EngineWaitedForCpu);
         }
         if over(self.memory_stall, t::MEMORY_STALL)
@@ -147,6 +161,12 @@ impl HostPressure {
         causes
     }
 
+    /// The engine's threads were seen waiting for a CPU: runnable, so neither stopped nor wedged
+    /// asleep. With a cause, a pulse that never answered is a starved engine, not a hung one.
+    pub fn engine_wanted_cpu(&self) -> bool {
+        self.engine_cpu_wait_share.is_some_and(|w| w.is_finite() && w >= threshold::ENGINE_WAIT_SHARE)
+    }
+
     /// The most direct cause, if the host explains slowness at all.
     pub fn explains(&self) -> Option<HostCause> {
         self.causes().first().copied()
@@ -164,6 +184,7 @@ impl HostPressure {
             others_cpu: max(self.others_cpu, other.others_cpu),
             engine_cpu: max(self.engine_cpu, other.engine_cpu),
             engine_cpu_wait_ratio: max(self.engine_cpu_wait_ratio, other.engine_cpu_wait_ratio),
+            engine_cpu_wait_share: max(self.engine_cpu_wait_share, other.engine_cpu_wait_share),
             memory_stall: max(self.memory_stall, other.memory_stall),
             io_stall: max(self.io_stall, other.io_stall),
             cpu_stall: max(self.cpu_stall, other.cpu_stall),
@@ -262,12 +283,32 @@ mod tests {
     }
 
     #[test]
+    fn busy_neighbours_do_not_explain_an_engine_that_did_not_want_the_cpu() {
+        // A simulator whose pulse is a sleep, beside test clients using most of the CPUs.
+        let asleep = HostPressure {
+            others_cpu: Some(0.9),
+            engine_cpu_wait_ratio: Some(12.0),
+            engine_cpu_wait_share: Some(0.001),
+            ..HostPressure::default()
+        };
+        assert_eq!(asleep.explains(), None);
+        assert!(!asleep.engine_wanted_cpu());
+        let starved = HostPressure { engine_cpu_wait_share: Some(3.0), ..asleep };
+        assert_eq!(starved.explains(), Some(HostCause::OtherProcessesCpu));
+        assert!(starved.engine_wanted_cpu());
+    }
+
+    #[test]
     fn other_processes_explain() {
         let busy = HostPressure { others_cpu: Some(0.7), ..HostPressure::default() };
         assert_eq!(busy.explains(), Some(HostCause::OtherProcessesCpu));
         // Same-host clients: a modest share, but the engine waited behind them.
-        let clients =
-            HostPressure { others_cpu: Some(0.2), engine_cpu_wait_ratio: Some(1.5), ..HostPressure::default() };
+        let clients = HostPressure {
+            others_cpu: Some(0.2),
+            engine_cpu_wait_ratio: Some(1.5),
+            engine_cpu_wait_share: Some(0.8),
+            ..HostPressure::default()
+        };
         assert_eq!(clients.explains(), Some(HostCause::EngineWaitedForCpu));
         let memory = HostPressure { memory_level: Some(MemoryPressure::Warning), ..HostPressure::default() };
         assert_eq!(memory.explains(), Some(HostCause::Memory));

@@ -246,13 +246,13 @@ impl Supervisor {
                     if unanswered == 2 {
                         // Both samples of the round went unanswered for the whole timeout,
                         // however they were counted before: the engine is hung, unless it was
-                        // seen working meanwhile on a host that explains its slowness (a starved
-                        // engine is slow past the timeout, not hung; a stopped one never moves).
-                        if engine_moved {
-                            let (pressure, cause) = self.read_host();
-                            if let Some(cause) = cause {
-                                return Ok((self.record_starved(sample, cause, pressure), None));
-                            }
+                        // seen working or waiting for a CPU meanwhile on a host that explains its
+                        // slowness (a starved engine is slow past the timeout, not hung; a stopped
+                        // one neither moves nor waits for a CPU).
+                        let (pressure, cause) = self.read_host();
+                        let runnable = engine_moved || pressure.is_some_and(|p| p.engine_wanted_cpu());
+                        if let (Some(cause), true) = (cause, runnable) {
+                            return Ok((self.record_starved(sample, cause, pressure), None));
                         }
                         return Ok((self.record_hang(sample), None));
                     }

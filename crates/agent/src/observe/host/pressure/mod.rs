@@ -10,10 +10,16 @@ mod scheduling;
 
 pub use scheduling::SchedulingProbe;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::HostSample;
 use crate::health::attribution::HostPressure;
+
+/// CPU shares need a window this long: the kernel counts CPU time in ticks of 10 ms, and a
+/// window of a few ticks reads 0%, 50% or 100% (two models pulsed at the same moment each saw the
+/// other's pulse as "other processes 100% of CPU"). A pulse this fast is green anyway, and the
+/// slow ones that attribution is for have windows many times longer.
+pub const MIN_CPU_WINDOW: Duration = Duration::from_millis(250);
 
 /// The counters of one moment for one engine (Linux); two make a window.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -38,10 +44,11 @@ impl CpuMark {
     }
 }
 
-/// CPU shares over the window between two marks: (others, engine, the engine's wait ratio).
-/// Counters that went backwards (a thread ended, a counter wrapped) or a window with no ticks
-/// give no figure rather than a wrong one.
-pub fn cpu_shares(a: &CpuMark, b: &CpuMark) -> (Option<f64>, Option<f64>, Option<f64>) {
+/// CPU shares over the window between two marks: (others, engine), and the engine's waiting for
+/// a CPU: per second it ran, and per second of the window (`wall`). Counters that went backwards
+/// (a thread ended, a counter wrapped) or a window with no ticks give no figure rather than a
+/// wrong one.
+pub fn cpu_shares(a: &CpuMark, b: &CpuMark, wall: Duration) -> CpuShares {
     let machine = a.machine.zip(b.machine).and_then(|(a, b)| {
         let busy = b.busy.checked_sub(a.busy)?;
         let total = b.total.checked_sub(a.total)?;
@@ -58,13 +65,25 @@ pub fn cpu_shares(a: &CpuMark, b: &CpuMark) -> (Option<f64>, Option<f64>, Option
         _ => (None, None),
     };
     let throttled = a.engine_throttled_ns.zip(b.engine_throttled_ns).is_some_and(|(a, b)| b > a);
-    let wait_ratio = a.engine_sched_ns.zip(b.engine_sched_ns).and_then(|((r0, w0), (r1, w1))| {
-        let (ran, waited) = (r1.checked_sub(r0)?, w1.checked_sub(w0)?);
-        // Throttling of the engine's own cgroup is waiting the engine brought on itself: the
-        // ratio would blame others for it, so there is none.
-        (ran > 0 && !throttled).then(|| waited as f64 / ran as f64)
-    });
-    (others.map(|o| o.clamp(0.0, 1.0)), engine_share, wait_ratio)
+    // Throttling of the engine's own cgroup is waiting the engine brought on itself: the figures
+    // would blame others for it, so there are none.
+    let sched = a
+        .engine_sched_ns
+        .zip(b.engine_sched_ns)
+        .and_then(|((r0, w0), (r1, w1))| Some((r1.checked_sub(r0)?, w1.checked_sub(w0)?)))
+        .filter(|_| !throttled);
+    let wait_ratio = sched.filter(|(ran, _)| *ran > 0).map(|(ran, waited)| waited as f64 / ran as f64);
+    let wait_share = sched.filter(|_| !wall.is_zero()).map(|(_, waited)| waited as f64 / wall.as_nanos() as f64);
+    CpuShares { others: others.map(|o| o.clamp(0.0, 1.0)), engine: engine_share, wait_ratio, wait_share }
+}
+
+/// What `cpu_shares` reads off two marks.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CpuShares {
+    pub others: Option<f64>,
+    pub engine: Option<f64>,
+    pub wait_ratio: Option<f64>,
+    pub wait_share: Option<f64>,
 }
 
 /// A window of host pressure for one engine, open from a pulse round's first sample.
@@ -103,10 +122,15 @@ impl Window {
             load_per_cpu: host.load_per_cpu,
             ..HostPressure::default()
         };
+        let long_enough = self.opened.elapsed() >= MIN_CPU_WINDOW;
         #[cfg(not(target_os = "macos"))]
         {
-            let now = CpuMark::read(self.engine_pid);
-            (p.others_cpu, p.engine_cpu, p.engine_cpu_wait_ratio) = cpu_shares(&self.start, &now);
+            if long_enough {
+                let now = CpuMark::read(self.engine_pid);
+                let s = cpu_shares(&self.start, &now, self.opened.elapsed());
+                (p.others_cpu, p.engine_cpu) = (s.others, s.engine);
+                (p.engine_cpu_wait_ratio, p.engine_cpu_wait_share) = (s.wait_ratio, s.wait_share);
+            }
             p.cpu_stall = linux::psi("cpu");
             p.memory_stall = linux::psi("memory");
             p.io_stall = linux::psi("io");
@@ -114,7 +138,9 @@ impl Window {
         }
         #[cfg(target_os = "macos")]
         {
-            (p.others_cpu, p.engine_cpu) = self.start.shares(self.engine_pid);
+            if long_enough {
+                (p.others_cpu, p.engine_cpu) = self.start.shares(self.engine_pid);
+            }
         }
         p
     }
@@ -142,30 +168,32 @@ mod tests {
 
     #[test]
     fn others_are_the_busy_time_the_engine_did_not_use() {
-        let (others, engine, wait) = cpu_shares(&mark(0, 0, 0, 0, 0, 0), &mark(180, 200, 60, 1_000, 1_500, 0));
-        assert_eq!((others, engine), (Some(0.6), Some(0.3)));
-        assert_eq!(wait, Some(1.5));
+        let s = cpu_shares(&mark(0, 0, 0, 0, 0, 0), &mark(180, 200, 60, 1_000, 1_500, 0), Duration::from_nanos(3_000));
+        assert_eq!((s.others, s.engine), (Some(0.6), Some(0.3)));
+        assert_eq!((s.wait_ratio, s.wait_share), (Some(1.5), Some(0.5)));
     }
 
     #[test]
     fn the_engines_own_throttling_gives_no_wait_ratio() {
-        let (others, _, wait) = cpu_shares(&mark(0, 0, 0, 0, 0, 0), &mark(6, 200, 2, 20, 980, 900));
-        assert_eq!(wait, None, "its wait is its own quota");
-        assert_eq!(others, Some(0.02));
+        let s = cpu_shares(&mark(0, 0, 0, 0, 0, 0), &mark(6, 200, 2, 20, 980, 900), Duration::from_secs(1));
+        assert_eq!((s.wait_ratio, s.wait_share), (None, None), "its wait is its own quota");
+        assert_eq!(s.others, Some(0.02));
     }
 
     #[test]
     fn counters_going_backwards_give_no_figure() {
-        let (others, engine, wait) = cpu_shares(&mark(10, 100, 9, 50, 50, 0), &mark(5, 90, 1, 10, 10, 0));
-        assert_eq!((others, engine, wait), (None, None, None));
-        assert_eq!(cpu_shares(&CpuMark::default(), &CpuMark::default()), (None, None, None));
+        let s = cpu_shares(&mark(10, 100, 9, 50, 50, 0), &mark(5, 90, 1, 10, 10, 0), Duration::from_secs(1));
+        assert_eq!(s, CpuShares::default());
+        assert_eq!(cpu_shares(&CpuMark::default(), &CpuMark::default(), Duration::from_secs(1)), CpuShares::default());
     }
 
     #[test]
-    fn a_window_on_this_process_reads() {
+    fn a_window_on_this_process_reads_cpu_shares_once_long_enough() {
         let mut w = Window::open(std::process::id());
+        let short = w.read(&HostSample::default(), &SchedulingProbe::default());
+        assert_eq!((short.others_cpu, short.engine_cpu), (None, None), "too few ticks to tell: {short:?}");
         let spin = Instant::now();
-        while spin.elapsed() < std::time::Duration::from_millis(120) {
+        while spin.elapsed() < MIN_CPU_WINDOW + Duration::from_millis(50) {
             std::hint::black_box(0u64);
         }
         let p = w.read(&HostSample::default(), &SchedulingProbe::default());
@@ -176,7 +204,7 @@ mod tests {
         #[test]
         fn shares_stay_in_range(a in any::<[u32; 6]>(), b in any::<[u32; 6]>()) {
             let m = |v: [u32; 6]| mark(v[0].into(), u64::from(v[0]) + u64::from(v[1]), v[2].into(), v[3].into(), v[4].into(), v[5].into());
-            let (others, engine, wait) = cpu_shares(&m(a), &m(b));
+            let CpuShares { others, engine, wait_ratio: wait, .. } = cpu_shares(&m(a), &m(b), Duration::from_secs(1));
             prop_assert!(others.is_none_or(|o| (0.0..=1.0).contains(&o)));
             prop_assert!(engine.is_none_or(|e| (0.0..=1.0).contains(&e)));
             prop_assert!(wait.is_none_or(|w| w >= 0.0 && w.is_finite()));
