@@ -171,34 +171,6 @@ impl HostPressure {
     pub fn explains(&self) -> Option<HostCause> {
         self.causes().first().copied()
     }
-
-    /// The worse of two windows, field by field (a round's two samples).
-    pub fn worst(self, other: Self) -> Self {
-        fn max(a: Option<f64>, b: Option<f64>) -> Option<f64> {
-            match (a, b) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            }
-        }
-        Self {
-            others_cpu: max(self.others_cpu, other.others_cpu),
-            engine_cpu: max(self.engine_cpu, other.engine_cpu),
-            engine_cpu_wait_ratio: max(self.engine_cpu_wait_ratio, other.engine_cpu_wait_ratio),
-            engine_cpu_wait_share: max(self.engine_cpu_wait_share, other.engine_cpu_wait_share),
-            memory_stall: max(self.memory_stall, other.memory_stall),
-            io_stall: max(self.io_stall, other.io_stall),
-            cpu_stall: max(self.cpu_stall, other.cpu_stall),
-            load_per_cpu: max(self.load_per_cpu, other.load_per_cpu),
-            timer_lateness: self.timer_lateness.max(other.timer_lateness),
-            probe_slowdown: max(self.probe_slowdown, other.probe_slowdown),
-            memory_level: self.memory_level.max(other.memory_level),
-            thermal_speed_limit: match (self.thermal_speed_limit, other.thermal_speed_limit) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            },
-            gpu_utilization: max(self.gpu_utilization, other.gpu_utilization),
-        }
-    }
 }
 
 /// One line for logs, restart messages and the status page: the figures that were read.
@@ -214,6 +186,9 @@ impl fmt::Display for HostPressure {
         }
         if let Some(v) = self.engine_cpu_wait_ratio {
             parts.push(format!("engine waited {:.2}s per CPU second", v));
+        }
+        if let Some(v) = self.engine_cpu_wait_share {
+            parts.push(format!("{:.2}s per second of the window", v));
         }
         if let Some(v) = self.cpu_stall {
             parts.push(format!("PSI cpu {}%", pct(v)));
@@ -327,21 +302,6 @@ mod tests {
         assert_eq!(HostPressure::default().to_string(), "host pressure unknown");
     }
 
-    fn pressure() -> impl Strategy<Value = HostPressure> {
-        let share = || proptest::option::of(0.0f64..1.5);
-        (share(), share(), share(), share(), share(), proptest::option::of(0u64..1000)).prop_map(
-            |(others, wait, memory, io, thermal, late)| HostPressure {
-                others_cpu: others,
-                engine_cpu_wait_ratio: wait.map(|w| w * 4.0),
-                memory_stall: memory,
-                io_stall: io,
-                thermal_speed_limit: thermal,
-                timer_lateness: late.map(Duration::from_millis),
-                ..HostPressure::default()
-            },
-        )
-    }
-
     proptest! {
         /// Without other processes using the CPU and without memory, IO, heat or scheduling
         /// trouble, nothing the engine does to itself is blamed on the host.
@@ -355,15 +315,6 @@ mod tests {
                 ..HostPressure::default()
             };
             prop_assert_eq!(p.explains(), None);
-        }
-
-        /// The worse of two windows explains whatever either explains.
-        #[test]
-        fn worst_keeps_every_cause(a in pressure(), b in pressure()) {
-            let w = a.worst(b);
-            for cause in a.causes().into_iter().chain(b.causes()) {
-                prop_assert!(w.causes().contains(&cause), "{cause:?} lost");
-            }
         }
     }
 }
