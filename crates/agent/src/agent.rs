@@ -8,9 +8,9 @@ use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::AgentError;
 use crate::context::{AgentConfig, AgentContext};
-use crate::desired::DesiredModel;
 use crate::engine::orphans::reap_orphans;
-use crate::observe::report::{ModelReport, ModelView};
+use crate::model::DesiredModel;
+use crate::model::report::{ModelReport, ModelView};
 use crate::supervisor::SupervisorHandle;
 
 /// The supervisors by model key, and the models between two supervisors.
@@ -62,7 +62,7 @@ impl Agent {
         let scheduling = ctx.scheduling.clone();
         // One task: the host's periodic reading and the agent's own scheduling delay end together.
         let host_sampler = tokio::spawn(async move {
-            tokio::join!(crate::observe::host::follow_host(host), scheduling.run());
+            tokio::join!(metalkube_vitals::host::follow_host(host), scheduling.run());
         });
         Ok(Arc::new(Self {
             ctx,

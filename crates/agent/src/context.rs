@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use metalkube_vitals::host::pressure::SchedulingProbe;
+
 use crate::AgentError;
 use crate::engine::download::{DownloadConfig, Downloader};
 use crate::engine::memory_ledger::MemoryLedger;
 use crate::engine::ports::PortPool;
 use crate::engine::restart_backoff::BackoffConfig;
-use crate::observe::host::pressure::SchedulingProbe;
 use crate::observe::metrics::Metrics;
 use crate::serving::body_budget::BodyBudget;
 

@@ -1,27 +1,39 @@
 //! metalkube-agent: supervises llama-server processes, grades their pulse, and reports health.
 //!
-//! A request and a health event each follow one line through these stages: `control` (what is
-//! desired) → `supervisor` (orchestrates, one task per model) → `engine` (the process and its
-//! model file) → `health` (the pulse and its grade) → `serving` (the port clients use) →
-//! `observe` (reports, metrics, HTTP). `install` joins a Mac to the fleet; `calibrate` is the
-//! tool that measures a model's pulse and the alternatives under load, to set its thresholds.
+//! Floors, top to bottom; each module imports only from floors below it (checked by
+//! `tests/layering.rs`):
+//! - `main` (arguments and wiring), then `install` (joining a fleet) and `calibrate` (measuring
+//!   a model's pulse under load);
+//! - the agent's ports: `control` (what is desired: the controller's gRPC API, the models
+//!   directory) and `http_port` (status page, readiness, metrics, model state);
+//! - `agent` (every model's supervisor, by key), then `supervisor` (one task per model: it
+//!   orchestrates the stages), then `context` and `tls` (what they share);
+//! - the stages: `engine` (the process and its model file), `health` (grades the pulse, decides
+//!   restarts), `serving` (the port clients use, its queue and guards);
+//! - `observe` (metrics, the status page, the engine's own counters);
+//! - `model`, the ground floor: the words every stage shares (what is desired of a model, its
+//!   report, its load, why it restarted).
+//!
+//! What the pulse and the host measure is in the `metalkube-vitals` crate, below all of these.
 
 pub mod agent;
 pub mod calibrate;
 mod confined_path;
 pub mod context;
 pub mod control;
-pub mod desired;
 pub mod engine;
 mod error;
 mod ewma;
 pub mod health;
+pub mod http_port;
 pub mod install;
+pub mod model;
 pub mod observe;
 pub mod serving;
 pub mod supervisor;
+pub mod tls;
 
 pub use agent::Agent;
 pub use context::AgentConfig;
-pub use desired::DesiredModel;
 pub use error::AgentError;
+pub use model::DesiredModel;

@@ -7,18 +7,18 @@ use clap::{Parser, Subcommand};
 use metalkube_agent::calibrate::CalibrateArgs;
 use metalkube_agent::control::desired_store::DesiredStore;
 use metalkube_agent::control::grpc::{AgentService, serve_grpc, serve_grpc_tls};
-use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, TlsPurpose, certificate_dns_names};
 use metalkube_agent::control::models_dir::follow_models_dir;
 use metalkube_agent::engine::download::DownloadConfig;
-use metalkube_agent::engine::download::remote::Token;
 use metalkube_agent::engine::restart_backoff::BackoffConfig;
+use metalkube_agent::http_port;
+use metalkube_agent::http_port::guard::{AllowedHosts, ScrapeAuth};
 use metalkube_agent::install::enrollment::EnrollmentFiles;
 use metalkube_agent::install::join::{JoinOptions, absolute, enrolled_definition, join};
 use metalkube_agent::install::service::{self, Host, Scope, Target};
-use metalkube_agent::observe::http;
-use metalkube_agent::observe::http_guard::{AllowedHosts, ScrapeAuth};
+use metalkube_agent::model::Token;
+use metalkube_agent::model::api_keys::{ApiKeys, digests_of_key_lines};
 use metalkube_agent::serving::ClientTimeouts;
-use metalkube_agent::serving::api_keys::{ApiKeys, digests_of_key_lines};
+use metalkube_agent::tls::{ServerTls, TlsFiles, TlsPurpose, certificate_dns_names};
 use metalkube_agent::{Agent, AgentConfig};
 use metalkube_runtime::connections::ConnectionLimits;
 use metalkube_runtime::http_port::PortSettings;
@@ -171,11 +171,11 @@ struct CommonArgs {
     #[arg(long, env = "METALKUBE_LISTEN")]
     listen: Option<String>,
     /// Connections the agent's HTTP port holds at once; more get a short 503 and are closed.
-    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    #[arg(long, default_value_t = http_port::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     http_max_connections: usize,
     /// Connections one client address (an IPv6 client: its /64) holds on the agent's HTTP port
     /// at once; more get a short 503 and are closed, so one client cannot take every place.
-    #[arg(long, default_value_t = http::DEFAULT_MAX_CONNECTIONS_PER_CLIENT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    #[arg(long, default_value_t = http_port::DEFAULT_MAX_CONNECTIONS_PER_CLIENT, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
     http_max_connections_per_client: usize,
     /// Time a client of the agent's HTTP port gets for its TLS handshake and each request head;
     /// a kept-alive connection idle this long between requests is closed too.
@@ -331,11 +331,11 @@ fn run_service(args: ServiceArgs) -> anyhow::Result<()> {
 
 /// How the agent's HTTP port treats connections and requests, from the flags; `more_hosts`
 /// are names allowed besides `--http-allowed-host` (in a cluster, the certificate's).
-fn http_port_options(args: &CommonArgs, more_hosts: Vec<String>) -> http::HttpPortOptions {
+fn http_port_options(args: &CommonArgs, more_hosts: Vec<String>) -> http_port::HttpPortOptions {
     let hosts = AllowedHosts::new(args.http_allowed_hosts.iter().cloned().chain(more_hosts));
-    http::HttpPortOptions {
+    http_port::HttpPortOptions {
         // Scrapers' proof and TLS are cluster settings (`serve`), added there.
-        guard: http::HttpGuard { hosts, auth: ScrapeAuth::default() },
+        guard: http_port::HttpGuard { hosts, auth: ScrapeAuth::default() },
         tls: None,
         port: PortSettings {
             limits: ConnectionLimits {
@@ -512,7 +512,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             http_options.guard.auth = scrape_auth(&args)?;
             let budget = args
                 .memory_budget_bytes
-                .or_else(|| metalkube_agent::observe::host::total_memory_bytes().map(|m| m / 4 * 3))
+                .or_else(|| metalkube_vitals::host::total_memory_bytes().map(|m| m / 4 * 3))
                 .unwrap_or(0);
             let agent = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
             // Followed while serving: a renewed certificate is taken up without a restart.
@@ -558,7 +558,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
     let scheme = if http_options.tls.is_some() { "https" } else { "http" };
     tracing::info!("agent HTTP on {scheme}://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(http::serve_with(agent.clone(), listener, http_options, async move {
+    let server = tokio::spawn(http_port::serve_with(agent.clone(), listener, http_options, async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|stop| *stop).await;
     }));

@@ -7,10 +7,10 @@ mod support;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles, TlsPurpose};
-use metalkube_agent::observe::http::{HttpGuard, HttpPortOptions};
-use metalkube_agent::observe::http_guard::{AllowedHosts, ScrapeAuth};
-use metalkube_agent::serving::api_keys::{ApiKeys, digests_of_key_lines};
+use metalkube_agent::http_port::guard::{AllowedHosts, ScrapeAuth};
+use metalkube_agent::http_port::{HttpGuard, HttpPortOptions};
+use metalkube_agent::model::api_keys::{ApiKeys, digests_of_key_lines};
+use metalkube_agent::tls::{ServerTls, TlsFiles, TlsPurpose};
 use metalkube_api::Phase;
 use metalkube_runtime::connections::ConnectionLimits;
 use metalkube_runtime::http_port::PortSettings;
@@ -25,12 +25,7 @@ use tokio::net::TcpStream;
 async fn serve_http_with(h: &Harness, options: HttpPortOptions) -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(metalkube_agent::observe::http::serve_with(
-        h.agent.clone(),
-        listener,
-        options,
-        std::future::pending(),
-    ));
+    tokio::spawn(metalkube_agent::http_port::serve_with(h.agent.clone(), listener, options, std::future::pending()));
     addr
 }
 
@@ -88,7 +83,7 @@ async fn read_until_closed(s: &mut TcpStream) -> String {
 async fn serve_http(h: &Harness) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(metalkube_agent::observe::http::serve(h.agent.clone(), listener, std::future::pending()));
+    tokio::spawn(metalkube_agent::http_port::serve(h.agent.clone(), listener, std::future::pending()));
     format!("http://{addr}")
 }
 

@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use metalkube_agent::observe::report::ModelReport;
+use metalkube_agent::model::report::ModelReport;
 use metalkube_api::{Grade, Phase, PulseSpec};
 use metalkube_testkit::cgroup::CpuThrottle;
 use support::{Harness, fast_backoff, port_block};

@@ -136,7 +136,7 @@ async fn a_run_on_the_real_engine_through_the_agent_suggests_ordered_thresholds(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let http = tokio::spawn(metalkube_agent::observe::http::serve(h.agent.clone(), listener, async move {
+    let http = tokio::spawn(metalkube_agent::http_port::serve(h.agent.clone(), listener, async move {
         let _ = stopped.await;
     }));
 

@@ -7,7 +7,8 @@ mod support;
 use std::sync::Arc;
 
 use metalkube_agent::control::desired_store::DesiredStore;
-use metalkube_agent::control::grpc::{AgentService, GrpcTls, serve_grpc};
+use metalkube_agent::control::grpc::{AgentService, serve_grpc};
+use metalkube_agent::tls::TlsPem;
 use metalkube_proto::agent_client::AgentClient;
 use metalkube_proto::{self as pb, watch_event::Event};
 use metalkube_testkit::pki::{Pem, TestCa};
@@ -27,7 +28,7 @@ async fn serve(h: &Harness) -> Served {
     let service = AgentService::start(h.agent.clone(), store, 1 << 30).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let tls = GrpcTls { cert_pem: server.cert, key_pem: server.key, client_ca_pem: ca.cert_pem.clone() };
+    let tls = TlsPem { cert_pem: server.cert, key_pem: server.key, client_ca_pem: ca.cert_pem.clone() };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(serve_grpc(service, listener, Some(tls), async move {
         let _ = stopped.await;

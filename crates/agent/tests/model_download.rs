@@ -9,7 +9,7 @@ mod support;
 
 use std::collections::HashMap;
 
-use metalkube_agent::engine::download::remote::Token;
+use metalkube_agent::model::Token;
 use metalkube_api::Phase;
 use metalkube_testkit::https_files::HttpsFiles;
 use metalkube_testkit::hub::{HubEntry, TestHub};

@@ -10,8 +10,8 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt;
-use metalkube_agent::observe::report::ModelReport;
-use metalkube_agent::serving::api_keys::{ApiKeys, digests_of_key_lines};
+use metalkube_agent::model::api_keys::{ApiKeys, digests_of_key_lines};
+use metalkube_agent::model::report::ModelReport;
 use metalkube_api::{EnginePath, Grade, Phase};
 use metalkube_testkit::real_engine;
 use serde_json::{Value, json};

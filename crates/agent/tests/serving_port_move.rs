@@ -8,7 +8,7 @@ mod support;
 
 use futures::StreamExt;
 use metalkube_agent::DesiredModel;
-use metalkube_agent::observe::report::ModelReport;
+use metalkube_agent::model::report::ModelReport;
 use metalkube_api::Phase;
 use metalkube_testkit::real_engine;
 use nix::sys::signal::Signal;

@@ -19,7 +19,7 @@ const WINDOW: (u32, u32) = (1280, 900);
 async fn serve_http(h: &Harness) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    tokio::spawn(metalkube_agent::observe::http::serve(h.agent.clone(), listener, std::future::pending()));
+    tokio::spawn(metalkube_agent::http_port::serve(h.agent.clone(), listener, std::future::pending()));
     format!("http://{addr}")
 }
 
@@ -59,7 +59,7 @@ fn dom_pulses(section: &str) -> Vec<u64> {
 /// and on a slow machine the oldest may have left a full history in between (then the ones
 /// still kept must all be there).
 fn assert_chart_holds(section: &str, api: &[u64]) {
-    let history = metalkube_agent::observe::report::PULSE_HISTORY;
+    let history = metalkube_agent::model::report::PULSE_HISTORY;
     let dom = dom_pulses(section);
     assert!(!api.is_empty());
     assert!(dom.len() >= api.len(), "{} points in the chart, {} pulses in the API", dom.len(), api.len());

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use metalkube_agent::control::desired_store::DesiredStore;
 use metalkube_agent::control::grpc::{AgentService, serve_grpc_tls};
-use metalkube_agent::control::grpc_tls::{ServerTls, TlsFiles};
 use metalkube_agent::install::enrollment::EnrollmentFiles;
+use metalkube_agent::tls::{ServerTls, TlsFiles};
 use metalkube_api::bundle::{AgentBundle, AgentSettings, AgentTls};
 use metalkube_proto::agent_client::AgentClient;
 use metalkube_proto::{self as pb};

@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use metalkube_agent::control::desired_store::DesiredStore;
-use metalkube_agent::control::grpc::{AgentService, GrpcTls, serve_grpc};
+use metalkube_agent::control::grpc::{AgentService, serve_grpc};
 use metalkube_agent::engine::restart_backoff::BackoffConfig;
 use metalkube_agent::serving::ClientTimeouts;
+use metalkube_agent::tls::TlsPem;
 use metalkube_agent::{Agent, AgentConfig};
 use metalkube_controller::ControllerError;
 use metalkube_controller::fleet::agent_client::{AgentClient, ClientSettings, ClientTls};
@@ -51,7 +52,7 @@ async fn agent(dir: &std::path::Path, pki: &Pki) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let server = pki.agents.server(&["127.0.0.1"]);
-    let tls = GrpcTls { cert_pem: server.cert, key_pem: server.key, client_ca_pem: pki.controllers.cert_pem.clone() };
+    let tls = TlsPem { cert_pem: server.cert, key_pem: server.key, client_ca_pem: pki.controllers.cert_pem.clone() };
     tokio::spawn(serve_grpc(service, listener, Some(tls), std::future::pending()));
     format!("https://{addr}")
 }

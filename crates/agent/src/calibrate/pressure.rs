@@ -6,10 +6,11 @@
 
 use std::sync::Arc;
 
+use metalkube_vitals::host::pressure::{SchedulingProbe, Window};
+use metalkube_vitals::host::{HostCollector, follow_host};
+
 use super::record::HostCell;
 use super::target::NoPressure;
-use crate::observe::host::pressure::{SchedulingProbe, Window};
-use crate::observe::host::{HostCollector, follow_host};
 
 /// The window of the interval under way, on one engine pid.
 struct Open {

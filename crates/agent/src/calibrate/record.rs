@@ -3,13 +3,13 @@
 use std::time::Duration;
 
 use metalkube_api::Grade;
+use metalkube_vitals::attribution::HostPressure;
+use metalkube_vitals::pulse::Observation;
 use serde::{Deserialize, Serialize};
 
 use super::drive::RequestOutcome;
 use super::sample::{DonePulse, EngineReading};
 use super::stats::percentile;
-use crate::health::attribution::HostPressure;
-use crate::health::grader::Observation;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -253,7 +253,7 @@ mod tests {
     use super::*;
     use crate::calibrate::drive::{Ending, Refusal};
     use crate::calibrate::shape::Api;
-    use crate::health::pulse::PulseSample;
+    use metalkube_vitals::pulse::PulseSample;
     use std::time::Instant;
 
     fn outcome(ms: u64, ending: Ending) -> RequestOutcome {

@@ -5,11 +5,10 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metalkube_vitals::engine_counters::parse_llamacpp_metrics;
+use metalkube_vitals::host::{ProcessMemory, process_uptime};
+use metalkube_vitals::pulse::{PulseSample, take_pulse_at};
 use serde::{Deserialize, Serialize};
-
-use crate::health::pulse::{PulseSample, take_pulse_at};
-use crate::observe::engine_metrics::parse_llamacpp_metrics;
-use crate::observe::host::{ProcessMemory, process_uptime};
 
 /// The engine's indicators at one moment. A value the engine or the OS did not give is None.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -3,6 +3,8 @@
 //! (static stability).
 
 use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -10,12 +12,9 @@ use metalkube_api::{MetalModelSpec, ModelKey};
 use serde::{Deserialize, Serialize};
 
 use crate::AgentError;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-
-use crate::desired::DesiredModel;
-use crate::engine::download::remote::Token;
-use crate::serving::api_keys::{ApiKeys, KeyDigest};
+use crate::model::DesiredModel;
+use crate::model::Token;
+use crate::model::api_keys::{ApiKeys, KeyDigest};
 
 /// A SHA-256 digest written as 64 hex characters.
 pub fn hex_digest(hex: &str) -> Option<KeyDigest> {

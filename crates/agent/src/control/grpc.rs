@@ -10,6 +10,7 @@ use std::time::Duration;
 use metalkube_api::ModelKey;
 use metalkube_api::{MetalModelSpec, validate_model_spec};
 use metalkube_proto as pb;
+use metalkube_vitals::host;
 use pb::agent_server::{Agent as AgentApi, AgentServer};
 use tokio::sync::broadcast::error::RecvError;
 use tokio_stream::Stream;
@@ -18,19 +19,10 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::control::desired_store::{DesiredStore, Record};
-use crate::control::grpc_tls::ServerTls;
-use crate::engine::download::remote::Token;
-use crate::observe::host;
-use crate::observe::report::ModelView;
+use crate::model::Token;
+use crate::model::report::ModelView;
+use crate::tls::{ServerTls, TlsPem};
 use crate::{Agent, AgentError};
-
-/// PEM files for mTLS: the agent's identity and the CA its clients must be signed by.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct GrpcTls {
-    pub cert_pem: String,
-    pub key_pem: String,
-    pub client_ca_pem: String,
-}
 
 pub struct AgentService {
     agent: Arc<Agent>,
@@ -291,7 +283,7 @@ fn server() -> Server {
 pub async fn serve_grpc(
     service: AgentService,
     listener: tokio::net::TcpListener,
-    tls: Option<GrpcTls>,
+    tls: Option<TlsPem>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), AgentError> {
     match tls {

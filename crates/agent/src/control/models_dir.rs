@@ -17,8 +17,8 @@ use std::time::Duration;
 use metalkube_api::{DEFAULT_NAMESPACE, parse_models_yaml};
 use notify::{RecursiveMode, Watcher};
 
-use crate::desired::DesiredModel;
-use crate::serving::api_keys::{ApiKeys, digests_of_key_lines};
+use crate::model::DesiredModel;
+use crate::model::api_keys::{ApiKeys, digests_of_key_lines};
 use crate::{Agent, AgentError};
 
 /// Events often come in bursts (an editor writes, renames, chmods): wait this long for quiet.

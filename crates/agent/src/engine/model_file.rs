@@ -3,13 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use metalkube_api::parse_source;
 use sha2::{Digest, Sha256};
 
-use metalkube_api::parse_source;
-
 use crate::AgentError;
-use crate::desired::DesiredModel;
 use crate::engine::download::{Downloader, Fetch};
+use crate::model::DesiredModel;
 
 /// A model file checked and ready to load.
 pub struct ResolvedModel {

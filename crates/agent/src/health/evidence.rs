@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use metalkube_api::Grade;
 
-use crate::serving::traffic::TrafficEvidence;
+use crate::model::TrafficEvidence;
 
 /// Scheduled pulses real traffic may stand in for in a row; the next one is sent whatever the
 /// traffic says, so the pulse's own baseline and the absolute thresholds keep being checked

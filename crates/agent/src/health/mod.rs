@@ -1,9 +1,7 @@
-//! The health stage: the pulse (a timed trivial completion sent straight to the engine) and the
-//! grader that turns pulses into a grade and a restart decision.
+//! The health stage: turns pulses (taken with `metalkube_vitals::pulse`) into a grade and a
+//! restart decision: the grader, the evidence beside a pulse, the lifecycle, and whether a restart cured.
 
-pub mod attribution;
 pub mod evidence;
 pub mod grader;
 pub mod lifecycle;
-pub mod pulse;
 pub mod restart_cure;

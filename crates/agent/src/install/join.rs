@@ -82,13 +82,13 @@ pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
 /// The bundle's key, certificate and client CA make a working TLS setup, and the certificate
 /// is current.
 fn check_bundle_tls(bundle: &metalkube_api::bundle::AgentBundle) -> Result<(), AgentError> {
-    let pem = crate::control::grpc::GrpcTls {
+    let pem = crate::tls::TlsPem {
         cert_pem: bundle.tls.certificate.clone(),
         key_pem: bundle.tls.private_key.clone(),
         client_ca_pem: bundle.tls.client_ca.clone(),
     };
-    crate::control::grpc_tls::server_config(&pem)?;
-    let expiry = crate::control::grpc_tls::certificate_expiry_unix(&bundle.tls.certificate)?;
+    crate::tls::server_config(&pem)?;
+    let expiry = crate::tls::certificate_expiry_unix(&bundle.tls.certificate)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     if expiry <= i64::try_from(now).unwrap_or(i64::MAX) {
         return Err(AgentError::Service(format!(

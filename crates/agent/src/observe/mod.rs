@@ -1,12 +1,8 @@
-//! The observe stage: what the agent tells people and Prometheus. The per-model report, the
-//! metrics, the HTTP endpoints and status page, host memory and GPU, and the engine's own
-//! counters.
+//! The observe stage: what the agent tells people and Prometheus. The metrics registry and its
+//! series, the status page (rendered from the model reports), and the engine's own counters
+//! re-exported per model. The port that serves them is `http_port`.
 
 pub mod engine_metrics;
-pub mod host;
 pub mod html_text;
-pub mod http;
-pub mod http_guard;
 pub mod metrics;
-pub mod report;
 pub mod status_page;

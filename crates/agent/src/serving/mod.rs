@@ -2,7 +2,6 @@
 //! keys), which paths pass, framing, the admission queue and its backpressure, the circuit
 //! breaker, and the tap that reads timings from responses as they pass.
 
-pub mod api_keys;
 pub mod body_budget;
 pub mod crash_quarantine;
 pub mod framing;
@@ -22,4 +21,4 @@ pub mod upstream;
 
 pub use policy::{Rejection, default_max_concurrent};
 pub use proxy::{Access, ClientTimeouts, ModelProxy, listen};
-pub use queue::{Admission, Limits, ServingLoad};
+pub use queue::{Admission, Limits};

@@ -7,14 +7,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metalkube_circuit::{CircuitBreaker, CircuitState};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
 use crate::ewma::Ewma;
-use crate::health::grader::Load;
+use crate::model::{Load, ServingLoad, TrafficEvidence};
 use crate::observe::metrics::ServingSeries;
-use crate::serving::traffic::{TrafficEvidence, TrafficTally};
-use metalkube_circuit::{CircuitBreaker, CircuitState};
+use crate::serving::traffic::TrafficTally;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -39,30 +39,6 @@ struct Observed {
     /// the first is the oldest).
     in_engine_since: std::collections::BTreeMap<u64, Instant>,
     next_permit: u64,
-}
-
-/// What the serving port says about its load: read by the observe stage for reports and by the
-/// health stage for grading; the serving stage is the only writer.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServingLoad {
-    /// Places in use: engine tasks of the requests admitted and not finished.
-    pub in_flight: u32,
-    /// Requests waiting in line.
-    pub queue_depth: u32,
-    /// The admission limit.
-    pub max_concurrent: u32,
-    /// The upstream circuit breaker: `closed`, `half_open` or `open`.
-    pub circuit: &'static str,
-    /// Engine decode time per token, an EWMA read from real responses as they pass.
-    pub decode_seconds_per_token: Option<f64>,
-}
-
-impl ServingLoad {
-    /// The part the grader weighs: is a slow pulse queueing behind our own traffic?
-    pub fn grading_load(&self) -> Load {
-        Load { in_flight: self.in_flight, limit: self.max_concurrent, queued: self.queue_depth }
-    }
 }
 
 pub struct Admission {

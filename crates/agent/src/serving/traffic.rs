@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use crate::ewma::Ewma;
+use crate::model::TrafficEvidence;
 
 /// A response decoding slower than this many times the healthy per-token time is slow (the same
 /// factor as the pulse's default drift yellow).
@@ -12,21 +13,6 @@ pub const SLOW_FACTOR: f64 = 4.0;
 /// Responses that seed the healthy per-token time before any is judged.
 const SEED_SAMPLES: u32 = 3;
 const ALPHA: f64 = 0.2;
-
-/// Client responses since the last `take`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TrafficEvidence {
-    /// Completed, decoded at the usual speed.
-    pub normal: u32,
-    /// Completed, decoded more than `SLOW_FACTOR` times slower than usual.
-    pub slow: u32,
-    /// Completed without a per-token figure, or while the usual speed was still being learned.
-    pub unmeasured: u32,
-    /// Streams that went silent for the stall timeout.
-    pub stalled: u32,
-    /// When the last normal response completed.
-    pub last_normal: Option<Instant>,
-}
 
 /// Counts responses as they finish, and learns the healthy per-token decode time from the
 /// normal ones only (slow ones must not drag it along).

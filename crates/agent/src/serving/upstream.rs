@@ -7,7 +7,7 @@ use std::time::Duration;
 use metalkube_api::{Grade, Phase};
 use tokio::sync::watch;
 
-use crate::observe::report::ModelReport;
+use crate::model::report::ModelReport;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {

@@ -1,8 +1,24 @@
 //! One engine's life: spawn, wait for `/health`, take pulses and grade them, and end with the
 //! reason the model's loop acts on (a crash, a red or hung pulse, a changed spec, a stop).
 
-use super::*;
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use metalkube_api::{Grade, Phase};
+use metalkube_vitals::pulse::{HealthState, check_health};
+
+use super::pulse_round::describe_pulse;
+use super::{Command, HEALTH_POLL, RunEnd, SIGNALLED_PULSE_GAP, Supervisor};
 use crate::confined_path::inside;
+use crate::engine::args::engine_args;
+use crate::engine::process::EngineProcess;
+use crate::health::grader::Action;
+use crate::health::lifecycle::{ExitMeaning, classify_exit};
+use crate::health::restart_cure::CureChange;
+use crate::model::FaultReason;
+use crate::model::report::now_ms;
+use crate::observe::engine_metrics::EngineFollower;
 use crate::observe::metrics::Withheld;
 
 impl Supervisor {

@@ -8,36 +8,25 @@ mod prepare;
 mod pulse_round;
 mod pulse_skips;
 
-use prepare::Serving;
-use pulse_round::describe_pulse;
-
-use std::future::Future;
-use std::path::PathBuf;
-use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metalkube_api::{Grade, Phase};
+use metalkube_vitals::host::pressure::Window;
+use prepare::Serving;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::context::AgentContext;
-use crate::desired::DesiredModel;
-use crate::engine::args::engine_args;
 use crate::engine::download::CacheLease;
-use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
-use crate::engine::process::EngineProcess;
 use crate::engine::restart_backoff::RestartBackoff;
-use crate::health::grader::{Action, Grader, GraderConfig, Verdict};
-use crate::health::lifecycle::{
-    ExitMeaning, FaultReason, StartFailure, backoff_phase, classify_exit, classify_start_error,
-};
-use crate::health::pulse::{HealthState, PulseSample, check_health, take_pulse};
+use crate::health::grader::{Grader, GraderConfig};
+use crate::health::lifecycle::{StartFailure, backoff_phase, classify_start_error};
 use crate::health::restart_cure::{CureChange, RestartCure};
-use crate::observe::engine_metrics::EngineFollower;
-use crate::observe::host::pressure::Window;
+use crate::model::DesiredModel;
+use crate::model::FaultReason;
+use crate::model::report::{ModelReport, ModelView, RestartRecord, now_ms};
 use crate::observe::metrics::EngineSeries;
-use crate::observe::report::{ModelReport, ModelView, PulseRecord, RestartRecord, now_ms};
 use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 
 /// How often a starting engine's `/health` is asked; startup has no event to wait on.

@@ -1,7 +1,14 @@
 //! Before an engine starts: its model file (downloaded into the cache if need be, phase
 //! `Downloading` meanwhile), its share of the memory budget, and the serving port clients use.
 
-use super::*;
+use std::time::Instant;
+
+use metalkube_api::Phase;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{Command, DOWNLOAD_REPORT_EVERY, RunEnd, Supervisor};
+use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
 
 /// The serving port's listener task, stopped when dropped.
 pub(super) struct Serving {

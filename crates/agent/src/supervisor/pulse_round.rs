@@ -11,16 +11,23 @@
 //! grade, so each grade knows whether the host explains a slow sample.
 
 use std::pin::Pin;
+use std::time::Duration;
 
+use metalkube_api::Grade;
+use metalkube_vitals::attribution::{HostCause, HostPressure};
+use metalkube_vitals::host::pressure::Window;
+use metalkube_vitals::pulse::Observation;
+use metalkube_vitals::pulse::{ProgressMark, progress_mark, progressed};
+use metalkube_vitals::pulse::{PulseSample, take_pulse};
 use tokio::time::Instant;
 
-use super::*;
-use crate::health::attribution::{HostCause, HostPressure};
-use crate::health::grader::{Observation, RoundPlan};
-use crate::health::pulse::{ProgressMark, progress_mark, progressed};
-use crate::observe::host::pressure::Window;
+use super::{RunEnd, Supervisor};
+use crate::engine::process::EngineProcess;
+use crate::health::grader::RoundPlan;
+use crate::health::grader::{Action, Verdict};
+use crate::model::report::PulseHost;
+use crate::model::report::{PulseRecord, now_ms};
 use crate::observe::metrics::{CauseLabels, Withheld};
-use crate::observe::report::PulseHost;
 
 type PulseAnswer = Pin<Box<dyn Future<Output = PulseSample> + Send>>;
 type ProgressRead = Pin<Box<dyn Future<Output = Option<ProgressMark>> + Send>>;

@@ -2,9 +2,14 @@
 //! the serving port, and records the phase): a sleeping engine is not woken, an idle one that may
 //! sleep is left alone so it can, and normal client traffic stands in for the pulse.
 
-use super::*;
+use std::time::Duration;
+
+use metalkube_api::Phase;
+use metalkube_vitals::pulse::engine_sleeping;
+
+use super::{RunEnd, Supervisor};
+use crate::engine::process::EngineProcess;
 use crate::health::evidence::{Freshness, PulseSkip, leave_idle_engine_alone, traffic_replaces_pulse};
-use crate::health::pulse::engine_sleeping;
 
 /// How long `/props` has to say whether the engine sleeps (it answers without the task loop).
 const PROPS_TIMEOUT: Duration = Duration::from_secs(1);

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use metalkube_agent::engine::download::DownloadConfig;
 use metalkube_agent::engine::download::transfer::Retry;
 use metalkube_agent::engine::restart_backoff::BackoffConfig;
-use metalkube_agent::observe::report::ModelReport;
+use metalkube_agent::model::report::ModelReport;
 use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig, DesiredModel};
 use metalkube_api::{EngineSpec, MetalModelSpec, PulseSpec};

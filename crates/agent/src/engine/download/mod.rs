@@ -15,11 +15,12 @@ use std::time::Duration;
 
 use metalkube_api::{HubFile, SourceRef, split_name, with_file_name};
 use metalkube_runtime::sync::lock;
+use progress::ProgressCell;
+use remote::{Ask, DownloadClient, ask};
+use transfer::{FileJob, Retry, TransferStats, digest_path, partial_path, transfer};
 
 use crate::AgentError;
-use progress::ProgressCell;
-use remote::{Ask, DownloadClient, Token, ask};
-use transfer::{FileJob, Retry, TransferStats, digest_path, partial_path, transfer};
+use crate::model::Token;
 
 /// How the agent downloads models.
 #[derive(Debug, Clone)]

@@ -13,6 +13,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use crate::AgentError;
+use crate::model::Token;
 
 /// Model hosts hand out redirects to their CDNs; more than this many is a loop.
 const MAX_REDIRECTS: usize = 10;
@@ -58,27 +59,6 @@ pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, Age
         .enable_http1()
         .wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new()).build(https))
-}
-
-/// A bearer token, kept out of logs and `Debug` (stored as its plain text where stored).
-#[derive(Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct Token(String);
-
-impl Token {
-    pub fn new(token: &str) -> Option<Token> {
-        let t = token.trim();
-        (!t.is_empty()).then(|| Token(t.to_owned()))
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Token {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Token(<redacted>)")
-    }
 }
 
 /// What to ask for.

@@ -10,8 +10,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use super::progress::ProgressCell;
-use super::remote::{Ask, DownloadClient, Token, ask};
+use super::remote::{Ask, DownloadClient, ask};
 use crate::AgentError;
+use crate::model::Token;
 
 /// One file to fetch.
 pub struct FileJob<'a> {

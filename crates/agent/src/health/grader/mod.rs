@@ -21,9 +21,11 @@
 use std::time::Duration;
 
 use metalkube_api::{Grade, PulseSpec};
+use metalkube_vitals::attribution::HostCause;
+use metalkube_vitals::pulse::Observation;
 
-use super::attribution::HostCause;
 use crate::ewma::Ewma;
+use crate::model::Load;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct GraderConfig {
@@ -58,41 +60,6 @@ impl From<&PulseSpec> for GraderConfig {
             baseline_alpha: 0.2,
             baseline_min_samples: 5,
         }
-    }
-}
-
-/// What one pulse returned.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Observation {
-    /// The engine answered: wall time W and, when the engine reported `timings`, compute C.
-    Answered { wall: Duration, compute: Option<Duration> },
-    /// No answer by the pulse timeout.
-    NoAnswer,
-    /// Still no answer after `waited`, the red threshold, with the engine not moving meanwhile (its
-    /// `/slots` counters unchanged or unanswered): red by its own wall time, without waiting for
-    /// the timeout. Never a hang by itself.
-    Overdue { waited: Duration },
-    /// An error answer or a broken connection.
-    Failed,
-}
-
-/// How busy the model is with client traffic when the pulse is taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Load {
-    pub in_flight: u32,
-    /// The admission limit; 0 means no limit is known (nothing can be at it).
-    pub limit: u32,
-    pub queued: u32,
-}
-
-impl Load {
-    pub fn is_at_limit(&self) -> bool {
-        self.queued > 0 || (self.limit > 0 && self.in_flight >= self.limit)
-    }
-
-    /// Client requests are in the engine or waiting for it.
-    pub fn is_busy(&self) -> bool {
-        self.in_flight > 0 || self.queued > 0
     }
 }
 

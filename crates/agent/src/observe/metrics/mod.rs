@@ -12,6 +12,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use metalkube_api::{Phase, PulseSpec};
 use metalkube_runtime::admin::MetricsRegistry;
 use metalkube_runtime::connections::Refusal;
+use metalkube_vitals::attribution::HostCause;
+use metalkube_vitals::host::HostCollector;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -19,10 +21,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::health::attribution::HostCause;
 use crate::health::evidence::PulseSkip;
-use crate::health::lifecycle::FaultReason;
-use crate::observe::host::HostCollector;
+use crate::model::FaultReason;
 
 mod registration;
 mod series;
@@ -585,7 +585,7 @@ mod tests {
             .get_or_create(&CauseLabels { model: "ns/m".to_owned(), cause: "memory".to_owned() })
             .inc();
         metrics.restart_withheld("ns/m", Withheld::HostContended);
-        metrics.host.set(crate::observe::host::HostSample {
+        metrics.host.set(metalkube_vitals::host::HostSample {
             cpu_stall: Some(0.4),
             memory_stall: Some(0.12),
             io_stall: Some(0.01),

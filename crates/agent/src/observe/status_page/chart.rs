@@ -8,10 +8,10 @@
 use std::fmt::Write;
 
 use metalkube_api::Grade;
+use metalkube_vitals::attribution::threshold::OTHERS_CPU;
 
 use super::{escape, fmt_age, fmt_seconds, host_text};
-use crate::health::attribution::threshold::OTHERS_CPU;
-use crate::observe::report::{ModelReport, PULSE_HISTORY, PulseRecord};
+use crate::model::report::{ModelReport, PULSE_HISTORY, PulseRecord};
 
 const WIDTH: f64 = 720.0;
 const HEIGHT: f64 = 200.0;
@@ -324,8 +324,8 @@ pub(super) fn grade_class(g: Grade) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::health::attribution::{HostCause, HostPressure};
-    use crate::observe::report::PulseHost;
+    use crate::model::report::PulseHost;
+    use metalkube_vitals::attribution::{HostCause, HostPressure};
 
     fn pulse(at_ms: u64, wall: f64, compute: Option<f64>, grade: Option<Grade>, error: Option<&str>) -> PulseRecord {
         PulseRecord {

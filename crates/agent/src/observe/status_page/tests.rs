@@ -1,8 +1,9 @@
-use super::*;
-use crate::health::attribution::{HostCause, HostPressure};
-use crate::health::lifecycle::FaultReason;
-use crate::observe::report::{PulseHost, RestartRecord};
 use metalkube_api::{Grade, Phase};
+use metalkube_vitals::attribution::{HostCause, HostPressure};
+
+use super::*;
+use crate::model::FaultReason;
+use crate::model::report::{PulseHost, RestartRecord};
 
 const NOW: u64 = 1_700_000_000_000;
 

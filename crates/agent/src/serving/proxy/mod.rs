@@ -24,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use metalkube_api::EnginePath;
+use metalkube_runtime::connections::{self, ConnectionGate, ConnectionLimits};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
@@ -33,8 +34,8 @@ use super::queue::Admission;
 use super::routes::{Refusal, Route, engine_path_name, route};
 use super::tap::{StallWatch, TapBody};
 use crate::AgentError;
+use crate::model::api_keys::{ApiKeys, presented_key};
 use crate::observe::metrics::ServingSeries;
-use crate::serving::api_keys::{ApiKeys, presented_key};
 use crate::serving::body_budget::BodyBudget;
 use crate::serving::crash_quarantine::CrashQuarantine;
 use crate::serving::in_engine::{InEngine, InEngineRequest};
@@ -44,7 +45,6 @@ use crate::serving::request_shape::{build_upstream, strip_hop_by_hop};
 use crate::serving::responses::{client_error, json_response, server_error};
 use crate::serving::slow_reader::WriteDeadline;
 use crate::serving::upstream::UpstreamWatch;
-use metalkube_runtime::connections::{self, ConnectionGate, ConnectionLimits};
 
 pub use crate::serving::responses::error_response;
 

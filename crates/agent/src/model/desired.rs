@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use metalkube_api::MetalModelSpec;
 
-use crate::engine::download::remote::Token;
+use crate::model::Token;
 
 /// A model the agent has been asked to serve.
 #[derive(Debug, Clone, PartialEq)]
@@ -17,7 +17,7 @@ pub struct DesiredModel {
     /// standalone mode); None where relative paths mean nothing.
     pub base_dir: Option<PathBuf>,
     /// Who may use the serving port (digests of `spec.auth`'s keys).
-    pub api_keys: crate::serving::api_keys::ApiKeys,
+    pub api_keys: crate::model::api_keys::ApiKeys,
     /// The hub token from `spec.model.tokenSecretRef` (cluster mode), before the agent's own.
     pub hub_token: Option<Token>,
 }

@@ -6,7 +6,20 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::health::grader::Observation;
+/// What one pulse returned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Observation {
+    /// The engine answered: wall time W and, when the engine reported `timings`, compute C.
+    Answered { wall: Duration, compute: Option<Duration> },
+    /// No answer by the pulse timeout.
+    NoAnswer,
+    /// Still no answer after `waited`, the red threshold, with the engine not moving meanwhile (its
+    /// `/slots` counters unchanged or unanswered): red by its own wall time, without waiting for
+    /// the timeout. Never a hang by itself.
+    Overdue { waited: Duration },
+    /// An error answer or a broken connection.
+    Failed,
+}
 
 /// A varied prompt each time, and `cache_prompt: false`, so the prompt cache can neither hide
 /// a slow engine nor make a healthy one look slow.

@@ -6,9 +6,9 @@
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use metalkube_runtime::sync::lock;
-use std::time::{Duration, Instant};
 
 /// How often a timer is set. Short enough to see a lateness of a quarter second within any pulse
 /// round, long enough to cost nothing.

@@ -123,12 +123,12 @@ mod tests {
     use proptest::prelude::*;
 
     /// A Mac mini with a Metal model wired (`top` said: 20G wired, 2686M compressor).
-    const VM_STAT: &str = include_str!("../../../tests/fixtures/macos-vm_stat.txt");
+    const VM_STAT: &str = include_str!("../../tests/fixtures/macos-vm_stat.txt");
     /// M1 Pro on macOS 12 (exelban/stats#1094): no "(driver)" key, TiledSceneBytes first; the
     /// capture is cut off after the last line shown.
-    const IOREG_MACOS12: &str = include_str!("../../../tests/fixtures/macos-ioreg-m1pro-macos12.txt");
+    const IOREG_MACOS12: &str = include_str!("../../tests/fixtures/macos-ioreg-m1pro-macos12.txt");
     /// M4 on a current macOS: "(driver)"=0 first, nested dictionaries on other lines.
-    const IOREG_M4: &str = include_str!("../../../tests/fixtures/macos-ioreg-m4.txt");
+    const IOREG_M4: &str = include_str!("../../tests/fixtures/macos-ioreg-m4.txt");
 
     #[test]
     fn vm_stat_gives_wired_compressed_and_app_memory_in_bytes() {

@@ -1,6 +1,6 @@
 //! How busy the host was while a pulse round ran: CPU time other processes took, how long the
 //! engine waited for a CPU, memory and IO stalls, heat, and the agent's own scheduling delay.
-//! `health::attribution` decides from it whether the host explains a slow pulse; this module
+//! `attribution` decides from it whether the host explains a slow pulse; this module
 //! only reads. A window opens when a round's first sample goes out and is read at each verdict,
 //! so it covers every sample the verdict rests on.
 
@@ -8,12 +8,12 @@ pub mod linux;
 pub mod macos;
 mod scheduling;
 
-pub use scheduling::SchedulingProbe;
-
 use std::time::{Duration, Instant};
 
 use super::HostSample;
-use crate::health::attribution::HostPressure;
+use crate::attribution::HostPressure;
+
+pub use scheduling::SchedulingProbe;
 
 /// CPU shares need a window this long: the kernel counts CPU time in ticks of 10 ms, and a
 /// window of a few ticks reads 0%, 50% or 100% (two models pulsed at the same moment each saw the

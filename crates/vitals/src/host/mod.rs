@@ -10,8 +10,6 @@ pub mod macos;
 pub mod pressure;
 mod process;
 
-pub use process::{ProcessMemory, process_uptime};
-
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -20,6 +18,8 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Unit;
+
+pub use process::{ProcessMemory, process_uptime};
 
 /// How often host memory and GPU figures are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);

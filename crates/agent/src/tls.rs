@@ -1,6 +1,6 @@
-//! The gRPC API's mutual TLS, served with rustls directly rather than tonic's ServerTlsConfig,
-//! which is fixed when the server starts: here each new connection takes the configuration in
-//! force, and a watcher rebuilds it when the certificate, key or client CA files change. A
+//! The agent's certificate, for the gRPC API's mutual TLS and the HTTP port's TLS. Served with
+//! rustls directly rather than tonic's ServerTlsConfig, which is fixed when the server starts:
+//! here each new connection takes the configuration in force, and a watcher rebuilds it when the certificate, key or client CA files change. A
 //! renewed certificate (a second `join`, or any tool rewriting the files) is served without a
 //! restart, and the certificate's expiry is exported as a metric.
 
@@ -16,8 +16,15 @@ use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
 use crate::AgentError;
-use crate::control::grpc::GrpcTls;
 use crate::observe::metrics::Metrics;
+
+/// PEM text for mutual TLS: the agent's identity and the CA its clients must be signed by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub client_ca_pem: String,
+}
 
 /// A change is acted on after the files have been quiet this long: a renewal rewrites three
 /// files one after the other.
@@ -34,11 +41,11 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    fn read(&self) -> Result<GrpcTls, AgentError> {
+    fn read(&self) -> Result<TlsPem, AgentError> {
         let read = |path: &Path, what: &'static str| {
             std::fs::read_to_string(path).map_err(|source| AgentError::File { what, path: path.to_owned(), source })
         };
-        Ok(GrpcTls {
+        Ok(TlsPem {
             cert_pem: read(&self.cert, "reading the TLS certificate (--tls-cert)")?,
             key_pem: read(&self.key, "reading the TLS key (--tls-key)")?,
             client_ca_pem: read(&self.client_ca, "reading the client CA (--client-ca)")?,
@@ -66,11 +73,11 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Fixed material: what was given is what is served.
-    pub fn from_pem(pem: &GrpcTls) -> Result<Self, AgentError> {
+    pub fn from_pem(pem: &TlsPem) -> Result<Self, AgentError> {
         Self::from_pem_for(pem, TlsPurpose::Grpc)
     }
 
-    fn from_pem_for(pem: &GrpcTls, purpose: TlsPurpose) -> Result<Self, AgentError> {
+    fn from_pem_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<Self, AgentError> {
         Ok(Self { current: Arc::new(RwLock::new(Arc::new(server_config_for(pem, purpose)?))) })
     }
 
@@ -124,7 +131,7 @@ impl ServerTls {
 async fn follow(
     files: TlsFiles,
     purpose: TlsPurpose,
-    mut loaded: GrpcTls,
+    mut loaded: TlsPem,
     tls: ServerTls,
     metrics: Arc<Metrics>,
     // Kept alive as long as the files are followed.
@@ -164,12 +171,12 @@ async fn follow(
 
 /// A rustls server configuration that presents `cert_pem` and accepts only clients with a
 /// certificate signed by `client_ca_pem`, speaking HTTP/2 (which tonic's clients require).
-pub fn server_config(pem: &GrpcTls) -> Result<ServerConfig, AgentError> {
+pub fn server_config(pem: &TlsPem) -> Result<ServerConfig, AgentError> {
     server_config_for(pem, TlsPurpose::Grpc)
 }
 
 /// The rustls server configuration for `purpose`.
-fn server_config_for(pem: &GrpcTls, purpose: TlsPurpose) -> Result<ServerConfig, AgentError> {
+fn server_config_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<ServerConfig, AgentError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates(&pem.cert_pem, "--tls-cert")?;
     let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes())

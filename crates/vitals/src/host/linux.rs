@@ -41,7 +41,7 @@ mod tests {
     use proptest::prelude::*;
 
     /// Captured from a Debian 12 machine.
-    const FIXTURE: &str = include_str!("../../../tests/fixtures/linux-meminfo.txt");
+    const FIXTURE: &str = include_str!("../../tests/fixtures/linux-meminfo.txt");
 
     #[test]
     fn reads_total_and_available_in_kib() {

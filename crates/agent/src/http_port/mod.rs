@@ -16,14 +16,16 @@ use metalkube_runtime::connections::{ConnectionLimits, Refusal};
 use metalkube_runtime::http_port::{Handshake, Plain, PortSettings, RefusalReport, serve_router};
 use serde::{Deserialize, Serialize};
 
-use crate::Agent;
-use crate::control::grpc_tls::ServerTls;
-use crate::observe::http_guard::{self, AllowedHosts, Denied, ScrapeAuth, denial_message};
-use crate::observe::report::ModelView;
-use crate::observe::status_page;
-use crate::serving::api_keys::presented_key;
+pub mod guard;
 
-/// The port's routes behind its guard: every request is checked (`observe::http_guard`)
+use self::guard::{AllowedHosts, Denied, ScrapeAuth, denial_message};
+use crate::Agent;
+use crate::model::api_keys::presented_key;
+use crate::model::report::ModelView;
+use crate::observe::status_page;
+use crate::tls::ServerTls;
+
+/// The port's routes behind its guard: every request is checked (`http_port::guard`)
 /// before any route sees it.
 pub fn router(agent: Arc<Agent>, guard: Arc<HttpGuard>) -> Router {
     metalkube_runtime::admin::admin_routes(|agent: &Arc<Agent>| agent.context().metrics.encode())
@@ -52,7 +54,7 @@ async fn guard_request(State(guard): State<Arc<HttpGuard>>, req: Request, next: 
     let certificate = req.extensions().get::<ClientCertificate>().is_some_and(|c| c.0);
     let token = presented_key(req.headers());
     for host in request_hosts(&req) {
-        if let Err(denied) = http_guard::admit(req.uri().path(), host, token, certificate, &guard.hosts, &guard.auth) {
+        if let Err(denied) = guard::admit(req.uri().path(), host, token, certificate, &guard.hosts, &guard.auth) {
             let body = Json(serde_json::json!({"error": denial_message(&denied, &guard.auth)}));
             return match denied {
                 Denied::Host(_) => (StatusCode::MISDIRECTED_REQUEST, body).into_response(),
@@ -152,7 +154,7 @@ struct PageQuery {
 
 /// The status page, with a Content-Security-Policy that lets it run only its own inline parts.
 async fn status_page(State(agent): State<Arc<Agent>>, Query(query): Query<PageQuery>) -> Response {
-    let now_ms = crate::observe::report::now_ms();
+    let now_ms = crate::model::report::now_ms();
     // Fresh per response, so that a page from a cache or another tab cannot lend its nonce.
     let nonce = format!("{:032x}", rand::random::<u128>());
     let (reports, source_errors) = (agent.reports().await, agent.source_errors());

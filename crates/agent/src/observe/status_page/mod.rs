@@ -14,15 +14,15 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use metalkube_api::Phase;
+use metalkube_vitals::attribution::HostCause;
 
-use crate::health::attribution::HostCause;
+use crate::model::ServingLoad;
+use crate::model::report::{ModelReport, ModelView, PulseHost, PulseRecord};
 use crate::observe::html_text::escape;
-use crate::observe::report::{ModelReport, ModelView, PulseHost, PulseRecord};
-use crate::serving::ServingLoad;
 
-const STYLE: &str = include_str!("status_page/page.css");
+const STYLE: &str = include_str!("page.css");
 /// Re-fetches the page every 2 s and swaps in its `<main>`.
-const SCRIPT: &str = include_str!("status_page/live.js");
+const SCRIPT: &str = include_str!("live.js");
 /// Without JavaScript the page reloads itself this often instead.
 const NOSCRIPT_REFRESH_SECONDS: u32 = 5;
 
@@ -358,5 +358,4 @@ fn fmt_bytes(bytes: u64) -> String {
 }
 
 #[cfg(test)]
-#[path = "status_page/tests.rs"]
 mod tests;

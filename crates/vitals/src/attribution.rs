@@ -1,7 +1,7 @@
 //! Whether the host explains a slow pulse, pure. A Mac in the fleet is also a workstation and
 //! hosts several engines: an Xcode build, a second engine loading its model or a machine short of
 //! memory make every process slower, and restarting llama-server cures none of it. So beside each
-//! pulse round the agent measures how busy the host was (`observe::host::pressure` reads it) and
+//! pulse round the agent measures how busy the host was (`host::pressure` reads it) and
 //! this module decides whether that explains the engine's slowness.
 //!
 //! What counts is what *other* processes take, never what the engine burns itself: an engine
@@ -14,7 +14,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::observe::host::MemoryPressure;
+use crate::host::MemoryPressure;
 
 /// One window of host pressure, measured over a pulse round (from its first sample to its
 /// verdict). Every field is what the OS reported, or None.

@@ -163,14 +163,14 @@ mod tests {
     use proptest::prelude::*;
 
     /// M1 Pro, macOS 12.1 (exelban/stats#749): Apple silicon publishes only the notes.
-    const THERM_APPLE_SILICON: &str = include_str!("../../../../tests/fixtures/macos-pmset-therm-apple-silicon.txt");
+    const THERM_APPLE_SILICON: &str = include_str!("../../../tests/fixtures/macos-pmset-therm-apple-silicon.txt");
     /// An Intel Mac with 12 CPUs, unlimited (fmorrisey/mac_sys_utils,
     /// therm_logger/log/therm_log_2025-04-06.txt, its first reading; pmset's tabs kept).
-    const THERM_INTEL: &str = include_str!("../../../../tests/fixtures/macos-pmset-therm-intel.txt");
+    const THERM_INTEL: &str = include_str!("../../../tests/fixtures/macos-pmset-therm-intel.txt");
     /// A 2011 MacBook Pro on macOS 10.13 without its battery, limited to 35% (Ask Different
     /// question 407192, "Where does the pmset CPU_Speed_Limit variable come from"; the web copy
     /// turned pmset's tabs into spaces).
-    const THERM_INTEL_LIMITED: &str = include_str!("../../../../tests/fixtures/macos-pmset-therm-intel-limited.txt");
+    const THERM_INTEL_LIMITED: &str = include_str!("../../../tests/fixtures/macos-pmset-therm-intel-limited.txt");
 
     #[test]
     fn the_cpu_speed_limit_wins_over_the_notes() {

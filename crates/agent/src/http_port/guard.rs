@@ -2,12 +2,12 @@
 //! rebinding: a web page whose name an attacker re-points at the Mac must not read the port
 //! through a browser), and, in cluster mode, whether a scraper proved itself (a bearer token or
 //! a client certificate from the metalkube CA). `/healthz` needs no proof. Pure decisions; the
-//! middleware applying them is in `observe::http`.
+//! middleware applying them is in `http_port`.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
 
-use crate::serving::api_keys::ApiKeys;
+use crate::model::api_keys::ApiKeys;
 
 /// The flag that adds names to the allowed set, for messages.
 pub const ALLOWED_HOST_FLAG: &str = "--http-allowed-host";
@@ -144,7 +144,7 @@ pub fn denial_message(denied: &Denied, auth: &ScrapeAuth) -> String {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use crate::serving::api_keys::digests_of_key_lines;
+    use crate::model::api_keys::digests_of_key_lines;
     use proptest::prelude::*;
 
     fn hosts() -> AllowedHosts {

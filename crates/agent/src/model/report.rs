@@ -6,12 +6,11 @@
 use std::collections::VecDeque;
 
 use metalkube_api::{Grade, Phase, PulseSpec};
+use metalkube_vitals::attribution::{HostCause, HostPressure};
 use serde::{Serialize, Serializer};
 
-use crate::health::attribution::{HostCause, HostPressure};
-use crate::health::lifecycle::FaultReason;
-
-use crate::serving::ServingLoad;
+use crate::model::FaultReason;
+use crate::model::ServingLoad;
 
 /// Pulses kept per model for the status page and for people reading `/api/v1/models`.
 pub const PULSE_HISTORY: usize = 120;
