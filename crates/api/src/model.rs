@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::Duration;
 
 /// A GGUF model served by llama-server on one or more Macs.
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "metalkube.dev",
@@ -40,7 +41,6 @@ pub struct MetalModelSpec {
     #[serde(default)]
     pub pulse: PulseSpec,
     /// Who may use the serving port; default: anyone who can reach it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<AuthSpec>,
 }
 
@@ -101,6 +101,7 @@ fn default_replicas() -> u32 {
 }
 
 /// Where the GGUF file comes from.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ModelSource {
@@ -113,17 +114,16 @@ pub struct ModelSource {
     pub source: String,
     /// Expected SHA-256 of the file, lowercase hex. For hub files the hub's own SHA-256 (its
     /// `X-Linked-ETag`) is checked too.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9a-f]{64}$"))]
     pub sha256: Option<String>,
     /// Secret key holding a hub access token, for gated or private `hf://` repositories. The
     /// controller reads it and hands it to the agent over mTLS; it is never logged nor shown
     /// in status. Standalone agents take `HF_TOKEN` or `--hf-token-file` instead.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret_ref: Option<SecretKeyRef>,
 }
 
 /// How llama-server is started.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 // Any field left out takes its default: `admission: {queueDepth: 16}` is a whole spec.
 #[serde(rename_all = "camelCase", default)]
@@ -147,7 +147,6 @@ pub struct EngineSpec {
     /// (`--sleep-idle-seconds`, whole seconds); the next request reloads it. Unset: never. The
     /// agent stops pulsing an idle sleeping-enabled model so it can fall asleep, never wakes it
     /// with a pulse, and reports phase `Sleeping`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep_after_idle: Option<Duration>,
 }
 
@@ -165,12 +164,12 @@ impl Default for EngineSpec {
 }
 
 /// Backpressure in front of the engine.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 // Any field left out takes its default: `admission: {queueDepth: 16}` is a whole spec.
 #[serde(rename_all = "camelCase", default)]
 pub struct AdmissionSpec {
     /// Requests sent to the engine at once; default: slots minus one when slots > 1.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_concurrent: Option<u32>,
     /// Requests that may wait for a free place.
@@ -182,7 +181,6 @@ pub struct AdmissionSpec {
     #[schemars(range(min = 1024))]
     pub max_request_bytes: u64,
     /// Port clients use for this model; default: the next free one of the agent's serving range.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 65535))]
     pub serving_port: Option<u16>,
     /// A stream whose engine sends nothing for this long is ended for its client (an SSE error
@@ -361,18 +359,16 @@ impl Grade {
     }
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetalModelStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub ready_replicas: u32,
     /// Worst grade over the replicas.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<Grade>,
     /// Slowest last pulse over the replicas.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pulse_seconds: Option<f64>,
     #[serde(default)]
     pub queue_depth: u32,
@@ -380,7 +376,6 @@ pub struct MetalModelStatus {
     pub restarts: u32,
     /// Estimated memory one replica needs (weights + KV cache + overhead), as an agent read it
     /// from the GGUF header for this generation; placement counts it against node budgets.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub replicas: Vec<ReplicaStatus>,
@@ -388,42 +383,35 @@ pub struct MetalModelStatus {
     pub conditions: Vec<Condition>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStatus {
     pub node: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
     pub phase: Phase,
     /// Takes traffic: serving, pulse not red, agent reachable.
     #[serde(default)]
     pub ready: bool,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grade: Option<Grade>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pulse_seconds: Option<f64>,
     #[serde(default)]
     pub queue_depth: u32,
     #[serde(default)]
     pub in_flight: u32,
     /// Why the replica is not well, when it is not.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
     #[serde(default)]
     pub restarts: u32,
     /// When this replica first served: its seniority on the node. When a node's memory turns
     /// out too small for everything placed on it, the replicas that served first stay.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_since: Option<Time>,
     /// While the phase is `Downloading`: how far the model file(s) have come.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download: Option<DownloadProgress>,
     /// What on the host explains the replica's slow pulse (other_processes_cpu,
     /// engine_waited_for_cpu, memory, io, thermal, scheduling_delay), when the host explains it:
     /// graded by the absolute thresholds alone and never restarted for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub host_contended: Option<String>,
     /// A restart for slowness did not make the engine faster: restarts for slowness are withheld
     /// until the pulse has been fast again for a while.
@@ -433,19 +421,17 @@ pub struct ReplicaStatus {
 
 /// How far a model download has come: shared by the agent's `/api/v1/models` and the
 /// MetalModel's replica status.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DownloadProgress {
     /// Bytes on disk so far, over every file of the model (resumed bytes included).
     pub done_bytes: u64,
     /// Size of every file together, once the server has said.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_bytes: Option<u64>,
     /// Recent transfer rate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_per_second: Option<f64>,
     /// Time left at the recent rate.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eta_seconds: Option<f64>,
 }
 

@@ -32,22 +32,20 @@ pub struct MetalNodeSpec {
     pub unschedulable: bool,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MetalNodeStatus {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<NodeCapacity>,
     #[serde(default)]
     pub allocated_memory_bytes: u64,
     #[serde(default)]
     pub models: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// Port of the agent's HTTP endpoint (/metrics, /readyz) on `spec.servingAddress`, as the
     /// agent last reported it; the `metalkube-agents` Service lists it for Prometheus.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_http_port: Option<u16>,
 }
 
