@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 
 use super::faults::Faults;
 use super::resources::{Resource, find};
-use super::store::{ApiError, Part, Store, WatchEvent};
+use super::store::{ApiError, ObjectPart, Part, Store, WatchEvent};
 
 /// One request as RBAC sees it: verb, API group, resource, subresource, namespace.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -198,6 +198,7 @@ async fn handle(
     let ns = target.namespace.as_deref();
     let parse_body =
         || serde_json::from_slice::<Value>(&body).map_err(|e| ApiError::bad_request(format!("request body: {e}")));
+    let at = |name| ObjectPart { resource: r, namespace: ns, name, part: target.part };
     let result = match (&method, target.name.as_deref()) {
         (&Method::GET, None) if watching => {
             return watch(&store, r, ns, &query);
@@ -231,14 +232,14 @@ async fn handle(
                 parse_body().and_then(|obj| store.create(r, ns, obj)).map(|o| (201, o))
             }
         }
-        (&Method::PUT, Some(name)) => parse_body().and_then(|obj| store.replace(r, ns, name, target.part, obj)).map(ok),
+        (&Method::PUT, Some(name)) => parse_body().and_then(|obj| store.replace(at(name), obj)).map(ok),
         (&Method::PATCH, Some(name)) => {
             let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
             let apply = content_type.starts_with("application/apply-patch");
             if content_type.starts_with("application/json-patch") {
-                parse_body().and_then(|ops| store.json_patch(r, ns, name, target.part, &ops)).map(ok)
+                parse_body().and_then(|ops| store.json_patch(at(name), &ops)).map(ok)
             } else {
-                parse_body().and_then(|p| store.patch(r, ns, name, target.part, &p, apply)).map(ok)
+                parse_body().and_then(|p| store.patch(at(name), &p, apply)).map(ok)
             }
         }
         (&Method::DELETE, Some(name)) => store.delete(r, ns, name).map(ok),

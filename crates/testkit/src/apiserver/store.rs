@@ -52,6 +52,15 @@ pub enum Part {
     Status,
 }
 
+/// The object a write is for, and which part of it: the main resource or its status.
+#[derive(Debug, Clone, Copy)]
+pub struct ObjectPart<'a> {
+    pub resource: &'a Resource,
+    pub namespace: Option<&'a str>,
+    pub name: &'a str,
+    pub part: Part,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct WatchEvent {
     pub resource: Resource,
@@ -216,15 +225,8 @@ impl Store {
     }
 
     /// Writes `new` over the stored object, with the rules of a PUT on `part`.
-    fn write(
-        &self,
-        r: &Resource,
-        ns: Option<&str>,
-        name: &str,
-        part: Part,
-        new: Value,
-        check_version: bool,
-    ) -> Result<Value, ApiError> {
+    fn write(&self, at: ObjectPart<'_>, new: Value, check_version: bool) -> Result<Value, ApiError> {
+        let ObjectPart { resource: r, namespace: ns, name, part } = at;
         let mut inner = self.lock();
         let k = key(r, ns, name);
         let old = inner.objects.get(&k).cloned().ok_or_else(|| ApiError::not_found(r, name))?;
@@ -298,28 +300,14 @@ impl Store {
         obj
     }
 
-    pub fn replace(
-        &self,
-        r: &Resource,
-        ns: Option<&str>,
-        name: &str,
-        part: Part,
-        new: Value,
-    ) -> Result<Value, ApiError> {
-        self.write(r, ns, name, part, new, true)
+    pub fn replace(&self, at: ObjectPart<'_>, new: Value) -> Result<Value, ApiError> {
+        self.write(at, new, true)
     }
 
     /// A merge patch; with `create`, a missing object is created from the patch (the server-side
     /// apply case).
-    pub fn patch(
-        &self,
-        r: &Resource,
-        ns: Option<&str>,
-        name: &str,
-        part: Part,
-        patch: &Value,
-        create: bool,
-    ) -> Result<Value, ApiError> {
+    pub fn patch(&self, at: ObjectPart<'_>, patch: &Value, create: bool) -> Result<Value, ApiError> {
+        let ObjectPart { resource: r, namespace: ns, name, part } = at;
         let current = match self.get(r, ns, name) {
             Ok(v) => v,
             Err(e) if e.code == 404 && create && part == Part::Main => {
@@ -339,19 +327,13 @@ impl Store {
         }
         // A patch that names a resource version must match, as with a PUT.
         let check = meta(patch, "resourceVersion").is_some();
-        self.write(r, ns, name, part, merged, check)
+        self.write(at, merged, check)
     }
 
     /// An RFC 6902 JSON patch (kube-runtime's finalizer helper uses its `test` operation to
     /// make finalizer edits conditional).
-    pub fn json_patch(
-        &self,
-        r: &Resource,
-        ns: Option<&str>,
-        name: &str,
-        part: Part,
-        ops: &Value,
-    ) -> Result<Value, ApiError> {
+    pub fn json_patch(&self, at: ObjectPart<'_>, ops: &Value) -> Result<Value, ApiError> {
+        let ObjectPart { resource: r, namespace: ns, name, .. } = at;
         let current = self.get(r, ns, name)?;
         // Like the real API server, a `test` for null passes on a path that does not exist.
         let ops: Vec<Value> = ops
@@ -372,7 +354,7 @@ impl Store {
             serde_json::from_value(Value::Array(ops)).map_err(|e| ApiError::bad_request(format!("JSON patch: {e}")))?;
         let mut patched = current.clone();
         json_patch::patch(&mut patched, &ops).map_err(|e| ApiError::invalid(format!("JSON patch: {e}")))?;
-        self.write(r, ns, name, part, patched, false)
+        self.write(at, patched, false)
     }
 
     pub fn delete(&self, r: &Resource, ns: Option<&str>, name: &str) -> Result<Value, ApiError> {
@@ -411,6 +393,10 @@ mod tests {
     use super::*;
     use crate::apiserver::resources::find;
 
+    fn at(r: &Resource, part: Part) -> ObjectPart<'_> {
+        ObjectPart { resource: r, namespace: Some("ns"), name: "m", part }
+    }
+
     fn models() -> &'static Resource {
         find("metalkube.dev", "v1alpha1", "metalmodels").unwrap()
     }
@@ -436,21 +422,20 @@ mod tests {
         assert!(created.get("status").is_none(), "status is not set on create");
         let rv = meta(&created, "resourceVersion").unwrap();
 
-        let st = s.patch(r, Some("ns"), "m", Part::Status, &json!({"status": {"ready": 1}}), false).unwrap();
+        let st = s.patch(at(r, Part::Status), &json!({"status": {"ready": 1}}), false).unwrap();
         assert_eq!(meta(&st, "generation"), Some(json!(1)), "status writes do not bump the generation");
-        let spec =
-            s.patch(r, Some("ns"), "m", Part::Main, &json!({"spec": {"a": 2}, "status": {"ready": 9}}), false).unwrap();
+        let spec = s.patch(at(r, Part::Main), &json!({"spec": {"a": 2}, "status": {"ready": 9}}), false).unwrap();
         assert_eq!(meta(&spec, "generation"), Some(json!(2)));
         assert_eq!(spec["status"], json!({"ready": 1}), "main writes leave status alone");
 
         let mut stale = created.clone();
         stale["spec"] = json!({"a": 3});
-        assert_eq!(s.replace(r, Some("ns"), "m", Part::Main, stale).unwrap_err().code, 409, "rv {rv} is stale");
+        assert_eq!(s.replace(at(r, Part::Main), stale).unwrap_err().code, 409, "rv {rv} is stale");
 
         let deleting = s.delete(r, Some("ns"), "m").unwrap();
         assert!(meta(&deleting, "deletionTimestamp").is_some());
         assert!(s.get(r, Some("ns"), "m").is_ok(), "a finalizer holds the object");
-        s.patch(r, Some("ns"), "m", Part::Main, &json!({"metadata": {"finalizers": null}}), false).unwrap();
+        s.patch(at(r, Part::Main), &json!({"metadata": {"finalizers": null}}), false).unwrap();
         assert_eq!(s.get(r, Some("ns"), "m").unwrap_err().code, 404, "gone once the last finalizer is removed");
 
         let (events, _) = s.watch(r, None, 0);
