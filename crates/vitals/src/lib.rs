@@ -11,4 +11,5 @@
 pub mod attribution;
 pub mod engine_counters;
 pub mod host;
+pub mod host_figures;
 pub mod pulse;

@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 
 use metalkube_api::{Grade, Phase, PulseSpec};
 use metalkube_vitals::attribution::{HostCause, HostPressure};
+use metalkube_vitals::host_figures::HostFigures;
 use serde::{Serialize, Serializer};
 
 use crate::model::FaultReason;
@@ -45,30 +46,13 @@ pub struct PulseHost {
     pub cause: Option<&'static str>,
     /// The figures in words.
     pub summary: String,
-    pub others_cpu: Option<f64>,
-    pub engine_cpu: Option<f64>,
-    pub cpu_stall: Option<f64>,
-    pub memory_stall: Option<f64>,
-    pub io_stall: Option<f64>,
-    pub load_per_cpu: Option<f64>,
-    pub timer_lateness_seconds: Option<f64>,
-    pub thermal_speed_limit: Option<f64>,
+    #[serde(flatten)]
+    pub figures: HostFigures,
 }
 
 impl PulseHost {
     pub fn new(p: &HostPressure, cause: Option<HostCause>) -> Self {
-        Self {
-            cause: cause.map(HostCause::as_str),
-            summary: p.to_string(),
-            others_cpu: p.others_cpu,
-            engine_cpu: p.engine_cpu,
-            cpu_stall: p.cpu_stall,
-            memory_stall: p.memory_stall,
-            io_stall: p.io_stall,
-            load_per_cpu: p.load_per_cpu,
-            timer_lateness_seconds: p.timer_lateness.map(|d| d.as_secs_f64()),
-            thermal_speed_limit: p.thermal_speed_limit,
-        }
+        Self { cause: cause.map(HostCause::as_str), summary: p.to_string(), figures: HostFigures::from(p) }
     }
 }
 

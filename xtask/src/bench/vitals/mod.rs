@@ -39,6 +39,7 @@ use std::sync::atomic::AtomicU32;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+use metalkube_vitals::host_figures::HostFigures;
 
 use super::Options;
 use crate::{cargo, run, target_dir};
@@ -87,19 +88,11 @@ pub struct Outcome {
 pub struct HostSignal {
     /// Pulses recorded in the window.
     pub pulses: u32,
-    /// Share of all CPUs' time other processes used (0..1): the most in any pulse's window, and
-    /// the median over the pulses (a fast pulse's window is a few clock ticks, so its share is
-    /// coarse: the peak overstates, the median does not). Then the engine itself, at most.
-    pub others_cpu: Option<f64>,
+    /// The most each figure reached in any pulse's window. A fast pulse's window is a few clock
+    /// ticks, so its CPU share is coarse: the peak overstates, the median of other processes'
+    /// share below does not.
+    pub peak: HostFigures,
     pub others_cpu_median: Option<f64>,
-    pub engine_cpu: Option<f64>,
-    /// PSI `some` avg10 (0..1).
-    pub cpu_stall: Option<f64>,
-    pub memory_stall: Option<f64>,
-    pub io_stall: Option<f64>,
-    pub load_per_cpu: Option<f64>,
-    /// The agent's own timers, seconds late at most.
-    pub timer_lateness: Option<f64>,
     /// The slowest pulse's wall time, seconds.
     pub slowest_pulse: Option<f64>,
     /// Pulses the host explained, by cause label.

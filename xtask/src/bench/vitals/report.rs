@@ -105,7 +105,7 @@ fn host_cell(ok: &[&Run]) -> String {
         format!(
             "{} (peak {}); {}",
             median_percent(signals.iter().filter_map(|h| h.others_cpu_median)),
-            median_percent(signals.iter().filter_map(|h| h.others_cpu)),
+            median_percent(signals.iter().filter_map(|h| h.peak.others_cpu)),
             causes(&signals, 2)
         )
     };
@@ -232,10 +232,10 @@ fn busy_table(runs: &[Run]) -> Option<Table> {
                 format!(
                     "{} / {}",
                     median_percent(d.iter().filter_map(|d| d.host.others_cpu_median)),
-                    median_percent(d.iter().filter_map(|d| d.host.others_cpu))
+                    median_percent(d.iter().filter_map(|d| d.host.peak.others_cpu))
                 ),
-                spread(&|d| d.host.load_per_cpu, 2),
-                percent(d.iter().filter_map(|d| d.host.cpu_stall)),
+                spread(&|d| d.host.peak.load_per_cpu, 2),
+                percent(d.iter().filter_map(|d| d.host.peak.cpu_stall)),
                 format!(
                     "{} / {}",
                     median_percent(ok.iter().filter_map(|r| r.machine).map(|m| m.outside)),
@@ -502,9 +502,7 @@ fn json_detail(d: &Detail) -> Value {
         "timeNotReadyWithoutPulsesPastRedAfterSeconds": d.unheld_seconds,
         "notReadyTurnsWithoutPulsesPastRedAfter": d.unheld_turns,
         "host": {
-            "pulses": h.pulses, "peakOthersCpu": h.others_cpu, "peakEngineCpu": h.engine_cpu,
-            "peakCpuStall": h.cpu_stall, "peakMemoryStall": h.memory_stall, "peakIoStall": h.io_stall,
-            "peakLoadPerCpu": h.load_per_cpu, "peakTimerLatenessSeconds": h.timer_lateness,
+            "pulses": h.pulses, "peak": h.peak,
             "medianOthersCpu": h.others_cpu_median, "slowestPulseSeconds": h.slowest_pulse, "causes": h.causes,
         },
         "restartMessages": d.restart_messages,
@@ -512,7 +510,7 @@ fn json_detail(d: &Detail) -> Value {
         "baselineSeconds": d.baseline,
         "pulses": d.pulses.iter().map(|p| json!({
             "atSeconds": p.at, "wallSeconds": p.wall, "grade": p.grade, "error": p.error,
-            "hostCause": p.cause, "othersCpu": p.others_cpu, "engineCpu": p.engine_cpu,
+            "hostCause": p.cause, "othersCpu": p.host.others_cpu, "engineCpu": p.host.engine_cpu,
         })).collect::<Vec<Value>>(),
     })
 }
@@ -581,6 +579,8 @@ pub fn check_goals(runs: &[Run]) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    use metalkube_vitals::host_figures::HostFigures;
+
     use super::*;
 
     fn run(scenario: Scenario, round: u32, metalkube: Outcome) -> Run {
@@ -633,7 +633,7 @@ mod tests {
     fn on_a_busy_host_a_not_ready_on_pulses_past_red_after_is_not_false() {
         let host = HostSignal {
             pulses: 12,
-            others_cpu: Some(0.81),
+            peak: HostFigures { others_cpu: Some(0.81), ..HostFigures::default() },
             others_cpu_median: Some(0.6),
             causes: BTreeMap::from([("other_processes_cpu".to_owned(), 7)]),
             ..HostSignal::default()

@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use metalkube_vitals::host_figures::HostFigures;
 use serde_json::Value;
 
 use super::net;
@@ -112,13 +113,7 @@ pub struct Pulse {
     pub grade: Option<String>,
     pub error: Option<String>,
     pub cause: Option<String>,
-    pub others_cpu: Option<f64>,
-    pub engine_cpu: Option<f64>,
-    pub cpu_stall: Option<f64>,
-    pub memory_stall: Option<f64>,
-    pub io_stall: Option<f64>,
-    pub load_per_cpu: Option<f64>,
-    pub timer_lateness: Option<f64>,
+    pub host: HostFigures,
 }
 
 impl Pulse {
@@ -139,13 +134,8 @@ impl Pulse {
             grade: p["grade"].as_str().map(str::to_owned),
             error: p["error"].as_str().map(str::to_owned),
             cause: h["cause"].as_str().map(str::to_owned),
-            others_cpu: h["othersCpu"].as_f64(),
-            engine_cpu: h["engineCpu"].as_f64(),
-            cpu_stall: h["cpuStall"].as_f64(),
-            memory_stall: h["memoryStall"].as_f64(),
-            io_stall: h["ioStall"].as_f64(),
-            load_per_cpu: h["loadPerCpu"].as_f64(),
-            timer_lateness: h["timerLatenessSeconds"].as_f64(),
+            // A pulse without host figures (none measured) reads as all unknown.
+            host: serde_json::from_value(h.clone()).unwrap_or_default(),
         };
         Some((at_ms, pulse))
     }
@@ -444,14 +434,16 @@ fn host_signal<'a>(pulses: impl Iterator<Item = &'a Pulse>) -> HostSignal {
     let mut others = Vec::new();
     for p in pulses {
         h.pulses += 1;
-        others.extend(p.others_cpu.filter(|o| o.is_finite()));
-        peak(&mut h.others_cpu, p.others_cpu);
-        peak(&mut h.engine_cpu, p.engine_cpu);
-        peak(&mut h.cpu_stall, p.cpu_stall);
-        peak(&mut h.memory_stall, p.memory_stall);
-        peak(&mut h.io_stall, p.io_stall);
-        peak(&mut h.load_per_cpu, p.load_per_cpu);
-        peak(&mut h.timer_lateness, p.timer_lateness);
+        others.extend(p.host.others_cpu.filter(|o| o.is_finite()));
+        let (top, now) = (&mut h.peak, &p.host);
+        peak(&mut top.others_cpu, now.others_cpu);
+        peak(&mut top.engine_cpu, now.engine_cpu);
+        peak(&mut top.cpu_stall, now.cpu_stall);
+        peak(&mut top.memory_stall, now.memory_stall);
+        peak(&mut top.io_stall, now.io_stall);
+        peak(&mut top.load_per_cpu, now.load_per_cpu);
+        peak(&mut top.timer_lateness_seconds, now.timer_lateness_seconds);
+        peak(&mut top.thermal_speed_limit, now.thermal_speed_limit);
         peak(&mut h.slowest_pulse, Some(p.wall));
         if let Some(c) = &p.cause {
             *h.causes.entry(c.clone()).or_insert(0) += 1;
@@ -507,7 +499,7 @@ mod tests {
         assert!(l.held(), "red on two pulses past redAfter");
         assert_eq!(l.host_contended.as_deref(), Some("other_processes_cpu"));
         assert_eq!((rec.pulses.len(), rec.restarts.len(), rec.decisions.len()), (3, 1, 1));
-        assert_eq!(rec.pulses[2].others_cpu, Some(0.8));
+        assert_eq!(rec.pulses[2].host.others_cpu, Some(0.8));
         // The same answer again adds no pulse, restart or decision.
         rec.take(1.6, clock(), body).unwrap();
         assert_eq!((rec.pulses.len(), rec.restarts.len(), rec.decisions.len(), rec.looks.len()), (3, 1, 1, 2));
@@ -538,15 +530,31 @@ mod tests {
             look(6.0, "Serving", Some("Green"), 0),
         ];
         let pulses = [
-            Pulse { at: 1.5, wall: 6.0, cause: Some("other_processes_cpu".into()), others_cpu: Some(0.7), ..pulse() },
-            Pulse { at: 4.5, wall: 2.0, others_cpu: Some(0.9), ..pulse() },
-            Pulse { at: 9.0, wall: 9.0, others_cpu: Some(1.0), ..pulse() },
+            Pulse {
+                at: 1.5,
+                wall: 6.0,
+                cause: Some("other_processes_cpu".into()),
+                host: HostFigures { others_cpu: Some(0.7), ..HostFigures::default() },
+                ..pulse()
+            },
+            Pulse {
+                at: 4.5,
+                wall: 2.0,
+                host: HostFigures { others_cpu: Some(0.9), ..HostFigures::default() },
+                ..pulse()
+            },
+            Pulse {
+                at: 9.0,
+                wall: 9.0,
+                host: HostFigures { others_cpu: Some(1.0), ..HostFigures::default() },
+                ..pulse()
+            },
         ];
         let restarts = [RestartEntry { at: 20.0, reason: "pulse_red".into(), message: "slow".into() }];
         let rec = Records { pulses: &pulses, restarts: &restarts, decisions: &[] };
         let d = detail(&looks, &rec, 0.5, 7.0, 1);
         assert_eq!((d.not_ready_seconds, d.unheld_seconds, d.unheld_turns), (3.0, 1.0, 1));
-        assert_eq!((d.host.pulses, d.host.others_cpu, d.host.slowest_pulse), (2, Some(0.9), Some(6.0)));
+        assert_eq!((d.host.pulses, d.host.peak.others_cpu, d.host.slowest_pulse), (2, Some(0.9), Some(6.0)));
         assert_eq!(d.host.others_cpu_median, Some(0.8));
         assert_eq!(d.host.causes.get("other_processes_cpu"), Some(&1));
         assert_eq!(d.restart_messages, vec!["pulse_red: slow".to_owned()], "recorded after the window");
@@ -554,20 +562,7 @@ mod tests {
     }
 
     fn pulse() -> Pulse {
-        Pulse {
-            at: 0.0,
-            wall: 0.0,
-            grade: None,
-            error: None,
-            cause: None,
-            others_cpu: None,
-            engine_cpu: None,
-            cpu_stall: None,
-            memory_stall: None,
-            io_stall: None,
-            load_per_cpu: None,
-            timer_lateness: None,
-        }
+        Pulse { at: 0.0, wall: 0.0, grade: None, error: None, cause: None, host: HostFigures::default() }
     }
 
     #[test]

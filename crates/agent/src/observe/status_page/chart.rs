@@ -294,8 +294,8 @@ pub(super) fn render_host(out: &mut String, r: &ModelReport, now_ms: u64) -> boo
     let share_points = |share: fn(&PulseRecord) -> Option<f64>| -> Vec<Option<(f64, f64)>> {
         pulses.iter().map(|p| share(p).filter(|v| v.is_finite()).map(|v| (xs.x(p.at_ms), share_y(v)))).collect()
     };
-    let others = share_points(|p| p.host.as_ref().and_then(|h| h.others_cpu));
-    let engine = share_points(|p| p.host.as_ref().and_then(|h| h.engine_cpu));
+    let others = share_points(|p| p.host.as_ref().and_then(|h| h.figures.others_cpu));
+    let engine = share_points(|p| p.host.as_ref().and_then(|h| h.figures.engine_cpu));
     line(out, "engine-cpu", &engine);
     line(out, "others", &others);
     for (p, point) in pulses.iter().zip(&others) {
@@ -305,7 +305,7 @@ pub(super) fn render_host(out: &mut String, r: &ModelReport, now_ms: u64) -> boo
             out,
             r#"<circle class="others-point{cause}" cx="{x:.1}" cy="{y:.1}" r="2.4" data-at-ms="{at}" data-others-cpu="{share}"><title>{tip}</title></circle>"#,
             at = p.at_ms,
-            share = h.others_cpu.unwrap_or_default(),
+            share = h.figures.others_cpu.unwrap_or_default(),
             tip = escape(&format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h))),
         );
     }
