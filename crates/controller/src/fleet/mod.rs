@@ -15,6 +15,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use metalkube_api::ModelKey;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub mod agent_client;
 pub mod agent_view;
@@ -102,7 +103,8 @@ impl Fleet {
                     heartbeat: self.heartbeat,
                     metrics: self.metrics.clone(),
                 };
-                let task = tokio::spawn(session.run());
+                // Every line the stream task logs says which node it is about.
+                let task = tokio::spawn(session.run().instrument(tracing::info_span!("agent", node = %node)));
                 self.look_again_after_first_grace(node, &view);
                 Link { endpoint: endpoint.to_owned(), client: Some(client), view, task }
             }
@@ -186,7 +188,6 @@ impl Session {
                 // The first failure and then every tenth: a Mac that is off should not flood the log.
                 if failed_attempts % 10 == 1 {
                     tracing::warn!(
-                        node = %self.node,
                         attempts = failed_attempts,
                         "cannot reach the agent: {}",
                         error.as_deref().unwrap_or("stream closed")
@@ -214,7 +215,7 @@ impl Session {
             v.connected = false;
             let since = Instant::now();
             v.lost_since = Some(since);
-            tracing::warn!(node = %self.node, error = ?v.last_error, "agent stream lost; grace period started");
+            tracing::warn!(error = ?v.last_error, "agent stream lost; grace period started");
             let models: BTreeSet<ModelKey> = v.models.keys().cloned().collect();
             drop(v);
             self.set_up(false);
@@ -268,7 +269,7 @@ impl Session {
         let (kind, touched) = v.apply(event, now_time());
         if kind == ChangeKind::Connection {
             if !was_connected {
-                tracing::info!(node = %self.node, models = v.models.len(), "agent stream connected");
+                tracing::info!(models = v.models.len(), "agent stream connected");
             }
             drop(v);
             self.set_up(true);

@@ -115,6 +115,9 @@ impl Context {
     }
 }
 
+/// One MetalModel's reconcile, in a span naming the model: every line logged on its way (agent
+/// calls, Secrets, status writes) says which model it is about.
+#[tracing::instrument(skip(model, ctx), fields(model = %ModelKey::of(&model)))]
 pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let started = Instant::now();
     let key = ModelKey::of(&model);
@@ -161,6 +164,7 @@ pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Co
             .next()
     };
     let delay = delay.unwrap_or(RETRY_MAX);
+    // kube-runtime calls this outside the reconcile's span, so the line names its model itself.
     tracing::warn!(model = %key, retry_in = ?delay, "reconcile failed: {error}");
     Action::requeue(delay)
 }

@@ -5,8 +5,8 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::Api;
+use metalkube_api::MetalModel;
 use metalkube_api::keys::{KeyDigest, digests_of_key_lines};
-use metalkube_api::{MetalModel, ModelKey};
 
 use crate::ControllerError;
 use crate::model::reconcile::Context;
@@ -20,7 +20,7 @@ pub(crate) async fn hub_token(m: &MetalModel, ctx: &Context) -> Result<Option<St
     let value = secrets.get_opt(&r.name).await?.and_then(|s| s.data?.remove(&r.key));
     let token = value.map(|b| String::from_utf8_lossy(&b.0).trim().to_owned()).filter(|t| !t.is_empty());
     if token.is_none() {
-        tracing::warn!(model = %ModelKey::of(m), secret = %r.name, key = %r.key, "spec.model.tokenSecretRef names a Secret key that does not exist or is empty; downloading without a token");
+        tracing::warn!(secret = %r.name, key = %r.key, "spec.model.tokenSecretRef names a Secret key that does not exist or is empty; downloading without a token");
     }
     Ok(token)
 }
@@ -37,7 +37,6 @@ pub(crate) async fn api_key_digests(m: &MetalModel, ctx: &Context) -> Result<Opt
         Some(bytes) => Ok(Some(digests_of_key_lines(&bytes.0))),
         None => {
             tracing::warn!(
-                model = %ModelKey::of(m),
                 secret = %r.name,
                 key = %r.key,
                 "spec.auth names a Secret key that does not exist; the model lets nobody in"
