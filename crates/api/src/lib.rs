@@ -1,6 +1,7 @@
 //! The `metalkube.dev/v1alpha1` resources. The same types are the CRD schema (through schemars),
 //! the controller's view of the cluster and the agent's standalone file format.
 
+mod agent_report;
 pub mod bundle;
 mod crds;
 mod duration;
@@ -14,6 +15,7 @@ mod source;
 mod standalone;
 mod validate;
 
+pub use agent_report::{AgentInfo, ReplicaReport};
 pub use crds::crd_manifests;
 pub use duration::Duration;
 pub use error::{ApiError, FieldError};

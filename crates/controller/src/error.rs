@@ -1,6 +1,9 @@
+//! The controller's errors: each keeps its cause and says which `kind` it is counted under.
+
 use std::time::Duration;
 
 use kube::runtime::finalizer;
+use metalkube_api::ModelKey;
 use thiserror::Error;
 
 /// Everything a reconcile, an agent call or the leader election can fail with. Each variant keeps
@@ -20,7 +23,7 @@ pub enum ControllerError {
     },
     /// The agent's Watch stream is down, so nothing there can be changed or known to be gone.
     #[error("agent {node}: unreachable; {model} may still run there, so its finalizer stays")]
-    AgentUnreachable { node: String, model: String },
+    AgentUnreachable { node: String, model: ModelKey },
     #[error("agent {node}: circuit open after repeated failures; next probe in {retry_in_ms} ms")]
     CircuitOpen { node: String, retry_in_ms: u64 },
     #[error("MetalNode {node}: spec.agentEndpoint {endpoint:?} is not a valid URI")]
@@ -42,10 +45,10 @@ pub enum ControllerError {
     #[error(
         "MetalModel {key}: this name is the controller's Service listing the Macs (--agents-service) in its namespace; choose another name or namespace for the model"
     )]
-    ReservedName { key: String },
+    ReservedName { key: ModelKey },
     #[error("MetalModel {key}: spec does not serialize")]
     SpecEncoding {
-        key: String,
+        key: ModelKey,
         #[source]
         source: serde_json::Error,
     },
@@ -103,16 +106,17 @@ mod tests {
     #[test]
     fn every_error_is_counted_under_a_label_that_exists_at_zero() {
         let s = String::new;
+        let key = || ModelKey::new("ns", "m");
         let all = [
             ControllerError::Kube(kube::Error::LinesCodecMaxLineLengthExceeded),
             ControllerError::AgentCall { node: s(), method: "Info", status: Box::new(tonic::Status::unavailable("x")) },
-            ControllerError::AgentUnreachable { node: s(), model: s() },
+            ControllerError::AgentUnreachable { node: s(), model: key() },
             ControllerError::CircuitOpen { node: s(), retry_in_ms: 0 },
             ControllerError::BadEndpoint { node: s(), endpoint: s(), source: transport_error() },
             ControllerError::EndpointScheme { node: s(), endpoint: s(), problem: "" },
             ControllerError::Tls { node: s(), source: transport_error() },
-            ControllerError::ReservedName { key: s() },
-            ControllerError::SpecEncoding { key: s(), source: serde_json::from_str::<u8>("x").unwrap_err() },
+            ControllerError::ReservedName { key: key() },
+            ControllerError::SpecEncoding { key: key(), source: serde_json::from_str::<u8>("x").unwrap_err() },
             ControllerError::Finalizer(Box::new(finalizer::Error::UnnamedObject)),
             ControllerError::LeaseTaken { name: s() },
             ControllerError::LeaseRenewal {

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use metalkube_api::ModelKey;
 use metalkube_runtime::admin::MetricsRegistry;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -126,14 +127,14 @@ impl Metrics {
         self.registry.encode()
     }
 
-    pub fn set_model_replicas(&self, model: &str, desired: u32, ready: u32) {
-        let labels = ModelLabels { model: model.to_owned() };
+    pub fn set_model_replicas(&self, model: &ModelKey, desired: u32, ready: u32) {
+        let labels = ModelLabels { model: model.to_string() };
         self.model_desired_replicas.get_or_create(&labels).set(i64::from(desired));
         self.model_ready_replicas.get_or_create(&labels).set(i64::from(ready));
     }
 
-    pub fn forget_model(&self, model: &str) {
-        let labels = ModelLabels { model: model.to_owned() };
+    pub fn forget_model(&self, model: &ModelKey) {
+        let labels = ModelLabels { model: model.to_string() };
         self.model_desired_replicas.remove(&labels);
         self.model_ready_replicas.remove(&labels);
     }

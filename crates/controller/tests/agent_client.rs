@@ -76,7 +76,7 @@ async fn mutual_tls_both_ways() {
 
     let good = AgentClient::new("mac", &endpoint, &settings(&pki.agents, &pki.controllers), metrics.clone()).unwrap();
     let info = good.info().await.unwrap();
-    assert_eq!(info.memory_budget_bytes, 1 << 30);
+    assert_eq!(info.capacity.memory_budget_bytes, 1 << 30);
 
     let stranger = TestCa::new("someone else");
     let untrusted_agent = AgentClient::new("mac", &endpoint, &settings(&stranger, &pki.controllers), metrics.clone());

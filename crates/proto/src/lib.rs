@@ -10,3 +10,6 @@ pub mod agent {
 pub use agent::v1::*;
 
 mod convert;
+mod report;
+
+pub use report::WireError;

@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalkube_api::ModelKey;
 use metalkube_api::{MetalModelSpec, validate_model_spec};
+use metalkube_api::{ModelKey, ReplicaReport};
 use metalkube_proto as pb;
 use metalkube_vitals::host;
 use pb::agent_server::{Agent as AgentApi, AgentServer};
@@ -48,38 +48,39 @@ impl AgentService {
     }
 
     fn state(&self, view: &ModelView) -> pb::ModelState {
-        let report = &view.health;
-        let record = self.store.get(&report.key());
-        let record_keys = record.as_ref().map(Record::api_keys);
-        pb::ModelState {
-            model: Some(pb::ModelRef { namespace: report.namespace.clone(), name: report.name.clone() }),
-            uid: record.as_ref().map(|r| r.uid.clone()).unwrap_or_default(),
-            generation: record.as_ref().map_or(0, |r| r.generation),
-            phase: pb::ModelPhase::from(report.phase).into(),
-            grade: pb::PulseGrade::from(report.grade).into(),
-            ready: view.is_ready(),
-            saturated: report.saturated,
-            pulse_seconds: report.last_pulse.as_ref().map_or(0.0, |p| p.wall_seconds),
-            restarts: report.restarts,
-            queue_depth: view.serving.queue_depth,
-            in_flight: view.serving.in_flight,
-            serving_port: report.serving_port.map_or(0, u32::from),
-            last_error: report.last_error.clone().unwrap_or_default(),
-            memory_bytes: report.memory_bytes.unwrap_or(0),
-            api_keys_fingerprint: record_keys.map(|k| k.fingerprint()).unwrap_or_default(),
-            hub_token_fingerprint: metalkube_api::keys::token_fingerprint(
-                record.as_ref().and_then(|r| r.hub_token.as_ref()).map(Token::expose),
-            ),
-            serving_since_unix_ms: report.serving_since_ms.unwrap_or(0),
-            host_contended_cause: report.host_contended.unwrap_or_default().to_owned(),
-            slow_after_restart: report.slow_after_restart,
-            restart_decision: report.restart_decision.clone().unwrap_or_default(),
-            download: report.download.as_ref().map(|d| pb::DownloadProgress {
-                done_bytes: d.done_bytes,
-                total_bytes: d.total_bytes.unwrap_or(0),
-                bytes_per_second: d.bytes_per_second.unwrap_or(0.0),
-            }),
-        }
+        let record = self.store.get(&view.health.key());
+        pb::ModelState::from(replica_report(view, record.as_ref()))
+    }
+}
+
+/// What the controller is told of one model: the supervisor's health and the serving port's
+/// load, with what the store holds for it (uid, generation, which keys and token).
+fn replica_report(view: &ModelView, record: Option<&Record>) -> ReplicaReport {
+    let report = &view.health;
+    ReplicaReport {
+        model: ModelKey::new(&report.namespace, &report.name),
+        uid: record.map(|r| r.uid.clone()).unwrap_or_default(),
+        generation: record.map_or(0, |r| r.generation),
+        phase: Some(report.phase),
+        grade: report.grade,
+        ready: view.is_ready(),
+        saturated: report.saturated,
+        pulse_seconds: report.last_pulse.as_ref().map(|p| p.wall_seconds),
+        restarts: report.restarts,
+        queue_depth: view.serving.queue_depth,
+        in_flight: view.serving.in_flight,
+        serving_port: report.serving_port,
+        last_error: report.last_error.clone(),
+        memory_bytes: report.memory_bytes,
+        api_keys_fingerprint: record.map(|r| r.api_keys().fingerprint()).unwrap_or_default(),
+        hub_token_fingerprint: metalkube_api::keys::token_fingerprint(
+            record.and_then(|r| r.hub_token.as_ref()).map(Token::expose),
+        ),
+        serving_since_unix_ms: report.serving_since_ms,
+        download: report.download.clone(),
+        host_contended: report.host_contended.map(str::to_owned),
+        slow_after_restart: report.slow_after_restart,
+        restart_decision: report.restart_decision.clone(),
     }
 }
 

@@ -2,11 +2,15 @@
 //! Mac is noticed without traffic, a circuit breaker, and retries with backoff (backon) for the
 //! calls that are safe to repeat. Every unary call of the agent API is idempotent (EnsureModel on
 //! uid + generation, StopModel on the name), so all of them retry; the Watch stream does not.
+//!
+//! This is the controller's edge with the wire: what agents report leaves here as the api
+//! crate's types (`AgentInfo`, `AgentEvent` of `ReplicaReport`s), never as protobuf messages.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
+use metalkube_api::{AgentInfo, ModelKey, ReplicaReport};
 use metalkube_circuit::CircuitBreaker;
 use metalkube_proto as pb;
 use pb::agent_client::AgentClient as GrpcClient;
@@ -15,6 +19,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Code, Request, Status};
 
 use crate::ControllerError;
+use crate::fleet::agent_view::AgentEvent;
 use crate::metrics::{CallLabels, Metrics, NodeLabels};
 
 /// The controller's side of mTLS: its client identity and the CA agents' certificates chain to.
@@ -183,38 +188,121 @@ impl AgentClient {
         })
     }
 
-    pub async fn info(&self) -> Result<pb::InfoResponse, ControllerError> {
-        self.unary("Info", pb::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await
+    pub async fn info(&self) -> Result<AgentInfo, ControllerError> {
+        let info = self.unary("Info", pb::InfoRequest {}, |mut c, r| async move { c.info(r).await }).await?;
+        Ok(AgentInfo::from(info))
     }
 
     pub async fn ensure_model(&self, req: pb::EnsureModelRequest) -> Result<pb::EnsureModelResponse, ControllerError> {
         self.unary("EnsureModel", req, |mut c, r| async move { c.ensure_model(r).await }).await
     }
 
-    pub async fn stop_model(&self, namespace: &str, name: &str) -> Result<bool, ControllerError> {
-        let req = pb::StopModelRequest {
-            model: Some(pb::ModelRef { namespace: namespace.to_owned(), name: name.to_owned() }),
-        };
+    /// Whether the agent held the model.
+    pub async fn stop_model(&self, model: &ModelKey) -> Result<bool, ControllerError> {
+        let req = pb::StopModelRequest { model: Some(model.into()) };
         let resp = self.unary("StopModel", req, |mut c, r| async move { c.stop_model(r).await }).await?;
         Ok(resp.stopped)
     }
 
     /// The agent's state stream. No deadline: it lives as long as the agent does; keep-alive
     /// notices when it does not.
-    pub async fn watch(&self) -> Result<tonic::Streaming<pb::WatchEvent>, ControllerError> {
+    pub async fn watch(&self) -> Result<AgentEvents, ControllerError> {
         self.admit()?;
         let result = self.grpc.clone().watch(Request::new(pb::WatchRequest {})).await;
         self.count("Watch", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
         self.settle(result.is_ok());
-        result.map(tonic::Response::into_inner).map_err(|status| ControllerError::AgentCall {
-            node: self.node.clone(),
-            method: "Watch",
-            status: Box::new(status),
-        })
+        match result {
+            Ok(stream) => Ok(AgentEvents { node: self.node.clone(), stream: stream.into_inner() }),
+            Err(status) => {
+                Err(ControllerError::AgentCall { node: self.node.clone(), method: "Watch", status: Box::new(status) })
+            }
+        }
+    }
+}
+
+/// An agent's Watch stream, read into `AgentEvent`s.
+pub struct AgentEvents {
+    node: String,
+    stream: tonic::Streaming<pb::WatchEvent>,
+}
+
+impl AgentEvents {
+    /// The next event; None when the agent closed the stream. What cannot be read (a model
+    /// without a proper name, an empty event) is left out and logged: one bad report must not
+    /// cost the node its stream, which would only bring the same report back.
+    pub async fn next(&mut self) -> Result<Option<AgentEvent>, ControllerError> {
+        loop {
+            let message = self.stream.message().await.map_err(|status| ControllerError::AgentCall {
+                node: self.node.clone(),
+                method: "Watch (stream)",
+                status: Box::new(status),
+            })?;
+            let Some(message) = message else { return Ok(None) };
+            if let Some(event) = read_event(message) {
+                return Ok(Some(event));
+            }
+        }
+    }
+}
+
+/// A Watch event in the api crate's terms; None when nothing in it can be read.
+fn read_event(message: pb::WatchEvent) -> Option<AgentEvent> {
+    let unreadable = |e: pb::WireError| tracing::warn!("the agent sent a report that cannot be read: {e}");
+    match message.event? {
+        pb::watch_event::Event::Snapshot(snapshot) => Some(AgentEvent::Snapshot(
+            snapshot.models.into_iter().filter_map(|s| ReplicaReport::try_from(s).map_err(unreadable).ok()).collect(),
+        )),
+        pb::watch_event::Event::Changed(state) => {
+            ReplicaReport::try_from(state).map(|r| AgentEvent::Changed(Box::new(r))).map_err(unreadable).ok()
+        }
+        pb::watch_event::Event::Removed(model) => {
+            ModelKey::try_from(model).map(AgentEvent::Removed).map_err(unreadable).ok()
+        }
     }
 }
 
 enum Attempt {
     Refused(ControllerError),
     Failed(Status),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use metalkube_api::Phase;
+
+    fn event(e: pb::watch_event::Event) -> pb::WatchEvent {
+        pb::WatchEvent { event: Some(e) }
+    }
+
+    fn state(namespace: &str, name: &str) -> pb::ModelState {
+        let mut s = pb::ModelState {
+            model: Some(pb::ModelRef { namespace: namespace.into(), name: name.into() }),
+            ..Default::default()
+        };
+        s.set_model_phase(Phase::Serving);
+        s
+    }
+
+    #[test]
+    fn watch_events_are_read_and_what_cannot_be_is_left_out() {
+        let key = ModelKey::new("ns", "a");
+        let serving = ReplicaReport { phase: Some(Phase::Serving), ..ReplicaReport::new(key.clone()) };
+        let snapshot =
+            pb::Snapshot { models: vec![state("ns", "a"), state("", "nameless"), pb::ModelState::default()] };
+        assert_eq!(
+            read_event(event(pb::watch_event::Event::Snapshot(snapshot))),
+            Some(AgentEvent::Snapshot(vec![serving.clone()])),
+            "the readable reports of a snapshot stand"
+        );
+        assert_eq!(
+            read_event(event(pb::watch_event::Event::Changed(state("ns", "a")))),
+            Some(AgentEvent::Changed(Box::new(serving)))
+        );
+        assert_eq!(read_event(event(pb::watch_event::Event::Changed(state("ns/x", "a")))), None);
+        let removed = pb::ModelRef { namespace: "ns".into(), name: "a".into() };
+        assert_eq!(read_event(event(pb::watch_event::Event::Removed(removed))), Some(AgentEvent::Removed(key)));
+        assert_eq!(read_event(pb::WatchEvent { event: None }), None, "an empty event changes nothing");
+    }
 }

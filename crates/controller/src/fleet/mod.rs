@@ -13,95 +13,18 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use metalkube_proto as pb;
+use metalkube_api::ModelKey;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 pub mod agent_client;
+pub mod agent_view;
+
+pub use agent_view::{AgentEvent, AgentView, ChangeKind, FleetChange};
 
 use crate::fleet::agent_client::{AgentClient, ClientSettings};
 use crate::metrics::{Metrics, NodeLabels};
 use metalkube_runtime::sync::{lock, read, write};
-
-/// What the controller knows of one agent.
-#[derive(Debug, Clone, Default)]
-pub struct AgentView {
-    pub connected: bool,
-    /// Connected at least once since the controller started.
-    pub ever_connected: bool,
-    /// Since when the agent has been out of reach; for a node never reached, since the link
-    /// was started.
-    pub lost_since: Option<Instant>,
-    pub info: Option<pb::InfoResponse>,
-    /// `namespace/name` → the agent's last report.
-    pub models: BTreeMap<String, pb::ModelState>,
-    pub last_heartbeat: Option<Time>,
-    pub last_error: Option<String>,
-}
-
-impl AgentView {
-    /// One Watch event into the view (pure): a snapshot replaces every model and marks the
-    /// stream connected; a change or a removal touches one model. Returns what kind of change it
-    /// was and which models it touched, so only those are reconciled.
-    pub fn apply(&mut self, event: pb::WatchEvent, now: Time) -> (ChangeKind, BTreeSet<String>) {
-        let mut touched = BTreeSet::new();
-        match event.event {
-            Some(pb::watch_event::Event::Snapshot(snapshot)) => {
-                let fresh: BTreeMap<String, pb::ModelState> =
-                    snapshot.models.into_iter().map(|m| (key_of(m.model.as_ref()), m)).collect();
-                touched.extend(self.models.keys().cloned());
-                touched.extend(fresh.keys().cloned());
-                self.models = fresh;
-                self.connected = true;
-                self.ever_connected = true;
-                self.lost_since = None;
-                self.last_error = None;
-                self.last_heartbeat = Some(now);
-                return (ChangeKind::Connection, touched);
-            }
-            Some(pb::watch_event::Event::Changed(state)) => {
-                let key = key_of(state.model.as_ref());
-                touched.insert(key.clone());
-                self.models.insert(key, state);
-            }
-            Some(pb::watch_event::Event::Removed(model)) => {
-                let key = key_of(Some(&model));
-                self.models.remove(&key);
-                touched.insert(key);
-            }
-            None => {}
-        }
-        (ChangeKind::Models, touched)
-    }
-
-    /// Reachable, or lost for less than the grace period.
-    pub fn reachable(&self, grace: Duration, now: Instant) -> bool {
-        self.connected || self.lost_since.is_some_and(|t| now.saturating_duration_since(t) < grace)
-    }
-
-    /// Still within the first connection attempt's grace: too early to act on its absence.
-    pub fn first_contact_pending(&self, grace: Duration, now: Instant) -> bool {
-        !self.ever_connected && self.reachable(grace, now)
-    }
-}
-
-/// What kind of change: it decides which MetalModels are looked at again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChangeKind {
-    /// Info refreshed: only the MetalNode's status may move.
-    Heartbeat,
-    /// Reports of `models` changed.
-    Models,
-    /// The node was reached, lost, or passed its grace period.
-    Connection,
-}
-
-/// Something changed on `node`; `models` are the keys whose reports changed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FleetChange {
-    pub node: String,
-    pub kind: ChangeKind,
-    pub models: BTreeSet<String>,
-}
 
 struct Link {
     endpoint: String,
@@ -117,10 +40,6 @@ pub struct Fleet {
     metrics: Arc<Metrics>,
     links: Mutex<HashMap<String, Link>>,
     changes: mpsc::UnboundedSender<FleetChange>,
-}
-
-fn key_of(m: Option<&pb::ModelRef>) -> String {
-    m.map(|m| metalkube_api::ModelKey::new(&m.namespace, &m.name).to_string()).unwrap_or_default()
 }
 
 fn now_time() -> Time {
@@ -184,7 +103,8 @@ impl Fleet {
                     heartbeat: self.heartbeat,
                     metrics: self.metrics.clone(),
                 };
-                let task = tokio::spawn(session.run());
+                // Every line the stream task logs says which node it is about.
+                let task = tokio::spawn(session.run().instrument(tracing::info_span!("agent", node = %node)));
                 self.look_again_after_first_grace(node, &view);
                 Link { endpoint: endpoint.to_owned(), client: Some(client), view, task }
             }
@@ -267,14 +187,18 @@ impl Session {
                 failed_attempts += 1;
                 // The first failure and then every tenth: a Mac that is off should not flood the log.
                 if failed_attempts % 10 == 1 {
-                    tracing::warn!(node = %self.node, attempts = failed_attempts, "cannot reach the agent: {}", error.as_deref().unwrap_or("stream closed"));
+                    tracing::warn!(
+                        attempts = failed_attempts,
+                        "cannot reach the agent: {}",
+                        error.as_deref().unwrap_or("stream closed")
+                    );
                 }
             }
             tokio::time::sleep(delays.next().unwrap_or(Duration::from_secs(5))).await;
         }
     }
 
-    fn notify(&self, kind: ChangeKind, models: BTreeSet<String>) {
+    fn notify(&self, kind: ChangeKind, models: BTreeSet<ModelKey>) {
         let _ = self.changes.send(FleetChange { node: self.node.clone(), kind, models });
     }
 
@@ -291,8 +215,8 @@ impl Session {
             v.connected = false;
             let since = Instant::now();
             v.lost_since = Some(since);
-            tracing::warn!(node = %self.node, error = ?v.last_error, "agent stream lost; grace period started");
-            let models: BTreeSet<String> = v.models.keys().cloned().collect();
+            tracing::warn!(error = ?v.last_error, "agent stream lost; grace period started");
+            let models: BTreeSet<ModelKey> = v.models.keys().cloned().collect();
             drop(v);
             self.set_up(false);
             self.notify(ChangeKind::Connection, models.clone());
@@ -322,16 +246,8 @@ impl Session {
         tick.tick().await;
         loop {
             tokio::select! {
-                message = stream.message() => {
-                    let event = match message {
-                        Ok(Some(event)) => event,
-                        Ok(None) => return Ok(()),
-                        Err(status) => return Err(crate::ControllerError::AgentCall {
-                            node: self.node.clone(),
-                            method: "Watch (stream)",
-                            status: Box::new(status),
-                        }),
-                    };
+                event = stream.next() => {
+                    let Some(event) = event? else { return Ok(()) };
                     self.apply(event);
                 }
                 _ = tick.tick() => {
@@ -347,13 +263,13 @@ impl Session {
         }
     }
 
-    fn apply(&self, event: pb::WatchEvent) {
+    fn apply(&self, event: AgentEvent) {
         let mut v = write(&self.view);
         let was_connected = v.connected;
         let (kind, touched) = v.apply(event, now_time());
         if kind == ChangeKind::Connection {
             if !was_connected {
-                tracing::info!(node = %self.node, models = v.models.len(), "agent stream connected");
+                tracing::info!(models = v.models.len(), "agent stream connected");
             }
             drop(v);
             self.set_up(true);
@@ -368,47 +284,6 @@ impl Session {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    fn state(name: &str, phase: pb::ModelPhase) -> pb::ModelState {
-        pb::ModelState {
-            model: Some(pb::ModelRef { namespace: "ns".into(), name: name.into() }),
-            phase: phase.into(),
-            ..Default::default()
-        }
-    }
-
-    fn event(e: pb::watch_event::Event) -> pb::WatchEvent {
-        pb::WatchEvent { event: Some(e) }
-    }
-
-    #[test]
-    fn watch_events_update_the_view_and_say_what_they_touched() {
-        let mut v =
-            AgentView { lost_since: Some(Instant::now()), last_error: Some("lost".into()), ..Default::default() };
-        v.models.insert("ns/gone".into(), state("gone", pb::ModelPhase::Serving));
-        let now = now_time();
-        let snapshot =
-            pb::Snapshot { models: vec![state("a", pb::ModelPhase::Serving), state("b", pb::ModelPhase::Failed)] };
-        let (kind, touched) = v.apply(event(pb::watch_event::Event::Snapshot(snapshot)), now.clone());
-        assert_eq!(kind, ChangeKind::Connection);
-        assert_eq!(touched.into_iter().collect::<Vec<_>>(), ["ns/a", "ns/b", "ns/gone"], "old and new models");
-        assert!(v.connected && v.ever_connected && v.lost_since.is_none() && v.last_error.is_none());
-        assert_eq!(v.last_heartbeat, Some(now.clone()));
-        assert_eq!(v.models.keys().collect::<Vec<_>>(), ["ns/a", "ns/b"]);
-
-        let (kind, touched) =
-            v.apply(event(pb::watch_event::Event::Changed(state("b", pb::ModelPhase::Starting))), now.clone());
-        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec!["ns/b".to_owned()]));
-        assert_eq!(v.models["ns/b"].model_phase(), Some(metalkube_api::Phase::Starting));
-
-        let removed = pb::ModelRef { namespace: "ns".into(), name: "a".into() };
-        let (kind, touched) = v.apply(event(pb::watch_event::Event::Removed(removed)), now.clone());
-        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec!["ns/a".to_owned()]));
-        assert_eq!(v.models.keys().collect::<Vec<_>>(), ["ns/b"]);
-
-        let (kind, touched) = v.apply(pb::WatchEvent { event: None }, now);
-        assert_eq!((kind, touched.len()), (ChangeKind::Models, 0), "an empty event changes nothing");
-    }
 
     #[tokio::test]
     async fn a_poisoned_lock_never_empties_the_fleet() {

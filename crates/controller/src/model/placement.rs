@@ -4,11 +4,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use metalkube_api::ModelKey;
+
 /// A MetalModel as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ModelDemand {
-    /// `namespace/name`.
-    pub key: String,
+    pub key: ModelKey,
     pub replicas: u32,
     pub node_selector: BTreeMap<String, String>,
     /// Estimated memory one replica needs (weights + KV cache + overhead).
@@ -30,8 +31,8 @@ pub struct NodeView {
     pub memory_budget_bytes: u64,
 }
 
-/// model key → node names serving it.
-pub type Assignments = BTreeMap<String, BTreeSet<String>>;
+/// model → node names serving it.
+pub type Assignments = BTreeMap<ModelKey, BTreeSet<String>>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UnscheduledReason {
@@ -59,7 +60,7 @@ pub struct Unscheduled {
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Placement {
     pub assignments: Assignments,
-    pub unscheduled: BTreeMap<String, Unscheduled>,
+    pub unscheduled: BTreeMap<ModelKey, Unscheduled>,
 }
 
 fn matches(node: &NodeView, selector: &BTreeMap<String, String>) -> bool {
@@ -84,7 +85,7 @@ pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) 
     // served first stay and the newcomer gives way; scaling down drops the newest replicas.
     let mut held: Vec<(&ModelDemand, &str)> =
         models.iter().flat_map(|m| current.get(&m.key).into_iter().flatten().map(move |n| (*m, n.as_str()))).collect();
-    held.sort_by_key(|(m, node)| (m.serving_since.get(*node).copied().unwrap_or(u64::MAX), m.key.as_str(), *node));
+    held.sort_by_key(|(m, node)| (m.serving_since.get(*node).copied().unwrap_or(u64::MAX), &m.key, *node));
     for m in &models {
         placement.assignments.insert(m.key.clone(), BTreeSet::new());
     }
@@ -176,9 +177,14 @@ mod tests {
         }
     }
 
+    /// A key spelled `namespace/name`.
+    fn k(key: &str) -> ModelKey {
+        ModelKey::parse(key).expect("a test key is namespace/name")
+    }
+
     fn model(key: &str, replicas: u32, gib: u64) -> ModelDemand {
         ModelDemand {
-            key: key.into(),
+            key: k(key),
             replicas,
             node_selector: BTreeMap::new(),
             memory_bytes: gib * GIB,
@@ -187,7 +193,7 @@ mod tests {
     }
 
     fn on(p: &Placement, key: &str) -> Vec<String> {
-        p.assignments.get(key).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+        p.assignments.get(&k(key)).map(|s| s.iter().cloned().collect()).unwrap_or_default()
     }
 
     #[test]
@@ -199,7 +205,7 @@ mod tests {
 
     #[test]
     fn keeps_existing_assignments_even_when_another_node_has_more_room() {
-        let current = Assignments::from([("ns/a".into(), BTreeSet::from(["m1".into()]))]);
+        let current = Assignments::from([(k("ns/a"), BTreeSet::from(["m1".into()]))]);
         let p = place(&[model("ns/a", 1, 4)], &[node("m1", 8), node("m2", 64)], &current);
         assert_eq!(on(&p, "ns/a"), ["m1"]);
     }
@@ -207,7 +213,7 @@ mod tests {
     #[test]
     fn insufficient_memory_names_the_closest_node_and_the_shortfall() {
         let p = place(&[model("ns/big", 1, 40)], &[node("m1", 16), node("m2", 32)], &Assignments::new());
-        let u = &p.unscheduled["ns/big"];
+        let u = &p.unscheduled[&k("ns/big")];
         assert_eq!(u.reason, UnscheduledReason::InsufficientMemory);
         assert!(u.message.contains("m2") && u.message.contains("8.0 GiB short"), "{}", u.message);
     }
@@ -227,20 +233,20 @@ mod tests {
         let p =
             place(&[m.clone()], &[gpu.clone(), cordoned.clone(), down.clone(), node("m4", 64)], &Assignments::new());
         assert_eq!(on(&p, "ns/a"), ["m1"]);
-        assert_eq!(p.unscheduled["ns/a"].reason, UnscheduledReason::NoMatchingNode);
-        assert_eq!(p.unscheduled["ns/a"].missing, 2);
+        assert_eq!(p.unscheduled[&k("ns/a")].reason, UnscheduledReason::NoMatchingNode);
+        assert_eq!(p.unscheduled[&k("ns/a")].missing, 2);
         // A cordoned node keeps what it already serves.
-        let current = Assignments::from([("ns/a".into(), BTreeSet::from(["m2".into()]))]);
+        let current = Assignments::from([(k("ns/a"), BTreeSet::from(["m2".into()]))]);
         assert!(on(&place(&[m], &[gpu, cordoned, down], &current), "ns/a").contains(&"m2".to_owned()));
     }
 
     #[test]
     fn scaling_down_keeps_a_subset() {
-        let current = Assignments::from([("ns/a".into(), BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]))]);
+        let current = Assignments::from([(k("ns/a"), BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]))]);
         let nodes = [node("m1", 16), node("m2", 16), node("m3", 16)];
         let p = place(&[model("ns/a", 1, 4)], &nodes, &current);
-        assert_eq!(p.assignments["ns/a"].len(), 1);
-        assert!(p.assignments["ns/a"].is_subset(&current["ns/a"]));
+        assert_eq!(p.assignments[&k("ns/a")].len(), 1);
+        assert!(p.assignments[&k("ns/a")].is_subset(&current[&k("ns/a")]));
     }
 
     /// A model placed before its size was known (0) turns out bigger than the room left: the
@@ -248,15 +254,15 @@ mod tests {
     #[test]
     fn a_newcomer_whose_size_turns_out_too_big_gives_way_to_the_model_serving_before_it() {
         let current = Assignments::from([
-            ("ns/tiny".into(), BTreeSet::from(["m1".into()])),
-            ("ns/second".into(), BTreeSet::from(["m1".into()])),
+            (k("ns/tiny"), BTreeSet::from(["m1".into()])),
+            (k("ns/second"), BTreeSet::from(["m1".into()])),
         ]);
         let mut tiny = model("ns/tiny", 1, 5);
         tiny.serving_since.insert("m1".into(), 1_000);
         let second = model("ns/second", 1, 5);
         let p = place(&[second.clone(), tiny.clone()], &[node("m1", 8)], &current);
         assert_eq!((on(&p, "ns/tiny"), on(&p, "ns/second")), (vec!["m1".to_owned()], vec![]));
-        assert_eq!(p.unscheduled["ns/second"].reason, UnscheduledReason::InsufficientMemory);
+        assert_eq!(p.unscheduled[&k("ns/second")].reason, UnscheduledReason::InsufficientMemory);
         // Both serving: the one that served first stays.
         let mut second = second;
         second.serving_since.insert("m1".into(), 2_000);
@@ -266,7 +272,7 @@ mod tests {
 
     #[test]
     fn scaling_down_drops_the_newest_replicas() {
-        let current = Assignments::from([("ns/a".into(), BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]))]);
+        let current = Assignments::from([(k("ns/a"), BTreeSet::from(["m1".into(), "m2".into(), "m3".into()]))]);
         let mut a = model("ns/a", 2, 4);
         // m2 is the newest; neither name order nor free room would pick it to go.
         a.serving_since = BTreeMap::from([("m1".into(), 10), ("m2".into(), 30), ("m3".into(), 20)]);
@@ -292,7 +298,7 @@ mod tests {
                 ms.into_iter()
                     .enumerate()
                     .map(|(i, (replicas, gib, zone))| ModelDemand {
-                        key: format!("ns/m{i}"),
+                        key: ModelKey::new("ns", format!("m{i}")),
                         replicas,
                         node_selector: zone
                             .map(|z| BTreeMap::from([("zone".into(), z.to_string())]))
@@ -336,7 +342,7 @@ mod tests {
                 }
             }
             let mut late = ModelDemand {
-                key: "ns/a-late-one".into(),
+                key: k("ns/a-late-one"),
                 replicas: 2,
                 node_selector: BTreeMap::new(),
                 memory_bytes: 0,

@@ -18,7 +18,7 @@ use kube::runtime::finalizer::{self, finalizer};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource, ResourceExt};
 use metalkube_api::keys::{KeyDigest, fingerprint};
-use metalkube_api::{MetalModel, MetalModelStatus, MetalNode};
+use metalkube_api::{MetalModel, MetalModelStatus, MetalNode, ModelKey};
 use metalkube_proto as pb;
 use serde_json::json;
 
@@ -46,13 +46,13 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     /// Per model: the delays of its next retries while reconciles keep failing.
-    failures: Mutex<HashMap<String, ExponentialBackoff>>,
-    /// model key → (uid, generation, bytes): estimates agents reported, kept after the agent
-    /// has dropped the model (a model that fits nowhere is stopped, and must stay unscheduled).
-    memory: Mutex<HashMap<String, (String, i64, u64)>>,
-    /// `namespace/name` of the Service listing the Macs: a MetalModel of that key would share
-    /// its Service and slices, so it is refused.
-    reserved_key: String,
+    failures: Mutex<HashMap<ModelKey, ExponentialBackoff>>,
+    /// model → (uid, generation, bytes): estimates agents reported, kept after the agent has
+    /// dropped the model (a model that fits nowhere is stopped, and must stay unscheduled).
+    memory: Mutex<HashMap<ModelKey, (String, i64, u64)>>,
+    /// The Service listing the Macs: a MetalModel of that namespace and name would share its
+    /// Service and slices, so it is refused.
+    reserved_key: Option<ModelKey>,
     /// How often a model with API keys is reconciled when nothing else happens: the controller
     /// does not watch Secrets (that would need to read every Secret in the cluster), so a rotated
     /// key reaches the agents within this time, or at once with any change to the MetalModel.
@@ -77,7 +77,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
-            reserved_key: String::new(),
+            reserved_key: None,
             keys_resync: Duration::from_secs(60),
         }
     }
@@ -90,14 +90,14 @@ impl Context {
 
     /// Refuses MetalModels whose Service would be the agents Service (`namespace/name`).
     pub fn reserving(mut self, namespace: &str, agents_service: &str) -> Self {
-        self.reserved_key = format!("{namespace}/{agents_service}");
+        self.reserved_key = Some(ModelKey::new(namespace, agents_service));
         self
     }
 
     /// Memory one replica of `m` needs: what an agent reports for this generation, else what one
     /// reported earlier (remembered here, or in the status by a previous controller).
     fn memory_for(&self, m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
-        let key = model_key(m);
+        let key = ModelKey::of(m);
         let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
         let mut known = metalkube_runtime::sync::lock(&self.memory);
         if let Some(bytes) = reported_memory(m, views) {
@@ -115,13 +115,12 @@ impl Context {
     }
 }
 
-pub fn model_key(m: &MetalModel) -> String {
-    metalkube_api::ModelKey::of(m).to_string()
-}
-
+/// One MetalModel's reconcile, in a span naming the model: every line logged on its way (agent
+/// calls, Secrets, status writes) says which model it is about.
+#[tracing::instrument(skip(model, ctx), fields(model = %ModelKey::of(&model)))]
 pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Action, ControllerError> {
     let started = Instant::now();
-    let key = model_key(&model);
+    let key = ModelKey::of(&model);
     let api: Api<MetalModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
     let result = finalizer(&api, FINALIZER, model, |event| async {
         match event {
@@ -155,7 +154,7 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Failed reconciles come back with exponential backoff (backon: 0.5 s doubling to 1 min,
 /// jittered), reset by the next success.
 pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Context>) -> Action {
-    let key = model_key(&model);
+    let key = ModelKey::of(&model);
     let delay = {
         let mut f = metalkube_runtime::sync::lock(&ctx.failures);
         f.entry(key.clone())
@@ -165,6 +164,7 @@ pub fn error_policy(model: Arc<MetalModel>, error: &ControllerError, ctx: Arc<Co
             .next()
     };
     let delay = delay.unwrap_or(RETRY_MAX);
+    // kube-runtime calls this outside the reconcile's span, so the line names its model itself.
     tracing::warn!(model = %key, retry_in = ?delay, "reconcile failed: {error}");
     Action::requeue(delay)
 }
@@ -174,10 +174,10 @@ fn ensure_request(
     keys: Option<&[KeyDigest]>,
     hub_token: Option<String>,
 ) -> Result<pb::EnsureModelRequest, ControllerError> {
-    let spec_json =
-        serde_json::to_string(&m.spec).map_err(|source| ControllerError::SpecEncoding { key: model_key(m), source })?;
+    let spec_json = serde_json::to_string(&m.spec)
+        .map_err(|source| ControllerError::SpecEncoding { key: ModelKey::of(m), source })?;
     Ok(pb::EnsureModelRequest {
-        model: Some(pb::ModelRef { namespace: m.namespace().unwrap_or_default(), name: m.name_any() }),
+        model: Some(ModelKey::of(m).into()),
         uid: m.uid().unwrap_or_default(),
         generation: m.metadata.generation.unwrap_or(0),
         spec_json,
@@ -194,18 +194,18 @@ fn place_all(
     views: &BTreeMap<String, AgentView>,
     nodes: &[Arc<MetalNode>],
 ) -> Placement {
-    let key = model_key(model);
+    let key = ModelKey::of(model);
     let mut models: Vec<Arc<MetalModel>> = ctx
         .models
         .state()
         .into_iter()
-        .filter(|m| m.meta().deletion_timestamp.is_none() && model_key(m) != key)
+        .filter(|m| m.meta().deletion_timestamp.is_none() && ModelKey::of(m) != key)
         .collect();
     models.push(Arc::new(model.clone()));
     let demands: Vec<ModelDemand> = models
         .iter()
         .map(|m| ModelDemand {
-            key: model_key(m),
+            key: ModelKey::of(m),
             replicas: m.spec.replicas,
             node_selector: m.spec.node_selector.clone(),
             memory_bytes: ctx.memory_for(m, views).unwrap_or(0),
@@ -222,7 +222,7 @@ fn place_all(
                 unschedulable: n.spec.unschedulable,
                 ready: view.is_some_and(|v| v.connected),
                 memory_budget_bytes: view
-                    .and_then(|v| v.info.as_ref().map(|i| i.memory_budget_bytes))
+                    .and_then(|v| v.info.as_ref().map(|i| i.capacity.memory_budget_bytes))
                     .or_else(|| n.status.as_ref()?.capacity.as_ref().map(|c| c.memory_budget_bytes))
                     .unwrap_or(0),
             }
@@ -233,7 +233,7 @@ fn place_all(
     let current: Assignments = models
         .iter()
         .map(|m| {
-            let k = model_key(m);
+            let k = ModelKey::of(m);
             let mut on = holders(&k, views);
             on.extend(m.status.iter().flat_map(|s| s.replicas.iter().map(|r| r.node.clone())));
             (k, on)
@@ -243,8 +243,9 @@ fn place_all(
 }
 
 async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
-    if model_key(model) == ctx.reserved_key {
-        return Err(ControllerError::ReservedName { key: ctx.reserved_key.clone() });
+    let key = ModelKey::of(model);
+    if ctx.reserved_key.as_ref() == Some(&key) {
+        return Err(ControllerError::ReservedName { key });
     }
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.models.wait_until_ready().await;
@@ -256,7 +257,6 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     if views.values().any(|v| v.first_contact_pending(grace, now)) {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
-    let key = model_key(model);
     let placement = place_all(model, ctx, &views, &nodes);
     let assigned = placement.assignments.get(&key).cloned().unwrap_or_default();
 
@@ -313,7 +313,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     for node in &leaving {
         let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
         if view.connected
-            && let Err(e) = client.stop_model(&model.namespace().unwrap_or_default(), &model.name_any()).await
+            && let Err(e) = client.stop_model(&key).await
         {
             failures.push(e);
         }
@@ -351,7 +351,7 @@ fn replica_inputs<'a>(
     addresses: &'a BTreeMap<String, String>,
     views: &'a BTreeMap<String, AgentView>,
     assigned: &BTreeSet<String>,
-    key: &str,
+    key: &ModelKey,
     grace: Duration,
     now: Instant,
 ) -> Vec<ReplicaInput<'a>> {
@@ -444,7 +444,7 @@ where
 /// holds the model but cannot be reached keeps the finalizer (its engine may still run) unless
 /// its MetalNode is gone.
 async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
-    let key = model_key(model);
+    let key = ModelKey::of(model);
     let (ns, name) = (model.namespace().unwrap_or_default(), model.name_any());
     let views = ctx.fleet.views();
     let recorded: BTreeSet<String> =
@@ -455,9 +455,9 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
         let Some(client) = ctx.fleet.client(node) else { continue };
         let connected = views.get(node).is_some_and(|v| v.connected);
         if !connected {
-            return Err(ControllerError::AgentUnreachable { node: node.clone(), model: key.to_string() });
+            return Err(ControllerError::AgentUnreachable { node: node.clone(), model: key });
         }
-        client.stop_model(&ns, &name).await?;
+        client.stop_model(&key).await?;
     }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     delete_slices_except(&slices, &model_slices(&slices, &name).await?, &[]).await?;

@@ -9,7 +9,7 @@ use metalkube_api::MetalModel;
 use metalkube_api::keys::{KeyDigest, digests_of_key_lines};
 
 use crate::ControllerError;
-use crate::model::reconcile::{Context, model_key};
+use crate::model::reconcile::Context;
 
 /// The hub token `spec.model.tokenSecretRef` names, read from the Secret in the model's
 /// namespace. A missing Secret or key sends no token: the agent then says the hub refused it,
@@ -20,7 +20,7 @@ pub(crate) async fn hub_token(m: &MetalModel, ctx: &Context) -> Result<Option<St
     let value = secrets.get_opt(&r.name).await?.and_then(|s| s.data?.remove(&r.key));
     let token = value.map(|b| String::from_utf8_lossy(&b.0).trim().to_owned()).filter(|t| !t.is_empty());
     if token.is_none() {
-        tracing::warn!(model = %model_key(m), secret = %r.name, key = %r.key, "spec.model.tokenSecretRef names a Secret key that does not exist or is empty; downloading without a token");
+        tracing::warn!(secret = %r.name, key = %r.key, "spec.model.tokenSecretRef names a Secret key that does not exist or is empty; downloading without a token");
     }
     Ok(token)
 }
@@ -37,7 +37,6 @@ pub(crate) async fn api_key_digests(m: &MetalModel, ctx: &Context) -> Result<Opt
         Some(bytes) => Ok(Some(digests_of_key_lines(&bytes.0))),
         None => {
             tracing::warn!(
-                model = %model_key(m),
                 secret = %r.name,
                 key = %r.key,
                 "spec.auth names a Secret key that does not exist; the model lets nobody in"

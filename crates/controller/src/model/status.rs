@@ -2,8 +2,7 @@
 //! is told can be tested without a cluster.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use metalkube_api::{DownloadProgress, MetalModelStatus, Phase, ReplicaStatus};
-use metalkube_proto as pb;
+use metalkube_api::{MetalModelStatus, Phase, ReplicaReport, ReplicaStatus};
 
 use crate::model::conditions::{Observation, ReplicaView, compute_conditions};
 use crate::model::endpoints::EndpointReplica;
@@ -20,7 +19,7 @@ pub struct ReplicaInput<'a> {
     /// Placement wants the model here; false means it is being stopped.
     pub assigned: bool,
     /// The agent's last report; None before the agent has heard of the model.
-    pub state: Option<&'a pb::ModelState>,
+    pub state: Option<&'a ReplicaReport>,
 }
 
 fn view(r: &ReplicaInput<'_>) -> ReplicaView {
@@ -28,20 +27,15 @@ fn view(r: &ReplicaInput<'_>) -> ReplicaView {
     ReplicaView {
         node: r.node.to_owned(),
         agent_reachable: r.reachable,
-        phase: s.and_then(pb::ModelState::model_phase).unwrap_or(Phase::Pending),
-        grade: s.and_then(pb::ModelState::pulse_grade),
+        phase: s.and_then(|s| s.phase).unwrap_or(Phase::Pending),
+        grade: s.and_then(|s| s.grade),
         ready_on_agent: s.is_some_and(|s| s.ready),
         saturated: s.is_some_and(|s| s.saturated),
-        last_error: s.map(|s| s.last_error.clone()).filter(|e| !e.is_empty()),
-        host_contended: s.map(|s| s.host_contended_cause.clone()).filter(|c| !c.is_empty()),
+        last_error: s.and_then(|s| s.last_error.clone()),
+        host_contended: s.and_then(|s| s.host_contended.clone()),
         slow_after_restart: s.is_some_and(|s| s.slow_after_restart),
-        restart_decision: s.map(|s| s.restart_decision.clone()).filter(|d| !d.is_empty()),
+        restart_decision: s.and_then(|s| s.restart_decision.clone()),
     }
-}
-
-fn download(d: &pb::DownloadProgress) -> DownloadProgress {
-    // The wire says 0 for "not known yet".
-    DownloadProgress::new(d.done_bytes, Some(d.total_bytes).filter(|t| *t > 0), Some(d.bytes_per_second))
 }
 
 pub struct ModelObservation<'a> {
@@ -67,11 +61,11 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
         .map(|(r, v)| ReplicaStatus {
             node: r.node.to_owned(),
             address: Some(r.address.to_owned()),
-            port: r.state.and_then(|s| u16::try_from(s.serving_port).ok()).filter(|p| *p > 0),
+            port: r.state.and_then(|s| s.serving_port),
             phase: v.phase,
             ready: v.is_ready(),
             grade: v.grade,
-            pulse_seconds: r.state.map(|s| s.pulse_seconds).filter(|p| *p > 0.0),
+            pulse_seconds: r.state.and_then(|s| s.pulse_seconds),
             queue_depth: r.state.map_or(0, |s| s.queue_depth),
             in_flight: r.state.map_or(0, |s| s.in_flight),
             restarts: r.state.map_or(0, |s| s.restarts),
@@ -80,11 +74,11 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
             // restarted serves again, but the replica has held its place since the first time.
             serving_since: r
                 .state
-                .and_then(|s| serving_since(s.serving_since_unix_ms))
+                .and_then(|s| s.serving_since_unix_ms.and_then(serving_since))
                 .into_iter()
                 .chain(previous.replicas.iter().find(|p| p.node == r.node).and_then(|p| p.serving_since.clone()))
                 .min(),
-            download: r.state.and_then(|s| s.download.as_ref()).filter(|_| v.phase == Phase::Downloading).map(download),
+            download: r.state.and_then(|s| s.download.clone()).filter(|_| v.phase == Phase::Downloading),
             host_contended: v.host_contended.clone(),
             slow_after_restart: v.slow_after_restart,
         })
@@ -102,7 +96,8 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
     }
 }
 
-/// An agent's `serving_since_unix_ms` as a timestamp (0: not serving yet).
+/// An agent's `serving_since_unix_ms` as a timestamp (none for 0 or a time past what a
+/// timestamp can hold).
 pub fn serving_since(unix_ms: u64) -> Option<Time> {
     let ms = i64::try_from(unix_ms).ok().filter(|ms| *ms > 0)?;
     k8s_openapi::jiff::Timestamp::from_millisecond(ms).ok().map(Time)
@@ -115,7 +110,7 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
         .iter()
         .filter_map(|r| {
             let s = r.state?;
-            let port = u16::try_from(s.serving_port).ok().filter(|p| *p > 0)?;
+            let port = s.serving_port?;
             let v = view(r);
             let process_up =
                 r.reachable && (v.phase.engine_up() || matches!(v.phase, Phase::Degraded | Phase::HostContended));
@@ -138,18 +133,18 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
-    use metalkube_api::Grade;
+    use metalkube_api::{DownloadProgress, Grade, ModelKey};
 
-    fn state(phase: &str, grade: &str, port: u32) -> pb::ModelState {
-        pb::ModelState {
-            phase: Phase::parse(phase).map_or(0, |p| pb::ModelPhase::from(p).into()),
-            grade: pb::PulseGrade::from(Grade::parse(grade)).into(),
+    fn state(phase: &str, grade: &str, port: u16) -> ReplicaReport {
+        ReplicaReport {
+            phase: Phase::parse(phase),
+            grade: Grade::parse(grade),
             ready: phase == "Serving" && grade != "Red",
-            serving_port: port,
-            pulse_seconds: 0.2,
+            serving_port: Some(port).filter(|p| *p > 0),
+            pulse_seconds: Some(0.2),
             restarts: 1,
             queue_depth: 2,
-            ..Default::default()
+            ..ReplicaReport::new(ModelKey::new("ns", "m"))
         }
     }
 
@@ -158,7 +153,7 @@ mod tests {
     }
 
     /// Two assigned replicas on reachable nodes `a` and `b`.
-    fn reachable_pair<'a>(a: &'a pb::ModelState, b: &'a pb::ModelState) -> [ReplicaInput<'a>; 2] {
+    fn reachable_pair<'a>(a: &'a ReplicaReport, b: &'a ReplicaReport) -> [ReplicaInput<'a>; 2] {
         [
             ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(a) },
             ReplicaInput { node: "b", address: "10.0.0.2", reachable: true, assigned: true, state: Some(b) },
@@ -190,9 +185,9 @@ mod tests {
     #[test]
     fn a_download_shows_in_the_replica_and_progressing() {
         let mut a = state("Downloading", "", 0);
-        a.download = Some(pb::DownloadProgress { done_bytes: 250, total_bytes: 1_000, bytes_per_second: 50.0 });
+        a.download = Some(DownloadProgress::new(250, Some(1_000), Some(50.0)));
         let mut stale = state("Serving", "Green", 8080);
-        stale.download = a.download;
+        stale.download = a.download.clone();
         let replicas = reachable_pair(&a, &stale);
         let obs = observation(Some(1), &replicas, None);
         let s = model_status(&obs, &MetalModelStatus::default(), &now());
@@ -231,13 +226,13 @@ mod tests {
     #[test]
     fn a_replica_keeps_the_earliest_time_it_served() {
         let mut a = state("Serving", "Green", 8080);
-        a.serving_since_unix_ms = 5_000_000;
+        a.serving_since_unix_ms = Some(5_000_000);
         let replicas =
             [ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&a) }];
         let obs = ModelObservation { desired_replicas: 1, ..observation(Some(1), &replicas, None) };
         let first = model_status(&obs, &MetalModelStatus::default(), &now());
         assert_eq!(first.replicas[0].serving_since, serving_since(5_000_000));
-        let restarted = pb::ModelState { serving_since_unix_ms: 9_000_000, ..a.clone() };
+        let restarted = ReplicaReport { serving_since_unix_ms: Some(9_000_000), ..a.clone() };
         let replicas =
             [ReplicaInput { node: "a", address: "10.0.0.1", reachable: true, assigned: true, state: Some(&restarted) }];
         let later = model_status(&ModelObservation { replicas: &replicas, ..obs }, &first, &now());

@@ -199,9 +199,9 @@ pub fn agent_targets(
         .map(|n| {
             let name = n.name_any();
             let view = views.get(&name);
-            let reported = view.and_then(|v| v.info.as_ref()).map(|i| i.http_port).filter(|p| *p > 0);
-            let recorded = n.status.as_ref().and_then(|s| s.agent_http_port).map(u32::from);
-            let port = reported.or(recorded).and_then(|p| u16::try_from(p).ok()).unwrap_or(DEFAULT_AGENT_HTTP_PORT);
+            let reported = view.and_then(|v| v.info.as_ref()).and_then(|i| i.http_port);
+            let recorded = n.status.as_ref().and_then(|s| s.agent_http_port);
+            let port = reported.or(recorded).unwrap_or(DEFAULT_AGENT_HTTP_PORT);
             AgentTarget {
                 ready: view.is_some_and(|v| v.reachable(grace, now)),
                 node: name,
@@ -215,8 +215,7 @@ pub fn agent_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metalkube_api::{MetalNodeSpec, MetalNodeStatus};
-    use metalkube_proto as pb;
+    use metalkube_api::{AgentInfo, MetalNodeSpec, MetalNodeStatus};
 
     #[test]
     fn targets_take_the_port_the_agent_reported_else_the_recorded_one() {
@@ -235,7 +234,7 @@ mod tests {
         let now = Instant::now();
         let connected = AgentView {
             connected: true,
-            info: Some(pb::InfoResponse { http_port: 9191, ..pb::InfoResponse::default() }),
+            info: Some(AgentInfo { http_port: Some(9191), ..AgentInfo::default() }),
             ..AgentView::default()
         };
         let lost = AgentView { lost_since: Some(now - Duration::from_secs(60)), ..AgentView::default() };

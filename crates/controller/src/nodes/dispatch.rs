@@ -5,14 +5,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use kube::runtime::reflector::ObjectRef;
-use metalkube_api::MetalModel;
+use metalkube_api::{MetalModel, ModelKey};
 
 use crate::fleet::{ChangeKind, FleetChange};
 use crate::model::condition_names::types;
 
-fn model_ref(key: &str) -> Option<ObjectRef<MetalModel>> {
-    let (ns, name) = key.split_once('/')?;
-    Some(ObjectRef::new(name).within(ns))
+fn model_ref(key: &ModelKey) -> ObjectRef<MetalModel> {
+    ObjectRef::new(&key.name).within(&key.namespace)
 }
 
 /// The models to reconcile after `change`:
@@ -25,7 +24,7 @@ pub fn models_to_reconcile(change: &FleetChange, models: &[Arc<MetalModel>]) -> 
     if change.kind == ChangeKind::Heartbeat {
         return HashSet::new();
     }
-    let mut refs: HashSet<ObjectRef<MetalModel>> = change.models.iter().filter_map(|k| model_ref(k)).collect();
+    let mut refs: HashSet<ObjectRef<MetalModel>> = change.models.iter().map(model_ref).collect();
     for m in models {
         let wanted = m.status.as_ref().is_none_or(|s| {
             s.conditions.iter().any(|c| c.type_ == types::SCHEDULED && c.status != "True")
@@ -79,7 +78,8 @@ mod tests {
     }
 
     fn change(node: &str, kind: ChangeKind, models: &[&str]) -> FleetChange {
-        FleetChange { node: node.into(), kind, models: models.iter().map(|m| (*m).to_owned()).collect() }
+        let models = models.iter().map(|m| ModelKey::parse(m).expect("a test key is namespace/name")).collect();
+        FleetChange { node: node.into(), kind, models }
     }
 
     fn names(refs: &HashSet<ObjectRef<MetalModel>>) -> BTreeSet<String> {
@@ -100,7 +100,7 @@ mod tests {
             model("waiting", Some(false), &[]),
             model("fresh", None, &[]),
         ];
-        let refs = models_to_reconcile(&change("mac-01", ChangeKind::Models, &["ml/reported", "no-slash"]), &models);
+        let refs = models_to_reconcile(&change("mac-01", ChangeKind::Models, &["ml/reported"]), &models);
         assert_eq!(names(&refs), BTreeSet::from(["reported".into(), "waiting".into(), "fresh".into()]));
         assert!(refs.iter().all(|r| r.namespace.as_deref() == Some("ml")));
     }

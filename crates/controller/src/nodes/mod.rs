@@ -5,7 +5,7 @@ pub mod agent_endpoints;
 pub mod dispatch;
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,7 +133,7 @@ pub async fn write_node_statuses(
     mut requests: mpsc::UnboundedReceiver<String>,
 ) {
     let api: Api<MetalNode> = Api::all(client.clone());
-    let mut last_write: std::collections::HashMap<String, Instant> = std::collections::HashMap::new();
+    let mut last_write: HashMap<String, Instant> = HashMap::new();
     let mut written_targets: Option<(Vec<AgentTarget>, Instant)> = None;
     while let Some(first) = requests.recv().await {
         let mut due = BTreeSet::from([first]);
@@ -142,36 +142,47 @@ pub async fn write_node_statuses(
         }
         write_agent_targets(&client, &fleet, &nodes, &agents, &mut written_targets).await;
         for name in due {
-            let Some(node) = nodes.get(&ObjectRef::new(&name)) else { continue };
-            let Some(view) = fleet.view(&name) else { continue };
-            let now = Instant::now();
-            // A node not yet contacted since this controller started has nothing new to say:
-            // its status stays as the last controller left it.
-            if view.first_contact_pending(fleet.grace(), now) {
-                continue;
-            }
-            let previous = node.status.clone().unwrap_or_default();
-            let reachable = view.reachable(fleet.grace(), now);
-            let status = node_status(&view, reachable, &previous, &Time(Timestamp::now()));
-            let heartbeat_only =
-                MetalNodeStatus { last_heartbeat: previous.last_heartbeat.clone(), ..status.clone() } == previous;
-            let stale = last_write.get(&name).is_none_or(|t| t.elapsed() >= HEARTBEAT_WRITE);
-            if status == previous || (heartbeat_only && !stale) {
-                continue;
-            }
-            let body = json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode", "status": status});
-            match api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
-                Ok(_) => {
-                    last_write.insert(name.clone(), Instant::now());
-                }
-                Err(e) => {
-                    tracing::warn!(node = %name, "writing MetalNode status: {e}");
-                    continue;
-                }
-            }
-            publish(&recorder, node_events(&previous, &status), &node.object_ref(&())).await;
+            write_node_status(&api, &fleet, &nodes, &recorder, &name, &mut last_write).await;
         }
     }
+}
+
+/// One MetalNode's status from its agent, written when it changed (a heartbeat alone at most
+/// every `HEARTBEAT_WRITE`), then the Events the change deserves. In a span naming the node, so
+/// every line logged on the way says which node it is about.
+#[tracing::instrument(skip_all, fields(node = %name))]
+async fn write_node_status(
+    api: &Api<MetalNode>,
+    fleet: &Fleet,
+    nodes: &Store<MetalNode>,
+    recorder: &Recorder,
+    name: &str,
+    last_write: &mut HashMap<String, Instant>,
+) {
+    let Some(node) = nodes.get(&ObjectRef::new(name)) else { return };
+    let Some(view) = fleet.view(name) else { return };
+    let now = Instant::now();
+    // A node not yet contacted since this controller started has nothing new to say: its status
+    // stays as the last controller left it.
+    if view.first_contact_pending(fleet.grace(), now) {
+        return;
+    }
+    let previous = node.status.clone().unwrap_or_default();
+    let reachable = view.reachable(fleet.grace(), now);
+    let status = node_status(&view, reachable, &previous, &Time(Timestamp::now()));
+    let heartbeat_only =
+        MetalNodeStatus { last_heartbeat: previous.last_heartbeat.clone(), ..status.clone() } == previous;
+    let stale = last_write.get(name).is_none_or(|t| t.elapsed() >= HEARTBEAT_WRITE);
+    if status == previous || (heartbeat_only && !stale) {
+        return;
+    }
+    let body = json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode", "status": status});
+    if let Err(e) = api.patch_status(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&body)).await {
+        tracing::warn!("writing MetalNode status: {e}");
+        return;
+    }
+    last_write.insert(name.to_owned(), Instant::now());
+    publish(recorder, node_events(&previous, &status), &node.object_ref(&())).await;
 }
 
 /// Lists every MetalNode's agent in the agents Service (Service, EndpointSlices, Endpoints) when

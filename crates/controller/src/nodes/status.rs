@@ -2,7 +2,7 @@
 //! controller can reach it. Pure.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use metalkube_api::{MetalNodeStatus, NodeCapacity, Phase};
+use metalkube_api::{MetalNodeStatus, Phase};
 
 use crate::fleet::AgentView;
 use crate::model::condition_names::{reasons, types};
@@ -10,24 +10,13 @@ use crate::model::conditions::stamp;
 
 /// `reachable`: connected, or lost for less than the grace period.
 pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus, now: &Time) -> MetalNodeStatus {
-    let capacity = view
-        .info
-        .as_ref()
-        .map(|i| NodeCapacity {
-            unified_memory_bytes: i.unified_memory_bytes,
-            memory_budget_bytes: i.memory_budget_bytes,
-            chip: i.chip.clone(),
-            gpu_cores: i.gpu_cores,
-            os: i.os.clone(),
-            agent_version: i.agent_version.clone(),
-        })
-        .or_else(|| previous.capacity.clone());
+    let capacity = view.info.as_ref().map(|i| i.capacity.clone()).or_else(|| previous.capacity.clone());
     // A model that failed or has not started holds no memory.
     let allocated: u64 = view
         .models
         .values()
-        .filter(|m| !matches!(m.model_phase(), Some(Phase::Failed | Phase::Pending)))
-        .map(|m| m.memory_bytes)
+        .filter(|m| !matches!(m.phase, Some(Phase::Failed | Phase::Pending)))
+        .filter_map(|m| m.memory_bytes)
         .sum();
     let error = view.last_error.as_deref().map(|e| format!(": {e}")).unwrap_or_default();
     let ready = if view.connected {
@@ -56,12 +45,7 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
         stamp(types::READY, ready.0, ready.1.to_owned(), ready.2, &previous.conditions, None, now),
         stamp(types::MEMORY_PRESSURE, pressure.0, pressure.1.to_owned(), pressure.2, &previous.conditions, None, now),
     ];
-    let agent_http_port = view
-        .info
-        .as_ref()
-        .and_then(|i| u16::try_from(i.http_port).ok())
-        .filter(|p| *p > 0)
-        .or(previous.agent_http_port);
+    let agent_http_port = view.info.as_ref().and_then(|i| i.http_port).or(previous.agent_http_port);
     MetalNodeStatus {
         capacity,
         allocated_memory_bytes: allocated,
@@ -76,7 +60,12 @@ pub fn node_status(view: &AgentView, reachable: bool, previous: &MetalNodeStatus
 mod tests {
     use super::*;
     use k8s_openapi::jiff::Timestamp;
-    use metalkube_proto as pb;
+    use metalkube_api::{AgentInfo, ModelKey, NodeCapacity, ReplicaReport};
+
+    fn holding(name: &str, memory_bytes: u64, phase: Phase) -> (ModelKey, ReplicaReport) {
+        let key = ModelKey::new("ns", name);
+        (key.clone(), ReplicaReport { memory_bytes: Some(memory_bytes), phase: Some(phase), ..ReplicaReport::new(key) })
+    }
 
     fn t(s: i64) -> Time {
         Time(Timestamp::from_second(s).unwrap())
@@ -91,17 +80,17 @@ mod tests {
     fn ready_follows_the_stream_and_the_grace_period() {
         let mut v = AgentView {
             connected: true,
-            info: Some(pb::InfoResponse {
-                memory_budget_bytes: 100,
-                agent_version: "0.1.0".into(),
+            info: Some(AgentInfo {
+                capacity: NodeCapacity {
+                    memory_budget_bytes: 100,
+                    agent_version: "0.1.0".into(),
+                    ..Default::default()
+                },
                 ..Default::default()
             }),
             ..Default::default()
         };
-        v.models.insert(
-            "ns/a".into(),
-            pb::ModelState { memory_bytes: 60, phase: pb::ModelPhase::Serving.into(), ..Default::default() },
-        );
+        v.models.extend([holding("a", 60, Phase::Serving)]);
         let up = node_status(&v, true, &MetalNodeStatus::default(), &t(10));
         assert_eq!(ready(&up), ("True".into(), "AgentConnected".into(), t(10)));
         assert_eq!((up.allocated_memory_bytes, up.models), (60, 1));
@@ -118,17 +107,17 @@ mod tests {
     fn memory_pressure_when_models_exceed_the_budget() {
         let mut v = AgentView {
             connected: true,
-            info: Some(pb::InfoResponse { memory_budget_bytes: 100, ..Default::default() }),
+            info: Some(AgentInfo {
+                capacity: NodeCapacity { memory_budget_bytes: 100, ..Default::default() },
+                ..Default::default()
+            }),
             ..Default::default()
         };
-        let serving =
-            |bytes| pb::ModelState { memory_bytes: bytes, phase: pb::ModelPhase::Serving.into(), ..Default::default() };
-        v.models.insert("ns/a".into(), serving(60));
-        v.models.insert("ns/b".into(), serving(60));
-        v.models.insert(
-            "ns/failed".into(),
-            pb::ModelState { memory_bytes: 500, phase: pb::ModelPhase::Failed.into(), ..Default::default() },
-        );
+        v.models.extend([
+            holding("a", 60, Phase::Serving),
+            holding("b", 60, Phase::Serving),
+            holding("failed", 500, Phase::Failed),
+        ]);
         let s = node_status(&v, true, &MetalNodeStatus::default(), &t(1));
         let p = s.conditions.iter().find(|c| c.type_ == "MemoryPressure").unwrap();
         assert_eq!((p.status.as_str(), p.reason.as_str()), ("True", "OverBudget"));

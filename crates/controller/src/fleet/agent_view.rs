@@ -1,0 +1,137 @@
+//! What the controller knows of one agent, and how one event of its Watch stream changes that:
+//! pure, in the api crate's terms (the stream's messages are read at the edge, in
+//! `agent_client`), so the rule of what a change touches is tested without an agent.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use metalkube_api::{AgentInfo, ModelKey, ReplicaReport};
+
+/// One event of an agent's Watch stream, read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// Everything the agent holds: the first event of every stream.
+    Snapshot(Vec<ReplicaReport>),
+    /// One model's report changed (boxed: a report is large beside a removal).
+    Changed(Box<ReplicaReport>),
+    /// The agent no longer holds the model.
+    Removed(ModelKey),
+}
+
+/// What the controller knows of one agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentView {
+    pub connected: bool,
+    /// Connected at least once since the controller started.
+    pub ever_connected: bool,
+    /// Since when the agent has been out of reach; for a node never reached, since the link
+    /// was started.
+    pub lost_since: Option<Instant>,
+    pub info: Option<AgentInfo>,
+    /// The agent's last report of each model it holds.
+    pub models: BTreeMap<ModelKey, ReplicaReport>,
+    pub last_heartbeat: Option<Time>,
+    pub last_error: Option<String>,
+}
+
+impl AgentView {
+    /// One Watch event into the view: a snapshot replaces every model and marks the stream
+    /// connected; a change or a removal touches one model. Returns what kind of change it was and
+    /// which models it touched, so only those are reconciled.
+    pub fn apply(&mut self, event: AgentEvent, now: Time) -> (ChangeKind, BTreeSet<ModelKey>) {
+        let mut touched = BTreeSet::new();
+        match event {
+            AgentEvent::Snapshot(reports) => {
+                let fresh: BTreeMap<ModelKey, ReplicaReport> =
+                    reports.into_iter().map(|r| (r.model.clone(), r)).collect();
+                touched.extend(self.models.keys().cloned());
+                touched.extend(fresh.keys().cloned());
+                self.models = fresh;
+                self.connected = true;
+                self.ever_connected = true;
+                self.lost_since = None;
+                self.last_error = None;
+                self.last_heartbeat = Some(now);
+                return (ChangeKind::Connection, touched);
+            }
+            AgentEvent::Changed(report) => {
+                touched.insert(report.model.clone());
+                self.models.insert(report.model.clone(), *report);
+            }
+            AgentEvent::Removed(key) => {
+                self.models.remove(&key);
+                touched.insert(key);
+            }
+        }
+        (ChangeKind::Models, touched)
+    }
+
+    /// Reachable, or lost for less than the grace period.
+    pub fn reachable(&self, grace: Duration, now: Instant) -> bool {
+        self.connected || self.lost_since.is_some_and(|t| now.saturating_duration_since(t) < grace)
+    }
+
+    /// Still within the first connection attempt's grace: too early to act on its absence.
+    pub fn first_contact_pending(&self, grace: Duration, now: Instant) -> bool {
+        !self.ever_connected && self.reachable(grace, now)
+    }
+}
+
+/// What kind of change: it decides which MetalModels are looked at again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    /// Info refreshed: only the MetalNode's status may move.
+    Heartbeat,
+    /// Reports of `models` changed.
+    Models,
+    /// The node was reached, lost, or passed its grace period.
+    Connection,
+}
+
+/// Something changed on `node`; `models` are the models whose reports changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetChange {
+    pub node: String,
+    pub kind: ChangeKind,
+    pub models: BTreeSet<ModelKey>,
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use k8s_openapi::jiff::Timestamp;
+    use metalkube_api::Phase;
+
+    fn key(name: &str) -> ModelKey {
+        ModelKey::new("ns", name)
+    }
+
+    fn report(name: &str, phase: Phase) -> ReplicaReport {
+        ReplicaReport { phase: Some(phase), ..ReplicaReport::new(key(name)) }
+    }
+
+    #[test]
+    fn watch_events_update_the_view_and_say_what_they_touched() {
+        let mut v =
+            AgentView { lost_since: Some(Instant::now()), last_error: Some("lost".into()), ..Default::default() };
+        v.models.insert(key("gone"), report("gone", Phase::Serving));
+        let now = Time(Timestamp::now());
+        let snapshot = AgentEvent::Snapshot(vec![report("a", Phase::Serving), report("b", Phase::Failed)]);
+        let (kind, touched) = v.apply(snapshot, now.clone());
+        assert_eq!(kind, ChangeKind::Connection);
+        assert_eq!(touched.into_iter().collect::<Vec<_>>(), [key("a"), key("b"), key("gone")], "old and new models");
+        assert!(v.connected && v.ever_connected && v.lost_since.is_none() && v.last_error.is_none());
+        assert_eq!(v.last_heartbeat, Some(now.clone()));
+        assert_eq!(v.models.keys().cloned().collect::<Vec<_>>(), [key("a"), key("b")]);
+
+        let (kind, touched) = v.apply(AgentEvent::Changed(Box::new(report("b", Phase::Starting))), now.clone());
+        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec![key("b")]));
+        assert_eq!(v.models[&key("b")].phase, Some(Phase::Starting));
+
+        let (kind, touched) = v.apply(AgentEvent::Removed(key("a")), now);
+        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec![key("a")]));
+        assert_eq!(v.models.keys().cloned().collect::<Vec<_>>(), [key("b")]);
+    }
+}
