@@ -1,5 +1,6 @@
 /// The value types a GGUF metadata entry can hold, with their on-disk codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::FromRepr)]
+#[repr(u32)]
 pub enum ValueType {
     U8 = 0,
     I8 = 1,
@@ -17,24 +18,9 @@ pub enum ValueType {
 }
 
 impl ValueType {
+    /// The type of an on-disk code; None for a code GGUF does not define.
     pub fn from_code(code: u32) -> Option<Self> {
-        use ValueType::*;
-        Some(match code {
-            0 => U8,
-            1 => I8,
-            2 => U16,
-            3 => I16,
-            4 => U32,
-            5 => I32,
-            6 => F32,
-            7 => Bool,
-            8 => String,
-            9 => Array,
-            10 => U64,
-            11 => I64,
-            12 => F64,
-            _ => return None,
-        })
+        Self::from_repr(code)
     }
 
     /// The fewest bytes a value of this type takes in a file: a string is at least its length
