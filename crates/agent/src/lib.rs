@@ -2,7 +2,7 @@
 //!
 //! Floors, top to bottom; each module imports only from floors below it (checked by
 //! `tests/layering.rs`):
-//! - `main` (arguments and wiring);
+//! - the binary: `main` (parsing, dispatch), then `cli/` (each subcommand's flags and start-up);
 //! - `agent_error`: every concern's error in one type, for callers of several entry points
 //!   (each stage's own error enum lives in the stage);
 //! - `install` (joining a fleet) and `calibrate` (measuring a model's pulse under load);
