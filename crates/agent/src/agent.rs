@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, broadcast, watch};
 
-use crate::AgentError;
-use crate::context::{AgentConfig, AgentContext};
+use crate::context::{AgentConfig, AgentContext, ContextError};
 use crate::engine::orphans::reap_orphans;
 use crate::model::DesiredModel;
 use crate::model::report::{ModelReport, ModelView};
@@ -51,7 +50,7 @@ impl Drop for Agent {
 
 impl Agent {
     /// Stops engines a previous run left behind, then returns an agent serving nothing.
-    pub async fn start(config: AgentConfig) -> Result<Arc<Self>, AgentError> {
+    pub async fn start(config: AgentConfig) -> Result<Arc<Self>, ContextError> {
         let ctx = Arc::new(AgentContext::new(config)?);
         let reaped = reap_orphans(&ctx.pidfile_dir(), ctx.config.stop_grace).await;
         if !reaped.is_empty() {

@@ -7,8 +7,6 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use crate::AgentError;
-
 /// Why `name` cannot be one entry of a directory, if it cannot.
 pub fn entry_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
@@ -31,13 +29,23 @@ pub fn entry_problem(name: &str) -> Option<&'static str> {
     }
 }
 
+/// A name that cannot be one plain entry of `dir`: the path made of it would leave the
+/// directory, or name none of its files. Each caller's error enum holds it as is.
+#[derive(Debug, thiserror::Error)]
+#[error("{name:?} cannot be a file name inside {}: {problem}", dir.display())]
+pub struct PathOutside {
+    pub dir: PathBuf,
+    pub name: String,
+    pub problem: &'static str,
+}
+
 /// `dir` joined with `names`, each of which must be one plain entry (no separator, not `.` or
 /// `..`, not empty): the result is always inside `dir`.
-pub fn inside(dir: &Path, names: &[&str]) -> Result<PathBuf, AgentError> {
+pub fn inside(dir: &Path, names: &[&str]) -> Result<PathBuf, PathOutside> {
     let mut path = dir.to_owned();
     for name in names {
         if let Some(problem) = entry_problem(name) {
-            return Err(AgentError::PathOutside { dir: dir.to_owned(), name: (*name).to_owned(), problem });
+            return Err(PathOutside { dir: dir.to_owned(), name: (*name).to_owned(), problem });
         }
         path.push(name);
     }

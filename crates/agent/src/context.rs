@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use metalkube_vitals::host::pressure::SchedulingProbe;
 
-use crate::AgentError;
-use crate::engine::download::{DownloadConfig, Downloader};
+use crate::engine::download::{DownloadConfig, DownloadError, Downloader};
 use crate::engine::memory_ledger::MemoryLedger;
 use crate::engine::ports::PortPool;
+use crate::engine::process::ProcessError;
 use crate::engine::restart_backoff::BackoffConfig;
 use crate::observe::metrics::Metrics;
 use crate::serving::body_budget::BodyBudget;
@@ -40,6 +40,16 @@ pub struct AgentConfig {
     pub downloads: DownloadConfig,
 }
 
+/// Why the shared context, and so the agent, could not be made at start.
+#[derive(Debug, thiserror::Error)]
+pub enum ContextError {
+    #[error("HTTP client for engines")]
+    HttpClient(#[source] reqwest::Error),
+    /// The model download client (`--download-ca`).
+    #[error(transparent)]
+    Downloads(#[from] DownloadError),
+}
+
 pub struct AgentContext {
     pub config: AgentConfig,
     pub ports: PortPool,
@@ -56,12 +66,12 @@ pub struct AgentContext {
 }
 
 impl AgentContext {
-    pub fn new(config: AgentConfig) -> Result<Self, AgentError> {
+    pub fn new(config: AgentConfig) -> Result<Self, ContextError> {
         let http = reqwest::Client::builder()
             .no_proxy()
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
-            .map_err(AgentError::HttpClient)?;
+            .map_err(ContextError::HttpClient)?;
         let downloads = Downloader::new(config.state_dir.join("models"), config.downloads.clone())?;
         let metrics = Metrics::new();
         let body_limit = config.client_timeouts.body_memory_bytes;
@@ -84,12 +94,12 @@ impl AgentContext {
         self.config.state_dir.join("engines")
     }
 
-    pub fn engine_binary(&self) -> Result<PathBuf, AgentError> {
+    pub fn engine_binary(&self) -> Result<PathBuf, ProcessError> {
         match &self.config.engine_binary {
             Some(path) if path.is_file() => Ok(path.clone()),
-            Some(path) => Err(AgentError::EngineMissing { looked_in: path.display().to_string() }),
+            Some(path) => Err(ProcessError::EngineMissing { looked_in: path.display().to_string() }),
             None => {
-                find_on_path("llama-server").ok_or_else(|| AgentError::EngineMissing { looked_in: "PATH".to_owned() })
+                find_on_path("llama-server").ok_or_else(|| ProcessError::EngineMissing { looked_in: "PATH".to_owned() })
             }
         }
     }

@@ -2,8 +2,10 @@
 //!
 //! Floors, top to bottom; each module imports only from floors below it (checked by
 //! `tests/layering.rs`):
-//! - `main` (arguments and wiring), then `install` (joining a fleet) and `calibrate` (measuring
-//!   a model's pulse under load);
+//! - the binary: `main` (parsing, dispatch), then `cli/` (each subcommand's flags and start-up);
+//! - `agent_error`: every concern's error in one type, for callers of several entry points
+//!   (each stage's own error enum lives in the stage);
+//! - `install` (joining a fleet) and `calibrate` (measuring a model's pulse under load);
 //! - the agent's ports: `control` (what is desired: the controller's gRPC API, the models
 //!   directory) and `http_port` (status page, readiness, metrics, model state);
 //! - `agent` (every model's supervisor, by key), then `supervisor` (one task per model: it
@@ -17,6 +19,7 @@
 //! What the pulse and the host measure is in the `metalkube-vitals` crate, below all of these.
 
 pub mod agent;
+mod agent_error;
 pub mod calibrate;
 mod confined_path;
 pub mod context;
@@ -34,6 +37,6 @@ pub mod supervisor;
 pub mod tls;
 
 pub use agent::Agent;
+pub use agent_error::AgentError;
 pub use context::AgentConfig;
-pub use error::AgentError;
 pub use model::DesiredModel;

@@ -15,8 +15,27 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
-use crate::AgentError;
 use crate::observe::metrics::Metrics;
+
+/// Why TLS material cannot be served: a file that cannot be read, or PEM that makes no usable
+/// configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {}", path.display())]
+    Read {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration cannot be built from the material, or its files cannot be followed.
+    #[error("TLS: {what}")]
+    Setup {
+        what: String,
+        #[source]
+        source: Option<rustls::Error>,
+    },
+}
 
 /// PEM text for mutual TLS: the agent's identity and the CA its clients must be signed by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,9 +60,9 @@ pub struct TlsFiles {
 }
 
 impl TlsFiles {
-    fn read(&self) -> Result<TlsPem, AgentError> {
+    fn read(&self) -> Result<TlsPem, TlsError> {
         let read = |path: &Path, what: &'static str| {
-            std::fs::read_to_string(path).map_err(|source| AgentError::File { what, path: path.to_owned(), source })
+            std::fs::read_to_string(path).map_err(|source| TlsError::Read { what, path: path.to_owned(), source })
         };
         Ok(TlsPem {
             cert_pem: read(&self.cert, "reading the TLS certificate (--tls-cert)")?,
@@ -73,23 +92,23 @@ pub struct ServerTls {
 
 impl ServerTls {
     /// Fixed material: what was given is what is served.
-    pub fn from_pem(pem: &TlsPem) -> Result<Self, AgentError> {
+    pub fn from_pem(pem: &TlsPem) -> Result<Self, TlsError> {
         Self::from_pem_for(pem, TlsPurpose::Grpc)
     }
 
-    fn from_pem_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<Self, AgentError> {
+    fn from_pem_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<Self, TlsError> {
         Ok(Self { current: Arc::new(RwLock::new(Arc::new(server_config_for(pem, purpose)?))) })
     }
 
     /// Serves the files' material and follows them: a change that makes a valid configuration
     /// replaces it (and the expiry metric); one that does not (a key that does not match the
     /// certificate yet, half a renewal) keeps the current one, with a warning.
-    pub fn follow_files(files: TlsFiles, metrics: Arc<Metrics>) -> Result<Self, AgentError> {
+    pub fn follow_files(files: TlsFiles, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
         Self::follow_files_for(files, metrics, TlsPurpose::Grpc)
     }
 
     /// As `follow_files`, for `purpose`.
-    pub fn follow_files_for(files: TlsFiles, metrics: Arc<Metrics>, purpose: TlsPurpose) -> Result<Self, AgentError> {
+    pub fn follow_files_for(files: TlsFiles, metrics: Arc<Metrics>, purpose: TlsPurpose) -> Result<Self, TlsError> {
         let pem = files.read()?;
         let tls = Self::from_pem_for(&pem, purpose)?;
         metrics.set_tls_certificate_expiry(certificate_expiry_unix(&pem.cert_pem)?);
@@ -100,7 +119,7 @@ impl ServerTls {
                 let _ = wake.try_send(());
             }
         })
-        .map_err(|e| AgentError::Tls { what: format!("watching the TLS files: {e}"), source: None })?;
+        .map_err(|e| TlsError::Setup { what: format!("watching the TLS files: {e}"), source: None })?;
         // The directories, not the files: a renewal replaces a file (rename, or a Secret
         // volume's symlink swap), which a watch on the old file would not see.
         let mut dirs: Vec<PathBuf> = [&files.cert, &files.key, &files.client_ca]
@@ -110,7 +129,7 @@ impl ServerTls {
         dirs.sort();
         dirs.dedup();
         for dir in &dirs {
-            watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| AgentError::Tls {
+            watcher.watch(dir, RecursiveMode::NonRecursive).map_err(|e| TlsError::Setup {
                 what: format!("watching {} for renewed TLS files: {e}", dir.display()),
                 source: None,
             })?;
@@ -171,16 +190,16 @@ async fn follow(
 
 /// A rustls server configuration that presents `cert_pem` and accepts only clients with a
 /// certificate signed by `client_ca_pem`, speaking HTTP/2 (which tonic's clients require).
-pub fn server_config(pem: &TlsPem) -> Result<ServerConfig, AgentError> {
+pub fn server_config(pem: &TlsPem) -> Result<ServerConfig, TlsError> {
     server_config_for(pem, TlsPurpose::Grpc)
 }
 
 /// The rustls server configuration for `purpose`.
-fn server_config_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<ServerConfig, AgentError> {
+fn server_config_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = certificates(&pem.cert_pem, "--tls-cert")?;
     let key = PrivateKeyDer::from_pem_slice(pem.key_pem.as_bytes())
-        .map_err(|e| AgentError::Tls { what: format!("--tls-key holds no PEM private key: {e}"), source: None })?;
+        .map_err(|e| TlsError::Setup { what: format!("--tls-key holds no PEM private key: {e}"), source: None })?;
     let mut roots = rustls::RootCertStore::empty();
     for ca in certificates(&pem.client_ca_pem, "--client-ca")? {
         roots.add(ca).map_err(|e| tls_error("--client-ca is not a usable CA certificate", e))?;
@@ -190,7 +209,7 @@ fn server_config_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<ServerConfig, 
         TlsPurpose::Grpc => verifier,
         TlsPurpose::AgentHttp => verifier.allow_unauthenticated(),
     };
-    let verifier = verifier.build().map_err(|e| AgentError::Tls { what: format!("--client-ca: {e}"), source: None })?;
+    let verifier = verifier.build().map_err(|e| TlsError::Setup { what: format!("--client-ca: {e}"), source: None })?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| tls_error("TLS protocol versions", e))?
@@ -204,34 +223,34 @@ fn server_config_for(pem: &TlsPem, purpose: TlsPurpose) -> Result<ServerConfig, 
     Ok(config)
 }
 
-fn certificates(pem: &str, flag: &str) -> Result<Vec<CertificateDer<'static>>, AgentError> {
+fn certificates(pem: &str, flag: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AgentError::Tls { what: format!("{flag}: not PEM certificates: {e}"), source: None })?;
+        .map_err(|e| TlsError::Setup { what: format!("{flag}: not PEM certificates: {e}"), source: None })?;
     if certs.is_empty() {
-        return Err(AgentError::Tls { what: format!("{flag} holds no PEM certificate"), source: None });
+        return Err(TlsError::Setup { what: format!("{flag} holds no PEM certificate"), source: None });
     }
     Ok(certs)
 }
 
-fn tls_error(what: &str, source: rustls::Error) -> AgentError {
-    AgentError::Tls { what: what.to_owned(), source: Some(source) }
+fn tls_error(what: &str, source: rustls::Error) -> TlsError {
+    TlsError::Setup { what: what.to_owned(), source: Some(source) }
 }
 
 /// When the first certificate in `pem` expires, in seconds since the Unix epoch.
-pub fn certificate_expiry_unix(pem: &str) -> Result<i64, AgentError> {
+pub fn certificate_expiry_unix(pem: &str) -> Result<i64, TlsError> {
     let der = certificates(pem, "--tls-cert")?.swap_remove(0);
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| AgentError::Tls { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
+        .map_err(|e| TlsError::Setup { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
     Ok(cert.validity().not_after.timestamp())
 }
 
 /// The DNS names the first certificate in `pem` is issued for (its subjectAltName DNS
 /// entries): names clients may use for this agent.
-pub fn certificate_dns_names(pem: &str) -> Result<Vec<String>, AgentError> {
+pub fn certificate_dns_names(pem: &str) -> Result<Vec<String>, TlsError> {
     let der = certificates(pem, "--tls-cert")?.swap_remove(0);
     let (_, cert) = x509_parser::parse_x509_certificate(&der)
-        .map_err(|e| AgentError::Tls { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
+        .map_err(|e| TlsError::Setup { what: format!("--tls-cert: not an X.509 certificate: {e}"), source: None })?;
     let names = match cert.subject_alternative_name() {
         Ok(Some(san)) => san
             .value
@@ -244,7 +263,7 @@ pub fn certificate_dns_names(pem: &str) -> Result<Vec<String>, AgentError> {
             .collect(),
         Ok(None) => Vec::new(),
         Err(e) => {
-            return Err(AgentError::Tls { what: format!("--tls-cert: unreadable subjectAltName: {e}"), source: None });
+            return Err(TlsError::Setup { what: format!("--tls-cert: unreadable subjectAltName: {e}"), source: None });
         }
     };
     Ok(names)

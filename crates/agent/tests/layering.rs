@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 /// Top to bottom. The ground floor (`model`) is the words every stage shares; `observe` is
 /// what the agent tells people and Prometheus; the stages above it each own one job.
 const FLOORS: &[(&str, &[&str])] = &[
-    ("the binary: arguments and wiring", &["main"]),
+    ("the binary: parsing and dispatch", &["main"]),
+    ("the binary's subcommands: each one's flags and start-up", &["cli"]),
+    ("every concern's error in one, for callers of several entry points", &["agent_error"]),
     ("the other commands: joining a fleet, measuring a model", &["install", "calibrate"]),
     ("the agent's ports: the controller's gRPC API and models directory, the HTTP port", &["control", "http_port"]),
     ("the agent: every model's supervisor, by key", &["agent"]),

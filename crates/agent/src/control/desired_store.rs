@@ -11,7 +11,7 @@ use std::sync::Mutex;
 use metalkube_api::{MetalModelSpec, ModelKey};
 use serde::{Deserialize, Serialize};
 
-use crate::AgentError;
+use crate::confined_path::{PathOutside, inside};
 use crate::model::DesiredModel;
 use crate::model::Token;
 use crate::model::api_keys::{ApiKeys, KeyDigest};
@@ -70,6 +70,16 @@ impl Record {
     }
 }
 
+/// Why the store cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum DesiredStoreError {
+    #[error("state directory {}: {source}", path.display())]
+    StateDir { path: PathBuf, source: std::io::Error },
+    /// A namespace or name that would put the record outside the store.
+    #[error(transparent)]
+    RecordPath(#[from] PathOutside),
+}
+
 pub struct DesiredStore {
     dir: PathBuf,
     records: Mutex<BTreeMap<String, Record>>,
@@ -78,8 +88,8 @@ pub struct DesiredStore {
 impl DesiredStore {
     /// Opens (and reads) the store in `dir`. Unreadable records are reported and skipped: one
     /// corrupt file must not stop the others from being served.
-    pub fn open(dir: &Path) -> Result<Self, AgentError> {
-        let io = |source| AgentError::StateDir { path: dir.to_owned(), source };
+    pub fn open(dir: &Path) -> Result<Self, DesiredStoreError> {
+        let io = |source| DesiredStoreError::StateDir { path: dir.to_owned(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let mut records = BTreeMap::new();
         for entry in std::fs::read_dir(dir).map_err(io)?.flatten() {
@@ -99,8 +109,8 @@ impl DesiredStore {
     }
 
     /// The record's file; a name that would put it outside the store is refused.
-    fn file(&self, namespace: &str, name: &str) -> Result<PathBuf, AgentError> {
-        crate::confined_path::inside(&self.dir, &[&format!("{namespace}_{name}.json")])
+    fn file(&self, namespace: &str, name: &str) -> Result<PathBuf, DesiredStoreError> {
+        Ok(inside(&self.dir, &[&format!("{namespace}_{name}.json")])?)
     }
 
     pub fn all(&self) -> Vec<Record> {
@@ -112,9 +122,9 @@ impl DesiredStore {
     }
 
     /// Writes the record (temp file and rename, so a crash never leaves half a record).
-    pub fn put(&self, record: Record) -> Result<(), AgentError> {
+    pub fn put(&self, record: Record) -> Result<(), DesiredStoreError> {
         let path = self.file(&record.namespace, &record.name)?;
-        let io = |source| AgentError::StateDir { path: path.clone(), source };
+        let io = |source| DesiredStoreError::StateDir { path: path.clone(), source };
         let json = serde_json::to_vec_pretty(&record).map_err(|e| io(std::io::Error::other(e)))?;
         let tmp = path.with_extension("json.tmp");
         // Owner-only: a record may hold a hub token. A leftover temp file would keep its mode.
@@ -132,16 +142,16 @@ impl DesiredStore {
         Ok(())
     }
 
-    pub fn remove(&self, namespace: &str, name: &str) -> Result<bool, AgentError> {
+    pub fn remove(&self, namespace: &str, name: &str) -> Result<bool, DesiredStoreError> {
         let path = self.file(namespace, name)?;
         match std::fs::remove_file(&path) {
             // The removal is durable once the directory is: a stopped model must not come back
             // after a power cut.
             Ok(()) => std::fs::File::open(&self.dir)
                 .and_then(|d| d.sync_all())
-                .map_err(|source| AgentError::StateDir { path: path.clone(), source })?,
+                .map_err(|source| DesiredStoreError::StateDir { path: path.clone(), source })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(AgentError::StateDir { path, source }),
+            Err(source) => return Err(DesiredStoreError::StateDir { path, source }),
         }
         Ok(self.lock().remove(&ModelKey::new(namespace, name).to_string()).is_some())
     }

@@ -18,11 +18,20 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::control::desired_store::{DesiredStore, Record};
+use crate::Agent;
+use crate::control::desired_store::{DesiredStore, DesiredStoreError, Record};
 use crate::model::Token;
 use crate::model::report::ModelView;
-use crate::tls::{ServerTls, TlsPem};
-use crate::{Agent, AgentError};
+use crate::tls::{ServerTls, TlsError, TlsPem};
+
+/// Why the gRPC API stopped serving, or could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum GrpcError {
+    #[error("gRPC server")]
+    Server(#[source] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
 
 pub struct AgentService {
     agent: Arc<Agent>,
@@ -110,7 +119,7 @@ fn model_ref(model: Option<pb::ModelRef>) -> Result<pb::ModelRef, Status> {
     Ok(m)
 }
 
-fn internal(e: AgentError) -> Status {
+fn internal(e: DesiredStoreError) -> Status {
     Status::internal(e.to_string())
 }
 
@@ -286,7 +295,7 @@ pub async fn serve_grpc(
     listener: tokio::net::TcpListener,
     tls: Option<TlsPem>,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), AgentError> {
+) -> Result<(), GrpcError> {
     match tls {
         Some(pem) => serve_grpc_tls(service, listener, ServerTls::from_pem(&pem)?, shutdown).await,
         None => {
@@ -295,7 +304,7 @@ pub async fn serve_grpc(
                 .add_service(AgentServer::new(service))
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
                 .await
-                .map_err(AgentError::Grpc)
+                .map_err(GrpcError::Server)
         }
     }
 }
@@ -308,7 +317,7 @@ pub async fn serve_grpc_tls(
     listener: tokio::net::TcpListener,
     tls: ServerTls,
     shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), AgentError> {
+) -> Result<(), GrpcError> {
     let (ready, incoming) = tokio::sync::mpsc::channel::<std::io::Result<_>>(64);
     let accepting = tokio::spawn(async move {
         while !ready.is_closed() {
@@ -338,7 +347,7 @@ pub async fn serve_grpc_tls(
         .add_service(AgentServer::new(service))
         .serve_with_incoming_shutdown(ReceiverStream::new(incoming), shutdown)
         .await
-        .map_err(AgentError::Grpc);
+        .map_err(GrpcError::Server);
     accepting.abort();
     served
 }

@@ -17,12 +17,33 @@ use std::time::Duration;
 use metalkube_api::{DEFAULT_NAMESPACE, parse_models_yaml};
 use notify::{RecursiveMode, Watcher};
 
+use crate::Agent;
+use crate::confined_path::{PathOutside, inside};
 use crate::model::DesiredModel;
 use crate::model::api_keys::{ApiKeys, digests_of_key_lines};
-use crate::{Agent, AgentError};
 
 /// Events often come in bursts (an editor writes, renames, chmods): wait this long for quiet.
 const SETTLE: Duration = Duration::from_millis(150);
+
+/// Why the models directory cannot be followed, or a model's API keys cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelsDirError {
+    /// Reading or watching the directory (`--models-dir`, `--secrets-dir`) failed.
+    #[error("models directory {}: {message}", path.display())]
+    Unreadable { path: PathBuf, message: String },
+    #[error("{model}: {} holds no API key; nobody is let in", path.display())]
+    ApiKeysEmpty { model: String, path: PathBuf },
+    #[error("{model}: cannot read its API keys from {}; nobody is let in until the file is there", path.display())]
+    ApiKeysUnreadable {
+        model: String,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A Secret name or key that would put the key file outside the secrets directory.
+    #[error(transparent)]
+    ApiKeysPath(#[from] PathOutside),
+}
 
 #[derive(Default)]
 pub struct ModelsDir {
@@ -50,26 +71,26 @@ impl ModelsDir {
     }
 
     /// The keys of `spec.auth` from the secrets directory; an error names the file.
-    fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, AgentError> {
+    fn api_keys(&self, m: &DesiredModel) -> Result<ApiKeys, ModelsDirError> {
         let Some(auth) = &m.spec.auth else { return Ok(ApiKeys::Open) };
         let r = &auth.api_key_secret_ref;
-        let path = crate::confined_path::inside(&self.secrets_dir, &[&r.name, &r.key])?;
+        let path = inside(&self.secrets_dir, &[&r.name, &r.key])?;
         match std::fs::read(&path) {
             Ok(text) => {
                 let digests = digests_of_key_lines(&text);
                 if digests.is_empty() {
-                    return Err(AgentError::ApiKeysEmpty { model: m.key(), path });
+                    return Err(ModelsDirError::ApiKeysEmpty { model: m.key(), path });
                 }
                 Ok(ApiKeys::Digests(digests))
             }
-            Err(e) => Err(AgentError::ApiKeysUnreadable { model: m.key(), path, source: e }),
+            Err(e) => Err(ModelsDirError::ApiKeysUnreadable { model: m.key(), path, source: e }),
         }
     }
 
     /// Reads every `*.yaml` / `*.yml` file; files that fail keep their last good models.
-    pub fn scan(&mut self) -> Result<Scan, AgentError> {
+    pub fn scan(&mut self) -> Result<Scan, ModelsDirError> {
         let entries = std::fs::read_dir(&self.dir)
-            .map_err(|e| AgentError::ModelsDir { path: self.dir.clone(), message: e.to_string() })?;
+            .map_err(|e| ModelsDirError::Unreadable { path: self.dir.clone(), message: e.to_string() })?;
         let mut files: Vec<PathBuf> = entries
             .flatten()
             .map(|e| e.path())
@@ -178,7 +199,7 @@ fn file_name(path: &Path) -> String {
 
 /// Applies the directory now and again after every change (of a model file or a key file),
 /// until the task is dropped.
-pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Agent>) -> Result<(), AgentError> {
+pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Agent>) -> Result<(), ModelsDirError> {
     let mut models_dir = ModelsDir::new(&dir, &secrets_dir);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
@@ -186,10 +207,10 @@ pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Ag
             let _ = tx.send(());
         }
     })
-    .map_err(|e| AgentError::ModelsDir { path: dir.clone(), message: e.to_string() })?;
+    .map_err(|e| ModelsDirError::Unreadable { path: dir.clone(), message: e.to_string() })?;
     watcher
         .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| AgentError::ModelsDir { path: dir.clone(), message: e.to_string() })?;
+        .map_err(|e| ModelsDirError::Unreadable { path: dir.clone(), message: e.to_string() })?;
     let mut watching_secrets = false;
     let mut reported = BTreeMap::new();
     loop {
@@ -200,7 +221,7 @@ pub async fn follow_models_dir(dir: PathBuf, secrets_dir: PathBuf, agent: Arc<Ag
         if !watching_secrets && secrets_dir.is_dir() {
             watcher
                 .watch(&secrets_dir, RecursiveMode::Recursive)
-                .map_err(|e| AgentError::ModelsDir { path: secrets_dir.clone(), message: e.to_string() })?;
+                .map_err(|e| ModelsDirError::Unreadable { path: secrets_dir.clone(), message: e.to_string() })?;
             watching_secrets = true;
         }
         let scan = models_dir.scan()?;

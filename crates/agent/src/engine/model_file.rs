@@ -6,9 +6,38 @@ use std::path::{Path, PathBuf};
 use metalkube_api::parse_source;
 use sha2::{Digest, Sha256};
 
-use crate::AgentError;
-use crate::engine::download::{Downloader, Fetch};
+use crate::engine::download::{DownloadError, Downloader, Fetch};
 use crate::model::DesiredModel;
+
+/// Why a model's file cannot be served: its source, its presence, its format, its digest.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFileError {
+    #[error("spec.model.source: {problem} (supported: {})", metalkube_api::SUPPORTED_SOURCES)]
+    Source { problem: String },
+    #[error("model file {} does not exist (spec.model.source {source_text:?})", path.display())]
+    Missing { path: PathBuf, source_text: String },
+    #[error("model source {} is not a file", path.display())]
+    NotAFile { path: PathBuf },
+    #[error("{} is not a usable GGUF model", path.display())]
+    NotGguf {
+        path: PathBuf,
+        #[source]
+        source: metalkube_gguf::GgufError,
+    },
+    #[error("{} has sha256 {got}, spec.model.sha256 wants {want}", path.display())]
+    Digest { path: PathBuf, got: String, want: String },
+    /// The file is there but could not be read (`what` says for what).
+    #[error("{what} {}", path.display())]
+    Unreadable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A remote source that cannot be planned into the cache.
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+}
 
 /// A model file checked and ready to load.
 pub struct ResolvedModel {
@@ -24,19 +53,19 @@ pub enum ModelLocation<'a> {
     Remote(Fetch<'a>),
 }
 
-pub fn locate<'a>(desired: &DesiredModel, downloads: &'a Downloader) -> Result<ModelLocation<'a>, AgentError> {
+pub fn locate<'a>(desired: &DesiredModel, downloads: &'a Downloader) -> Result<ModelLocation<'a>, ModelFileError> {
     let source = &desired.spec.model.source;
-    let parsed = parse_source(source).map_err(|e| AgentError::ModelSource { problem: e.problem })?;
+    let parsed = parse_source(source).map_err(|e| ModelFileError::Source { problem: e.problem })?;
     match downloads.plan(&parsed, desired.spec.model.sha256.as_deref(), desired.hub_token.as_ref())? {
         Some(fetch) => Ok(ModelLocation::Remote(fetch)),
         None => local_path(desired).map(ModelLocation::Local),
     }
 }
 
-fn local_path(desired: &DesiredModel) -> Result<PathBuf, AgentError> {
+fn local_path(desired: &DesiredModel) -> Result<PathBuf, ModelFileError> {
     let source = &desired.spec.model.source;
     let Some(rest) = source.strip_prefix("file:") else {
-        return Err(AgentError::ModelSource { problem: format!("{source:?} is not a file: source") });
+        return Err(ModelFileError::Source { problem: format!("{source:?} is not a file: source") });
     };
     // file:///abs, file:/abs and file:relative all name a path.
     let raw = rest.strip_prefix("//").unwrap_or(rest);
@@ -47,7 +76,7 @@ fn local_path(desired: &DesiredModel) -> Result<PathBuf, AgentError> {
         match &desired.base_dir {
             Some(base) => base.join(path),
             None => {
-                return Err(AgentError::ModelSource {
+                return Err(ModelFileError::Source {
                     problem: format!("{source:?} is a relative path; write file:///absolute/path.gguf"),
                 });
             }
@@ -62,25 +91,25 @@ pub async fn check_model(
     desired: &DesiredModel,
     path: PathBuf,
     known_sha256: Option<String>,
-) -> Result<ResolvedModel, AgentError> {
+) -> Result<ResolvedModel, ModelFileError> {
     let source = &desired.spec.model.source;
     let meta = match std::fs::metadata(&path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(AgentError::ModelMissing { path, source_text: source.clone() });
+            return Err(ModelFileError::Missing { path, source_text: source.clone() });
         }
-        Err(e) => return Err(AgentError::File { what: "reading the model file", path, source: e }),
+        Err(e) => return Err(ModelFileError::Unreadable { what: "reading the model file", path, source: e }),
     };
     if !meta.is_file() {
-        return Err(AgentError::ModelNotAFile { path });
+        return Err(ModelFileError::NotAFile { path });
     }
     let header_path = path.clone();
-    let header = tokio::task::spawn_blocking(move || metalkube_gguf::read_header(&header_path))
-        .await
-        .map_err(|e| AgentError::File { what: "reading the model header", path: path.clone(), source: e.into() })?;
+    let header = tokio::task::spawn_blocking(move || metalkube_gguf::read_header(&header_path)).await.map_err(|e| {
+        ModelFileError::Unreadable { what: "reading the model header", path: path.clone(), source: e.into() }
+    })?;
     let header = match header {
         Ok(h) => h,
-        Err(e) => return Err(AgentError::NotGguf { path, source: e }),
+        Err(e) => return Err(ModelFileError::NotGguf { path, source: e }),
     };
     let memory_bytes =
         metalkube_gguf::estimate_memory(&header, u64::from(desired.spec.engine.context_size)).map(|e| e.total());
@@ -89,7 +118,8 @@ pub async fn check_model(
             Some(known) => known,
             None => {
                 let hash_path = path.clone();
-                let hashing = |e| AgentError::File { what: "hashing the model file", path: path.clone(), source: e };
+                let hashing =
+                    |e| ModelFileError::Unreadable { what: "hashing the model file", path: path.clone(), source: e };
                 tokio::task::spawn_blocking(move || sha256_file(&hash_path))
                     .await
                     .map_err(|e| hashing(e.into()))?
@@ -97,7 +127,7 @@ pub async fn check_model(
             }
         };
         if &got != want {
-            return Err(AgentError::ModelDigest { path, got, want: want.clone() });
+            return Err(ModelFileError::Digest { path, got, want: want.clone() });
         }
     }
     Ok(ResolvedModel { path, memory_bytes })

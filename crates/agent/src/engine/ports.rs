@@ -7,10 +7,20 @@ use std::ops::RangeInclusive;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::AgentError;
-
 /// How long a port that failed to bind is skipped.
 const QUARANTINE: Duration = Duration::from_secs(60);
+
+/// Every port of a pool is leased, set aside, or taken by another process.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no free engine port in {start}-{end} ({leased} in use by engines, {quarantined} set aside after bind failures)"
+)]
+pub struct NoFreePort {
+    pub start: u16,
+    pub end: u16,
+    pub leased: usize,
+    pub quarantined: usize,
+}
 
 #[derive(Debug)]
 pub struct PortPool {
@@ -38,11 +48,11 @@ impl PortPool {
     }
 
     /// Leases a port that nobody (us included) is listening on right now.
-    pub fn acquire(&self) -> Result<u16, AgentError> {
+    pub fn acquire(&self) -> Result<u16, NoFreePort> {
         self.acquire_with(|p| TcpListener::bind((Ipv4Addr::LOCALHOST, p)).is_ok(), Instant::now())
     }
 
-    fn acquire_with(&self, is_free: impl Fn(u16) -> bool, now: Instant) -> Result<u16, AgentError> {
+    fn acquire_with(&self, is_free: impl Fn(u16) -> bool, now: Instant) -> Result<u16, NoFreePort> {
         let mut st = metalkube_runtime::sync::lock(&self.inner);
         st.quarantined.retain(|_, since| now.duration_since(*since) < QUARANTINE);
         let (start, end) = (*self.range.start(), *self.range.end());
@@ -57,7 +67,7 @@ impl PortPool {
             st.cursor = if port == end { start } else { port + 1 };
             return Ok(port);
         }
-        Err(AgentError::NoFreePort { start, end, leased: st.leased.len(), quarantined: st.quarantined.len() })
+        Err(NoFreePort { start, end, leased: st.leased.len(), quarantined: st.quarantined.len() })
     }
 
     pub fn release(&self, port: u16) {

@@ -9,6 +9,7 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -17,17 +18,27 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
-use std::io::{Read, Write};
-
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
-
-use crate::AgentError;
 
 const TAIL_LINES: usize = 40;
 const PUMP_DRAIN: Duration = Duration::from_secs(1);
 /// A log larger than this is moved to `<name>.log.1` before the next line is written.
 const LOG_ROTATE_BYTES: u64 = 16 << 20;
+
+/// Why an engine process could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error(
+        "llama-server not found (looked in {looked_in}); install it (on a Mac: brew install llama.cpp) or pass --engine PATH"
+    )]
+    EngineMissing { looked_in: String },
+    #[error("cannot start {}: {source}", binary.display())]
+    Spawn { binary: PathBuf, source: std::io::Error },
+    /// The pidfile a later agent run finds the engine by could not be written.
+    #[error("state directory {}: {source}", path.display())]
+    Pidfile { path: PathBuf, source: std::io::Error },
+}
 
 /// What the agent writes next to each engine so a later agent run can find it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -53,8 +64,8 @@ impl EngineProcess {
         port: u16,
         log_path: &Path,
         pidfile: &Path,
-    ) -> Result<Self, AgentError> {
-        let spawn_error = |source| AgentError::Spawn { binary: binary.to_owned(), source };
+    ) -> Result<Self, ProcessError> {
+        let spawn_error = |source| ProcessError::Spawn { binary: binary.to_owned(), source };
         let (output, output_writer) = std::io::pipe().map_err(spawn_error)?;
         let stderr_writer = output_writer.try_clone().map_err(spawn_error)?;
         let mut cmd = Command::new(binary);
@@ -70,7 +81,7 @@ impl EngineProcess {
         // The engine holds the pipe's write ends now; ours must close, or the copy never ends.
         drop(cmd);
         let mut child = spawned.map_err(spawn_error)?;
-        let pid = child.id().ok_or_else(|| AgentError::Spawn {
+        let pid = child.id().ok_or_else(|| ProcessError::Spawn {
             binary: binary.to_owned(),
             source: std::io::Error::other("exited before its pid could be read"),
         })?;
@@ -157,8 +168,8 @@ fn failed_status() -> ExitStatus {
     ExitStatus::from_raw(1 << 8)
 }
 
-fn write_pidfile(path: &Path, record: &PidRecord) -> Result<(), AgentError> {
-    let io = |source| AgentError::StateDir { path: path.to_owned(), source };
+fn write_pidfile(path: &Path, record: &PidRecord) -> Result<(), ProcessError> {
+    let io = |source| ProcessError::Pidfile { path: path.to_owned(), source };
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use metalkube_api::bundle::{AgentBundle, AgentSettings, parse_settings, render_settings};
 
-use crate::AgentError;
+use crate::install::InstallError;
 
 /// The paths of an enrolled agent's files under its state directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,7 +56,7 @@ impl EnrollmentFiles {
     }
 
     /// Writes the bundle's key material and settings, readable by the owner alone.
-    pub fn install(&self, bundle: &AgentBundle) -> Result<(), AgentError> {
+    pub fn install(&self, bundle: &AgentBundle) -> Result<(), InstallError> {
         private_dir(&self.state_dir)?;
         private_dir(&self.tls_dir())?;
         // The key before the certificate: an agent that reloads on the certificate's change
@@ -68,9 +68,9 @@ impl EnrollmentFiles {
     }
 
     /// The settings a former `join` kept.
-    pub fn load_settings(&self) -> Result<AgentSettings, AgentError> {
+    pub fn load_settings(&self) -> Result<AgentSettings, InstallError> {
         let path = self.settings();
-        let text = std::fs::read_to_string(&path).map_err(|source| AgentError::File {
+        let text = std::fs::read_to_string(&path).map_err(|source| InstallError::File {
             what: "reading the agent's settings (run `metalkube-agent join BUNDLE` first)",
             path: path.clone(),
             source,
@@ -92,18 +92,18 @@ pub fn default_state_dir() -> PathBuf {
 }
 
 /// Creates `dir` (and its parents) and makes it the owner's alone, also when it existed.
-fn private_dir(dir: &Path) -> Result<(), AgentError> {
-    let err = |what, source| AgentError::File { what, path: dir.to_owned(), source };
+fn private_dir(dir: &Path) -> Result<(), InstallError> {
+    let err = |what, source| InstallError::File { what, path: dir.to_owned(), source };
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| err("creating the directory", e))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
         .map_err(|e| err("making the directory private (0700)", e))
 }
 
 /// Replaces `path` with `contents`, mode 0600 from the first byte written.
-fn write_private(path: &Path, contents: &str) -> Result<(), AgentError> {
+fn write_private(path: &Path, contents: &str) -> Result<(), InstallError> {
     let file_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let temp = path.with_file_name(format!(".{file_name}.new"));
-    let err = |what, source| AgentError::File { what, path: path.to_owned(), source };
+    let err = |what, source| InstallError::File { what, path: path.to_owned(), source };
     let _ = std::fs::remove_file(&temp);
     let mut file = std::fs::OpenOptions::new()
         .write(true)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use metalkube_api::bundle::parse_bundle;
 
-use crate::AgentError;
+use crate::install::InstallError;
 use crate::install::enrollment::EnrollmentFiles;
 use crate::install::service::{self, Definition, Host, Scope, Target};
 
@@ -32,16 +32,19 @@ pub struct Joined {
     pub unchanged: bool,
 }
 
-pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
+pub fn join(options: JoinOptions) -> Result<Joined, InstallError> {
     let target = Target::host().ok_or_else(|| {
-        AgentError::Service(format!("{} has no service manager metalkube knows (macOS or Linux)", std::env::consts::OS))
+        InstallError::Service(format!(
+            "{} has no service manager metalkube knows (macOS or Linux)",
+            std::env::consts::OS
+        ))
     })?;
     if options.scope == Scope::System && !nix::unistd::geteuid().is_root() {
-        return Err(AgentError::Service(
+        return Err(InstallError::Service(
             "--system installs a machine-wide service and writes where only root may: run it with sudo".to_owned(),
         ));
     }
-    let text = std::fs::read_to_string(&options.bundle).map_err(|source| AgentError::File {
+    let text = std::fs::read_to_string(&options.bundle).map_err(|source| InstallError::File {
         what: "reading the bundle",
         path: options.bundle.clone(),
         source,
@@ -49,7 +52,7 @@ pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
     // `sudo join` without --system: the key material would be root's in the user's home, and
     // the user's own agent could not read it.
     if options.scope == Scope::User && nix::unistd::geteuid().is_root() && std::env::var_os("SUDO_USER").is_some() {
-        return Err(AgentError::Service(
+        return Err(InstallError::Service(
             "join under sudo without --system would install a per-user agent owned by root: run it without \
              sudo as the user the agent should run as, or pass --system for a machine-wide service"
                 .to_owned(),
@@ -81,7 +84,7 @@ pub fn join(options: JoinOptions) -> Result<Joined, AgentError> {
 
 /// The bundle's key, certificate and client CA make a working TLS setup, and the certificate
 /// is current.
-fn check_bundle_tls(bundle: &metalkube_api::bundle::AgentBundle) -> Result<(), AgentError> {
+fn check_bundle_tls(bundle: &metalkube_api::bundle::AgentBundle) -> Result<(), InstallError> {
     let pem = crate::tls::TlsPem {
         cert_pem: bundle.tls.certificate.clone(),
         key_pem: bundle.tls.private_key.clone(),
@@ -91,7 +94,7 @@ fn check_bundle_tls(bundle: &metalkube_api::bundle::AgentBundle) -> Result<(), A
     let expiry = crate::tls::certificate_expiry_unix(&bundle.tls.certificate)?;
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     if expiry <= i64::try_from(now).unwrap_or(i64::MAX) {
-        return Err(AgentError::Service(format!(
+        return Err(InstallError::Service(format!(
             "the bundle's certificate expired (at {expiry}, Unix time): enroll the Mac again with --renew"
         )));
     }
@@ -105,9 +108,9 @@ pub fn enrolled_definition(
     host: &Host,
     files: &EnrollmentFiles,
     engine: Option<&Path>,
-) -> Result<Definition, AgentError> {
+) -> Result<Definition, InstallError> {
     let settings = files.load_settings()?;
-    let program = std::env::current_exe().map_err(|source| AgentError::File {
+    let program = std::env::current_exe().map_err(|source| InstallError::File {
         what: "finding this binary",
         path: PathBuf::from("metalkube-agent"),
         source,
@@ -116,8 +119,8 @@ pub fn enrolled_definition(
 }
 
 /// The service runs from `/`, so every path it is given must be absolute.
-pub fn absolute(path: &Path) -> Result<PathBuf, AgentError> {
-    std::path::absolute(path).map_err(|source| AgentError::File {
+pub fn absolute(path: &Path) -> Result<PathBuf, InstallError> {
+    std::path::absolute(path).map_err(|source| InstallError::File {
         what: "making the path absolute",
         path: path.to_owned(),
         source,

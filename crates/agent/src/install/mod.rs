@@ -2,5 +2,8 @@
 //! directory, and the launchd or systemd service that runs the agent with it.
 
 pub mod enrollment;
+mod error;
 pub mod join;
 pub mod service;
+
+pub use error::InstallError;

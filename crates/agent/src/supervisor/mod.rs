@@ -7,6 +7,8 @@ mod engine_run;
 mod prepare;
 mod pulse_round;
 mod pulse_skips;
+#[cfg(test)]
+mod start_failure_tests;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,7 +74,7 @@ enum RunEnd {
 impl RunEnd {
     /// A start that failed with `error` while `doing` something: the OS running short
     /// (descriptors, memory) is retried with backoff; anything else needs a person.
-    fn start_failed(doing: &str, error: &crate::AgentError) -> Self {
+    fn start_failed(doing: &str, error: &(dyn std::error::Error + 'static)) -> Self {
         match classify_start_error(doing, error) {
             StartFailure::Transient(message) => {
                 RunEnd::Fault { reason: FaultReason::StartFailed, message, uptime: Duration::ZERO }

@@ -9,6 +9,21 @@ use tokio::task::JoinHandle;
 
 use super::{Command, DOWNLOAD_REPORT_EVERY, RunEnd, Supervisor};
 use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
+use crate::engine::ports::NoFreePort;
+
+/// Why the serving port the spec asks for is not listening.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ServingPortError {
+    /// The spec names no port, and the agent's range (`--serving-ports`) has none free.
+    #[error(transparent)]
+    NoFreePort(#[from] NoFreePort),
+    #[error("cannot listen on serving port {addr} (set spec.admission.servingPort to a free port)")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// The serving port's listener task, stopped when dropped.
 pub(super) struct Serving {
@@ -141,7 +156,7 @@ impl Supervisor {
     /// Listens on the serving port the spec asks for. A port already listening stays until the
     /// new one is bound, and is closed after; when the new one cannot be bound, the old one keeps
     /// serving and the error is returned (it is the only port clients have).
-    pub(super) async fn open_serving_port(&mut self) -> Result<(), crate::AgentError> {
+    pub(super) async fn open_serving_port(&mut self) -> Result<(), ServingPortError> {
         if self.serving_port_matches() {
             return Ok(());
         }
@@ -156,7 +171,7 @@ impl Supervisor {
                 if pooled {
                     self.ctx.serving_ports.quarantine(port);
                 }
-                return Err(crate::AgentError::ServingPort { addr, source: e });
+                return Err(ServingPortError::Listen { addr, source: e });
             }
         };
         let (stop, stop_rx) = watch::channel(false);

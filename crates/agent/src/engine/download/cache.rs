@@ -9,12 +9,11 @@ use metalkube_api::HubFile;
 use sha2::{Digest, Sha256};
 
 use super::transfer::{digest_path, partial_path, validator_path};
-use crate::AgentError;
-use crate::confined_path::inside;
+use crate::confined_path::{PathOutside, inside};
 
 /// A hub file's place: by repository, revision and path, so the shards of a split model sit
 /// side by side under their own names, as llama.cpp needs to find them.
-pub fn hub_path(cache_dir: &Path, file: &HubFile) -> Result<PathBuf, AgentError> {
+pub fn hub_path(cache_dir: &Path, file: &HubFile) -> Result<PathBuf, PathOutside> {
     // Components were checked when the source was parsed (no '.', '..' or empty ones); checked
     // again here, where they become a path.
     let mut names = vec!["hf"];
@@ -31,7 +30,7 @@ pub fn https_path(
     first_shard_url: &str,
     file_name: &str,
     sha256: Option<&str>,
-) -> Result<PathBuf, AgentError> {
+) -> Result<PathBuf, PathOutside> {
     if let Some(hash) = sha256 {
         return inside(cache_dir, &[&format!("sha256-{hash}.gguf")]);
     }

@@ -4,9 +4,12 @@
 //! file a model uses is never removed by the cache limit.
 
 pub mod cache;
+mod error;
 pub mod progress;
 pub mod remote;
 pub mod transfer;
+
+pub use error::DownloadError;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -19,7 +22,6 @@ use progress::ProgressCell;
 use remote::{Ask, DownloadClient, ask};
 use transfer::{FileJob, Retry, TransferStats, digest_path, partial_path, transfer};
 
-use crate::AgentError;
 use crate::model::Token;
 
 /// How the agent downloads models.
@@ -123,7 +125,7 @@ pub struct Fetched {
 }
 
 impl Downloader {
-    pub fn new(cache_dir: PathBuf, config: DownloadConfig) -> Result<Self, AgentError> {
+    pub fn new(cache_dir: PathBuf, config: DownloadConfig) -> Result<Self, DownloadError> {
         Ok(Self {
             client: remote::download_client(config.ca_pem.as_deref())?,
             cache_dir,
@@ -144,7 +146,7 @@ impl Downloader {
         source: &SourceRef,
         want_sha256: Option<&str>,
         token: Option<&Token>,
-    ) -> Result<Option<Fetch<'_>>, AgentError> {
+    ) -> Result<Option<Fetch<'_>>, DownloadError> {
         let (files, token) = match source {
             SourceRef::File(_) => return Ok(None),
             SourceRef::Https(url) => {
@@ -162,7 +164,7 @@ impl Downloader {
                                     named: n == name,
                                 })
                             })
-                            .collect::<Result<Vec<_>, AgentError>>()?
+                            .collect::<Result<Vec<_>, DownloadError>>()?
                     }
                     None => vec![RemoteFile {
                         url: url.clone(),
@@ -187,7 +189,7 @@ impl Downloader {
                         .shard_names()
                         .iter()
                         .map(|n| hub_file(&file.with_path(with_file_name(&file.path, n)), n == name))
-                        .collect::<Result<Vec<_>, AgentError>>()?,
+                        .collect::<Result<Vec<_>, DownloadError>>()?,
                     None => vec![hub_file(file, true)?],
                 };
                 (files, token.or(self.config.hub_token.as_ref()).cloned())
@@ -234,7 +236,7 @@ impl Fetch<'_> {
         self.files.iter().all(|f| f.target.is_file())
     }
 
-    pub async fn run(self) -> Result<Fetched, AgentError> {
+    pub async fn run(self) -> Result<Fetched, DownloadError> {
         let d = self.downloader;
         // Leased before anything else: no eviction (by another model's fetch) may take a shard
         // this one already has while it fetches the rest.
@@ -268,11 +270,11 @@ impl Fetch<'_> {
 
     /// A download that ended with a digest other than the spec's is not fetched again for the
     /// same spec: a wrong `spec.model.sha256` must not cost a full download every recheck.
-    fn known_mismatch(&self) -> Option<AgentError> {
+    fn known_mismatch(&self) -> Option<DownloadError> {
         let want = self.want_sha256.as_ref()?;
         let named = self.files.iter().find(|f| f.named)?;
         let got = lock(&self.downloader.mismatches).get(&(named.url.clone(), want.clone())).cloned()?;
-        Some(AgentError::DigestMismatch {
+        Some(DownloadError::DigestMismatch {
             what: format!(
                 "{} (downloaded earlier; change spec.model.sha256 or restart the agent to try again)",
                 named.url
@@ -284,8 +286,8 @@ impl Fetch<'_> {
         })
     }
 
-    fn remember_mismatch(&self, e: &AgentError) {
-        if let AgentError::DigestMismatch { what, size, got, want, want_from: "spec.model.sha256" } = e {
+    fn remember_mismatch(&self, e: &DownloadError) {
+        if let DownloadError::DigestMismatch { what, size, got, want, want_from: "spec.model.sha256" } = e {
             lock(&self.downloader.mismatches).insert((what.clone(), want.clone()), (got.clone(), *size));
         }
     }
@@ -293,7 +295,7 @@ impl Fetch<'_> {
     /// A cached file whose recorded digest is not the one the spec now wants (a hub revision
     /// such as `main` moved, and the spec was updated to the new file): fetched again, unless
     /// another model still uses the cached copy.
-    fn drop_cached_copy_with_another_digest(&self) -> Result<(), AgentError> {
+    fn drop_cached_copy_with_another_digest(&self) -> Result<(), DownloadError> {
         let Some(want) = &self.want_sha256 else { return Ok(()) };
         let Some(named) = self.files.iter().find(|f| f.named && f.target.is_file()) else { return Ok(()) };
         let Ok(got) = std::fs::read_to_string(digest_path(&named.target)) else { return Ok(()) };
@@ -303,7 +305,7 @@ impl Fetch<'_> {
         }
         let holders = lock(&self.downloader.leases).held.values().filter(|files| files.contains(&named.target)).count();
         if holders > 1 {
-            return Err(AgentError::DigestMismatch {
+            return Err(DownloadError::DigestMismatch {
                 what: format!("{} (cached, and in use by another model)", named.url),
                 size: named.target.metadata().map_or(0, |m| m.len()),
                 got: got.to_owned(),
@@ -313,10 +315,10 @@ impl Fetch<'_> {
         }
         tracing::info!(file = %named.target.display(), cached = got, wanted = %want, "cached file has another digest; fetching it again");
         cache::remove(&self.downloader.cache_dir, &named.target)
-            .map_err(|e| AgentError::ModelCache { path: named.target.clone(), source: e })
+            .map_err(|e| DownloadError::Cache { path: named.target.clone(), source: e })
     }
 
-    async fn download(&self, missing: &[&RemoteFile]) -> Result<Vec<TransferStats>, AgentError> {
+    async fn download(&self, missing: &[&RemoteFile]) -> Result<Vec<TransferStats>, DownloadError> {
         let d = self.downloader;
         let progress = &self.shared.progress;
         // Size every file first: the disk is checked for all of them before any byte moves,
@@ -328,10 +330,10 @@ impl Fetch<'_> {
             match answer.status.as_u16() {
                 200 | 206 => {}
                 401 | 403 => {
-                    return Err(AgentError::DownloadDenied { url: f.url.clone(), status: answer.status.as_u16() });
+                    return Err(DownloadError::Denied { url: f.url.clone(), status: answer.status.as_u16() });
                 }
                 _ => {
-                    return Err(AgentError::Download {
+                    return Err(DownloadError::Failed {
                         url: f.url.clone(),
                         problem: format!("HTTP {}", answer.status),
                     });
@@ -359,17 +361,16 @@ impl Fetch<'_> {
         progress.set_total(total, done);
         let need: u64 = sized.iter().fold(0, |a, (f, s, _)| a.saturating_add(s.unwrap_or(0).saturating_sub(have(f))));
         let cache_dir = &d.cache_dir;
-        std::fs::create_dir_all(cache_dir)
-            .map_err(|e| AgentError::ModelCache { path: cache_dir.clone(), source: e })?;
+        std::fs::create_dir_all(cache_dir).map_err(|e| DownloadError::Cache { path: cache_dir.clone(), source: e })?;
         if let Some(free) = free_bytes(cache_dir)
             && need > free
         {
-            return Err(AgentError::NoSpace { dir: cache_dir.clone(), need, free });
+            return Err(DownloadError::NoSpace { dir: cache_dir.clone(), need, free });
         }
         let mut stats = Vec::new();
         for (f, size, linked) in sized {
             if let Some(dir) = f.target.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| AgentError::ModelCache { path: dir.to_owned(), source: e })?;
+                std::fs::create_dir_all(dir).map_err(|e| DownloadError::Cache { path: dir.to_owned(), source: e })?;
             }
             let mut want = Vec::new();
             if let Some(sha) = self.want_sha256.as_ref().filter(|_| f.named) {
@@ -378,7 +379,7 @@ impl Fetch<'_> {
             if let Some(sha) = linked {
                 if let Some((spec, _)) = want.first().filter(|(spec, _)| *spec != sha) {
                     // Known wrong before a byte is fetched.
-                    return Err(AgentError::DigestConflict { url: f.url.clone(), hub: sha, spec: spec.clone() });
+                    return Err(DownloadError::DigestConflict { url: f.url.clone(), hub: sha, spec: spec.clone() });
                 }
                 want.push((sha, "the hub's X-Linked-ETag"));
             }

@@ -12,7 +12,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
-use crate::AgentError;
+use super::DownloadError;
 use crate::model::Token;
 
 /// Model hosts hand out redirects to their CDNs; more than this many is a loop.
@@ -28,7 +28,7 @@ pub type DownloadClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, Em
 
 /// A client for model downloads (https only): system roots plus `extra_ca_pem`, e.g. a private
 /// mirror's CA.
-pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, AgentError> {
+pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, DownloadError> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_native_certs::load_native_certs().certs {
         // A single unusable system certificate must not disable downloads.
@@ -38,13 +38,13 @@ pub fn download_client(extra_ca_pem: Option<&str>) -> Result<DownloadClient, Age
         use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
         for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-            let cert = cert.map_err(|e| AgentError::DownloadCa(e.to_string()))?;
-            roots.add(cert).map_err(|e| AgentError::DownloadCa(e.to_string()))?;
+            let cert = cert.map_err(|e| DownloadError::CaCertificates(e.to_string()))?;
+            roots.add(cert).map_err(|e| DownloadError::CaCertificates(e.to_string()))?;
         }
     }
     let tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| AgentError::DownloadCa(format!("TLS setup: {e}")))?
+        .map_err(|e| DownloadError::CaCertificates(format!("TLS setup: {e}")))?
         .with_root_certificates(roots)
         .with_no_client_auth();
     let mut http = HttpConnector::new();
@@ -100,10 +100,10 @@ impl Answer {
     }
 }
 
-pub async fn ask(client: &DownloadClient, ask: &Ask<'_>) -> Result<Answer, AgentError> {
+pub async fn ask(client: &DownloadClient, ask: &Ask<'_>) -> Result<Answer, DownloadError> {
     let url = ask.url;
     let mut current: hyper::Uri =
-        url.parse().map_err(|_| AgentError::Download { url: url.to_owned(), problem: "is not a URL".into() })?;
+        url.parse().map_err(|_| DownloadError::Failed { url: url.to_owned(), problem: "is not a URL".into() })?;
     let origin = current.authority().cloned();
     let (mut linked_sha256, mut linked_size) = (None, None);
     for _ in 0..=MAX_REDIRECTS {
@@ -116,14 +116,14 @@ pub async fn ask(client: &DownloadClient, ask: &Ask<'_>) -> Result<Answer, Agent
         } else if let Some((from, validator)) = ask.resume {
             request = request.header(RANGE, format!("bytes={from}-")).header(http::header::IF_RANGE, validator);
         }
-        let request = request.body(Empty::new()).map_err(|e| AgentError::Download {
+        let request = request.body(Empty::new()).map_err(|e| DownloadError::Failed {
             url: url.to_owned(),
             problem: format!("cannot build the request: {e}"),
         })?;
         let response = match tokio::time::timeout(ANSWER_TIMEOUT, client.request(request)).await {
-            Ok(answer) => answer.map_err(|e| AgentError::DownloadRequest { url: url.to_owned(), source: e })?,
+            Ok(answer) => answer.map_err(|e| DownloadError::Request { url: url.to_owned(), source: e })?,
             Err(_) => {
-                return Err(AgentError::Download {
+                return Err(DownloadError::Failed {
                     url: url.to_owned(),
                     problem: format!("no answer within {}s", ANSWER_TIMEOUT.as_secs()),
                 });
@@ -140,17 +140,17 @@ pub async fn ask(client: &DownloadClient, ask: &Ask<'_>) -> Result<Answer, Agent
             let (parts, body) = response.into_parts();
             return Ok(Answer { status: parts.status, headers: parts.headers, linked_sha256, linked_size, body });
         }
-        let location = headers.get(LOCATION).and_then(|l| l.to_str().ok()).ok_or_else(|| AgentError::Download {
+        let location = headers.get(LOCATION).and_then(|l| l.to_str().ok()).ok_or_else(|| DownloadError::Failed {
             url: url.to_owned(),
             problem: format!("HTTP {} without a Location", response.status()),
         })?;
-        current = resolve(&current, location).ok_or_else(|| AgentError::Download {
+        current = resolve(&current, location).ok_or_else(|| DownloadError::Failed {
             url: url.to_owned(),
             // Not the Location itself: CDN redirects carry signed query strings.
             problem: format!("a redirect to an unusable location (HTTP {})", response.status()),
         })?;
     }
-    Err(AgentError::Download { url: url.to_owned(), problem: format!("more than {MAX_REDIRECTS} redirects") })
+    Err(DownloadError::Failed { url: url.to_owned(), problem: format!("more than {MAX_REDIRECTS} redirects") })
 }
 
 /// The hub's `X-Linked-ETag` is the file's SHA-256 in quotes for LFS files; anything else (a

@@ -9,9 +9,9 @@ use http_body_util::BodyExt;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
+use super::DownloadError;
 use super::progress::ProgressCell;
 use super::remote::{Ask, DownloadClient, ask};
-use crate::AgentError;
 use crate::model::Token;
 
 /// One file to fetch.
@@ -70,8 +70,8 @@ fn suffixed(target: &Path, suffix: &str) -> PathBuf {
 
 enum Failure {
     /// Worth another attempt from where the file now stands.
-    Transient(AgentError),
-    Fatal(AgentError),
+    Transient(DownloadError),
+    Fatal(DownloadError),
 }
 
 pub async fn transfer(
@@ -79,7 +79,7 @@ pub async fn transfer(
     job: &FileJob<'_>,
     retry: Retry,
     progress: &ProgressCell,
-) -> Result<TransferStats, AgentError> {
+) -> Result<TransferStats, DownloadError> {
     let mut stats = TransferStats::default();
     // The hash of the partial file's first `.1` bytes, carried across attempts so a resume
     // does not read back what was just written.
@@ -100,7 +100,7 @@ pub async fn transfer(
             }
         }
     }
-    Err(last.unwrap_or_else(|| AgentError::Download { url: job.url.to_owned(), problem: "no attempt made".into() }))
+    Err(last.unwrap_or_else(|| DownloadError::Failed { url: job.url.to_owned(), problem: "no attempt made".into() }))
 }
 
 async fn attempt_once(
@@ -112,8 +112,7 @@ async fn attempt_once(
 ) -> Result<(), Failure> {
     let partial = partial_path(job.target);
     let validator_file = validator_path(job.target);
-    let io =
-        |path: &Path, e: std::io::Error| Failure::Fatal(AgentError::ModelCache { path: path.to_owned(), source: e });
+    let io = |path: &Path, e: std::io::Error| Failure::Fatal(DownloadError::Cache { path: path.to_owned(), source: e });
     let mut have = tokio::fs::metadata(&partial).await.map_or(0, |m| m.len());
     let validator = tokio::fs::read_to_string(&validator_file).await.ok().filter(|v| !v.trim().is_empty());
     if have > 0 && validator.is_none() {
@@ -138,7 +137,7 @@ async fn attempt_once(
             let start = answer.content_range().map(|(s, _)| s);
             if start != Some(have) {
                 discard(&partial, have, progress, stats).await.map_err(|e| io(&partial, e))?;
-                return Err(Failure::Transient(AgentError::Download {
+                return Err(Failure::Transient(DownloadError::Failed {
                     url: job.url.to_owned(),
                     problem: format!("asked for bytes from {have}, the server sent a range from {start:?}"),
                 }));
@@ -167,20 +166,20 @@ async fn attempt_once(
                 return Ok(());
             }
             discard(&partial, have, progress, stats).await.map_err(|e| io(&partial, e))?;
-            return Err(Failure::Transient(AgentError::Download {
+            return Err(Failure::Transient(DownloadError::Failed {
                 url: job.url.to_owned(),
                 problem: format!("the partial file ({have} bytes) is longer than the server's ({total:?})"),
             }));
         }
-        401 | 403 => return Err(Failure::Fatal(AgentError::DownloadDenied { url: job.url.to_owned(), status })),
+        401 | 403 => return Err(Failure::Fatal(DownloadError::Denied { url: job.url.to_owned(), status })),
         408 | 429 | 500..=599 => {
-            return Err(Failure::Transient(AgentError::Download {
+            return Err(Failure::Transient(DownloadError::Failed {
                 url: job.url.to_owned(),
                 problem: format!("HTTP {}", answer.status),
             }));
         }
         _ => {
-            return Err(Failure::Fatal(AgentError::Download {
+            return Err(Failure::Fatal(DownloadError::Failed {
                 url: job.url.to_owned(),
                 problem: format!("HTTP {}", answer.status),
             }));
@@ -211,7 +210,7 @@ async fn attempt_once(
             Ok(None) => break,
             Err(_) => {
                 let _ = file.flush().await;
-                return Err(Failure::Transient(AgentError::Download {
+                return Err(Failure::Transient(DownloadError::Failed {
                     url: job.url.to_owned(),
                     problem: format!("nothing received for {}s after {written} bytes", IDLE_TIMEOUT.as_secs()),
                 }));
@@ -225,7 +224,7 @@ async fn attempt_once(
             Err(e) => {
                 // What reached the file stays; the next attempt continues after it.
                 let _ = file.flush().await;
-                return Err(Failure::Transient(AgentError::DownloadInterrupted {
+                return Err(Failure::Transient(DownloadError::Interrupted {
                     url: job.url.to_owned(),
                     after_bytes: written,
                     source: e,
@@ -250,7 +249,7 @@ async fn attempt_once(
         if written > expected {
             discard(&partial, written, progress, stats).await.map_err(|e| io(&partial, e))?;
         }
-        return Err(Failure::Transient(AgentError::Download {
+        return Err(Failure::Transient(DownloadError::Failed {
             url: job.url.to_owned(),
             problem: format!("the transfer ended at {written} bytes of {expected}"),
         }));
@@ -282,14 +281,14 @@ async fn hash_prefix(path: &Path, len: u64) -> std::io::Result<(Sha256, u64)> {
 }
 
 /// Checks the digests, then moves the file into place.
-async fn finish(job: &FileJob<'_>, hasher: Sha256, mut stats: TransferStats) -> Result<TransferStats, AgentError> {
+async fn finish(job: &FileJob<'_>, hasher: Sha256, mut stats: TransferStats) -> Result<TransferStats, DownloadError> {
     let partial = partial_path(job.target);
     let got = format!("{:x}", hasher.finalize());
     if let Some((want, from)) = job.want.iter().find(|(want, _)| *want != got) {
         // A wrong file is never kept: resuming it would only make it longer and still wrong.
         let _ = tokio::fs::remove_file(&partial).await;
         let _ = tokio::fs::remove_file(validator_path(job.target)).await;
-        return Err(AgentError::DigestMismatch {
+        return Err(DownloadError::DigestMismatch {
             what: job.url.to_owned(),
             size: stats.size,
             got,
@@ -297,7 +296,7 @@ async fn finish(job: &FileJob<'_>, hasher: Sha256, mut stats: TransferStats) -> 
             want_from: from,
         });
     }
-    let cache_err = |path: &Path, e| AgentError::ModelCache { path: path.to_owned(), source: e };
+    let cache_err = |path: &Path, e| DownloadError::Cache { path: path.to_owned(), source: e };
     let digest_file = digest_path(job.target);
     tokio::fs::write(&digest_file, &got).await.map_err(|e| cache_err(&digest_file, e))?;
     tokio::fs::rename(&partial, job.target).await.map_err(|e| cache_err(job.target, e))?;
@@ -319,12 +318,12 @@ async fn on_disk(path: &Path, handed_over: u64) -> u64 {
     tokio::fs::metadata(path).await.map_or(handed_over, |m| m.len())
 }
 
-fn write_failed(target: &Path, written: u64, size: Option<u64>, e: std::io::Error) -> AgentError {
+fn write_failed(target: &Path, written: u64, size: Option<u64>, e: std::io::Error) -> DownloadError {
     let dir = target.parent().unwrap_or(target).to_owned();
     if e.kind() == std::io::ErrorKind::StorageFull {
-        AgentError::CacheDiskFull { dir, written, size, source: e }
+        DownloadError::CacheDiskFull { dir, written, size, source: e }
     } else {
-        AgentError::CacheWrite { path: partial_path(target), written, size, source: e }
+        DownloadError::CacheWrite { path: partial_path(target), written, size, source: e }
     }
 }
 

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use metalkube_api::bundle::AgentSettings;
 
-use crate::AgentError;
+use crate::install::InstallError;
 use crate::install::enrollment::EnrollmentFiles;
 
 /// launchd label of the agent's job (also its plist's file name).
@@ -48,13 +48,15 @@ impl Target {
 }
 
 impl std::str::FromStr for Target {
-    type Err = AgentError;
+    type Err = InstallError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "macos" => Ok(Self::Macos),
             "linux" => Ok(Self::Linux),
-            other => Err(AgentError::Service(format!("--target {other:?}: write macos (launchd) or linux (systemd)"))),
+            other => {
+                Err(InstallError::Service(format!("--target {other:?}: write macos (launchd) or linux (systemd)")))
+            }
         }
     }
 }
@@ -86,14 +88,14 @@ impl Host {
         }
     }
 
-    fn home(&self) -> Result<&Path, AgentError> {
+    fn home(&self) -> Result<&Path, InstallError> {
         self.home.as_deref().ok_or_else(|| {
-            AgentError::Service("HOME is not set: a user service lives under it (or pass --system)".to_owned())
+            InstallError::Service("HOME is not set: a user service lives under it (or pass --system)".to_owned())
         })
     }
 
     /// Where the definition is written.
-    pub fn definition_path(&self) -> Result<PathBuf, AgentError> {
+    pub fn definition_path(&self) -> Result<PathBuf, InstallError> {
         Ok(match (self.target, self.scope) {
             (Target::Macos, Scope::System) => {
                 PathBuf::from("/Library/LaunchDaemons").join(format!("{LAUNCHD_LABEL}.plist"))
@@ -110,7 +112,7 @@ impl Host {
     }
 
     /// The agent's log file under launchd (systemd keeps the output in the journal).
-    pub fn log_path(&self) -> Result<Option<PathBuf>, AgentError> {
+    pub fn log_path(&self) -> Result<Option<PathBuf>, InstallError> {
         Ok(match (self.target, self.scope) {
             (Target::Macos, Scope::System) => Some(PathBuf::from("/Library/Logs/metalkube/agent.log")),
             (Target::Macos, Scope::User) => Some(self.home()?.join("Library/Logs/metalkube/agent.log")),
@@ -120,7 +122,7 @@ impl Host {
 
     /// The state directory `join` uses when none is given. A system service must not depend on
     /// a user's home, and launchd gives daemons none.
-    pub fn default_state_dir(&self) -> Result<PathBuf, AgentError> {
+    pub fn default_state_dir(&self) -> Result<PathBuf, InstallError> {
         Ok(match (self.target, self.scope) {
             (Target::Macos, Scope::System) => PathBuf::from("/Library/Application Support/metalkube"),
             (Target::Linux, Scope::System) => PathBuf::from("/var/lib/metalkube"),
@@ -181,7 +183,7 @@ pub struct Definition {
 }
 
 /// Renders the definition of `command` for `host` (pure).
-pub fn definition(host: &Host, command: &ServiceCommand) -> Result<Definition, AgentError> {
+pub fn definition(host: &Host, command: &ServiceCommand) -> Result<Definition, InstallError> {
     let log_path = host.log_path()?;
     let contents = match host.target {
         Target::Macos => {
@@ -194,16 +196,16 @@ pub fn definition(host: &Host, command: &ServiceCommand) -> Result<Definition, A
 }
 
 /// Writes the definition and has the service manager (re)start the agent with it.
-pub fn install(host: &Host, definition: &Definition) -> Result<(), AgentError> {
+pub fn install(host: &Host, definition: &Definition) -> Result<(), InstallError> {
     write_definition(definition)?;
     start(host, &definition.path)
 }
 
 /// Writes the definition file (and the log directory) without starting anything.
-pub fn write_definition(definition: &Definition) -> Result<(), AgentError> {
+pub fn write_definition(definition: &Definition) -> Result<(), InstallError> {
     let io = |what: &'static str, path: &Path| {
         let path = path.to_owned();
-        move |source| AgentError::File { what, path, source }
+        move |source| InstallError::File { what, path, source }
     };
     if let Some(dir) = definition.path.parent() {
         std::fs::create_dir_all(dir).map_err(io("creating the service directory", dir))?;
@@ -216,21 +218,21 @@ pub fn write_definition(definition: &Definition) -> Result<(), AgentError> {
 }
 
 /// Stops the agent's service and removes its definition.
-pub fn uninstall(host: &Host) -> Result<PathBuf, AgentError> {
+pub fn uninstall(host: &Host) -> Result<PathBuf, InstallError> {
     let path = host.definition_path()?;
     stop(host, &path)?;
     match std::fs::remove_file(&path) {
         Ok(()) => Ok(path),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(path),
-        Err(source) => Err(AgentError::File { what: "removing the service definition", path, source }),
+        Err(source) => Err(InstallError::File { what: "removing the service definition", path, source }),
     }
 }
 
-fn check_host(host: &Host) -> Result<(), AgentError> {
+fn check_host(host: &Host) -> Result<(), InstallError> {
     if Target::host() == Some(host.target) {
         Ok(())
     } else {
-        Err(AgentError::Service(format!(
+        Err(InstallError::Service(format!(
             "cannot manage a {} service on {}: use `service print --target {}` to see its definition",
             host.target.as_str(),
             std::env::consts::OS,
@@ -239,7 +241,7 @@ fn check_host(host: &Host) -> Result<(), AgentError> {
     }
 }
 
-fn start(host: &Host, path: &Path) -> Result<(), AgentError> {
+fn start(host: &Host, path: &Path) -> Result<(), InstallError> {
     check_host(host)?;
     match host.target {
         Target::Macos => {
@@ -258,7 +260,7 @@ fn start(host: &Host, path: &Path) -> Result<(), AgentError> {
     }
 }
 
-fn stop(host: &Host, path: &Path) -> Result<(), AgentError> {
+fn stop(host: &Host, path: &Path) -> Result<(), InstallError> {
     check_host(host)?;
     if !path.exists() {
         return Ok(());
@@ -301,13 +303,13 @@ fn systemctl(scope: Scope) -> Command {
 
 /// Runs a service manager command; with `required`, a failure is an error that says what ran
 /// and what it answered.
-fn run(command: &mut Command, required: bool) -> Result<(), AgentError> {
+fn run(command: &mut Command, required: bool) -> Result<(), InstallError> {
     let shown = format!(
         "{} {}",
         command.get_program().to_string_lossy(),
         command.get_args().map(|a| a.to_string_lossy()).collect::<Vec<_>>().join(" ")
     );
-    let output = command.output().map_err(|source| AgentError::ServiceCommand {
+    let output = command.output().map_err(|source| InstallError::ServiceCommand {
         command: shown.clone(),
         detail: String::new(),
         source: Some(source),
@@ -316,7 +318,7 @@ fn run(command: &mut Command, required: bool) -> Result<(), AgentError> {
         return Ok(());
     }
     let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
-    Err(AgentError::ServiceCommand { command: shown, detail: format!("{}: {stderr}", output.status), source: None })
+    Err(InstallError::ServiceCommand { command: shown, detail: format!("{}: {stderr}", output.status), source: None })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::{self, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
-use crate::AgentError;
+use super::RequestRefusal;
 
 /// Probabilities per generated token a request may ask for (`n_probs`, `top_logprobs`,
 /// `logprobs` as a number). Each costs a partial sort of the vocabulary and a detokenized entry
@@ -137,12 +137,12 @@ pub struct Fields<'a> {
     n_cache_reuse: Option<IgnoredAny>,
 }
 
-fn refuse(field: &str, problem: String, allowed: String) -> AgentError {
-    AgentError::RequestField { field: field.to_owned(), problem, allowed }
+fn refuse(field: &str, problem: String, allowed: String) -> RequestRefusal {
+    RequestRefusal::Field { field: field.to_owned(), problem, allowed }
 }
 
 /// `value`, when present, must be a whole number in `range`.
-fn whole_in(field: &str, value: &Option<Value>, range: std::ops::RangeInclusive<i64>) -> Result<(), AgentError> {
+fn whole_in(field: &str, value: &Option<Value>, range: std::ops::RangeInclusive<i64>) -> Result<(), RequestRefusal> {
     let Some(v) = value else { return Ok(()) };
     if v.is_null() || v.as_i64().is_some_and(|n| range.contains(&n)) {
         return Ok(());
@@ -156,7 +156,7 @@ fn whole_in(field: &str, value: &Option<Value>, range: std::ops::RangeInclusive<
 
 /// `value`, when present, must be a list of at most `most` strings of at most `chars`
 /// characters (or one such string).
-fn strings_within(field: &str, value: &Option<Value>, most: usize, chars: usize) -> Result<(), AgentError> {
+fn strings_within(field: &str, value: &Option<Value>, most: usize, chars: usize) -> Result<(), RequestRefusal> {
     let allowed = || format!("at most {most} strings of at most {chars} characters");
     let too_long = |s: &str| s.chars().count() > chars;
     match value {
@@ -228,7 +228,7 @@ impl Fields<'_> {
     }
 
     /// The bounds each read field is held to.
-    pub fn check(&self) -> Result<(), AgentError> {
+    pub fn check(&self) -> Result<(), RequestRefusal> {
         let internal = [
             &self.grammar_triggers,
             &self.chat_parser,
@@ -400,7 +400,7 @@ impl<'de> Visitor<'de> for ShapeVisitor {
 mod tests {
     use super::*;
 
-    fn check(body: &str) -> Result<(), AgentError> {
+    fn check(body: &str) -> Result<(), RequestRefusal> {
         serde_json::from_str::<Fields<'_>>(body).unwrap().check()
     }
 

@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 
-use crate::AgentError;
+use super::RequestRefusal;
 
 /// A grammar's text.
 pub const MAX_BYTES: usize = 32 * 1024;
@@ -97,9 +97,9 @@ fn tokens(text: &str) -> Vec<Token<'_>> {
 
 /// Checks a grammar's size, nesting, repetitions and rule references. What is not GBNF is left
 /// for the engine to refuse: only what could hurt it is judged here.
-pub fn check(grammar: &str) -> Result<(), AgentError> {
+pub fn check(grammar: &str) -> Result<(), RequestRefusal> {
     let refuse =
-        |problem: String, allowed: String| AgentError::RequestField { field: "grammar".to_owned(), problem, allowed };
+        |problem: String, allowed: String| RequestRefusal::Field { field: "grammar".to_owned(), problem, allowed };
     if grammar.len() > MAX_BYTES {
         return Err(refuse(format!("is {} bytes long", grammar.len()), format!("at most {MAX_BYTES} bytes")));
     }

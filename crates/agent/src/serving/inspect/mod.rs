@@ -17,11 +17,12 @@
 pub mod depth;
 pub mod fields;
 pub mod grammar;
+mod refusal;
 pub mod schema;
 pub mod tasks;
 pub mod text;
 
-use crate::AgentError;
+pub use refusal::RequestRefusal;
 
 /// JSON nesting the port lets through. Real requests nest a dozen levels (a chat message with
 /// a tool whose parameters are a schema of objects of arrays); llama-server recurses per level
@@ -71,14 +72,14 @@ pub fn body_kind(path: &str) -> BodyKind {
 
 /// Judges a request body for `path`. `max_tasks` is the model's admission limit: the most
 /// engine tasks one request may make.
-pub fn inspect(path: &str, body: &[u8], max_tasks: u32) -> Result<RequestShape, AgentError> {
+pub fn inspect(path: &str, body: &[u8], max_tasks: u32) -> Result<RequestShape, RequestRefusal> {
     let work = match body_kind(path) {
         BodyKind::Multipart => {
             return Ok(RequestShape { streams: false, closes_connection: true, engine_tasks: 1, json: false });
         }
         BodyKind::Json(work) => work,
     };
-    depth::check_nesting(body, MAX_JSON_DEPTH).map_err(|too_deep| AgentError::RequestTooDeep {
+    depth::check_nesting(body, MAX_JSON_DEPTH).map_err(|too_deep| RequestRefusal::TooDeep {
         field: too_deep.field,
         limit: MAX_JSON_DEPTH,
         offset: too_deep.offset,
@@ -86,26 +87,16 @@ pub fn inspect(path: &str, body: &[u8], max_tasks: u32) -> Result<RequestShape, 
     // serde reads a struct from an array too: only an object is a request.
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err(match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-            Err(e) => AgentError::RequestBodyNotJson(e),
-            Ok(_) => AgentError::RequestBodyNotObject,
+            Err(e) => RequestRefusal::NotJson(e),
+            Ok(_) => RequestRefusal::NotObject,
         });
     }
-    let read: fields::Fields<'_> = serde_json::from_slice(body).map_err(AgentError::RequestBodyNotJson)?;
+    let read: fields::Fields<'_> = serde_json::from_slice(body).map_err(RequestRefusal::NotJson)?;
     read.check()?;
     text::check(body)?;
     let engine_tasks = tasks::count(work, &read, max_tasks)?;
     let streams = read.streams();
     Ok(RequestShape { streams, closes_connection: streams, engine_tasks, json: true })
-}
-
-/// The `error.code` a client gets for a refused body.
-pub fn client_code(refusal: &AgentError) -> &'static str {
-    match refusal {
-        AgentError::RequestTooDeep { .. } => "json_too_deep",
-        AgentError::RequestField { .. } => "invalid_field",
-        AgentError::RequestTooManyTasks { .. } => "too_many_tasks",
-        _ => "invalid_json",
-    }
 }
 
 #[cfg(test)]
@@ -145,7 +136,7 @@ mod tests {
     fn a_deep_body_is_refused_naming_the_field_and_the_limit() {
         let deep = format!(r#"{{"messages": [], "response_format": {}1{}}}"#, "[".repeat(50_000), "]".repeat(50_000));
         let err = inspect("/v1/chat/completions", deep.as_bytes(), 4).unwrap_err();
-        assert_eq!(client_code(&err), "json_too_deep");
+        assert_eq!(err.client_code(), "json_too_deep");
         let message = err.to_string();
         assert!(message.contains("`response_format`") && message.contains("64 levels"), "{message}");
     }

@@ -17,7 +17,7 @@
 
 use serde_json::Value;
 
-use crate::AgentError;
+use super::RequestRefusal;
 
 /// A schema's text, serialized.
 pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
@@ -52,8 +52,8 @@ enum Edge {
 }
 
 /// Checks one schema, found at `field` of the request.
-pub fn check(field: &str, schema: &Value) -> Result<(), AgentError> {
-    let refuse = |problem: String, allowed: &str| AgentError::RequestField {
+pub fn check(field: &str, schema: &Value) -> Result<(), RequestRefusal> {
+    let refuse = |problem: String, allowed: &str| RequestRefusal::Field {
         field: field.to_owned(),
         problem,
         allowed: allowed.to_owned(),

@@ -5,8 +5,8 @@
 //! for everyone as hung, and the request got its 200. Counting tasks lets the admission queue
 //! give a request as many places as it takes engine slots.
 
+use super::RequestRefusal;
 use super::fields::Fields;
-use crate::AgentError;
 
 /// What kind of work a path asks of the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +25,7 @@ pub enum Work {
 
 /// The tasks `fields` make for `work`, refused when more than `max` (the model's admission
 /// limit) or when a count is not a whole number the engine can take.
-pub fn count(work: Work, fields: &Fields<'_>, max: u32) -> Result<u32, AgentError> {
+pub fn count(work: Work, fields: &Fields<'_>, max: u32) -> Result<u32, RequestRefusal> {
     let max = max.max(1);
     let (tasks, how) = match work {
         Work::None => return Ok(1),
@@ -48,17 +48,17 @@ pub fn count(work: Work, fields: &Fields<'_>, max: u32) -> Result<u32, AgentErro
         }
     };
     if tasks > u64::from(max) {
-        return Err(AgentError::RequestTooManyTasks { tasks, how, limit: max });
+        return Err(RequestRefusal::TooManyTasks { tasks, how, limit: max });
     }
     Ok(u32::try_from(tasks.max(1)).unwrap_or(max))
 }
 
 /// Completions asked for per prompt: the field that says so and its value (1 when absent).
-fn completions(fields: &Fields<'_>, max: u32) -> Result<(&'static str, u64), AgentError> {
+fn completions(fields: &Fields<'_>, max: u32) -> Result<(&'static str, u64), RequestRefusal> {
     let mut asked = ("completions", 1u64);
     for (name, value) in [("n", &fields.n), ("n_cmpl", &fields.n_cmpl)] {
         let Some(value) = value else { continue };
-        let whole = value.as_u64().filter(|n| *n >= 1).ok_or_else(|| AgentError::RequestField {
+        let whole = value.as_u64().filter(|n| *n >= 1).ok_or_else(|| RequestRefusal::Field {
             field: name.to_owned(),
             problem: format!("is {}", super::fields::describe(value)),
             allowed: format!("a whole number from 1 to {max} (the model's spec.admission.maxConcurrent)"),
@@ -74,7 +74,7 @@ fn completions(fields: &Fields<'_>, max: u32) -> Result<(&'static str, u64), Age
 mod tests {
     use super::*;
 
-    fn tasks(work: Work, body: &str, max: u32) -> Result<u32, AgentError> {
+    fn tasks(work: Work, body: &str, max: u32) -> Result<u32, RequestRefusal> {
         let fields: Fields<'_> = serde_json::from_str(body).unwrap();
         count(work, &fields, max)
     }

@@ -13,7 +13,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
 
-use crate::AgentError;
+use super::RequestRefusal;
 
 /// Characters of one class in a row (letters, digits, white space, or other symbols).
 pub const MAX_RUN: usize = 4096;
@@ -27,14 +27,14 @@ const MEDIA_CONTAINERS: [&str; 5] = ["image_url", "video_url", "audio_url", "inp
 const INLINE_MEDIA_KEYS: [&str; 2] = ["data", "multimodal_data"];
 
 /// Checks every string of `body` (a JSON text whose nesting is already bounded).
-pub fn check(body: &[u8]) -> Result<(), AgentError> {
+pub fn check(body: &[u8]) -> Result<(), RequestRefusal> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let mut found: Option<AgentError> = None;
+    let mut found: Option<RequestRefusal> = None;
     let walked = Strings { key: None, container: None, found: &mut found }.deserialize(&mut de);
     if let Some(problem) = found {
         return Err(problem);
     }
-    walked.map_err(AgentError::RequestBodyNotJson)
+    walked.map_err(RequestRefusal::NotJson)
 }
 
 /// Walks one value; `key` is the object key it is under, `container` the key its object is
@@ -42,7 +42,7 @@ pub fn check(body: &[u8]) -> Result<(), AgentError> {
 struct Strings<'k, 'f> {
     key: Option<&'k str>,
     container: Option<&'k str>,
-    found: &'f mut Option<AgentError>,
+    found: &'f mut Option<RequestRefusal>,
 }
 
 impl<'de> DeserializeSeed<'de> for Strings<'_, '_> {
@@ -104,11 +104,11 @@ impl<'de> Visitor<'de> for Strings<'_, '_> {
 }
 
 /// What is wrong with string `s` under `key` (in an object under `container`), if anything.
-fn judge(key: Option<&str>, container: Option<&str>, s: &str) -> Option<AgentError> {
+fn judge(key: Option<&str>, container: Option<&str>, s: &str) -> Option<RequestRefusal> {
     let media = key.is_some_and(|k| MEDIA_KEYS.contains(&k))
         || (key == Some("url") && container.is_some_and(|c| MEDIA_CONTAINERS.contains(&c)));
     if media && !s.starts_with("data:") {
-        return Some(AgentError::RequestField {
+        return Some(RequestRefusal::Field {
             field: key.unwrap_or("url").to_owned(),
             problem: "names media by address; the engine would fetch it from this Mac's network".to_owned(),
             allowed: "inline media as a data: URI (data:image/png;base64,...)".to_owned(),
@@ -122,7 +122,7 @@ fn judge(key: Option<&str>, container: Option<&str>, s: &str) -> Option<AgentErr
     if key == Some("arguments")
         && let Err(too_deep) = super::depth::check_nesting(s.as_bytes(), super::MAX_JSON_DEPTH)
     {
-        return Some(AgentError::RequestField {
+        return Some(RequestRefusal::Field {
             field: "arguments".to_owned(),
             problem: format!(
                 "holds JSON nested deeper than {} levels (at byte {})",
@@ -133,7 +133,7 @@ fn judge(key: Option<&str>, container: Option<&str>, s: &str) -> Option<AgentErr
         });
     }
     let run = longest_run(s);
-    (run > MAX_RUN).then(|| AgentError::RequestField {
+    (run > MAX_RUN).then(|| RequestRefusal::Field {
         field: key.unwrap_or("a string").to_owned(),
         problem: format!(
             "has a run of {run} characters of one kind (letters, digits, spaces or symbols) without a break"

@@ -7,9 +7,9 @@ use crate::serving::in_engine::digest;
 
 impl ModelProxy {
     /// A body the port will not pass: 400 naming the field, what was wrong and what is allowed.
-    fn refuse_input(&self, admission: &Admission, refusal: &AgentError) -> Response<ProxyBody> {
+    fn refuse_input(&self, admission: &Admission, refusal: &RequestRefusal) -> Response<ProxyBody> {
         admission.rejected(Rejection::InvalidInput);
-        client_error(StatusCode::BAD_REQUEST, inspect::client_code(refusal), &refusal.to_string())
+        client_error(StatusCode::BAD_REQUEST, refusal.client_code(), &refusal.to_string())
     }
 
     pub(super) async fn inference(
