@@ -69,8 +69,10 @@ pub struct CauseLabels {
     pub cause: String,
 }
 
-/// Why a restart the pulse asked for was not made (the `reason` of `restarts_withheld_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a restart the pulse asked for was not made (the `reason` of `restarts_withheld_total`):
+/// the variant's name in snake_case, every variant counted from the model's start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum Withheld {
     /// The host explained the slowness.
     HostContended,
@@ -79,13 +81,12 @@ pub enum Withheld {
 }
 
 impl Withheld {
-    pub const ALL: [Withheld; 2] = [Withheld::HostContended, Withheld::SlowAfterRestart];
+    /// Every reason, listed by the compiler (strum's `VariantArray`).
+    pub const ALL: &'static [Withheld] = <Withheld as strum::VariantArray>::VARIANTS;
 
+    /// The `reason` label.
     pub fn as_str(self) -> &'static str {
-        match self {
-            Withheld::HostContended => "host_contended",
-            Withheld::SlowAfterRestart => "slow_after_restart",
-        }
+        self.into()
     }
 }
 
@@ -328,7 +329,7 @@ impl Metrics {
     }
 
     pub fn set_phase(&self, model: &str, phase: Phase) {
-        for p in Phase::ALL {
+        for &p in Phase::ALL {
             let labels = PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() };
             self.engine_phase.get_or_create(&labels).set(i64::from(p == phase));
         }
@@ -380,21 +381,21 @@ impl Metrics {
     /// included).
     pub fn engine_series(&self, model: &str) -> EngineSeries {
         let labels = ModelLabels { model: model.to_owned() };
-        for why in PulseSkip::ALL.map(PulseSkip::as_str) {
+        for why in PulseSkip::ALL.iter().map(|x| x.as_str()) {
             drop(self.pulses_skipped.get_or_create(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() }));
         }
-        for reason in FaultReason::ALL.map(FaultReason::as_str) {
+        for reason in FaultReason::ALL.iter().map(|x| x.as_str()) {
             drop(
                 self.engine_restarts
                     .get_or_create(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() }),
             );
         }
-        for why in Withheld::ALL.map(Withheld::as_str) {
+        for why in Withheld::ALL.iter().map(|x| x.as_str()) {
             drop(
                 self.restarts_withheld.get_or_create(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() }),
             );
         }
-        for cause in HostCause::ALL.map(HostCause::as_str) {
+        for cause in HostCause::ALL.iter().map(|x| x.as_str()) {
             drop(self.host_explained.get_or_create(&CauseLabels { model: model.to_owned(), cause: cause.to_owned() }));
         }
         self.slow_after_restart.get_or_create(&labels).set(0);
@@ -488,19 +489,19 @@ impl Metrics {
             self.requests.remove(&labels);
             self.request_duration.remove(&labels);
         }
-        for p in Phase::ALL {
+        for &p in Phase::ALL {
             self.engine_phase.remove(&PhaseLabels { model: model.to_owned(), phase: p.as_str().to_owned() });
         }
-        for why in PulseSkip::ALL.map(PulseSkip::as_str) {
+        for why in PulseSkip::ALL.iter().map(|x| x.as_str()) {
             self.pulses_skipped.remove(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() });
         }
-        for reason in FaultReason::ALL.map(FaultReason::as_str) {
+        for reason in FaultReason::ALL.iter().map(|x| x.as_str()) {
             self.engine_restarts.remove(&RestartLabels { model: model.to_owned(), reason: reason.to_owned() });
         }
-        for why in Withheld::ALL.map(Withheld::as_str) {
+        for why in Withheld::ALL.iter().map(|x| x.as_str()) {
             self.restarts_withheld.remove(&ReasonLabels { model: model.to_owned(), reason: why.to_owned() });
         }
-        for cause in HostCause::ALL.map(HostCause::as_str) {
+        for cause in HostCause::ALL.iter().map(|x| x.as_str()) {
             self.host_explained.remove(&CauseLabels { model: model.to_owned(), cause: cause.to_owned() });
         }
         self.slow_after_restart.remove(&labels);
@@ -551,7 +552,7 @@ mod tests {
         let _serving = metrics.serving_series("ns/m");
         let _engine = metrics.engine_series("ns/m");
         let text = metrics.encode();
-        for reason in FaultReason::ALL.map(FaultReason::as_str) {
+        for reason in FaultReason::ALL.iter().map(|r| r.as_str()) {
             let line = format!(r#"metalkube_agent_engine_restarts_total{{model="ns/m",reason="{reason}"}} 0"#);
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
