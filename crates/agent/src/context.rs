@@ -1,5 +1,7 @@
-//! What every supervisor shares: the agent's configuration, the port pool, metrics, and one
-//! HTTP client for talking to engines.
+//! What every supervisor shares: the agent's configuration, the port pool, metrics (composed from
+//! the stages' families in `metrics`), and one HTTP client for talking to engines.
+
+pub mod metrics;
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -9,11 +11,11 @@ use std::time::Duration;
 use metalkube_vitals::host::pressure::SchedulingProbe;
 
 use crate::AgentError;
+use crate::context::metrics::AgentMetrics;
 use crate::engine::download::{DownloadConfig, Downloader};
 use crate::engine::memory_ledger::MemoryLedger;
 use crate::engine::ports::PortPool;
 use crate::engine::restart_backoff::BackoffConfig;
-use crate::observe::metrics::Metrics;
 use crate::serving::body_budget::BodyBudget;
 
 #[derive(Debug, Clone)]
@@ -44,7 +46,7 @@ pub struct AgentContext {
     pub config: AgentConfig,
     pub ports: PortPool,
     pub serving_ports: PortPool,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<AgentMetrics>,
     pub http: reqwest::Client,
     pub downloads: Downloader,
     /// Which models hold how much of `memory_budget_bytes`.
@@ -63,10 +65,10 @@ impl AgentContext {
             .build()
             .map_err(AgentError::HttpClient)?;
         let downloads = Downloader::new(config.state_dir.join("models"), config.downloads.clone())?;
-        let metrics = Metrics::new();
+        let metrics = AgentMetrics::new();
         let body_limit = config.client_timeouts.body_memory_bytes;
-        metrics.request_body_memory_limit_bytes.set(i64::try_from(body_limit).unwrap_or(i64::MAX));
-        let request_bodies = BodyBudget::new(body_limit, metrics.request_body_memory_bytes.clone());
+        metrics.serving.request_body_memory_limit_bytes.set(i64::try_from(body_limit).unwrap_or(i64::MAX));
+        let request_bodies = BodyBudget::new(body_limit, metrics.serving.request_body_memory_bytes.clone());
         Ok(Self {
             request_bodies,
             scheduling: SchedulingProbe::default(),

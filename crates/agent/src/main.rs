@@ -516,7 +516,9 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                 .unwrap_or(0);
             let agent = start_agent(args.common, Some(budget).filter(|b| *b > 0)).await?;
             // Followed while serving: a renewed certificate is taken up without a restart.
-            let tls = match tls.map(|files| ServerTls::follow_files(files, agent.context().metrics.clone())).transpose()
+            let tls = match tls
+                .map(|files| ServerTls::follow_files(files, agent.context().metrics.registry.clone()))
+                .transpose()
             {
                 Ok(tls) => tls,
                 Err(e) => {
@@ -531,7 +533,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
                     bail!("--http-tls needs --tls-cert, --tls-key and --client-ca");
                 };
                 let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() };
-                let metrics = agent.context().metrics.clone();
+                let metrics = agent.context().metrics.registry.clone();
                 match ServerTls::follow_files_for(files, metrics, TlsPurpose::AgentHttp) {
                     Ok(tls) => http_options.tls = Some(tls),
                     Err(e) => {
@@ -554,7 +556,7 @@ async fn run(daemon: Daemon) -> anyhow::Result<()> {
             (agent, listener, http_options, work)
         }
     };
-    agent.context().metrics.set_open_files_limit(&open_files);
+    agent.context().metrics.process.set_open_files_limit(&open_files);
     let scheme = if http_options.tls.is_some() { "https" } else { "http" };
     tracing::info!("agent HTTP on {scheme}://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -4,6 +4,7 @@
 //! file a model uses is never removed by the cache limit.
 
 pub mod cache;
+pub mod metrics;
 pub mod progress;
 pub mod remote;
 pub mod transfer;
