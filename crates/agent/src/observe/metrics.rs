@@ -95,6 +95,7 @@ impl ReasonLabels {
     }
 }
 
+/// A gauge or counter of seconds, ratios or rates: prometheus-client's default is i64.
 pub type F64Gauge = Gauge<f64, AtomicU64>;
 pub type F64Counter = Counter<f64, AtomicU64>;
 /// A family of histograms that all share the buckets `fn` makes.

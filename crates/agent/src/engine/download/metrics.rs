@@ -1,4 +1,4 @@
-//! The download's series: how far a model's download has come and how fast it goes (while one
+//! The model download's series: how far a model's download has come and how fast it goes (while one
 //! runs), and the bytes received and resumes over all downloads. Registered by
 //! `DownloadMetrics::register`; the supervisor publishes a running download's progress.
 
@@ -10,7 +10,7 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::observe::metrics::{F64Gauge, ModelLabels};
 
-/// The download's families.
+/// The model download's families.
 pub struct DownloadMetrics {
     done: Family<ModelLabels, Gauge>,
     size: Family<ModelLabels, Gauge>,
