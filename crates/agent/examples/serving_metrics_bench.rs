@@ -6,7 +6,8 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use metalkube_agent::observe::metrics::{CodeLabels, Metrics, ModelLabels};
+use metalkube_agent::observe::metrics::{AgentRegistry, ModelLabels};
+use metalkube_agent::serving::metrics::{CodeLabels, ServingMetrics};
 
 const REQUESTS: u32 = 1_000_000;
 const ROUNDS: usize = 7;
@@ -14,7 +15,7 @@ const ROUNDS: usize = 7;
 /// One request's bookkeeping through the families, as the proxy did before: status code,
 /// duration by code, time to first token (labels cloned into the body's callbacks), in-flight
 /// up and down (by the model's stored labels).
-fn by_labels(metrics: &Metrics, labels: &ModelLabels) {
+fn by_labels(metrics: &ServingMetrics, labels: &ModelLabels) {
     metrics.in_flight.get_or_create(labels).set(1);
     metrics.time_to_first_token.get_or_create(&labels.clone()).observe(0.004);
     let code = CodeLabels { model: labels.model.clone(), code: 200.to_string() };
@@ -38,9 +39,10 @@ fn median_ns_per_request(mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let metrics = Metrics::new();
+    let registry = AgentRegistry::default();
+    let metrics = registry.register(ServingMetrics::register);
     let model = "default/tiny";
-    let series = metrics.serving_series(model);
+    let series = metrics.series(model);
     let labels = ModelLabels { model: model.to_owned() };
     let baseline = median_ns_per_request(|| by_labels(black_box(&metrics), black_box(&labels)));
     let handles = median_ns_per_request(|| {

@@ -1,5 +1,7 @@
-//! What every supervisor shares: the agent's configuration, the port pool, metrics, and one
-//! HTTP client for talking to engines.
+//! What every supervisor shares: the agent's configuration, the port pool, metrics (composed from
+//! the stages' families in `metrics`), and one HTTP client for talking to engines.
+
+pub mod metrics;
 
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
@@ -8,12 +10,12 @@ use std::time::Duration;
 
 use metalkube_vitals::host::pressure::SchedulingProbe;
 
+use crate::context::metrics::AgentMetrics;
 use crate::engine::download::{DownloadConfig, DownloadError, Downloader};
 use crate::engine::memory_ledger::MemoryLedger;
 use crate::engine::ports::PortPool;
 use crate::engine::process::ProcessError;
 use crate::engine::restart_backoff::BackoffConfig;
-use crate::observe::metrics::Metrics;
 use crate::serving::body_budget::BodyBudget;
 
 #[derive(Debug, Clone)]
@@ -54,7 +56,7 @@ pub struct AgentContext {
     pub config: AgentConfig,
     pub ports: PortPool,
     pub serving_ports: PortPool,
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<AgentMetrics>,
     pub http: reqwest::Client,
     pub downloads: Downloader,
     /// Which models hold how much of `memory_budget_bytes`.
@@ -73,10 +75,10 @@ impl AgentContext {
             .build()
             .map_err(ContextError::HttpClient)?;
         let downloads = Downloader::new(config.state_dir.join("models"), config.downloads.clone())?;
-        let metrics = Metrics::new();
+        let metrics = AgentMetrics::new();
         let body_limit = config.client_timeouts.body_memory_bytes;
-        metrics.request_body_memory_limit_bytes.set(i64::try_from(body_limit).unwrap_or(i64::MAX));
-        let request_bodies = BodyBudget::new(body_limit, metrics.request_body_memory_bytes.clone());
+        metrics.serving.request_body_memory_limit_bytes.set(i64::try_from(body_limit).unwrap_or(i64::MAX));
+        let request_bodies = BodyBudget::new(body_limit, metrics.serving.request_body_memory_bytes.clone());
         Ok(Self {
             request_bodies,
             scheduling: SchedulingProbe::default(),

@@ -12,7 +12,9 @@
 //!   orchestrates the stages), then `context` and `tls` (what they share);
 //! - the stages: `engine` (the process and its model file), `health` (grades the pulse, decides
 //!   restarts), `serving` (the port clients use, its queue and guards);
-//! - `observe` (metrics, the status page, the engine's own counters);
+//! - `observe` (the metrics plumbing, the status page); each stage above owns its metric
+//!   families (`health::metrics`, `engine::metrics`, `serving::metrics`, `tls`), and
+//!   `context::metrics` composes them into the agent's registry;
 //! - `model`, the ground floor: the words every stage shares (what is desired of a model, its
 //!   report, its load, why it restarted).
 //!

@@ -9,13 +9,14 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
+use prometheus_client::registry::Unit;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
-use crate::observe::metrics::Metrics;
+use crate::observe::metrics::AgentRegistry;
 
 /// Why TLS material cannot be served: a file that cannot be read, or PEM that makes no usable
 /// configuration.
@@ -103,15 +104,19 @@ impl ServerTls {
     /// Serves the files' material and follows them: a change that makes a valid configuration
     /// replaces it (and the expiry metric); one that does not (a key that does not match the
     /// certificate yet, half a renewal) keeps the current one, with a warning.
-    pub fn follow_files(files: TlsFiles, metrics: Arc<Metrics>) -> Result<Self, TlsError> {
-        Self::follow_files_for(files, metrics, TlsPurpose::Grpc)
+    pub fn follow_files(files: TlsFiles, registry: Arc<AgentRegistry>) -> Result<Self, TlsError> {
+        Self::follow_files_for(files, registry, TlsPurpose::Grpc)
     }
 
     /// As `follow_files`, for `purpose`.
-    pub fn follow_files_for(files: TlsFiles, metrics: Arc<Metrics>, purpose: TlsPurpose) -> Result<Self, TlsError> {
+    pub fn follow_files_for(
+        files: TlsFiles,
+        registry: Arc<AgentRegistry>,
+        purpose: TlsPurpose,
+    ) -> Result<Self, TlsError> {
         let pem = files.read()?;
         let tls = Self::from_pem_for(&pem, purpose)?;
-        metrics.set_tls_certificate_expiry(certificate_expiry_unix(&pem.cert_pem)?);
+        export_expiry(&registry, certificate_expiry_unix(&pem.cert_pem)?);
         let (wake, woken) = tokio::sync::mpsc::channel::<()>(1);
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
             // Reading the files is an event too (inotify reports opens): only changes count.
@@ -134,7 +139,7 @@ impl ServerTls {
                 source: None,
             })?;
         }
-        tokio::spawn(follow(files, purpose, pem, tls.clone(), metrics, watcher, woken));
+        tokio::spawn(follow(files, purpose, pem, tls.clone(), registry, watcher, woken));
         Ok(tls)
     }
 
@@ -152,7 +157,7 @@ async fn follow(
     purpose: TlsPurpose,
     mut loaded: TlsPem,
     tls: ServerTls,
-    metrics: Arc<Metrics>,
+    registry: Arc<AgentRegistry>,
     // Kept alive as long as the files are followed.
     _watcher: notify::RecommendedWatcher,
     mut woken: tokio::sync::mpsc::Receiver<()>,
@@ -178,7 +183,7 @@ async fn follow(
         match built {
             Ok((config, expiry)) => {
                 tls.replace(config);
-                metrics.set_tls_certificate_expiry(expiry);
+                export_expiry(&registry, expiry);
                 tracing::info!("TLS files changed: new connections use the new certificate (expires at {expiry})");
                 loaded = pem;
             }
@@ -237,6 +242,21 @@ fn tls_error(what: &str, source: rustls::Error) -> TlsError {
     TlsError::Setup { what: what.to_owned(), source: Some(source) }
 }
 
+/// Exports when the served certificate expires (Unix seconds) as
+/// `metalkube_agent_tls_certificate_expiry_timestamp_seconds`: renewals show as a jump, and an
+/// alert can fire well before the controller is locked out. Registered when first set: an agent
+/// without TLS has no such series (rather than 0, which would read as long expired). The gRPC
+/// API and the HTTP port serve the same files, and set the same gauge.
+fn export_expiry(registry: &AgentRegistry, unix_seconds: i64) {
+    registry
+        .gauge_on_first_use(
+            "tls_certificate_expiry_timestamp",
+            "When the certificate the gRPC API serves expires, in seconds since the Unix epoch",
+            Unit::Seconds,
+        )
+        .set(unix_seconds);
+}
+
 /// When the first certificate in `pem` expires, in seconds since the Unix epoch.
 pub fn certificate_expiry_unix(pem: &str) -> Result<i64, TlsError> {
     let der = certificates(pem, "--tls-cert")?.swap_remove(0);
@@ -283,6 +303,17 @@ mod tests {
         let cert = params.self_signed(&key).unwrap();
         // 2031-05-17T00:00:00Z
         assert_eq!(certificate_expiry_unix(&cert.pem()).unwrap(), 1_936_742_400);
+    }
+
+    #[test]
+    fn the_expiry_series_appears_when_first_set_and_stays_one() {
+        let registry = AgentRegistry::default();
+        assert!(!registry.encode().contains("tls_certificate_expiry"), "{}", registry.encode());
+        export_expiry(&registry, 1_936_742_400);
+        export_expiry(&registry, 1_936_742_401);
+        let text = registry.encode();
+        assert!(text.contains("metalkube_agent_tls_certificate_expiry_timestamp_seconds 1936742401"), "{text}");
+        assert_eq!(text.matches("# TYPE metalkube_agent_tls_certificate_expiry_timestamp_seconds").count(), 1);
     }
 
     #[test]

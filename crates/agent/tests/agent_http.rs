@@ -300,7 +300,8 @@ async fn the_tls_port_serves_the_agent_certificate_and_lets_in_scrapers_with_a_t
     std::fs::write(&files.cert, &agent_cert.cert).unwrap();
     std::fs::write(&files.key, &agent_cert.key).unwrap();
     std::fs::write(&files.client_ca, &ca.cert_pem).unwrap();
-    let tls = ServerTls::follow_files_for(files, h.agent.context().metrics.clone(), TlsPurpose::AgentHttp).unwrap();
+    let tls =
+        ServerTls::follow_files_for(files, h.agent.context().metrics.registry.clone(), TlsPurpose::AgentHttp).unwrap();
     let options = HttpPortOptions {
         guard: HttpGuard {
             auth: ScrapeAuth {

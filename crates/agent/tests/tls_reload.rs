@@ -122,7 +122,7 @@ async fn a_renewed_certificate_is_served_without_a_restart() {
     files.install(&bundle(&ca, &first)).unwrap();
     let tls_files = TlsFiles { cert: files.certificate(), key: files.private_key(), client_ca: files.client_ca() };
     assert!(expiry_line(&h.metrics().await).is_none(), "no series before a certificate is served");
-    let tls = ServerTls::follow_files(tls_files, h.agent.context().metrics.clone()).unwrap();
+    let tls = ServerTls::follow_files(tls_files, h.agent.context().metrics.registry.clone()).unwrap();
 
     let store = Arc::new(DesiredStore::open(&h.dir.path().join("state/desired")).unwrap());
     let service = AgentService::start(h.agent.clone(), store, 1 << 30).await;

@@ -265,8 +265,21 @@ impl Default for DriftSpec {
     }
 }
 
-/// What the engine of one replica is doing.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+/// What the engine of one replica is doing. Its name (`as_str`) is the variant's: the JSON form,
+/// the gRPC API's and the `phase` label of `metalkube_agent_engine_phase`.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 pub enum Phase {
     Pending,
     /// Fetching the model file(s); progress is in the agent's report and the replica status.
@@ -286,36 +299,17 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub const ALL: [Phase; 10] = [
-        Phase::Pending,
-        Phase::Downloading,
-        Phase::Starting,
-        Phase::Serving,
-        Phase::Sleeping,
-        Phase::Degraded,
-        Phase::HostContended,
-        Phase::Restarting,
-        Phase::CrashLoopBackOff,
-        Phase::Failed,
-    ];
+    /// Every phase, listed by the compiler (strum's `VariantArray`): a new phase gets its
+    /// `engine_phase` series and its wire name without anyone remembering a list.
+    pub const ALL: &'static [Phase] = <Phase as strum::VariantArray>::VARIANTS;
+
     pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Pending => "Pending",
-            Phase::Downloading => "Downloading",
-            Phase::Starting => "Starting",
-            Phase::Serving => "Serving",
-            Phase::Sleeping => "Sleeping",
-            Phase::Degraded => "Degraded",
-            Phase::HostContended => "HostContended",
-            Phase::Restarting => "Restarting",
-            Phase::CrashLoopBackOff => "CrashLoopBackOff",
-            Phase::Failed => "Failed",
-        }
+        self.into()
     }
 
     /// The inverse of `as_str` (the gRPC API carries phases as these names).
     pub fn parse(s: &str) -> Option<Phase> {
-        Self::ALL.into_iter().find(|p| p.as_str() == s)
+        Self::ALL.iter().copied().find(|p| p.as_str() == s)
     }
 
     /// An engine process is up and answering in this phase (sleeping included: it wakes on the
@@ -325,8 +319,22 @@ impl Phase {
     }
 }
 
-/// The pulse's verdict.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, JsonSchema)]
+/// The pulse's verdict. Its name (`as_str`) is the variant's, as in JSON and the gRPC API.
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
 pub enum Grade {
     Green,
     Yellow,
@@ -334,19 +342,16 @@ pub enum Grade {
 }
 
 impl Grade {
-    pub const ALL: [Grade; 3] = [Grade::Green, Grade::Yellow, Grade::Red];
+    /// Every grade, listed by the compiler (strum's `VariantArray`).
+    pub const ALL: &'static [Grade] = <Grade as strum::VariantArray>::VARIANTS;
 
     pub fn as_str(self) -> &'static str {
-        match self {
-            Grade::Green => "Green",
-            Grade::Yellow => "Yellow",
-            Grade::Red => "Red",
-        }
+        self.into()
     }
 
     /// The inverse of `as_str` (the gRPC API carries grades as these names).
     pub fn parse(s: &str) -> Option<Grade> {
-        Self::ALL.into_iter().find(|g| g.as_str() == s)
+        Self::ALL.iter().copied().find(|g| g.as_str() == s)
     }
 
     /// The value of the `metalkube_agent_pulse_grade` gauge.
@@ -451,11 +456,11 @@ mod tests {
 
     #[test]
     fn phase_and_grade_names_round_trip_and_match_their_json_form() {
-        for p in Phase::ALL {
+        for &p in Phase::ALL {
             assert_eq!(Phase::parse(p.as_str()), Some(p));
             assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
         }
-        for g in Grade::ALL {
+        for &g in Grade::ALL {
             assert_eq!(Grade::parse(g.as_str()), Some(g));
             assert_eq!(serde_json::to_value(g).unwrap(), g.as_str());
         }

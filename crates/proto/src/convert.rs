@@ -88,7 +88,7 @@ mod tests {
 
     #[test]
     fn every_phase_and_grade_crosses_the_wire_and_back() {
-        for p in Phase::ALL {
+        for &p in Phase::ALL {
             assert_eq!(ModelPhase::from(p).to_phase(), Some(p));
         }
         for g in [None, Some(Grade::Green), Some(Grade::Yellow), Some(Grade::Red)] {

@@ -52,8 +52,11 @@ pub struct HostPressure {
     pub gpu_utilization: Option<f64>,
 }
 
-/// What on the host explains a slow engine.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// What on the host explains a slow engine. Its label (`as_str`) is the variant's name in
+/// snake_case, and every variant is in `ALL`: both derived, so a new cause is counted and shown
+/// without anyone remembering a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum HostCause {
     /// Other processes kept the CPUs busy.
     OtherProcessesCpu,
@@ -70,25 +73,12 @@ pub enum HostCause {
 }
 
 impl HostCause {
-    pub const ALL: [HostCause; 6] = [
-        HostCause::OtherProcessesCpu,
-        HostCause::EngineWaitedForCpu,
-        HostCause::Memory,
-        HostCause::Io,
-        HostCause::Thermal,
-        HostCause::SchedulingDelay,
-    ];
+    /// Every cause, listed by the compiler (strum's `VariantArray`).
+    pub const ALL: &'static [HostCause] = <HostCause as strum::VariantArray>::VARIANTS;
 
     /// The `cause` label.
     pub fn as_str(self) -> &'static str {
-        match self {
-            HostCause::OtherProcessesCpu => "other_processes_cpu",
-            HostCause::EngineWaitedForCpu => "engine_waited_for_cpu",
-            HostCause::Memory => "memory",
-            HostCause::Io => "io",
-            HostCause::Thermal => "thermal",
-            HostCause::SchedulingDelay => "scheduling_delay",
-        }
+        self.into()
     }
 }
 
@@ -225,6 +215,16 @@ impl fmt::Display for HostPressure {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The label values dashboards, alerts and the status page already hold.
+    #[test]
+    fn causes_keep_their_label_values() {
+        let labels: Vec<&str> = HostCause::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(
+            labels,
+            ["other_processes_cpu", "engine_waited_for_cpu", "memory", "io", "thermal", "scheduling_delay"]
+        );
+    }
 
     #[test]
     fn an_idle_host_explains_nothing() {

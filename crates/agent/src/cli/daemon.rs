@@ -57,7 +57,7 @@ async fn live(daemon: Daemon) -> anyhow::Result<()> {
         Daemon::Run(args) => crate::cli::run::start(args).await?,
         Daemon::Serve(args) => crate::cli::serve::start(args).await?,
     };
-    agent.context().metrics.set_open_files_limit(&open_files);
+    agent.context().metrics.process.set_open_files_limit(&open_files);
     let scheme = if http_options.tls.is_some() { "https" } else { "http" };
     tracing::info!(target: LOG_TARGET, "agent HTTP on {scheme}://{}/ (healthz, readyz, metrics, api/v1/models)", listener.local_addr()?);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

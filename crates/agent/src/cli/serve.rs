@@ -87,13 +87,14 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Started> {
         .unwrap_or(0);
     let agent = args.common.start_agent(Some(budget).filter(|b| *b > 0)).await?;
     // Followed while serving: a renewed certificate is taken up without a restart.
-    let tls = match tls.map(|files| ServerTls::follow_files(files, agent.context().metrics.clone())).transpose() {
-        Ok(tls) => tls,
-        Err(e) => {
-            agent.shutdown().await;
-            return Err(e.into());
-        }
-    };
+    let tls =
+        match tls.map(|files| ServerTls::follow_files(files, agent.context().metrics.registry.clone())).transpose() {
+            Ok(tls) => tls,
+            Err(e) => {
+                agent.shutdown().await;
+                return Err(e.into());
+            }
+        };
     if args.http_tls {
         // Checked at parse time: --http-tls conflicts with --insecure, which alone leaves
         // the files out.
@@ -101,7 +102,7 @@ pub async fn start(args: ServeArgs) -> anyhow::Result<Started> {
             bail!("--http-tls needs --tls-cert, --tls-key and --client-ca");
         };
         let files = TlsFiles { cert: cert.clone(), key: key.clone(), client_ca: ca.clone() };
-        let metrics = agent.context().metrics.clone();
+        let metrics = agent.context().metrics.registry.clone();
         match ServerTls::follow_files_for(files, metrics, TlsPurpose::AgentHttp) {
             Ok(tls) => http_options.tls = Some(tls),
             Err(e) => {

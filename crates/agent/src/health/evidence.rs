@@ -12,8 +12,10 @@ use crate::model::TrafficEvidence;
 /// (traffic judges speed against itself, and a slow drift moves it along).
 pub const MAX_REPLACED_IN_A_ROW: u32 = 5;
 
-/// Why a scheduled pulse was not sent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Why a scheduled pulse was not sent. Its label (`as_str`) is the variant's name in snake_case;
+/// every variant has a `pulses_skipped_total` series from the model's start (both derived).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
 pub enum PulseSkip {
     /// Client requests completed at normal speed during the interval: they are the evidence.
     Traffic,
@@ -25,15 +27,12 @@ pub enum PulseSkip {
 }
 
 impl PulseSkip {
-    pub const ALL: [PulseSkip; 3] = [PulseSkip::Traffic, PulseSkip::Sleeping, PulseSkip::Idle];
+    /// Every reason, listed by the compiler (strum's `VariantArray`).
+    pub const ALL: &'static [PulseSkip] = <PulseSkip as strum::VariantArray>::VARIANTS;
 
     /// The `reason` label.
     pub fn as_str(self) -> &'static str {
-        match self {
-            PulseSkip::Traffic => "traffic",
-            PulseSkip::Sleeping => "sleeping",
-            PulseSkip::Idle => "idle",
-        }
+        self.into()
     }
 }
 
@@ -87,6 +86,13 @@ pub fn traffic_replaces_pulse(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    /// The label values dashboards and tests already hold.
+    #[test]
+    fn skips_keep_their_label_values() {
+        let labels: Vec<&str> = PulseSkip::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(labels, ["traffic", "sleeping", "idle"]);
+    }
 
     fn normal(n: u32) -> TrafficEvidence {
         TrafficEvidence { normal: n, ..Default::default() }

@@ -225,7 +225,7 @@ impl RefusalReport for RefusalMetrics {
     }
 
     fn refused(&self, refusal: Refusal) {
-        self.0.context().metrics.http_connection_refused(refusal);
+        self.0.context().metrics.process.http_connection_refused(refusal);
     }
 }
 

@@ -13,7 +13,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
 use crate::ewma::Ewma;
 use crate::model::{Load, ServingLoad, TrafficEvidence};
-use crate::observe::metrics::ServingSeries;
+use crate::serving::metrics::ServingSeries;
 use crate::serving::traffic::TrafficTally;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,7 +314,10 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    use prometheus_client::registry::Registry;
+
     use super::*;
+    use crate::serving::metrics::ServingMetrics;
 
     fn admission(limit: u32, depth: u32, timeout_ms: u64) -> Arc<Admission> {
         let limits = Limits {
@@ -323,7 +326,8 @@ mod tests {
             queue_timeout: Duration::from_millis(timeout_ms),
             max_request_bytes: 1 << 20,
         };
-        Admission::new(limits, crate::observe::metrics::Metrics::new().serving_series("ns/m"))
+        let metrics = ServingMetrics::register(&mut Registry::default());
+        Admission::new(limits, metrics.series("ns/m"))
     }
 
     #[tokio::test]

@@ -12,14 +12,14 @@ use super::pulse_round::describe_pulse;
 use super::{Command, HEALTH_POLL, RunEnd, SIGNALLED_PULSE_GAP, Supervisor};
 use crate::confined_path::inside;
 use crate::engine::args::engine_args;
+use crate::engine::follower::EngineFollower;
 use crate::engine::process::EngineProcess;
 use crate::health::grader::Action;
 use crate::health::lifecycle::{ExitMeaning, classify_exit};
+use crate::health::metrics::Withheld;
 use crate::health::restart_cure::CureChange;
 use crate::model::FaultReason;
 use crate::model::report::now_ms;
-use crate::observe::engine_metrics::EngineFollower;
-use crate::observe::metrics::Withheld;
 
 impl Supervisor {
     pub(super) async fn run_engine_once(&mut self) -> RunEnd {
@@ -135,7 +135,7 @@ impl Supervisor {
         });
         // No engine, no pulse series: dashboards and alerts do not see the stopped engine's
         // last grade or saturation while the next one is awaited.
-        self.ctx.metrics.clear_pulse(&self.key());
+        self.ctx.metrics.health.clear_pulse(&self.key());
         end
     }
 
@@ -245,7 +245,7 @@ impl Supervisor {
                 if !allowed {
                     // What a restart already failed to cure: the model serves or not by its
                     // absolute thresholds, and nothing is restarted.
-                    self.ctx.metrics.restart_withheld(&self.key(), Withheld::SlowAfterRestart);
+                    self.ctx.metrics.health.restart_withheld(&self.key(), Withheld::SlowAfterRestart);
                     let why = format!(
                         "not restarted: pulse {} (last {}), but the last restart for a slow or silent pulse did not make the engine faster (SlowAfterRestart)",
                         FaultReason::from(cause).as_str(),

@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 
 use crate::context::AgentContext;
 use crate::engine::download::CacheLease;
+use crate::engine::metrics::EngineSeries;
 use crate::engine::restart_backoff::RestartBackoff;
 use crate::health::grader::{Grader, GraderConfig};
 use crate::health::lifecycle::{StartFailure, backoff_phase, classify_start_error};
@@ -28,7 +29,6 @@ use crate::health::restart_cure::{CureChange, RestartCure};
 use crate::model::DesiredModel;
 use crate::model::FaultReason;
 use crate::model::report::{ModelReport, ModelView, RestartRecord, now_ms};
-use crate::observe::metrics::EngineSeries;
 use crate::serving::{Access, Admission, Limits, ModelProxy, default_max_concurrent};
 
 /// How often a starting engine's `/health` is asked; startup has no event to wait on.
@@ -127,9 +127,10 @@ impl SupervisorHandle {
         let mut initial = ModelReport::new(&desired.namespace, &desired.name);
         initial.set_pulse_spec(&desired.spec.pulse);
         let (report_tx, report) = watch::channel(initial);
-        let series = ctx.metrics.serving_series(&desired.key());
-        let engine_series = ctx.metrics.engine_series(&desired.key());
-        ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
+        let series = ctx.metrics.serving.series(&desired.key());
+        let engine_series = ctx.metrics.engine.series(&desired.key());
+        ctx.metrics.health.model_started(&desired.key());
+        ctx.metrics.health.set_pulse_spec(&desired.key(), &desired.spec.pulse);
         let admission = Admission::new(limits(&desired), series.clone());
         let pulse_now = Arc::new(Notify::new());
         let proxy = ModelProxy::new(
@@ -235,7 +236,7 @@ impl Supervisor {
             r.phase = phase;
             changed
         });
-        self.ctx.metrics.set_phase(&self.key(), phase);
+        self.ctx.metrics.health.set_phase(&self.key(), phase);
     }
 
     async fn run(mut self) {
@@ -264,7 +265,7 @@ impl Supervisor {
                         r.last_error = Some(message);
                         r.grade = None;
                     });
-                    self.ctx.metrics.clear_pulse(&self.key());
+                    self.ctx.metrics.health.clear_pulse(&self.key());
                     self.set_phase(Phase::Failed);
                     match tokio::time::timeout(FAILED_RECHECK, self.commands.recv()).await {
                         Ok(Some(Command::Update(d))) => self.adopt(*d).await,
@@ -306,7 +307,7 @@ impl Supervisor {
             (self.backoff.first_delay(), Phase::Restarting)
         };
         tracing::warn!(model = %self.key(), reason = reason.as_str(), ?delay, "{message}");
-        self.ctx.metrics.restarted(&self.key(), reason);
+        self.ctx.metrics.health.restarted(&self.key(), reason);
         // One update, so nobody watching sees the restart counted in the old phase.
         self.report.send_modify(|r| {
             r.push_restart(RestartRecord::new(now_ms(), reason, &message));
@@ -314,7 +315,7 @@ impl Supervisor {
             r.backoff_seconds = Some(delay.as_secs_f64());
             r.phase = phase;
         });
-        self.ctx.metrics.set_phase(&self.key(), phase);
+        self.ctx.metrics.health.set_phase(&self.key(), phase);
         let outcome = tokio::time::timeout(delay, self.commands.recv()).await;
         self.report.send_modify(|r| r.backoff_seconds = None);
         match outcome {
@@ -328,11 +329,7 @@ impl Supervisor {
     }
 
     fn set_slow_after_restart(&self, on: bool) {
-        self.ctx
-            .metrics
-            .slow_after_restart
-            .get_or_create(&crate::observe::metrics::ModelLabels { model: self.key() })
-            .set(i64::from(on));
+        self.ctx.metrics.health.set_slow_after_restart(&self.key(), on);
         self.report.send_if_modified(|r| {
             let changed = r.slow_after_restart != on;
             r.slow_after_restart = on;
@@ -375,7 +372,7 @@ impl Supervisor {
     async fn adopt(&mut self, desired: DesiredModel) {
         if desired.spec.pulse != self.desired.spec.pulse {
             self.grader = Grader::new(GraderConfig::from(&desired.spec.pulse));
-            self.ctx.metrics.set_pulse_spec(&desired.key(), &desired.spec.pulse);
+            self.ctx.metrics.health.set_pulse_spec(&desired.key(), &desired.spec.pulse);
             self.report.send_modify(|r| r.set_pulse_spec(&desired.spec.pulse));
         }
         if limits(&desired) != limits(&self.desired) {

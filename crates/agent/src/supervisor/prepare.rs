@@ -106,7 +106,7 @@ impl Supervisor {
                         result = &mut run => break result,
                         _ = tick.tick(), if downloading => {
                             let now = progress.snapshot(Instant::now());
-                            self.ctx.metrics.set_download(&self.key(), Some(&now));
+                            self.ctx.metrics.downloads.set_progress(&self.key(), Some(&now));
                             self.report.send_modify(|r| r.download = Some(now));
                         }
                         cmd = self.commands.recv() => {
@@ -122,7 +122,7 @@ impl Supervisor {
                 match result {
                     Ok(fetched) => {
                         for t in &fetched.transfers {
-                            self.ctx.metrics.downloaded(t.received_bytes, t.resumed_at.len() as u64);
+                            self.ctx.metrics.downloads.downloaded(t.received_bytes, t.resumed_at.len() as u64);
                         }
                         self.cache_lease = Some(fetched.lease);
                         (fetched.path, fetched.sha256, fetched.other_shard_bytes)
@@ -139,7 +139,7 @@ impl Supervisor {
     }
 
     pub(super) fn end_download(&self) {
-        self.ctx.metrics.set_download(&self.key(), None);
+        self.ctx.metrics.downloads.set_progress(&self.key(), None);
         self.report.send_if_modified(|r| r.download.take().is_some());
     }
 

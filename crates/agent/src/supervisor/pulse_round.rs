@@ -25,9 +25,10 @@ use super::{RunEnd, Supervisor};
 use crate::engine::process::EngineProcess;
 use crate::health::grader::RoundPlan;
 use crate::health::grader::{Action, Verdict};
+use crate::health::metrics::Withheld;
 use crate::model::report::PulseHost;
 use crate::model::report::{PulseRecord, now_ms};
-use crate::observe::metrics::{CauseLabels, Withheld};
+use crate::observe::metrics::ModelLabels;
 
 type PulseAnswer = Pin<Box<dyn Future<Output = PulseSample> + Send>>;
 type ProgressRead = Pin<Box<dyn Future<Output = Option<ProgressMark>> + Send>>;
@@ -350,18 +351,16 @@ impl Supervisor {
         cause: Option<HostCause>,
     ) {
         let key = self.key();
-        let m = &self.ctx.metrics;
+        let m = &self.ctx.metrics.health;
         let confirmed = verdict.action != Action::ConfirmNow;
         if confirmed && let Some(explained) = verdict.host {
-            m.host_explained
-                .get_or_create(&CauseLabels { model: key.clone(), cause: explained.as_str().to_owned() })
-                .inc();
+            m.host_explained(&key, explained);
             if verdict.grade == Some(Grade::Red) {
                 // A red the host does not explain would have counted towards a restart.
                 m.restart_withheld(&key, Withheld::HostContended);
             }
         }
-        let labels = crate::observe::metrics::ModelLabels { model: key };
+        let labels = ModelLabels { model: key };
         m.saturated.get_or_create(&labels).set(i64::from(saturated));
         if confirmed {
             m.host_contended.get_or_create(&labels).set(i64::from(verdict.host.is_some()));

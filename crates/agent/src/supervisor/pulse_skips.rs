@@ -36,7 +36,7 @@ impl Supervisor {
                 tracing::info!(model = %self.key(), "engine asleep (idle for spec.engine.sleepAfterIdle)");
                 self.set_phase(Phase::Sleeping);
             }
-            self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Sleeping);
+            self.ctx.metrics.health.pulse_skipped(&self.key(), PulseSkip::Sleeping);
             return Ok(true);
         }
         if phase == Phase::Sleeping {
@@ -47,7 +47,7 @@ impl Supervisor {
         }
         let (idle_for, interval) = (self.proxy.admission().idle_for(), self.desired.spec.pulse.interval.get());
         if leave_idle_engine_alone(Some(after_idle), idle_for, self.last_pulse_sent.elapsed(), interval) {
-            self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Idle);
+            self.ctx.metrics.health.pulse_skipped(&self.key(), PulseSkip::Idle);
             return Ok(true);
         }
         Ok(false)
@@ -65,7 +65,7 @@ impl Supervisor {
         let grade = self.report.borrow().grade;
         if traffic_replaces_pulse(&traffic, fresh, grade, self.pulses_replaced_in_a_row) {
             self.pulses_replaced_in_a_row += 1;
-            self.ctx.metrics.pulse_skipped(&self.key(), PulseSkip::Traffic);
+            self.ctx.metrics.health.pulse_skipped(&self.key(), PulseSkip::Traffic);
             return true;
         }
         self.pulses_replaced_in_a_row = 0;

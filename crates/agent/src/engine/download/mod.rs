@@ -5,6 +5,7 @@
 
 pub mod cache;
 mod error;
+pub mod metrics;
 pub mod progress;
 pub mod remote;
 pub mod transfer;

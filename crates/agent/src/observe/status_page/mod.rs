@@ -167,7 +167,7 @@ fn model(out: &mut String, r: &ModelReport, load: &ServingLoad, now_ms: u64) {
 
 /// What a `HostCause` label means, for people.
 fn cause_words(label: &str) -> &'static str {
-    let Some(cause) = HostCause::ALL.into_iter().find(|c| c.as_str() == label) else {
+    let Some(cause) = HostCause::ALL.iter().copied().find(|c| c.as_str() == label) else {
         return "the host explains it";
     };
     match cause {

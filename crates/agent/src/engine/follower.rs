@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use metalkube_vitals::engine_counters::{EngineCounters, parse_llamacpp_metrics};
 
-use crate::observe::metrics::EngineSeries;
+use crate::engine::metrics::EngineSeries;
 
 /// How often a running engine's figures are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
@@ -121,13 +121,16 @@ async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::observe::metrics::Metrics;
+    use crate::engine::metrics::EngineMetrics;
     use proptest::prelude::*;
+
+    fn model_series() -> EngineSeries {
+        EngineMetrics::register(&mut prometheus_client::registry::Registry::default()).series("ns/m")
+    }
 
     #[test]
     fn an_absurd_reading_adds_nothing() {
-        let metrics = Metrics::new();
-        let series = metrics.engine_series("ns/m");
+        let series = model_series();
         let reading = |tokens: f64| EngineCounters { predicted_tokens: Some(tokens), ..EngineCounters::default() };
         apply(&series, &EngineCounters::default(), &reading(1e300));
         apply(&series, &reading(1e300), &reading(7.0));
@@ -136,8 +139,7 @@ mod tests {
 
     #[test]
     fn model_counters_sum_over_engine_processes() {
-        let metrics = Metrics::new();
-        let series = metrics.engine_series("ns/m");
+        let series = model_series();
         let reading = |tokens: f64| EngineCounters { predicted_tokens: Some(tokens), ..EngineCounters::default() };
         // First engine: 0 → 10 → 25; it dies; the second starts over at 4.
         apply(&series, &EngineCounters::default(), &reading(10.0));
