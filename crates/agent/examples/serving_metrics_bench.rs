@@ -41,9 +41,9 @@ fn median_ns_per_request(mut f: impl FnMut()) -> f64 {
 fn main() {
     let registry = AgentRegistry::default();
     let metrics = registry.register(ServingMetrics::register);
-    let model = "default/tiny";
-    let series = metrics.series(model);
-    let labels = ModelLabels { model: model.to_owned() };
+    let model = metalkube_api::ModelKey::new("default", "tiny");
+    let series = metrics.series(&model);
+    let labels = ModelLabels::new(&model);
     let baseline = median_ns_per_request(|| by_labels(black_box(&metrics), black_box(&labels)));
     let handles = median_ns_per_request(|| {
         let s = black_box(&series);

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+use metalkube_api::ModelKey;
 use tokio::sync::{Mutex, broadcast, watch};
 
 use crate::context::{AgentConfig, AgentContext, ContextError};
@@ -15,17 +16,17 @@ use crate::supervisor::SupervisorHandle;
 /// The supervisors by model key, and the models between two supervisors.
 #[derive(Default)]
 struct Supervised {
-    running: BTreeMap<String, SupervisorHandle>,
+    running: BTreeMap<ModelKey, SupervisorHandle>,
     /// Taken out of `running` and stopping now.
-    stopping: BTreeSet<String>,
+    stopping: BTreeSet<ModelKey>,
     /// Wanted again while its predecessor stops: started when the stop is done.
-    pending: BTreeMap<String, DesiredModel>,
+    pending: BTreeMap<ModelKey, DesiredModel>,
 }
 
 impl Supervised {
-    fn take_for_stop(&mut self, key: &str) -> Option<SupervisorHandle> {
+    fn take_for_stop(&mut self, key: &ModelKey) -> Option<SupervisorHandle> {
         let handle = self.running.remove(key)?;
-        self.stopping.insert(key.to_owned());
+        self.stopping.insert(key.clone());
         Some(handle)
     }
 }
@@ -37,7 +38,7 @@ pub struct Agent {
     /// Problems with where desired models come from (a bad YAML file), by source.
     source_errors: std::sync::Mutex<BTreeMap<String, String>>,
     /// The key of every model whose report changed, or that was removed.
-    changes: broadcast::Sender<String>,
+    changes: broadcast::Sender<ModelKey>,
     /// Reads host memory and GPU figures for `/metrics` while the agent lives.
     host_sampler: tokio::task::JoinHandle<()>,
 }
@@ -81,10 +82,10 @@ impl Agent {
     pub async fn apply(&self, desired: Vec<DesiredModel>) {
         let leaving = {
             let mut set = self.supervisors.lock().await;
-            let wanted: BTreeMap<String, DesiredModel> = desired.into_iter().map(|d| (d.key(), d)).collect();
-            let gone: Vec<String> = set.running.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
+            let wanted: BTreeMap<ModelKey, DesiredModel> = desired.into_iter().map(|d| (d.key(), d)).collect();
+            let gone: Vec<ModelKey> = set.running.keys().filter(|k| !wanted.contains_key(*k)).cloned().collect();
             set.pending.retain(|k, _| wanted.contains_key(k));
-            let leaving: Vec<(String, SupervisorHandle)> =
+            let leaving: Vec<(ModelKey, SupervisorHandle)> =
                 gone.into_iter().filter_map(|k| set.take_for_stop(&k).map(|h| (k, h))).collect();
             for (_, d) in wanted {
                 self.upsert_locked(&mut set, d);
@@ -101,7 +102,7 @@ impl Agent {
     }
 
     /// Stops a model; false when it was not held.
-    pub async fn remove(&self, key: &str) -> bool {
+    pub async fn remove(&self, key: &ModelKey) -> bool {
         let (handle, was_pending) = {
             let mut set = self.supervisors.lock().await;
             let was_pending = set.pending.remove(key).is_some();
@@ -109,7 +110,7 @@ impl Agent {
         };
         match handle {
             Some(handle) => {
-                self.stop_outside_lock(key.to_owned(), handle).await;
+                self.stop_outside_lock(key.clone(), handle).await;
                 true
             }
             None => was_pending,
@@ -135,7 +136,7 @@ impl Agent {
         }
     }
 
-    async fn stop_outside_lock(&self, key: String, handle: SupervisorHandle) {
+    async fn stop_outside_lock(&self, key: ModelKey, handle: SupervisorHandle) {
         tracing::info!(model = %key, "no longer desired; stopping");
         handle.stop().await;
         let mut set = self.supervisors.lock().await;
@@ -147,7 +148,7 @@ impl Agent {
     }
 
     /// Turns one model's report updates into keys on the agent-wide change channel.
-    fn forward_changes(&self, key: String, mut report: watch::Receiver<ModelReport>) {
+    fn forward_changes(&self, key: ModelKey, mut report: watch::Receiver<ModelReport>) {
         let changes = self.changes.clone();
         tokio::spawn(async move {
             let _ = changes.send(key.clone());
@@ -158,12 +159,12 @@ impl Agent {
     }
 
     /// Keys of models whose state changed (or that were removed), as they happen.
-    pub fn subscribe(&self) -> broadcast::Receiver<String> {
+    pub fn subscribe(&self) -> broadcast::Receiver<ModelKey> {
         self.changes.subscribe()
     }
 
     /// One model's health and serving load this moment.
-    pub async fn report(&self, key: &str) -> Option<ModelView> {
+    pub async fn report(&self, key: &ModelKey) -> Option<ModelView> {
         self.supervisors.lock().await.running.get(key).map(SupervisorHandle::view)
     }
 
@@ -180,7 +181,7 @@ impl Agent {
     }
 
     /// A live view of one model's report, for waiting on a state change.
-    pub async fn watch(&self, key: &str) -> Option<watch::Receiver<ModelReport>> {
+    pub async fn watch(&self, key: &ModelKey) -> Option<watch::Receiver<ModelReport>> {
         self.supervisors.lock().await.running.get(key).map(SupervisorHandle::report)
     }
 
@@ -188,7 +189,7 @@ impl Agent {
     /// with Retry-After) and stops. The supervisors are taken out first, so reports and the
     /// Watch stream keep answering meanwhile.
     pub async fn shutdown(&self) {
-        let handles: Vec<(String, SupervisorHandle)> = {
+        let handles: Vec<(ModelKey, SupervisorHandle)> = {
             let mut set = self.supervisors.lock().await;
             set.pending.clear();
             std::mem::take(&mut set.running).into_iter().collect()

@@ -7,14 +7,14 @@ mod support;
 use std::time::Duration;
 
 use futures::StreamExt;
-use metalkube_api::{Grade, Phase};
+use metalkube_api::{Grade, ModelKey, Phase};
 use metalkube_testkit::sim::Fault;
 use metalkube_testkit::{real_engine, set_fault, sim_engine};
 use serde_json::{Value, json};
 use support::{GUARD, Harness};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn serving(h: &Harness, key: &str) -> (String, metalkube_agent::model::report::ModelReport) {
+async fn serving(h: &Harness, key: &ModelKey) -> (String, metalkube_agent::model::report::ModelReport) {
     let r = h.wait_for(key, "serving", |r| r.phase == Phase::Serving && r.serving_port.is_some()).await;
     (format!("http://127.0.0.1:{}", r.serving_port.unwrap()), r)
 }

@@ -11,7 +11,7 @@ use metalkube_agent::http_port::guard::{AllowedHosts, ScrapeAuth};
 use metalkube_agent::http_port::{HttpGuard, HttpPortOptions};
 use metalkube_agent::model::api_keys::{ApiKeys, digests_of_key_lines};
 use metalkube_agent::tls::{ServerTls, TlsFiles, TlsPurpose};
-use metalkube_api::Phase;
+use metalkube_api::{ModelKey, Phase};
 use metalkube_runtime::connections::ConnectionLimits;
 use metalkube_runtime::http_port::PortSettings;
 use metalkube_testkit::pki::{Pem, TestCa};
@@ -93,8 +93,9 @@ async fn readiness_models_and_metrics_over_http() {
     let base = serve_http(&h).await;
     let missing = format!("file://{}/absent.gguf", h.dir.path().display());
     h.agent.apply(vec![h.desired("good", None), h.desired("bad", Some(&missing))]).await;
-    h.wait_for("default/good", "serving", |r| r.phase == Phase::Serving && r.last_pulse.is_some()).await;
-    h.wait_for("default/bad", "failed", |r| r.phase == Phase::Failed).await;
+    h.wait_for(&ModelKey::new("default", "good"), "serving", |r| r.phase == Phase::Serving && r.last_pulse.is_some())
+        .await;
+    h.wait_for(&ModelKey::new("default", "bad"), "failed", |r| r.phase == Phase::Failed).await;
 
     assert_eq!(reqwest::get(format!("{base}/healthz")).await.unwrap().status(), 200);
 

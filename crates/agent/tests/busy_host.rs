@@ -16,7 +16,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use metalkube_agent::model::report::ModelReport;
-use metalkube_api::{Grade, Phase, PulseSpec};
+use metalkube_api::{Grade, ModelKey, Phase, PulseSpec};
 use metalkube_testkit::cgroup::CpuThrottle;
 use support::{Harness, fast_backoff, port_block};
 
@@ -68,7 +68,7 @@ impl Drop for BusyLoops {
 }
 
 /// Every report the model publishes while `for_how_long` passes.
-async fn follow(h: &Harness, key: &str, for_how_long: Duration) -> Vec<ModelReport> {
+async fn follow(h: &Harness, key: &ModelKey, for_how_long: Duration) -> Vec<ModelReport> {
     let mut rx = h.agent.watch(key).await.unwrap();
     let mut seen = vec![rx.borrow().clone()];
     let until = tokio::time::Instant::now() + for_how_long;
@@ -78,7 +78,7 @@ async fn follow(h: &Harness, key: &str, for_how_long: Duration) -> Vec<ModelRepo
     seen
 }
 
-async fn serving_with_a_baseline(h: &Harness, key: &str) -> ModelReport {
+async fn serving_with_a_baseline(h: &Harness, key: &ModelKey) -> ModelReport {
     h.wait_for(key, "serving green with a pulse baseline", |r| {
         r.phase == Phase::Serving && r.grade == Some(Grade::Green) && r.baseline_seconds.is_some()
     })

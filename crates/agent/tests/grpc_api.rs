@@ -4,6 +4,7 @@
 
 mod support;
 
+use metalkube_api::ModelKey;
 use std::sync::Arc;
 
 use metalkube_agent::control::desired_store::DesiredStore;
@@ -185,7 +186,8 @@ async fn api_key_digests_guard_the_serving_port_and_rotate_without_a_new_generat
         req
     };
     client.ensure_model(keyed(&["one"])).await.unwrap();
-    let r = h.wait_for("default/keyed", "serving", |r| r.is_ready() && r.serving_port.is_some()).await;
+    let r =
+        h.wait_for(&ModelKey::new("default", "keyed"), "serving", |r| r.is_ready() && r.serving_port.is_some()).await;
     let url = format!("http://127.0.0.1:{}/completion", r.serving_port.unwrap());
     let http = reqwest::Client::new();
     let status = |key: &'static str| {
@@ -227,7 +229,7 @@ async fn desired_state_survives_an_agent_restart() {
     let s = serve(&h).await;
     let mut client = connect(s.addr, &s.ca.cert_pem, Some(&s.ca.client("c"))).await.unwrap();
     client.ensure_model(ensure(&h, "kept", "uid-k", 3)).await.unwrap();
-    h.wait_for("default/kept", "serving", |r| r.is_ready()).await;
+    h.wait_for(&ModelKey::new("default", "kept"), "serving", |r| r.is_ready()).await;
     let _ = s.stop.send(());
     h.agent.shutdown().await;
 
@@ -235,7 +237,7 @@ async fn desired_state_survives_an_agent_restart() {
     let agent = metalkube_agent::Agent::start(h.agent.context().config.clone()).await.unwrap();
     let store = Arc::new(DesiredStore::open(&h.dir.path().join("state/desired")).unwrap());
     let _service = AgentService::start(agent.clone(), store, 0).await;
-    let mut rx = agent.watch("default/kept").await.expect("restored from the store");
+    let mut rx = agent.watch(&ModelKey::new("default", "kept")).await.expect("restored from the store");
     tokio::time::timeout(GUARD, rx.wait_for(|r| r.is_ready())).await.unwrap().unwrap();
     agent.shutdown().await;
 }

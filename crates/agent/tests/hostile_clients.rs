@@ -11,14 +11,14 @@ mod support;
 use std::time::Duration;
 
 use metalkube_agent::serving::ClientTimeouts;
-use metalkube_api::Phase;
+use metalkube_api::{ModelKey, Phase};
 use metalkube_testkit::real_engine;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use support::{GUARD, Harness, signal, test_client_timeouts};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn serving(h: &Harness, key: &str) -> (String, u16) {
+async fn serving(h: &Harness, key: &ModelKey) -> (String, u16) {
     let r = h.wait_for(key, "serving", |r| r.phase == Phase::Serving && r.serving_port.is_some()).await;
     let port = r.serving_port.unwrap();
     (format!("http://127.0.0.1:{port}"), port)
@@ -39,7 +39,7 @@ async fn other_client_is_served(base: &str) {
     assert_eq!(resp.status(), 200, "another client is served: {}", resp.text().await.unwrap_or_default());
 }
 
-async fn engine_restarts(h: &Harness, key: &str) -> u32 {
+async fn engine_restarts(h: &Harness, key: &ModelKey) -> u32 {
     h.agent.report(key).await.unwrap().health.restarts
 }
 

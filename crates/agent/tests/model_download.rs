@@ -10,7 +10,7 @@ mod support;
 use std::collections::HashMap;
 
 use metalkube_agent::model::Token;
-use metalkube_api::Phase;
+use metalkube_api::{ModelKey, Phase};
 use metalkube_testkit::https_files::HttpsFiles;
 use metalkube_testkit::hub::{HubEntry, TestHub};
 use metalkube_testkit::pki::TestCa;
@@ -44,7 +44,7 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     let mut first = h.desired("remote-a", Some(&url));
     first.spec.model.sha256 = Some(sha.clone());
     h.agent.upsert(first.clone()).await;
-    let r = h.wait_for("default/remote-a", "serving", |r| r.phase == Phase::Serving).await;
+    let r = h.wait_for(&ModelKey::new("default", "remote-a"), "serving", |r| r.phase == Phase::Serving).await;
     assert!(r.memory_bytes.is_some_and(|m| m > 0), "the estimate is read from the downloaded header");
     assert_eq!(
         cache_entries(&h),
@@ -55,7 +55,7 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     let mut second = first.clone();
     second.name = "remote-b".into();
     h.agent.upsert(second).await;
-    h.wait_for("default/remote-b", "serving", |r| r.phase == Phase::Serving).await;
+    h.wait_for(&ModelKey::new("default", "remote-b"), "serving", |r| r.phase == Phase::Serving).await;
     assert_eq!(
         server.requests(),
         2,
@@ -65,7 +65,7 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     let mut wrong_hash = h.desired("wrong-hash", Some(&url));
     wrong_hash.spec.model.sha256 = Some("0".repeat(64));
     h.agent.upsert(wrong_hash).await;
-    let r = h.wait_for("default/wrong-hash", "failed", |r| r.phase == Phase::Failed).await;
+    let r = h.wait_for(&ModelKey::new("default", "wrong-hash"), "failed", |r| r.phase == Phase::Failed).await;
     let message = r.last_error.unwrap();
     assert!(message.contains(&sha) && message.contains("spec.model.sha256 wants"), "{message}");
     // Asked again with the same wrong digest (here by an unrelated change): not downloaded again.
@@ -75,7 +75,7 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     again.spec.pulse.red_streak += 1;
     h.agent.upsert(again).await;
     let r = h
-        .wait_for("default/wrong-hash", "failed from memory", |r| {
+        .wait_for(&ModelKey::new("default", "wrong-hash"), "failed from memory", |r| {
             r.phase == Phase::Failed && r.last_error.as_deref().is_some_and(|e| e.contains("downloaded earlier"))
         })
         .await;
@@ -83,7 +83,7 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     assert_eq!(server.requests(), before, "a known mismatch costs no download");
 
     h.agent.upsert(h.desired("missing", Some(&format!("{}/m/nope.gguf", server.url)))).await;
-    let r = h.wait_for("default/missing", "failed", |r| r.phase == Phase::Failed).await;
+    let r = h.wait_for(&ModelKey::new("default", "missing"), "failed", |r| r.phase == Phase::Failed).await;
     assert!(r.last_error.as_deref().unwrap().contains("HTTP 404"), "{r:#?}");
     assert_eq!(r.restarts, 0, "a bad source is Failed, not a crash loop");
     assert_eq!(
@@ -96,7 +96,7 @@ async fn https_sources_are_downloaded_once_verified_and_refused_clearly() {
     // Without the mirror's CA the certificate is not trusted.
     let untrusting = Harness::with(metalkube_testkit::real_engine(), port_block(), fast_backoff()).await;
     untrusting.agent.upsert(untrusting.desired("untrusted", Some(&url))).await;
-    let r = untrusting.wait_for("default/untrusted", "failed", |r| r.phase == Phase::Failed).await;
+    let r = untrusting.wait_for(&ModelKey::new("default", "untrusted"), "failed", |r| r.phase == Phase::Failed).await;
     assert!(r.last_error.as_deref().unwrap().contains("downloading"), "{r:#?}");
     assert!(cache_entries(&untrusting).is_empty());
     untrusting.agent.shutdown().await;
@@ -156,7 +156,7 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
     tiny_model.spec.model.sha256 = Some(tiny_sha.clone());
     h.agent.upsert(tiny_model).await;
     let downloading = h
-        .wait_for("default/tiny", "downloading with a known size", |r| {
+        .wait_for(&ModelKey::new("default", "tiny"), "downloading with a known size", |r| {
             r.phase == Phase::Downloading
                 && r.download.as_ref().is_some_and(|d| d.total_bytes == Some(tiny.len() as u64) && d.done_bytes > 0)
         })
@@ -171,7 +171,7 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
         assert!(during.contains(&series), "{series} while downloading:\n{during}");
     }
     assert!(progress.bytes_per_second.is_some_and(|r| r > 0.0) && progress.eta_seconds.is_some(), "{progress:?}");
-    let tiny_report = h.wait_for("default/tiny", "serving", |r| r.phase == Phase::Serving).await;
+    let tiny_report = h.wait_for(&ModelKey::new("default", "tiny"), "serving", |r| r.phase == Phase::Serving).await;
     assert_eq!(sha256_of(&cache.join("tiny.gguf")), tiny_sha);
 
     let seen = hub.seen();
@@ -211,7 +211,7 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
 
     // A split model: every shard lands next to the first, which the engine loads.
     h.agent.upsert(h.desired("split", Some(&format!("hf://{REPO}/split/tiny-00001-of-00002.gguf")))).await;
-    let split_report = h.wait_for("default/split", "serving", |r| r.phase == Phase::Serving).await;
+    let split_report = h.wait_for(&ModelKey::new("default", "split"), "serving", |r| r.phase == Phase::Serving).await;
     assert_eq!(
         split_report.memory_bytes,
         tiny_report.memory_bytes.map(|m| m + shard2.len() as u64),
@@ -224,7 +224,7 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
     let mut denied = h.desired("denied", Some(&format!("hf://{REPO}/tiny.gguf@v2")));
     denied.hub_token = Token::new("hf_wrong");
     h.agent.upsert(denied).await;
-    let r = h.wait_for("default/denied", "failed", |r| r.phase == Phase::Failed).await;
+    let r = h.wait_for(&ModelKey::new("default", "denied"), "failed", |r| r.phase == Phase::Failed).await;
     let message = r.last_error.unwrap_or_default();
     assert!(message.contains("HTTP 401") && message.contains("HF_TOKEN") && !message.contains("hf_wrong"), "{message}");
 
@@ -234,7 +234,7 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
     conflicting.spec.model.sha256 = Some("0".repeat(64));
     std::fs::remove_file(cache.join("split/tiny-00002-of-00002.gguf")).unwrap();
     h.agent.upsert(conflicting).await;
-    let r = h.wait_for("default/conflict", "failed", |r| r.phase == Phase::Failed).await;
+    let r = h.wait_for(&ModelKey::new("default", "conflict"), "failed", |r| r.phase == Phase::Failed).await;
     let message = r.last_error.unwrap_or_default();
     assert!(message.contains("the hub says") && message.contains(&"0".repeat(64)), "{message}");
     assert!(hub.seen()[before..].iter().all(|s| s.range.as_deref() == Some("bytes=0-0")), "only probes");
@@ -248,10 +248,10 @@ async fn hub_sources_resume_after_a_cut_fetch_every_shard_and_keep_the_cache_lim
     .await;
     let cache = limited.dir.path().join("state/models/hf").join(REPO).join("main");
     limited.agent.upsert(limited.desired("first", Some(&format!("hf://{REPO}/tiny.gguf")))).await;
-    limited.wait_for("default/first", "serving", |r| r.phase == Phase::Serving).await;
-    assert!(limited.agent.remove("default/first").await);
+    limited.wait_for(&ModelKey::new("default", "first"), "serving", |r| r.phase == Phase::Serving).await;
+    assert!(limited.agent.remove(&ModelKey::new("default", "first")).await);
     limited.agent.upsert(limited.desired("second", Some(&format!("hf://{REPO}/split/tiny-00001-of-00002.gguf")))).await;
-    limited.wait_for("default/second", "serving", |r| r.phase == Phase::Serving).await;
+    limited.wait_for(&ModelKey::new("default", "second"), "serving", |r| r.phase == Phase::Serving).await;
     assert!(!cache.join("tiny.gguf").exists(), "the unused file was removed");
     assert!(
         cache.join("split/tiny-00001-of-00002.gguf").is_file()
@@ -272,13 +272,13 @@ async fn two_models_naming_one_file_fetch_it_once() {
     let source = format!("hf://{REPO}/tiny.gguf");
     h.agent.apply(vec![h.desired("one", Some(&source)), h.desired("two", Some(&source))]).await;
     let seen_while = h
-        .wait_for("default/two", "downloading with progress (shared with the first)", |r| {
+        .wait_for(&ModelKey::new("default", "two"), "downloading with progress (shared with the first)", |r| {
             r.phase == Phase::Downloading && r.download.as_ref().is_some_and(|d| d.done_bytes > 0)
         })
         .await;
     assert!(seen_while.download.is_some_and(|d| d.total_bytes == Some(tiny.len() as u64)));
-    h.wait_for("default/one", "serving", |r| r.phase == Phase::Serving).await;
-    h.wait_for("default/two", "serving", |r| r.phase == Phase::Serving).await;
+    h.wait_for(&ModelKey::new("default", "one"), "serving", |r| r.phase == Phase::Serving).await;
+    h.wait_for(&ModelKey::new("default", "two"), "serving", |r| r.phase == Phase::Serving).await;
     let transfers = hub.seen().iter().filter(|s| s.host == "cdn" && s.range.as_deref() != Some("bytes=0-0")).count();
     assert_eq!(transfers, 1, "one transfer for both models: {:#?}", hub.seen());
     h.agent.shutdown().await;
@@ -298,7 +298,7 @@ async fn a_partial_file_that_is_already_whole_is_finished_not_fetched_again() {
     std::fs::write(cache.join("tiny.gguf.partial"), &tiny).unwrap();
     std::fs::write(cache.join("tiny.gguf.partial.validator"), format!("\"{tiny_sha}\"")).unwrap();
     h.agent.upsert(h.desired("tiny", Some(&format!("hf://{REPO}/tiny.gguf")))).await;
-    h.wait_for("default/tiny", "serving", |r| r.phase == Phase::Serving).await;
+    h.wait_for(&ModelKey::new("default", "tiny"), "serving", |r| r.phase == Phase::Serving).await;
     let cdn: Vec<_> =
         hub.seen().into_iter().filter(|s| s.host == "cdn" && s.range.as_deref() != Some("bytes=0-0")).collect();
     assert_eq!(cdn.len(), 1, "{cdn:#?}");

@@ -9,11 +9,11 @@ mod support;
 use std::time::Duration;
 
 use metalkube_agent::health::evidence::MAX_REPLACED_IN_A_ROW;
-use metalkube_api::{Grade, Phase};
+use metalkube_api::{Grade, ModelKey, Phase};
 use metalkube_testkit::{real_engine, sim_engine};
 use support::Harness;
 
-fn skipped_for_traffic(metrics: &str, key: &str) -> u64 {
+fn skipped_for_traffic(metrics: &str, key: &ModelKey) -> u64 {
     let prefix = format!(r#"metalkube_agent_pulses_skipped_total{{model="{key}",reason="traffic"}} "#);
     metrics
         .lines()
@@ -102,7 +102,7 @@ async fn normal_traffic_stands_in_for_pulses_on_the_real_engine() {
     traffic_stands_in_for_pulses(Harness::new(real_engine()).await, "busy-real").await;
 }
 
-fn skipped(metrics: &str, key: &str, reason: &str) -> u64 {
+fn skipped(metrics: &str, key: &ModelKey, reason: &str) -> u64 {
     let prefix = format!(r#"metalkube_agent_pulses_skipped_total{{model="{key}",reason="{reason}"}} "#);
     metrics.lines().find_map(|l| l.strip_prefix(&prefix)).map_or(0, |v| v.trim().parse().unwrap())
 }

@@ -4,7 +4,7 @@
 
 mod support;
 
-use metalkube_api::{Grade, Phase};
+use metalkube_api::{Grade, ModelKey, Phase};
 use metalkube_testkit::cgroup::CpuThrottle;
 use nix::sys::signal::Signal;
 use support::{Harness, Stopwatch, is_running, signal};
@@ -59,17 +59,17 @@ async fn a_model_waits_for_memory_the_serving_models_hold() {
     let h = Harness::with_memory_budget(engine(), one + one / 2).await;
     let (first, second) = (h.desired("first", None), h.desired("second", None));
     h.agent.apply(vec![first.clone()]).await;
-    let serving = h.wait_for("default/first", "serving", |r| r.phase == Phase::Serving).await;
+    let serving = h.wait_for(&ModelKey::new("default", "first"), "serving", |r| r.phase == Phase::Serving).await;
     h.agent.apply(vec![first.clone(), second.clone()]).await;
     let waiting = h
-        .wait_for("default/second", "waiting for memory", |r| {
+        .wait_for(&ModelKey::new("default", "second"), "waiting for memory", |r| {
             r.last_error.as_deref().is_some_and(|e| e.starts_with("waiting for memory"))
         })
         .await;
     assert_eq!((waiting.phase, waiting.pid), (Phase::Pending, None), "no engine started: {waiting:#?}");
     assert!(waiting.last_error.unwrap().contains("held by default/first"));
     assert_eq!(waiting.memory_bytes, Some(one), "the estimate is reported while waiting");
-    let first_now = h.agent.report("default/first").await.unwrap();
+    let first_now = h.agent.report(&ModelKey::new("default", "first")).await.unwrap();
     assert_eq!(
         (first_now.health.phase, first_now.health.pid),
         (Phase::Serving, serving.pid),
@@ -77,7 +77,9 @@ async fn a_model_waits_for_memory_the_serving_models_hold() {
     );
 
     h.agent.apply(vec![second]).await;
-    let r = h.wait_for("default/second", "serving once first is gone", |r| r.phase == Phase::Serving).await;
+    let r = h
+        .wait_for(&ModelKey::new("default", "second"), "serving once first is gone", |r| r.phase == Phase::Serving)
+        .await;
     assert_eq!(r.last_error, None);
     h.agent.shutdown().await;
 }
@@ -276,7 +278,7 @@ async fn reports_answer_while_an_engine_stops_and_a_model_wanted_again_waits_for
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let agent = h.agent.clone();
-    let removing = tokio::spawn(async move { agent.remove("default/slow-stop").await });
+    let removing = tokio::spawn(async move { agent.remove(&ModelKey::new("default", "slow-stop")).await });
     // Every look answers within 500 ms although the stop takes seconds; the model leaves the
     // reports as soon as its stop begins.
     loop {

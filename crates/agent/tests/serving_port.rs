@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use metalkube_agent::model::api_keys::{ApiKeys, digests_of_key_lines};
 use metalkube_agent::model::report::ModelReport;
-use metalkube_api::{EnginePath, Grade, Phase};
+use metalkube_api::{EnginePath, Grade, ModelKey, Phase};
 use metalkube_testkit::real_engine;
 use serde_json::{Value, json};
 use support::{GUARD, Harness, signal};
@@ -21,7 +21,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Well inside the 60 s pulse interval of the stall tests: a pulse sooner was triggered.
 const PROMPTLY: Duration = Duration::from_secs(20);
 
-async fn serving(h: &Harness, key: &str) -> (String, ModelReport) {
+async fn serving(h: &Harness, key: &ModelKey) -> (String, ModelReport) {
     let r = h.wait_for(key, "serving", |r| r.phase == Phase::Serving && r.serving_port.is_some()).await;
     (format!("http://127.0.0.1:{}", r.serving_port.unwrap()), r)
 }

@@ -9,7 +9,7 @@ mod support;
 use futures::StreamExt;
 use metalkube_agent::DesiredModel;
 use metalkube_agent::model::report::ModelReport;
-use metalkube_api::Phase;
+use metalkube_api::{ModelKey, Phase};
 use metalkube_testkit::real_engine;
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
@@ -43,7 +43,7 @@ fn refuses_connections(port: u16) -> bool {
     )
 }
 
-async fn serving_on(h: &Harness, key: &str, port: u16) -> ModelReport {
+async fn serving_on(h: &Harness, key: &ModelKey, port: u16) -> ModelReport {
     h.wait_for(key, &format!("serving on port {port}"), |r| r.phase == Phase::Serving && r.serving_port == Some(port))
         .await
 }

@@ -8,7 +8,7 @@ mod support;
 
 use std::path::PathBuf;
 
-use metalkube_api::{Grade, Phase};
+use metalkube_api::{Grade, ModelKey, Phase};
 use metalkube_testkit::browser;
 use metalkube_testkit::sim::Fault;
 use metalkube_testkit::{set_fault, sim_engine};
@@ -125,20 +125,21 @@ async fn the_page_shows_each_model_its_pulses_and_restarts_in_chromium() {
     let missing = format!("file://{}/<b>odd</b>/absent.gguf", h.dir.path().display());
     h.agent.apply(vec![h.desired("drift", None), h.desired("missing", Some(&missing))]).await;
     let r = h
-        .wait_for("default/drift", "serving with 5 pulses", |r| {
+        .wait_for(&ModelKey::new("default", "drift"), "serving with 5 pulses", |r| {
             r.phase == Phase::Serving && r.grade == Some(Grade::Green) && r.pulse_history.len() >= 5
         })
         .await;
-    h.wait_for("default/missing", "failed", |r| r.phase == Phase::Failed).await;
+    h.wait_for(&ModelKey::new("default", "missing"), "failed", |r| r.phase == Phase::Failed).await;
     set_fault(r.internal_port.unwrap(), &Fault { drift_ms_per_request: 25, ..Default::default() }).await;
     // The new engine has no fault: green again, with pulses from before and after the restart.
     let after = h
-        .wait_for("default/drift", "restarted and green again", |r| {
+        .wait_for(&ModelKey::new("default", "drift"), "restarted and green again", |r| {
             r.restarts >= 1 && r.phase == Phase::Serving && r.grade == Some(Grade::Green)
         })
         .await;
     let seen = after.pulse_history.len();
-    h.wait_for("default/drift", "5 pulses after the restart", |r| r.pulse_history.len() >= seen + 5).await;
+    h.wait_for(&ModelKey::new("default", "drift"), "5 pulses after the restart", |r| r.pulse_history.len() >= seen + 5)
+        .await;
 
     let api = api_pulses(&base, "drift").await;
     // JavaScript off, a browser shows what the server sends: every number is in it.

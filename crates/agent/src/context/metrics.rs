@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use metalkube_api::ModelKey;
 use metalkube_runtime::connections::Refusal;
 use metalkube_runtime::open_files::OpenFilesLimit;
 use metalkube_vitals::host::HostCollector;
@@ -59,7 +60,7 @@ impl AgentMetrics {
 
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
     /// `codes` are the status codes its serving port answered with.
-    pub fn forget(&self, model: &str, codes: &[u16]) {
+    pub fn forget(&self, model: &ModelKey, codes: &[u16]) {
         self.health.forget(model);
         self.engine.forget(model);
         self.serving.forget(model, codes);
@@ -152,10 +153,10 @@ mod tests {
     #[test]
     fn a_model_started_in_every_stage_is_exposed_at_zero_and_forgotten_whole() {
         let metrics = AgentMetrics::new();
-        let serving = metrics.serving.series("ns/m");
-        let _engine = metrics.engine.series("ns/m");
-        metrics.health.model_started("ns/m");
-        metrics.health.set_phase("ns/m", Phase::Serving);
+        let serving = metrics.serving.series(&ModelKey::new("ns", "m"));
+        let _engine = metrics.engine.series(&ModelKey::new("ns", "m"));
+        metrics.health.model_started(&ModelKey::new("ns", "m"));
+        metrics.health.set_phase(&ModelKey::new("ns", "m"), Phase::Serving);
         serving.code(502).requests.inc();
         let text = metrics.encode();
         for reason in FaultReason::ALL {
@@ -173,7 +174,7 @@ mod tests {
         }
         assert!(text.contains("metalkube_agent_build_info{version=\""), "{text}");
         metalkube_testkit::promtool::check_metrics(&text);
-        metrics.forget("ns/m", &serving.codes());
+        metrics.forget(&ModelKey::new("ns", "m"), &serving.codes());
         assert!(!metrics.encode().contains("ns/m"), "{}", metrics.encode());
     }
 
@@ -182,12 +183,12 @@ mod tests {
     #[test]
     fn host_pressure_beside_the_pulse_is_exposed_under_the_names_dashboards_and_alerts_use() {
         let metrics = AgentMetrics::new();
-        metrics.health.model_started("ns/m");
-        let labels = ModelLabels::new("ns/m");
+        metrics.health.model_started(&ModelKey::new("ns", "m"));
+        let labels = ModelLabels::new(&ModelKey::new("ns", "m"));
         metrics.health.pulse_host_others_cpu.get_or_create(&labels).set(0.75);
         metrics.health.host_contended.get_or_create(&labels).set(1);
-        metrics.health.host_explained("ns/m", HostCause::Memory);
-        metrics.health.restart_withheld("ns/m", Withheld::HostContended);
+        metrics.health.host_explained(&ModelKey::new("ns", "m"), HostCause::Memory);
+        metrics.health.restart_withheld(&ModelKey::new("ns", "m"), Withheld::HostContended);
         metrics.host.set(metalkube_vitals::host::HostSample {
             cpu_stall: Some(0.4),
             memory_stall: Some(0.12),

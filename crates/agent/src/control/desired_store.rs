@@ -45,8 +45,8 @@ pub struct Record {
 }
 
 impl Record {
-    pub fn key(&self) -> String {
-        ModelKey::new(&self.namespace, &self.name).to_string()
+    pub fn key(&self) -> ModelKey {
+        ModelKey::new(&self.namespace, &self.name)
     }
 
     pub fn desired(&self) -> DesiredModel {
@@ -82,7 +82,7 @@ pub enum DesiredStoreError {
 
 pub struct DesiredStore {
     dir: PathBuf,
-    records: Mutex<BTreeMap<String, Record>>,
+    records: Mutex<BTreeMap<ModelKey, Record>>,
 }
 
 impl DesiredStore {
@@ -117,7 +117,7 @@ impl DesiredStore {
         self.lock().values().cloned().collect()
     }
 
-    pub fn get(&self, key: &str) -> Option<Record> {
+    pub fn get(&self, key: &ModelKey) -> Option<Record> {
         self.lock().get(key).cloned()
     }
 
@@ -142,8 +142,8 @@ impl DesiredStore {
         Ok(())
     }
 
-    pub fn remove(&self, namespace: &str, name: &str) -> Result<bool, DesiredStoreError> {
-        let path = self.file(namespace, name)?;
+    pub fn remove(&self, key: &ModelKey) -> Result<bool, DesiredStoreError> {
+        let path = self.file(&key.namespace, &key.name)?;
         match std::fs::remove_file(&path) {
             // The removal is durable once the directory is: a stopped model must not come back
             // after a power cut.
@@ -153,10 +153,10 @@ impl DesiredStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(source) => return Err(DesiredStoreError::StateDir { path, source }),
         }
-        Ok(self.lock().remove(&ModelKey::new(namespace, name).to_string()).is_some())
+        Ok(self.lock().remove(key).is_some())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Record>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<ModelKey, Record>> {
         metalkube_runtime::sync::lock(&self.records)
     }
 }
@@ -185,8 +185,8 @@ mod tests {
         store.put(record("a", 1)).unwrap();
         store.put(record("a", 2)).unwrap();
         store.put(record("b", 1)).unwrap();
-        assert!(store.remove("ns", "b").unwrap());
-        assert!(!store.remove("ns", "b").unwrap());
+        assert!(store.remove(&ModelKey::new("ns", "b")).unwrap());
+        assert!(!store.remove(&ModelKey::new("ns", "b")).unwrap());
         std::fs::write(dir.path().join("junk.json"), "{").unwrap();
         let reopened = DesiredStore::open(dir.path()).unwrap();
         assert_eq!(reopened.all(), vec![record("a", 2)]);
@@ -202,7 +202,7 @@ mod tests {
         let err = store.put(escaping).unwrap_err().to_string();
         assert!(err.contains("path separator"), "{err}");
         std::fs::write(root.path().join("x.json"), "{}").unwrap();
-        assert!(store.remove("..", "/../x").is_err());
+        assert!(store.remove(&ModelKey::new("..", "/../x")).is_err());
         assert!(root.path().join("x.json").exists(), "a file outside the store was removed");
         assert!(store.all().is_empty());
     }

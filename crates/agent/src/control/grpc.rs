@@ -153,7 +153,7 @@ impl AgentApi for AgentService {
     ) -> Result<Response<pb::EnsureModelResponse>, Status> {
         let req = req.into_inner();
         let m = model_ref(req.model)?;
-        let key = ModelKey::new(&m.namespace, &m.name).to_string();
+        let key = ModelKey::new(&m.namespace, &m.name);
         let spec: MetalModelSpec = serde_json::from_str(&req.spec_json)
             .map_err(|e| Status::invalid_argument(format!("spec_json is not a MetalModel spec: {e}")))?;
         let errors = validate_model_spec(&spec);
@@ -200,8 +200,9 @@ impl AgentApi for AgentService {
 
     async fn stop_model(&self, req: Request<pb::StopModelRequest>) -> Result<Response<pb::StopModelResponse>, Status> {
         let m = model_ref(req.into_inner().model)?;
-        let known = self.store.remove(&m.namespace, &m.name).map_err(internal)?;
-        let stopped = self.agent.remove(&ModelKey::new(&m.namespace, &m.name).to_string()).await;
+        let key = ModelKey::new(&m.namespace, &m.name);
+        let known = self.store.remove(&key).map_err(internal)?;
+        let stopped = self.agent.remove(&key).await;
         Ok(Response::new(pb::StopModelResponse { stopped: known || stopped }))
     }
 
@@ -223,13 +224,14 @@ impl AgentApi for AgentService {
             http_port: self.http_port,
         };
         tokio::spawn(async move {
-            let mut sent: HashMap<String, pb::ModelState> = HashMap::new();
+            let mut sent: HashMap<ModelKey, pb::ModelState> = HashMap::new();
             let mut snapshot = true;
             loop {
                 if snapshot {
-                    let models: Vec<pb::ModelState> =
-                        service.agent.reports().await.iter().map(|r| service.state(r)).collect();
-                    sent = models.iter().map(|s| (key_of(s), projection(s))).collect();
+                    let states: Vec<(ModelKey, pb::ModelState)> =
+                        service.agent.reports().await.iter().map(|r| (r.key(), service.state(r))).collect();
+                    sent = states.iter().map(|(key, s)| (key.clone(), projection(s))).collect();
+                    let models = states.into_iter().map(|(_, s)| s).collect();
                     let event = pb::watch_event::Event::Snapshot(pb::Snapshot { models });
                     if tx.send(Ok(pb::WatchEvent { event: Some(event) })).await.is_err() {
                         return;
@@ -258,11 +260,7 @@ impl AgentApi for AgentService {
                         if sent.remove(&key).is_none() {
                             continue;
                         }
-                        let (namespace, name) = key.split_once('/').unwrap_or(("", &key));
-                        pb::watch_event::Event::Removed(pb::ModelRef {
-                            namespace: namespace.to_owned(),
-                            name: name.to_owned(),
-                        })
+                        pb::watch_event::Event::Removed(pb::ModelRef::from(&key))
                     }
                 };
                 if tx.send(Ok(pb::WatchEvent { event: Some(event) })).await.is_err() {
@@ -272,10 +270,6 @@ impl AgentApi for AgentService {
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
-}
-
-fn key_of(s: &pb::ModelState) -> String {
-    s.model.as_ref().map(|m| ModelKey::new(&m.namespace, &m.name).to_string()).unwrap_or_default()
 }
 
 /// A TLS handshake that has not finished by then is dropped, so that connections that never

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use metalkube_api::{DEFAULT_NAMESPACE, parse_models_yaml};
+use metalkube_api::{DEFAULT_NAMESPACE, ModelKey, parse_models_yaml};
 use notify::{RecursiveMode, Watcher};
 
 use crate::Agent;
@@ -32,10 +32,10 @@ pub enum ModelsDirError {
     #[error("models directory {}: {message}", path.display())]
     Unreadable { path: PathBuf, message: String },
     #[error("{model}: {} holds no API key; nobody is let in", path.display())]
-    ApiKeysEmpty { model: String, path: PathBuf },
+    ApiKeysEmpty { model: ModelKey, path: PathBuf },
     #[error("{model}: cannot read its API keys from {}; nobody is let in until the file is there", path.display())]
     ApiKeysUnreadable {
-        model: String,
+        model: ModelKey,
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -51,7 +51,7 @@ pub struct ModelsDir {
     secrets_dir: PathBuf,
     last_good: BTreeMap<PathBuf, Vec<DesiredModel>>,
     /// Model key → the file whose definition of it is served.
-    owners: BTreeMap<String, PathBuf>,
+    owners: BTreeMap<ModelKey, PathBuf>,
 }
 
 pub struct Scan {
@@ -133,7 +133,7 @@ impl ModelsDir {
             }
         }
         self.last_good = current;
-        let defined: BTreeMap<&PathBuf, Vec<String>> =
+        let defined: BTreeMap<&PathBuf, Vec<ModelKey>> =
             self.last_good.iter().map(|(file, ms)| (file, ms.iter().map(DesiredModel::key).collect())).collect();
         self.owners = owners_after(&self.owners, &defined);
         let mut models: Vec<DesiredModel> = Vec::new();
@@ -177,10 +177,10 @@ impl ModelsDir {
 /// defines the model (a file that stops parsing keeps its last good models, and so its
 /// ownership) does another file take it over: the first in name order of those defining it.
 fn owners_after(
-    before: &BTreeMap<String, PathBuf>,
-    defined: &BTreeMap<&PathBuf, Vec<String>>,
-) -> BTreeMap<String, PathBuf> {
-    let mut owners: BTreeMap<String, PathBuf> = before
+    before: &BTreeMap<ModelKey, PathBuf>,
+    defined: &BTreeMap<&PathBuf, Vec<ModelKey>>,
+) -> BTreeMap<ModelKey, PathBuf> {
+    let mut owners: BTreeMap<ModelKey, PathBuf> = before
         .iter()
         .filter(|(key, file)| defined.get(file).is_some_and(|keys| keys.contains(key)))
         .map(|(key, file)| (key.clone(), file.clone()))
@@ -270,7 +270,7 @@ mod tests {
         let mut md = ModelsDir::new(dir.path(), &dir.path().join("secrets"));
         let scan = md.scan().unwrap();
         assert_eq!(scan.models.len(), 1);
-        assert_eq!(scan.models[0].key(), "default/tiny");
+        assert_eq!(scan.models[0].key().to_string(), "default/tiny");
         assert_eq!(scan.models[0].base_dir.as_deref(), Some(dir.path()));
 
         std::fs::write(dir.path().join("tiny.yaml"), "spec: [unclosed").unwrap();
@@ -342,11 +342,11 @@ mod tests {
         ) {
             let mut owners = BTreeMap::new();
             for scan in scans {
-                let files: BTreeMap<PathBuf, Vec<String>> = scan
+                let files: BTreeMap<PathBuf, Vec<ModelKey>> = scan
                     .into_iter()
-                    .map(|(f, keys)| (PathBuf::from(format!("{f}.yaml")), keys.into_iter().map(|k| format!("ns/m{k}")).collect()))
+                    .map(|(f, keys)| (PathBuf::from(format!("{f}.yaml")), keys.into_iter().map(|k| ModelKey::new("ns", format!("m{k}"))).collect()))
                     .collect();
-                let defined: BTreeMap<&PathBuf, Vec<String>> = files.iter().map(|(f, k)| (f, k.clone())).collect();
+                let defined: BTreeMap<&PathBuf, Vec<ModelKey>> = files.iter().map(|(f, k)| (f, k.clone())).collect();
                 let next = owners_after(&owners, &defined);
                 for key in defined.values().flatten() {
                     let owner = &next[key];

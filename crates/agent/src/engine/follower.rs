@@ -120,12 +120,14 @@ async fn follow(client: reqwest::Client, port: u16, pid: u32, series: EngineSeri
 
 #[cfg(test)]
 mod tests {
+    use metalkube_api::ModelKey;
+
     use super::*;
     use crate::engine::metrics::EngineMetrics;
     use proptest::prelude::*;
 
     fn model_series() -> EngineSeries {
-        EngineMetrics::register(&mut prometheus_client::registry::Registry::default()).series("ns/m")
+        EngineMetrics::register(&mut prometheus_client::registry::Registry::default()).series(&ModelKey::new("ns", "m"))
     }
 
     #[test]

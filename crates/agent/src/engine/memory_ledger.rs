@@ -10,6 +10,7 @@
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 
+use metalkube_api::ModelKey;
 use tokio::sync::watch;
 
 /// Why a model cannot start yet: what it needs, what is free, and who holds the rest.
@@ -19,7 +20,7 @@ pub struct Shortfall {
     pub free: u64,
     pub budget: u64,
     /// The other models' shares, largest first.
-    pub holders: Vec<(String, u64)>,
+    pub holders: Vec<(ModelKey, u64)>,
 }
 
 impl std::fmt::Display for Shortfall {
@@ -42,14 +43,14 @@ impl std::fmt::Display for Shortfall {
 
 /// The pure rule: `key` may hold `need` if it fits the budget beside everyone else's share (its
 /// own earlier share does not count against it).
-pub fn shortfall(held: &BTreeMap<String, u64>, key: &str, need: u64, budget: u64) -> Option<Shortfall> {
-    let others: u64 = held.iter().filter(|(k, _)| k.as_str() != key).map(|(_, b)| *b).fold(0, u64::saturating_add);
+pub fn shortfall(held: &BTreeMap<ModelKey, u64>, key: &ModelKey, need: u64, budget: u64) -> Option<Shortfall> {
+    let others: u64 = held.iter().filter(|(k, _)| *k != key).map(|(_, b)| *b).fold(0, u64::saturating_add);
     let free = budget.saturating_sub(others);
     if need <= free {
         return None;
     }
-    let mut holders: Vec<(String, u64)> =
-        held.iter().filter(|(k, _)| k.as_str() != key).map(|(k, b)| (k.clone(), *b)).collect();
+    let mut holders: Vec<(ModelKey, u64)> =
+        held.iter().filter(|(k, _)| *k != key).map(|(k, b)| (k.clone(), *b)).collect();
     holders.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Some(Shortfall { need, free, budget, holders })
 }
@@ -57,7 +58,7 @@ pub fn shortfall(held: &BTreeMap<String, u64>, key: &str, need: u64, budget: u64
 pub struct MemoryLedger {
     /// None: no budget, everything fits (standalone mode).
     budget: Option<u64>,
-    held: Mutex<BTreeMap<String, u64>>,
+    held: Mutex<BTreeMap<ModelKey, u64>>,
     /// Bumped whenever a share is given back, to wake models waiting for memory.
     released: watch::Sender<u64>,
 }
@@ -68,13 +69,13 @@ impl MemoryLedger {
     }
 
     /// Takes (or resizes) `key`'s share, or says why it does not fit.
-    pub fn reserve(&self, key: &str, need: u64) -> Result<(), Shortfall> {
+    pub fn reserve(&self, key: &ModelKey, need: u64) -> Result<(), Shortfall> {
         let Some(budget) = self.budget else { return Ok(()) };
         let mut held = metalkube_runtime::sync::lock(&self.held);
         if let Some(short) = shortfall(&held, key, need, budget) {
             return Err(short);
         }
-        let before = held.insert(key.to_owned(), need);
+        let before = held.insert(key.clone(), need);
         drop(held);
         if before.is_some_and(|b| b > need) {
             self.released.send_modify(|n| *n += 1);
@@ -83,7 +84,7 @@ impl MemoryLedger {
     }
 
     /// Gives `key`'s share back.
-    pub fn release(&self, key: &str) {
+    pub fn release(&self, key: &ModelKey) {
         let removed = metalkube_runtime::sync::lock(&self.held).remove(key);
         if removed.is_some() {
             self.released.send_modify(|n| *n += 1);
@@ -95,7 +96,7 @@ impl MemoryLedger {
         self.released.subscribe()
     }
 
-    pub fn held(&self) -> BTreeMap<String, u64> {
+    pub fn held(&self) -> BTreeMap<ModelKey, u64> {
         metalkube_runtime::sync::lock(&self.held).clone()
     }
 }
@@ -110,34 +111,34 @@ mod tests {
     #[test]
     fn a_newcomer_waits_for_what_the_others_hold_and_is_told_who_holds_it() {
         let ledger = MemoryLedger::new(Some(400 * MIB));
-        ledger.reserve("ns/tiny", 260 * MIB).unwrap();
-        let short = ledger.reserve("ns/rival", 271 * MIB).unwrap_err();
-        assert_eq!((short.free, short.holders.clone()), (140 * MIB, vec![("ns/tiny".to_owned(), 260 * MIB)]));
+        ledger.reserve(&ModelKey::new("ns", "tiny"), 260 * MIB).unwrap();
+        let short = ledger.reserve(&ModelKey::new("ns", "rival"), 271 * MIB).unwrap_err();
+        assert_eq!((short.free, short.holders.clone()), (140 * MIB, vec![(ModelKey::new("ns", "tiny"), 260 * MIB)]));
         assert_eq!(
             short.to_string(),
             "waiting for memory: needs an estimated 271 MiB, 140 MiB of this agent's 400 MiB budget is free (held by ns/tiny 260 MiB)"
         );
         let releases = ledger.releases();
-        ledger.release("ns/tiny");
+        ledger.release(&ModelKey::new("ns", "tiny"));
         assert!(releases.has_changed().unwrap(), "a release wakes the waiting");
-        ledger.reserve("ns/rival", 271 * MIB).unwrap();
+        ledger.reserve(&ModelKey::new("ns", "rival"), 271 * MIB).unwrap();
     }
 
     #[test]
     fn a_model_resizing_its_own_share_is_not_counted_against_itself() {
         let ledger = MemoryLedger::new(Some(400 * MIB));
-        ledger.reserve("ns/a", 300 * MIB).unwrap();
-        ledger.reserve("ns/a", 390 * MIB).unwrap();
-        assert!(ledger.reserve("ns/b", 20 * MIB).is_err());
-        ledger.reserve("ns/a", 100 * MIB).unwrap();
-        ledger.reserve("ns/b", 20 * MIB).unwrap();
+        ledger.reserve(&ModelKey::new("ns", "a"), 300 * MIB).unwrap();
+        ledger.reserve(&ModelKey::new("ns", "a"), 390 * MIB).unwrap();
+        assert!(ledger.reserve(&ModelKey::new("ns", "b"), 20 * MIB).is_err());
+        ledger.reserve(&ModelKey::new("ns", "a"), 100 * MIB).unwrap();
+        ledger.reserve(&ModelKey::new("ns", "b"), 20 * MIB).unwrap();
     }
 
     #[test]
     fn without_a_budget_everything_fits() {
         let ledger = MemoryLedger::new(None);
-        ledger.reserve("ns/a", u64::MAX).unwrap();
-        ledger.reserve("ns/b", u64::MAX).unwrap();
+        ledger.reserve(&ModelKey::new("ns", "a"), u64::MAX).unwrap();
+        ledger.reserve(&ModelKey::new("ns", "b"), u64::MAX).unwrap();
     }
 
     proptest! {
@@ -150,7 +151,7 @@ mod tests {
         ) {
             let ledger = MemoryLedger::new(Some(budget));
             for (model, need) in steps {
-                let key = format!("ns/m{model}");
+                let key = ModelKey::new("ns", format!("m{model}"));
                 match need {
                     Some(need) => {
                         let others: u64 = ledger.held().iter().filter(|(k, _)| **k != key).map(|(_, b)| b).sum();

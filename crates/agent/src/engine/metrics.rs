@@ -3,6 +3,7 @@
 //! requests it is working on and has deferred. Registered by `EngineMetrics::register`; written by
 //! `engine::follower` through a model's `EngineSeries`.
 
+use metalkube_api::ModelKey;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -87,7 +88,7 @@ impl EngineMetrics {
     }
 
     /// The engine series of `model`, created at 0.
-    pub fn series(&self, model: &str) -> EngineSeries {
+    pub fn series(&self, model: &ModelKey) -> EngineSeries {
         let labels = ModelLabels::new(model);
         EngineSeries {
             rss: self.rss.get_or_create(&labels).clone(),
@@ -101,7 +102,7 @@ impl EngineMetrics {
     }
 
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
-    pub fn forget(&self, model: &str) {
+    pub fn forget(&self, model: &ModelKey) {
         let labels = ModelLabels::new(model);
         for family in [&self.rss, &self.requests_processing, &self.requests_deferred] {
             family.remove(&labels);
@@ -124,7 +125,7 @@ mod tests {
     fn a_models_counters_exist_at_zero_and_go_with_it() {
         let registry = AgentRegistry::default();
         let engine = registry.register(EngineMetrics::register);
-        let series = engine.series("ns/m");
+        let series = engine.series(&ModelKey::new("ns", "m"));
         series.rss.set(4096);
         let text = registry.encode();
         for name in ["engine_prompt_tokens_total", "engine_predicted_tokens_total"] {
@@ -132,7 +133,7 @@ mod tests {
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
         assert!(text.contains(r#"metalkube_agent_engine_resident_memory_bytes{model="ns/m"} 4096"#), "{text}");
-        engine.forget("ns/m");
+        engine.forget(&ModelKey::new("ns", "m"));
         assert!(!registry.encode().contains("ns/m"), "{}", registry.encode());
     }
 }

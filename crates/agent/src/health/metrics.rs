@@ -3,7 +3,7 @@
 //! sent. Registered by `HealthMetrics::register`; the supervisor writes them as it acts on the
 //! grader's verdicts.
 
-use metalkube_api::{Phase, PulseSpec};
+use metalkube_api::{ModelKey, Phase, PulseSpec};
 use metalkube_vitals::attribution::HostCause;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -197,7 +197,7 @@ impl HealthMetrics {
 
     /// Creates the model's bounded counters at 0 (restarts, skipped pulses, withheld restarts and
     /// host causes, by every reason), so alerts see the first event.
-    pub fn model_started(&self, model: &str) {
+    pub fn model_started(&self, model: &ModelKey) {
         for reason in FaultReason::ALL {
             drop(self.engine_restarts.get_or_create(&restart_labels(model, *reason)));
         }
@@ -213,7 +213,7 @@ impl HealthMetrics {
         self.slow_after_restart.get_or_create(&ModelLabels::new(model)).set(0);
     }
 
-    pub fn set_phase(&self, model: &str, phase: Phase) {
+    pub fn set_phase(&self, model: &ModelKey, phase: Phase) {
         for &p in Phase::ALL {
             self.engine_phase.get_or_create(&phase_labels(model, p)).set(i64::from(p == phase));
         }
@@ -221,7 +221,7 @@ impl HealthMetrics {
     }
 
     /// The pulse thresholds of a model's spec, for dashboards to draw next to its pulses.
-    pub fn set_pulse_spec(&self, model: &str, pulse: &PulseSpec) {
+    pub fn set_pulse_spec(&self, model: &ModelKey, pulse: &PulseSpec) {
         let labels = ModelLabels::new(model);
         self.pulse_yellow_after.get_or_create(&labels).set(pulse.yellow_after.get().as_secs_f64());
         self.pulse_red_after.get_or_create(&labels).set(pulse.red_after.get().as_secs_f64());
@@ -229,7 +229,7 @@ impl HealthMetrics {
 
     /// A model with no engine to grade (stopped, starting over, failed) has no pulse series,
     /// rather than the last engine's grade, pulse times and saturation.
-    pub fn clear_pulse(&self, model: &str) {
+    pub fn clear_pulse(&self, model: &ModelKey) {
         let labels = ModelLabels::new(model);
         self.pulse_grade.remove(&labels);
         self.saturated.remove(&labels);
@@ -239,29 +239,29 @@ impl HealthMetrics {
         self.pulse_compute_last.remove(&labels);
     }
 
-    pub fn restarted(&self, model: &str, reason: FaultReason) {
+    pub fn restarted(&self, model: &ModelKey, reason: FaultReason) {
         self.engine_restarts.get_or_create(&restart_labels(model, reason)).inc();
     }
 
-    pub fn pulse_skipped(&self, model: &str, why: PulseSkip) {
+    pub fn pulse_skipped(&self, model: &ModelKey, why: PulseSkip) {
         self.pulses_skipped.get_or_create(&ReasonLabels::new(model, why.as_str())).inc();
     }
 
-    pub fn restart_withheld(&self, model: &str, why: Withheld) {
+    pub fn restart_withheld(&self, model: &ModelKey, why: Withheld) {
         self.restarts_withheld.get_or_create(&ReasonLabels::new(model, why.as_str())).inc();
     }
 
     /// A confirmed slow verdict the host explained.
-    pub fn host_explained(&self, model: &str, cause: HostCause) {
+    pub fn host_explained(&self, model: &ModelKey, cause: HostCause) {
         self.host_explained.get_or_create(&cause_labels(model, cause)).inc();
     }
 
-    pub fn set_slow_after_restart(&self, model: &str, on: bool) {
+    pub fn set_slow_after_restart(&self, model: &ModelKey, on: bool) {
         self.slow_after_restart.get_or_create(&ModelLabels::new(model)).set(i64::from(on));
     }
 
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
-    pub fn forget(&self, model: &str) {
+    pub fn forget(&self, model: &ModelKey) {
         let labels = ModelLabels::new(model);
         for family in [&self.pulse_last, &self.pulse_compute_last, &self.pulse_yellow_after, &self.pulse_red_after] {
             family.remove(&labels);
@@ -292,16 +292,16 @@ impl HealthMetrics {
     }
 }
 
-fn restart_labels(model: &str, reason: FaultReason) -> RestartLabels {
-    RestartLabels { model: model.to_owned(), reason: reason.as_str().to_owned() }
+fn restart_labels(model: &ModelKey, reason: FaultReason) -> RestartLabels {
+    RestartLabels { model: model.to_string(), reason: reason.as_str().to_owned() }
 }
 
-fn cause_labels(model: &str, cause: HostCause) -> CauseLabels {
-    CauseLabels { model: model.to_owned(), cause: cause.as_str().to_owned() }
+fn cause_labels(model: &ModelKey, cause: HostCause) -> CauseLabels {
+    CauseLabels { model: model.to_string(), cause: cause.as_str().to_owned() }
 }
 
-fn phase_labels(model: &str, phase: Phase) -> PhaseLabels {
-    PhaseLabels { model: model.to_owned(), phase: phase.as_str().to_owned() }
+fn phase_labels(model: &ModelKey, phase: Phase) -> PhaseLabels {
+    PhaseLabels { model: model.to_string(), phase: phase.as_str().to_owned() }
 }
 
 #[cfg(test)]
@@ -318,7 +318,7 @@ mod tests {
     #[test]
     fn bounded_counters_exist_at_zero_from_the_model_start() {
         let (registry, health) = registered();
-        health.model_started("ns/m");
+        health.model_started(&ModelKey::new("ns", "m"));
         let text = registry.encode();
         let mut lines = Vec::new();
         for reason in FaultReason::ALL {
@@ -351,12 +351,12 @@ mod tests {
     #[test]
     fn one_phase_is_current_and_a_forgotten_model_leaves_no_series() {
         let (registry, health) = registered();
-        health.model_started("ns/m");
-        health.set_pulse_spec("ns/m", &PulseSpec::default());
-        health.set_phase("ns/m", Phase::Sleeping);
-        health.restarted("ns/m", FaultReason::Hang);
-        health.restart_withheld("ns/m", Withheld::SlowAfterRestart);
-        health.pulse_grade.get_or_create(&ModelLabels::new("ns/m")).set(1);
+        health.model_started(&ModelKey::new("ns", "m"));
+        health.set_pulse_spec(&ModelKey::new("ns", "m"), &PulseSpec::default());
+        health.set_phase(&ModelKey::new("ns", "m"), Phase::Sleeping);
+        health.restarted(&ModelKey::new("ns", "m"), FaultReason::Hang);
+        health.restart_withheld(&ModelKey::new("ns", "m"), Withheld::SlowAfterRestart);
+        health.pulse_grade.get_or_create(&ModelLabels::new(&ModelKey::new("ns", "m"))).set(1);
         let text = registry.encode();
         for line in [
             r#"metalkube_agent_engine_phase{model="ns/m",phase="Sleeping"} 1"#,
@@ -368,7 +368,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
-        health.forget("ns/m");
+        health.forget(&ModelKey::new("ns", "m"));
         assert!(!registry.encode().contains("ns/m"), "{}", registry.encode());
     }
 }

@@ -110,7 +110,8 @@ struct Readiness {
 /// 200 when every model is serving and not red; the body says which one is not.
 async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
     let reports = agent.reports().await;
-    let models: BTreeMap<String, ModelReadiness> = reports.iter().map(|r| (r.key(), ModelReadiness::of(r))).collect();
+    let models: BTreeMap<String, ModelReadiness> =
+        reports.iter().map(|r| (r.key().to_string(), ModelReadiness::of(r))).collect();
     let ready = models.values().all(|m| m.ready);
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(Readiness { ready, models })).into_response()
@@ -120,7 +121,7 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> Response {
 /// serves and is not red, else 503, with the same JSON as its entry in `/readyz`; 404 for a
 /// model this agent does not hold.
 async fn model_readyz(State(agent): State<Arc<Agent>>, Path((namespace, name)): Path<(String, String)>) -> Response {
-    let key = metalkube_api::ModelKey::new(&namespace, &name).to_string();
+    let key = metalkube_api::ModelKey::new(&namespace, &name);
     match agent.report(&key).await {
         Some(view) => {
             let readiness = ModelReadiness::of(&view);

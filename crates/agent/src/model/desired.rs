@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use metalkube_api::MetalModelSpec;
+use metalkube_api::{MetalModelSpec, ModelKey};
 
 use crate::model::Token;
 
@@ -24,8 +24,8 @@ pub struct DesiredModel {
 
 impl DesiredModel {
     /// `namespace/name`: the model's identity and its `model` label.
-    pub fn key(&self) -> String {
-        metalkube_api::ModelKey::new(&self.namespace, &self.name).to_string()
+    pub fn key(&self) -> ModelKey {
+        ModelKey::new(&self.namespace, &self.name)
     }
 
     /// A file name for this model's pidfile and log.

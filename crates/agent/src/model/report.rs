@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use metalkube_api::{Grade, Phase, PulseSpec};
+use metalkube_api::{Grade, ModelKey, Phase, PulseSpec};
 use metalkube_vitals::attribution::{HostCause, HostPressure};
 use metalkube_vitals::host_figures::HostFigures;
 use serde::{Serialize, Serializer};
@@ -183,8 +183,8 @@ impl ModelReport {
         self.restart_history.push_back(record);
     }
 
-    pub fn key(&self) -> String {
-        metalkube_api::ModelKey::new(&self.namespace, &self.name).to_string()
+    pub fn key(&self) -> ModelKey {
+        ModelKey::new(&self.namespace, &self.name)
     }
 
     /// Ready to take traffic: serving (or asleep, waking on the next request), the pulse not
@@ -212,7 +212,7 @@ pub struct ModelView {
 }
 
 impl ModelView {
-    pub fn key(&self) -> String {
+    pub fn key(&self) -> ModelKey {
         self.health.key()
     }
 

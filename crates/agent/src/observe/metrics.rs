@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 
+use metalkube_api::ModelKey;
 use metalkube_runtime::admin::MetricsRegistry;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -75,8 +76,8 @@ pub struct ModelLabels {
 }
 
 impl ModelLabels {
-    pub fn new(model: &str) -> Self {
-        Self { model: model.to_owned() }
+    pub fn new(model: &ModelKey) -> Self {
+        Self { model: model.to_string() }
     }
 }
 
@@ -90,8 +91,8 @@ pub struct ReasonLabels {
 }
 
 impl ReasonLabels {
-    pub fn new(model: &str, reason: &str) -> Self {
-        Self { model: model.to_owned(), reason: reason.to_owned() }
+    pub fn new(model: &ModelKey, reason: &str) -> Self {
+        Self { model: model.to_string(), reason: reason.to_owned() }
     }
 }
 

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use metalkube_api::ModelKey;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -152,14 +153,14 @@ impl ServingMetrics {
 
     /// The serving-port series of `model`, looked up once for the life of its proxy; its
     /// rejection reasons and known status codes are created at 0.
-    pub fn series(&self, model: &str) -> Arc<ServingSeries> {
+    pub fn series(&self, model: &ModelKey) -> Arc<ServingSeries> {
         let labels = ModelLabels::new(model);
         // One statement each: a family's guard lives to the end of its statement, and a second
         // get_or_create of a new series in the same statement would wait on it forever.
         let stream_stalls = self.stalls.get_or_create(&stall_labels(model, "stream")).clone();
         let request_stalls = self.stalls.get_or_create(&stall_labels(model, "request")).clone();
         let series = ServingSeries {
-            model: model.to_owned(),
+            model: model.clone(),
             requests: self.requests.clone(),
             request_duration: self.request_duration.clone(),
             by_code: RwLock::new(HashMap::new()),
@@ -186,7 +187,7 @@ impl ServingMetrics {
 
     /// Drops every series of a model that is no longer served, so dashboards do not show ghosts.
     /// `codes` are the status codes its serving port answered with (`ServingSeries::codes`).
-    pub fn forget(&self, model: &str, codes: &[u16]) {
+    pub fn forget(&self, model: &ModelKey, codes: &[u16]) {
         let labels = ModelLabels::new(model);
         for family in [&self.time_to_first_token, &self.queue_wait] {
             family.remove(&labels);
@@ -213,12 +214,12 @@ impl ServingMetrics {
     }
 }
 
-fn stall_labels(model: &str, kind: &str) -> StallLabels {
-    StallLabels { model: model.to_owned(), kind: kind.to_owned() }
+fn stall_labels(model: &ModelKey, kind: &str) -> StallLabels {
+    StallLabels { model: model.to_string(), kind: kind.to_owned() }
 }
 
-fn code_labels(model: &str, code: u16) -> CodeLabels {
-    CodeLabels { model: model.to_owned(), code: code.to_string() }
+fn code_labels(model: &ModelKey, code: u16) -> CodeLabels {
+    CodeLabels { model: model.to_string(), code: code.to_string() }
 }
 
 /// The series of one (model, status code): requests answered and how long they took.
@@ -231,7 +232,7 @@ pub struct CodeSeries {
 /// One model's serving-port series, resolved once: the per-request path then builds no label
 /// strings and searches no family maps. The handles share their values with the registry.
 pub struct ServingSeries {
-    model: String,
+    model: ModelKey,
     requests: Family<CodeLabels, Counter>,
     request_duration: HistogramFamily<CodeLabels>,
     /// Status codes are few per model but not all known ahead; each is resolved on first use.
@@ -295,7 +296,7 @@ mod tests {
     #[test]
     fn serving_series_count_into_the_registry_and_are_forgotten_with_their_codes() {
         let (registry, serving) = registered();
-        let series = serving.series("ns/m");
+        let series = serving.series(&ModelKey::new("ns", "m"));
         series.code(200).requests.inc();
         series.code(200).requests.inc();
         series.code(502).requests.inc();
@@ -312,14 +313,14 @@ mod tests {
         let mut codes = series.codes();
         codes.sort_unstable();
         assert_eq!(codes, [200, 400, 408, 413, 429, 502, 503]);
-        serving.forget("ns/m", &codes);
+        serving.forget(&ModelKey::new("ns", "m"), &codes);
         assert!(!registry.encode().contains("ns/m"), "{}", registry.encode());
     }
 
     #[test]
     fn bounded_counters_exist_at_zero_from_the_model_start() {
         let (registry, serving) = registered();
-        let _series = serving.series("ns/m");
+        let _series = serving.series(&ModelKey::new("ns", "m"));
         let text = registry.encode();
         for r in Rejection::ALL {
             let line = format!(r#"metalkube_agent_rejections_total{{model="ns/m",reason="{}"}} 0"#, r.reason());

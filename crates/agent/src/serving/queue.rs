@@ -314,6 +314,7 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    use metalkube_api::ModelKey;
     use prometheus_client::registry::Registry;
 
     use super::*;
@@ -327,7 +328,7 @@ mod tests {
             max_request_bytes: 1 << 20,
         };
         let metrics = ServingMetrics::register(&mut Registry::default());
-        Admission::new(limits, metrics.series("ns/m"))
+        Admission::new(limits, metrics.series(&ModelKey::new("ns", "m")))
     }
 
     #[tokio::test]

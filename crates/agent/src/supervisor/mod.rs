@@ -13,7 +13,7 @@ mod start_failure_tests;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use metalkube_api::{Grade, Phase};
+use metalkube_api::{Grade, ModelKey, Phase};
 use metalkube_vitals::host::pressure::Window;
 use prepare::Serving;
 use tokio::sync::{Notify, mpsc, watch};
@@ -226,7 +226,7 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn key(&self) -> String {
+    fn key(&self) -> ModelKey {
         self.desired.key()
     }
 

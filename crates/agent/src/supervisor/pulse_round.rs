@@ -360,7 +360,7 @@ impl Supervisor {
                 m.restart_withheld(&key, Withheld::HostContended);
             }
         }
-        let labels = ModelLabels { model: key };
+        let labels = ModelLabels::new(&key);
         m.saturated.get_or_create(&labels).set(i64::from(saturated));
         if confirmed {
             m.host_contended.get_or_create(&labels).set(i64::from(verdict.host.is_some()));

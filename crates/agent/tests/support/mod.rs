@@ -12,7 +12,7 @@ use metalkube_agent::engine::restart_backoff::BackoffConfig;
 use metalkube_agent::model::report::ModelReport;
 use metalkube_agent::serving::ClientTimeouts;
 use metalkube_agent::{Agent, AgentConfig, DesiredModel};
-use metalkube_api::{EngineSpec, MetalModelSpec, PulseSpec};
+use metalkube_api::{EngineSpec, MetalModelSpec, ModelKey, PulseSpec};
 
 /// Generous bound for any single wait: a guard, never a performance claim.
 pub const GUARD: Duration = Duration::from_secs(90);
@@ -141,14 +141,14 @@ impl Harness {
         }
     }
 
-    pub async fn serve(&self, desired: DesiredModel) -> String {
+    pub async fn serve(&self, desired: DesiredModel) -> ModelKey {
         let key = desired.key();
         self.agent.apply(vec![desired]).await;
         key
     }
 
     /// Waits until the model's report satisfies `pred`; panics with the last report otherwise.
-    pub async fn wait_for(&self, key: &str, what: &str, pred: impl Fn(&ModelReport) -> bool) -> ModelReport {
+    pub async fn wait_for(&self, key: &ModelKey, what: &str, pred: impl Fn(&ModelReport) -> bool) -> ModelReport {
         let mut rx = self.agent.watch(key).await.unwrap_or_else(|| panic!("{key} is not supervised"));
         let found = match tokio::time::timeout(GUARD, rx.wait_for(|r| pred(r))).await {
             Ok(Ok(r)) => Some(r.clone()),

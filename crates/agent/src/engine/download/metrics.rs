@@ -2,7 +2,7 @@
 //! runs), and the bytes received and resumes over all downloads. Registered by
 //! `DownloadMetrics::register`; the supervisor publishes a running download's progress.
 
-use metalkube_api::DownloadProgress;
+use metalkube_api::{DownloadProgress, ModelKey};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -53,7 +53,7 @@ impl DownloadMetrics {
     }
 
     /// A model's download progress, or None to drop its series when no download runs.
-    pub fn set_progress(&self, model: &str, progress: Option<&DownloadProgress>) {
+    pub fn set_progress(&self, model: &ModelKey, progress: Option<&DownloadProgress>) {
         let labels = ModelLabels::new(model);
         match progress {
             Some(p) => {
@@ -94,7 +94,7 @@ mod tests {
         let downloads = registry.register(DownloadMetrics::register);
         let progress =
             DownloadProgress { done_bytes: 10, total_bytes: Some(100), bytes_per_second: Some(5.0), eta_seconds: None };
-        downloads.set_progress("ns/m", Some(&progress));
+        downloads.set_progress(&ModelKey::new("ns", "m"), Some(&progress));
         downloads.downloaded(100, 1);
         let text = registry.encode();
         for line in [
@@ -106,7 +106,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
         }
-        downloads.set_progress("ns/m", None);
+        downloads.set_progress(&ModelKey::new("ns", "m"), None);
         let text = registry.encode();
         assert!(!text.contains("ns/m"), "no download series once done: {text}");
         assert!(text.contains("metalkube_agent_download_resumes_total 1"), "{text}");

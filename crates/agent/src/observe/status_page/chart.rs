@@ -100,7 +100,7 @@ pub(super) fn render(out: &mut String, r: &ModelReport, now_ms: u64) {
         out,
         r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" data-pulses="{n}"><title>Pulses of {key}: {n} recent</title>"#,
         n = pulses.len(),
-        key = escape(&r.key()),
+        key = escape(&r.key().to_string()),
     );
     bands(out, r, &ys, plot_right);
     // Decade grid lines and labels.
@@ -257,7 +257,7 @@ pub(super) fn render_host(out: &mut String, r: &ModelReport, now_ms: u64) -> boo
     let _ = write!(
         out,
         r#"<svg class="chart host-chart" viewBox="0 0 {WIDTH} {HOST_HEIGHT}" role="img" data-host-pulses="{measured}"><title>The host beside the pulses of {key}: share of all CPU time other processes and the engine used</title>"#,
-        key = escape(&r.key()),
+        key = escape(&r.key().to_string()),
     );
     for share in [0.0, 0.5, 1.0] {
         let y = share_y(share);

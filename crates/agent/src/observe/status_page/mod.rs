@@ -105,7 +105,7 @@ fn summary(out: &mut String, models: &[ModelView], now_ms: u64) {
 }
 
 fn model(out: &mut String, r: &ModelReport, load: &ServingLoad, now_ms: u64) {
-    let key = escape(&r.key());
+    let key = escape(&r.key().to_string());
     let phase = r.phase.as_str();
     let grade = r.grade.map_or("none", chart::grade_class);
     let phase_class = if r.phase == Phase::HostContended { " host-contended" } else { "" };

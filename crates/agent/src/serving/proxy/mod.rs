@@ -23,7 +23,7 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use metalkube_api::EnginePath;
+use metalkube_api::{EnginePath, ModelKey};
 use metalkube_runtime::connections::{self, ConnectionGate, ConnectionLimits};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
@@ -111,7 +111,7 @@ pub struct ModelProxy {
     client: Client<HttpConnector, Full<Bytes>>,
     timeouts: ClientTimeouts,
     /// `namespace/name`, for messages.
-    model: String,
+    model: ModelKey,
     series: Arc<ServingSeries>,
     /// Wakes the supervisor for a pulse now: a stream stalled, a request timed out, or the engine
     /// answered a client with a server error.
@@ -148,7 +148,7 @@ impl ModelProxy {
         admission: Arc<Admission>,
         agent_bodies: &Arc<BodyBudget>,
         access: Access,
-        model: String,
+        model: ModelKey,
         upstream: UpstreamWatch,
         timeouts: ClientTimeouts,
         series: Arc<ServingSeries>,
