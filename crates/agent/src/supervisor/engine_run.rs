@@ -84,7 +84,7 @@ impl Supervisor {
                 return RunEnd::start_failed("starting llama-server", &e);
             }
         };
-        tracing::info!(model = %self.key(), pid = engine.pid(), port, "engine started");
+        tracing::info!(pid = engine.pid(), port, "engine started");
         // Reads the engine's own counters and memory while it runs; stops with this run.
         let _follower = EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), self.engine_series.clone());
         self.grader.reset();
@@ -123,7 +123,7 @@ impl Supervisor {
             _ => false,
         };
         if drain && !self.proxy.admission().drained(self.ctx.config.drain_grace).await {
-            tracing::warn!(model = %self.key(), "in-flight requests outlived the drain grace; stopping anyway");
+            tracing::warn!("in-flight requests outlived the drain grace; stopping anyway");
         }
         engine.stop(self.ctx.config.stop_grace).await;
         if !matches!(end, RunEnd::PortConflict { .. }) {

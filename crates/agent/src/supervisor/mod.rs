@@ -18,6 +18,7 @@ use metalkube_vitals::host::pressure::Window;
 use prepare::Serving;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::context::AgentContext;
 use crate::engine::download::CacheLease;
@@ -163,7 +164,9 @@ impl SupervisorHandle {
             host_window: None,
             restart_cure: RestartCure::default(),
         };
-        let task = tokio::spawn(sup.run());
+        // Every line the model's task logs (and the serving port it spawns) names the model.
+        let span = tracing::info_span!("supervisor", model = %sup.key());
+        let task = tokio::spawn(sup.run().instrument(span));
         Self { commands, report, proxy, desired, task }
     }
 
@@ -240,7 +243,7 @@ impl Supervisor {
     }
 
     async fn run(mut self) {
-        tracing::info!(model = %self.key(), "supervising");
+        tracing::info!("supervising");
         self.set_phase(Phase::Pending);
         loop {
             let end = self.run_engine_once().await;
@@ -250,7 +253,7 @@ impl Supervisor {
                 RunEnd::PortConflict { port, message } => {
                     self.ctx.ports.quarantine(port);
                     self.port_conflicts += 1;
-                    tracing::warn!(model = %self.key(), port, "engine could not bind its port; trying another");
+                    tracing::warn!(port, "engine could not bind its port; trying another");
                     if self.port_conflicts >= MAX_PORT_CONFLICTS
                         && self.back_off(FaultReason::StartFailed, message, Duration::ZERO, true).await
                     {
@@ -258,7 +261,7 @@ impl Supervisor {
                     }
                 }
                 RunEnd::Permanent(message) => {
-                    tracing::error!(model = %self.key(), "{message}");
+                    tracing::error!("{message}");
                     // A failed model runs nothing: its memory is free for others.
                     self.ctx.memory.release(&self.key());
                     self.report.send_modify(|r| {
@@ -293,7 +296,7 @@ impl Supervisor {
         self.close_serving_port().await;
         self.ctx.memory.release(&self.key());
         self.ctx.metrics.forget(&self.key(), &self.proxy.series().codes());
-        tracing::info!(model = %self.key(), "stopped");
+        tracing::info!("stopped");
     }
 
     /// Counts a restart and waits out the backoff delay (the shortest one, and no crash loop,
@@ -306,7 +309,7 @@ impl Supervisor {
         } else {
             (self.backoff.first_delay(), Phase::Restarting)
         };
-        tracing::warn!(model = %self.key(), reason = reason.as_str(), ?delay, "{message}");
+        tracing::warn!(reason = reason.as_str(), ?delay, "{message}");
         self.ctx.metrics.health.restarted(&self.key(), reason);
         // One update, so nobody watching sees the restart counted in the old phase.
         self.report.send_modify(|r| {
@@ -340,14 +343,13 @@ impl Supervisor {
     /// Follows whether the last restart for slowness cured it, after each pulse round.
     fn follow_restart_cure(&mut self, best_wall: Option<Duration>, grade: Option<Grade>) {
         let Some(change) = self.restart_cure.round(best_wall, grade) else { return };
-        let key = self.key();
         match change {
             CureChange::Cured => {
-                tracing::info!(model = %key, "the restart for slowness cured it: the new engine is fast")
+                tracing::info!("the restart for slowness cured it: the new engine is fast")
             }
             CureChange::NotCured => self.not_cured(best_wall),
             CureChange::Resumed => {
-                tracing::info!(model = %key, "the pulse has been fast again for a while: restarts for slowness resume");
+                tracing::info!("the pulse has been fast again for a while: restarts for slowness resume");
                 self.report.send_modify(|r| {
                     r.restart_decision =
                         Some("restarts for slowness resumed: the pulse has been fast again for a while".to_owned());
@@ -364,7 +366,7 @@ impl Supervisor {
             best_wall.map_or_else(|| "did not answer".to_owned(), |w| format!("took {:.3}s", w.as_secs_f64())),
             crate::health::restart_cure::FAST_ROUNDS_TO_RESUME
         );
-        tracing::warn!(model = %self.key(), "{why}");
+        tracing::warn!("{why}");
         self.report.send_modify(|r| r.restart_decision = Some(why));
         self.set_slow_after_restart(true);
     }

@@ -6,6 +6,7 @@ use std::time::Instant;
 use metalkube_api::Phase;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use super::{Command, DOWNLOAD_REPORT_EVERY, RunEnd, Supervisor};
 use crate::engine::model_file::{ModelLocation, ResolvedModel, check_model, locate};
@@ -65,7 +66,7 @@ impl Supervisor {
             };
             let message = short.to_string();
             if self.report.borrow().last_error.as_deref() != Some(message.as_str()) {
-                tracing::warn!(model = %self.key(), "{message}");
+                tracing::warn!("{message}");
             }
             self.report.send_modify(|r| r.last_error = Some(message));
             self.set_phase(Phase::Pending);
@@ -175,15 +176,15 @@ impl Supervisor {
             }
         };
         let (stop, stop_rx) = watch::channel(false);
-        let accepting = Some(tokio::spawn(self.proxy.clone().serve(listener, stop_rx)));
+        let accepting = Some(tokio::spawn(self.proxy.clone().serve(listener, stop_rx).in_current_span()));
         // Reported once the old port is closed: whoever reads the new port in the report finds
         // the old one refusing connections (both take requests in between).
         if let Some(old) = self.serving.replace(Serving { port, pooled, stop, accepting }) {
             let old_port = old.port;
             self.retire(old).await;
-            tracing::info!(model = %self.key(), %addr, old_port, "serving port moved");
+            tracing::info!(%addr, old_port, "serving port moved");
         } else {
-            tracing::info!(model = %self.key(), %addr, "serving port open");
+            tracing::info!(%addr, "serving port open");
         }
         self.report.send_modify(|r| r.serving_port = Some(port));
         Ok(())
@@ -212,7 +213,7 @@ impl Supervisor {
             Err(e) => {
                 let current = self.serving.as_ref().map(|s| s.port).unwrap_or_default();
                 let message = format!("{}; still serving on port {current}", crate::error::chain(&e));
-                tracing::error!(model = %self.key(), "{message}");
+                tracing::error!("{message}");
                 self.serving_port_error = Some(message.clone());
                 self.report.send_modify(|r| r.last_error = Some(message));
             }

@@ -33,14 +33,14 @@ impl Supervisor {
         // Unanswered while asleep: still asleep as far as anyone knows, and a pulse would wake it.
         if sleeping == Some(true) || (sleeping.is_none() && phase == Phase::Sleeping) {
             if phase != Phase::Sleeping {
-                tracing::info!(model = %self.key(), "engine asleep (idle for spec.engine.sleepAfterIdle)");
+                tracing::info!("engine asleep (idle for spec.engine.sleepAfterIdle)");
                 self.set_phase(Phase::Sleeping);
             }
             self.ctx.metrics.health.pulse_skipped(&self.key(), PulseSkip::Sleeping);
             return Ok(true);
         }
         if phase == Phase::Sleeping {
-            tracing::info!(model = %self.key(), "engine awake again");
+            tracing::info!("engine awake again");
             self.grader.expect_cold_sample();
             self.set_phase(Phase::Serving);
             return Ok(false);

@@ -27,6 +27,7 @@ use metalkube_api::{EnginePath, ModelKey};
 use metalkube_runtime::connections::{self, ConnectionGate, ConnectionLimits};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
+use tracing::Instrument;
 
 use super::framing::{Framing, SharedScanner, Watched};
 use super::policy::Rejection;
@@ -185,7 +186,7 @@ impl ModelProxy {
             let quarantined = metalkube_runtime::sync::lock(&self.quarantine).crashed_with(&bodies, Instant::now());
             self.series.crashes_with_requests.inc();
             for s in suspects.iter().filter(|s| quarantined.contains(&s.body)) {
-                tracing::warn!(model = %self.model, "quarantined for an hour: {}", s.describe());
+                tracing::warn!("quarantined for an hour: {}", s.describe());
             }
         }
         suspects
@@ -251,7 +252,7 @@ impl ModelProxy {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of descriptors, most likely: wait a little rather than spin.
-                    tracing::warn!(model = %self.model, "accepting a connection: {e}");
+                    tracing::warn!("accepting a connection: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
@@ -265,7 +266,7 @@ impl ModelProxy {
                         connections::Refusal::ClientFull => Rejection::ClientConnectionLimit,
                     };
                     self.admission().rejected(why);
-                    tokio::spawn(refuse_connection(stream, why));
+                    tokio::spawn(refuse_connection(stream, why).in_current_span());
                     continue;
                 }
             };
@@ -274,35 +275,38 @@ impl ModelProxy {
             let slow_readers = self.series.slow_readers.clone();
             let write_deadline = self.access().stream_stall_timeout;
             let mut port_closing = stop.clone();
-            tokio::spawn(async move {
-                let (io, scanner) = Watched::new(stream);
-                let io = WriteDeadline::new(io, write_deadline, move || {
-                    slow_readers.inc();
-                });
-                let service = service_fn(move |req| {
-                    let (proxy, scanner) = (proxy.clone(), scanner.clone());
-                    async move { Ok::<_, Infallible>(proxy.handle(req, &scanner, peer).await) }
-                });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout)
-                    .max_headers(MAX_HEADERS)
-                    .max_header_size(MAX_HEADER_BYTES)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(io), service);
-                tokio::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    // The port is closing (moved to another by a spec edit, or the model going
-                    // away): the request in flight finishes, then the connection closes rather
-                    // than keep a port the model no longer serves on alive.
-                    () = async { drop(port_closing.wait_for(|s| *s).await) } => {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
+            tokio::spawn(
+                async move {
+                    let (io, scanner) = Watched::new(stream);
+                    let io = WriteDeadline::new(io, write_deadline, move || {
+                        slow_readers.inc();
+                    });
+                    let service = service_fn(move |req| {
+                        let (proxy, scanner) = (proxy.clone(), scanner.clone());
+                        async move { Ok::<_, Infallible>(proxy.handle(req, &scanner, peer).await) }
+                    });
+                    let connection = http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(header_timeout)
+                        .max_headers(MAX_HEADERS)
+                        .max_header_size(MAX_HEADER_BYTES)
+                        .keep_alive(true)
+                        .serve_connection(TokioIo::new(io), service);
+                    tokio::pin!(connection);
+                    tokio::select! {
+                        _ = connection.as_mut() => {}
+                        // The port is closing (moved to another by a spec edit, or the model going
+                        // away): the request in flight finishes, then the connection closes rather
+                        // than keep a port the model no longer serves on alive.
+                        () = async { drop(port_closing.wait_for(|s| *s).await) } => {
+                            connection.as_mut().graceful_shutdown();
+                            let _ = connection.await;
+                        }
                     }
+                    drop(held);
                 }
-                drop(held);
-            });
+                .in_current_span(),
+            );
         }
     }
 
