@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
+use metalkube_api::Rejection;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::shape::{Api, Planner, RequestPlan};
-use crate::serving::policy::Rejection;
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,9 +69,7 @@ pub const DEFAULT_REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 pub fn is_refusal(status: u16, code: Option<&str>) -> bool {
     match status {
         429 => true,
-        503 => {
-            code.and_then(|c| Rejection::ALL.into_iter().find(|r| r.reason() == c)).is_some_and(Rejection::means_busy)
-        }
+        503 => code.and_then(Rejection::from_reason).is_some_and(Rejection::means_busy),
         _ => false,
     }
 }
