@@ -1,17 +1,23 @@
-//! Inline SVG charts for the HTML report: no script, no external file, every text escaped.
+//! The report's charts (seconds of the run across, one or more series, shaded bands and
+//! stretches) and its verdict strip, drawn with `metalkube-svg-chart`'s pieces: inline SVG, no
+//! script, no external file, every text escaped.
 
 use std::fmt::Write;
 
 use metalkube_api::Grade;
+use metalkube_svg_chart::element::{self, Anchor};
+use metalkube_svg_chart::{Frame, Linear, TickStyle, escape, nice_ceiling, short};
 
-const WIDTH: f64 = 760.0;
-const HEIGHT: f64 = 220.0;
-const LEFT: f64 = 64.0;
-const RIGHT: f64 = 16.0;
-const TOP: f64 = 22.0;
-const BOTTOM: f64 = 28.0;
+/// Every chart of the report: one width, so that their time axes line up down the page.
+const FRAME: Frame = Frame { width: 760.0, height: 220.0, left: 64.0, right: 16.0, top: 22.0, bottom: 28.0 };
+/// The file carries no stylesheet for its charts: grid lines are drawn grey in place, labels
+/// take the chart's font.
+const TICKS: TickStyle = TickStyle { line: r##" stroke="#ddd""##, label: "" };
 
-pub use crate::observe::html_text::escape;
+/// The root's attributes: a fixed size (the report's column) and the labels' font.
+fn svg_attrs(frame: &Frame) -> String {
+    format!(r#" width="{}" height="{}" font-family="sans-serif" font-size="11""#, frame.width, frame.height)
+}
 
 /// One line: (x, y) points; a None y breaks the line.
 pub struct Series {
@@ -47,120 +53,51 @@ pub struct Chart {
     pub spans: Vec<Span>,
 }
 
-/// The smallest 1, 2 or 5 × 10^k at or above `v`: axis tops people can read.
-fn nice_ceiling(v: f64) -> f64 {
-    if !v.is_finite() || v <= 0.0 {
-        return 1.0;
-    }
-    let magnitude = 10f64.powf(v.log10().floor());
-    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|c| *c >= v).unwrap_or(10.0 * magnitude)
-}
-
-/// A number for an axis label: few digits, no trailing zeros.
-pub fn short(v: f64) -> String {
-    let text = if v.abs() >= 100.0 || v == v.trunc() { format!("{v:.0}") } else { format!("{v:.2}") };
-    if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_owned() } else { text }
-}
-
 impl Chart {
     pub fn render(&self) -> String {
         let values = self.series.iter().flat_map(|s| s.points.iter().filter_map(|p| p.1)).filter(|v| v.is_finite());
         let data_max = values.fold(0.0_f64, f64::max);
         // Bands start within view, so the yellow and red lines show even on a healthy run.
         let band_start = self.bands.iter().map(|b| b.from).fold(0.0_f64, f64::max);
-        let y_max = nice_ceiling(data_max.max(band_start * 1.2));
-        let x_max = if self.x_max > 0.0 { self.x_max } else { 1.0 };
-        let (plot_w, plot_h) = (WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM);
-        let x = |v: f64| LEFT + (v / x_max).clamp(0.0, 1.0) * plot_w;
-        let y = |v: f64| TOP + plot_h - (v / y_max).clamp(0.0, 1.0) * plot_h;
-        let mut svg = format!(
-            r#"<svg viewBox="0 0 {WIDTH} {HEIGHT}" width="{WIDTH}" height="{HEIGHT}" role="img" font-family="sans-serif" font-size="11">"#
-        );
+        let ys = Linear { lo: 0.0, hi: nice_ceiling(data_max.max(band_start * 1.2)) };
+        let xs = Linear { lo: 0.0, hi: if self.x_max > 0.0 { self.x_max } else { 1.0 } };
+        let x = |v: f64| FRAME.x(xs.fraction(v));
+        let y = |v: f64| FRAME.y(ys.fraction(v));
+        let mut svg = String::new();
+        element::open_svg(&mut svg, &FRAME, &svg_attrs(&FRAME));
         for band in &self.bands {
-            let (top, bottom) = (y(band.to.min(y_max)), y(band.from));
-            let _ = write!(
-                svg,
-                r#"<rect x="{LEFT}" y="{top:.1}" width="{plot_w}" height="{:.1}" fill="{}" opacity="0.18"><title>{}</title></rect>"#,
-                (bottom - top).max(0.0),
-                band.color,
-                escape(&band.label)
-            );
+            let attrs = format!(r#" fill="{}" opacity="0.18""#, band.color);
+            element::band(&mut svg, &FRAME, (y(band.to.min(ys.hi)), y(band.from)), &attrs, Some(&band.label));
         }
         for span in &self.spans {
             let (left, right) = (x(span.from), x(span.to));
-            let _ = write!(
-                svg,
-                r#"<rect x="{left:.1}" y="{TOP}" width="{:.1}" height="{plot_h}" fill="{}" opacity="0.22"><title>{}</title></rect>"#,
-                (right - left).max(1.0),
-                span.color,
-                escape(&span.label)
-            );
+            let attrs = format!(r#" fill="{}" opacity="0.22""#, span.color);
+            element::column(&mut svg, &FRAME, (left, (right - left).max(1.0)), &attrs, Some(&span.label));
         }
-        for i in 0..=4 {
-            let v = y_max * f64::from(i) / 4.0;
-            let _ = write!(
-                svg,
-                r##"<line x1="{LEFT}" x2="{:.1}" y1="{py:.1}" y2="{py:.1}" stroke="#ddd"/><text x="{:.1}" y="{:.1}" text-anchor="end">{} {}</text>"##,
-                LEFT + plot_w,
-                LEFT - 6.0,
-                y(v) + 4.0,
-                short(v),
-                escape(self.unit),
-                py = y(v)
-            );
+        for v in ys.even_ticks(4) {
+            element::y_tick(&mut svg, &FRAME, y(v), TICKS, &format!("{} {}", short(v), self.unit));
         }
-        let x_step = nice_ceiling(x_max / 6.0);
-        let mut t = 0.0;
-        while t <= x_max + 1e-9 {
-            let _ =
-                write!(svg, r#"<text x="{:.1}" y="{}" text-anchor="middle">{}s</text>"#, x(t), HEIGHT - 8.0, short(t));
-            t += x_step;
+        for t in xs.stepped_ticks(nice_ceiling(xs.hi / 6.0)) {
+            element::text(&mut svg, "", (x(t), FRAME.height - 8.0), Anchor::Middle, &format!("{}s", short(t)));
         }
-        let mut legend_x = LEFT;
+        let mut legend_x = FRAME.left;
         for s in &self.series {
-            for run in runs(&s.points) {
-                if let [(px, py)] = run.as_slice() {
-                    let _ =
-                        write!(svg, r#"<circle cx="{:.1}" cy="{:.1}" r="2.5" fill="{}"/>"#, x(*px), y(*py), s.color);
-                    continue;
-                }
-                let coords: Vec<String> = run.iter().map(|(px, py)| format!("{:.1},{:.1}", x(*px), y(*py))).collect();
-                let _ = write!(
-                    svg,
-                    r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="1.8" stroke-linejoin="round"/>"#,
-                    coords.join(" "),
-                    s.color
-                );
+            let points: Vec<Option<(f64, f64)>> =
+                s.points.iter().map(|(px, py)| py.filter(|v| v.is_finite()).map(|v| (x(*px), y(v)))).collect();
+            let stroke = format!(r#" fill="none" stroke="{}" stroke-width="1.8" stroke-linejoin="round""#, s.color);
+            element::line(&mut svg, &stroke, &points);
+            // A point with no neighbour makes no line: a dot shows it.
+            for at in element::lone_points(&points) {
+                element::open_circle(&mut svg, &format!(r#" fill="{}""#, s.color), at, 2.5);
+                element::close(&mut svg, "circle", None);
             }
-            let _ = write!(
-                svg,
-                r#"<rect x="{legend_x:.1}" y="6" width="10" height="10" fill="{}"/><text x="{:.1}" y="15">{}</text>"#,
-                s.color,
-                legend_x + 14.0,
-                escape(&s.name)
-            );
+            let _ = write!(svg, r#"<rect x="{legend_x:.1}" y="6" width="10" height="10" fill="{}"/>"#, s.color);
+            element::text(&mut svg, "", (legend_x + 14.0, 15.0), Anchor::Start, &s.name);
             legend_x += 24.0 + 6.5 * s.name.len() as f64;
         }
         svg.push_str("</svg>");
         svg
     }
-}
-
-/// The stretches of consecutive finite points.
-fn runs(points: &[(f64, Option<f64>)]) -> Vec<Vec<(f64, f64)>> {
-    let mut runs: Vec<Vec<(f64, f64)>> = Vec::new();
-    let mut current = Vec::new();
-    for (px, py) in points {
-        match py.filter(|v| v.is_finite()) {
-            Some(v) => current.push((*px, v)),
-            None if !current.is_empty() => runs.push(std::mem::take(&mut current)),
-            None => {}
-        }
-    }
-    if !current.is_empty() {
-        runs.push(current);
-    }
-    runs
 }
 
 fn grade_color(grade: Option<Grade>) -> &'static str {
@@ -198,26 +135,20 @@ impl Cell {
 /// One row per check, one cell per interval (grey: no verdict), coloured by what it says.
 pub fn strip(rows: &[(&str, Vec<Cell>)]) -> String {
     let row_h = 22.0;
-    let height = TOP + row_h * rows.len() as f64 + 6.0;
+    // As wide as the charts, the names in a margin twice theirs.
+    let frame = Frame { height: FRAME.top + row_h * rows.len() as f64 + 6.0, left: FRAME.left * 2.0, ..FRAME };
     let cells = rows.iter().map(|r| r.1.len()).max().unwrap_or(0).max(1);
-    let cell_w = (WIDTH - LEFT * 2.0 - RIGHT) / cells as f64;
-    let mut svg = format!(
-        r#"<svg viewBox="0 0 {WIDTH} {height}" width="{WIDTH}" height="{height}" role="img" font-family="sans-serif" font-size="11">"#
-    );
+    let cell_w = (frame.width - frame.left - FRAME.right) / cells as f64;
+    let mut svg = String::new();
+    element::open_svg(&mut svg, &frame, &svg_attrs(&frame));
     for (r, (name, cells_of)) in rows.iter().enumerate() {
-        let top = TOP + row_h * r as f64;
-        let _ = write!(
-            svg,
-            r#"<text x="{:.1}" y="{:.1}" text-anchor="end">{}</text>"#,
-            LEFT * 2.0 - 6.0,
-            top + 14.0,
-            escape(name)
-        );
+        let top = frame.top + row_h * r as f64;
+        element::text(&mut svg, "", (frame.left - 6.0, top + 14.0), Anchor::End, name);
         for (i, cell) in cells_of.iter().enumerate() {
             let _ = write!(
                 svg,
                 r#"<rect x="{:.2}" y="{top:.1}" width="{:.2}" height="{}" fill="{}"><title>interval {i}: {}</title></rect>"#,
-                LEFT * 2.0 + cell_w * i as f64,
+                frame.left + cell_w * i as f64,
                 cell_w.max(0.5),
                 row_h - 4.0,
                 cell.color,
@@ -234,15 +165,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn axis_tops_and_labels_are_readable() {
-        assert_eq!(
-            [nice_ceiling(0.7), nice_ceiling(3.1), nice_ceiling(30.0), nice_ceiling(0.0)],
-            [1.0, 5.0, 50.0, 1.0]
-        );
-        assert_eq!([short(0.25), short(2.0), short(150.4), short(0.5)], ["0.25", "2", "150", "0.5"]);
-    }
-
-    #[test]
     fn lines_break_at_missing_points_and_names_are_escaped() {
         let chart = Chart {
             unit: "s",
@@ -256,7 +178,8 @@ mod tests {
             spans: vec![Span { from: 3.0, to: 4.0, color: HOST_COLOR, label: "host: <memory>".into() }],
         };
         let svg = chart.render();
-        assert_eq!(svg.matches("<polyline").count(), 1);
+        assert_eq!(svg.matches("<path").count(), 1, "one line, lifted at the gap: {svg}");
+        assert_eq!(svg.matches(" M").count() + svg.matches("\"M").count(), 2, "{svg}");
         assert_eq!(svg.matches("<circle").count(), 1, "a lone point is a dot");
         assert!(svg.contains("&lt;b&gt;wall&lt;/b&gt;") && !svg.contains("<b>"));
         assert!(!svg.contains("NaN") && !svg.contains("inf"), "{svg}");
