@@ -424,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_admission_queues_busy_answers_are_refusals_and_the_rest_errors() {
-        // What the serving port sends (serving::policy): 429 queue_full; 503 for the rest.
+        // What the serving port sends (metalkube_api::Rejection): 429 queue_full; 503 for the rest.
         assert!(is_refusal(429, Some("queue_full")));
         assert!(is_refusal(429, None), "a 429 from anything in front says the same");
         assert!(is_refusal(503, Some("queue_timeout")));

@@ -402,13 +402,13 @@ fn interval_table(h: &mut String, iv: &[Interval]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calibrate::analysis::{Baseline, HostPressureSummary};
-    use crate::calibrate::analysis::{GradedWith, ThresholdSource};
-    use crate::calibrate::record::{HostCell, PulseCell, RequestCell, Verdicts};
-    use crate::calibrate::report::{Checks, ReportSettings, Summary};
-    use crate::calibrate::sample::EngineReading;
-    use crate::calibrate::shape::Shape;
-    use crate::calibrate::target::Resolved;
+    use crate::analysis::{Baseline, HostPressureSummary};
+    use crate::analysis::{GradedWith, ThresholdSource};
+    use crate::record::{HostCell, PulseCell, RequestCell, Verdicts};
+    use crate::report::{Checks, ReportSettings, Summary};
+    use crate::sample::EngineReading;
+    use crate::shape::Shape;
+    use crate::target::Resolved;
 
     /// Engine answers and URLs are outside input: what they say shows as text, never as markup.
     #[test]
