@@ -20,8 +20,6 @@
 //! port's inspection to the client, and a model file, download, engine process or serving port
 //! error from the engine stage to the supervisor, which reports it on the model.
 
-use std::path::PathBuf;
-
 use crate::context::ContextError;
 use crate::control::desired_store::DesiredStoreError;
 use crate::control::grpc::GrpcError;
@@ -44,30 +42,4 @@ pub enum AgentError {
     ModelsDir(#[from] ModelsDirError),
     #[error(transparent)]
     Install(#[from] InstallError),
-    // `calibrate`'s, until it has its own crate and error enum.
-    #[error("HTTP client for engines")]
-    HttpClient(#[source] reqwest::Error),
-    #[error("{what} {}", path.display())]
-    File {
-        what: &'static str,
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("calibrate: {0}")]
-    Calibrate(String),
-    #[error("calibrate: asking the agent at {url}")]
-    CalibrateAgent {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("calibrate: the engine at {url} did not answer /props; is --engine-url its internal port?")]
-    CalibrateEngine {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
-    #[error("calibrate: writing report.json")]
-    CalibrateReport(#[source] serde_json::Error),
 }

@@ -2,10 +2,12 @@
 //!
 //! Floors, top to bottom; each module imports only from floors below it (checked by
 //! `tests/layering.rs`):
-//! - the binary: `main` (parsing, dispatch), then `cli/` (each subcommand's flags and start-up);
+//! - the binary: `main` (parsing, dispatch), then `cli/` (each subcommand's flags and start-up;
+//!   `calibrate`, measuring a model's pulse under load, is the `metalkube-calibrate` crate, a
+//!   client of the agent);
 //! - `agent_error`: every concern's error in one type, for callers of several entry points
 //!   (each stage's own error enum lives in the stage);
-//! - `install` (joining a fleet) and `calibrate` (measuring a model's pulse under load);
+//! - `install` (joining a fleet);
 //! - the agent's ports: `control` (what is desired: the controller's gRPC API, the models
 //!   directory) and `http_port` (status page, readiness, metrics, model state);
 //! - `agent` (every model's supervisor, by key), then `supervisor` (one task per model: it
@@ -22,7 +24,6 @@
 
 pub mod agent;
 mod agent_error;
-pub mod calibrate;
 mod confined_path;
 pub mod context;
 pub mod control;

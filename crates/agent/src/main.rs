@@ -6,7 +6,7 @@
 mod cli;
 
 use clap::{Parser, Subcommand};
-use metalkube_agent::calibrate::CalibrateArgs;
+use metalkube_calibrate::CalibrateArgs;
 
 use crate::cli::daemon::Daemon;
 use crate::cli::join::JoinArgs;

@@ -1,5 +1,6 @@
 //! The `metalkube.dev/v1alpha1` resources. The same types are the CRD schema (through schemars),
-//! the controller's view of the cluster and the agent's standalone file format.
+//! the controller's view of the cluster and the agent's standalone file format. Beside them, the
+//! words the agent's serving port refuses requests with (`Rejection`), which its clients read.
 
 mod agent_report;
 pub mod bundle;
@@ -11,6 +12,7 @@ mod model;
 mod model_key;
 mod names;
 mod node;
+mod rejection;
 mod source;
 mod standalone;
 mod validate;
@@ -26,6 +28,7 @@ pub use names::{
     secret_key_problem,
 };
 pub use node::*;
+pub use rejection::Rejection;
 pub use source::{
     DEFAULT_HUB_REVISION, HubFile, SUPPORTED_SOURCES, SourceError, SourceRef, SplitName, parse_source, split_name,
     with_file_name,

@@ -1,10 +1,11 @@
 //! Helpers for metalkube's tests: where the real engine and the simulator are, the tiny model,
-//! the simulator's fault switches, and a headless browser.
+//! the simulator's fault switches, engines a test starts on its own, and a headless browser.
 
 pub mod apiserver;
 pub mod browser;
 pub mod cgroup;
 pub mod chart;
+pub mod engines;
 pub mod https_files;
 pub mod hub;
 pub mod pki;

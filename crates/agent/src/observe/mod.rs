@@ -2,6 +2,5 @@
 //! stage registers its own families on (`metrics`), and the status page (rendered from the model
 //! reports). The port that serves them is `http_port`.
 
-pub mod html_text;
 pub mod metrics;
 pub mod status_page;

@@ -1,9 +1,8 @@
 //! The serving port's socket: a deep accept queue, and the short refusal of a connection over
 //! the port's limit or its address's share (counted by `metalkube_runtime::connections`).
 
+use metalkube_api::Rejection;
 use tokio::net::TcpListener;
-
-use super::policy::Rejection;
 
 /// Connections the kernel holds for a serving port before it is accepted. A burst of new
 /// connections under overload must queue here rather than have its SYNs dropped: a dropped SYN

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use metalkube_api::ModelKey;
+use metalkube_api::{ModelKey, Rejection};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,7 +16,6 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::observe::metrics::{HistogramFamily, ModelLabels, ReasonLabels};
-use crate::serving::Rejection;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CodeLabels {
@@ -165,7 +164,9 @@ impl ServingMetrics {
             request_duration: self.request_duration.clone(),
             by_code: RwLock::new(HashMap::new()),
             rejections: Rejection::ALL
-                .map(|r| self.rejections.get_or_create(&ReasonLabels::new(model, r.reason())).clone()),
+                .iter()
+                .map(|r| self.rejections.get_or_create(&ReasonLabels::new(model, r.reason())).clone())
+                .collect(),
             time_to_first_token: self.time_to_first_token.get_or_create(&labels).clone(),
             generated_tokens: self.generated_tokens.get_or_create(&labels).clone(),
             queue_wait: self.queue_wait.get_or_create(&labels).clone(),
@@ -237,7 +238,8 @@ pub struct ServingSeries {
     request_duration: HistogramFamily<CodeLabels>,
     /// Status codes are few per model but not all known ahead; each is resolved on first use.
     by_code: RwLock<HashMap<u16, CodeSeries>>,
-    rejections: [Counter; Rejection::ALL.len()],
+    /// One per `Rejection`, in `Rejection::ALL` order.
+    rejections: Vec<Counter>,
     pub time_to_first_token: Histogram,
     pub generated_tokens: Counter,
     pub queue_wait: Histogram,
@@ -271,8 +273,8 @@ impl ServingSeries {
     }
 
     pub fn rejected(&self, r: Rejection) {
-        if let Some(i) = Rejection::ALL.iter().position(|x| *x == r) {
-            self.rejections[i].inc();
+        if let Some(counter) = Rejection::ALL.iter().position(|x| *x == r).and_then(|i| self.rejections.get(i)) {
+            counter.inc();
         }
     }
 

@@ -21,6 +21,6 @@ pub mod tap;
 pub mod traffic;
 pub mod upstream;
 
-pub use policy::{Rejection, default_max_concurrent};
+pub use policy::default_max_concurrent;
 pub use proxy::{Access, ClientTimeouts, ModelProxy, listen};
 pub use queue::{Admission, Limits};

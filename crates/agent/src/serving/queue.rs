@@ -7,10 +7,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use metalkube_api::Rejection;
 use metalkube_circuit::{CircuitBreaker, CircuitState};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
-use super::policy::{Decision, Rejection, Snapshot, decide, retry_after};
+use super::policy::{Decision, Snapshot, decide, retry_after};
 use crate::ewma::Ewma;
 use crate::model::{Load, ServingLoad, TrafficEvidence};
 use crate::serving::metrics::ServingSeries;

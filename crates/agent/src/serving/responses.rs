@@ -6,8 +6,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::{Either, Full};
+use metalkube_api::Rejection;
 
-use super::policy::{Rejection, retry_after_header};
+use super::policy::retry_after_header;
 use super::proxy::ProxyBody;
 
 pub(crate) fn json_response(

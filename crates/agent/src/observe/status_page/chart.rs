@@ -8,18 +8,17 @@
 use std::fmt::Write;
 
 use metalkube_api::Grade;
+use metalkube_svg_chart::element::{self, Anchor};
+use metalkube_svg_chart::{Frame, Linear, Log, TickStyle, escape};
 use metalkube_vitals::attribution::threshold::OTHERS_CPU;
 
-use super::{escape, fmt_age, fmt_seconds, host_text};
+use super::{fmt_age, fmt_seconds, host_text};
 use crate::model::report::{ModelReport, PULSE_HISTORY, PulseRecord};
 
-const WIDTH: f64 = 720.0;
-const HEIGHT: f64 = 200.0;
-/// Room for the y labels on the left and the time labels at the bottom.
-const LEFT: f64 = 58.0;
-const RIGHT: f64 = 10.0;
-const TOP: f64 = 8.0;
-const BOTTOM: f64 = 22.0;
+/// The pulse chart, with room for the y labels on the left and the time labels at the bottom.
+const FRAME: Frame = Frame { width: 720.0, height: 200.0, left: 58.0, right: 10.0, top: 8.0, bottom: 22.0 };
+/// Grid lines and their labels, styled by the page's stylesheet.
+const TICKS: TickStyle = TickStyle { line: r#" class="grid""#, label: r#" class="axis""# };
 
 /// The y axis is logarithmic from 1 ms to 30 s. Healthy pulses span 1 ms (the simulator) to
 /// about a second (a real model), while a sick engine reaches `redAfter` (5 s) and the
@@ -33,15 +32,12 @@ const CEILING_SECONDS: f64 = 30.0;
 
 /// The host strip under the pulse chart: as wide, with the same margins left and right so that
 /// a pulse and the host beside it line up, and no time labels (the chart above has them).
-const HOST_HEIGHT: f64 = 84.0;
-const HOST_TOP: f64 = 8.0;
-const HOST_BOTTOM: f64 = 8.0;
+const HOST_FRAME: Frame = Frame { height: 84.0, top: 8.0, bottom: 8.0, ..FRAME };
+/// Shares of all CPU time, 0 to 100%, on the host strip.
+const SHARE: Linear = Linear { lo: 0.0, hi: 1.0 };
 
 /// Seconds to a y coordinate.
-struct YScale {
-    lo: f64,
-    hi: f64,
-}
+struct YScale(Log);
 
 impl YScale {
     /// The ceiling rises above 30 s only when `redAfter` is so high that its band would not
@@ -49,17 +45,15 @@ impl YScale {
     fn new(red_after_seconds: f64) -> Self {
         let ceiling =
             if red_after_seconds.is_finite() { CEILING_SECONDS.max(red_after_seconds * 2.0) } else { CEILING_SECONDS };
-        Self { lo: FLOOR_SECONDS.log10(), hi: ceiling.log10() }
+        Self(Log::new(FLOOR_SECONDS, ceiling))
     }
 
     fn ceiling(&self) -> f64 {
-        10f64.powf(self.hi)
+        self.0.ceiling()
     }
 
     fn y(&self, seconds: f64) -> f64 {
-        let s = if seconds.is_finite() { seconds.max(FLOOR_SECONDS) } else { FLOOR_SECONDS };
-        let t = ((s.log10() - self.lo) / (self.hi - self.lo)).clamp(0.0, 1.0);
-        TOP + (1.0 - t) * (HEIGHT - TOP - BOTTOM)
+        FRAME.y(self.0.fraction(seconds))
     }
 }
 
@@ -85,8 +79,7 @@ impl XScale {
     }
 
     fn x(&self, at_ms: u64) -> f64 {
-        let t = 1.0 - self.end_ms.saturating_sub(at_ms) as f64 / self.span_ms as f64;
-        LEFT + t.clamp(0.0, 1.0) * (WIDTH - LEFT - RIGHT)
+        FRAME.x(1.0 - self.end_ms.saturating_sub(at_ms) as f64 / self.span_ms as f64)
     }
 }
 
@@ -95,50 +88,31 @@ pub(super) fn render(out: &mut String, r: &ModelReport, now_ms: u64) {
     let pulses: Vec<&PulseRecord> = r.pulse_history.iter().collect();
     let ys = YScale::new(r.red_after_seconds);
     let xs = XScale::new(&pulses, r.pulse_interval_seconds, now_ms);
-    let (plot_right, plot_bottom) = (WIDTH - RIGHT, HEIGHT - BOTTOM);
-    let _ = write!(
-        out,
-        r#"<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" data-pulses="{n}"><title>Pulses of {key}: {n} recent</title>"#,
-        n = pulses.len(),
-        key = escape(&r.key().to_string()),
-    );
-    bands(out, r, &ys, plot_right);
-    // Decade grid lines and labels.
-    let mut decade = FLOOR_SECONDS;
-    while decade <= ys.ceiling() * 1.0001 {
-        let y = ys.y(decade);
-        let _ = write!(
-            out,
-            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{plot_right}" y2="{y:.1}"/><text class="axis" x="{lx}" y="{ty:.1}" text-anchor="end">{label}</text>"#,
-            lx = LEFT - 6.0,
-            ty = y + 4.0,
-            label = fmt_seconds(decade),
-        );
-        decade *= 10.0;
+    element::open_svg(out, &FRAME, &format!(r#" class="chart" data-pulses="{}""#, pulses.len()));
+    let _ = write!(out, "<title>Pulses of {}: {} recent</title>", escape(&r.key().to_string()), pulses.len());
+    bands(out, r, &ys);
+    for decade in ys.0.decades() {
+        element::y_tick(out, &FRAME, ys.y(decade), TICKS, &fmt_seconds(decade));
     }
-    let _ = write!(
-        out,
-        r#"<text class="axis" x="{LEFT}" y="{ty}">−{window}</text><text class="axis" x="{plot_right}" y="{ty}" text-anchor="end">now</text>"#,
-        ty = HEIGHT - 6.0,
-        window = fmt_seconds(xs.span_ms as f64 / 1000.0),
-    );
+    let label_y = FRAME.height - 6.0;
+    let window = fmt_seconds(xs.span_ms as f64 / 1000.0);
+    element::text(out, TICKS.label, (FRAME.left, label_y), Anchor::Start, &format!("−{window}"));
+    element::text(out, TICKS.label, (FRAME.plot_right(), label_y), Anchor::End, "now");
     if pulses.is_empty() {
-        let _ = write!(
-            out,
-            r#"<text class="empty" x="{cx}" y="{cy}" text-anchor="middle">no pulses yet</text></svg>"#,
-            cx = (LEFT + plot_right) / 2.0,
-            cy = (TOP + plot_bottom) / 2.0,
-        );
+        let middle = ((FRAME.left + FRAME.plot_right()) / 2.0, (FRAME.top + FRAME.plot_bottom()) / 2.0);
+        element::text(out, r#" class="empty""#, middle, Anchor::Middle, "no pulses yet");
+        out.push_str("</svg>");
         return;
     }
     let wall: Vec<Option<(f64, f64)>> = pulses.iter().map(|p| Some((xs.x(p.at_ms), ys.y(p.wall_seconds)))).collect();
     let compute: Vec<Option<(f64, f64)>> =
         pulses.iter().map(|p| p.compute_seconds.map(|c| (xs.x(p.at_ms), ys.y(c)))).collect();
-    line(out, "compute", &compute);
-    line(out, "wall", &wall);
+    element::line(out, r#" class="compute""#, &compute);
+    element::line(out, r#" class="wall""#, &wall);
     for (p, point) in pulses.iter().zip(&compute) {
-        if let Some((x, y)) = point {
-            let _ = write!(out, r#"<circle class="compute-point" cx="{x:.1}" cy="{y:.1}" r="1.8"/>"#);
+        if let Some(at) = point {
+            element::open_circle(out, r#" class="compute-point""#, *at, 1.8);
+            element::close(out, "circle", None);
         }
         point_of(out, p, &xs, &ys, now_ms);
     }
@@ -147,50 +121,23 @@ pub(super) fn render(out: &mut String, r: &ModelReport, now_ms: u64) {
 
 /// The yellow band from `yellowAfter` to `redAfter`, the red one above, each with its label on
 /// the left, where a young history leaves room (pulses gather on the right).
-fn bands(out: &mut String, r: &ModelReport, ys: &YScale, plot_right: f64) {
+fn bands(out: &mut String, r: &ModelReport, ys: &YScale) {
     let (yellow, red) = (r.yellow_after_seconds, r.red_after_seconds);
-    let width = plot_right - LEFT;
-    let label_x = LEFT + 4.0;
+    let label_x = FRAME.left + 4.0;
     let top = ys.y(ys.ceiling());
     if red > 0.0 {
-        let y = ys.y(red);
-        let _ = write!(
-            out,
-            r#"<rect class="band red" x="{LEFT}" y="{top:.1}" width="{width}" height="{h:.1}"/><text class="band-label red" x="{label_x}" y="{ty:.1}">red ≥ {label}</text>"#,
-            h = y - top,
-            ty = top + 12.0,
-            label = fmt_seconds(red),
-        );
+        element::band(out, &FRAME, (top, ys.y(red)), r#" class="band red""#, None);
+        let label = format!("red ≥ {}", fmt_seconds(red));
+        element::text(out, r#" class="band-label red""#, (label_x, top + 12.0), Anchor::Start, &label);
     }
     if yellow > 0.0 && (red <= 0.0 || yellow < red) {
         let y = ys.y(yellow);
         let upper = if red > 0.0 { ys.y(red) } else { top };
         // Inside the band when the text fits, else just under its lower edge.
-        let ty = if y - upper >= 13.0 { y - 3.0 } else { y + 12.0 };
-        let _ = write!(
-            out,
-            r#"<rect class="band yellow" x="{LEFT}" y="{upper:.1}" width="{width}" height="{h:.1}"/><text class="band-label yellow" x="{label_x}" y="{ty:.1}">yellow ≥ {label}</text>"#,
-            h = y - upper,
-            label = fmt_seconds(yellow),
-        );
-    }
-}
-
-/// A path through the points, broken where a point is missing (a pulse without compute time).
-fn line(out: &mut String, class: &str, points: &[Option<(f64, f64)>]) {
-    let mut d = String::new();
-    let mut pen_down = false;
-    for point in points {
-        match point {
-            Some((x, y)) => {
-                let _ = write!(d, "{}{x:.1} {y:.1} ", if pen_down { "L" } else { "M" });
-                pen_down = true;
-            }
-            None => pen_down = false,
-        }
-    }
-    if !d.is_empty() {
-        let _ = write!(out, r#"<path class="{class}" d="{}"/>"#, d.trim_end());
+        let label_y = if y - upper >= 13.0 { y - 3.0 } else { y + 12.0 };
+        element::band(out, &FRAME, (upper, y), r#" class="band yellow""#, None);
+        let label = format!("yellow ≥ {}", fmt_seconds(yellow));
+        element::text(out, r#" class="band-label yellow""#, (label_x, label_y), Anchor::Start, &label);
     }
 }
 
@@ -200,14 +147,9 @@ fn point_of(out: &mut String, p: &PulseRecord, xs: &XScale, ys: &YScale, now_ms:
     let failed = if p.error.is_some() { " failed" } else { "" };
     let cause = p.host.as_ref().and_then(|h| h.cause);
     let host = if cause.is_some() { " host" } else { "" };
-    let _ = write!(
-        out,
-        r#"<circle class="pulse grade-{grade}{failed}{host}" cx="{x:.1}" cy="{y:.1}" r="3.2" data-at-ms="{at}" data-wall-seconds="{wall}""#,
-        x = xs.x(p.at_ms),
-        y = ys.y(p.wall_seconds),
-        at = p.at_ms,
-        wall = p.wall_seconds,
-    );
+    let class = format!(r#" class="pulse grade-{grade}{failed}{host}""#);
+    element::open_circle(out, &class, (xs.x(p.at_ms), ys.y(p.wall_seconds)), 3.2);
+    let _ = write!(out, r#" data-at-ms="{}" data-wall-seconds="{}""#, p.at_ms, p.wall_seconds);
     if let Some(c) = p.compute_seconds {
         let _ = write!(out, r#" data-compute-seconds="{c}""#);
     }
@@ -230,13 +172,12 @@ fn point_of(out: &mut String, p: &PulseRecord, xs: &XScale, ys: &YScale, now_ms:
     if let Some(h) = &p.host {
         let _ = write!(tip, "; host: {}", host_text(h));
     }
-    let _ = write!(out, "><title>{}</title></circle>", escape(&tip));
+    element::close(out, "circle", Some(&tip));
 }
 
 /// A share (0..1) to a y coordinate of the host strip.
 fn share_y(share: f64) -> f64 {
-    let s = if share.is_finite() { share.clamp(0.0, 1.0) } else { 0.0 };
-    HOST_TOP + (1.0 - s) * (HOST_HEIGHT - HOST_TOP - HOST_BOTTOM)
+    HOST_FRAME.y(SHARE.fraction(share))
 }
 
 /// Appends the host strip of `r`'s recent pulses to `out`, on the pulse chart's time axis: other
@@ -253,61 +194,42 @@ pub(super) fn render_host(out: &mut String, r: &ModelReport, now_ms: u64) -> boo
         return false;
     }
     let xs = XScale::new(&pulses, r.pulse_interval_seconds, now_ms);
-    let plot_right = WIDTH - RIGHT;
+    element::open_svg(out, &HOST_FRAME, &format!(r#" class="chart host-chart" data-host-pulses="{measured}""#));
     let _ = write!(
         out,
-        r#"<svg class="chart host-chart" viewBox="0 0 {WIDTH} {HOST_HEIGHT}" role="img" data-host-pulses="{measured}"><title>The host beside the pulses of {key}: share of all CPU time other processes and the engine used</title>"#,
-        key = escape(&r.key().to_string()),
+        "<title>The host beside the pulses of {}: share of all CPU time other processes and the engine used</title>",
+        escape(&r.key().to_string())
     );
-    for share in [0.0, 0.5, 1.0] {
-        let y = share_y(share);
-        let _ = write!(
-            out,
-            r#"<line class="grid" x1="{LEFT}" y1="{y:.1}" x2="{plot_right}" y2="{y:.1}"/><text class="axis" x="{lx}" y="{ty:.1}" text-anchor="end">{pct:.0}%</text>"#,
-            lx = LEFT - 6.0,
-            ty = y + 4.0,
-            pct = share * 100.0,
-        );
+    for share in SHARE.even_ticks(2) {
+        element::y_tick(out, &HOST_FRAME, share_y(share), TICKS, &format!("{:.0}%", share * 100.0));
     }
-    let (top, bottom) = (share_y(1.0), share_y(0.0));
     for p in &pulses {
         let Some(h) = &p.host else { continue };
         let Some(cause) = h.cause else { continue };
-        let _ = write!(
-            out,
-            r#"<rect class="explained-column" x="{x:.1}" y="{top:.1}" width="6" height="{height:.1}" data-at-ms="{at}" data-host-cause="{c}"><title>{tip}</title></rect>"#,
-            x = xs.x(p.at_ms) - 3.0,
-            height = bottom - top,
-            at = p.at_ms,
-            c = escape(cause),
-            tip = escape(&format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h))),
-        );
+        let attrs =
+            format!(r#" class="explained-column" data-at-ms="{}" data-host-cause="{}""#, p.at_ms, escape(cause));
+        let tip = format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h));
+        element::column(out, &HOST_FRAME, (xs.x(p.at_ms) - 3.0, 6.0), &attrs, Some(&tip));
     }
     let threshold = share_y(OTHERS_CPU);
-    let _ = write!(
-        out,
-        r#"<line class="host-threshold" x1="{LEFT}" y1="{threshold:.1}" x2="{plot_right}" y2="{threshold:.1}"/><text class="band-label host-threshold" x="{lx}" y="{ty:.1}">others ≥ {pct:.0}% explain slowness</text>"#,
-        lx = LEFT + 4.0,
-        ty = threshold - 3.0,
-        pct = OTHERS_CPU * 100.0,
-    );
+    element::hline(out, &HOST_FRAME, threshold, r#" class="host-threshold""#);
+    let label = format!("others ≥ {:.0}% explain slowness", OTHERS_CPU * 100.0);
+    let at = (HOST_FRAME.left + 4.0, threshold - 3.0);
+    element::text(out, r#" class="band-label host-threshold""#, at, Anchor::Start, &label);
     let share_points = |share: fn(&PulseRecord) -> Option<f64>| -> Vec<Option<(f64, f64)>> {
         pulses.iter().map(|p| share(p).filter(|v| v.is_finite()).map(|v| (xs.x(p.at_ms), share_y(v)))).collect()
     };
     let others = share_points(|p| p.host.as_ref().and_then(|h| h.figures.others_cpu));
     let engine = share_points(|p| p.host.as_ref().and_then(|h| h.figures.engine_cpu));
-    line(out, "engine-cpu", &engine);
-    line(out, "others", &others);
+    element::line(out, r#" class="engine-cpu""#, &engine);
+    element::line(out, r#" class="others""#, &others);
     for (p, point) in pulses.iter().zip(&others) {
-        let (Some((x, y)), Some(h)) = (point, &p.host) else { continue };
+        let (Some(at), Some(h)) = (point, &p.host) else { continue };
         let cause = h.cause.map_or("", |_| " explained");
-        let _ = write!(
-            out,
-            r#"<circle class="others-point{cause}" cx="{x:.1}" cy="{y:.1}" r="2.4" data-at-ms="{at}" data-others-cpu="{share}"><title>{tip}</title></circle>"#,
-            at = p.at_ms,
-            share = h.figures.others_cpu.unwrap_or_default(),
-            tip = escape(&format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h))),
-        );
+        element::open_circle(out, &format!(r#" class="others-point{cause}""#), *at, 2.4);
+        let _ =
+            write!(out, r#" data-at-ms="{}" data-others-cpu="{}""#, p.at_ms, h.figures.others_cpu.unwrap_or_default());
+        element::close(out, "circle", Some(&format!("{}: {}", fmt_age(now_ms, p.at_ms), host_text(h))));
     }
     out.push_str("</svg>");
     true
@@ -345,7 +267,7 @@ mod tests {
         assert!((a - b).abs() < 1e-9, "4x is the same height at 2 ms and at 500 ms: {a} vs {b}");
         assert_eq!(s.y(0.0), s.y(FLOOR_SECONDS), "0 s sits on the floor");
         assert_eq!(s.y(f64::NAN), s.y(FLOOR_SECONDS));
-        assert_eq!(s.y(1000.0), TOP, "over the ceiling sits at the top");
+        assert_eq!(s.y(1000.0), FRAME.top, "over the ceiling sits at the top");
         assert!(s.y(10.0) < s.y(1.0), "slower is higher");
     }
 
@@ -354,7 +276,7 @@ mod tests {
         assert_eq!(YScale::new(5.0).ceiling().round(), 30.0);
         let s = YScale::new(40.0);
         assert!((s.ceiling() - 80.0).abs() < 1e-6);
-        assert!(s.y(40.0) > TOP + 10.0, "the red band has height");
+        assert!(s.y(40.0) > FRAME.top + 10.0, "the red band has height");
     }
 
     #[test]
@@ -363,10 +285,10 @@ mod tests {
         let b = pulse(11_000, 0.01, None, None, None);
         let xs = XScale::new(&[&a, &b], 1.0, 11_000);
         assert_eq!(xs.span_ms, 120_000, "the window of a full history");
-        assert!((xs.x(11_000) - (WIDTH - RIGHT)).abs() < 1e-9, "the last pulse is now, at the right edge");
-        assert!(xs.x(10_000) < xs.x(11_000) && xs.x(10_000) > WIDTH / 2.0);
+        assert!((xs.x(11_000) - FRAME.plot_right()).abs() < 1e-9, "the last pulse is now, at the right edge");
+        assert!(xs.x(10_000) < xs.x(11_000) && xs.x(10_000) > FRAME.width / 2.0);
         let empty = XScale::new(&[], 0.0, 5);
-        assert_eq!(empty.x(5), WIDTH - RIGHT, "no interval, no pulses: still a valid scale");
+        assert_eq!(empty.x(5), FRAME.plot_right(), "no interval, no pulses: still a valid scale");
     }
 
     #[test]
@@ -447,7 +369,7 @@ mod tests {
         let others = out.split(r#"<path class="others" d=""#).nth(1).unwrap_or_default();
         assert_eq!(others.split('"').next().unwrap_or_default().matches('M').count(), 1, "{out}");
         assert!(out.contains(r#"<path class="engine-cpu" d="M"#), "{out}");
-        let threshold = format!(r#"<line class="host-threshold" x1="{LEFT}" y1="{:.1}""#, share_y(OTHERS_CPU));
+        let threshold = format!(r#"<line class="host-threshold" x1="{}" y1="{:.1}""#, FRAME.left, share_y(OTHERS_CPU));
         assert!(out.contains(&threshold) && out.contains("others ≥ 50% explain slowness"), "{out}");
         assert!(out.contains(">100%</text>") && out.contains(">0%</text>"));
 

@@ -14,11 +14,11 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use metalkube_api::Phase;
+use metalkube_svg_chart::escape;
 use metalkube_vitals::attribution::HostCause;
 
 use crate::model::ServingLoad;
 use crate::model::report::{ModelReport, ModelView, PulseHost, PulseRecord};
-use crate::observe::html_text::escape;
 
 const STYLE: &str = include_str!("page.css");
 /// Re-fetches the page every 2 s and swaps in its `<main>`.

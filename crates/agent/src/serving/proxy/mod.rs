@@ -23,14 +23,13 @@ use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use metalkube_api::{EnginePath, ModelKey};
+use metalkube_api::{EnginePath, ModelKey, Rejection};
 use metalkube_runtime::connections::{self, ConnectionGate, ConnectionLimits};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 use tracing::Instrument;
 
 use super::framing::{Framing, SharedScanner, Watched};
-use super::policy::Rejection;
 use super::queue::Admission;
 use super::routes::{Refusal, Route, engine_path_name, route};
 use super::tap::{StallWatch, TapBody};

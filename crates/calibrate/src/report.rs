@@ -10,7 +10,7 @@ use super::record::{Interval, Verdicts};
 use super::sample::EngineReading;
 use super::shape::Shape;
 use super::target::Resolved;
-use crate::AgentError;
+use crate::CalibrateError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -163,14 +163,14 @@ pub fn pulse_spec_yaml(s: &Suggestion) -> String {
 }
 
 /// Writes `report.json` and `report.html` into `dir` (made if missing); returns their paths.
-pub fn write(report: &Report, dir: &Path) -> Result<(PathBuf, PathBuf), AgentError> {
+pub fn write(report: &Report, dir: &Path) -> Result<(PathBuf, PathBuf), CalibrateError> {
     let file_error = |what: &'static str, path: &Path| {
         let path = path.to_owned();
-        move |source| AgentError::File { what, path, source }
+        move |source| CalibrateError::ReportFile { what, path, source }
     };
     std::fs::create_dir_all(dir).map_err(file_error("creating the report directory", dir))?;
     let json_path = dir.join("report.json");
-    let json = serde_json::to_vec_pretty(report).map_err(AgentError::CalibrateReport)?;
+    let json = serde_json::to_vec_pretty(report).map_err(CalibrateError::ReportJson)?;
     std::fs::write(&json_path, json).map_err(file_error("writing", &json_path))?;
     let html_path = dir.join("report.html");
     std::fs::write(&html_path, super::html::render(report)).map_err(file_error("writing", &html_path))?;
@@ -180,7 +180,7 @@ pub fn write(report: &Report, dir: &Path) -> Result<(PathBuf, PathBuf), AgentErr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calibrate::analysis::suggest;
+    use crate::analysis::suggest;
 
     #[test]
     fn the_yaml_is_a_pulse_spec_the_agent_accepts() {

@@ -395,5 +395,4 @@ pub fn while_pulse_red(intervals: &[Interval]) -> WhilePulseRed {
 }
 
 #[cfg(test)]
-#[path = "analysis_tests.rs"]
 mod tests;

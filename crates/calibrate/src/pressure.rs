@@ -1,8 +1,8 @@
 //! How busy this host was over each interval, so that the report can say whether a slow
-//! interval was the engine or the machine. A window (`observe::host::pressure::Window`) opens at
-//! an interval's start and is read at its end, as the agent does over a pulse round; the host's
-//! slower figures (memory level, heat, GPU) come from the same periodic reading the agent keeps,
-//! and the scheduling probe times calibrate's own timers.
+//! interval was the engine or the machine. A window (`metalkube_vitals::host::pressure::Window`)
+//! opens at an interval's start and is read at its end, as the agent does over a pulse round;
+//! the host's slower figures (memory level, heat, GPU) come from the same periodic reading the
+//! agent keeps, and the scheduling probe times calibrate's own timers.
 
 use std::sync::Arc;
 

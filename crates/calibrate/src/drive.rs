@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::StreamExt;
+use metalkube_api::Rejection;
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::shape::{Api, Planner, RequestPlan};
-use crate::serving::policy::Rejection;
 
 /// How a request ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,9 +69,7 @@ pub const DEFAULT_REFUSAL_BACKOFF: Duration = Duration::from_secs(1);
 pub fn is_refusal(status: u16, code: Option<&str>) -> bool {
     match status {
         429 => true,
-        503 => {
-            code.and_then(|c| Rejection::ALL.into_iter().find(|r| r.reason() == c)).is_some_and(Rejection::means_busy)
-        }
+        503 => code.and_then(Rejection::from_reason).is_some_and(Rejection::means_busy),
         _ => false,
     }
 }
@@ -426,7 +424,7 @@ mod tests {
 
     #[test]
     fn the_admission_queues_busy_answers_are_refusals_and_the_rest_errors() {
-        // What the serving port sends (serving::policy): 429 queue_full; 503 for the rest.
+        // What the serving port sends (metalkube_api::Rejection): 429 queue_full; 503 for the rest.
         assert!(is_refusal(429, Some("queue_full")));
         assert!(is_refusal(429, None), "a 429 from anything in front says the same");
         assert!(is_refusal(503, Some("queue_timeout")));

@@ -1,6 +1,10 @@
-use super::*;
-use crate::calibrate::record::{HostCell, PulseCell, RequestCell, Verdicts};
+//! The advice on made-up runs: thresholds from a healthy baseline, what each check says
+//! interval by interval, correlations, and what the host explains.
+
 use proptest::prelude::*;
+
+use super::*;
+use crate::record::{HostCell, PulseCell, RequestCell, Verdicts};
 
 fn interval(i: usize, pulse: Option<f64>, p99: Option<f64>, engine: EngineReading) -> Interval {
     Interval {

@@ -1,5 +1,5 @@
-//! Text from outside (model names, engine error messages, URLs) put into HTML or SVG: the status
-//! page and the calibrate report both write pages by hand.
+//! Text into markup: outside text (model names, engine error messages, URLs) escaped for HTML or
+//! SVG, and numbers short enough for an axis label.
 
 /// The text with the five characters that can end an element's text or a quoted attribute
 /// replaced by their entities.
@@ -18,6 +18,12 @@ pub fn escape(text: &str) -> String {
     out
 }
 
+/// A number for an axis label: few digits, no trailing zeros.
+pub fn short(v: f64) -> String {
+    let text = if v.abs() >= 100.0 || v == v.trunc() { format!("{v:.0}") } else { format!("{v:.2}") };
+    if text.contains('.') { text.trim_end_matches('0').trim_end_matches('.').to_owned() } else { text }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -25,6 +31,11 @@ mod tests {
     #[test]
     fn escapes_what_could_end_a_text_or_an_attribute() {
         assert_eq!(escape(r#"<b a="x">'&'</b>"#), "&lt;b a=&quot;x&quot;&gt;&#39;&amp;&#39;&lt;/b&gt;");
-        assert_eq!(escape("plain ü"), "plain ü");
+        assert_eq!(escape("plain ü ≥"), "plain ü ≥");
+    }
+
+    #[test]
+    fn labels_are_short() {
+        assert_eq!([short(0.25), short(2.0), short(150.4), short(0.5)], ["0.25", "2", "150", "0.5"]);
     }
 }

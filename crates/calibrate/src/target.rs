@@ -4,7 +4,7 @@
 use metalkube_api::ModelKey;
 use serde::{Deserialize, Serialize};
 
-use crate::AgentError;
+use crate::CalibrateError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -105,7 +105,7 @@ impl Target {
         resolved.engine_pid.ok_or(NoPressure::NoPid)
     }
 
-    pub async fn resolve(&self, client: &reqwest::Client) -> Result<Resolved, AgentError> {
+    pub async fn resolve(&self, client: &reqwest::Client) -> Result<Resolved, CalibrateError> {
         let (agent_url, key) = match self {
             Target::Direct { serving_url, engine_url, pid } => {
                 return Ok(Resolved {
@@ -118,22 +118,18 @@ impl Target {
         };
         let url = format!("{agent_url}/api/v1/models");
         let fetch = async { client.get(&url).send().await?.error_for_status()?.json::<AgentModels>().await };
-        let models = fetch.await.map_err(|source| AgentError::CalibrateAgent { url: url.clone(), source })?;
+        let models = fetch.await.map_err(|source| CalibrateError::Agent { url: url.clone(), source })?;
         let Some(model) = models.models.iter().find(|m| m.namespace == key.namespace && m.name == key.name) else {
             let known: Vec<String> = models.models.iter().map(|m| format!("{}/{}", m.namespace, m.name)).collect();
-            return Err(AgentError::Calibrate(format!(
-                "{url} has no model {key} (it has: {})",
-                if known.is_empty() { "none".to_owned() } else { known.join(", ") }
-            )));
+            let known = if known.is_empty() { "none".to_owned() } else { known.join(", ") };
+            return Err(CalibrateError::NoSuchModel { url, model: key.clone(), known });
         };
         let (Some(serving_port), Some(internal_port)) = (model.serving_port, model.internal_port) else {
-            return Err(AgentError::Calibrate(format!(
-                "{key} has no engine serving yet (phase {}); wait until it is Serving",
-                model.phase.as_deref().unwrap_or("unknown")
-            )));
+            let phase = model.phase.as_deref().unwrap_or("unknown").to_owned();
+            return Err(CalibrateError::NotServing { model: key.clone(), phase });
         };
-        let agent =
-            reqwest::Url::parse(agent_url).map_err(|e| AgentError::Calibrate(format!("--agent {agent_url}: {e}")))?;
+        let agent = reqwest::Url::parse(agent_url)
+            .map_err(|source| CalibrateError::AgentUrl { url: agent_url.clone(), source })?;
         let host = agent.host_str().unwrap_or("127.0.0.1");
         Ok(Resolved {
             serving_url: format!("{}://{host}:{serving_port}", agent.scheme()),

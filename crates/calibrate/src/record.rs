@@ -40,7 +40,7 @@ impl Interval {
     }
 }
 
-/// The host's pressure over one interval (`health::attribution::HostPressure`, read with a
+/// The host's pressure over one interval (`metalkube_vitals::attribution::HostPressure`, read with a
 /// window opened at the interval's start and read at its end), and what it explains.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -69,7 +69,8 @@ pub struct HostCell {
     /// macOS: the CPU's speed limit under thermal pressure (1: not limited).
     pub thermal_speed_limit: Option<f64>,
     pub gpu_utilization: Option<f64>,
-    /// Every cause the figures show (`health::attribution::HostCause` labels), most direct first.
+    /// Every cause the figures show (`metalkube_vitals::attribution::HostCause` labels), most
+    /// direct first.
     pub causes: Vec<String>,
     /// The most direct cause (`HostPressure::explains`): the host explains a slow interval.
     pub explained_by: Option<String>,
@@ -251,8 +252,8 @@ impl RequestCell {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calibrate::drive::{Ending, Refusal};
-    use crate::calibrate::shape::Api;
+    use crate::drive::{Ending, Refusal};
+    use crate::shape::Api;
     use metalkube_vitals::pulse::PulseSample;
     use std::time::Instant;
 

@@ -5,11 +5,12 @@
 use std::fmt::Write;
 
 use metalkube_api::Grade;
+use metalkube_svg_chart::{escape, short};
 
 use super::analysis::ThresholdSource;
 use super::record::Interval;
 use super::report::Report;
-use super::svg::{Band, Cell, Chart, HOST_COLOR, HOST_QUIET_COLOR, Series, Span, escape, short, strip};
+use super::svg::{Band, Cell, Chart, HOST_COLOR, HOST_QUIET_COLOR, Series, Span, strip};
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:800px;margin:2em auto;padding:0 1em;color:#222}\
 h1{font-size:1.5em}h2{font-size:1.15em;margin-top:2em;border-bottom:1px solid #ddd}\
@@ -401,13 +402,13 @@ fn interval_table(h: &mut String, iv: &[Interval]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::calibrate::analysis::{Baseline, HostPressureSummary};
-    use crate::calibrate::analysis::{GradedWith, ThresholdSource};
-    use crate::calibrate::record::{HostCell, PulseCell, RequestCell, Verdicts};
-    use crate::calibrate::report::{Checks, ReportSettings, Summary};
-    use crate::calibrate::sample::EngineReading;
-    use crate::calibrate::shape::Shape;
-    use crate::calibrate::target::Resolved;
+    use crate::analysis::{Baseline, HostPressureSummary};
+    use crate::analysis::{GradedWith, ThresholdSource};
+    use crate::record::{HostCell, PulseCell, RequestCell, Verdicts};
+    use crate::report::{Checks, ReportSettings, Summary};
+    use crate::sample::EngineReading;
+    use crate::shape::Shape;
+    use crate::target::Resolved;
 
     /// Engine answers and URLs are outside input: what they say shows as text, never as markup.
     #[test]

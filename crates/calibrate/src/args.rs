@@ -7,7 +7,7 @@ use metalkube_api::ModelKey;
 
 use super::shape::Shape;
 use super::target::Target;
-use crate::AgentError;
+use crate::CalibrateError;
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -73,8 +73,8 @@ pub struct CalibrateArgs {
     pub out: Option<PathBuf>,
 }
 
-fn parse_model_key(s: &str) -> Result<ModelKey, String> {
-    ModelKey::parse(s).ok_or_else(|| format!("{s:?}: write NAMESPACE/NAME, e.g. default/tiny"))
+fn parse_model_key(s: &str) -> Result<ModelKey, CalibrateError> {
+    ModelKey::parse(s).ok_or_else(|| CalibrateError::ModelKey { given: s.to_owned() })
 }
 
 /// What one run does; `CalibrateArgs::settings` checks and fills it.
@@ -98,17 +98,17 @@ pub struct Settings {
 const MIN_INTERVAL: Duration = Duration::from_millis(200);
 
 impl CalibrateArgs {
-    pub fn settings(self) -> Result<Settings, AgentError> {
+    pub fn settings(self) -> Result<Settings, CalibrateError> {
         let target = match (self.agent, self.model, self.engine_url) {
             (Some(agent), Some(model), _) => Target::agent(&agent, model),
             (None, _, Some(engine)) => Target::direct(self.serving_url.as_deref(), &engine, self.engine_pid),
-            _ => return Err(AgentError::Calibrate("give --agent with --model, or --engine-url".into())),
+            _ => return Err(CalibrateError::NoTarget),
         };
         if self.interval < MIN_INTERVAL {
-            return Err(AgentError::Calibrate(format!("--interval is at least {MIN_INTERVAL:?}")));
+            return Err(CalibrateError::IntervalTooShort { min: MIN_INTERVAL });
         }
         if self.duration < self.interval {
-            return Err(AgentError::Calibrate("--duration is shorter than one --interval".into()));
+            return Err(CalibrateError::DurationUnderInterval);
         }
         let out = self.out.unwrap_or_else(|| {
             let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();

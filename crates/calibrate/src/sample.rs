@@ -1,5 +1,5 @@
 //! What calibrate reads from the engine each interval: the pulse (the agent's own round-trip,
-//! `health::pulse`), and the indicators the incident tried first: the engine's uptime, the
+//! `metalkube_vitals::pulse`), and the indicators the incident tried first: the engine's uptime, the
 //! `/slots` task counter, its resident memory and the tokens it has served.
 
 use std::sync::{Arc, Mutex};

@@ -1,8 +1,13 @@
-//! `metalkube-agent calibrate`: the tool the incident asks for. It drives a load shape through a
-//! model's serving port, and every interval records the pulse, the latency users saw, and the
-//! indicators the incident tried first (uptime, the `/slots` task counter, memory, tokens). The
-//! report suggests pulse thresholds from the healthy part of the run, says what each check
-//! would have said interval by interval, and how well each indicator tracks user latency.
+//! metalkube-calibrate, the library behind `metalkube-agent calibrate` (the agent binary keeps
+//! the command; this crate is a client of the agent and of llama-server, and shares with the
+//! agent only the crates below both: the API's words, the pulse and host measurement, the chart
+//! writer).
+//!
+//! The tool the incident asks for. It drives a load shape through a model's serving port, and
+//! every interval records the pulse, the latency users saw, and the indicators the incident
+//! tried first (uptime, the `/slots` task counter, memory, tokens). The report suggests pulse
+//! thresholds from the healthy part of the run, says what each check would have said interval
+//! by interval, and how well each indicator tracks user latency.
 //!
 //! Every interval also records how busy this host was (`pressure`), so that a slow interval the
 //! machine explains is told apart from one the engine does, and kept out of the baseline the
@@ -12,11 +17,12 @@
 //! One job per file: `shape` (pure: request plans), `drive` (the load), `sample` (pulse and
 //! indicators), `pressure` (the host), `record` (an interval), `analysis` and `stats` (pure:
 //! advice), `report`, `html` and `svg` (the files), `target` (where it points), `args` (the
-//! command line).
+//! command line), `error` (what stops a run).
 
 pub mod analysis;
 pub mod args;
 pub mod drive;
+mod error;
 mod html;
 pub mod pressure;
 pub mod record;
@@ -34,6 +40,7 @@ use std::time::{Duration, Instant};
 use metalkube_api::PulseSpec;
 
 pub use args::{CalibrateArgs, Settings};
+pub use error::CalibrateError;
 
 use self::analysis::{GradedWith, ThresholdSource};
 use self::drive::{DriveConfig, RequestOutcome};
@@ -43,7 +50,6 @@ use self::report::{Checks, Report, ReportSettings, Summary};
 use self::sample::{PulseTracker, read_engine};
 use self::shape::{ContextBudget, Planner};
 use self::stats::percentile;
-use crate::AgentError;
 
 /// A finished run: its report, and where the files are.
 pub struct Finished {
@@ -57,13 +63,13 @@ const DEFAULT_SLOT_CONTEXT: u32 = 4096;
 
 /// One slot's context, from llama-server's `/props`. Failing to reach the engine at all ends the
 /// run before it starts: every later reading would be empty.
-async fn slot_context(client: &reqwest::Client, engine_url: &str) -> Result<u32, AgentError> {
+async fn slot_context(client: &reqwest::Client, engine_url: &str) -> Result<u32, CalibrateError> {
     let url = format!("{engine_url}/props");
     let read = async {
         let resp = client.get(&url).timeout(Duration::from_secs(10)).send().await?.error_for_status()?;
         resp.json::<serde_json::Value>().await
     };
-    let props = read.await.map_err(|source| AgentError::CalibrateEngine { url: engine_url.to_owned(), source })?;
+    let props = read.await.map_err(|source| CalibrateError::Engine { url: engine_url.to_owned(), source })?;
     let n_ctx = props.pointer("/default_generation_settings/n_ctx").and_then(serde_json::Value::as_u64);
     Ok(n_ctx.and_then(|n| u32::try_from(n).ok()).filter(|n| *n > 0).unwrap_or(DEFAULT_SLOT_CONTEXT))
 }
@@ -78,8 +84,8 @@ struct Gathered {
 
 /// Runs the load for `settings.duration`, then writes the report. `progress` sees each interval
 /// as it closes.
-pub async fn run(settings: Settings, progress: impl FnMut(&Interval)) -> Result<Finished, AgentError> {
-    let client = reqwest::Client::builder().no_proxy().build().map_err(AgentError::HttpClient)?;
+pub async fn run(settings: Settings, progress: impl FnMut(&Interval)) -> Result<Finished, CalibrateError> {
+    let client = reqwest::Client::builder().no_proxy().build().map_err(CalibrateError::HttpClient)?;
     let resolved = settings.target.resolve(&client).await?;
     let slot_tokens = slot_context(&client, &resolved.engine_url).await?;
     // Half an interval for the indicators, so that reading a slow engine does not stall the run.
