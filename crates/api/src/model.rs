@@ -265,8 +265,9 @@ impl Default for DriftSpec {
     }
 }
 
-/// What the engine of one replica is doing. Its name (`as_str`) is the variant's: the JSON form,
-/// the gRPC API's and the `phase` label of `metalkube_agent_engine_phase`.
+/// What the engine of one replica is doing.
+// Its name (`as_str`) is the variant's: the JSON form, the gRPC API's and the `phase` label of
+// `metalkube_agent_engine_phase` (a plain comment: doc comments become the CRD's description).
 #[derive(
     Serialize,
     Deserialize,
@@ -319,7 +320,8 @@ impl Phase {
     }
 }
 
-/// The pulse's verdict. Its name (`as_str`) is the variant's, as in JSON and the gRPC API.
+/// The pulse's verdict.
+// Its name (`as_str`) is the variant's, as in JSON and the gRPC API.
 #[derive(
     Serialize,
     Deserialize,
