@@ -28,7 +28,6 @@ mod confined_path;
 pub mod context;
 pub mod control;
 pub mod engine;
-mod error;
 mod ewma;
 pub mod health;
 pub mod http_port;

@@ -174,7 +174,7 @@ async fn follow(
             Ok(pem) if pem == loaded => continue,
             Ok(pem) => pem,
             Err(e) => {
-                tracing::warn!("{}; keeping the TLS material in use", crate::error::chain(&e));
+                tracing::warn!("{}; keeping the TLS material in use", metalkube_runtime::errors::chain(&e));
                 continue;
             }
         };
@@ -188,7 +188,7 @@ async fn follow(
                 loaded = pem;
             }
             // Not remembered as loaded: the next event (the rest of the renewal) tries again.
-            Err(e) => tracing::warn!("{}; keeping the TLS material in use", crate::error::chain(&e)),
+            Err(e) => tracing::warn!("{}; keeping the TLS material in use", metalkube_runtime::errors::chain(&e)),
         }
     }
 }

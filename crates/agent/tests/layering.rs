@@ -21,7 +21,7 @@ const FLOORS: &[(&str, &[&str])] = &[
     ("what supervisors and ports share: settings, pools, the certificate", &["context", "tls"]),
     ("the stages", &["engine", "health", "serving"]),
     ("telling people and Prometheus", &["observe"]),
-    ("the shared words and tools", &["model", "error", "ewma", "confined_path"]),
+    ("the shared words and tools", &["model", "ewma", "confined_path"]),
 ];
 
 /// The crate root only declares modules and re-exports; it is no floor.

@@ -273,7 +273,7 @@ const MAX_LINE: usize = 1 << 20;
 async fn exchange(request: reqwest::RequestBuilder, stream: bool) -> Measured {
     let response = match request.send().await {
         Ok(r) => r,
-        Err(e) => return Measured::failed(format!("request failed: {}", crate::error::chain(&e))),
+        Err(e) => return Measured::failed(format!("request failed: {}", metalkube_runtime::errors::chain(&e))),
     };
     let status = response.status();
     if !status.is_success() {
@@ -301,7 +301,7 @@ async fn exchange(request: reqwest::RequestBuilder, stream: bool) -> Measured {
                 measured.tokens = body.pointer("/usage/completion_tokens").and_then(Value::as_u64).unwrap_or(0);
             }
             Ok(Err(e)) => measured.error = Some(format!("answer is not JSON: {e}")),
-            Err(e) => measured.error = Some(format!("reading the answer: {}", crate::error::chain(&e))),
+            Err(e) => measured.error = Some(format!("reading the answer: {}", metalkube_runtime::errors::chain(&e))),
         }
         return measured;
     }
@@ -311,7 +311,7 @@ async fn exchange(request: reqwest::RequestBuilder, stream: bool) -> Measured {
         let chunk = match chunk {
             Ok(c) => c,
             Err(e) => {
-                measured.error = Some(format!("stream cut: {}", crate::error::chain(&e)));
+                measured.error = Some(format!("stream cut: {}", metalkube_runtime::errors::chain(&e)));
                 return measured;
             }
         };

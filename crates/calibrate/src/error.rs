@@ -1,5 +1,4 @@
-//! What stops a calibrate run before it has a report, and an error's causes in one line for the
-//! report's request outcomes.
+//! What stops a calibrate run before it has a report.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -54,26 +53,4 @@ pub enum CalibrateError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// An error with its causes, "outer: inner: innermost": a request's outcome in the report says
-/// why it failed, which reqwest's outer message alone ("error sending request") does not.
-pub fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    std::iter::successors(Some(error), |e| e.source()).map(ToString::to_string).collect::<Vec<_>>().join(": ")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[derive(Debug, thiserror::Error)]
-    #[error("outer")]
-    struct Outer(#[source] std::io::Error);
-
-    #[test]
-    fn the_chain_names_every_cause() {
-        let e = Outer(std::io::Error::other("innermost"));
-        assert_eq!(chain(&e), "outer: innermost");
-        assert_eq!(chain(&std::io::Error::other("alone")), "alone");
-    }
 }

@@ -286,12 +286,12 @@ fn host_pressure(h: &mut String, r: &Report) {
         unit: "%",
         x_max: r.settings.duration_seconds,
         series: vec![
-            series("other processes CPU", HOST_COLOR, iv, |i| pct(i.host.as_ref()?.others_cpu)),
-            series("engine CPU", "#1f5fbf", iv, |i| pct(i.host.as_ref()?.engine_cpu)),
+            series("other processes CPU", HOST_COLOR, iv, |i| pct(i.host.as_ref()?.figures.others_cpu)),
+            series("engine CPU", "#1f5fbf", iv, |i| pct(i.host.as_ref()?.figures.engine_cpu)),
             series("calibrate CPU", "#888888", iv, |i| pct(i.host.as_ref()?.calibrate_cpu)),
-            series("CPU stall", "#e07b00", iv, |i| pct(i.host.as_ref()?.cpu_stall)),
-            series("memory stall", "#d33c2c", iv, |i| pct(i.host.as_ref()?.memory_stall)),
-            series("IO stall", "#2e7d32", iv, |i| pct(i.host.as_ref()?.io_stall)),
+            series("CPU stall", "#e07b00", iv, |i| pct(i.host.as_ref()?.figures.cpu_stall)),
+            series("memory stall", "#d33c2c", iv, |i| pct(i.host.as_ref()?.figures.memory_stall)),
+            series("IO stall", "#2e7d32", iv, |i| pct(i.host.as_ref()?.figures.io_stall)),
         ],
         bands: vec![],
         spans: host_spans(iv),
@@ -299,7 +299,7 @@ fn host_pressure(h: &mut String, r: &Report) {
     let load = Chart {
         unit: "",
         x_max: r.settings.duration_seconds,
-        series: vec![series("load per CPU", "#555555", iv, |i| i.host.as_ref()?.load_per_cpu)],
+        series: vec![series("load per CPU", "#555555", iv, |i| i.host.as_ref()?.figures.load_per_cpu)],
         bands: vec![],
         spans: host_spans(iv),
     };
@@ -307,7 +307,7 @@ fn host_pressure(h: &mut String, r: &Report) {
         unit: "ms",
         x_max: r.settings.duration_seconds,
         series: vec![series("calibrate timer lateness", "#555555", iv, |i| {
-            i.host.as_ref()?.timer_lateness_seconds.map(|s| s * 1000.0)
+            i.host.as_ref()?.figures.timer_lateness_seconds.map(|s| s * 1000.0)
         })],
         bands: vec![],
         spans: host_spans(iv),
@@ -387,10 +387,10 @@ fn interval_table(h: &mut String, iv: &[Interval]) {
             grade_word(i.verdicts.pulse),
             grade_word(i.verdicts.uptime),
             grade_word(i.verdicts.task_counter),
-            opt(pct(host.and_then(|h| h.others_cpu)), 0),
-            opt(pct(host.and_then(|h| h.engine_cpu)), 0),
-            opt(host.and_then(|h| h.load_per_cpu), 2),
-            opt(host.and_then(|h| h.timer_lateness_seconds).map(|s| s * 1000.0), 0),
+            opt(pct(host.and_then(|h| h.figures.others_cpu)), 0),
+            opt(pct(host.and_then(|h| h.figures.engine_cpu)), 0),
+            opt(host.and_then(|h| h.figures.load_per_cpu), 2),
+            opt(host.and_then(|h| h.figures.timer_lateness_seconds).map(|s| s * 1000.0), 0),
             escape(host.map_or("", |h| h.text.as_str())),
             escape(explains),
             escape(note),
@@ -401,6 +401,8 @@ fn interval_table(h: &mut String, iv: &[Interval]) {
 
 #[cfg(test)]
 mod tests {
+    use metalkube_vitals::host_figures::HostFigures;
+
     use super::*;
     use crate::analysis::{Baseline, HostPressureSummary};
     use crate::analysis::{GradedWith, ThresholdSource};
@@ -423,7 +425,7 @@ mod tests {
             requests: RequestCell { first_error: Some(hostile.into()), ..RequestCell::default() },
             engine: EngineReading::default(),
             host: Some(HostCell {
-                others_cpu: Some(0.8),
+                figures: HostFigures { others_cpu: Some(0.8), ..HostFigures::default() },
                 causes: vec!["other_processes_cpu".into()],
                 explained_by: Some("other_processes_cpu".into()),
                 text: hostile.into(),

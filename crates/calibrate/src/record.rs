@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use metalkube_api::Grade;
 use metalkube_vitals::attribution::HostPressure;
+use metalkube_vitals::host_figures::HostFigures;
 use metalkube_vitals::pulse::Observation;
 use serde::{Deserialize, Serialize};
 
@@ -47,27 +48,19 @@ impl Interval {
 pub struct HostCell {
     /// The engine process the window measured.
     pub engine_pid: u32,
-    /// Share of all CPUs' time (0..1) used by processes other than the engine: calibrate's own
-    /// clients among them (`calibrateCpu`).
-    pub others_cpu: Option<f64>,
-    pub engine_cpu: Option<f64>,
+    /// The figures the agent shows beside a pulse, under the same names: the share of all
+    /// CPUs' time other processes used counts calibrate's own clients (`calibrateCpu`), and the
+    /// timer lateness is calibrate's own.
+    #[serde(flatten)]
+    pub figures: HostFigures,
     /// Share of all CPUs' time calibrate itself used (its load clients and readings).
     pub calibrate_cpu: Option<f64>,
     /// The engine's threads' wait for a CPU over their time on one (Linux).
     pub engine_cpu_wait_ratio: Option<f64>,
-    /// PSI `some` avg10 (0..1, Linux).
-    pub cpu_stall: Option<f64>,
-    pub memory_stall: Option<f64>,
-    pub io_stall: Option<f64>,
-    pub load_per_cpu: Option<f64>,
-    /// How late calibrate's own short timers woke, at most, in the interval.
-    pub timer_lateness_seconds: Option<f64>,
     /// A fixed small piece of work, timed in the interval, over its best time.
     pub probe_slowdown: Option<f64>,
     /// macOS: the kernel's memory pressure level.
     pub memory_level: Option<String>,
-    /// macOS: the CPU's speed limit under thermal pressure (1: not limited).
-    pub thermal_speed_limit: Option<f64>,
     pub gpu_utilization: Option<f64>,
     /// Every cause the figures show (`metalkube_vitals::attribution::HostCause` labels), most
     /// direct first.
@@ -90,18 +83,11 @@ impl HostCell {
         let causes: Vec<String> = p.causes().into_iter().map(|c| c.as_str().to_owned()).collect();
         HostCell {
             engine_pid,
-            others_cpu: p.others_cpu,
-            engine_cpu: p.engine_cpu,
+            figures: HostFigures::from(&p),
             calibrate_cpu,
             engine_cpu_wait_ratio: p.engine_cpu_wait_ratio,
-            cpu_stall: p.cpu_stall,
-            memory_stall: p.memory_stall,
-            io_stall: p.io_stall,
-            load_per_cpu: p.load_per_cpu,
-            timer_lateness_seconds: p.timer_lateness.map(|d| d.as_secs_f64()),
             probe_slowdown: p.probe_slowdown,
             memory_level: p.memory_level.map(|l| l.as_str().to_owned()),
-            thermal_speed_limit: p.thermal_speed_limit,
             gpu_utilization: p.gpu_utilization,
             explained_by: p.explains().map(|c| c.as_str().to_owned()),
             causes,
@@ -347,11 +333,11 @@ mod tests {
         let cell = HostCell::new(42, busy, Some(0.05));
         assert_eq!(cell.explained_by.as_deref(), Some("other_processes_cpu"));
         assert_eq!(cell.causes, ["other_processes_cpu"]);
-        assert_eq!((cell.timer_lateness_seconds, cell.calibrate_cpu), (Some(0.03), Some(0.05)));
+        assert_eq!((cell.figures.timer_lateness_seconds, cell.calibrate_cpu), (Some(0.03), Some(0.05)));
         assert!(cell.text.contains("other processes 70% of CPU"), "{}", cell.text);
         // The engine was replaced mid-interval: its work would count as others'.
         let gone = HostCell::new(42, HostPressure { engine_cpu: None, ..busy }, None);
-        assert_eq!((gone.others_cpu, gone.explained_by), (None, None));
+        assert_eq!((gone.figures.others_cpu, gone.explained_by), (None, None));
         let idle = HostCell::new(42, HostPressure { others_cpu: Some(0.1), ..busy }, None);
         assert_eq!(idle.explained_by, None);
         assert!(idle.causes.is_empty());

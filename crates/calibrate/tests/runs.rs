@@ -175,7 +175,7 @@ async fn a_429_with_retry_after_is_a_refusal_and_the_client_waits() {
     for i in &r.intervals {
         let host = i.host.as_ref().unwrap();
         assert_eq!(host.engine_pid, sim.pid());
-        assert!(host.engine_cpu.is_some() && host.load_per_cpu.is_some(), "{host:?}");
+        assert!(host.figures.engine_cpu.is_some() && host.figures.load_per_cpu.is_some(), "{host:?}");
         assert_eq!(host.explained_by.is_some(), !host.causes.is_empty());
     }
     let json: Report = serde_json::from_slice(&std::fs::read(&finished.json_path).unwrap()).unwrap();

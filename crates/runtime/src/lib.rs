@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod connections;
+pub mod errors;
 pub mod http_port;
 pub mod open_files;
 pub mod sync;

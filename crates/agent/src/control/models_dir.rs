@@ -159,7 +159,7 @@ impl ModelsDir {
                 m.api_keys = match self.api_keys(&m) {
                     Ok(keys) => keys,
                     Err(e) => {
-                        errors.insert(format!("secrets for {key}"), crate::error::chain(&e));
+                        errors.insert(format!("secrets for {key}"), metalkube_runtime::errors::chain(&e));
                         ApiKeys::Digests(Vec::new())
                     }
                 };

@@ -212,7 +212,7 @@ impl Supervisor {
             }
             Err(e) => {
                 let current = self.serving.as_ref().map(|s| s.port).unwrap_or_default();
-                let message = format!("{}; still serving on port {current}", crate::error::chain(&e));
+                let message = format!("{}; still serving on port {current}", metalkube_runtime::errors::chain(&e));
                 tracing::error!("{message}");
                 self.serving_port_error = Some(message.clone());
                 self.report.send_modify(|r| r.last_error = Some(message));

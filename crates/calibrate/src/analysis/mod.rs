@@ -198,7 +198,7 @@ pub const HOST_PRESSURE_RULE: &str = "Read over each interval from a window open
 over a pulse round): CPU share of other processes and of the engine, the engine's wait for a CPU, PSI stalls, load \
 per CPU, calibrate's own timer lateness. The host explains an interval when other processes held half the CPU, the \
 engine waited behind them, memory or IO stalled, the CPU was held back by heat, or calibrate's own timers were a \
-quarter second late (health::attribution). Other processes include calibrate's own clients (calibrateCpu): on a \
+quarter second late (the rule the agent applies). Other processes include calibrate's own clients (calibrateCpu): on a \
 small machine the load generator competes with the engine too.";
 
 /// Sums up the host pressure of the run; `not_read` holds why it was not read where it was not.

@@ -95,7 +95,7 @@ pub async fn transfer(
             Ok(()) => return finish(job, hashed.0, stats).await,
             Err(Failure::Fatal(e)) => return Err(e),
             Err(Failure::Transient(e)) => {
-                tracing::warn!(url = job.url, attempt = attempt + 1, of = retry.attempts, error = %crate::error::chain(&e), "download cut; resuming");
+                tracing::warn!(url = job.url, attempt = attempt + 1, of = retry.attempts, error = %metalkube_runtime::errors::chain(&e), "download cut; resuming");
                 last = Some(e);
             }
         }

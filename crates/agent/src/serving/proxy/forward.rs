@@ -81,7 +81,7 @@ impl ModelProxy {
                 in_engine.broke_off();
                 admission.upstream_failed();
                 self.pulse_now.notify_one();
-                tracing::warn!("engine unreachable: {}", crate::error::chain(&e));
+                tracing::warn!("engine unreachable: {}", metalkube_runtime::errors::chain(&e));
                 let retry = admission.retry_after(Rejection::NotReady, self.not_ready_for());
                 return error_response(
                     Rejection::NotReady,
