@@ -279,6 +279,7 @@ impl Default for DriftSpec {
     Hash,
     JsonSchema,
     strum::IntoStaticStr,
+    strum::EnumString,
     strum::VariantArray,
 )]
 pub enum Phase {
@@ -308,11 +309,6 @@ impl Phase {
         self.into()
     }
 
-    /// The inverse of `as_str` (the gRPC API carries phases as these names).
-    pub fn parse(s: &str) -> Option<Phase> {
-        Self::ALL.iter().copied().find(|p| p.as_str() == s)
-    }
-
     /// An engine process is up and answering in this phase (sleeping included: it wakes on the
     /// next request).
     pub fn engine_up(self) -> bool {
@@ -335,6 +331,7 @@ impl Phase {
     Hash,
     JsonSchema,
     strum::IntoStaticStr,
+    strum::EnumString,
     strum::VariantArray,
 )]
 pub enum Grade {
@@ -349,11 +346,6 @@ impl Grade {
 
     pub fn as_str(self) -> &'static str {
         self.into()
-    }
-
-    /// The inverse of `as_str` (the gRPC API carries grades as these names).
-    pub fn parse(s: &str) -> Option<Grade> {
-        Self::ALL.iter().copied().find(|g| g.as_str() == s)
     }
 
     /// The value of the `metalkube_agent_pulse_grade` gauge.
@@ -459,15 +451,15 @@ mod tests {
     #[test]
     fn phase_and_grade_names_round_trip_and_match_their_json_form() {
         for &p in Phase::ALL {
-            assert_eq!(Phase::parse(p.as_str()), Some(p));
+            assert_eq!(p.as_str().parse::<Phase>().ok(), Some(p));
             assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
         }
         for &g in Grade::ALL {
-            assert_eq!(Grade::parse(g.as_str()), Some(g));
+            assert_eq!(g.as_str().parse::<Grade>().ok(), Some(g));
             assert_eq!(serde_json::to_value(g).unwrap(), g.as_str());
         }
-        assert_eq!(Phase::parse("serving"), None);
-        assert_eq!(Grade::parse(""), None);
+        assert_eq!("serving".parse::<Phase>().ok(), None);
+        assert_eq!("".parse::<Grade>().ok(), None);
     }
 
     /// A spec that names only the fields it changes is whole: the rest take their defaults.

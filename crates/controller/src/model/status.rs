@@ -137,8 +137,8 @@ mod tests {
 
     fn state(phase: &str, grade: &str, port: u16) -> ReplicaReport {
         ReplicaReport {
-            phase: Phase::parse(phase),
-            grade: Grade::parse(grade),
+            phase: phase.parse().ok(),
+            grade: grade.parse().ok(),
             ready: phase == "Serving" && grade != "Red",
             serving_port: Some(port).filter(|p| *p > 0),
             pulse_seconds: Some(0.2),
