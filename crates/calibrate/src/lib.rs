@@ -24,6 +24,7 @@ pub mod args;
 pub mod drive;
 mod error;
 mod html;
+mod output;
 pub mod pressure;
 pub mod record;
 pub mod report;
@@ -93,7 +94,7 @@ pub async fn run(settings: Settings, progress: impl FnMut(&Interval)) -> Result<
     let initial_engine = read_engine(&client, &resolved.engine_url, resolved.engine_pid, read_timeout).await;
     let gathered = gather(&settings, &client, resolved.clone(), ContextBudget { slot_tokens }, progress).await;
     let report = build_report(&settings, resolved, slot_tokens, initial_engine, gathered);
-    let (json_path, html_path) = report::write(&report, &settings.out)?;
+    let (json_path, html_path) = output::write(&report, &settings.out)?;
     Ok(Finished { report, json_path, html_path })
 }
 

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use metalkube_api::Grade;
-use metalkube_vitals::attribution::HostPressure;
+use metalkube_vitals::host::pressure::HostPressure;
 use metalkube_vitals::host_figures::HostFigures;
 use metalkube_vitals::pulse::Observation;
 use serde::{Deserialize, Serialize};

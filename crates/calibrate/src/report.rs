@@ -1,8 +1,6 @@
 //! The report: `report.json` (everything, for tools) and `report.html` (the same, for people;
 //! self-contained, see `html.rs`).
 
-use std::path::{Path, PathBuf};
-
 use serde::{Deserialize, Serialize};
 
 use super::analysis::{Baseline, GradedWith, HostPressureSummary, IndicatorCorrelation, Suggestion, WhilePulseRed};
@@ -10,7 +8,6 @@ use super::record::{Interval, Verdicts};
 use super::sample::EngineReading;
 use super::shape::Shape;
 use super::target::Resolved;
-use crate::CalibrateError;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -160,21 +157,6 @@ pub fn pulse_spec_yaml(s: &Suggestion) -> String {
         ms(s.red_after_seconds),
         ms(s.timeout_seconds)
     )
-}
-
-/// Writes `report.json` and `report.html` into `dir` (made if missing); returns their paths.
-pub fn write(report: &Report, dir: &Path) -> Result<(PathBuf, PathBuf), CalibrateError> {
-    let file_error = |what: &'static str, path: &Path| {
-        let path = path.to_owned();
-        move |source| CalibrateError::ReportFile { what, path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(file_error("creating the report directory", dir))?;
-    let json_path = dir.join("report.json");
-    let json = serde_json::to_vec_pretty(report).map_err(CalibrateError::ReportJson)?;
-    std::fs::write(&json_path, json).map_err(file_error("writing", &json_path))?;
-    let html_path = dir.join("report.html");
-    std::fs::write(&html_path, super::html::render(report)).map_err(file_error("writing", &html_path))?;
-    Ok((json_path, html_path))
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! and MetalNode writes are validated against the CRD schema generated from the Rust types.
 
 pub mod faults;
+pub mod request_log;
 pub mod resources;
 pub mod schema;
 pub mod server;
@@ -12,7 +13,7 @@ pub mod store;
 use std::sync::Arc;
 
 pub use faults::{FailNext, InjectedFailure};
-pub use server::{ApiRequest, RequestLog};
+pub use request_log::{ApiRequest, RequestLog};
 pub use store::Store;
 
 /// A running test API server on a loopback port.

@@ -12,45 +12,9 @@
 //! slowness only when other processes also ran.
 
 use std::fmt;
-use std::time::Duration;
 
 use crate::host::MemoryPressure;
-
-/// One window of host pressure, measured over a pulse round (from its first sample to its
-/// verdict). Every field is what the OS reported, or None.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct HostPressure {
-    /// Share of all CPUs' time (0..1) used by processes other than this model's engine during the
-    /// window: the agent, other engines, other apps, a VM's stolen time.
-    pub others_cpu: Option<f64>,
-    /// Share of all CPUs' time the engine itself used (for the record).
-    pub engine_cpu: Option<f64>,
-    /// The engine's threads' time waiting for a CPU, over the time they ran, in the window, less
-    /// any throttling of the engine's own cgroup (Linux schedstat).
-    pub engine_cpu_wait_ratio: Option<f64>,
-    /// The engine's threads' time waiting for a CPU per second of the window (summed over
-    /// threads): None where it cannot be read or the engine's own cgroup was throttled. Near 0, the engine did not want the CPU (it slept, blocked, or was stopped), so
-    /// no one taking the CPU can have slowed it.
-    pub engine_cpu_wait_share: Option<f64>,
-    /// PSI `some` avg10 (0..1): the share of the last 10 s in which some task waited for memory
-    /// or for IO (Linux).
-    pub memory_stall: Option<f64>,
-    pub io_stall: Option<f64>,
-    /// PSI `some` avg10 for CPU (0..1), for the record: it counts the engine's own throttling too.
-    pub cpu_stall: Option<f64>,
-    /// 1-minute load average over the number of CPUs.
-    pub load_per_cpu: Option<f64>,
-    /// The agent's own scheduling delay: the most its short timers woke late in the window.
-    pub timer_lateness: Option<Duration>,
-    /// A fixed small piece of CPU work: its fastest run in the window over the best it ever took.
-    pub probe_slowdown: Option<f64>,
-    /// macOS: the kernel's memory pressure level.
-    pub memory_level: Option<MemoryPressure>,
-    /// macOS: the CPU's speed limit under thermal pressure, 0..1 (1: not limited).
-    pub thermal_speed_limit: Option<f64>,
-    /// macOS: the GPU's busy share (all processes, the engine included; for the record).
-    pub gpu_utilization: Option<f64>,
-}
+use crate::host::pressure::HostPressure;
 
 /// What on the host explains a slow engine. Its label (`as_str`) is the variant's name in
 /// snake_case, and every variant is in `ALL`: both derived, so a new cause is counted and shown
@@ -213,6 +177,8 @@ impl fmt::Display for HostPressure {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use proptest::prelude::*;
 

@@ -10,6 +10,7 @@ pub(crate) mod procfs;
 mod profile;
 mod proxy;
 mod proxy_report;
+mod proxy_windows;
 pub(crate) mod stats;
 mod stream;
 mod vitals;

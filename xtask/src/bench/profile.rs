@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use anyhow::Context;
 
-use super::proxy::{LIMITED, overload, steady};
+use super::proxy_windows::{LIMITED, overload, steady};
 use super::{Ctx, Options, Rig, Target};
 
 /// An extra round for the two limited proxies, not counted in the tables: a steady window and

@@ -1,7 +1,7 @@
 //! The tables of `cargo xtask bench proxy`: figures down, targets across, every cell the median
 //! and range over the rounds, and the goals against HAProxy compared round by round.
 
-use super::proxy::{LIMITED, Overloaded, Results, Steady};
+use super::proxy_windows::{LIMITED, Overloaded, Results, Steady};
 use super::stats::{Figure, Goal, Table, added, rounds};
 
 pub(super) fn tables(upstream: &str, r: &Results, rounds_n: u32) -> String {

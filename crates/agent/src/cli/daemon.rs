@@ -2,31 +2,18 @@
 //! the HTTP port, and the stop. Each mode starts its own part (`run::start`, `serve::start`);
 //! what follows is the same for both.
 
-use std::sync::Arc;
-
 use anyhow::Context;
-use metalkube_agent::Agent;
-use metalkube_agent::http_port::{self, HttpPortOptions};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
+use metalkube_agent::http_port;
 
 use crate::cli::LOG_TARGET;
 use crate::cli::run::RunArgs;
 use crate::cli::serve::ServeArgs;
+use crate::cli::started::Started;
 
 /// The commands that run the agent itself (on the async runtime).
 pub enum Daemon {
     Run(RunArgs),
     Serve(ServeArgs),
-}
-
-/// What a mode started: the agent, its HTTP port (bound, not yet served) and the mode's own
-/// work (following the models directory, serving the gRPC API), whose end stops the agent.
-pub struct Started {
-    pub agent: Arc<Agent>,
-    pub listener: TcpListener,
-    pub http_options: HttpPortOptions,
-    pub work: JoinHandle<anyhow::Result<()>>,
 }
 
 /// Runs the agent until a stop signal, or until the mode's work ends.

@@ -10,6 +10,7 @@ pub mod join;
 pub mod run;
 pub mod serve;
 pub mod service;
+pub mod started;
 
 /// The target of the binary's log lines: the crate's name, as when they were all written from
 /// `main.rs`, so that log filters and searches written for them keep finding them.

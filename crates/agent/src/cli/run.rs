@@ -7,7 +7,7 @@ use anyhow::bail;
 use metalkube_agent::control::models_dir::follow_models_dir;
 
 use crate::cli::agent_args::{AgentArgs, bind_http};
-use crate::cli::daemon::Started;
+use crate::cli::started::Started;
 
 #[derive(clap::Args)]
 pub struct RunArgs {

@@ -14,7 +14,7 @@ use metalkube_agent::tls::{ServerTls, TlsFiles, TlsPurpose, certificate_dns_name
 
 use crate::cli::LOG_TARGET;
 use crate::cli::agent_args::{AgentArgs, bind_http};
-use crate::cli::daemon::Started;
+use crate::cli::started::Started;
 
 #[derive(clap::Args)]
 pub struct ServeArgs {

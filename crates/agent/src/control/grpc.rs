@@ -18,7 +18,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
-use crate::Agent;
+use crate::agent::Agent;
 use crate::control::desired_store::{DesiredStore, DesiredStoreError, Record};
 use crate::model::Token;
 use crate::model::report::ModelView;

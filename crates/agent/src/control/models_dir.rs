@@ -17,7 +17,7 @@ use std::time::Duration;
 use metalkube_api::{DEFAULT_NAMESPACE, ModelKey, parse_models_yaml};
 use notify::{RecursiveMode, Watcher};
 
-use crate::Agent;
+use crate::agent::Agent;
 use crate::confined_path::{PathOutside, inside};
 use crate::model::DesiredModel;
 use crate::model::api_keys::{ApiKeys, digests_of_key_lines};

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub mod guard;
 
 use self::guard::{AllowedHosts, Denied, ScrapeAuth, denial_message};
-use crate::Agent;
+use crate::agent::Agent;
 use crate::model::api_keys::presented_key;
 use crate::model::report::ModelView;
 use crate::observe::status_page;

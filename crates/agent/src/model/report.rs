@@ -6,7 +6,8 @@
 use std::collections::VecDeque;
 
 use metalkube_api::{Grade, ModelKey, Phase, PulseSpec};
-use metalkube_vitals::attribution::{HostCause, HostPressure};
+use metalkube_vitals::attribution::HostCause;
+use metalkube_vitals::host::pressure::HostPressure;
 use metalkube_vitals::host_figures::HostFigures;
 use serde::{Serialize, Serializer};
 

@@ -9,7 +9,11 @@ use http_body_util::{Either, Full};
 use metalkube_api::Rejection;
 
 use super::policy::retry_after_header;
-use super::proxy::ProxyBody;
+use super::tap::TapBody;
+
+/// The body of every answer of the serving port: its own (a whole JSON error) or the engine's,
+/// read through the tap as it passes.
+pub type ProxyBody = Either<Full<Bytes>, TapBody>;
 
 pub(crate) fn json_response(
     status: StatusCode,

@@ -14,7 +14,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use metalkube_api::Grade;
-use metalkube_vitals::attribution::{HostCause, HostPressure};
+use metalkube_vitals::attribution::HostCause;
+use metalkube_vitals::host::pressure::HostPressure;
 use metalkube_vitals::host::pressure::Window;
 use metalkube_vitals::pulse::Observation;
 use metalkube_vitals::pulse::{ProgressMark, progress_mark, progressed};

@@ -267,8 +267,8 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let uid = model.uid().unwrap_or_default();
     // Without its keys the model cannot be told to anyone (never with fewer keys than asked
     // for), but the status, the endpoints and the replicas leaving are still written.
-    let secrets = match api_key_digests(model, ctx).await {
-        Ok(keys) => hub_token(model, ctx).await.map(|token| (keys, token)),
+    let secrets = match api_key_digests(model, &ctx.client).await {
+        Ok(keys) => hub_token(model, &ctx.client).await.map(|token| (keys, token)),
         Err(e) => Err(e),
     };
     let request = match secrets {

@@ -5,7 +5,7 @@
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::server::ApiRequest;
+use super::request_log::ApiRequest;
 use super::store::ApiError;
 
 /// Fail the next `times` requests with this verb on this resource with HTTP `code`.

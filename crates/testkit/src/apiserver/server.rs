@@ -14,26 +14,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::faults::Faults;
+use super::request_log::{ApiRequest, RequestLog};
 use super::resources::{Resource, find};
 use super::store::{ApiError, ObjectPart, Part, Store, WatchEvent};
-
-/// One request as RBAC sees it: verb, API group, resource, subresource, namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ApiRequest {
-    pub verb: &'static str,
-    /// Empty for the core group.
-    pub group: &'static str,
-    pub resource: &'static str,
-    /// Empty, or `status`.
-    pub subresource: &'static str,
-    /// None for cluster-wide requests.
-    pub namespace: Option<String>,
-    /// Who asked: the bearer token the client sent (tests give each client its own), if any.
-    pub user: Option<String>,
-}
-
-/// Every request the server has answered that names a resource, in order.
-pub type RequestLog = Arc<std::sync::Mutex<Vec<ApiRequest>>>;
 
 #[derive(Clone)]
 struct ServerState {

@@ -247,7 +247,8 @@ pub(super) fn grade_class(g: Grade) -> &'static str {
 mod tests {
     use super::*;
     use crate::model::report::PulseHost;
-    use metalkube_vitals::attribution::{HostCause, HostPressure};
+    use metalkube_vitals::attribution::HostCause;
+    use metalkube_vitals::host::pressure::HostPressure;
 
     fn pulse(at_ms: u64, wall: f64, compute: Option<f64>, grade: Option<Grade>, error: Option<&str>) -> PulseRecord {
         PulseRecord {

@@ -1,5 +1,6 @@
 use metalkube_api::{Grade, Phase};
-use metalkube_vitals::attribution::{HostCause, HostPressure};
+use metalkube_vitals::attribution::HostCause;
+use metalkube_vitals::host::pressure::HostPressure;
 
 use super::*;
 use crate::model::FaultReason;

@@ -1,11 +1,17 @@
 //! Reading a request body whole, within the port's limits: its size (`maxRequestBytes`), its
 //! time (the body timeout), and the memory all bodies share (`body_budget`).
 
+use bytes::Bytes;
 use bytes::BytesMut;
+use http::{Response, StatusCode, header};
 use http_body::Body as _;
+use hyper::body::Incoming;
+use metalkube_api::Rejection;
 
-use super::*;
+use super::ModelProxy;
 use crate::serving::body_budget::Reservation;
+use crate::serving::queue::Admission;
+use crate::serving::responses::{ProxyBody, client_error, error_response};
 
 impl ModelProxy {
     /// The body of `parts`' request, with the memory it holds; or the answer that refuses it.

@@ -2,8 +2,22 @@
 //! engine's answer judged for the breaker, streams tapped for timings and stalls), and cheap
 //! paths straight through.
 
-use super::*;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use metalkube_api::Rejection;
+
+use super::{Access, CHEAP_BODY_BYTES, CHEAP_RESPONSE_BYTES, ModelProxy};
+use crate::serving::in_engine::InEngineRequest;
 use crate::serving::in_engine::digest;
+use crate::serving::inspect::{RequestRefusal, RequestShape, inspect};
+use crate::serving::queue::Admission;
+use crate::serving::request_shape::{build_upstream, strip_hop_by_hop};
+use crate::serving::responses::{ProxyBody, client_error, error_response, server_error};
+use crate::serving::tap::{StallWatch, TapBody};
 
 impl ModelProxy {
     /// A body the port will not pass: 400 naming the field, what was wrong and what is allowed.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -31,17 +31,15 @@ use tracing::Instrument;
 
 use super::framing::{Framing, SharedScanner, Watched};
 use super::queue::Admission;
+use super::responses::ProxyBody;
 use super::routes::{Refusal, Route, engine_path_name, route};
-use super::tap::{StallWatch, TapBody};
 use crate::model::api_keys::{ApiKeys, presented_key};
 use crate::serving::body_budget::BodyBudget;
 use crate::serving::crash_quarantine::CrashQuarantine;
 use crate::serving::in_engine::{InEngine, InEngineRequest};
-use crate::serving::inspect::{RequestRefusal, RequestShape, inspect};
 use crate::serving::listener::refuse_connection;
 use crate::serving::metrics::ServingSeries;
-use crate::serving::request_shape::{build_upstream, strip_hop_by_hop};
-use crate::serving::responses::{client_error, json_response, server_error};
+use crate::serving::responses::{client_error, json_response};
 use crate::serving::slow_reader::WriteDeadline;
 use crate::serving::upstream::UpstreamWatch;
 
@@ -51,8 +49,6 @@ mod body;
 mod forward;
 
 pub use crate::serving::listener::listen;
-
-pub type ProxyBody = Either<Full<Bytes>, TapBody>;
 
 /// How the serving port treats client connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
