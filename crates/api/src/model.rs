@@ -358,6 +358,38 @@ impl Grade {
     }
 }
 
+// What the pulse and the serving port say of a replica; in a MetalModel's status, summed up over
+// its replicas. A plain comment: the struct is flattened into both, and a doc comment would become
+// their CRD description.
+#[serde_with::skip_serializing_none]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PulseSummary {
+    /// The pulse's grade (of a model: its replicas' worst).
+    pub grade: Option<Grade>,
+    /// The last pulse's wall time (of a model: its replicas' slowest).
+    pub pulse_seconds: Option<f64>,
+    /// Requests waiting in the admission queue.
+    #[serde(default)]
+    pub queue_depth: u32,
+    /// Engine restarts.
+    #[serde(default)]
+    pub restarts: u32,
+}
+
+impl PulseSummary {
+    /// A model's summary of its replicas': the worst grade, the slowest pulse, and every queued
+    /// request and restart.
+    pub fn over<'a>(replicas: impl Iterator<Item = &'a PulseSummary> + Clone) -> Self {
+        Self {
+            grade: replicas.clone().filter_map(|r| r.grade).max(),
+            pulse_seconds: replicas.clone().filter_map(|r| r.pulse_seconds).reduce(f64::max),
+            queue_depth: replicas.clone().map(|r| r.queue_depth).sum(),
+            restarts: replicas.map(|r| r.restarts).sum(),
+        }
+    }
+}
+
 #[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -365,14 +397,10 @@ pub struct MetalModelStatus {
     pub observed_generation: Option<i64>,
     #[serde(default)]
     pub ready_replicas: u32,
-    /// Worst grade over the replicas.
-    pub grade: Option<Grade>,
-    /// Slowest last pulse over the replicas.
-    pub pulse_seconds: Option<f64>,
-    #[serde(default)]
-    pub queue_depth: u32,
-    #[serde(default)]
-    pub restarts: u32,
+    /// Over the replicas: the worst grade, the slowest last pulse, and every queued request and
+    /// restart.
+    #[serde(flatten)]
+    pub pulse: PulseSummary,
     /// Estimated memory one replica needs (weights + KV cache + overhead), as an agent read it
     /// from the GGUF header for this generation; placement counts it against node budgets.
     pub memory_bytes: Option<u64>,
@@ -393,16 +421,12 @@ pub struct ReplicaStatus {
     /// Takes traffic: serving, pulse not red, agent reachable.
     #[serde(default)]
     pub ready: bool,
-    pub grade: Option<Grade>,
-    pub pulse_seconds: Option<f64>,
-    #[serde(default)]
-    pub queue_depth: u32,
+    #[serde(flatten)]
+    pub pulse: PulseSummary,
     #[serde(default)]
     pub in_flight: u32,
     /// Why the replica is not well, when it is not.
     pub message: Option<String>,
-    #[serde(default)]
-    pub restarts: u32,
     /// When this replica first served: its seniority on the node. When a node's memory turns
     /// out too small for everything placed on it, the replicas that served first stay.
     pub serving_since: Option<Time>,

@@ -415,7 +415,7 @@ async fn scenario(cluster: &Cluster, dir: &Path) {
             .then_some(())
     })
     .await;
-    let restarts = models.get("tiny").await.unwrap().status.unwrap().restarts;
+    let restarts = models.get("tiny").await.unwrap().status.unwrap().pulse.restarts;
     assert!(restarts >= 1, "the frozen engine was restarted: restarts={restarts}");
 
     timeline.step("SIGKILL the agent on mac-b");

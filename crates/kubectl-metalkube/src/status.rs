@@ -49,10 +49,10 @@ pub fn render_status(nodes: &[MetalNode], models: &[MetalModel]) -> String {
                     model_name(model),
                     replica.phase.as_str().to_owned(),
                     yes_no(replica.ready),
-                    replica.grade.map_or_else(dash, |g| g.as_str().to_owned()),
-                    replica.pulse_seconds.map_or_else(dash, |s| format!("{s:.2}s")),
-                    replica.queue_depth.to_string(),
-                    replica.restarts.to_string(),
+                    replica.pulse.grade.map_or_else(dash, |g| g.as_str().to_owned()),
+                    replica.pulse.pulse_seconds.map_or_else(dash, |s| format!("{s:.2}s")),
+                    replica.pulse.queue_depth.to_string(),
+                    replica.pulse.restarts.to_string(),
                     replica
                         .download
                         .as_ref()

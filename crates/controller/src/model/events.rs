@@ -41,17 +41,17 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
                 notes.push(note(false, types::SCHEDULED, "Schedule", format!("replica placed on MetalNode {}", r.node)))
             }
             Some(o) => {
-                if r.restarts > o.restarts {
+                if r.pulse.restarts > o.pulse.restarts {
                     let why = r.message.as_deref().map(|m| format!(": {m}")).unwrap_or_default();
                     notes.push(note(
                         true,
                         "EngineRestarted",
                         "Restart",
-                        format!("engine on {} restarted ({} restarts in all){why}", r.node, r.restarts),
+                        format!("engine on {} restarted ({} restarts in all){why}", r.node, r.pulse.restarts),
                     ));
                 }
-                if r.grade != o.grade
-                    && let Some(g) = r.grade
+                if r.pulse.grade != o.pulse.grade
+                    && let Some(g) = r.pulse.grade
                 {
                     let (warning, reason) = match g {
                         Grade::Green => (false, "PulseGreen"),
@@ -61,7 +61,7 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
                         Grade::Red => (true, reasons::PULSE_RED),
                     };
                     let host = r.host_contended.as_deref().map(|c| format!(", host busy: {c}")).unwrap_or_default();
-                    let pulse = r.pulse_seconds.map(|p| format!(" (last pulse {p:.3} s)")).unwrap_or_default();
+                    let pulse = r.pulse.pulse_seconds.map(|p| format!(" (last pulse {p:.3} s)")).unwrap_or_default();
                     notes.push(note(
                         warning,
                         reason,
@@ -130,7 +130,7 @@ pub async fn publish(recorder: &Recorder, notes: Vec<Note>, regarding: &ObjectRe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use metalkube_api::{Phase, ReplicaStatus};
+    use metalkube_api::{Phase, PulseSummary, ReplicaStatus};
 
     fn replica(node: &str, restarts: u32, grade: Option<Grade>) -> ReplicaStatus {
         ReplicaStatus {
@@ -139,11 +139,8 @@ mod tests {
             port: None,
             phase: Phase::Serving,
             ready: true,
-            grade,
-            pulse_seconds: Some(0.1),
-            queue_depth: 0,
+            pulse: PulseSummary { grade, pulse_seconds: Some(0.1), queue_depth: 0, restarts },
             in_flight: 0,
-            restarts,
             message: None,
             serving_since: None,
             download: None,

@@ -2,7 +2,7 @@
 //! is told can be tested without a cluster.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use metalkube_api::{MetalModelStatus, Phase, ReplicaReport, ReplicaStatus};
+use metalkube_api::{MetalModelStatus, Phase, PulseSummary, ReplicaReport, ReplicaStatus};
 
 use crate::model::conditions::{Observation, ReplicaView, compute_conditions};
 use crate::model::endpoints::EndpointReplica;
@@ -64,11 +64,13 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
             port: r.state.and_then(|s| s.serving_port),
             phase: v.phase,
             ready: v.is_ready(),
-            grade: v.grade,
-            pulse_seconds: r.state.and_then(|s| s.pulse_seconds),
-            queue_depth: r.state.map_or(0, |s| s.queue_depth),
+            pulse: PulseSummary {
+                grade: v.grade,
+                pulse_seconds: r.state.and_then(|s| s.pulse_seconds),
+                queue_depth: r.state.map_or(0, |s| s.queue_depth),
+                restarts: r.state.map_or(0, |s| s.restarts),
+            },
             in_flight: r.state.map_or(0, |s| s.in_flight),
-            restarts: r.state.map_or(0, |s| s.restarts),
             message: if r.reachable { v.last_error.clone() } else { Some("agent unreachable".to_owned()) },
             // The earlier of what the agent says and what the status held: an agent that
             // restarted serves again, but the replica has held its place since the first time.
@@ -86,10 +88,7 @@ pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now
     MetalModelStatus {
         observed_generation: obs.generation,
         ready_replicas: replicas.iter().filter(|r| r.ready).count() as u32,
-        grade: replicas.iter().filter_map(|r| r.grade).max(),
-        pulse_seconds: replicas.iter().filter_map(|r| r.pulse_seconds).reduce(f64::max),
-        queue_depth: replicas.iter().map(|r| r.queue_depth).sum(),
-        restarts: replicas.iter().map(|r| r.restarts).sum(),
+        pulse: PulseSummary::over(replicas.iter().map(|r| &r.pulse)),
         memory_bytes: obs.memory_bytes,
         replicas,
         conditions,
@@ -174,7 +173,10 @@ mod tests {
         let replicas = reachable_pair(&a, &b);
         let obs = observation(Some(3), &replicas, Some(42));
         let s = model_status(&obs, &MetalModelStatus::default(), &now());
-        assert_eq!((s.ready_replicas, s.grade, s.restarts, s.queue_depth), (1, Some(Grade::Red), 2, 4));
+        assert_eq!(
+            (s.ready_replicas, s.pulse.grade, s.pulse.restarts, s.pulse.queue_depth),
+            (1, Some(Grade::Red), 2, 4)
+        );
         assert_eq!(s.observed_generation, Some(3));
         let degraded = s.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
         assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "PulseRed"));
