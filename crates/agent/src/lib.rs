@@ -5,8 +5,6 @@
 //! - the binary: `main` (parsing, dispatch), then `cli/` (each subcommand's flags and start-up;
 //!   `calibrate`, measuring a model's pulse under load, is the `metalkube-calibrate` crate, a
 //!   client of the agent);
-//! - `agent_error`: every concern's error in one type, for callers of several entry points
-//!   (each stage's own error enum lives in the stage);
 //! - `install` (joining a fleet);
 //! - the agent's ports: `control` (what is desired: the controller's gRPC API, the models
 //!   directory) and `http_port` (status page, readiness, metrics, model state);
@@ -23,7 +21,6 @@
 //! What the pulse and the host measure is in the `metalkube-vitals` crate, below all of these.
 
 pub mod agent;
-mod agent_error;
 mod confined_path;
 pub mod context;
 pub mod control;
@@ -39,6 +36,5 @@ pub mod supervisor;
 pub mod tls;
 
 pub use agent::Agent;
-pub use agent_error::AgentError;
 pub use context::AgentConfig;
 pub use model::DesiredModel;

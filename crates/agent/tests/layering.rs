@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 const FLOORS: &[(&str, &[&str])] = &[
     ("the binary: parsing and dispatch", &["main"]),
     ("the binary's subcommands: each one's flags and start-up", &["cli"]),
-    ("every concern's error in one, for callers of several entry points", &["agent_error"]),
     ("the other command: joining a fleet", &["install"]),
     ("the agent's ports: the controller's gRPC API and models directory, the HTTP port", &["control", "http_port"]),
     ("the agent: every model's supervisor, by key", &["agent"]),

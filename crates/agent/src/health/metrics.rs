@@ -17,13 +17,6 @@ use crate::model::FaultReason;
 use crate::observe::metrics::{F64Gauge, HistogramFamily, ModelLabels, ReasonLabels};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RestartLabels {
-    pub model: String,
-    /// A `FaultReason`, as its label value.
-    pub reason: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabels {
     pub model: String,
     /// One of `HostCause::as_str()`.
@@ -85,7 +78,7 @@ pub struct HealthMetrics {
     pub decode_per_token: Family<ModelLabels, F64Gauge>,
     engine_up: Family<ModelLabels, Gauge>,
     engine_phase: Family<PhaseLabels, Gauge>,
-    engine_restarts: Family<RestartLabels, Counter>,
+    engine_restarts: Family<ReasonLabels, Counter>,
     /// Scheduled pulses not sent, by `PulseSkip` reason.
     pulses_skipped: Family<ReasonLabels, Counter>,
 }
@@ -199,7 +192,7 @@ impl HealthMetrics {
     /// host causes, by every reason), so alerts see the first event.
     pub fn model_started(&self, model: &ModelKey) {
         for reason in FaultReason::ALL {
-            drop(self.engine_restarts.get_or_create(&restart_labels(model, *reason)));
+            drop(self.engine_restarts.get_or_create(&ReasonLabels::new(model, reason.as_str())));
         }
         for why in PulseSkip::ALL {
             drop(self.pulses_skipped.get_or_create(&ReasonLabels::new(model, why.as_str())));
@@ -240,7 +233,7 @@ impl HealthMetrics {
     }
 
     pub fn restarted(&self, model: &ModelKey, reason: FaultReason) {
-        self.engine_restarts.get_or_create(&restart_labels(model, reason)).inc();
+        self.engine_restarts.get_or_create(&ReasonLabels::new(model, reason.as_str())).inc();
     }
 
     pub fn pulse_skipped(&self, model: &ModelKey, why: PulseSkip) {
@@ -281,7 +274,7 @@ impl HealthMetrics {
             self.pulses_skipped.remove(&ReasonLabels::new(model, why.as_str()));
         }
         for reason in FaultReason::ALL {
-            self.engine_restarts.remove(&restart_labels(model, *reason));
+            self.engine_restarts.remove(&ReasonLabels::new(model, reason.as_str()));
         }
         for why in Withheld::ALL {
             self.restarts_withheld.remove(&ReasonLabels::new(model, why.as_str()));
@@ -290,10 +283,6 @@ impl HealthMetrics {
             self.host_explained.remove(&cause_labels(model, *cause));
         }
     }
-}
-
-fn restart_labels(model: &ModelKey, reason: FaultReason) -> RestartLabels {
-    RestartLabels { model: model.to_string(), reason: reason.as_str().to_owned() }
 }
 
 fn cause_labels(model: &ModelKey, cause: HostCause) -> CauseLabels {
