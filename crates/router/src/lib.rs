@@ -1,0 +1,4 @@
+//! metalkube-router: one address for a model served on many Macs. The pure core decides where a
+//! request goes (`picker`); the IO around it follows the agents' load and forwards requests.
+
+pub mod picker;
