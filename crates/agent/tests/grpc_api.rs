@@ -74,7 +74,7 @@ async fn ensure_watch_and_stop_over_mtls_on_the_real_engine() {
     let controller = s.ca.client("metalkube-controller");
     let mut client = connect(s.addr, &s.ca.cert_pem, Some(&controller)).await.unwrap();
 
-    let mut watch = client.watch(pb::WatchRequest {}).await.unwrap().into_inner();
+    let mut watch = client.watch(pb::WatchRequest { include_load: false }).await.unwrap().into_inner();
     assert_eq!(next_event(&mut watch).await, Event::Snapshot(pb::Snapshot { models: vec![] }));
 
     let first = client.ensure_model(ensure(&h, "grpc", "uid-1", 1)).await.unwrap().into_inner();

@@ -27,6 +27,10 @@ pub struct ReplicaReport {
     pub restarts: u32,
     pub queue_depth: u32,
     pub in_flight: u32,
+    /// The serving port's admission limit; 0 when not known.
+    pub max_concurrent: u32,
+    /// Engine decode time per token on real responses; None until measured.
+    pub decode_seconds_per_token: Option<f64>,
     /// The port clients use; None until the serving port listens.
     pub serving_port: Option<u16>,
     pub last_error: Option<String>,
@@ -66,6 +70,8 @@ impl ReplicaReport {
             restarts: 0,
             queue_depth: 0,
             in_flight: 0,
+            max_concurrent: 0,
+            decode_seconds_per_token: None,
             serving_port: None,
             last_error: None,
             memory_bytes: None,

@@ -76,6 +76,8 @@ impl From<ReplicaReport> for ModelState {
             restarts: r.restarts,
             queue_depth: r.queue_depth,
             in_flight: r.in_flight,
+            max_concurrent: r.max_concurrent,
+            decode_seconds_per_token: r.decode_seconds_per_token.unwrap_or(0.0),
             serving_port: r.serving_port.map_or(0, u32::from),
             last_error: r.last_error.unwrap_or_default(),
             memory_bytes: r.memory_bytes.unwrap_or(0),
@@ -117,6 +119,8 @@ impl TryFrom<ModelState> for ReplicaReport {
             restarts: s.restarts,
             queue_depth: s.queue_depth,
             in_flight: s.in_flight,
+            max_concurrent: s.max_concurrent,
+            decode_seconds_per_token: Some(s.decode_seconds_per_token).filter(|d| d.is_finite() && *d > 0.0),
             serving_port: u16::try_from(s.serving_port).ok().and_then(known),
             last_error: said(s.last_error),
             memory_bytes: known(s.memory_bytes),
@@ -214,11 +218,13 @@ mod tests {
             proptest::option::of(1u64..),
             download(),
         );
-        (identity, health, load).prop_map(
+        let admission = (any::<u32>(), positive());
+        (identity, health, load, admission).prop_map(
             |(
                 (model, uid, generation, keys, token),
                 (phase, grade, ready, saturated, pulse_seconds, slow, last_error, host, decision),
                 (restarts, queue_depth, in_flight, serving_port, memory_bytes, serving_since, download),
+                (max_concurrent, decode_seconds_per_token),
             )| ReplicaReport {
                 model,
                 uid,
@@ -231,6 +237,8 @@ mod tests {
                 restarts,
                 queue_depth,
                 in_flight,
+                max_concurrent,
+                decode_seconds_per_token,
                 serving_port,
                 last_error,
                 memory_bytes,

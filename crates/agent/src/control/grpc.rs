@@ -78,6 +78,8 @@ fn replica_report(view: &ModelView, record: Option<&Record>) -> ReplicaReport {
         restarts: report.restarts,
         queue_depth: view.serving.queue_depth,
         in_flight: view.serving.in_flight,
+        max_concurrent: view.serving.max_concurrent,
+        decode_seconds_per_token: view.serving.decode_seconds_per_token,
         serving_port: report.serving_port,
         last_error: report.last_error.clone(),
         memory_bytes: report.memory_bytes,

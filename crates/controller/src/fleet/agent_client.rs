@@ -208,7 +208,7 @@ impl AgentClient {
     /// notices when it does not.
     pub async fn watch(&self) -> Result<AgentEvents, ControllerError> {
         self.admit()?;
-        let result = self.grpc.clone().watch(Request::new(pb::WatchRequest {})).await;
+        let result = self.grpc.clone().watch(Request::new(pb::WatchRequest { include_load: false })).await;
         self.count("Watch", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
         self.settle(result.is_ok());
         match result {
