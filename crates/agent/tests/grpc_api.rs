@@ -241,3 +241,38 @@ async fn desired_state_survives_an_agent_restart() {
     tokio::time::timeout(GUARD, rx.wait_for(|r| r.is_ready())).await.unwrap().unwrap();
     agent.shutdown().await;
 }
+
+/// A router asks for load: it gets each model's serving load (with its admission limit) at least
+/// every half second, moving or not; a stream that did not ask (the controller's) hears nothing
+/// while nothing but load could change.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_that_asks_for_load_gets_it_as_a_heartbeat_and_one_that_does_not_stays_quiet() {
+    let h = Harness::new(metalkube_testkit::real_engine()).await;
+    let s = serve(&h).await;
+    let controller = s.ca.client("metalkube-controller");
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&controller)).await.unwrap();
+    client.ensure_model(ensure(&h, "loaded", "uid-1", 1)).await.unwrap();
+    let mut quiet = client.watch(pb::WatchRequest { include_load: false }).await.unwrap().into_inner();
+    while !matches!(next_event(&mut quiet).await, Event::Changed(state) if state.ready) {}
+
+    let mut loaded = client.watch(pb::WatchRequest { include_load: true }).await.unwrap().into_inner();
+    assert!(matches!(next_event(&mut loaded).await, Event::Snapshot(_)));
+    let started = std::time::Instant::now();
+    let mut beats = 0;
+    while started.elapsed() < std::time::Duration::from_secs(2) {
+        if let Event::Changed(state) = next_event(&mut loaded).await {
+            assert!(state.max_concurrent > 0, "the admission limit rides along: {state:?}");
+            beats += 1;
+        }
+    }
+    assert!(beats >= 3, "{beats} load events in 2 s: at least one every 500 ms");
+    // The controller's stream hears only report changes: at most the one a pulse round may bring
+    // (pulses come every 5 s), never the heartbeat.
+    let mut spoken = 0;
+    let quiet_until = tokio::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while let Ok(Ok(Some(_))) = tokio::time::timeout_at(quiet_until, quiet.message()).await {
+        spoken += 1;
+    }
+    assert!(spoken <= 1, "{spoken} events in 1.5 s on the stream without load");
+    let _ = s.stop.send(());
+}

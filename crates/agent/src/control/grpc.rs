@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use metalkube_api::{MetalModelSpec, validate_model_spec};
 use metalkube_api::{ModelKey, ReplicaReport};
@@ -92,6 +92,33 @@ fn replica_report(view: &ModelView, record: Option<&Record>) -> ReplicaReport {
         host_contended: report.host_contended.map(str::to_owned),
         slow_after_restart: report.slow_after_restart,
         restart_decision: report.restart_decision.clone(),
+    }
+}
+
+/// How often a Watch stream that asked for load looks at it: a router learns of a queue within
+/// this, and its own claims cover the gap.
+const LOAD_EVERY: Duration = Duration::from_millis(100);
+/// A model's load is sent at least this often to a stream that asked for it, moving or not: a
+/// router counts load older than a second as saturated.
+const LOAD_HEARTBEAT: Duration = Duration::from_millis(500);
+
+/// The figures of a model's serving load a router picks by.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Load {
+    queue_depth: u32,
+    in_flight: u32,
+    max_concurrent: u32,
+    decode_seconds_per_token: f64,
+}
+
+impl Load {
+    fn of(s: &pb::ModelState) -> Self {
+        Self {
+            queue_depth: s.queue_depth,
+            in_flight: s.in_flight,
+            max_concurrent: s.max_concurrent,
+            decode_seconds_per_token: s.decode_seconds_per_token,
+        }
     }
 }
 
@@ -215,7 +242,8 @@ impl AgentApi for AgentService {
 
     type WatchStream = WatchStream;
 
-    async fn watch(&self, _: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let include_load = req.into_inner().include_load;
         // Subscribe before the snapshot, so nothing that happens in between is missed.
         let mut changes = self.agent.subscribe();
         let (tx, rx) = tokio::sync::mpsc::channel(256);
@@ -227,6 +255,9 @@ impl AgentApi for AgentService {
         };
         tokio::spawn(async move {
             let mut sent: HashMap<ModelKey, pb::ModelState> = HashMap::new();
+            let mut load_sent: HashMap<ModelKey, (Load, Instant)> = HashMap::new();
+            let mut load_tick = tokio::time::interval(LOAD_EVERY);
+            load_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let mut snapshot = true;
             loop {
                 if snapshot {
@@ -240,7 +271,32 @@ impl AgentApi for AgentService {
                     }
                     snapshot = false;
                 }
-                let key = match changes.recv().await {
+                let changed = tokio::select! {
+                    changed = changes.recv() => changed,
+                    _ = load_tick.tick(), if include_load => {
+                        // The serving load moves with every request and no report change tells
+                        // of it: looked at every LOAD_EVERY, sent when it moved or has not been
+                        // sent for LOAD_HEARTBEAT (so a router can tell fresh load from stale).
+                        for r in service.agent.reports().await {
+                            let state = service.state(&r);
+                            let (key, load) = (r.key(), Load::of(&state));
+                            let due = load_sent
+                                .get(&key)
+                                .is_none_or(|(last, at)| *last != load || at.elapsed() >= LOAD_HEARTBEAT);
+                            if !due {
+                                continue;
+                            }
+                            load_sent.insert(key.clone(), (load, Instant::now()));
+                            sent.insert(key, projection(&state));
+                            let event = pb::watch_event::Event::Changed(state);
+                            if tx.send(Ok(pb::WatchEvent { event: Some(event) })).await.is_err() {
+                                return;
+                            }
+                        }
+                        continue;
+                    }
+                };
+                let key = match changed {
                     Ok(key) => key,
                     // Too far behind to know what was missed: start over with a snapshot.
                     Err(RecvError::Lagged(_)) => {
@@ -255,10 +311,12 @@ impl AgentApi for AgentService {
                         if sent.get(&key) == Some(&projection(&state)) {
                             continue;
                         }
-                        sent.insert(key, projection(&state));
+                        sent.insert(key.clone(), projection(&state));
+                        load_sent.insert(key, (Load::of(&state), Instant::now()));
                         pb::watch_event::Event::Changed(state)
                     }
                     None => {
+                        load_sent.remove(&key);
                         if sent.remove(&key).is_none() {
                             continue;
                         }
