@@ -2,4 +2,5 @@
 //! request goes (`picker`); the IO around it follows the agents' load and forwards requests.
 
 pub mod claims;
+pub mod fleet_queue;
 pub mod picker;
