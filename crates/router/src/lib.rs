@@ -2,5 +2,6 @@
 //! request goes (`picker`); the IO around it follows the agents' load and forwards requests.
 
 pub mod claims;
+pub mod failover;
 pub mod fleet_queue;
 pub mod picker;
