@@ -1,7 +1,10 @@
 //! metalkube-router: one address for a model served on many Macs. The pure core decides where a
-//! request goes (`picker`); the IO around it follows the agents' load and forwards requests.
+//! request goes (`picker`, counting the router's own `claims`), what waits when every Mac is full
+//! (`fleet_queue`), when a Mac has stopped answering (`stall`) and what follows a failed attempt
+//! (`failover`); the IO around it follows the agents' load and forwards requests.
 
 pub mod claims;
 pub mod failover;
 pub mod fleet_queue;
 pub mod picker;
+pub mod stall;
