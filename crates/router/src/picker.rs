@@ -18,6 +18,8 @@ pub const STALE_AFTER: Duration = Duration::from_secs(1);
 pub struct Candidate {
     /// Serving (or asleep, waking on the next request) and its pulse not red.
     pub serving: bool,
+    /// The router's own requests there stopped getting answers (`stall`).
+    pub stalled: bool,
     /// Age of the load figures below.
     pub data_age: Duration,
     /// Requests waiting in the agent's admission queue.
@@ -57,7 +59,7 @@ pub enum Pick {
 
 impl Candidate {
     fn eligible(&self) -> bool {
-        self.serving && self.data_age <= STALE_AFTER && self.limit > 0
+        self.serving && !self.stalled && self.data_age <= STALE_AFTER && self.limit > 0
     }
 
     /// Places the router may still use there: the agent's limit less what is running and what the
@@ -120,6 +122,7 @@ mod tests {
     fn mac(in_flight: u32, limit: u32, spt: f64) -> Candidate {
         Candidate {
             serving: true,
+            stalled: false,
             data_age: Duration::from_millis(50),
             queued: 0,
             in_flight,
@@ -149,12 +152,13 @@ mod tests {
     fn a_red_stale_or_full_mac_is_never_picked() {
         let red = Candidate { serving: false, ..mac(0, 4, 0.001) };
         let stale = Candidate { data_age: Duration::from_secs(2), ..mac(0, 4, 0.001) };
+        let stalled = Candidate { stalled: true, ..mac(0, 4, 0.001) };
         let queueing = Candidate { queued: 1, ..mac(1, 4, 0.001) };
         let full = mac(4, 4, 0.001);
         let slow = mac(0, 4, 0.5);
         assert_eq!(
-            pick(&[red, stale, queueing, full, slow]),
-            Pick::Dispatch { replica: 4, reason: PickReason::OnlyOneWithRoom }
+            pick(&[red, stale, stalled, queueing, full, slow]),
+            Pick::Dispatch { replica: 5, reason: PickReason::OnlyOneWithRoom }
         );
     }
 
@@ -179,17 +183,25 @@ mod tests {
     }
 
     fn candidate() -> impl Strategy<Value = Candidate> {
-        (any::<bool>(), 0u64..2_000, 0u32..4, 0u32..8, 0u32..8, 0u32..8, proptest::option::of(0.001f64..1.0)).prop_map(
-            |(serving, age_ms, queued, in_flight, claimed, limit, spt)| Candidate {
+        (
+            (any::<bool>(), any::<bool>()),
+            0u64..2_000,
+            0u32..4,
+            0u32..8,
+            0u32..8,
+            0u32..8,
+            proptest::option::of(0.001f64..1.0),
+        )
+            .prop_map(|((serving, stalled), age_ms, queued, in_flight, claimed, limit, spt)| Candidate {
                 serving,
+                stalled,
                 data_age: Duration::from_millis(age_ms),
                 queued,
                 in_flight,
                 claimed,
                 limit,
                 seconds_per_token: spt,
-            },
-        )
+            })
     }
 
     proptest! {
