@@ -6,5 +6,6 @@
 pub mod claims;
 pub mod failover;
 pub mod fleet_queue;
+pub mod fleet_view;
 pub mod picker;
 pub mod stall;
