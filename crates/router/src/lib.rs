@@ -3,6 +3,7 @@
 //! (`fleet_queue`), when a Mac has stopped answering (`stall`) and what follows a failed attempt
 //! (`failover`); the IO around it follows the agents' load and forwards requests.
 
+pub mod catalog;
 pub mod claims;
 pub mod failover;
 pub mod fleet_queue;
