@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod claims;
+pub mod ext_proc_messages;
 pub mod failover;
 pub mod fleet_queue;
 pub mod fleet_view;
