@@ -9,5 +9,6 @@ pub mod ext_proc_messages;
 pub mod failover;
 pub mod fleet_queue;
 pub mod fleet_view;
+pub mod models_list;
 pub mod picker;
 pub mod stall;
