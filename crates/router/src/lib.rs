@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod claims;
 pub mod ext_proc_messages;
+pub mod ext_proc_stream;
 pub mod failover;
 pub mod fleet_queue;
 pub mod fleet_view;
