@@ -60,6 +60,11 @@ impl<T> FleetQueue<T> {
         Ok(())
     }
 
+    /// The oldest waiter, left in place.
+    pub fn oldest(&self) -> Option<&T> {
+        self.waiters.front().map(|w| &w.item)
+    }
+
     /// The oldest waiter, for the place that just freed.
     pub fn pop_oldest(&mut self) -> Option<T> {
         self.waiters.pop_front().map(|w| w.item)

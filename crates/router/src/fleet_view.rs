@@ -81,7 +81,7 @@ impl FleetView {
             .map(|(node, seen)| {
                 let r = &seen.report;
                 let candidate = Candidate {
-                    serving: r.ready && matches!(r.phase, Some(Phase::Serving | Phase::Sleeping)),
+                    serving: serving(r),
                     stalled: stalled(node),
                     data_age: now.saturating_duration_since(seen.at),
                     queued: r.queue_depth,
@@ -95,10 +95,41 @@ impl FleetView {
             .collect()
     }
 
-    /// The oldest report the router holds, for the staleness metric.
-    pub fn oldest_age(&self, now: Instant) -> Option<Duration> {
-        self.models.values().flat_map(|r| r.values()).map(|s| now.saturating_duration_since(s.at)).max()
+    /// Every model some agent reports.
+    pub fn models(&self) -> impl Iterator<Item = &ModelKey> {
+        self.models.keys()
     }
+
+    /// The port `node` serves `model` on, as its agent last said.
+    pub fn serving_port(&self, model: &ModelKey, node: &str) -> Option<u16> {
+        self.models.get(model)?.get(node)?.report.serving_port
+    }
+
+    /// Whether `node` serves `model` (ready, not red) as its agent last said, and how old that is.
+    pub fn report_of(&self, model: &ModelKey, node: &str, now: Instant) -> Option<(bool, Duration)> {
+        let seen = self.models.get(model)?.get(node)?;
+        Some((serving(&seen.report), now.saturating_duration_since(seen.at)))
+    }
+
+    /// The age of the newest report of each node, for the staleness metric.
+    pub fn node_ages(&self, now: Instant) -> BTreeMap<Node, Duration> {
+        let mut ages: BTreeMap<Node, Duration> = BTreeMap::new();
+        for (node, seen) in self.models.values().flat_map(|r| r.iter()) {
+            let age = now.saturating_duration_since(seen.at);
+            ages.entry(node.clone()).and_modify(|a| *a = (*a).min(age)).or_insert(age);
+        }
+        ages
+    }
+
+    /// The age of the newest report the router holds: whether it can route at all.
+    pub fn newest_age(&self, now: Instant) -> Option<Duration> {
+        self.models.values().flat_map(|r| r.values()).map(|s| now.saturating_duration_since(s.at)).min()
+    }
+}
+
+/// Ready and serving (or asleep, waking on the next request), as far as routing goes.
+fn serving(r: &ReplicaReport) -> bool {
+    r.ready && matches!(r.phase, Some(Phase::Serving | Phase::Sleeping))
 }
 
 #[cfg(test)]
@@ -143,7 +174,7 @@ mod tests {
         let (_, c) = &c[0];
         assert_eq!((c.in_flight, c.claimed, c.limit, c.stalled), (2, 1, 4, true));
         assert_eq!(c.data_age, Duration::from_millis(300));
-        assert_eq!(view.oldest_age(later), Some(Duration::from_millis(300)));
+        assert_eq!(view.newest_age(later), Some(Duration::from_millis(300)));
     }
 
     #[test]
@@ -153,6 +184,6 @@ mod tests {
         view.apply("mac-a", AgentSaid::Changed(Box::new(serving("tiny", 0))), t);
         view.forget_node("mac-a");
         assert!(view.candidates(&ModelKey::new("ns", "tiny"), t, |_| 0, |_| false).is_empty());
-        assert_eq!(view.oldest_age(t), None);
+        assert_eq!(view.newest_age(t), None);
     }
 }

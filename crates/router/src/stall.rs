@@ -15,6 +15,11 @@ pub const STALL_AFTER: Duration = Duration::from_secs(1);
 /// A first byte that takes this many times the replica's usual time to first byte (and at least
 /// `STALL_AFTER`) marks it stalled too.
 pub const FIRST_BYTE_FACTOR: f64 = 4.0;
+/// A replica found stalled stays out this long at most without news: once the router's requests
+/// there have been tried elsewhere nothing of its own is left to show whether it is back, so it
+/// waits for a byte, for its agent to report it serving again after not serving (the pulse saw it
+/// stop and come back), or for this much time, after which one request finds out.
+pub const STALL_COOLDOWN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy)]
 struct InFlight {
@@ -29,6 +34,8 @@ pub struct StallWatch {
     requests: BTreeMap<u64, InFlight>,
     /// The replica's recent time to first byte, a moving average.
     usual_first_byte: Option<Duration>,
+    /// Since when the replica has been out for stalling.
+    out_since: Option<Instant>,
 }
 
 impl StallWatch {
@@ -47,6 +54,29 @@ impl StallWatch {
             });
         }
         r.last_byte = Some(now);
+        self.out_since = None;
+    }
+
+    /// Its agent reported it serving after it was not: whatever stalled it has been seen to end.
+    pub fn recovered(&mut self) {
+        self.out_since = None;
+    }
+
+    /// Whether the replica is out for stalling at `now`: stalled by what the router's requests
+    /// there show, or found so earlier and not yet heard from (up to `STALL_COOLDOWN`).
+    pub fn out(&mut self, now: Instant) -> bool {
+        if self.stalled(now) {
+            self.out_since.get_or_insert(now);
+            return true;
+        }
+        match self.out_since {
+            Some(since) if now.saturating_duration_since(since) < STALL_COOLDOWN => true,
+            Some(_) => {
+                self.out_since = None;
+                false
+            }
+            None => false,
+        }
     }
 
     pub fn ended(&mut self, id: u64) {
@@ -104,6 +134,25 @@ mod tests {
         w.sent(2, t + ms(1_000));
         assert!(!w.stalled(t + ms(2_900)), "within 4x the usual 500 ms");
         assert!(w.stalled(t + ms(3_000)), "2 s without a first byte where 0.5 s is usual");
+    }
+
+    #[test]
+    fn a_stalled_replica_stays_out_after_its_requests_leave_until_news_or_the_cooldown() {
+        let t = Instant::now();
+        let mut w = StallWatch::default();
+        w.sent(1, t);
+        w.byte(1, t + ms(50));
+        assert!(w.out(t + ms(1_100)), "silent for a second");
+        w.ended(1);
+        assert!(w.out(t + ms(1_200)), "its request was tried elsewhere: still out");
+        assert!(w.out(t + ms(20_000)));
+        assert!(!w.out(t + ms(1_100) + STALL_COOLDOWN), "after the cooldown one request may find out");
+        w.sent(2, t + ms(40_000));
+        w.byte(2, t + ms(40_010));
+        assert!(w.out(t + ms(41_100)));
+        w.recovered();
+        w.ended(2);
+        assert!(!w.out(t + ms(41_200)), "its agent saw it serve again");
     }
 
     #[test]

@@ -1,0 +1,409 @@
+//! The router's one shared state: what the agents last said (`FleetView`), the router's own
+//! claims and stall watches per replica, and a fleet queue per model. A request asks for a
+//! `Lease` on a replica; it gets one at once when a Mac has a free place, waits in its model's
+//! queue (oldest first, up to a deadline) when every Mac is at its limit, or is refused with a
+//! Retry-After. Every place given back and every report that arrives wakes the queue's drainer,
+//! which hands the freed place to the oldest waiter (late binding).
+//!
+//! All of it sits behind one mutex, held only for pure work (a pick is microseconds), never
+//! across an await. A lease gives its place back on drop without taking the lock, so dropping a
+//! lease anywhere (inside the drainer included) cannot deadlock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use metalkube_api::{ModelKey, Phase};
+use metalkube_runtime::sync::lock;
+use tokio::sync::{Notify, oneshot};
+
+use crate::catalog::Entry;
+use crate::claims::{Claim, Claims};
+use crate::fleet_queue::{FleetQueue, RETRY_AFTER_MIN};
+use crate::fleet_view::{AgentSaid, FleetView, Node};
+use crate::metrics::{ModelLabels, NodeLabels, RouterMetrics};
+use crate::picker::{Pick, PickReason, STALE_AFTER, pick};
+use crate::stall::StallWatch;
+
+/// How often the drainer looks at the queues even when nothing woke it: a report that makes a
+/// Mac stale, or a deadline, needs no event.
+const DRAIN_TICK: Duration = Duration::from_millis(20);
+
+#[derive(Debug, Clone)]
+pub struct FleetSettings {
+    /// Requests one model's fleet queue holds before it refuses with 429.
+    pub queue_capacity: usize,
+    /// How long a request waits in the fleet queue at most.
+    pub queue_timeout: Duration,
+}
+
+impl Default for FleetSettings {
+    fn default() -> Self {
+        Self { queue_capacity: 1024, queue_timeout: Duration::from_secs(30) }
+    }
+}
+
+/// Why no replica took a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Every Mac is at its limit and the fleet queue is full.
+    QueueFull { retry_after: Duration },
+    /// The request waited its whole deadline in the fleet queue.
+    Deadline { retry_after: Duration },
+    /// No replica serves (none ready, not red, with fresh load figures).
+    NoReplica { retry_after: Duration },
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::QueueFull { .. } | Refusal::Deadline { .. } => 429,
+            Refusal::NoReplica { .. } => 503,
+        }
+    }
+
+    pub fn retry_after(&self) -> Duration {
+        match self {
+            Refusal::QueueFull { retry_after } | Refusal::Deadline { retry_after } | Refusal::NoReplica { retry_after } => {
+                *retry_after
+            }
+        }
+    }
+
+    /// The `refusals_total{reason}` label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::QueueFull { .. } => "queue_full",
+            Refusal::Deadline { .. } => "deadline",
+            Refusal::NoReplica { .. } => "no_replica",
+        }
+    }
+
+    /// What the client reads.
+    pub fn message(&self, model: &ModelKey) -> String {
+        match self {
+            Refusal::QueueFull { retry_after } => format!(
+                "every replica of {model} is at its limit and the router's queue for it is full; retry after {}s",
+                retry_after.as_secs()
+            ),
+            Refusal::Deadline { retry_after } => format!(
+                "every replica of {model} stayed at its limit for as long as a request may wait; retry after {}s",
+                retry_after.as_secs()
+            ),
+            Refusal::NoReplica { .. } => format!("no replica of {model} is serving now (none ready with fresh load figures)"),
+        }
+    }
+}
+
+/// A place on one replica, held while the request runs there; given back when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    pub model: ModelKey,
+    pub node: Node,
+    /// `host:port` of the replica's serving port.
+    pub address: String,
+    /// How the pick went, for the metric.
+    pub reason: &'static str,
+    /// Time spent in the fleet queue.
+    pub waited: Duration,
+    claim: Option<Claim>,
+    fleet: Weak<Fleet>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        drop(self.claim.take());
+        if let Some(fleet) = self.fleet.upgrade() {
+            fleet.wake.notify_one();
+        }
+    }
+}
+
+/// Where a replica a request is waiting on stands now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaNow {
+    Fine,
+    /// Its agent says it no longer serves, or its agent is gone.
+    NotReady,
+    /// The router's own requests there stopped getting answers, or its agent went quiet.
+    Stalled,
+}
+
+struct Waiter {
+    tx: oneshot::Sender<Lease>,
+    tried: Vec<Node>,
+    since: Instant,
+}
+
+type Replica = (ModelKey, Node);
+
+#[derive(Default)]
+struct State {
+    view: FleetView,
+    /// Each node's serving address (a host: the Mac's IP address or DNS name).
+    hosts: BTreeMap<Node, String>,
+    claims: HashMap<Replica, Arc<Claims>>,
+    stalls: HashMap<Replica, StallWatch>,
+    queues: HashMap<ModelKey, FleetQueue<Waiter>>,
+}
+
+pub struct Fleet {
+    state: Mutex<State>,
+    settings: FleetSettings,
+    wake: Notify,
+    next_request: AtomicU64,
+    metrics: Arc<RouterMetrics>,
+}
+
+impl Fleet {
+    pub fn new(settings: FleetSettings, metrics: Arc<RouterMetrics>) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State::default()),
+            settings,
+            wake: Notify::new(),
+            next_request: AtomicU64::new(1),
+            metrics,
+        })
+    }
+
+    pub fn metrics(&self) -> &RouterMetrics {
+        &self.metrics
+    }
+
+    /// A number that names one attempt of one request in the stall watches.
+    pub fn request_id(&self) -> u64 {
+        self.next_request.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `node`'s agent serves its models at `host`.
+    pub fn set_host(&self, node: &str, host: &str) {
+        lock(&self.state).hosts.insert(node.to_owned(), host.to_owned());
+    }
+
+    /// Takes in what `node`'s agent said, and wakes the drainer: a report may show room.
+    pub fn agent_said(&self, node: &str, said: AgentSaid) {
+        let mut s = lock(&self.state);
+        let now = Instant::now();
+        // A replica its agent reports serving again after not serving has been seen to recover:
+        // a stall the router marked on it no longer stands.
+        let recovered: Vec<ModelKey> = match &said {
+            AgentSaid::Snapshot(reports) => reports.iter().map(|r| r.model.clone()).collect(),
+            AgentSaid::Changed(report) => {
+                let before = s.view.report_of(&report.model, node, now).map(|(serving, _)| serving);
+                let after = report.ready && matches!(report.phase, Some(Phase::Serving | Phase::Sleeping));
+                if before == Some(false) && after { vec![report.model.clone()] } else { Vec::new() }
+            }
+            AgentSaid::Removed(_) => Vec::new(),
+        };
+        for model in recovered {
+            if let Some(w) = s.stalls.get_mut(&(model, node.to_owned())) {
+                w.recovered();
+            }
+        }
+        s.view.apply(node, said, now);
+        drop(s);
+        self.wake.notify_one();
+    }
+
+    /// `node`'s Watch stream ended: nothing it said stands any more.
+    pub fn agent_gone(&self, node: &str) {
+        let mut s = lock(&self.state);
+        s.view.forget_node(node);
+        self.metrics.data_age.remove(&NodeLabels { node: node.to_owned() });
+    }
+
+    /// The models the router can route to now (those some agent reports).
+    pub fn catalog(&self) -> Vec<Entry> {
+        lock(&self.state).view.models().map(|key| Entry { key: key.clone(), aliases: Vec::new() }).collect()
+    }
+
+    /// Whether any agent's load figures are fresh: the router can route.
+    pub fn has_fresh_data(&self) -> bool {
+        lock(&self.state).view.newest_age(Instant::now()).is_some_and(|age| age <= STALE_AFTER)
+    }
+
+    /// A place on a replica of `model` other than those in `tried`: at once, after a wait in the
+    /// model's queue, or a refusal.
+    pub async fn acquire(self: &Arc<Self>, model: &ModelKey, tried: &[Node]) -> Result<Lease, Refusal> {
+        let now = Instant::now();
+        let rx = {
+            let mut s = lock(&self.state);
+            let nobody_waits = s.queues.get(model).is_none_or(FleetQueue::is_empty);
+            if nobody_waits {
+                match self.try_place(&mut s, model, tried, now) {
+                    Placed::Lease(lease) => return Ok(*lease),
+                    Placed::NoReplica => return Err(Refusal::NoReplica { retry_after: RETRY_AFTER_MIN }),
+                    Placed::Hold => {}
+                }
+            }
+            let (tx, rx) = oneshot::channel();
+            let queue = s.queues.entry(model.clone()).or_insert_with(|| FleetQueue::new(self.settings.queue_capacity));
+            let waiter = Waiter { tx, tried: tried.to_vec(), since: now };
+            if let Err(full) = queue.push(waiter, now + self.settings.queue_timeout) {
+                return Err(Refusal::QueueFull { retry_after: full.retry_after });
+            }
+            self.metrics.queue_depth.get_or_create(&ModelLabels { model: model.to_string() }).set(queue.len() as i64);
+            rx
+        };
+        match tokio::time::timeout(self.settings.queue_timeout, rx).await {
+            Ok(Ok(lease)) => Ok(lease),
+            // The drainer dropped the waiter (its deadline passed) or the deadline came here first.
+            _ => Err(Refusal::Deadline { retry_after: self.retry_after(model) }),
+        }
+    }
+
+    fn retry_after(&self, model: &ModelKey) -> Duration {
+        lock(&self.state).queues.get(model).map_or(RETRY_AFTER_MIN, FleetQueue::retry_after)
+    }
+
+    /// Picks a replica of `model` outside `tried` and claims a place there.
+    fn try_place(self: &Arc<Self>, s: &mut State, model: &ModelKey, tried: &[Node], now: Instant) -> Placed {
+        let started = Instant::now();
+        let State { view, hosts, claims, stalls, .. } = s;
+        let out: Vec<Node> =
+            stalls.iter_mut().filter(|((m, _), _)| m == model).filter_map(|((_, n), w)| w.out(now).then(|| n.clone())).collect();
+        let claims_of = |node: &str| claims.get(&(model.clone(), node.to_owned())).map_or(0, |c| c.current());
+        let stalled = |node: &str| out.iter().any(|n| n == node);
+        let mut candidates = view.candidates(model, now, claims_of, stalled);
+        for (node, candidate) in &mut candidates {
+            if tried.contains(node) || !hosts.contains_key(node) {
+                candidate.serving = false;
+            }
+        }
+        let only: Vec<_> = candidates.iter().map(|(_, c)| c.clone()).collect();
+        let picked = pick(&only);
+        self.metrics.pick_duration.observe(started.elapsed().as_secs_f64());
+        match picked {
+            Pick::NoReplica => Placed::NoReplica,
+            Pick::Hold => Placed::Hold,
+            Pick::Dispatch { replica, reason } => {
+                let (node, candidate) = &candidates[replica];
+                let Some(port) = view.serving_port(model, node) else { return Placed::Hold };
+                let Some(host) = hosts.get(node) else { return Placed::Hold };
+                let replica_claims = claims.entry((model.clone(), node.clone())).or_default();
+                let Some(claim) = replica_claims.try_claim(candidate.limit) else { return Placed::Hold };
+                Placed::Lease(Box::new(Lease {
+                    model: model.clone(),
+                    node: node.clone(),
+                    address: host_port(host, port),
+                    reason: match reason {
+                        PickReason::FreePlace => "free_place",
+                        PickReason::OnlyOneWithRoom => "only_one_with_room",
+                    },
+                    waited: Duration::ZERO,
+                    claim: Some(claim),
+                    fleet: Arc::downgrade(self),
+                }))
+            }
+        }
+    }
+
+    /// Hands freed places to the oldest waiters, and lets go of waiters past their deadline. Runs
+    /// for as long as the router does.
+    pub async fn drain_forever(self: Arc<Self>) {
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(DRAIN_TICK) => {}
+            }
+            self.drain(Instant::now());
+            self.publish_ages();
+        }
+    }
+
+    fn drain(self: &Arc<Self>, now: Instant) {
+        let mut s = lock(&self.state);
+        let models: Vec<ModelKey> = s.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(m, _)| m.clone()).collect();
+        for model in models {
+            if let Some(queue) = s.queues.get_mut(&model) {
+                // Dropping an expired waiter's sender tells it so; it answers 429 itself.
+                drop(queue.expire(now));
+            }
+            loop {
+                let Some(queue) = s.queues.get_mut(&model) else { break };
+                let Some(oldest) = queue.oldest() else { break };
+                if oldest.tx.is_closed() {
+                    queue.pop_oldest();
+                    continue;
+                }
+                let tried = oldest.tried.clone();
+                let Placed::Lease(mut lease) = self.try_place(&mut s, &model, &tried, now) else { break };
+                let Some(waiter) = s.queues.get_mut(&model).and_then(FleetQueue::pop_oldest) else { break };
+                lease.reason = "after_wait";
+                lease.waited = now.saturating_duration_since(waiter.since);
+                self.metrics
+                    .queue_wait
+                    .get_or_create(&ModelLabels { model: model.to_string() })
+                    .observe(lease.waited.as_secs_f64());
+                // A waiter that gave up in between gets nothing; the lease's drop gives the place back.
+                let _ = waiter.tx.send(*lease);
+            }
+            let depth = s.queues.get(&model).map_or(0, FleetQueue::len);
+            self.metrics.queue_depth.get_or_create(&ModelLabels { model: model.to_string() }).set(depth as i64);
+        }
+    }
+
+    fn publish_ages(&self) {
+        let s = lock(&self.state);
+        let now = Instant::now();
+        for (node, age) in s.view.node_ages(now) {
+            self.metrics.data_age.get_or_create(&NodeLabels { node }).set(age.as_secs_f64());
+        }
+    }
+
+    /// A request finished on `lease`'s replica: the model's drain rate learns from it.
+    pub fn finished(&self, lease: &Lease) {
+        let mut s = lock(&self.state);
+        let capacity = self.settings.queue_capacity;
+        s.queues.entry(lease.model.clone()).or_insert_with(|| FleetQueue::new(capacity)).completed(Instant::now());
+    }
+
+    /// The router sent a streamed request `id` on `lease`'s replica (only streams are watched for
+    /// stalls: a non-streamed answer's first byte comes when it is done, however long it is).
+    pub fn stream_sent(&self, lease: &Lease, id: u64) {
+        lock(&self.state).stalls.entry(replica_of(lease)).or_default().sent(id, Instant::now());
+    }
+
+    /// Part of the answer to stream `id` arrived.
+    pub fn stream_byte(&self, lease: &Lease, id: u64) {
+        if let Some(w) = lock(&self.state).stalls.get_mut(&replica_of(lease)) {
+            w.byte(id, Instant::now());
+        }
+    }
+
+    pub fn stream_ended(&self, lease: &Lease, id: u64) {
+        if let Some(w) = lock(&self.state).stalls.get_mut(&replica_of(lease)) {
+            w.ended(id);
+        }
+    }
+
+    /// How `lease`'s replica stands now, for a request waiting on it.
+    pub fn replica_now(&self, lease: &Lease) -> ReplicaNow {
+        let mut s = lock(&self.state);
+        let now = Instant::now();
+        if s.stalls.get_mut(&replica_of(lease)).is_some_and(|w| w.out(now)) {
+            return ReplicaNow::Stalled;
+        }
+        match s.view.report_of(&lease.model, &lease.node, now) {
+            Some((true, age)) if age <= STALE_AFTER => ReplicaNow::Fine,
+            Some((true, _)) => ReplicaNow::Stalled,
+            _ => ReplicaNow::NotReady,
+        }
+    }
+}
+
+enum Placed {
+    Lease(Box<Lease>),
+    Hold,
+    NoReplica,
+}
+
+fn replica_of(lease: &Lease) -> Replica {
+    (lease.model.clone(), lease.node.clone())
+}
+
+/// `host:port`, an IPv6 host in brackets.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') { format!("[{host}]:{port}") } else { format!("{host}:{port}") }
+}

@@ -1,0 +1,281 @@
+//! The router's OpenAI-compatible port: `GET /v1/models` lists every model it routes to, and any
+//! `POST` (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, …) is routed by the
+//! body's `model` field to the replica where it is expected to start soonest. A failure before
+//! the client's first byte is tried once more on another Mac; the router's own refusals are 429
+//! (every Mac at its limit) or 503 (none serving), each with a Retry-After in whole seconds.
+//! Beside it, the health port serves `/healthz`, `/readyz` and `/metrics`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use metalkube_api::ModelKey;
+use prometheus_client::registry::Registry;
+use serde_json::Value;
+use tokio::net::TcpListener;
+
+use crate::answers::error_body;
+use crate::catalog::{Entry, resolve};
+use crate::failover::{Attempt, Next, next};
+use crate::fleet::{Fleet, Refusal};
+use crate::forward::{AgentHttp, Outcome, Outgoing, RouterBody, attempt, pass_on, whole};
+use crate::metrics::{RequestLabels, RouterMetrics};
+use crate::models_list::models_list;
+
+/// What the serving port needs.
+pub struct Front {
+    pub fleet: Arc<Fleet>,
+    pub client: AgentHttp,
+    /// The largest request body the router reads (the agents' own limit applies behind it).
+    pub max_body_bytes: usize,
+}
+
+/// Serves the OpenAI-compatible port on `listener` for as long as the router runs.
+pub async fn serve(front: Arc<Front>, listener: TcpListener) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors or a connection reset before accept: the next one may work.
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let front = front.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let front = front.clone();
+                async move { Ok::<_, Infallible>(handle(front, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+async fn handle(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/models") => {
+            let entries: Vec<(Entry, u64)> = front.fleet.catalog().into_iter().map(|e| (e, 0)).collect();
+            whole(StatusCode::OK, "application/json", models_list(&entries).to_string())
+        }
+        (&Method::POST, _) => route(front, req).await,
+        (method, path) => error(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_found",
+            &format!("{method} {path} is not served here; the router routes POST requests (e.g. /v1/chat/completions) and lists models at GET /v1/models"),
+            None,
+        ),
+    }
+}
+
+async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody> {
+    let metrics = front.fleet.metrics();
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, front.max_body_bytes).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            RouterMetrics::count(&metrics.refusals, "bad_request");
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+                &format!("the request body is larger than the router takes ({} bytes)", front.max_body_bytes),
+                None,
+            );
+        }
+        Err(e) => {
+            RouterMetrics::count(&metrics.refusals, "bad_request");
+            return error(StatusCode::BAD_REQUEST, "invalid_request_error", "bad_body", &format!("reading the request body: {e}"), None);
+        }
+    };
+    let catalog = front.fleet.catalog();
+    let (model, streaming) = match read_model(&body, &catalog) {
+        Ok(found) => found,
+        Err((status, code, message)) => {
+            RouterMetrics::count(&metrics.refusals, if status == StatusCode::NOT_FOUND { "unknown_model" } else { "bad_request" });
+            return error(status, "invalid_request_error", code, &message, Some("model"));
+        }
+    };
+    let request = Outgoing {
+        method: parts.method,
+        path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+        headers: parts.headers,
+        body,
+        streaming,
+    };
+    let mut tried = Vec::new();
+    let mut attempts = 0;
+    loop {
+        let lease = match front.fleet.acquire(&model, &tried).await {
+            Ok(lease) => lease,
+            Err(refusal) => return refused(metrics, &model, refusal),
+        };
+        RouterMetrics::count(&metrics.picks, lease.reason);
+        attempts += 1;
+        let id = front.fleet.request_id();
+        let failed = match attempt(&front.client, &front.fleet, &lease, &request, id).await {
+            Outcome::Answered(response) => {
+                let status = response.status().as_u16();
+                let capacity = matches!(status, 429 | 503);
+                if !capacity || next(Attempt::Refused { status }, attempts, false) != Next::TryAnother {
+                    count_request(metrics, &model, &lease.node, status);
+                    return pass_on(front.fleet.clone(), lease, response, streaming, id);
+                }
+                Attempt::Refused { status }
+            }
+            Outcome::Failed(failed) => failed,
+        };
+        match next(failed, attempts, false) {
+            Next::TryAnother => {
+                RouterMetrics::count(&metrics.retries, retry_reason(failed));
+                tracing::info!(model = %model, node = %lease.node, "trying another Mac: {failed:?}");
+                tried.push(lease.node.clone());
+            }
+            // An agent's own 429/503 was passed on above; what is left failed before any answer.
+            Next::Refuse { status } => return replicas_failed(metrics, &model, status),
+            Next::PassOn | Next::StreamError { .. } => return replicas_failed(metrics, &model, 503),
+        }
+    }
+}
+
+fn retry_reason(failed: Attempt) -> &'static str {
+    match failed {
+        Attempt::ConnectFailed | Attempt::BrokeMidAnswer => "connect_failed",
+        Attempt::Refused { .. } | Attempt::Answered { .. } => "refused",
+        Attempt::WentNotReady => "went_not_ready",
+        Attempt::Stalled => "stalled",
+    }
+}
+
+/// The model a request body names, and whether it asks for a stream; or why it cannot be routed.
+fn read_model(body: &Bytes, catalog: &[Entry]) -> Result<(ModelKey, bool), (StatusCode, &'static str, String)> {
+    let bad = |message: String| (StatusCode::BAD_REQUEST, "invalid_request_body", message);
+    let json: Value = serde_json::from_slice(body).map_err(|e| bad(format!("the request body is not JSON: {e}")))?;
+    let Some(object) = json.as_object() else {
+        return Err(bad("the request body must be a JSON object with a \"model\" field".into()));
+    };
+    let requested = match object.get("model") {
+        Some(Value::String(name)) if !name.is_empty() => name,
+        Some(other) => {
+            return Err(bad(format!(
+                "field \"model\" must be a non-empty string naming a model (namespace/name, name or alias), not {other}"
+            )));
+        }
+        None => return Err(bad("field \"model\" is missing: it names the model (namespace/name, name or alias)".into())),
+    };
+    let entry = resolve(requested, catalog).map_err(|e| (StatusCode::NOT_FOUND, "model_not_found", e.to_string()))?;
+    let streaming = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    Ok((entry.key.clone(), streaming))
+}
+
+fn count_request(metrics: &RouterMetrics, model: &ModelKey, replica: &str, status: u16) {
+    metrics
+        .requests
+        .get_or_create(&RequestLabels { model: model.to_string(), replica: replica.to_owned(), code: status.to_string() })
+        .inc();
+}
+
+fn refused(metrics: &RouterMetrics, model: &ModelKey, refusal: Refusal) -> Response<RouterBody> {
+    RouterMetrics::count(&metrics.refusals, refusal.reason());
+    count_request(metrics, model, "", refusal.status());
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let kind = if status == StatusCode::TOO_MANY_REQUESTS { "rate_limit_error" } else { "server_error" };
+    let mut response = error(status, kind, refusal.reason(), &refusal.message(model), None);
+    set_retry_after(&mut response, refusal.retry_after().as_secs().max(1));
+    response
+}
+
+fn replicas_failed(metrics: &RouterMetrics, model: &ModelKey, status: u16) -> Response<RouterBody> {
+    RouterMetrics::count(&metrics.refusals, "replicas_failed");
+    count_request(metrics, model, "", status);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let message = format!("the replicas of {model} tried for this request did not answer it; try again");
+    let mut response = error(status, "server_error", "replicas_failed", &message, None);
+    set_retry_after(&mut response, 1);
+    response
+}
+
+fn set_retry_after(response: &mut Response<RouterBody>, seconds: u64) {
+    if let Ok(v) = HeaderValue::from_str(&seconds.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+}
+
+fn error(status: StatusCode, kind: &str, code: &str, message: &str, param: Option<&str>) -> Response<RouterBody> {
+    whole(status, "application/json", error_body(kind, code, message, param).to_string())
+}
+
+/// `/healthz` (the process answers), `/readyz` (it has fresh load figures from some agent, so it
+/// can route) and `/metrics`.
+pub async fn serve_health(fleet: Arc<Fleet>, registry: Arc<Registry>, listener: TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let fleet = fleet.clone();
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req: Request<Incoming>| {
+                let fleet = fleet.clone();
+                let registry = registry.clone();
+                async move { Ok::<_, Infallible>(health(&fleet, &registry, req.uri().path())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+fn health(fleet: &Fleet, registry: &Registry, path: &str) -> Response<RouterBody> {
+    match path {
+        "/healthz" => whole(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if fleet.has_fresh_data() => whole(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => whole(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no agent has sent fresh load figures\n"),
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => whole(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", Bytes::from(text)),
+                Err(_) => whole(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n"),
+            }
+        }
+        _ => whole(StatusCode::NOT_FOUND, "text/plain", "the health port serves /healthz, /readyz and /metrics\n"),
+    }
+}
+
+/// The address a listener is bound to, for the log line.
+pub fn bound(listener: &TcpListener) -> Option<SocketAddr> {
+    listener.local_addr().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn catalog() -> Vec<Entry> {
+        vec![Entry { key: ModelKey::new("ml", "tiny"), aliases: vec![] }]
+    }
+
+    #[test]
+    fn the_model_field_is_read_and_each_bad_body_says_what_is_wrong() {
+        let ok = read_model(&Bytes::from_static(br#"{"model":"tiny","stream":true}"#), &catalog());
+        assert_eq!(ok, Ok((ModelKey::new("ml", "tiny"), true)));
+        let (status, code, message) = read_model(&Bytes::from_static(b"{"), &catalog()).err().unwrap_or_else(|| unreachable!());
+        assert_eq!((status, code), (StatusCode::BAD_REQUEST, "invalid_request_body"));
+        assert!(message.contains("not JSON"), "{message}");
+        let (_, _, message) = read_model(&Bytes::from_static(br#"{"messages":[]}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        assert!(message.contains("\"model\" is missing"), "{message}");
+        let (_, _, message) = read_model(&Bytes::from_static(br#"{"model":7}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        assert!(message.contains("non-empty string") && message.contains("not 7"), "{message}");
+        let (status, code, message) =
+            read_model(&Bytes::from_static(br#"{"model":"big"}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        assert_eq!((status, code), (StatusCode::NOT_FOUND, "model_not_found"));
+        assert!(message.contains("ml/tiny"), "the answer lists the models there are: {message}");
+    }
+}

@@ -1,0 +1,115 @@
+//! The router's series, `metalkube_router_*`: requests by model, replica and status code, picks by
+//! reason, the fleet queue's depth and wait, retries by what failed, how old each Mac's load
+//! figures are, and how long a pick takes. Labels are bounded by the fleet: models and Macs the
+//! router was told of, and the fixed reason lists below (present at 0 from the start).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    /// The Mac (MetalNode) that answered; empty when no replica took the request.
+    pub replica: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+/// Why a replica was picked: it had a free place among several, it was the only one with room,
+/// or the request waited in the fleet queue for it.
+pub const PICK_REASONS: [&str; 3] = ["free_place", "only_one_with_room", "after_wait"];
+
+/// What made the router try a request again on another Mac.
+pub const RETRY_REASONS: [&str; 4] = ["connect_failed", "refused", "went_not_ready", "stalled"];
+
+/// Why the router answered a request itself without any Mac's answer.
+pub const REFUSAL_REASONS: [&str; 6] =
+    ["queue_full", "deadline", "no_replica", "unknown_model", "bad_request", "replicas_failed"];
+
+fn seconds_histogram() -> Histogram {
+    Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+}
+
+fn pick_histogram() -> Histogram {
+    Histogram::new([0.000_01, 0.000_025, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005])
+}
+
+pub struct RouterMetrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub picks: Family<ReasonLabels, Counter>,
+    pub refusals: Family<ReasonLabels, Counter>,
+    pub retries: Family<ReasonLabels, Counter>,
+    pub queue_depth: Family<ModelLabels, Gauge>,
+    pub queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    pub data_age: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub agent_streams: Gauge,
+    pub pick_duration: Histogram,
+}
+
+impl RouterMetrics {
+    pub fn register(r: &mut Registry) -> Self {
+        let m = Self {
+            requests: Family::default(),
+            picks: Family::default(),
+            refusals: Family::default(),
+            retries: Family::default(),
+            queue_depth: Family::default(),
+            queue_wait: Family::new_with_constructor(seconds_histogram),
+            data_age: Family::default(),
+            agent_streams: Gauge::default(),
+            pick_duration: pick_histogram(),
+        };
+        let r = r.sub_registry_with_prefix("metalkube_router");
+        r.register("requests", "Requests answered, by model, the Mac that answered and status code", m.requests.clone());
+        r.register("picks", "Replicas picked, by reason", m.picks.clone());
+        r.register("refusals", "Requests the router answered itself, by reason", m.refusals.clone());
+        r.register("retries", "Requests tried again on another Mac, by what failed", m.retries.clone());
+        r.register("queue_depth", "Requests waiting in the fleet queue for a place on any Mac", m.queue_depth.clone());
+        r.register_with_unit(
+            "queue_wait",
+            "Time a request waited in the fleet queue before a Mac took it",
+            Unit::Seconds,
+            m.queue_wait.clone(),
+        );
+        r.register_with_unit(
+            "replica_data_age",
+            "Age of the newest load figures each Mac's agent sent (older than 1 s counts as saturated)",
+            Unit::Seconds,
+            m.data_age.clone(),
+        );
+        r.register("agent_streams", "Agents whose Watch stream is open", m.agent_streams.clone());
+        r.register_with_unit("pick_duration", "Time to pick a replica for one request", Unit::Seconds, m.pick_duration.clone());
+        for reason in PICK_REASONS {
+            let _ = m.picks.get_or_create(&ReasonLabels { reason: reason.into() });
+        }
+        for reason in RETRY_REASONS {
+            let _ = m.retries.get_or_create(&ReasonLabels { reason: reason.into() });
+        }
+        for reason in REFUSAL_REASONS {
+            let _ = m.refusals.get_or_create(&ReasonLabels { reason: reason.into() });
+        }
+        m
+    }
+
+    pub fn count(family: &Family<ReasonLabels, Counter>, reason: &str) {
+        family.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    }
+}
