@@ -90,7 +90,8 @@ mod tests {
 
     #[test]
     fn a_slot_never_counts_more_than_its_context() {
-        let over = br#"[{"n_ctx":100,"is_processing":true,"n_prompt_tokens":1000},{"n_ctx":100,"is_processing":false}]"#;
+        let over =
+            br#"[{"n_ctx":100,"is_processing":true,"n_prompt_tokens":1000},{"n_ctx":100,"is_processing":false}]"#;
         assert_eq!(context_use(over, CacheLayout::Split), Some(0.5));
         assert_eq!(context_use(over, CacheLayout::Shared), Some(1.0));
     }
