@@ -170,7 +170,6 @@ async fn engine_admin_paths_are_closed_unless_the_model_opens_them() {
         client.post(format!("{base}/slots/0?action=erase")).body("{}").send().await.unwrap(),
         client.post(format!("{base}/props")).body("{}").send().await.unwrap(),
         client.post(format!("{base}/lora-adapters")).body("[]").send().await.unwrap(),
-        client.get(format!("{base}/metrics")).send().await.unwrap(),
     ];
     for resp in refusals {
         assert_eq!(resp.status(), 403);
@@ -184,6 +183,9 @@ async fn engine_admin_paths_are_closed_unless_the_model_opens_them() {
     assert_eq!((wrong_method.status().as_u16(), wrong_method.headers()["allow"].to_str().unwrap()), (405, "POST"));
     assert_eq!(client.get(format!("{base}/props")).send().await.unwrap().status(), 200, "reading settings is open");
     assert_eq!(client.get(format!("{base}/v1/models")).send().await.unwrap().status(), 200);
+    // `/metrics` is the agent's load figures for endpoint pickers, never the engine's counters.
+    let closed = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(closed.contains("metalkube_agent_queue_depth 0") && !closed.contains("llamacpp:"), "{closed}");
 
     // The model opens two of them.
     let mut d = h.desired("closed", None);
@@ -199,7 +201,11 @@ async fn engine_admin_paths_are_closed_unless_the_model_opens_them() {
     })
     .await;
     assert!(open.is_ok(), "/slots opened by spec.admission.enginePaths");
-    assert_eq!(client.get(format!("{base}/metrics")).send().await.unwrap().status(), 200);
+    let opened = client.get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(opened.status(), 200);
+    let opened = opened.text().await.unwrap();
+    assert!(opened.contains("llamacpp:requests_processing"), "the engine's counters: {opened}");
+    assert!(opened.contains("\nmetalkube_agent_in_flight_requests 0\n"), "then the agent's figures: {opened}");
     assert_eq!(client.post(format!("{base}/props")).body("{}").send().await.unwrap().status(), 403, "still closed");
     h.agent.shutdown().await;
 }

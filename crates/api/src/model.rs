@@ -76,7 +76,8 @@ pub enum EnginePath {
     Props,
     /// `GET/POST /lora-adapters`: adapter scales for everyone.
     LoraAdapters,
-    /// `GET /metrics`: the engine's own counters (the agent re-exports them on its :9090).
+    /// `GET /metrics`: the engine's own counters (the agent re-exports them on its :9090), ahead
+    /// of the agent's load figures that the serving port's `/metrics` answers without it.
     Metrics,
 }
 

@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::Path;
 
 use metalkube_api::EngineSpec;
+use metalkube_vitals::slots::CacheLayout;
 
 pub fn engine_args(engine: &EngineSpec, model: &Path, name: &str, port: u16) -> Vec<OsString> {
     let mut args: Vec<OsString> = vec![
@@ -36,9 +37,33 @@ pub fn engine_args(engine: &EngineSpec, model: &Path, name: &str, port: u16) -> 
     args
 }
 
+/// How the engine started for `engine` lays its KV cache over its slots, which its `/slots`
+/// answer does not say: shared when `extraArgs` turn `--kv-unified` on (the last of the flags
+/// wins, as in llama-server's own parsing), else split, which is what the pinned llama-server does
+/// with the explicit `--parallel` the agent always passes (measured: `-c 512 -np 2` gave two slots
+/// of 256).
+pub fn cache_layout(engine: &EngineSpec) -> CacheLayout {
+    let shared = engine.extra_args.iter().fold(false, |shared, arg| match arg.as_str() {
+        "--kv-unified" | "-kvu" => true,
+        "--no-kv-unified" | "-no-kvu" => false,
+        _ => shared,
+    });
+    if shared { CacheLayout::Shared } else { CacheLayout::Split }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_split_unless_extra_args_unify_it() {
+        let mut engine = EngineSpec::default();
+        assert_eq!(cache_layout(&engine), CacheLayout::Split);
+        engine.extra_args = vec!["--kv-unified".into()];
+        assert_eq!(cache_layout(&engine), CacheLayout::Shared);
+        engine.extra_args = vec!["-kvu".into(), "--no-kv-unified".into()];
+        assert_eq!(cache_layout(&engine), CacheLayout::Split, "the last flag wins");
+    }
 
     #[test]
     fn owned_flags_come_first_and_extra_args_follow_unchanged() {

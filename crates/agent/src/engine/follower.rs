@@ -1,7 +1,8 @@
 //! The engine's own figures, re-exported per model so that one scrape of the agent gives every
 //! engine on the Mac: llama-server's `--metrics` counters (`llamacpp:*`: tokens and seconds
 //! spent on prompts and generation, requests processing and deferred) and the resident memory
-//! of its process.
+//! of its process; and from `/slots`, the share of its context (KV cache) the requests it works
+//! on hold, which endpoint pickers weigh (`metalkube_vitals::slots`).
 //!
 //! llama-server answers `/metrics` from its task loop, so a wedged engine does not answer at all:
 //! the follower asks on its own schedule with a timeout, and the agent's `/metrics` never waits
@@ -11,11 +12,19 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use metalkube_vitals::engine_counters::{EngineCounters, parse_llamacpp_metrics};
+use metalkube_vitals::slots::{CacheLayout, context_use};
 
 use crate::engine::metrics::EngineSeries;
 
 /// How often a running engine's figures are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often a running engine's `/slots` is read for the share of its context in use. An endpoint
+/// picker scrapes every 50 ms by default and compares Macs by this figure, so the counters' 5 s
+/// would let it route on a picture of requests long gone; twice a second follows requests that
+/// last seconds. `/slots` waits for the engine's task loop, so it is not asked on every scrape:
+/// the scrape answers the last reading and never waits on the engine.
+pub const SLOTS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// More than any engine does between two readings (a trillion tokens or seconds): a reading
 /// that claims it is not a count, and adds nothing, so our counters never jump or wrap.
@@ -60,6 +69,7 @@ pub fn apply(series: &EngineSeries, last: &EngineCounters, now: &EngineCounters)
 /// back to 0 (no process, no memory, no requests).
 pub struct EngineFollower {
     task: tokio::task::JoinHandle<()>,
+    slots_task: tokio::task::JoinHandle<()>,
     series: EngineSeries,
     /// Set when dropped. The follower writes only while holding it unset, so a reading that was
     /// under way on another thread cannot land after the gauges went back to 0.
@@ -67,21 +77,51 @@ pub struct EngineFollower {
 }
 
 impl EngineFollower {
-    pub fn start(client: reqwest::Client, port: u16, pid: u32, series: EngineSeries) -> Self {
+    /// `layout` is how the engine's command line laid out its cache (`engine::args::cache_layout`).
+    pub fn start(client: reqwest::Client, port: u16, pid: u32, layout: CacheLayout, series: EngineSeries) -> Self {
         let stopped = Arc::new(Mutex::new(false));
-        let task = tokio::spawn(follow(client, port, pid, series.clone(), stopped.clone()));
-        Self { task, series, stopped }
+        let task = tokio::spawn(follow(client.clone(), port, pid, series.clone(), stopped.clone()));
+        let slots_task = tokio::spawn(follow_slots(client, port, layout, series.clone(), stopped.clone()));
+        Self { task, slots_task, series, stopped }
     }
 }
 
 impl Drop for EngineFollower {
     fn drop(&mut self) {
         self.task.abort();
+        self.slots_task.abort();
         let mut stopped = metalkube_runtime::sync::lock(&self.stopped);
         *stopped = true;
         self.series.rss.set(0);
         self.series.requests_processing.set(0);
         self.series.requests_deferred.set(0);
+        self.series.kv_cache_usage.set(0.0);
+    }
+}
+
+/// Reads the share of the context in use every `SLOTS_INTERVAL`. A reading that does not support
+/// the figure (no answer in time, or a `/slots` without the fields it rests on) leaves the last
+/// one standing rather than claiming an empty cache.
+async fn follow_slots(
+    client: reqwest::Client,
+    port: u16,
+    layout: CacheLayout,
+    series: EngineSeries,
+    stopped: Arc<Mutex<bool>>,
+) {
+    let url = format!("http://127.0.0.1:{port}/slots");
+    let mut ticker = tokio::time::interval(SLOTS_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let read = async { client.get(&url).send().await?.error_for_status()?.bytes().await };
+        let body = tokio::time::timeout(SLOTS_INTERVAL, read).await.ok().and_then(Result::ok);
+        let Some(share) = body.and_then(|b| context_use(&b, layout)) else { continue };
+        let gate = metalkube_runtime::sync::lock(&stopped);
+        if *gate {
+            return;
+        }
+        series.kv_cache_usage.set(share);
     }
 }
 

@@ -1,6 +1,7 @@
 //! The engine stage's series: the figures of a model's llama-server processes, summed over every
 //! process the model has had: resident memory, llama-server's own token and time counters, the
-//! requests it is working on and has deferred. Registered by `EngineMetrics::register`; written by
+//! requests it is working on and has deferred, and the share of its context (KV cache) those
+//! requests hold. Registered by `EngineMetrics::register`; written by
 //! `engine::follower` through a model's `EngineSeries`.
 
 use metalkube_api::ModelKey;
@@ -9,7 +10,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::observe::metrics::{F64Counter, ModelLabels};
+use crate::observe::metrics::{F64Counter, F64Gauge, ModelLabels};
 
 /// The engine stage's families.
 pub struct EngineMetrics {
@@ -20,6 +21,7 @@ pub struct EngineMetrics {
     predicted_seconds: Family<ModelLabels, F64Counter>,
     requests_processing: Family<ModelLabels, Gauge>,
     requests_deferred: Family<ModelLabels, Gauge>,
+    kv_cache_usage: Family<ModelLabels, F64Gauge>,
 }
 
 /// One model's engine series, resolved once per model: what the engine follower writes.
@@ -32,6 +34,8 @@ pub struct EngineSeries {
     pub predicted_seconds: F64Counter,
     pub requests_processing: Gauge,
     pub requests_deferred: Gauge,
+    /// Written by the follower from `/slots`; the serving port answers it to endpoint pickers.
+    pub kv_cache_usage: F64Gauge,
 }
 
 impl EngineMetrics {
@@ -45,6 +49,7 @@ impl EngineMetrics {
             predicted_seconds: Family::default(),
             requests_processing: Family::default(),
             requests_deferred: Family::default(),
+            kv_cache_usage: Family::default(),
         };
         r.register_with_unit(
             "engine_resident_memory",
@@ -84,6 +89,12 @@ impl EngineMetrics {
             "Requests the engine has deferred for lack of a free slot, as it reports",
             m.requests_deferred.clone(),
         );
+        // No `Unit`: prometheus-client would append `_ratios`; a 0..1 ratio is named `_ratio`.
+        r.register(
+            "engine_kv_cache_usage_ratio",
+            "Share (0 to 1) of the engine's context (KV cache) held by the requests it is working on, read from its /slots",
+            m.kv_cache_usage.clone(),
+        );
         m
     }
 
@@ -98,6 +109,7 @@ impl EngineMetrics {
             predicted_seconds: self.predicted_seconds.get_or_create(&labels).clone(),
             requests_processing: self.requests_processing.get_or_create(&labels).clone(),
             requests_deferred: self.requests_deferred.get_or_create(&labels).clone(),
+            kv_cache_usage: self.kv_cache_usage.get_or_create(&labels).clone(),
         }
     }
 
@@ -113,6 +125,7 @@ impl EngineMetrics {
         for family in [&self.prompt_seconds, &self.predicted_seconds] {
             family.remove(&labels);
         }
+        self.kv_cache_usage.remove(&labels);
     }
 }
 
@@ -133,6 +146,9 @@ mod tests {
             assert!(text.contains(&line), "{line} missing from\n{text}");
         }
         assert!(text.contains(r#"metalkube_agent_engine_resident_memory_bytes{model="ns/m"} 4096"#), "{text}");
+        series.kv_cache_usage.set(0.25);
+        let text = registry.encode();
+        assert!(text.contains(r#"metalkube_agent_engine_kv_cache_usage_ratio{model="ns/m"} 0.25"#), "{text}");
         engine.forget(&ModelKey::new("ns", "m"));
         assert!(!registry.encode().contains("ns/m"), "{}", registry.encode());
     }

@@ -1,7 +1,7 @@
 //! The serving stage: the port clients use, in front of every engine. Who may use it (API
 //! keys), which paths pass, framing, the admission queue and its backpressure, the circuit
 //! breaker, and the tap that reads timings from responses as they pass; `metrics` holds the
-//! series they write.
+//! series they write, and `load_gauges` what the port answers endpoint pickers on `/metrics`.
 
 pub mod body_budget;
 pub mod crash_quarantine;
@@ -9,6 +9,7 @@ pub mod framing;
 pub mod in_engine;
 pub mod inspect;
 pub mod listener;
+pub mod load_gauges;
 pub mod metrics;
 pub mod policy;
 pub mod proxy;

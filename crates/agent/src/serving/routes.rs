@@ -1,7 +1,8 @@
 //! Which requests the serving port passes to the engine, as a pure function of method and path.
 //!
 //! An allowlist: inference (behind the admission queue), cheap reads and token counting (straight
-//! through), `/health` (the agent's own verdict). Engine admin and state paths, which expose or
+//! through), `/health` (the agent's own verdict), `/metrics` (the agent's load figures for
+//! endpoint pickers, followed by the engine's own when the MetalModel lists them). Engine admin and state paths, which expose or
 //! change what every client shares (other clients' slots, server-wide settings, adapters, the
 //! engine's counters), are refused unless the MetalModel lists them. Anything else is never
 //! forwarded: the engine may decode or match paths differently than we do, and what we do not
@@ -15,6 +16,8 @@ use metalkube_api::EnginePath;
 pub enum Route {
     /// The agent's verdict on the model, for load balancers.
     Health,
+    /// The model's load figures for endpoint pickers (`load_gauges`).
+    LoadGauges,
     /// Generation: waits for a place at the engine.
     Inference,
     /// No generation (model list, settings read, tokenizing): straight to the engine.
@@ -77,7 +80,8 @@ const EXACT: &[(&str, &str, Route)] = &[
     ("/slots", GET, Route::Engine(EnginePath::Slots)),
     ("/lora-adapters", GET, Route::Engine(EnginePath::LoraAdapters)),
     ("/lora-adapters", POST, Route::Engine(EnginePath::LoraAdapters)),
-    ("/metrics", GET, Route::Engine(EnginePath::Metrics)),
+    // The agent's figures; the engine's counters after them when allowed (see `route`).
+    ("/metrics", GET, Route::LoadGauges),
 ];
 
 /// `POST /slots/{id}?action=save|restore|erase`: one slot's cache, someone else's conversation.
@@ -89,6 +93,7 @@ pub fn route(method: &Method, path: &str, allowed: &[EnginePath]) -> Result<Rout
     let found = EXACT.iter().find(|(p, m, _)| *p == path && *m == method.as_str()).map(|(_, _, r)| *r);
     let found = found.or_else(|| (method == Method::POST && is_slot(path)).then_some(Route::Engine(EnginePath::Slots)));
     match found {
+        Some(Route::LoadGauges) if allowed.contains(&EnginePath::Metrics) => Ok(Route::Engine(EnginePath::Metrics)),
         Some(Route::Engine(p)) if !allowed.contains(&p) => Err(Refusal::Forbidden(p)),
         Some(r) => Ok(r),
         None => Err(allowed_methods(path).map_or(Refusal::UnknownPath, |allow| Refusal::MethodNotAllowed { allow })),
@@ -152,12 +157,13 @@ mod tests {
         assert_eq!(post("/slots/0"), Err(Refusal::Forbidden(EnginePath::Slots)));
         assert_eq!(post("/props"), Err(Refusal::Forbidden(EnginePath::Props)));
         assert_eq!(post("/lora-adapters"), Err(Refusal::Forbidden(EnginePath::LoraAdapters)));
-        assert_eq!(get("/metrics"), Err(Refusal::Forbidden(EnginePath::Metrics)));
+        assert_eq!(get("/metrics"), Ok(Route::LoadGauges), "the agent's own figures, never the engine's");
         let all = [EnginePath::Slots, EnginePath::Props, EnginePath::LoraAdapters, EnginePath::Metrics];
         assert_eq!(route(&Method::GET, "/slots", &all), Ok(Route::Engine(EnginePath::Slots)));
         assert_eq!(route(&Method::POST, "/slots/3", &all), Ok(Route::Engine(EnginePath::Slots)));
         assert_eq!(route(&Method::POST, "/props", &[EnginePath::Props]), Ok(Route::Engine(EnginePath::Props)));
-        assert_eq!(route(&Method::GET, "/metrics", &[EnginePath::Slots]), Err(Refusal::Forbidden(EnginePath::Metrics)));
+        assert_eq!(route(&Method::GET, "/metrics", &[EnginePath::Slots]), Ok(Route::LoadGauges));
+        assert_eq!(route(&Method::GET, "/metrics", &all), Ok(Route::Engine(EnginePath::Metrics)));
     }
 
     #[test]

@@ -86,7 +86,9 @@ impl Supervisor {
         };
         tracing::info!(pid = engine.pid(), port, "engine started");
         // Reads the engine's own counters and memory while it runs; stops with this run.
-        let _follower = EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), self.engine_series.clone());
+        let layout = crate::engine::args::cache_layout(&self.desired.spec.engine);
+        let _follower =
+            EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), layout, self.engine_series.clone());
         self.grader.reset();
         self.report.send_modify(|r| {
             r.internal_port = Some(port);

@@ -142,6 +142,8 @@ impl SupervisorHandle {
             crate::serving::upstream::UpstreamWatch::new(report.clone()),
             ctx.config.client_timeouts,
             series,
+            // The engine stage reads it, the serving port answers it: handed across here.
+            engine_series.kv_cache_usage.clone(),
             pulse_now.clone(),
         );
         let sup = Supervisor {

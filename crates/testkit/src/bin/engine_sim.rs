@@ -12,6 +12,9 @@
 //! Like llama-server, every request the engine's loop handles is a task with the next id from
 //! one counter: completions, and also `/slots` and `/metrics` polls. `/slots` shows, per slot,
 //! the id of the last completion it took (`id_task`), which is what a task-counter check reads.
+//! Its slots' contexts are llama-server's default split of `--ctx-size` over `--parallel`, and a
+//! slot at work shows `n_prompt_tokens` as llama-server does: its prompt plus what it decoded so
+//! far, the KV-cache cells the request holds.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,6 +42,8 @@ struct Sim {
     loaded: AtomicBool,
     slots: Arc<Semaphore>,
     parallel: usize,
+    /// Each slot's context: `--ctx-size` split over the slots, as llama-server does by default.
+    n_ctx: u64,
     processing: AtomicU64,
     requests: AtomicU64,
     tokens: AtomicU64,
@@ -99,7 +104,12 @@ type Shared = Arc<Sim>;
 struct SlotState {
     busy: bool,
     id_task: Option<u64>,
+    /// Tokens the request at work holds: its prompt plus what it decoded so far.
+    tokens: u64,
 }
+
+/// The tokens of every prompt the simulator takes (what its timings say as `prompt_n`).
+const PROMPT_TOKENS: u64 = 5;
 
 impl Sim {
     fn new_task(&self) -> u64 {
@@ -131,6 +141,8 @@ async fn main() -> anyhow::Result<()> {
         Some(slots) => slots,
         None => flag(&args, &["--parallel", "-np"]).unwrap_or_else(|| "1".into()).parse().context("--parallel")?,
     };
+    let ctx_size: u64 =
+        flag(&args, &["--ctx-size", "-c"]).unwrap_or_else(|| "4096".into()).parse().context("--ctx-size")?;
     if startup.exit_at_start {
         eprintln!("sim: error: exit_at_start requested; failed to load model '{model}'");
         std::process::exit(1);
@@ -152,6 +164,7 @@ async fn main() -> anyhow::Result<()> {
         loaded: AtomicBool::new(startup.load_ms == 0),
         slots: Arc::new(Semaphore::new(parallel.max(1))),
         parallel: parallel.max(1),
+        n_ctx: (ctx_size / parallel.max(1) as u64).max(1),
         processing: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         tokens: AtomicU64::new(0),
@@ -239,7 +252,7 @@ async fn slots(State(sim): State<Shared>) -> Json<Value> {
                 let (prompt, decoded) = if id == 0 { (prompt, decoded) } else { (0, 0) };
                 let mut slot = json!({
                     "id": id,
-                    "n_ctx": 4096,
+                    "n_ctx": sim.n_ctx,
                     "is_processing": s.busy,
                     "n_prompt_tokens_processed": prompt,
                     "next_token": [{"n_decoded": decoded}],
@@ -247,6 +260,10 @@ async fn slots(State(sim): State<Shared>) -> Json<Value> {
                 // llama-server leaves `id_task` out for a slot that never took a task.
                 if let Some(task) = s.id_task {
                     slot["id_task"] = json!(task);
+                }
+                // llama-server says what a slot holds only while it works.
+                if s.busy {
+                    slot["n_prompt_tokens"] = json!(s.tokens.min(sim.n_ctx));
                 }
                 slot
             })
@@ -299,11 +316,20 @@ impl Processing {
             let mut slots = sim.slot_state();
             let free = slots.iter().position(|s| !s.busy);
             if let Some(s) = free.and_then(|i| slots.get_mut(i)) {
-                *s = SlotState { busy: true, id_task: Some(id_task) };
+                *s = SlotState { busy: true, id_task: Some(id_task), tokens: PROMPT_TOKENS };
             }
             free
         };
         Self { sim, slot }
+    }
+
+    /// One more token decoded into this request's slot.
+    fn decoded_one(&self) {
+        if let Some(i) = self.slot
+            && let Some(s) = self.sim.slot_state().get_mut(i)
+        {
+            s.tokens = s.tokens.saturating_add(1);
+        }
     }
 }
 impl Drop for Processing {
@@ -388,6 +414,9 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
                     ));
                 }
                 tokio::time::sleep(per_token).await;
+                if let Some((_, processing)) = &guards {
+                    processing.decoded_one();
+                }
                 let chunk = json!({"choices": [{"index": 0, "delta": {"content": "o"}, "finish_reason": null}], "content": "o", "stop": false});
                 Some((Ok(Event::default().data(chunk.to_string())), (i + 1, guards)))
             }
@@ -397,6 +426,7 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     for _ in 0..n_predict {
         tokio::time::sleep(per_token).await;
         sim.decoded.fetch_add(1, Ordering::SeqCst);
+        processing.decoded_one();
     }
     let text = "o".repeat(n_predict as usize);
     Json(json!({

@@ -244,6 +244,12 @@ impl ModelProxy {
                 let body = if parts.method == http::Method::GET && parts.uri.path() == "/props" {
                     head.headers.remove(header::CONTENT_LENGTH);
                     client_props(&body)
+                } else if parts.method == http::Method::GET
+                    && parts.uri.path() == "/metrics"
+                    && head.status == StatusCode::OK
+                {
+                    head.headers.remove(header::CONTENT_LENGTH);
+                    self.with_load_gauges(&body)
                 } else {
                     body
                 };

@@ -1,7 +1,8 @@
 //! The serving port of one model, where the Mac meets untrusted clients. A request goes through:
 //! framing (ambiguous requests refused), the API key (when the model asks for one), the route
 //! (an allowlist; engine admin paths only when the model allows them), then inference waits in
-//! the admission queue while cheap paths go straight through. Paths pass through unchanged;
+//! the admission queue while cheap paths go straight through. `GET /metrics` is the agent's own
+//! answer for endpoint pickers (`load_gauges`), like `/health` open without a key. Paths pass through unchanged;
 //! refusals carry `Retry-After` and an OpenAI-style JSON error.
 //!
 //! Nothing one client sends may change what another gets, except by using capacity: a client's
@@ -34,10 +35,12 @@ use super::queue::Admission;
 use super::responses::ProxyBody;
 use super::routes::{Refusal, Route, engine_path_name, route};
 use crate::model::api_keys::{ApiKeys, presented_key};
+use crate::observe::metrics::F64Gauge;
 use crate::serving::body_budget::BodyBudget;
 use crate::serving::crash_quarantine::CrashQuarantine;
 use crate::serving::in_engine::{InEngine, InEngineRequest};
 use crate::serving::listener::refuse_connection;
+use crate::serving::load_gauges::{self, LoadGauges};
 use crate::serving::metrics::ServingSeries;
 use crate::serving::responses::{client_error, json_response};
 use crate::serving::slow_reader::WriteDeadline;
@@ -109,6 +112,8 @@ pub struct ModelProxy {
     /// `namespace/name`, for messages.
     model: ModelKey,
     series: Arc<ServingSeries>,
+    /// The share of the engine's context in use, which the engine stage reads from `/slots`.
+    kv_cache_usage: F64Gauge,
     /// Wakes the supervisor for a pulse now: a stream stalled, a request timed out, or the engine
     /// answered a client with a server error.
     pulse_now: Arc<Notify>,
@@ -148,6 +153,7 @@ impl ModelProxy {
         upstream: UpstreamWatch,
         timeouts: ClientTimeouts,
         series: Arc<ServingSeries>,
+        kv_cache_usage: F64Gauge,
         pulse_now: Arc<Notify>,
     ) -> Arc<Self> {
         let mut connector = HttpConnector::new();
@@ -167,6 +173,7 @@ impl ModelProxy {
             timeouts,
             model,
             series,
+            kv_cache_usage,
             pulse_now,
             closing: AtomicBool::new(false),
         })
@@ -317,9 +324,15 @@ impl ModelProxy {
         let response = match self.admit(&req, verdict, &access) {
             Err(refused) => *refused,
             Ok(Route::Health) => return self.closing_connection(self.health()),
+            // A picker scrapes every 50 ms: its scrapes are not client requests, and counting them
+            // would drown the request counts and durations.
+            Ok(Route::LoadGauges) => return self.closing_connection(self.load_gauges()),
             Ok(Route::Inference) => self.inference(req, peer, started, &access).await,
-            Ok(Route::Cheap | Route::Engine(_)) => match self.upstream() {
+            Ok(route @ (Route::Cheap | Route::Engine(_))) => match self.upstream() {
                 Some(port) => self.forward_cheap(req, peer, port, started, &access).await,
+                // No engine to add its counters: the agent's figures alone, which a picker needs
+                // most when the engine is away.
+                None if route == Route::Engine(EnginePath::Metrics) => self.load_gauges(),
                 None => self.refuse(&self.admission(), Rejection::NotReady),
             },
         };
@@ -366,9 +379,12 @@ impl ModelProxy {
             return Err(Box::new(r));
         }
         let routed = route(req.method(), req.uri().path(), &access.engine_paths);
-        if routed == Ok(Route::Health) {
-            // Load balancers' probes need no key.
-            return Ok(Route::Health);
+        if let Ok(open @ (Route::Health | Route::LoadGauges)) = routed {
+            // Load balancers' probes need no key, nor do endpoint pickers' scrapes: a stock picker
+            // sends none (llm-d's metrics source has TLS options but no header), and the figures
+            // (how many wait, how many run, how full the cache is) say nothing of what clients
+            // sent. The engine's counters, when allowed, still need a key (`Route::Engine`).
+            return Ok(open);
         }
         if !access.api_keys.accepts(presented_key(req.headers())) {
             self.admission().rejected(Rejection::Unauthorized);
@@ -416,6 +432,35 @@ impl ModelProxy {
             ),
         })
         })
+    }
+
+    /// The model's load figures now, as an endpoint picker reads them.
+    fn gauges(&self) -> LoadGauges {
+        LoadGauges {
+            queued: self.series.queue_depth.get(),
+            running: self.series.in_flight.get(),
+            kv_cache_usage: self.kv_cache_usage.get(),
+        }
+    }
+
+    /// `GET /metrics`: the model's load figures (`load_gauges`).
+    fn load_gauges(&self) -> Response<ProxyBody> {
+        let mut r = Response::new(Either::Left(Full::new(Bytes::from(self.gauges().exposition()))));
+        r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(load_gauges::CONTENT_TYPE));
+        r
+    }
+
+    /// The engine's `/metrics` answer with the agent's figures after it: a picker scraping a
+    /// model whose MetalModel lists `metrics` in `enginePaths` still finds them. The engine's
+    /// families are `llamacpp:*`, so no name is said twice.
+    fn with_load_gauges(&self, engine: &Bytes) -> Bytes {
+        let mut text = Vec::with_capacity(engine.len() + 512);
+        text.extend_from_slice(engine);
+        if !engine.is_empty() && !engine.ends_with(b"\n") {
+            text.push(b'\n');
+        }
+        text.extend_from_slice(self.gauges().exposition().as_bytes());
+        Bytes::from(text)
     }
 
     /// The agent's verdict, for load balancers in front of the serving port.
