@@ -74,7 +74,7 @@ enum Task {
         #[arg(long, default_value_t = 100)]
         tokens: u32,
         /// `vitals`: one round of a fault and a load, then 20 s of busy processes beside the real
-        /// engine, goals checked (what `test` runs). `route`: one round of 6 s windows at 80%,
+        /// engine, goals checked (what `test` runs). `route`: one round of 5 s windows at 80%,
         /// failover and overload, on the dev binaries; counts enforced, times printed (what
         /// `test` runs).
         #[arg(long)]
@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
                 _ => rounds.unwrap_or(5),
             };
             if what == "route" {
-                let seconds = seconds.unwrap_or(if quick { 6 } else { 15 });
+                let seconds = seconds.unwrap_or(if quick { 5 } else { 15 });
                 return bench::route(&bench::RouteOptions { quick, rounds: rounds.max(1), seconds: seconds.max(1) });
             }
             let opts = bench::Options {
@@ -291,7 +291,7 @@ fn test() -> anyhow::Result<()> {
     bench::vitals(&bench::Options { quick: true, rounds: 1, poll_seconds: 30, ..bench::Options::default() })?;
     // The routing bench in its quick form: a fleet of real agents under every spreading
     // strategy; it fails on lost requests, never on times.
-    bench::route(&bench::RouteOptions { quick: true, rounds: 1, seconds: 6 })?;
+    bench::route(&bench::RouteOptions { quick: true, rounds: 1, seconds: 5 })?;
     // The hostile-client suite in its quick form: no client may restart the engine or keep
     // another client from being served.
     abuse::abuse(&abuse::Options { quick: true, agent: None, agent_nofile: 512, only: None })

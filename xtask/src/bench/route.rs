@@ -366,14 +366,14 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
     for ((m, spec_mac), child) in macs.iter().zip(&FLEET).zip(children) {
         let r = finish_load(child)?;
         let per_s = r.ok_count() as f64 / cap_seconds;
-        let per_token_ms = agent_decode_ms(m.api);
         report.macs.push(MacFigures {
             name: m.name.clone(),
             speed: spec_mac.speed,
             capacity: per_s,
-            computed: spec_mac.speed.map(|s| computed_capacity(s)),
+            computed: spec_mac.speed.map(computed_capacity),
             ttft_p50: r.ttft_percentile(50.0, |_| true),
-            per_token_ms,
+            // Read at the end: the agent publishes it with its pulse.
+            per_token_ms: None,
         });
     }
     let capacity: f64 = report.macs.iter().map(|m| m.capacity).sum();
@@ -412,7 +412,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             wait_serving(&macs, Duration::from_secs(120))?;
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 5000 + u64::from(round));
             plan.rate = Some(capacity * 0.8);
-            plan.deadline_s = 20.0;
+            plan.deadline_s = 10.0;
             plan.stop = Some((seconds / 3.0, macs[stopped].pids()));
             let r = load(&mut b, &plan)?;
             eprintln!("[route round {}] failover {}: {}", round + 1, s.slug(), r.summary());
@@ -428,6 +428,9 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             eprintln!("[route round {}] overload {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::Overload, round, *s, r));
         }
+    }
+    for (figures, m) in report.macs.iter_mut().zip(&macs) {
+        figures.per_token_ms = agent_decode_ms(m.api);
     }
     if router.is_some() {
         added_latency(&mut b, &mut report, opts, &installed.tiny_model)?;

@@ -8,7 +8,10 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::stats::{Goal, Rounds, Table, cell, paired_diff, ratio, spread, verdict};
+use super::stats::{Figure, Goal, Rounds, Table, cell, paired_diff, ratio, spread, verdict};
+
+/// A figure whose label is built at run time (one row per Mac).
+type OwnedFigure = (String, usize, Box<dyn Fn(&Run) -> Option<f64>>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Strategy {
@@ -208,10 +211,13 @@ impl Run {
         Some(self.recs.iter().filter(|r| r.lost() && !started_before(r)).count() as f64)
     }
 
-    /// TTFT p99 after the stop (from a second after it) over TTFT p99 before it.
+    /// TTFT percentile before the stop (requests whose first byte came before it: one caught
+    /// by the stop is the stop's, not the fleet's usual) and from a second after it (every
+    /// request, those a baseline still sends to the stopped Mac included).
     fn ttft_before_after(&self, p: f64) -> (Option<f64>, Option<f64>) {
         let Some(stop) = self.stop() else { return (None, None) };
-        (self.ttft_percentile(p, |r| r.at_ms < stop), self.ttft_percentile(p, |r| r.at_ms >= stop + 1000.0))
+        let before = |r: &Rec| r.at_ms < stop && r.ttft_ms.is_some_and(|t| r.at_ms + t <= stop);
+        (self.ttft_percentile(p, before), self.ttft_percentile(p, |r| r.at_ms >= stop + 1000.0))
     }
 
     fn refusal_percentile(&self, p: f64) -> Option<f64> {
@@ -312,7 +318,7 @@ impl Report {
         v
     }
 
-    fn table(&self, title: String, load: Load, figures: &[(&str, usize, &dyn Fn(&Run) -> Option<f64>)]) -> Table {
+    fn table(&self, title: String, load: Load, figures: &[Figure<'_, Run>]) -> Table {
         let strategies = self.strategies();
         let cols: Vec<&str> = strategies.iter().map(|s| s.title()).collect();
         let mut t = Table::new(title, &cols);
@@ -345,7 +351,7 @@ impl Report {
         let n_macs = self.macs.len();
         for fraction in self.loads() {
             let load = Load::Steady(fraction);
-            let mut figures: Vec<(String, usize, Box<dyn Fn(&Run) -> Option<f64>>)> = vec![
+            let mut figures: Vec<OwnedFigure> = vec![
                 ("requests".into(), 0, Box::new(|r: &Run| Some(r.recs.len() as f64))),
                 ("lost".into(), 0, Box::new(|r: &Run| Some(r.lost() as f64))),
                 (
@@ -371,8 +377,7 @@ impl Report {
                     Box::new(move |r: &Run| r.shares(n_macs).get(i).copied()),
                 ));
             }
-            let refs: Vec<(&str, usize, &dyn Fn(&Run) -> Option<f64>)> =
-                figures.iter().map(|(l, p, f)| (l.as_str(), *p, f.as_ref())).collect();
+            let refs: Vec<Figure<'_, Run>> = figures.iter().map(|(l, p, f)| (l.as_str(), *p, f.as_ref())).collect();
             out.push(self.table(
                 format!(
                     "{:.0}% of capacity ({:.1} requests/s, Poisson), median [min–max] of {} rounds",
@@ -390,7 +395,7 @@ impl Report {
             let stopped = *stopped;
             let load = Load::Failover { stopped };
             let name = self.macs.get(stopped).map_or("?".into(), |m| m.name.clone());
-            let figures: [(&str, usize, &dyn Fn(&Run) -> Option<f64>); 8] = [
+            let figures: [Figure<'_, Run>; 8] = [
                 ("requests", 0, &|r| Some(r.recs.len() as f64)),
                 ("stopped at s", 1, &|r| r.stop().map(|s| s / 1000.0)),
                 ("sent to it > 1 s after", 0, &|r| r.dispatched_after(stopped)),
@@ -405,14 +410,14 @@ impl Report {
             ];
             out.push(self.table(
                 format!(
-                    "failover: {name} (agent and engine) SIGSTOPped under 80% load, client deadline 20 s; median [min–max] of {} rounds",
+                    "failover: {name} (agent and engine) SIGSTOPped under 80% load, client deadline 10 s; median [min–max] of {} rounds",
                     self.rounds
                 ),
                 load,
                 &figures,
             ));
         }
-        let figures: [(&str, usize, &dyn Fn(&Run) -> Option<f64>); 8] = [
+        let figures: [Figure<'_, Run>; 8] = [
             ("requests", 0, &|r| Some(r.recs.len() as f64)),
             ("answered 2xx", 0, &|r| Some(r.ok_count() as f64)),
             ("refused (429/503)", 0, &|r| Some(r.recs.iter().filter(|x| x.refused()).count() as f64)),
@@ -751,8 +756,9 @@ mod tests {
         assert_eq!(run.dispatched_after(0), Some(1.0));
         assert_eq!(run.unstarted_errors(), Some(2.0));
         assert_eq!(run.lost(), 3);
-        // After the stop: 30 ms and a lost one counted at the deadline; the refusal is not a start.
-        assert_eq!(run.ttft_before_after(99.0), (Some(10.0), Some(20_000.0)));
+        // Before: the two whose first byte came before the stop; after: 30 ms and a lost one counted
+        // at the deadline (the refusal is not a start).
+        assert_eq!(run.ttft_before_after(99.0), (Some(20.0), Some(20_000.0)));
         assert_eq!(run.refusals_without_retry_after(), 1.0);
     }
 
