@@ -24,7 +24,7 @@ enum Task {
     /// cached under ~/.cache/metalkube), the tiny model.
     Setup,
     /// setup, then fmt check, clippy -D warnings (for Linux and for aarch64-apple-darwin), every
-    /// test, `bench vitals --quick` and `abuse --quick`.
+    /// test, `bench vitals --quick`, `bench route --quick` and `abuse --quick`.
     Test,
     /// clippy -D warnings on every crate for aarch64-apple-darwin, C code included (zig and
     /// cargo-zigbuild from PyPI). It stops before the final link, which needs Apple's frameworks:
@@ -40,13 +40,16 @@ enum Task {
     /// SSE streams through each (added per-chunk latency, memory per stream); `metrics`: the
     /// cost of one request's metrics on the serving port; `vitals`: detection of a sick engine
     /// by the pulse, a `/health` poll and an uptime + task-counter check, same engine, same run
-    /// (table also in <target>/bench/vitals/).
+    /// (table also in <target>/bench/vitals/); `route`: one model on four uneven Macs (real
+    /// agents on loopback), spread by random connection (kube-proxy), round-robin,
+    /// least-in-flight and metalkube-router at 50/80/95% of capacity, with a Mac stopped and at
+    /// 2x overload (also in <target>/bench/route/).
     Bench {
-        #[arg(value_parser = ["proxy", "stream", "metrics", "vitals"])]
+        #[arg(value_parser = ["proxy", "stream", "metrics", "vitals", "route"])]
         what: String,
-        /// Seconds per measured window (`proxy`).
-        #[arg(long, default_value_t = 5)]
-        seconds: u32,
+        /// Seconds per measured window (`proxy`: 5; `route`: 15).
+        #[arg(long)]
+        seconds: Option<u32>,
         /// Rounds; figures are the median and range over them (default 5; `vitals`: 3). Quick:
         /// --seconds 2 --rounds 2.
         #[arg(long)]
@@ -71,7 +74,9 @@ enum Task {
         #[arg(long, default_value_t = 100)]
         tokens: u32,
         /// `vitals`: one round of a fault and a load, then 20 s of busy processes beside the real
-        /// engine, goals checked (what `test` runs).
+        /// engine, goals checked (what `test` runs). `route`: one round of 5 s windows at 80%,
+        /// failover and overload, on the dev binaries; counts enforced, times printed (what
+        /// `test` runs).
         #[arg(long)]
         quick: bool,
         /// `vitals`: seconds between two checks of each alternative (LLMKube's Metal agent
@@ -127,12 +132,16 @@ fn main() -> anyhow::Result<()> {
         }
         Task::Bench { what, seconds, rounds, agent, perf, only, streams, token_ms, tokens, quick, poll_seconds } => {
             let rounds = match (what.as_str(), quick) {
-                ("vitals", true) => 1,
-                ("vitals", false) => rounds.unwrap_or(3),
+                ("vitals" | "route", true) => 1,
+                ("vitals" | "route", false) => rounds.unwrap_or(3),
                 _ => rounds.unwrap_or(5),
             };
+            if what == "route" {
+                let seconds = seconds.unwrap_or(if quick { 5 } else { 15 });
+                return bench::route(&bench::RouteOptions { quick, rounds: rounds.max(1), seconds: seconds.max(1) });
+            }
             let opts = bench::Options {
-                seconds,
+                seconds: seconds.unwrap_or(5),
                 rounds: rounds.max(1),
                 agent,
                 perf,
@@ -280,6 +289,9 @@ fn test() -> anyhow::Result<()> {
     // The detection bench in its quick form, on the binaries just built: a fault metalkube must
     // detect and a load it must not mistake for one. It checks counts, never times.
     bench::vitals(&bench::Options { quick: true, rounds: 1, poll_seconds: 30, ..bench::Options::default() })?;
+    // The routing bench in its quick form: a fleet of real agents under every spreading
+    // strategy; it fails on lost requests, never on times.
+    bench::route(&bench::RouteOptions { quick: true, rounds: 1, seconds: 5 })?;
     // The hostile-client suite in its quick form: no client may restart the engine or keep
     // another client from being served.
     abuse::abuse(&abuse::Options { quick: true, agent: None, agent_nofile: 512, only: None })

@@ -8,6 +8,13 @@ use serde::{Deserialize, Serialize};
 pub struct Fault {
     /// Compute time added to every completion.
     pub latency_ms: u64,
+    /// Decode time per generated token, in microseconds, on top of `latency_ms`'s share: an
+    /// answer of n tokens takes n times this, streamed token by token, so a Mac of half the
+    /// speed is a simulator with twice the figure (the routing benchmark's uneven fleet).
+    pub token_us: u64,
+    /// Prompt-processing time per prompt token (a word of the prompt or of the messages'
+    /// contents), in microseconds: a long prompt delays the first token as it does on a Mac.
+    pub prompt_token_us: u64,
     /// Compute time added per completion served so far: a gradual slowdown.
     pub drift_ms_per_request: u64,
     /// Only the next completion takes this much longer (the slow first call after idle).

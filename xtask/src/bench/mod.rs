@@ -1,16 +1,19 @@
-//! `cargo xtask bench proxy | stream | vitals`. `proxy` and `stream`: the agent's serving port
+//! `cargo xtask bench proxy | stream | vitals | route`. `proxy` and `stream`: the agent's serving port
 //! beside a direct connection, HAProxy and nginx, same upstream, same offered load, measured in
 //! one run in interleaved rounds. `proxy`: throughput, added latency, CPU per request and time to
 //! a refusal under 10x overload; `stream`: 1,000 concurrent SSE streams, added per-chunk latency
 //! and memory per stream. This module starts and stops what they measure. `vitals` (its own
 //! folder): detection of a sick engine by the pulse against a `/health` poll and an uptime +
-//! task-counter check, same engine, same run.
+//! task-counter check, same engine, same run. `route` (issue 20): a fleet of uneven Macs behind
+//! kube-proxy-like, round-robin and least-in-flight spreading and metalkube-router.
 
 pub(crate) mod procfs;
 mod profile;
 mod proxy;
 mod proxy_report;
 mod proxy_windows;
+mod route;
+mod route_report;
 pub(crate) mod stats;
 mod stream;
 mod vitals;
@@ -26,6 +29,7 @@ use anyhow::{Context, bail};
 use crate::{cargo, root, run};
 
 pub use proxy::proxy;
+pub use route::{RouteOptions, route};
 pub use stream::stream;
 pub use vitals::vitals;
 

@@ -381,14 +381,26 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     let n_predict =
         body.get("n_predict").or_else(|| body.get("max_tokens")).and_then(Value::as_u64).unwrap_or(8).clamp(1, 256);
     sim.tokens.fetch_add(n_predict, Ordering::SeqCst);
-    let prompt_ms = compute_ms as f64 * 0.2;
-    let per_token = Duration::from_secs_f64(compute_ms as f64 * 0.8 / 1000.0 / n_predict as f64);
+    let prompt_n = prompt_tokens(&body);
+    // A fifth of the fixed compute time is the prompt's, the rest the answer's, spread evenly
+    // over its tokens; the per-token times of the fault come on top.
+    let prompt_planned = Duration::from_secs_f64(compute_ms as f64 * 0.2 / 1000.0)
+        + Duration::from_micros(fault.prompt_token_us.saturating_mul(prompt_n));
+    let per_token = Duration::from_secs_f64(compute_ms as f64 * 0.8 / 1000.0 / n_predict as f64)
+        + Duration::from_micros(fault.token_us);
     let queued_ms = arrived.elapsed().as_secs_f64() * 1000.0;
-    let timings = json!({"prompt_n": 5, "prompt_ms": prompt_ms, "predicted_n": n_predict, "predicted_ms": compute_ms as f64 * 0.8, "queued_ms": queued_ms});
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_secs_f64(prompt_ms / 5000.0)).await;
+    let prompt_started = tokio::time::Instant::now();
+    for chunk in 1..=5u32 {
+        tokio::time::sleep_until(prompt_started + prompt_planned * chunk / 5).await;
         sim.prompt_chunks.fetch_add(1, Ordering::SeqCst);
     }
+    let decode = Decode { started: tokio::time::Instant::now(), per_token, n: n_predict };
+    // What the engine reports is what happened, measured, not what was planned: the agent reads
+    // decode time per token from `predicted_ms / predicted_n`, and a router routes by it.
+    let timings = move |decode: &Decode| {
+        json!({"prompt_n": prompt_n, "prompt_ms": ms_between(prompt_started, decode.started), "predicted_n": decode.n,
+               "predicted_ms": ms_between(decode.started, tokio::time::Instant::now()), "queued_ms": queued_ms})
+    };
 
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         let guards = (slot, processing);
@@ -397,7 +409,6 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
             return Sse::new(cadenced_stream(sim.clone(), n_predict, every, guards)).into_response();
         }
         let stream = futures::stream::unfold((0u64, Some(guards)), move |(i, guards)| {
-            let timings = timings.clone();
             let sim = sim.clone();
             async move {
                 // A loop wedged mid-stream stops decoding: nothing more is sent.
@@ -407,13 +418,14 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
                     return None;
                 }
                 if i == n_predict {
-                    let last = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "timings": timings});
+                    let last = json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}], "content": "", "stop": true, "timings": timings(&decode)});
                     return Some((
                         Ok::<_, std::convert::Infallible>(Event::default().data(last.to_string())),
                         (i + 1, guards),
                     ));
                 }
-                tokio::time::sleep(per_token).await;
+                decode.token(i).await;
+                sim.decoded.fetch_add(1, Ordering::SeqCst);
                 if let Some((_, processing)) = &guards {
                     processing.decoded_one();
                 }
@@ -423,8 +435,8 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
         });
         return Sse::new(stream).into_response();
     }
-    for _ in 0..n_predict {
-        tokio::time::sleep(per_token).await;
+    for i in 0..n_predict {
+        decode.token(i).await;
         sim.decoded.fetch_add(1, Ordering::SeqCst);
         processing.decoded_one();
     }
@@ -432,10 +444,47 @@ async fn completion(State(sim): State<Shared>, Json(body): Json<Value>) -> Respo
     Json(json!({
         "content": text,
         "choices": [{"index": 0, "text": text, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": n_predict, "total_tokens": 5 + n_predict},
-        "timings": timings,
+        "usage": {"prompt_tokens": prompt_n, "completion_tokens": n_predict, "total_tokens": prompt_n + n_predict},
+        "timings": timings(&decode),
     }))
     .into_response()
+}
+
+/// An answer's decode schedule: token `i` is due `(i + 1) × per_token` after the start, so the
+/// timer's lateness on one token is not added to every later one (a 4 ms token would otherwise
+/// take 5 and a Mac's speed would depend on the machine running the simulator).
+#[derive(Clone, Copy)]
+struct Decode {
+    started: tokio::time::Instant,
+    per_token: Duration,
+    n: u64,
+}
+
+impl Decode {
+    async fn token(&self, i: u64) {
+        let due = self.per_token.saturating_mul(u32::try_from(i + 1).unwrap_or(u32::MAX));
+        tokio::time::sleep_until(self.started + due).await;
+    }
+}
+
+fn ms_between(from: tokio::time::Instant, to: tokio::time::Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64() * 1000.0
+}
+
+/// The prompt's length in tokens, as the simulator counts them: words of `prompt` (a string or
+/// a list of strings) or of the messages' contents; at least 1 (llama-server adds BOS).
+fn prompt_tokens(body: &Value) -> u64 {
+    let words = |v: &Value| match v {
+        Value::String(s) => s.split_whitespace().count(),
+        Value::Array(parts) => parts.iter().filter_map(Value::as_str).map(|s| s.split_whitespace().count()).sum(),
+        _ => 0,
+    };
+    let prompt = body.get("prompt").map_or(0, words);
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(0, |m| m.iter().filter_map(|m| m.get("content")).map(words).sum());
+    u64::try_from(prompt + messages).unwrap_or(u64::MAX).max(1)
 }
 
 /// Microseconds since the Unix epoch: the clock both the simulator and the benchmark's client
