@@ -5,14 +5,26 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-/// One replica's count of requests this router has on it.
+/// One replica's count of requests this router has on it, and of those that ended since its
+/// agent last reported (the report still counts them as running).
 #[derive(Debug, Default)]
-pub struct Claims(AtomicU32);
+pub struct Claims(AtomicU32, AtomicU32);
 
 impl Claims {
     /// Requests this router has on the replica now.
     pub fn current(&self) -> u32 {
         self.0.load(Ordering::Acquire)
+    }
+
+    /// Requests of this router there that ended since the agent's last report: the report's
+    /// in-flight figure still holds them, so that many of its places are free already.
+    pub fn ended_since_report(&self) -> u32 {
+        self.1.load(Ordering::Acquire)
+    }
+
+    /// The agent reported: its figures now show what ended before.
+    pub fn reported(&self) {
+        self.1.store(0, Ordering::Release);
     }
 
     /// Takes one of `limit` places, unless all are taken: the check and the count are one atomic
@@ -33,6 +45,7 @@ impl Drop for Claim {
     fn drop(&mut self) {
         // Never below zero: every Claim was counted once by `try_claim`.
         let _ = self.0.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.0.1.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -51,6 +64,9 @@ mod tests {
         drop(a);
         assert_eq!(claims.current(), 1);
         assert!(claims.try_claim(2).is_some(), "a place given back is free again");
+        assert_eq!(claims.ended_since_report(), 2, "a and the claim just dropped ended");
+        claims.reported();
+        assert_eq!(claims.ended_since_report(), 0, "the agent's next report counts them");
     }
 
     #[test]

@@ -196,6 +196,16 @@ impl Fleet {
             }
             AgentSaid::Removed(_) => Vec::new(),
         };
+        let reported: Vec<ModelKey> = match &said {
+            AgentSaid::Snapshot(reports) => reports.iter().map(|r| r.model.clone()).collect(),
+            AgentSaid::Changed(report) => vec![report.model.clone()],
+            AgentSaid::Removed(model) => vec![model.clone()],
+        };
+        for model in reported {
+            if let Some(c) = s.claims.get(&(model, node.to_owned())) {
+                c.reported();
+            }
+        }
         for model in recovered {
             if let Some(w) = s.stalls.get_mut(&(model, node.to_owned())) {
                 w.recovered();
@@ -269,6 +279,11 @@ impl Fleet {
         for (node, candidate) in &mut candidates {
             if tried.contains(node) || !hosts.contains_key(node) {
                 candidate.serving = false;
+            }
+            // What ended since the agent's last report is still in its figures: those places
+            // are free, and waiting for the next report (up to 100 ms) would leave them idle.
+            if let Some(c) = claims.get(&(model.clone(), node.clone())) {
+                candidate.in_flight = candidate.in_flight.saturating_sub(c.ended_since_report());
             }
         }
         let only: Vec<_> = candidates.iter().map(|(_, c)| c.clone()).collect();

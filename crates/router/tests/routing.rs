@@ -264,10 +264,15 @@ async fn a_full_fleet_answers_429_with_a_retry_after_and_the_model_field_picks_t
     let router = Router::start(dir.path(), &[&mac], &["--queue-capacity", "2", "--queue-timeout", "10s"]);
     router.wait_serving(1).await;
 
-    // One place (2 slots less the pulse's), two waiting, the rest refused at once.
+    // One place (2 slots less the pulse's), two waiting, the rest refused at once. (The agent's
+    // figures settle first: the request wait_serving sent is over.)
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let started = Instant::now();
     let results = futures::future::join_all((0..6).map(|_| router.ask(4, false))).await;
     println!("{:?} in {:?}", tally(&results), started.elapsed());
+    for (status, _, body) in &results {
+        println!("{status} {body}");
+    }
     let ok = results.iter().filter(|(s, _, _)| *s == 200).count();
     let refused: Vec<_> = results.iter().filter(|(s, _, _)| *s == 429).collect();
     assert_eq!(ok + refused.len(), 6, "{results:?}");
@@ -290,7 +295,9 @@ async fn a_full_fleet_answers_429_with_a_retry_after_and_the_model_field_picks_t
     assert!(body["error"]["message"].as_str().unwrap().contains("default/tiny"), "{body}");
     let r = client.post(format!("{base}/v1/completions")).body("{\"prompt\": 1}").send().await.unwrap();
     assert_eq!(r.status(), 400);
-    assert!(r.text().await.unwrap().contains("\"model\" is missing"));
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["param"], "model");
+    assert!(body["error"]["message"].as_str().unwrap().contains("\"model\" is missing"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
