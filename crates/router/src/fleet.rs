@@ -65,9 +65,9 @@ impl Refusal {
 
     pub fn retry_after(&self) -> Duration {
         match self {
-            Refusal::QueueFull { retry_after } | Refusal::Deadline { retry_after } | Refusal::NoReplica { retry_after } => {
-                *retry_after
-            }
+            Refusal::QueueFull { retry_after }
+            | Refusal::Deadline { retry_after }
+            | Refusal::NoReplica { retry_after } => *retry_after,
         }
     }
 
@@ -91,7 +91,9 @@ impl Refusal {
                 "every replica of {model} stayed at its limit for as long as a request may wait; retry after {}s",
                 retry_after.as_secs()
             ),
-            Refusal::NoReplica { .. } => format!("no replica of {model} is serving now (none ready with fresh load figures)"),
+            Refusal::NoReplica { .. } => {
+                format!("no replica of {model} is serving now (none ready with fresh load figures)")
+            }
         }
     }
 }
@@ -271,8 +273,11 @@ impl Fleet {
     fn try_place(self: &Arc<Self>, s: &mut State, model: &ModelKey, tried: &[Node], now: Instant) -> Placed {
         let started = Instant::now();
         let State { view, hosts, claims, stalls, .. } = s;
-        let out: Vec<Node> =
-            stalls.iter_mut().filter(|((m, _), _)| m == model).filter_map(|((_, n), w)| w.out(now).then(|| n.clone())).collect();
+        let out: Vec<Node> = stalls
+            .iter_mut()
+            .filter(|((m, _), _)| m == model)
+            .filter_map(|((_, n), w)| w.out(now).then(|| n.clone()))
+            .collect();
         let claims_of = |node: &str| claims.get(&(model.clone(), node.to_owned())).map_or(0, |c| c.current());
         let stalled = |node: &str| out.iter().any(|n| n == node);
         let mut candidates = view.candidates(model, now, claims_of, stalled);

@@ -120,7 +120,13 @@ pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: 
 }
 
 /// The Mac's answer, passed on as it comes, with the lease held until it ends.
-pub fn pass_on(fleet: Arc<Fleet>, lease: Lease, response: Response<Incoming>, streaming: bool, id: u64) -> Response<RouterBody> {
+pub fn pass_on(
+    fleet: Arc<Fleet>,
+    lease: Lease,
+    response: Response<Incoming>,
+    streaming: bool,
+    id: u64,
+) -> Response<RouterBody> {
     let (mut parts, body) = response.into_parts();
     let sse = parts
         .headers
@@ -230,8 +236,15 @@ pub fn whole(status: StatusCode, content_type: &'static str, body: impl Into<Byt
 fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
-        "connection" | "keep-alive" | "proxy-connection" | "proxy-authenticate" | "proxy-authorization" | "te"
-            | "trailer" | "transfer-encoding" | "upgrade"
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
     )
 }
 

@@ -72,7 +72,9 @@ async fn handle(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBod
             StatusCode::NOT_FOUND,
             "invalid_request_error",
             "not_found",
-            &format!("{method} {path} is not served here; the router routes POST requests (e.g. /v1/chat/completions) and lists models at GET /v1/models"),
+            &format!(
+                "{method} {path} is not served here; the router routes POST requests (e.g. /v1/chat/completions) and lists models at GET /v1/models"
+            ),
             None,
         ),
     }
@@ -95,20 +97,32 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
         }
         Err(e) => {
             RouterMetrics::count(&metrics.refusals, "bad_request");
-            return error(StatusCode::BAD_REQUEST, "invalid_request_error", "bad_body", &format!("reading the request body: {e}"), None);
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "bad_body",
+                &format!("reading the request body: {e}"),
+                None,
+            );
         }
     };
     let catalog = front.fleet.catalog();
     let (model, streaming) = match read_model(&body, &catalog) {
         Ok(found) => found,
         Err((status, code, message)) => {
-            RouterMetrics::count(&metrics.refusals, if status == StatusCode::NOT_FOUND { "unknown_model" } else { "bad_request" });
+            RouterMetrics::count(
+                &metrics.refusals,
+                if status == StatusCode::NOT_FOUND { "unknown_model" } else { "bad_request" },
+            );
             return error(status, "invalid_request_error", code, &message, Some("model"));
         }
     };
     let request = Outgoing {
         method: parts.method,
-        path_and_query: parts.uri.path_and_query().map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.path().to_owned(), |p| p.as_str().to_owned()),
         headers: parts.headers,
         body,
         streaming,
@@ -171,7 +185,9 @@ fn read_model(body: &Bytes, catalog: &[Entry]) -> Result<(ModelKey, bool), (Stat
                 "field \"model\" must be a non-empty string naming a model (namespace/name, name or alias), not {other}"
             )));
         }
-        None => return Err(bad("field \"model\" is missing: it names the model (namespace/name, name or alias)".into())),
+        None => {
+            return Err(bad("field \"model\" is missing: it names the model (namespace/name, name or alias)".into()));
+        }
     };
     let entry = resolve(requested, catalog).map_err(|e| (StatusCode::NOT_FOUND, "model_not_found", e.to_string()))?;
     let streaming = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
@@ -181,7 +197,11 @@ fn read_model(body: &Bytes, catalog: &[Entry]) -> Result<(ModelKey, bool), (Stat
 fn count_request(metrics: &RouterMetrics, model: &ModelKey, replica: &str, status: u16) {
     metrics
         .requests
-        .get_or_create(&RequestLabels { model: model.to_string(), replica: replica.to_owned(), code: status.to_string() })
+        .get_or_create(&RequestLabels {
+            model: model.to_string(),
+            replica: replica.to_owned(),
+            code: status.to_string(),
+        })
         .inc();
 }
 
@@ -241,7 +261,11 @@ fn health(fleet: &Fleet, registry: &Registry, path: &str) -> Response<RouterBody
         "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, registry) {
-                Ok(()) => whole(StatusCode::OK, "application/openmetrics-text; version=1.0.0; charset=utf-8", Bytes::from(text)),
+                Ok(()) => whole(
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    Bytes::from(text),
+                ),
                 Err(_) => whole(StatusCode::INTERNAL_SERVER_ERROR, "text/plain", "encoding metrics failed\n"),
             }
         }
@@ -266,12 +290,15 @@ mod tests {
     fn the_model_field_is_read_and_each_bad_body_says_what_is_wrong() {
         let ok = read_model(&Bytes::from_static(br#"{"model":"tiny","stream":true}"#), &catalog());
         assert_eq!(ok, Ok((ModelKey::new("ml", "tiny"), true)));
-        let (status, code, message) = read_model(&Bytes::from_static(b"{"), &catalog()).err().unwrap_or_else(|| unreachable!());
+        let (status, code, message) =
+            read_model(&Bytes::from_static(b"{"), &catalog()).err().unwrap_or_else(|| unreachable!());
         assert_eq!((status, code), (StatusCode::BAD_REQUEST, "invalid_request_body"));
         assert!(message.contains("not JSON"), "{message}");
-        let (_, _, message) = read_model(&Bytes::from_static(br#"{"messages":[]}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        let (_, _, message) =
+            read_model(&Bytes::from_static(br#"{"messages":[]}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
         assert!(message.contains("\"model\" is missing"), "{message}");
-        let (_, _, message) = read_model(&Bytes::from_static(br#"{"model":7}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        let (_, _, message) =
+            read_model(&Bytes::from_static(br#"{"model":7}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
         assert!(message.contains("non-empty string") && message.contains("not 7"), "{message}");
         let (status, code, message) =
             read_model(&Bytes::from_static(br#"{"model":"big"}"#), &catalog()).err().unwrap_or_else(|| unreachable!());

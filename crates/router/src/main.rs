@@ -63,32 +63,30 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let tls = match (args.insecure, &args.agent_ca, &args.client_cert, &args.client_key) {
         (true, ..) => None,
-        (false, Some(ca), Some(cert), Some(key)) => {
-            Some(ClientTls {
+        (false, Some(ca), Some(cert), Some(key)) => Some(ClientTls {
             ca_pem: read(ca, "--agent-ca")?,
             cert_pem: read(cert, "--client-cert")?,
             key_pem: read(key, "--client-key")?,
-        })
-        }
+        }),
         _ => anyhow::bail!("--agent-ca, --client-cert and --client-key are required unless --insecure"),
     };
     let targets: Vec<AgentTarget> = args.agents.iter().map(|a| parse_agent_flag(a)).collect::<Result<_, _>>()?;
 
     let mut registry = Registry::default();
     let metrics = Arc::new(RouterMetrics::register(&mut registry));
-    let fleet = Fleet::new(
-        FleetSettings { queue_capacity: args.queue_capacity, queue_timeout: args.queue_timeout },
-        metrics,
-    );
+    let fleet =
+        Fleet::new(FleetSettings { queue_capacity: args.queue_capacity, queue_timeout: args.queue_timeout }, metrics);
     for target in targets {
         let channel = channel(&target, tls.as_ref())?;
         tokio::spawn(follow(fleet.clone(), target, channel));
     }
     tokio::spawn(fleet.clone().drain_forever());
 
-    let serving = TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
-    let health =
-        TcpListener::bind(&args.http_listen).await.with_context(|| format!("listening on {} (--http-listen)", args.http_listen))?;
+    let serving =
+        TcpListener::bind(&args.listen).await.with_context(|| format!("listening on {} (--listen)", args.listen))?;
+    let health = TcpListener::bind(&args.http_listen)
+        .await
+        .with_context(|| format!("listening on {} (--http-listen)", args.http_listen))?;
     tracing::info!("routing on {:?}, health and metrics on {:?}", bound(&serving), bound(&health));
     let front = Arc::new(Front { fleet: fleet.clone(), client: agent_http(), max_body_bytes: args.max_body_bytes });
     tokio::spawn(serve_health(fleet, Arc::new(registry), health));

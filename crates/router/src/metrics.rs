@@ -78,7 +78,11 @@ impl RouterMetrics {
             pick_duration: pick_histogram(),
         };
         let r = r.sub_registry_with_prefix("metalkube_router");
-        r.register("requests", "Requests answered, by model, the Mac that answered and status code", m.requests.clone());
+        r.register(
+            "requests",
+            "Requests answered, by model, the Mac that answered and status code",
+            m.requests.clone(),
+        );
         r.register("picks", "Replicas picked, by reason", m.picks.clone());
         r.register("refusals", "Requests the router answered itself, by reason", m.refusals.clone());
         r.register("retries", "Requests tried again on another Mac, by what failed", m.retries.clone());
@@ -96,7 +100,12 @@ impl RouterMetrics {
             m.data_age.clone(),
         );
         r.register("agent_streams", "Agents whose Watch stream is open", m.agent_streams.clone());
-        r.register_with_unit("pick_duration", "Time to pick a replica for one request", Unit::Seconds, m.pick_duration.clone());
+        r.register_with_unit(
+            "pick_duration",
+            "Time to pick a replica for one request",
+            Unit::Seconds,
+            m.pick_duration.clone(),
+        );
         for reason in PICK_REASONS {
             let _ = m.picks.get_or_create(&ReasonLabels { reason: reason.into() });
         }

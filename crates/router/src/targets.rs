@@ -34,7 +34,10 @@ mod tests {
     #[test]
     fn an_agent_flag_names_the_node_its_endpoint_and_the_serving_host() {
         let t = parse_agent_flag("mac-1=https://10.0.0.21:7443").ok();
-        assert_eq!(t.map(|t| (t.node, t.endpoint, t.serving_host)), Some(("mac-1".into(), "https://10.0.0.21:7443".into(), "10.0.0.21".into())));
+        assert_eq!(
+            t.map(|t| (t.node, t.endpoint, t.serving_host)),
+            Some(("mac-1".into(), "https://10.0.0.21:7443".into(), "10.0.0.21".into()))
+        );
         let t = parse_agent_flag("mac-2=http://[::1]:7443").ok();
         assert_eq!(t.map(|t| t.serving_host), Some("::1".into()));
         for bad in ["mac-1", "=https://a:1", "mac-1=ftp://a:1", "mac-1=https://:7443"] {

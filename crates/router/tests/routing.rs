@@ -248,11 +248,21 @@ async fn requests_go_where_they_start_soonest_and_a_stopped_mac_costs_no_client_
     }
     let errors: Vec<_> = after.iter().flat_map(|(_, w)| w).filter(|(s, _, _)| *s != 200).collect();
     assert!(errors.is_empty(), "no client whose request had not started gets an error: {errors:?}");
-    let late_to_slow =
-        after.iter().filter(|(at, _)| *at > Duration::from_secs(2)).flat_map(|(_, w)| w).filter(|(_, r, _)| r == "mac-slow");
+    let late_to_slow = after
+        .iter()
+        .filter(|(at, _)| *at > Duration::from_secs(2))
+        .flat_map(|(_, w)| w)
+        .filter(|(_, r, _)| r == "mac-slow");
     assert_eq!(late_to_slow.count(), 0, "nothing answered by the stopped Mac once it was out");
     let retries = router.metrics().await;
-    println!("{}", retries.lines().filter(|l| l.contains("_retries_total") || l.contains("_picks_total")).collect::<Vec<_>>().join("\n"));
+    println!(
+        "{}",
+        retries
+            .lines()
+            .filter(|l| l.contains("_retries_total") || l.contains("_picks_total"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -286,9 +296,19 @@ async fn a_full_fleet_answers_429_with_a_retry_after_and_the_model_field_picks_t
     let base = format!("http://127.0.0.1:{}", router.port);
     let list: Value = client.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["data"][0]["id"], "default/tiny", "{list}");
-    let r = client.post(format!("{base}/v1/completions")).json(&json!({"model": "default/tiny", "prompt": "x", "max_tokens": 2})).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "default/tiny", "prompt": "x", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
-    let r = client.post(format!("{base}/v1/completions")).json(&json!({"model": "huge", "prompt": "x"})).send().await.unwrap();
+    let r = client
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "huge", "prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 404);
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"]["code"], "model_not_found");

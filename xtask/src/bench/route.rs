@@ -191,14 +191,15 @@ fn start_router(b: &mut Bench, macs: &[&Mac]) -> anyhow::Result<Router> {
     let mut cmd = Command::new(b.bins.join("metalkube-router"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http_port}")])
         .arg("--insecure")
-        .args(["--queue-capacity", "256", "--queue-timeout", &QUEUE_TIMEOUT_S.to_string()]);
+        .args(["--queue-capacity", "256", "--queue-timeout", &format!("{QUEUE_TIMEOUT_S}s")]);
     for m in macs {
         cmd.args(["--agent", &format!("{}=http://127.0.0.1:{}", m.name, m.grpc)]);
     }
-    let log = std::fs::File::create(b.dir.join(format!("router-{port}.log")))?;
+    let log_path = b.dir.join(format!("router-{port}.log"));
+    let log = std::fs::File::create(&log_path)?;
     cmd.env("RUST_LOG", "warn").stdout(log.try_clone()?).stderr(log);
     b.note(format!(
-        "metalkube-router --listen 127.0.0.1:<port> --http-listen 127.0.0.1:<port> --insecure --queue-capacity 256 --queue-timeout {QUEUE_TIMEOUT_S} --agent <mac>=http://127.0.0.1:<grpc> …"
+        "metalkube-router --listen 127.0.0.1:<port> --http-listen 127.0.0.1:<port> --insecure --queue-capacity 256 --queue-timeout {QUEUE_TIMEOUT_S}s --agent <mac>=http://127.0.0.1:<grpc> …"
     ));
     b.guard.0.push(cmd.spawn().context("starting metalkube-router")?);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -208,7 +209,7 @@ fn start_router(b: &mut Bench, macs: &[&Mac]) -> anyhow::Result<Router> {
             return Ok(Router { port, http: http_port });
         }
         if Instant::now() > deadline {
-            bail!("metalkube-router was not ready within 30 s");
+            bail!("metalkube-router was not ready within 30 s; its log: {}", log_path.display());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -518,10 +519,10 @@ fn added_latency(b: &mut Bench, report: &mut Report, opts: &RouteOptions, tiny: 
     let home = b.dir.join(fast.name);
     let models = home.join("model");
     std::fs::create_dir_all(&models)?;
-    std::fs::copy(tiny, models.join("tiny.gguf"))?;
+    // start_mac copies the model beside this file (a copy onto itself would empty it).
     std::fs::write(models.join("tiny.gguf.sim.json"), json!({"slots": 64}).to_string())?;
     let saved = std::mem::replace(&mut b.engine, b.bins.join("metalkube-engine-sim"));
-    let mac = start_mac(b, &fast, FLEET.len(), &models.join("tiny.gguf"));
+    let mac = start_mac(b, &fast, FLEET.len(), tiny);
     b.engine = saved;
     let mac = mac?;
     wait_serving(std::slice::from_ref(&mac), Duration::from_secs(60))?;
