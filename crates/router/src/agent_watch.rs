@@ -75,7 +75,7 @@ pub async fn follow(fleet: Arc<Fleet>, target: AgentTarget, channel: Channel) {
         let mut client = AgentClient::new(channel.clone());
         match client.watch(pb::WatchRequest { include_load: true }).await {
             Ok(stream) => {
-                fleet.metrics().agent_streams.inc();
+                let open = StreamOpen::new(&fleet);
                 let mut stream = stream.into_inner();
                 let mut heard = false;
                 let ended = loop {
@@ -93,7 +93,7 @@ pub async fn follow(fleet: Arc<Fleet>, target: AgentTarget, channel: Channel) {
                         Err(status) => break format!("the Watch stream broke: {}", status.message()),
                     }
                 };
-                fleet.metrics().agent_streams.dec();
+                drop(open);
                 fleet.agent_gone(&target.node);
                 tracing::warn!(node = %target.node, "{ended}; its replicas are out of the picker until it is back");
             }
@@ -103,6 +103,23 @@ pub async fn follow(fleet: Arc<Fleet>, target: AgentTarget, channel: Channel) {
         }
         let delay = delays.next().unwrap_or(Duration::from_secs(5));
         tokio::time::sleep(delay).await;
+    }
+}
+
+/// One open Watch stream in `metalkube_router_agent_streams`, counted out however the stream
+/// ends (its task may be aborted when its MetalNode goes).
+struct StreamOpen(Arc<Fleet>);
+
+impl StreamOpen {
+    fn new(fleet: &Arc<Fleet>) -> Self {
+        fleet.metrics().agent_streams.inc();
+        Self(fleet.clone())
+    }
+}
+
+impl Drop for StreamOpen {
+    fn drop(&mut self) {
+        self.0.metrics().agent_streams.dec();
     }
 }
 

@@ -40,6 +40,30 @@ pub fn resolve<'a>(requested: &str, entries: &'a [Entry]) -> Result<&'a Entry, N
     }
 }
 
+/// The model whose Service a request was sent to, read from its Host header: a model's Service is
+/// named after it, so `name`, `name.namespace`, `name.namespace.svc` and
+/// `name.namespace.svc.cluster.local` (with or without a port) name it. A client that used the
+/// model's Service before routing keeps working unchanged, whatever its body's `model` says
+/// (llama-server ignores that field). None when the host names no model, or a bare name more than
+/// one; the body's `model` decides then.
+pub fn by_host<'a>(host: &str, entries: &'a [Entry]) -> Option<&'a Entry> {
+    let host = host.trim().trim_end_matches('.');
+    let host = match host.rsplit_once(':') {
+        Some((h, port)) if !h.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    let labels: Vec<&str> = host.split('.').collect();
+    let (name, namespace) = match labels.as_slice() {
+        [name] => (*name, None),
+        [name, namespace] | [name, namespace, "svc"] => (*name, Some(*namespace)),
+        [name, namespace, "svc", rest @ ..] if !rest.is_empty() => (*name, Some(*namespace)),
+        _ => return None,
+    };
+    let mut matches = entries.iter().filter(|e| e.key.name == name && namespace.is_none_or(|ns| e.key.namespace == ns));
+    let first = matches.next()?;
+    matches.next().is_none().then_some(first)
+}
+
 fn listed<'a>(entries: impl Iterator<Item = &'a Entry>) -> String {
     let keys: Vec<String> = entries.map(|e| e.key.to_string()).collect();
     if keys.is_empty() {
@@ -50,6 +74,31 @@ fn listed<'a>(entries: impl Iterator<Item = &'a Entry>) -> String {
         text.push_str(&format!(" and {} more", keys.len() - LISTED));
     }
     text
+}
+
+#[cfg(test)]
+mod host_tests {
+    use super::*;
+
+    #[test]
+    fn a_models_service_name_in_the_host_names_the_model() {
+        let entries = vec![
+            Entry { key: ModelKey::new("ml", "tiny"), aliases: vec![] },
+            Entry { key: ModelKey::new("team", "tiny"), aliases: vec![] },
+            Entry { key: ModelKey::new("ml", "big"), aliases: vec![] },
+        ];
+        let key = |h: &str| by_host(h, &entries).map(|e| e.key.to_string());
+        assert_eq!(key("big"), Some("ml/big".into()));
+        assert_eq!(key("big:8080"), Some("ml/big".into()));
+        assert_eq!(key("tiny.team"), Some("team/tiny".into()));
+        assert_eq!(key("tiny.ml.svc"), Some("ml/tiny".into()));
+        assert_eq!(key("tiny.ml.svc.cluster.local:8080"), Some("ml/tiny".into()));
+        assert_eq!(key("tiny"), None, "two namespaces have one: the body decides");
+        assert_eq!(key("metalkube-router.metalkube.svc"), None);
+        assert_eq!(key("10.0.0.7:8080"), None);
+        assert_eq!(key("[::1]:8080"), None);
+        assert_eq!(key("tiny.ml.example.com"), None, "not a cluster Service name");
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use crate::claims::{Claim, Claims};
 use crate::fleet_queue::{FleetQueue, RETRY_AFTER_MIN};
 use crate::fleet_view::{AgentSaid, FleetView, Node};
 use crate::metrics::{ModelLabels, NodeLabels, RouterMetrics};
-use crate::picker::{Pick, PickReason, STALE_AFTER, pick};
+use crate::picker::{Candidate, Pick, PickReason, STALE_AFTER, pick, ranked};
 use crate::stall::StallWatch;
 
 /// How often the drainer looks at the queues even when nothing woke it: a report that makes a
@@ -269,6 +269,31 @@ impl Fleet {
         lock(&self.state).queues.get(model).map_or(RETRY_AFTER_MIN, FleetQueue::retry_after)
     }
 
+    /// `model`'s replicas as picker candidates at `now`, those in `tried` (or without a known
+    /// host) left out.
+    fn candidates_now(&self, s: &mut State, model: &ModelKey, tried: &[Node], now: Instant) -> Vec<(Node, Candidate)> {
+        let State { view, hosts, claims, stalls, .. } = s;
+        let out: Vec<Node> = stalls
+            .iter_mut()
+            .filter(|((m, _), _)| m == model)
+            .filter_map(|((_, n), w)| w.out(now).then(|| n.clone()))
+            .collect();
+        let claims_of = |node: &str| claims.get(&(model.clone(), node.to_owned())).map_or(0, |c| c.current());
+        let stalled = |node: &str| out.iter().any(|n| n == node);
+        let mut candidates = view.candidates(model, now, claims_of, stalled);
+        for (node, candidate) in &mut candidates {
+            if tried.contains(node) || !hosts.contains_key(node) {
+                candidate.serving = false;
+            }
+            // What ended since the agent's last report is still in its figures: those places
+            // are free, and waiting for the next report (up to 100 ms) would leave them idle.
+            if let Some(c) = claims.get(&(model.clone(), node.clone())) {
+                candidate.in_flight = candidate.in_flight.saturating_sub(c.ended_since_report());
+            }
+        }
+        candidates
+    }
+
     /// Picks a replica of `model` outside `tried` and claims a place there.
     fn try_place(self: &Arc<Self>, s: &mut State, model: &ModelKey, tried: &[Node], now: Instant) -> Placed {
         let started = Instant::now();
@@ -319,6 +344,57 @@ impl Fleet {
         }
     }
 
+    /// The serving addresses of `model`'s other replicas that could take a request, best first:
+    /// the fallbacks a gateway tries when `picked` fails to connect.
+    pub fn fallbacks(&self, model: &ModelKey, picked: &str) -> Vec<String> {
+        let mut s = lock(&self.state);
+        let now = Instant::now();
+        let candidates = self.candidates_now(&mut s, model, &[picked.to_owned()], now);
+        let only: Vec<_> = candidates.iter().map(|(_, c)| c.clone()).collect();
+        ranked(&only)
+            .into_iter()
+            .filter_map(|i| {
+                let node = &candidates[i].0;
+                Some(host_port(s.hosts.get(node)?, s.view.serving_port(model, node)?))
+            })
+            .collect()
+    }
+
+    /// The nodes whose replica of `model` is not at one of `addresses` (`host:port`): what a
+    /// gateway's subset hint rules out.
+    pub fn nodes_outside(&self, model: &ModelKey, addresses: &[String]) -> Vec<Node> {
+        let s = lock(&self.state);
+        s.view
+            .nodes_of(model)
+            .filter(|node| {
+                let address = s.hosts.get(*node).zip(s.view.serving_port(model, node)).map(|(h, p)| host_port(h, p));
+                address.is_none_or(|a| !addresses.contains(&a))
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// A lease on the replica of `model` at `address`, whatever its load: the gateway sent the
+    /// request there (a fallback), so that is where it runs.
+    pub fn lease_at(self: &Arc<Self>, model: &ModelKey, address: &str) -> Option<Lease> {
+        let mut s = lock(&self.state);
+        let node = s.view.nodes_of(model).find(|node| {
+            s.hosts.get(*node).zip(s.view.serving_port(model, node)).is_some_and(|(h, p)| host_port(h, p) == address)
+        })?;
+        let node = node.clone();
+        let claims = s.claims.entry((model.clone(), node.clone())).or_default().clone();
+        let claim = claims.try_claim(u32::MAX)?;
+        Some(Lease {
+            model: model.clone(),
+            node,
+            address: address.to_owned(),
+            reason: "free_place",
+            waited: Duration::ZERO,
+            claim: Some(claim),
+            fleet: Arc::downgrade(self),
+        })
+    }
+
     /// Hands freed places to the oldest waiters, and lets go of waiters past their deadline. Runs
     /// for as long as the router does.
     pub async fn drain_forever(self: Arc<Self>) {
@@ -340,8 +416,7 @@ impl Fleet {
                 // Dropping an expired waiter's sender tells it so; it answers 429 itself.
                 drop(queue.expire(now));
             }
-            loop {
-                let Some(queue) = s.queues.get_mut(&model) else { break };
+            while let Some(queue) = s.queues.get_mut(&model) {
                 let Some(oldest) = queue.oldest() else { break };
                 if oldest.tx.is_closed() {
                     queue.pop_oldest();

@@ -100,6 +100,11 @@ impl FleetView {
         self.models.keys()
     }
 
+    /// The nodes that report `model`.
+    pub fn nodes_of(&self, model: &ModelKey) -> impl Iterator<Item = &Node> {
+        self.models.get(model).into_iter().flat_map(|r| r.keys())
+    }
+
     /// The port `node` serves `model` on, as its agent last said.
     pub fn serving_port(&self, model: &ModelKey, node: &str) -> Option<u16> {
         self.models.get(model)?.get(node)?.report.serving_port

@@ -22,7 +22,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::answers::error_body;
-use crate::catalog::{Entry, resolve};
+use crate::catalog::{Entry, by_host, resolve};
 use crate::failover::{Attempt, Next, next};
 use crate::fleet::{Fleet, Refusal};
 use crate::forward::{AgentHttp, Outcome, Outgoing, RouterBody, attempt, pass_on, whole};
@@ -107,7 +107,9 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
         }
     };
     let catalog = front.fleet.catalog();
-    let (model, streaming) = match read_model(&body, &catalog) {
+    let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| parts.uri.host());
+    let by_service = host.and_then(|h| by_host(h, &catalog)).map(|e| e.key.clone());
+    let (model, streaming) = match read_model(&body, &catalog, by_service) {
         Ok(found) => found,
         Err((status, code, message)) => {
             RouterMetrics::count(
@@ -171,13 +173,22 @@ fn retry_reason(failed: Attempt) -> &'static str {
     }
 }
 
-/// The model a request body names, and whether it asks for a stream; or why it cannot be routed.
-fn read_model(body: &Bytes, catalog: &[Entry]) -> Result<(ModelKey, bool), (StatusCode, &'static str, String)> {
+/// The model a request is for (the Service it was sent to, else the body's `model`), and whether
+/// it asks for a stream; or why it cannot be routed.
+fn read_model(
+    body: &Bytes,
+    catalog: &[Entry],
+    by_service: Option<ModelKey>,
+) -> Result<(ModelKey, bool), (StatusCode, &'static str, String)> {
     let bad = |message: String| (StatusCode::BAD_REQUEST, "invalid_request_body", message);
     let json: Value = serde_json::from_slice(body).map_err(|e| bad(format!("the request body is not JSON: {e}")))?;
     let Some(object) = json.as_object() else {
         return Err(bad("the request body must be a JSON object with a \"model\" field".into()));
     };
+    let streaming = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if let Some(key) = by_service {
+        return Ok((key, streaming));
+    }
     let requested = match object.get("model") {
         Some(Value::String(name)) if !name.is_empty() => name,
         Some(other) => {
@@ -190,7 +201,6 @@ fn read_model(body: &Bytes, catalog: &[Entry]) -> Result<(ModelKey, bool), (Stat
         }
     };
     let entry = resolve(requested, catalog).map_err(|e| (StatusCode::NOT_FOUND, "model_not_found", e.to_string()))?;
-    let streaming = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
     Ok((entry.key.clone(), streaming))
 }
 
@@ -288,21 +298,27 @@ mod tests {
 
     #[test]
     fn the_model_field_is_read_and_each_bad_body_says_what_is_wrong() {
-        let ok = read_model(&Bytes::from_static(br#"{"model":"tiny","stream":true}"#), &catalog());
+        let ok = read_model(&Bytes::from_static(br#"{"model":"tiny","stream":true}"#), &catalog(), None);
         assert_eq!(ok, Ok((ModelKey::new("ml", "tiny"), true)));
         let (status, code, message) =
-            read_model(&Bytes::from_static(b"{"), &catalog()).err().unwrap_or_else(|| unreachable!());
+            read_model(&Bytes::from_static(b"{"), &catalog(), None).err().unwrap_or_else(|| unreachable!());
         assert_eq!((status, code), (StatusCode::BAD_REQUEST, "invalid_request_body"));
         assert!(message.contains("not JSON"), "{message}");
-        let (_, _, message) =
-            read_model(&Bytes::from_static(br#"{"messages":[]}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        let (_, _, message) = read_model(&Bytes::from_static(br#"{"messages":[]}"#), &catalog(), None)
+            .err()
+            .unwrap_or_else(|| unreachable!());
         assert!(message.contains("\"model\" is missing"), "{message}");
-        let (_, _, message) =
-            read_model(&Bytes::from_static(br#"{"model":7}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        let (_, _, message) = read_model(&Bytes::from_static(br#"{"model":7}"#), &catalog(), None)
+            .err()
+            .unwrap_or_else(|| unreachable!());
         assert!(message.contains("non-empty string") && message.contains("not 7"), "{message}");
-        let (status, code, message) =
-            read_model(&Bytes::from_static(br#"{"model":"big"}"#), &catalog()).err().unwrap_or_else(|| unreachable!());
+        let (status, code, message) = read_model(&Bytes::from_static(br#"{"model":"big"}"#), &catalog(), None)
+            .err()
+            .unwrap_or_else(|| unreachable!());
         assert_eq!((status, code), (StatusCode::NOT_FOUND, "model_not_found"));
         assert!(message.contains("ml/tiny"), "the answer lists the models there are: {message}");
+        let via_service =
+            read_model(&Bytes::from_static(br#"{"model":"gpt-4"}"#), &catalog(), Some(ModelKey::new("ml", "tiny")));
+        assert_eq!(via_service, Ok((ModelKey::new("ml", "tiny"), false)), "the Service named decides, not the body");
     }
 }

@@ -7,15 +7,17 @@
 //! state around it; the edges follow the agents (`agent_watch`), serve the HTTP port
 //! (`http_front`, `forward`) and count (`metrics`).
 //!
-//! Floors, top to bottom (imports point down): `http_front`; `forward`, `agent_watch`; `fleet`;
+//! Floors, top to bottom (imports point down): `http_front`, `ext_proc_service`, `cluster_nodes`; `forward`, `agent_watch`; `fleet`;
 //! `targets`, the pure core, `metrics`, `answers`, `error`.
 
 pub mod agent_watch;
 pub mod answers;
 pub mod catalog;
 pub mod claims;
+pub mod cluster_nodes;
 pub mod error;
 pub mod ext_proc_messages;
+pub mod ext_proc_service;
 pub mod ext_proc_stream;
 pub mod failover;
 pub mod fleet;

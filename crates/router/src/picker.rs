@@ -113,6 +113,21 @@ pub fn pick(candidates: &[Candidate]) -> Pick {
     }
 }
 
+/// Every eligible replica, best first by the same measure (least work ahead at its speed), full or
+/// not: the fallback list a gateway goes down when the pick fails to connect.
+pub fn ranked(candidates: &[Candidate]) -> Vec<usize> {
+    let eligible: Vec<(usize, &Candidate)> = candidates.iter().enumerate().filter(|(_, c)| c.eligible()).collect();
+    let slowest = eligible
+        .iter()
+        .filter_map(|(_, c)| c.seconds_per_token)
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))))
+        .unwrap_or(1.0);
+    let mut order = eligible;
+    order.sort_by(|(ia, a), (ib, b)| a.work_ahead(slowest).total_cmp(&b.work_ahead(slowest)).then(ia.cmp(ib)));
+    order.into_iter().map(|(i, _)| i).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -130,6 +145,14 @@ mod tests {
             limit,
             seconds_per_token: Some(spt),
         }
+    }
+
+    #[test]
+    fn the_fallback_order_is_least_work_first_and_leaves_out_what_cannot_serve() {
+        let mut red = mac(0, 4, 0.01);
+        red.serving = false;
+        let ranked_order = ranked(&[mac(3, 4, 0.01), red, mac(0, 4, 0.04), mac(1, 4, 0.01)]);
+        assert_eq!(ranked_order, [3, 0, 2], "(1+1)*0.01 < (3+1)*0.01 < (0+1)*0.04; the red one is out");
     }
 
     #[test]
