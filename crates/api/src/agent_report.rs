@@ -40,6 +40,9 @@ pub struct ReplicaReport {
     /// Fingerprint of the API keys the agent holds (`keys::fingerprint`; empty: none), compared
     /// with the Secret's to know when keys rotated.
     pub api_keys_fingerprint: String,
+    /// The model's keys by digest, for a router to check clients against; said only on a Watch
+    /// stream that asked for load (elsewhere `Open`, meaning "not said").
+    pub api_keys: crate::keys::ApiKeys,
     /// Fingerprint of the hub token the agent holds (`keys::token_fingerprint`; empty: none).
     pub hub_token_fingerprint: String,
     /// When this replica first served (milliseconds since the Unix epoch), kept across engine
@@ -76,6 +79,7 @@ impl ReplicaReport {
             last_error: None,
             memory_bytes: None,
             api_keys_fingerprint: String::new(),
+            api_keys: crate::keys::ApiKeys::Open,
             hub_token_fingerprint: String::new(),
             serving_since_unix_ms: None,
             download: None,

@@ -3,6 +3,7 @@
 //! agent to send and the controller to read. The wire says "not known" with 0 or "", the api
 //! types with `None`; reading never panics, whatever a peer sends.
 
+use metalkube_api::keys::{ApiKeys, KeyDigest};
 use metalkube_api::{AgentInfo, DownloadProgress, ModelKey, NodeCapacity, ReplicaReport};
 
 use crate::{InfoResponse, ModelRef, ModelState};
@@ -88,6 +89,12 @@ impl From<ReplicaReport> for ModelState {
             host_contended_cause: r.host_contended.unwrap_or_default(),
             slow_after_restart: r.slow_after_restart,
             restart_decision: r.restart_decision.unwrap_or_default(),
+            api_keys: match r.api_keys {
+                ApiKeys::Open => None,
+                ApiKeys::Digests(digests) => {
+                    Some(crate::ApiKeyDigests { sha256: digests.iter().map(|d| d.to_vec()).collect() })
+                }
+            },
             ..ModelState::default()
         };
         // An agent that knows no phase says UNSPECIFIED, as one that said nothing.
@@ -131,6 +138,12 @@ impl TryFrom<ModelState> for ReplicaReport {
             host_contended: said(s.host_contended_cause),
             slow_after_restart: s.slow_after_restart,
             restart_decision: said(s.restart_decision),
+            // A digest of the wrong length matches no key: left out, the set only narrows.
+            api_keys: s.api_keys.map_or(ApiKeys::Open, |keys| {
+                ApiKeys::Digests(
+                    keys.sha256.into_iter().filter_map(|d| KeyDigest::try_from(d.as_slice()).ok()).collect(),
+                )
+            }),
         })
     }
 }
@@ -218,13 +231,17 @@ mod tests {
             proptest::option::of(1u64..),
             download(),
         );
-        let admission = (any::<u32>(), positive());
+        let keys = prop_oneof![
+            Just(ApiKeys::Open),
+            proptest::collection::vec(any::<[u8; 32]>(), 0..3).prop_map(ApiKeys::Digests),
+        ];
+        let admission = (any::<u32>(), positive(), keys);
         (identity, health, load, admission).prop_map(
             |(
                 (model, uid, generation, keys, token),
                 (phase, grade, ready, saturated, pulse_seconds, slow, last_error, host, decision),
                 (restarts, queue_depth, in_flight, serving_port, memory_bytes, serving_since, download),
-                (max_concurrent, decode_seconds_per_token),
+                (max_concurrent, decode_seconds_per_token, api_keys),
             )| ReplicaReport {
                 model,
                 uid,
@@ -249,6 +266,7 @@ mod tests {
                 host_contended: host,
                 slow_after_restart: slow,
                 restart_decision: decision,
+                api_keys,
             },
         )
     }

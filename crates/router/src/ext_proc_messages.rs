@@ -98,20 +98,19 @@ pub fn body_back(body: &[u8]) -> Vec<ProcessingResponse> {
         .collect()
 }
 
-/// Nothing can take the request: 429 when every replica is busy, 503 when none serves, with
-/// a Retry-After in whole seconds and an OpenAI-style JSON error.
+/// The picker answers the request itself: 429 when every replica is busy, 503 when none serves
+/// (both with a Retry-After in whole seconds), or a client error; an OpenAI-style JSON error.
 pub fn refuse(status: u16, retry_after: Duration, code: &str, message: &str) -> ProcessingResponse {
     let body = serde_json::json!({"error": {"message": message, "type": "server_error", "code": code}});
-    let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+    let mut set_headers = vec![set_header("content-type", "application/json")];
+    // Only a refusal for capacity says when to come back; a bad request is bad at any time.
+    if matches!(status, 429 | 503) {
+        let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        set_headers.push(set_header("retry-after", &seconds.to_string()));
+    }
     let immediate = ImmediateResponse {
         status: Some(HttpStatus { code: i32::from(status) }),
-        headers: Some(HeaderMutation {
-            set_headers: vec![
-                set_header("retry-after", &seconds.to_string()),
-                set_header("content-type", "application/json"),
-            ],
-            remove_headers: vec![],
-        }),
+        headers: Some(HeaderMutation { set_headers, remove_headers: vec![] }),
         body: body.to_string().into_bytes(),
         ..ImmediateResponse::default()
     };

@@ -63,6 +63,7 @@ impl ExternalProcessor for EndpointPicker {
             let mut lease: Option<Lease> = None;
             let mut subset: Option<Vec<String>> = None;
             let mut model: Option<ModelKey> = None;
+            let mut key: Option<Vec<u8>> = None;
             // The stream ends when the gateway is done with the request (or gives up): the lease
             // held for it goes with it.
             while let Ok(Some(message)) = inbound.message().await {
@@ -70,6 +71,10 @@ impl ExternalProcessor for EndpointPicker {
                     subset = subset_hint(&message);
                 }
                 let status = response_status(&message);
+                if let Some(processing_request::Request::RequestHeaders(h)) = &message.request {
+                    key = metalkube_api::keys::presented_key(header(h, "authorization"), header(h, "x-api-key"))
+                        .map(<[u8]>::to_vec);
+                }
                 let send = match stream.on(message) {
                     Step::Wait => continue,
                     Step::Send(send) => {
@@ -82,7 +87,7 @@ impl ExternalProcessor for EndpointPicker {
                         send
                     }
                     Step::Pick { body } => {
-                        let (send, picked, for_model) = pick(&fleet, &body, subset.as_deref()).await;
+                        let (send, picked, for_model) = pick(&fleet, &body, subset.as_deref(), key.as_deref()).await;
                         lease = picked;
                         model = for_model;
                         send
@@ -107,6 +112,7 @@ async fn pick(
     fleet: &Arc<Fleet>,
     body: &[u8],
     subset: Option<&[String]>,
+    key: Option<&[u8]>,
 ) -> (Vec<ProcessingResponse>, Option<Lease>, Option<ModelKey>) {
     let metrics = fleet.metrics();
     let requested = serde_json::from_slice::<Value>(body)
@@ -125,6 +131,11 @@ async fn pick(
             return (vec![refuse(404, std::time::Duration::ZERO, "model_not_found", &e.to_string())], None, None);
         }
     };
+    if !fleet.keys_of(&model).accepts(key) {
+        RouterMetrics::count(&metrics.refusals, "unauthorized");
+        let message = format!("{model} asks for an API key: send Authorization: Bearer <key> with one of its keys");
+        return (vec![refuse(401, std::time::Duration::ZERO, "invalid_api_key", &message)], None, Some(model));
+    }
     let ruled_out = subset.map(|allowed| fleet.nodes_outside(&model, allowed)).unwrap_or_default();
     match fleet.acquire(&model, &ruled_out).await {
         Ok(lease) => {

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use metalkube_api::keys::{ApiKeys, KeyDigest};
 use metalkube_api::{ModelKey, Phase};
 use metalkube_runtime::sync::lock;
 use tokio::sync::{Notify, oneshot};
@@ -228,6 +229,20 @@ impl Fleet {
     /// The models the router can route to now (those some agent reports).
     pub fn catalog(&self) -> Vec<Entry> {
         lock(&self.state).view.models().map(|key| Entry { key: key.clone(), aliases: Vec::new() }).collect()
+    }
+
+    /// Who may use `model`, as its agents say: the union of their keys while a rotation is under
+    /// way, and keys required as soon as any replica requires them (an agent that asks for no key
+    /// and one that does: the router asks).
+    pub fn keys_of(&self, model: &ModelKey) -> ApiKeys {
+        let s = lock(&self.state);
+        let mut keys: Option<Vec<KeyDigest>> = None;
+        for report in s.view.reports_of(model) {
+            if let ApiKeys::Digests(digests) = &report.api_keys {
+                keys.get_or_insert_with(Vec::new).extend(digests.iter().copied());
+            }
+        }
+        keys.map_or(ApiKeys::Open, ApiKeys::Digests)
     }
 
     /// Whether any agent's load figures are fresh: the router can route.

@@ -100,6 +100,11 @@ impl FleetView {
         self.models.keys()
     }
 
+    /// What every agent last said of `model`.
+    pub fn reports_of(&self, model: &ModelKey) -> impl Iterator<Item = &ReplicaReport> {
+        self.models.get(model).into_iter().flat_map(|r| r.values().map(|seen| &seen.report))
+    }
+
     /// The nodes that report `model`.
     pub fn nodes_of(&self, model: &ModelKey) -> impl Iterator<Item = &Node> {
         self.models.get(model).into_iter().flat_map(|r| r.keys())

@@ -119,6 +119,22 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
             return error(status, "invalid_request_error", code, &message, Some("model"));
         }
     };
+    // A client without a valid key is turned away here, before its request takes a place any
+    // other client could use. The key itself goes on to the agent, which checks it again.
+    let presented = metalkube_api::keys::presented_key(
+        parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
+        parts.headers.get("x-api-key").map(HeaderValue::as_bytes),
+    );
+    if !front.fleet.keys_of(&model).accepts(presented) {
+        RouterMetrics::count(&metrics.refusals, "unauthorized");
+        count_request(metrics, &model, "", 401);
+        let message = format!(
+            "{model} asks for an API key: send Authorization: Bearer <key> (or x-api-key) with one of its keys"
+        );
+        let mut response = error(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", &message, None);
+        response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
     let request = Outgoing {
         method: parts.method,
         path_and_query: parts

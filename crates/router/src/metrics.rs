@@ -41,8 +41,8 @@ pub const PICK_REASONS: [&str; 3] = ["free_place", "only_one_with_room", "after_
 pub const RETRY_REASONS: [&str; 4] = ["connect_failed", "refused", "went_not_ready", "stalled"];
 
 /// Why the router answered a request itself without any Mac's answer.
-pub const REFUSAL_REASONS: [&str; 6] =
-    ["queue_full", "deadline", "no_replica", "unknown_model", "bad_request", "replicas_failed"];
+pub const REFUSAL_REASONS: [&str; 7] =
+    ["queue_full", "deadline", "no_replica", "unknown_model", "bad_request", "unauthorized", "replicas_failed"];
 
 fn seconds_histogram() -> Histogram {
     Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])

@@ -118,6 +118,15 @@ async fn a_full_fleet_answers_429_with_a_retry_after_and_the_model_field_picks_t
 
     let client = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{}", router.port);
+    // The model's Service named in the Host header picks the model, whatever the body's model says.
+    let r = client
+        .post(format!("{base}/v1/completions"))
+        .header("host", "tiny.default.svc.cluster.local:8080")
+        .json(&json!({"model": "gpt-4", "prompt": "x", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "routed by the Service name");
     let list: Value = client.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["data"][0]["id"], "default/tiny", "{list}");
     let r = client
@@ -175,4 +184,33 @@ async fn on_the_real_engine_requests_spread_over_both_macs_and_a_stopped_engine_
     metalkube_testkit::processes::signal(pid, nix::sys::signal::Signal::SIGCONT);
     println!("after SIGSTOP (past 2 s): {:?}", tally(&late));
     assert!(late.iter().all(|(_, r, _)| r == "mac-a"), "{:?}", tally(&late));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_a_valid_key_is_turned_away_before_it_takes_a_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = metalkube_testkit::sim_engine();
+    let mac = Mac::start("mac-k", dir.path(), &engine, "24500-24509", "24510-24519");
+    mac.ensure_with_keys(&sim_model(dir.path(), "k", 50), 2, &["sk-old", "sk-new"]).await;
+    mac.wait_ready().await;
+    let router = Router::start(dir.path(), &[&mac], &[]);
+    router.wait_keyed(1).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{}/v1/completions", router.port);
+    let body = json!({"model": "tiny", "prompt": "x", "max_tokens": 2});
+    let none = client.post(&url).json(&body).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    assert_eq!(none.headers()["www-authenticate"], "Bearer");
+    let answer: Value = none.json().await.unwrap();
+    assert_eq!(answer["error"]["code"], "invalid_api_key");
+    let wrong = client.post(&url).bearer_auth("sk-guess").json(&body).send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    for key in ["sk-old", "sk-new"] {
+        let ok = client.post(&url).bearer_auth(key).json(&body).send().await.unwrap();
+        assert_eq!(ok.status(), 200, "{key}: the router forwards the key and the agent takes it");
+    }
+    let metrics = router.metrics().await;
+    assert!(metrics.contains("metalkube_router_refusals_total{reason=\"unauthorized\"} 2"), "{metrics}");
+    let log = std::fs::read_to_string(dir.path().join("router.log")).unwrap_or_default();
+    assert!(!log.contains("sk-old") && !log.contains("sk-guess"), "no key is logged");
 }

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use metalkube_api::keys::ApiKeys;
 use metalkube_api::{MetalModelSpec, validate_model_spec};
 use metalkube_api::{ModelKey, ReplicaReport};
 use metalkube_proto as pb;
@@ -56,9 +57,16 @@ impl AgentService {
         self
     }
 
-    fn state(&self, view: &ModelView) -> pb::ModelState {
+    /// A model's state on the wire. A router (a stream that asked for load) also gets the keys'
+    /// digests, to turn away clients without a valid key before they take a place; the
+    /// controller, which sent them, does not get them back.
+    fn state(&self, view: &ModelView, for_router: bool) -> pb::ModelState {
         let record = self.store.get(&view.health.key());
-        pb::ModelState::from(replica_report(view, record.as_ref()))
+        let mut report = replica_report(view, record.as_ref());
+        if for_router && let Some(record) = &record {
+            report.api_keys = record.api_keys();
+        }
+        pb::ModelState::from(report)
     }
 }
 
@@ -84,6 +92,8 @@ fn replica_report(view: &ModelView, record: Option<&Record>) -> ReplicaReport {
         last_error: report.last_error.clone(),
         memory_bytes: report.memory_bytes,
         api_keys_fingerprint: record.map(|r| r.api_keys().fingerprint()).unwrap_or_default(),
+        // The digests themselves go to routers only (`AgentService::state`).
+        api_keys: ApiKeys::Open,
         hub_token_fingerprint: metalkube_api::keys::token_fingerprint(
             record.and_then(|r| r.hub_token.as_ref()).map(Token::expose),
         ),
@@ -223,7 +233,7 @@ impl AgentApi for AgentService {
             self.store.put(record.clone()).map_err(internal)?;
             self.agent.upsert(record.desired()).await;
         }
-        let state = self.agent.report(&key).await.map(|r| self.state(&r));
+        let state = self.agent.report(&key).await.map(|r| self.state(&r, false));
         Ok(Response::new(pb::EnsureModelResponse { changed: !applied, state }))
     }
 
@@ -236,7 +246,7 @@ impl AgentApi for AgentService {
     }
 
     async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
-        let models = self.agent.reports().await.iter().map(|r| self.state(r)).collect();
+        let models = self.agent.reports().await.iter().map(|r| self.state(r, false)).collect();
         Ok(Response::new(pb::ListModelsResponse { models }))
     }
 
@@ -261,8 +271,13 @@ impl AgentApi for AgentService {
             let mut snapshot = true;
             loop {
                 if snapshot {
-                    let states: Vec<(ModelKey, pb::ModelState)> =
-                        service.agent.reports().await.iter().map(|r| (r.key(), service.state(r))).collect();
+                    let states: Vec<(ModelKey, pb::ModelState)> = service
+                        .agent
+                        .reports()
+                        .await
+                        .iter()
+                        .map(|r| (r.key(), service.state(r, include_load)))
+                        .collect();
                     sent = states.iter().map(|(key, s)| (key.clone(), projection(s))).collect();
                     let models = states.into_iter().map(|(_, s)| s).collect();
                     let event = pb::watch_event::Event::Snapshot(pb::Snapshot { models });
@@ -278,7 +293,7 @@ impl AgentApi for AgentService {
                         // of it: looked at every LOAD_EVERY, sent when it moved or has not been
                         // sent for LOAD_HEARTBEAT (so a router can tell fresh load from stale).
                         for r in service.agent.reports().await {
-                            let state = service.state(&r);
+                            let state = service.state(&r, include_load);
                             let (key, load) = (r.key(), Load::of(&state));
                             let due = load_sent
                                 .get(&key)
@@ -307,7 +322,7 @@ impl AgentApi for AgentService {
                 };
                 let event = match service.agent.report(&key).await {
                     Some(r) => {
-                        let state = service.state(&r);
+                        let state = service.state(&r, include_load);
                         if sent.get(&key) == Some(&projection(&state)) {
                             continue;
                         }

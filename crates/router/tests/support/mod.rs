@@ -60,7 +60,13 @@ impl Mac {
 
     /// Asks the agent to serve `default/tiny` from `model`, as the controller would.
     pub async fn ensure(&self, model: &Path, parallel: u32) {
-        let spec = MetalModelSpec {
+        self.ensure_with_keys(model, parallel, &[]).await;
+    }
+
+    /// As `ensure`, the model asking for one of `keys` when there are any (their digests sent, as
+    /// the controller sends what the model's Secret holds).
+    pub async fn ensure_with_keys(&self, model: &Path, parallel: u32, keys: &[&str]) {
+        let mut spec = MetalModelSpec {
             engine: EngineSpec {
                 context_size: 512,
                 gpu_layers: 0,
@@ -81,6 +87,9 @@ impl Mac {
             },
             ..MetalModelSpec::for_source(format!("file://{}", model.display()))
         };
+        if !keys.is_empty() {
+            spec.auth = serde_json::from_value(json!({"apiKeySecretRef": {"name": "keys", "key": "keys"}})).unwrap();
+        }
         let deadline = Instant::now() + GUARD;
         loop {
             let client = pb::agent_client::AgentClient::connect(format!("http://127.0.0.1:{}", self.grpc_port)).await;
@@ -90,7 +99,7 @@ impl Mac {
                     uid: format!("uid-{}", self.name),
                     generation: 1,
                     spec_json: serde_json::to_string(&spec).unwrap(),
-                    api_key_sha256: vec![],
+                    api_key_sha256: keys.iter().map(|k| metalkube_api::keys::digest(k.as_bytes()).to_vec()).collect(),
                     hub_token: String::new(),
                 };
                 if client.ensure_model(request).await.is_ok() {
@@ -178,6 +187,25 @@ impl Router {
                 .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|age| age < 1.0))
                 .count();
             if fresh >= replicas && self.ask(8, false).await.0 == 200 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the router never saw {replicas} fresh agents:\n{metrics}");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
+
+    /// Waits until the router has fresh figures from `replicas` agents (their models ask for keys,
+    /// so a request cannot probe readiness).
+    pub async fn wait_keyed(&self, replicas: usize) {
+        let deadline = Instant::now() + GUARD;
+        loop {
+            let metrics = self.metrics().await;
+            let fresh = metrics
+                .lines()
+                .filter(|l| l.starts_with("metalkube_router_replica_data_age_seconds{"))
+                .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|age| age < 1.0))
+                .count();
+            if fresh >= replicas {
                 return;
             }
             assert!(Instant::now() < deadline, "the router never saw {replicas} fresh agents:\n{metrics}");
