@@ -121,6 +121,8 @@ pub struct Mac {
     pub budget_bytes: u64,
     /// More `serve` flags (a hub endpoint, a download CA).
     pub extra_args: Vec<String>,
+    /// The engine binary (`--engine`); None: the real llama-server.
+    pub engine: Option<PathBuf>,
     pub proc: Option<Proc>,
 }
 
@@ -144,6 +146,7 @@ impl Mac {
             client_ca: certs.join("client-ca.crt"),
             budget_bytes: BUDGET_BYTES,
             extra_args: Vec::new(),
+            engine: None,
             proc: None,
         }
     }
@@ -167,7 +170,7 @@ impl Mac {
             .arg(&self.client_ca)
             .args(["--memory-budget-bytes", &self.budget_bytes.to_string()])
             .arg("--engine")
-            .arg(metalkube_testkit::real_engine())
+            .arg(self.engine.clone().unwrap_or_else(metalkube_testkit::real_engine))
             .arg("--state-dir")
             .arg(&self.state)
             .args(["--listen", &format!("{}:{}", self.ip, self.http_port)])
