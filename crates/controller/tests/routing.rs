@@ -241,8 +241,11 @@ async fn a_routed_service_follows_the_ready_router_pods_and_falls_back_to_the_ma
     );
 
     // What the controller asked for here, the chart (router on) allows.
-    let manifests =
-        metalkube_testkit::chart::render("metalkube", ROUTER_NS, &["--set", "tls.existingSecret=metalkube-tls"]);
+    let manifests = metalkube_testkit::chart::render(
+        "metalkube",
+        ROUTER_NS,
+        &["--set", "tls.existingSecret=metalkube-tls", "--set", "router.tls.existingSecret=metalkube-router-tls"],
+    );
     let account = metalkube_testkit::chart::documents(&manifests)
         .into_iter()
         .find(|d| d["kind"] == "Deployment" && d["metadata"]["labels"]["app.kubernetes.io/component"] == "controller")
