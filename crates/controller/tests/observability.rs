@@ -535,7 +535,9 @@ async fn prometheus_answers_every_panel_and_alert() {
     if discovered.is_err() {
         let targets = prometheus.get("/api/v1/targets", &[]).await;
         let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
-        panic!("Prometheus did not scrape the Mac (node label), the controller and the router within 60 s:\n{targets:#?}\n{log}");
+        panic!(
+            "Prometheus did not scrape the Mac (node label), the controller and the router within 60 s:\n{targets:#?}\n{log}"
+        );
     }
     println!("ok: Prometheus scrapes the Mac (found through the EndpointSlice), the controller and the router");
 
