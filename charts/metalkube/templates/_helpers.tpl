@@ -42,16 +42,82 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Labels on every resource the chart renders.
+Labels every resource the chart renders carries, whichever component it belongs to.
 */}}
-{{- define "metalkube.labels" -}}
+{{- define "metalkube.commonLabels" -}}
 helm.sh/chart: {{ include "metalkube.chart" . }}
-{{ include "metalkube.selectorLabels" . }}
 app.kubernetes.io/version: {{ (.Values.controller.image.tag | default .Chart.AppVersion) | trunc 63 | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: metalkube
 {{- with .Values.commonLabels }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels on every resource of the controller (and the chart's shared objects).
+*/}}
+{{- define "metalkube.labels" -}}
+{{ include "metalkube.selectorLabels" . }}
+{{ include "metalkube.commonLabels" . }}
+{{- end }}
+
+{{/*
+Selector labels of the router pods: their own application name, so no selector of the
+controller's (its metrics Service, PodDisruptionBudget, ServiceMonitor) ever matches a router pod,
+and the router ServiceMonitor's jobLabel gives job="metalkube-router" whatever the release name.
+*/}}
+{{- define "metalkube.routerSelectorLabels" -}}
+app.kubernetes.io/name: metalkube-router
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/*
+Labels on every resource of the router.
+*/}}
+{{- define "metalkube.routerLabels" -}}
+{{ include "metalkube.routerSelectorLabels" . }}
+{{ include "metalkube.commonLabels" . }}
+app.kubernetes.io/component: router
+{{- end }}
+
+{{/*
+Prefix of the router's resource names.
+*/}}
+{{- define "metalkube.routerFullname" -}}
+{{- printf "%s-router" (include "metalkube.fullname" .) }}
+{{- end }}
+
+{{/*
+The router's ServiceAccount name.
+*/}}
+{{- define "metalkube.routerServiceAccountName" -}}
+{{- if .Values.router.serviceAccount.create }}
+{{- default (include "metalkube.routerFullname" .) .Values.router.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.router.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+The router image reference; the tag defaults to the chart's appVersion.
+*/}}
+{{- define "metalkube.routerImage" -}}
+{{- printf "%s:%s" .Values.router.image.repository (.Values.router.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+
+{{/*
+Name of the Secret holding the router's client TLS material (ca.crt, tls.crt, tls.key), or empty
+when agents are driven without TLS. It comes from the same source as the controller's: the chart's
+CA and cert-manager issue the router a certificate of its own (never the controller's, which may
+drive the agents' gRPC API); with tls.existingSecret, router.tls.existingSecret must name one.
+*/}}
+{{- define "metalkube.routerTlsSecretName" -}}
+{{- $source := include "metalkube.tlsSource" . }}
+{{- if eq $source "existing" }}
+{{- required "metalkube: tls.existingSecret brings the controller's client certificate; the router needs its own from the same CA: set router.tls.existingSecret (a Secret with ca.crt, tls.crt, tls.key), or router.enabled=false" .Values.router.tls.existingSecret }}
+{{- else if or (eq $source "certManager") (eq $source "generated") }}
+{{- printf "%s-tls" (include "metalkube.routerFullname" .) }}
 {{- end }}
 {{- end }}
 

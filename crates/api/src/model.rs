@@ -42,6 +42,76 @@ pub struct MetalModelSpec {
     pub pulse: PulseSpec,
     /// Who may use the serving port; default: anyone who can reach it.
     pub auth: Option<AuthSpec>,
+    /// How clients of the model's Service reach its replicas. Unset: `Router` when `replicas` is
+    /// more than 1, else `Direct`.
+    pub routing: Option<RoutingSpec>,
+}
+
+/// How the model's Service (`<name>.<namespace>.svc:80`) reaches its replicas. Clients keep the
+/// same address either way.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutingSpec {
+    /// `Router`: the Service lists the ready metalkube-router pods, which send each request to
+    /// the replica where it should start soonest and hold requests in one queue for the fleet
+    /// (while no router pod is ready the Service lists the Macs, so the model is never cut off).
+    /// `Direct`: the Service lists the Macs serving the model.
+    pub mode: RoutingMode,
+}
+
+/// Where the model's Service sends a connection.
+// Its name (`as_str`) is the variant's, as in JSON (a plain comment: doc comments become the CRD's
+// description).
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    JsonSchema,
+    strum::IntoStaticStr,
+    strum::VariantArray,
+)]
+pub enum RoutingMode {
+    /// The Service lists the ready metalkube-router pods: each request goes to the replica where
+    /// it is expected to start soonest, with one queue for the whole fleet. While no router pod
+    /// is ready the Service lists the Macs, as `Direct` does, so the model is never cut off.
+    Router,
+    /// The Service lists the Macs serving the model (their serving addresses and ports); kube-proxy
+    /// spreads connections over them without knowing their load.
+    Direct,
+}
+
+impl RoutingMode {
+    /// Every mode, listed by the compiler.
+    pub const ALL: &'static [RoutingMode] = <RoutingMode as strum::VariantArray>::VARIANTS;
+
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
+
+impl RoutingSpec {
+    /// The mode a model routes in: the one it names, else `Router` when more than one Mac serves
+    /// it (the router's choice of replica and its fleet-wide queue are what several replicas
+    /// need), else `Direct` (one Mac: nothing to choose, and no hop to add).
+    pub fn mode_for(routing: Option<&RoutingSpec>, replicas: u32) -> RoutingMode {
+        match routing {
+            Some(r) => r.mode,
+            None if replicas > 1 => RoutingMode::Router,
+            None => RoutingMode::Direct,
+        }
+    }
+}
+
+impl MetalModelSpec {
+    /// The mode this model routes in (`RoutingSpec::mode_for`).
+    pub fn routing_mode(&self) -> RoutingMode {
+        RoutingSpec::mode_for(self.routing.as_ref(), self.replicas)
+    }
 }
 
 /// API keys for the serving port.
@@ -93,6 +163,7 @@ impl MetalModelSpec {
             admission: AdmissionSpec::default(),
             pulse: PulseSpec::default(),
             auth: None,
+            routing: None,
         }
     }
 }
@@ -503,5 +574,42 @@ mod tests {
         assert_eq!(spec.pulse.timeout, PulseSpec::default().timeout);
         assert!(!spec.pulse.drift.enabled);
         assert_eq!(spec.pulse.drift.red_factor, DriftSpec::default().red_factor);
+    }
+
+    #[test]
+    fn routing_defaults_to_the_router_for_more_than_one_replica_and_a_named_mode_wins() {
+        let direct = RoutingSpec { mode: RoutingMode::Direct };
+        let router = RoutingSpec { mode: RoutingMode::Router };
+        assert_eq!(RoutingSpec::mode_for(None, 0), RoutingMode::Direct);
+        assert_eq!(RoutingSpec::mode_for(None, 1), RoutingMode::Direct, "one Mac: no choice to make, no hop to add");
+        assert_eq!(RoutingSpec::mode_for(None, 2), RoutingMode::Router);
+        assert_eq!(RoutingSpec::mode_for(None, 64), RoutingMode::Router);
+        assert_eq!(RoutingSpec::mode_for(Some(&direct), 8), RoutingMode::Direct);
+        assert_eq!(RoutingSpec::mode_for(Some(&router), 1), RoutingMode::Router);
+        assert_eq!(MetalModelSpec::for_source("file:///m.gguf").routing_mode(), RoutingMode::Direct);
+    }
+
+    #[test]
+    fn routing_modes_are_named_as_in_the_issue_and_left_out_when_unset() {
+        for &m in RoutingMode::ALL {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
+        }
+        let spec: MetalModelSpec = serde_json::from_value(serde_json::json!({
+            "model": {"source": "file:///m.gguf"}, "replicas": 3, "routing": {"mode": "Direct"}
+        }))
+        .unwrap();
+        assert_eq!(spec.routing_mode(), RoutingMode::Direct);
+        let unset = serde_json::to_value(MetalModelSpec::for_source("file:///m.gguf")).unwrap();
+        assert!(unset.get("routing").is_none(), "an old agent or CRD never sees the field unless it is set: {unset}");
+    }
+
+    proptest::proptest! {
+        /// The rule in one sentence: a named mode wins; unnamed, more than one replica routes.
+        #[test]
+        fn mode_for_is_the_named_mode_or_the_replica_rule(replicas in 0u32..=64, named in proptest::option::of(proptest::sample::select(RoutingMode::ALL.to_vec()))) {
+            let spec = named.map(|mode| RoutingSpec { mode });
+            let want = named.unwrap_or(if replicas > 1 { RoutingMode::Router } else { RoutingMode::Direct });
+            proptest::prop_assert_eq!(RoutingSpec::mode_for(spec.as_ref(), replicas), want);
+        }
     }
 }

@@ -147,4 +147,20 @@ mod tests {
         let err = parse_models_yaml(text, "x.yaml").unwrap_err().to_string();
         assert!(err.contains("often"), "{err}");
     }
+
+    /// A routing mode that does not exist is refused by its field, with the modes there are.
+    #[test]
+    fn an_unknown_routing_mode_names_its_field_and_the_modes_allowed() {
+        let head = "apiVersion: metalkube.dev/v1alpha1\nkind: MetalModel\nmetadata: {name: a}\nspec:\n  model: {source: 'file:a.gguf'}\n";
+        let err = parse_models_yaml(&format!("{head}  routing: {{mode: RoundRobin}}\n"), "x.yaml").unwrap_err();
+        assert!(
+            err.to_string().contains("spec.routing.mode: unknown variant `RoundRobin`, expected `Router` or `Direct`"),
+            "{err}"
+        );
+        let err = parse_models_yaml(&format!("{head}  routing: {{}}\n"), "x.yaml").unwrap_err();
+        assert!(err.to_string().contains("spec.routing: missing field `mode`"), "{err}");
+        let models =
+            parse_models_yaml(&format!("{head}  replicas: 2\n  routing: {{mode: Direct}}\n"), "x.yaml").unwrap();
+        assert_eq!(models[0].spec.routing_mode(), crate::RoutingMode::Direct);
+    }
 }

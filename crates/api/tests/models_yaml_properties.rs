@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use metalkube_api::{
     AGENT_OWNED_FLAGS, AdmissionSpec, ApiError, AuthSpec, Duration, EnginePath, EngineSpec, MetalModel, MetalModelSpec,
-    ModelSource, PulseSpec, SecretKeyRef, parse_models_yaml, validate_model_spec,
+    ModelSource, PulseSpec, RoutingMode, RoutingSpec, SecretKeyRef, parse_models_yaml, validate_model_spec,
 };
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -113,8 +113,10 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
         )
             .prop_map(|(name, key)| AuthSpec { api_key_secret_ref: SecretKeyRef { name, key } }),
     );
-    (model, engine, 0u32..=64, prop::collection::btree_map(".*", ".*", 0..3), admission, pulse, auth).prop_map(
-        |(model, engine, replicas, node_selector, admission, pulse, auth)| MetalModelSpec {
+    let routing =
+        prop::option::of(prop::sample::select(RoutingMode::ALL.to_vec()).prop_map(|mode| RoutingSpec { mode }));
+    (model, engine, 0u32..=64, prop::collection::btree_map(".*", ".*", 0..3), admission, pulse, auth, routing).prop_map(
+        |(model, engine, replicas, node_selector, admission, pulse, auth, routing)| MetalModelSpec {
             model,
             engine,
             replicas,
@@ -122,6 +124,7 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
             admission,
             pulse,
             auth,
+            routing,
         },
     )
 }

@@ -42,10 +42,17 @@ pub enum ControllerError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// The model's Service would be one the controller or the chart keeps for itself.
     #[error(
-        "MetalModel {key}: this name is the controller's Service listing the Macs (--agents-service) in its namespace; choose another name or namespace for the model"
+        "MetalModel {key}: this name is {taken_by} in its namespace; choose another name or namespace for the model"
     )]
-    ReservedName { key: ModelKey },
+    ReservedName { key: ModelKey, taken_by: &'static str },
+    /// The router Service's EndpointSlices have not been listed yet: a routed model's Service is
+    /// left as it is rather than guessed (it keeps serving through whatever it lists).
+    #[error(
+        "the router Service {service}: its EndpointSlices not listed within {waited:?}; {key}'s endpoints are left as they are"
+    )]
+    RouterUnknown { service: String, key: ModelKey, waited: Duration },
     #[error("MetalModel {key}: spec does not serialize")]
     SpecEncoding {
         key: ModelKey,
@@ -72,7 +79,7 @@ impl ControllerError {
     /// The `kind` label of `metalkube_controller_reconcile_errors_total`: one of `ERROR_KINDS`.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ControllerError::Kube(_) => "kube",
+            ControllerError::Kube(_) | ControllerError::RouterUnknown { .. } => "kube",
             ControllerError::AgentCall { .. }
             | ControllerError::AgentUnreachable { .. }
             | ControllerError::BadEndpoint { .. }
@@ -115,7 +122,8 @@ mod tests {
             ControllerError::BadEndpoint { node: s(), endpoint: s(), source: transport_error() },
             ControllerError::EndpointScheme { node: s(), endpoint: s(), problem: "" },
             ControllerError::Tls { node: s(), source: transport_error() },
-            ControllerError::ReservedName { key: key() },
+            ControllerError::ReservedName { key: key(), taken_by: "" },
+            ControllerError::RouterUnknown { service: s(), key: key(), waited: Duration::ZERO },
             ControllerError::SpecEncoding { key: key(), source: serde_json::from_str::<u8>("x").unwrap_err() },
             ControllerError::Finalizer(Box::new(finalizer::Error::UnnamedObject)),
             ControllerError::LeaseTaken { name: s() },

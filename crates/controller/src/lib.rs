@@ -34,7 +34,9 @@ use crate::fleet::Fleet;
 use crate::fleet::agent_client::ClientSettings;
 use crate::leader::LeaderElector;
 use crate::metrics::Metrics;
-use crate::model::reconcile::{Context, error_policy, reconcile};
+use crate::model::reconcile::{Context, Router, error_policy, reconcile};
+use crate::model::router_watch::watch_router;
+use crate::model::routing::RouterService;
 
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -47,6 +49,9 @@ pub struct Settings {
     pub namespace: String,
     /// Name of the selector-less Service listing every Mac's agent for Prometheus.
     pub agents_service: String,
+    /// The metalkube-router's Service: models in `Router` mode point their Service at its ready
+    /// pods. None: every model's Service lists its Macs.
+    pub router_service: Option<RouterService>,
     /// How often models with `spec.auth` re-read their Secret (key rotation).
     pub api_keys_resync: Duration,
     pub lease_name: String,
@@ -92,20 +97,32 @@ pub async fn run(
         .owns(Api::<EndpointSlice>::all(client.clone()), managed)
         .reconcile_on(UnboundedReceiverStream::new(triggers_rx));
     let models = controller.store();
-    let ctx = Arc::new(
-        Context::new(
+    let mut ctx = Context::new(
+        client.clone(),
+        fleet.clone(),
+        nodes_reader.clone(),
+        models.clone(),
+        recorder.clone(),
+        metrics.clone(),
+    )
+    .reserving(&settings.namespace, &settings.agents_service)
+    .resyncing_keys(settings.api_keys_resync);
+    let mut background = Vec::new();
+    if let Some(service) = settings.router_service.clone() {
+        let (router_reader, router_writer) = reflector::store();
+        background.push(tokio::spawn(watch_router(
             client.clone(),
-            fleet.clone(),
-            nodes_reader.clone(),
+            service.clone(),
+            router_writer,
+            router_reader.clone(),
             models.clone(),
-            recorder.clone(),
-            metrics.clone(),
-        )
-        .reserving(&settings.namespace, &settings.agents_service)
-        .resyncing_keys(settings.api_keys_resync),
-    );
+            triggers_tx.clone(),
+        )));
+        ctx = ctx.routing_through(Router { service, slices: router_reader });
+    }
+    let ctx = Arc::new(ctx);
 
-    let background = vec![
+    background.extend([
         tokio::spawn(nodes::watch_nodes(
             client.clone(),
             nodes_writer,
@@ -124,7 +141,7 @@ pub async fn run(
             nodes::AgentsService { namespace: settings.namespace.clone(), name: settings.agents_service.clone() },
             node_status_rx,
         )),
-    ];
+    ]);
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let reconciling = controller

@@ -7,6 +7,7 @@ use clap::Parser;
 use metalkube_controller::fleet::agent_client::{ClientSettings, ClientTls};
 use metalkube_controller::http::{HttpState, ReplicaRole, router};
 use metalkube_controller::metrics::Metrics;
+use metalkube_controller::model::routing::RouterService;
 use metalkube_controller::{Settings, run};
 
 /// Reconciles MetalModels onto MetalNodes (Macs running metalkube-agent).
@@ -54,6 +55,11 @@ struct Args {
     /// ServiceMonitor scrapes the fleet.
     #[arg(long, default_value = "metalkube-agents")]
     agents_service: String,
+    /// The metalkube-router's Service, as NAMESPACE/NAME: models routed through the router (spec.routing.mode
+    /// Router, the default from 2 replicas) point their Service at its ready pods, read from its
+    /// EndpointSlices. Unset, or while no router pod is ready: their Service lists the Macs.
+    #[arg(long, value_parser = RouterService::parse, env = "METALKUBE_ROUTER_SERVICE")]
+    router_service: Option<RouterService>,
     /// How often a MetalModel with spec.auth or spec.model.tokenSecretRef re-reads its Secret,
     /// so rotated API keys and hub tokens reach the agents (any change to the MetalModel applies
     /// them at once).
@@ -112,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
         heartbeat: args.heartbeat,
         namespace: args.namespace.clone(),
         agents_service: args.agents_service.clone(),
+        router_service: args.router_service.clone(),
         api_keys_resync: args.api_keys_resync,
         lease_name: args.lease_name.clone(),
         lease_duration: args.lease_duration,

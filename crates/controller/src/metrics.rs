@@ -32,11 +32,19 @@ pub struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub model: String,
+    /// The `Routed` condition's reason: one of `ROUTE_REASONS`.
+    pub route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
 
 pub use crate::error::ERROR_KINDS;
+use crate::model::routing::ROUTE_REASONS;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -67,6 +75,7 @@ pub struct Metrics {
     pub leader: Gauge,
     pub model_desired_replicas: Family<ModelLabels, Gauge>,
     pub model_ready_replicas: Family<ModelLabels, Gauge>,
+    pub model_route: Family<RouteLabels, Gauge>,
 }
 
 impl Metrics {
@@ -82,6 +91,7 @@ impl Metrics {
             leader: Gauge::default(),
             model_desired_replicas: Family::default(),
             model_ready_replicas: Family::default(),
+            model_route: Family::default(),
         };
         for result in ["ok", "error"] {
             drop(m.reconciles.get_or_create(&ResultLabels { result: result.to_owned() }));
@@ -119,6 +129,11 @@ impl Metrics {
                 "Replicas of a MetalModel that serve with a pulse not red (status.readyReplicas)",
                 m.model_ready_replicas.clone(),
             );
+            r.register(
+                "model_route",
+                "1 for where a MetalModel's Service sends clients (the Routed condition's reason: ThroughRouter, RouterUnavailable, RouterNotConfigured, Direct), 0 for the others",
+                m.model_route.clone(),
+            );
         });
         Arc::new(m)
     }
@@ -133,10 +148,21 @@ impl Metrics {
         self.model_ready_replicas.get_or_create(&labels).set(i64::from(ready));
     }
 
+    /// The model's route as a state set: 1 for `route`, 0 for every other reason.
+    pub fn set_model_route(&self, model: &ModelKey, route: &str) {
+        for reason in ROUTE_REASONS {
+            let labels = RouteLabels { model: model.to_string(), route: reason.to_owned() };
+            self.model_route.get_or_create(&labels).set(i64::from(reason == route));
+        }
+    }
+
     pub fn forget_model(&self, model: &ModelKey) {
         let labels = ModelLabels { model: model.to_string() };
         self.model_desired_replicas.remove(&labels);
         self.model_ready_replicas.remove(&labels);
+        for reason in ROUTE_REASONS {
+            self.model_route.remove(&RouteLabels { model: model.to_string(), route: reason.to_owned() });
+        }
     }
 
     pub fn forget_node(&self, node: &str) {
@@ -160,5 +186,25 @@ mod tests {
         assert!(text.contains("metalkube_controller_reconciles_total{result=\"error\"} 0"), "{text}");
         let build = format!("metalkube_controller_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"));
         assert!(text.contains(&build), "{text}");
+    }
+
+    #[test]
+    fn a_models_route_is_one_series_at_1_beside_the_others_at_0() {
+        let m = Metrics::new();
+        let key = ModelKey::new("ml", "tiny");
+        m.set_model_route(&key, "RouterUnavailable");
+        m.set_model_route(&key, "ThroughRouter");
+        let text = m.encode();
+        assert!(
+            text.contains("metalkube_controller_model_route{model=\"ml/tiny\",route=\"ThroughRouter\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("metalkube_controller_model_route{model=\"ml/tiny\",route=\"RouterUnavailable\"} 0"),
+            "{text}"
+        );
+        assert_eq!(text.matches("metalkube_controller_model_route{").count(), ROUTE_REASONS.len());
+        m.forget_model(&key);
+        assert!(!m.encode().contains("metalkube_controller_model_route{"));
     }
 }

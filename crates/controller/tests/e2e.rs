@@ -632,13 +632,20 @@ fn controller_rbac_is_least_privilege(server: &TestApiServer, namespace: &str) {
     let manifests = metalkube_testkit::chart::render(
         "metalkube",
         namespace,
-        &["--set", "tls.existingSecret=metalkube-controller-tls"],
+        &[
+            "--set",
+            "tls.existingSecret=metalkube-controller-tls",
+            "--set",
+            "router.tls.existingSecret=metalkube-router-tls",
+        ],
     );
     let account = metalkube_testkit::chart::documents(&manifests)
         .into_iter()
-        .find(|d| d["kind"] == "ServiceAccount")
+        .find(|d| {
+            d["kind"] == "ServiceAccount" && d["metadata"]["labels"]["app.kubernetes.io/name"] == "metalkube-controller"
+        })
         .and_then(|d| d["metadata"]["name"].as_str().map(str::to_owned))
-        .expect("the chart renders a ServiceAccount");
+        .expect("the chart renders the controller's ServiceAccount");
     let grants = metalkube_testkit::rbac::grants(&manifests, namespace, &account);
     let requests: Vec<_> =
         server.requests().into_iter().filter(|r| r.user.as_deref() == Some(CONTROLLER_TOKEN)).collect();

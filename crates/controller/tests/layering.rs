@@ -13,6 +13,7 @@ const PURE_MODULES: &[(&str, &str)] = &[
     ("src/model/condition_names.rs", "condition types and reasons, spelled once"),
     ("src/model/status.rs", "a MetalModel's status and endpoints from what its agents report"),
     ("src/model/endpoints.rs", "a MetalModel's Service and EndpointSlices from its replicas"),
+    ("src/model/routing.rs", "where a model's Service sends clients: its routing mode and the router's endpoints"),
     ("src/model/inputs.rs", "what the agents' reports say about one model: memory, seniority, holders"),
     ("src/model/events.rs", "which Events a status change deserves: a diff of two statuses"),
     ("src/nodes/status.rs", "a MetalNode's status from its agent's view"),

@@ -342,6 +342,48 @@ async fn completion(client: &reqwest::Client, url: &str, n_predict: u32) -> u16 
     client.post(format!("{url}/completion")).json(&body).send().await.map_or(0, |r| r.status().as_u16())
 }
 
+/// A chat completion for `default/tiny` through the router (which reads the model from the body).
+async fn routed_chat(client: &reqwest::Client, router: &str, max_tokens: u32) -> u16 {
+    let body =
+        json!({"model": "default/tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens});
+    match client.post(format!("{router}/v1/chat/completions")).json(&body).send().await {
+        Ok(r) => {
+            let code = r.status().as_u16();
+            let _ = r.bytes().await;
+            code
+        }
+        Err(_) => 0,
+    }
+}
+
+/// The real `metalkube-router` following the Mac's agent over mTLS, with a client certificate of
+/// its own from the CA the agent trusts for clients, as the chart issues it. Its serving port and
+/// its health port (/readyz, /metrics).
+fn start_router(dir: &Path, mac: &Mac, agent_ca: &TestCa, client_ca: &TestCa) -> (Proc, u16, u16) {
+    let pem = client_ca.client("metalkube-router");
+    std::fs::write(dir.join("router.crt"), pem.cert).unwrap();
+    std::fs::write(dir.join("router.key"), pem.key).unwrap();
+    std::fs::write(dir.join("router-agent-ca.crt"), &agent_ca.cert_pem).unwrap();
+    let (port, health) = (free_port("127.0.0.1"), free_port("127.0.0.1"));
+    let log = std::fs::File::create(dir.join("router.log")).unwrap();
+    let child = Command::new(metalkube_testkit::workspace_binary("metalkube-router", "metalkube-router"))
+        .env("RUST_LOG", "info")
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{health}")])
+        .args(["--agent", &format!("{}={}", mac.name, mac.endpoint())])
+        .arg("--agent-ca")
+        .arg(dir.join("router-agent-ca.crt"))
+        .arg("--client-cert")
+        .arg(dir.join("router.crt"))
+        .arg("--client-key")
+        .arg(dir.join("router.key"))
+        .args(["--queue-timeout", "20s"])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    (Proc { child, name: "router".into() }, port, health)
+}
+
 async fn streamed_chat(client: &reqwest::Client, url: &str) -> u16 {
     let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8, "stream": true});
     match client.post(format!("{url}/v1/chat/completions")).json(&body).send().await {
@@ -429,6 +471,15 @@ async fn prometheus_answers_every_panel_and_alert() {
         .await;
     }
 
+    // The router in front of the Mac, scraped for the router's panels and alerts.
+    let (_router, router_port, router_health) = start_router(dir, &mac, &agent_ca, &controller_ca);
+    let http = reqwest::Client::new();
+    wait_for("the router follows the Mac (readyz 200)", Duration::from_secs(30), || async {
+        let code = http.get(format!("http://127.0.0.1:{router_health}/readyz")).send().await.ok()?.status();
+        (code == reqwest::StatusCode::OK).then_some(())
+    })
+    .await;
+
     // Prometheus, configured from the chart's own ServiceMonitors.
     let chart = rendered_chart();
     let monitor = |name: &str| {
@@ -453,7 +504,15 @@ async fn prometheus_answers_every_panel_and_alert() {
             "job": "metalkube-controller", "namespace": NAMESPACE, "endpoint": controller_monitor["spec"]["endpoints"][0]["port"],
         }}],
     });
-    let prometheus = Prometheus::start(dir, vec![agents_job, controller_job]);
+    // The router likewise: a static target with the labels its ServiceMonitor gives its pods.
+    let router_monitor = monitor("-router");
+    let router_job = json!({
+        "job_name": "metalkube-router",
+        "static_configs": [{"targets": [format!("127.0.0.1:{router_health}")], "labels": {
+            "job": "metalkube-router", "namespace": NAMESPACE, "endpoint": router_monitor["spec"]["endpoints"][0]["port"],
+        }}],
+    });
+    let prometheus = Prometheus::start(dir, vec![agents_job, controller_job, router_job]);
     let started = now_secs();
     let discovered = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -463,10 +522,10 @@ async fn prometheus_answers_every_panel_and_alert() {
                 active.iter().any(|t| {
                     t["labels"]["job"] == job
                         && t["health"] == "up"
-                        && (job == "metalkube-controller" || t["labels"]["node"] == "mac-a")
+                        && (job != "metalkube-agents" || t["labels"]["node"] == "mac-a")
                 })
             };
-            if up("metalkube-agents") && up("metalkube-controller") {
+            if up("metalkube-agents") && up("metalkube-controller") && up("metalkube-router") {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -476,12 +535,27 @@ async fn prometheus_answers_every_panel_and_alert() {
     if discovered.is_err() {
         let targets = prometheus.get("/api/v1/targets", &[]).await;
         let log = std::fs::read_to_string(dir.join("prometheus.log")).unwrap_or_default();
-        panic!("Prometheus did not scrape the Mac (node label) and the controller within 60 s:\n{targets:#?}\n{log}");
+        panic!(
+            "Prometheus did not scrape the Mac (node label), the controller and the router within 60 s:\n{targets:#?}\n{log}"
+        );
     }
-    println!("ok: Prometheus scrapes the Mac (found through the EndpointSlice) and the controller");
+    println!("ok: Prometheus scrapes the Mac (found through the EndpointSlice), the controller and the router");
+
+    // Through the router: answers, then a burst larger than the Mac's one place and queue of one,
+    // which the router holds in its fleet queue rather than refusing.
+    let router = format!("http://127.0.0.1:{router_port}");
+    let mut routed: BTreeMap<u16, u32> = BTreeMap::new();
+    for _ in 0..5 {
+        *routed.entry(routed_chat(&http, &router, 8).await).or_default() += 1;
+    }
+    let burst: Vec<_> = (0..6).map(|_| routed_chat(&http, &router, 64)).collect();
+    for code in futures::future::join_all(burst).await {
+        *routed.entry(code).or_default() += 1;
+    }
+    println!("routed traffic answered with {routed:?}");
+    assert!(routed.get(&200).is_some_and(|n| *n >= 5), "the router served tiny: {routed:?}");
 
     // Traffic: answers, streams, a burst of refusals, a frozen engine, answers again.
-    let http = reqwest::Client::new();
     let port = models.get("tiny").await.unwrap().status.unwrap().replicas[0].port.expect("tiny's serving port");
     let serving = format!("http://{}:{port}", mac.ip);
     let mut codes: BTreeMap<u16, u32> = BTreeMap::new();

@@ -22,9 +22,10 @@ const FULLNAME: &str = "mk-metalkube";
 /// The newest Kubernetes release whose schemas kubernetes-validate 1.37 bundles.
 const NEWEST_KUBERNETES: &str = "1.37.0";
 
-/// The default values with client TLS from an existing Secret (no generated CA, whose keys
-/// change on every render).
-const DEFAULTS: &[&str] = &["--set", "tls.existingSecret=metalkube-tls"];
+/// The default values with client TLS from existing Secrets, the controller's and the router's
+/// (no generated CA, whose keys change on every render).
+const DEFAULTS: &[&str] =
+    &["--set", "tls.existingSecret=metalkube-tls", "--set", "router.tls.existingSecret=metalkube-router-tls"];
 const ALL_ON: &[&str] = &["-f", "ci/all-on-values.yaml"];
 const INSECURE: &[&str] = &["--set", "controller.insecure=true"];
 
@@ -252,7 +253,8 @@ fn servicemonitors_and_prometheusrule_pass_prometheus_operator_schemas() {
         let monitoring: Vec<&Doc> =
             rendered.docs.iter().filter(|d| schema_of(d.api_version()) == Schema::PrometheusOperator).collect();
         let kinds: Vec<&str> = monitoring.iter().map(|d| d.kind()).collect();
-        assert_eq!(kinds.iter().filter(|k| **k == "ServiceMonitor").count(), 2, "{label}: {kinds:?}");
+        // The controller's, the agents' and the router's.
+        assert_eq!(kinds.iter().filter(|k| **k == "ServiceMonitor").count(), 3, "{label}: {kinds:?}");
         assert_eq!(kinds.iter().filter(|k| **k == "PrometheusRule").count(), 1, "{label}: {kinds:?}");
         let text: String = monitoring.iter().map(|d| format!("---\n{}", d.text)).collect();
         let ran = validate_monitoring(&write_tmp(&format!("monitoring-{label}.yaml"), &text));
@@ -545,11 +547,14 @@ fn cert_manager_with_an_issuer_ref_issues_only_the_client_certificate() {
     ]);
     assert!(rendered.of_kind("Issuer").is_empty(), "no generated CA with an issuerRef");
     let certificates = rendered.of_kind("Certificate");
-    assert_eq!(certificates.len(), 1);
-    let client = &certificates[0].value;
-    assert_eq!(client["spec"]["issuerRef"]["name"], "corp-ca");
-    assert_eq!(client["spec"]["issuerRef"]["kind"], "ClusterIssuer");
-    assert_eq!(client["spec"]["issuerRef"]["group"], "cert-manager.io");
+    let names: BTreeSet<&str> = certificates.iter().map(|c| c.name()).collect();
+    assert_eq!(names, BTreeSet::from([format!("{FULLNAME}-client").as_str(), format!("{FULLNAME}-router").as_str()]));
+    for certificate in certificates {
+        let client = &certificate.value;
+        assert_eq!(client["spec"]["issuerRef"]["name"], "corp-ca");
+        assert_eq!(client["spec"]["issuerRef"]["kind"], "ClusterIssuer");
+        assert_eq!(client["spec"]["issuerRef"]["group"], "cert-manager.io");
+    }
     assert_tls_mounted(&rendered, &format!("{FULLNAME}-client-tls"));
 }
 
@@ -676,7 +681,12 @@ fn agents_servicemonitor_names_each_target_after_its_metalnode_under_either_disc
     assert!(monitor["spec"]["serviceDiscoveryRole"].is_null(), "unset role: the Prometheus' own setting");
 
     let agents_off = render(&["-f", "ci/all-on-values.yaml", "--set", "serviceMonitor.agents.enabled=false"]);
-    assert_eq!(agents_off.of_kind("ServiceMonitor").len(), 1, "only the controller's ServiceMonitor");
+    let names: Vec<&str> = agents_off.of_kind("ServiceMonitor").iter().map(|d| d.name()).collect();
+    assert_eq!(
+        names,
+        [format!("{FULLNAME}-controller"), format!("{FULLNAME}-router")],
+        "the controller's and the router's"
+    );
 }
 
 /// The agents' scrape endpoint: plain HTTP by default; with scheme https, the metalkube CA to
@@ -697,6 +707,8 @@ fn agents_servicemonitor_carries_the_scheme_ca_and_scraper_credentials() {
     let https = endpoint(&[
         "--set",
         "tls.existingSecret=metalkube-tls",
+        "--set",
+        "router.tls.existingSecret=metalkube-router-tls",
         "--set",
         "serviceMonitor.agents.scheme=https",
         "--set",
@@ -809,4 +821,249 @@ fn by_default_the_chart_makes_a_ca_that_signs_the_controller_client_certificate(
         verifier.verify_client_cert(&der(&other["tls.crt"]), &[], rustls::pki_types::UnixTime::now()).is_err(),
         "another render's certificate (another CA) is refused: the check can fail"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the router
+
+const ROUTER: &str = "mk-metalkube-router";
+
+impl Rendered {
+    fn router(&self) -> &Value {
+        self.get("Deployment", ROUTER)
+    }
+
+    fn router_container(&self) -> &Value {
+        let containers = self.router()["spec"]["template"]["spec"]["containers"].as_sequence().unwrap();
+        assert_eq!(containers.len(), 1, "the router pod has one container");
+        &containers[0]
+    }
+
+    fn router_args(&self) -> Vec<String> {
+        self.router_container()["args"].as_sequence().unwrap().iter().map(|a| a.as_str().unwrap().to_owned()).collect()
+    }
+
+    fn manifests(&self) -> String {
+        self.docs.iter().map(|d| d.text.as_str()).collect::<Vec<_>>().join("---\n")
+    }
+}
+
+/// Whether `selector` (matchLabels) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector.as_mapping().unwrap().iter().all(|(k, v)| &labels[k.as_str().unwrap()] == v)
+}
+
+#[test]
+fn the_router_runs_locked_down_in_two_replicas_behind_a_pdb() {
+    for values in [DEFAULTS, ALL_ON, INSECURE] {
+        let rendered = render(values);
+        let router = rendered.router();
+        assert_eq!(router["spec"]["replicas"], 2, "{}", rendered.values);
+        let pod = &router["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{}", rendered.values);
+        for forbidden in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert!(pod[forbidden].is_null(), "{forbidden} set with {}", rendered.values);
+        }
+        let sc = &rendered.router_container()["securityContext"];
+        assert_eq!(sc["runAsNonRoot"], true, "{}", rendered.values);
+        assert_eq!(sc["runAsUser"], 65532, "{}", rendered.values);
+        assert_eq!(sc["readOnlyRootFilesystem"], true, "{}", rendered.values);
+        assert_eq!(sc["allowPrivilegeEscalation"], false, "{}", rendered.values);
+        assert_eq!(strings(&sc["capabilities"]["drop"]), ["ALL"], "{}", rendered.values);
+        assert!(sc["capabilities"]["add"].is_null(), "{}", rendered.values);
+        assert_eq!(pod["serviceAccountName"], ROUTER, "its own ServiceAccount, never the controller's");
+        for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+            assert_eq!(rendered.router_container()[probe]["httpGet"]["path"], path, "{probe}");
+            assert_eq!(rendered.router_container()[probe]["httpGet"]["port"], "http-metrics", "{probe}");
+        }
+        let pdb = rendered.get("PodDisruptionBudget", ROUTER);
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        let pod_labels = &router["spec"]["template"]["metadata"]["labels"];
+        assert!(selects(&pdb["spec"]["selector"]["matchLabels"], pod_labels));
+        // No selector of the controller's may take a router pod for one of its own.
+        let controller_selectors = [
+            rendered.deployment()["spec"]["selector"]["matchLabels"].clone(),
+            rendered.get("PodDisruptionBudget", FULLNAME)["spec"]["selector"]["matchLabels"].clone(),
+            rendered.get("Service", &format!("{FULLNAME}-metrics"))["spec"]["selector"].clone(),
+        ];
+        for selector in &controller_selectors {
+            assert!(!selects(selector, pod_labels), "{selector:?} selects the router pods");
+        }
+    }
+}
+
+#[test]
+fn the_controller_follows_the_router_service_whose_http_port_is_the_routers_listen_port() {
+    let rendered = render(DEFAULTS);
+    assert!(
+        rendered.args().iter().any(|a| a == "--router-service=metalkube-system/metalkube-router"),
+        "{:?}",
+        rendered.args()
+    );
+    let service = rendered.get("Service", "metalkube-router");
+    let ports: Vec<(&str, i64, &str)> = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["port"].as_i64().unwrap(), p["targetPort"].as_str().unwrap()))
+        .collect();
+    // The controller reads the port named "http" from this Service's EndpointSlices.
+    assert_eq!(ports, [("http", 8080, "http"), ("http-metrics", 9090, "http-metrics")]);
+    assert!(selects(&service["spec"]["selector"], &rendered.router()["spec"]["template"]["metadata"]["labels"]));
+    let args = rendered.router_args();
+    for expected in ["--listen=0.0.0.0:8080", "--http-listen=0.0.0.0:9090"] {
+        assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.starts_with("--agent=")), "the router finds the agents from MetalNodes: {args:?}");
+
+    let off = render(&[DEFAULTS, &["--set", "router.enabled=false"]].concat());
+    assert!(!off.args().iter().any(|a| a.starts_with("--router-service")), "no router, no --router-service");
+    assert!(
+        off.docs.iter().all(|d| d.value["metadata"]["labels"]["app.kubernetes.io/name"] != "metalkube-router"),
+        "router.enabled=false renders nothing of the router"
+    );
+}
+
+#[test]
+fn chart_passes_only_flags_the_router_declares_each_once() {
+    let main = std::fs::read_to_string(repo_root().join("crates/router/src/main.rs")).unwrap();
+    let body = main.split_once("struct Args {").expect("struct Args in the router's main.rs").1;
+    let body = body.split_once("\n}").expect("end of struct Args").0;
+    let declared: BTreeSet<String> = body
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with("//") && !l.starts_with("#[") && l.ends_with(',') && l.contains(':'))
+        .filter_map(|l| l.split_once(':').map(|(field, _)| format!("--{}", field.trim().replace('_', "-"))))
+        .collect();
+    assert!(declared.contains("--http-listen"), "could not read the router's flags: {declared:?}");
+    for values in [DEFAULTS, ALL_ON, INSECURE] {
+        let rendered = render(values);
+        let mut seen = BTreeSet::new();
+        for arg in rendered.router_args() {
+            let flag = arg.split_once('=').map_or(arg.as_str(), |(f, _)| f).to_owned();
+            assert!(declared.contains(&flag), "{}: the router has no flag {flag} ({declared:?})", rendered.values);
+            assert!(seen.insert(flag.clone()), "{}: {flag} passed twice", rendered.values);
+        }
+    }
+}
+
+fn router_tls_secret(rendered: &Rendered) -> Option<String> {
+    let volumes = rendered.router()["spec"]["template"]["spec"]["volumes"].as_sequence()?;
+    let tls = volumes.iter().find(|v| v["name"] == "tls")?;
+    Some(str_of(&tls["secret"]["secretName"], "router tls secretName").to_owned())
+}
+
+#[test]
+fn the_router_mounts_a_client_certificate_of_its_own_from_every_tls_source() {
+    let existing = render(DEFAULTS);
+    assert_eq!(router_tls_secret(&existing).as_deref(), Some("metalkube-router-tls"));
+    let args = existing.router_args();
+    for expected in [
+        "--agent-ca=/etc/metalkube/tls/ca.crt",
+        "--client-cert=/etc/metalkube/tls/tls.crt",
+        "--client-key=/etc/metalkube/tls/tls.key",
+    ] {
+        assert!(args.iter().any(|a| a == expected), "missing {expected} in {args:?}");
+    }
+    let without = template(&["--set", "tls.existingSecret=metalkube-tls"]);
+    assert!(!without.status.success(), "the router must not borrow the controller's certificate");
+    assert!(without.stderr.contains("router.tls.existingSecret"), "{}", without.report());
+
+    let cert_manager = render(ALL_ON);
+    let certificate = cert_manager.get("Certificate", ROUTER);
+    assert_eq!(certificate["spec"]["commonName"], "metalkube-router");
+    assert_eq!(
+        certificate["spec"]["issuerRef"],
+        cert_manager.get("Certificate", &format!("{FULLNAME}-client"))["spec"]["issuerRef"]
+    );
+    let usages: BTreeSet<&str> = strings(&certificate["spec"]["usages"]).into_iter().collect();
+    assert_eq!(usages, BTreeSet::from(["client auth", "digital signature"]));
+    assert_eq!(router_tls_secret(&cert_manager), certificate["spec"]["secretName"].as_str().map(str::to_owned));
+
+    let insecure = render(INSECURE);
+    assert!(insecure.router_args().iter().any(|a| a == "--insecure"));
+    assert_eq!(router_tls_secret(&insecure), None);
+
+    // The generated CA signs the router's certificate too, and it is not the controller's.
+    let generated = render(&[]);
+    let ca = secret_data(&generated, &format!("{FULLNAME}-ca"));
+    let router = secret_data(&generated, &format!("{ROUTER}-tls"));
+    let controller = secret_data(&generated, &format!("{FULLNAME}-client-tls"));
+    assert_eq!(router["ca.crt"], ca["tls.crt"]);
+    assert_ne!(router["tls.key"], controller["tls.key"]);
+    assert_eq!(router_tls_secret(&generated), Some(format!("{ROUTER}-tls")));
+    use rustls::pki_types::pem::PemObject as _;
+    let der = |pem: &[u8]| rustls::pki_types::CertificateDer::from_pem_slice(pem).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der(&ca["tls.crt"])).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(std::sync::Arc::new(roots), provider)
+        .build()
+        .unwrap();
+    verifier.verify_client_cert(&der(&router["tls.crt"]), &[], rustls::pki_types::UnixTime::now()).unwrap();
+}
+
+/// Least privilege for the router, proven on the rendered chart: what it needs (list and watch
+/// MetalNodes, cluster-wide) is allowed, and reading Secrets or MetalModels, reading MetalNodes
+/// one by one, or writing anything is not.
+#[test]
+fn the_router_may_list_and_watch_metalnodes_and_nothing_else() {
+    use metalkube_testkit::apiserver::ApiRequest;
+    use metalkube_testkit::rbac::{denied, grants, unused};
+    let rendered = render(ALL_ON);
+    let role = rendered.get("ClusterRole", ROUTER);
+    print_rules("ClusterRole", role);
+    let grants = grants(&rendered.manifests(), NAMESPACE, ROUTER);
+    assert!(!grants.is_empty(), "the router's ServiceAccount is bound to nothing");
+    let ask = |verb: &'static str, group: &'static str, resource: &'static str, sub: &'static str, ns: Option<&str>| {
+        ApiRequest { verb, group, resource, subresource: sub, namespace: ns.map(str::to_owned), user: None }
+    };
+    let needed =
+        [ask("list", "metalkube.dev", "metalnodes", "", None), ask("watch", "metalkube.dev", "metalnodes", "", None)];
+    assert!(denied(&grants, &needed).is_empty(), "{:?}", denied(&grants, &needed));
+    assert!(unused(&grants, &needed).is_empty(), "granted beyond what it needs: {:?}", unused(&grants, &needed));
+    let forbidden = [
+        ask("get", "", "secrets", "", Some(NAMESPACE)),
+        ask("list", "", "secrets", "", None),
+        ask("get", "metalkube.dev", "metalnodes", "", None),
+        ask("list", "metalkube.dev", "metalmodels", "", None),
+        ask("patch", "metalkube.dev", "metalnodes", "", None),
+        ask("patch", "metalkube.dev", "metalnodes", "status", None),
+        ask("create", "metalkube.dev", "metalnodes", "", None),
+        ask("delete", "metalkube.dev", "metalnodes", "", None),
+        ask("patch", "discovery.k8s.io", "endpointslices", "", Some("default")),
+        ask("list", "discovery.k8s.io", "endpointslices", "", Some(NAMESPACE)),
+        ask("create", "events.k8s.io", "events", "", Some(NAMESPACE)),
+        ask("update", "coordination.k8s.io", "leases", "", Some(NAMESPACE)),
+    ];
+    assert_eq!(
+        denied(&grants, &forbidden).len(),
+        forbidden.len(),
+        "the router may do more than list and watch MetalNodes"
+    );
+    // Bound to the router alone: the controller's account gets nothing from the router's role.
+    let binding = rendered.get("ClusterRoleBinding", ROUTER);
+    assert_eq!(binding["roleRef"]["name"], ROUTER);
+    let subjects = binding["subjects"].as_sequence().unwrap();
+    assert_eq!(subjects.len(), 1);
+    assert_eq!((subjects[0]["name"].as_str(), subjects[0]["namespace"].as_str()), (Some(ROUTER), Some(NAMESPACE)));
+}
+
+#[test]
+fn router_servicemonitor_scrapes_the_metrics_port_as_job_metalkube_router() {
+    let rendered = render(ALL_ON);
+    let service = rendered.get("Service", "metalkube-router");
+    let monitor = rendered.get("ServiceMonitor", ROUTER);
+    assert_eq!(monitor["spec"]["jobLabel"], "app.kubernetes.io/name");
+    assert_eq!(service["metadata"]["labels"]["app.kubernetes.io/name"], "metalkube-router", "job label value");
+    assert!(selects(&monitor["spec"]["selector"]["matchLabels"], &service["metadata"]["labels"]));
+    let controller_monitor = rendered.get("ServiceMonitor", &format!("{FULLNAME}-controller"));
+    assert!(
+        !selects(&controller_monitor["spec"]["selector"]["matchLabels"], &service["metadata"]["labels"]),
+        "the controller's ServiceMonitor must not scrape the router as job metalkube-controller"
+    );
+    let endpoints = monitor["spec"]["endpoints"].as_sequence().unwrap();
+    assert_eq!(endpoints.len(), 1);
+    assert_eq!(endpoints[0]["port"], "http-metrics");
+    assert!(render(DEFAULTS).of_kind("ServiceMonitor").is_empty());
 }

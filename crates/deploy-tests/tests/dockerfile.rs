@@ -1,5 +1,6 @@
-//! The controller's `Dockerfile`. No container runtime is available to build it, so it is held
-//! to hadolint with no findings, and to the few properties the chart depends on.
+//! The controller's `Dockerfile` and the router's `Dockerfile.router`. No container runtime is
+//! available to build them, so they are held to hadolint with no findings, and to the few
+//! properties the chart depends on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -10,9 +11,11 @@ use common::{repo_root, succeed};
 use metalkube_testkit::tools;
 
 #[test]
-fn dockerfile_has_no_hadolint_findings() {
-    let ran = succeed(Command::new(tools::hadolint()).args(["--no-color", "Dockerfile"]).current_dir(repo_root()));
-    assert!(ran.output().trim().is_empty(), "hadolint reported findings\n{}", ran.report());
+fn dockerfiles_have_no_hadolint_findings() {
+    for file in ["Dockerfile", "Dockerfile.router"] {
+        let ran = succeed(Command::new(tools::hadolint()).args(["--no-color", file]).current_dir(repo_root()));
+        assert!(ran.output().trim().is_empty(), "hadolint reported findings in {file}\n{}", ran.report());
+    }
 }
 
 #[test]
@@ -33,4 +36,19 @@ fn dockerfile_builds_the_locked_controller_and_runs_it_as_the_charts_user() {
     for entry in ["target/", ".git", "examples/standalone/models"] {
         assert!(ignore.lines().any(|l| l == entry), ".dockerignore lacks {entry}:\n{ignore}");
     }
+}
+
+#[test]
+fn router_dockerfile_builds_the_locked_router_and_runs_it_as_the_charts_user() {
+    let dockerfile = std::fs::read_to_string(repo_root().join("Dockerfile.router")).unwrap();
+    let from: Vec<&str> = dockerfile.lines().filter(|l| l.starts_with("FROM ")).collect();
+    let controller = std::fs::read_to_string(repo_root().join("Dockerfile")).unwrap();
+    let controller_from: Vec<&str> = controller.lines().filter(|l| l.starts_with("FROM ")).collect();
+    assert_eq!(from, controller_from, "the two images share their pinned bases");
+    assert!(dockerfile.contains("cargo build --release --locked -p metalkube-router"), "{dockerfile}");
+    assert!(dockerfile.lines().any(|l| l == "USER 65532:65532"), "{dockerfile}");
+    assert!(dockerfile.lines().any(|l| l == r#"ENTRYPOINT ["/usr/local/bin/metalkube-router"]"#), "{dockerfile}");
+    // The chart's image for the router is this one.
+    let values = std::fs::read_to_string(repo_root().join("charts/metalkube/values.yaml")).unwrap();
+    assert!(values.contains("repository: ghcr.io/metalkube/metalkube-router"), "router.image.repository");
 }

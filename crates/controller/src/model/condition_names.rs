@@ -11,6 +11,8 @@ pub mod types {
     /// A restart for slowness did not make the engine faster: restarts for slowness are withheld.
     pub const SLOW_AFTER_RESTART: &str = "SlowAfterRestart";
     pub const MEMORY_PRESSURE: &str = "MemoryPressure";
+    /// The model's Service lists the metalkube-router pods (True) or the Macs (False, with why).
+    pub const ROUTED: &str = "Routed";
 }
 
 /// Reasons that conditions set and Events react to.
@@ -20,4 +22,12 @@ pub mod reasons {
     pub const PULSE_RED: &str = "PulseRed";
     /// Past redAfter with the host explaining it: not ready, not restarted.
     pub const HOST_CONTENDED: &str = "HostContended";
+    /// Routed: the model's Service lists the router pods.
+    pub const THROUGH_ROUTER: &str = "ThroughRouter";
+    /// Not routed: the model asks for its Service to list the Macs.
+    pub const DIRECT: &str = "Direct";
+    /// Not routed although the model asks for it: no router pod is ready, the Macs stand in.
+    pub const ROUTER_UNAVAILABLE: &str = "RouterUnavailable";
+    /// Not routed although the model asks for it: no router is installed (no --router-service).
+    pub const ROUTER_NOT_CONFIGURED: &str = "RouterNotConfigured";
 }

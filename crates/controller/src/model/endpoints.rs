@@ -1,6 +1,9 @@
 //! The selector-less Service and EndpointSlices of a MetalModel, as a pure function of its
-//! replicas. Cluster clients reach a model at `<model>.<namespace>.svc:80`; each endpoint is a
-//! Mac's serving address and the model's serving port there, with `ready` following the pulse.
+//! replicas or of the router's pods. Cluster clients reach a model at `<model>.<namespace>.svc:80`
+//! (the Service is named after the MetalModel, in its namespace: the router tells models apart
+//! by that name in the Host header). Direct, each endpoint is a Mac's serving address and the
+//! model's serving port there, with `ready` following the pulse; routed, each is a
+//! metalkube-router pod and its serving port, with `ready` following the pod's readiness.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -10,6 +13,8 @@ use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use metalkube_api::MetalModel;
+
+use crate::model::routing::RouterEndpoint;
 
 pub const MANAGED_BY: &str = "metalkube-controller";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -93,6 +98,63 @@ pub fn slice_name(model: &str, port: u16, address_type: &str) -> String {
     format!("{model}-{port}-{}", address_type.to_ascii_lowercase())
 }
 
+fn slice_labels(model: &MetalModel) -> BTreeMap<String, String> {
+    let mut labels = labels(model);
+    labels.insert(SERVICE_NAME_LABEL.to_owned(), model.metadata.name.clone().unwrap_or_default());
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+    labels
+}
+
+/// The slice name for one (router port, address type) group of a routed model: apart from the
+/// Macs' slices, so a change of route replaces one set with the other.
+pub fn router_slice_name(model: &str, port: u16, address_type: &str) -> String {
+    format!("{model}-router-{port}-{}", address_type.to_ascii_lowercase())
+}
+
+/// The slices of a model routed through the router: one per (router port, address type), each
+/// router pod with its own conditions, pod reference, node and zone (as the router's Service
+/// lists them), under the port name the model's Service uses.
+pub fn router_endpoint_slices(model: &MetalModel, pods: &[RouterEndpoint]) -> Vec<EndpointSlice> {
+    let name = model.metadata.name.clone().unwrap_or_default();
+    let mut groups: BTreeMap<(u16, &str), Vec<&RouterEndpoint>> = BTreeMap::new();
+    for p in pods {
+        groups.entry((p.port, p.address_type.as_str())).or_default().push(p);
+    }
+    groups
+        .into_iter()
+        .map(|((port, kind), members)| {
+            let mut endpoints: Vec<Endpoint> = members
+                .iter()
+                .map(|p| Endpoint {
+                    addresses: vec![p.address.clone()],
+                    conditions: Some(EndpointConditions {
+                        ready: Some(p.ready && !p.terminating),
+                        serving: Some(p.serving),
+                        terminating: Some(p.terminating),
+                    }),
+                    target_ref: p.target_ref.clone(),
+                    node_name: p.node_name.clone(),
+                    zone: p.zone.clone(),
+                    ..Endpoint::default()
+                })
+                .collect();
+            endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
+            EndpointSlice {
+                metadata: ObjectMeta {
+                    name: Some(router_slice_name(&name, port, kind)),
+                    namespace: model.metadata.namespace.clone(),
+                    labels: Some(slice_labels(model)),
+                    owner_references: owner(model).map(|o| vec![o]),
+                    ..ObjectMeta::default()
+                },
+                address_type: kind.to_owned(),
+                endpoints: Some(endpoints),
+                ports: Some(vec![http_port(PORT_NAME, port)]),
+            }
+        })
+        .collect()
+}
+
 /// One slice per (serving port, address type): a slice has one port list and one address type,
 /// and replicas on different Macs may serve on different ports.
 pub fn endpoint_slices(model: &MetalModel, replicas: &[EndpointReplica]) -> Vec<EndpointSlice> {
@@ -104,9 +166,7 @@ pub fn endpoint_slices(model: &MetalModel, replicas: &[EndpointReplica]) -> Vec<
     groups
         .into_iter()
         .map(|((port, kind), members)| {
-            let mut labels = labels(model);
-            labels.insert(SERVICE_NAME_LABEL.to_owned(), name.clone());
-            labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned());
+            let labels = slice_labels(model);
             let mut endpoints: Vec<Endpoint> = members
                 .iter()
                 .map(|r| Endpoint {
@@ -195,5 +255,58 @@ mod tests {
         let svc = service(&model());
         assert!(svc.spec.clone().unwrap().selector.is_none());
         assert_eq!(svc.spec.unwrap().ports.unwrap()[0].port, 80);
+    }
+
+    #[test]
+    fn a_routed_model_lists_the_router_pods_under_its_own_port_name() {
+        let pod = |ip: &str, kind: &str, ready: bool, terminating: bool| RouterEndpoint {
+            address: ip.into(),
+            address_type: kind.into(),
+            port: 8080,
+            ready,
+            serving: ready || terminating,
+            terminating,
+            target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
+                kind: Some("Pod".into()),
+                name: Some(format!("router-{ip}")),
+                ..Default::default()
+            }),
+            node_name: Some("k8s-node-1".into()),
+            zone: None,
+        };
+        let slices = router_endpoint_slices(
+            &model(),
+            &[
+                pod("10.1.0.5", "IPv4", true, false),
+                pod("10.1.0.4", "IPv4", true, true),
+                pod("fd00::5", "IPv6", true, false),
+            ],
+        );
+        let names: Vec<_> = slices.iter().map(|s| s.metadata.name.clone().unwrap()).collect();
+        assert_eq!(names, ["tiny-router-8080-ipv4", "tiny-router-8080-ipv6"]);
+        let v4 = &slices[0];
+        assert_eq!(v4.metadata.labels.clone().unwrap()[SERVICE_NAME_LABEL], "tiny");
+        assert_eq!(
+            v4.ports.clone().unwrap()[0].name.as_deref(),
+            Some(PORT_NAME),
+            "the Service's targetPort is by name"
+        );
+        let conditions: Vec<_> = v4
+            .endpoints
+            .iter()
+            .flatten()
+            .map(|e| {
+                let c = e.conditions.clone().unwrap();
+                (e.addresses[0].as_str(), c.ready, c.terminating)
+            })
+            .collect();
+        assert_eq!(
+            conditions,
+            [("10.1.0.4", Some(false), Some(true)), ("10.1.0.5", Some(true), Some(false))],
+            "a terminating router pod is listed, never ready"
+        );
+        let e = &v4.endpoints.as_ref().unwrap()[1];
+        assert_eq!(e.target_ref.as_ref().unwrap().kind.as_deref(), Some("Pod"));
+        assert_eq!(e.node_name.as_deref(), Some("k8s-node-1"), "a router pod runs on a Kubernetes Node");
     }
 }

@@ -3,6 +3,7 @@
 //! the old status back) repeats nothing; `publish` is the thin IO after it.
 
 use crate::model::condition_names::{reasons, types};
+use crate::model::routing::ROUTE_REASONS;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use metalkube_api::{Grade, MetalModelStatus, MetalNodeStatus};
@@ -95,6 +96,15 @@ pub fn model_events(old: &MetalModelStatus, new: &MetalModelStatus) -> Vec<Note>
     {
         notes.push(note(true, reasons::AGENT_UNREACHABLE, "Observe", now.message.clone()));
     }
+    // A change of route, once the model has one: to the router, back to the Macs (a warning when
+    // the router was lost), or by the model's own choice. A model's first route is no news.
+    let (was, now) = (condition(&old.conditions, types::ROUTED), condition(&new.conditions, types::ROUTED));
+    if let (Some(was), Some(now)) = (was, now)
+        && was.reason != now.reason
+        && let Some(reason) = ROUTE_REASONS.into_iter().find(|r| *r == now.reason)
+    {
+        notes.push(note(reason == reasons::ROUTER_UNAVAILABLE, reason, "Route", now.message.clone()));
+    }
     notes
 }
 
@@ -176,5 +186,30 @@ mod tests {
         assert!(model_events(&new, &new).is_empty(), "no change, no event");
         let reasons: Vec<_> = model_events(&new, &old).iter().map(|n| n.reason).collect();
         assert_eq!(reasons, ["PulseGreen", "Unscheduled"]);
+    }
+
+    #[test]
+    fn a_change_of_route_is_an_event_and_losing_the_router_a_warning() {
+        let routed = |reason: &str| MetalModelStatus {
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: types::ROUTED.into(),
+                status: if reason == reasons::THROUGH_ROUTER { "True" } else { "False" }.into(),
+                reason: reason.into(),
+                message: format!("now {reason}"),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: None,
+            }],
+            ..MetalModelStatus::default()
+        };
+        let through = routed(reasons::THROUGH_ROUTER);
+        let lost = routed(reasons::ROUTER_UNAVAILABLE);
+        assert!(model_events(&MetalModelStatus::default(), &through).is_empty(), "a first route is no news");
+        assert!(model_events(&through, &through).is_empty());
+        let notes = model_events(&through, &lost);
+        assert_eq!(notes, [note(true, reasons::ROUTER_UNAVAILABLE, "Route", "now RouterUnavailable".into())]);
+        let notes = model_events(&lost, &through);
+        assert_eq!(notes, [note(false, reasons::THROUGH_ROUTER, "Route", "now ThroughRouter".into())]);
     }
 }

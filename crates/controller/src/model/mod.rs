@@ -1,6 +1,7 @@
 //! The model group: one MetalModel's reconcile (IO only, in `reconcile`) over pure parts —
 //! its inputs from the agents' reports, its Secrets, placement, status and conditions, its
-//! Service and EndpointSlices, and the Events its changes make.
+//! Service and EndpointSlices, where the Service sends clients (`routing`: the router's pods or
+//! the Macs), and the Events its changes make. `router_watch` follows the router's own Service.
 
 pub mod condition_names;
 pub mod conditions;
@@ -9,5 +10,7 @@ pub mod events;
 pub(crate) mod inputs;
 pub mod placement;
 pub mod reconcile;
+pub mod router_watch;
+pub mod routing;
 pub(crate) mod secrets;
 pub mod status;

@@ -25,10 +25,13 @@ use serde_json::json;
 use crate::ControllerError;
 use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
-use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, service};
+use crate::model::endpoints::{
+    MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, router_endpoint_slices, service,
+};
 use crate::model::events::{Note, model_events, publish};
 use crate::model::inputs::{holders, reported_memory, serving_since};
 use crate::model::placement::{Assignments, ModelDemand, NodeView, Placement, place};
+use crate::model::routing::{Route, RouterService, RouterView, route, router_endpoints};
 use crate::model::secrets::{api_key_digests, hub_token};
 use crate::model::status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
 
@@ -37,6 +40,15 @@ pub const FINALIZER: &str = "metalkube.dev/engines";
 pub const FIELD_MANAGER: &str = "metalkube-controller";
 /// How often a model with nothing going on is looked at anyway.
 const RESYNC: Duration = Duration::from_secs(300);
+/// How long a routed model's reconcile waits for the router Service's first list before giving up
+/// (and retrying with backoff) rather than guessing where its Service should point.
+const ROUTER_LIST_WAIT: Duration = Duration::from_secs(30);
+
+/// The router's Service and the controller's mirror of its EndpointSlices (`router_watch`).
+pub struct Router {
+    pub service: RouterService,
+    pub slices: Store<EndpointSlice>,
+}
 
 pub struct Context {
     pub client: Client,
@@ -50,9 +62,12 @@ pub struct Context {
     /// model → (uid, generation, bytes): estimates agents reported, kept after the agent has
     /// dropped the model (a model that fits nowhere is stopped, and must stay unscheduled).
     memory: Mutex<HashMap<ModelKey, (String, i64, u64)>>,
-    /// The Service listing the Macs: a MetalModel of that namespace and name would share its
-    /// Service and slices, so it is refused.
-    reserved_key: Option<ModelKey>,
+    /// Services the controller or the chart keep (the one listing the Macs, the router's): a
+    /// MetalModel of that namespace and name would share its Service and slices, so it is
+    /// refused. With what holds the name.
+    reserved: Vec<(ModelKey, &'static str)>,
+    /// Where routed models send clients; None without `--router-service` (they stay Direct).
+    router: Option<Router>,
     /// How often a model with API keys is reconciled when nothing else happens: the controller
     /// does not watch Secrets (that would need to read every Secret in the cluster), so a rotated
     /// key reaches the agents within this time, or at once with any change to the MetalModel.
@@ -77,7 +92,8 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
-            reserved_key: None,
+            reserved: Vec::new(),
+            router: None,
             keys_resync: Duration::from_secs(60),
         }
     }
@@ -90,8 +106,40 @@ impl Context {
 
     /// Refuses MetalModels whose Service would be the agents Service (`namespace/name`).
     pub fn reserving(mut self, namespace: &str, agents_service: &str) -> Self {
-        self.reserved_key = Some(ModelKey::new(namespace, agents_service));
+        self.reserved.push((
+            ModelKey::new(namespace, agents_service),
+            "the controller's Service listing the Macs (--agents-service)",
+        ));
         self
+    }
+
+    /// Routes models in `Router` mode through `router`, and refuses a MetalModel whose Service
+    /// would be the router's own.
+    pub fn routing_through(mut self, router: Router) -> Self {
+        self.reserved.push((router.service.key(), "the metalkube-router's Service (--router-service)"));
+        self.router = Some(router);
+        self
+    }
+
+    /// Where `model`'s Service sends clients now. The router's slices are read only for a model
+    /// that routes through it; until they have been listed once nothing is decided (an error,
+    /// retried), so a controller restart never flips a routed model to its Macs and back.
+    async fn route_of(&self, model: &MetalModel) -> Result<Route, ControllerError> {
+        let mode = model.spec.routing_mode();
+        let named = model.spec.routing.is_some();
+        let Some(router) = &self.router else { return Ok(route(mode, named, RouterView::NotConfigured)) };
+        if mode == metalkube_api::RoutingMode::Direct {
+            return Ok(route(mode, named, RouterView::Endpoints(&[])));
+        }
+        if tokio::time::timeout(ROUTER_LIST_WAIT, router.slices.wait_until_ready()).await.is_err() {
+            return Err(ControllerError::RouterUnknown {
+                service: router.service.to_string(),
+                key: ModelKey::of(model),
+                waited: ROUTER_LIST_WAIT,
+            });
+        }
+        let pods = router_endpoints(&router.slices.state());
+        Ok(route(mode, named, RouterView::Endpoints(&pods)))
     }
 
     /// Memory one replica of `m` needs: what an agent reports for this generation, else what one
@@ -244,8 +292,8 @@ fn place_all(
 
 async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
     let key = ModelKey::of(model);
-    if ctx.reserved_key.as_ref() == Some(&key) {
-        return Err(ControllerError::ReservedName { key });
+    if let Some((_, taken_by)) = ctx.reserved.iter().find(|(k, _)| *k == key) {
+        return Err(ControllerError::ReservedName { key, taken_by });
     }
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.models.wait_until_ready().await;
@@ -257,6 +305,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     if views.values().any(|v| v.first_contact_pending(grace, now)) {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
+    let route = ctx.route_of(model).await?;
     let placement = place_all(model, ctx, &views, &nodes);
     let assigned = placement.assignments.get(&key).cloned().unwrap_or_default();
 
@@ -308,7 +357,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     if !leaving.is_empty() {
         // Published as terminating before the engines are told to stop, so clients stop
         // choosing them while they drain.
-        write_endpoints(model, &replica_inputs(&addresses, &views, &assigned, &key, grace, now), ctx).await?;
+        write_endpoints(model, &replica_inputs(&addresses, &views, &assigned, &key, grace, now), &route, ctx).await?;
     }
     for node in &leaving {
         let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
@@ -330,13 +379,16 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
             unscheduled: placement.unscheduled.get(&key),
             replicas: &inputs,
             memory_bytes: ctx.memory_for(model, &views),
+            route: &route,
+            router: ctx.router.as_ref().map(|r| &r.service),
         },
         &previous,
         &Time(Timestamp::now()),
     );
     write_status(model, &status, &previous, ctx).await?;
     ctx.metrics.set_model_replicas(&key, model.spec.replicas, status.ready_replicas);
-    write_endpoints(model, &inputs, ctx).await?;
+    ctx.metrics.set_model_route(&key, route.reason());
+    write_endpoints(model, &inputs, &route, ctx).await?;
 
     if let Some(first) = failures.into_iter().next() {
         return Err(first);
@@ -386,9 +438,13 @@ async fn write_status(
     Ok(())
 }
 
+/// The model's Service, and its slices: the router's pods when routed, else the Macs. Slices of
+/// the other route are deleted only after the new ones are written, so the Service is never
+/// empty in between.
 async fn write_endpoints(
     model: &MetalModel,
     inputs: &[ReplicaInput<'_>],
+    route: &Route,
     ctx: &Context,
 ) -> Result<(), ControllerError> {
     let ns = model.namespace().unwrap_or_default();
@@ -398,7 +454,10 @@ async fn write_endpoints(
     services.patch(&name, &apply, &Patch::Apply(&service(model))).await?;
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
     let current = model_slices(&slices, &name).await?;
-    let wanted = endpoint_slices(model, &endpoint_replicas(inputs));
+    let wanted = match route {
+        Route::ThroughRouter(pods) => router_endpoint_slices(model, pods),
+        Route::Direct(_) => endpoint_slices(model, &endpoint_replicas(inputs)),
+    };
     for slice in &wanted {
         let unchanged = current.iter().any(|c| {
             c.metadata.name == slice.metadata.name && c.endpoints == slice.endpoints && c.ports == slice.ports

@@ -4,9 +4,11 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use metalkube_api::{MetalModelStatus, Phase, PulseSummary, ReplicaReport, ReplicaStatus};
 
-use crate::model::conditions::{Observation, ReplicaView, compute_conditions};
+use crate::model::condition_names::types;
+use crate::model::conditions::{Observation, ReplicaView, compute_conditions, stamp};
 use crate::model::endpoints::EndpointReplica;
 use crate::model::placement::Unscheduled;
+use crate::model::routing::{Route, RouterService, routed_condition};
 
 /// One node's share of a model, as the controller sees it.
 #[derive(Debug, Clone)]
@@ -44,18 +46,31 @@ pub struct ModelObservation<'a> {
     pub unscheduled: Option<&'a Unscheduled>,
     pub replicas: &'a [ReplicaInput<'a>],
     pub memory_bytes: Option<u64>,
+    /// Where the model's Service sends clients, and the router Service it follows.
+    pub route: &'a Route,
+    pub router: Option<&'a RouterService>,
 }
 
 pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now: &Time) -> MetalModelStatus {
     let assigned: Vec<(&ReplicaInput<'_>, ReplicaView)> =
         obs.replicas.iter().filter(|r| r.assigned).map(|r| (r, view(r))).collect();
     let views: Vec<ReplicaView> = assigned.iter().map(|(_, v)| v.clone()).collect();
-    let conditions = compute_conditions(
+    let mut conditions = compute_conditions(
         &Observation { desired_replicas: obs.desired_replicas, unscheduled: obs.unscheduled, replicas: &views },
         &previous.conditions,
         obs.generation,
         now,
     );
+    let (status, reason, message) = routed_condition(obs.route, obs.router);
+    conditions.push(stamp(
+        types::ROUTED,
+        status,
+        reason.to_owned(),
+        message,
+        &previous.conditions,
+        obs.generation,
+        now,
+    ));
     let replicas: Vec<ReplicaStatus> = assigned
         .iter()
         .map(|(r, v)| ReplicaStatus {
@@ -131,6 +146,7 @@ pub fn endpoint_replicas(replicas: &[ReplicaInput<'_>]) -> Vec<EndpointReplica> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::routing::DirectBecause;
     use k8s_openapi::jiff::Timestamp;
     use metalkube_api::{DownloadProgress, Grade, ModelKey};
 
@@ -164,8 +180,18 @@ mod tests {
         replicas: &'a [ReplicaInput<'a>],
         memory_bytes: Option<u64>,
     ) -> ModelObservation<'a> {
-        ModelObservation { generation, desired_replicas: 2, unscheduled: None, replicas, memory_bytes }
+        ModelObservation {
+            generation,
+            desired_replicas: 2,
+            unscheduled: None,
+            replicas,
+            memory_bytes,
+            route: &DIRECT,
+            router: None,
+        }
     }
+
+    const DIRECT: Route = Route::Direct(DirectBecause::Mode { named: false });
 
     #[test]
     fn summarizes_worst_grade_slowest_pulse_and_sums() {
@@ -240,5 +266,19 @@ mod tests {
         let later = model_status(&ModelObservation { replicas: &replicas, ..obs }, &first, &now());
         assert_eq!(later.replicas[0].serving_since, serving_since(5_000_000));
         assert_eq!(serving_since(0), None, "0: not serving yet");
+    }
+
+    #[test]
+    fn the_route_is_a_condition_beside_the_others() {
+        let (a, b) = (state("Serving", "Green", 8080), state("Serving", "Green", 8081));
+        let replicas = reachable_pair(&a, &b);
+        let fallback = Route::Direct(DirectBecause::RouterUnavailable);
+        let obs = ModelObservation { route: &fallback, ..observation(Some(2), &replicas, None) };
+        let s = model_status(&obs, &MetalModelStatus::default(), &now());
+        let routed = s.conditions.iter().find(|c| c.type_ == "Routed").unwrap();
+        assert_eq!((routed.status.as_str(), routed.reason.as_str()), ("False", "RouterUnavailable"));
+        assert_eq!(routed.observed_generation, Some(2));
+        let ready = s.conditions.iter().find(|c| c.type_ == "Ready").unwrap();
+        assert_eq!(ready.status, "True", "a model whose router is down still serves through its Macs");
     }
 }
