@@ -11,8 +11,9 @@
 //! - `router`: everything to one address (metalkube-router), which picks.
 //!
 //! `metalkube-routeload PLAN.json` prints one JSON object: a record per request (when it was
-//! due, the replica it was sent to, status, time to the first token, total time, Retry-After,
-//! whether it was streamed, what went wrong). The same plan and seed give the same requests at
+//! due, the replica it was sent to, the Mac the router says answered (`x-metalkube-replica`),
+//! status, time to the first token, total time, Retry-After, whether it was streamed, what went
+//! wrong). The same plan and seed give the same requests at
 //! the same moments whatever the strategy, so strategies are compared on identical load.
 
 use std::sync::Arc;
@@ -72,7 +73,14 @@ struct Stop {
     at_s: f64,
     resume_s: f64,
     pids: Vec<i32>,
+    /// The stopped Mac's serving ports: the requests that reach them while it is stopped are
+    /// counted from the kernel's socket table (whoever sent them, the router included).
+    #[serde(default)]
+    ports: Vec<u16>,
 }
+
+/// The header in which metalkube-router names the Mac (node) that answered.
+const REPLICA_HEADER: &str = "x-metalkube-replica";
 
 /// One request as it went: times in milliseconds from the start of the run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -81,6 +89,9 @@ struct Record {
     at_ms: f64,
     /// Index into the plan's targets.
     target: usize,
+    /// The Mac that answered, as the router names it in its answer's `x-metalkube-replica`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<String>,
     stream: bool,
     max_tokens: u64,
     /// HTTP status; 0 when none came.
@@ -222,6 +233,7 @@ impl Dispatch {
             let resp = request.send().await.map_err(|e| if e.is_connect() { "connect" } else { "send" })?;
             rec.status = resp.status().as_u16();
             rec.retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            rec.replica = resp.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let mut resp = resp;
             loop {
                 match resp.chunk().await {
@@ -298,13 +310,31 @@ async fn main() -> anyhow::Result<()> {
     });
     // When the processes were stopped, in ms from the start (f64 bits; 0 until then).
     let stopped_at = Arc::new(AtomicU64::new(0));
+    let port_watch = Arc::new(std::sync::Mutex::new(PortWatch::default()));
     let stopper = plan.stop.clone().map(|stop| {
-        let stopped_at = stopped_at.clone();
+        let (stopped_at, port_watch) = (stopped_at.clone(), port_watch.clone());
         tokio::spawn(async move {
             tokio::time::sleep_until((start + Duration::from_secs_f64(stop.at_s)).into()).await;
             signal(&stop.pids, nix::sys::signal::Signal::SIGSTOP);
             stopped_at.store(ms_since(start).to_bits(), Ordering::SeqCst);
-            tokio::time::sleep_until((start + Duration::from_secs_f64(stop.resume_s)).into()).await;
+            let stopped = Instant::now();
+            lock(&port_watch).at_stop = pending_requests(&stop.ports);
+            // Until it is resumed: what arrives in its first second, and what arrives later.
+            let resume = start + Duration::from_secs_f64(stop.resume_s);
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(resume.into()) => break,
+                    _ = tick.tick() => {}
+                }
+                let now = pending_requests(&stop.ports);
+                let mut w = lock(&port_watch);
+                if stopped.elapsed() < Duration::from_secs(1) {
+                    w.first_second.extend(now);
+                } else {
+                    w.later.extend(now);
+                }
+            }
             signal(&stop.pids, nix::sys::signal::Signal::SIGCONT);
         })
     });
@@ -329,10 +359,17 @@ async fn main() -> anyhow::Result<()> {
     };
     if let (Some(s), Some(stop)) = (stopper, &plan.stop) {
         // A run that ended before the resume time resumes them now: never leave a stopped
-        // process behind.
+        // process behind. The socket table is read once more first.
         s.abort();
+        let _ = s.await;
+        {
+            if stopped_at.load(Ordering::SeqCst) != 0 {
+                lock(&port_watch).later.extend(pending_requests(&stop.ports));
+            }
+        }
         signal(&stop.pids, nix::sys::signal::Signal::SIGCONT);
     }
+    let port_counts = plan.stop.as_ref().filter(|s| !s.ports.is_empty()).map(|_| lock(&port_watch).counts());
     let stopped_at_ms = Some(f64::from_bits(stopped_at.load(Ordering::SeqCst))).filter(|ms| *ms > 0.0);
     late_ms.sort_by(f64::total_cmp);
     let out = json!({
@@ -342,6 +379,7 @@ async fn main() -> anyhow::Result<()> {
         "targets": plan.targets.len(),
         "generator_late_ms_max": late_ms.last(),
         "stopped_at_ms": stopped_at_ms,
+        "stopped_port_requests": port_counts,
         "records": records,
     });
     println!("{out}");
@@ -373,4 +411,53 @@ async fn closed_loop(d: Arc<Dispatch>, jobs: Vec<Job>, clients: usize) -> Vec<Re
         }
     }
     all
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Requests waiting unread at a stopped Mac's serving ports, as sockets (local and remote
+/// address): a stopped process reads nothing, so every request sent to it stays in its socket's
+/// receive queue (accepted or not, the sender gone or not) until it is resumed. One HTTP/1.1
+/// connection carries one request at a time, so a socket is a request.
+#[derive(Default)]
+struct PortWatch {
+    at_stop: std::collections::BTreeSet<String>,
+    first_second: std::collections::BTreeSet<String>,
+    later: std::collections::BTreeSet<String>,
+}
+
+impl PortWatch {
+    /// Requests that reached the stopped Mac within a second of the stop, and later.
+    fn counts(&self) -> serde_json::Value {
+        let first: std::collections::BTreeSet<&String> = self.first_second.difference(&self.at_stop).collect();
+        let later = self.later.iter().filter(|k| !self.at_stop.contains(*k) && !first.contains(k)).count();
+        json!({"unread_at_stop": self.at_stop.len(), "first_second": first.len(), "later": later})
+    }
+}
+
+/// Sockets on `ports` (IPv4 and IPv6 loopback) with unread bytes.
+fn pending_requests(ports: &[u16]) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state), Some(queues)) = (f.get(1), f.get(2), f.get(3), f.get(4))
+            else {
+                continue;
+            };
+            // 0A: listening (its queue is the accept backlog, not a request).
+            if *state == "0A" {
+                continue;
+            }
+            let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let unread = queues.rsplit(':').next().and_then(|q| u64::from_str_radix(q, 16).ok()).unwrap_or(0);
+            if port.is_some_and(|p| ports.contains(&p)) && unread > 0 {
+                out.insert(format!("{local} {remote}"));
+            }
+        }
+    }
+    out
 }
