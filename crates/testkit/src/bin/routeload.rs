@@ -317,23 +317,16 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep_until((start + Duration::from_secs_f64(stop.at_s)).into()).await;
             signal(&stop.pids, nix::sys::signal::Signal::SIGSTOP);
             stopped_at.store(ms_since(start).to_bits(), Ordering::SeqCst);
-            let stopped = Instant::now();
-            lock(&port_watch).at_stop = pending_requests(&stop.ports);
+            lock(&port_watch).stopped(Instant::now(), pending_requests(&stop.ports));
             // Until it is resumed: what arrives in its first second, and what arrives later.
             let resume = start + Duration::from_secs_f64(stop.resume_s);
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            let mut tick = tokio::time::interval(PORT_POLL);
             loop {
                 tokio::select! {
                     () = tokio::time::sleep_until(resume.into()) => break,
                     _ = tick.tick() => {}
                 }
-                let now = pending_requests(&stop.ports);
-                let mut w = lock(&port_watch);
-                if stopped.elapsed() < Duration::from_secs(1) {
-                    w.first_second.extend(now);
-                } else {
-                    w.later.extend(now);
-                }
+                lock(&port_watch).seen(Instant::now(), pending_requests(&stop.ports));
             }
             signal(&stop.pids, nix::sys::signal::Signal::SIGCONT);
         })
@@ -364,7 +357,7 @@ async fn main() -> anyhow::Result<()> {
         let _ = s.await;
         {
             if stopped_at.load(Ordering::SeqCst) != 0 {
-                lock(&port_watch).later.extend(pending_requests(&stop.ports));
+                lock(&port_watch).seen(Instant::now(), pending_requests(&stop.ports));
             }
         }
         signal(&stop.pids, nix::sys::signal::Signal::SIGCONT);
@@ -417,23 +410,46 @@ fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// How often the stopped Mac's sockets are read: a request is placed in the first second or
+/// after it by the read before the one that first saw it.
+const PORT_POLL: Duration = Duration::from_millis(50);
+
 /// Requests waiting unread at a stopped Mac's serving ports, as sockets (local and remote
 /// address): a stopped process reads nothing, so every request sent to it stays in its socket's
 /// receive queue (accepted or not, the sender gone or not) until it is resumed. One HTTP/1.1
 /// connection carries one request at a time, so a socket is a request.
 #[derive(Default)]
 struct PortWatch {
+    stopped: Option<Instant>,
+    /// The previous read, and each socket by whether it surely arrived more than a second after
+    /// the stop (the read before the one that first saw it was already past that second).
+    last_read: Option<Instant>,
     at_stop: std::collections::BTreeSet<String>,
-    first_second: std::collections::BTreeSet<String>,
-    later: std::collections::BTreeSet<String>,
+    arrived: std::collections::BTreeMap<String, bool>,
 }
 
 impl PortWatch {
+    fn stopped(&mut self, now: Instant, pending: std::collections::BTreeSet<String>) {
+        self.stopped = Some(now);
+        self.last_read = Some(now);
+        self.at_stop = pending;
+    }
+
+    fn seen(&mut self, now: Instant, pending: std::collections::BTreeSet<String>) {
+        let (Some(stopped), Some(last)) = (self.stopped, self.last_read) else { return };
+        let later = last.saturating_duration_since(stopped) >= Duration::from_secs(1);
+        for socket in pending {
+            if !self.at_stop.contains(&socket) {
+                self.arrived.entry(socket).or_insert(later);
+            }
+        }
+        self.last_read = Some(now);
+    }
+
     /// Requests that reached the stopped Mac within a second of the stop, and later.
     fn counts(&self) -> serde_json::Value {
-        let first: std::collections::BTreeSet<&String> = self.first_second.difference(&self.at_stop).collect();
-        let later = self.later.iter().filter(|k| !self.at_stop.contains(*k) && !first.contains(k)).count();
-        json!({"unread_at_stop": self.at_stop.len(), "first_second": first.len(), "later": later})
+        let later = self.arrived.values().filter(|l| **l).count();
+        json!({"unread_at_stop": self.at_stop.len(), "first_second": self.arrived.len() - later, "later": later})
     }
 }
 
