@@ -75,6 +75,8 @@ struct Bench {
     agent: PathBuf,
     engine: PathBuf,
     dir: PathBuf,
+    /// Where each window's records are kept.
+    records: PathBuf,
     commands: Vec<String>,
     guard: Guard,
 }
@@ -270,8 +272,9 @@ impl Plan {
     }
 }
 
-/// Runs one window of load and returns its records.
-fn load(b: &mut Bench, plan: &Plan) -> anyhow::Result<Run> {
+/// Runs one window of load and returns its records; the records as `metalkube-routeload` wrote
+/// them are kept under `<target>/bench/route/records{-quick}/<label>.json` for a closer look.
+fn load(b: &mut Bench, plan: &Plan, label: &str) -> anyhow::Result<Run> {
     let mut doc = json!({
         "strategy": plan.strategy.slug(), "targets": plan.targets, "model": MODEL,
         "seconds": plan.seconds, "seed": plan.seed, "max_tokens": plan.max_tokens,
@@ -305,6 +308,8 @@ fn load(b: &mut Bench, plan: &Plan) -> anyhow::Result<Run> {
         bail!("metalkube-routeload failed: {}", out.status);
     }
     let v: Value = serde_json::from_slice(&out.stdout).context("metalkube-routeload's output")?;
+    std::fs::create_dir_all(&b.records)?;
+    std::fs::write(b.records.join(format!("{label}.json")), &out.stdout)?;
     Run::from_json(&v, &fleet_names())
 }
 
@@ -345,6 +350,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         bins,
         engine: installed.engine.clone(),
         dir,
+        records: target_dir().join(if opts.quick { "bench/route/records-quick" } else { "bench/route/records" }),
         commands: Vec::new(),
         guard: Guard(Vec::new()),
     };
@@ -418,7 +424,8 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
                 wait_serving(&macs, Duration::from_secs(120))?;
                 let mut plan = Plan::mixed(*s, targets(*s), seconds, seed);
                 plan.rate = Some(capacity * fraction);
-                let r = load(&mut b, &plan)?;
+                let label = format!("r{}-{:.0}-{}", round + 1, fraction * 100.0, s.slug());
+                let r = load(&mut b, &plan, &label)?;
                 eprintln!("[route round {}] {:.0}% {}: {}", round + 1, fraction * 100.0, s.slug(), r.summary());
                 report.runs.push((Load::Steady(*fraction), round, *s, r));
             }
@@ -430,7 +437,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             plan.rate = Some(capacity * 0.8);
             plan.deadline_s = 10.0;
             plan.stop = Some((seconds / 3.0, macs[stopped].pids(), macs[stopped].serving));
-            let r = load(&mut b, &plan)?;
+            let r = load(&mut b, &plan, &format!("r{}-failover-{}", round + 1, s.slug()))?;
             eprintln!("[route round {}] failover {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::Failover { stopped }, round, *s, r));
         }
@@ -440,7 +447,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 7000 + u64::from(round));
             plan.rate = Some(capacity * 2.0);
             plan.deadline_s = 60.0;
-            let r = load(&mut b, &plan)?;
+            let r = load(&mut b, &plan, &format!("r{}-overload-{}", round + 1, s.slug()))?;
             eprintln!("[route round {}] overload {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::Overload, round, *s, r));
         }
@@ -556,7 +563,7 @@ fn added_latency(b: &mut Bench, report: &mut Report, opts: &RouteOptions, tiny: 
             plan.prompt_words = [1, 4];
             plan.stream_share = 0.0;
             plan.deadline_s = 10.0;
-            let r = load(b, &plan)?;
+            let r = load(b, &plan, &format!("r{}-added-latency-{}", round + 1, s.slug()))?;
             eprintln!("[route round {}] added latency {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::AddedLatency, round, s, r));
         }
