@@ -101,7 +101,9 @@ struct Record {
     ttft_ms: Option<f64>,
     total_ms: Option<f64>,
     retry_after: Option<String>,
-    /// `connect`, `timeout`, `broken` (the answer stopped before its end), `send`.
+    /// `connect`, `timeout`, `broken` (the answer stopped before its end), `send`,
+    /// `stream_error` (a stream that ended with an error event: metalkube-router's end of an
+    /// answer whose Mac was lost, which closes the body cleanly after it).
     error: Option<&'static str>,
     /// Body bytes received.
     bytes: u64,
@@ -235,6 +237,8 @@ impl Dispatch {
             rec.retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
             rec.replica = resp.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let mut resp = resp;
+            // The end of a stream, to find an error event there.
+            let mut tail: Vec<u8> = Vec::new();
             loop {
                 match resp.chunk().await {
                     Ok(Some(bytes)) => {
@@ -242,7 +246,13 @@ impl Dispatch {
                             rec.ttft_ms = Some(ms_since(due));
                         }
                         rec.bytes += bytes.len() as u64;
+                        if job.stream {
+                            tail.extend_from_slice(&bytes);
+                            let keep = tail.len().saturating_sub(STREAM_TAIL);
+                            tail.drain(..keep);
+                        }
                     }
+                    Ok(None) if ends_in_error(&tail) => return Err("stream_error"),
                     Ok(None) => return Ok(()),
                     Err(_) => return Err("broken"),
                 }
@@ -270,6 +280,16 @@ impl Dispatch {
         self.release(target, client, reusable).await;
         rec
     }
+}
+
+/// Bytes of a stream's end kept to look for an error event.
+const STREAM_TAIL: usize = 4096;
+
+/// Whether a stream's last event is an error (`data: {"error": …}`), not a chunk of the answer.
+fn ends_in_error(tail: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(tail);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or("");
+    last.trim_start().strip_prefix("data:").is_some_and(|d| d.trim_start().starts_with("{\"error\""))
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -476,4 +496,19 @@ fn pending_requests(ports: &[u16]) -> std::collections::BTreeSet<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_in_error;
+
+    #[test]
+    fn a_stream_ending_in_an_error_event_is_told_from_a_finished_one() {
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"o\"}}]}\n\n";
+        let error = "data: {\"error\":{\"code\":\"stream_stalled\",\"type\":\"server_error\"}}\n\n";
+        assert!(ends_in_error(format!("{chunk}{chunk}{error}").as_bytes()));
+        assert!(!ends_in_error(format!("{chunk}{chunk}data: [DONE]\n\n").as_bytes()));
+        assert!(!ends_in_error(chunk.as_bytes()));
+        assert!(!ends_in_error(b""));
+    }
 }
