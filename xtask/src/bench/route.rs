@@ -29,6 +29,10 @@ const SLOTS: u32 = 5;
 /// How long a request may wait for a place: the agents' queueTimeout and the router's
 /// --queue-timeout alike, the deadline of the overload row.
 const QUEUE_TIMEOUT_S: u32 = 5;
+/// The router's fleet queue, in requests per client place of the fleet (4 Macs x 4 places: 32):
+/// it holds about a second and a half of what the fleet completes, so at 2x the capacity it fills
+/// and the router refuses at once (429, Retry-After) well before anyone waits 5 s.
+const ROUTER_QUEUE_PER_PLACE: usize = 2;
 /// Answer lengths (log-uniform) and prompt lengths in words (uniform); half the requests stream.
 const MAX_TOKENS: [u64; 2] = [16, 256];
 const PROMPT_WORDS: [u64; 2] = [8, 200];
@@ -71,6 +75,8 @@ struct Bench {
     agent: PathBuf,
     engine: PathBuf,
     dir: PathBuf,
+    /// Where each window's records are kept.
+    records: PathBuf,
     commands: Vec<String>,
     guard: Guard,
 }
@@ -186,12 +192,12 @@ struct Router {
     http: u16,
 }
 
-fn start_router(b: &mut Bench, macs: &[&Mac]) -> anyhow::Result<Router> {
+fn start_router(b: &mut Bench, macs: &[&Mac], queue: usize) -> anyhow::Result<Router> {
     let (port, http_port) = (free_port()?, free_port()?);
     let mut cmd = Command::new(b.bins.join("metalkube-router"));
     cmd.args(["--listen", &format!("127.0.0.1:{port}"), "--http-listen", &format!("127.0.0.1:{http_port}")])
         .arg("--insecure")
-        .args(["--queue-capacity", "256", "--queue-timeout", &format!("{QUEUE_TIMEOUT_S}s")]);
+        .args(["--queue-capacity", &queue.to_string(), "--queue-timeout", &format!("{QUEUE_TIMEOUT_S}s")]);
     for m in macs {
         cmd.args(["--agent", &format!("{}=http://127.0.0.1:{}", m.name, m.grpc)]);
     }
@@ -199,7 +205,7 @@ fn start_router(b: &mut Bench, macs: &[&Mac]) -> anyhow::Result<Router> {
     let log = std::fs::File::create(&log_path)?;
     cmd.env("RUST_LOG", "warn").stdout(log.try_clone()?).stderr(log);
     b.note(format!(
-        "metalkube-router --listen 127.0.0.1:<port> --http-listen 127.0.0.1:<port> --insecure --queue-capacity 256 --queue-timeout {QUEUE_TIMEOUT_S}s --agent <mac>=http://127.0.0.1:<grpc> …"
+        "metalkube-router --listen 127.0.0.1:<port> --http-listen 127.0.0.1:<port> --insecure --queue-capacity {queue} --queue-timeout {QUEUE_TIMEOUT_S}s --agent <mac>=http://127.0.0.1:<grpc> …"
     ));
     b.guard.0.push(cmd.spawn().context("starting metalkube-router")?);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -244,7 +250,8 @@ struct Plan {
     prompt_words: [u64; 2],
     stream_share: f64,
     deadline_s: f64,
-    stop: Option<(f64, Vec<i32>)>,
+    /// When to stop, the stopped Mac's processes and its serving port.
+    stop: Option<(f64, Vec<i32>, u16)>,
 }
 
 impl Plan {
@@ -265,8 +272,9 @@ impl Plan {
     }
 }
 
-/// Runs one window of load and returns its records.
-fn load(b: &mut Bench, plan: &Plan) -> anyhow::Result<Run> {
+/// Runs one window of load and returns its records; the records as `metalkube-routeload` wrote
+/// them are kept under `<target>/bench/route/records{-quick}/<label>.json` for a closer look.
+fn load(b: &mut Bench, plan: &Plan, label: &str) -> anyhow::Result<Run> {
     let mut doc = json!({
         "strategy": plan.strategy.slug(), "targets": plan.targets, "model": MODEL,
         "seconds": plan.seconds, "seed": plan.seed, "max_tokens": plan.max_tokens,
@@ -278,9 +286,11 @@ fn load(b: &mut Bench, plan: &Plan) -> anyhow::Result<Run> {
     if let Some(c) = plan.concurrency {
         doc["concurrency"] = json!(c);
     }
-    if let Some((at_s, pids)) = &plan.stop {
-        // Resumed only once every request has been answered or given up on.
-        doc["stop"] = json!({"at_s": at_s, "resume_s": plan.seconds + plan.deadline_s + 60.0, "pids": pids});
+    if let Some((at_s, pids, port)) = &plan.stop {
+        // Resumed only once every request has been answered or given up on; what reaches its
+        // serving port meanwhile is counted.
+        doc["stop"] =
+            json!({"at_s": at_s, "resume_s": plan.seconds + plan.deadline_s + 60.0, "pids": pids, "ports": [port]});
     }
     let file = b.dir.join("plan.json");
     std::fs::write(&file, doc.to_string())?;
@@ -298,7 +308,14 @@ fn load(b: &mut Bench, plan: &Plan) -> anyhow::Result<Run> {
         bail!("metalkube-routeload failed: {}", out.status);
     }
     let v: Value = serde_json::from_slice(&out.stdout).context("metalkube-routeload's output")?;
-    Run::from_json(&v)
+    std::fs::create_dir_all(&b.records)?;
+    std::fs::write(b.records.join(format!("{label}.json")), &out.stdout)?;
+    Run::from_json(&v, &fleet_names())
+}
+
+/// The fleet's names, in the order of the client-side strategies' targets.
+fn fleet_names() -> Vec<String> {
+    FLEET.iter().map(|m| m.name.to_owned()).collect()
 }
 
 /// Options of `bench route`.
@@ -333,6 +350,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         bins,
         engine: installed.engine.clone(),
         dir,
+        records: target_dir().join(if opts.quick { "bench/route/records-quick" } else { "bench/route/records" }),
         commands: Vec::new(),
         guard: Guard(Vec::new()),
     };
@@ -343,12 +361,15 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         .map(|(i, m)| start_mac(&mut b, m, i, &installed.tiny_model))
         .collect::<Result<_, _>>()?;
     wait_serving(&macs, Duration::from_secs(120))?;
-    let router = if with_router { Some(start_router(&mut b, &macs.iter().collect::<Vec<_>>())?) } else { None };
+    let router_queue = ROUTER_QUEUE_PER_PLACE * FLEET.len() * (SLOTS - 1) as usize;
+    let router =
+        if with_router { Some(start_router(&mut b, &macs.iter().collect::<Vec<_>>(), router_queue)?) } else { None };
     eprintln!("[route] fleet serving after {:.1} s; router: {}", started.elapsed().as_secs_f64(), router.is_some());
 
     let seconds = f64::from(opts.seconds);
     let mut report = Report::new(opts.quick, opts.rounds, seconds, with_router);
     report.settings = settings_text();
+    report.router_queue = router_queue;
     // Capacity: each Mac saturated on its own, all at once, with the same mix (slots clients in
     // a closed loop): what the fleet completes per second when every place is busy. Measured,
     // not computed, so the real engine's speed on this machine counts as it is.
@@ -403,7 +424,8 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
                 wait_serving(&macs, Duration::from_secs(120))?;
                 let mut plan = Plan::mixed(*s, targets(*s), seconds, seed);
                 plan.rate = Some(capacity * fraction);
-                let r = load(&mut b, &plan)?;
+                let label = format!("r{}-{:.0}-{}", round + 1, fraction * 100.0, s.slug());
+                let r = load(&mut b, &plan, &label)?;
                 eprintln!("[route round {}] {:.0}% {}: {}", round + 1, fraction * 100.0, s.slug(), r.summary());
                 report.runs.push((Load::Steady(*fraction), round, *s, r));
             }
@@ -414,8 +436,8 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 5000 + u64::from(round));
             plan.rate = Some(capacity * 0.8);
             plan.deadline_s = 10.0;
-            plan.stop = Some((seconds / 3.0, macs[stopped].pids()));
-            let r = load(&mut b, &plan)?;
+            plan.stop = Some((seconds / 3.0, macs[stopped].pids(), macs[stopped].serving));
+            let r = load(&mut b, &plan, &format!("r{}-failover-{}", round + 1, s.slug()))?;
             eprintln!("[route round {}] failover {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::Failover { stopped }, round, *s, r));
         }
@@ -425,7 +447,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 7000 + u64::from(round));
             plan.rate = Some(capacity * 2.0);
             plan.deadline_s = 60.0;
-            let r = load(&mut b, &plan)?;
+            let r = load(&mut b, &plan, &format!("r{}-overload-{}", round + 1, s.slug()))?;
             eprintln!("[route round {}] overload {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::Overload, round, *s, r));
         }
@@ -466,13 +488,14 @@ fn computed_capacity(speed: f64) -> f64 {
 
 fn settings_text() -> String {
     format!(
-        "fleet: {} Macs, each a metalkube-agent (serve --insecure, gRPC on) on loopback serving {MODEL}: simulators at 1.0, 0.5 and 0.25 of {} ms/token decode and {} µs/prompt word, and the real llama-server with the tiny model; {SLOTS} engine slots, 4 client places, queue 64, queue timeout {QUEUE_TIMEOUT_S} s\n\
+        "fleet: {} Macs, each a metalkube-agent (serve --insecure, gRPC on) on loopback serving {MODEL}: simulators at 1.0, 0.5 and 0.25 of {} ms/token decode and {} µs/prompt word, and the real llama-server with the tiny model; {SLOTS} engine slots, 4 client places, queue 64, queue timeout {QUEUE_TIMEOUT_S} s; metalkube-router --queue-capacity {} ({ROUTER_QUEUE_PER_PLACE} per client place of the fleet) --queue-timeout {QUEUE_TIMEOUT_S}s\n\
          mix: max_tokens log-uniform {}–{}, prompts {}–{} words, {:.0}% streamed; /v1/chat/completions; Poisson arrivals (same seed for every strategy of a round)\n\
          capacity: each Mac saturated alone by 4 closed-loop clients of the mix, all at once; fleet capacity = their sum (completions/s)\n\
          TTFT = due time to the first body bytes of a streamed answer; lost = transport errors, broken answers, timeouts and 5xx (429 is a refusal, not a loss)\n",
         FLEET.len(),
         BASE_TOKEN_US as f64 / 1000.0,
         BASE_PROMPT_WORD_US,
+        ROUTER_QUEUE_PER_PLACE * FLEET.len() * (SLOTS - 1) as usize,
         MAX_TOKENS[0],
         MAX_TOKENS[1],
         PROMPT_WORDS[0],
@@ -508,7 +531,7 @@ fn finish_load(child: std::process::Child) -> anyhow::Result<Run> {
     if !out.status.success() {
         bail!("metalkube-routeload failed: {}", out.status);
     }
-    Run::from_json(&serde_json::from_slice(&out.stdout).context("metalkube-routeload's output")?)
+    Run::from_json(&serde_json::from_slice(&out.stdout).context("metalkube-routeload's output")?, &fleet_names())
 }
 
 /// The router's added latency: small fast answers at 500 requests/s to one agent directly and
@@ -526,7 +549,8 @@ fn added_latency(b: &mut Bench, report: &mut Report, opts: &RouteOptions, tiny: 
     b.engine = saved;
     let mac = mac?;
     wait_serving(std::slice::from_ref(&mac), Duration::from_secs(60))?;
-    let router = start_router(b, &[&mac])?;
+    // A queue that never fills here: this row measures the way through, not refusals.
+    let router = start_router(b, &[&mac], 256)?;
     let seconds = if opts.quick { 3.0 } else { f64::from(opts.seconds).min(10.0) };
     for round in 0..opts.rounds {
         for (s, target) in [
@@ -539,7 +563,7 @@ fn added_latency(b: &mut Bench, report: &mut Report, opts: &RouteOptions, tiny: 
             plan.prompt_words = [1, 4];
             plan.stream_share = 0.0;
             plan.deadline_s = 10.0;
-            let r = load(b, &plan)?;
+            let r = load(b, &plan, &format!("r{}-added-latency-{}", round + 1, s.slug()))?;
             eprintln!("[route round {}] added latency {}: {}", round + 1, s.slug(), r.summary());
             report.runs.push((Load::AddedLatency, round, s, r));
         }

@@ -11,8 +11,9 @@
 //! - `router`: everything to one address (metalkube-router), which picks.
 //!
 //! `metalkube-routeload PLAN.json` prints one JSON object: a record per request (when it was
-//! due, the replica it was sent to, status, time to the first token, total time, Retry-After,
-//! whether it was streamed, what went wrong). The same plan and seed give the same requests at
+//! due, the replica it was sent to, the Mac the router says answered (`x-metalkube-replica`),
+//! status, time to the first token, total time, Retry-After, whether it was streamed, what went
+//! wrong). The same plan and seed give the same requests at
 //! the same moments whatever the strategy, so strategies are compared on identical load.
 
 use std::sync::Arc;
@@ -72,7 +73,14 @@ struct Stop {
     at_s: f64,
     resume_s: f64,
     pids: Vec<i32>,
+    /// The stopped Mac's serving ports: the requests that reach them while it is stopped are
+    /// counted from the kernel's socket table (whoever sent them, the router included).
+    #[serde(default)]
+    ports: Vec<u16>,
 }
+
+/// The header in which metalkube-router names the Mac (node) that answered.
+const REPLICA_HEADER: &str = "x-metalkube-replica";
 
 /// One request as it went: times in milliseconds from the start of the run.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -81,6 +89,9 @@ struct Record {
     at_ms: f64,
     /// Index into the plan's targets.
     target: usize,
+    /// The Mac that answered, as the router names it in its answer's `x-metalkube-replica`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    replica: Option<String>,
     stream: bool,
     max_tokens: u64,
     /// HTTP status; 0 when none came.
@@ -90,7 +101,9 @@ struct Record {
     ttft_ms: Option<f64>,
     total_ms: Option<f64>,
     retry_after: Option<String>,
-    /// `connect`, `timeout`, `broken` (the answer stopped before its end), `send`.
+    /// `connect`, `timeout`, `broken` (the answer stopped before its end), `send`,
+    /// `stream_error` (a stream that ended with an error event: metalkube-router's end of an
+    /// answer whose Mac was lost, which closes the body cleanly after it).
     error: Option<&'static str>,
     /// Body bytes received.
     bytes: u64,
@@ -222,7 +235,10 @@ impl Dispatch {
             let resp = request.send().await.map_err(|e| if e.is_connect() { "connect" } else { "send" })?;
             rec.status = resp.status().as_u16();
             rec.retry_after = resp.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            rec.replica = resp.headers().get(REPLICA_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let mut resp = resp;
+            // The end of a stream, to find an error event there.
+            let mut tail: Vec<u8> = Vec::new();
             loop {
                 match resp.chunk().await {
                     Ok(Some(bytes)) => {
@@ -230,7 +246,13 @@ impl Dispatch {
                             rec.ttft_ms = Some(ms_since(due));
                         }
                         rec.bytes += bytes.len() as u64;
+                        if job.stream {
+                            tail.extend_from_slice(&bytes);
+                            let keep = tail.len().saturating_sub(STREAM_TAIL);
+                            tail.drain(..keep);
+                        }
                     }
+                    Ok(None) if ends_in_error(&tail) => return Err("stream_error"),
                     Ok(None) => return Ok(()),
                     Err(_) => return Err("broken"),
                 }
@@ -258,6 +280,16 @@ impl Dispatch {
         self.release(target, client, reusable).await;
         rec
     }
+}
+
+/// Bytes of a stream's end kept to look for an error event.
+const STREAM_TAIL: usize = 4096;
+
+/// Whether a stream's last event is an error (`data: {"error": …}`), not a chunk of the answer.
+fn ends_in_error(tail: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(tail);
+    let last = text.trim_end().rsplit("\n\n").next().unwrap_or("");
+    last.trim_start().strip_prefix("data:").is_some_and(|d| d.trim_start().starts_with("{\"error\""))
 }
 
 fn ms_since(t: Instant) -> f64 {
@@ -298,13 +330,24 @@ async fn main() -> anyhow::Result<()> {
     });
     // When the processes were stopped, in ms from the start (f64 bits; 0 until then).
     let stopped_at = Arc::new(AtomicU64::new(0));
+    let port_watch = Arc::new(std::sync::Mutex::new(PortWatch::default()));
     let stopper = plan.stop.clone().map(|stop| {
-        let stopped_at = stopped_at.clone();
+        let (stopped_at, port_watch) = (stopped_at.clone(), port_watch.clone());
         tokio::spawn(async move {
             tokio::time::sleep_until((start + Duration::from_secs_f64(stop.at_s)).into()).await;
             signal(&stop.pids, nix::sys::signal::Signal::SIGSTOP);
             stopped_at.store(ms_since(start).to_bits(), Ordering::SeqCst);
-            tokio::time::sleep_until((start + Duration::from_secs_f64(stop.resume_s)).into()).await;
+            lock(&port_watch).stopped(Instant::now(), pending_requests(&stop.ports));
+            // Until it is resumed: what arrives in its first second, and what arrives later.
+            let resume = start + Duration::from_secs_f64(stop.resume_s);
+            let mut tick = tokio::time::interval(PORT_POLL);
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep_until(resume.into()) => break,
+                    _ = tick.tick() => {}
+                }
+                lock(&port_watch).seen(Instant::now(), pending_requests(&stop.ports));
+            }
             signal(&stop.pids, nix::sys::signal::Signal::SIGCONT);
         })
     });
@@ -329,10 +372,17 @@ async fn main() -> anyhow::Result<()> {
     };
     if let (Some(s), Some(stop)) = (stopper, &plan.stop) {
         // A run that ended before the resume time resumes them now: never leave a stopped
-        // process behind.
+        // process behind. The socket table is read once more first.
         s.abort();
+        let _ = s.await;
+        {
+            if stopped_at.load(Ordering::SeqCst) != 0 {
+                lock(&port_watch).seen(Instant::now(), pending_requests(&stop.ports));
+            }
+        }
         signal(&stop.pids, nix::sys::signal::Signal::SIGCONT);
     }
+    let port_counts = plan.stop.as_ref().filter(|s| !s.ports.is_empty()).map(|_| lock(&port_watch).counts());
     let stopped_at_ms = Some(f64::from_bits(stopped_at.load(Ordering::SeqCst))).filter(|ms| *ms > 0.0);
     late_ms.sort_by(f64::total_cmp);
     let out = json!({
@@ -342,6 +392,7 @@ async fn main() -> anyhow::Result<()> {
         "targets": plan.targets.len(),
         "generator_late_ms_max": late_ms.last(),
         "stopped_at_ms": stopped_at_ms,
+        "stopped_port_requests": port_counts,
         "records": records,
     });
     println!("{out}");
@@ -373,4 +424,91 @@ async fn closed_loop(d: Arc<Dispatch>, jobs: Vec<Job>, clients: usize) -> Vec<Re
         }
     }
     all
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How often the stopped Mac's sockets are read: a request is placed in the first second or
+/// after it by the read before the one that first saw it.
+const PORT_POLL: Duration = Duration::from_millis(50);
+
+/// Requests waiting unread at a stopped Mac's serving ports, as sockets (local and remote
+/// address): a stopped process reads nothing, so every request sent to it stays in its socket's
+/// receive queue (accepted or not, the sender gone or not) until it is resumed. One HTTP/1.1
+/// connection carries one request at a time, so a socket is a request.
+#[derive(Default)]
+struct PortWatch {
+    stopped: Option<Instant>,
+    /// The previous read, and each socket by whether it surely arrived more than a second after
+    /// the stop (the read before the one that first saw it was already past that second).
+    last_read: Option<Instant>,
+    at_stop: std::collections::BTreeSet<String>,
+    arrived: std::collections::BTreeMap<String, bool>,
+}
+
+impl PortWatch {
+    fn stopped(&mut self, now: Instant, pending: std::collections::BTreeSet<String>) {
+        self.stopped = Some(now);
+        self.last_read = Some(now);
+        self.at_stop = pending;
+    }
+
+    fn seen(&mut self, now: Instant, pending: std::collections::BTreeSet<String>) {
+        let (Some(stopped), Some(last)) = (self.stopped, self.last_read) else { return };
+        let later = last.saturating_duration_since(stopped) >= Duration::from_secs(1);
+        for socket in pending {
+            if !self.at_stop.contains(&socket) {
+                self.arrived.entry(socket).or_insert(later);
+            }
+        }
+        self.last_read = Some(now);
+    }
+
+    /// Requests that reached the stopped Mac within a second of the stop, and later.
+    fn counts(&self) -> serde_json::Value {
+        let later = self.arrived.values().filter(|l| **l).count();
+        json!({"unread_at_stop": self.at_stop.len(), "first_second": self.arrived.len() - later, "later": later})
+    }
+}
+
+/// Sockets on `ports` (IPv4 and IPv6 loopback) with unread bytes.
+fn pending_requests(ports: &[u16]) -> std::collections::BTreeSet<String> {
+    let mut out = std::collections::BTreeSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else { continue };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state), Some(queues)) = (f.get(1), f.get(2), f.get(3), f.get(4))
+            else {
+                continue;
+            };
+            // 0A: listening (its queue is the accept backlog, not a request).
+            if *state == "0A" {
+                continue;
+            }
+            let port = local.rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok());
+            let unread = queues.rsplit(':').next().and_then(|q| u64::from_str_radix(q, 16).ok()).unwrap_or(0);
+            if port.is_some_and(|p| ports.contains(&p)) && unread > 0 {
+                out.insert(format!("{local} {remote}"));
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ends_in_error;
+
+    #[test]
+    fn a_stream_ending_in_an_error_event_is_told_from_a_finished_one() {
+        let chunk = "data: {\"choices\":[{\"delta\":{\"content\":\"o\"}}]}\n\n";
+        let error = "data: {\"error\":{\"code\":\"stream_stalled\",\"type\":\"server_error\"}}\n\n";
+        assert!(ends_in_error(format!("{chunk}{chunk}{error}").as_bytes()));
+        assert!(!ends_in_error(format!("{chunk}{chunk}data: [DONE]\n\n").as_bytes()));
+        assert!(!ends_in_error(chunk.as_bytes()));
+        assert!(!ends_in_error(b""));
+    }
 }
