@@ -151,6 +151,29 @@ async fn clients_without_a_certificate_or_from_another_ca_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_routers_certificate_may_watch_and_read_but_not_change_models() {
+    let h = Harness::new(metalkube_testkit::sim_engine()).await;
+    let s = serve(&h).await;
+    let router = s.ca.client(metalkube_api::ROUTER_IDENTITY);
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&router)).await.unwrap();
+    assert!(client.info(pb::InfoRequest {}).await.is_ok());
+    assert!(client.list_models(pb::ListModelsRequest {}).await.is_ok());
+    let mut stream = client.watch(pb::WatchRequest { include_load: true }).await.unwrap().into_inner();
+    assert!(matches!(next_event(&mut stream).await, Event::Snapshot(_)), "the router gets the Watch stream");
+    let refused = client.ensure_model(ensure(&h, "r", "uid-r", 1)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("metalkube-router"), "{}", refused.message());
+    let stop = pb::StopModelRequest { model: Some(pb::ModelRef { namespace: "default".into(), name: "r".into() }) };
+    assert_eq!(client.stop_model(stop).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    assert!(h.agent.reports().await.is_empty(), "nothing was started");
+
+    let controller = s.ca.client("metalkube-controller");
+    let mut client = connect(s.addr, &s.ca.cert_pem, Some(&controller)).await.unwrap();
+    assert!(client.ensure_model(ensure(&h, "r", "uid-r", 1)).await.is_ok(), "the controller's certificate may");
+    let _ = s.stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn invalid_requests_say_which_field() {
     let h = Harness::new(metalkube_testkit::sim_engine()).await;
     let s = serve(&h).await;

@@ -18,6 +18,10 @@ mod standalone;
 mod validate;
 
 pub use agent_report::{AgentInfo, ReplicaReport};
+
+/// The common name of the router's client certificate (the chart issues it so). Agents let a
+/// caller with it read (Watch, Info, ListModels), never change models.
+pub const ROUTER_IDENTITY: &str = "metalkube-router";
 pub use crds::crd_manifests;
 pub use duration::Duration;
 pub use error::{ApiError, FieldError};

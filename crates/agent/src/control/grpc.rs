@@ -20,6 +20,7 @@ use tonic::transport::Server;
 use tonic::{Request, Response, Status};
 
 use crate::agent::Agent;
+use crate::control::caller;
 use crate::control::desired_store::{DesiredStore, DesiredStoreError, Record};
 use crate::model::Token;
 use crate::model::report::ModelView;
@@ -67,6 +68,20 @@ impl AgentService {
             report.api_keys = record.api_keys();
         }
         pb::ModelState::from(report)
+    }
+}
+
+/// Refuses a caller that may only read (the router) the calls that change models.
+fn may_change<T>(req: &Request<T>) -> Result<(), Status> {
+    let names: Vec<Option<String>> =
+        req.peer_certs().map(|certs| certs.iter().take(1).map(|c| caller::common_name(c)).collect()).unwrap_or_default();
+    if caller::may_change_models(&names) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "a caller whose certificate names {} may watch and read this agent, not change its models",
+            metalkube_api::ROUTER_IDENTITY
+        )))
     }
 }
 
@@ -190,6 +205,7 @@ impl AgentApi for AgentService {
         &self,
         req: Request<pb::EnsureModelRequest>,
     ) -> Result<Response<pb::EnsureModelResponse>, Status> {
+        may_change(&req)?;
         let req = req.into_inner();
         let m = model_ref(req.model)?;
         let key = ModelKey::new(&m.namespace, &m.name);
@@ -238,6 +254,7 @@ impl AgentApi for AgentService {
     }
 
     async fn stop_model(&self, req: Request<pb::StopModelRequest>) -> Result<Response<pb::StopModelResponse>, Status> {
+        may_change(&req)?;
         let m = model_ref(req.into_inner().model)?;
         let key = ModelKey::new(&m.namespace, &m.name);
         let known = self.store.remove(&key).map_err(internal)?;
