@@ -57,7 +57,11 @@ where
             for log in logs {
                 let text = std::fs::read_to_string(log).unwrap_or_default();
                 let tail: Vec<&str> = text.lines().rev().take(30).collect();
-                println!("--- {} (last lines)\n{}", log.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+                println!(
+                    "--- {} (last lines)\n{}",
+                    log.display(),
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
             }
             panic!("{what}: not within {STEP:?}");
         }
@@ -114,9 +118,11 @@ async fn engine_port(mac: &Mac) -> Option<u16> {
 
 fn condition(model: &MetalModel, type_: &str) -> Option<(String, String)> {
     let v = serde_json::to_value(model).ok()?;
-    v["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == type_).map(|c| {
-        (c["status"].as_str().unwrap_or("").to_owned(), c["reason"].as_str().unwrap_or("").to_owned())
-    })
+    v["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+        .map(|c| (c["status"].as_str().unwrap_or("").to_owned(), c["reason"].as_str().unwrap_or("").to_owned()))
 }
 
 /// The router, as the chart runs it: following every MetalNode with its own identity.
@@ -249,7 +255,11 @@ async fn routing_e2e() {
         .expect("the model's Service has a slice");
     let addresses: Vec<String> = slice.endpoints.iter().flatten().flat_map(|e| e.addresses.clone()).collect();
     let ports: Vec<i32> = slice.ports.iter().flatten().filter_map(|p| p.port).collect();
-    assert_eq!((addresses, ports), (vec!["127.0.0.1".to_owned()], vec![i32::from(router_port)]), "the Service reaches the router");
+    assert_eq!(
+        (addresses, ports),
+        (vec!["127.0.0.1".to_owned()], vec![i32::from(router_port)]),
+        "the Service reaches the router"
+    );
     let http = reqwest::Client::new();
     wait_for(&timeline, "the router serves tiny on all three Macs", &logs, || {
         let http = http.clone();
@@ -291,6 +301,9 @@ async fn routing_e2e() {
         shares(&after),
         late.len()
     ));
+    let metrics = reqwest::get(format!("http://127.0.0.1:{router_http}/metrics")).await.unwrap().text().await.unwrap();
+    let retried: Vec<&str> = metrics.lines().filter(|l| l.starts_with("metalkube_router_retries_total{")).collect();
+    timeline.note(format!("requests caught on mac-c and tried again elsewhere: {retried:?}"));
     assert!(after.iter().all(|(s, _, _)| *s == 200), "no client gets an error: {:?}", shares(&after));
     assert!(late.is_empty(), "{late:?}");
     wait_for(&timeline, "mac-c's replica reported not ready by the controller (the pulse's verdict)", &logs, || {
@@ -298,17 +311,17 @@ async fn routing_e2e() {
         async move {
             let Ok(m) = models.get("tiny").await else { return false };
             let v = serde_json::to_value(&m).unwrap_or_default();
-            v["status"]["replicas"].as_array().is_some_and(|r| {
-                r.iter().any(|r| r["node"] == "mac-c" && r["ready"] == false)
-            })
+            v["status"]["replicas"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["node"] == "mac-c" && r["ready"] == false))
         }
     })
     .await;
     let last_c = after.iter().filter(|(_, m, _)| m == "mac-c").map(|(_, _, at)| *at).max();
     timeline.note(format!(
-        "the router's last answer from mac-c came {} after SIGSTOP; the pulse's verdict {:.1} s after",
-        last_c.map_or("none".to_owned(), |at| format!("{:.2} s", at.as_secs_f64())),
-        stopped.elapsed().as_secs_f64()
+        "the pulse's verdict came {:.1} s after SIGSTOP; the router's last answer from mac-c: {}",
+        stopped.elapsed().as_secs_f64(),
+        last_c.map_or("none after SIGSTOP".to_owned(), |at| format!("{:.2} s after SIGSTOP", at.as_secs_f64()))
     ));
     metalkube_testkit::processes::signal(pid, Signal::SIGCONT);
     timeline.note("mac-c's engine resumed (SIGCONT)");
@@ -325,7 +338,16 @@ async fn routing_e2e() {
 /// The chart's RBAC for the router against what it really asked: every request allowed, every
 /// granted verb used.
 fn router_rbac_is_least_privilege(server: &TestApiServer) {
-    let manifests = metalkube_testkit::chart::render("metalkube", OWN_NS, &["--set", "tls.existingSecret=metalkube-controller-tls"]);
+    let manifests = metalkube_testkit::chart::render(
+        "metalkube",
+        OWN_NS,
+        &[
+            "--set",
+            "tls.existingSecret=metalkube-controller-tls",
+            "--set",
+            "router.tls.existingSecret=metalkube-router-tls",
+        ],
+    );
     let account = metalkube_testkit::chart::documents(&manifests)
         .into_iter()
         .filter(|d| d["kind"] == "ServiceAccount")

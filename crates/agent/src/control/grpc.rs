@@ -73,8 +73,10 @@ impl AgentService {
 
 /// Refuses a caller that may only read (the router) the calls that change models.
 fn may_change<T>(req: &Request<T>) -> Result<(), Status> {
-    let names: Vec<Option<String>> =
-        req.peer_certs().map(|certs| certs.iter().take(1).map(|c| caller::common_name(c)).collect()).unwrap_or_default();
+    let names: Vec<Option<String>> = req
+        .peer_certs()
+        .map(|certs| certs.iter().take(1).map(|c| caller::common_name(c)).collect())
+        .unwrap_or_default();
     if caller::may_change_models(&names) {
         Ok(())
     } else {
