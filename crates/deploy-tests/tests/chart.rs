@@ -947,6 +947,20 @@ fn chart_passes_only_flags_the_router_declares_each_once() {
     }
 }
 
+#[test]
+fn the_endpoint_picker_is_off_by_default_and_on_it_listens_on_its_named_port() {
+    let off = render(DEFAULTS);
+    assert!(!off.router_args().iter().any(|a| a.starts_with("--ext-proc")), "{:?}", off.router_args());
+    let on = render(ALL_ON);
+    assert!(on.router_args().iter().any(|a| a == "--ext-proc=0.0.0.0:9002"), "{:?}", on.router_args());
+    let ports = on.router_container()["ports"].as_sequence().unwrap().clone();
+    assert!(ports.iter().any(|p| p["name"] == "grpc-ext-proc" && p["containerPort"] == 9002), "{ports:?}");
+    let service = on.get("Service", "metalkube-router");
+    let port = service["spec"]["ports"].as_sequence().unwrap().iter().find(|p| p["name"] == "grpc-ext-proc").cloned();
+    let port = port.expect("the Service names the picker's port for an InferencePool's endpointPickerRef");
+    assert_eq!((port["port"].as_i64(), port["targetPort"].as_str()), (Some(9002), Some("grpc-ext-proc")));
+}
+
 fn router_tls_secret(rendered: &Rendered) -> Option<String> {
     let volumes = rendered.router()["spec"]["template"]["spec"]["volumes"].as_sequence()?;
     let tls = volumes.iter().find(|v| v["name"] == "tls")?;
