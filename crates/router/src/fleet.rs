@@ -151,6 +151,13 @@ struct State {
     queues: HashMap<ModelKey, FleetQueue<Waiter>>,
 }
 
+impl State {
+    /// `host:port` of `node`'s serving port for `model`, as far as the router knows.
+    fn address_of(&self, model: &ModelKey, node: &str) -> Option<String> {
+        Some(host_port(self.hosts.get(node)?, self.view.serving_port(model, node)?))
+    }
+}
+
 pub struct Fleet {
     state: Mutex<State>,
     settings: FleetSettings,
@@ -312,25 +319,7 @@ impl Fleet {
     /// Picks a replica of `model` outside `tried` and claims a place there.
     fn try_place(self: &Arc<Self>, s: &mut State, model: &ModelKey, tried: &[Node], now: Instant) -> Placed {
         let started = Instant::now();
-        let State { view, hosts, claims, stalls, .. } = s;
-        let out: Vec<Node> = stalls
-            .iter_mut()
-            .filter(|((m, _), _)| m == model)
-            .filter_map(|((_, n), w)| w.out(now).then(|| n.clone()))
-            .collect();
-        let claims_of = |node: &str| claims.get(&(model.clone(), node.to_owned())).map_or(0, |c| c.current());
-        let stalled = |node: &str| out.iter().any(|n| n == node);
-        let mut candidates = view.candidates(model, now, claims_of, stalled);
-        for (node, candidate) in &mut candidates {
-            if tried.contains(node) || !hosts.contains_key(node) {
-                candidate.serving = false;
-            }
-            // What ended since the agent's last report is still in its figures: those places
-            // are free, and waiting for the next report (up to 100 ms) would leave them idle.
-            if let Some(c) = claims.get(&(model.clone(), node.clone())) {
-                candidate.in_flight = candidate.in_flight.saturating_sub(c.ended_since_report());
-            }
-        }
+        let candidates = self.candidates_now(s, model, tried, now);
         let only: Vec<_> = candidates.iter().map(|(_, c)| c.clone()).collect();
         let picked = pick(&only);
         self.metrics.pick_duration.observe(started.elapsed().as_secs_f64());
@@ -339,14 +328,13 @@ impl Fleet {
             Pick::Hold => Placed::Hold,
             Pick::Dispatch { replica, reason } => {
                 let (node, candidate) = &candidates[replica];
-                let Some(port) = view.serving_port(model, node) else { return Placed::Hold };
-                let Some(host) = hosts.get(node) else { return Placed::Hold };
-                let replica_claims = claims.entry((model.clone(), node.clone())).or_default();
+                let Some(address) = s.address_of(model, node) else { return Placed::Hold };
+                let replica_claims = s.claims.entry((model.clone(), node.clone())).or_default();
                 let Some(claim) = replica_claims.try_claim(candidate.limit) else { return Placed::Hold };
                 Placed::Lease(Box::new(Lease {
                     model: model.clone(),
                     node: node.clone(),
-                    address: host_port(host, port),
+                    address,
                     reason: match reason {
                         PickReason::FreePlace => "free_place",
                         PickReason::OnlyOneWithRoom => "only_one_with_room",
@@ -370,7 +358,7 @@ impl Fleet {
             .into_iter()
             .filter_map(|i| {
                 let node = &candidates[i].0;
-                Some(host_port(s.hosts.get(node)?, s.view.serving_port(model, node)?))
+                s.address_of(model, node)
             })
             .collect()
     }
@@ -381,10 +369,7 @@ impl Fleet {
         let s = lock(&self.state);
         s.view
             .nodes_of(model)
-            .filter(|node| {
-                let address = s.hosts.get(*node).zip(s.view.serving_port(model, node)).map(|(h, p)| host_port(h, p));
-                address.is_none_or(|a| !addresses.contains(&a))
-            })
+            .filter(|node| s.address_of(model, node).is_none_or(|a| !addresses.contains(&a)))
             .cloned()
             .collect()
     }
@@ -393,9 +378,7 @@ impl Fleet {
     /// request there (a fallback), so that is where it runs.
     pub fn lease_at(self: &Arc<Self>, model: &ModelKey, address: &str) -> Option<Lease> {
         let mut s = lock(&self.state);
-        let node = s.view.nodes_of(model).find(|node| {
-            s.hosts.get(*node).zip(s.view.serving_port(model, node)).is_some_and(|(h, p)| host_port(h, p) == address)
-        })?;
+        let node = s.view.nodes_of(model).find(|node| s.address_of(model, node).is_some_and(|a| a == address))?;
         let node = node.clone();
         let claims = s.claims.entry((model.clone(), node.clone())).or_default().clone();
         let claim = claims.try_claim(u32::MAX)?;

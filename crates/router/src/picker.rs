@@ -90,12 +90,7 @@ pub fn pick(candidates: &[Candidate]) -> Pick {
     if eligible.is_empty() {
         return Pick::NoReplica;
     }
-    let slowest = eligible
-        .iter()
-        .filter_map(|(_, c)| c.seconds_per_token)
-        .filter(|s| s.is_finite() && *s > 0.0)
-        .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))))
-        .unwrap_or(1.0);
+    let slowest = slowest_speed(&eligible);
     let with_room: Vec<&(usize, &Candidate)> = eligible.iter().filter(|(_, c)| c.free_places() > 0).collect();
     if with_room.is_empty() {
         return Pick::Hold;
@@ -113,16 +108,22 @@ pub fn pick(candidates: &[Candidate]) -> Pick {
     }
 }
 
-/// Every eligible replica, best first by the same measure (least work ahead at its speed), full or
-/// not: the fallback list a gateway goes down when the pick fails to connect.
-pub fn ranked(candidates: &[Candidate]) -> Vec<usize> {
-    let eligible: Vec<(usize, &Candidate)> = candidates.iter().enumerate().filter(|(_, c)| c.eligible()).collect();
-    let slowest = eligible
+/// The slowest decode time per token among `eligible` that have one: what an unmeasured replica
+/// counts as. 1 s when none is measured (then all count alike).
+fn slowest_speed(eligible: &[(usize, &Candidate)]) -> f64 {
+    eligible
         .iter()
         .filter_map(|(_, c)| c.seconds_per_token)
         .filter(|s| s.is_finite() && *s > 0.0)
         .fold(None, |m: Option<f64>, s| Some(m.map_or(s, |m| m.max(s))))
-        .unwrap_or(1.0);
+        .unwrap_or(1.0)
+}
+
+/// Every eligible replica, best first by the same measure (least work ahead at its speed), full or
+/// not: the fallback list a gateway goes down when the pick fails to connect.
+pub fn ranked(candidates: &[Candidate]) -> Vec<usize> {
+    let eligible: Vec<(usize, &Candidate)> = candidates.iter().enumerate().filter(|(_, c)| c.eligible()).collect();
+    let slowest = slowest_speed(&eligible);
     let mut order = eligible;
     order.sort_by(|(ia, a), (ib, b)| a.work_ahead(slowest).total_cmp(&b.work_ahead(slowest)).then(ia.cmp(ib)));
     order.into_iter().map(|(i, _)| i).collect()

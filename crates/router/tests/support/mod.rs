@@ -176,36 +176,33 @@ impl Router {
         Self { port, health_port, _proc: Proc(command.spawn().unwrap()) }
     }
 
-    /// Waits until every one of `macs` serves `default/tiny` as far as the router knows.
-    pub async fn wait_serving(&self, replicas: usize) {
-        let deadline = Instant::now() + GUARD;
-        loop {
-            let metrics = self.metrics().await;
-            let fresh = metrics
-                .lines()
-                .filter(|l| l.starts_with("metalkube_router_replica_data_age_seconds{"))
-                .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|age| age < 1.0))
-                .count();
-            if fresh >= replicas && self.ask(8, false).await.0 == 200 {
-                return;
-            }
-            assert!(Instant::now() < deadline, "the router never saw {replicas} fresh agents:\n{metrics}");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
+    /// Agents whose load figures the router holds fresh (under a second old).
+    async fn fresh_agents(&self) -> (usize, String) {
+        let metrics = self.metrics().await;
+        let fresh = metrics
+            .lines()
+            .filter(|l| l.starts_with("metalkube_router_replica_data_age_seconds{"))
+            .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|age| age < 1.0))
+            .count();
+        (fresh, metrics)
     }
 
-    /// Waits until the router has fresh figures from `replicas` agents (their models ask for keys,
-    /// so a request cannot probe readiness).
+    /// Waits until the router has fresh figures from `replicas` agents and, unless their model
+    /// asks for keys (`keyed`), answers a request.
+    pub async fn wait_serving(&self, replicas: usize) {
+        self.wait_fresh(replicas, false).await;
+    }
+
+    /// As `wait_serving`, for a model that asks for keys (a request cannot probe it).
     pub async fn wait_keyed(&self, replicas: usize) {
+        self.wait_fresh(replicas, true).await;
+    }
+
+    async fn wait_fresh(&self, replicas: usize, keyed: bool) {
         let deadline = Instant::now() + GUARD;
         loop {
-            let metrics = self.metrics().await;
-            let fresh = metrics
-                .lines()
-                .filter(|l| l.starts_with("metalkube_router_replica_data_age_seconds{"))
-                .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()).is_some_and(|age| age < 1.0))
-                .count();
-            if fresh >= replicas {
+            let (fresh, metrics) = self.fresh_agents().await;
+            if fresh >= replicas && (keyed || self.ask(8, false).await.0 == 200) {
                 return;
             }
             assert!(Instant::now() < deadline, "the router never saw {replicas} fresh agents:\n{metrics}");
