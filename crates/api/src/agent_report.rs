@@ -43,6 +43,9 @@ pub struct ReplicaReport {
     /// The model's keys by digest, for a router to check clients against; said only on a Watch
     /// stream that asked for load (elsewhere `Open`, meaning "not said").
     pub api_keys: crate::keys::ApiKeys,
+    /// Other names clients may call the model by at a router; said, like `api_keys`, only to a
+    /// stream that asked for load.
+    pub aliases: Vec<String>,
     /// Fingerprint of the hub token the agent holds (`keys::token_fingerprint`; empty: none).
     pub hub_token_fingerprint: String,
     /// When this replica first served (milliseconds since the Unix epoch), kept across engine
@@ -80,6 +83,7 @@ impl ReplicaReport {
             memory_bytes: None,
             api_keys_fingerprint: String::new(),
             api_keys: crate::keys::ApiKeys::Open,
+            aliases: Vec::new(),
             hub_token_fingerprint: String::new(),
             serving_since_unix_ms: None,
             download: None,

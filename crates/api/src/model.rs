@@ -49,14 +49,21 @@ pub struct MetalModelSpec {
 
 /// How the model's Service (`<name>.<namespace>.svc:80`) reaches its replicas. Clients keep the
 /// same address either way.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde_with::skip_serializing_none]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoutingSpec {
     /// `Router`: the Service lists the ready metalkube-router pods, which send each request to
     /// the replica where it should start soonest and hold requests in one queue for the fleet
     /// (while no router pod is ready the Service lists the Macs, so the model is never cut off).
-    /// `Direct`: the Service lists the Macs serving the model.
-    pub mode: RoutingMode,
+    /// `Direct`: the Service lists the Macs serving the model. Default: `Router` from 2
+    /// replicas, else `Direct`.
+    pub mode: Option<RoutingMode>,
+    /// Other names clients may give in a request's `model` field at the router's own address
+    /// (e.g. `llama-3.2-1b`), besides `namespace/name` and the bare name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub aliases: Vec<String>,
 }
 
 /// Where the model's Service sends a connection.
@@ -99,8 +106,8 @@ impl RoutingSpec {
     /// it (the router's choice of replica and its fleet-wide queue are what several replicas
     /// need), else `Direct` (one Mac: nothing to choose, and no hop to add).
     pub fn mode_for(routing: Option<&RoutingSpec>, replicas: u32) -> RoutingMode {
-        match routing {
-            Some(r) => r.mode,
+        match routing.and_then(|r| r.mode) {
+            Some(mode) => mode,
             None if replicas > 1 => RoutingMode::Router,
             None => RoutingMode::Direct,
         }
@@ -108,6 +115,11 @@ impl RoutingSpec {
 }
 
 impl MetalModelSpec {
+    /// The other names clients may call this model by at the router.
+    pub fn aliases(&self) -> &[String] {
+        self.routing.as_ref().map_or(&[], |r| r.aliases.as_slice())
+    }
+
     /// The mode this model routes in (`RoutingSpec::mode_for`).
     pub fn routing_mode(&self) -> RoutingMode {
         RoutingSpec::mode_for(self.routing.as_ref(), self.replicas)
@@ -578,8 +590,8 @@ mod tests {
 
     #[test]
     fn routing_defaults_to_the_router_for_more_than_one_replica_and_a_named_mode_wins() {
-        let direct = RoutingSpec { mode: RoutingMode::Direct };
-        let router = RoutingSpec { mode: RoutingMode::Router };
+        let direct = RoutingSpec { mode: Some(RoutingMode::Direct), aliases: vec![] };
+        let router = RoutingSpec { mode: Some(RoutingMode::Router), aliases: vec![] };
         assert_eq!(RoutingSpec::mode_for(None, 0), RoutingMode::Direct);
         assert_eq!(RoutingSpec::mode_for(None, 1), RoutingMode::Direct, "one Mac: no choice to make, no hop to add");
         assert_eq!(RoutingSpec::mode_for(None, 2), RoutingMode::Router);
@@ -607,7 +619,7 @@ mod tests {
         /// The rule in one sentence: a named mode wins; unnamed, more than one replica routes.
         #[test]
         fn mode_for_is_the_named_mode_or_the_replica_rule(replicas in 0u32..=64, named in proptest::option::of(proptest::sample::select(RoutingMode::ALL.to_vec()))) {
-            let spec = named.map(|mode| RoutingSpec { mode });
+            let spec = named.map(|mode| RoutingSpec { mode: Some(mode), aliases: vec![] });
             let want = named.unwrap_or(if replicas > 1 { RoutingMode::Router } else { RoutingMode::Direct });
             proptest::prop_assert_eq!(RoutingSpec::mode_for(spec.as_ref(), replicas), want);
         }

@@ -157,8 +157,10 @@ mod tests {
             err.to_string().contains("spec.routing.mode: unknown variant `RoundRobin`, expected `Router` or `Direct`"),
             "{err}"
         );
-        let err = parse_models_yaml(&format!("{head}  routing: {{}}\n"), "x.yaml").unwrap_err();
-        assert!(err.to_string().contains("spec.routing: missing field `mode`"), "{err}");
+        let models =
+            parse_models_yaml(&format!("{head}  replicas: 3\n  routing: {{aliases: [llama-1b]}}\n"), "x.yaml").unwrap();
+        assert_eq!(models[0].spec.routing_mode(), crate::RoutingMode::Router, "no mode: the default by replicas");
+        assert_eq!(models[0].spec.aliases(), ["llama-1b"]);
         let models =
             parse_models_yaml(&format!("{head}  replicas: 2\n  routing: {{mode: Direct}}\n"), "x.yaml").unwrap();
         assert_eq!(models[0].spec.routing_mode(), crate::RoutingMode::Direct);

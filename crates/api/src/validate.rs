@@ -67,6 +67,28 @@ fn secret_ref_errors(field: &str, r: &SecretKeyRef, errors: &mut Vec<FieldError>
 
 /// Checks what the schema cannot say (relations between fields, owned flags). Returns every
 /// problem at once so a person fixes the file in one go.
+/// What an alias may be: a name a client types in a request's `model` field.
+pub const ALIAS_ALLOWED: &str = "1 to 128 printable ASCII characters without spaces, e.g. llama-3.2-1b or meta-llama/Llama-3.2-1B; at most 16, each once";
+
+fn alias_errors(aliases: &[String], errors: &mut Vec<FieldError>) {
+    let mut push = |field: String, problem: String| {
+        errors.push(FieldError { field, problem, allowed: ALIAS_ALLOWED.to_owned() });
+    };
+    if aliases.len() > 16 {
+        push("spec.routing.aliases".into(), format!("{} aliases", aliases.len()));
+    }
+    for (i, alias) in aliases.iter().enumerate() {
+        let field = format!("spec.routing.aliases[{i}]");
+        if alias.is_empty() || alias.len() > 128 {
+            push(field, format!("{alias:?} is {} characters long", alias.len()));
+        } else if let Some(c) = alias.chars().find(|c| !c.is_ascii_graphic()) {
+            push(field, format!("{alias:?} holds {c:?}"));
+        } else if aliases[..i].contains(alias) {
+            push(field, format!("{alias:?} is listed twice"));
+        }
+    }
+}
+
 pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
     let mut errors = Vec::new();
     let mut err = |field: &str, problem: String, allowed: &str| {
@@ -95,6 +117,7 @@ pub fn validate_model_spec(spec: &MetalModelSpec) -> Vec<FieldError> {
     if let Some(auth) = &spec.auth {
         secret_ref_errors("spec.auth.apiKeySecretRef", &auth.api_key_secret_ref, &mut errors);
     }
+    alias_errors(spec.aliases(), &mut errors);
 
     let mut err = |field: &str, problem: String, allowed: &str| {
         errors.push(FieldError { field: field.to_owned(), problem, allowed: allowed.to_owned() })
@@ -207,6 +230,30 @@ mod tests {
         assert_eq!(errors.len(), 1);
         assert_eq!(errors[0].field, "spec.engine.extraArgs[2]");
         assert!(errors[0].problem.contains("--port"), "{}", errors[0]);
+    }
+
+    #[test]
+    fn aliases_are_names_a_client_can_type_each_once() {
+        let mut s = spec();
+        s.routing = Some(crate::RoutingSpec {
+            mode: None,
+            aliases: vec![
+                "llama-3.2-1b".into(),
+                "meta-llama/Llama-3.2-1B".into(),
+                "two words".into(),
+                "llama-3.2-1b".into(),
+                String::new(),
+            ],
+        });
+        let errors = validate_model_spec(&s);
+        let fields: Vec<&str> = errors.iter().map(|e| e.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["spec.routing.aliases[2]", "spec.routing.aliases[3]", "spec.routing.aliases[4]"],
+            "{errors:?}"
+        );
+        assert!(errors[0].problem.contains("' '"), "{}", errors[0]);
+        assert!(errors[1].problem.contains("listed twice"), "{}", errors[1]);
     }
 
     #[test]

@@ -113,8 +113,10 @@ fn valid_spec() -> impl Strategy<Value = MetalModelSpec> {
         )
             .prop_map(|(name, key)| AuthSpec { api_key_secret_ref: SecretKeyRef { name, key } }),
     );
-    let routing =
-        prop::option::of(prop::sample::select(RoutingMode::ALL.to_vec()).prop_map(|mode| RoutingSpec { mode }));
+    let routing = prop::option::of(
+        prop::sample::select(RoutingMode::ALL.to_vec())
+            .prop_map(|mode| RoutingSpec { mode: Some(mode), aliases: vec![] }),
+    );
     (model, engine, 0u32..=64, prop::collection::btree_map(".*", ".*", 0..3), admission, pulse, auth, routing).prop_map(
         |(model, engine, replicas, node_selector, admission, pulse, auth, routing)| MetalModelSpec {
             model,

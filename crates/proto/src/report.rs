@@ -89,6 +89,7 @@ impl From<ReplicaReport> for ModelState {
             host_contended_cause: r.host_contended.unwrap_or_default(),
             slow_after_restart: r.slow_after_restart,
             restart_decision: r.restart_decision.unwrap_or_default(),
+            aliases: r.aliases,
             api_keys: match r.api_keys {
                 ApiKeys::Open => None,
                 ApiKeys::Digests(digests) => {
@@ -138,6 +139,7 @@ impl TryFrom<ModelState> for ReplicaReport {
             host_contended: said(s.host_contended_cause),
             slow_after_restart: s.slow_after_restart,
             restart_decision: said(s.restart_decision),
+            aliases: s.aliases,
             // A digest of the wrong length matches no key: left out, the set only narrows.
             api_keys: s.api_keys.map_or(ApiKeys::Open, |keys| {
                 ApiKeys::Digests(
@@ -235,13 +237,14 @@ mod tests {
             Just(ApiKeys::Open),
             proptest::collection::vec(any::<[u8; 32]>(), 0..3).prop_map(ApiKeys::Digests),
         ];
-        let admission = (any::<u32>(), positive(), keys);
+        let aliases = proptest::collection::vec("[a-z0-9./-]{1,20}", 0..3);
+        let admission = (any::<u32>(), positive(), keys, aliases);
         (identity, health, load, admission).prop_map(
             |(
                 (model, uid, generation, keys, token),
                 (phase, grade, ready, saturated, pulse_seconds, slow, last_error, host, decision),
                 (restarts, queue_depth, in_flight, serving_port, memory_bytes, serving_since, download),
-                (max_concurrent, decode_seconds_per_token, api_keys),
+                (max_concurrent, decode_seconds_per_token, api_keys, aliases),
             )| ReplicaReport {
                 model,
                 uid,
@@ -267,6 +270,7 @@ mod tests {
                 slow_after_restart: slow,
                 restart_decision: decision,
                 api_keys,
+                aliases,
             },
         )
     }

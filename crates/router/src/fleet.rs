@@ -235,7 +235,17 @@ impl Fleet {
 
     /// The models the router can route to now (those some agent reports).
     pub fn catalog(&self) -> Vec<Entry> {
-        lock(&self.state).view.models().map(|key| Entry { key: key.clone(), aliases: Vec::new() }).collect()
+        let s = lock(&self.state);
+        s.view
+            .models()
+            .map(|key| {
+                // Every alias any replica's agent gives (they agree but while a spec rolls out).
+                let mut aliases: Vec<String> = s.view.reports_of(key).flat_map(|r| r.aliases.iter().cloned()).collect();
+                aliases.sort();
+                aliases.dedup();
+                Entry { key: key.clone(), aliases }
+            })
+            .collect()
     }
 
     /// Who may use `model`, as its agents say: the union of their keys while a rotation is under

@@ -49,10 +49,18 @@ pub const REPLICA_HEADER: &str = "x-metalkube-replica";
 
 /// How one attempt ended.
 pub enum Outcome {
-    /// An answer's status and headers arrived (its body follows).
-    Answered(Response<Incoming>),
+    /// An answer's status and headers arrived, and for a stream its first data too (held here,
+    /// so that a Mac that stops between its headers and its first token is still a failure
+    /// before the client's first byte, tried again elsewhere).
+    Answered(Box<Answer>),
     /// It failed before any answer: what failover reads.
     Failed(Attempt),
+}
+
+/// An answer on its way: its head, and a stream's first data read already.
+pub struct Answer {
+    pub response: Response<Incoming>,
+    pub first: Option<Frame<Bytes>>,
 }
 
 /// The request as the router received it, kept to send again on another Mac.
@@ -64,8 +72,8 @@ pub struct Outgoing {
     pub streaming: bool,
 }
 
-/// Sends `request` to `lease`'s replica and waits for its answer's head, giving up as soon as the
-/// replica goes not ready or stalls.
+/// Sends `request` to `lease`'s replica and waits for its answer's head (and a stream's first
+/// data), giving up as soon as the replica goes not ready or stalls.
 pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: &Outgoing, id: u64) -> Outcome {
     let uri = format!("http://{}{}", lease.address, request.path_and_query);
     let mut builder = Request::builder().method(request.method.clone()).uri(uri);
@@ -93,12 +101,50 @@ pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: 
                     Ok(response) => {
                         if request.streaming {
                             fleet.stream_byte(lease, id);
+                            if response.status().is_success() {
+                                return first_data(fleet, lease, response, id).await;
+                            }
                         }
-                        Outcome::Answered(response)
+                        Outcome::Answered(Box::new(Answer { response, first: None }))
                     }
                     // Refused, reset or closed before any answer: nothing reached the client, and
                     // another Mac may take it.
                     Err(_) => {
+                        fleet.stream_ended(lease, id);
+                        Outcome::Failed(Attempt::ConnectFailed)
+                    }
+                };
+            }
+            _ = check.tick() => match fleet.replica_now(lease) {
+                ReplicaNow::Fine => {}
+                ReplicaNow::NotReady => {
+                    fleet.stream_ended(lease, id);
+                    return Outcome::Failed(Attempt::WentNotReady);
+                }
+                ReplicaNow::Stalled => {
+                    fleet.stream_ended(lease, id);
+                    return Outcome::Failed(Attempt::Stalled);
+                }
+            },
+        }
+    }
+}
+
+/// Waits for a stream's first data, watching the replica as `attempt` does.
+async fn first_data(fleet: &Fleet, lease: &Lease, mut response: Response<Incoming>, id: u64) -> Outcome {
+    let mut check = tokio::time::interval(CHECK_EVERY);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            frame = response.body_mut().frame() => {
+                return match frame {
+                    Some(Ok(frame)) => {
+                        fleet.stream_byte(lease, id);
+                        Outcome::Answered(Box::new(Answer { response, first: Some(frame) }))
+                    }
+                    // An answer with no body at all is passed on as it is.
+                    None => Outcome::Answered(Box::new(Answer { response, first: None })),
+                    Some(Err(_)) => {
                         fleet.stream_ended(lease, id);
                         Outcome::Failed(Attempt::ConnectFailed)
                     }
@@ -124,6 +170,7 @@ pub fn pass_on(
     fleet: Arc<Fleet>,
     lease: Lease,
     response: Response<Incoming>,
+    first: Option<Frame<Bytes>>,
     streaming: bool,
     id: u64,
 ) -> Response<RouterBody> {
@@ -137,7 +184,7 @@ pub fn pass_on(
     if let Ok(node) = HeaderValue::from_str(&lease.node) {
         parts.headers.insert(REPLICA_HEADER, node);
     }
-    let watch = AnswerWatch { fleet, lease, id, streaming, sse, body, last_byte: Instant::now(), over: false };
+    let watch = AnswerWatch { fleet, lease, id, streaming, sse, body, first, last_byte: Instant::now(), over: false };
     let stream = futures::stream::unfold(watch, |mut w| async move {
         let frame = w.next().await?;
         Some((frame, w))
@@ -154,6 +201,8 @@ struct AnswerWatch {
     streaming: bool,
     sse: bool,
     body: Incoming,
+    /// Data read before the answer was passed on (a stream's first), sent first.
+    first: Option<Frame<Bytes>>,
     last_byte: Instant,
     over: bool,
 }
@@ -162,6 +211,9 @@ impl AnswerWatch {
     async fn next(&mut self) -> Option<Result<Frame<Bytes>, std::io::Error>> {
         if self.over {
             return None;
+        }
+        if let Some(first) = self.first.take() {
+            return Some(Ok(first));
         }
         loop {
             let frame = if self.streaming {

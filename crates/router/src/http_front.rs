@@ -25,7 +25,7 @@ use crate::answers::error_body;
 use crate::catalog::{Entry, by_host, resolve};
 use crate::failover::{Attempt, Next, next};
 use crate::fleet::{Fleet, Refusal};
-use crate::forward::{AgentHttp, Outcome, Outgoing, RouterBody, attempt, pass_on, whole};
+use crate::forward::{AgentHttp, Answer, Outcome, Outgoing, RouterBody, attempt, pass_on, whole};
 use crate::metrics::{RequestLabels, RouterMetrics};
 use crate::models_list::models_list;
 
@@ -156,12 +156,13 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
         attempts += 1;
         let id = front.fleet.request_id();
         let failed = match attempt(&front.client, &front.fleet, &lease, &request, id).await {
-            Outcome::Answered(response) => {
+            Outcome::Answered(answer) => {
+                let Answer { response, first } = *answer;
                 let status = response.status().as_u16();
                 let capacity = matches!(status, 429 | 503);
                 if !capacity || next(Attempt::Refused { status }, attempts, false) != Next::TryAnother {
                     count_request(metrics, &model, &lease.node, status);
-                    return pass_on(front.fleet.clone(), lease, response, streaming, id);
+                    return pass_on(front.fleet.clone(), lease, response, first, streaming, id);
                 }
                 Attempt::Refused { status }
             }

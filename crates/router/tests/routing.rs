@@ -93,7 +93,7 @@ async fn a_full_fleet_answers_429_with_a_retry_after_and_the_model_field_picks_t
     let dir = tempfile::tempdir().unwrap();
     let engine = metalkube_testkit::sim_engine();
     let mac = Mac::start("mac-a", dir.path(), &engine, "24200-24209", "24210-24219");
-    mac.ensure(&sim_model(dir.path(), "a", 1000), 2).await;
+    mac.ensure_with(&sim_model(dir.path(), "a", 1000), 2, &[], &["llama-1b"]).await;
     mac.wait_ready().await;
     let router = Router::start(dir.path(), &[&mac], &["--queue-capacity", "2", "--queue-timeout", "10s"]);
     router.wait_serving(1).await;
@@ -129,6 +129,14 @@ async fn a_full_fleet_answers_429_with_a_retry_after_and_the_model_field_picks_t
     assert_eq!(r.status(), 200, "routed by the Service name");
     let list: Value = client.get(format!("{base}/v1/models")).send().await.unwrap().json().await.unwrap();
     assert_eq!(list["data"][0]["id"], "default/tiny", "{list}");
+    assert_eq!(list["data"][0]["aliases"], json!(["llama-1b"]), "{list}");
+    let r = client
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": "llama-1b", "prompt": "x", "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "a model is found by its alias");
     let r = client
         .post(format!("{base}/v1/completions"))
         .json(&json!({"model": "default/tiny", "prompt": "x", "max_tokens": 2}))

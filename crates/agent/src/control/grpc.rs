@@ -66,6 +66,7 @@ impl AgentService {
         let mut report = replica_report(view, record.as_ref());
         if for_router && let Some(record) = &record {
             report.api_keys = record.api_keys();
+            report.aliases = record.spec.aliases().to_vec();
         }
         pb::ModelState::from(report)
     }
@@ -109,8 +110,9 @@ fn replica_report(view: &ModelView, record: Option<&Record>) -> ReplicaReport {
         last_error: report.last_error.clone(),
         memory_bytes: report.memory_bytes,
         api_keys_fingerprint: record.map(|r| r.api_keys().fingerprint()).unwrap_or_default(),
-        // The digests themselves go to routers only (`AgentService::state`).
+        // The digests themselves and the aliases go to routers only (`AgentService::state`).
         api_keys: ApiKeys::Open,
+        aliases: Vec::new(),
         hub_token_fingerprint: metalkube_api::keys::token_fingerprint(
             record.and_then(|r| r.hub_token.as_ref()).map(Token::expose),
         ),

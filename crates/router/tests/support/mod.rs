@@ -16,7 +16,19 @@ pub const GUARD: Duration = Duration::from_secs(90);
 pub struct Proc(pub Child);
 
 impl Drop for Proc {
+    /// SIGTERM first, so an agent stops its engines (SIGKILL would leave them running), then
+    /// SIGKILL if it takes longer than its stop grace.
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            metalkube_testkit::processes::signal(self.0.id(), nix::sys::signal::Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if matches!(self.0.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -60,12 +72,16 @@ impl Mac {
 
     /// Asks the agent to serve `default/tiny` from `model`, as the controller would.
     pub async fn ensure(&self, model: &Path, parallel: u32) {
-        self.ensure_with_keys(model, parallel, &[]).await;
+        self.ensure_with(model, parallel, &[], &[]).await;
+    }
+
+    pub async fn ensure_with_keys(&self, model: &Path, parallel: u32, keys: &[&str]) {
+        self.ensure_with(model, parallel, keys, &[]).await;
     }
 
     /// As `ensure`, the model asking for one of `keys` when there are any (their digests sent, as
-    /// the controller sends what the model's Secret holds).
-    pub async fn ensure_with_keys(&self, model: &Path, parallel: u32, keys: &[&str]) {
+    /// the controller sends what the model's Secret holds), and known by `aliases` too.
+    pub async fn ensure_with(&self, model: &Path, parallel: u32, keys: &[&str], aliases: &[&str]) {
         let mut spec = MetalModelSpec {
             engine: EngineSpec {
                 context_size: 512,
@@ -87,6 +103,12 @@ impl Mac {
             },
             ..MetalModelSpec::for_source(format!("file://{}", model.display()))
         };
+        if !aliases.is_empty() {
+            spec.routing = Some(metalkube_api::RoutingSpec {
+                mode: None,
+                aliases: aliases.iter().map(|a| (*a).to_owned()).collect(),
+            });
+        }
         if !keys.is_empty() {
             spec.auth = serde_json::from_value(json!({"apiKeySecretRef": {"name": "keys", "key": "keys"}})).unwrap();
         }
