@@ -441,11 +441,11 @@ const PORT_POLL: Duration = Duration::from_millis(50);
 #[derive(Default)]
 struct PortWatch {
     stopped: Option<Instant>,
-    /// The previous read, and each socket by whether it surely arrived more than a second after
-    /// the stop (the read before the one that first saw it was already past that second).
+    /// The previous read, and each socket by the earliest moment it can have arrived: the read
+    /// before the one that first saw it, after the stop. Past a second: surely sent later.
     last_read: Option<Instant>,
     at_stop: std::collections::BTreeSet<String>,
-    arrived: std::collections::BTreeMap<String, bool>,
+    arrived: std::collections::BTreeMap<String, Duration>,
 }
 
 impl PortWatch {
@@ -457,10 +457,10 @@ impl PortWatch {
 
     fn seen(&mut self, now: Instant, pending: std::collections::BTreeSet<String>) {
         let (Some(stopped), Some(last)) = (self.stopped, self.last_read) else { return };
-        let later = last.saturating_duration_since(stopped) >= Duration::from_secs(1);
+        let since = last.saturating_duration_since(stopped);
         for socket in pending {
             if !self.at_stop.contains(&socket) {
-                self.arrived.entry(socket).or_insert(later);
+                self.arrived.entry(socket).or_insert(since);
             }
         }
         self.last_read = Some(now);
@@ -468,8 +468,11 @@ impl PortWatch {
 
     /// Requests that reached the stopped Mac within a second of the stop, and later.
     fn counts(&self) -> serde_json::Value {
-        let later = self.arrived.values().filter(|l| **l).count();
-        json!({"unread_at_stop": self.at_stop.len(), "first_second": self.arrived.len() - later, "later": later})
+        let mut later_ms: Vec<f64> =
+            self.arrived.values().filter(|d| **d >= Duration::from_secs(1)).map(|d| d.as_secs_f64() * 1000.0).collect();
+        later_ms.sort_by(f64::total_cmp);
+        json!({"unread_at_stop": self.at_stop.len(), "first_second": self.arrived.len() - later_ms.len(),
+               "later": later_ms.len(), "later_not_before_ms": later_ms})
     }
 }
 
