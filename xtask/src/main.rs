@@ -329,7 +329,8 @@ fn check_macos(installed: &Installed) -> anyhow::Result<()> {
     run(&mut check)
 }
 
-/// Tests of one crate start binaries of others (the simulator, the agent); build them first.
+/// Tests of one crate start binaries of others (the simulator, the agent, the router); build them
+/// first.
 fn build_test_binaries() -> anyhow::Result<()> {
     run(cargo().args([
         "build",
@@ -339,6 +340,8 @@ fn build_test_binaries() -> anyhow::Result<()> {
         "metalkube-agent",
         "-p",
         "kubectl-metalkube",
+        "-p",
+        "metalkube-router",
         "--bins",
     ]))
 }

@@ -4,7 +4,7 @@
 //! a refusal under 10x overload; `stream`: 1,000 concurrent SSE streams, added per-chunk latency
 //! and memory per stream. This module starts and stops what they measure. `vitals` (its own
 //! folder): detection of a sick engine by the pulse against a `/health` poll and an uptime +
-//! task-counter check, same engine, same run. `route` (issue 20): a fleet of uneven Macs behind
+//! task-counter check, same engine, same run. `route`: a fleet of uneven Macs behind
 //! kube-proxy-like, round-robin and least-in-flight spreading and metalkube-router.
 
 pub(crate) mod procfs;

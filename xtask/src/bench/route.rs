@@ -1,4 +1,4 @@
-//! `cargo xtask bench route` (issue 20): one model served by a fleet of uneven Macs, each a real
+//! `cargo xtask bench route`: one model served by a fleet of uneven Macs, each a real
 //! `metalkube-agent serve` on loopback, loaded with open-loop Poisson arrivals of mixed chat
 //! completions and spread over the fleet four ways in the same run: kube-proxy's random
 //! connection with keep-alive, per-request round-robin, least-in-flight, and metalkube-router.

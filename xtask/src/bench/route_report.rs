@@ -749,7 +749,7 @@ impl Report {
         for t in self.tables() {
             out.push_str(&t.render());
         }
-        out.push_str("\ngoals (issue 20):\n");
+        out.push_str("\ngoals:\n");
         out.push_str(&self.goals_text(false));
         out.push_str("\ncommands:\n");
         for c in &self.commands {
@@ -775,7 +775,7 @@ impl Report {
                 md.push_str(&format!("| {label} | {} |\n", cells.join(" | ")));
             }
         }
-        md.push_str("\nGoals (issue 20):\n");
+        md.push_str("\nGoals:\n");
         md.push_str(&self.goals_text(true));
         md.push_str(&format!("\n<details><summary>full output</summary>\n\n```\n{text}```\n</details>\n"));
         std::fs::write(dir.join(format!("{name}.md")), md)?;

@@ -19,11 +19,14 @@ use crate::engine::metrics::EngineSeries;
 /// How often a running engine's figures are read.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
-/// How often a running engine's `/slots` is read for the share of its context in use. An endpoint
-/// picker scrapes every 50 ms by default and compares Macs by this figure, so the counters' 5 s
-/// would let it route on a picture of requests long gone; twice a second follows requests that
-/// last seconds. `/slots` waits for the engine's task loop, so it is not asked on every scrape:
-/// the scrape answers the last reading and never waits on the engine.
+/// How often a running engine's `/slots` is read for the share of its context in use, while it has
+/// requests in flight. An endpoint picker scrapes every 50 ms by default and compares Macs by
+/// this figure, so the counters' 5 s would let it route on a picture of requests long gone; twice
+/// a second follows requests that last seconds. `/slots` waits for the engine's task loop, so it
+/// is not asked on every scrape: the scrape answers the last reading and never waits on the
+/// engine. With nothing in flight it is not asked at all: llama-server counts a `/slots` read as
+/// activity (unlike `/metrics`), so reading it would keep an idle engine from its sleep, and an
+/// engine with nothing to do holds no request's context (the figure is 0).
 pub const SLOTS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// More than any engine does between two readings (a trillion tokens or seconds): a reading
@@ -65,6 +68,9 @@ pub fn apply(series: &EngineSeries, last: &EngineCounters, now: &EngineCounters)
     }
 }
 
+/// Whether an engine has requests in flight, asked before each `/slots` read.
+pub type Busy = Box<dyn Fn() -> bool + Send + Sync>;
+
 /// Reads one engine process's figures every `SAMPLE_INTERVAL` until dropped; then its gauges go
 /// back to 0 (no process, no memory, no requests).
 pub struct EngineFollower {
@@ -78,10 +84,18 @@ pub struct EngineFollower {
 
 impl EngineFollower {
     /// `layout` is how the engine's command line laid out its cache (`engine::args::cache_layout`).
-    pub fn start(client: reqwest::Client, port: u16, pid: u32, layout: CacheLayout, series: EngineSeries) -> Self {
+    /// `busy` says whether the engine has requests in flight (the serving port's count).
+    pub fn start(
+        client: reqwest::Client,
+        port: u16,
+        pid: u32,
+        layout: CacheLayout,
+        series: EngineSeries,
+        busy: Busy,
+    ) -> Self {
         let stopped = Arc::new(Mutex::new(false));
         let task = tokio::spawn(follow(client.clone(), port, pid, series.clone(), stopped.clone()));
-        let slots_task = tokio::spawn(follow_slots(client, port, layout, series.clone(), stopped.clone()));
+        let slots_task = tokio::spawn(follow_slots(client, port, layout, series.clone(), stopped.clone(), busy));
         Self { task, slots_task, series, stopped }
     }
 }
@@ -108,12 +122,21 @@ async fn follow_slots(
     layout: CacheLayout,
     series: EngineSeries,
     stopped: Arc<Mutex<bool>>,
+    busy: Busy,
 ) {
     let url = format!("http://127.0.0.1:{port}/slots");
     let mut ticker = tokio::time::interval(SLOTS_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
+        if !busy() {
+            let gate = metalkube_runtime::sync::lock(&stopped);
+            if *gate {
+                return;
+            }
+            series.kv_cache_usage.set(0.0);
+            continue;
+        }
         let read = async { client.get(&url).send().await?.error_for_status()?.bytes().await };
         let body = tokio::time::timeout(SLOTS_INTERVAL, read).await.ok().and_then(Result::ok);
         let Some(share) = body.and_then(|b| context_use(&b, layout)) else { continue };

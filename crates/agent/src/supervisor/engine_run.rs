@@ -87,8 +87,10 @@ impl Supervisor {
         tracing::info!(pid = engine.pid(), port, "engine started");
         // Reads the engine's own counters and memory while it runs; stops with this run.
         let layout = crate::engine::args::cache_layout(&self.desired.spec.engine);
+        let proxy = self.proxy.clone();
+        let busy = Box::new(move || proxy.admission().serving_load().in_flight > 0);
         let _follower =
-            EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), layout, self.engine_series.clone());
+            EngineFollower::start(self.ctx.http.clone(), port, engine.pid(), layout, self.engine_series.clone(), busy);
         self.grader.reset();
         self.report.send_modify(|r| {
             r.internal_port = Some(port);
