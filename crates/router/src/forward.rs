@@ -115,19 +115,23 @@ pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: 
                     }
                 };
             }
-            _ = check.tick() => match fleet.replica_now(lease) {
-                ReplicaNow::Fine => {}
-                ReplicaNow::NotReady => {
-                    fleet.stream_ended(lease, id);
-                    return Outcome::Failed(Attempt::WentNotReady);
-                }
-                ReplicaNow::Stalled => {
-                    fleet.stream_ended(lease, id);
-                    return Outcome::Failed(Attempt::Stalled);
-                }
+            _ = check.tick() => if let Some(failed) = gave_up(fleet, lease, id) {
+                return Outcome::Failed(failed);
             },
         }
     }
+}
+
+/// Whether a request waiting on `lease`'s replica should give up there: it went not ready or
+/// stalled. Its stall watch forgets the request when it does.
+fn gave_up(fleet: &Fleet, lease: &Lease, id: u64) -> Option<Attempt> {
+    let failed = match fleet.replica_now(lease) {
+        ReplicaNow::Fine => return None,
+        ReplicaNow::NotReady => Attempt::WentNotReady,
+        ReplicaNow::Stalled => Attempt::Stalled,
+    };
+    fleet.stream_ended(lease, id);
+    Some(failed)
 }
 
 /// Waits for a stream's first data, watching the replica as `attempt` does.
@@ -150,16 +154,8 @@ async fn first_data(fleet: &Fleet, lease: &Lease, mut response: Response<Incomin
                     }
                 };
             }
-            _ = check.tick() => match fleet.replica_now(lease) {
-                ReplicaNow::Fine => {}
-                ReplicaNow::NotReady => {
-                    fleet.stream_ended(lease, id);
-                    return Outcome::Failed(Attempt::WentNotReady);
-                }
-                ReplicaNow::Stalled => {
-                    fleet.stream_ended(lease, id);
-                    return Outcome::Failed(Attempt::Stalled);
-                }
+            _ = check.tick() => if let Some(failed) = gave_up(fleet, lease, id) {
+                return Outcome::Failed(failed);
             },
         }
     }
