@@ -180,11 +180,18 @@ pub fn target_dir() -> PathBuf {
 
 pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     eprintln!("$ {cmd:?}");
+    let started = std::time::Instant::now();
     let status = cmd.status().with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    // The time of each step, so a slow CI run says where its minutes went.
+    eprintln!("  ({:.0} s: {:?} {})", started.elapsed().as_secs_f64(), cmd.get_program(), first_arg(cmd));
     if !status.success() {
         bail!("{:?} failed: {status}", cmd.get_program());
     }
     Ok(())
+}
+
+fn first_arg(cmd: &Command) -> String {
+    cmd.get_args().next().map(|a| a.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn have(program: &str) -> bool {
