@@ -106,3 +106,14 @@ pub struct AgentInfo {
     /// None when the agent did not say.
     pub http_port: Option<u16>,
 }
+
+/// One event of an agent's Watch stream, as its followers (the controller, the router) read it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AgentEvent {
+    /// Everything the agent holds: the first event of every stream.
+    Snapshot(Vec<ReplicaReport>),
+    /// One model's report changed (boxed: a report is large beside a removal).
+    Changed(Box<ReplicaReport>),
+    /// The agent no longer holds the model.
+    Removed(ModelKey),
+}

@@ -17,7 +17,7 @@ mod source;
 mod standalone;
 mod validate;
 
-pub use agent_report::{AgentInfo, ReplicaReport};
+pub use agent_report::{AgentEvent, AgentInfo, ReplicaReport};
 
 /// The common name of the router's client certificate (the chart issues it so). Agents let a
 /// caller with it read (Watch, Info, ListModels), never change models.

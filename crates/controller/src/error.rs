@@ -53,6 +53,9 @@ pub enum ControllerError {
         "the router Service {service}: its EndpointSlices not listed within {waited:?}; {key}'s endpoints are left as they are"
     )]
     RouterUnknown { service: String, key: ModelKey, waited: Duration },
+    /// `--router-service` is not `NAMESPACE/NAME` of valid names.
+    #[error("--router-service {given:?}: {problem}")]
+    RouterServiceFlag { given: String, problem: String },
     #[error("MetalModel {key}: spec does not serialize")]
     SpecEncoding {
         key: ModelKey,
@@ -79,7 +82,10 @@ impl ControllerError {
     /// The `kind` label of `metalkube_controller_reconcile_errors_total`: one of `ERROR_KINDS`.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ControllerError::Kube(_) | ControllerError::RouterUnknown { .. } => "kube",
+            // A bad --router-service stops the controller at its start, never a reconcile.
+            ControllerError::Kube(_)
+            | ControllerError::RouterUnknown { .. }
+            | ControllerError::RouterServiceFlag { .. } => "kube",
             ControllerError::AgentCall { .. }
             | ControllerError::AgentUnreachable { .. }
             | ControllerError::BadEndpoint { .. }

@@ -892,6 +892,27 @@ fn the_router_runs_locked_down_in_two_replicas_behind_a_pdb() {
     }
 }
 
+/// Seconds of a duration the chart writes in whole seconds (`30s`).
+fn whole_seconds(value: &str) -> u64 {
+    value.strip_suffix('s').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{value:?} is not whole seconds"))
+}
+
+#[test]
+fn a_stopping_router_finishes_its_drain_within_the_pods_grace_period() {
+    for values in [DEFAULTS, ALL_ON, INSECURE] {
+        let rendered = render(values);
+        let flag = |name: &str| {
+            let args = rendered.router_args();
+            let prefix = format!("{name}=");
+            let value = args.iter().find_map(|a| a.strip_prefix(&prefix).map(str::to_owned));
+            whole_seconds(&value.unwrap_or_else(|| panic!("{}: no {name}", rendered.values)))
+        };
+        let drain = flag("--drain-delay") + flag("--drain-timeout");
+        let grace = rendered.router()["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64().unwrap();
+        assert!(drain < grace, "{}: drain {drain} s is not within the grace period {grace} s", rendered.values);
+    }
+}
+
 #[test]
 fn the_controller_follows_the_router_service_whose_http_port_is_the_routers_listen_port() {
     let rendered = render(DEFAULTS);

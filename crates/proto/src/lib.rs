@@ -11,5 +11,7 @@ pub use agent::v1::*;
 
 mod convert;
 mod report;
+pub mod watch;
 
 pub use report::WireError;
+pub use watch::ReadEvent;

@@ -1,6 +1,6 @@
 //! One Watch stream per agent, asking for load (`include_load`): the agent sends each model's
 //! queue, requests in flight, limit and decode speed as they move (looked at every 100 ms) and at
-//! least every 500 ms, which is how the router tells fresh figures from stale ones. The stream
+//! least every 300 ms, which is how the router tells fresh figures from stale ones. The stream
 //! runs over mTLS with the router's own client certificate (issued from the metalkube CA, as the
 //! controller's is). When it breaks, what the agent said no longer stands: its replicas leave
 //! the picker at once, and the stream is opened again with backoff.
@@ -9,14 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use metalkube_api::{ModelKey, ReplicaReport};
+use metalkube_api::AgentEvent;
 use metalkube_proto as pb;
 use pb::agent_client::AgentClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::error::RouterError;
 use crate::fleet::Fleet;
-use crate::fleet_view::AgentSaid;
 
 /// The router's side of mTLS to the agents.
 #[derive(Clone, Debug)]
@@ -125,17 +124,10 @@ impl Drop for StreamOpen {
 
 /// A Watch event in the api crate's terms; None when nothing in it can be read (logged: one bad
 /// report must not cost the Mac its stream).
-fn read_event(node: &str, message: pb::WatchEvent) -> Option<AgentSaid> {
-    let unreadable = |e: pb::WireError| tracing::warn!(%node, "the agent sent a report that cannot be read: {e}");
-    match message.event? {
-        pb::watch_event::Event::Snapshot(snapshot) => Some(AgentSaid::Snapshot(
-            snapshot.models.into_iter().filter_map(|s| ReplicaReport::try_from(s).map_err(unreadable).ok()).collect(),
-        )),
-        pb::watch_event::Event::Changed(state) => {
-            ReplicaReport::try_from(state).map(|r| AgentSaid::Changed(Box::new(r))).map_err(unreadable).ok()
-        }
-        pb::watch_event::Event::Removed(model) => {
-            ModelKey::try_from(model).map(AgentSaid::Removed).map_err(unreadable).ok()
-        }
+fn read_event(node: &str, message: pb::WatchEvent) -> Option<AgentEvent> {
+    let read = pb::ReadEvent::from(message);
+    for e in &read.unreadable {
+        tracing::warn!(%node, "the agent sent a report that cannot be read: {e}");
     }
+    read.event
 }

@@ -26,7 +26,7 @@ use crate::error::RouterError;
 use crate::ext_proc_messages::{body_back, header, refuse, route_to};
 use crate::ext_proc_stream::{ExtProcStream, Step};
 use crate::fleet::{Fleet, Lease};
-use crate::metrics::{RequestLabels, RouterMetrics};
+use crate::metrics::{RefusalReason, RequestLabels, RouterMetrics};
 
 /// The metadata namespace and key of the gateway's subset hint: when present, the pick must be
 /// one of these endpoints.
@@ -119,7 +119,7 @@ async fn pick(
         .ok()
         .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned));
     let Some(requested) = requested else {
-        RouterMetrics::count(&metrics.refusals, "bad_request");
+        RouterMetrics::count(&metrics.refusals, RefusalReason::BadRequest);
         let message = "the request body must be JSON with a \"model\" field naming the model";
         return (vec![refuse(400, std::time::Duration::ZERO, "invalid_request_body", message)], None, None);
     };
@@ -127,12 +127,12 @@ async fn pick(
     let model = match resolve(&requested, &catalog) {
         Ok(entry) => entry.key.clone(),
         Err(e) => {
-            RouterMetrics::count(&metrics.refusals, "unknown_model");
+            RouterMetrics::count(&metrics.refusals, RefusalReason::UnknownModel);
             return (vec![refuse(404, std::time::Duration::ZERO, "model_not_found", &e.to_string())], None, None);
         }
     };
     if !fleet.keys_of(&model).accepts(key) {
-        RouterMetrics::count(&metrics.refusals, "unauthorized");
+        RouterMetrics::count(&metrics.refusals, RefusalReason::Unauthorized);
         let message = format!("{model} asks for an API key: send Authorization: Bearer <key> with one of its keys");
         return (vec![refuse(401, std::time::Duration::ZERO, "invalid_api_key", &message)], None, Some(model));
     }
@@ -159,7 +159,12 @@ async fn pick(
                 })
                 .inc();
             (
-                vec![refuse(refusal.status(), refusal.retry_after(), refusal.reason(), &refusal.message(&model))],
+                vec![refuse(
+                    refusal.status(),
+                    refusal.retry_after(),
+                    refusal.reason().as_str(),
+                    &refusal.message(&model),
+                )],
                 None,
                 Some(model),
             )
@@ -219,13 +224,14 @@ pub async fn serve_ext_proc(
     listener: TcpListener,
 ) -> Result<(), RouterError> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    // Serving while some agent's load figures are fresh (the router can pick), so a gateway's
-    // health check takes a picker that sees no Mac out of its rotation.
+    // Serving while some agent's load figures are fresh (the router can pick) and it is not
+    // draining, so a gateway's health check takes a picker that sees no Mac, or one that is
+    // stopping, out of its rotation.
     let readiness = fleet.clone();
     tokio::spawn(async move {
         let mut last = None;
         loop {
-            let ready = readiness.has_fresh_data();
+            let ready = readiness.ready();
             if last != Some(ready) {
                 let status =
                     if ready { tonic_health::ServingStatus::Serving } else { tonic_health::ServingStatus::NotServing };

@@ -6,11 +6,14 @@
 //! which hands the freed place to the oldest waiter (late binding).
 //!
 //! All of it sits behind one mutex, held only for pure work (a pick is microseconds), never
-//! across an await. A lease gives its place back on drop without taking the lock, so dropping a
-//! lease anywhere (inside the drainer included) cannot deadlock.
+//! across an await. What a request touches while it runs is its own replica's (`ReplicaLocal`,
+//! held by its lease): a streamed chunk marks that replica's stall watch, and a lease gives its
+//! place back on drop, without the fleet's lock, so dropping a lease anywhere (inside the drainer
+//! included) cannot deadlock. The model list and each model's keys, read by every request, are
+//! derived from the reports only when a replica's names or keys change, not per request.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,9 +25,9 @@ use tokio::sync::{Notify, oneshot};
 use crate::catalog::Entry;
 use crate::claims::{Claim, Claims};
 use crate::fleet_queue::{FleetQueue, RETRY_AFTER_MIN};
-use crate::fleet_view::{AgentSaid, FleetView, Node};
-use crate::metrics::{ModelLabels, NodeLabels, RouterMetrics};
-use crate::picker::{Candidate, Pick, PickReason, STALE_AFTER, pick, ranked};
+use crate::fleet_view::{AgentEvent, FleetView, Node};
+use crate::metrics::{ModelLabels, NodeLabels, PickReason, RefusalReason, RouterMetrics};
+use crate::picker::{Candidate, Pick, PickReason as Picked, STALE_AFTER, pick, ranked};
 use crate::stall::StallWatch;
 
 /// How often the drainer looks at the queues even when nothing woke it: a report that makes a
@@ -73,11 +76,11 @@ impl Refusal {
     }
 
     /// The `refusals_total{reason}` label.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> RefusalReason {
         match self {
-            Refusal::QueueFull { .. } => "queue_full",
-            Refusal::Deadline { .. } => "deadline",
-            Refusal::NoReplica { .. } => "no_replica",
+            Refusal::QueueFull { .. } => RefusalReason::QueueFull,
+            Refusal::Deadline { .. } => RefusalReason::Deadline,
+            Refusal::NoReplica { .. } => RefusalReason::NoReplica,
         }
     }
 
@@ -107,11 +110,37 @@ pub struct Lease {
     /// `host:port` of the replica's serving port.
     pub address: String,
     /// How the pick went, for the metric.
-    pub reason: &'static str,
+    pub reason: PickReason,
     /// Time spent in the fleet queue.
     pub waited: Duration,
     claim: Option<Claim>,
+    local: Arc<ReplicaLocal>,
     fleet: Weak<Fleet>,
+}
+
+impl Lease {
+    /// The router sent a streamed request `id` here (only streams are watched for stalls: a
+    /// non-streamed answer's first byte comes when it is done, however long it is).
+    pub fn stream_sent(&self, id: u64) {
+        lock(&self.local.stall).sent(id, Instant::now());
+    }
+
+    /// Part of the answer to stream `id` arrived.
+    pub fn stream_byte(&self, id: u64) {
+        lock(&self.local.stall).byte(id, Instant::now());
+    }
+
+    pub fn stream_ended(&self, id: u64) {
+        lock(&self.local.stall).ended(id);
+    }
+}
+
+/// What the router keeps of one replica beside its agent's reports: the places its requests
+/// hold there and the stall watch they feed.
+#[derive(Debug, Default)]
+pub struct ReplicaLocal {
+    claims: Arc<Claims>,
+    stall: Mutex<StallWatch>,
 }
 
 impl Drop for Lease {
@@ -139,16 +168,18 @@ struct Waiter {
     since: Instant,
 }
 
-type Replica = (ModelKey, Node);
-
 #[derive(Default)]
 struct State {
     view: FleetView,
     /// Each node's serving address (a host: the Mac's IP address or DNS name).
     hosts: BTreeMap<Node, String>,
-    claims: HashMap<Replica, Arc<Claims>>,
-    stalls: HashMap<Replica, StallWatch>,
+    /// The router's own side of each replica, by model then node.
+    replicas: HashMap<ModelKey, BTreeMap<Node, Arc<ReplicaLocal>>>,
     queues: HashMap<ModelKey, FleetQueue<Waiter>>,
+    /// The models there are, with their aliases: derived from the reports.
+    catalog: Arc<Vec<Entry>>,
+    /// Who may use each model: derived from the reports.
+    keys: HashMap<ModelKey, Arc<ApiKeys>>,
 }
 
 impl State {
@@ -156,6 +187,48 @@ impl State {
     fn address_of(&self, model: &ModelKey, node: &str) -> Option<String> {
         Some(host_port(self.hosts.get(node)?, self.view.serving_port(model, node)?))
     }
+
+    fn local(&self, model: &ModelKey, node: &str) -> Option<&Arc<ReplicaLocal>> {
+        self.replicas.get(model)?.get(node)
+    }
+
+    fn local_or_new(&mut self, model: &ModelKey, node: &str) -> Arc<ReplicaLocal> {
+        if let Some(local) = self.local(model, node) {
+            return local.clone();
+        }
+        self.replicas.entry(model.clone()).or_default().entry(node.to_owned()).or_default().clone()
+    }
+
+    /// Rebuilds the model list and keys from the reports.
+    fn derive_names_and_keys(&mut self) {
+        let catalog = self
+            .view
+            .models()
+            .map(|key| {
+                // Every alias any replica's agent gives (they agree but while a spec rolls out).
+                let mut aliases: Vec<String> =
+                    self.view.reports_of(key).flat_map(|r| r.aliases.iter().cloned()).collect();
+                aliases.sort();
+                aliases.dedup();
+                Entry { key: key.clone(), aliases }
+            })
+            .collect();
+        self.catalog = Arc::new(catalog);
+        self.keys = self.view.models().map(|key| (key.clone(), Arc::new(keys_from(&self.view, key)))).collect();
+    }
+}
+
+/// Who may use `model`, as its agents say: the union of their keys while a rotation is under
+/// way, and keys required as soon as any replica requires them (an agent that asks for no key
+/// and one that does: the router asks).
+fn keys_from(view: &FleetView, model: &ModelKey) -> ApiKeys {
+    let mut keys: Option<Vec<KeyDigest>> = None;
+    for report in view.reports_of(model) {
+        if let ApiKeys::Digests(digests) = &report.api_keys {
+            keys.get_or_insert_with(Vec::new).extend(digests.iter().copied());
+        }
+    }
+    keys.map_or(ApiKeys::Open, ApiKeys::Digests)
 }
 
 pub struct Fleet {
@@ -163,6 +236,7 @@ pub struct Fleet {
     settings: FleetSettings,
     wake: Notify,
     next_request: AtomicU64,
+    draining: AtomicBool,
     metrics: Arc<RouterMetrics>,
 }
 
@@ -173,6 +247,7 @@ impl Fleet {
             settings,
             wake: Notify::new(),
             next_request: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
             metrics,
         })
     }
@@ -192,36 +267,47 @@ impl Fleet {
     }
 
     /// Takes in what `node`'s agent said, and wakes the drainer: a report may show room.
-    pub fn agent_said(&self, node: &str, said: AgentSaid) {
+    pub fn agent_said(&self, node: &str, said: AgentEvent) {
         let mut s = lock(&self.state);
         let now = Instant::now();
         // A replica its agent reports serving again after not serving has been seen to recover:
         // a stall the router marked on it no longer stands.
         let recovered: Vec<ModelKey> = match &said {
-            AgentSaid::Snapshot(reports) => reports.iter().map(|r| r.model.clone()).collect(),
-            AgentSaid::Changed(report) => {
+            AgentEvent::Snapshot(reports) => reports.iter().map(|r| r.model.clone()).collect(),
+            AgentEvent::Changed(report) => {
                 let before = s.view.report_of(&report.model, node, now).map(|(serving, _)| serving);
                 let after = report.ready && matches!(report.phase, Some(Phase::Serving | Phase::Sleeping));
                 if before == Some(false) && after { vec![report.model.clone()] } else { Vec::new() }
             }
-            AgentSaid::Removed(_) => Vec::new(),
+            AgentEvent::Removed(_) => Vec::new(),
         };
         let reported: Vec<ModelKey> = match &said {
-            AgentSaid::Snapshot(reports) => reports.iter().map(|r| r.model.clone()).collect(),
-            AgentSaid::Changed(report) => vec![report.model.clone()],
-            AgentSaid::Removed(model) => vec![model.clone()],
+            AgentEvent::Snapshot(reports) => reports.iter().map(|r| r.model.clone()).collect(),
+            AgentEvent::Changed(report) => vec![report.model.clone()],
+            AgentEvent::Removed(model) => vec![model.clone()],
         };
-        for model in reported {
-            if let Some(c) = s.claims.get(&(model, node.to_owned())) {
-                c.reported();
+        for model in &reported {
+            if let Some(local) = s.local(model, node) {
+                local.claims.reported();
             }
         }
-        for model in recovered {
-            if let Some(w) = s.stalls.get_mut(&(model, node.to_owned())) {
-                w.recovered();
+        for model in &recovered {
+            if let Some(local) = s.local(model, node) {
+                lock(&local.stall).recovered();
             }
         }
+        // Load reports come ten times a second; names and keys seldom change.
+        let names_or_keys_change = match &said {
+            AgentEvent::Changed(report) => s
+                .view
+                .report(&report.model, node)
+                .is_none_or(|before| before.aliases != report.aliases || before.api_keys != report.api_keys),
+            AgentEvent::Snapshot(_) | AgentEvent::Removed(_) => true,
+        };
         s.view.apply(node, said, now);
+        if names_or_keys_change {
+            s.derive_names_and_keys();
+        }
         drop(s);
         self.wake.notify_one();
     }
@@ -230,41 +316,39 @@ impl Fleet {
     pub fn agent_gone(&self, node: &str) {
         let mut s = lock(&self.state);
         s.view.forget_node(node);
+        s.derive_names_and_keys();
         self.metrics.data_age.remove(&NodeLabels { node: node.to_owned() });
     }
 
     /// The models the router can route to now (those some agent reports).
-    pub fn catalog(&self) -> Vec<Entry> {
-        let s = lock(&self.state);
-        s.view
-            .models()
-            .map(|key| {
-                // Every alias any replica's agent gives (they agree but while a spec rolls out).
-                let mut aliases: Vec<String> = s.view.reports_of(key).flat_map(|r| r.aliases.iter().cloned()).collect();
-                aliases.sort();
-                aliases.dedup();
-                Entry { key: key.clone(), aliases }
-            })
-            .collect()
+    pub fn catalog(&self) -> Arc<Vec<Entry>> {
+        lock(&self.state).catalog.clone()
     }
 
-    /// Who may use `model`, as its agents say: the union of their keys while a rotation is under
-    /// way, and keys required as soon as any replica requires them (an agent that asks for no key
-    /// and one that does: the router asks).
-    pub fn keys_of(&self, model: &ModelKey) -> ApiKeys {
-        let s = lock(&self.state);
-        let mut keys: Option<Vec<KeyDigest>> = None;
-        for report in s.view.reports_of(model) {
-            if let ApiKeys::Digests(digests) = &report.api_keys {
-                keys.get_or_insert_with(Vec::new).extend(digests.iter().copied());
-            }
-        }
-        keys.map_or(ApiKeys::Open, ApiKeys::Digests)
+    /// Who may use `model`, as its agents say (see `keys_from`).
+    pub fn keys_of(&self, model: &ModelKey) -> Arc<ApiKeys> {
+        lock(&self.state).keys.get(model).cloned().unwrap_or_default()
     }
 
-    /// Whether any agent's load figures are fresh: the router can route.
-    pub fn has_fresh_data(&self) -> bool {
-        lock(&self.state).view.newest_age(Instant::now()).is_some_and(|age| age <= STALE_AFTER)
+    /// Whether the router should get new requests: some agent's load figures are fresh (it can
+    /// route) and it is not draining.
+    pub fn ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire)
+            && lock(&self.state).view.newest_age(Instant::now()).is_some_and(|age| age <= STALE_AFTER)
+    }
+
+    /// The router is stopping: it says it is not ready, so new requests go to other routers,
+    /// while the ones it has finish.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Requests holding a place on some Mac, and requests waiting in a fleet queue.
+    pub fn requests_held(&self) -> usize {
+        let s = lock(&self.state);
+        let placed: usize =
+            s.replicas.values().flat_map(|nodes| nodes.values()).map(|l| l.claims.current() as usize).sum();
+        placed + s.queues.values().map(FleetQueue::len).sum::<usize>()
     }
 
     /// A place on a replica of `model` other than those in `tried`: at once, after a wait in the
@@ -303,24 +387,20 @@ impl Fleet {
 
     /// `model`'s replicas as picker candidates at `now`, those in `tried` (or without a known
     /// host) left out.
-    fn candidates_now(&self, s: &mut State, model: &ModelKey, tried: &[Node], now: Instant) -> Vec<(Node, Candidate)> {
-        let State { view, hosts, claims, stalls, .. } = s;
-        let out: Vec<Node> = stalls
-            .iter_mut()
-            .filter(|((m, _), _)| m == model)
-            .filter_map(|((_, n), w)| w.out(now).then(|| n.clone()))
-            .collect();
-        let claims_of = |node: &str| claims.get(&(model.clone(), node.to_owned())).map_or(0, |c| c.current());
-        let stalled = |node: &str| out.iter().any(|n| n == node);
-        let mut candidates = view.candidates(model, now, claims_of, stalled);
+    fn candidates_now(&self, s: &State, model: &ModelKey, tried: &[Node], now: Instant) -> Vec<(Node, Candidate)> {
+        let locals = s.replicas.get(model);
+        let local = |node: &str| locals.and_then(|l| l.get(node));
+        let claims_of = |node: &str| local(node).map_or(0, |l| l.claims.current());
+        let stalled = |node: &str| local(node).is_some_and(|l| lock(&l.stall).out(now));
+        let mut candidates = s.view.candidates(model, now, claims_of, stalled);
         for (node, candidate) in &mut candidates {
-            if tried.contains(node) || !hosts.contains_key(node) {
+            if tried.contains(node) || !s.hosts.contains_key(node) {
                 candidate.serving = false;
             }
             // What ended since the agent's last report is still in its figures: those places
             // are free, and waiting for the next report (up to 100 ms) would leave them idle.
-            if let Some(c) = claims.get(&(model.clone(), node.clone())) {
-                candidate.in_flight = candidate.in_flight.saturating_sub(c.ended_since_report());
+            if let Some(l) = local(node) {
+                candidate.in_flight = candidate.in_flight.saturating_sub(l.claims.ended_since_report());
             }
         }
         candidates
@@ -339,18 +419,19 @@ impl Fleet {
             Pick::Dispatch { replica, reason } => {
                 let (node, candidate) = &candidates[replica];
                 let Some(address) = s.address_of(model, node) else { return Placed::Hold };
-                let replica_claims = s.claims.entry((model.clone(), node.clone())).or_default();
-                let Some(claim) = replica_claims.try_claim(candidate.limit) else { return Placed::Hold };
+                let local = s.local_or_new(model, node);
+                let Some(claim) = local.claims.try_claim(candidate.limit) else { return Placed::Hold };
                 Placed::Lease(Box::new(Lease {
                     model: model.clone(),
                     node: node.clone(),
                     address,
                     reason: match reason {
-                        PickReason::FreePlace => "free_place",
-                        PickReason::OnlyOneWithRoom => "only_one_with_room",
+                        Picked::FreePlace => PickReason::FreePlace,
+                        Picked::OnlyOneWithRoom => PickReason::OnlyOneWithRoom,
                     },
                     waited: Duration::ZERO,
                     claim: Some(claim),
+                    local,
                     fleet: Arc::downgrade(self),
                 }))
             }
@@ -360,9 +441,9 @@ impl Fleet {
     /// The serving addresses of `model`'s other replicas that could take a request, best first:
     /// the fallbacks a gateway tries when `picked` fails to connect.
     pub fn fallbacks(&self, model: &ModelKey, picked: &str) -> Vec<String> {
-        let mut s = lock(&self.state);
+        let s = lock(&self.state);
         let now = Instant::now();
-        let candidates = self.candidates_now(&mut s, model, &[picked.to_owned()], now);
+        let candidates = self.candidates_now(&s, model, &[picked.to_owned()], now);
         let only: Vec<_> = candidates.iter().map(|(_, c)| c.clone()).collect();
         ranked(&only)
             .into_iter()
@@ -390,15 +471,16 @@ impl Fleet {
         let mut s = lock(&self.state);
         let node = s.view.nodes_of(model).find(|node| s.address_of(model, node).is_some_and(|a| a == address))?;
         let node = node.clone();
-        let claims = s.claims.entry((model.clone(), node.clone())).or_default().clone();
-        let claim = claims.try_claim(u32::MAX)?;
+        let local = s.local_or_new(model, &node);
+        let claim = local.claims.try_claim(u32::MAX)?;
         Some(Lease {
             model: model.clone(),
             node,
             address: address.to_owned(),
-            reason: "free_place",
+            reason: PickReason::FreePlace,
             waited: Duration::ZERO,
             claim: Some(claim),
+            local,
             fleet: Arc::downgrade(self),
         })
     }
@@ -433,7 +515,7 @@ impl Fleet {
                 let tried = oldest.tried.clone();
                 let Placed::Lease(mut lease) = self.try_place(&mut s, &model, &tried, now) else { break };
                 let Some(waiter) = s.queues.get_mut(&model).and_then(FleetQueue::pop_oldest) else { break };
-                lease.reason = "after_wait";
+                lease.reason = PickReason::AfterWait;
                 lease.waited = now.saturating_duration_since(waiter.since);
                 self.metrics
                     .queue_wait
@@ -462,32 +544,13 @@ impl Fleet {
         s.queues.entry(lease.model.clone()).or_insert_with(|| FleetQueue::new(capacity)).completed(Instant::now());
     }
 
-    /// The router sent a streamed request `id` on `lease`'s replica (only streams are watched for
-    /// stalls: a non-streamed answer's first byte comes when it is done, however long it is).
-    pub fn stream_sent(&self, lease: &Lease, id: u64) {
-        lock(&self.state).stalls.entry(replica_of(lease)).or_default().sent(id, Instant::now());
-    }
-
-    /// Part of the answer to stream `id` arrived.
-    pub fn stream_byte(&self, lease: &Lease, id: u64) {
-        if let Some(w) = lock(&self.state).stalls.get_mut(&replica_of(lease)) {
-            w.byte(id, Instant::now());
-        }
-    }
-
-    pub fn stream_ended(&self, lease: &Lease, id: u64) {
-        if let Some(w) = lock(&self.state).stalls.get_mut(&replica_of(lease)) {
-            w.ended(id);
-        }
-    }
-
     /// How `lease`'s replica stands now, for a request waiting on it.
     pub fn replica_now(&self, lease: &Lease) -> ReplicaNow {
-        let mut s = lock(&self.state);
         let now = Instant::now();
-        if s.stalls.get_mut(&replica_of(lease)).is_some_and(|w| w.out(now)) {
+        if lock(&lease.local.stall).out(now) {
             return ReplicaNow::Stalled;
         }
+        let s = lock(&self.state);
         match s.view.report_of(&lease.model, &lease.node, now) {
             Some((true, age)) if age <= STALE_AFTER => ReplicaNow::Fine,
             Some((true, _)) => ReplicaNow::Stalled,
@@ -500,10 +563,6 @@ enum Placed {
     Lease(Box<Lease>),
     Hold,
     NoReplica,
-}
-
-fn replica_of(lease: &Lease) -> Replica {
-    (lease.model.clone(), lease.node.clone())
 }
 
 /// `host:port`, an IPv6 host in brackets.

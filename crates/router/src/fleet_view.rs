@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+pub use metalkube_api::AgentEvent;
 use metalkube_api::{ModelKey, Phase, ReplicaReport};
 
 use crate::picker::Candidate;
@@ -19,14 +20,6 @@ struct Seen {
     at: Instant,
 }
 
-/// What one Watch stream said.
-#[derive(Debug, Clone)]
-pub enum AgentSaid {
-    Snapshot(Vec<ReplicaReport>),
-    Changed(Box<ReplicaReport>),
-    Removed(ModelKey),
-}
-
 #[derive(Debug, Default)]
 pub struct FleetView {
     models: BTreeMap<ModelKey, BTreeMap<Node, Seen>>,
@@ -34,16 +27,16 @@ pub struct FleetView {
 
 impl FleetView {
     /// Takes in what `node`'s agent said at `at`.
-    pub fn apply(&mut self, node: &str, said: AgentSaid, at: Instant) {
+    pub fn apply(&mut self, node: &str, said: AgentEvent, at: Instant) {
         match said {
-            AgentSaid::Snapshot(reports) => {
+            AgentEvent::Snapshot(reports) => {
                 self.forget_node(node);
                 for report in reports {
                     self.put(node, report, at);
                 }
             }
-            AgentSaid::Changed(report) => self.put(node, *report, at),
-            AgentSaid::Removed(model) => {
+            AgentEvent::Changed(report) => self.put(node, *report, at),
+            AgentEvent::Removed(model) => {
                 if let Some(replicas) = self.models.get_mut(&model) {
                     replicas.remove(node);
                     if replicas.is_empty() {
@@ -110,6 +103,11 @@ impl FleetView {
         self.models.get(model).into_iter().flat_map(|r| r.keys())
     }
 
+    /// What `node`'s agent last said of `model`.
+    pub fn report(&self, model: &ModelKey, node: &str) -> Option<&ReplicaReport> {
+        Some(&self.models.get(model)?.get(node)?.report)
+    }
+
     /// The port `node` serves `model` on, as its agent last said.
     pub fn serving_port(&self, model: &ModelKey, node: &str) -> Option<u16> {
         self.models.get(model)?.get(node)?.report.serving_port
@@ -162,15 +160,15 @@ mod tests {
         let t = Instant::now();
         let mut view = FleetView::default();
         let tiny = ModelKey::new("ns", "tiny");
-        view.apply("mac-a", AgentSaid::Snapshot(vec![serving("tiny", 1), serving("other", 0)]), t);
-        view.apply("mac-b", AgentSaid::Changed(Box::new(serving("tiny", 3))), t);
+        view.apply("mac-a", AgentEvent::Snapshot(vec![serving("tiny", 1), serving("other", 0)]), t);
+        view.apply("mac-b", AgentEvent::Changed(Box::new(serving("tiny", 3))), t);
         let nodes = |v: &FleetView| -> Vec<Node> {
             v.candidates(&tiny, t, |_| 0, |_| false).into_iter().map(|(n, _)| n).collect()
         };
         assert_eq!(nodes(&view), ["mac-a", "mac-b"]);
-        view.apply("mac-a", AgentSaid::Snapshot(vec![serving("other", 0)]), t);
+        view.apply("mac-a", AgentEvent::Snapshot(vec![serving("other", 0)]), t);
         assert_eq!(nodes(&view), ["mac-b"], "mac-a's new snapshot no longer holds tiny");
-        view.apply("mac-b", AgentSaid::Removed(tiny.clone()), t);
+        view.apply("mac-b", AgentEvent::Removed(tiny.clone()), t);
         assert!(nodes(&view).is_empty());
     }
 
@@ -178,7 +176,7 @@ mod tests {
     fn candidates_carry_the_load_its_age_and_the_routers_own_view() {
         let t = Instant::now();
         let mut view = FleetView::default();
-        view.apply("mac-a", AgentSaid::Changed(Box::new(serving("tiny", 2))), t);
+        view.apply("mac-a", AgentEvent::Changed(Box::new(serving("tiny", 2))), t);
         let later = t + Duration::from_millis(300);
         let c = view.candidates(&ModelKey::new("ns", "tiny"), later, |_| 1, |n| n == "mac-a");
         let (_, c) = &c[0];
@@ -191,7 +189,7 @@ mod tests {
     fn a_stream_that_ends_takes_its_reports_with_it() {
         let t = Instant::now();
         let mut view = FleetView::default();
-        view.apply("mac-a", AgentSaid::Changed(Box::new(serving("tiny", 0))), t);
+        view.apply("mac-a", AgentEvent::Changed(Box::new(serving("tiny", 0))), t);
         view.forget_node("mac-a");
         assert!(view.candidates(&ModelKey::new("ns", "tiny"), t, |_| 0, |_| false).is_empty());
         assert_eq!(view.newest_age(t), None);

@@ -88,7 +88,7 @@ pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: 
         return Outcome::Failed(Attempt::ConnectFailed);
     };
     if request.streaming {
-        fleet.stream_sent(lease, id);
+        lease.stream_sent(id);
     }
     let send = client.request(outgoing);
     tokio::pin!(send);
@@ -100,7 +100,7 @@ pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: 
                 return match answer {
                     Ok(response) => {
                         if request.streaming {
-                            fleet.stream_byte(lease, id);
+                            lease.stream_byte(id);
                             if response.status().is_success() {
                                 return first_data(fleet, lease, response, id).await;
                             }
@@ -110,7 +110,7 @@ pub async fn attempt(client: &AgentHttp, fleet: &Fleet, lease: &Lease, request: 
                     // Refused, reset or closed before any answer: nothing reached the client, and
                     // another Mac may take it.
                     Err(_) => {
-                        fleet.stream_ended(lease, id);
+                        lease.stream_ended(id);
                         Outcome::Failed(Attempt::ConnectFailed)
                     }
                 };
@@ -130,7 +130,7 @@ fn gave_up(fleet: &Fleet, lease: &Lease, id: u64) -> Option<Attempt> {
         ReplicaNow::NotReady => Attempt::WentNotReady,
         ReplicaNow::Stalled => Attempt::Stalled,
     };
-    fleet.stream_ended(lease, id);
+    lease.stream_ended(id);
     Some(failed)
 }
 
@@ -143,13 +143,13 @@ async fn first_data(fleet: &Fleet, lease: &Lease, mut response: Response<Incomin
             frame = response.body_mut().frame() => {
                 return match frame {
                     Some(Ok(frame)) => {
-                        fleet.stream_byte(lease, id);
+                        lease.stream_byte(id);
                         Outcome::Answered(Box::new(Answer { response, first: Some(frame) }))
                     }
                     // An answer with no body at all is passed on as it is.
                     None => Outcome::Answered(Box::new(Answer { response, first: None })),
                     Some(Err(_)) => {
-                        fleet.stream_ended(lease, id);
+                        lease.stream_ended(id);
                         Outcome::Failed(Attempt::ConnectFailed)
                     }
                 };
@@ -230,7 +230,7 @@ impl AnswerWatch {
                 Some(Ok(frame)) => {
                     self.last_byte = Instant::now();
                     if self.streaming {
-                        self.fleet.stream_byte(&self.lease, self.id);
+                        self.lease.stream_byte(self.id);
                     }
                     Some(Ok(frame))
                 }
@@ -266,7 +266,7 @@ impl AnswerWatch {
 impl Drop for AnswerWatch {
     fn drop(&mut self) {
         if self.streaming {
-            self.fleet.stream_ended(&self.lease, self.id);
+            self.lease.stream_ended(self.id);
         }
     }
 }

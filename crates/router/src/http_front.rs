@@ -5,7 +5,7 @@
 //! (every Mac at its limit) or 503 (none serving), each with a Retry-After in whole seconds.
 //! Beside it, the health port serves `/healthz`, `/readyz` and `/metrics`.
 
-use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -13,10 +13,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use metalkube_api::ModelKey;
+use metalkube_runtime::connections::{ConnectionLimits, Refusal as ConnectionRefusal};
+use metalkube_runtime::http_port::{Plain, PortSettings, RefusalReport, serve_router};
 use prometheus_client::registry::Registry;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -26,7 +25,7 @@ use crate::catalog::{Entry, by_host, resolve};
 use crate::failover::{Attempt, Next, next};
 use crate::fleet::{Fleet, Refusal};
 use crate::forward::{AgentHttp, Answer, Outcome, Outgoing, RouterBody, attempt, pass_on, whole};
-use crate::metrics::{RequestLabels, RouterMetrics};
+use crate::metrics::{RefusalReason, RequestLabels, RetryReason, RouterMetrics};
 use crate::models_list::models_list;
 
 /// What the serving port needs.
@@ -37,34 +36,60 @@ pub struct Front {
     pub max_body_bytes: usize,
 }
 
-/// Serves the OpenAI-compatible port on `listener` for as long as the router runs.
-pub async fn serve(front: Arc<Front>, listener: TcpListener) {
-    loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(accepted) => accepted,
-            Err(e) => {
-                // Out of descriptors or a connection reset before accept: the next one may work.
-                tracing::warn!("accepting a connection: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+/// How the router's ports treat connections.
+#[derive(Debug, Clone, Copy)]
+pub struct PortsSettings {
+    /// The client port: many clients, or one gateway holding many connections.
+    pub serving: PortSettings,
+    /// The health port: the kubelet and Prometheus.
+    pub health: PortSettings,
+}
+
+/// Serves the OpenAI-compatible port on `listener` until `shutdown` resolves: every connection
+/// takes a place at the port's gate (a client over its share gets a 503 and a close, never a
+/// held socket), has `header_timeout` for each request head, and heads are capped in size. On
+/// shutdown the port stops accepting, and each open connection finishes its request in flight,
+/// then closes.
+pub async fn serve(
+    front: Arc<Front>,
+    listener: TcpListener,
+    settings: PortSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let report = Arc::new(ConnectionRefusals(front.fleet.clone()));
+    let app = axum::Router::new().fallback(move |req: Request<axum::body::Body>| {
         let front = front.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req| {
-                let front = front.clone();
-                async move { Ok::<_, Infallible>(handle(front, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
+        async move { handle(front, req).await }
+    });
+    serve_router(listener, app, settings, Plain, report, shutdown).await;
+}
+
+/// What a client over a connection limit reads, and the count of such refusals.
+struct ConnectionRefusals(Arc<Fleet>);
+
+impl RefusalReport for ConnectionRefusals {
+    fn body(&self, refusal: ConnectionRefusal, limits: ConnectionLimits) -> String {
+        let message = match refusal {
+            ConnectionRefusal::PortFull => {
+                format!("the router holds its limit of {} connections (--max-connections); retry shortly", limits.max)
+            }
+            ConnectionRefusal::ClientFull => format!(
+                "this address holds its limit of {} connections to the router (--max-connections-per-client); close idle ones or retry shortly",
+                limits.max_per_client
+            ),
+        };
+        error_body("server_error", refusal.as_str(), &message, None).to_string()
+    }
+
+    fn refused(&self, refusal: ConnectionRefusal) {
+        RouterMetrics::count(&self.0.metrics().connection_refusals, refusal.as_str());
     }
 }
 
-async fn handle(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody> {
+async fn handle(front: Arc<Front>, req: Request<axum::body::Body>) -> Response<RouterBody> {
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/models") => {
-            let entries: Vec<(Entry, u64)> = front.fleet.catalog().into_iter().map(|e| (e, 0)).collect();
+            let entries: Vec<(Entry, u64)> = front.fleet.catalog().iter().map(|e| (e.clone(), 0)).collect();
             whole(StatusCode::OK, "application/json", models_list(&entries).to_string())
         }
         (&Method::POST, _) => route(front, req).await,
@@ -80,13 +105,13 @@ async fn handle(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBod
     }
 }
 
-async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody> {
+async fn route(front: Arc<Front>, req: Request<axum::body::Body>) -> Response<RouterBody> {
     let metrics = front.fleet.metrics();
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, front.max_body_bytes).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            RouterMetrics::count(&metrics.refusals, "bad_request");
+            RouterMetrics::count(&metrics.refusals, RefusalReason::BadRequest);
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -96,7 +121,7 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
             );
         }
         Err(e) => {
-            RouterMetrics::count(&metrics.refusals, "bad_request");
+            RouterMetrics::count(&metrics.refusals, RefusalReason::BadRequest);
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request_error",
@@ -114,7 +139,7 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
         Err((status, code, message)) => {
             RouterMetrics::count(
                 &metrics.refusals,
-                if status == StatusCode::NOT_FOUND { "unknown_model" } else { "bad_request" },
+                if status == StatusCode::NOT_FOUND { RefusalReason::UnknownModel } else { RefusalReason::BadRequest },
             );
             return error(status, "invalid_request_error", code, &message, Some("model"));
         }
@@ -126,7 +151,7 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
         parts.headers.get("x-api-key").map(HeaderValue::as_bytes),
     );
     if !front.fleet.keys_of(&model).accepts(presented) {
-        RouterMetrics::count(&metrics.refusals, "unauthorized");
+        RouterMetrics::count(&metrics.refusals, RefusalReason::Unauthorized);
         count_request(metrics, &model, "", 401);
         let message = format!(
             "{model} asks for an API key: send Authorization: Bearer <key> (or x-api-key) with one of its keys"
@@ -181,12 +206,12 @@ async fn route(front: Arc<Front>, req: Request<Incoming>) -> Response<RouterBody
     }
 }
 
-fn retry_reason(failed: Attempt) -> &'static str {
+fn retry_reason(failed: Attempt) -> RetryReason {
     match failed {
-        Attempt::ConnectFailed | Attempt::BrokeMidAnswer => "connect_failed",
-        Attempt::Refused { .. } | Attempt::Answered { .. } => "refused",
-        Attempt::WentNotReady => "went_not_ready",
-        Attempt::Stalled => "stalled",
+        Attempt::ConnectFailed | Attempt::BrokeMidAnswer => RetryReason::ConnectFailed,
+        Attempt::Refused { .. } | Attempt::Answered { .. } => RetryReason::Refused,
+        Attempt::WentNotReady => RetryReason::WentNotReady,
+        Attempt::Stalled => RetryReason::Stalled,
     }
 }
 
@@ -237,13 +262,13 @@ fn refused(metrics: &RouterMetrics, model: &ModelKey, refusal: Refusal) -> Respo
     count_request(metrics, model, "", refusal.status());
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let kind = if status == StatusCode::TOO_MANY_REQUESTS { "rate_limit_error" } else { "server_error" };
-    let mut response = error(status, kind, refusal.reason(), &refusal.message(model), None);
+    let mut response = error(status, kind, refusal.reason().as_str(), &refusal.message(model), None);
     set_retry_after(&mut response, refusal.retry_after().as_secs().max(1));
     response
 }
 
 fn replicas_failed(metrics: &RouterMetrics, model: &ModelKey, status: u16) -> Response<RouterBody> {
-    RouterMetrics::count(&metrics.refusals, "replicas_failed");
+    RouterMetrics::count(&metrics.refusals, RefusalReason::ReplicasFailed);
     count_request(metrics, model, "", status);
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let message = format!("the replicas of {model} tried for this request did not answer it; try again");
@@ -263,28 +288,31 @@ fn error(status: StatusCode, kind: &str, code: &str, message: &str, param: Optio
 }
 
 /// `/healthz` (the process answers), `/readyz` (it has fresh load figures from some agent, so it
-/// can route) and `/metrics`.
-pub async fn serve_health(fleet: Arc<Fleet>, registry: Arc<Registry>, listener: TcpListener) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
-        let fleet = fleet.clone();
-        let registry = registry.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |req: Request<Incoming>| {
-                let fleet = fleet.clone();
-                let registry = registry.clone();
-                async move { Ok::<_, Infallible>(health(&fleet, &registry, req.uri().path())) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-        });
-    }
+/// can route, and is not draining) and `/metrics`, until `shutdown` resolves.
+pub async fn serve_health(
+    fleet: Arc<Fleet>,
+    registry: Arc<Registry>,
+    listener: TcpListener,
+    settings: PortSettings,
+    shutdown: impl Future<Output = ()>,
+) {
+    let report = Arc::new(ConnectionRefusals(fleet.clone()));
+    let app = axum::Router::new().fallback(move |req: Request<axum::body::Body>| {
+        let (fleet, registry) = (fleet.clone(), registry.clone());
+        async move { health(&fleet, &registry, req.uri().path()) }
+    });
+    serve_router(listener, app, settings, Plain, report, shutdown).await;
 }
 
 fn health(fleet: &Fleet, registry: &Registry, path: &str) -> Response<RouterBody> {
     match path {
         "/healthz" => whole(StatusCode::OK, "text/plain", "ok\n"),
-        "/readyz" if fleet.has_fresh_data() => whole(StatusCode::OK, "text/plain", "ready\n"),
-        "/readyz" => whole(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "no agent has sent fresh load figures\n"),
+        "/readyz" if fleet.ready() => whole(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => whole(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: no agent has sent fresh load figures, or the router is stopping\n",
+        ),
         "/metrics" => {
             let mut text = String::new();
             match prometheus_client::encoding::text::encode(&mut text, registry) {

@@ -1,14 +1,16 @@
 //! The router's series, `metalkube_router_*`: requests by model, replica and status code, picks by
 //! reason, the fleet queue's depth and wait, retries by what failed, how old each Mac's load
 //! figures are, and how long a pick takes. Labels are bounded by the fleet: models and Macs the
-//! router was told of, and the fixed reason lists below (present at 0 from the start).
+//! router was told of, and the fixed reasons below (present at 0 from the start).
 
+use metalkube_runtime::connections::Refusal as ConnectionRefusal;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
+use strum::{EnumIter, IntoEnumIterator, IntoStaticStr};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
@@ -35,14 +37,43 @@ pub struct NodeLabels {
 
 /// Why a replica was picked: it had a free place among several, it was the only one with room,
 /// or the request waited in the fleet queue for it.
-pub const PICK_REASONS: [&str; 3] = ["free_place", "only_one_with_room", "after_wait"];
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr, EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum PickReason {
+    FreePlace,
+    OnlyOneWithRoom,
+    AfterWait,
+}
 
 /// What made the router try a request again on another Mac.
-pub const RETRY_REASONS: [&str; 4] = ["connect_failed", "refused", "went_not_ready", "stalled"];
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr, EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum RetryReason {
+    ConnectFailed,
+    Refused,
+    WentNotReady,
+    Stalled,
+}
 
-/// Why the router answered a request itself without any Mac's answer.
-pub const REFUSAL_REASONS: [&str; 7] =
-    ["queue_full", "deadline", "no_replica", "unknown_model", "bad_request", "unauthorized", "replicas_failed"];
+/// Why the router answered a request itself without any Mac's answer (also the `code` of its
+/// error body).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, IntoStaticStr, EnumIter)]
+#[strum(serialize_all = "snake_case")]
+pub enum RefusalReason {
+    QueueFull,
+    Deadline,
+    NoReplica,
+    UnknownModel,
+    BadRequest,
+    Unauthorized,
+    ReplicasFailed,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        self.into()
+    }
+}
 
 fn seconds_histogram() -> Histogram {
     Histogram::new([0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
@@ -57,6 +88,7 @@ pub struct RouterMetrics {
     pub picks: Family<ReasonLabels, Counter>,
     pub refusals: Family<ReasonLabels, Counter>,
     pub retries: Family<ReasonLabels, Counter>,
+    pub connection_refusals: Family<ReasonLabels, Counter>,
     pub queue_depth: Family<ModelLabels, Gauge>,
     pub queue_wait: Family<ModelLabels, Histogram, fn() -> Histogram>,
     pub data_age: Family<NodeLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -71,6 +103,7 @@ impl RouterMetrics {
             picks: Family::default(),
             refusals: Family::default(),
             retries: Family::default(),
+            connection_refusals: Family::default(),
             queue_depth: Family::default(),
             queue_wait: Family::new_with_constructor(seconds_histogram),
             data_age: Family::default(),
@@ -86,6 +119,11 @@ impl RouterMetrics {
         r.register("picks", "Replicas picked, by reason", m.picks.clone());
         r.register("refusals", "Requests the router answered itself, by reason", m.refusals.clone());
         r.register("retries", "Requests tried again on another Mac, by what failed", m.retries.clone());
+        r.register(
+            "connection_refusals",
+            "Connections refused at a port's limit (port_full) or a client address's share (client_full)",
+            m.connection_refusals.clone(),
+        );
         r.register("queue_depth", "Requests waiting in the fleet queue for a place on any Mac", m.queue_depth.clone());
         r.register_with_unit(
             "queue_wait",
@@ -95,7 +133,7 @@ impl RouterMetrics {
         );
         r.register_with_unit(
             "replica_data_age",
-            "Age of the newest load figures each Mac's agent sent (older than 1 s counts as saturated)",
+            "Age of the newest load figures each Mac's agent sent (older than 0.9 s counts as saturated)",
             Unit::Seconds,
             m.data_age.clone(),
         );
@@ -106,19 +144,19 @@ impl RouterMetrics {
             Unit::Seconds,
             m.pick_duration.clone(),
         );
-        for reason in PICK_REASONS {
-            let _ = m.picks.get_or_create(&ReasonLabels { reason: reason.into() });
-        }
-        for reason in RETRY_REASONS {
-            let _ = m.retries.get_or_create(&ReasonLabels { reason: reason.into() });
-        }
-        for reason in REFUSAL_REASONS {
-            let _ = m.refusals.get_or_create(&ReasonLabels { reason: reason.into() });
-        }
+        // Every reason is present at 0 from the start.
+        PickReason::iter().for_each(|r| Self::touch(&m.picks, r));
+        RetryReason::iter().for_each(|r| Self::touch(&m.retries, r));
+        RefusalReason::iter().for_each(|r| Self::touch(&m.refusals, r));
+        ConnectionRefusal::ALL.into_iter().for_each(|r| Self::touch(&m.connection_refusals, r.as_str()));
         m
     }
 
-    pub fn count(family: &Family<ReasonLabels, Counter>, reason: &str) {
-        family.get_or_create(&ReasonLabels { reason: reason.into() }).inc();
+    fn touch(family: &Family<ReasonLabels, Counter>, reason: impl Into<&'static str>) {
+        let _ = family.get_or_create(&ReasonLabels { reason: reason.into().to_owned() });
+    }
+
+    pub fn count(family: &Family<ReasonLabels, Counter>, reason: impl Into<&'static str>) {
+        family.get_or_create(&ReasonLabels { reason: reason.into().to_owned() }).inc();
     }
 }

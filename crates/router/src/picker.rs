@@ -9,9 +9,11 @@
 
 use std::time::Duration;
 
-/// How stale a replica's load may be before it counts as saturated: the agents push load at least
-/// every 100 ms while it changes, so a second of silence means the data cannot be trusted.
-pub const STALE_AFTER: Duration = Duration::from_secs(1);
+/// How stale a replica's load may be before it counts as saturated: agents send it every 100 ms
+/// while it moves and at least every 300 ms when it does not, so 900 ms of silence means the
+/// agent (or its host) has stopped, and a Mac that stops is out of the picker within a second
+/// of its last report, with 500 ms to spare for a busy host's late heartbeat.
+pub const STALE_AFTER: Duration = Duration::from_millis(900);
 
 /// One replica as the picker sees it when a request arrives.
 #[derive(Debug, Clone, PartialEq)]

@@ -85,9 +85,9 @@ impl StallWatch {
 
     /// The replica has stopped answering the router's requests.
     pub fn stalled(&self, now: Instant) -> bool {
-        let flowing: Vec<Instant> = self.requests.values().filter_map(|r| r.last_byte).collect();
+        let mut flowing = self.requests.values().filter_map(|r| r.last_byte).peekable();
         let silent_streams =
-            !flowing.is_empty() && flowing.iter().all(|b| now.saturating_duration_since(*b) >= STALL_AFTER);
+            flowing.peek().is_some() && flowing.all(|b| now.saturating_duration_since(b) >= STALL_AFTER);
         let first_byte_limit =
             self.usual_first_byte.map_or(STALL_AFTER, |u| u.mul_f64(FIRST_BYTE_FACTOR).max(STALL_AFTER));
         let overdue_first_byte = self.usual_first_byte.is_some()

@@ -8,7 +8,7 @@
 mod support;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue, Metadata};
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
@@ -151,13 +151,24 @@ async fn a_gateway_gets_a_destination_its_body_back_and_refusals_as_immediate_an
         .await
         .unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let status = health
-        .check(tonic_health::pb::HealthCheckRequest { service: "envoy.service.ext_proc.v3.ExternalProcessor".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .status;
-    assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32);
+    // The picker's health follows its figures, looked at a few times a second.
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: "envoy.service.ext_proc.v3.ExternalProcessor".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == serving {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the picker never reported SERVING with fresh figures: {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // A request in two chunks: nothing comes back before the body's end, then the route and the
     // body, whole, in streamed-body answers.

@@ -2,6 +2,8 @@
 //! four times slower gets a small share), a Mac whose engine stops is out of the picker within a
 //! second with no client error, a full fleet answers 429 with a Retry-After, and the model field
 //! picks the model. On the engine simulator (speeds set per Mac) and on the real llama-server.
+//! Its client port holds against a client that hoards connections, and a router told to stop
+//! finishes what it has before it exits.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -221,4 +223,109 @@ async fn a_client_without_a_valid_key_is_turned_away_before_it_takes_a_place() {
     assert!(metrics.contains("metalkube_router_refusals_total{reason=\"unauthorized\"} 2"), "{metrics}");
     let log = std::fs::read_to_string(dir.path().join("router.log")).unwrap_or_default();
     assert!(!log.contains("sk-old") && !log.contains("sk-guess"), "no key is logged");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopping_router_says_not_ready_at_once_and_finishes_every_request_it_has_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = metalkube_testkit::sim_engine();
+    let mac = Mac::start("mac-d", dir.path(), &engine, "24600-24609", "24610-24619");
+    mac.ensure(&sim_model(dir.path(), "d", 2500), 4).await;
+    mac.wait_ready().await;
+    let mut router = Router::start(dir.path(), &[&mac], &["--drain-delay", "1s", "--drain-timeout", "20s"]);
+    router.wait_serving(1).await;
+    assert_eq!(router.readyz().await, 200);
+
+    let in_flight: Vec<_> = (0..2)
+        .map(|i| {
+            let port = router.port;
+            tokio::spawn(async move {
+                let body = json!({"model": "tiny", "prompt": "hi", "max_tokens": 8, "stream": i == 0});
+                let url = format!("http://127.0.0.1:{port}/v1/completions");
+                let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.text().await.unwrap(), Instant::now())
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stop = Instant::now();
+    metalkube_testkit::processes::signal(router.pid(), nix::sys::signal::Signal::SIGTERM);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(router.readyz().await, 503, "not ready as soon as it is told to stop");
+    // Within the drain delay a client that had not heard yet is still served.
+    let late = router.ask(2, false).await;
+    assert_eq!(late.0, 200, "a request in the drain delay is served: {late:?}");
+    let mut ended = Vec::new();
+    for task in in_flight {
+        let (status, body, at) = task.await.unwrap();
+        assert_eq!(status, 200, "{body}");
+        ended.push(at);
+        assert!(body.contains(r#""finish_reason":"length""#), "the answer ran to its end: {body}");
+    }
+    let status = router.exited_within(Duration::from_secs(30)).expect("the router exits once its requests are done");
+    let exited = Instant::now();
+    assert!(status.success(), "{status}");
+    let last = ended.iter().max().copied().unwrap();
+    println!(
+        "stop at 0 s; last answer ended {:.2} s, router gone by {:.2} s",
+        last.duration_since(stop).as_secs_f64(),
+        exited.duration_since(stop).as_secs_f64()
+    );
+    assert!(exited >= last, "the router outlived its last answer");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_hoards_connections_loses_only_its_own_share_and_idle_ones_are_closed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    // No Mac is needed to list models or to refuse a connection: the router follows one that
+    // is not there.
+    let router = Router::start(
+        dir.path(),
+        &[],
+        &["--agent", "mac-x=http://127.0.0.1:9", "--max-connections-per-client", "4", "--header-timeout", "2s"],
+    );
+    let address = format!("127.0.0.1:{}", router.port);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(&address).await.is_err() {
+        assert!(Instant::now() < deadline, "the router never listened");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Four connections that never send a request head (a slowloris), all from 127.0.0.1.
+    let mut hoard = Vec::new();
+    for _ in 0..4 {
+        hoard.push(tokio::net::TcpStream::connect(&address).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut fifth = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let mut answer = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), fifth.read_to_string(&mut answer)).await;
+    assert!(answer.starts_with("HTTP/1.1 503"), "over its share: {answer}");
+    assert!(answer.contains("client_full") && answer.contains("--max-connections-per-client"), "{answer}");
+
+    // Another client is served all along.
+    let other = tokio::net::TcpSocket::new_v4().unwrap();
+    other.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut other = other.connect(address.parse().unwrap()).await.unwrap();
+    other.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut listed = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), other.read_to_string(&mut listed)).await;
+    assert!(listed.starts_with("HTTP/1.1 200"), "another address is served: {listed}");
+
+    // The hoarded connections get the header timeout, then are closed: their places come back.
+    for mut idle in hoard {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(6), idle.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "an idle connection is closed after the header timeout");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut again = tokio::net::TcpStream::connect(&address).await.unwrap();
+    again.write_all(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+    let mut listed = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), again.read_to_string(&mut listed)).await;
+    assert!(listed.starts_with("HTTP/1.1 200"), "its places are back: {listed}");
+    let metrics = router.metrics().await;
+    assert!(metrics.contains("metalkube_router_connection_refusals_total{reason=\"client_full\"} 1"), "{metrics}");
 }

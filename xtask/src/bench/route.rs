@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
 
-use super::route_report::{self, Load, Mac as MacFigures, Report, Run, Strategy};
+use super::route_report::{self, FAILOVER_LOAD, Load, Mac as MacFigures, Report, Run, Strategy};
 use super::{Guard, free_port, http, machine};
 use crate::{cargo, root, run, target_dir};
 
@@ -26,6 +26,8 @@ const BASE_TOKEN_US: u64 = 4_000;
 const BASE_PROMPT_WORD_US: u64 = 200;
 /// Engine slots per Mac; the agent admits one fewer (the pulse keeps its own), so 4 clients.
 const SLOTS: u32 = 5;
+/// The niceness the simulated Macs run at (see `start_mac`).
+const MAC_NICENESS: &str = "10";
 /// How long a request may wait for a place: the agents' queueTimeout and the router's
 /// --queue-timeout alike, the deadline of the overload row.
 const QUEUE_TIMEOUT_S: u32 = 5;
@@ -142,7 +144,12 @@ fn start_mac(b: &mut Bench, spec_mac: &MacSpec, index: usize, tiny: &Path) -> an
     std::fs::write(desired.join("default_tiny.json"), serde_json::to_vec_pretty(&record)?)?;
     let engine_ports = format!("{}-{}", 23100 + index * 10, 23109 + index * 10);
     let log = std::fs::File::create(home.join("agent.log"))?;
-    let mut cmd = Command::new(&b.agent);
+    // The Macs (each agent, and the engine it starts) run at a lower CPU priority than the router
+    // and the load generator: in a cluster they are other machines, while here they share two
+    // cores with the router, and a router kept waiting by the Macs' engines would measure this
+    // machine, not the router. Every strategy's requests go through the same Macs.
+    let mut cmd = Command::new("nice");
+    cmd.args(["-n", MAC_NICENESS]).arg(&b.agent);
     cmd.arg("serve")
         .arg("--insecure")
         .args(["--grpc-listen", &format!("127.0.0.1:{grpc}"), "--listen", &format!("127.0.0.1:{api}")])
@@ -156,7 +163,7 @@ fn start_mac(b: &mut Bench, spec_mac: &MacSpec, index: usize, tiny: &Path) -> an
         .stdout(log.try_clone()?)
         .stderr(log);
     b.note(format!(
-        "{} serve --insecure --grpc-listen 127.0.0.1:<grpc> --listen 127.0.0.1:<http> --engine <{}> --state-dir <dir with desired/default_tiny.json> --engine-ports <range> --serving-ports <port>-<port> --memory-budget-bytes 8589934592",
+        "nice -n {MAC_NICENESS} {} serve --insecure --grpc-listen 127.0.0.1:<grpc> --listen 127.0.0.1:<http> --engine <{}> --state-dir <dir with desired/default_tiny.json> --engine-ports <range> --serving-ports <port>-<port> --memory-budget-bytes 8589934592",
         b.agent.display(),
         if spec_mac.speed.is_some() { "metalkube-engine-sim" } else { "llama-server" }
     ));
@@ -415,8 +422,12 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         _ => direct.clone(),
     };
     let loads: &[f64] = if opts.quick { &[0.8] } else { &[0.5, 0.8, 0.95] };
-    // The Mac stopped in the failover row: the full-speed simulator, which carries the most.
+    // The Mac stopped in the failover row: the full-speed simulator, which carries the most. The
+    // row's load is 80% of what the fleet carries without it, so that what it measures is how
+    // the work moves off the stopped Mac, not a fleet left short of capacity (which queues under
+    // any strategy).
     let stopped = 0usize;
+    let failover_rate = FAILOVER_LOAD * report.capacity_without(stopped);
     for round in 0..opts.rounds {
         for (li, fraction) in loads.iter().enumerate() {
             let seed = 1000 * u64::from(round) + li as u64;
@@ -434,7 +445,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         for s in &strategies {
             wait_serving(&macs, Duration::from_secs(120))?;
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 5000 + u64::from(round));
-            plan.rate = Some(capacity * 0.8);
+            plan.rate = Some(failover_rate);
             plan.deadline_s = 10.0;
             plan.stop = Some((seconds / 3.0, macs[stopped].pids(), macs[stopped].serving));
             let r = load(&mut b, &plan, &format!("r{}-failover-{}", round + 1, s.slug()))?;

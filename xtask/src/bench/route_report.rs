@@ -344,6 +344,8 @@ pub struct Report {
 
 /// The queue deadline of the overload row, in ms (agents' queueTimeout, router's --queue-timeout).
 const DEADLINE_MS: f64 = 5000.0;
+/// The failover row's load, as a share of what the fleet without the stopped Mac carries.
+pub const FAILOVER_LOAD: f64 = 0.8;
 
 /// A goal, its figures, whether it is a count CI enforces.
 struct Verdict {
@@ -370,7 +372,7 @@ impl Report {
     }
 
     /// The fleet's measured capacity without the Mac of this index.
-    fn capacity_without(&self, stopped: usize) -> f64 {
+    pub fn capacity_without(&self, stopped: usize) -> f64 {
         self.macs.iter().enumerate().filter(|(i, _)| *i != stopped).map(|(_, m)| m.capacity).sum()
     }
 
@@ -499,8 +501,10 @@ impl Report {
             ];
             out.push(self.table(
                 format!(
-                    "failover: {name} (agent and engine) SIGSTOPped under 80% load, resumed after the window, client deadline 10 s; the others = not sent to it (router: all); caught = in flight on it without a first byte, or sent to it in the second after (router: due before 1 s after the stop, first byte only after that); a stream the router ends with an error event is lost; the fleet without it has {:.0}% of the load's capacity; median [min–max] of {} rounds",
-                    self.capacity_without(stopped) / (0.8 * self.capacity) * 100.0,
+                    "failover: {name} (agent and engine) SIGSTOPped a third of the way in, resumed after the window, client deadline 10 s; load {:.1} requests/s, {:.0}% of what the fleet carries without it ({:.0}% of the whole fleet's capacity); the others = not sent to it (router: all); caught = in flight on it without a first byte, or sent to it in the second after (router: due before 1 s after the stop, first byte only after that); a stream the router ends with an error event is lost; median [min–max] of {} rounds",
+                    FAILOVER_LOAD * self.capacity_without(stopped),
+                    FAILOVER_LOAD * 100.0,
+                    FAILOVER_LOAD * self.capacity_without(stopped) / self.capacity * 100.0,
                     self.rounds
                 ),
                 load,

@@ -127,9 +127,10 @@ fn replica_report(view: &ModelView, record: Option<&Record>) -> ReplicaReport {
 /// How often a Watch stream that asked for load looks at it: a router learns of a queue within
 /// this, and its own claims cover the gap.
 const LOAD_EVERY: Duration = Duration::from_millis(100);
-/// A model's load is sent at least this often to a stream that asked for it, moving or not: a
-/// router counts load older than a second as saturated.
-const LOAD_HEARTBEAT: Duration = Duration::from_millis(500);
+/// A model's load is sent at least this often to a stream that asked for it, moving or not (it is
+/// looked at every LOAD_EVERY, so the gap is at most 400 ms): a router counts load older than
+/// 900 ms as saturated.
+const LOAD_HEARTBEAT: Duration = Duration::from_millis(300);
 
 /// The figures of a model's serving load a router picks by.
 #[derive(Debug, Clone, Copy, PartialEq)]

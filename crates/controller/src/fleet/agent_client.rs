@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::Retryable;
-use metalkube_api::{AgentInfo, ModelKey, ReplicaReport};
+use metalkube_api::{AgentInfo, ModelKey};
 use metalkube_circuit::CircuitBreaker;
 use metalkube_proto as pb;
 use pb::agent_client::AgentClient as GrpcClient;
@@ -245,64 +245,17 @@ impl AgentEvents {
     }
 }
 
-/// A Watch event in the api crate's terms; None when nothing in it can be read.
+/// A Watch event in the api crate's terms; None when nothing in it can be read (what cannot be is
+/// logged).
 fn read_event(message: pb::WatchEvent) -> Option<AgentEvent> {
-    let unreadable = |e: pb::WireError| tracing::warn!("the agent sent a report that cannot be read: {e}");
-    match message.event? {
-        pb::watch_event::Event::Snapshot(snapshot) => Some(AgentEvent::Snapshot(
-            snapshot.models.into_iter().filter_map(|s| ReplicaReport::try_from(s).map_err(unreadable).ok()).collect(),
-        )),
-        pb::watch_event::Event::Changed(state) => {
-            ReplicaReport::try_from(state).map(|r| AgentEvent::Changed(Box::new(r))).map_err(unreadable).ok()
-        }
-        pb::watch_event::Event::Removed(model) => {
-            ModelKey::try_from(model).map(AgentEvent::Removed).map_err(unreadable).ok()
-        }
+    let read = pb::ReadEvent::from(message);
+    for e in &read.unreadable {
+        tracing::warn!("the agent sent a report that cannot be read: {e}");
     }
+    read.event
 }
 
 enum Attempt {
     Refused(ControllerError),
     Failed(Status),
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use metalkube_api::Phase;
-
-    fn event(e: pb::watch_event::Event) -> pb::WatchEvent {
-        pb::WatchEvent { event: Some(e) }
-    }
-
-    fn state(namespace: &str, name: &str) -> pb::ModelState {
-        let mut s = pb::ModelState {
-            model: Some(pb::ModelRef { namespace: namespace.into(), name: name.into() }),
-            ..Default::default()
-        };
-        s.set_model_phase(Phase::Serving);
-        s
-    }
-
-    #[test]
-    fn watch_events_are_read_and_what_cannot_be_is_left_out() {
-        let key = ModelKey::new("ns", "a");
-        let serving = ReplicaReport { phase: Some(Phase::Serving), ..ReplicaReport::new(key.clone()) };
-        let snapshot =
-            pb::Snapshot { models: vec![state("ns", "a"), state("", "nameless"), pb::ModelState::default()] };
-        assert_eq!(
-            read_event(event(pb::watch_event::Event::Snapshot(snapshot))),
-            Some(AgentEvent::Snapshot(vec![serving.clone()])),
-            "the readable reports of a snapshot stand"
-        );
-        assert_eq!(
-            read_event(event(pb::watch_event::Event::Changed(state("ns", "a")))),
-            Some(AgentEvent::Changed(Box::new(serving)))
-        );
-        assert_eq!(read_event(event(pb::watch_event::Event::Changed(state("ns/x", "a")))), None);
-        let removed = pb::ModelRef { namespace: "ns".into(), name: "a".into() };
-        assert_eq!(read_event(event(pb::watch_event::Event::Removed(removed))), Some(AgentEvent::Removed(key)));
-        assert_eq!(read_event(pb::WatchEvent { event: None }), None, "an empty event changes nothing");
-    }
 }

@@ -8,16 +8,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use metalkube_api::{AgentInfo, ModelKey, ReplicaReport};
 
-/// One event of an agent's Watch stream, read.
-#[derive(Debug, Clone, PartialEq)]
-pub enum AgentEvent {
-    /// Everything the agent holds: the first event of every stream.
-    Snapshot(Vec<ReplicaReport>),
-    /// One model's report changed (boxed: a report is large beside a removal).
-    Changed(Box<ReplicaReport>),
-    /// The agent no longer holds the model.
-    Removed(ModelKey),
-}
+pub use metalkube_api::AgentEvent;
 
 /// What the controller knows of one agent.
 #[derive(Debug, Clone, Default)]

@@ -116,42 +116,19 @@ pub fn router_slice_name(model: &str, port: u16, address_type: &str) -> String {
 /// lists them), under the port name the model's Service uses.
 pub fn router_endpoint_slices(model: &MetalModel, pods: &[RouterEndpoint]) -> Vec<EndpointSlice> {
     let name = model.metadata.name.clone().unwrap_or_default();
-    let mut groups: BTreeMap<(u16, &str), Vec<&RouterEndpoint>> = BTreeMap::new();
+    let mut groups: BTreeMap<(u16, &str), Vec<Endpoint>> = BTreeMap::new();
     for p in pods {
-        groups.entry((p.port, p.address_type.as_str())).or_default().push(p);
+        let endpoint = Endpoint {
+            target_ref: p.target_ref.clone(),
+            node_name: p.node_name.clone(),
+            zone: p.zone.clone(),
+            ..endpoint(&p.address, p.ready, p.serving, p.terminating)
+        };
+        groups.entry((p.port, p.address_type.as_str())).or_default().push(endpoint);
     }
     groups
         .into_iter()
-        .map(|((port, kind), members)| {
-            let mut endpoints: Vec<Endpoint> = members
-                .iter()
-                .map(|p| Endpoint {
-                    addresses: vec![p.address.clone()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(p.ready && !p.terminating),
-                        serving: Some(p.serving),
-                        terminating: Some(p.terminating),
-                    }),
-                    target_ref: p.target_ref.clone(),
-                    node_name: p.node_name.clone(),
-                    zone: p.zone.clone(),
-                    ..Endpoint::default()
-                })
-                .collect();
-            endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
-            EndpointSlice {
-                metadata: ObjectMeta {
-                    name: Some(router_slice_name(&name, port, kind)),
-                    namespace: model.metadata.namespace.clone(),
-                    labels: Some(slice_labels(model)),
-                    owner_references: owner(model).map(|o| vec![o]),
-                    ..ObjectMeta::default()
-                },
-                address_type: kind.to_owned(),
-                endpoints: Some(endpoints),
-                ports: Some(vec![http_port(PORT_NAME, port)]),
-            }
-        })
+        .map(|((port, kind), endpoints)| slice(model, router_slice_name(&name, port, kind), kind, port, endpoints))
         .collect()
 }
 
@@ -159,49 +136,55 @@ pub fn router_endpoint_slices(model: &MetalModel, pods: &[RouterEndpoint]) -> Ve
 /// and replicas on different Macs may serve on different ports.
 pub fn endpoint_slices(model: &MetalModel, replicas: &[EndpointReplica]) -> Vec<EndpointSlice> {
     let name = model.metadata.name.clone().unwrap_or_default();
-    let mut groups: BTreeMap<(u16, &'static str), Vec<&EndpointReplica>> = BTreeMap::new();
+    let mut groups: BTreeMap<(u16, &'static str), Vec<Endpoint>> = BTreeMap::new();
     for r in replicas {
-        groups.entry((r.port, address_type(&r.address))).or_default().push(r);
+        let endpoint = Endpoint {
+            // nodeName must name a Kubernetes Node; a Mac is a MetalNode, named here.
+            target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
+                api_version: Some("metalkube.dev/v1alpha1".to_owned()),
+                kind: Some("MetalNode".to_owned()),
+                name: Some(r.node.clone()),
+                ..Default::default()
+            }),
+            ..endpoint(&r.address, r.ready, r.serving, r.terminating)
+        };
+        groups.entry((r.port, address_type(&r.address))).or_default().push(endpoint);
     }
     groups
         .into_iter()
-        .map(|((port, kind), members)| {
-            let labels = slice_labels(model);
-            let mut endpoints: Vec<Endpoint> = members
-                .iter()
-                .map(|r| Endpoint {
-                    addresses: vec![r.address.clone()],
-                    conditions: Some(EndpointConditions {
-                        ready: Some(r.ready && !r.terminating),
-                        serving: Some(r.serving),
-                        terminating: Some(r.terminating),
-                    }),
-                    hostname: None,
-                    // nodeName must name a Kubernetes Node; a Mac is a MetalNode, named here.
-                    target_ref: Some(k8s_openapi::api::core::v1::ObjectReference {
-                        api_version: Some("metalkube.dev/v1alpha1".to_owned()),
-                        kind: Some("MetalNode".to_owned()),
-                        name: Some(r.node.clone()),
-                        ..Default::default()
-                    }),
-                    ..Endpoint::default()
-                })
-                .collect();
-            endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
-            EndpointSlice {
-                metadata: ObjectMeta {
-                    name: Some(slice_name(&name, port, kind)),
-                    namespace: model.metadata.namespace.clone(),
-                    labels: Some(labels),
-                    owner_references: owner(model).map(|o| vec![o]),
-                    ..ObjectMeta::default()
-                },
-                address_type: kind.to_owned(),
-                endpoints: Some(endpoints),
-                ports: Some(vec![http_port(PORT_NAME, port)]),
-            }
-        })
+        .map(|((port, kind), endpoints)| slice(model, slice_name(&name, port, kind), kind, port, endpoints))
         .collect()
+}
+
+/// One endpoint with its conditions: a terminating endpoint is never ready.
+fn endpoint(address: &str, ready: bool, serving: bool, terminating: bool) -> Endpoint {
+    Endpoint {
+        addresses: vec![address.to_owned()],
+        conditions: Some(EndpointConditions {
+            ready: Some(ready && !terminating),
+            serving: Some(serving),
+            terminating: Some(terminating),
+        }),
+        ..Endpoint::default()
+    }
+}
+
+/// One slice of `model`'s Service: its endpoints in address order (so an unchanged set writes
+/// nothing), one port.
+fn slice(model: &MetalModel, name: String, kind: &str, port: u16, mut endpoints: Vec<Endpoint>) -> EndpointSlice {
+    endpoints.sort_by(|a, b| a.addresses.cmp(&b.addresses));
+    EndpointSlice {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: model.metadata.namespace.clone(),
+            labels: Some(slice_labels(model)),
+            owner_references: owner(model).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        address_type: kind.to_owned(),
+        endpoints: Some(endpoints),
+        ports: Some(vec![http_port(PORT_NAME, port)]),
+    }
 }
 
 #[cfg(test)]

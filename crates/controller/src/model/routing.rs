@@ -12,6 +12,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::ObjectRef;
 use metalkube_api::{MetalModel, ModelKey, RoutingMode};
 
+use crate::ControllerError;
 use crate::model::condition_names::reasons;
 
 /// The router's Service, whose EndpointSlices (label `kubernetes.io/service-name=<name>`, written
@@ -24,12 +25,12 @@ pub struct RouterService {
 
 impl RouterService {
     /// Reads `NAMESPACE/NAME` (the `--router-service` flag).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (namespace, name) =
-            text.split_once('/').ok_or_else(|| format!("{text:?} has no '/'; write NAMESPACE/NAME"))?;
+    pub fn parse(text: &str) -> Result<Self, ControllerError> {
+        let bad = |problem: String| ControllerError::RouterServiceFlag { given: text.to_owned(), problem };
+        let (namespace, name) = text.split_once('/').ok_or_else(|| bad("has no '/'; write NAMESPACE/NAME".into()))?;
         for (part, what) in [(namespace, "namespace"), (name, "name")] {
             if let Some(problem) = metalkube_api::dns_label_problem(part) {
-                return Err(format!("{text:?}: the {what} {problem} ({})", metalkube_api::DNS_LABEL_ALLOWED));
+                return Err(bad(format!("the {what} {problem} ({})", metalkube_api::DNS_LABEL_ALLOWED)));
             }
         }
         Ok(Self { namespace: namespace.to_owned(), name: name.to_owned() })

@@ -232,6 +232,32 @@ impl Router {
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self._proc.0.id()
+    }
+
+    /// The router's exit status, once it has exited within `within`.
+    pub fn exited_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Ok(Some(status)) = self._proc.0.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The status `/readyz` answers (0: no answer).
+    pub async fn readyz(&self) -> u16 {
+        match reqwest::get(format!("http://127.0.0.1:{}/readyz", self.health_port)).await {
+            Ok(r) => r.status().as_u16(),
+            Err(_) => 0,
+        }
+    }
+
     pub async fn metrics(&self) -> String {
         match reqwest::get(format!("http://127.0.0.1:{}/metrics", self.health_port)).await {
             Ok(r) => r.text().await.unwrap_or_default(),
