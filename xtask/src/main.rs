@@ -61,8 +61,9 @@ enum Task {
         /// limited proxy) with `perf record`; data and reports go to this directory.
         #[arg(long)]
         perf: Option<PathBuf>,
-        /// `proxy`: only this upstream (`sim` or `llama`).
-        #[arg(long, value_parser = ["sim", "llama"])]
+        /// `proxy`: only this upstream (`sim` or `llama`); `route`: only this row (`steady`,
+        /// `failover`, `overload` or `latency`).
+        #[arg(long, value_parser = ["sim", "llama", "steady", "failover", "overload", "latency"])]
         only: Option<String>,
         /// `stream`: streams held at once.
         #[arg(long, default_value_t = 1000)]
@@ -138,7 +139,12 @@ fn main() -> anyhow::Result<()> {
             };
             if what == "route" {
                 let seconds = seconds.unwrap_or(if quick { 5 } else { 15 });
-                return bench::route(&bench::RouteOptions { quick, rounds: rounds.max(1), seconds: seconds.max(1) });
+                return bench::route(&bench::RouteOptions {
+                    quick,
+                    rounds: rounds.max(1),
+                    seconds: seconds.max(1),
+                    only,
+                });
             }
             let opts = bench::Options {
                 seconds: seconds.unwrap_or(5),
@@ -298,7 +304,7 @@ fn test() -> anyhow::Result<()> {
     bench::vitals(&bench::Options { quick: true, rounds: 1, poll_seconds: 30, ..bench::Options::default() })?;
     // The routing bench in its quick form: a fleet of real agents under every spreading
     // strategy; it fails on lost requests, never on times.
-    bench::route(&bench::RouteOptions { quick: true, rounds: 1, seconds: 5 })?;
+    bench::route(&bench::RouteOptions { quick: true, rounds: 1, seconds: 5, only: None })?;
     // The hostile-client suite in its quick form: no client may restart the engine or keep
     // another client from being served.
     abuse::abuse(&abuse::Options { quick: true, agent: None, agent_nofile: 512, only: None })

@@ -4,7 +4,9 @@
 //! until the pulse turns red, several seconds later. The router does not wait for that: a replica
 //! whose streams, already flowing, all went silent for `STALL_AFTER` is out of the picker until a
 //! byte arrives again. A request still waiting for its first byte is not enough on its own (a long
-//! prompt may take seconds), unless it has waited far longer than that replica usually takes.
+//! prompt may take seconds, and a busy Mac queues), unless it has waited far longer than that
+//! replica usually takes and no answer of the router's there has had a byte for `STALL_AFTER`:
+//! a Mac still sending tokens to someone is busy, not stopped.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -36,6 +38,8 @@ pub struct StallWatch {
     usual_first_byte: Option<Duration>,
     /// Since when the replica has been out for stalling.
     out_since: Option<Instant>,
+    /// The last byte of any of the router's answers there, ended ones included.
+    last_byte_any: Option<Instant>,
 }
 
 impl StallWatch {
@@ -54,6 +58,7 @@ impl StallWatch {
             });
         }
         r.last_byte = Some(now);
+        self.last_byte_any = Some(now);
         self.out_since = None;
     }
 
@@ -90,7 +95,9 @@ impl StallWatch {
             flowing.peek().is_some() && flowing.all(|b| now.saturating_duration_since(b) >= STALL_AFTER);
         let first_byte_limit =
             self.usual_first_byte.map_or(STALL_AFTER, |u| u.mul_f64(FIRST_BYTE_FACTOR).max(STALL_AFTER));
+        let silent_replica = self.last_byte_any.is_none_or(|b| now.saturating_duration_since(b) >= STALL_AFTER);
         let overdue_first_byte = self.usual_first_byte.is_some()
+            && silent_replica
             && self
                 .requests
                 .values()
@@ -134,6 +141,25 @@ mod tests {
         w.sent(2, t + ms(1_000));
         assert!(!w.stalled(t + ms(2_900)), "within 4x the usual 500 ms");
         assert!(w.stalled(t + ms(3_000)), "2 s without a first byte where 0.5 s is usual");
+    }
+
+    #[test]
+    fn a_late_first_byte_on_a_mac_still_sending_tokens_is_a_busy_mac_not_a_stalled_one() {
+        let t = Instant::now();
+        let mut w = StallWatch::default();
+        w.sent(1, t);
+        w.byte(1, t + ms(100));
+        w.ended(1);
+        // A long answer flows while a new request waits behind it for its first byte.
+        w.sent(2, t + ms(200));
+        w.byte(2, t + ms(300));
+        w.sent(3, t + ms(300));
+        for tick in 1..=30 {
+            w.byte(2, t + ms(300 + tick * 100));
+            assert!(!w.out(t + ms(350 + tick * 100)), "tokens still come: busy, not stalled (at {tick})");
+        }
+        // Then everything goes quiet: the waiting request is overdue and the Mac silent.
+        assert!(w.out(t + ms(3_300) + STALL_AFTER), "silent and overdue: stalled");
     }
 
     #[test]

@@ -331,6 +331,15 @@ pub struct RouteOptions {
     pub rounds: u32,
     /// Seconds per measured window.
     pub seconds: u32,
+    /// Only this row (`steady`, `failover`, `overload`, `latency`), to check one change to the
+    /// router quickly; its report is written apart (`route-<row>`).
+    pub only: Option<String>,
+}
+
+impl RouteOptions {
+    fn runs(&self, row: &str) -> bool {
+        self.only.as_deref().is_none_or(|only| only == row)
+    }
 }
 
 pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
@@ -421,7 +430,11 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         (Some(r), Strategy::Router) => vec![format!("http://127.0.0.1:{}", r.port)],
         _ => direct.clone(),
     };
-    let loads: &[f64] = if opts.quick { &[0.8] } else { &[0.5, 0.8, 0.95] };
+    let loads: &[f64] = match (opts.runs("steady"), opts.quick) {
+        (false, _) => &[],
+        (true, true) => &[0.8],
+        (true, false) => &[0.5, 0.8, 0.95],
+    };
     // The Mac stopped in the failover row: the full-speed simulator, which carries the most. The
     // row's load is 80% of what the fleet carries without it, so that what it measures is how
     // the work moves off the stopped Mac, not a fleet left short of capacity (which queues under
@@ -442,7 +455,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             }
         }
         // Failover: the whole Mac (agent and engine) stopped a third of the way in.
-        for s in &strategies {
+        for s in strategies.iter().filter(|_| opts.runs("failover")) {
             wait_serving(&macs, Duration::from_secs(120))?;
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 5000 + u64::from(round));
             plan.rate = Some(failover_rate);
@@ -453,7 +466,7 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
             report.runs.push((Load::Failover { stopped }, round, *s, r));
         }
         // Overload: twice what the fleet completes; the agents' queues (and the router's) refuse.
-        for s in &strategies {
+        for s in strategies.iter().filter(|_| opts.runs("overload")) {
             wait_serving(&macs, Duration::from_secs(120))?;
             let mut plan = Plan::mixed(*s, targets(*s), seconds, 7000 + u64::from(round));
             plan.rate = Some(capacity * 2.0);
@@ -466,14 +479,14 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
     for (figures, m) in report.macs.iter_mut().zip(&macs) {
         figures.per_token_ms = agent_decode_ms(m.api);
     }
-    if router.is_some() {
+    if router.is_some() && opts.runs("latency") {
         added_latency(&mut b, &mut report, opts, &installed.tiny_model)?;
     }
     report.commands = b.commands.clone();
     let text = report.render();
     println!("{text}");
     let out = target_dir().join("bench/route");
-    report.write(&out, &text)?;
+    report.write(&out, &text, opts.only.as_deref())?;
     eprintln!("wrote {} ({:.0} s)", out.display(), started.elapsed().as_secs_f64());
     drop(b);
     route_report::check_counts(&report)

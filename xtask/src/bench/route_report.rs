@@ -763,9 +763,14 @@ impl Report {
     }
 
     /// `route.{md,json}` (`route-quick.*` for `--quick`) under `dir`.
-    pub fn write(&self, dir: &Path, text: &str) -> anyhow::Result<()> {
+    pub fn write(&self, dir: &Path, text: &str, only: Option<&str>) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
-        let name = if self.quick { "route-quick" } else { "route" };
+        let name = match (only, self.quick) {
+            (Some(row), true) => format!("route-quick-{row}"),
+            (Some(row), false) => format!("route-{row}"),
+            (None, true) => "route-quick".to_owned(),
+            (None, false) => "route".to_owned(),
+        };
         let mut md = format!(
             "### `cargo xtask bench route{}`\n\n```\n{}```\n",
             if self.quick { " --quick" } else { "" },
