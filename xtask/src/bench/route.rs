@@ -4,8 +4,9 @@
 //! connection with keep-alive, per-request round-robin, least-in-flight, and metalkube-router.
 //! Rounds interleave the strategies (every strategy at every load, then the next round), so a
 //! round's figures saw the same moment of a shared machine; cells are median [min–max].
-//! Rows: 50%, 80% and 95% of the fleet's measured capacity; a Mac SIGSTOPped under 80% load
-//! (failover); 2x the capacity (overload); the router's added latency at 500 requests/s.
+//! Rows: 50%, 80% and 95% of the fleet's measured capacity; a Mac SIGSTOPped under a load the
+//! others carry (failover); 2x the capacity (overload); the router's added latency at 500
+//! requests/s.
 //! The load is `metalkube-routeload` (testkit); this module starts the fleet and reads records.
 
 use std::path::{Path, PathBuf};
@@ -436,9 +437,9 @@ pub fn route(opts: &RouteOptions) -> anyhow::Result<()> {
         (true, false) => &[0.5, 0.8, 0.95],
     };
     // The Mac stopped in the failover row: the full-speed simulator, which carries the most. The
-    // row's load is 80% of what the fleet carries without it, so that what it measures is how
-    // the work moves off the stopped Mac, not a fleet left short of capacity (which queues under
-    // any strategy).
+    // row's load is one the fleet carries without it (`FAILOVER_LOAD`), so that what it measures
+    // is how the work moves off the stopped Mac, not a fleet left short of capacity (which queues
+    // under any strategy).
     let stopped = 0usize;
     let failover_rate = FAILOVER_LOAD * report.capacity_without(stopped);
     for round in 0..opts.rounds {

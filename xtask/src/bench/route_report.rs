@@ -344,8 +344,13 @@ pub struct Report {
 
 /// The queue deadline of the overload row, in ms (agents' queueTimeout, router's --queue-timeout).
 const DEADLINE_MS: f64 = 5000.0;
-/// The failover row's load, as a share of what the fleet without the stopped Mac carries.
-pub const FAILOVER_LOAD: f64 = 0.8;
+/// The failover row's load, as a share of what the fleet without the stopped Mac carries by the
+/// capacity measurement. That measurement (each Mac saturated by closed-loop clients) overstates
+/// what the three survivors carry together under open-loop arrivals of the mix: measured, about
+/// 21.5 completions/s of a summed 31.3. At 80% of the sum the survivors were over capacity and
+/// every strategy's queue grew, which measures arithmetic, not failover; half the sum is about
+/// three quarters of what they really carry.
+pub const FAILOVER_LOAD: f64 = 0.5;
 
 /// A goal, its figures, whether it is a count CI enforces.
 struct Verdict {
