@@ -24,7 +24,7 @@ enum Task {
     /// cached under ~/.cache/metalkube), the tiny model.
     Setup,
     /// setup, then fmt check, clippy -D warnings (for Linux and for aarch64-apple-darwin), every
-    /// test, `bench vitals --quick`, `bench route --quick` and `abuse --quick`.
+    /// test, `bench vitals --quick`, `bench route --quick`, `bench fleet --quick` and `abuse --quick`.
     Test,
     /// clippy -D warnings on every crate for aarch64-apple-darwin, C code included (zig and
     /// cargo-zigbuild from PyPI). It stops before the final link, which needs Apple's frameworks:
@@ -43,9 +43,12 @@ enum Task {
     /// (table also in <target>/bench/vitals/); `route`: one model on four uneven Macs (real
     /// agents on loopback), spread by random connection (kube-proxy), round-robin,
     /// least-in-flight and metalkube-router at 50/80/95% of capacity, with a Mac stopped and at
-    /// 2x overload (also in <target>/bench/route/).
+    /// 2x overload (also in <target>/bench/route/); `fleet`: the controller with 100 simulated
+    /// Macs and 1,000 MetalModels through seven scenarios (apply from empty, steady state, 10% of
+    /// Macs lost, a model red, a spec change, the leader killed, a cold restart), also in
+    /// <target>/bench/fleet/.
     Bench {
-        #[arg(value_parser = ["proxy", "stream", "metrics", "vitals", "route"])]
+        #[arg(value_parser = ["proxy", "stream", "metrics", "vitals", "route", "fleet"])]
         what: String,
         /// Seconds per measured window (`proxy`: 5; `route`: 15).
         #[arg(long)]
@@ -137,6 +140,9 @@ fn main() -> anyhow::Result<()> {
                 ("vitals" | "route", false) => rounds.unwrap_or(3),
                 _ => rounds.unwrap_or(5),
             };
+            if what == "fleet" {
+                return bench::fleet(quick);
+            }
             if what == "route" {
                 let seconds = seconds.unwrap_or(if quick { 5 } else { 15 });
                 return bench::route(&bench::RouteOptions {
@@ -305,6 +311,9 @@ fn test() -> anyhow::Result<()> {
     // The routing bench in its quick form: a fleet of real agents under every spreading
     // strategy; it fails on lost requests, never on times.
     bench::route(&bench::RouteOptions { quick: true, rounds: 1, seconds: 5, only: None })?;
+    // The fleet bench in its quick form: the controller with 10 simulated Macs and 100 models; it
+    // fails on writes in steady state and models not converged, never on times.
+    bench::fleet(true)?;
     // The hostile-client suite in its quick form: no client may restart the engine or keep
     // another client from being served.
     abuse::abuse(&abuse::Options { quick: true, agent: None, agent_nofile: 512, only: None })

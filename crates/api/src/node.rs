@@ -41,6 +41,10 @@ pub struct MetalNodeStatus {
     pub allocated_memory_bytes: u64,
     #[serde(default)]
     pub models: u32,
+    /// When the controller last heard from the agent, as of the last change to this status.
+    /// Refreshed together with another change, never alone: a write per Mac per heartbeat
+    /// would be most of what a fleet writes while nothing happens. Whether the agent answers
+    /// now is the Ready condition (and the controller's `agent_stream_up` metric).
     pub last_heartbeat: Option<Time>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,

@@ -1,6 +1,8 @@
 //! Leader election on a `coordination.k8s.io/v1` Lease, so two controller replicas never both
 //! write. The winner renews at a third of the lease duration; a replica that cannot renew before
-//! its lease runs out stops (and is restarted as a standby) rather than risk a second writer.
+//! its lease runs out stops (and is restarted as a standby) rather than risk a second writer. A
+//! standby looks again when the holder's lease runs out, so a failover waits for the lease and
+//! not for a poll besides.
 
 use std::time::Duration;
 
@@ -37,16 +39,36 @@ pub fn decide(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> LeaseDecisi
     }
 }
 
+/// How long until a lease held by another replica runs out (None: it has, or says nothing).
+pub fn expires_in(spec: &LeaseSpec, now: Timestamp) -> Option<Duration> {
+    let MicroTime(renewed) = spec.renew_time.as_ref()?;
+    let duration = SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15)));
+    Duration::try_from((*renewed + duration).duration_since(now)).ok().filter(|d| !d.is_zero())
+}
+
+/// A standby looks again this long after the holder's lease runs out (clocks of two machines
+/// and the API server's answer time).
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(100);
+
 pub struct LeaderElector {
     api: Api<Lease>,
     name: String,
     identity: String,
     duration: Duration,
+    /// When the lease last seen held by another replica runs out: a standby looks again then,
+    /// not a polling interval later (a failover waits for the lease, not for the poll).
+    holder_expires_in: std::sync::Mutex<Option<Duration>>,
 }
 
 impl LeaderElector {
     pub fn new(api: Api<Lease>, name: &str, identity: &str, duration: Duration) -> Self {
-        Self { api, name: name.to_owned(), identity: identity.to_owned(), duration }
+        Self {
+            api,
+            name: name.to_owned(),
+            identity: identity.to_owned(),
+            duration,
+            holder_expires_in: std::sync::Mutex::new(None),
+        }
     }
 
     /// One attempt to take or renew the lease; Ok(true) while we hold it.
@@ -56,6 +78,7 @@ impl LeaderElector {
         let spec = current.as_ref().and_then(|l| l.spec.as_ref());
         let decision = decide(spec, &self.identity, now);
         if decision == LeaseDecision::Wait {
+            *metalkube_runtime::sync::lock(&self.holder_expires_in) = spec.and_then(|s| expires_in(s, now));
             return Ok(false);
         }
         let seconds = i32::try_from(self.duration.as_secs()).unwrap_or(i32::MAX).max(1);
@@ -110,7 +133,9 @@ impl LeaderElector {
                     tracing::warn!("{e}");
                 }
             }
-            tokio::time::sleep(self.duration / 3).await;
+            let poll = self.duration / 3;
+            let left = metalkube_runtime::sync::lock(&self.holder_expires_in).take();
+            tokio::time::sleep(left.map_or(poll, |left| (left + TAKEOVER_MARGIN).min(poll))).await;
         }
     }
 
@@ -176,5 +201,14 @@ mod tests {
         assert_eq!(decide(Some(&held_by("me", 10)), "me", now), LeaseDecision::Renew);
         assert_eq!(decide(Some(&held_by("other", 90)), "me", now), LeaseDecision::Wait);
         assert_eq!(decide(Some(&held_by("other", 85)), "me", now), LeaseDecision::Take, "expired at 100");
+    }
+
+    #[test]
+    fn a_standby_knows_when_the_holders_lease_runs_out() {
+        let now = Timestamp::from_second(100).unwrap();
+        assert_eq!(expires_in(&held_by("other", 90), now), Some(Duration::from_secs(5)));
+        assert_eq!(expires_in(&held_by("other", 85), now), None, "ran out at 100");
+        assert_eq!(expires_in(&held_by("other", 80), now), None);
+        assert_eq!(expires_in(&LeaseSpec::default(), now), None);
     }
 }

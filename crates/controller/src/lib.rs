@@ -24,7 +24,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, reflector, watcher};
+use kube::runtime::{Controller, controller, reflector, watcher};
 use kube::{Api, Client};
 use metalkube_api::MetalModel;
 use tokio::sync::mpsc;
@@ -34,7 +34,8 @@ use crate::fleet::Fleet;
 use crate::fleet::agent_client::ClientSettings;
 use crate::leader::LeaderElector;
 use crate::metrics::Metrics;
-use crate::model::reconcile::{Context, Router, error_policy, reconcile};
+use crate::model::owned_watch::watch_owned;
+use crate::model::reconcile::{Context, Owned, Router, error_policy, reconcile};
 use crate::model::router_watch::watch_router;
 use crate::model::routing::RouterService;
 
@@ -59,6 +60,16 @@ pub struct Settings {
     /// This replica's name in the Lease and in Events.
     pub identity: String,
 }
+
+/// Reconciles running at once. Unbounded, a thousand models applied together start a thousand
+/// reconciles that each hold a copy of every agent's view and wait on the same API server: the
+/// lease renewal queues behind them and the leader loses its lease (measured with
+/// `cargo xtask bench fleet`). A reconcile mostly waits on the network, so a few dozen keep two
+/// cores busy.
+const RECONCILE_CONCURRENCY: u16 = 16;
+/// Triggers of one model that arrive this close together make one reconcile: an agent's report,
+/// the status write it causes and the slice write after it come within milliseconds.
+const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Runs the controller until `shutdown` resolves or leadership is lost (an error: the process
 /// should exit and come back as a standby).
@@ -91,10 +102,13 @@ pub async fn run(
     let (triggers_tx, triggers_rx) = mpsc::unbounded_channel();
     let (node_status_tx, node_status_rx) = mpsc::unbounded_channel();
 
+    // Each model's Service and slices are mirrored (full objects, managed fields dropped), so a
+    // reconcile compares before it writes; a change to one reconciles its model.
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=metalkube-controller");
+    let (services_reader, services_writer) = reflector::store::<Service>();
+    let (slices_reader, slices_writer) = reflector::store::<EndpointSlice>();
     let controller = Controller::new(Api::<MetalModel>::all(client.clone()), watcher::Config::default())
-        .owns(Api::<Service>::all(client.clone()), managed.clone())
-        .owns(Api::<EndpointSlice>::all(client.clone()), managed)
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY).debounce(RECONCILE_DEBOUNCE))
         .reconcile_on(UnboundedReceiverStream::new(triggers_rx));
     let models = controller.store();
     let mut ctx = Context::new(
@@ -104,10 +118,24 @@ pub async fn run(
         models.clone(),
         recorder.clone(),
         metrics.clone(),
+        Owned { services: services_reader, slices: slices_reader },
     )
     .reserving(&settings.namespace, &settings.agents_service)
     .resyncing_keys(settings.api_keys_resync);
-    let mut background = Vec::new();
+    let mut background = vec![
+        tokio::spawn(watch_owned(
+            Api::<Service>::all(client.clone()),
+            managed.clone(),
+            services_writer,
+            triggers_tx.clone(),
+        )),
+        tokio::spawn(watch_owned(
+            Api::<EndpointSlice>::all(client.clone()),
+            managed,
+            slices_writer,
+            triggers_tx.clone(),
+        )),
+    ];
     if let Some(service) = settings.router_service.clone() {
         let (router_reader, router_writer) = reflector::store();
         background.push(tokio::spawn(watch_router(

@@ -5,8 +5,10 @@
 //! and memory per stream. This module starts and stops what they measure. `vitals` (its own
 //! folder): detection of a sick engine by the pulse against a `/health` poll and an uptime +
 //! task-counter check, same engine, same run. `route`: a fleet of uneven Macs behind
-//! kube-proxy-like, round-robin and least-in-flight spreading and metalkube-router.
+//! kube-proxy-like, round-robin and least-in-flight spreading and metalkube-router. `fleet`: the
+//! controller with 100 simulated Macs and 1,000 models (crates/fleet-bench).
 
+mod fleet;
 pub(crate) mod procfs;
 mod profile;
 mod proxy;
@@ -28,6 +30,7 @@ use anyhow::{Context, bail};
 
 use crate::{cargo, root, run};
 
+pub use fleet::fleet;
 pub use proxy::proxy;
 pub use route::{RouteOptions, route};
 pub use stream::stream;

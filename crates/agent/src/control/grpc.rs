@@ -310,6 +310,9 @@ impl AgentApi for AgentService {
                 }
                 let changed = tokio::select! {
                     changed = changes.recv() => changed,
+                    // The follower went away: most changes are filtered out unsent, so a send
+                    // failing could come much later and the stream would hold its place till then.
+                    () = tx.closed() => return,
                     _ = load_tick.tick(), if include_load => {
                         // The serving load moves with every request and no report change tells
                         // of it: looked at every LOAD_EVERY, sent when it moved or has not been

@@ -193,6 +193,24 @@ impl AgentClient {
         Ok(AgentInfo::from(info))
     }
 
+    /// The stream task's reconnect attempt: one Info call, outside the breaker. The task paces
+    /// its own attempts (backoff to 2 s), and it is how the controller learns that an agent is
+    /// back: held behind the breaker's cool-down, a Mac back from a restart would wait seconds
+    /// more to serve. An answer closes the breaker, so calls to the agent flow again at once.
+    pub async fn probe_info(&self) -> Result<AgentInfo, ControllerError> {
+        let mut request = Request::new(pb::InfoRequest {});
+        request.set_timeout(self.settings.call_timeout);
+        let result = self.grpc.clone().info(request).await;
+        self.count("Info", result.as_ref().map_or_else(Status::code, |_| Code::Ok));
+        self.settle(result.as_ref().map_or_else(|s| !retryable(s), |_| true));
+        match result {
+            Ok(info) => Ok(AgentInfo::from(info.into_inner())),
+            Err(status) => {
+                Err(ControllerError::AgentCall { node: self.node.clone(), method: "Info", status: Box::new(status) })
+            }
+        }
+    }
+
     pub async fn ensure_model(&self, req: pb::EnsureModelRequest) -> Result<pb::EnsureModelResponse, ControllerError> {
         self.unary("EnsureModel", req, |mut c, r| async move { c.ensure_model(r).await }).await
     }

@@ -234,7 +234,7 @@ impl Session {
     }
 
     async fn stream(&self) -> Result<(), crate::ControllerError> {
-        let info = self.client.info().await?;
+        let info = self.client.probe_info().await?;
         let mut stream = self.client.watch().await?;
         {
             let mut v = write(&self.view);

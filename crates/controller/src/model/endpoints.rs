@@ -83,6 +83,25 @@ pub fn service(model: &MetalModel) -> Service {
     }
 }
 
+/// Whether the Service as it stands holds everything `wanted` sets: its labels, its owner and
+/// its ports, and no selector (one would let Kubernetes write endpoints beside the controller's).
+/// Fields the API server adds (cluster IP, target ports, other labels) are not looked at, so a
+/// defaulted Service still compares equal and is not written again.
+pub fn service_holds(current: &Service, wanted: &Service) -> bool {
+    let labels = current.metadata.labels.clone().unwrap_or_default();
+    let labels_held = wanted.metadata.labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let owners = current.metadata.owner_references.clone().unwrap_or_default();
+    let owner_held = wanted.metadata.owner_references.iter().flatten().all(|w| owners.iter().any(|o| o.uid == w.uid));
+    let (Some(spec), Some(want)) = (&current.spec, &wanted.spec) else { return false };
+    let ports = spec.ports.clone().unwrap_or_default();
+    let ports_held = want.ports.iter().flatten().all(|w| {
+        ports.iter().any(|p| {
+            p.name == w.name && p.port == w.port && p.protocol == w.protocol && p.app_protocol == w.app_protocol
+        })
+    }) && ports.len() == want.ports.as_ref().map_or(0, Vec::len);
+    labels_held && owner_held && ports_held && spec.selector.as_ref().is_none_or(|s| s.is_empty())
+}
+
 /// An HTTP port of an EndpointSlice.
 pub(crate) fn http_port(name: &str, port: u16) -> EndpointPort {
     EndpointPort {
@@ -203,6 +222,34 @@ mod tests {
 
     fn replica(node: &str, address: &str, port: u16, ready: bool) -> EndpointReplica {
         EndpointReplica { node: node.into(), address: address.into(), port, ready, serving: true, terminating: false }
+    }
+
+    #[test]
+    fn a_service_defaulted_by_the_api_server_holds_what_was_wanted_and_an_edit_does_not() {
+        let wanted = service(&model());
+        let mut defaulted = wanted.clone();
+        if let Some(spec) = defaulted.spec.as_mut() {
+            spec.cluster_ip = Some("10.96.0.7".into());
+            spec.type_ = Some("ClusterIP".into());
+            for p in spec.ports.iter_mut().flatten() {
+                p.target_port = Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p.port));
+            }
+        }
+        defaulted.metadata.labels.get_or_insert_default().insert("team".into(), "ml".into());
+        assert!(service_holds(&defaulted, &wanted));
+
+        let mut selecting = defaulted.clone();
+        selecting.spec.as_mut().unwrap().selector = Some([("app".to_owned(), "x".to_owned())].into());
+        assert!(!service_holds(&selecting, &wanted), "a selector would let Kubernetes write endpoints too");
+        let mut relabelled = defaulted.clone();
+        relabelled.metadata.labels = None;
+        assert!(!service_holds(&relabelled, &wanted));
+        let mut other_port = defaulted.clone();
+        other_port.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].port = 81;
+        assert!(!service_holds(&other_port, &wanted));
+        let mut orphaned = defaulted;
+        orphaned.metadata.owner_references = None;
+        assert!(!service_holds(&orphaned, &wanted));
     }
 
     #[test]

@@ -1,20 +1,45 @@
 //! What the agents' reports say about one model, pure: the memory one replica needs, when
-//! each replica first served, and which Macs hold it.
+//! each replica first served, and which Macs hold it. The reports are gathered by model once per
+//! reconcile (`ReportIndex`): placement asks these questions of every model, and scanning every
+//! agent's view for each of a thousand models cost most of a reconcile's CPU at fleet scale.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use kube::ResourceExt;
-use metalkube_api::{MetalModel, ModelKey};
+use metalkube_api::{MetalModel, ModelKey, ReplicaReport};
 
 use crate::fleet::AgentView;
 
+/// One model's reports: each Mac that holds it, and what it says.
+pub(crate) type Reports<'a> = [(&'a str, &'a ReplicaReport)];
+
+/// Every agent's reports, by model.
+pub(crate) struct ReportIndex<'a> {
+    by_model: HashMap<&'a ModelKey, Vec<(&'a str, &'a ReplicaReport)>>,
+}
+
+impl<'a> ReportIndex<'a> {
+    pub(crate) fn new(views: &'a BTreeMap<String, AgentView>) -> Self {
+        let mut by_model: HashMap<&ModelKey, Vec<(&str, &ReplicaReport)>> = HashMap::new();
+        for (node, view) in views {
+            for (key, report) in &view.models {
+                by_model.entry(key).or_default().push((node.as_str(), report));
+            }
+        }
+        Self { by_model }
+    }
+
+    pub(crate) fn of(&self, key: &ModelKey) -> &Reports<'a> {
+        self.by_model.get(key).map_or(&[], Vec::as_slice)
+    }
+}
+
 /// Memory one replica needs, as an agent estimated it for this generation.
-pub(crate) fn reported_memory(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
-    let key = ModelKey::of(m);
+pub(crate) fn reported_memory(m: &MetalModel, reports: &Reports<'_>) -> Option<u64> {
     let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
-    views
-        .values()
-        .filter_map(|v| v.models.get(&key))
+    reports
+        .iter()
+        .map(|(_, s)| s)
         .filter(|s| s.uid == uid && s.generation == generation)
         .filter_map(|s| s.memory_bytes)
         .max()
@@ -22,14 +47,13 @@ pub(crate) fn reported_memory(m: &MetalModel, views: &BTreeMap<String, AgentView
 
 /// When each replica of `m` first served, by node: what its agent reports, else what the
 /// status recorded (an agent may be out of reach); the earlier when both say.
-pub(crate) fn serving_since(m: &MetalModel, views: &BTreeMap<String, AgentView>) -> BTreeMap<String, u64> {
-    let key = ModelKey::of(m);
+pub(crate) fn serving_since(m: &MetalModel, reports: &Reports<'_>) -> BTreeMap<String, u64> {
     let uid = m.uid().unwrap_or_default();
     let mut since: BTreeMap<String, u64> = BTreeMap::new();
-    let reported = views.iter().filter_map(|(node, v)| {
-        let s = v.models.get(&key).filter(|s| s.uid == uid)?;
-        Some((node.clone(), s.serving_since_unix_ms?))
-    });
+    let reported = reports
+        .iter()
+        .filter(|(_, s)| s.uid == uid)
+        .filter_map(|(node, s)| Some(((*node).to_owned(), s.serving_since_unix_ms?)));
     let recorded = m.status.iter().flat_map(|s| &s.replicas).filter_map(|r| {
         let ms = u64::try_from(r.serving_since.as_ref()?.0.as_millisecond()).ok()?;
         Some((r.node.clone(), ms))
@@ -40,6 +64,6 @@ pub(crate) fn serving_since(m: &MetalModel, views: &BTreeMap<String, AgentView>)
     since
 }
 
-pub(crate) fn holders(key: &ModelKey, views: &BTreeMap<String, AgentView>) -> BTreeSet<String> {
-    views.iter().filter(|(_, v)| v.models.contains_key(key)).map(|(n, _)| n.clone()).collect()
+pub(crate) fn holders(reports: &Reports<'_>) -> BTreeSet<String> {
+    reports.iter().map(|(node, _)| (*node).to_owned()).collect()
 }

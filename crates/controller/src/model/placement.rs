@@ -14,6 +14,10 @@ pub struct ModelDemand {
     pub node_selector: BTreeMap<String, String>,
     /// Estimated memory one replica needs (weights + KV cache + overhead).
     pub memory_bytes: u64,
+    /// No agent has measured the model yet: `memory_bytes` is `unknown_size_estimate`. It spreads
+    /// a batch of new models, but never keeps one off a Mac with room left (were the guess too
+    /// large for every Mac, the model would never be placed, so never measured).
+    pub size_guessed: bool,
     /// When each current replica first served, by node (milliseconds since the Unix epoch): its
     /// seniority there. Replicas that have not served yet have none.
     pub serving_since: BTreeMap<String, u64>,
@@ -71,9 +75,39 @@ fn gib(bytes: u64) -> String {
     format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
 
+/// What a model no agent has measured yet is counted as when placed: the median of the sizes
+/// known, or `FIRST_GUESS_BYTES` when none is. Counted as nothing, a batch of new models would all
+/// land on the Mac with the most room (each leaves it as much room as before) and then move once
+/// their sizes are in; counted at a typical size they spread from the start, and the few that
+/// were guessed wrong move.
+pub fn unknown_size_estimate(sizes: &[Option<u64>]) -> u64 {
+    let mut known: Vec<u64> = sizes.iter().flatten().copied().collect();
+    if known.is_empty() {
+        return FIRST_GUESS_BYTES;
+    }
+    let middle = known.len() / 2;
+    *known.select_nth_unstable(middle).1
+}
+
+/// A 7B-parameter model at 4-bit quantization with its context: the most common size served.
+pub const FIRST_GUESS_BYTES: u64 = 4 << 30;
+
+/// Room a node must have left to take a replica of `m`: its size, or any room at all while the
+/// size is only guessed.
+fn need(m: &ModelDemand) -> u64 {
+    if m.size_guessed { 1 } else { m.memory_bytes }
+}
+
+/// Room a replica of `m` takes from a node with `free` left.
+fn take(m: &ModelDemand, free: u64) -> u64 {
+    if m.size_guessed { m.memory_bytes.min(free) } else { m.memory_bytes }
+}
+
 pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) -> Placement {
-    let by_name: BTreeMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
-    let mut free: BTreeMap<&str, u64> = nodes.iter().map(|n| (n.name.as_str(), n.memory_budget_bytes)).collect();
+    // Nodes by position: the search below runs once per missing replica over every node, so room
+    // is kept in a vector rather than looked up by name.
+    let index: BTreeMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.name.as_str(), i)).collect();
+    let mut free: Vec<u64> = nodes.iter().map(|n| n.memory_budget_bytes).collect();
     let mut placement = Placement::default();
     let mut models: Vec<&ModelDemand> = models.iter().collect();
     models.sort_by(|a, b| a.key.cmp(&b.key));
@@ -94,10 +128,9 @@ pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) 
         if kept.len() as u32 >= m.replicas {
             continue;
         }
-        let Some(n) = by_name.get(node) else { continue };
-        let room = free.get(node).copied().unwrap_or(0);
-        if matches(n, &m.node_selector) && room >= m.memory_bytes {
-            free.insert(n.name.as_str(), room - m.memory_bytes);
+        let Some(&i) = index.get(node) else { continue };
+        if matches(&nodes[i], &m.node_selector) && free[i] >= need(m) {
+            free[i] -= take(m, free[i]);
             kept.insert(node.to_owned());
         }
     }
@@ -110,26 +143,24 @@ pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) 
     for m in &models {
         let assigned = placement.assignments.entry(m.key.clone()).or_default();
         while (assigned.len() as u32) < m.replicas {
-            let best = nodes
-                .iter()
-                .filter(|n| eligible(m, n, assigned) && free[n.name.as_str()] >= m.memory_bytes)
-                .max_by(|a, b| free[a.name.as_str()].cmp(&free[b.name.as_str()]).then_with(|| b.name.cmp(&a.name)));
-            let Some(n) = best else {
+            let best = (0..nodes.len())
+                .filter(|&i| free[i] >= need(m) && eligible(m, &nodes[i], assigned))
+                .max_by(|&a, &b| free[a].cmp(&free[b]).then_with(|| nodes[b].name.cmp(&nodes[a].name)));
+            let Some(i) = best else {
                 short.push((m, m.replicas - assigned.len() as u32));
                 break;
             };
-            *free.entry(n.name.as_str()).or_default() -= m.memory_bytes;
-            assigned.insert(n.name.clone());
+            free[i] -= take(m, free[i]);
+            assigned.insert(nodes[i].name.clone());
         }
     }
 
     // Explain against the final state, so the message does not depend on evaluation order.
     for (m, missing) in short {
         let assigned = &placement.assignments[&m.key];
-        let closest = nodes
-            .iter()
-            .filter(|n| eligible(m, n, assigned))
-            .max_by_key(|n| (free[n.name.as_str()], std::cmp::Reverse(&n.name)));
+        let closest = (0..nodes.len())
+            .filter(|&i| eligible(m, &nodes[i], assigned))
+            .max_by_key(|&i| (free[i], std::cmp::Reverse(&nodes[i].name)));
         let unscheduled = match closest {
             None => Unscheduled {
                 missing,
@@ -139,8 +170,8 @@ pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) 
                     m.node_selector
                 ),
             },
-            Some(n) => {
-                let room = free[n.name.as_str()];
+            Some(i) => {
+                let (n, room) = (&nodes[i], free[i]);
                 Unscheduled {
                     missing,
                     reason: UnscheduledReason::InsufficientMemory,
@@ -184,6 +215,7 @@ mod tests {
 
     fn model(key: &str, replicas: u32, gib: u64) -> ModelDemand {
         ModelDemand {
+            size_guessed: false,
             key: k(key),
             replicas,
             node_selector: BTreeMap::new(),
@@ -194,6 +226,28 @@ mod tests {
 
     fn on(p: &Placement, key: &str) -> Vec<String> {
         p.assignments.get(&k(key)).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn models_not_measured_yet_are_counted_at_a_typical_size_and_spread() {
+        assert_eq!(unknown_size_estimate(&[None, None]), FIRST_GUESS_BYTES);
+        assert_eq!(unknown_size_estimate(&[Some(2 * GIB), None, Some(8 * GIB), Some(3 * GIB)]), 3 * GIB);
+        // A batch of new models on three equal Macs: counted at the estimate, each Mac takes a
+        // third; counted as nothing, all would go to one.
+        let estimate = unknown_size_estimate(&[]);
+        let batch: Vec<ModelDemand> = (0..30)
+            .map(|i| ModelDemand { memory_bytes: estimate, size_guessed: true, ..model(&format!("ns/m{i}"), 1, 0) })
+            .collect();
+        let p = place(&batch, &[node("a", 64), node("b", 64), node("c", 64)], &Assignments::new());
+        for n in ["a", "b", "c"] {
+            let on = p.assignments.values().filter(|on| on.contains(n)).count();
+            assert_eq!(on, 10, "{n} holds {on} of 30");
+        }
+        // Macs smaller than the guess still take a model of unknown size: it is measured there.
+        let small = [ModelDemand { memory_bytes: estimate, size_guessed: true, ..model("ns/new", 2, 0) }];
+        let p = place(&small, &[node("a", 1), node("b", 1)], &Assignments::new());
+        assert_eq!(p.assignments[&k("ns/new")].len(), 2, "{p:?}");
+        assert!(p.unscheduled.is_empty());
     }
 
     #[test]
@@ -298,6 +352,7 @@ mod tests {
                 ms.into_iter()
                     .enumerate()
                     .map(|(i, (replicas, gib, zone))| ModelDemand {
+                        size_guessed: false,
                         key: ModelKey::new("ns", format!("m{i}")),
                         replicas,
                         node_selector: zone
@@ -342,6 +397,7 @@ mod tests {
                 }
             }
             let mut late = ModelDemand {
+                size_guessed: false,
                 key: k("ns/a-late-one"),
                 replicas: 2,
                 node_selector: BTreeMap::new(),

@@ -15,10 +15,10 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::Recorder;
 use kube::runtime::finalizer::{self, finalizer};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 use metalkube_api::keys::{KeyDigest, fingerprint};
-use metalkube_api::{MetalModel, MetalModelStatus, MetalNode, ModelKey};
+use metalkube_api::{MetalModel, MetalModelStatus, MetalNode, ModelKey, ReplicaReport};
 use metalkube_proto as pb;
 use serde_json::json;
 
@@ -26,14 +26,15 @@ use crate::ControllerError;
 use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
 use crate::model::endpoints::{
-    MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, router_endpoint_slices, service,
+    MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, router_endpoint_slices, service, service_holds,
 };
 use crate::model::events::{Note, model_events, publish};
-use crate::model::inputs::{holders, reported_memory, serving_since};
-use crate::model::placement::{Assignments, ModelDemand, NodeView, Placement, place};
+use crate::model::inputs::{ReportIndex, Reports, holders, reported_memory, serving_since};
+use crate::model::placement::{Assignments, ModelDemand, NodeView, Placement, place, unknown_size_estimate};
+use crate::model::rollout::{Replica, Wanted, to_tell};
 use crate::model::routing::{Route, RouterService, RouterView, route, router_endpoints};
 use crate::model::secrets::{api_key_digests, hub_token};
-use crate::model::status::{ModelObservation, ReplicaInput, endpoint_replicas, model_status};
+use crate::model::status::{ModelObservation, ReplicaInput, endpoint_replicas, is_news, model_status};
 
 /// Held while engines may still run for the model somewhere.
 pub const FINALIZER: &str = "metalkube.dev/engines";
@@ -50,6 +51,12 @@ pub struct Router {
     pub slices: Store<EndpointSlice>,
 }
 
+/// The controller's mirror of what it wrote for its models (`owned_watch`).
+pub struct Owned {
+    pub services: Store<Service>,
+    pub slices: Store<EndpointSlice>,
+}
+
 pub struct Context {
     pub client: Client,
     pub fleet: Arc<Fleet>,
@@ -57,6 +64,7 @@ pub struct Context {
     pub models: Store<MetalModel>,
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
+    pub owned: Owned,
     /// Per model: the delays of its next retries while reconciles keep failing.
     failures: Mutex<HashMap<ModelKey, ExponentialBackoff>>,
     /// model → (uid, generation, bytes): estimates agents reported, kept after the agent has
@@ -82,6 +90,7 @@ impl Context {
         models: Store<MetalModel>,
         recorder: Recorder,
         metrics: Arc<Metrics>,
+        owned: Owned,
     ) -> Self {
         Self {
             client,
@@ -90,6 +99,7 @@ impl Context {
             models,
             recorder,
             metrics,
+            owned,
             failures: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
             reserved: Vec::new(),
@@ -144,11 +154,11 @@ impl Context {
 
     /// Memory one replica of `m` needs: what an agent reports for this generation, else what one
     /// reported earlier (remembered here, or in the status by a previous controller).
-    fn memory_for(&self, m: &MetalModel, views: &BTreeMap<String, AgentView>) -> Option<u64> {
+    fn memory_for(&self, m: &MetalModel, reports: &Reports<'_>) -> Option<u64> {
         let key = ModelKey::of(m);
         let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
         let mut known = metalkube_runtime::sync::lock(&self.memory);
-        if let Some(bytes) = reported_memory(m, views) {
+        if let Some(bytes) = reported_memory(m, reports) {
             known.insert(key, (uid, generation, bytes));
             return Some(bytes);
         }
@@ -234,6 +244,11 @@ fn ensure_request(
     })
 }
 
+/// One model's reports, gathered from every view (for a reconcile's own model).
+fn reports_of<'a>(key: &ModelKey, views: &'a BTreeMap<String, AgentView>) -> Vec<(&'a str, &'a ReplicaReport)> {
+    views.iter().filter_map(|(node, v)| v.models.get(key).map(|r| (node.as_str(), r))).collect()
+}
+
 /// Placement of every model (memory is shared, so one model's place depends on the others'),
 /// with `model` as given rather than as the cache last saw it.
 fn place_all(
@@ -250,14 +265,19 @@ fn place_all(
         .filter(|m| m.meta().deletion_timestamp.is_none() && ModelKey::of(m) != key)
         .collect();
     models.push(Arc::new(model.clone()));
+    let index = ReportIndex::new(views);
+    let sizes: Vec<Option<u64>> = models.iter().map(|m| ctx.memory_for(m, index.of(&ModelKey::of(m)))).collect();
+    let unknown = unknown_size_estimate(&sizes);
     let demands: Vec<ModelDemand> = models
         .iter()
-        .map(|m| ModelDemand {
+        .zip(sizes)
+        .map(|(m, size)| ModelDemand {
             key: ModelKey::of(m),
             replicas: m.spec.replicas,
             node_selector: m.spec.node_selector.clone(),
-            memory_bytes: ctx.memory_for(m, views).unwrap_or(0),
-            serving_since: serving_since(m, views),
+            memory_bytes: size.unwrap_or(unknown),
+            size_guessed: size.is_none(),
+            serving_since: serving_since(m, index.of(&ModelKey::of(m))),
         })
         .collect();
     let node_views: Vec<NodeView> = nodes
@@ -282,7 +302,7 @@ fn place_all(
         .iter()
         .map(|m| {
             let k = ModelKey::of(m);
-            let mut on = holders(&k, views);
+            let mut on = holders(index.of(&k));
             on.extend(m.status.iter().flat_map(|s| s.replicas.iter().map(|r| r.node.clone())));
             (k, on)
         })
@@ -297,6 +317,8 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     }
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.models.wait_until_ready().await;
+    let _ = ctx.owned.services.wait_until_ready().await;
+    let _ = ctx.owned.slices.wait_until_ready().await;
     let (now, grace) = (Instant::now(), ctx.fleet.grace());
     let views = ctx.fleet.views();
     let nodes = ctx.nodes.state();
@@ -332,23 +354,27 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
         }
     };
     if let Some((request, (keys_fingerprint, token_fingerprint))) = &request {
-        for node in &assigned {
-            let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
-            let up_to_date = view.models.get(&key).is_some_and(|s| {
-                s.uid == uid
-                    && s.generation >= generation
-                    && s.api_keys_fingerprint == *keys_fingerprint
-                    && s.hub_token_fingerprint == *token_fingerprint
-            });
-            if !view.connected || up_to_date {
-                continue;
-            }
+        let wanted = Wanted { uid: &uid, generation, keys_fingerprint, token_fingerprint };
+        let replicas: Vec<Replica<'_>> = assigned
+            .iter()
+            .map(|node| {
+                let view = views.get(node);
+                Replica {
+                    node,
+                    reachable: view.is_some_and(|v| v.connected),
+                    report: view.and_then(|v| v.models.get(&key)),
+                }
+            })
+            .collect();
+        for node in to_tell(&replicas, &wanted) {
+            let Some(client) = ctx.fleet.client(node) else { continue };
             if let Err(e) = client.ensure_model(request.clone()).await {
                 failures.push(e);
             }
         }
     }
-    let leaving: Vec<String> = holders(&key, &views).into_iter().filter(|n| !assigned.contains(n)).collect();
+    let leaving: Vec<String> =
+        holders(&reports_of(&key, &views)).into_iter().filter(|n| !assigned.contains(n)).collect();
     let address = |node: &str| {
         nodes.iter().find(|n| n.name_any() == node).map(|n| n.spec.serving_address.clone()).unwrap_or_default()
     };
@@ -378,7 +404,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
             desired_replicas: model.spec.replicas,
             unscheduled: placement.unscheduled.get(&key),
             replicas: &inputs,
-            memory_bytes: ctx.memory_for(model, &views),
+            memory_bytes: ctx.memory_for(model, &reports_of(&key, &views)),
             route: &route,
             router: ctx.router.as_ref().map(|r| &r.service),
         },
@@ -428,7 +454,7 @@ async fn write_status(
     previous: &MetalModelStatus,
     ctx: &Context,
 ) -> Result<(), ControllerError> {
-    if status == previous {
+    if !is_news(status, previous) {
         return Ok(());
     }
     let api: Api<MetalModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
@@ -450,10 +476,14 @@ async fn write_endpoints(
     let ns = model.namespace().unwrap_or_default();
     let name = model.name_any();
     let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    services.patch(&name, &apply, &Patch::Apply(&service(model))).await?;
+    let wanted_service = service(model);
+    let written = ctx.owned.services.get(&ObjectRef::new(&name).within(&ns));
+    if !written.is_some_and(|current| service_holds(&current, &wanted_service)) {
+        let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+        services.patch(&name, &apply, &Patch::Apply(&wanted_service)).await?;
+    }
     let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    let current = model_slices(&slices, &name).await?;
+    let current = mirrored_slices(&ctx.owned.slices, &ns, &name);
     let wanted = match route {
         Route::ThroughRouter(pods) => router_endpoint_slices(model, pods),
         Route::Direct(_) => endpoint_slices(model, &endpoint_replicas(inputs)),
@@ -469,7 +499,22 @@ async fn write_endpoints(
     delete_slices_except(&slices, &current, &wanted).await
 }
 
-/// The EndpointSlices this controller wrote for `model`.
+/// The EndpointSlices this controller wrote for `model`, as last seen by its watch.
+fn mirrored_slices(slices: &Store<EndpointSlice>, ns: &str, model: &str) -> Vec<EndpointSlice> {
+    slices
+        .state()
+        .iter()
+        .filter(|s| {
+            s.namespace().as_deref() == Some(ns)
+                && s.labels().get(SERVICE_NAME_LABEL).is_some_and(|n| n == model)
+                && s.labels().get(MANAGED_BY_LABEL).is_some_and(|m| m == MANAGED_BY)
+        })
+        .map(|s| s.as_ref().clone())
+        .collect()
+}
+
+/// The EndpointSlices this controller wrote for `model`, listed (for deletion, which must not
+/// miss one the watch has not shown yet).
 async fn model_slices(slices: &Api<EndpointSlice>, model: &str) -> Result<Vec<EndpointSlice>, ControllerError> {
     let selector = format!("{SERVICE_NAME_LABEL}={model},{MANAGED_BY_LABEL}={MANAGED_BY}");
     Ok(slices.list(&ListParams::default().labels(&selector)).await?.items)
@@ -508,7 +553,7 @@ async fn cleanup(model: &MetalModel, ctx: &Context) -> Result<Action, Controller
     let views = ctx.fleet.views();
     let recorded: BTreeSet<String> =
         model.status.iter().flat_map(|s| s.replicas.iter().map(|r| r.node.clone())).collect();
-    let mut on: BTreeSet<String> = holders(&key, &views);
+    let mut on: BTreeSet<String> = holders(&reports_of(&key, &views));
     on.extend(recorded.into_iter().filter(|n| views.contains_key(n)));
     for node in &on {
         let Some(client) = ctx.fleet.client(node) else { continue };

@@ -51,6 +51,27 @@ pub struct ModelObservation<'a> {
     pub router: Option<&'a RouterService>,
 }
 
+/// Whether `status` says something `previous` did not, leaving out the figures that move with
+/// every pulse and request (pulse time, queue depth, requests in flight). Those are written
+/// along with the next real change, never alone: a write per pulse per replica is what a fleet
+/// must not send the API server (the live figures are the agents' metrics).
+pub fn is_news(status: &MetalModelStatus, previous: &MetalModelStatus) -> bool {
+    fn steady(s: &MetalModelStatus) -> MetalModelStatus {
+        let mut s = s.clone();
+        let quiet = |p: &mut metalkube_api::PulseSummary| {
+            p.pulse_seconds = None;
+            p.queue_depth = 0;
+        };
+        quiet(&mut s.pulse);
+        for r in &mut s.replicas {
+            quiet(&mut r.pulse);
+            r.in_flight = 0;
+        }
+        s
+    }
+    steady(status) != steady(previous)
+}
+
 pub fn model_status(obs: &ModelObservation<'_>, previous: &MetalModelStatus, now: &Time) -> MetalModelStatus {
     let assigned: Vec<(&ReplicaInput<'_>, ReplicaView)> =
         obs.replicas.iter().filter(|r| r.assigned).map(|r| (r, view(r))).collect();
@@ -192,6 +213,27 @@ mod tests {
     }
 
     const DIRECT: Route = Route::Direct(DirectBecause::Mode { named: false });
+
+    #[test]
+    fn pulse_times_queues_and_in_flight_alone_are_not_news_but_a_grade_is() {
+        let mut before = MetalModelStatus::default();
+        before.replicas.push(
+            serde_json::from_value(serde_json::json!({"node": "mac-a", "phase": "Serving", "ready": true}))
+                .expect("a replica status"),
+        );
+        let mut moved = before.clone();
+        moved.pulse.pulse_seconds = Some(0.031);
+        moved.pulse.queue_depth = 3;
+        moved.replicas[0].pulse.pulse_seconds = Some(0.031);
+        moved.replicas[0].in_flight = 2;
+        assert!(!is_news(&moved, &before), "figures that move with every pulse are written with the next change");
+        let mut red = moved.clone();
+        red.replicas[0].pulse.grade = Some(Grade::Red);
+        assert!(is_news(&red, &before));
+        let mut restarted = moved;
+        restarted.pulse.restarts = 1;
+        assert!(is_news(&restarted, &before), "a restart is news");
+    }
 
     #[test]
     fn summarizes_worst_grade_slowest_pulse_and_sums() {

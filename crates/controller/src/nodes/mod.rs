@@ -5,7 +5,7 @@ pub mod agent_endpoints;
 pub mod dispatch;
 pub mod status;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,6 @@ use crate::nodes::agent_endpoints::{
 use crate::nodes::dispatch::models_to_reconcile;
 use crate::nodes::status::node_status;
 
-/// A heartbeat alone is written at most this often; any other change at once.
-const HEARTBEAT_WRITE: Duration = Duration::from_secs(60);
 /// The agents Service's objects are applied again this often even when nothing changed, so one
 /// deleted or edited by someone else comes back.
 const AGENT_TARGETS_REPAIR: Duration = Duration::from_secs(300);
@@ -133,7 +131,6 @@ pub async fn write_node_statuses(
     mut requests: mpsc::UnboundedReceiver<String>,
 ) {
     let api: Api<MetalNode> = Api::all(client.clone());
-    let mut last_write: HashMap<String, Instant> = HashMap::new();
     let mut written_targets: Option<(Vec<AgentTarget>, Instant)> = None;
     while let Some(first) = requests.recv().await {
         let mut due = BTreeSet::from([first]);
@@ -142,14 +139,16 @@ pub async fn write_node_statuses(
         }
         write_agent_targets(&client, &fleet, &nodes, &agents, &mut written_targets).await;
         for name in due {
-            write_node_status(&api, &fleet, &nodes, &recorder, &name, &mut last_write).await;
+            write_node_status(&api, &fleet, &nodes, &recorder, &name).await;
         }
     }
 }
 
-/// One MetalNode's status from its agent, written when it changed (a heartbeat alone at most
-/// every `HEARTBEAT_WRITE`), then the Events the change deserves. In a span naming the node, so
-/// every line logged on the way says which node it is about.
+/// One MetalNode's status from its agent, written when something other than the heartbeat's
+/// time changed, then the Events the change deserves. A heartbeat alone is never written: one
+/// write per Mac per minute would be most of what a fleet writes while nothing happens, and
+/// whether the agent answers is the Ready condition's job (written when it turns). In a span
+/// naming the node, so every line logged on the way says which node it is about.
 #[tracing::instrument(skip_all, fields(node = %name))]
 async fn write_node_status(
     api: &Api<MetalNode>,
@@ -157,7 +156,6 @@ async fn write_node_status(
     nodes: &Store<MetalNode>,
     recorder: &Recorder,
     name: &str,
-    last_write: &mut HashMap<String, Instant>,
 ) {
     let Some(node) = nodes.get(&ObjectRef::new(name)) else { return };
     let Some(view) = fleet.view(name) else { return };
@@ -172,8 +170,7 @@ async fn write_node_status(
     let status = node_status(&view, reachable, &previous, &Time(Timestamp::now()));
     let heartbeat_only =
         MetalNodeStatus { last_heartbeat: previous.last_heartbeat.clone(), ..status.clone() } == previous;
-    let stale = last_write.get(name).is_none_or(|t| t.elapsed() >= HEARTBEAT_WRITE);
-    if status == previous || (heartbeat_only && !stale) {
+    if heartbeat_only {
         return;
     }
     let body = json!({"apiVersion": "metalkube.dev/v1alpha1", "kind": "MetalNode", "status": status});
@@ -181,7 +178,6 @@ async fn write_node_status(
         tracing::warn!("writing MetalNode status: {e}");
         return;
     }
-    last_write.insert(name.to_owned(), Instant::now());
     publish(recorder, node_events(&previous, &status), &node.object_ref(&())).await;
 }
 
