@@ -24,8 +24,8 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::{Controller, controller, reflector, watcher};
-use kube::{Api, Client};
+use kube::runtime::{Controller, WatchStreamExt, controller, reflector, watcher};
+use kube::{Api, Client, Resource};
 use metalkube_api::MetalModel;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -107,10 +107,17 @@ pub async fn run(
     let managed = watcher::Config::default().labels("app.kubernetes.io/managed-by=metalkube-controller");
     let (services_reader, services_writer) = reflector::store::<Service>();
     let (slices_reader, slices_writer) = reflector::store::<EndpointSlice>();
-    let controller = Controller::new(Api::<MetalModel>::all(client.clone()), watcher::Config::default())
+    // The models' own watch, with managed fields dropped before the store keeps them: on a real
+    // API server they are often the larger part of a small object, and nothing here reads them.
+    let (models, models_writer) = reflector::store::<MetalModel>();
+    let model_events = watcher(Api::<MetalModel>::all(client.clone()), watcher::Config::default())
+        .default_backoff()
+        .modify(|m: &mut MetalModel| m.meta_mut().managed_fields = None)
+        .reflect(models_writer)
+        .applied_objects();
+    let controller = Controller::for_stream(model_events, models.clone())
         .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY).debounce(RECONCILE_DEBOUNCE))
         .reconcile_on(UnboundedReceiverStream::new(triggers_rx));
-    let models = controller.store();
     let mut ctx = Context::new(
         client.clone(),
         fleet.clone(),

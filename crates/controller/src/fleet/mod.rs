@@ -7,6 +7,7 @@
 //! ends, the node is unreachable and everything on it is reconciled again.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,10 @@ pub struct Fleet {
     metrics: Arc<Metrics>,
     links: Mutex<HashMap<String, Link>>,
     changes: mpsc::UnboundedSender<FleetChange>,
+    /// Moves whenever what placement reads of the views may have changed (a stream connected or
+    /// lost, a model's report, a Mac's capacity, the set of links), never for a heartbeat:
+    /// reconciles reuse one placement while it stands still.
+    version: Arc<AtomicU64>,
 }
 
 fn now_time() -> Time {
@@ -54,12 +59,26 @@ impl Fleet {
         metrics: Arc<Metrics>,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<FleetChange>) {
         let (changes, rx) = mpsc::unbounded_channel();
-        let fleet = Arc::new(Self { settings, grace, heartbeat, metrics, links: Mutex::new(HashMap::new()), changes });
+        let fleet = Arc::new(Self {
+            settings,
+            grace,
+            heartbeat,
+            metrics,
+            links: Mutex::new(HashMap::new()),
+            changes,
+            version: Arc::new(AtomicU64::new(0)),
+        });
         (fleet, rx)
     }
 
     pub fn grace(&self) -> Duration {
         self.grace
+    }
+
+    /// The views' version: read it before `views()`, and a placement computed from those views
+    /// may stand for that version.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
     }
 
     /// Makes the links match the MetalNodes: (name, agentEndpoint) pairs.
@@ -85,6 +104,7 @@ impl Fleet {
                 links.insert(name.to_owned(), self.start_link(name, endpoint));
             }
         }
+        self.version.fetch_add(1, Ordering::AcqRel);
     }
 
     fn start_link(&self, node: &str, endpoint: &str) -> Link {
@@ -99,6 +119,7 @@ impl Fleet {
                     client: client.clone(),
                     view: view.clone(),
                     changes: self.changes.clone(),
+                    version: self.version.clone(),
                     grace: self.grace,
                     heartbeat: self.heartbeat,
                     metrics: self.metrics.clone(),
@@ -163,6 +184,7 @@ struct Session {
     client: Arc<AgentClient>,
     view: Arc<RwLock<AgentView>>,
     changes: mpsc::UnboundedSender<FleetChange>,
+    version: Arc<AtomicU64>,
     grace: Duration,
     heartbeat: Duration,
     metrics: Arc<Metrics>,
@@ -199,6 +221,9 @@ impl Session {
     }
 
     fn notify(&self, kind: ChangeKind, models: BTreeSet<ModelKey>) {
+        if kind != ChangeKind::Heartbeat {
+            self.version.fetch_add(1, Ordering::AcqRel);
+        }
         let _ = self.changes.send(FleetChange { node: self.node.clone(), kind, models });
     }
 
@@ -241,6 +266,7 @@ impl Session {
             v.info = Some(info);
             v.last_heartbeat = Some(now_time());
         }
+        self.version.fetch_add(1, Ordering::AcqRel);
         let mut tick = tokio::time::interval(self.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -254,6 +280,9 @@ impl Session {
                     let info = self.client.info().await?;
                     {
                         let mut v = write(&self.view);
+                        if v.info.as_ref().map(|i| &i.capacity) != Some(&info.capacity) {
+                            self.version.fetch_add(1, Ordering::AcqRel);
+                        }
                         v.info = Some(info);
                         v.last_heartbeat = Some(now_time());
                     }

@@ -65,6 +65,10 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Arc<Metrics>,
     pub owned: Owned,
+    /// The last placement of every model and what it was computed from: reconciles that find
+    /// the fleet, the models and the nodes as they were reuse it (at startup a thousand
+    /// reconciles would otherwise each place every model again).
+    placements: Mutex<Option<(PlacementInputs, Arc<Placement>)>>,
     /// Per model: the delays of its next retries while reconciles keep failing.
     failures: Mutex<HashMap<ModelKey, ExponentialBackoff>>,
     /// model → (uid, generation, bytes): estimates agents reported, kept after the agent has
@@ -100,6 +104,7 @@ impl Context {
             recorder,
             metrics,
             owned,
+            placements: Mutex::new(None),
             failures: Mutex::new(HashMap::new()),
             memory: Mutex::new(HashMap::new()),
             reserved: Vec::new(),
@@ -249,21 +254,55 @@ fn reports_of<'a>(key: &ModelKey, views: &'a BTreeMap<String, AgentView>) -> Vec
     views.iter().filter_map(|(node, v)| v.models.get(key).map(|r| (node.as_str(), r))).collect()
 }
 
+/// What a placement was computed from: the fleet's view version, and fingerprints of every
+/// model and node as stored (uid and resource version, order-free).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PlacementInputs {
+    fleet: u64,
+    models: u64,
+    nodes: u64,
+}
+
+fn fingerprint_of<'a, K: Resource + 'a>(objects: impl Iterator<Item = &'a K>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    objects.fold(0u64, |sum, o| {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (o.meta().uid.as_deref(), o.meta().resource_version.as_deref(), o.meta().deletion_timestamp.is_some())
+            .hash(&mut h);
+        sum.wrapping_add(h.finish())
+    })
+}
+
 /// Placement of every model (memory is shared, so one model's place depends on the others'),
-/// with `model` as given rather than as the cache last saw it.
+/// with `model` as given rather than as the cache last saw it. Reused while its inputs stand
+/// still and `model` is the stored one; `fleet_version` was read before `views`.
 fn place_all(
     model: &MetalModel,
     ctx: &Context,
+    fleet_version: u64,
     views: &BTreeMap<String, AgentView>,
     nodes: &[Arc<MetalNode>],
-) -> Placement {
+) -> Arc<Placement> {
     let key = ModelKey::of(model);
-    let mut models: Vec<Arc<MetalModel>> = ctx
-        .models
-        .state()
-        .into_iter()
-        .filter(|m| m.meta().deletion_timestamp.is_none() && ModelKey::of(m) != key)
-        .collect();
+    let stored = ctx.models.state();
+    let as_stored = stored.iter().any(|m| {
+        ModelKey::of(m) == key
+            && m.meta().uid == model.meta().uid
+            && m.meta().resource_version == model.meta().resource_version
+    });
+    let inputs = PlacementInputs {
+        fleet: fleet_version,
+        models: fingerprint_of(stored.iter().map(Arc::as_ref)),
+        nodes: fingerprint_of(nodes.iter().map(Arc::as_ref)),
+    };
+    if as_stored
+        && let Some((cached_for, placement)) = metalkube_runtime::sync::lock(&ctx.placements).as_ref()
+        && *cached_for == inputs
+    {
+        return placement.clone();
+    }
+    let mut models: Vec<Arc<MetalModel>> =
+        stored.into_iter().filter(|m| m.meta().deletion_timestamp.is_none() && ModelKey::of(m) != key).collect();
     models.push(Arc::new(model.clone()));
     let index = ReportIndex::new(views);
     let sizes: Vec<Option<u64>> = models.iter().map(|m| ctx.memory_for(m, index.of(&ModelKey::of(m)))).collect();
@@ -307,7 +346,11 @@ fn place_all(
             (k, on)
         })
         .collect();
-    place(&demands, &node_views, &current)
+    let placement = Arc::new(place(&demands, &node_views, &current));
+    if as_stored {
+        *metalkube_runtime::sync::lock(&ctx.placements) = Some((inputs, placement.clone()));
+    }
+    placement
 }
 
 async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
@@ -320,6 +363,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let _ = ctx.owned.services.wait_until_ready().await;
     let _ = ctx.owned.slices.wait_until_ready().await;
     let (now, grace) = (Instant::now(), ctx.fleet.grace());
+    let fleet_version = ctx.fleet.version();
     let views = ctx.fleet.views();
     let nodes = ctx.nodes.state();
     // Before an agent has had its first chance to connect, its absence means nothing yet:
@@ -328,7 +372,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
     let route = ctx.route_of(model).await?;
-    let placement = place_all(model, ctx, &views, &nodes);
+    let placement = place_all(model, ctx, fleet_version, &views, &nodes);
     let assigned = placement.assignments.get(&key).cloned().unwrap_or_default();
 
     // Tell the agents. One unreachable agent must not keep the others from being told, so

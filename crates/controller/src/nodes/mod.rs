@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::ControllerError;
 use crate::fleet::{Fleet, FleetChange};
-use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL};
+use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, service_holds};
 use crate::model::events::{node_events, publish};
 use crate::model::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
 use crate::nodes::agent_endpoints::{
@@ -32,8 +32,8 @@ use crate::nodes::agent_endpoints::{
 use crate::nodes::dispatch::models_to_reconcile;
 use crate::nodes::status::node_status;
 
-/// The agents Service's objects are applied again this often even when nothing changed, so one
-/// deleted or edited by someone else comes back.
+/// The agents Service's objects are read again this often even when nothing changed, and each
+/// one deleted or edited by someone else is written back (one that is as wanted is not written).
 const AGENT_TARGETS_REPAIR: Duration = Duration::from_secs(300);
 
 /// What of a MetalNode placement and the links depend on.
@@ -65,7 +65,13 @@ pub async fn watch_nodes(
 ) {
     let api: Api<MetalNode> = Api::all(client);
     // Raw events, not touched objects: the initial list reaches the store only at InitDone.
-    let stream = reflector(writer, watcher(api, watcher::Config::default()).default_backoff());
+    // Managed fields are dropped before the store keeps a node: nothing reads them.
+    let stream = reflector(
+        writer,
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|n: &mut MetalNode| n.meta_mut().managed_fields = None),
+    );
     let mut stream = std::pin::pin!(stream);
     let mut seen: BTreeMap<String, NodeShape> = BTreeMap::new();
     loop {
@@ -225,21 +231,40 @@ async fn apply_agent_targets(client: &Client, agents: &AgentsService, targets: &
             errors.push(ControllerError::from(e));
         }
     };
-    note(services.patch(name, &apply, &Patch::Apply(&agents_service(ns, name))).await.map(drop));
-    for slice in &wanted {
-        note(slices.patch(&slice.name_any(), &apply, &Patch::Apply(slice)).await.map(drop));
+    // Each object is read first and written only when it differs from what is wanted: the
+    // periodic repair of a fleet whose Macs did not change costs reads, never writes.
+    let service = agents_service(ns, name);
+    match services.get_opt(name).await {
+        Ok(Some(current)) if service_holds(&current, &service) => {}
+        Ok(_) => note(services.patch(name, &apply, &Patch::Apply(&service)).await.map(drop)),
+        Err(e) => note(Err(e)),
     }
-    note(endpoints.patch(name, &apply, &Patch::Apply(&agents_endpoints(ns, name, targets))).await.map(drop));
     let selector = format!("{SERVICE_NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}");
-    match slices.list(&kube::api::ListParams::default().labels(&selector)).await {
-        Ok(current) => {
-            for stale in current.items.iter().filter(|c| !wanted.iter().any(|w| w.metadata.name == c.metadata.name)) {
-                if let Err(e) = delete_ignoring_missing(&slices, &stale.name_any()).await {
-                    errors.push(e);
-                }
-            }
+    let current = match slices.list(&kube::api::ListParams::default().labels(&selector)).await {
+        Ok(current) => current.items,
+        Err(e) => {
+            note(Err(e));
+            return errors;
         }
-        Err(e) => errors.push(e.into()),
+    };
+    for slice in &wanted {
+        let unchanged = current.iter().any(|c| {
+            c.metadata.name == slice.metadata.name && c.endpoints == slice.endpoints && c.ports == slice.ports
+        });
+        if !unchanged {
+            note(slices.patch(&slice.name_any(), &apply, &Patch::Apply(slice)).await.map(drop));
+        }
+    }
+    let wanted_endpoints = agents_endpoints(ns, name, targets);
+    match endpoints.get_opt(name).await {
+        Ok(Some(current)) if current.subsets == wanted_endpoints.subsets => {}
+        Ok(_) => note(endpoints.patch(name, &apply, &Patch::Apply(&wanted_endpoints)).await.map(drop)),
+        Err(e) => note(Err(e)),
+    }
+    for stale in current.iter().filter(|c| !wanted.iter().any(|w| w.metadata.name == c.metadata.name)) {
+        if let Err(e) = delete_ignoring_missing(&slices, &stale.name_any()).await {
+            errors.push(e);
+        }
     }
     errors
 }
