@@ -19,8 +19,8 @@ use crate::Duration;
     status = "MetalModelStatus",
     printcolumn = r#"{"name":"READY","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"GRADE","type":"string","jsonPath":".status.grade"}"#,
-    printcolumn = r#"{"name":"PULSE","type":"number","jsonPath":".status.pulseSeconds"}"#,
-    printcolumn = r#"{"name":"QUEUE","type":"integer","jsonPath":".status.queueDepth"}"#,
+    printcolumn = r#"{"name":"PULSE","type":"number","jsonPath":".status.pulseSeconds","description":"Slowest replica's last pulse (s), as of the status's last change"}"#,
+    printcolumn = r#"{"name":"QUEUE","type":"integer","jsonPath":".status.queueDepth","description":"Requests queued, as of the status's last change"}"#,
     printcolumn = r#"{"name":"RESTARTS","type":"integer","jsonPath":".status.restarts"}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -451,9 +451,12 @@ impl Grade {
 pub struct PulseSummary {
     /// The pulse's grade (of a model: its replicas' worst).
     pub grade: Option<Grade>,
-    /// The last pulse's wall time (of a model: its replicas' slowest).
+    /// The last pulse's wall time (of a model: its replicas' slowest), as of the status's last
+    /// change: it is written along with other changes, never alone (the live figure is the
+    /// agent's `metalkube_pulse_last_duration_seconds`).
     pub pulse_seconds: Option<f64>,
-    /// Requests waiting in the admission queue.
+    /// Requests waiting in the admission queue, as of the status's last change (written along
+    /// with other changes, never alone; the live figure is the agent's metrics).
     #[serde(default)]
     pub queue_depth: u32,
     /// Engine restarts.
@@ -507,6 +510,8 @@ pub struct ReplicaStatus {
     pub ready: bool,
     #[serde(flatten)]
     pub pulse: PulseSummary,
+    /// Requests the engine was serving, as of the status's last change (written along with other
+    /// changes, never alone).
     #[serde(default)]
     pub in_flight: u32,
     /// Why the replica is not well, when it is not.

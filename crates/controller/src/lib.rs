@@ -64,12 +64,10 @@ pub struct Settings {
 /// Reconciles running at once. Unbounded, a thousand models applied together start a thousand
 /// reconciles that each hold a copy of every agent's view and wait on the same API server: the
 /// lease renewal queues behind them and the leader loses its lease (measured with
-/// `cargo xtask bench fleet`). A reconcile mostly waits on the network, so a few dozen keep two
-/// cores busy.
+/// `cargo xtask bench fleet`). A reconcile mostly waits on the network, so sixteen keep two cores
+/// busy. No debounce: kube's restarts with every new trigger, and a model that every Mac's
+/// change triggers (one waiting for room) would wait for the whole fleet to fall quiet.
 const RECONCILE_CONCURRENCY: u16 = 16;
-/// Triggers of one model that arrive this close together make one reconcile: an agent's report,
-/// the status write it causes and the slice write after it come within milliseconds.
-const RECONCILE_DEBOUNCE: Duration = Duration::from_millis(100);
 
 /// Runs the controller until `shutdown` resolves or leadership is lost (an error: the process
 /// should exit and come back as a standby).
@@ -116,7 +114,7 @@ pub async fn run(
         .reflect(models_writer)
         .applied_objects();
     let controller = Controller::for_stream(model_events, models.clone())
-        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY).debounce(RECONCILE_DEBOUNCE))
+        .with_config(controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .reconcile_on(UnboundedReceiverStream::new(triggers_rx));
     let mut ctx = Context::new(
         client.clone(),

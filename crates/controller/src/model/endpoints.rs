@@ -102,6 +102,21 @@ pub fn service_holds(current: &Service, wanted: &Service) -> bool {
     labels_held && owner_held && ports_held && spec.selector.as_ref().is_none_or(|s| s.is_empty())
 }
 
+/// Whether an EndpointSlice as it stands holds what `wanted` sets: its endpoints and ports, its
+/// labels (the Service it belongs to, who manages it) and its owner. A slice someone relabelled
+/// or orphaned is written back.
+pub fn slice_holds(current: &EndpointSlice, wanted: &EndpointSlice) -> bool {
+    let labels = current.metadata.labels.clone().unwrap_or_default();
+    let labels_held = wanted.metadata.labels.iter().flatten().all(|(k, v)| labels.get(k) == Some(v));
+    let owners = current.metadata.owner_references.clone().unwrap_or_default();
+    let owner_held = wanted.metadata.owner_references.iter().flatten().all(|w| owners.iter().any(|o| o.uid == w.uid));
+    current.metadata.name == wanted.metadata.name
+        && current.endpoints == wanted.endpoints
+        && current.ports == wanted.ports
+        && labels_held
+        && owner_held
+}
+
 /// An HTTP port of an EndpointSlice.
 pub(crate) fn http_port(name: &str, port: u16) -> EndpointPort {
     EndpointPort {
@@ -250,6 +265,21 @@ mod tests {
         let mut orphaned = defaulted;
         orphaned.metadata.owner_references = None;
         assert!(!service_holds(&orphaned, &wanted));
+    }
+
+    #[test]
+    fn a_slice_relabelled_or_orphaned_is_not_held() {
+        let wanted = endpoint_slices(&model(), &[replica("a", "10.0.0.1", 8080, true)]).remove(0);
+        assert!(slice_holds(&wanted, &wanted));
+        let mut relabelled = wanted.clone();
+        relabelled.metadata.labels.get_or_insert_default().remove(SERVICE_NAME_LABEL);
+        assert!(!slice_holds(&relabelled, &wanted));
+        let mut orphaned = wanted.clone();
+        orphaned.metadata.owner_references = None;
+        assert!(!slice_holds(&orphaned, &wanted));
+        let mut not_ready = wanted.clone();
+        not_ready.endpoints.as_mut().expect("an endpoint")[0].conditions.get_or_insert_default().ready = Some(false);
+        assert!(!slice_holds(&not_ready, &wanted));
     }
 
     #[test]

@@ -170,6 +170,16 @@ pub fn place(models: &[ModelDemand], nodes: &[NodeView], current: &Assignments) 
                     m.node_selector
                 ),
             },
+            Some(i) if m.size_guessed => Unscheduled {
+                missing,
+                reason: UnscheduledReason::InsufficientMemory,
+                message: format!(
+                    "{missing} replica(s) wait for room: no matching node has memory left (the closest, {}, has {} free of its {} budget; the model's size is not measured yet)",
+                    nodes[i].name,
+                    gib(free[i]),
+                    gib(nodes[i].memory_budget_bytes),
+                ),
+            },
             Some(i) => {
                 let (n, room) = (&nodes[i], free[i]);
                 Unscheduled {

@@ -27,6 +27,7 @@ use crate::fleet::{AgentView, Fleet};
 use crate::metrics::{ErrorLabels, Metrics, ResultLabels};
 use crate::model::endpoints::{
     MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, endpoint_slices, router_endpoint_slices, service, service_holds,
+    slice_holds,
 };
 use crate::model::events::{Note, model_events, publish};
 use crate::model::inputs::{ReportIndex, Reports, holders, reported_memory, serving_since};
@@ -158,7 +159,10 @@ impl Context {
     }
 
     /// Memory one replica of `m` needs: what an agent reports for this generation, else what one
-    /// reported earlier (remembered here, or in the status by a previous controller).
+    /// reported earlier for this model, of any generation (remembered here, or in the status by a
+    /// previous controller). A spec change rarely changes the size much, and until the new size
+    /// is in the old one is a far better figure than a guess (a guess would count a 40 GiB model's
+    /// Macs as having room they do not have).
     fn memory_for(&self, m: &MetalModel, reports: &Reports<'_>) -> Option<u64> {
         let key = ModelKey::of(m);
         let (uid, generation) = (m.uid().unwrap_or_default(), m.metadata.generation.unwrap_or(0));
@@ -167,14 +171,12 @@ impl Context {
             known.insert(key, (uid, generation, bytes));
             return Some(bytes);
         }
-        if let Some((u, g, bytes)) = known.get(&key)
+        if let Some((u, _, bytes)) = known.get(&key)
             && *u == uid
-            && *g == generation
         {
             return Some(*bytes);
         }
-        let status = m.status.as_ref()?;
-        if status.observed_generation == Some(generation) { status.memory_bytes } else { None }
+        m.status.as_ref()?.memory_bytes
     }
 }
 
@@ -533,9 +535,7 @@ async fn write_endpoints(
         Route::Direct(_) => endpoint_slices(model, &endpoint_replicas(inputs)),
     };
     for slice in &wanted {
-        let unchanged = current.iter().any(|c| {
-            c.metadata.name == slice.metadata.name && c.endpoints == slice.endpoints && c.ports == slice.ports
-        });
+        let unchanged = current.iter().any(|c| slice_holds(c, slice));
         if !unchanged {
             slices.patch(slice.metadata.name.as_deref().unwrap_or_default(), &apply, &Patch::Apply(slice)).await?;
         }
@@ -557,8 +557,8 @@ fn mirrored_slices(slices: &Store<EndpointSlice>, ns: &str, model: &str) -> Vec<
         .collect()
 }
 
-/// The EndpointSlices this controller wrote for `model`, listed (for deletion, which must not
-/// miss one the watch has not shown yet).
+/// The EndpointSlices this controller wrote for `model`, listed: a deleted model's cleanup must
+/// not miss one the watch has not shown yet.
 async fn model_slices(slices: &Api<EndpointSlice>, model: &str) -> Result<Vec<EndpointSlice>, ControllerError> {
     let selector = format!("{SERVICE_NAME_LABEL}={model},{MANAGED_BY_LABEL}={MANAGED_BY}");
     Ok(slices.list(&ListParams::default().labels(&selector)).await?.items)

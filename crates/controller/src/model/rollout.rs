@@ -38,12 +38,14 @@ fn restarts(r: &ReplicaReport, w: &Wanted<'_>) -> bool {
 }
 
 /// The Macs to send the model to now. A serving replica is restarted only while every other
-/// reachable replica serves (maxUnavailable 1): one told the new generation that does not serve
-/// yet, one starting for the first time or one that fails, each holds the next back.
+/// replica serves (maxUnavailable 1): one told the new generation that does not serve yet, one
+/// starting for the first time, one that fails, or one on a Mac out of reach, each holds the next
+/// back (the roll waits for it, as a Deployment's does).
 pub fn to_tell<'a>(replicas: &[Replica<'a>], wanted: &Wanted<'_>) -> BTreeSet<&'a str> {
     let mut tell = BTreeSet::new();
-    // Replicas not serving now (a Mac out of reach is left to placement, which moves it).
-    let mut unavailable = replicas.iter().filter(|r| r.reachable && r.report.is_none_or(|s| !s.ready)).count();
+    // Replicas not serving now, a Mac out of reach included: placement keeps replicas there, and
+    // taking another down meanwhile could leave the model with none.
+    let mut unavailable = replicas.iter().filter(|r| !r.reachable || r.report.is_none_or(|s| !s.ready)).count();
     let mut serving_stale: Vec<&Replica<'a>> = Vec::new();
     for r in replicas.iter().filter(|r| r.reachable) {
         match r.report {
@@ -118,27 +120,37 @@ mod tests {
     }
 
     #[test]
-    fn an_unreachable_mac_is_not_called() {
+    fn an_unreachable_mac_is_not_called_and_holds_the_roll_back() {
         let old = report(1, false);
         let r = Replica { node: "a", reachable: false, report: Some(&old) };
         assert!(to_tell(&[r], &WANTED).is_empty());
+        // Its replica may serve no one: the only other one must not be taken down too.
+        let serving = report(1, true);
+        let away = Replica { node: "a", reachable: false, report: Some(&serving) };
+        assert!(to_tell(&[away, replica("b", Some(&serving))], &WANTED).is_empty());
     }
 
     proptest! {
         /// However the replicas stand, telling never takes a second serving replica down.
         #[test]
         fn at_most_one_serving_replica_is_ever_unavailable(
-            states in proptest::collection::vec((0i64..3, any::<bool>(), any::<bool>()), 0..6)
+            states in proptest::collection::vec((0i64..3, any::<bool>(), any::<bool>(), any::<bool>()), 0..6)
         ) {
             let reports: Vec<Option<ReplicaReport>> = states
                 .iter()
-                .map(|(g, ready, held)| held.then(|| report(*g, *ready)))
+                .map(|(g, ready, held, _)| held.then(|| report(*g, *ready)))
                 .collect();
             let names: Vec<String> = (0..states.len()).map(|i| format!("n{i}")).collect();
-            let replicas: Vec<Replica<'_>> =
-                names.iter().zip(&reports).map(|(n, r)| replica(n, r.as_ref())).collect();
+            let replicas: Vec<Replica<'_>> = names
+                .iter()
+                .zip(&reports)
+                .zip(&states)
+                .map(|((n, r), (_, _, _, reachable))| Replica { node: n, reachable: *reachable, report: r.as_ref() })
+                .collect();
             let told = to_tell(&replicas, &WANTED);
-            let unavailable_before = replicas.iter().filter(|r| r.report.is_none_or(|s| !s.ready)).count();
+            prop_assert!(replicas.iter().all(|r| r.reachable || !told.contains(r.node)), "an unreachable Mac is called");
+            let unavailable_before =
+                replicas.iter().filter(|r| !r.reachable || r.report.is_none_or(|s| !s.ready)).count();
             let serving_taken = replicas
                 .iter()
                 .filter(|r| told.contains(r.node) && r.report.is_some_and(|s| s.generation < 2 && s.ready))

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::ControllerError;
 use crate::fleet::{Fleet, FleetChange};
-use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, service_holds};
+use crate::model::endpoints::{MANAGED_BY, MANAGED_BY_LABEL, SERVICE_NAME_LABEL, service_holds, slice_holds};
 use crate::model::events::{node_events, publish};
 use crate::model::reconcile::{FIELD_MANAGER, delete_ignoring_missing};
 use crate::nodes::agent_endpoints::{
@@ -240,17 +240,16 @@ async fn apply_agent_targets(client: &Client, agents: &AgentsService, targets: &
         Err(e) => note(Err(e)),
     }
     let selector = format!("{SERVICE_NAME_LABEL}={name},{MANAGED_BY_LABEL}={MANAGED_BY}");
+    // Without the list, every wanted slice is applied and no stale one is deleted.
     let current = match slices.list(&kube::api::ListParams::default().labels(&selector)).await {
         Ok(current) => current.items,
         Err(e) => {
             note(Err(e));
-            return errors;
+            Vec::new()
         }
     };
     for slice in &wanted {
-        let unchanged = current.iter().any(|c| {
-            c.metadata.name == slice.metadata.name && c.endpoints == slice.endpoints && c.ports == slice.ports
-        });
+        let unchanged = current.iter().any(|c| slice_holds(c, slice));
         if !unchanged {
             note(slices.patch(&slice.name_any(), &apply, &Patch::Apply(slice)).await.map(drop));
         }
