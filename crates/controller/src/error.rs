@@ -42,6 +42,10 @@ pub enum ControllerError {
         #[source]
         source: tonic::transport::Error,
     },
+    /// A reconcile ran past `RECONCILE_TIMEOUT`: cut short and retried, so one call that never
+    /// answers cannot hold a model (and one of the reconcile slots) forever.
+    #[error("MetalModel {key}: reconcile cut short after {after:?}, while {step}")]
+    ReconcileTimeout { key: ModelKey, after: Duration, step: &'static str },
     /// The model's Service would be one the controller or the chart keeps for itself.
     #[error(
         "MetalModel {key}: this name is {taken_by} in its namespace; choose another name or namespace for the model"
@@ -76,7 +80,7 @@ pub enum ControllerError {
 }
 
 /// Every `metric_label()`, so each kind's error counter exists at 0 from the start.
-pub const ERROR_KINDS: [&str; 6] = ["kube", "agent", "circuit_open", "model", "finalizer", "lease"];
+pub const ERROR_KINDS: [&str; 7] = ["kube", "agent", "circuit_open", "model", "finalizer", "lease", "timeout"];
 
 impl ControllerError {
     /// The `kind` label of `metalkube_controller_reconcile_errors_total`: one of `ERROR_KINDS`.
@@ -95,6 +99,7 @@ impl ControllerError {
             ControllerError::ReservedName { .. } | ControllerError::SpecEncoding { .. } => "model",
             ControllerError::Finalizer(_) => "finalizer",
             ControllerError::LeaseTaken { .. } | ControllerError::LeaseRenewal { .. } => "lease",
+            ControllerError::ReconcileTimeout { .. } => "timeout",
         }
     }
 
@@ -129,6 +134,7 @@ mod tests {
             ControllerError::EndpointScheme { node: s(), endpoint: s(), problem: "" },
             ControllerError::Tls { node: s(), source: transport_error() },
             ControllerError::ReservedName { key: key(), taken_by: "" },
+            ControllerError::ReconcileTimeout { key: key(), after: Duration::ZERO, step: "" },
             ControllerError::RouterUnknown { service: s(), key: key(), waited: Duration::ZERO },
             ControllerError::SpecEncoding { key: key(), source: serde_json::from_str::<u8>("x").unwrap_err() },
             ControllerError::Finalizer(Box::new(finalizer::Error::UnnamedObject)),

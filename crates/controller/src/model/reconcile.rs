@@ -187,18 +187,26 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
     let started = Instant::now();
     let key = ModelKey::of(&model);
     let api: Api<MetalModel> = Api::namespaced(ctx.client.clone(), &model.namespace().unwrap_or_default());
-    let result = finalizer(&api, FINALIZER, model, |event| async {
+    let step = Step::default();
+    let finalized = finalizer(&api, FINALIZER, model, |event| async {
         match event {
-            finalizer::Event::Apply(m) => apply(&m, &ctx).await,
-            finalizer::Event::Cleanup(m) => cleanup(&m, &ctx).await,
+            finalizer::Event::Apply(m) => apply(&m, &ctx, &step).await,
+            finalizer::Event::Cleanup(m) => {
+                step.at("stopping the engines and removing the Service (deletion)");
+                cleanup(&m, &ctx).await
+            }
         }
-    })
-    .await
-    .map_err(|e| match e {
-        finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
-        finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => ControllerError::Kube(e),
-        other => ControllerError::Finalizer(Box::new(other)),
     });
+    let result = match tokio::time::timeout(RECONCILE_TIMEOUT, finalized).await {
+        Ok(done) => done.map_err(|e| match e {
+            finalizer::Error::ApplyFailed(e) | finalizer::Error::CleanupFailed(e) => e,
+            finalizer::Error::AddFinalizer(e) | finalizer::Error::RemoveFinalizer(e) => ControllerError::Kube(e),
+            other => ControllerError::Finalizer(Box::new(other)),
+        }),
+        Err(_) => {
+            Err(ControllerError::ReconcileTimeout { key: key.clone(), after: RECONCILE_TIMEOUT, step: step.now() })
+        }
+    };
     ctx.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
     let label = if result.is_ok() { "ok" } else { "error" };
     ctx.metrics.reconciles.get_or_create(&ResultLabels { result: label.into() }).inc();
@@ -211,6 +219,25 @@ pub async fn reconcile(model: Arc<MetalModel>, ctx: Arc<Context>) -> Result<Acti
         }
     }
     result
+}
+
+/// A reconcile still running after this is cut short and retried. Every call it makes has its
+/// own deadline (agent calls: attempts of `--call-timeout`, retried), so this is a backstop: a
+/// model must never wait on one call that does not answer, holding a reconcile slot with it.
+const RECONCILE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What a reconcile is doing, for the message of one cut short.
+#[derive(Default)]
+struct Step(Mutex<&'static str>);
+
+impl Step {
+    fn at(&self, what: &'static str) {
+        *metalkube_runtime::sync::lock(&self.0) = what;
+    }
+    fn now(&self) -> &'static str {
+        let step = *metalkube_runtime::sync::lock(&self.0);
+        if step.is_empty() { "adding the finalizer" } else { step }
+    }
 }
 
 /// Longest wait between retries of a failing reconcile.
@@ -355,11 +382,12 @@ fn place_all(
     placement
 }
 
-async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerError> {
+async fn apply(model: &MetalModel, ctx: &Context, step: &Step) -> Result<Action, ControllerError> {
     let key = ModelKey::of(model);
     if let Some((_, taken_by)) = ctx.reserved.iter().find(|(k, _)| *k == key) {
         return Err(ControllerError::ReservedName { key, taken_by });
     }
+    step.at("waiting for the first list of models, nodes, Services and slices");
     let _ = ctx.nodes.wait_until_ready().await;
     let _ = ctx.models.wait_until_ready().await;
     let _ = ctx.owned.services.wait_until_ready().await;
@@ -373,6 +401,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     if views.values().any(|v| v.first_contact_pending(grace, now)) {
         return Ok(Action::requeue(Duration::from_millis(500)));
     }
+    step.at("waiting for the router's endpoints");
     let route = ctx.route_of(model).await?;
     let placement = place_all(model, ctx, fleet_version, &views, &nodes);
     let assigned = placement.assignments.get(&key).cloned().unwrap_or_default();
@@ -384,6 +413,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let uid = model.uid().unwrap_or_default();
     // Without its keys the model cannot be told to anyone (never with fewer keys than asked
     // for), but the status, the endpoints and the replicas leaving are still written.
+    step.at("reading the model's Secrets");
     let secrets = match api_key_digests(model, &ctx.client).await {
         Ok(keys) => hub_token(model, &ctx.client).await.map(|token| (keys, token)),
         Err(e) => Err(e),
@@ -412,6 +442,7 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
                 }
             })
             .collect();
+        step.at("sending the model to its agents");
         for node in to_tell(&replicas, &wanted) {
             let Some(client) = ctx.fleet.client(node) else { continue };
             if let Err(e) = client.ensure_model(request.clone()).await {
@@ -427,10 +458,12 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
     let addresses: BTreeMap<String, String> =
         assigned.iter().chain(leaving.iter()).map(|n| (n.clone(), address(n))).collect();
     if !leaving.is_empty() {
+        step.at("publishing leaving replicas as terminating");
         // Published as terminating before the engines are told to stop, so clients stop
         // choosing them while they drain.
         write_endpoints(model, &replica_inputs(&addresses, &views, &assigned, &key, grace, now), &route, ctx).await?;
     }
+    step.at("stopping leaving replicas");
     for node in &leaving {
         let (Some(view), Some(client)) = (views.get(node), ctx.fleet.client(node)) else { continue };
         if view.connected
@@ -457,9 +490,11 @@ async fn apply(model: &MetalModel, ctx: &Context) -> Result<Action, ControllerEr
         &previous,
         &Time(Timestamp::now()),
     );
+    step.at("writing the status and its Events");
     write_status(model, &status, &previous, ctx).await?;
     ctx.metrics.set_model_replicas(&key, model.spec.replicas, status.ready_replicas);
     ctx.metrics.set_model_route(&key, route.reason());
+    step.at("writing the Service and EndpointSlices");
     write_endpoints(model, &inputs, &route, ctx).await?;
 
     if let Some(first) = failures.into_iter().next() {

@@ -60,6 +60,9 @@ pub struct Args {
     /// The name the report is written under (`fleet` or `fleet-quick`).
     #[arg(long, default_value = "fleet")]
     pub name: String,
+    /// Keep the scratch directory (the controllers' logs) after the run.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// `30s`, `500ms`, `2m`: the forms the controller's own flags take.
@@ -173,7 +176,9 @@ impl Bench {
         let mut command = Command::new(&self.args.controller);
         command
             .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "warn")
+            // The controllers log warnings; METALKUBE_FLEET_CONTROLLER_LOG sets another filter
+            // (the logs stay in the run's scratch directory, kept with --keep).
+            .env("RUST_LOG", std::env::var("METALKUBE_FLEET_CONTROLLER_LOG").unwrap_or_else(|_| "warn".into()))
             .env("POD_NAME", &name)
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .arg("--agent-ca")
@@ -425,7 +430,8 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let driver = runtime("fb-driver", 1)?;
     let server = api_rt.block_on(TestApiServer::start());
     let client = driver.block_on(async { server.client() });
-    let dir = tempfile::tempdir()?;
+    let dir = tempfile::Builder::new().prefix("metalkube-fleet-").tempdir()?;
+    eprintln!("fleet: scratch directory (controllers' logs) {}", dir.path().display());
 
     // Certificates as a real fleet has them: the agents' serving certificate from one CA, the
     // controller's client certificate from the CA the agents trust.
@@ -701,7 +707,9 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     let taken = time_until(from.at, Duration::from_secs(120), || {
         b.leader().is_some_and(|c| c.name != b.controllers[leader].name)
     });
-    let failover = b.wait_converged(from.at, Duration::from_secs(120));
+    // Longer than the controller's reconcile time-out (120 s), so a reconcile cut short shows as a
+    // time, not as a model that never converged.
+    let failover = b.wait_converged(from.at, Duration::from_secs(300));
     let to = b.mark();
     let mut s = b.scenario("leader killed (SIGKILL)", &from, &to, failover);
     s.extra.push(("lease taken by the standby after".into(), secs(taken)));
@@ -721,7 +729,7 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
     b.patch_replicas(&changed, 1)?;
     let from = b.mark();
     b.start_controller()?;
-    let cold = b.wait_converged(from.at, Duration::from_secs(120));
+    let cold = b.wait_converged(from.at, Duration::from_secs(300));
     let to = b.mark();
     scenarios.push(b.scenario("cold restart", &from, &to, cold));
     goals.push(Goal::count("cold restart: converged", u64::from(cold.is_none()), 0));
@@ -742,6 +750,10 @@ pub fn run(args: Args) -> anyhow::Result<bool> {
         commands: b.commands.clone(),
     };
     let ok = r.write(&b.args.out)?;
+    if b.args.keep {
+        let kept = std::mem::replace(&mut b.dir, tempfile::tempdir()?).keep();
+        eprintln!("fleet: kept {}", kept.display());
+    }
     for c in &mut b.controllers {
         if matches!(c.child.try_wait(), Ok(None)) {
             c.stop();
