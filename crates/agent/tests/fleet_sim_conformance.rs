@@ -46,11 +46,11 @@ fn seen(event: Event) -> Seen {
             grade: s.grade,
             ready: s.ready,
             generation: s.generation,
-            // While Pending the size comes when the file's header is read, which a fast engine
-            // may send in one message with the next phase or in one of its own: only from
-            // Starting on must it be known.
+            // While Pending, the serving port and the size come as the agent binds the port and
+            // reads the file's header, each in a message of its own or folded into the next, as
+            // timing has it: only from Starting on must both be known.
             sized: s.memory_bytes > 0 || s.model_phase() == Some(metalkube_api::Phase::Pending),
-            port: s.serving_port > 0,
+            port: s.serving_port > 0 || s.model_phase() == Some(metalkube_api::Phase::Pending),
             waiting: !s.last_error.is_empty(),
         },
         Event::Removed(_) => Seen::Removed,
@@ -80,15 +80,24 @@ fn ensure(spec: &metalkube_api::MetalModelSpec, generation: i64) -> pb::EnsureMo
 }
 
 /// Watch messages until `done` holds for one, consecutive repeats folded (a real engine's
-/// timing may send a state twice: the controller reads a repeat as nothing new).
+/// timing may send a state twice, or Pending once per field it learns: the controller reads a
+/// repeat as nothing new).
 async fn until(watch: &mut tonic::Streaming<pb::WatchEvent>, done: impl Fn(&Seen) -> bool) -> Vec<Seen> {
     let mut out: Vec<Seen> = Vec::new();
     loop {
         let msg = tokio::time::timeout(GUARD, watch.message()).await.expect("an event within the guard");
         let s = seen(msg.unwrap().expect("stream open").event.expect("an event"));
         let finished = done(&s);
-        if out.last() != Some(&s) {
-            out.push(s);
+        // Within one phase, keep the state it settled in.
+        let same_phase = |a: &Seen, b: &Seen| match (a, b) {
+            (Seen::Changed { phase: p, generation: g, .. }, Seen::Changed { phase: q, generation: h, .. }) => {
+                p == q && g == h
+            }
+            _ => a == b,
+        };
+        match out.last_mut() {
+            Some(last) if same_phase(last, &s) => *last = s,
+            _ => out.push(s),
         }
         if finished {
             return out;
