@@ -66,11 +66,16 @@ pub fn tls_config(pem: &ServerPem) -> Result<Arc<ServerConfig>, FleetError> {
 struct Severable {
     io: TlsStream<TcpStream>,
     cut: Pin<Box<dyn Future<Output = ()> + Send + Sync>>,
+    /// The cut has come (its future is done and must not be polled again).
+    severed: bool,
 }
 
 impl Severable {
     fn severed(&mut self, cx: &mut Context<'_>) -> bool {
-        self.cut.as_mut().poll(cx).is_ready()
+        if !self.severed && self.cut.as_mut().poll(cx).is_ready() {
+            self.severed = true;
+        }
+        self.severed
     }
 }
 
@@ -162,7 +167,7 @@ impl AgentPort {
                     let cut = Box::pin(async move {
                         let _ = cut_rx.wait_for(|cut| *cut).await;
                     });
-                    let _ = ready.send(Ok(Severable { io, cut })).await;
+                    let _ = ready.send(Ok(Severable { io, cut, severed: false })).await;
                 });
             }
         });

@@ -168,10 +168,12 @@ impl AgentClient {
     {
         let attempt = || async {
             self.admit().map_err(Attempt::Refused)?;
+            tracing::debug!(node = %self.node, method, "calling the agent");
             let mut request = Request::new(req.clone());
             request.set_timeout(self.settings.call_timeout);
             let result = call(self.grpc.clone(), request).await;
             let code = result.as_ref().map_or_else(Status::code, |_| Code::Ok);
+            tracing::debug!(node = %self.node, method, ?code, "the agent answered");
             self.count(method, code);
             // Only failures of the agent or the path count against the breaker: a refused
             // request (InvalidArgument) says the agent is alive.

@@ -31,9 +31,9 @@ impl AgentView {
     /// connected; a change or a removal touches one model. Returns what kind of change it was and
     /// which models it touched, so only those are reconciled.
     pub fn apply(&mut self, event: AgentEvent, now: Time) -> (ChangeKind, BTreeSet<ModelKey>) {
-        let mut touched = BTreeSet::new();
         match event {
             AgentEvent::Snapshot(reports) => {
+                let mut touched = BTreeSet::new();
                 let fresh: BTreeMap<ModelKey, ReplicaReport> =
                     reports.into_iter().map(|r| (r.model.clone(), r)).collect();
                 touched.extend(self.models.keys().cloned());
@@ -44,18 +44,22 @@ impl AgentView {
                 self.lost_since = None;
                 self.last_error = None;
                 self.last_heartbeat = Some(now);
-                return (ChangeKind::Connection, touched);
+                (ChangeKind::Connection, touched)
             }
             AgentEvent::Changed(report) => {
-                touched.insert(report.model.clone());
+                let touched = BTreeSet::from([report.model.clone()]);
+                // A size measured or changed moves what the node has free, as the controller
+                // counts it; a phase or a pulse does not.
+                let sized = self.models.get(&report.model).map(|r| r.memory_bytes) != Some(report.memory_bytes)
+                    && report.memory_bytes.is_some();
                 self.models.insert(report.model.clone(), *report);
+                (if sized { ChangeKind::Room } else { ChangeKind::Models }, touched)
             }
             AgentEvent::Removed(key) => {
                 self.models.remove(&key);
-                touched.insert(key);
+                (ChangeKind::Room, BTreeSet::from([key]))
             }
         }
-        (ChangeKind::Models, touched)
     }
 
     /// Reachable, or lost for less than the grace period.
@@ -74,8 +78,11 @@ impl AgentView {
 pub enum ChangeKind {
     /// Info refreshed: only the MetalNode's status may move.
     Heartbeat,
-    /// Reports of `models` changed.
+    /// Reports of `models` changed; what the node has free did not.
     Models,
+    /// What the node has free may have moved: a model left it, a model's size was measured or
+    /// changed, or its memory budget changed. Models waiting for room are looked at again.
+    Room,
     /// The node was reached, lost, or passed its grace period.
     Connection,
 }
@@ -121,8 +128,15 @@ mod tests {
         assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec![key("b")]));
         assert_eq!(v.models[&key("b")].phase, Some(Phase::Starting));
 
+        let sized = ReplicaReport { memory_bytes: Some(4 << 30), ..report("b", Phase::Starting) };
+        let (kind, _) = v.apply(AgentEvent::Changed(Box::new(sized.clone())), now.clone());
+        assert_eq!(kind, ChangeKind::Room, "a size measured moves what the node has free");
+        let serving = ReplicaReport { phase: Some(Phase::Serving), ..sized };
+        let (kind, _) = v.apply(AgentEvent::Changed(Box::new(serving)), now.clone());
+        assert_eq!(kind, ChangeKind::Models, "the same size again does not");
+
         let (kind, touched) = v.apply(AgentEvent::Removed(key("a")), now);
-        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Models, vec![key("a")]));
+        assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Room, vec![key("a")]));
         assert_eq!(v.models.keys().cloned().collect::<Vec<_>>(), [key("b")]);
     }
 }

@@ -278,15 +278,14 @@ impl Session {
                 }
                 _ = tick.tick() => {
                     let info = self.client.info().await?;
-                    {
+                    let budget_moved = {
                         let mut v = write(&self.view);
-                        if v.info.as_ref().map(|i| &i.capacity) != Some(&info.capacity) {
-                            self.version.fetch_add(1, Ordering::AcqRel);
-                        }
+                        let moved = v.info.as_ref().map(|i| &i.capacity) != Some(&info.capacity);
                         v.info = Some(info);
                         v.last_heartbeat = Some(now_time());
-                    }
-                    self.notify(ChangeKind::Heartbeat, BTreeSet::new());
+                        moved
+                    };
+                    self.notify(if budget_moved { ChangeKind::Room } else { ChangeKind::Heartbeat }, BTreeSet::new());
                 }
             }
         }

@@ -36,6 +36,7 @@ use crate::model::rollout::{Replica, Wanted, to_tell};
 use crate::model::routing::{Route, RouterService, RouterView, route, router_endpoints};
 use crate::model::secrets::{api_key_digests, hub_token};
 use crate::model::status::{ModelObservation, ReplicaInput, endpoint_replicas, is_news, model_status};
+use crate::model::store_ready::until_ready;
 
 /// Held while engines may still run for the model somewhere.
 pub const FINALIZER: &str = "metalkube.dev/engines";
@@ -147,7 +148,7 @@ impl Context {
         if mode == metalkube_api::RoutingMode::Direct {
             return Ok(route(mode, named, RouterView::Endpoints(&[])));
         }
-        if tokio::time::timeout(ROUTER_LIST_WAIT, router.slices.wait_until_ready()).await.is_err() {
+        if tokio::time::timeout(ROUTER_LIST_WAIT, until_ready(&router.slices)).await.is_err() {
             return Err(ControllerError::RouterUnknown {
                 service: router.service.to_string(),
                 key: ModelKey::of(model),
@@ -388,10 +389,10 @@ async fn apply(model: &MetalModel, ctx: &Context, step: &Step) -> Result<Action,
         return Err(ControllerError::ReservedName { key, taken_by });
     }
     step.at("waiting for the first list of models, nodes, Services and slices");
-    let _ = ctx.nodes.wait_until_ready().await;
-    let _ = ctx.models.wait_until_ready().await;
-    let _ = ctx.owned.services.wait_until_ready().await;
-    let _ = ctx.owned.slices.wait_until_ready().await;
+    let _ = until_ready(&ctx.nodes).await;
+    let _ = until_ready(&ctx.models).await;
+    let _ = until_ready(&ctx.owned.services).await;
+    let _ = until_ready(&ctx.owned.slices).await;
     let (now, grace) = (Instant::now(), ctx.fleet.grace());
     let fleet_version = ctx.fleet.version();
     let views = ctx.fleet.views();

@@ -17,7 +17,11 @@ fn model_ref(key: &ModelKey) -> ObjectRef<MetalModel> {
 /// The models to reconcile after `change`:
 /// - a heartbeat: none (only the node's status moves);
 /// - always the models whose reports changed;
-/// - models waiting for a node (no status yet, or not Scheduled): room may have appeared;
+/// - models waiting for a node (not Scheduled), when room may have appeared: a node reached or
+///   lost, a model gone from it, a size measured, a budget changed. Not on every report: while a
+///   thousand models start, each of their reports would reconcile every waiting model again. A
+///   model without a status yet needs no trigger: its own creation reconciles it, and a reconcile
+///   that cannot finish comes back by itself;
 /// - on a connection change, every model with a replica on the node: its agent may not know
 ///   them yet, or they just became unreachable.
 pub fn models_to_reconcile(change: &FleetChange, models: &[Arc<MetalModel>]) -> HashSet<ObjectRef<MetalModel>> {
@@ -25,8 +29,11 @@ pub fn models_to_reconcile(change: &FleetChange, models: &[Arc<MetalModel>]) -> 
         return HashSet::new();
     }
     let mut refs: HashSet<ObjectRef<MetalModel>> = change.models.iter().map(model_ref).collect();
+    if change.kind == ChangeKind::Models {
+        return refs;
+    }
     for m in models {
-        let wanted = m.status.as_ref().is_none_or(|s| {
+        let wanted = m.status.as_ref().is_some_and(|s| {
             s.conditions.iter().any(|c| c.type_ == types::SCHEDULED && c.status != "True")
                 || (change.kind == ChangeKind::Connection && s.replicas.iter().any(|r| r.node == change.node))
         });
@@ -93,16 +100,27 @@ mod tests {
     }
 
     #[test]
-    fn reported_models_and_waiting_models_are_reconciled() {
+    fn a_report_reconciles_its_model_only() {
+        let models = [
+            model("placed-here", Some(true), &["mac-01"]),
+            model("waiting", Some(false), &[]),
+            model("fresh", None, &[]),
+        ];
+        let refs = models_to_reconcile(&change("mac-01", ChangeKind::Models, &["ml/reported"]), &models);
+        assert_eq!(names(&refs), BTreeSet::from(["reported".into()]));
+        assert!(refs.iter().all(|r| r.namespace.as_deref() == Some("ml")));
+    }
+
+    #[test]
+    fn room_on_a_node_also_reconciles_the_models_waiting_for_one() {
         let models = [
             model("placed-here", Some(true), &["mac-01"]),
             model("placed-elsewhere", Some(true), &["mac-02"]),
             model("waiting", Some(false), &[]),
             model("fresh", None, &[]),
         ];
-        let refs = models_to_reconcile(&change("mac-01", ChangeKind::Models, &["ml/reported"]), &models);
-        assert_eq!(names(&refs), BTreeSet::from(["reported".into(), "waiting".into(), "fresh".into()]));
-        assert!(refs.iter().all(|r| r.namespace.as_deref() == Some("ml")));
+        let refs = models_to_reconcile(&change("mac-01", ChangeKind::Room, &["ml/reported"]), &models);
+        assert_eq!(names(&refs), BTreeSet::from(["reported".into(), "waiting".into()]));
     }
 
     #[test]
