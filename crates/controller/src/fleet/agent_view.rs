@@ -48,12 +48,15 @@ impl AgentView {
             }
             AgentEvent::Changed(report) => {
                 let touched = BTreeSet::from([report.model.clone()]);
-                // A size measured or changed moves what the node has free, as the controller
-                // counts it; a phase or a pulse does not.
-                let sized = self.models.get(&report.model).map(|r| r.memory_bytes) != Some(report.memory_bytes)
-                    && report.memory_bytes.is_some();
+                // What placement reads of a report: that the node holds the model, and its size
+                // for a generation. A phase, a grade or a pulse moves none of it.
+                let sized = |r: &ReplicaReport| (r.uid.clone(), r.generation, r.memory_bytes);
+                let room = match self.models.get(&report.model) {
+                    None => true,
+                    Some(before) => sized(before) != sized(&report) && report.memory_bytes.is_some(),
+                };
                 self.models.insert(report.model.clone(), *report);
-                (if sized { ChangeKind::Room } else { ChangeKind::Models }, touched)
+                (if room { ChangeKind::Room } else { ChangeKind::Models }, touched)
             }
             AgentEvent::Removed(key) => {
                 self.models.remove(&key);
@@ -78,10 +81,11 @@ impl AgentView {
 pub enum ChangeKind {
     /// Info refreshed: only the MetalNode's status may move.
     Heartbeat,
-    /// Reports of `models` changed; what the node has free did not.
+    /// Reports of `models` changed, in nothing placement reads (a phase, a grade, a pulse).
     Models,
-    /// What the node has free may have moved: a model left it, a model's size was measured or
-    /// changed, or its memory budget changed. Models waiting for room are looked at again.
+    /// What placement reads of the node moved: a model arrived or left, a model's size was
+    /// measured or changed, or the memory budget changed. Placement is computed afresh, and
+    /// models waiting for room are looked at again.
     Room,
     /// The node was reached, lost, or passed its grace period.
     Connection,
@@ -131,12 +135,14 @@ mod tests {
         let sized = ReplicaReport { memory_bytes: Some(4 << 30), ..report("b", Phase::Starting) };
         let (kind, _) = v.apply(AgentEvent::Changed(Box::new(sized.clone())), now.clone());
         assert_eq!(kind, ChangeKind::Room, "a size measured moves what the node has free");
+        let (kind, _) = v.apply(AgentEvent::Changed(Box::new(report("new", Phase::Pending))), now.clone());
+        assert_eq!(kind, ChangeKind::Room, "a model new on the node takes room");
         let serving = ReplicaReport { phase: Some(Phase::Serving), ..sized };
         let (kind, _) = v.apply(AgentEvent::Changed(Box::new(serving)), now.clone());
         assert_eq!(kind, ChangeKind::Models, "the same size again does not");
 
         let (kind, touched) = v.apply(AgentEvent::Removed(key("a")), now);
         assert_eq!((kind, touched.into_iter().collect::<Vec<_>>()), (ChangeKind::Room, vec![key("a")]));
-        assert_eq!(v.models.keys().cloned().collect::<Vec<_>>(), [key("b")]);
+        assert_eq!(v.models.keys().cloned().collect::<Vec<_>>(), [key("b"), key("new")]);
     }
 }

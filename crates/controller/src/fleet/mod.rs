@@ -42,8 +42,9 @@ pub struct Fleet {
     links: Mutex<HashMap<String, Link>>,
     changes: mpsc::UnboundedSender<FleetChange>,
     /// Moves whenever what placement reads of the views may have changed (a stream connected or
-    /// lost, a model's report, a Mac's capacity, the set of links), never for a heartbeat:
-    /// reconciles reuse one placement while it stands still.
+    /// lost, a model arriving on a Mac, leaving it or sized, a Mac's capacity, the set of links),
+    /// never for a phase, a pulse or a heartbeat: reconciles reuse one placement while it stands
+    /// still.
     version: Arc<AtomicU64>,
 }
 
@@ -221,7 +222,9 @@ impl Session {
     }
 
     fn notify(&self, kind: ChangeKind, models: BTreeSet<ModelKey>) {
-        if kind != ChangeKind::Heartbeat {
+        // Only what placement reads moves the version: while a thousand replicas start, their
+        // phases change thousands of times and the placement stays what it was.
+        if matches!(kind, ChangeKind::Room | ChangeKind::Connection) {
             self.version.fetch_add(1, Ordering::AcqRel);
         }
         let _ = self.changes.send(FleetChange { node: self.node.clone(), kind, models });
