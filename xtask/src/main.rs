@@ -1,7 +1,9 @@
-//! Project tasks: `cargo xtask setup | test | check-macos | e2e | demo | bench | abuse | soak | crdgen`.
+//! Project tasks: `cargo xtask setup | test | check-macos | e2e | demo | bench | abuse | soak | crdgen | docs`.
 
 mod abuse;
 mod bench;
+mod demo;
+mod docs;
 mod engine;
 mod tools;
 
@@ -120,6 +122,13 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
+    /// Write the references generated from the code: docs/reference/crds.md (every MetalModel
+    /// and MetalNode field) and flags.md (every command and flag of each binary); `--check` only
+    /// compares.
+    Docs {
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -130,6 +139,7 @@ fn main() -> anyhow::Result<()> {
         Task::E2e => e2e(),
         Task::Demo => demo(),
         Task::Crdgen { check } => crdgen(check),
+        Task::Docs { check } => docs::docs(check),
         Task::Soak { minutes } => soak(minutes),
         Task::Abuse { quick, agent, agent_nofile, only } => {
             abuse::abuse(&abuse::Options { quick, agent, agent_nofile, only })
@@ -296,6 +306,7 @@ fn cargo() -> Command {
 fn test() -> anyhow::Result<()> {
     let installed = setup()?;
     crdgen(true)?;
+    docs::docs(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     check_macos(&installed)?;
@@ -391,20 +402,36 @@ fn soak(minutes: u32) -> anyhow::Result<()> {
 fn demo() -> anyhow::Result<()> {
     let installed = setup_engine()?;
     run(cargo().args(["build", "--release", "-p", "metalkube-agent"]))?;
-    let agent = root().join("target/release/metalkube-agent");
-    eprintln!(
-        "\nServing examples/standalone/ with the tiny model.\n  agent:   http://127.0.0.1:9090/api/v1/models  (/readyz, /metrics, /healthz)\n  engine:  its internal port is `internalPort` in /api/v1/models\n  stop:    Ctrl-C (engines are stopped with the agent)\n"
-    );
+    let agent = target_dir().join("release/metalkube-agent");
+    eprintln!("\nStarting the agent on examples/standalone/ (the tiny model); it says what it does as it goes.\n");
     let state = root().join("target/demo-state");
-    run(Command::new(agent)
+    let mut child = Command::new(agent)
         .args(["run", "--models-dir"])
         .arg(root().join("examples/standalone"))
         .arg("--engine")
         .arg(&installed.engine)
         .arg("--state-dir")
         .arg(state)
-        .args(["--listen", "127.0.0.1:9090"]))
+        .args(["--listen", &format!("127.0.0.1:{DEMO_AGENT_PORT}")])
+        .spawn()
+        .context("starting the agent")?;
+    // The serving address is known only once the model's port is bound: wait for it, then say
+    // where to look.
+    match demo::wait_until_serving(&mut child, DEMO_AGENT_PORT, std::time::Duration::from_secs(600))? {
+        Some(served) => eprintln!("{}", demo::banner(&served, DEMO_AGENT_PORT)),
+        None => {
+            eprintln!("\nThe model is not serving yet; the status page says why: http://127.0.0.1:{DEMO_AGENT_PORT}/\n")
+        }
+    }
+    let status = child.wait().context("waiting for the agent")?;
+    if !status.success() {
+        bail!("the agent stopped: {status}");
+    }
+    Ok(())
 }
+
+/// The demo agent's HTTP port (status page, `/api/v1/models`, `/metrics`).
+const DEMO_AGENT_PORT: u16 = 9090;
 
 /// Writes the CRDs from the Rust types into `crds/` and the chart's `crds/` (Helm installs that
 /// copy); `check` only compares, so CI fails on a stale file.

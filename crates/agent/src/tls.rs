@@ -247,7 +247,7 @@ fn tls_error(what: &str, source: rustls::Error) -> TlsError {
 /// alert can fire well before the controller is locked out. Registered when first set: an agent
 /// without TLS has no such series (rather than 0, which would read as long expired). The gRPC
 /// API and the HTTP port serve the same files, and set the same gauge.
-fn export_expiry(registry: &AgentRegistry, unix_seconds: i64) {
+pub(crate) fn export_expiry(registry: &AgentRegistry, unix_seconds: i64) {
     registry
         .gauge_on_first_use(
             "tls_certificate_expiry_timestamp",

@@ -41,3 +41,41 @@ fn alert_rules_pass_their_promtool_unit_tests() {
     assert!(output.contains("SUCCESS"), "promtool did not report SUCCESS\n{}", ran.report());
     assert!(!output.contains("FAILED"), "promtool reported failures\n{}", ran.report());
 }
+
+/// Every alert has a runbook (`docs/runbooks/<alert>.md`, titled with the alert's name) and
+/// every runbook an alert; each alert's `runbook_url` points at its page under the chart's
+/// default `prometheusRule.runbookBaseUrl`.
+#[test]
+fn every_alert_has_a_runbook_and_every_runbook_an_alert() {
+    let rules: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(files_dir().join("alerts.yaml")).unwrap()).unwrap();
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(repo_root().join("charts/metalkube/values.yaml")).unwrap())
+            .unwrap();
+    let base = values["prometheusRule"]["runbookBaseUrl"].as_str().expect("prometheusRule.runbookBaseUrl");
+    let runbooks = repo_root().join("docs/runbooks");
+    let mut alerts = std::collections::BTreeSet::new();
+    let mut problems = Vec::new();
+    for rule in rules["groups"].as_sequence().unwrap().iter().flat_map(|g| g["rules"].as_sequence().unwrap()) {
+        let Some(alert) = rule["alert"].as_str() else { continue };
+        alerts.insert(alert.to_owned());
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap_or_default();
+        if url != format!("{}/{alert}.md", base.trim_end_matches('/')) {
+            problems.push(format!("{alert}: runbook_url is {url:?}, not {base}/{alert}.md"));
+        }
+        match std::fs::read_to_string(runbooks.join(format!("{alert}.md"))) {
+            Ok(page) if page.lines().next() == Some(&format!("# {alert}")) => {}
+            Ok(_) => problems.push(format!("docs/runbooks/{alert}.md does not start with `# {alert}`")),
+            Err(e) => problems.push(format!("{alert} has no runbook docs/runbooks/{alert}.md: {e}")),
+        }
+    }
+    for entry in std::fs::read_dir(&runbooks).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let Some(alert) = name.strip_suffix(".md") else { continue };
+        if alert != "README" && !alerts.contains(alert) {
+            problems.push(format!("docs/runbooks/{name} names no alert in alerts.yaml"));
+        }
+    }
+    assert!(alerts.len() > 20, "only {} alerts read from alerts.yaml", alerts.len());
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -335,6 +335,41 @@ fn prometheusrule_carries_alerts_yaml_with_prometheus_templates_intact() {
 }
 
 #[test]
+fn prometheusrule_points_each_alert_at_its_runbook_under_the_configured_base() {
+    let rendered = render(
+        &[ALL_ON, &["--set", "prometheusRule.runbookBaseUrl=https://wiki.example/metalkube/runbooks/"]].concat(),
+    );
+    let rule = rendered.get("PrometheusRule", FULLNAME);
+    let mut alerts = 0;
+    for r in rule["spec"]["groups"].as_sequence().unwrap().iter().flat_map(|g| g["rules"].as_sequence().unwrap()) {
+        let Some(alert) = r["alert"].as_str() else { continue };
+        alerts += 1;
+        assert_eq!(
+            r["annotations"]["runbook_url"].as_str(),
+            Some(format!("https://wiki.example/metalkube/runbooks/{alert}.md").as_str()),
+            "{alert}"
+        );
+    }
+    assert!(alerts > 20, "only {alerts} alerts rendered");
+}
+
+/// One version number for everything: the chart's `version` and `appVersion` (the default
+/// image tag) are the crates' (the workspace's), so a controller image and the agents built from
+/// the same tag are the versions that are supported together (CHANGELOG.md).
+#[test]
+fn the_chart_version_and_app_version_are_the_crates_version() {
+    let chart: Value = serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml")).unwrap()).unwrap();
+    let crates = env!("CARGO_PKG_VERSION");
+    assert_eq!(chart["version"].as_str(), Some(crates), "Chart.yaml version");
+    assert_eq!(chart["appVersion"].as_str(), Some(crates), "Chart.yaml appVersion");
+    let changelog = std::fs::read_to_string(repo_root().join("CHANGELOG.md")).unwrap();
+    assert!(
+        changelog.contains("## [Unreleased]") || changelog.contains(&format!("## [{crates}]")),
+        "CHANGELOG.md has neither an Unreleased section nor one for {crates}"
+    );
+}
+
+#[test]
 fn dashboard_configmap_holds_the_dashboard_file_verbatim() {
     let file = std::fs::read_to_string(chart_dir().join("dashboards/metalkube.json")).unwrap();
     let rendered = render(ALL_ON);

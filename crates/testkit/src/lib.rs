@@ -8,6 +8,7 @@ pub mod chart;
 pub mod engines;
 pub mod https_files;
 pub mod hub;
+pub mod metrics_reference;
 pub mod pki;
 pub mod processes;
 pub mod promtool;
