@@ -147,6 +147,15 @@ pub fn missing(reference: &str, prefix: &str, registered: &BTreeSet<String>) -> 
         .collect()
 }
 
+/// The end of every binary's reference test: every family its source (`crate_dir/src`)
+/// registers must be on `page`, and `docs/reference/<file>` must be `page` (or is written, under
+/// `METALKUBE_WRITE_DOCS`).
+pub fn hold_page_to_the_code(page: &str, prefix: &str, crate_dir: &Path, file: &str) {
+    let absent = missing(page, prefix, &registered_in_source(&crate_dir.join("src")));
+    assert!(absent.is_empty(), "families with no series on the reference page: {absent:?}");
+    write_or_compare(&crate_dir.join("../../docs/reference").join(file), page);
+}
+
 /// Writes `text` to `path` when `METALKUBE_WRITE_DOCS` is set; otherwise fails when they differ.
 pub fn write_or_compare(path: &Path, text: &str) {
     if std::env::var_os("METALKUBE_WRITE_DOCS").is_some() {
