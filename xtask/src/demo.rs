@@ -38,7 +38,14 @@ fn get(port: u16, path: &str) -> Option<String> {
     let mut answer = String::new();
     s.read_to_string(&mut answer).ok()?;
     let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+    // The agent answers an HTTP/1.0 request as HTTP/1.0.
+    ok_status(head).then(|| body.to_owned())
+}
+
+/// Whether a response head says 200, whichever HTTP/1 version answered.
+fn ok_status(head: &str) -> bool {
+    let mut status = head.lines().next().unwrap_or_default().split_whitespace();
+    status.next().is_some_and(|v| v.starts_with("HTTP/1.")) && status.next() == Some("200")
 }
 
 /// Waits until a model serves (Some), the agent exits (None; its exit is the caller's to
@@ -90,6 +97,14 @@ mod tests {
         ],"sourceErrors":{}}"#;
         assert_eq!(served(json), vec![Served { model: "default/tiny".into(), port: 8081 }]);
         assert!(served("not json").is_empty());
+    }
+
+    #[test]
+    fn a_200_is_read_from_http_1_0_and_1_1_heads() {
+        assert!(ok_status("HTTP/1.0 200 OK\r\ncontent-type: application/json"));
+        assert!(ok_status("HTTP/1.1 200 OK"));
+        assert!(!ok_status("HTTP/1.0 503 Service Unavailable"));
+        assert!(!ok_status("garbage"));
     }
 
     #[test]

@@ -306,11 +306,11 @@ fn cargo() -> Command {
 fn test() -> anyhow::Result<()> {
     let installed = setup()?;
     crdgen(true)?;
-    docs::docs(true)?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     check_macos(&installed)?;
     build_test_binaries()?;
+    docs::docs(true)?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast"])
         .env("METALKUBE_LLAMA_SERVER", &installed.engine)
@@ -364,7 +364,8 @@ fn check_macos(installed: &Installed) -> anyhow::Result<()> {
 
 /// Tests of one crate start binaries of others (the simulator, the agent, the router); build them
 /// first.
-fn build_test_binaries() -> anyhow::Result<()> {
+/// The binaries tests start, and `docs` runs for the flags' reference: one build for both.
+pub fn build_test_binaries() -> anyhow::Result<()> {
     run(cargo().args([
         "build",
         "-p",
@@ -375,6 +376,8 @@ fn build_test_binaries() -> anyhow::Result<()> {
         "kubectl-metalkube",
         "-p",
         "metalkube-router",
+        "-p",
+        "metalkube-controller",
         "--bins",
     ]))
 }

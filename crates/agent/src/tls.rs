@@ -9,14 +9,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
-use prometheus_client::registry::Unit;
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio_rustls::TlsAcceptor;
 
-use crate::observe::metrics::AgentRegistry;
+use crate::observe::metrics::{AgentRegistry, certificate_expiry};
 
 /// Why TLS material cannot be served: a file that cannot be read, or PEM that makes no usable
 /// configuration.
@@ -242,19 +241,11 @@ fn tls_error(what: &str, source: rustls::Error) -> TlsError {
     TlsError::Setup { what: what.to_owned(), source: Some(source) }
 }
 
-/// Exports when the served certificate expires (Unix seconds) as
-/// `metalkube_agent_tls_certificate_expiry_timestamp_seconds`: renewals show as a jump, and an
-/// alert can fire well before the controller is locked out. Registered when first set: an agent
-/// without TLS has no such series (rather than 0, which would read as long expired). The gRPC
-/// API and the HTTP port serve the same files, and set the same gauge.
-pub(crate) fn export_expiry(registry: &AgentRegistry, unix_seconds: i64) {
-    registry
-        .gauge_on_first_use(
-            "tls_certificate_expiry_timestamp",
-            "When the certificate the gRPC API serves expires, in seconds since the Unix epoch",
-            Unit::Seconds,
-        )
-        .set(unix_seconds);
+/// Exports when the served certificate expires (Unix seconds): renewals show as a jump, and an
+/// alert can fire well before the controller is locked out. The gRPC API and the HTTP port serve
+/// the same files, and set the same gauge.
+fn export_expiry(registry: &AgentRegistry, unix_seconds: i64) {
+    certificate_expiry(registry).set(unix_seconds);
 }
 
 /// When the first certificate in `pem` expires, in seconds since the Unix epoch.

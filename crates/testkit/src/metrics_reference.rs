@@ -35,8 +35,11 @@ pub fn families(encoded: &str) -> Vec<Family> {
             out.push(Family { name: shown, kind: kind.to_owned(), help, labels: Vec::new() });
         } else if !line.starts_with('#') && !line.is_empty() {
             let Some(family) = out.last_mut() else { continue };
-            let Some((_, labels)) = line.split_once('{') else { continue };
-            let labels = labels.split('}').next().unwrap_or_default();
+            // The series' own labels: a `{` before the first space (an exemplar's come after
+            // the value), up to the `}` outside quotes.
+            let series = line.split(' ').next().unwrap_or_default();
+            let Some(at) = series.find('{') else { continue };
+            let labels = &line[at + 1..];
             for pair in split_labels(labels) {
                 let name = pair.split('=').next().unwrap_or_default().trim().to_owned();
                 if !name.is_empty() && name != "le" && !family.labels.contains(&name) {
@@ -48,7 +51,8 @@ pub fn families(encoded: &str) -> Vec<Family> {
     out
 }
 
-/// `a="x",b="y,z"` into its pairs, commas inside quoted values kept.
+/// `a="x",b="y,z"}…` into its pairs, up to the closing `}`; commas and braces inside quoted
+/// values kept.
 fn split_labels(text: &str) -> Vec<&str> {
     let (mut out, mut start, mut quoted, mut escaped) = (Vec::new(), 0, false, false);
     for (i, c) in text.char_indices() {
@@ -59,6 +63,10 @@ fn split_labels(text: &str) -> Vec<&str> {
             ',' if !quoted => {
                 out.push(&text[start..i]);
                 start = i + 1;
+            }
+            '}' if !quoted => {
+                out.push(&text[start..i]);
+                return out.into_iter().filter(|p| !p.is_empty()).collect();
             }
             _ => {}
         }
@@ -93,7 +101,7 @@ pub fn registered_in_source(src: &Path) -> BTreeSet<String> {
     for file in files {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         // Test modules sit at the end of a file; what they register is theirs.
-        let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+        let text = text.split("#[cfg(test)]\nmod").next().unwrap_or_default();
         for (call, has_unit) in [("register(", false), ("register_with_unit(", true), ("gauge_on_first_use(", true)] {
             for (at, _) in text.match_indices(call) {
                 let rest = text[at + call.len()..].trim_start();
@@ -176,7 +184,7 @@ mod tests {
 
     #[test]
     fn families_carry_type_help_and_label_names() {
-        let text = "# HELP x_requests Requests by code.\n# TYPE x_requests counter\nx_requests_total{model=\"a,b\",code=\"200\"} 1\n\
+        let text = "# HELP x_requests Requests by code.\n# TYPE x_requests counter\nx_requests_total{model=\"a,}b\",code=\"200\"} 1 # {trace=\"t\"} 1\n\
                     # HELP x_seconds Time.\n# TYPE x_seconds histogram\n# UNIT x_seconds seconds\nx_seconds_bucket{le=\"0.1\"} 0\nx_seconds_count 0\n# EOF\n";
         let f = families(text);
         assert_eq!(f.len(), 2);

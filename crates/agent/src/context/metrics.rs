@@ -221,7 +221,7 @@ mod tests {
             register_build_info(r);
             ProcessMetrics::register(r)
         });
-        crate::tls::export_expiry(&process_registry, 0);
+        crate::observe::metrics::certificate_expiry(&process_registry).set(0);
 
         let host_registry = AgentRegistry::default();
         let host = Arc::new(HostCollector::default());

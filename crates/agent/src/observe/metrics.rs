@@ -70,6 +70,17 @@ impl AgentRegistry {
 }
 
 /// The labels of a model's own series.
+/// `metalkube_agent_tls_certificate_expiry_timestamp_seconds`, set by `tls` when it loads a
+/// certificate. Registered when first set: an agent without TLS has no such series (rather than
+/// 0, which would read as long expired).
+pub fn certificate_expiry(registry: &AgentRegistry) -> Gauge {
+    registry.gauge_on_first_use(
+        "tls_certificate_expiry_timestamp",
+        "When the certificate the gRPC API serves expires, in seconds since the Unix epoch",
+        Unit::Seconds,
+    )
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabels {
     pub model: String,

@@ -148,7 +148,8 @@ impl Context {
         if mode == metalkube_api::RoutingMode::Direct {
             return Ok(route(mode, named, RouterView::Endpoints(&[])));
         }
-        if tokio::time::timeout(ROUTER_LIST_WAIT, until_ready(&router.slices)).await.is_err() {
+        // Listed once, or nothing is decided: a writer gone without a list is not a list.
+        if !matches!(tokio::time::timeout(ROUTER_LIST_WAIT, until_ready(&router.slices)).await, Ok(Ok(()))) {
             return Err(ControllerError::RouterUnknown {
                 service: router.service.to_string(),
                 key: ModelKey::of(model),
