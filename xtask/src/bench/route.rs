@@ -64,6 +64,8 @@ pub(super) struct Mac {
     pub grpc: u16,
     pub serving: u16,
     pub agent_pid: u32,
+    /// The agent's log (and its engine's lines it relays), for a Mac that does not serve.
+    pub log: std::path::PathBuf,
 }
 
 impl Mac {
@@ -171,7 +173,7 @@ fn start_mac(b: &mut Bench, spec_mac: &MacSpec, index: usize, tiny: &Path) -> an
     let child = cmd.spawn().context("starting an agent")?;
     let agent_pid = child.id();
     b.guard.0.push(child);
-    Ok(Mac { name: spec_mac.name.to_owned(), api, grpc, serving, agent_pid })
+    Ok(Mac { name: spec_mac.name.to_owned(), api, grpc, serving, agent_pid, log: home.join("agent.log") })
 }
 
 /// Whether the agent says its model is serving.
@@ -186,7 +188,15 @@ fn wait_serving(macs: &[Mac], within: Duration) -> anyhow::Result<()> {
     for m in macs {
         while !serving(m.api) {
             if Instant::now() > deadline {
-                bail!("{} did not serve its model within {within:?} (agent log under the bench's directory)", m.name);
+                // The bench's directory goes with the run: say here what the agent said.
+                let log = std::fs::read_to_string(&m.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect();
+                let state = http("GET", m.api, "/api/v1/models", "").unwrap_or_else(|e| format!("(no answer: {e})"));
+                bail!(
+                    "{} did not serve its model within {within:?}; its /api/v1/models: {state}\nthe last lines of its log:\n{}",
+                    m.name,
+                    tail.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
