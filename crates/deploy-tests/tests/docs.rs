@@ -141,7 +141,7 @@ fn the_link_checker_catches_what_it_should() {
     assert_eq!(broken(&root, &readme, "docs/architecture.md"), None);
     assert_eq!(broken(&root, &readme, "https://example.com/x"), None);
     assert!(broken(&root, &readme, "docs/nope.md").unwrap().contains("does not exist"));
-    assert!(broken(&root, &readme, "../shared/DESIGN.md").unwrap().contains("outside the repository"));
+    assert!(broken(&root, &readme, "../elsewhere/DESIGN.md").unwrap().contains("outside the repository"));
     assert!(broken(&root, &readme, "/etc/passwd").unwrap().contains("absolute path"));
     assert!(broken(&root, &readme, "docs/architecture.md#no-such-heading").unwrap().contains("no heading"));
     let a = anchors("# Pulse and phases\n## `--grace-period` (the flag)\n# Pulse and phases\n");
