@@ -2,8 +2,6 @@
 //! where the status page is. The serving port is the first free one from 8080, so it is read from
 //! the agent's `/api/v1/models` rather than assumed.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -30,24 +28,6 @@ pub fn served(models_json: &str) -> Vec<Served> {
         .collect()
 }
 
-/// One plain HTTP GET of `path` on the loopback `port`; the body, or None.
-fn get(port: u16, path: &str) -> Option<String> {
-    let mut s = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    // The agent answers an HTTP/1.0 request as HTTP/1.0.
-    ok_status(head).then(|| body.to_owned())
-}
-
-/// Whether a response head says 200, whichever HTTP/1 version answered.
-fn ok_status(head: &str) -> bool {
-    let mut status = head.lines().next().unwrap_or_default().split_whitespace();
-    status.next().is_some_and(|v| v.starts_with("HTTP/1.")) && status.next() == Some("200")
-}
-
 /// Waits until a model serves (Some), the agent exits (None; its exit is the caller's to
 /// report), or `within` passes (None).
 pub fn wait_until_serving(agent: &mut Child, port: u16, within: Duration) -> anyhow::Result<Option<Vec<Served>>> {
@@ -56,7 +36,7 @@ pub fn wait_until_serving(agent: &mut Child, port: u16, within: Duration) -> any
         if agent.try_wait()?.is_some() {
             return Ok(None);
         }
-        if let Some(body) = get(port, "/api/v1/models") {
+        if let Ok(body) = crate::bench::http("GET", port, "/api/v1/models", "") {
             let served = served(&body);
             if !served.is_empty() {
                 return Ok(Some(served));
@@ -97,14 +77,6 @@ mod tests {
         ],"sourceErrors":{}}"#;
         assert_eq!(served(json), vec![Served { model: "default/tiny".into(), port: 8081 }]);
         assert!(served("not json").is_empty());
-    }
-
-    #[test]
-    fn a_200_is_read_from_http_1_0_and_1_1_heads() {
-        assert!(ok_status("HTTP/1.0 200 OK\r\ncontent-type: application/json"));
-        assert!(ok_status("HTTP/1.1 200 OK"));
-        assert!(!ok_status("HTTP/1.0 503 Service Unavailable"));
-        assert!(!ok_status("garbage"));
     }
 
     #[test]

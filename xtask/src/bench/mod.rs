@@ -150,7 +150,7 @@ pub(crate) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn http(method: &str, port: u16, path: &str, body: &str) -> anyhow::Result<String> {
+pub(crate) fn http(method: &str, port: u16, path: &str, body: &str) -> anyhow::Result<String> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
